@@ -1,0 +1,24 @@
+// CPU-only flavour: the CUDA side of every op, answering "built without CUDA support".
+// The ABI functions and their validation are the same files as in the CUDA flavour; only what
+// would touch a GPU lands here. Each new op adds its run_* function below.
+#include "common/device.h"
+#include "common/error.h"
+#include "rotary/rotary.h"
+
+namespace flashattn {
+
+namespace {
+FlashAttnStatus no_cuda(const char* function) {
+  return fail(FLASHATTN_STATUS_NO_CUDA, function,
+              "built without CUDA support (CPU-only flavour of libflashattn); use the TorchSharp "
+              "reference path on CPU tensors, or build FlashAttn.Native with nvcc");
+}
+}  // namespace
+
+FlashAttnStatus device_capability(int32_t, int32_t*, const char* function) { return no_cuda(function); }
+
+const char* build_info() { return "FlashAttn.Native cpu-only (built without CUDA support)"; }
+
+FlashAttnStatus run_rotary(const RotaryParams&, void*, const char* function) { return no_cuda(function); }
+
+}  // namespace flashattn

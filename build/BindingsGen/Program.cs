@@ -1,0 +1,1 @@
+return BindingsGen.BindingsGenerator.Run(args);

@@ -1,0 +1,31 @@
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Tests;
+
+/// <summary>
+/// The flash-attn test rule: a kernel's error against the float64 reference may be at most
+/// `factor` times the error of the same reference computed in the inputs' low precision, plus a
+/// floor of a few float32 ulps for cases where the low-precision reference happens to be exact.
+/// </summary>
+internal static class Tolerance
+{
+    internal static double MaxAbsDiff(Tensor a, Tensor b)
+    {
+        using var scope = NewDisposeScope();
+        return (a.to(ScalarType.Float64) - b.to(ScalarType.Float64)).abs().max().item<double>();
+    }
+
+    internal static void AssertClose(Tensor actual, Tensor lowPrecisionReference, Tensor exactReference, string what, double factor = 2.0)
+    {
+        Assert.That(actual.isnan().any().item<bool>(), Is.False, $"{what}: NaN in the output");
+        Assert.That(actual.shape, Is.EqualTo(exactReference.shape), $"{what}: shape");
+        var err = MaxAbsDiff(actual, exactReference);
+        var refErr = MaxAbsDiff(lowPrecisionReference, exactReference);
+        var scale = exactReference.abs().max().item<double>();
+        var floor = 1e-6 * Math.Max(scale, 1.0);
+        Assert.That(err, Is.LessThanOrEqualTo(factor * refErr + floor),
+            $"{what}: max error {err:G3} vs the low-precision reference's {refErr:G3} (factor {factor})");
+    }
+}
