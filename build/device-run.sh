@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# On the GPU host (the device tool, after build/device-prepare.sh here):
+#   bash build/device-run.sh [tests] [bench] [peers] [sanitize]     (default: tests bench)
+# Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
+# from the host's PyTorch, the BenchmarkDotNet suite, and optionally the PyTorch peers and
+# compute-sanitizer; full logs go to $OUT, a short summary is printed last.
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+OUT=${OUT:-/tmp/flashattn-out}
+mkdir -p "$OUT"
+steps=${*:-tests bench}
+want() { [[ " $steps " == *" $1 "* ]]; }
+summary=()
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+echo "# $(date -u +%F) GPU: $gpu; nvcc: $(nvcc --version | tail -1)" | tee "$OUT/env.txt"
+
+start=$SECONDS
+if FLASHATTN_CUDA=ON FLASHATTN_NATIVE_BUILD_DIR=/tmp/flashattn-native FLASHATTN_NATIVE_OUT=/tmp/flashattn-lib \
+     build/native.sh >"$OUT/native-build.log" 2>&1; then
+  summary+=("native CUDA build: ok ($((SECONDS - start)) s)")
+else
+  tail -30 "$OUT/native-build.log"; echo "native CUDA build FAILED"; exit 1
+fi
+grep -E "spill|error" "$OUT/native-build.log" | grep -v " 0 bytes spill" | head -5
+
+export FLASHATTN_NATIVE_PATH=/tmp/flashattn-lib/libflashattn.so
+FLASHATTN_TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export FLASHATTN_TORCH_LIB LD_LIBRARY_PATH=$FLASHATTN_TORCH_LIB:${LD_LIBRARY_PATH:-}
+export TESTINGPLATFORM_TELEMETRY_OPTOUT=1 DOTNET_CLI_TELEMETRY_OPTOUT=1
+rm -rf /tmp/app && tar -C /tmp -xJf .device/app.tar.xz
+
+if want tests; then
+  start=$SECONDS
+  /tmp/app/FlashAttn.Tests --results-directory "$OUT" --report-trx --report-trx-filename tests.trx \
+    >"$OUT/tests.log" 2>&1
+  rc=$?
+  grep -E "^failed |^  [A-Za-z.]*Exception|Assert" "$OUT/tests.log" | head -40
+  counts=$(grep -A5 "Test run summary" "$OUT/tests.log" | tr -s ' \n' ' ')
+  summary+=("tests (rc $rc, $((SECONDS - start)) s): $counts")
+fi
+
+if want sanitize; then
+  # memcheck over the Cuda tests of one small case per op (every launch checked for bad accesses).
+  compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/app/FlashAttn.Tests \
+    --treenode-filter '/*/*/RotaryCudaTests/*' >"$OUT/sanitize.log" 2>&1
+  summary+=("compute-sanitizer memcheck: rc $? ($(grep -c 'Invalid' "$OUT/sanitize.log") invalid accesses)")
+fi
+
+if want bench; then
+  /tmp/app/FlashAttn.Benchmarks --filter '*' >"$OUT/bench.log" 2>&1
+  summary+=("benchmarks: rc $?")
+  sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
+fi
+
+if want peers && [ -f .device/peers/pytorch_baselines.py ]; then
+  PYTHONUNBUFFERED=1 python3 .device/peers/pytorch_baselines.py ops >"$OUT/peers.tsv" 2>"$OUT/peers.err"
+  summary+=("peers: rc $?")
+fi
+
+echo
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+[ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
+[ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
