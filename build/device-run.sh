@@ -29,11 +29,13 @@ export FLASHATTN_NATIVE_PATH=/tmp/flashattn-lib/libflashattn.so
 FLASHATTN_TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export FLASHATTN_TORCH_LIB LD_LIBRARY_PATH=$FLASHATTN_TORCH_LIB:${LD_LIBRARY_PATH:-}
 export TESTINGPLATFORM_TELEMETRY_OPTOUT=1 DOTNET_CLI_TELEMETRY_OPTOUT=1
-rm -rf /tmp/app && tar -C /tmp -xJf .device/app.tar.xz
+# Unpacked inside the checkout: the bindings tests find the header by walking up to global.json.
+app=$root/.device/app
+rm -rf "$app" && tar -C "$root/.device" -xJf .device/app.tar.xz
 
 if want tests; then
   start=$SECONDS
-  /tmp/app/FlashAttn.Tests >"$OUT/tests.log" 2>&1
+  "$app"/FlashAttn.Tests >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^failed |^  [A-Za-z.]*Exception|Assert" "$OUT/tests.log" | head -40
   counts=$(grep -A5 "Test run summary" "$OUT/tests.log" | tr -s ' \n' ' ')
@@ -42,13 +44,13 @@ fi
 
 if want sanitize; then
   # memcheck over the Cuda tests of one small case per op (every launch checked for bad accesses).
-  compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/app/FlashAttn.Tests \
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$app"/FlashAttn.Tests \
     --filter "FullyQualifiedName~RotaryCudaTests&Name~s97" >"$OUT/sanitize.log" 2>&1
   summary+=("compute-sanitizer memcheck: rc $? ($(grep -c 'Invalid' "$OUT/sanitize.log") invalid accesses)")
 fi
 
 if want bench; then
-  /tmp/app/FlashAttn.Benchmarks --filter '*' >"$OUT/bench.log" 2>&1
+  "$app"/FlashAttn.Benchmarks --filter '*' >"$OUT/bench.log" 2>&1
   summary+=("benchmarks: rc $?")
   sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
 fi

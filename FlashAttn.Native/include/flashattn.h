@@ -39,7 +39,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 1
+#define FLASHATTN_ABI_VERSION 2
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -101,5 +101,69 @@ FLASHATTN_API FlashAttnStatus FlashAttn_rotary_apply(
     int64_t x_batch_stride, int64_t x_seq_stride, int64_t x_head_stride,
     int64_t out_batch_stride, int64_t out_seq_stride, int64_t out_head_stride,
     int32_t interleaved, int32_t conjugate, void* stream);
+
+// area: Flash
+
+// Bytes of device workspace FlashAttn_flash_fwd needs for these sizes (0 when none).
+FLASHATTN_API int64_t FlashAttn_flash_fwd_workspace_size(
+    int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t nheads_k, int64_t headdim);
+
+// Exact attention, FlashAttention-2 forward: out = softmax(scale * q k^T + bias, masked) v, never
+// materialising the (seqlen_q, seqlen_k) matrix.
+// q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim); out like q.
+//   With cu_seqlens_q/cu_seqlens_k ((batch + 1,) int32, device): q is (total_q, nheads, headdim),
+//   k/v (total_k, nheads_k, headdim), seqlen_q/seqlen_k are the longest sequences, batch strides ignored.
+// nheads must be a multiple of nheads_k (MQA/GQA: query head h reads key/value head h / (nheads / nheads_k)).
+// headdim: a multiple of 8, at most 256 (the managed side pads other sizes).
+// softmax_lse (float32, written): (batch, nheads, seqlen_q), or (nheads, total_q) with cu_seqlens.
+// causal: aligned bottom-right (query i sees keys j <= i + seqlen_k - seqlen_q), as flash-attn >= 2.1;
+//   window_left/window_right >= 0 limit keys to [i + sk - sq - left, i + sk - sq + right] (-1: unlimited);
+//   causal is window_right = 0. softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores.
+// alibi_slopes: NULL or float32 (batch, nheads) with alibi_batch_stride (0: one row shared by all
+//   sequences); adds -slope * |i + sk - sq - j| to the scaled scores.
+// dropout_p in [0, 1): Philox-4x32-10 keyed by (seed, offset) decides each kept element; kept
+//   probabilities are scaled by 1 / (1 - dropout_p). dropout_mask: NULL, or uint8 (batch, nheads,
+//   seqlen_q, seqlen_k) contiguous, written with 1 where kept (tests only; not with cu_seqlens).
+FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
+    const void* q, const void* k, const void* v, void* out, float* softmax_lse, FlashAttnDType dtype,
+    const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+    int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t nheads_k, int64_t headdim,
+    int64_t q_batch_stride, int64_t q_row_stride, int64_t q_head_stride,
+    int64_t k_batch_stride, int64_t k_row_stride, int64_t k_head_stride,
+    int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride,
+    int64_t out_batch_stride, int64_t out_row_stride, int64_t out_head_stride,
+    float softmax_scale, int32_t causal, int32_t window_left, int32_t window_right, float softcap,
+    const float* alibi_slopes, int64_t alibi_batch_stride,
+    float dropout_p, uint64_t seed, uint64_t offset, uint8_t* dropout_mask,
+    void* workspace, int64_t workspace_bytes, void* stream);
+
+// Bytes of device workspace FlashAttn_flash_bwd needs for these sizes (float32 dq accumulator,
+// row sums of dout * out, and per-query-head dk/dv accumulators when nheads != nheads_k).
+FLASHATTN_API int64_t FlashAttn_flash_bwd_workspace_size(
+    int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t nheads_k, int64_t headdim,
+    int32_t varlen);
+
+// FlashAttention-2 backward: dq, dk, dv from dout, recomputing the probabilities from q, k and
+// softmax_lse. Same shapes, layouts and options as the forward (dropout regenerates the same mask
+// from seed/offset); dq like q, dk/dv like k/v (reduced over the query heads of a GQA group).
+// deterministic = 1 accumulates dq in a fixed order (slower).
+// workspace: at least FlashAttn_flash_bwd_workspace_size bytes, 256-byte aligned; contents ignored.
+FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd(
+    const void* dout, const void* q, const void* k, const void* v, const void* out,
+    const float* softmax_lse, void* dq, void* dk, void* dv, FlashAttnDType dtype,
+    const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+    int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t nheads_k, int64_t headdim,
+    int64_t q_batch_stride, int64_t q_row_stride, int64_t q_head_stride,
+    int64_t k_batch_stride, int64_t k_row_stride, int64_t k_head_stride,
+    int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride,
+    int64_t out_batch_stride, int64_t out_row_stride, int64_t out_head_stride,
+    int64_t dout_batch_stride, int64_t dout_row_stride, int64_t dout_head_stride,
+    int64_t dq_batch_stride, int64_t dq_row_stride, int64_t dq_head_stride,
+    int64_t dk_batch_stride, int64_t dk_row_stride, int64_t dk_head_stride,
+    int64_t dv_batch_stride, int64_t dv_row_stride, int64_t dv_head_stride,
+    float softmax_scale, int32_t causal, int32_t window_left, int32_t window_right, float softcap,
+    const float* alibi_slopes, int64_t alibi_batch_stride,
+    float dropout_p, uint64_t seed, uint64_t offset, int32_t deterministic,
+    void* workspace, int64_t workspace_bytes, void* stream);
 
 #endif /* FLASHATTN_H */
