@@ -14,16 +14,8 @@ public class BindingsTests
     private const string GeneratedRelativeDir = "FlashAttn.Managed/Native";
     private const string RotaryFile = "NativeMethods.Rotary.g.cs";
 
-    private static string RepoRoot()
-    {
-        for (var dir = new DirectoryInfo(TestContext.CurrentContext.TestDirectory); dir != null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "global.json")))
-                return dir.FullName;
-        }
-        throw new InvalidOperationException(
-            $"No directory containing global.json above {TestContext.CurrentContext.TestDirectory}");
-    }
+    private static string RepoRoot() => RepoPaths.TryRoot() ?? throw new InvalidOperationException(
+        $"No directory containing global.json above {AppContext.BaseDirectory}");
 
     private static string HeaderText() => File.ReadAllText(Path.Combine(RepoRoot(), HeaderRelativePath));
 

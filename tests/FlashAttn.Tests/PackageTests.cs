@@ -1,0 +1,100 @@
+using System.Diagnostics;
+using NUnit.Framework;
+
+namespace FlashAttn.Tests;
+
+/// <summary>
+/// What a user gets from `dotnet add package FlashAttn.TorchSharp`: packs the package from this
+/// checkout into a local folder feed, installs it into a fresh console project outside the
+/// repository (so only the package's own buildTransitive targets apply), and runs rotary on CPU
+/// plus a call into the packed native library. Needs the .NET SDK; skipped where there is none.
+/// </summary>
+[Category("Package")]
+public sealed class PackageTests
+{
+    [Test]
+    public void PackedPackageInstallsIntoAFreshConsoleProjectAndRuns()
+    {
+        var root = RepoPaths.TryRoot();
+        if (root is null) Assert.Ignore("not running from a repository checkout");
+        if (!HasDotnetSdk()) Assert.Ignore("no .NET SDK on this machine (the GPU host has only the published tests)");
+
+        var work = Directory.CreateTempSubdirectory("flashattn-pkg-").FullName;
+        try
+        {
+            // A unique version: the NuGet cache never serves a stale copy of an earlier pack.
+            var version = $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
+            var feed = Path.Combine(work, "feed");
+            Run(root, "dotnet", $"pack FlashAttn.Managed -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
+            var nupkg = Path.Combine(feed, $"FlashAttn.TorchSharp.{version}.nupkg");
+            Assert.That(File.Exists(nupkg), Is.True, "dotnet pack wrote no FlashAttn.TorchSharp package");
+            using (var zip = System.IO.Compression.ZipFile.OpenRead(nupkg))
+            {
+                var entries = zip.Entries.Select(e => e.FullName).ToList();
+                Assert.That(entries, Does.Contain("runtimes/linux-x64/native/libflashattn.so"));
+                Assert.That(entries, Does.Contain("buildTransitive/FlashAttn.TorchSharp.targets"));
+                Assert.That(entries, Does.Contain("lib/net10.0/FlashAttn.TorchSharp.dll"));
+            }
+
+            var app = Path.Combine(work, "app");
+            Run(work, "dotnet", "new console -o app --framework net10.0");
+            File.WriteAllText(Path.Combine(app, "NuGet.config"), $"""
+                <?xml version="1.0" encoding="utf-8"?>
+                <configuration>
+                  <packageSources>
+                    <clear />
+                    <add key="nuget.org" value="https://api.nuget.org/v3/index.json" />
+                    <add key="local" value="{feed}" />
+                  </packageSources>
+                </configuration>
+                """);
+            Run(app, "dotnet", "add package TorchSharp-cpu --version 0.107.0");
+            Run(app, "dotnet", $"add package FlashAttn.TorchSharp --version {version}");
+            File.WriteAllText(Path.Combine(app, "Program.cs"), """
+                using FlashAttn;
+                using TorchSharp;
+                using static TorchSharp.torch;
+                var x = randn(2, 5, 3, 8, requires_grad: true);
+                var freqs = outer(arange(5, dtype: ScalarType.Float32), 1.0 / pow(10000.0, arange(0, 8, 2, dtype: ScalarType.Float32) / 8.0));
+                var y = flash_attn.apply_rotary_emb(x, freqs.cos(), freqs.sin());
+                y.sum().backward();
+                // A rotation keeps each head's norm.
+                var normErr = (y.norm(-1) - x.norm(-1)).abs().max().item<float>();
+                Console.WriteLine($"norm-err {normErr:E2} grad {x.grad!.shape.Length} native [{Backend.NativeBuildInfo}]");
+                """);
+            var output = Run(app, "dotnet", "run -c Release");
+            Assert.That(output, Does.Contain("native [FlashAttn.Native"));
+            var normErr = double.Parse(output.Split("norm-err ")[1].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
+            Assert.That(normErr, Is.LessThan(1e-5), output);
+        }
+        finally
+        {
+            Directory.Delete(work, recursive: true);
+        }
+    }
+
+    private static bool HasDotnetSdk()
+    {
+        try { return Run(Environment.CurrentDirectory, "dotnet", "--list-sdks", check: false).Contains('['); }
+        catch (System.ComponentModel.Win32Exception) { return false; }
+    }
+
+    private static string Run(string dir, string file, string args, bool check = true)
+    {
+        var psi = new ProcessStartInfo(file, args)
+        {
+            WorkingDirectory = dir,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+        };
+        psi.Environment["DOTNET_CLI_TELEMETRY_OPTOUT"] = "1";
+        psi.Environment["DOTNET_NOLOGO"] = "1";
+        using var p = Process.Start(psi)!;
+        var stderr = p.StandardError.ReadToEndAsync();
+        var stdout = p.StandardOutput.ReadToEnd();
+        p.WaitForExit();
+        var all = stdout + stderr.Result;
+        if (check && p.ExitCode != 0) Assert.Fail($"`{file} {args}` in {dir} exited {p.ExitCode}:\n{all}");
+        return all;
+    }
+}
