@@ -151,3 +151,106 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         return inplace ? x : out_.MoveToOuterDisposeScope();
     }
 }
+
+public static partial class flash_attn
+{
+    /// <summary>
+    /// Rotary embedding of q and k inside a packed qkv, in place (flash-attn's apply_rotary_emb_qkv_).
+    /// qkv: (batch, seqlen, 3, nheads, headdim), or (batch, seqlen, nheads_q + 2 * nheads_k, headdim)
+    /// with <paramref name="num_heads_q"/> (GQA). cos_k/sin_k: separate tables for k (XPos); null to
+    /// use cos/sin. v is untouched. Returns qkv.
+    /// </summary>
+    public static Tensor apply_rotary_emb_qkv_(Tensor qkv, Tensor cos, Tensor sin, Tensor? cos_k = null, Tensor? sin_k = null,
+        bool interleaved = false, Tensor? seqlen_offsets = null, long seqlen_offset = 0, int? num_heads_q = null)
+    {
+        RotaryQkvFunction.Validate(qkv, cos, sin, cos_k, sin_k, seqlen_offsets, seqlen_offset, num_heads_q);
+        return RotaryQkvFunction.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, seqlen_offset, num_heads_q);
+    }
+}
+
+/// <summary>Autograd function of <see cref="flash_attn.apply_rotary_emb_qkv_"/>: rotates q and k of a packed qkv in place.</summary>
+public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvFunction>
+{
+    public override string Name => "RotaryQkvFunction";
+
+    public override Tensor forward(autograd.AutogradContext ctx, params object?[] vars)
+    {
+        var qkv = (Tensor)vars[0]!;
+        var (cos, sin, cosK, sinK) = ((Tensor)vars[1]!, (Tensor)vars[2]!, (Tensor?)vars[3], (Tensor?)vars[4]);
+        var interleaved = (bool)vars[5]!;
+        var offsets = (Tensor?)vars[6];
+        var offset = (long)vars[7]!;
+        var numHeadsQ = (int?)vars[8];
+        Validate(qkv, cos, sin, cosK, sinK, offsets, offset, numHeadsQ);
+        var saved = new List<Tensor> { cos, sin, cosK ?? cos, sinK ?? sin };
+        if (offsets is not null) saved.Add(offsets);
+        ctx.save_for_backward(saved);
+        ctx.save_data("interleaved", interleaved);
+        ctx.save_data("offset", offset);
+        ctx.save_data("num_heads_q", numHeadsQ ?? 0);
+        ctx.save_data("xpos", cosK is not null);
+        Rotate(qkv, cos, sin, cosK, sinK, interleaved, conjugate: false, offsets, offset, numHeadsQ);
+        ctx.mark_dirty(new List<Tensor> { qkv });
+        return qkv;
+    }
+
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
+    {
+        var saved = ctx.get_saved_variables();
+        var offsets = saved.Count > 4 ? saved[4] : null;
+        var numHeadsQ = (int)ctx.get_data("num_heads_q");
+        var xpos = (bool)ctx.get_data("xpos");
+        var dqkv = grad.clone(); // the incoming gradient may be shared: rotate a copy
+        Rotate(dqkv, saved[0], saved[1], xpos ? saved[2] : null, xpos ? saved[3] : null, (bool)ctx.get_data("interleaved"), conjugate: true,
+               offsets, (long)ctx.get_data("offset"), numHeadsQ == 0 ? null : numHeadsQ);
+        return new List<Tensor> { dqkv, null!, null!, null!, null!, null!, null!, null!, null! };
+    }
+
+    internal static void Validate(Tensor qkv, Tensor cos, Tensor sin, Tensor? cosK, Tensor? sinK, Tensor? offsets, long offset, int? numHeadsQ)
+    {
+        if (numHeadsQ is null)
+        {
+            TensorArgs.Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv",
+                $"qkv must be (batch, seqlen, 3, nheads, headdim), or 4-D with num_heads_q; got {TensorArgs.Shape(qkv)}");
+        }
+        else
+        {
+            TensorArgs.Require(qkv.dim() == 4, "qkv", $"qkv must be (batch, seqlen, nheads_q + 2 * nheads_k, headdim) with num_heads_q; got {TensorArgs.Shape(qkv)}");
+            var kvHeads = qkv.shape[2] - numHeadsQ.Value;
+            TensorArgs.Require(numHeadsQ > 0 && kvHeads > 0 && kvHeads % 2 == 0, "num_heads_q",
+                $"num_heads_q ({numHeadsQ}) must leave an even, positive number of k/v heads out of {qkv.shape[2]}");
+        }
+        TensorArgs.Require((cosK is null) == (sinK is null), "cos_k", "cos_k and sin_k must be given together");
+        var (q, k) = QK(qkv, numHeadsQ, separate: true);
+        RotaryFunction.Validate(q, cos, sin, offsets, offset, null, null);
+        RotaryFunction.Validate(k, cosK ?? cos, sinK ?? sin, offsets, offset, null, null);
+    }
+
+    // Views of q and k inside qkv; with shared tables both rotate in one launch over (B, S, Hq + Hk, D).
+    private static (Tensor q, Tensor k) QK(Tensor qkv, int? numHeadsQ, bool separate)
+    {
+        if (numHeadsQ is null)
+        {
+            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.shape[0], qk.shape[1], -1, qk.shape[^1]), null!); }
+            return (qkv[.., .., 0], qkv[.., .., 1]);
+        }
+        long hq = numHeadsQ.Value, hk = (qkv.shape[2] - hq) / 2;
+        if (!separate) return (qkv[.., .., ..(int)(hq + hk)], null!);
+        return (qkv[.., .., ..(int)hq], qkv[.., .., (int)hq..(int)(hq + hk)]);
+    }
+
+    private static void Rotate(Tensor qkv, Tensor cos, Tensor sin, Tensor? cosK, Tensor? sinK, bool interleaved, bool conjugate,
+        Tensor? offsets, long offset, int? numHeadsQ)
+    {
+        using var scope = NewDisposeScope();
+        if (cosK is null)
+        {
+            var (qk, _) = QK(qkv, numHeadsQ, separate: false);
+            RotaryFunction.Apply(qk, cos, sin, interleaved, inplace: true, conjugate, offsets, offset, null, null);
+            return;
+        }
+        var (q, k) = QK(qkv, numHeadsQ, separate: true);
+        RotaryFunction.Apply(q, cos, sin, interleaved, inplace: true, conjugate, offsets, offset, null, null);
+        RotaryFunction.Apply(k, cosK!, sinK!, interleaved, inplace: true, conjugate, offsets, offset, null, null);
+    }
+}
