@@ -1,0 +1,295 @@
+using FlashAttn.Interop;
+using TorchSharp;
+using static FlashAttn.Interop.TensorArgs;
+using static TorchSharp.torch;
+
+namespace FlashAttn;
+
+/// <summary>out (like q), the float32 log-sum-exp of each query row, and the dropout mask when asked for.</summary>
+public sealed record FlashAttnResult(Tensor output, Tensor softmax_lse, Tensor? dropout_mask);
+
+/// <summary>The options every attention entry point shares, resolved once.</summary>
+internal sealed record AttentionOptions(double DropoutP, double Scale, long WindowLeft, long WindowRight, double Softcap,
+    Tensor? AlibiSlopes, bool Deterministic, bool ReturnDropoutMask, ulong Seed);
+
+public static partial class flash_attn
+{
+    /// <summary>The largest head dimension the kernels take (flash-attn's limit).</summary>
+    public const int MaxHeadDim = 256;
+
+    /// <summary>
+    /// Exact attention without the (seqlen_q, seqlen_k) matrix, as flash_attn.flash_attn_func.
+    /// q (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim), nheads a
+    /// multiple of nheads_k (MQA/GQA). causal is aligned bottom-right; window_size (left, right),
+    /// -1 for unlimited; softcap > 0 caps scores with tanh; alibi_slopes (nheads) or (batch, nheads)
+    /// float32. Returns (batch, seqlen_q, nheads, headdim).
+    /// </summary>
+    public static Tensor flash_attn_func(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0, double? softmax_scale = null,
+        bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
+        bool deterministic = false) =>
+        flash_attn_func_with_lse(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
+
+    /// <summary><see cref="flash_attn_func"/> that also returns the log-sum-exp and, for tests, the dropout mask.</summary>
+    public static FlashAttnResult flash_attn_func_with_lse(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0,
+        double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
+        Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
+    {
+        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
+        var opts = Options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_dropout_mask);
+        if (!UsesAttentionKernels(q))
+        {
+            var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
+                                             alibi_slopes, dropout_p);
+            return new FlashAttnResult(o, l, null);
+        }
+        return RunKernel(q, k, v, null, null, q.shape[1], k.shape[1], opts);
+    }
+
+    /// <summary>qkv (batch, seqlen, 3, nheads, headdim): self-attention on a packed projection.</summary>
+    public static Tensor flash_attn_qkvpacked_func(Tensor qkv, double dropout_p = 0.0, double? softmax_scale = null,
+        bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
+        bool deterministic = false)
+    {
+        Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
+        return flash_attn_func(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], dropout_p, softmax_scale, causal, window_size,
+                               softcap, alibi_slopes, deterministic);
+    }
+
+    /// <summary>q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim).</summary>
+    public static Tensor flash_attn_kvpacked_func(Tensor q, Tensor kv, double dropout_p = 0.0, double? softmax_scale = null,
+        bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
+        bool deterministic = false)
+    {
+        Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
+        return flash_attn_func(q, kv[.., .., 0], kv[.., .., 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                               alibi_slopes, deterministic);
+    }
+
+    /// <summary>
+    /// Packed sequences without padding: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim),
+    /// cu_seqlens_q/k (batch + 1,) int32 cumulative lengths, max_seqlen_q/k the longest sequences.
+    /// </summary>
+    public static Tensor flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
+        long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null, bool causal = false,
+        (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null, bool deterministic = false) =>
+        flash_attn_varlen_func_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
+
+    /// <summary><see cref="flash_attn_varlen_func"/> that also returns the log-sum-exp (nheads, total_q).</summary>
+    public static FlashAttnResult flash_attn_varlen_func_with_lse(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,
+        Tensor cu_seqlens_k, long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null,
+        bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
+        bool deterministic = false)
+    {
+        ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap, alibi_slopes);
+        var opts = Options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, false);
+        if (!UsesAttentionKernels(q))
+        {
+            var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
+                                                    (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p);
+            return new FlashAttnResult(o, l, null);
+        }
+        return RunKernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts);
+    }
+
+    /// <summary>qkv (total, 3, nheads, headdim) packed by cu_seqlens.</summary>
+    public static Tensor flash_attn_varlen_qkvpacked_func(Tensor qkv, Tensor cu_seqlens, long max_seqlen, double dropout_p = 0.0,
+        double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
+        Tensor? alibi_slopes = null, bool deterministic = false)
+    {
+        Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
+        return flash_attn_varlen_func(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+    }
+
+    /// <summary>q (total_q, nheads, headdim), kv (total_k, 2, nheads_k, headdim).</summary>
+    public static Tensor flash_attn_varlen_kvpacked_func(Tensor q, Tensor kv, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
+        long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null, bool causal = false,
+        (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null, bool deterministic = false)
+    {
+        Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
+        return flash_attn_varlen_func(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+    }
+
+    internal static bool UsesAttentionKernels(Tensor q) =>
+        Backend.UsesKernels(q) && q.dtype is ScalarType.BFloat16 or ScalarType.Float16;
+
+    private static AttentionOptions Options(Tensor q, double dropoutP, double? scale, bool causal, (long left, long right)? window,
+        double softcap, Tensor? alibi, bool deterministic, bool returnMask)
+    {
+        var (left, right) = window ?? (-1, -1);
+        if (causal) right = 0;
+        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
+        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
+        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
+                                    deterministic, returnMask, seed);
+    }
+
+    // Pads the head dimension to a multiple of 8 (the kernels' granularity) outside the autograd
+    // function, so autograd slices the gradients back; softmax_scale was fixed from the true size.
+    private static FlashAttnResult RunKernel(Tensor q, Tensor k, Tensor v, Tensor? cuQ, Tensor? cuK, long maxSq, long maxSk,
+        AttentionOptions opts)
+    {
+        long d = q.shape[^1], pad = (8 - d % 8) % 8;
+        if (pad != 0)
+        {
+            var p = new[] { 0L, pad };
+            (q, k, v) = (nn.functional.pad(q, p), nn.functional.pad(k, p), nn.functional.pad(v, p));
+        }
+        var r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
+        var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
+        return new FlashAttnResult(output, r[1], opts.ReturnDropoutMask ? r[2] : null);
+    }
+
+    internal static void ValidateAttention(Tensor q, Tensor k, Tensor v, Tensor? cuQ, Tensor? cuK, long? maxSq, long? maxSk,
+        double dropoutP, (long left, long right)? window, double softcap, Tensor? alibi)
+    {
+        bool varlen = cuQ is not null || cuK is not null;
+        int dims = varlen ? 3 : 4;
+        string layout = varlen ? "(total, nheads, headdim) with cu_seqlens" : "(batch, seqlen, nheads, headdim)";
+        foreach (var (t, name) in new[] { (q, "q"), (k, "k"), (v, "v") })
+        {
+            RequireFloat(t, name);
+            RequireDim(t, dims, name, layout);
+            RequireContiguousLastDim(t, name);
+            Require(t.dtype == q.dtype, name, $"{name} must have q's dtype ({q.dtype}), got {t.dtype}");
+            RequireSameDevice(t, q, name, "q");
+        }
+        long d = q.shape[^1], h = q.shape[^2], hk = k.shape[^2];
+        Require(k.shape.SequenceEqual(v.shape), "v", $"v must have k's shape {Shape(k)}, got {Shape(v)}");
+        Require(k.shape[^1] == d, "k", $"k's head dimension ({k.shape[^1]}) must equal q's ({d})");
+        Require(d >= 1 && d <= MaxHeadDim, "q", $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
+        Require(hk >= 1 && h % hk == 0, "k", $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
+        if (!varlen) Require(k.shape[0] == q.shape[0], "k", $"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})");
+        else
+        {
+            Require(cuQ is not null && cuK is not null, cuQ is null ? "cu_seqlens_q" : "cu_seqlens_k", "cu_seqlens_q and cu_seqlens_k go together");
+            foreach (var (t, name) in new[] { (cuQ!, "cu_seqlens_q"), (cuK!, "cu_seqlens_k") })
+            {
+                RequireDim(t, 1, name, "(batch + 1,)");
+                Require(t.dtype == ScalarType.Int32, name, $"{name} must be int32, got {t.dtype}");
+                RequireSameDevice(t, q, name, "q");
+            }
+            Require(cuQ!.shape[0] == cuK!.shape[0] && cuQ.shape[0] >= 2, "cu_seqlens_k",
+                    $"cu_seqlens_q ({cuQ.shape[0]}) and cu_seqlens_k ({cuK.shape[0]}) must have the same length (batch + 1 >= 2)");
+            Require(maxSq > 0, "max_seqlen_q", $"max_seqlen_q ({maxSq}) must be > 0");
+            Require(maxSk > 0, "max_seqlen_k", $"max_seqlen_k ({maxSk}) must be > 0");
+        }
+        Require(dropoutP >= 0 && dropoutP < 1, "dropout_p", $"dropout_p ({dropoutP}) must be in [0, 1)");
+        Require(softcap >= 0, "softcap", $"softcap ({softcap}) must be >= 0");
+        if (window is { } w) Require(w.left >= -1 && w.right >= -1, "window_size", $"window_size ({w.left}, {w.right}) entries must be >= -1");
+        if (alibi is not null)
+        {
+            Require(alibi.dtype == ScalarType.Float32, "alibi_slopes", $"alibi_slopes must be float32, got {alibi.dtype}");
+            RequireSameDevice(alibi, q, "alibi_slopes", "q");
+            long batch = varlen ? cuQ!.shape[0] - 1 : q.shape[0];
+            Require((alibi.dim() == 1 && alibi.shape[0] == h) || (alibi.dim() == 2 && alibi.shape[0] == batch && alibi.shape[1] == h),
+                    "alibi_slopes", $"alibi_slopes must be (nheads = {h}) or (batch = {batch}, nheads), got {Shape(alibi)}");
+        }
+    }
+}
+
+/// <summary>
+/// The autograd function over the CUDA kernels (FlashAttn_flash_fwd / _bwd): outputs out, the LSE
+/// (no gradient) and the dropout mask (when asked for). Inputs are validated and the head
+/// dimension padded by the callers in <see cref="flash_attn"/>.
+/// </summary>
+public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFunction>
+{
+    public override string Name => "FlashAttnFunction";
+
+    public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
+    {
+        var (q, k, v) = ((Tensor)vars[0]!, (Tensor)vars[1]!, (Tensor)vars[2]!);
+        var (cuQ, cuK) = ((Tensor?)vars[3], (Tensor?)vars[4]);
+        var (maxSq, maxSk) = ((long)vars[5]!, (long)vars[6]!);
+        var opts = (AttentionOptions)vars[7]!;
+        var g = new Geometry(q, k, cuQ, cuK, maxSq, maxSk);
+        var output = empty_like(q);
+        var lse = g.Varlen ? empty(g.H, q.shape[0], dtype: ScalarType.Float32, device: q.device)
+                           : empty(g.B, g.H, g.Sq, dtype: ScalarType.Float32, device: q.device);
+        var mask = opts.ReturnDropoutMask && opts.DropoutP > 0 && !g.Varlen
+            ? empty(new[] { g.B, g.H, g.Sq, g.Sk }, dtype: ScalarType.Byte, device: q.device) : null;
+        using (var scope = NewDisposeScope())
+        {
+            var wsBytes = NativeMethods.FlashAttn_flash_fwd_workspace_size(g.B, g.Sq, g.Sk, g.H, g.Hk, g.D);
+            var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: q.device) : null;
+            NativeMethods.Check(NativeMethods.FlashAttn_flash_fwd(
+                Ptr(q), Ptr(k), Ptr(v), Ptr(output), Ptr(lse), DType(q.dtype), PtrOrNull(g.CuQ), PtrOrNull(g.CuK),
+                g.B, g.Sq, g.Sk, g.H, g.Hk, g.D,
+                g.BatchStride(q), g.RowStride(q), g.HeadStride(q),
+                g.BatchStride(k), g.RowStride(k), g.HeadStride(k),
+                g.BatchStride(v), g.RowStride(v), g.HeadStride(v),
+                g.BatchStride(output), g.RowStride(output), g.HeadStride(output),
+                (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
+                (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
+                (float)opts.DropoutP, opts.Seed, 0, PtrOrNull(mask), PtrOrNull(ws), wsBytes, IntPtr.Zero));
+        }
+        ctx.save_for_backward(new List<Tensor> { q, k, v, output, lse });
+        ctx.save_data("geometry", g);
+        ctx.save_data("options", opts);
+        var outputs = new List<Tensor> { output, lse };
+        if (mask is not null) outputs.Add(mask);
+        ctx.mark_non_differentiable(outputs.Skip(1).ToList());
+        return outputs;
+    }
+
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
+    {
+        var saved = ctx.get_saved_variables();
+        var (q, k, v, output, lse) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
+        var g = (Geometry)ctx.get_data("geometry");
+        var opts = (AttentionOptions)ctx.get_data("options");
+        var dout = grads[0].shape[^1] <= 1 || grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous();
+        var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
+        using (var scope = NewDisposeScope())
+        {
+            var wsBytes = NativeMethods.FlashAttn_flash_bwd_workspace_size(g.B, g.Sq, g.Sk, g.H, g.Hk, g.D, g.Varlen ? 1 : 0);
+            var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: q.device) : null;
+            // backward must not throw (it would abort the process): a failure is reported and the
+            // gradients are NaN, which the training loop's checks then surface.
+            var status = NativeMethods.FlashAttn_flash_bwd(
+                Ptr(dout), Ptr(q), Ptr(k), Ptr(v), Ptr(output), Ptr(lse), Ptr(dq), Ptr(dk), Ptr(dv), DType(q.dtype),
+                PtrOrNull(g.CuQ), PtrOrNull(g.CuK), g.B, g.Sq, g.Sk, g.H, g.Hk, g.D,
+                g.BatchStride(q), g.RowStride(q), g.HeadStride(q),
+                g.BatchStride(k), g.RowStride(k), g.HeadStride(k),
+                g.BatchStride(v), g.RowStride(v), g.HeadStride(v),
+                g.BatchStride(output), g.RowStride(output), g.HeadStride(output),
+                g.BatchStride(dout), g.RowStride(dout), g.HeadStride(dout),
+                g.BatchStride(dq), g.RowStride(dq), g.HeadStride(dq),
+                g.BatchStride(dk), g.RowStride(dk), g.HeadStride(dk),
+                g.BatchStride(dv), g.RowStride(dv), g.HeadStride(dv),
+                (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
+                (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
+                (float)opts.DropoutP, opts.Seed, 0, opts.Deterministic ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero);
+            if (status != FlashAttnStatus.Ok)
+            {
+                Console.Error.WriteLine($"FlashAttnFunction.backward failed: {System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
+                foreach (var t in new[] { dq, dk, dv }) t.fill_(double.NaN);
+            }
+        }
+        return new List<Tensor> { dq, dk, dv, null!, null!, null!, null!, null! };
+    }
+
+    /// <summary>Sizes and stride accessors for the dense (B, S, H, D) and varlen (total, H, D) layouts.</summary>
+    internal sealed class Geometry
+    {
+        public readonly bool Varlen;
+        public readonly long B, Sq, Sk, H, Hk, D;
+        public readonly Tensor? CuQ, CuK;
+
+        public Geometry(Tensor q, Tensor k, Tensor? cuQ, Tensor? cuK, long maxSq, long maxSk)
+        {
+            Varlen = cuQ is not null;
+            (CuQ, CuK) = (cuQ?.contiguous(), cuK?.contiguous());
+            B = Varlen ? cuQ!.shape[0] - 1 : q.shape[0];
+            (Sq, Sk) = (maxSq, maxSk);
+            (H, Hk, D) = (q.shape[^2], k.shape[^2], q.shape[^1]);
+        }
+
+        public long BatchStride(Tensor t) => Varlen ? 0 : t.stride(0);
+        public long RowStride(Tensor t) => t.stride(Varlen ? 0 : 1);
+        public long HeadStride(Tensor t) => t.stride(Varlen ? 1 : 2);
+    }
+}

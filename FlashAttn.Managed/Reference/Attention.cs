@@ -1,0 +1,91 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn;
+
+public static partial class Reference
+{
+    /// <summary>
+    /// Attention with <see cref="flash_attn.flash_attn_func"/>'s semantics, materialising the
+    /// (seqlen_q, seqlen_k) matrix: q (B, Sq, H, D), k/v (B, Sk, Hk, D) with H a multiple of Hk.
+    /// Scores s = scale q·k, then softcap·tanh(s / softcap), then the ALiBi bias
+    /// -slope·|i + Sk - Sq - j|, then the causal/window mask aligned bottom-right. Fully-masked rows
+    /// give 0 and LSE +inf. dropout_mask (B, H, Sq, Sk), 1 = kept, replays a kernel's mask; else
+    /// dropout draws from TorchSharp's default generator. Returns out (q's dtype) and the float32 LSE (B, H, Sq).
+    /// </summary>
+    public static (Tensor output, Tensor softmax_lse) attention(Tensor q, Tensor k, Tensor v, double? softmax_scale = null,
+        bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
+        double dropout_p = 0.0, Tensor? dropout_mask = null, ScalarType? compute_dtype = null)
+    {
+        using var scope = NewDisposeScope();
+        var ct = compute_dtype ?? ComputeType(q.dtype);
+        long B = q.shape[0], Sq = q.shape[1], H = q.shape[2], D = q.shape[3], Sk = k.shape[1], Hk = k.shape[2];
+        double scale = softmax_scale ?? 1.0 / Math.Sqrt(D);
+        var qc = q.to(ct);
+        var kc = k.to(ct);
+        var vc = v.to(ct);
+        if (Hk != H)
+        {
+            kc = kc.repeat_interleave(H / Hk, dim: 2);
+            vc = vc.repeat_interleave(H / Hk, dim: 2);
+        }
+        var s = einsum("bthd,bshd->bhts", qc * scale, kc); // (B, H, Sq, Sk)
+        if (softcap > 0) s = (s / softcap).tanh() * softcap;
+        var rowPos = arange(Sq, dtype: ScalarType.Int64, device: q.device).view(Sq, 1) + (Sk - Sq); // i + Sk - Sq
+        var colPos = arange(Sk, dtype: ScalarType.Int64, device: q.device).view(1, Sk);
+        if (alibi_slopes is not null)
+        {
+            var slopes = (alibi_slopes.dim() == 1 ? alibi_slopes.view(1, H) : alibi_slopes).to(ct).view(-1, H, 1, 1);
+            s = s - slopes * (rowPos - colPos).abs().to(ct).view(1, 1, Sq, Sk);
+        }
+        var (left, right) = window_size ?? (-1, -1);
+        if (causal) right = 0;
+        Tensor? masked = null;
+        if (left >= 0) masked = colPos.lt(rowPos - left);
+        if (right >= 0) masked = masked is null ? colPos.gt(rowPos + right) : masked.logical_or(colPos.gt(rowPos + right));
+        if (masked is not null) s = s.masked_fill(masked.view(1, 1, Sq, Sk), double.NegativeInfinity);
+        var lse = s.logsumexp(-1); // -inf on fully-masked rows
+        var empty = lse.isneginf();
+        var p = (s - lse.masked_fill(empty, 0).unsqueeze(-1)).exp().masked_fill(empty.unsqueeze(-1), 0);
+        if (dropout_mask is not null) p = p * dropout_mask.to(ct) / (1 - dropout_p);
+        else if (dropout_p > 0) p = nn.functional.dropout(p, dropout_p, training: true);
+        var output = einsum("bhts,bshd->bthd", p, vc).to(q.dtype);
+        lse = lse.masked_fill(empty, double.PositiveInfinity).to(ScalarType.Float32);
+        return (output.MoveToOuterDisposeScope(), lse.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// Varlen attention: q (total_q, H, D), k/v (total_k, Hk, D) packed by cu_seqlens_q/k; each
+    /// sequence attends only within itself. Returns out (total_q, H, D) and LSE (H, total_q).
+    /// </summary>
+    public static (Tensor output, Tensor softmax_lse) attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,
+        Tensor cu_seqlens_k, double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null,
+        double softcap = 0.0, Tensor? alibi_slopes = null, double dropout_p = 0.0, ScalarType? compute_dtype = null)
+    {
+        using var scope = NewDisposeScope();
+        var cq = cu_seqlens_q.to(ScalarType.Int64).cpu().data<long>().ToArray();
+        var ck = cu_seqlens_k.to(ScalarType.Int64).cpu().data<long>().ToArray();
+        var outs = new List<Tensor>();
+        var lses = new List<Tensor>();
+        for (int b = 0; b < cq.Length - 1; b++)
+        {
+            var qb = q[TensorIndex.Slice(cq[b], cq[b + 1])].unsqueeze(0);
+            var kb = k[TensorIndex.Slice(ck[b], ck[b + 1])].unsqueeze(0);
+            var vb = v[TensorIndex.Slice(ck[b], ck[b + 1])].unsqueeze(0);
+            var slopes = alibi_slopes is not null && alibi_slopes.dim() == 2 ? alibi_slopes[b] : alibi_slopes;
+            var (o, l) = attention(qb, kb, vb, softmax_scale ?? 1.0 / Math.Sqrt(q.shape[^1]), causal, window_size, softcap,
+                                   slopes, dropout_p, compute_dtype: compute_dtype);
+            outs.Add(o[0]);
+            lses.Add(l[0]);
+        }
+        var output = cat(outs, 0);
+        var lse = cat(lses, 1);
+        // Rows past cu_seqlens_q[-1] belong to no sequence: zero, LSE +inf.
+        if (output.shape[0] < q.shape[0])
+        {
+            output = cat(new[] { output, zeros(q.shape[0] - output.shape[0], q.shape[1], q.shape[2], dtype: output.dtype, device: q.device) }, 0);
+            lse = cat(new[] { lse, full(q.shape[1], q.shape[0] - lse.shape[1], double.PositiveInfinity, dtype: ScalarType.Float32, device: q.device) }, 1);
+        }
+        return (output.MoveToOuterDisposeScope(), lse.MoveToOuterDisposeScope());
+    }
+}
