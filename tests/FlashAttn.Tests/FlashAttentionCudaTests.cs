@@ -1,0 +1,199 @@
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Tests;
+
+/// <summary>
+/// The FlashAttention kernels against the float64 reference with the flash-attn rule (error of out,
+/// LSE and every gradient at most twice that of the same reference computed in the inputs' low
+/// precision), over the head dims and sequence lengths of flash-attn's own tests and every option.
+/// </summary>
+[Category(Gpu.Category)]
+public sealed class FlashAttentionCudaTests
+{
+    [SetUp]
+    public void Seed() => manual_seed(TestContext.CurrentContext.Random.Next());
+
+    private static readonly int[] HeadDims = { 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 256 };
+    private static readonly (int sq, int sk)[] Lengths = { (1, 1), (97, 97), (128, 128), (200, 200), (512, 512), (1025, 1025), (2048, 2048), (113, 203), (200, 128), (1, 239), (1025, 97) };
+
+    private static IEnumerable<TestCaseData> Cases()
+    {
+        int i = 0;
+        foreach (var d in HeadDims)
+        foreach (var (sq, sk) in Lengths)
+        {
+            // Cycle the options over the grid so every head dim meets every option at some length.
+            var dtype = i % 3 == 2 ? ScalarType.Float16 : ScalarType.BFloat16;
+            bool causal = i % 2 == 1;
+            string extra = (i % 5) switch { 0 => "plain", 1 => "gqa", 2 => "window", 3 => "softcap", _ => "alibi" };
+            i++;
+            if (d >= 192 && sq * (long)sk > 600_000) continue; // keeps the float64 reference's memory modest
+            yield return new TestCaseData(dtype, d, sq, sk, causal, extra).SetName($"Attn_{dtype}_d{d}_q{sq}_k{sk}_{(causal ? "causal" : "full")}_{extra}");
+        }
+    }
+
+    [TestCaseSource(nameof(Cases))]
+    public void ForwardAndBackwardMatchReference(ScalarType dtype, int d, int sq, int sk, bool causal, string extra)
+    {
+        var dev = Gpu.Require();
+        const int batch = 2;
+        int h = 4, hk = extra == "gqa" ? 2 : 4;
+        (long, long)? window = extra == "window" ? (37, 11) : null;
+        double softcap = extra == "softcap" ? 2.5 : 0;
+        var slopes = extra == "alibi" ? MHA.AlibiSlopes(h, dev) : null;
+        var q = randn(batch, sq, h, d, dtype: dtype, device: dev).requires_grad_(true);
+        var k = randn(batch, sk, hk, d, dtype: dtype, device: dev).requires_grad_(true);
+        var v = randn(batch, sk, hk, d, dtype: dtype, device: dev).requires_grad_(true);
+        var r = flash_attn.flash_attn_func_with_lse(q, k, v, causal: causal, window_size: window, softcap: softcap, alibi_slopes: slopes);
+        var g = randn_like(r.output);
+        r.output.backward(new[] { g });
+
+        var (o64, lse64, grads64) = Ref(q, k, v, g, causal, window, softcap, slopes, ScalarType.Float64);
+        var (oLow, lseLow, gradsLow) = Ref(q, k, v, g, causal, window, softcap, slopes, dtype);
+        Tolerance.AssertClose(r.output, oLow, o64, "out");
+        AssertLse(r.softmax_lse, lseLow, lse64);
+        Tolerance.AssertClose(q.grad!, gradsLow[0], grads64[0], "dq");
+        Tolerance.AssertClose(k.grad!, gradsLow[1], grads64[1], "dk");
+        Tolerance.AssertClose(v.grad!, gradsLow[2], grads64[2], "dv");
+    }
+
+    private static (Tensor o, Tensor lse, Tensor[] grads) Ref(Tensor q, Tensor k, Tensor v, Tensor g, bool causal, (long, long)? window,
+        double softcap, Tensor? slopes, ScalarType compute, Tensor? mask = null, double p = 0)
+    {
+        var ins = new[] { q, k, v }.Select(t => t.detach().to(compute == ScalarType.Float64 ? ScalarType.Float64 : t.dtype).requires_grad_(true)).ToArray();
+        var (o, lse) = Reference.attention(ins[0], ins[1], ins[2], null, causal, window, softcap, slopes, p, mask, compute_dtype: compute);
+        o.backward(new[] { g.to(o.dtype) });
+        return (o, lse, ins.Select(t => t.grad!).ToArray());
+    }
+
+    // LSE is float32 from both; +inf rows must agree exactly, finite rows follow the rule.
+    private static void AssertLse(Tensor lse, Tensor low, Tensor exact)
+    {
+        var inf = exact.isposinf();
+        Assert.That(lse.isposinf().equal(inf), Is.True, "LSE: +inf exactly on the fully-masked rows");
+        Tolerance.AssertClose(lse.masked_fill(inf, 0), low.masked_fill(inf, 0), exact.masked_fill(inf, 0), "lse");
+    }
+
+    [TestCase(ScalarType.BFloat16, 64, false), TestCase(ScalarType.Float16, 128, true), TestCase(ScalarType.BFloat16, 80, true)]
+    public void DropoutMaskKeepRateAndGradients(ScalarType dtype, int d, bool causal)
+    {
+        var dev = Gpu.Require();
+        const double p = 0.17;
+        var q = randn(2, 257, 4, d, dtype: dtype, device: dev).requires_grad_(true);
+        var k = randn(2, 300, 4, d, dtype: dtype, device: dev).requires_grad_(true);
+        var v = randn(2, 300, 4, d, dtype: dtype, device: dev).requires_grad_(true);
+        manual_seed(1234);
+        var r = flash_attn.flash_attn_func_with_lse(q, k, v, dropout_p: p, causal: causal, return_dropout_mask: true);
+        Assert.That(r.dropout_mask, Is.Not.Null);
+        var mask = r.dropout_mask!;
+        if (!causal)
+        {
+            // keep rate 1 - p within 5 binomial standard deviations
+            double n = mask.numel(), kept = mask.to(ScalarType.Float64).sum().item<double>();
+            double sigma = Math.Sqrt(n * p * (1 - p));
+            Assert.That(Math.Abs(kept - n * (1 - p)), Is.LessThan(5 * sigma), $"kept {kept} of {n}");
+        }
+        var g = randn_like(r.output);
+        r.output.backward(new[] { g });
+        var (o64, _, g64) = Ref(q, k, v, g, causal, null, 0, null, ScalarType.Float64, mask, p);
+        var (oLow, _, gLow) = Ref(q, k, v, g, causal, null, 0, null, dtype, mask, p);
+        Tolerance.AssertClose(r.output, oLow, o64, "dropout out (replayed mask)");
+        Tolerance.AssertClose(q.grad!, gLow[0], g64[0], "dropout dq");
+        Tolerance.AssertClose(k.grad!, gLow[1], g64[1], "dropout dk");
+        Tolerance.AssertClose(v.grad!, gLow[2], g64[2], "dropout dv");
+
+        // the same seed gives the same mask
+        manual_seed(1234);
+        var again = flash_attn.flash_attn_func_with_lse(q.detach(), k.detach(), v.detach(), dropout_p: p, causal: causal, return_dropout_mask: true);
+        Assert.That(Tolerance.MaxAbsDiff(again.output, r.output), Is.EqualTo(0.0), "reproducible from the seed");
+    }
+
+    [TestCase(ScalarType.BFloat16, 64, true), TestCase(ScalarType.Float16, 111, false), TestCase(ScalarType.BFloat16, 128, true)]
+    public void VarlenMatchesEachSequence(ScalarType dtype, int d, bool causal)
+    {
+        var dev = Gpu.Require();
+        var lq = new[] { 1, 97, 300, 64 };
+        var lk = new[] { 5, 97, 211, 128 };
+        var cuQ = tensor(Prefix(lq), dtype: ScalarType.Int32, device: dev);
+        var cuK = tensor(Prefix(lk), dtype: ScalarType.Int32, device: dev);
+        var q = randn(lq.Sum(), 6, d, dtype: dtype, device: dev).requires_grad_(true);
+        var k = randn(lk.Sum(), 2, d, dtype: dtype, device: dev).requires_grad_(true);
+        var v = randn(lk.Sum(), 2, d, dtype: dtype, device: dev).requires_grad_(true);
+        var r = flash_attn.flash_attn_varlen_func_with_lse(q, k, v, cuQ, cuK, lq.Max(), lk.Max(), causal: causal);
+        var g = randn_like(r.output);
+        r.output.backward(new[] { g });
+        Tensor[] Grads(ScalarType compute, out Tensor o, out Tensor lse)
+        {
+            var ins = new[] { q, k, v }.Select(t => t.detach().to(compute == ScalarType.Float64 ? ScalarType.Float64 : t.dtype).requires_grad_(true)).ToArray();
+            (o, lse) = Reference.attention_varlen(ins[0], ins[1], ins[2], cuQ, cuK, null, causal, compute_dtype: compute);
+            o.backward(new[] { g.to(o.dtype) });
+            return ins.Select(t => t.grad!).ToArray();
+        }
+        var g64 = Grads(ScalarType.Float64, out var o64, out var lse64);
+        var gLow = Grads(dtype, out var oLow, out var lseLow);
+        Tolerance.AssertClose(r.output, oLow, o64, "varlen out");
+        AssertLse(r.softmax_lse, lseLow, lse64);
+        Tolerance.AssertClose(q.grad!, gLow[0], g64[0], "varlen dq");
+        Tolerance.AssertClose(k.grad!, gLow[1], g64[1], "varlen dk");
+        Tolerance.AssertClose(v.grad!, gLow[2], g64[2], "varlen dv");
+    }
+
+    private static int[] Prefix(int[] lengths)
+    {
+        var cu = new int[lengths.Length + 1];
+        for (int i = 0; i < lengths.Length; i++) cu[i + 1] = cu[i] + lengths[i];
+        return cu;
+    }
+
+    [Test]
+    public void DeterministicBackwardIsBitwiseRepeatable()
+    {
+        var dev = Gpu.Require();
+        var q = randn(2, 1025, 4, 64, dtype: ScalarType.BFloat16, device: dev);
+        var k = randn(2, 1025, 4, 64, dtype: ScalarType.BFloat16, device: dev);
+        var v = randn(2, 1025, 4, 64, dtype: ScalarType.BFloat16, device: dev);
+        var g = randn(2, 1025, 4, 64, dtype: ScalarType.BFloat16, device: dev);
+        Tensor Dq()
+        {
+            var qq = q.clone().requires_grad_(true);
+            flash_attn.flash_attn_func(qq, k, v, causal: true, deterministic: true).backward(new[] { g });
+            return qq.grad!;
+        }
+        Assert.That(Dq().equal(Dq()), Is.True);
+    }
+
+    [Test]
+    public void PackedQkvViewsAndMhaRunOnTheKernels()
+    {
+        var dev = Gpu.Require();
+        using var mha = new MHA(256, 4, num_heads_kv: 2, causal: true, rotary_emb_dim: 32, device: dev, dtype: ScalarType.BFloat16);
+        using var plain = new MHA(256, 4, num_heads_kv: 2, causal: true, rotary_emb_dim: 32, use_flash_attn: false, device: dev, dtype: ScalarType.BFloat16);
+        using var exact = new MHA(256, 4, num_heads_kv: 2, causal: true, rotary_emb_dim: 32, use_flash_attn: false, device: dev, dtype: ScalarType.Float64);
+        CopyWeights(mha, plain);
+        CopyWeights(mha, exact);
+        var x = randn(2, 333, 256, dtype: ScalarType.BFloat16, device: dev);
+        // the flash MHA against float64 with the rule, the bf16 materialised MHA as the low-precision baseline
+        Tolerance.AssertClose(mha.forward(x), plain.forward(x), exact.forward(x.to(ScalarType.Float64)), "MHA");
+    }
+
+    // Same values into another dtype (load_state_dict wants equal dtypes).
+    internal static void CopyWeights(nn.Module from, nn.Module to)
+    {
+        var src = from.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        using var _ = no_grad();
+        foreach (var (name, p) in to.named_parameters()) p.copy_(src[name]);
+    }
+
+    [Test]
+    public void BadInputOnGpuIsRejectedBeforeTheKernel()
+    {
+        var dev = Gpu.Require();
+        var q = randn(1, 8, 2, 64, dtype: ScalarType.BFloat16, device: dev);
+        var e = Assert.Throws<ArgumentException>(() => flash_attn.flash_attn_func(q, q.cpu(), q.cpu()))!;
+        Assert.That(e.ParamName, Is.EqualTo("k"));
+        e = Assert.Throws<ArgumentException>(() => flash_attn.flash_attn_func(q, q, q, alibi_slopes: ones(2, device: dev, dtype: ScalarType.BFloat16)))!;
+        Assert.That(e.ParamName, Is.EqualTo("alibi_slopes"));
+    }
+}
