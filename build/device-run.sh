@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
 #   bash build/device-run.sh [tests] [bench] [peers] [sanitize]     (default: tests bench)
+#   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs.
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
 # from the host's PyTorch, the BenchmarkDotNet suite, and optionally the PyTorch peers and
 # compute-sanitizer; full logs go to $OUT, a short summary is printed last.
@@ -35,7 +36,7 @@ rm -rf "$app" && tar -C "$root/.device" -xJf .device/app.tar.xz
 
 if want tests; then
   start=$SECONDS
-  "$app"/FlashAttn.Tests >"$OUT/tests.log" 2>&1
+  "$app"/FlashAttn.Tests ${TEST_FILTER:+--filter "$TEST_FILTER"} >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^failed |^  [A-Za-z.]*Exception|Assert" "$OUT/tests.log" | head -40
   counts=$(grep -A5 "Test run summary" "$OUT/tests.log" | tr -s ' \n' ' ')
@@ -50,13 +51,13 @@ if want sanitize; then
 fi
 
 if want bench; then
-  "$app"/FlashAttn.Benchmarks --filter '*' >"$OUT/bench.log" 2>&1
+  "$app"/FlashAttn.Benchmarks --filter "${BENCH_FILTER:-*}" >"$OUT/bench.log" 2>&1
   summary+=("benchmarks: rc $?")
   sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
 fi
 
 if want peers && [ -f .device/peers/pytorch_baselines.py ]; then
-  PYTHONUNBUFFERED=1 python3 .device/peers/pytorch_baselines.py ops >"$OUT/peers.tsv" 2>"$OUT/peers.err"
+  PYTHONUNBUFFERED=1 python3 .device/peers/pytorch_baselines.py "${PEERS:-ops}" >"$OUT/peers.tsv" 2>"$OUT/peers.err"
   summary+=("peers: rc $?")
 fi
 

@@ -7,8 +7,8 @@ namespace FlashAttn.Benchmarks;
 /// <summary>
 /// Base of the GPU benchmarks: each benchmark method launches its op <see cref="Launches"/> times
 /// and synchronizes once, so launch latency and the sync are amortised (OperationsPerInvoke).
-/// Every class also times a device-to-device copy of the same bytes: the bandwidth floor measured
-/// in the same run.
+/// Program.cs turns each median into bandwidth or TFLOP/s from <see cref="Bytes"/> and
+/// <see cref="Flops"/>, which depend only on the [Params] (it sets them on a fresh instance).
 /// </summary>
 public abstract class GpuBenchmark
 {
@@ -28,6 +28,9 @@ public abstract class GpuBenchmark
 
     protected abstract void Setup();
 
-    /// <summary>Bytes the op must move at least (each input read once, each output written once).</summary>
-    public abstract long FloorBytes { get; }
+    /// <summary>Bytes the method must move at least (inputs read once, outputs written once); 0 if not bandwidth-bound.</summary>
+    public virtual long Bytes(string method) => 0;
+
+    /// <summary>Floating-point operations of one call of the method; 0 if not compute-bound.</summary>
+    public virtual double Flops(string method) => 0;
 }

@@ -16,7 +16,8 @@ public class RotaryBenchmarks : GpuBenchmark
 
     private Tensor _x = null!, _out = null!, _cos = null!, _sin = null!;
 
-    public override long FloorBytes => 2 * _x.numel() * _x.element_size() + 2 * _cos.numel() * _cos.element_size();
+    // x read and out written (bf16), cos/sin read once (bf16, 2048 x 64 each).
+    public override long Bytes(string method) => 2L * 8 * 2048 * Heads * 128 * 2 + 2L * 2048 * 64 * 2;
 
     protected override void Setup()
     {
