@@ -5,55 +5,49 @@ using static TorchSharp.torch;
 
 namespace FlashAttn;
 
+/// <summary>The options FlashSelfAttention and FlashCrossAttention hold (flash-attn's constructor arguments).</summary>
+internal sealed record InnerAttentionOptions(bool Causal, double? SoftmaxScale, double DropoutP, (long, long) Window,
+    Tensor? AlibiSlopes, bool Deterministic)
+{
+    /// <summary>Dropout applies in training mode only.</summary>
+    public double Dropout(bool training) => training ? DropoutP : 0;
+}
+
 /// <summary>
 /// Scaled dot-product self-attention on a packed qkv through the FlashAttention kernels (the
 /// reference path on CPU): qkv (batch, seqlen, 3, nheads, headdim) -> (batch, seqlen, nheads, headdim),
-/// or with cu_seqlens (total, 3, nheads, headdim). Dropout applies in training mode only.
+/// or with cu_seqlens (total, 3, nheads, headdim).
 /// </summary>
 public sealed class FlashSelfAttention : nn.Module<Tensor, Tensor>
 {
-    private readonly bool _causal, _deterministic;
-    private readonly double? _softmaxScale;
-    private readonly double _dropoutP;
-    private readonly (long, long) _window;
-    private readonly Tensor? _alibiSlopes;
+    private readonly InnerAttentionOptions o;
 
     public FlashSelfAttention(bool causal = false, double? softmax_scale = null, double attention_dropout = 0.0,
         (long left, long right)? window_size = null, Tensor? alibi_slopes = null, bool deterministic = false)
-        : base(nameof(FlashSelfAttention))
-    {
-        (_causal, _softmaxScale, _dropoutP, _window, _alibiSlopes, _deterministic) =
-            (causal, softmax_scale, attention_dropout, window_size ?? (-1, -1), alibi_slopes, deterministic);
-    }
+        : base(nameof(FlashSelfAttention)) =>
+        o = new(causal, softmax_scale, attention_dropout, window_size ?? (-1, -1), alibi_slopes, deterministic);
 
     public override Tensor forward(Tensor qkv) =>
-        flash_attn.flash_attn_qkvpacked_func(qkv, training ? _dropoutP : 0, _softmaxScale, _causal, _window, 0, _alibiSlopes, _deterministic);
+        flash_attn.flash_attn_qkvpacked_func(qkv, o.Dropout(training), o.SoftmaxScale, o.Causal, o.Window, 0, o.AlibiSlopes, o.Deterministic);
 
     /// <summary>Varlen: qkv (total, 3, nheads, headdim) packed by cu_seqlens (batch + 1,) int32.</summary>
     public Tensor forward(Tensor qkv, Tensor cu_seqlens, long max_seqlen) =>
-        flash_attn.flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, training ? _dropoutP : 0, _softmaxScale,
-                                                    _causal, _window, 0, _alibiSlopes, _deterministic);
+        flash_attn.flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, o.Dropout(training), o.SoftmaxScale, o.Causal,
+                                                    o.Window, 0, o.AlibiSlopes, o.Deterministic);
 }
 
 /// <summary>Cross-attention through the kernels: q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim).</summary>
 public sealed class FlashCrossAttention : nn.Module<Tensor, Tensor, Tensor>
 {
-    private readonly bool _causal, _deterministic;
-    private readonly double? _softmaxScale;
-    private readonly double _dropoutP;
-    private readonly (long, long) _window;
-    private readonly Tensor? _alibiSlopes;
+    private readonly InnerAttentionOptions o;
 
     public FlashCrossAttention(bool causal = false, double? softmax_scale = null, double attention_dropout = 0.0,
         (long left, long right)? window_size = null, Tensor? alibi_slopes = null, bool deterministic = false)
-        : base(nameof(FlashCrossAttention))
-    {
-        (_causal, _softmaxScale, _dropoutP, _window, _alibiSlopes, _deterministic) =
-            (causal, softmax_scale, attention_dropout, window_size ?? (-1, -1), alibi_slopes, deterministic);
-    }
+        : base(nameof(FlashCrossAttention)) =>
+        o = new(causal, softmax_scale, attention_dropout, window_size ?? (-1, -1), alibi_slopes, deterministic);
 
     public override Tensor forward(Tensor q, Tensor kv) =>
-        flash_attn.flash_attn_kvpacked_func(q, kv, training ? _dropoutP : 0, _softmaxScale, _causal, _window, 0, _alibiSlopes, _deterministic);
+        flash_attn.flash_attn_kvpacked_func(q, kv, o.Dropout(training), o.SoftmaxScale, o.Causal, o.Window, 0, o.AlibiSlopes, o.Deterministic);
 }
 
 /// <summary>
