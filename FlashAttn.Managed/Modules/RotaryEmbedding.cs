@@ -80,19 +80,21 @@ public sealed class RotaryEmbedding : nn.Module<Tensor, Tensor>
         var freqs = outer(t, invFreq);
         Tensor cos = freqs.cos(), sin = freqs.sin();
         foreach (var old in new[] { _cos, _sin, _cosK, _sinK }) old?.Dispose();
+        // The tables outlive the call: detached from every dispose scope (a caller's scope, e.g. a training or decoding
+        // step, must not free them), disposed with the module.
         if (_scaleBase is null)
         {
-            (_cos, _sin, _cosK, _sinK) = (cos.MoveToOuterDisposeScope(), sin.MoveToOuterDisposeScope(), null, null);
+            (_cos, _sin, _cosK, _sinK) = (cos.DetachFromDisposeScope(), sin.DetachFromDisposeScope(), null, null);
         }
         else
         {
             var scaleVec = (arange(0, _dim, 2, dtype: ScalarType.Float32, device: device) + 0.4 * _dim) / (1.4 * _dim);
             var power = (t - newLength / 2) / _scaleBase.Value;
             var scale = pow(scaleVec.unsqueeze(0), power.unsqueeze(1));
-            _cos = (cos * scale).MoveToOuterDisposeScope();
-            _sin = (sin * scale).MoveToOuterDisposeScope();
-            _cosK = (cos / scale).MoveToOuterDisposeScope();
-            _sinK = (sin / scale).MoveToOuterDisposeScope();
+            _cos = (cos * scale).DetachFromDisposeScope();
+            _sin = (sin * scale).DetachFromDisposeScope();
+            _cosK = (cos / scale).DetachFromDisposeScope();
+            _sinK = (sin / scale).DetachFromDisposeScope();
         }
         _cachedLength = newLength;
     }

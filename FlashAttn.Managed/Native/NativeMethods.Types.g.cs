@@ -13,7 +13,7 @@ internal static partial class NativeMethods
     /// FLASHATTN_ABI_VERSION of the header these bindings were generated from; must equal
     /// FlashAttn_core_abi_version() of the loaded library.
     /// </summary>
-    internal const int AbiVersion = 2;
+    internal const int AbiVersion = 4;
 }
 
 internal enum FlashAttnStatus : int
@@ -33,4 +33,33 @@ internal enum FlashAttnDType : int
     Bfloat16 = 2,
     Int32 = 3,
     Int64 = 4,
+}
+
+/// <summary>
+/// What FlashAttn_dense_gemm does after the product P = op(a) @ op(b) (float32 accumulation), in
+/// row-major terms (out is (m, n)). "bias" is the bias vector, NULL to leave its part out (the
+/// epilogue without bias, or without the bias gradient).
+///   NONE: out = P.   BIAS: out = P + bias[col], bias (n,).
+///   GELU_BIAS: out = gelu(P + bias), gelu the tanh approximation (GPT-2's gelu_new).
+///   GELU_AUX_BIAS: GELU_BIAS and aux = P + bias (the pre-activation, (m, n) with ldaux, out's dtype).
+///   RELU_BIAS / RELU_AUX_BIAS: the same with max(0, .); the relu aux is cuBLASLt's bit mask of
+///     P + bias &gt; 0, one bit per element, rows ldaux bits apart (m * ldaux / 8 bytes); ldaux (in
+///     bits) a multiple of 128.
+///   DGELU_BGRAD: out = P * gelu'(aux) with aux the forward's pre-activation (m, n); bias (n,) is
+///     written with the column sums of out (the gradient of the forward's bias).
+///   DRELU_BGRAD: out = P * mask(aux) (the relu bit mask); bias (n,) written with out's column sums.
+///   BGRADB: out = P; bias (m,) is written with the row sums of op(a), sum over k: with op(a) = dy^T
+///     and b = x this is the weight gradient dW = dy^T x with the bias gradient sum(dy, 0) of a linear.
+/// </summary>
+internal enum FlashAttnDenseEpilogue : int
+{
+    None = 0,
+    Bias = 1,
+    GeluBias = 2,
+    GeluAuxBias = 3,
+    ReluBias = 4,
+    ReluAuxBias = 5,
+    DgeluBgrad = 6,
+    DreluBgrad = 7,
+    Bgradb = 8,
 }

@@ -39,7 +39,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 2
+#define FLASHATTN_ABI_VERSION 4
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -165,5 +165,150 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd(
     const float* alibi_slopes, int64_t alibi_batch_stride,
     float dropout_p, uint64_t seed, uint64_t offset, int32_t deterministic,
     void* workspace, int64_t workspace_bytes, void* stream);
+
+// area: Norm
+
+// Bytes of device workspace FlashAttn_norm_bwd needs: float32 per-lane partial sums of dweight and
+// dbias (one slot per gradient asked for: has_bias counts bias0, has_weight1/has_bias1 the second norm).
+FLASHATTN_API int64_t FlashAttn_norm_bwd_workspace_size(
+    int64_t rows, int64_t hidden, int32_t has_bias0, int32_t has_weight1, int32_t has_bias1);
+
+// Fused dropout + residual add + LayerNorm or RMSNorm, forward (flash-attn's dropout_add_layer_norm,
+// dropout_add_rms_norm and the parallel-residual variant). For each row r and column c:
+//   x = dropout(x0 * rowscale[r]) + dropout(x1) + residual     (float32; missing terms are 0)
+//   z0 = (x - mean) * rstd * w0 + b0, z1 = (x - mean) * rstd * w1 + b1   (mean 0 for RMSNorm; the
+//   biases are optional for both norms)
+//   with mean/rstd over the row, rstd = 1 / sqrt(var + epsilon) (var = mean(x^2) for RMSNorm),
+//   w = weight + 1 when zero_centered_weight = 1.
+// x0, x1 (NULL: none), z0, z1 (NULL: none): (rows, hidden) with row strides; dtype.
+// residual (NULL: none): (rows, hidden), residual_dtype (dtype or float32).
+// residual_out (NULL: not written): x, (rows, hidden) in residual_out_dtype (dtype or float32).
+// weight0, weight1 (NULL: no second norm): (hidden,); bias0, bias1: (hidden,) or NULL; weight_dtype
+//   (dtype or float32) for all four. rowscale: NULL or float32 (rows,), scales x0 only.
+// mean (NULL for RMSNorm), rstd: float32 (rows,), written for the backward.
+// hidden: 1 to 16384. dropout_p in [0, 1): element e = r * hidden + c of x0 (e + rows * hidden of
+//   x1) is kept when word e % 4 of Philox-4x32-10(key seed, counter (e / 4, offset)) < (1 - p) * 2^32;
+//   kept values are scaled by 1 / (1 - p). dropout_mask0/1: NULL or uint8 (rows, hidden)
+//   contiguous, written with 1 where kept.
+FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
+    const void* x0, const void* x1, const void* residual, FlashAttnDType dtype, FlashAttnDType residual_dtype,
+    const void* weight0, const void* bias0, const void* weight1, const void* bias1, FlashAttnDType weight_dtype,
+    const float* rowscale, void* z0, void* z1, void* residual_out, FlashAttnDType residual_out_dtype,
+    float* mean, float* rstd, uint8_t* dropout_mask0, uint8_t* dropout_mask1,
+    int64_t rows, int64_t hidden, int64_t x0_row_stride, int64_t x1_row_stride, int64_t residual_row_stride,
+    int64_t z_row_stride, int64_t residual_out_row_stride,
+    float epsilon, float dropout_p, uint64_t seed, uint64_t offset,
+    int32_t is_rms_norm, int32_t zero_centered_weight, void* stream);
+
+// Backward of FlashAttn_norm_fwd, one pass over the rows plus a small deterministic reduction of
+// the per-lane dweight/dbias partials. The dropout mask is regenerated from seed/offset.
+// dz0, dz1 (NULL: none): (rows, hidden), dtype, sharing dz_row_stride.
+// dresidual_out (NULL: none): gradient of residual_out, (rows, hidden) in x_dtype.
+// x: the forward's residual_out (or x0 when nothing was added), (rows, hidden) in x_dtype (dtype or float32).
+// weight0, weight1 (NULL: no second norm): (hidden,) in weight_dtype; mean (NULL for RMSNorm), rstd:
+//   float32 (rows,) from the forward; rowscale: NULL or float32 (rows,).
+// dx0 (dtype), dx1 (dtype, NULL when the forward had no x1), dresidual (NULL when it had no
+//   residual; residual_dtype): (rows, hidden) sharing dx_row_stride, dresidual with its own.
+// dweight0, dbias0 (NULL: no bias), dweight1, dbias1: (hidden,) in weight_dtype.
+// workspace: at least FlashAttn_norm_bwd_workspace_size bytes, 16-byte aligned (32 for full-speed
+//   16-bit kernels); contents ignored.
+FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
+    const void* dz0, const void* dz1, const void* dresidual_out, const void* x, FlashAttnDType x_dtype,
+    const void* weight0, const void* weight1, FlashAttnDType weight_dtype,
+    const float* mean, const float* rstd, const float* rowscale,
+    void* dx0, void* dx1, void* dresidual, FlashAttnDType residual_dtype,
+    void* dweight0, void* dbias0, void* dweight1, void* dbias1, FlashAttnDType dtype,
+    int64_t rows, int64_t hidden, int64_t dz_row_stride, int64_t dresidual_out_row_stride,
+    int64_t x_row_stride, int64_t dx_row_stride, int64_t dresidual_row_stride,
+    float dropout_p, uint64_t seed, uint64_t offset, int32_t is_rms_norm, int32_t zero_centered_weight,
+    void* workspace, int64_t workspace_bytes, void* stream);
+
+// area: CrossEntropy
+
+// Bytes of device workspace FlashAttn_cross_entropy_fwd needs (per-chunk max, sum, sum of logits).
+FLASHATTN_API int64_t FlashAttn_cross_entropy_fwd_workspace_size(int64_t rows, int64_t vocab);
+
+// Softmax cross-entropy per row, reading the logits once (the vocabulary is split in chunks of up
+// to 16384 columns per block with an online max/sum, then combined per row).
+// With z = logit_scale * logits[r, :] and lse = logsumexp(z):
+//   loss[r] = lse - (1 - label_smoothing) * z[label] - label_smoothing * sum(z) / vocab
+//             + lse_square_scale * lse^2,   z_loss[r] = lse_square_scale * lse^2;
+//   rows with label == ignore_index get loss 0 and z_loss 0; a label outside [0, vocab) gives NaN.
+// logits: (rows, vocab) with row_stride, dtype; labels: int64 (rows,).
+// loss, lse: float32 (rows,), written; z_loss: float32 (rows,) or NULL.
+FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd(
+    const void* logits, FlashAttnDType dtype, const int64_t* labels, float* loss, float* z_loss, float* lse,
+    int64_t rows, int64_t vocab, int64_t row_stride,
+    float label_smoothing, float logit_scale, float lse_square_scale, int64_t ignore_index,
+    void* workspace, int64_t workspace_bytes, void* stream);
+
+// Backward: dlogits[r, c] = dloss[r] * logit_scale * (softmax(z)[c] * (1 + 2 * lse_square_scale * lse)
+//   - (1 - label_smoothing) * (c == label) - label_smoothing / vocab), 0 for ignored rows.
+// dloss: float32, element r at dloss[r * dloss_stride] (stride 0: one value for every row).
+// lse: the forward's. dlogits: (rows, vocab) with dlogits_row_stride, dtype; may be logits itself
+//   (same strides) to overwrite the logits in place.
+FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd(
+    const float* dloss, int64_t dloss_stride, const void* logits, const int64_t* labels, const float* lse,
+    void* dlogits, FlashAttnDType dtype, int64_t rows, int64_t vocab, int64_t logits_row_stride,
+    int64_t dlogits_row_stride, float label_smoothing, float logit_scale, float lse_square_scale,
+    int64_t ignore_index, void* stream);
+
+// area: Dense
+
+// What FlashAttn_dense_gemm does after the product P = op(a) @ op(b) (float32 accumulation), in
+// row-major terms (out is (m, n)). "bias" is the bias vector, NULL to leave its part out (the
+// epilogue without bias, or without the bias gradient).
+//   NONE: out = P.   BIAS: out = P + bias[col], bias (n,).
+//   GELU_BIAS: out = gelu(P + bias), gelu the tanh approximation (GPT-2's gelu_new).
+//   GELU_AUX_BIAS: GELU_BIAS and aux = P + bias (the pre-activation, (m, n) with ldaux, out's dtype).
+//   RELU_BIAS / RELU_AUX_BIAS: the same with max(0, .); the relu aux is cuBLASLt's bit mask of
+//     P + bias > 0, one bit per element, rows ldaux bits apart (m * ldaux / 8 bytes); ldaux (in
+//     bits) a multiple of 128.
+//   DGELU_BGRAD: out = P * gelu'(aux) with aux the forward's pre-activation (m, n); bias (n,) is
+//     written with the column sums of out (the gradient of the forward's bias).
+//   DRELU_BGRAD: out = P * mask(aux) (the relu bit mask); bias (n,) written with out's column sums.
+//   BGRADB: out = P; bias (m,) is written with the row sums of op(a), sum over k: with op(a) = dy^T
+//     and b = x this is the weight gradient dW = dy^T x with the bias gradient sum(dy, 0) of a linear.
+typedef enum FlashAttnDenseEpilogue {
+  FLASHATTN_DENSE_EPILOGUE_NONE = 0,
+  FLASHATTN_DENSE_EPILOGUE_BIAS = 1,
+  FLASHATTN_DENSE_EPILOGUE_GELU_BIAS = 2,
+  FLASHATTN_DENSE_EPILOGUE_GELU_AUX_BIAS = 3,
+  FLASHATTN_DENSE_EPILOGUE_RELU_BIAS = 4,
+  FLASHATTN_DENSE_EPILOGUE_RELU_AUX_BIAS = 5,
+  FLASHATTN_DENSE_EPILOGUE_DGELU_BGRAD = 6,
+  FLASHATTN_DENSE_EPILOGUE_DRELU_BGRAD = 7,
+  FLASHATTN_DENSE_EPILOGUE_BGRADB = 8
+} FlashAttnDenseEpilogue;
+
+// Bytes of cuBLASLt workspace recommended for FlashAttn_dense_gemm (32 MiB: what Hopper's fastest
+// kernels ask for). The caller allocates it once per device and passes it to every call.
+FLASHATTN_API int64_t FlashAttn_dense_workspace_size(void);
+
+// How FlashAttn_dense_gemm picks the cuBLASLt algorithm of a problem (shape, leading dimensions,
+// transposes, dtype, epilogue, pointer alignments) it has not seen yet: candidates <= 1 (the
+// default) takes the heuristic's first choice; candidates = N > 1 asks the heuristic for up to N
+// and times each on the call's own data (a warm-up and 3 runs, then one stream synchronize), keeping
+// the fastest. The choice is cached per problem and per setting. Returns the previous setting.
+FLASHATTN_API int32_t FlashAttn_dense_set_algo_candidates(int32_t candidates);
+
+// out (m, n) = op(a) @ op(b), then `epilogue`, through cuBLASLt (float32 compute, one heuristic
+// query per shape, cached). All matrices are row-major (TorchSharp's layout) with leading
+// dimensions lda, ldb, ldo (elements between rows); op(a) is (m, k): a is (m, k), or (k, m) read
+// transposed when trans_a = 1; op(b) is (k, n): b is (k, n), or (n, k) read transposed when
+// trans_b = 1 (a linear's weight). cuBLASLt is column-major: a row-major (r, c) matrix with leading
+// dimension ld is the column-major (c, r) one, so out^T = op(b)^T op(a)^T runs as cuBLASLt's
+// D (n x m) = op_B'(b) op_A'(a) with cuBLASLt's A := b, B := a and the transposes carried over;
+// the bias of (n,) is then per row of D (cuBLASLt's BIAS / DGELU_BGRAD) and BGRADB's (m,) per column.
+// dtype: float16 or bfloat16 for a, b, out, bias and the gelu aux. device: the CUDA device of every
+// pointer (made current for the call). workspace: FlashAttn_dense_workspace_size() bytes or fewer
+// (fewer may select slower kernels), device memory of `device`, used in stream order on `stream`.
+// One cuBLASLt handle per device, created on first use; safe to call from several threads.
+FLASHATTN_API FlashAttnStatus FlashAttn_dense_gemm(
+    const void* a, const void* b, void* out, FlashAttnDType dtype,
+    int64_t m, int64_t n, int64_t k, int32_t trans_a, int32_t trans_b,
+    int64_t lda, int64_t ldb, int64_t ldo,
+    FlashAttnDenseEpilogue epilogue, void* bias, void* aux, int64_t ldaux,
+    int32_t device, void* workspace, int64_t workspace_bytes, void* stream);
 
 #endif /* FLASHATTN_H */

@@ -3,6 +3,10 @@
 // would touch a GPU lands here. Each new op adds its run_* function below.
 #include "common/device.h"
 #include "common/error.h"
+#include "flash/flash.h"
+#include "cross_entropy/cross_entropy.h"
+#include "dense/dense.h"
+#include "norm/norm.h"
 #include "rotary/rotary.h"
 
 namespace flashattn {
@@ -20,5 +24,13 @@ FlashAttnStatus device_capability(int32_t, int32_t*, const char* function) { ret
 const char* build_info() { return "FlashAttn.Native cpu-only (built without CUDA support)"; }
 
 FlashAttnStatus run_rotary(const RotaryParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_norm_fwd(const NormFwdParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_norm_bwd(const NormBwdParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams&, void*, const char* function) { return no_cuda(function); }
+
+FlashAttnStatus run_flash_fwd(const FlashFwdParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_flash_bwd(const FlashBwdParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_dense_gemm(const DenseParams&, void*, const char* function) { return no_cuda(function); }
 
 }  // namespace flashattn

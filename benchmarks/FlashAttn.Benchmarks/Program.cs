@@ -12,6 +12,8 @@ using FlashAttn.Benchmarks;
 // In process (the host has no SDK); short jobs keep a whole suite inside one device call.
 LibTorchLoader.LoadFromEnvironment();
 Console.WriteLine($"# {Backend.NativeBuildInfo}; libtorch from {LibTorchLoader.LoadedFrom ?? "package"}");
+// Fused MLP activation memory (not a timing): PYTORCH_NO_CUDA_MEMORY_CACHING=1 ./FlashAttn.Benchmarks --dense-memory
+if (args.Length > 0 && args[0] == "--dense-memory") { Environment.ExitCode = DenseMemory.Run(); return; }
 
 var job = Job.Default.WithToolchain(InProcessEmitToolchain.Instance)
     .WithWarmupCount(3).WithIterationCount(10).WithLaunchCount(1);

@@ -1,0 +1,54 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn;
+
+public static partial class Reference
+{
+    /// <summary>
+    /// Per-row softmax cross-entropy with <see cref="flash_attn.cross_entropy_loss"/>'s semantics, differentiable
+    /// by TorchSharp's autograd. With z = logit_scale * logits and lse = logsumexp(z):
+    /// loss = lse - (1 - label_smoothing) z[label] - label_smoothing mean(z) + lse_square_scale lse^2,
+    /// z_loss = lse_square_scale lse^2; rows whose label is ignore_index give 0 for both.
+    /// Computes in float32 (float64 for float64 logits) unless <paramref name="compute_dtype"/> says otherwise.
+    /// </summary>
+    /// <returns>loss, z_loss and lse, (N,) each, in the compute dtype.</returns>
+    public static (Tensor loss, Tensor z_loss, Tensor lse) cross_entropy(Tensor logits, Tensor labels, double label_smoothing = 0.0,
+        double logit_scale = 1.0, double lse_square_scale = 0.0, long ignore_index = -100, ScalarType? compute_dtype = null)
+    {
+        using var scope = NewDisposeScope();
+        var ct = compute_dtype ?? ComputeType(logits.dtype);
+        var z = logits.to(ct) * logit_scale;
+        var lse = z.logsumexp(-1);
+        var valid = labels.ne(ignore_index);
+        var safe = where(valid, labels, zeros_like(labels)).unsqueeze(-1);
+        var zLabel = z.gather(-1, safe).squeeze(-1);
+        var zl = lse.square() * lse_square_scale;
+        var loss = lse - zLabel * (1.0 - label_smoothing) + zl;
+        if (label_smoothing > 0) loss = loss - z.sum(-1) * (label_smoothing / logits.shape[^1]);
+        var zero = zeros_like(loss);
+        loss = where(valid, loss, zero);
+        zl = where(valid, zl, zero);
+        return (loss.MoveToOuterDisposeScope(), zl.MoveToOuterDisposeScope(), lse.detach().MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// The backward of <see cref="cross_entropy"/> by its closed form (what the kernel computes):
+    /// dlogits = dloss * logit_scale * (softmax(z) (1 + 2 lse_square_scale lse) - (1 - label_smoothing) onehot(label)
+    /// - label_smoothing / V), zero for ignored rows; in logits' dtype.
+    /// </summary>
+    public static Tensor cross_entropy_backward(Tensor dloss, Tensor logits, Tensor labels, Tensor lse, double label_smoothing = 0.0,
+        double logit_scale = 1.0, double lse_square_scale = 0.0, long ignore_index = -100, ScalarType? compute_dtype = null)
+    {
+        using var scope = NewDisposeScope();
+        var ct = compute_dtype ?? ComputeType(logits.dtype);
+        var l = lse.to(ct).unsqueeze(-1);
+        var probs = (logits.to(ct) * logit_scale - l).exp() * (l * (2.0 * lse_square_scale) + 1.0);
+        var valid = labels.ne(ignore_index);
+        var safe = where(valid, labels, zeros_like(labels)).unsqueeze(-1);
+        var g = probs - label_smoothing / logits.shape[^1];
+        g = g.scatter_add(-1, safe, full_like(safe, -(1.0 - label_smoothing), dtype: ct));
+        var d = dloss.to(ct).expand(labels.shape).unsqueeze(-1) * logit_scale * valid.unsqueeze(-1).to(ct);
+        return (g * d).to(logits.dtype).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,41 @@
+// Softmax cross-entropy (with label smoothing, logit scale and z-loss): the params struct filled at
+// the ABI (cross_entropy_api.cpp) and the launchers (cross_entropy.cu, or cuda_stub.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "flashattn.h"
+
+namespace flashattn {
+
+// Columns of one row handled by one block; the forward combines the chunks of a row.
+constexpr int64_t kCrossEntropyChunk = 16384;
+
+inline int64_t cross_entropy_chunks(int64_t vocab) { return (vocab + kCrossEntropyChunk - 1) / kCrossEntropyChunk; }
+
+// Per (row, chunk): running max, sum of exponentials and sum of logits (float32 each).
+inline int64_t cross_entropy_fwd_workspace_bytes(int64_t rows, int64_t vocab) {
+  if (rows <= 0 || vocab <= 0) return 0;
+  return rows * cross_entropy_chunks(vocab) * 3 * int64_t(sizeof(float));
+}
+
+struct CrossEntropyParams {
+  const void* logits;
+  void* dlogits;         // backward only; may be logits
+  FlashAttnDType dtype;
+  const int64_t* labels;
+  float* loss;           // forward
+  float* z_loss;         // forward, or nullptr
+  float* lse;            // written by the forward, read by the backward
+  const float* dloss;    // backward
+  int64_t dloss_stride;
+  int64_t rows, vocab, logits_row_stride, dlogits_row_stride;
+  float label_smoothing, logit_scale, lse_square_scale;
+  int64_t ignore_index;
+  float* workspace;      // forward
+};
+
+FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams& params, void* stream, const char* function);
+FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams& params, void* stream, const char* function);
+
+}  // namespace flashattn

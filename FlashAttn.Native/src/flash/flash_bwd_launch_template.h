@@ -1,0 +1,67 @@
+// Launch sequence of the backward for one (dtype, head dim) instantiation (instantiations/
+// flash_bwd_hdim*_*.cu): zero the float32 accumulators, dsum = rowsum(dout * out), the main
+// kernel, then the conversions of the accumulators to the output dtype.
+#pragma once
+
+#include "common/cuda_check.cuh"
+#include "flash/flash_bwd_kernel.cuh"
+
+namespace flashattn {
+namespace flash {
+
+template <typename T, int kHeadDim>
+FlashAttnStatus run_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function);
+
+inline unsigned blocks_for(int64_t items, int threads) { return unsigned((items + threads - 1) / threads); }
+
+template <typename T, int kHeadDim>
+FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function) {
+  using Tr = BwdTraits<kHeadDim, T>;
+  const int64_t B = p.batch, H = p.nheads, Hk = p.nheads_k;
+  FlashAttnStatus s = check_cuda(
+      cudaMemsetAsync(p.dq_accum, 0, size_t(B * p.seqlen_q * H * kHeadDim) * sizeof(float), stream), function,
+      "cudaMemsetAsync(dq_accum)");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  if (p.dk_accum != nullptr) {
+    const size_t bytes = size_t(B * p.seqlen_k * H * kHeadDim) * sizeof(float);
+    s = check_cuda(cudaMemsetAsync(p.dk_accum, 0, bytes, stream), function, "cudaMemsetAsync(dk_accum)");
+    if (s == FLASHATTN_STATUS_OK)
+      s = check_cuda(cudaMemsetAsync(p.dv_accum, 0, bytes, stream), function, "cudaMemsetAsync(dv_accum)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
+  if (p.seqlen_q > 0) {
+    flash_bwd_dot_do_o_kernel<T><<<dim3(blocks_for(p.seqlen_q * H, 4), unsigned(B)), 128, 0, stream>>>(p);
+    s = check_launch(function, "flash_bwd_dot_do_o_kernel");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
+  if (p.seqlen_k > 0) {
+    const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
+    auto kernel = full ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
+    if (Tr::kSmemBytes > 48 * 1024) {
+      s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+                     function, "cudaFuncSetAttribute(flash_bwd_kernel, MaxDynamicSharedMemorySize)");
+      if (s != FLASHATTN_STATUS_OK) return s;
+    }
+    // deterministic: one CTA per (head, batch) walks every key block in order, so the float32
+    // additions into dq_accum happen in a fixed order (slower: less parallelism).
+    const unsigned n_blocks = p.deterministic ? 1u : blocks_for(p.seqlen_k, Tr::kBlockN);
+    kernel<<<dim3(n_blocks, unsigned(H), unsigned(B)), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+    s = check_launch(function, "flash_bwd_kernel");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
+  if (p.seqlen_q > 0) {
+    flash_bwd_convert_dq_kernel<T>
+        <<<dim3(blocks_for(p.seqlen_q * H * (p.headdim / 8), 128), unsigned(B)), 128, 0, stream>>>(p, kHeadDim);
+    s = check_launch(function, "flash_bwd_convert_dq_kernel");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
+  if (p.dk_accum != nullptr && p.seqlen_k > 0) {
+    flash_bwd_convert_dkv_kernel<T>
+        <<<dim3(blocks_for(p.seqlen_k * Hk * (p.headdim / 8), 128), unsigned(B)), 128, 0, stream>>>(p, kHeadDim);
+    s = check_launch(function, "flash_bwd_convert_dkv_kernel");
+  }
+  return s;
+}
+
+}  // namespace flash
+}  // namespace flashattn

@@ -1,0 +1,32 @@
+// Launch of the forward kernel for one (dtype, head dim) instantiation; the instantiations live in
+// instantiations/flash_fwd_hdim*_*.cu, one per file so that nvcc compiles them in parallel.
+#pragma once
+
+#include "common/cuda_check.cuh"
+#include "flash/flash_fwd_kernel.cuh"
+
+namespace flashattn {
+namespace flash {
+
+template <typename T, int kHeadDim>
+FlashAttnStatus run_mha_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function);
+
+template <typename T, int kHeadDim>
+FlashAttnStatus launch_mha_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function) {
+  using Tr = FwdTraits<kHeadDim, T>;
+  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
+  const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
+  auto kernel = full ? flash_fwd_kernel<Tr, true> : flash_fwd_kernel<Tr, false>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    // Above 48 KB of dynamic shared memory a kernel must opt in.
+    FlashAttnStatus s = check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
+        "cudaFuncSetAttribute(flash_fwd_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return check_launch(function, "flash_fwd_kernel");
+}
+
+}  // namespace flash
+}  // namespace flashattn

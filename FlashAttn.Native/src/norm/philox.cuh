@@ -1,0 +1,62 @@
+// Counter-based Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"),
+// the generator curand and PyTorch use for dropout. Stateless: the same (seed, offset, counter)
+// gives the same four words in the forward and in the backward, so masks are regenerated, not saved.
+#pragma once
+
+#include <cstdint>
+
+namespace flashattn {
+
+__host__ __device__ __forceinline__ uint32_t philox_mulhi(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return uint32_t((uint64_t(a) * uint64_t(b)) >> 32);
+#endif
+}
+
+// Four 32-bit words for counter (counter_lo/hi = `counter`, counter_2/3 = `offset`), key `seed`.
+__host__ __device__ __forceinline__ uint4 philox4x32_10(uint64_t seed, uint64_t offset, uint64_t counter) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = uint32_t(offset), c3 = uint32_t(offset >> 32);
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = philox_mulhi(kM0, c0), lo0 = kM0 * c0;
+    const uint32_t hi1 = philox_mulhi(kM1, c2), lo1 = kM1 * c2;
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return make_uint4(c0, c1, c2, c3);
+}
+
+// keep[j] for elements e .. e + N - 1: word e % 4 of philox(seed, offset, e / 4) < threshold.
+// N a multiple of 4 requires e % 4 == 0 (one generator call per 4 elements).
+template <int N>
+__device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uint64_t threshold, uint64_t e,
+                                             bool (&keep)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
+      keep[j] = r.x < threshold;
+      keep[j + 1] = r.y < threshold;
+      keep[j + 2] = r.z < threshold;
+      keep[j + 3] = r.w < threshold;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
+      const int w = int((e + j) & 3);
+      const uint32_t word = w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
+      keep[j] = word < threshold;
+    }
+  }
+}
+
+}  // namespace flashattn

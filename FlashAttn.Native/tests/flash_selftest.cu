@@ -1,0 +1,575 @@
+// flash_selftest: FlashAttn_flash_fwd / FlashAttn_flash_bwd against a float64 CPU reference.
+//   flash_selftest            correctness cases, one line each, exit code = number of failures (capped)
+//   flash_selftest --bench    fwd / bwd TFLOP/s, B=4 H=16 S=4096, D=64/128, causal off/on
+// Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
+// rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
+// (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
+// Dropout cases use the mask the forward returns, so they also check that the backward regenerates it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "flashattn.h"
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+namespace {
+
+// Small deterministic normal generator (xorshift64* + Box-Muller); <random> trips nvcc 11.8 with
+// libstdc++ 12 on the compile-check host.
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ULL + 1) {}
+  double uniform() {
+    s ^= s >> 12, s ^= s << 25, s ^= s >> 27;
+    return double((s * 0x2545F4914F6CDD1DULL) >> 11) * (1.0 / 9007199254740992.0);
+  }
+  float normal() {
+    const double u1 = std::max(uniform(), 1e-300), u2 = uniform();
+    return float(std::sqrt(-2 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+  }
+};
+
+// ---- dtype helpers (host) ----
+uint16_t to_bits(float f, bool bf16) {
+  if (bf16) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return uint16_t(u >> 16);
+  }
+  __half h = __float2half_rn(f);
+  uint16_t r;
+  std::memcpy(&r, &h, 2);
+  return r;
+}
+float from_bits(uint16_t b, bool bf16) {
+  if (bf16) {
+    uint32_t u = uint32_t(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half h;
+  std::memcpy(&h, &b, 2);
+  return __half2float(h);
+}
+double rnd(double x, bool bf16) { return from_bits(to_bits(float(x), bf16), bf16); }
+
+struct Case {
+  std::string name;
+  bool bf16 = true;
+  int B = 2, sq = 128, sk = 128, H = 2, Hk = 2, D = 64;
+  bool causal = false;
+  int wl = -1, wr = -1;
+  float softcap = 0.f;
+  bool alibi = false;
+  bool varlen = false;
+  float dropout = 0.f;
+  bool deterministic = false;
+  int pad = 0;  // extra elements after each row of every tensor (strided layouts; must stay untouched)
+};
+
+struct Err {
+  double err = 0, ref_err = 0, maxabs = 0;
+  void add(double kernel, double ref, double low) {
+    err = std::max(err, std::fabs(kernel - ref));
+    ref_err = std::max(ref_err, std::fabs(low - ref));
+    maxabs = std::max(maxabs, std::fabs(ref));
+  }
+  bool ok() const { return err <= 2 * ref_err + 1e-4 + 1e-3 * maxabs; }
+};
+
+void parallel_for(int n, const std::function<void(int)>& fn) {
+  const int threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  std::atomic<int> next{0};
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      for (int i = next++; i < n; i = next++) fn(i);
+    });
+  for (auto& th : pool) th.join();
+}
+
+bool run_case(const Case& c, bool verbose) {
+  Rng gen(1234 + c.D * 7 + c.sq * 13 + c.sk);
+  const int B = c.B, H = c.H, Hk = c.Hk, D = c.D;
+  // Sequence lengths: padded (all equal) or varlen (3 sequences of different lengths).
+  std::vector<int> lq(B, c.sq), lk(B, c.sk);
+  if (c.varlen) {
+    lq = {c.sq, std::max(1, c.sq / 2 + 3), 1};
+    lk = {c.sk, std::max(1, c.sk / 3 + 5), std::max(1, c.sk - 7)};
+  }
+  std::vector<int> cuq(B + 1, 0), cuk(B + 1, 0);
+  for (int b = 0; b < B; ++b) {
+    cuq[b + 1] = cuq[b] + (c.varlen ? lq[b] : c.sq);
+    cuk[b + 1] = cuk[b] + (c.varlen ? lk[b] : c.sk);
+  }
+  const int maxq = *std::max_element(lq.begin(), lq.end()), maxk = *std::max_element(lk.begin(), lk.end());
+  const int64_t tq = cuq[B], tk = cuk[B];  // rows (padded: B * S)
+  auto fill = [&](int64_t n, std::vector<uint16_t>& bits, std::vector<double>& val) {
+    bits.resize(n);
+    val.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      bits[i] = to_bits(gen.normal(), c.bf16);
+      val[i] = from_bits(bits[i], c.bf16);
+    }
+  };
+  std::vector<uint16_t> qb, kb, vb, dob;
+  std::vector<double> q, k, v, dO;
+  fill(tq * H * D, qb, q);
+  fill(tk * Hk * D, kb, k);
+  fill(tk * Hk * D, vb, v);
+  fill(tq * H * D, dob, dO);
+  std::vector<float> slopes(B * H);
+  for (int i = 0; i < B * H; ++i) slopes[i] = 0.05f + 0.3f * float(i % 7) / 7.f;
+  const float scale = 1.f / std::sqrt(float(D));
+  const FlashAttnDType dt = c.bf16 ? FLASHATTN_DTYPE_BFLOAT16 : FLASHATTN_DTYPE_FLOAT16;
+
+  // ---- device ----
+  auto dalloc = [](size_t bytes) {
+    void* p = nullptr;
+    CK(cudaMalloc(&p, std::max<size_t>(bytes, 256)));
+    return p;
+  };
+  // Device layouts: row stride H * D + pad (the pad elements are filled with 0xffff and must survive).
+  const int64_t qrs = int64_t(H) * D + c.pad, krs = int64_t(Hk) * D + c.pad;
+  const size_t qbytes = tq * qrs * 2, kbytes = tk * krs * 2;
+  auto scatter = [&](const std::vector<uint16_t>& compact, int64_t rows, int heads, int64_t rs) {
+    std::vector<uint16_t> out(size_t(rows * rs), 0xffff);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(&out[r * rs], &compact[r * heads * D], size_t(heads) * D * 2);
+    return out;
+  };
+  bool pad_ok = true;
+  auto gather = [&](const std::vector<uint16_t>& padded, int64_t rows, int heads, int64_t rs) {
+    std::vector<uint16_t> out(size_t(rows) * heads * D);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(&out[r * heads * D], &padded[r * rs], size_t(heads) * D * 2);
+      for (int64_t e = int64_t(heads) * D; e < rs; ++e) pad_ok = pad_ok && padded[r * rs + e] == 0xffff;
+    }
+    return out;
+  };
+  void *dq_ = dalloc(qbytes), *dk_ = dalloc(kbytes), *dv_ = dalloc(kbytes), *dout_ = dalloc(qbytes),
+       *dgq = dalloc(qbytes), *dgk = dalloc(kbytes), *dgv = dalloc(kbytes), *dgo = dalloc(qbytes);
+  float* dlse = static_cast<float*>(dalloc(size_t(B) * H * maxq * 4));
+  float* dslopes = static_cast<float*>(dalloc(slopes.size() * 4));
+  int32_t *dcuq = nullptr, *dcuk = nullptr;
+  uint8_t* dmask = nullptr;
+  const size_t mask_bytes = size_t(B) * H * c.sq * c.sk;
+  if (c.dropout > 0 && !c.varlen) {
+    dmask = static_cast<uint8_t*>(dalloc(mask_bytes));
+    CK(cudaMemset(dmask, 0, mask_bytes));
+  }
+  if (c.varlen) {
+    dcuq = static_cast<int32_t*>(dalloc((B + 1) * 4));
+    dcuk = static_cast<int32_t*>(dalloc((B + 1) * 4));
+    CK(cudaMemcpy(dcuq, cuq.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dcuk, cuk.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
+  }
+  CK(cudaMemcpy(dq_, scatter(qb, tq, H, qrs).data(), qbytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dk_, scatter(kb, tk, Hk, krs).data(), kbytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dv_, scatter(vb, tk, Hk, krs).data(), kbytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dgo, scatter(dob, tq, H, qrs).data(), qbytes, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dgq, 0xff, qbytes));
+  CK(cudaMemset(dgk, 0xff, kbytes));
+  CK(cudaMemset(dgv, 0xff, kbytes));
+  CK(cudaMemcpy(dslopes, slopes.data(), slopes.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dout_, 0xff, qbytes));  // NaN pattern: unwritten outputs show up
+  const int64_t sq_arg = c.varlen ? maxq : c.sq, sk_arg = c.varlen ? maxk : c.sk;
+  const int64_t qbs = int64_t(c.sq) * qrs, kbs = int64_t(c.sk) * krs;
+  const uint64_t seed = 0x1234abcdULL + c.D, offset = 77;
+  FlashAttnStatus st = FlashAttn_flash_fwd(
+      dq_, dk_, dv_, dout_, dlse, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk, D, qbs, qrs, D, kbs, krs, D, kbs,
+      krs, D, qbs, qrs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+      c.alibi ? H : 0, c.dropout, seed, offset, dmask, nullptr, 0, nullptr);
+  if (st != FLASHATTN_STATUS_OK) {
+    std::printf("FAIL %s fwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
+    return false;
+  }
+  const int64_t ws_bytes = FlashAttn_flash_bwd_workspace_size(B, sq_arg, sk_arg, H, Hk, D, c.varlen);
+  void* ws = dalloc(ws_bytes);
+  st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk,
+                           D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs,
+                           qrs, D, kbs, krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap,
+                           c.alibi ? dslopes : nullptr, c.alibi ? H : 0, c.dropout, seed, offset,
+                           c.deterministic, ws, ws_bytes, nullptr);
+  if (st != FLASHATTN_STATUS_OK) {
+    std::printf("FAIL %s bwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
+    return false;
+  }
+  CK(cudaDeviceSynchronize());
+  bool deterministic_ok = true;
+  if (c.deterministic) {  // a second backward must reproduce dq, dk, dv bit for bit
+    std::vector<uint8_t> first(qbytes + 2 * kbytes), second(qbytes + 2 * kbytes);
+    auto snap = [&](std::vector<uint8_t>& to) {
+      CK(cudaMemcpy(to.data(), dgq, qbytes, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(to.data() + qbytes, dgk, kbytes, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(to.data() + qbytes + kbytes, dgv, kbytes, cudaMemcpyDeviceToHost));
+    };
+    snap(first);
+    st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
+                             Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
+                             krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+                             c.alibi ? H : 0, c.dropout, seed, offset, 1, ws, ws_bytes, nullptr);
+    CK(cudaDeviceSynchronize());
+    snap(second);
+    deterministic_ok = st == FLASHATTN_STATUS_OK && first == second;
+  }
+  std::vector<uint16_t> ob(tq * qrs), gqb(tq * qrs), gkb(tk * krs), gvb(tk * krs);
+  std::vector<float> lse(size_t(B) * H * maxq);
+  std::vector<uint8_t> mask(dmask ? mask_bytes : 0);
+  CK(cudaMemcpy(ob.data(), dout_, qbytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(gqb.data(), dgq, qbytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(gkb.data(), dgk, kbytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(gvb.data(), dgv, kbytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(lse.data(), dlse, lse.size() * 4, cudaMemcpyDeviceToHost));
+  if (dmask) CK(cudaMemcpy(mask.data(), dmask, mask_bytes, cudaMemcpyDeviceToHost));
+  ob = gather(ob, tq, H, qrs);
+  gqb = gather(gqb, tq, H, qrs);
+  gkb = gather(gkb, tk, Hk, krs);
+  gvb = gather(gvb, tk, Hk, krs);
+  for (void* p : {dq_, dk_, dv_, dout_, dgq, dgk, dgv, dgo, (void*)dlse, (void*)dslopes, ws}) CK(cudaFree(p));
+  if (dcuq) {
+    CK(cudaFree(dcuq));
+    CK(cudaFree(dcuk));
+  }
+  if (dmask) CK(cudaFree(dmask));
+
+  // ---- reference, per (b, h); exact (float64) and low precision (rounded like the kernel) ----
+  std::vector<double> o_ref(tq * H * D), o_low(tq * H * D), dq_ref(tq * H * D), dq_low(tq * H * D);
+  std::vector<double> dkh_ref(tk * H * D), dkh_low(tk * H * D), dvh_ref(tk * H * D), dvh_low(tk * H * D);
+  std::vector<double> lse_ref(size_t(B) * H * maxq, 0);
+  const double rp = c.dropout > 0 ? 1.0 / (1.0 - c.dropout) : 1.0;
+  const bool bf = c.bf16;
+  parallel_for(B * H, [&](int bh) {
+    const int b = bh / H, h = bh % H, hk = h / (H / Hk);
+    const int sq = c.varlen ? lq[b] : c.sq, sk = c.varlen ? lk[b] : c.sk, diag = sk - sq;
+    const int wr = c.causal ? 0 : c.wr, wl = c.wl;
+    auto Q = [&](int i, int d) { return q[((cuq[b] + int64_t(i)) * H + h) * D + d]; };
+    auto K = [&](int j, int d) { return k[((cuk[b] + int64_t(j)) * Hk + hk) * D + d]; };
+    auto V = [&](int j, int d) { return v[((cuk[b] + int64_t(j)) * Hk + hk) * D + d]; };
+    auto DO = [&](int i, int d) { return dO[((cuq[b] + int64_t(i)) * H + h) * D + d]; };
+    std::vector<double> P(size_t(sq) * sk), Z(size_t(sq) * sk, 1.0), TH(size_t(sq) * sk, 0.0);
+    for (int i = 0; i < sq; ++i) {
+      double mx = -INFINITY;
+      for (int j = 0; j < sk; ++j) {
+        double s = 0;
+        for (int d = 0; d < D; ++d) s += Q(i, d) * K(j, d);
+        double x = s * scale;
+        if (c.softcap > 0) {
+          TH[size_t(i) * sk + j] = std::tanh(x / c.softcap);
+          x = c.softcap * TH[size_t(i) * sk + j];
+        }
+        if (c.alibi) x -= slopes[b * H + h] * std::fabs(double(i + diag - j));
+        const bool vis = (wr < 0 || j <= i + diag + wr) && (wl < 0 || j >= i + diag - wl);
+        P[size_t(i) * sk + j] = vis ? x : -INFINITY;
+        mx = std::max(mx, P[size_t(i) * sk + j]);
+        if (c.dropout > 0) Z[size_t(i) * sk + j] = mask[((size_t(b) * H + h) * c.sq + i) * c.sk + j] ? 1.0 : 0.0;
+      }
+      double l = 0;
+      for (int j = 0; j < sk; ++j) {
+        double& pv = P[size_t(i) * sk + j];
+        pv = mx == -INFINITY ? 0.0 : std::exp(pv - mx);
+        l += pv;
+      }
+      for (int j = 0; j < sk; ++j) P[size_t(i) * sk + j] = l > 0 ? P[size_t(i) * sk + j] / l : 0.0;
+      const size_t lidx = c.varlen ? size_t(h) * tq + cuq[b] + i : (size_t(b) * H + h) * c.sq + i;
+      lse_ref[lidx] = l > 0 ? mx + std::log(l) : INFINITY;
+      for (int d = 0; d < D; ++d) {
+        double a = 0, al = 0;
+        for (int j = 0; j < sk; ++j) {
+          const double pd = P[size_t(i) * sk + j] * Z[size_t(i) * sk + j] * rp;
+          a += pd * V(j, d);
+          al += rnd(pd, bf) * V(j, d);
+        }
+        const size_t idx = ((cuq[b] + size_t(i)) * H + h) * D + d;
+        o_ref[idx] = a;
+        o_low[idx] = rnd(al, bf);
+      }
+    }
+    // Backward.
+    std::vector<double> dS(size_t(sq) * sk), dSl(size_t(sq) * sk);
+    for (int i = 0; i < sq; ++i) {
+      const size_t orow = ((cuq[b] + size_t(i)) * H + h) * D;
+      double Dsum = 0, Dsl = 0;
+      for (int d = 0; d < D; ++d) {
+        Dsum += DO(i, d) * o_ref[orow + d];
+        Dsl += DO(i, d) * o_low[orow + d];
+      }
+      for (int j = 0; j < sk; ++j) {
+        double dp = 0;
+        for (int d = 0; d < D; ++d) dp += DO(i, d) * V(j, d);
+        const size_t e = size_t(i) * sk + j;
+        const double z = Z[e] * rp, pr = P[e], th = TH[e];
+        const double cap = c.softcap > 0 ? 1 - th * th : 1.0;
+        dS[e] = pr * (dp * z - Dsum) * cap;
+        dSl[e] = rnd(rnd(pr, bf) * (rnd(dp, bf) * z - Dsl) * cap, bf);
+      }
+    }
+    for (int i = 0; i < sq; ++i)
+      for (int d = 0; d < D; ++d) {
+        double a = 0, al = 0;
+        for (int j = 0; j < sk; ++j) {
+          a += dS[size_t(i) * sk + j] * K(j, d);
+          al += dSl[size_t(i) * sk + j] * K(j, d);
+        }
+        const size_t idx = ((cuq[b] + size_t(i)) * H + h) * D + d;
+        dq_ref[idx] = a * scale;
+        dq_low[idx] = rnd(al * scale, bf);
+      }
+    for (int j = 0; j < sk; ++j)
+      for (int d = 0; d < D; ++d) {
+        double ak = 0, akl = 0, av = 0, avl = 0;
+        for (int i = 0; i < sq; ++i) {
+          const size_t e = size_t(i) * sk + j;
+          ak += dS[e] * Q(i, d);
+          akl += dSl[e] * Q(i, d);
+          const double pd = P[e] * Z[e] * rp;
+          av += pd * DO(i, d);
+          avl += rnd(pd, bf) * DO(i, d);
+        }
+        const size_t idx = ((cuk[b] + size_t(j)) * H + h) * D + d;
+        dkh_ref[idx] = ak * scale;
+        dkh_low[idx] = akl * scale;
+        dvh_ref[idx] = av;
+        dvh_low[idx] = avl;
+      }
+  });
+
+  Err eo, eq, ek, ev;
+  double lse_err = 0;
+  bool lse_ok = true;
+  for (size_t i = 0; i < o_ref.size(); ++i) {
+    eo.add(from_bits(ob[i], bf), o_ref[i], o_low[i]);
+    eq.add(from_bits(gqb[i], bf), dq_ref[i], dq_low[i]);
+  }
+  const int G = H / Hk;
+  for (int64_t r = 0; r < tk; ++r)
+    for (int hk = 0; hk < Hk; ++hk)
+      for (int d = 0; d < D; ++d) {
+        double kr = 0, kl = 0, vr = 0, vl = 0;
+        for (int h = hk * G; h < hk * G + G; ++h) {
+          const size_t idx = (r * H + h) * D + d;
+          kr += dkh_ref[idx], kl += dkh_low[idx], vr += dvh_ref[idx], vl += dvh_low[idx];
+        }
+        const size_t o = (r * Hk + hk) * D + d;
+        ek.add(from_bits(gkb[o], bf), kr, rnd(kl, bf));
+        ev.add(from_bits(gvb[o], bf), vr, rnd(vl, bf));
+      }
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < (c.varlen ? lq[b] : c.sq); ++i) {
+        const size_t lidx = c.varlen ? size_t(h) * tq + cuq[b] + i : (size_t(b) * H + h) * c.sq + i;
+        const double kv = lse[lidx], rv = lse_ref[lidx];
+        if (std::isinf(rv) || std::isinf(kv)) {
+          if (!(std::isinf(rv) && std::isinf(kv) && kv > 0)) lse_ok = false;
+        } else {
+          lse_err = std::max(lse_err, std::fabs(kv - rv));
+        }
+      }
+  lse_ok = lse_ok && lse_err <= 1e-3;
+  const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok;
+  std::printf("%s %-44s out %.2e %.2e | lse %.1e%s | dq %.2e %.2e | dk %.2e %.2e | dv %.2e %.2e%s%s\n",
+              ok ? "PASS" : "FAIL", c.name.c_str(), eo.err, eo.ref_err, lse_err, lse_ok ? "" : "(!)", eq.err,
+              eq.ref_err, ek.err, ek.ref_err, ev.err, ev.ref_err, pad_ok ? "" : " | wrote into row padding",
+              deterministic_ok ? "" : " | not deterministic");
+  (void)verbose;
+  std::fflush(stdout);
+  return ok;
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  auto name = [](const Case& c, const char* extra) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s d%d sq%d sk%d h%d/%d%s%s", c.bf16 ? "bf16" : "fp16", c.D, c.sq, c.sk, c.H,
+                  c.Hk, c.causal ? " causal" : "", extra);
+    return std::string(buf);
+  };
+  const int dims[] = {32, 40, 64, 80, 96, 128, 256};
+  const int lens[][2] = {{97, 97}, {128, 200}, {200, 128}, {1, 513}, {513, 1}};
+  for (int d : dims)
+    for (auto& l : lens)
+      for (int causal = 0; causal < 2; ++causal) {
+        Case c;
+        c.D = d, c.sq = l[0], c.sk = l[1], c.causal = causal;
+        c.name = name(c, "");
+        v.push_back(c);
+      }
+  for (int d : {160, 192, 224}) {
+    Case c;
+    c.D = d, c.sq = 97, c.sk = 200;
+    c.name = name(c, "");
+    v.push_back(c);
+    c.causal = true, c.name = name(c, "");
+    v.push_back(c);
+  }
+  for (int d : {64, 128, 256})
+    for (int causal = 0; causal < 2; ++causal) {
+      Case c;
+      c.D = d, c.sq = 513, c.sk = 513, c.causal = causal, c.H = 1, c.Hk = 1;
+      c.name = name(c, "");
+      v.push_back(c);
+      c.bf16 = false, c.name = name(c, "");
+      v.push_back(c);
+    }
+  for (int d : {64, 128}) {
+    Case c;
+    c.D = d, c.sq = 200, c.sk = 200;
+    c.wl = 32, c.wr = 0, c.name = name(c, " window(32,0)");
+    v.push_back(c);
+    c.sq = 97, c.wl = 32, c.wr = 8, c.name = name(c, " window(32,8)");
+    v.push_back(c);
+    c = Case();
+    c.D = d, c.sq = 200, c.sk = 200, c.softcap = 30.f, c.name = name(c, " softcap30");
+    v.push_back(c);
+    c.causal = true, c.name = name(c, " softcap30");
+    v.push_back(c);
+    c = Case();
+    c.D = d, c.sq = 200, c.sk = 200, c.alibi = true, c.name = name(c, " alibi");
+    v.push_back(c);
+    c.causal = true, c.sq = 128, c.name = name(c, " alibi");
+    v.push_back(c);
+    c = Case();
+    c.D = d, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.name = name(c, " gqa");
+    v.push_back(c);
+    c.causal = true, c.name = name(c, " gqa");
+    v.push_back(c);
+    c = Case();
+    c.D = d, c.B = 3, c.sq = 200, c.sk = 513, c.varlen = true, c.name = name(c, " varlen3");
+    v.push_back(c);
+    c.causal = true, c.name = name(c, " varlen3");
+    v.push_back(c);
+    c.sq = 513, c.sk = 97, c.name = name(c, " varlen3");
+    v.push_back(c);
+    c = Case();
+    c.D = d, c.sq = 200, c.sk = 200, c.dropout = 0.17f, c.name = name(c, " dropout0.17");
+    v.push_back(c);
+    c.causal = true, c.H = 6, c.Hk = 2, c.sk = 513, c.name = name(c, " dropout0.17 gqa");
+    v.push_back(c);
+    c = Case();
+    c.D = d, c.sq = 200, c.sk = 513, c.deterministic = true, c.name = name(c, " deterministic");
+    v.push_back(c);
+  }
+  for (int d : {40, 128}) {  // strided rows (row stride H * D + 24): strides are honoured, padding untouched
+    Case c;
+    c.D = d, c.sq = 200, c.sk = 97, c.H = 4, c.Hk = 2, c.pad = 24, c.name = name(c, " strided");
+    v.push_back(c);
+    c.B = 3, c.varlen = true, c.causal = true, c.sk = 200, c.name = name(c, " strided varlen3");
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.D = 256, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.causal = true, c.softcap = 30.f, c.alibi = true;
+    c.name = name(c, " gqa softcap alibi");
+    v.push_back(c);
+    c = Case();
+    c.D = 192, c.B = 3, c.sq = 200, c.sk = 200, c.varlen = true, c.wl = 20, c.wr = 5, c.bf16 = false;
+    c.name = name(c, " varlen3 window(20,5)");
+    v.push_back(c);
+  }
+  return v;
+}
+
+// ---- benchmark ----
+void bench(int only_d, int only_causal) {
+  const int B = 4, H = 16, S = 4096;
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  int clock_khz = 0;
+  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
+  std::printf("device %s, %d SMs, max SM clock %d MHz\n", prop.name, prop.multiProcessorCount, clock_khz / 1000);
+  for (int D : {64, 128})
+    for (int causal = 0; causal < 2; ++causal) {
+      if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal)) continue;
+      const size_t n = size_t(B) * S * H * D;
+      void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
+      float* lse;
+      for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) CK(cudaMalloc(p, n * 2));
+      CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
+      const int64_t wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
+      CK(cudaMalloc(&ws, wsb));
+      std::vector<uint16_t> h(n);
+      Rng gen(1);
+      for (auto& x : h) x = to_bits(gen.normal(), true);
+      for (void* p : {q, k, v, dout}) CK(cudaMemcpy(p, h.data(), n * 2, cudaMemcpyHostToDevice));
+      const int64_t bs = int64_t(S) * H * D, rs = H * D;
+      const float scale = 1.f / std::sqrt(float(D));
+      auto fwd = [&] {
+        return FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs,
+                                   rs, D, bs, rs, D, bs, rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0,
+                                   0.f, 0, 0, nullptr, nullptr, 0, nullptr);
+      };
+      auto bwd = [&] {
+        return FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B,
+                                   S, S, H, H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs,
+                                   rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
+                                   nullptr);
+      };
+      auto time_it = [&](auto fn) {
+        cudaEvent_t a, b;
+        CK(cudaEventCreate(&a));
+        CK(cudaEventCreate(&b));
+        std::vector<float> ms;
+        for (int it = 0; it < 13; ++it) {
+          CK(cudaEventRecord(a));
+          if (fn() != FLASHATTN_STATUS_OK) {
+            std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
+            std::exit(3);
+          }
+          CK(cudaEventRecord(b));
+          CK(cudaEventSynchronize(b));
+          float t;
+          CK(cudaEventElapsedTime(&t, a, b));
+          if (it >= 3) ms.push_back(t);
+        }
+        std::sort(ms.begin(), ms.end());
+        return double(ms[ms.size() / 2]);
+      };
+      const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
+      const double tf = time_it(fwd), tb = time_it(bwd);
+      std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd %.3f ms %.1f TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
+                  B, H, S, D, causal, tf, flops / tf * 1e-9, tb, 2.5 * flops / tb * 1e-9);
+      std::fflush(stdout);
+      for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--bench") {
+    // --bench [D [causal]]: all four configurations, or one (for profilers).
+    bench(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
+    return 0;
+  }
+  std::string filter = argc > 1 ? argv[1] : "";
+  int passed = 0, failed = 0;
+  for (const Case& c : cases()) {
+    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    (run_case(c, false) ? passed : failed)++;
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

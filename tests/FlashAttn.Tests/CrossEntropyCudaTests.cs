@@ -1,0 +1,119 @@
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Tests;
+
+/// <summary>
+/// The cross-entropy kernels against the float64 reference with the flash-attn rule, losses and gradients,
+/// at vocabularies 1000 to 128256, every dtype, with ignore_index, label smoothing, logit scale and z-loss;
+/// the in-place backward writes the same gradient into the logits buffer; strided rows.
+/// </summary>
+[Category(Gpu.Category)]
+public sealed class CrossEntropyCudaTests
+{
+    [SetUp]
+    public void Seed() => manual_seed(TestContext.CurrentContext.Random.Next());
+
+    private static IEnumerable<TestCaseData> Cases()
+    {
+        var dtypes = new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 };
+        var vocabs = new[] { 1000, 16385, 32003, 50257, 128256 };
+        int i = 0;
+        foreach (var dt in dtypes)
+        foreach (var v in vocabs)
+        {
+            double smoothing = (i & 1) == 1 ? 0.1 : 0.0, scale = (i & 2) == 2 ? 0.7 : 1.0, lseSq = (i % 3) == 0 ? 1e-4 : 0.0;
+            i++;
+            yield return new TestCaseData(dt, v, smoothing, scale, lseSq).SetName($"CrossEntropy_{dt}_v{v}_ls{smoothing}_s{scale}_z{lseSq}");
+        }
+    }
+
+    private static Tensor Labels(long n, long v, Device dev)
+    {
+        var labels = randint(0, v, new long[] { n }, device: dev);
+        labels[1] = tensor(-100L, device: dev);
+        if (n > 5) labels[5] = tensor(v - 1, device: dev);
+        return labels;
+    }
+
+    [TestCaseSource(nameof(Cases))]
+    public void LossAndGradientMatchReference(ScalarType dtype, int vocab, double smoothing, double scale, double lseSq)
+    {
+        var dev = Gpu.Require();
+        long n = vocab >= 100000 ? 8 : 64;
+        var logits = (randn(n, vocab, device: dev) * 3).to(dtype).requires_grad_(true);
+        var labels = Labels(n, vocab, dev);
+        var (loss, z) = flash_attn.cross_entropy_loss(logits, labels, smoothing, scale, lseSq);
+        Assert.That(loss.dtype, Is.EqualTo(ScalarType.Float32));
+        var g = rand(n, device: dev);
+        loss.backward(new[] { g });
+
+        var le = logits.detach().to(ScalarType.Float64).requires_grad_(true);
+        var (lossE, zE, _) = Reference.cross_entropy(le, labels, smoothing, scale, lseSq);
+        lossE.backward(new[] { g.to(ScalarType.Float64) });
+        var ll = logits.detach().clone().requires_grad_(true);
+        var (lossL, zL, _) = Reference.cross_entropy(ll, labels, smoothing, scale, lseSq, compute_dtype: dtype);
+        lossL.backward(new[] { g.to(dtype) });
+
+        Tolerance.AssertClose(loss, lossL, lossE, "loss");
+        Tolerance.AssertClose(z, zL, zE, "z_loss");
+        Tolerance.AssertClose(logits.grad!, ll.grad!, le.grad!, "dlogits");
+        Assert.That(loss[1].item<float>(), Is.EqualTo(0f), "ignored row");
+        Assert.That(logits.grad![1].abs().max().item<float>(), Is.EqualTo(0f), "ignored row: no gradient");
+    }
+
+    [TestCase(ScalarType.BFloat16, 50257), TestCase(ScalarType.Float16, 32003), TestCase(ScalarType.Float32, 128256)]
+    public void InplaceBackwardWritesTheSameGradientIntoTheLogits(ScalarType dtype, int vocab)
+    {
+        var dev = Gpu.Require();
+        long n = vocab >= 100000 ? 8 : 64;
+        var leaf = (randn(n, vocab, device: dev) * 2).to(dtype).requires_grad_(true);
+        var labels = Labels(n, vocab, dev);
+        var g = rand(n, device: dev);
+        var (loss, _) = flash_attn.cross_entropy_loss(leaf * 1.0, labels, 0.1, lse_square_scale: 1e-4);
+        loss.backward(new[] { g });
+
+        var leaf2 = leaf.detach().clone().requires_grad_(true);
+        var logits2 = leaf2 * 1.0;
+        var before = logits2.detach().clone();
+        var (loss2, _) = flash_attn.cross_entropy_loss(logits2, labels, 0.1, lse_square_scale: 1e-4, inplace_backward: true);
+        Assert.That(Tolerance.MaxAbsDiff(loss2, loss), Is.EqualTo(0.0));
+        Assert.That(Tolerance.MaxAbsDiff(logits2, before), Is.EqualTo(0.0), "the forward leaves the logits alone");
+        loss2.backward(new[] { g });
+        Assert.That(Tolerance.MaxAbsDiff(leaf2.grad!, leaf.grad!), Is.EqualTo(0.0), "in place equals out of place");
+        Assert.That(Tolerance.MaxAbsDiff(logits2, leaf.grad!), Is.EqualTo(0.0), "the gradient now lives in the logits buffer");
+    }
+
+    [TestCase(ScalarType.BFloat16), TestCase(ScalarType.Float32)]
+    public void StridedRowsAndMeanReductionMatchTorch(ScalarType dtype)
+    {
+        var dev = Gpu.Require();
+        const long n = 96, v = 50257;
+        var buf = (randn(n, v + 11, device: dev) * 2).to(dtype);
+        var logits = buf[.., 3..(int)(v + 3)].detach().requires_grad_(true);
+        var labels = Labels(n, v, dev);
+        var loss = layers.CrossEntropyLoss().call(logits, labels);
+        loss.backward();
+        var lf = logits.detach().to(ScalarType.Float32).requires_grad_(true);
+        var expected = nn.functional.cross_entropy(lf, labels);
+        expected.backward();
+        Assert.That(Math.Abs(loss.item<float>() - expected.item<float>()), Is.LessThan(1e-4));
+        var le = logits.detach().to(ScalarType.Float64).requires_grad_(true);
+        var e64 = nn.functional.cross_entropy(le, labels);
+        e64.backward();
+        Tolerance.AssertClose(logits.grad!, lf.grad!.to(dtype), le.grad!, "dlogits vs torch");
+    }
+
+    [Test]
+    public void AllRowsIgnoredGiveZeroLossAndGradient()
+    {
+        var dev = Gpu.Require();
+        var logits = randn(4, 1000, device: dev).to(ScalarType.BFloat16).requires_grad_(true);
+        var labels = full(4, -100L, device: dev);
+        var (loss, _) = flash_attn.cross_entropy_loss(logits, labels);
+        loss.sum().backward();
+        Assert.That(loss.abs().max().item<float>(), Is.EqualTo(0f));
+        Assert.That(logits.grad!.abs().max().item<float>(), Is.EqualTo(0f));
+    }
+}

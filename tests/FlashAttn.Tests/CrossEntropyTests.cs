@@ -1,0 +1,144 @@
+using System.Runtime.InteropServices;
+using FlashAttn.Interop;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Tests;
+
+/// <summary>Cross-entropy on CPU (reference path): the reference against a float64 per-row definition and
+/// torch's cross_entropy, the autograd function's closed-form backward against autograd of the reference,
+/// in-place backward, the module's reductions and argument validation.</summary>
+public sealed class CrossEntropyTests
+{
+    [SetUp]
+    public void Seed() => manual_seed(TestContext.CurrentContext.Random.Next());
+
+    /// <summary>loss = lse - (1 - s) z[y] - s mean(z) + c lse^2 with z = scale * logits, in float64, row by row.</summary>
+    internal static (double[] loss, double[] zLoss) Oracle(Tensor logits, long[] labels, double smoothing, double scale, double lseSq, long ignore)
+    {
+        long n = logits.shape[0], v = logits.shape[1];
+        var x = logits.to(ScalarType.Float64).contiguous().data<double>().ToArray();
+        var loss = new double[n];
+        var zl = new double[n];
+        for (long r = 0; r < n; r++)
+        {
+            if (labels[r] == ignore) continue;
+            var z = Enumerable.Range(0, (int)v).Select(c => x[r * v + c] * scale).ToArray();
+            double m = z.Max();
+            double lse = m + Math.Log(z.Sum(t => Math.Exp(t - m)));
+            zl[r] = lseSq * lse * lse;
+            loss[r] = lse - (1 - smoothing) * z[labels[r]] - smoothing * z.Average() + zl[r];
+        }
+        return (loss, zl);
+    }
+
+    [TestCase(0.0, 1.0, 0.0), TestCase(0.1, 1.0, 0.0), TestCase(0.0, 0.5, 1e-4), TestCase(0.2, 2.0, 1e-2)]
+    public void ReferenceMatchesDefinition(double smoothing, double scale, double lseSq)
+    {
+        var logits = randn(9, 37, dtype: ScalarType.Float64) * 3;
+        var labels = new long[] { 0, 5, -100, 36, 7, 7, -100, 1, 20 };
+        var (loss, zl, _) = Reference.cross_entropy(logits, tensor(labels), smoothing, scale, lseSq);
+        var (eLoss, eZ) = Oracle(logits, labels, smoothing, scale, lseSq, -100);
+        Assert.That(Tolerance.MaxAbsDiff(loss, tensor(eLoss)), Is.LessThan(1e-10));
+        Assert.That(Tolerance.MaxAbsDiff(zl, tensor(eZ)), Is.LessThan(1e-10));
+    }
+
+    [TestCase(0.0), TestCase(0.15)]
+    public void MatchesTorchCrossEntropyWithIgnoreIndexAndSmoothing(double smoothing)
+    {
+        var logits = randn(16, 50);
+        var labels = randint(0, 50, new long[] { 16 });
+        labels[3] = tensor(-100L);
+        labels[11] = tensor(-100L);
+        var (loss, _) = flash_attn.cross_entropy_loss(logits, labels, label_smoothing: smoothing);
+        var expected = nn.functional.cross_entropy(logits, labels, ignore_index: -100, reduction: nn.Reduction.None,
+                                                   label_smoothing: smoothing);
+        Assert.That(Tolerance.MaxAbsDiff(loss, expected), Is.LessThan(1e-5));
+        var module = layers.CrossEntropyLoss(label_smoothing: smoothing);
+        var mean = nn.functional.cross_entropy(logits, labels, ignore_index: -100, label_smoothing: smoothing);
+        Assert.That(Tolerance.MaxAbsDiff(module.call(logits, labels), mean), Is.LessThan(1e-5));
+        var sum = layers.CrossEntropyLoss(reduction: LossReduction.Sum, label_smoothing: smoothing);
+        var eSum = nn.functional.cross_entropy(logits, labels, ignore_index: -100, reduction: nn.Reduction.Sum, label_smoothing: smoothing);
+        Assert.That(Tolerance.MaxAbsDiff(sum.call(logits, labels), eSum), Is.LessThan(1e-4));
+    }
+
+    [TestCase(0.0, 1.0, 0.0, false), TestCase(0.1, 0.7, 1e-3, false), TestCase(0.1, 1.3, 1e-3, true)]
+    public void AutogradBackwardMatchesAutogradOfReference(double smoothing, double scale, double lseSq, bool inplace)
+    {
+        var leaf = randn(12, 33, dtype: ScalarType.Float64, requires_grad: true);
+        var labels = randint(0, 33, new long[] { 12 });
+        labels[5] = tensor(-7L);
+        var logits = leaf * 1.0; // not a leaf, so an in-place backward may overwrite it
+        var (loss, zl) = flash_attn.cross_entropy_loss(logits, labels, smoothing, scale, lseSq, ignore_index: -7, inplace_backward: inplace);
+        Assert.That(zl.requires_grad, Is.False, "z_loss is not differentiable");
+        var g = randn(12, dtype: ScalarType.Float64);
+        loss.backward(new[] { g });
+
+        var leaf2 = leaf.detach().clone().requires_grad_(true);
+        var (rl, _, _) = Reference.cross_entropy(leaf2, labels, smoothing, scale, lseSq, -7);
+        rl.backward(new[] { g });
+        Assert.That(Tolerance.MaxAbsDiff(loss, rl), Is.LessThan(1e-12));
+        Assert.That(Tolerance.MaxAbsDiff(leaf.grad!, leaf2.grad!), Is.LessThan(1e-12));
+        Assert.That(leaf.grad![5].abs().max().item<double>(), Is.EqualTo(0.0), "ignored row: no gradient");
+        if (inplace) Assert.That(Tolerance.MaxAbsDiff(logits, leaf.grad!), Is.EqualTo(0.0), "the gradient overwrote the logits");
+    }
+
+    [Test]
+    public void ModuleReturnsZLossAndMeanOverNonIgnoredRows()
+    {
+        var logits = randn(6, 10);
+        var labels = tensor(new long[] { 1, -100, 3, 4, -100, 9 });
+        var m = layers.CrossEntropyLoss(lse_square_scale: 1e-2, return_z_loss: true);
+        var (loss, z) = m.forward_with_z_loss(logits, labels);
+        var (rows, zRows, _) = Reference.cross_entropy(logits, labels, lse_square_scale: 1e-2);
+        Assert.That(Tolerance.MaxAbsDiff(loss, rows.sum() / 4), Is.LessThan(1e-6));
+        Assert.That(Tolerance.MaxAbsDiff(z, zRows.sum() / 4), Is.LessThan(1e-6));
+        var none = layers.CrossEntropyLoss(reduction: LossReduction.None).call(logits, labels);
+        Assert.That(none.shape, Is.EqualTo(new long[] { 6 }));
+    }
+
+    [Test]
+    public void BadArgumentsNameTheArgument()
+    {
+        var logits = randn(4, 16);
+        var labels = tensor(new long[] { 1, 2, 3, 4 });
+        void Expect(string param, string fragment, TestDelegate call)
+        {
+            var e = Assert.Throws<ArgumentException>(call)!;
+            Assert.That(e.ParamName, Is.EqualTo(param));
+            Assert.That(e.Message, Does.Contain(fragment));
+        }
+        Expect("logits", "float16, bfloat16, float32 or float64", () => flash_attn.cross_entropy_loss(logits.to(ScalarType.Int32), labels));
+        Expect("logits", "2-D", () => flash_attn.cross_entropy_loss(logits.view(2, 2, 16), labels));
+        Expect("logits", "contiguous last dimension", () => flash_attn.cross_entropy_loss(randn(16, 4).t(), labels));
+        Expect("labels", "int64", () => flash_attn.cross_entropy_loss(logits, labels.to(ScalarType.Int32)));
+        Expect("labels", "N (4)", () => flash_attn.cross_entropy_loss(logits, labels[..3]));
+        Expect("labels", "1-D", () => flash_attn.cross_entropy_loss(logits, labels.view(2, 2)));
+        Expect("label_smoothing", "[0, 1]", () => flash_attn.cross_entropy_loss(logits, labels, label_smoothing: 1.5));
+        Expect("lse_square_scale", ">= 0", () => flash_attn.cross_entropy_loss(logits, labels, lse_square_scale: -1));
+        Expect("logit_scale", "finite", () => flash_attn.cross_entropy_loss(logits, labels, logit_scale: double.NaN));
+    }
+
+    [Test]
+    public void NativeValidationNamesFunctionAndArgument()
+    {
+        var (logits, labels, loss, lse) = (randn(4, 16), tensor(new long[] { 1, 2, 3, 4 }), empty(4), empty(4));
+        var ws = empty(NativeMethods.FlashAttn_cross_entropy_fwd_workspace_size(4, 16), dtype: ScalarType.Byte);
+        FlashAttnStatus Fwd(float smoothing, long rowStride, long wsBytes) => NativeMethods.FlashAttn_cross_entropy_fwd(
+            TensorArgs.Ptr(logits), FlashAttnDType.Float32, TensorArgs.Ptr(labels), TensorArgs.Ptr(loss), IntPtr.Zero,
+            TensorArgs.Ptr(lse), 4, 16, rowStride, smoothing, 1f, 0f, -100, TensorArgs.Ptr(ws), wsBytes, IntPtr.Zero);
+        string Last() => Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error()) ?? "";
+        Assert.That(Fwd(2f, 16, ws.numel()), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.StartWith("FlashAttn_cross_entropy_fwd: label_smoothing (2) must be in [0, 1]"));
+        Assert.That(Fwd(0f, 15, ws.numel()), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.Contain("row_stride (15) must be >= vocab (16)"));
+        Assert.That(Fwd(0f, 16, 1), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.Contain("workspace_bytes (1)"));
+        if (!Backend.NativeHasCuda)
+        {
+            Assert.That(Fwd(0f, 16, ws.numel()), Is.EqualTo(FlashAttnStatus.NoCuda));
+            Assert.That(Last(), Does.Contain("built without CUDA support"));
+        }
+    }
+}
