@@ -93,7 +93,10 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         return new List<Tensor> { loss, zLoss };
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
+        BackwardGuard.Run(Name, 3, () => Backward(ctx, grads));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {
         var saved = ctx.get_saved_variables();
         var (logits, labels, lse) = (saved[0], saved[1], saved[2]);

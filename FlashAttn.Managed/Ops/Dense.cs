@@ -328,7 +328,10 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         return y.view(x.shape[..^1].Append(n).ToArray());
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
+        BackwardGuard.Run(Name, 3, () => Backward(ctx, grad));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, Tensor grad)
     {
         var saved = ctx.get_saved_variables();
         var (x2, w) = (saved[0], saved[1]);
@@ -383,7 +386,10 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         return y.view(x.shape[..^1].Append(n).ToArray());
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
+        BackwardGuard.Run(Name, 6, () => Backward(ctx, grad));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, Tensor grad)
     {
         var saved = ctx.get_saved_variables();
         var (x2, w1, w2) = (saved[0], saved[1], saved[2]);

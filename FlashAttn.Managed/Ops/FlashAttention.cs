@@ -235,7 +235,10 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         return outputs;
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
+        BackwardGuard.Run(Name, 8, () => Backward(ctx, grads));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {
         var saved = ctx.get_saved_variables();
         var (q, k, v, output, lse) = (saved[0], saved[1], saved[2], saved[3], saved[4]);

@@ -308,7 +308,10 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         return outputs;
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
+        BackwardGuard.Run(Name, 9, () => Backward(ctx, grads));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {
         var s = (Saved)ctx.get_data("saved");
         var o = s.Options;

@@ -61,7 +61,10 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         return result;
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
+        BackwardGuard.Run(Name, 9, () => Backward(ctx, grad));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, Tensor grad)
     {
         var saved = ctx.get_saved_variables();
         var cos = saved[0];
@@ -194,7 +197,10 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
         return qkv;
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
+        BackwardGuard.Run(Name, 9, () => Backward(ctx, grad));
+
+    private List<Tensor> Backward(autograd.AutogradContext ctx, Tensor grad)
     {
         var saved = ctx.get_saved_variables();
         var offsets = saved.Count > 4 ? saved[4] : null;

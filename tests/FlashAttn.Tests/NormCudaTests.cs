@@ -118,7 +118,7 @@ public sealed class NormCudaTests
         Tolerance.AssertClose(z, rl.out0, re.out0, "out with the returned mask");
         Tolerance.AssertClose(r!, rl.residual, re.residual, "residual with the returned mask");
         Tolerance.AssertClose(x0.grad!, l[0].grad!, e[0].grad!, "dx0 with the returned mask", factor: GradFactor);
-        Assert.That(x0.grad!.masked_select(mask.logical_not()).abs().max().item<float>(), Is.EqualTo(0f), "dropped elements get no gradient");
+        Assert.That(x0.grad!.masked_select(mask.logical_not()).abs().max().to(ScalarType.Float32).item<float>(), Is.EqualTo(0f), "dropped elements get no gradient");
         Tolerance.AssertClose(res.grad!, l[1].grad!, e[1].grad!, "dresidual", factor: GradFactor);
         Tolerance.AssertClose(w.grad!, l[2].grad!, e[2].grad!, "dweight", factor: GradFactor);
         Tolerance.AssertClose(b.grad!, l[3].grad!, e[3].grad!, "dbias", factor: GradFactor);
@@ -217,9 +217,15 @@ public sealed class NormCudaTests
                                                           return_dropout_mask: true);
         Assert.That(z.shape, Is.EqualTo(new long[] { 2, 64, 256 }));
         Assert.That(m!.shape, Is.EqualTo(new long[] { 2, 64, 256 }));
-        z.mul_(2);
-        r!.add_(1);
+        z.mul_(2); // out0 is not saved for backward: changing it in place is fine
+        (z.to(ScalarType.Float32).sum() + r!.to(ScalarType.Float32).sum()).backward(retain_graph: true);
+        Assert.That(x0.grad!.isfinite().all().item<bool>(), Is.True);
+        // The residual output is saved for backward (as in flash-attn): changing it in place makes
+        // backward fail; BackwardGuard reports that instead of aborting the process.
+        BackwardGuard.ClearLastBackwardError();
+        r.add_(1);
         (z.to(ScalarType.Float32).sum() + r.to(ScalarType.Float32).sum()).backward();
+        Assert.That(BackwardGuard.LastBackwardError, Does.Contain("modified by an inplace operation"));
         Assert.That(x0.grad!.isfinite().all().item<bool>(), Is.True);
     }
 }

@@ -1,0 +1,236 @@
+// Vision Transformer (ViT, Dosovitskiy et al.) on the same Block / SelfAttention / Mlp as GPT (non-causal attention),
+// with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 /
+// mlp.fc1 / mlp.fc2, norm, head) so timm checkpoints load through load_safetensors. Images (B, 3, H, W) -> logits.
+using System.Text.Json;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace FlashAttn.Models;
+
+/// <summary>ViT hyperparameters (timm's names); the defaults are ViT-B/16 at 224 for ImageNet-1k.</summary>
+public sealed record ViTConfig
+{
+    /// <summary>224: the training resolution of the ViT/DeiT recipes; the position table is sized for it.</summary>
+    public long img_size { get; init; } = 224;
+    /// <summary>16: the patch side (a 14 x 14 grid at 224).</summary>
+    public long patch_size { get; init; } = 16;
+    /// <summary>3: RGB.</summary>
+    public long in_chans { get; init; } = 3;
+    /// <summary>1000: ImageNet-1k.</summary>
+    public long num_classes { get; init; } = 1000;
+    /// <summary>768: width (ViT-B).</summary>
+    public long embed_dim { get; init; } = 768;
+    /// <summary>12: blocks.</summary>
+    public long depth { get; init; } = 12;
+    /// <summary>12: heads (head dim 64 at every standard size).</summary>
+    public long num_heads { get; init; } = 12;
+    /// <summary>4: the MLP's hidden width over embed_dim.</summary>
+    public double mlp_ratio { get; init; } = 4.0;
+    /// <summary>0: dropout on the embeddings and on the attention / MLP outputs (DeiT uses none).</summary>
+    public double drop_rate { get; init; }
+    /// <summary>0: dropout on the attention probabilities.</summary>
+    public double attn_drop_rate { get; init; }
+    /// <summary>0.1: stochastic depth, rising linearly from 0 at the first block to this at the last (DeiT-B's 0.1).</summary>
+    public double drop_path_rate { get; init; } = 0.1;
+    /// <summary>1e-6: timm's LayerNorm epsilon for ViT.</summary>
+    public double layer_norm_epsilon { get; init; } = 1e-6;
+    /// <summary>"gelu": ViT's exact GELU.</summary>
+    public string activation_function { get; init; } = "gelu";
+
+    /// <summary>true: attention through flash_attn_func (non-causal); false: TorchSharp SDPA.</summary>
+    public bool use_flash_attn { get; init; } = true;
+    /// <summary>true: linear layers through flash_attn.fused_dense_func (FusedDense).</summary>
+    public bool fused_bias_fc { get; init; } = true;
+    /// <summary>true: the MLP through FusedMLP when the activation has a fused epilogue (tanh-GELU, ReLU); ViT's exact GELU
+    /// runs two fused_bias_fc linears around TorchSharp's GELU.</summary>
+    public bool fused_mlp { get; init; } = true;
+    /// <summary>true: dropout + drop-path + residual add + LayerNorm in one kernel (drop-path as its rowscale).</summary>
+    public bool fused_dropout_add_ln { get; init; } = true;
+    /// <summary>true: the classification loss through the fused cross-entropy kernel.</summary>
+    public bool fused_cross_entropy { get; init; } = true;
+    /// <summary>true: the residual stream in float32 under bf16/fp16.</summary>
+    public bool residual_in_fp32 { get; init; } = true;
+
+    /// <summary>The config stored in a checkpoint's metadata by <see cref="VisionTransformer.save_safetensors"/>.</summary>
+    public static ViTConfig FromSafetensors(string path)
+    {
+        var (_, meta) = SafeTensors.ReadHeader(path);
+        if (!meta.TryGetValue("flashattn.config", out var json))
+            throw new InvalidDataException($"{path}: no flashattn.config metadata (not written by VisionTransformer.save_safetensors)");
+        return JsonSerializer.Deserialize<ViTConfig>(json) ?? throw new InvalidDataException($"{path}: empty flashattn.config");
+    }
+
+    /// <summary>(img_size / patch_size)^2 patches.</summary>
+    public long num_patches => (img_size / patch_size) * (img_size / patch_size);
+
+    /// <summary>A copy with every fusion switch set to <paramref name="on"/>.</summary>
+    public ViTConfig WithFusions(bool on) => this with
+    {
+        use_flash_attn = on, fused_bias_fc = on, fused_mlp = on, fused_dropout_add_ln = on, fused_cross_entropy = on,
+    };
+
+    /// <summary>The names <see cref="Named"/> knows.</summary>
+    public static IReadOnlyList<string> Names { get; } = new[] { "vit-ti16", "vit-s16", "vit-b16", "vit-l16", "vit-tiny-test" };
+
+    /// <summary>ViT-Ti/S/B/L at patch 16 and 224 (DeiT/timm sizes: widths 192/384/768/1024, depths 12/12/12/24, heads
+    /// 3/6/12/16); "vit-tiny-test" (32 x 32 images, patch 8, width 64, 2 blocks, 10 classes) is for tests.</summary>
+    public static ViTConfig Named(string name) => name switch
+    {
+        "vit-ti16" => new ViTConfig { embed_dim = 192, depth = 12, num_heads = 3 },
+        "vit-s16" => new ViTConfig { embed_dim = 384, depth = 12, num_heads = 6 },
+        "vit-b16" => new ViTConfig(),
+        "vit-l16" => new ViTConfig { embed_dim = 1024, depth = 24, num_heads = 16 },
+        "vit-tiny-test" => new ViTConfig { img_size = 32, patch_size = 8, embed_dim = 64, depth = 2, num_heads = 4, num_classes = 10 },
+        _ => throw new ArgumentException($"unknown ViT config '{name}'; valid names: {string.Join(", ", Names)}", nameof(name)),
+    };
+}
+
+/// <summary>The patch embedding: a Conv2d with kernel and stride patch_size (timm's patch_embed.proj), flattened to tokens.</summary>
+public sealed class PatchEmbed : nn.Module<Tensor, Tensor>
+{
+    private readonly Conv2d proj;
+
+    public PatchEmbed(long in_chans, long embed_dim, long patch_size, Device? device = null, ScalarType? dtype = null)
+        : base(nameof(PatchEmbed))
+    {
+        proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride: patch_size, device: device, dtype: dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>images (B, C, H, W) -> tokens (B, H/p * W/p, embed_dim).</summary>
+    public override Tensor forward(Tensor x) => proj.forward(x).flatten(2).transpose(1, 2);
+}
+
+/// <summary>
+/// ViT with a class token and learned positions: patch_embed, cat(cls_token, patches) + pos_embed, the pre-norm blocks
+/// (non-causal, stochastic depth), norm, and the head on the class token. Parameter names are timm's VisionTransformer.
+/// </summary>
+public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
+{
+    private readonly PatchEmbed _patchEmbed;
+    private readonly Parameter _clsToken, _posEmbed;
+    private readonly ModuleList<Block> _blocks;
+    private readonly LayerNorm _norm;
+    private readonly Linear _head;
+    private readonly double _lastDropPath;
+
+    public VisionTransformer(ViTConfig config, Device? device = null, ScalarType? dtype = null) : base(nameof(VisionTransformer))
+    {
+        this.config = config;
+        var c = config;
+        if (c.embed_dim % c.num_heads != 0) throw new ArgumentException($"embed_dim ({c.embed_dim}) must be divisible by num_heads ({c.num_heads})");
+        if (c.img_size % c.patch_size != 0) throw new ArgumentException($"img_size ({c.img_size}) must be a multiple of patch_size ({c.patch_size})");
+        _patchEmbed = new PatchEmbed(c.in_chans, c.embed_dim, c.patch_size, device, dtype);
+        _clsToken = new Parameter(zeros(new[] { 1L, 1, c.embed_dim }, dtype, device));
+        _posEmbed = new Parameter(zeros(new[] { 1L, c.num_patches + 1, c.embed_dim }, dtype, device));
+        var s = new BlockSettings(c.embed_dim, c.num_heads, c.embed_dim / c.num_heads, (long)(c.embed_dim * c.mlp_ratio),
+            c.activation_function, causal: false, softmax_scale: null, c.attn_drop_rate, rotary_dim: 0, rotary_base: 10000,
+            rotary_interleaved: false, c.layer_norm_epsilon, c.use_flash_attn, c.fused_bias_fc, c.fused_mlp, c.fused_dropout_add_ln,
+            c.residual_in_fp32, BlockNames.Timm);
+        // stochastic depth rising linearly over the blocks; block i's first drop-path is the previous block's MLP branch
+        var dpr = Enumerable.Range(0, (int)c.depth).Select(i => c.depth == 1 ? c.drop_path_rate : c.drop_path_rate * i / (c.depth - 1)).ToArray();
+        _blocks = new ModuleList<Block>(Enumerable.Range(0, (int)c.depth).Select(i =>
+            new Block(s, i, dropout1: c.drop_rate, dropout2: c.drop_rate, drop_path1: i == 0 ? 0 : dpr[i - 1], drop_path2: dpr[i],
+                      device: device, dtype: dtype)).ToArray());
+        _lastDropPath = dpr[^1];
+        _norm = nn.LayerNorm(c.embed_dim, c.layer_norm_epsilon, device: device, dtype: dtype);
+        _head = nn.Linear(c.embed_dim, c.num_classes, hasBias: true, device: device, dtype: dtype);
+        register_module("patch_embed", _patchEmbed);
+        register_parameter("cls_token", _clsToken);
+        register_parameter("pos_embed", _posEmbed);
+        register_module("blocks", _blocks);
+        register_module("norm", _norm);
+        register_module("head", _head);
+        init_weights();
+    }
+
+    public ViTConfig config { get; }
+    public ModuleList<Block> blocks => _blocks;
+
+    /// <summary>timm's initialisation: pos_embed and linear weights normal(0.02) (timm truncates at +-2, i.e. 100 std), cls_token normal(1e-6), biases 0,
+    /// norms 1; the patch convolution keeps TorchSharp's default.</summary>
+    public void init_weights()
+    {
+        using var _ = no_grad();
+        foreach (var (name, p) in named_parameters())
+        {
+            if (name.StartsWith("patch_embed.")) continue;
+            if (name == "cls_token") nn.init.normal_(p, 0, 1e-6);
+            else if (name.EndsWith(".bias")) nn.init.zeros_(p);
+            else if (p.dim() == 1) nn.init.ones_(p); // norms
+            else nn.init.normal_(p, 0, 0.02); // timm's trunc_normal_(std=.02) truncates at +-2 absolute: a plain normal
+        }
+    }
+
+    /// <summary>images (B, in_chans, img_size, img_size) -> logits (B, num_classes).</summary>
+    public override Tensor forward(Tensor images) => _head.forward(forward_features(images)[.., 0]);
+
+    /// <summary>images -> the normalised tokens (B, 1 + num_patches, embed_dim), the class token first.</summary>
+    public Tensor forward_features(Tensor images)
+    {
+        var c = config;
+        if (images.dim() != 4 || images.shape[1] != c.in_chans || images.shape[2] != c.img_size || images.shape[3] != c.img_size)
+            throw new ArgumentException($"images must be (batch, {c.in_chans}, {c.img_size}, {c.img_size}), got [{string.Join(", ", images.shape)}]", nameof(images));
+        var x = _patchEmbed.forward(images);
+        x = cat(new[] { _clsToken.expand(x.shape[0], -1, -1).to(x.dtype), x }, 1) + _posEmbed.to(x.dtype);
+        Tensor? residual = null;
+        foreach (var block in _blocks) (x, residual) = block.forward(x, residual);
+        (x, _) = Fused.DropoutAddNorm(x, residual, _norm, c.drop_rate, _lastDropPath, c.layer_norm_epsilon, training,
+                                      c.fused_dropout_add_ln, c.residual_in_fp32);
+        return x;
+    }
+
+    /// <summary>Mean cross-entropy of the logits against labels (B,) int64 (-100 ignored); fused_cross_entropy uses the kernel.</summary>
+    public Tensor loss(Tensor images, Tensor labels) => GPTLMHeadModel.LanguageModelLoss(forward(images), labels, config.fused_cross_entropy);
+
+    public long num_parameters() => parameters().Sum(p => p.numel());
+
+    /// <summary>Every parameter with whether it takes weight decay: none on biases, norms, cls_token and pos_embed (timm's
+    /// no_weight_decay and 1-D rule).</summary>
+    public IEnumerable<(string name, Parameter parameter, bool weight_decay)> parameter_groups() =>
+        named_parameters().Select(np => (np.name, np.parameter, np.parameter.dim() >= 2 && np.name is not ("cls_token" or "pos_embed")));
+
+    /// <summary>
+    /// Loads timm weights (model.safetensors of a timm VisionTransformer with a class token and this config) or a file written
+    /// by <see cref="save_safetensors"/>: every parameter must be present with its shape (a head of another class count must be
+    /// dropped from the file first); values are converted to the model's dtype and device.
+    /// </summary>
+    public void load_safetensors(string path)
+    {
+        var tensors = SafeTensors.Load(path);
+        try
+        {
+            var own = named_parameters().ToDictionary(np => np.name, np => np.parameter);
+            using var _ = no_grad();
+            foreach (var (key, t) in tensors)
+            {
+                if (!own.TryGetValue(key, out var p))
+                    throw new InvalidDataException($"{path}: tensor '{key}' matches no parameter of this ViT (config mismatch?)");
+                if (!t.shape.SequenceEqual(p.shape))
+                    throw new InvalidDataException($"{path}: '{key}' has shape [{string.Join(", ", t.shape)}], the model's is [{string.Join(", ", p.shape)}]");
+                p.copy_(t);
+            }
+            var missing = own.Keys.Where(n => !tensors.ContainsKey(n)).ToList();
+            if (missing.Count > 0) throw new InvalidDataException($"{path}: missing parameters: {string.Join(", ", missing)}");
+        }
+        finally
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>Writes the parameters with timm's names in the model's dtype, the config as metadata.</summary>
+    public void save_safetensors(string path)
+    {
+        using var scope = NewDisposeScope();
+        var tensors = named_parameters().Select(np => new KeyValuePair<string, Tensor>(np.name, np.parameter.detach().contiguous().cpu()));
+        SafeTensors.Save(path, tensors, new Dictionary<string, string>
+        {
+            ["format"] = "pt",
+            ["flashattn.model"] = "VisionTransformer",
+            ["flashattn.config"] = JsonSerializer.Serialize(config),
+        });
+    }
+}

@@ -1,0 +1,141 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using BenchmarkDotNet.Attributes;
+using FlashAttn.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Benchmarks;
+
+/// <summary>
+/// GPT-2 124M (gpt2s) and 350M (gpt2m) training in bf16 at B16 T1024, every fusion on (flash attention, fused
+/// dropout-add-LayerNorm with the residual in fp32, fused cross-entropy, fused dense/MLP where wired) and every fusion off
+/// (TorchSharp SDPA, nn.LayerNorm, cross_entropy on float32 logits; residual_in_fp32 also off, as the peers). The shape
+/// matches shared/peers/pytorch_baselines.py gpt and the plain-TorchSharp peer: vocabulary padded to 50304, no dropout.
+/// FwdBwd is loss + backward; TrainStep adds AdamW (lr 6e-4), the peers' step. Flops: model FLOPs (6N + 12 L d T per token).
+/// Besides the BenchmarkDotNet lines, each case prints "gpt" TSV lines at cleanup: tokens/s and model TFLOP/s from the
+/// median invocation, and the device memory in use (cudaMemGetInfo: what libtorch's caching allocator reserved, a bound
+/// on the peak, not PyTorch's max_memory_allocated). The allocator keeps blocks across cases of one process, so for clean
+/// memory figures run one case per process: FLASHATTN_GPT_BENCH=gpt2s:on (model:on|off, comma-separated) picks the cases.
+/// </summary>
+public class GptBenchmarks : GpuBenchmark
+{
+    private const int Batch = 16, SeqLen = 1024, Steps = 3;
+
+    public static IEnumerable<string> Cases =>
+        Environment.GetEnvironmentVariable("FLASHATTN_GPT_BENCH")?.Split(',', StringSplitOptions.RemoveEmptyEntries)
+        ?? new[] { "gpt2s:on", "gpt2s:off", "gpt2m:on", "gpt2m:off" };
+
+    /// <summary>"model:on" or "model:off" (all fusions).</summary>
+    [ParamsSource(nameof(Cases))]
+    public string Case = "gpt2s:on";
+
+    private GPTLMHeadModel _model = null!;
+    private optim.Optimizer _opt = null!;
+    private Tensor _ids = null!, _labels = null!;
+    private readonly List<double> _seconds = new();
+    private long _freeBefore;
+
+    private string ModelName => Case.Split(':')[0];
+    private bool Fused => Case.EndsWith(":on");
+
+    private GPTConfig Config()
+    {
+        var c = GPTConfig.Named(ModelName).WithFusions(Fused) with
+        {
+            pad_vocab_size_multiple = 64, resid_pdrop = 0, embd_pdrop = 0, attn_pdrop = 0,
+        };
+        return c with { residual_in_fp32 = Fused };
+    }
+
+    public override double Flops(string method)
+    {
+        // 6N + 12 L d T per token, N from the config (no model needed)
+        var c = Config();
+        long d = c.n_embd, L = c.n_layer, V = c.padded_vocab_size, inner = c.n_inner;
+        long perLayer = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d);
+        long n = V * d + c.n_positions * d + L * perLayer + 2 * d;
+        return (6.0 * n + 12.0 * L * d * SeqLen) * Batch * SeqLen;
+    }
+
+    protected override void Setup()
+    {
+        _freeBefore = DeviceMemory().free;
+        manual_seed(0);
+        _model = new GPTLMHeadModel(Config(), Dev, ScalarType.BFloat16);
+        _model.train();
+        _opt = optim.AdamW(_model.parameters(), lr: 6e-4);
+        _ids = randint(0, 50257, new long[] { Batch, SeqLen }, device: Dev);
+        _labels = randint(0, 50257, new long[] { Batch, SeqLen }, device: Dev);
+    }
+
+    private void Step(bool optimizerStep)
+    {
+        using var scope = NewDisposeScope();
+        var loss = _model.loss(_ids, _labels);
+        loss.backward();
+        if (optimizerStep) _opt.step();
+        _opt.zero_grad();
+    }
+
+    private void Run(bool optimizerStep)
+    {
+        var sw = Stopwatch.StartNew();
+        for (int i = 0; i < Steps; i++) Step(optimizerStep);
+        Sync();
+        _seconds.Add(sw.Elapsed.TotalSeconds / Steps);
+    }
+
+    [Benchmark(OperationsPerInvoke = Steps)]
+    public void FwdBwd() => Run(false);
+
+    [Benchmark(OperationsPerInvoke = Steps)]
+    public void TrainStep() => Run(true);
+
+    [GlobalCleanup]
+    public void Report()
+    {
+        if (_model is null) return;
+        Sync();
+        var (free, total) = DeviceMemory();
+        if (_seconds.Count > 0)
+        {
+            var sorted = _seconds.OrderBy(s => s).ToArray();
+            double t = sorted[sorted.Length / 2], tok = Batch * SeqLen / t;
+            double fpt = _model.flops_per_token(SeqLen);
+            string name = $"{ModelName} flashattn-{(Fused ? "fused" : "plain")} bf16 B{Batch} T{SeqLen}";
+            Console.WriteLine($"gpt\t{name} tokens/s (median invocation)\t{tok:G4}\ttokens/s");
+            Console.WriteLine($"gpt\t{name} model TFLOP/s\t{tok * fpt / 1e12:G4}\tTFLOP/s");
+            Console.WriteLine($"gpt\t{name} parameters\t{_model.num_parameters()}\tcount");
+            if (total > 0)
+                Console.WriteLine($"gpt\t{name} device memory in use (cudaMemGetInfo, since setup)\t{(_freeBefore - free) / Math.Pow(2, 30):G4}\tGiB");
+        }
+        _seconds.Clear();
+        _opt.Dispose();
+        _model.Dispose();
+        _ids.Dispose();
+        _labels.Dispose();
+        _model = null!;
+    }
+
+    // cudaMemGetInfo from the CUDA runtime libtorch already loaded (PyTorch's wheels ship libcudart.so.13 or .12).
+    private delegate int MemGetInfo(out ulong free, out ulong total);
+    private static MemGetInfo? s_memGetInfo;
+
+    private static (long free, long total) DeviceMemory()
+    {
+        if (s_memGetInfo is null)
+        {
+            foreach (var lib in new[] { "libcudart.so.13", "libcudart.so.12", "libcudart.so" })
+            {
+                if (NativeLibrary.TryLoad(lib, out var h) && NativeLibrary.TryGetExport(h, "cudaMemGetInfo", out var f))
+                {
+                    s_memGetInfo = Marshal.GetDelegateForFunctionPointer<MemGetInfo>(f);
+                    break;
+                }
+            }
+        }
+        if (s_memGetInfo is null || s_memGetInfo(out var free, out var total) != 0) return (0, 0);
+        return ((long)free, (long)total);
+    }
+}
