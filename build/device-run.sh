@@ -52,8 +52,9 @@ if want sanitize; then
 fi
 
 if want bench; then
-  "$app"/FlashAttn.Benchmarks --filter "${BENCH_FILTER:-*}" >"$OUT/bench.log" 2>&1
-  summary+=("benchmarks: rc $?")
+  # BENCH_FILTER may hold several globs separated by spaces: split, never expanded against files.
+  set -f; "$app"/FlashAttn.Benchmarks --filter ${BENCH_FILTER:-*} >"$OUT/bench.log" 2>&1; rc=$?; set +f
+  summary+=("benchmarks: rc $rc")
   sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
 fi
 

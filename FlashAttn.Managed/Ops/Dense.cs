@@ -363,7 +363,9 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         long k = x.shape[^1], hidden = w1.shape[0], n = w2.shape[0];
         bool relu = o.Activation == DenseActivation.Relu;
         int lvl = o.CheckpointLvl;
-        bool kernel = DenseOps.Eligible(x, k, hidden, n) && (!relu || hidden % 128 == 0);
+        // relu stays on the reference path: its fused DRELU_BGRAD backward gave wrong dx on the H100
+        // (2026-11-25, error 0.96 against 0.03 for the bf16 reference at m 1000, hidden 256); to be fixed.
+        bool kernel = DenseOps.Eligible(x, k, hidden, n) && !relu;
         var x2 = DenseOps.Rows(x, k, kernel);
         var (w1k, b1k, w2k) = (DenseOps.Prep(w1, kernel), DenseOps.PrepOrNull(b1, kernel), DenseOps.Prep(w2, kernel));
         Tensor y, h;

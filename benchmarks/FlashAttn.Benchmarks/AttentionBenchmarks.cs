@@ -14,7 +14,8 @@ namespace FlashAttn.Benchmarks;
 /// </summary>
 public class AttentionBenchmarks : GpuBenchmark
 {
-    [Params(512, 2048, 8192, 16384)]
+    // 512 left out of the device runs for time (2026-11-25: 30 min of GPU a session); the bar is s >= 2048.
+    [Params(2048, 8192, 16384)]
     public int SeqLen;
 
     [Params(64, 128)]
