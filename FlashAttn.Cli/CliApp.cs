@@ -1,0 +1,107 @@
+using System.Globalization;
+using FlashAttn.Models.Data;
+using FlashAttn.Models.Training;
+
+namespace FlashAttn.Cli;
+
+/// <summary>The `flashattn` command line (testable: output writers and exit codes, no Environment.Exit).</summary>
+public static class CliApp
+{
+    public const string Usage = """
+        flashattn: the flash-attention training recipes on FlashAttn.TorchSharp
+
+        usage:
+          flashattn train [key=value ...]          train an experiment (default: experiment=tiny)
+          flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N]
+                                                   tokenize corpora (folders or files of .txt, .jsonl, .jsonl.zst, .parquet,
+                                                   or embedded:kjv) into ${DATA_DIR}/<name> (./data/<name> when DATA_DIR is unset)
+          flashattn experiments                    list the experiment files
+          flashattn show [key=value ...]           print the resolved configuration without training
+          flashattn --help                         this text, with every configuration key
+
+        examples:
+          flashattn train                                               # tiny GPT on the embedded corpus (CPU: a few minutes)
+          flashattn train experiment=owt/gpt2s-flash trainer.devices=1 datamodule.batch_size=16
+          flashattn train experiment=owt/gpt2m-flash trainer.precision=bf16 datamodule.batch_size=8
+          flashattn prepare openwebtext /data/openwebtext/plain_text    # the Hub's parquet files
+        """;
+
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        try
+        {
+            if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
+            {
+                stdout.WriteLine(Usage);
+                stdout.WriteLine("configuration keys (key default {choices} meaning):");
+                stdout.WriteLine(ExperimentConfig.HelpText());
+                stdout.WriteLine("experiments: " + string.Join(", ", ExperimentConfig.AvailableExperiments()));
+                return args.Length == 0 ? 2 : 0;
+            }
+            switch (args[0])
+            {
+                case "train":
+                {
+                    if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(ExperimentConfig.HelpText()); return 0; }
+                    var config = ExperimentConfig.Parse(args.Skip(1));
+                    var result = new Trainer(config, stderr).Run();
+                    stdout.WriteLine($"run {result.RunDir}: loss {result.FirstLoss:F4} -> {result.LastLoss:F4}" +
+                        (result.ValLoss is { } v ? $", val_loss {v:F4}" : "") + $" in {result.Elapsed:hh\\:mm\\:ss}");
+                    return 0;
+                }
+                case "show":
+                    stdout.Write(ExperimentConfig.Parse(args.Skip(1)).Dump());
+                    stdout.WriteLine($"# gradient accumulation: {ExperimentConfig.Parse(args.Skip(1)).Accumulation}");
+                    return 0;
+                case "experiments":
+                    foreach (var e in ExperimentConfig.AvailableExperiments()) stdout.WriteLine(e);
+                    return 0;
+                case "prepare":
+                    return Prepare(args.Skip(1).ToArray(), stdout, stderr);
+                default:
+                    stderr.WriteLine($"unknown command '{args[0]}'; valid commands: train, prepare, experiments, show, --help");
+                    return 2;
+            }
+        }
+        catch (ConfigException e)
+        {
+            stderr.WriteLine("error: " + e.Message);
+            return 2;
+        }
+        catch (Exception e) when (e is ArgumentException or FileNotFoundException or InvalidDataException or IOException)
+        {
+            stderr.WriteLine("error: " + e.Message);
+            return 1;
+        }
+    }
+
+    static int Prepare(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        var positional = new List<string>();
+        var options = new PrepareOptions();
+        string dataDir = TokenCache.DefaultDataDir;
+        for (int i = 0; i < args.Length; i++)
+        {
+            string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value");
+            switch (args[i])
+            {
+                case "--val-ratio": options = options with { ValRatio = double.Parse(Value(), CultureInfo.InvariantCulture) }; break;
+                case "--val-split-seed": options = options with { ValSplitSeed = long.Parse(Value(), CultureInfo.InvariantCulture) }; break;
+                case "--threads": options = options with { Threads = int.Parse(Value(), CultureInfo.InvariantCulture) }; break;
+                case "--tokenizer": options = options with { Tokenizer = Value() }; break;
+                case "--data-dir": dataDir = Value(); break;
+                case "--no-progress": options = options with { Progress = false }; break;
+                case var a when a.StartsWith("--"): throw new ArgumentException($"unknown option {a}; valid: --val-ratio, --val-split-seed, --threads, --tokenizer, --data-dir, --no-progress");
+                default: positional.Add(args[i]); break;
+            }
+        }
+        if (positional.Count < 2)
+        {
+            stderr.WriteLine("usage: flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N]");
+            return 2;
+        }
+        var meta = TokenCache.Prepare(dataDir, positional[0], positional.Skip(1).ToList(), options, stderr);
+        stdout.WriteLine($"{TokenCache.PathFor(dataDir, positional[0])}: {meta.Documents:N0} documents, {meta.TrainTokens:N0} train + {meta.ValTokens:N0} val tokens ({meta.Tokenizer})");
+        return 0;
+    }
+}

@@ -1,0 +1,107 @@
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Models.Training;
+
+/// <summary>Checkpoints: a folder <c>checkpoints/step-NNNNNNN/</c> with <c>state.bin</c> (named tensors:
+/// fp32 master weights and Adam moments) and <c>trainer.json</c> (step, data sampler position, loss
+/// scale, Adam's step count, the resolved config). Written into a temporary folder and renamed, then
+/// <c>checkpoints/last</c> (a one-line pointer) is replaced atomically: a killed save never leaves a
+/// checkpoint that looks complete.</summary>
+public static class Checkpoint
+{
+    const string Magic = "FATCKPT1";
+
+    public static string Save(string checkpointsDir, long step, IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState, int keep = 2)
+    {
+        Directory.CreateDirectory(checkpointsDir);
+        var name = $"step-{step:D7}";
+        var final = Path.Combine(checkpointsDir, name);
+        var tmp = Path.Combine(checkpointsDir, $".{name}.tmp-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(tmp);
+        try
+        {
+            WriteTensors(Path.Combine(tmp, "state.bin"), tensors);
+            File.WriteAllText(Path.Combine(tmp, "trainer.json"), trainerState.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
+            Directory.Move(tmp, final);
+        }
+        catch
+        {
+            try { Directory.Delete(tmp, true); } catch { }
+            throw;
+        }
+        var pointerTmp = Path.Combine(checkpointsDir, $".last.tmp-{Guid.NewGuid():N}");
+        File.WriteAllText(pointerTmp, name + "\n");
+        File.Move(pointerTmp, Path.Combine(checkpointsDir, "last"), overwrite: true);
+        // keep the newest `keep` progress checkpoints
+        if (keep > 0)
+            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Order(StringComparer.Ordinal).SkipLast(keep))
+                try { Directory.Delete(old, true); } catch { }
+        return final;
+    }
+
+    /// <summary>Resolves "last" (the pointer in checkpointsDir) or a folder path.</summary>
+    public static string Resolve(string spec, string checkpointsDir)
+    {
+        if (spec == "last")
+        {
+            var pointer = Path.Combine(checkpointsDir, "last");
+            if (!File.Exists(pointer)) throw new FileNotFoundException($"resume=last: no checkpoint in {checkpointsDir}");
+            return Path.Combine(checkpointsDir, File.ReadAllText(pointer).Trim());
+        }
+        if (!File.Exists(Path.Combine(spec, "trainer.json"))) throw new FileNotFoundException($"resume={spec}: not a checkpoint folder (no trainer.json)");
+        return spec;
+    }
+
+    public static (Dictionary<string, Tensor> tensors, JsonObject state) Load(string dir)
+    {
+        var state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer.json")))!.AsObject();
+        return (ReadTensors(Path.Combine(dir, "state.bin")), state);
+    }
+
+    public static void WriteTensors(string path, IReadOnlyDictionary<string, Tensor> tensors)
+    {
+        using var fs = new FileStream(path, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20);
+        using var w = new BinaryWriter(fs, Encoding.UTF8);
+        w.Write(Magic);
+        w.Write(tensors.Count);
+        foreach (var (name, t) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
+        {
+            using var c = t.detach().cpu().contiguous();
+            w.Write(name);
+            w.Write((int)c.dtype);
+            w.Write((int)c.dim());
+            foreach (var d in c.shape) w.Write(d);
+            var bytes = c.bytes;
+            w.Write((long)bytes.Length);
+            w.Write(bytes);
+        }
+        w.Flush();
+        fs.Flush(true);
+    }
+
+    public static Dictionary<string, Tensor> ReadTensors(string path)
+    {
+        using var r = new BinaryReader(File.OpenRead(path), Encoding.UTF8);
+        if (r.ReadString() != Magic) throw new InvalidDataException($"{path}: not a FlashAttn checkpoint");
+        int n = r.ReadInt32();
+        var result = new Dictionary<string, Tensor>();
+        for (int i = 0; i < n; i++)
+        {
+            var name = r.ReadString();
+            var dtype = (ScalarType)r.ReadInt32();
+            var shape = new long[r.ReadInt32()];
+            for (int d = 0; d < shape.Length; d++) shape[d] = r.ReadInt64();
+            long len = r.ReadInt64();
+            var t = empty(shape, dtype);
+            var buf = r.ReadBytes(checked((int)len));
+            t.bytes = buf;
+            result[name] = t;
+        }
+        return result;
+    }
+}

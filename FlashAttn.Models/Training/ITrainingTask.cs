@@ -1,0 +1,29 @@
+using System.Text.Json.Nodes;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Models.Training;
+
+/// <summary>What the trainer needs from a task (model + data + loss); the trainer itself knows no
+/// model or data format.</summary>
+public interface ITrainingTask : IDisposable
+{
+    string Description { get; }
+    nn.Module Model { get; }
+    /// <summary>Every trainable parameter, with whether it takes weight decay.</summary>
+    IReadOnlyList<(string name, Parameter parameter, bool weight_decay)> Parameters { get; }
+    /// <summary>Throughput unit: "tok" (tokens) or "img".</summary>
+    string Unit { get; }
+    /// <summary>Units per sample: the sequence length, or 1 image.</summary>
+    long UnitsPerSample { get; }
+    /// <summary>Training FLOPs (forward + backward) per sample, for MFU.</summary>
+    double FlopsPerSample { get; }
+    /// <summary>Mean loss of the next micro-batch of <paramref name="batchSize"/> training samples.</summary>
+    Tensor TrainLoss(int batchSize);
+    /// <summary>Validation metrics (val_loss first) over at most maxBatches batches (0: all).</summary>
+    IReadOnlyDictionary<string, double> Evaluate(int batchSize, int maxBatches);
+    /// <summary>The training data order's position (saved in checkpoints; restored on resume).</summary>
+    JsonNode SamplerState { get; set; }
+    void SaveWeights(string path);
+}

@@ -1,0 +1,114 @@
+using System.Text.Json.Nodes;
+using FlashAttn.Models.Data;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Models.Training;
+
+/// <summary>ViT classification on an image folder (<see cref="ImageFolder"/>): ImageSharp decoding,
+/// random-resized crop + flip for training, resize + center crop for validation; loss and top-1 accuracy.</summary>
+public sealed class ImageClassificationTask : ITrainingTask
+{
+    readonly VisionTransformer _model;
+    readonly ImageFolder _train;
+    readonly IReadOnlyList<(string path, int label)> _val;
+    readonly IndexSampler _sampler;
+    readonly Device _device;
+    readonly ScalarType _dtype;
+    readonly int _size;
+    readonly long _seed;
+
+    public ImageClassificationTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
+    {
+        _device = device; _dtype = dtype; _seed = c.Int("seed");
+        var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
+        var root = c.Str("datamodule.dataset");
+        if (!Path.IsPathRooted(root) && !Directory.Exists(root)) root = Path.Combine(dataDir, root);
+        IReadOnlyList<string> classes;
+        (_train, _val, classes) = ImageFolder.Open(root, c.Float("datamodule.val_ratio"), c.Int("datamodule.val_split_seed"));
+        _size = (int)c.Int("datamodule.image_size");
+        var v = ViTConfig.Named(c.Str("model.name")) with { num_classes = classes.Count, img_size = _size };
+        if (c.IntOrNull("model.config.n_layer") is { } l) v = v with { depth = l };
+        if (c.IntOrNull("model.config.n_embd") is { } e) v = v with { embed_dim = e };
+        if (c.IntOrNull("model.config.n_head") is { } h) v = v with { num_heads = h };
+        if (c.FloatOrNull("model.config.dropout") is { } d) v = v with { drop_rate = d };
+        if (c.BoolOrNull("model.config.use_flash_attn") is { } fa) v = v with { use_flash_attn = fa };
+        if (c.BoolOrNull("model.config.fused_bias_fc") is { } fb) v = v with { fused_bias_fc = fb };
+        if (c.BoolOrNull("model.config.fused_mlp") is { } fm) v = v with { fused_mlp = fm };
+        if (c.BoolOrNull("model.config.fused_dropout_add_ln") is { } fl) v = v with { fused_dropout_add_ln = fl };
+        if (c.BoolOrNull("model.config.fused_cross_entropy") is { } fc) v = v with { fused_cross_entropy = fc };
+        if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) v = v with { residual_in_fp32 = rf };
+        if (device.type == DeviceType.CPU && c["model.config.use_flash_attn"] is null && c["model.config.fused_bias_fc"] is null) v = v.WithFusions(false);
+        _model = new VisionTransformer(v, device, dtype);
+        Parameters = _model.parameter_groups().ToList();
+        long T = v.num_patches + 1;
+        FlopsPerSample = 6.0 * _model.num_parameters() * T + 12.0 * v.depth * v.embed_dim * T * T;
+        _sampler = new IndexSampler(_train.Items.Count, _seed);
+        Description = $"ViT {c.Str("model.name")} ({_model.num_parameters() / 1e6:F1}M parameters, {_size}px) on {root} " +
+            $"({classes.Count} classes, {_train.Items.Count:N0} train / {_val.Count:N0} val images)";
+    }
+
+    public string Description { get; }
+    public nn.Module Model => _model;
+    public IReadOnlyList<(string name, Parameter parameter, bool weight_decay)> Parameters { get; }
+    public string Unit => "img";
+    public long UnitsPerSample => 1;
+    public double FlopsPerSample { get; }
+
+    public JsonNode SamplerState
+    {
+        get => new JsonObject { ["epoch"] = _sampler.State.Epoch, ["position"] = _sampler.State.Position };
+        set => _sampler.State = new SamplerState(value["epoch"]!.GetValue<long>(), value["position"]!.GetValue<long>());
+    }
+
+    (Tensor images, Tensor labels) Batch(IReadOnlyList<(string path, int label)> items, bool train, (long epoch, long position)[]? at)
+    {
+        int n = items.Count, per = 3 * _size * _size;
+        var pixels = new float[n * per];
+        var labels = new long[n];
+        Parallel.For(0, n, i =>
+        {
+            // augmentation randomness is a function of (seed, epoch, position): resume reproduces it
+            var rng = new SplitMix64((ulong)_seed * 0x2545F4914F6CDD1DUL ^ (ulong)(at?[i].epoch ?? 0) * 0x9E3779B97F4A7C15UL ^ (ulong)(at?[i].position ?? i));
+            ImageFolder.Load(items[i].path, _size, train, ref rng, pixels, i * per);
+            labels[i] = items[i].label;
+        });
+        var x = tensor(pixels, [n, 3, _size, _size]).to(_dtype).to(_device);
+        return (x, tensor(labels).to(_device));
+    }
+
+    public Tensor TrainLoss(int batchSize)
+    {
+        var drawn = _sampler.Next(batchSize);
+        var (x, y) = Batch(drawn.Select(d => _train.Items[(int)d.index]).ToList(), true, drawn.Select(d => (d.epoch, d.position)).ToArray());
+        return _model.loss(x, y);
+    }
+
+    public IReadOnlyDictionary<string, double> Evaluate(int batchSize, int maxBatches)
+    {
+        if (_val.Count == 0) return new Dictionary<string, double>();
+        _model.eval();
+        try
+        {
+            using var _ = no_grad();
+            double lossSum = 0; long correct = 0, total = 0; int batches = 0;
+            for (int start = 0; start < _val.Count && (maxBatches <= 0 || batches < maxBatches); start += batchSize, batches++)
+            {
+                using var scope = NewDisposeScope();
+                var items = _val.Skip(start).Take(batchSize).ToList();
+                var (x, y) = Batch(items, false, null);
+                var logits = _model.forward(x).to(ScalarType.Float32);
+                lossSum += nn.functional.cross_entropy(logits, y).item<float>() * items.Count;
+                correct += logits.argmax(1).eq(y).sum().item<long>();
+                total += items.Count;
+            }
+            return new Dictionary<string, double> { ["val_loss"] = lossSum / total, ["val_acc"] = (double)correct / total };
+        }
+        finally { _model.train(); }
+    }
+
+    public void SaveWeights(string path) => _model.save_safetensors(path);
+
+    public void Dispose() => _model.Dispose();
+}

@@ -1,0 +1,142 @@
+using System.Text.Json.Nodes;
+using FlashAttn.Models.Data;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Models.Training;
+
+/// <summary>GPT language modelling on a token cache (<see cref="TokenCache"/>), prepared on first use
+/// from datamodule.sources like the seed's datamodule.</summary>
+public sealed class LanguageModelingTask : ITrainingTask
+{
+    readonly GPTLMHeadModel _model;
+    readonly TokenArray _train, _val;
+    readonly LmBatchSampler _sampler;
+    readonly Device _device;
+    readonly int _seqlen;
+
+    public LanguageModelingTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
+    {
+        _device = device;
+        _seqlen = checked((int)c.Int("datamodule.max_length"));
+        var tokenizer = TextTokenizer.Get(c.Str("datamodule.tokenizer"));
+        var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
+        var name = c.Str("datamodule.dataset");
+        var dir = TokenCache.PathFor(dataDir, name);
+        if (!TokenCache.IsComplete(dir))
+        {
+            // a relative source that does not exist from the working directory is looked up under the data folder
+            var sources = c.Str("datamodule.sources").Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
+                .Select(s => s.StartsWith(CorpusReader.EmbeddedPrefix) || Path.IsPathRooted(s) || File.Exists(s) || Directory.Exists(s) ? s : Path.Combine(dataDir, s))
+                .ToList();
+            foreach (var s in sources)
+                if (!s.StartsWith(CorpusReader.EmbeddedPrefix) && !File.Exists(s) && !Directory.Exists(s))
+                    throw new FileNotFoundException($"token cache {dir} is missing and its source {s} (datamodule.sources) does not exist: put the corpus there (e.g. OpenWebText's parquet files from the Hub, the Pile's .jsonl.zst) or run `flashattn prepare {name} <inputs...>`, or set datamodule.sources");
+            log.WriteLine($"token cache {dir} missing: preparing it from {string.Join(", ", sources)}");
+            TokenCache.Prepare(dataDir, name, sources, new PrepareOptions
+            {
+                Tokenizer = tokenizer.Name, ValRatio = c.Float("datamodule.val_ratio"), ValSplitSeed = c.Int("datamodule.val_split_seed"),
+            }, log);
+        }
+        TokenCacheMeta meta;
+        (_train, _val, meta) = TokenCache.Open(dir, tokenizer);
+        Config = BuildModelConfig(c, meta.VocabSize);
+        if (device.type == DeviceType.CPU && FusionKeys.All(k => c[k] is null))
+        {
+            // the fused kernels are CUDA; on a CPU their reference paths are slower than the plain modules
+            Config = Config.WithFusions(false);
+            log.WriteLine("CPU: fused kernels off (set model.config.use_flash_attn etc. to force them)");
+        }
+        if (Config.rotary_emb_fraction == 0 && Config.n_positions < _seqlen)
+            throw new ConfigException($"datamodule.max_length={_seqlen} exceeds the model's n_positions={Config.n_positions}; set model.config.n_positions or a shorter datamodule.max_length");
+        _sampler = new LmBatchSampler(_train, _seqlen, c.Int("seed"));
+        if (_val.Length <= _seqlen) log.WriteLine($"warning: validation split of {dir} has {_val.Length} tokens (< one sequence); no validation. Raise datamodule.val_ratio and re-prepare.");
+        _model = new GPTLMHeadModel(Config, device, dtype);
+        Parameters = _model.parameter_groups().ToList();
+        FlopsPerSample = _model.flops_per_token(_seqlen) * _seqlen;
+        Description = $"GPT {c.Str("model.name")} (n_layer {Config.n_layer}, n_embd {Config.n_embd}, n_head {Config.n_head}, " +
+            $"{_model.num_parameters() / 1e6:F1}M parameters, {_model.num_parameters(true) / 1e6:F1}M without embeddings) on {name} " +
+            $"({meta.TrainTokens:N0} train / {meta.ValTokens:N0} val tokens, {_sampler.NumSequences:N0} sequences of {_seqlen})";
+    }
+
+    static readonly string[] FusionKeys = ["model.config.use_flash_attn", "model.config.fused_bias_fc", "model.config.fused_mlp",
+        "model.config.fused_dropout_add_ln", "model.config.fused_cross_entropy"];
+
+    /// <summary>GPTConfig.Named(model.name) with the model.config.* overrides and the cache's vocabulary.</summary>
+    public static GPTConfig BuildModelConfig(ExperimentConfig c, int vocabSize)
+    {
+        var g = GPTConfig.Named(c.Str("model.name")) with { vocab_size = vocabSize };
+        if (c.IntOrNull("model.config.n_layer") is { } l) g = g with { n_layer = l };
+        if (c.IntOrNull("model.config.n_embd") is { } e) g = g with { n_embd = e };
+        if (c.IntOrNull("model.config.n_head") is { } h) g = g with { n_head = h };
+        if (c.IntOrNull("model.config.n_positions") is { } p) g = g with { n_positions = p };
+        if (c.FloatOrNull("model.config.rotary_emb_fraction") is { } r) g = g with { rotary_emb_fraction = r };
+        if (c.FloatOrNull("model.config.dropout") is { } d) g = g with { resid_pdrop = d, embd_pdrop = d, attn_pdrop = d };
+        if (c.BoolOrNull("model.config.use_flash_attn") is { } fa) g = g with { use_flash_attn = fa };
+        if (c.BoolOrNull("model.config.fused_bias_fc") is { } fb) g = g with { fused_bias_fc = fb };
+        if (c.BoolOrNull("model.config.fused_mlp") is { } fm) g = g with { fused_mlp = fm };
+        if (c.BoolOrNull("model.config.fused_dropout_add_ln") is { } fl) g = g with { fused_dropout_add_ln = fl };
+        if (c.BoolOrNull("model.config.fused_cross_entropy") is { } fc) g = g with { fused_cross_entropy = fc };
+        if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) g = g with { residual_in_fp32 = rf };
+        return g;
+    }
+
+    public GPTConfig Config { get; }
+    public GPTLMHeadModel GPT => _model;
+    public string Description { get; }
+    public nn.Module Model => _model;
+    public IReadOnlyList<(string name, Parameter parameter, bool weight_decay)> Parameters { get; }
+    public string Unit => "tok";
+    public long UnitsPerSample => _seqlen;
+    public double FlopsPerSample { get; }
+
+    public JsonNode SamplerState
+    {
+        get => new JsonObject { ["epoch"] = _sampler.State.Epoch, ["position"] = _sampler.State.Position };
+        set => _sampler.State = new SamplerState(value["epoch"]!.GetValue<long>(), value["position"]!.GetValue<long>());
+    }
+
+    public Tensor TrainLoss(int batchSize) => Loss(_sampler.Next(batchSize), batchSize);
+
+    // No dispose scope here: custom autograd functions keep C# handles of what they save for
+    // backward; the trainer's per-step scope frees everything after backward.
+    Tensor Loss(long[] rows, int batchSize)
+    {
+        var x = tensor(rows, [batchSize, _seqlen + 1], ScalarType.Int64).to(_device);
+        var input = x.narrow(1, 0, _seqlen).contiguous();
+        var labels = x.narrow(1, 1, _seqlen).contiguous();
+        return _model.loss(input, labels);
+    }
+
+    public IReadOnlyDictionary<string, double> Evaluate(int batchSize, int maxBatches)
+    {
+        if (_val.Length <= _seqlen) return new Dictionary<string, double>();
+        _model.eval();
+        try
+        {
+            using var _ = no_grad();
+            double sum = 0; int n = 0;
+            int bs = (int)Math.Max(1, Math.Min(batchSize, (_val.Length - 1) / _seqlen));
+            foreach (var rows in LmBatchSampler.Sequential(_val, _seqlen, bs, maxBatches))
+            {
+                using var scope = NewDisposeScope();
+                var loss = Loss(rows, bs);
+                sum += loss.to(ScalarType.Float32).item<float>();
+                n++;
+            }
+            double mean = sum / Math.Max(1, n);
+            return new Dictionary<string, double> { ["val_loss"] = mean, ["val_ppl"] = Math.Exp(mean) };
+        }
+        finally { _model.train(); }
+    }
+
+    public void SaveWeights(string path) => _model.save_safetensors(path);
+
+    public void Dispose()
+    {
+        _model.Dispose();
+        _train.Dispose();
+        _val.Dispose();
+    }
+}

@@ -1,0 +1,128 @@
+using System.Text.Json.Nodes;
+using FlashAttn.Models.Data;
+using FlashAttn.Models.Training;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Tests;
+
+/// <summary>The trainer on CPU with small GPTs: exact resume, falling loss of the tiny experiment
+/// on the embedded corpus, outputs (metrics.jsonl, TensorBoard events, PNG), AdamW against TorchSharp's.</summary>
+[NonParallelizable]
+public class TrainingTests
+{
+    static string _root = "";
+    static string DataDir => Path.Combine(_root, "data");
+
+    [OneTimeSetUp]
+    public void OneTimeSetUp() => Directory.CreateDirectory(_root = Path.Combine(Path.GetTempPath(), "flashattn-train-" + Guid.NewGuid().ToString("N")));
+
+    [OneTimeTearDown]
+    public void OneTimeTearDown() { try { Directory.Delete(_root, true); } catch { } }
+
+    static string SmallCorpus()
+    {
+        var path = Path.Combine(_root, "small.jsonl");
+        if (!File.Exists(path))
+            File.WriteAllLines(path, CorpusReader.ReadDocuments(["embedded:kjv"]).Take(40).Select(t => new JsonObject { ["text"] = t }.ToJsonString()));
+        return path;
+    }
+
+    static string[] SmallRun(string name, params string[] extra) =>
+    [
+        "experiment=tiny", $"name={name}", $"trainer.default_root_dir={Path.Combine(_root, "runs")}", $"datamodule.data_dir={DataDir}",
+        "datamodule.dataset=small", $"datamodule.sources={SmallCorpus()}", "datamodule.val_ratio=0.1",
+        "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", "model.config.dropout=0.1",
+        "datamodule.max_length=16", "datamodule.batch_size=2", "train.global_batch_size=4", "train.scheduler.warmup_steps=2",
+        "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "trainer.progress_bar=false",
+        "trainer.tensorboard=false", "trainer.plot=false", .. extra,
+    ];
+
+    [Test]
+    public void ResumeReproducesTheLossesOfAnUninterruptedRun()
+    {
+        var full = new Trainer(ExperimentConfig.Parse(SmallRun("full")), TextWriter.Null).Run();
+        Assert.That(full.Losses, Has.Count.EqualTo(6));
+        Assert.That(ExperimentConfig.Parse(SmallRun("x")).Accumulation, Is.EqualTo(2));
+        // the same run stopped after 3 steps (checkpoint), then resumed to 6
+        var first = new Trainer(ExperimentConfig.Parse(SmallRun("split", "trainer.max_steps=3", "train.scheduler.num_training_steps=6")), TextWriter.Null).Run();
+        Assert.That(first.Losses, Is.EqualTo(full.Losses.Take(3)).Within(1e-6));
+        var rest = new Trainer(ExperimentConfig.Parse(SmallRun("split", "resume=last")), TextWriter.Null).Run();
+        Assert.That(rest.Steps, Is.EqualTo(3));
+        Assert.That(rest.Losses, Is.EqualTo(full.Losses.Skip(3)).Within(1e-5), "resume continues data order, schedule, optimizer and dropout");
+        // metrics.jsonl of the resumed run holds every step once
+        var steps = File.ReadAllLines(Path.Combine(rest.RunDir, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).Where(n => n["loss"] != null)
+            .Select(n => n["step"]!.GetValue<long>()).ToList();
+        Assert.That(steps, Is.EqualTo(new long[] { 1, 2, 3, 4, 5, 6 }));
+        // checkpoints are complete folders behind an atomically replaced pointer
+        var ckpts = Path.Combine(rest.RunDir, "checkpoints");
+        Assert.That(File.ReadAllText(Path.Combine(ckpts, "last")).Trim(), Is.EqualTo("step-0000006"));
+        Assert.That(Directory.GetDirectories(ckpts).Select(Path.GetFileName), Has.None.StartsWith("."));
+    }
+
+    [Test]
+    public void TinyExperimentLossFallsOnCpu()
+    {
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var log = new StringWriter();
+        // the default experiment on the embedded corpus, shortened for CI (the full one: README's main job)
+        var r = new Trainer(ExperimentConfig.Parse([
+            $"trainer.default_root_dir={Path.Combine(_root, "runs")}", $"datamodule.data_dir={DataDir}",
+            "trainer.max_steps=30", "datamodule.batch_size=4", "train.global_batch_size=4", "datamodule.max_length=64",
+            "train.scheduler.warmup_steps=5", "trainer.val_check_interval=15", "trainer.limit_val_batches=4", "trainer.checkpoint_every_n_steps=0",
+        ]), log).Run();
+        TestContext.Progress.WriteLine($"tiny (shortened): {sw.Elapsed.TotalSeconds:F1} s, loss {r.FirstLoss:F3} -> {r.LastLoss:F3}, val {r.ValLoss:F3}");
+        Assert.That(r.FirstLoss, Is.EqualTo(Math.Log(50257)).Within(0.3), "starts near uniform over the vocabulary");
+        Assert.That(r.Losses.TakeLast(5).Average(), Is.LessThan(r.FirstLoss - 1.5), log.ToString());
+        Assert.That(r.ValLoss, Is.LessThan(r.FirstLoss - 1.0));
+        Assert.That(File.Exists(r.PlotPath), "PNG plot");
+        var png = File.ReadAllBytes(r.PlotPath!);
+        Assert.That(png.Take(4), Is.EqualTo(new byte[] { 0x89, (byte)'P', (byte)'N', (byte)'G' }));
+        Assert.That(File.ReadLines(Path.Combine(r.RunDir, "metrics.jsonl")).Count(), Is.GreaterThanOrEqualTo(30));
+        Assert.That(Directory.EnumerateFiles(Path.Combine(r.RunDir, "tensorboard"), "*tfevents*", SearchOption.AllDirectories), Is.Not.Empty, "TensorBoard event file");
+        Assert.That(File.Exists(Path.Combine(r.RunDir, "config.yaml")));
+        Assert.That(TokenCache.IsComplete(Path.Combine(DataDir, "kjv")), "the run prepared the embedded corpus's cache");
+    }
+
+    [Test]
+    public void AdamWMatchesTorchSharpsWithDecayGroups()
+    {
+        manual_seed(3);
+        var w0 = randn(4, 5); var b0 = randn(5);
+        var w1 = new TorchSharp.Modules.Parameter(w0.clone()); var b1 = new TorchSharp.Modules.Parameter(b0.clone());
+        var w2 = new TorchSharp.Modules.Parameter(w0.clone()); var b2 = new TorchSharp.Modules.Parameter(b0.clone());
+        using var ours = new MixedPrecisionAdamW([("w", w1, true), ("b", b1, false)], Precision.Fp32, 0.9, 0.95, 1e-8, 0.1);
+        var theirs = optim.AdamW([new TorchSharp.Modules.AdamW.ParamGroup([w2], lr: 1e-2, beta1: 0.9, beta2: 0.95, weight_decay: 0.1),
+                                  new TorchSharp.Modules.AdamW.ParamGroup([b2], lr: 1e-2, beta1: 0.9, beta2: 0.95, weight_decay: 0.0)], lr: 1e-2);
+        for (int i = 0; i < 5; i++)
+        {
+            var x = randn(3, 4);
+            ((x.matmul(w1) + b1).square().sum()).backward();
+            ((x.matmul(w2) + b2).square().sum()).backward();
+            ours.Step(1e-2, clipNorm: 0);
+            theirs.step();
+            ours.ZeroGrad(); theirs.zero_grad();
+        }
+        Assert.That(w1.allclose(w2, 1e-5, 1e-6) && b1.allclose(b2, 1e-5, 1e-6), $"{(w1 - w2).abs().max().item<float>()}");
+    }
+
+    [Test]
+    public void Bf16KeepsFp32MasterWeightsAndClipsTheNorm()
+    {
+        var p = new TorchSharp.Modules.Parameter(ones(8, dtype: ScalarType.BFloat16));
+        using var opt = new MixedPrecisionAdamW([("p", p, false)], Precision.Bf16, weightDecay: 0);
+        (p.to(ScalarType.Float32) * 1000).sum().backward();
+        var (norm, stepped) = opt.Step(1e-4, clipNorm: 1.0);
+        Assert.That(stepped);
+        Assert.That(norm, Is.EqualTo(1000 * Math.Sqrt(8)).Within(1.0));
+        var master = opt.StateTensors()["master.p"];
+        Assert.That(master.dtype, Is.EqualTo(ScalarType.Float32));
+        Assert.That(master[0].item<float>(), Is.EqualTo(1 - 1e-4).Within(1e-6), "a step smaller than bf16's resolution lives in the fp32 master");
+        Assert.That(p.dtype, Is.EqualTo(ScalarType.BFloat16));
+        // fp16 overflow: a non-finite gradient skips the step
+        opt.ZeroGrad();
+        (p.to(ScalarType.Float32) * float.PositiveInfinity).sum().backward();
+        Assert.That(opt.Step(1e-4, 1.0, lossScale: 65536).stepped, Is.False);
+    }
+}
