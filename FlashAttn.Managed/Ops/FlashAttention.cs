@@ -137,9 +137,18 @@ public static partial class flash_attn
             var p = new[] { 0L, pad };
             (q, k, v) = (nn.functional.pad(q, p), nn.functional.pad(k, p), nn.functional.pad(v, p));
         }
+        (q, k, v) = (KernelLayout(q), KernelLayout(k), KernelLayout(v));
         var r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
         var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
         return new FlashAttnResult(output, r[1], opts.ReturnDropoutMask ? r[2] : null);
+    }
+
+    // The kernels load 16-byte vectors: base pointers 16-byte aligned and every stride a multiple of
+    // 8 elements. Views that miss it (odd packing) are copied, as flash-attn's maybe_contiguous does.
+    internal static Tensor KernelLayout(Tensor t)
+    {
+        bool aligned = (long)Ptr(t) % 16 == 0 && t.stride().Take(t.dim() - 1).All(s => s % 8 == 0);
+        return aligned ? t : t.contiguous();
     }
 
     internal static void ValidateAttention(Tensor q, Tensor k, Tensor v, Tensor? cuQ, Tensor? cuK, long? maxSq, long? maxSk,
@@ -210,7 +219,8 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         var lse = g.Varlen ? empty(g.H, q.shape[0], dtype: ScalarType.Float32, device: q.device)
                            : empty(g.B, g.H, g.Sq, dtype: ScalarType.Float32, device: q.device);
         var mask = opts.ReturnDropoutMask && opts.DropoutP > 0 && !g.Varlen
-            ? empty(new[] { g.B, g.H, g.Sq, g.Sk }, dtype: ScalarType.Byte, device: q.device) : null;
+            // zeros: the kernel skips key blocks that causal/window masking rules out entirely
+            ? zeros(new[] { g.B, g.H, g.Sq, g.Sk }, dtype: ScalarType.Byte, device: q.device) : null;
         using (var scope = NewDisposeScope())
         {
             var wsBytes = NativeMethods.FlashAttn_flash_fwd_workspace_size(g.B, g.Sq, g.Sk, g.H, g.Hk, g.D);
@@ -244,7 +254,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         var (q, k, v, output, lse) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
         var g = (Geometry)ctx.get_data("geometry");
         var opts = (AttentionOptions)ctx.get_data("options");
-        var dout = grads[0].shape[^1] <= 1 || grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous();
+        var dout = flash_attn.KernelLayout(grads[0].shape[^1] <= 1 || grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous());
         var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
         using (var scope = NewDisposeScope())
         {

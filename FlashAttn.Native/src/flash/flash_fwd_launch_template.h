@@ -11,9 +11,8 @@ namespace flash {
 template <typename T, int kHeadDim>
 FlashAttnStatus run_mha_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function);
 
-template <typename T, int kHeadDim>
-FlashAttnStatus launch_mha_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function) {
-  using Tr = FwdTraits<kHeadDim, T>;
+template <typename Tr>
+FlashAttnStatus launch_fwd_with(const FlashFwdParams& p, cudaStream_t stream, const char* function) {
   const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
   const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
   auto kernel = full ? flash_fwd_kernel<Tr, true> : flash_fwd_kernel<Tr, false>;
@@ -26,6 +25,11 @@ FlashAttnStatus launch_mha_fwd(const FlashFwdParams& p, cudaStream_t stream, con
   }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return check_launch(function, "flash_fwd_kernel");
+}
+
+template <typename T, int kHeadDim>
+FlashAttnStatus launch_mha_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function) {
+  return launch_fwd_with<FwdTraits<kHeadDim, T>>(p, stream, function);
 }
 
 }  // namespace flash
