@@ -147,7 +147,7 @@ public static partial class flash_attn
     // 8 elements. Views that miss it (odd packing) are copied, as flash-attn's maybe_contiguous does.
     internal static Tensor KernelLayout(Tensor t)
     {
-        bool aligned = (long)Ptr(t) % 16 == 0 && t.stride().Take(t.dim() - 1).All(s => s % 8 == 0);
+        bool aligned = (long)Ptr(t) % 16 == 0 && t.stride().Take((int)t.dim() - 1).All(s => s % 8 == 0);
         return aligned ? t : t.contiguous();
     }
 
