@@ -23,7 +23,7 @@ internal static class Tolerance
         Assert.That(actual.shape, Is.EqualTo(exactReference.shape), $"{what}: shape");
         var err = MaxAbsDiff(actual, exactReference);
         var refErr = MaxAbsDiff(lowPrecisionReference, exactReference);
-        var scale = exactReference.abs().max().item<double>();
+        var scale = exactReference.abs().max().to(ScalarType.Float64).item<double>();
         var floor = 1e-6 * Math.Max(scale, 1.0);
         Assert.That(err, Is.LessThanOrEqualTo(factor * refErr + floor),
             $"{what}: max error {err:G3} vs the low-precision reference's {refErr:G3} (factor {factor})");
