@@ -1,0 +1,107 @@
+using FlashAttn.Interop;
+using TorchSharp;
+using static FlashAttn.Interop.TensorArgs;
+using static TorchSharp.torch;
+
+namespace FlashAttn;
+
+public static partial class flash_attn
+{
+    /// <summary>
+    /// Incremental decoding against a KV cache, as flash_attn.flash_attn_with_kvcache (inference only,
+    /// no gradients). q (batch, seqlen_q, nheads, headdim); k_cache/v_cache (batch, seqlen_cache,
+    /// nheads_k, headdim) hold cache_seqlens[b] valid positions for sequence b. New keys/values k, v
+    /// (batch, seqlen_new, nheads_k, headdim), when given, are first rotated (rotary_cos/rotary_sin
+    /// at positions cache_seqlens[b] + t) and written into the caches in place at those positions.
+    /// q is rotated at the same positions when causal or local, else at cache_seqlens[b] for every
+    /// query (flash-attn's convention). Then q attends to the first cache_seqlens[b] + seqlen_new
+    /// positions of each cache; causal is aligned bottom-right, so the last query sees every key.
+    /// The caches must be large enough: cache_seqlens[b] + seqlen_new &lt;= seqlen_cache.
+    /// </summary>
+    /// <returns>(batch, seqlen_q, nheads, headdim), and the float32 LSE (batch, nheads, seqlen_q).</returns>
+    public static FlashAttnResult flash_attn_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,
+        Tensor? k = null, Tensor? v = null, Tensor? rotary_cos = null, Tensor? rotary_sin = null, double? softmax_scale = null,
+        bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, bool rotary_interleaved = true,
+        Tensor? alibi_slopes = null)
+    {
+        ValidateKvCache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos, rotary_sin);
+        using var grad = no_grad();
+        using var scope = NewDisposeScope();
+        long batch = q.shape[0], seqlenNew = k?.shape[1] ?? 0, cacheLength = k_cache.shape[1];
+        var lens = cache_seqlens.to(ScalarType.Int64).cpu().data<long>().ToArray();
+        for (int b = 0; b < batch; b++)
+            Require(lens[b] >= 0 && lens[b] + seqlenNew <= cacheLength, "cache_seqlens",
+                    $"cache_seqlens[{b}] ({lens[b]}) + seqlen_new ({seqlenNew}) must be within the cache's {cacheLength} positions");
+        bool local = window_size is { } w && (w.left >= 0 || w.right >= 0);
+        var offsets = cache_seqlens.to(ScalarType.Int64);
+        if (k is not null)
+        {
+            if (rotary_cos is not null) k = apply_rotary_emb(k, rotary_cos, rotary_sin!, rotary_interleaved, seqlen_offsets: offsets);
+            // positions lens[b] + t of sequence b receive the new keys and values
+            var index = (offsets.view(batch, 1) + arange(seqlenNew, dtype: ScalarType.Int64, device: q.device).view(1, seqlenNew))
+                .view(batch, seqlenNew, 1, 1).expand(k.shape);
+            k_cache.scatter_(1, index, k.to(k_cache.dtype));
+            v_cache.scatter_(1, index, v!.to(v_cache.dtype));
+        }
+        if (rotary_cos is not null)
+        {
+            q = causal || local
+                ? apply_rotary_emb(q, rotary_cos, rotary_sin!, rotary_interleaved, seqlen_offsets: offsets)
+                : RotateAllAt(q, rotary_cos, rotary_sin!, rotary_interleaved, offsets);
+        }
+        // One call when every sequence has the same length (the usual batched decode); otherwise one
+        // per sequence over its own prefix of the cache.
+        var total = lens.Select(l => l + seqlenNew).ToArray();
+        FlashAttnResult result;
+        if (total.All(t => t == total[0]))
+        {
+            result = flash_attn_func_with_lse(q, k_cache[.., ..(int)total[0]], v_cache[.., ..(int)total[0]], 0, softmax_scale, causal,
+                                              window_size, softcap, alibi_slopes);
+        }
+        else
+        {
+            var parts = Enumerable.Range(0, (int)batch).Select(b =>
+            {
+                var slopes = alibi_slopes is not null && alibi_slopes.dim() == 2 ? alibi_slopes[b..(b + 1)] : alibi_slopes;
+                return flash_attn_func_with_lse(q[b..(b + 1)], k_cache[b..(b + 1), ..(int)total[b]], v_cache[b..(b + 1), ..(int)total[b]],
+                                                0, softmax_scale, causal, window_size, softcap, slopes);
+            }).ToList();
+            result = new FlashAttnResult(cat(parts.Select(p => p.output).ToList(), 0), cat(parts.Select(p => p.softmax_lse).ToList(), 0), null);
+        }
+        return new FlashAttnResult(result.output.MoveToOuterDisposeScope(), result.softmax_lse.MoveToOuterDisposeScope(), null);
+    }
+
+    // Non-causal decoding: every query of sequence b sits at position cache_seqlens[b].
+    private static Tensor RotateAllAt(Tensor q, Tensor cos, Tensor sin, bool interleaved, Tensor offsets)
+    {
+        long batch = q.shape[0], seqlen = q.shape[1];
+        var flat = q.reshape(batch * seqlen, 1, q.shape[2], q.shape[3]);
+        var rotated = apply_rotary_emb(flat, cos, sin, interleaved, seqlen_offsets: offsets.repeat_interleave(seqlen));
+        return rotated.view(q.shape);
+    }
+
+    private static void ValidateKvCache(Tensor q, Tensor kCache, Tensor vCache, Tensor cacheSeqlens, Tensor? k, Tensor? v,
+        Tensor? cos, Tensor? sin)
+    {
+        RequireDim(q, 4, "q", "(batch, seqlen_q, nheads, headdim)");
+        RequireDim(kCache, 4, "k_cache", "(batch, seqlen_cache, nheads_k, headdim)");
+        Require(vCache.shape.SequenceEqual(kCache.shape), "v_cache", $"v_cache must have k_cache's shape {Shape(kCache)}, got {Shape(vCache)}");
+        Require(kCache.shape[0] == q.shape[0], "k_cache", $"k_cache's batch ({kCache.shape[0]}) must equal q's ({q.shape[0]})");
+        Require(kCache.dtype == q.dtype && vCache.dtype == q.dtype, "k_cache", $"the caches must have q's dtype ({q.dtype})");
+        RequireSameDevice(kCache, q, "k_cache", "q");
+        RequireSameDevice(vCache, q, "v_cache", "q");
+        RequireDim(cacheSeqlens, 1, "cache_seqlens", "(batch,)");
+        Require(cacheSeqlens.shape[0] == q.shape[0], "cache_seqlens", $"cache_seqlens must have batch ({q.shape[0]}) entries, got {cacheSeqlens.shape[0]}");
+        Require(cacheSeqlens.dtype is ScalarType.Int32 or ScalarType.Int64, "cache_seqlens", $"cache_seqlens must be int32 or int64, got {cacheSeqlens.dtype}");
+        Require((k is null) == (v is null), k is null ? "k" : "v", "k and v go together");
+        if (k is not null)
+        {
+            RequireDim(k, 4, "k", "(batch, seqlen_new, nheads_k, headdim)");
+            Require(v!.shape.SequenceEqual(k.shape), "v", $"v must have k's shape {Shape(k)}, got {Shape(v)}");
+            Require(k.shape[0] == q.shape[0] && k.shape[2] == kCache.shape[2] && k.shape[3] == kCache.shape[3], "k",
+                    $"k {Shape(k)} must match the cache's batch, heads and head dimension {Shape(kCache)}");
+            RequireSameDevice(k, q, "k", "q");
+        }
+        Require((cos is null) == (sin is null), cos is null ? "rotary_cos" : "rotary_sin", "rotary_cos and rotary_sin go together");
+    }
+}
