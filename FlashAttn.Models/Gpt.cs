@@ -645,39 +645,13 @@ public sealed class GPTLMHeadModel : nn.Module<Tensor, Tensor>
     /// <see cref="save_safetensors"/>. Every parameter must be present with a compatible shape; values are converted to the
     /// model's dtype and device. wte may have fewer rows than padded_vocab_size (the padding rows keep their values).
     /// </summary>
-    public void load_safetensors(string path)
+    public void load_safetensors(string path) => SafeTensors.LoadInto(this, path, "GPT", (key, t) =>
     {
-        var tensors = SafeTensors.Load(path);
-        try
-        {
-            var own = named_parameters().ToDictionary(np => np.name, np => np.parameter);
-            var loaded = new HashSet<string>();
-            using var _ = no_grad();
-            foreach (var (key, t) in tensors)
-            {
-                if (key.EndsWith(".attn.bias") || key.EndsWith(".attn.masked_bias")) continue; // HF's causal-mask buffers
-                var name = key.StartsWith("transformer.") || key.StartsWith("lm_head.") ? key : "transformer." + key;
-                if (name == "lm_head.weight" && config.tie_word_embeddings) continue; // the tied copy
-                if (!own.TryGetValue(name, out var p))
-                    throw new InvalidDataException($"{path}: tensor '{key}' matches no parameter of this GPT (config mismatch?)");
-                var value = IsConv1D(name) ? t.t() : t;
-                if ((name == "transformer.wte.weight" || name == "lm_head.weight") && value.dim() == 2 &&
-                    value.shape[0] <= p.shape[0] && value.shape[1] == p.shape[1])
-                    p.narrow(0, 0, value.shape[0]).copy_(value);
-                else if (value.shape.SequenceEqual(p.shape))
-                    p.copy_(value);
-                else
-                    throw new InvalidDataException($"{path}: '{key}' has shape [{string.Join(", ", t.shape)}], the model's '{name}' is [{string.Join(", ", p.shape)}]");
-                loaded.Add(name);
-            }
-            var missing = own.Keys.Where(n => !loaded.Contains(n)).ToList();
-            if (missing.Count > 0) throw new InvalidDataException($"{path}: missing parameters: {string.Join(", ", missing)}");
-        }
-        finally
-        {
-            foreach (var t in tensors.Values) t.Dispose();
-        }
-    }
+        if (key.EndsWith(".attn.bias") || key.EndsWith(".attn.masked_bias")) return null; // HF's causal-mask buffers
+        var name = key.StartsWith("transformer.") || key.StartsWith("lm_head.") ? key : "transformer." + key;
+        if (name == "lm_head.weight" && config.tie_word_embeddings) return null; // the tied copy
+        return (name, IsConv1D(name) ? t.t() : t);
+    }, name => name is "transformer.wte.weight" or "lm_head.weight");
 
     /// <summary>Writes the parameters in Hugging Face GPT-2 layout (names with "transformer.", Conv1D weights (in, out),
     /// no lm_head.weight when tied) in the model's dtype, the padded wte included, with the config as metadata.</summary>

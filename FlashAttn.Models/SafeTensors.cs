@@ -90,6 +90,44 @@ public static class SafeTensors
     /// <summary>Reads every tensor (CPU, the file's dtypes), in file order.</summary>
     public static Dictionary<string, Tensor> Load(string path) => LoadWithMetadata(path).tensors;
 
+    /// <summary>
+    /// Copies the tensors of <paramref name="path"/> into <paramref name="module"/>'s parameters.
+    /// <paramref name="map"/> turns a stored name and tensor into the parameter's name and value, or
+    /// null to skip it (identity when null). A parameter for which <paramref name="allowPrefix"/> holds
+    /// may be larger in its first dimension than the stored tensor (a padded vocabulary): the first
+    /// rows are filled. Every parameter must be loaded; a stored tensor matching none is an error.
+    /// </summary>
+    public static void LoadInto(nn.Module module, string path, string modelName,
+        Func<string, Tensor, (string name, Tensor value)?>? map = null, Func<string, bool>? allowPrefix = null)
+    {
+        var tensors = Load(path);
+        try
+        {
+            var own = module.named_parameters().ToDictionary(np => np.name, np => np.parameter);
+            var loaded = new HashSet<string>();
+            using var _ = no_grad();
+            foreach (var (key, stored) in tensors)
+            {
+                if ((map is null ? (key, stored) : map(key, stored)) is not var (name, value)) continue;
+                if (!own.TryGetValue(name, out var p))
+                    throw new InvalidDataException($"{path}: tensor '{key}' matches no parameter of this {modelName} (config mismatch?)");
+                if (allowPrefix?.Invoke(name) == true && value.dim() == 2 && value.shape[0] <= p.shape[0] && value.shape[1] == p.shape[1])
+                    p.narrow(0, 0, value.shape[0]).copy_(value);
+                else if (value.shape.SequenceEqual(p.shape))
+                    p.copy_(value);
+                else
+                    throw new InvalidDataException($"{path}: '{key}' has shape [{string.Join(", ", stored.shape)}], the model's '{name}' is [{string.Join(", ", p.shape)}]");
+                loaded.Add(name);
+            }
+            var missing = own.Keys.Where(n => !loaded.Contains(n)).ToList();
+            if (missing.Count > 0) throw new InvalidDataException($"{path}: missing parameters: {string.Join(", ", missing)}");
+        }
+        finally
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+        }
+    }
+
     /// <summary>Reads every tensor (CPU, the file's dtypes) and the metadata.</summary>
     public static (Dictionary<string, Tensor> tensors, IReadOnlyDictionary<string, string> metadata) LoadWithMetadata(string path)
     {

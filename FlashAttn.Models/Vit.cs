@@ -197,29 +197,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     /// by <see cref="save_safetensors"/>: every parameter must be present with its shape (a head of another class count must be
     /// dropped from the file first); values are converted to the model's dtype and device.
     /// </summary>
-    public void load_safetensors(string path)
-    {
-        var tensors = SafeTensors.Load(path);
-        try
-        {
-            var own = named_parameters().ToDictionary(np => np.name, np => np.parameter);
-            using var _ = no_grad();
-            foreach (var (key, t) in tensors)
-            {
-                if (!own.TryGetValue(key, out var p))
-                    throw new InvalidDataException($"{path}: tensor '{key}' matches no parameter of this ViT (config mismatch?)");
-                if (!t.shape.SequenceEqual(p.shape))
-                    throw new InvalidDataException($"{path}: '{key}' has shape [{string.Join(", ", t.shape)}], the model's is [{string.Join(", ", p.shape)}]");
-                p.copy_(t);
-            }
-            var missing = own.Keys.Where(n => !tensors.ContainsKey(n)).ToList();
-            if (missing.Count > 0) throw new InvalidDataException($"{path}: missing parameters: {string.Join(", ", missing)}");
-        }
-        finally
-        {
-            foreach (var t in tensors.Values) t.Dispose();
-        }
-    }
+    public void load_safetensors(string path) => SafeTensors.LoadInto(this, path, "ViT");
 
     /// <summary>Writes the parameters with timm's names in the model's dtype, the config as metadata.</summary>
     public void save_safetensors(string path)
