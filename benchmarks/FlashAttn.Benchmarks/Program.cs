@@ -15,8 +15,12 @@ Console.WriteLine($"# {Backend.NativeBuildInfo}; libtorch from {LibTorchLoader.L
 // Fused MLP activation memory (not a timing): PYTORCH_NO_CUDA_MEMORY_CACHING=1 ./FlashAttn.Benchmarks --dense-memory
 if (args.Length > 0 && args[0] == "--dense-memory") { Environment.ExitCode = DenseMemory.Run(); return; }
 
+// BenchmarkDotNet sizes each iteration to 500 ms by default: the attention suite alone then took
+// about 8 minutes of a 10-minute device call (2026-11-25), with medians spread under 1% (run 15).
+// 100 ms iterations cut that fivefold; check the spread when first run with them.
 var job = Job.Default.WithToolchain(InProcessEmitToolchain.Instance)
-    .WithWarmupCount(3).WithIterationCount(10).WithLaunchCount(1);
+    .WithWarmupCount(3).WithIterationCount(10).WithLaunchCount(1)
+    .WithIterationTime(Perfolizer.Horology.TimeInterval.FromMilliseconds(100));
 var config = ManualConfig.CreateMinimumViable().AddJob(job)
     .AddColumn(StatisticColumn.Median)
     .WithOptions(ConfigOptions.DisableOptimizationsValidator | ConfigOptions.JoinSummary);
