@@ -6,14 +6,15 @@ namespace FlashAttn.Tests;
 /// <summary>
 /// What a user gets from `dotnet add package FlashAttn.TorchSharp`: packs the package from this
 /// checkout into a local folder feed, installs it into a fresh console project outside the
-/// repository (so only the package's own buildTransitive targets apply), and runs rotary on CPU
-/// plus a call into the packed native library. Needs the .NET SDK; skipped where there is none.
+/// repository (so only the package's own buildTransitive targets apply), and runs on CPU: rotary,
+/// MHA and DropoutAddLayerNorm forward and backward, a tiny GPT from FlashAttn.Models, and a call
+/// into the packed native library. Needs the .NET SDK; skipped where there is none.
 /// </summary>
 [Category("Package")]
 public sealed class PackageTests
 {
     [Test]
-    public void PackedPackageInstallsIntoAFreshConsoleProjectAndRuns()
+    public void PackedPackagesInstallIntoAFreshConsoleProjectAndRun()
     {
         var root = RepoPaths.TryRoot();
         if (root is null) Assert.Ignore("not running from a repository checkout");
@@ -25,7 +26,9 @@ public sealed class PackageTests
             // A unique version: the NuGet cache never serves a stale copy of an earlier pack.
             var version = $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
             var feed = Path.Combine(work, "feed");
-            Run(root, "dotnet", $"pack FlashAttn.Managed -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
+            // FlashAttn.Models depends on FlashAttn.TorchSharp of the same version: both go to the feed.
+            foreach (var project in new[] { "FlashAttn.Managed", "FlashAttn.Models" })
+                Run(root, "dotnet", $"pack {project} -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
             var nupkg = Path.Combine(feed, $"FlashAttn.TorchSharp.{version}.nupkg");
             Assert.That(File.Exists(nupkg), Is.True, "dotnet pack wrote no FlashAttn.TorchSharp package");
             using (var zip = System.IO.Compression.ZipFile.OpenRead(nupkg))
@@ -50,6 +53,7 @@ public sealed class PackageTests
                 """);
             Run(app, "dotnet", "add package TorchSharp-cpu --version 0.107.0");
             Run(app, "dotnet", $"add package FlashAttn.TorchSharp --version {version}");
+            Run(app, "dotnet", $"add package FlashAttn.Models --version {version}");
             File.WriteAllText(Path.Combine(app, "Program.cs"), """
                 using FlashAttn;
                 using TorchSharp;
@@ -60,7 +64,16 @@ public sealed class PackageTests
                 y.sum().backward();
                 // A rotation keeps each head's norm.
                 var normErr = (y.norm(-1) - x.norm(-1)).abs().max().item<float>();
-                Console.WriteLine($"norm-err {normErr:E2} grad {x.grad!.shape.Length} native [{Backend.NativeBuildInfo}]");
+                // The drop-in modules a TorchSharp model swaps in, forward and backward.
+                using var mha = layers.MHA(32, 4, num_heads_kv: 2, causal: true, rotary_emb_dim: 8);
+                using var ln = layers.DropoutAddLayerNorm(32, prenorm: true);
+                var h = randn(2, 7, 32, requires_grad: true);
+                var (z, residual) = ln.forward(mha.forward(h), h);
+                (z.sum() + residual!.sum()).backward();
+                using var gpt = new FlashAttn.Models.GPTLMHeadModel(FlashAttn.Models.GPTConfig.Named("tiny"));
+                var ids = randint(0, 256, new long[] { 2, 16 });
+                gpt.loss(ids, ids).backward();
+                Console.WriteLine($"norm-err {normErr:E2} grads {x.grad!.shape.Length} {h.grad!.shape.Length} native [{Backend.NativeBuildInfo}]");
                 """);
             var output = Run(app, "dotnet", "run -c Release");
             Assert.That(output, Does.Contain("native [FlashAttn.Native"));
