@@ -17,8 +17,49 @@ public static class Checkpoint
 
     public static string Save(string checkpointsDir, long step, IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState, int keep = 2)
     {
-        Directory.CreateDirectory(checkpointsDir);
         var name = $"step-{step:D7}";
+        var final = WriteFolder(checkpointsDir, name, tensors, trainerState);
+        var pointerTmp = Path.Combine(checkpointsDir, $".last.tmp-{Guid.NewGuid():N}");
+        File.WriteAllText(pointerTmp, name + "\n");
+        File.Move(pointerTmp, Path.Combine(checkpointsDir, "last"), overwrite: true);
+        // keep the newest `keep` progress checkpoints
+        if (keep > 0)
+            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Order(StringComparer.Ordinal).SkipLast(keep))
+                try { Directory.Delete(old, true); } catch { }
+        return final;
+    }
+
+    /// <summary>
+    /// Keeps the <paramref name="topK"/> checkpoints with the lowest validation loss as
+    /// <c>checkpoints/best-step-NNNNNNN/</c> (val_loss in trainer.json): writes this one only when it
+    /// ranks, then removes the ones that fell out. Returns the folder, or null when it did not rank.
+    /// </summary>
+    public static string? SaveIfBest(string checkpointsDir, long step, double valLoss, int topK,
+        IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState)
+    {
+        if (topK <= 0 || !double.IsFinite(valLoss)) return null;
+        var ranked = Best(checkpointsDir);
+        if (ranked.Count >= topK && valLoss >= ranked[topK - 1].valLoss) return null;
+        var state = (JsonObject)trainerState.DeepClone();
+        state["val_loss"] = valLoss;
+        var final = WriteFolder(checkpointsDir, $"best-step-{step:D7}", tensors, state);
+        foreach (var (dir, _) in Best(checkpointsDir).Skip(topK))
+            try { Directory.Delete(dir, true); } catch { }
+        return final;
+    }
+
+    /// <summary>The best-* checkpoints, lowest val_loss first.</summary>
+    public static List<(string dir, double valLoss)> Best(string checkpointsDir) =>
+        !Directory.Exists(checkpointsDir) ? new() :
+        Directory.GetDirectories(checkpointsDir, "best-step-*")
+            .Select(d => (dir: d, state: JsonNode.Parse(File.ReadAllText(Path.Combine(d, "trainer.json")))!.AsObject()))
+            .Select(x => (x.dir, valLoss: x.state["val_loss"]!.GetValue<double>()))
+            .OrderBy(x => x.valLoss).ThenBy(x => x.dir, StringComparer.Ordinal).ToList();
+
+    // Written into a temporary folder and renamed: a killed save never leaves a complete-looking folder.
+    private static string WriteFolder(string checkpointsDir, string name, IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState)
+    {
+        Directory.CreateDirectory(checkpointsDir);
         var final = Path.Combine(checkpointsDir, name);
         var tmp = Path.Combine(checkpointsDir, $".{name}.tmp-{Guid.NewGuid():N}");
         Directory.CreateDirectory(tmp);
@@ -34,13 +75,6 @@ public static class Checkpoint
             try { Directory.Delete(tmp, true); } catch { }
             throw;
         }
-        var pointerTmp = Path.Combine(checkpointsDir, $".last.tmp-{Guid.NewGuid():N}");
-        File.WriteAllText(pointerTmp, name + "\n");
-        File.Move(pointerTmp, Path.Combine(checkpointsDir, "last"), overwrite: true);
-        // keep the newest `keep` progress checkpoints
-        if (keep > 0)
-            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Order(StringComparer.Ordinal).SkipLast(keep))
-                try { Directory.Delete(old, true); } catch { }
         return final;
     }
 

@@ -78,6 +78,7 @@ public sealed class ExperimentConfig
         new("trainer.limit_val_batches", ConfigType.Int, "20", "validation batches per evaluation (0: the whole split)"),
         new("trainer.log_every_n_steps", ConfigType.Int, "1", "metrics log interval"),
         new("trainer.checkpoint_every_n_steps", ConfigType.Int, "0", "progress checkpoint interval (0: only at the end)"),
+        new("trainer.save_top_k", ConfigType.Int, "3", "keep the K checkpoints with the lowest val_loss (checkpoints/best-*), as the seed does (0: none)"),
         new("trainer.default_root_dir", ConfigType.String, "runs", "root of run outputs"),
         new("trainer.progress_bar", ConfigType.Bool, "true", "live progress bar"),
         new("trainer.tensorboard", ConfigType.Bool, "true", "write TensorBoard event files"),

@@ -113,6 +113,7 @@ public sealed class Trainer
         var bar = new ProgressBar(_log, _c.Bool("trainer.progress_bar"), maxSteps);
         long valEvery = _c.Int("trainer.val_check_interval"), logEvery = Math.Max(1, _c.Int("trainer.log_every_n_steps"));
         long ckptEvery = _c.Int("trainer.checkpoint_every_n_steps");
+        int saveTopK = (int)_c.Int("trainer.save_top_k");
         int limitVal = (int)_c.Int("trainer.limit_val_batches");
         int evalBatch = (int)(_c.IntOrNull("datamodule.batch_size_eval") ?? micro);
         var losses = new List<double>();
@@ -123,7 +124,7 @@ public sealed class Trainer
         var window = new Queue<(long step, double t)>();
         double tokPerS = 0; double? mfu = null;
 
-        void SaveCheckpoint(long stepsDone)
+        JsonObject TrainerState(long stepsDone)
         {
             var state = new JsonObject
             {
@@ -131,7 +132,12 @@ public sealed class Trainer
                 ["experiment"] = _c.Str("experiment"), ["config"] = _c.Dump(),
             };
             if (scaler != null) { state["loss_scale"] = scaler.Scale; state["good_steps"] = scaler.GoodSteps; }
-            var path = Checkpoint.Save(ckptDir, stepsDone, opt.StateTensors(), state);
+            return state;
+        }
+
+        void SaveCheckpoint(long stepsDone)
+        {
+            var path = Checkpoint.Save(ckptDir, stepsDone, opt.StateTensors(), TrainerState(stepsDone));
             bar.Message($"checkpoint {path}");
         }
 
@@ -142,6 +148,8 @@ public sealed class Trainer
             metrics.Write(stepsDone, m);
             lastVal = m.TryGetValue("val_loss", out var vl) ? vl : null;
             bar.Message($"step {stepsDone}: " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")));
+            if (lastVal is { } val && Checkpoint.SaveIfBest(ckptDir, stepsDone, val, saveTopK, opt.StateTensors(), TrainerState(stepsDone)) is { } best)
+                bar.Message($"best checkpoint {best} (val_loss {val:F4})");
         }
 
         for (long step = startStep; step < maxSteps; step++)
