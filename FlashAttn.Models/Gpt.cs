@@ -381,6 +381,8 @@ public sealed class Block : nn.Module
     /// <param name="dropout2">Dropout on the attention output.</param>
     /// <param name="drop_path1">Drop-path on the incoming hidden states (the previous block's rate).</param>
     /// <param name="drop_path2">Drop-path on the attention output (this block's rate).</param>
+    /// <param name="device">Where the parameters are created.</param>
+    /// <param name="dtype">The parameters' dtype.</param>
     public Block(BlockSettings s, int layer_idx, double dropout1, double dropout2, double drop_path1 = 0, double drop_path2 = 0,
         Device? device = null, ScalarType? dtype = null) : base(nameof(Block))
     {
