@@ -50,7 +50,9 @@ public sealed class LmBatchSampler
         return result;
     }
 
-    long[] Order(long epoch)
+    /// <summary>The permutation of sequence indices visited in <paramref name="epoch"/> (a shared buffer:
+    /// valid until the next call with another epoch). The distributed sampler partitions it.</summary>
+    internal long[] Order(long epoch)
     {
         if (_order != null && _orderEpoch == epoch) return _order;
         _order ??= new long[NumSequences];
