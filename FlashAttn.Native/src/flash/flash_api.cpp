@@ -90,6 +90,33 @@ FlashAttnStatus check_common(const char* kFunction, FlashFwdParams& p, const voi
   return FLASHATTN_STATUS_OK;
 }
 
+// The tensors and Philox key the forward and the backward share.
+void set_tensors(FlashFwdParams& p, const void* q, const void* k, const void* v, void* out, float* softmax_lse,
+                 int64_t q_batch_stride, int64_t q_row_stride, int64_t q_head_stride, int64_t k_batch_stride,
+                 int64_t k_row_stride, int64_t k_head_stride, int64_t v_batch_stride, int64_t v_row_stride,
+                 int64_t v_head_stride, int64_t out_batch_stride, int64_t out_row_stride, int64_t out_head_stride,
+                 uint64_t seed, uint64_t offset) {
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.softmax_lse = softmax_lse;
+  p.q_batch_stride = q_batch_stride;
+  p.q_row_stride = q_row_stride;
+  p.q_head_stride = q_head_stride;
+  p.k_batch_stride = k_batch_stride;
+  p.k_row_stride = k_row_stride;
+  p.k_head_stride = k_head_stride;
+  p.v_batch_stride = v_batch_stride;
+  p.v_row_stride = v_row_stride;
+  p.v_head_stride = v_head_stride;
+  p.out_batch_stride = out_batch_stride;
+  p.out_row_stride = out_row_stride;
+  p.out_head_stride = out_head_stride;
+  p.seed = seed;
+  p.offset = offset;
+}
+
 }  // namespace
 
 FLASHATTN_API int64_t FlashAttn_flash_fwd_workspace_size(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
@@ -128,25 +155,9 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
     }
     FA_CHECK(softmax_lse != nullptr, "softmax_lse must not be NULL");
 
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.out = out;
-    p.softmax_lse = softmax_lse;
-    p.q_batch_stride = q_batch_stride;
-    p.q_row_stride = q_row_stride;
-    p.q_head_stride = q_head_stride;
-    p.k_batch_stride = k_batch_stride;
-    p.k_row_stride = k_row_stride;
-    p.k_head_stride = k_head_stride;
-    p.v_batch_stride = v_batch_stride;
-    p.v_row_stride = v_row_stride;
-    p.v_head_stride = v_head_stride;
-    p.out_batch_stride = out_batch_stride;
-    p.out_row_stride = out_row_stride;
-    p.out_head_stride = out_head_stride;
-    p.seed = seed;
-    p.offset = offset;
+    set_tensors(p, q, k, v, out, softmax_lse, q_batch_stride, q_row_stride, q_head_stride, k_batch_stride, k_row_stride,
+                k_head_stride, v_batch_stride, v_row_stride, v_head_stride, out_batch_stride, out_row_stride,
+                out_head_stride, seed, offset);
     p.dropout_mask = dropout_p > 0.f ? dropout_mask : nullptr;
     return run_flash_fwd(p, stream, kFunction);
   });
@@ -211,25 +222,10 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd(
       if (s != FLASHATTN_STATUS_OK) return s;
     }
 
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.out = const_cast<void*>(out);  // read only in the backward
-    p.softmax_lse = const_cast<float*>(softmax_lse);  // read only in the backward
-    p.q_batch_stride = q_batch_stride;
-    p.q_row_stride = q_row_stride;
-    p.q_head_stride = q_head_stride;
-    p.k_batch_stride = k_batch_stride;
-    p.k_row_stride = k_row_stride;
-    p.k_head_stride = k_head_stride;
-    p.v_batch_stride = v_batch_stride;
-    p.v_row_stride = v_row_stride;
-    p.v_head_stride = v_head_stride;
-    p.out_batch_stride = out_batch_stride;
-    p.out_row_stride = out_row_stride;
-    p.out_head_stride = out_head_stride;
-    p.seed = seed;
-    p.offset = offset;
+    // out and softmax_lse are only read in the backward
+    set_tensors(p, q, k, v, const_cast<void*>(out), const_cast<float*>(softmax_lse), q_batch_stride, q_row_stride,
+                q_head_stride, k_batch_stride, k_row_stride, k_head_stride, v_batch_stride, v_row_stride,
+                v_head_stride, out_batch_stride, out_row_stride, out_head_stride, seed, offset);
     p.dropout_mask = nullptr;
     p.dout = dout;
     p.dq = dq;
