@@ -540,14 +540,17 @@ public sealed class GPTLMHeadModel : nn.Module<Tensor, Tensor>
 
     internal static Tensor LanguageModelLoss(Tensor logits, Tensor labels, bool fused)
     {
-        if (fused)
-        {
-            var (rows, _) = flash_attn.cross_entropy_loss(logits, labels, ignore_index: -100, inplace_backward: true);
-            return rows.sum() / labels.ne(-100).sum().clamp_min(1).to(rows.dtype);
-        }
-        // float32 for bf16/fp16 logits (as the PyTorch baselines); float32/float64 as they are
+        var rows = TokenLosses(logits, labels, fused);
+        return rows.sum() / labels.ne(-100).sum().clamp_min(1).to(rows.dtype);
+    }
+
+    /// <summary>Per-token losses (N,), zero where labels are -100: the fused kernel, or the reference in float32 for
+    /// bf16/fp16 logits (as the PyTorch baselines) and float32/float64 as they are.</summary>
+    internal static Tensor TokenLosses(Tensor logits, Tensor labels, bool fused)
+    {
+        if (fused) return flash_attn.cross_entropy_loss(logits, labels, ignore_index: -100, inplace_backward: true).loss;
         var x = logits.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? logits.to(ScalarType.Float32) : logits;
-        return F.cross_entropy(x, labels, ignore_index: -100);
+        return F.cross_entropy(x, labels, ignore_index: -100, reduction: nn.Reduction.None);
     }
 
     /// <summary>Parameters counted once (tied weights once); exclude_embeddings leaves out wte and wpe (with a tied head,

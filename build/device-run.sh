@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [bench] [peers] [sanitize]     (default: tests bench)
+#   bash build/device-run.sh [tests] [bench] [memory] [peers] [sanitize]     (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -58,6 +58,11 @@ if want bench; then
   sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
 fi
 
+if want memory; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$app"/FlashAttn.Benchmarks --memory >"$OUT/memory.tsv" 2>"$OUT/memory.err"
+  summary+=("memory: rc $?")
+fi
+
 if want peers && [ -f .device/peers/pytorch_baselines.py ]; then
   PYTHONUNBUFFERED=1 python3 .device/peers/pytorch_baselines.py "${PEERS:-ops}" >"$OUT/peers.tsv" 2>"$OUT/peers.err"
   summary+=("peers: rc $?")
@@ -67,4 +72,5 @@ echo
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
+[ -f "$OUT/memory.tsv" ] && grep "^bench" "$OUT/memory.tsv"
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"

@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using BenchmarkDotNet.Attributes;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -13,7 +12,7 @@ namespace FlashAttn.Benchmarks;
 /// checkpoint_lvl 0 and 1 (and level 0 with timed algorithm selection, FusedMlpTuned), against the TorchSharp composite (linear, gelu tanh, linear through autograd) and
 /// the plain cuBLAS GEMMs of the same FLOPs without any epilogue or element-wise op (torch.mm, the floor):
 /// forward x·W1ᵀ, h·W2ᵀ; backward gᵀ·h, g·W2, dhᵀ·x, dh·W1. FLOPs: forward 2 GEMMs of 2·T·W·H, forward +
-/// backward 3× that, for every method. Memory: see <see cref="DenseMemory"/>.
+/// backward 3× that, for every method. Memory: see <see cref="Memory"/>.
 /// </summary>
 public class DenseBenchmarks : GpuBenchmark
 {
@@ -133,83 +132,5 @@ public class DenseBenchmarks : GpuBenchmark
             _dh.mm(_w1);             // dx = dh W1
         }
         Sync();
-    }
-}
-
-/// <summary>
-/// Activation memory of the MLP at the benchmark's shapes: `FlashAttn.Benchmarks --dense-memory`, run with
-/// PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own cudaMalloc and the device's used memory
-/// (NVML, sampled by a second thread) follows the live tensors. For the composite and for ours at checkpoint
-/// levels 0, 1 and 2 it prints the memory still held after the forward (what the backward keeps: the
-/// activations plus the output) and the peak over forward + backward, both above the memory before the forward.
-/// </summary>
-public static class DenseMemory
-{
-    [StructLayout(LayoutKind.Sequential)]
-    private struct NvmlMemory { public ulong Total, Free, Used; }
-
-    private const string Nvml = "libnvidia-ml.so.1";
-    [DllImport(Nvml, EntryPoint = "nvmlInit_v2")] private static extern int NvmlInit();
-    [DllImport(Nvml, EntryPoint = "nvmlDeviceGetHandleByIndex_v2")] private static extern int NvmlDevice(uint index, out IntPtr device);
-    [DllImport(Nvml, EntryPoint = "nvmlDeviceGetMemoryInfo")] private static extern int NvmlMemoryInfo(IntPtr device, out NvmlMemory memory);
-
-    public static int Run()
-    {
-        if (Environment.GetEnvironmentVariable("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1")
-        {
-            Console.Error.WriteLine("--dense-memory needs PYTORCH_NO_CUDA_MEMORY_CACHING=1 (else the caching allocator hides frees)");
-            return 2;
-        }
-        if (NvmlInit() != 0 || NvmlDevice(0, out var device) != 0) { Console.Error.WriteLine("NVML unavailable"); return 2; }
-        ulong Used() => NvmlMemoryInfo(device, out var m) == 0 ? m.Used : 0;
-
-        foreach (var width in new[] { 768, 1600 })
-        {
-            long tokens = DenseBenchmarks.Tokens, hidden = 4 * width;
-            var dt = ScalarType.BFloat16;
-            var x = randn(new long[] { tokens, width }, dtype: dt, device: CUDA).requires_grad_(true);
-            var w1 = (randn(new long[] { hidden, width }, dtype: dt, device: CUDA) / Math.Sqrt(width)).requires_grad_(true);
-            var b1 = zeros(new long[] { hidden }, dtype: dt, device: CUDA).requires_grad_(true);
-            var w2 = (randn(new long[] { width, hidden }, dtype: dt, device: CUDA) / Math.Sqrt(hidden)).requires_grad_(true);
-            var b2 = zeros(new long[] { width }, dtype: dt, device: CUDA).requires_grad_(true);
-            var g = randn(new long[] { tokens, width }, dtype: dt, device: CUDA);
-            var inputs = new[] { x, w1, b1, w2, b2 };
-            var variants = new (string name, Func<Tensor> forward)[]
-            {
-                ("composite", () => DenseBenchmarks.Composite(x, w1, b1, w2, b2)),
-                ("ours lvl0", () => flash_attn.fused_mlp_func(x, w1, w2, b1, b2, checkpoint_lvl: 0)),
-                ("ours lvl1", () => flash_attn.fused_mlp_func(x, w1, w2, b1, b2, checkpoint_lvl: 1)),
-                ("ours lvl2", () => flash_attn.fused_mlp_func(x, w1, w2, b1, b2, checkpoint_lvl: 2)),
-            };
-            foreach (var (name, forward) in variants) // warm-up: cuBLASLt handle, workspace, heuristics
-            {
-                using var s = NewDisposeScope();
-                autograd.grad(new[] { forward() }, inputs, new[] { g });
-            }
-            cuda.synchronize();
-            foreach (var (name, forward) in variants)
-            {
-                ulong before = Used(), peak = before, held;
-                bool sampling = true;
-                var sampler = new Thread(() => { while (Volatile.Read(ref sampling)) { var u = Used(); if (u > peak) peak = u; } });
-                sampler.Start();
-                using (var s = NewDisposeScope())
-                {
-                    var y = forward();
-                    cuda.synchronize();
-                    held = Used() - before;
-                    var grads = autograd.grad(new[] { y }, inputs, new[] { g });
-                    cuda.synchronize();
-                }
-                Volatile.Write(ref sampling, false);
-                sampler.Join();
-                cuda.synchronize();
-                var label = $"DenseMemory {name} Width={width}";
-                Console.WriteLine($"bench\t{label} held after forward\t{held / 1048576.0:F1}\tMiB");
-                Console.WriteLine($"bench\t{label} peak forward+backward\t{(peak - before) / 1048576.0:F1}\tMiB");
-            }
-            foreach (var t in inputs.Append(g)) t.Dispose();
-        }
-        return 0;
     }
 }

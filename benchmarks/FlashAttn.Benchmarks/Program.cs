@@ -12,8 +12,8 @@ using FlashAttn.Benchmarks;
 // In process (the host has no SDK); short jobs keep a whole suite inside one device call.
 LibTorchLoader.LoadFromEnvironment();
 Console.WriteLine($"# {Backend.NativeBuildInfo}; libtorch from {LibTorchLoader.LoadedFrom ?? "package"}");
-// Fused MLP activation memory (not a timing): PYTORCH_NO_CUDA_MEMORY_CACHING=1 ./FlashAttn.Benchmarks --dense-memory
-if (args.Length > 0 && args[0] == "--dense-memory") { Environment.ExitCode = DenseMemory.Run(); return; }
+// Peak memory of the MLP and cross-entropy (not a timing): PYTORCH_NO_CUDA_MEMORY_CACHING=1 ./FlashAttn.Benchmarks --memory
+if (args.Length > 0 && args[0] == "--memory") { Environment.ExitCode = Memory.Run(); return; }
 
 // BenchmarkDotNet sizes each iteration to 500 ms by default: the attention suite alone then took
 // about 8 minutes of a 10-minute device call (2026-11-25), with medians spread under 1% (run 15).

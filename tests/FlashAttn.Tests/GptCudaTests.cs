@@ -50,8 +50,13 @@ public sealed class GptCudaTests
         var le = exact.forward(ids);
         Tolerance.AssertClose(lf, lp, le, "logits", factor: 3);
 
+        // per-token losses: the scalar mean is one sample of the rounding noise, and the ratio of two such samples
+        // exceeds 3 about one time in five (run 15 failed so), while the max over 400 tokens is a stable statistic
+        var flat = labels.reshape(-1);
+        Tolerance.AssertClose(GPTLMHeadModel.TokenLosses(lf.view(-1, 1000), flat, fused: true),
+            GPTLMHeadModel.TokenLosses(lp.view(-1, 1000), flat, fused: false),
+            GPTLMHeadModel.TokenLosses(le.view(-1, 1000), flat, fused: false), "per-token loss", factor: 3);
         var losses = new[] { fused.loss(ids, labels), plain.loss(ids, labels), exact.loss(ids, labels) };
-        Tolerance.AssertClose(losses[0], losses[1], losses[2], "loss", factor: 3);
         foreach (var l in losses) l.backward();
         var gp = plain.named_parameters().ToDictionary(np => np.name, np => np.parameter.grad!);
         var ge = exact.named_parameters().ToDictionary(np => np.name, np => np.parameter.grad!);
