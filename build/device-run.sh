@@ -39,7 +39,8 @@ if want tests; then
   start=$SECONDS
   "$app"/FlashAttn.Tests ${TEST_FILTER:+--filter "$TEST_FILTER"} >"$OUT/tests.log" 2>&1
   rc=$?
-  grep -E "^failed |^  [A-Za-z.]*Exception|Assert" "$OUT/tests.log" | head -40
+  # each failure with its message (the lines up to the stack trace)
+  grep -A4 "^failed " "$OUT/tests.log" | grep -v "^    at \|^--$" | head -60
   counts=$(grep -A5 "Test run summary" "$OUT/tests.log" | tr -s ' \n' ' ')
   summary+=("tests (rc $rc, $((SECONDS - start)) s): $counts")
 fi

@@ -92,8 +92,7 @@ public class GptBenchmarks : GpuBenchmark
     [Benchmark(OperationsPerInvoke = Steps)]
     public void TrainStep() => Run(true);
 
-    [GlobalCleanup]
-    public void Report()
+    protected override void Report()
     {
         if (_model is null) return;
         Sync();
@@ -112,10 +111,6 @@ public class GptBenchmarks : GpuBenchmark
         }
         _seconds.Clear();
         _opt.Dispose();
-        _model.Dispose();
-        _ids.Dispose();
-        _labels.Dispose();
-        _model = null!;
     }
 
     // cudaMemGetInfo from the CUDA runtime libtorch already loaded (PyTorch's wheels ship libcudart.so.13 or .12).

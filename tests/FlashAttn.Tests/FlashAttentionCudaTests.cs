@@ -54,9 +54,22 @@ public sealed class FlashAttentionCudaTests
         var (oLow, lseLow, gradsLow) = Ref(q, k, v, g, causal, window, softcap, slopes, dtype);
         Tolerance.AssertClose(r.output, oLow, o64, "out");
         AssertLse(r.softmax_lse, lseLow, lse64);
-        Tolerance.AssertClose(q.grad!, gradsLow[0], grads64[0], "dq");
-        Tolerance.AssertClose(k.grad!, gradsLow[1], grads64[1], "dk");
+        Tolerance.AssertClose(q.grad!, gradsLow[0], grads64[0], "dq", atol: AccumulationFloor(g, v, k, d));
+        Tolerance.AssertClose(k.grad!, gradsLow[1], grads64[1], "dk", atol: AccumulationFloor(g, v, q, d));
         Tolerance.AssertClose(v.grad!, gradsLow[2], grads64[2], "dv");
+    }
+
+    /// <summary>
+    /// dq = scale · P ∘ (dP − D) · K with dP = dO·Vᵀ and D = rowsum(dO ∘ O): where one key is visible, P = 1 and O = V, so
+    /// dP − D is 0 in exact arithmetic and the low-precision reference, whose D and dP are the same rounded products, gets
+    /// exactly 0 too; the kernel forms dP with tensor-core fp32 accumulation and D in another order, leaving a
+    /// cancellation residue of about d float32 ulps of |dO|·|V|. This floor is that residue carried through scale · K
+    /// (or Q for dk): about 2e-4 at d = 256 against gradients of order 1 (run 16, 2026-11-25: q1_k1 fp16 cases).
+    /// </summary>
+    private static double AccumulationFloor(Tensor dO, Tensor v, Tensor other, int d)
+    {
+        double Max(Tensor t) => t.abs().max().to(ScalarType.Float64).item<double>();
+        return d * Math.Pow(2, -23) * Max(dO) * Max(v) * Max(other) / Math.Sqrt(d);
     }
 
     private static (Tensor o, Tensor lse, Tensor[] grads) Ref(Tensor q, Tensor k, Tensor v, Tensor g, bool causal, (long, long)? window,

@@ -72,9 +72,9 @@ __device__ __forceinline__ void for_chunk(const T* row, int64_t c0, int64_t c1, 
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const CrossEntropyParams p, int64_t chunks) {
+__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
-  const int64_t c0 = chunk * kCrossEntropyChunk, c1 = min(p.vocab, c0 + kCrossEntropyChunk);
+  const int64_t c0 = chunk * width, c1 = min(p.vocab, c0 + width);
   const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
   const float scale = p.logit_scale, scale2 = p.logit_scale * kLog2e;
   Online o{-INFINITY, 0.f, 0.f};
@@ -142,9 +142,9 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_combine_kernel(const C
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const CrossEntropyParams p, int64_t chunks) {
+__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
-  const int64_t c0 = chunk * kCrossEntropyChunk, c1 = min(p.vocab, c0 + kCrossEntropyChunk);
+  const int64_t c0 = chunk * width, c1 = min(p.vocab, c0 + width);
   const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
   T* drow = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
   const int64_t label = p.labels[row];
@@ -182,10 +182,10 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const Cross
 FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t chunks = cross_entropy_chunks(p.vocab);
-  const int64_t blocks = p.rows * chunks;
+  const int64_t blocks = p.rows * chunks, width = cross_entropy_chunk_width(p.vocab);
   return FLOAT_SWITCH(p.dtype, T, [&] {
     constexpr int kVec = 16 / sizeof(T);
-    cross_entropy_fwd_kernel<T, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+    cross_entropy_fwd_kernel<T, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks, width);
     FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_kernel");
     if (s != FLASHATTN_STATUS_OK) return s;
     cross_entropy_combine_kernel<T><<<unsigned((p.rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, chunks);
@@ -196,10 +196,10 @@ FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams& p, void* stream_
 FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t chunks = cross_entropy_chunks(p.vocab);
-  const int64_t blocks = p.rows * chunks;
+  const int64_t blocks = p.rows * chunks, width = cross_entropy_chunk_width(p.vocab);
   return FLOAT_SWITCH(p.dtype, T, [&] {
     constexpr int kVec = 16 / sizeof(T);
-    cross_entropy_bwd_kernel<T, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+    cross_entropy_bwd_kernel<T, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks, width);
     return check_launch(function, "cross_entropy_bwd_kernel");
   });
 }

@@ -13,6 +13,13 @@ constexpr int64_t kCrossEntropyChunk = 16384;
 
 inline int64_t cross_entropy_chunks(int64_t vocab) { return (vocab + kCrossEntropyChunk - 1) / kCrossEntropyChunk; }
 
+// Columns per chunk: the vocabulary split evenly over the chunks (a multiple of 8), so that no block
+// gets a sliver (50257 = 3 x 16384 + 1105 left a quarter of the blocks nearly idle; even: 4 x 12568).
+inline int64_t cross_entropy_chunk_width(int64_t vocab) {
+  const int64_t chunks = cross_entropy_chunks(vocab);
+  return ((vocab + chunks - 1) / chunks + 7) / 8 * 8;
+}
+
 // Per (row, chunk): running max, sum of exponentials and sum of logits (float32 each).
 inline int64_t cross_entropy_fwd_workspace_bytes(int64_t rows, int64_t vocab) {
   if (rows <= 0 || vocab <= 0) return 0;

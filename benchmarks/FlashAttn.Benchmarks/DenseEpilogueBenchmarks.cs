@@ -1,0 +1,79 @@
+using BenchmarkDotNet.Attributes;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Benchmarks;
+
+/// <summary>
+/// The four backward GEMMs of the GPT-2 MLP one at a time (bf16, 16384 tokens, width 768 and 1600, hidden 4×),
+/// each through our cuBLASLt call with and without its fused epilogue, and through torch.mm (cuBLAS): which
+/// epilogue costs what on this GPU. dW2 = gᵀ·h (+ db2: BGRADB, or a separate column sum); dh = (g·W2) ∘ gelu'(pre)
+/// (+ db1: DGELU_BGRAD, or DGELU and a column sum, or a plain GEMM); dx = dh·W1 and dW1 = dhᵀ·x plain.
+/// </summary>
+public class DenseEpilogueBenchmarks : GpuBenchmark
+{
+    [Params(768, 1600)]
+    public int Width;
+
+    private long Hidden => 4 * Width;
+
+    private Tensor _x = null!, _w1 = null!, _w2 = null!, _g = null!, _h = null!, _pre = null!, _dh = null!;
+
+    public override double Flops(string method) => 2.0 * DenseBenchmarks.Tokens * Width * Hidden;
+
+    protected override void Setup()
+    {
+        var dt = ScalarType.BFloat16;
+        long t = DenseBenchmarks.Tokens;
+        _x = randn(new long[] { t, Width }, dtype: dt, device: Dev);
+        _w1 = randn(new long[] { Hidden, Width }, dtype: dt, device: Dev);
+        _w2 = randn(new long[] { Width, Hidden }, dtype: dt, device: Dev);
+        _g = randn(new long[] { t, Width }, dtype: dt, device: Dev);
+        _h = randn(new long[] { t, Hidden }, dtype: dt, device: Dev);
+        _pre = randn(new long[] { t, Hidden }, dtype: dt, device: Dev);
+        _dh = randn(new long[] { t, Hidden }, dtype: dt, device: Dev);
+    }
+
+    private static void Loop(Action op)
+    {
+        for (int i = 0; i < Launches; i++)
+        {
+            using var s = NewDisposeScope();
+            op();
+        }
+        Sync();
+    }
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw2Bgradb() => Loop(() => DenseOps.Wgrad(_g, _h, needBias: true, kernel: true));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw2PlainThenSum() => Loop(() => { DenseOps.Wgrad(_g, _h, needBias: false, kernel: true); _g.sum(0L, type: ScalarType.Float32); });
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw2TorchMm() => Loop(() => _g.t().mm(_h));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void DhDgeluBgrad() => Loop(() => DenseOps.ActDgrad(_g, _w2, _pre, DenseActivation.GeluApprox, kernel: true));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void DhDgeluThenSum() => Loop(() => DenseOps.ActDgrad(_g, _w2, _pre, DenseActivation.GeluApprox, kernel: true, fuseBias: false));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void DhPlain() => Loop(() => DenseOps.Dgrad(_g, _w2, kernel: true));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void DhTorchMm() => Loop(() => _g.mm(_w2));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void DxPlain() => Loop(() => DenseOps.Dgrad(_dh, _w1, kernel: true));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void DxTorchMm() => Loop(() => _dh.mm(_w1));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw1Plain() => Loop(() => DenseOps.Wgrad(_dh, _x, needBias: false, kernel: true));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw1TorchMm() => Loop(() => _dh.t().mm(_x));
+}
