@@ -94,7 +94,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
-        BackwardGuard.Run(Name, 3, () => Backward(ctx, grads));
+        BackwardGuard.Run(Name, 3, grads, () => Backward(ctx, grads));
 
     private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {

@@ -246,7 +246,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
-        BackwardGuard.Run(Name, 8, () => Backward(ctx, grads));
+        BackwardGuard.Run(Name, 8, grads, () => Backward(ctx, grads));
 
     private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {

@@ -309,7 +309,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
-        BackwardGuard.Run(Name, 9, () => Backward(ctx, grads));
+        BackwardGuard.Run(Name, 9, grads, () => Backward(ctx, grads));
 
     private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {

@@ -62,7 +62,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
-        BackwardGuard.Run(Name, 9, () => Backward(ctx, grad));
+        BackwardGuard.Run(Name, 9, new[] { grad }, () => Backward(ctx, grad));
 
     private List<Tensor> Backward(autograd.AutogradContext ctx, Tensor grad)
     {
@@ -198,7 +198,7 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
-        BackwardGuard.Run(Name, 9, () => Backward(ctx, grad));
+        BackwardGuard.Run(Name, 9, new[] { grad }, () => Backward(ctx, grad));
 
     private List<Tensor> Backward(autograd.AutogradContext ctx, Tensor grad)
     {

@@ -52,11 +52,14 @@ __device__ __forceinline__ void accumulate(Online& o, const float (&v2)[N], cons
   o.s = s;
 }
 
-// The columns [c0, c1) of one row split into a scalar head (until `ptr + c` is 16-byte aligned),
-// kVec-wide vectors and a scalar tail; f(col, n-wide values) is called for each piece.
-template <typename T, int kVec, typename Scalar, typename Vector>
-__device__ __forceinline__ void for_chunk(const T* row, int64_t c0, int64_t c1, bool vector_ok, Scalar&& scalar,
-                                          Vector&& vector) {
+// The columns [c0, c1) of one row split into a scalar head [c0, vb) (until `ptr + c` is 16-byte
+// aligned), nv kVec-wide vectors from vb, and a scalar tail [tb, c1).
+struct ChunkSplit {
+  int64_t vb, nv, tb;
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ ChunkSplit split_chunk(const T* row, int64_t c0, int64_t c1, bool vector_ok) {
   int64_t head = c1 - c0;
   if (vector_ok) {
     const int mis = int((reinterpret_cast<uintptr_t>(row + c0) % 16) / sizeof(T));
@@ -64,11 +67,18 @@ __device__ __forceinline__ void for_chunk(const T* row, int64_t c0, int64_t c1, 
   }
   const int64_t vb = c0 + head;
   const int64_t nv = vector_ok ? (c1 - vb) / kVec : 0;
-  const int64_t tb = vb + nv * kVec;
-  for (int64_t c = c0 + threadIdx.x; c < vb; c += kThreads) scalar(c);
+  return {vb, nv, vb + nv * kVec};
+}
+
+// f(col) on the head and tail, vector(col) on each kVec-wide vector.
+template <typename T, int kVec, typename Scalar, typename Vector>
+__device__ __forceinline__ void for_chunk(const T* row, int64_t c0, int64_t c1, bool vector_ok, Scalar&& scalar,
+                                          Vector&& vector) {
+  const ChunkSplit s = split_chunk<T, kVec>(row, c0, c1, vector_ok);
+  for (int64_t c = c0 + threadIdx.x; c < s.vb; c += kThreads) scalar(c);
 #pragma unroll 4
-  for (int64_t i = threadIdx.x; i < nv; i += kThreads) vector(vb + i * kVec);
-  for (int64_t c = tb + threadIdx.x; c < c1; c += kThreads) scalar(c);
+  for (int64_t i = threadIdx.x; i < s.nv; i += kThreads) vector(s.vb + i * kVec);
+  for (int64_t c = s.tb + threadIdx.x; c < c1; c += kThreads) scalar(c);
 }
 
 template <typename T, int kVec>
@@ -160,21 +170,30 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const Cross
   };
   // vectors need the same misalignment in logits and dlogits (always true in place)
   const bool vector_ok = (reinterpret_cast<uintptr_t>(rowp) % 16) == (reinterpret_cast<uintptr_t>(drow) % 16);
-  for_chunk<T, kVec>(
-      rowp, c0, c1, vector_ok,
-      [&](int64_t c) { drow[c] = from_float<T>(ignored ? 0.f : grad(to_float(rowp[c]), c)); },
-      [&](int64_t c) {
-        float x[kVec];
-        if (ignored) {
+  const ChunkSplit s = split_chunk<T, kVec>(rowp, c0, c1, vector_ok);
+  auto scalar = [&](int64_t c) { drow[c] = from_float<T>(ignored ? 0.f : grad(to_float(rowp[c]), c)); };
+  for (int64_t c = c0 + threadIdx.x; c < s.vb; c += kThreads) scalar(c);
+  // kBatch vectors loaded before any is stored: in place, a store may alias a later load, so the
+  // compiler keeps a load -> compute -> store loop serial; batching puts kBatch loads in flight.
+  constexpr int kBatch = 4;
+  for (int64_t i0 = threadIdx.x; i0 < s.nv; i0 += int64_t(kThreads) * kBatch) {
+    float x[kBatch][kVec];
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) x[j] = 0.f;
-        } else {
-          load_float<T, kVec>(rowp + c, x);
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = i0 + int64_t(u) * kThreads;
+      if (i < s.nv && !ignored) load_float<T, kVec>(rowp + s.vb + i * kVec, x[u]);
+    }
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) x[j] = grad(x[j], c + j);
-        }
-        store_float<T, kVec>(drow + c, x);
-      });
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = i0 + int64_t(u) * kThreads;
+      if (i >= s.nv) break;
+      const int64_t c = s.vb + i * kVec;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[u][j] = ignored ? 0.f : grad(x[u][j], c + j);
+      store_float<T, kVec>(drow + c, x[u]);
+    }
+  }
+  for (int64_t c = s.tb + threadIdx.x; c < c1; c += kThreads) scalar(c);
 }
 
 }  // namespace
