@@ -39,8 +39,8 @@ if want tests; then
   start=$SECONDS
   "$app"/FlashAttn.Tests ${TEST_FILTER:+--filter "$TEST_FILTER"} >"$OUT/tests.log" 2>&1
   rc=$?
-  # each failure with its message (the lines up to the stack trace)
-  grep -A4 "^failed " "$OUT/tests.log" | grep -v "^    at \|^--$" | head -60
+  # each failure with its message (the lines up to the stack trace), printed again at the end
+  grep -A4 "^failed " "$OUT/tests.log" | grep -v "^    at \|^--$" | head -60 > "$OUT/failures.txt"
   counts=$(grep -A5 "Test run summary" "$OUT/tests.log" | tr -s ' \n' ' ')
   summary+=("tests (rc $rc, $((SECONDS - start)) s): $counts")
 fi
@@ -55,7 +55,7 @@ fi
 if want bench; then
   # BENCH_FILTER may hold several globs separated by spaces: split, never expanded against files.
   set -f; "$app"/FlashAttn.Benchmarks --filter ${BENCH_FILTER:-*} >"$OUT/bench.log" 2>&1; rc=$?; set +f
-  summary+=("benchmarks: rc $rc")
+  summary+=("benchmarks: rc $rc, $(sed -n '/Benchmarks with issues:/,/^$/p' "$OUT/bench.log" | grep -c 'Job-') with issues")
   sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
 fi
 
@@ -70,8 +70,11 @@ if want peers && [ -f .device/peers/pytorch_baselines.py ]; then
 fi
 
 echo
-echo "== summary"
-printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
 [ -f "$OUT/memory.tsv" ] && grep "^bench" "$OUT/memory.tsv"
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
+# last, so that a long table cannot push it out of the tail a caller sees
+echo "== failures"
+[ -f "$OUT/failures.txt" ] && cat "$OUT/failures.txt"
+echo "== summary"
+printf '%s\n' "${summary[@]}"

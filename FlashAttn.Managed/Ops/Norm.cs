@@ -267,8 +267,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             s.Mean = Save(mean);
             s.Rstd = Save(rstd);
             s.Rowscale = Save(rs32);
-            foreach (var t in new[] { z0, z1, resOut, m0, m1 }) t?.MoveToOuterDisposeScope();
-            foreach (var t in saved) t.MoveToOuterDisposeScope();
+            MoveOutOnce(saved.Concat(new[] { z0, z1, resOut, m0, m1 }));
         }
         else
         {
@@ -290,8 +289,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             s.Rowscale = Save(rs);
             s.Mask0 = Save(r.dropout_mask0);
             s.Mask1 = Save(r.dropout_mask1);
-            foreach (var t in new[] { z0, z1, resOut, m0, m1 }) t?.MoveToOuterDisposeScope();
-            foreach (var t in saved) t.MoveToOuterDisposeScope();
+            MoveOutOnce(saved.Concat(new[] { z0, z1, resOut, m0, m1 }));
         }
         s.W0 = Save(w0);
         s.W1 = Save(w1);
@@ -310,6 +308,20 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
         BackwardGuard.Run(Name, 9, grads, () => Backward(ctx, grads));
+
+    // Each tensor moved to the caller's scope once: the new residual is both an output and saved, and moving it
+    // twice lifted it past the caller's scope, to live until a GC (128 MiB a step at 16384 x 2048, which ran the
+    // H100 out of memory in the norm benchmarks, device run 18, 2026-11-25; LifetimeTests).
+    private static void MoveOutOnce(IEnumerable<Tensor?> tensors)
+    {
+        var moved = new List<Tensor>();
+        foreach (var t in tensors)
+        {
+            if (t is null || moved.Any(m => ReferenceEquals(m, t))) continue;
+            t.MoveToOuterDisposeScope();
+            moved.Add(t);
+        }
+    }
 
     private List<Tensor> Backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {

@@ -31,7 +31,6 @@ public static partial class Reference
     {
         using var scope = NewDisposeScope();
         var ct = compute_dtype ?? ComputeType(x0.dtype);
-        var hidden = x0.shape[^1];
         double scale = dropout_p > 0 ? 1.0 / (1.0 - dropout_p) : 1.0;
         Tensor? mask0 = null, mask1 = null;
 
@@ -76,7 +75,6 @@ public static partial class Reference
 
         var out0 = Affine(weight0, bias0);
         var out1 = weight1 is null ? null : Affine(weight1, bias1);
-        _ = hidden;
         var result = new NormReferenceOutput(out0, out1, x.to(resDtype), mask0, mask1,
             mean?.squeeze(-1).detach(), rstd.squeeze(-1).detach());
         foreach (var t in new[] { result.out0, result.out1, result.residual, result.dropout_mask0, result.dropout_mask1, result.mean, result.rstd })
