@@ -364,7 +364,10 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         long k = x.shape[^1], hidden = w1.shape[0], n = w2.shape[0];
         bool relu = o.Activation == DenseActivation.Relu;
         int lvl = o.CheckpointLvl;
-        bool kernel = DenseOps.Eligible(x, k, hidden, n) && (!relu || hidden % 128 == 0);
+        // relu stays on the reference path: every relu epilogue is right on its own (DenseCudaTests stage test,
+        // device run 19, 2026-11-25) yet the MLP's bf16 dx through them was off (0.63 against 0.03 at m 1000,
+        // hidden 256; fp16 passed); not yet explained, so not shipped.
+        bool kernel = DenseOps.Eligible(x, k, hidden, n) && !relu;
         var x2 = DenseOps.Rows(x, k, kernel);
         var (w1k, b1k, w2k) = (DenseOps.Prep(w1, kernel), DenseOps.PrepOrNull(b1, kernel), DenseOps.Prep(w2, kernel));
         Tensor y, h;
