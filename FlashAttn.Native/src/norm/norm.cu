@@ -378,14 +378,6 @@ FlashAttnStatus with_iters(int64_t nvec, F&& f) {
     if (nvec <= 16 * kMaxThreads) return f(IntC<16>{});
     return f(IntC<32>{});
   } else {
-    if constexpr (sizeof(T) == 2) {
-      // Two or four 16-byte vectors per thread once rows are long: one per thread left each thread a single
-      // load in flight per input, and 16384 x 8192 ran at 1.35x (forward) and 1.59x (backward) the copy floor
-      // on the H100 (device run 19, 2026-11-25).
-      if (nvec <= 128) return f(IntC<1>{});
-      if (nvec <= 256) return f(IntC<2>{});
-      return f(IntC<4>{});
-    }
     if (nvec <= kMaxThreads) return f(IntC<1>{});
     if (nvec <= 2 * kMaxThreads) return f(IntC<2>{});
     if constexpr (sizeof(T) == 4) {
