@@ -134,9 +134,10 @@ public sealed class DenseCudaTests
             for (int i = 0; i < got.Length; i++)
             {
                 Assert.That(got[i].dtype, Is.EqualTo(dt));
-                // dbias1 on cuBLASLt is BGRADB's fp32 sum of the rounded dpre, the low-precision reference's a sum of the
-                // same rounded values in another order: a max over a few dozen such sums came out at 2.07x (run 19)
-                double factor = biasGradFromRounded && names[i] == "dbias1" ? 3 : 2;
+                // bias gradients on cuBLASLt are BGRADB's fp32 sums of 16-bit values (dpre, or the incoming gradient), the
+                // low-precision reference's sums of the same values in another order: the max over a few dozen such sums
+                // is a noisy statistic, seen at 2.07x (dbias1, run 19) and 2.13x (dbias2, run 21)
+                double factor = biasGradFromRounded && names[i] is "dbias1" or "dbias2" ? 3 : 2;
                 Tolerance.AssertClose(got[i], low[i], want[i], $"lvl {lvl} {names[i]}", factor);
             }
             // level 2 recomputes fc1 with the same GEMM: the same gradients bit for bit (level 1 recomputes
