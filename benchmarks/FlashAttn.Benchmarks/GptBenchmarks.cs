@@ -39,13 +39,15 @@ public class GptBenchmarks : GpuBenchmark
     private string ModelName => Case.Split(':')[0];
     private bool Fused => Case.EndsWith(":on");
 
-    private GPTConfig Config()
+    private GPTConfig Config() => Config(ModelName, Fused);
+
+    internal static GPTConfig Config(string model, bool fused)
     {
-        var c = GPTConfig.Named(ModelName).WithFusions(Fused) with
+        var c = GPTConfig.Named(model).WithFusions(fused) with
         {
             pad_vocab_size_multiple = 64, resid_pdrop = 0, embd_pdrop = 0, attn_pdrop = 0,
         };
-        return c with { residual_in_fp32 = Fused };
+        return c with { residual_in_fp32 = fused };
     }
 
     public override double Flops(string method)

@@ -13,6 +13,9 @@ namespace FlashAttn.Benchmarks;
 /// MLP: the composite and ours at checkpoint levels 0, 1, 2, at the DenseBenchmarks shapes.
 /// Cross-entropy: 16384 × 50257 bf16 logits, ours (in-place backward) against TorchSharp's cross_entropy on
 /// float32-upcast logits (what PyTorch's baseline measures: 10.7 GiB extra on the H100, 2026-11-24).
+/// GPT: one bf16 training step (forward, backward, AdamW) of GPT-2 124M and 350M at B16 T1024, fusions on and
+/// off, as the GptBenchmarks configure them; the peak above the memory before the model was built, so weights,
+/// gradients and optimizer state count (what PyTorch's max_memory_allocated reports in the peer script).
 /// </summary>
 public static class Memory
 {
@@ -38,6 +41,7 @@ public static class Memory
         if (NvmlInit() != 0 || NvmlDevice(0, out _device) != 0) { Console.Error.WriteLine("NVML unavailable"); return 2; }
         Mlp();
         CrossEntropy();
+        Gpt();
         return 0;
     }
 
@@ -93,6 +97,40 @@ public static class Memory
                 ("ours lvl2", () => flash_attn.fused_mlp_func(x, w1, w2, b1, b2, checkpoint_lvl: 2), backward),
             });
             foreach (var t in inputs.Append(g)) t.Dispose();
+        }
+    }
+
+    private static void Gpt()
+    {
+        foreach (var model in new[] { "gpt2s", "gpt2m" })
+        foreach (var fused in new[] { true, false })
+        {
+            cuda.synchronize();
+            ulong before = Used(), peak = before;
+            using (var scope = NewDisposeScope())
+            {
+                manual_seed(0);
+                using var m = new FlashAttn.Models.GPTLMHeadModel(GptBenchmarks.Config(model, fused), CUDA, ScalarType.BFloat16);
+                using var opt = optim.AdamW(m.parameters(), lr: 6e-4);
+                var ids = randint(0, 50257, new long[] { 16, 1024 }, device: CUDA);
+                void Step()
+                {
+                    using var s = NewDisposeScope();
+                    m.loss(ids, ids).backward();
+                    opt.step();
+                    opt.zero_grad();
+                }
+                Step(); // optimizer state allocated
+                cuda.synchronize();
+                bool sampling = true;
+                var sampler = new Thread(() => { while (Volatile.Read(ref sampling)) { var u = Used(); if (u > peak) peak = u; } });
+                sampler.Start();
+                Step();
+                cuda.synchronize();
+                Volatile.Write(ref sampling, false);
+                sampler.Join();
+            }
+            Console.WriteLine($"bench\tMemory GPT {model} {(fused ? "fused" : "plain")} bf16 B16 T1024 train step peak\t{(peak - before) / 1073741824.0:F2}\tGiB");
         }
     }
 
