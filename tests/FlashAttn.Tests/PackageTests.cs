@@ -86,6 +86,42 @@ public sealed class PackageTests
         }
     }
 
+    /// <summary>
+    /// The CLI as a dotnet tool: packs FlashAttn.Cli into a local feed, installs it with `dotnet tool install`
+    /// into a tool path outside the repository, and runs `flashattn --help`, `flashattn experiments` (the
+    /// experiment files travel inside the package) and `flashattn show` of a GPT-2 recipe.
+    /// </summary>
+    [Test]
+    public void CliToolInstallsFromThePackageAndRuns()
+    {
+        var root = RepoPaths.TryRoot();
+        if (root is null) Assert.Ignore("not running from a repository checkout");
+        if (!HasDotnetSdk()) Assert.Ignore("no .NET SDK on this machine (the GPU host has only the published tests)");
+
+        var work = Directory.CreateTempSubdirectory("flashattn-tool-").FullName;
+        try
+        {
+            var version = $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
+            var feed = Path.Combine(work, "feed");
+            Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
+            var tools = Path.Combine(work, "tools");
+            Run(work, "dotnet", $"tool install FlashAttn.Cli --tool-path \"{tools}\" --add-source \"{feed}\" --version {version}");
+            var exe = Path.Combine(tools, "flashattn");
+            Assert.That(File.Exists(exe), Is.True, "the tool's command `flashattn` was not installed");
+
+            var help = Run(work, exe, "--help");
+            Assert.That(help, Does.Contain("usage:").And.Contain("flashattn train"), help);
+            var experiments = Run(work, exe, "experiments");
+            Assert.That(experiments, Does.Contain("owt/gpt2s-flash").And.Contain("tiny"), experiments);
+            var show = Run(work, exe, "show experiment=owt/gpt2s-flash");
+            Assert.That(show, Does.Contain("experiment: owt/gpt2s-flash").And.Contain("model.name: gpt2s"), show);
+        }
+        finally
+        {
+            Directory.Delete(work, recursive: true);
+        }
+    }
+
     private static bool HasDotnetSdk()
     {
         try { return Run(Environment.CurrentDirectory, "dotnet", "--list-sdks", check: false).Contains('['); }
