@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Runtime.InteropServices;
 using BenchmarkDotNet.Attributes;
 using FlashAttn.Models;
 using TorchSharp;
@@ -14,9 +13,8 @@ namespace FlashAttn.Benchmarks;
 /// matches shared/peers/pytorch_baselines.py gpt and the plain-TorchSharp peer: vocabulary padded to 50304, no dropout.
 /// FwdBwd is loss + backward; TrainStep adds AdamW (lr 6e-4), the peers' step. Flops: model FLOPs (6N + 12 L d T per token).
 /// Besides the BenchmarkDotNet lines, each case prints "gpt" TSV lines at cleanup: tokens/s and model TFLOP/s from the
-/// median invocation, and the device memory in use (cudaMemGetInfo: what libtorch's caching allocator reserved, a bound
-/// on the peak, not PyTorch's max_memory_allocated). The allocator keeps blocks across cases of one process, so for clean
-/// memory figures run one case per process: FLASHATTN_GPT_BENCH=gpt2s:on (model:on|off, comma-separated) picks the cases.
+/// median invocation. FLASHATTN_GPT_BENCH=gpt2s:on (model:on|off, comma-separated) picks the cases. Peak memory of a
+/// training step is measured apart, without the caching allocator: see <see cref="Memory"/>.
 /// </summary>
 public class GptBenchmarks : GpuBenchmark
 {
@@ -34,7 +32,6 @@ public class GptBenchmarks : GpuBenchmark
     private optim.Optimizer _opt = null!;
     private Tensor _ids = null!, _labels = null!;
     private readonly List<double> _seconds = new();
-    private long _freeBefore;
 
     private string ModelName => Case.Split(':')[0];
     private bool Fused => Case.EndsWith(":on");
@@ -62,7 +59,6 @@ public class GptBenchmarks : GpuBenchmark
 
     protected override void Setup()
     {
-        _freeBefore = DeviceMemory().free;
         manual_seed(0);
         _model = new GPTLMHeadModel(Config(), Dev, ScalarType.BFloat16);
         _model.train();
@@ -98,7 +94,6 @@ public class GptBenchmarks : GpuBenchmark
     {
         if (_model is null) return;
         Sync();
-        var (free, total) = DeviceMemory();
         if (_seconds.Count > 0)
         {
             var sorted = _seconds.OrderBy(s => s).ToArray();
@@ -108,31 +103,8 @@ public class GptBenchmarks : GpuBenchmark
             Console.WriteLine($"gpt\t{name} tokens/s (median invocation)\t{tok:G4}\ttokens/s");
             Console.WriteLine($"gpt\t{name} model TFLOP/s\t{tok * fpt / 1e12:G4}\tTFLOP/s");
             Console.WriteLine($"gpt\t{name} parameters\t{_model.num_parameters()}\tcount");
-            if (total > 0)
-                Console.WriteLine($"gpt\t{name} device memory in use (cudaMemGetInfo, since setup)\t{(_freeBefore - free) / Math.Pow(2, 30):G4}\tGiB");
         }
         _seconds.Clear();
         _opt.Dispose();
-    }
-
-    // cudaMemGetInfo from the CUDA runtime libtorch already loaded (PyTorch's wheels ship libcudart.so.13 or .12).
-    private delegate int MemGetInfo(out ulong free, out ulong total);
-    private static MemGetInfo? s_memGetInfo;
-
-    private static (long free, long total) DeviceMemory()
-    {
-        if (s_memGetInfo is null)
-        {
-            foreach (var lib in new[] { "libcudart.so.13", "libcudart.so.12", "libcudart.so" })
-            {
-                if (NativeLibrary.TryLoad(lib, out var h) && NativeLibrary.TryGetExport(h, "cudaMemGetInfo", out var f))
-                {
-                    s_memGetInfo = Marshal.GetDelegateForFunctionPointer<MemGetInfo>(f);
-                    break;
-                }
-            }
-        }
-        if (s_memGetInfo is null || s_memGetInfo(out var free, out var total) != 0) return (0, 0);
-        return ((long)free, (long)total);
     }
 }
