@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [bench] [memory] [peers] [sanitize]     (default: tests bench)
+#   bash build/device-run.sh [tests] [package] [train] [bench] [memory] [peers] [sanitize]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -52,6 +52,40 @@ if want sanitize; then
   summary+=("compute-sanitizer memcheck: rc $? ($(grep -c 'Invalid' "$OUT/sanitize.log") invalid accesses)")
 fi
 
+if want package; then
+  # The nupkg packed here with the CUDA build swapped in (what `dotnet pack` packs when handed one),
+  # its library extracted into the published consumer as a restore would, then the consumer run.
+  nupkg=$(ls .device/FlashAttn.TorchSharp.*.nupkg)
+  python3 - "$nupkg" /tmp/flashattn-lib/libflashattn.so /tmp/FlashAttn.TorchSharp.cuda.nupkg "$root/.device/consumer" \
+    >"$OUT/package.log" 2>&1 <<'PYEOF'
+import sys, zipfile
+src, lib, dst, consumer = sys.argv[1:]
+entry = "runtimes/linux-x64/native/libflashattn.so"
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        zout.writestr(item, open(lib, "rb").read() if item.filename == entry else zin.read(item.filename))
+with zipfile.ZipFile(dst) as z:
+    names = z.namelist()
+    print("nupkg entries:", ", ".join(n for n in names if not n.startswith(("_rels/", "package/", "[Content"))))
+    assert entry in names, entry
+    open(consumer + "/libflashattn.so", "wb").write(z.read(entry))
+PYEOF
+  echo "architectures in the packed library: $(cuobjdump --list-elf /tmp/flashattn-lib/libflashattn.so | grep -o 'sm_[0-9]*a\?' | sort -u | tr '\n' ' ')" \
+    >>"$OUT/package.log"
+  env -u FLASHATTN_NATIVE_PATH "$root/.device/consumer/PackageCheck" >>"$OUT/package.log" 2>&1
+  summary+=("package check: rc $?")
+fi
+
+if want train; then
+  # The seed's experiment with every fusion on, on a corpus prepared there (the embedded one: no
+  # OpenWebText on the device); TRAIN_ARGS adds or overrides keys.
+  DATA_DIR=/tmp/flashattn-data "$app"/flashattn train experiment=owt/gpt2s-flash datamodule.dataset=kjv \
+    datamodule.sources=embedded:kjv datamodule.val_ratio=0.01 trainer.default_root_dir=/tmp/flashattn-runs \
+    ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1
+  summary+=("train: rc $?")
+  cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/" 2>/dev/null
+fi
+
 if want bench; then
   # BENCH_FILTER may hold several globs separated by spaces: split, never expanded against files.
   set -f; "$app"/FlashAttn.Benchmarks --filter ${BENCH_FILTER:-*} >"$OUT/bench.log" 2>&1; rc=$?; set +f
@@ -73,6 +107,8 @@ echo
 [ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
 [ -f "$OUT/memory.tsv" ] && grep "^bench" "$OUT/memory.tsv"
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
+[ -f "$OUT/package.log" ] && grep -v "^nupkg entries" "$OUT/package.log"
+[ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
 # last, so that a long table cannot push it out of the tail a caller sees
 echo "== failures"
 [ -f "$OUT/failures.txt" ] && cat "$OUT/failures.txt"
