@@ -28,14 +28,14 @@ var dy = randn(4, 197, 256, dtype: ScalarType.BFloat16).to(ScalarType.Float64);
 (Tensor y, Tensor dx) Run(Device device, ScalarType dtype, bool reference)
 {
     Backend.ForceReference = reference;
-    mha.to(device, dtype);
-    ln.to(device, dtype);
-    var x = x0.to(device, dtype).detach().requires_grad_();
+    mha.to(device).to(dtype);
+    ln.to(device).to(dtype);
+    var x = x0.to(dtype, device).detach().requires_grad_();
     var (z, residual) = ln.forward(mha.forward(x), x);
     var y = z + residual!;
-    y.backward(dy.to(device, dtype));
+    y.backward(dy.to(dtype, device));
     Backend.ForceReference = false;
-    return (y.detach().to(CPU, ScalarType.Float64), x.grad!.to(CPU, ScalarType.Float64));
+    return (y.detach().to(ScalarType.Float64, CPU), x.grad!.to(ScalarType.Float64, CPU));
 }
 
 var exact = Run(CPU, ScalarType.Float64, reference: true);
