@@ -33,7 +33,7 @@ var dy = randn(4, 197, 256, dtype: ScalarType.BFloat16).to(ScalarType.Float64);
     var x = x0.to(dtype, device).detach().requires_grad_();
     var (z, residual) = ln.forward(mha.forward(x), x);
     var y = z + residual!;
-    y.backward(dy.to(dtype, device));
+    (y * dy.to(dtype, device)).sum().backward();
     Backend.ForceReference = false;
     return (y.detach().to(ScalarType.Float64, CPU), x.grad!.to(ScalarType.Float64, CPU));
 }
