@@ -165,6 +165,7 @@ public sealed class Trainer
                 var loss = task.TrainLoss((int)micro);
                 var scaled = loss * (scale / accum);
                 scaled.backward();
+                if (accum > 1) opt.AccumulateGradients();
                 var d = loss.detach().to(ScalarType.Float32);
                 lossSum = lossSum is null ? d : lossSum + d;
                 scope.DisposeEverythingBut(lossSum);

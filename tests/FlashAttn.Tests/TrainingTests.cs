@@ -40,6 +40,28 @@ public class TrainingTests
     ];
 
     [Test]
+    public void Bf16GradientsAccumulateInFloat32()
+    {
+        // 48 micro-batches whose gradient is 1 + 2^-7 (exact in bf16): the sum is 48.375. Added up in bf16,
+        // each addition above 16 rounds to a spacing of 0.125 or 0.25 and the 2^-7 parts are lost (48.25).
+        using var p = new TorchSharp.Modules.Parameter(zeros(8, dtype: ScalarType.BFloat16));
+        using var opt = new MixedPrecisionAdamW([("p", p, false)], Precision.Bf16);
+        var c = full(8, 1 + 1.0 / 128, dtype: ScalarType.BFloat16);
+        for (int i = 0; i < 48; i++)
+        {
+            (p * c).sum().backward();
+            opt.AccumulateGradients();
+        }
+        var (norm, stepped) = opt.Step(lr: 1e-3, clipNorm: 0);
+        Assert.That(stepped, Is.True);
+        Assert.That(norm, Is.EqualTo(48.375 * Math.Sqrt(8)).Within(1e-9).Percent, "the accumulated gradient's norm");
+        // the next step starts from zero: one more micro-batch gives its own gradient alone
+        (p * c).sum().backward();
+        opt.AccumulateGradients();
+        Assert.That(opt.Step(lr: 1e-3, clipNorm: 0).gradNorm, Is.EqualTo((1 + 1.0 / 128) * Math.Sqrt(8)).Within(1e-9).Percent);
+    }
+
+    [Test]
     public void ResumeReproducesTheLossesOfAnUninterruptedRun()
     {
         var full = new Trainer(ExperimentConfig.Parse(SmallRun("full")), TextWriter.Null).Run();
