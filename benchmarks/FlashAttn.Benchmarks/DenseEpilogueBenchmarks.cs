@@ -9,7 +9,7 @@ namespace FlashAttn.Benchmarks;
 /// each through our cuBLASLt call with and without its fused epilogue, and through torch.mm (cuBLAS): which
 /// epilogue costs what on this GPU. dW2 = gᵀ·h (+ db2 by BGRADB); dh = (g·W2) ∘ gelu'(pre) (DGELU) or plain;
 /// dx = dh·W1; dW1 = dhᵀ·x (+ db1 by BGRADB). Run 17 (2026-11-25) measured DGELU_BGRAD at 3.6× the plain GEMM,
-/// which moved db1 into dW1's GEMM.
+/// which moved db1 into dW1's GEMM; the column sums measure the bias gradients as a separate reduction.
 /// </summary>
 public class DenseEpilogueBenchmarks : GpuBenchmark
 {
@@ -20,7 +20,15 @@ public class DenseEpilogueBenchmarks : GpuBenchmark
 
     private Tensor _x = null!, _w1 = null!, _w2 = null!, _g = null!, _h = null!, _pre = null!, _dh = null!;
 
-    public override double Flops(string method) => 2.0 * DenseBenchmarks.Tokens * Width * Hidden;
+    public override double Flops(string method) => method.EndsWith("ColumnSum") ? 0 : 2.0 * DenseBenchmarks.Tokens * Width * Hidden;
+
+    // The bias gradients on their own (a column sum: one read of the gradient), against what BGRADB adds to its GEMM.
+    public override long Bytes(string method) => method switch
+    {
+        nameof(Db2ColumnSum) => DenseBenchmarks.Tokens * Width * 2,
+        nameof(Db1ColumnSum) => DenseBenchmarks.Tokens * Hidden * 2,
+        _ => 0,
+    };
 
     protected override void Setup()
     {
@@ -77,4 +85,10 @@ public class DenseEpilogueBenchmarks : GpuBenchmark
 
     [Benchmark(OperationsPerInvoke = Launches)]
     public void Dw1TorchMm() => Loop(() => _dh.t().mm(_x));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Db2ColumnSum() => Loop(() => _g.sum(0L));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Db1ColumnSum() => Loop(() => _dh.sum(0L));
 }
