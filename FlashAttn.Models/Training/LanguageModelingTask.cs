@@ -103,7 +103,11 @@ public sealed class LanguageModelingTask : ITrainingTask
     // backward; the trainer's per-step scope frees everything after backward.
     Tensor Loss(long[] rows, int batchSize)
     {
-        var x = tensor(rows, [batchSize, _seqlen + 1], ScalarType.Int64).to(_device);
+        var x = tensor(rows, [batchSize, _seqlen + 1], ScalarType.Int64);
+        // A copy from pageable memory waits for the GPU's queue to drain, so each micro-batch would start on an idle
+        // GPU while the CPU launches its forward; from pinned memory the copy queues behind the previous work.
+        // (PyTorch's pinned-host allocator keeps the buffer until the copy has run, even once x is disposed.)
+        if (_device.type == DeviceType.CUDA) x = x.pin_memory().to(_device, non_blocking: true);
         var input = x.narrow(1, 0, _seqlen).contiguous();
         var labels = x.narrow(1, 1, _seqlen).contiguous();
         return _model.loss(input, labels);
