@@ -16,14 +16,15 @@ FlashAttnStatus launch_fwd_with(const FlashFwdParams& p, cudaStream_t stream, co
   const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
   const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
   auto kernel = full ? flash_fwd_kernel<Tr, true> : flash_fwd_kernel<Tr, false>;
-  if (Tr::kSmemBytes > 48 * 1024) {
+  const int smem_bytes = Tr::smem_bytes(full);
+  if (smem_bytes > 48 * 1024) {
     // Above 48 KB of dynamic shared memory a kernel must opt in.
     FlashAttnStatus s = check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes), function,
         "cudaFuncSetAttribute(flash_fwd_kernel, MaxDynamicSharedMemorySize)");
     if (s != FLASHATTN_STATUS_OK) return s;
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Tr::kThreads, smem_bytes, stream>>>(p);
   return check_launch(function, "flash_fwd_kernel");
 }
 
