@@ -1,23 +1,29 @@
 // FlashAttention-2 backward kernels:
 //   dout, q, out (B, Sq, H, D), k, v (B, Sk, Hk, D), softmax_lse (B, H, Sq) -> dq, dk, dv.
 // 1. flash_bwd_dot_do_o_kernel: dsum_i = sum_d dout_i * out_i (float32 workspace, (B*Sq, H)).
-// 2. flash_bwd_kernel: one CTA per (key block, head, batch), 128 keys up to d128 and 64 beyond;
-//    each warp owns 16 keys, so the transposed products S^T = K Q^T and dP^T = V dO^T leave P^T
-//    and dS^T in that warp's registers, where they are directly the A operands of dV += P^T dO and
-//    dK += dS^T Q (no shared-memory round trip, no cross-warp reduction). dS^T also goes to shared
-//    memory for dQ += dS K, which is accumulated in float32 with atomics (several key blocks add
-//    into the same rows). The CTA walks the query blocks (kBlockM rows, double-buffered with
-//    cp.async, their LSE and dsum prefetched a block ahead) with two barriers each, and takes the
-//    register-heavy part in sub-blocks of kSubM rows.
-//    2026-11-25: query blocks 128 (d <= 64) / 64 rows with 32 x 32 dQ tasks and 2 barriers per
-//    block, replacing 64 / 32 rows, 16 x 32 tasks and 3 barriers; unmeasured until the next
-//    device run (before: forward + backward 153-192 TFLOP/s on the H100, bf16, B*S = 16384,
-//    hidden 2048, against FA2's backward alone at 232-307).
+// 2. flash_bwd_kernel: one CTA per (key block, head, batch), 128 keys up to d128 (8 warps) and
+//    64 beyond (4 warps). Warps work in pairs on 32 keys: each computes the transposed products
+//    S^T = K Q^T and dP^T = V dO^T for its half of the block's queries, so that P^T and dS^T come
+//    out in its registers as the A fragments of dV += P^T dO and dK += dS^T Q; it hands its half
+//    to the partner through shared memory, takes the partner's, and accumulates dK and dV for its
+//    half of the head dimension (no cross-warp reduction). dS^T in shared memory also serves
+//    dQ += dS K, accumulated in float32 with atomics (several key blocks add into the same rows).
+//    The CTA walks the query blocks (kBlockM rows; Q/dO double-buffered with cp.async where
+//    shared memory allows; LSE and dsum prefetched a block ahead) with two barriers each.
+//    Shared-memory traffic bounds it (ncu, 2026-11-25: ldmatrix is 80-85% of the L1 wavefronts,
+//    which run at 65-75% of the peak rate, as in FA2's kernel): 32 keys per warp let each Q / dO
+//    fragment feed two mmas, a quarter less ldmatrix traffic than 16 keys per warp, which held
+//    dK and dV for all columns (d128 kernel, B=4 H=16 S=4096: 5.87 -> 5.25 ms, 4.86 with the
+//    barrier layout of the query loop; FA2's kernel 4.44).
+//    H100, bf16, B*S = 16384, hidden 2048, backward alone, 2026-11-25: 184-282 TFLOP/s against
+//    PyTorch's FA2 at 174-300 (0.88-1.10x; 0.59-0.81x before the changes of that day).
 // 3. flash_bwd_convert_dq_kernel / flash_bwd_convert_dkv_kernel: float32 accumulators -> dtype;
 //    the latter also sums the query heads of a GQA group.
 #pragma once
 
+#include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "common/numeric.cuh"
 #include "flash/flash_common.cuh"
@@ -31,63 +37,45 @@ template <int kHeadDim_, typename T_>
 struct BwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-  // dK and dV accumulators live in registers (kHeadDim floats per lane) up to 128; beyond, they
-  // are read-modified-written in the float32 workspace once per query block, and a larger query
-  // block amortises that traffic.
+  // dK and dV accumulators live in registers (kHeadDim / 2 floats each per lane) up to d128;
+  // beyond, they are read-modified-written in the float32 workspace once per query block.
   static constexpr bool kAccInRegs = kHeadDim <= 128;
-  // Keys per CTA, 16 per warp. The dQ atomics per flop fall as 1 / kBlockN: 128 keys where
-  // shared memory allows.
+  // Keys per CTA. The dQ atomics per flop fall as 1 / kBlockN: 128 keys where shared memory allows.
   static constexpr int kBlockN = kAccInRegs ? 128 : 64;
-  static constexpr int kWarps = kBlockN / 16;
-  // Query rows per stage: per two barriers, one LSE/dsum prefetch and one dQ pass. FA2's sm80
-  // backward uses 128 at d64 and 64 at d128, with 128 keys (its flash_bwd_launch_template.h).
-  static constexpr int kBlockM = kAccInRegs && kHeadDim <= 64 ? 128 : 64;
-  // Query rows whose S^T and dP^T a warp holds at once (kSubM floats per lane beside the kHeadDim
-  // floats of dK, dV): 64 spills at d96 and d128 (12-44 bytes at 255 registers, ptxas 11.8).
-  static constexpr int kSubM = kAccInRegs && kHeadDim > 64 ? 32 : 64;
-  // dQ pass: tasks of (16 * kDqRowTiles) query rows x kDqChunk head-dim columns, one per warp
-  // where the shapes allow. Shared-memory bytes per mma are 4096 (1/rows + 1/columns): a 32 x 32
-  // task reads 256, a 16 x 32 one 384.
-  // (Without kAccInRegs: 16 x kDkvChunk, the column chunk of the float32 dK/dV read-modify-write.)
-  static constexpr int kDkvChunk = kHeadDim % 64 == 0 ? 64 : 32;
-  static constexpr int kDqPerWarp = kBlockM * kHeadDim / kWarps;
-  static constexpr int kDqRowTiles = kAccInRegs && kDqPerWarp >= 1024 ? 2 : 1;
-  static constexpr int kDqChunk = kAccInRegs ? kDqPerWarp / (16 * kDqRowTiles) : kDkvChunk;
+  // Warps in pairs: warp (wk, wq) takes keys [32 wk, 32 wk + 32) of the block with query half wq
+  // for S^T and dP^T, and the same keys with head-dim half wq for dK and dV.
+  static constexpr int kWarpsK = kBlockN / 32;
+  static constexpr int kWarps = 2 * kWarpsK;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kLds = kHeadDim + 8;    // padded rows: conflict-free ldmatrix
-  static constexpr int kLdsDs = kBlockM + 8;
-  static constexpr int kBytesFixed = 2 * kBlockN * kLds * int(sizeof(T)) + kBlockN * kLdsDs * int(sizeof(T)) +
+  // Query rows per block: per two CTA barriers, one LSE/dsum prefetch and one dQ pass. FA2's sm80
+  // backward uses 128 at d64 and 64 at d128, with 128 keys (its flash_bwd_launch_template.h).
+  // A warp holds S^T and dP^T of 32 keys x kBlockM / 2 queries (kBlockM floats per lane) beside
+  // dK and dV (kHeadDim floats): 192 at d64 and d128.
+  static constexpr int kBlockM = kAccInRegs && kHeadDim <= 64 ? 128 : 64;
+  static constexpr int kHalfM = kBlockM / 2;
+  static constexpr int kHalfD = kHeadDim / 2;
+  // dQ pass: one task of (16 * kDqRowTiles) query rows x kDqChunk head-dim columns per warp.
+  // Shared-memory bytes per mma are 4096 (1/rows + 1/columns): a 32 x 32 task reads 256, a
+  // 16 x 32 one 384.
+  static constexpr int kDqPerWarp = kBlockM * kHeadDim / kWarps;
+  static constexpr int kDqRowTiles = kDqPerWarp >= 1024 ? 2 : 1;
+  static constexpr int kDqChunk = kDqPerWarp / (16 * kDqRowTiles);
+  static constexpr int kLds = kHeadDim + 8;  // padded rows: conflict-free ldmatrix
+  static constexpr int kLdsP = kBlockM + 8;
+  // K, V, P^T, dS^T, LSE, dsum; then 1 or 2 stages of Q and dO tiles.
+  static constexpr int kBytesFixed = 2 * kBlockN * kLds * int(sizeof(T)) + 2 * kBlockN * kLdsP * int(sizeof(T)) +
                                      2 * kBlockM * int(sizeof(float));
-  static constexpr int kBytesPerStage = 2 * kBlockM * kLds * int(sizeof(T));  // Q and dO tiles
-  // Two Q/dO stages (the next query block's copy overlaps this one's math) where that fits in
-  // the 163 KB an A100 block can have; one otherwise.
-  static constexpr int kStages = kBytesFixed + 2 * kBytesPerStage <= 160 * 1024 ? 2 : 1;
-  static constexpr int kSmemBytes = kBytesFixed + kStages * kBytesPerStage;
-  static_assert(kBlockM % kSubM == 0 && kSubM % 16 == 0, "query sub-blocks of whole k16 steps");
-  static_assert(kBlockM % (16 * kDqRowTiles) == 0 && kDqChunk % 16 == 0 && kHeadDim % kDqChunk == 0,
-                "dQ tasks tile the (kBlockM x kHeadDim) block");
+  static constexpr int kBytesPerStage = 2 * kBlockM * kLds * int(sizeof(T));
+  static constexpr int smem_bytes(int stages) { return kBytesFixed + stages * kBytesPerStage; }
+  static_assert(kHalfM % 16 == 0 && kHalfD % 16 == 0, "warp halves of whole k16 steps and ldmatrix column pairs");
+  static_assert(kBlockM % (16 * kDqRowTiles) == 0 && kDqChunk % 16 == 0 && kHeadDim % kDqChunk == 0 &&
+                    (kBlockM / (16 * kDqRowTiles)) * (kHeadDim / kDqChunk) == kWarps,
+                "dQ tasks tile the (kBlockM x kHeadDim) block, one per warp");
   static_assert(kBlockM <= kThreads, "one thread stages each query row's LSE and dsum");
+  static_assert(smem_bytes(1) <= 163 * 1024, "one stage fits an A100 block");
 };
 
-// acc (16 rows x 8 * NDT columns starting at column d0 of sB) += A (16 x kSubM, the warp's
-// register fragments) * sB (kSubM rows x kHeadDim, row-major in shared memory).
-template <typename Tr, int NDT>
-__device__ __forceinline__ void mma_regA_smemB(float (&acc)[NDT][4], const uint32_t (&a)[Tr::kSubM / 16][4],
-                                               const typename Tr::T* sB, int d0, int lane) {
-  using T = typename Tr::T;
-#pragma unroll
-  for (int kk = 0; kk < Tr::kSubM / 16; ++kk) {
-#pragma unroll
-    for (int dp = 0; dp < NDT / 2; ++dp) {
-      uint32_t bf[4];
-      ldsm_x4_trans(bf, sB + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * Tr::kLds + d0 + dp * 16 + (lane / 16) * 8);
-      mma_16816<T>(acc[2 * dp], a[kk], bf[0], bf[1]);
-      mma_16816<T>(acc[2 * dp + 1], a[kk], bf[2], bf[3]);
-    }
-  }
-}
-
-// The warp's (16 x kSubM) float tile as A fragments of k16 steps.
+// A (16 x 8 MT) float tile as A fragments of k16 steps.
 template <typename T, int MT>
 __device__ __forceinline__ void to_a_frags(uint32_t (&a)[MT / 2][4], const float (&c)[MT][4]) {
 #pragma unroll
@@ -99,13 +87,33 @@ __device__ __forceinline__ void to_a_frags(uint32_t (&a)[MT / 2][4], const float
   }
 }
 
-// p[0] += a, p[1] += b: one vector atomic on sm_90 (half the L2 atomic operations), two otherwise.
-__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+// acc (32 rows x 8 NDT columns) += A (32 x 16: the fragments of two m16 tiles) * sB (16 rows x
+// 8 NDT columns, row-major with row stride kLds in shared memory).
+template <typename Tr, int NDT>
+__device__ __forceinline__ void mma_k16(float (&acc)[2][NDT][4], const uint32_t (&a0)[4], const uint32_t (&a1)[4],
+                                        const typename Tr::T* sB, int lane) {
+  using T = typename Tr::T;
+#pragma unroll
+  for (int dp = 0; dp < NDT / 2; ++dp) {
+    uint32_t bf[4];
+    ldsm_x4_trans(bf, sB + (lane % 8 + ((lane / 8) % 2) * 8) * Tr::kLds + dp * 16 + (lane / 16) * 8);
+    mma_16816<T>(acc[0][2 * dp], a0, bf[0], bf[1]);
+    mma_16816<T>(acc[0][2 * dp + 1], a0, bf[2], bf[3]);
+    mma_16816<T>(acc[1][2 * dp], a1, bf[0], bf[1]);
+    mma_16816<T>(acc[1][2 * dp + 1], a1, bf[2], bf[3]);
+  }
+}
+
+// p[0..3] += v (p 16-byte aligned): one vector atomic on sm_90 (a quarter of the L2 atomic
+// operations of scalar ones), four otherwise.
+__device__ __forceinline__ void atomic_add4(float* p, float4 v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+  atomicAdd(reinterpret_cast<float4*>(p), v);
 #else
-  atomicAdd(p, a);
-  atomicAdd(p + 1, b);
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
 #endif
 }
 
@@ -136,25 +144,33 @@ __global__ void __launch_bounds__(128) flash_bwd_dot_do_o_kernel(const FlashBwdP
   if (lane == 0) p.dsum[(seq.q_row0 + i) * H + h] = sum;
 }
 
-// kFull: softcap, ALiBi or dropout may be on (see flash_fwd_kernel).
+// kFull: softcap, ALiBi or dropout may be on (see flash_fwd_kernel). stages: Q/dO buffers, 2 where
+// Tr::smem_bytes(2) fits the device (the next query block's copy then overlaps this one's math).
+// One CTA per SM (shared memory allows no more): said in the launch bound, else ptxas 11.8 caps
+// some variants at 128-168 registers and spills (d160-d256).
 template <typename Tr, bool kFull>
-__global__ void __launch_bounds__(Tr::kThreads) flash_bwd_kernel(const FlashBwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashBwdParams p, int stages) {
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, SM = Tr::kSubM;
-  constexpr int LDS = Tr::kLds, LDSS = Tr::kLdsDs;
-  constexpr int MT = SM / 8;  // n8 tiles of S^T (queries) per warp and sub-block
-  constexpr int CH = Tr::kDkvChunk;
-  constexpr int DTR = Tr::kAccInRegs ? D / 8 : 1;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, HM = Tr::kHalfM, HD = Tr::kHalfD;
+  constexpr int LDS = Tr::kLds, LDP = Tr::kLdsP;
+  constexpr int NT = HM / 8;  // n8 tiles of S^T (queries) per m16 tile of keys
+  constexpr int KQ = HM / 16; // k16 steps over a query half
+  constexpr int DN = HD / 8;  // n8 tiles of the warp's dK / dV columns
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * LDS;
-  T* sQ0 = sV + BN * LDS;                     // stage s: sQ0 + s * 2 * BM * LDS, its dO right after
-  T* sdS = sQ0 + Tr::kStages * 2 * BM * LDS;
-  float* sLse = reinterpret_cast<float*>(sdS + BN * LDSS);
+  T* sP = sV + BN * LDS;  // P^T and dS^T: rows = keys, columns = the block's queries
+  T* sdS = sP + BN * LDP;
+  float* sLse = reinterpret_cast<float*>(sdS + BN * LDP);
   float* sDsum = sLse + BM;
+  T* sQ0 = reinterpret_cast<T*>(sDsum + BM);  // stage s: sQ0 + s * 2 * BM * LDS, its dO right after
 
   const int h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int wk = warp / 2, wq = warp % 2;
+  const int kw0 = 32 * wk;   // the warp's first key in the block
+  const int q0 = HM * wq;    // its first query (S^T, dP^T) in the block; the partner's is HM - q0
+  const int dc0 = HD * wq;   // its first dK / dV column
   const SeqInfo seq(p, b);
   const int H = int(p.nheads);
   const int hk = h / int(p.nheads / p.nheads_k);
@@ -205,13 +221,13 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_bwd_kernel(const FlashBwdP
     const int mb_lo = i_lo / BM, mb_hi = i_hi > i_lo ? (i_hi + BM - 1) / BM : mb_lo;
     auto load_q_do = [&](int mb) {
       const int m0 = mb * BM;
-      T* sQs = sQ0 + (Tr::kStages == 2 ? (mb & 1) : 0) * 2 * BM * LDS;
-      load_tile<BM, D, LDS, Tr::kThreads>(sQs, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0, hdim);
-      load_tile<BM, D, LDS, Tr::kThreads>(sQs + BM * LDS, dout + int64_t(m0) * p.dout_row_stride,
+      T* sQs = sQ0 + (stages == 2 ? (mb & 1) : 0) * 2 * BM * LDS;
+      copy_tile<BM, D, LDS, Tr::kThreads>(sQs, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0, hdim);
+      copy_tile<BM, D, LDS, Tr::kThreads>(sQs + BM * LDS, dout + int64_t(m0) * p.dout_row_stride,
                                           p.dout_row_stride, seq.sq - m0, hdim);
     };
-    load_tile<BN, D, LDS, Tr::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride, seq.sk - n0, hdim);
-    load_tile<BN, D, LDS, Tr::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride, seq.sk - n0, hdim);
+    copy_tile<BN, D, LDS, Tr::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride, seq.sk - n0, hdim);
+    copy_tile<BN, D, LDS, Tr::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride, seq.sk - n0, hdim);
     if (mb_lo < mb_hi) {
       load_q_do(mb_lo);
       fetch_stats(mb_lo);
@@ -219,155 +235,230 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_bwd_kernel(const FlashBwdP
     }
     cp_async_commit();
 
-    float acc_dk[DTR][4], acc_dv[DTR][4];
+    // dK, dV of keys kw0 + 16 mt + (g, g + 8), columns dc0 + 8 n + (2t, 2t + 1).
+    constexpr int DNR = Tr::kAccInRegs ? DN : 1;
+    float acc_dk[2][DNR][4], acc_dv[2][DNR][4];
 #pragma unroll
-    for (int i = 0; i < DTR; ++i)
+    for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+      for (int i = 0; i < DNR; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dk[mt][i][e] = acc_dv[mt][i][e] = 0.f;
 
-    // Two barriers per query block: A publishes its Q/dO tiles, LSE and dsum; B publishes dS^T.
-    // The dQ pass after B needs no closing barrier: the next writers of what it reads (sdS in
-    // the next block, sK in the next key block) first pass the next A, or the barrier after the
-    // loop, which this warp reaches only when its dQ pass is done.
+    // Two CTA barriers per query block. A publishes its Q/dO tiles, LSE and dsum, and marks every
+    // warp done with the previous block (its Q/dO stage, sP, sdS). B publishes P^T and dS^T and
+    // marks the LSE/dsum reads done. dV/dK and the dQ pass then run back to back without a
+    // barrier between: warps drift apart there, and one warp's atomics overlap another's mmas.
+    // (A pair barrier before dV/dK and the CTA barrier before the dQ pass instead: 5.25 against
+    // 4.86 ms for the d128 kernel, 2.82 against 2.75 at d64, B=4 H=16 S=4096, H100, 2026-11-25.)
     for (int mb = mb_lo; mb < mb_hi; ++mb) {
       const int m0 = mb * BM;
-      T* sQ = sQ0 + (Tr::kStages == 2 ? (mb & 1) : 0) * 2 * BM * LDS;
+      T* sQ = sQ0 + (stages == 2 ? (mb & 1) : 0) * 2 * BM * LDS;
       T* sdO = sQ + BM * LDS;
       if (mb + 1 < mb_hi) fetch_stats(mb + 1);
-      if constexpr (Tr::kStages == 2) {
-        // The other stage was last read before the previous block's barrier B.
-        if (mb + 1 < mb_hi) {
-          load_q_do(mb + 1);
-          cp_async_commit();
-          cp_async_wait<1>();  // this block's Q/dO (and K/V) have landed; the next may be in flight
-        } else {
-          cp_async_wait<0>();
-        }
-      } else {
-        cp_async_wait<0>();
+      cp_async_wait<0>();  // this block's Q/dO (and K/V)
+      __syncthreads();     // A
+      if (stages == 2 && mb + 1 < mb_hi) {
+        load_q_do(mb + 1);  // into the stage the previous block read: overlaps this block's math
+        cp_async_commit();
       }
-      __syncthreads();  // A
 
-      // Sub-blocks of SM queries bound the live S^T / dP^T registers; each ends in dK, dV.
-#pragma unroll 1
-      for (int qs = 0; qs < BM; qs += SM) {
-        const int m0s = m0 + qs;
-        // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x SM queries.
-        float acc_s[MT][4], acc_dp[MT][4];
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 32 keys x HM queries; each K / V fragment
+      // serves NT mmas, each Q / dO fragment two.
+      float acc_s[2][NT][4], acc_dp[2][NT][4];
 #pragma unroll
-        for (int i = 0; i < MT; ++i)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+        for (int i = 0; i < NT; ++i)
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          uint32_t ak[4], av[4];
-          ldsm_x4(ak, sK + (warp * 16 + lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
-          ldsm_x4(av, sV + (warp * 16 + lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+          for (int e = 0; e < 4; ++e) acc_s[mt][i][e] = acc_dp[mt][i][e] = 0.f;
 #pragma unroll
-          for (int qp = 0; qp < SM / 16; ++qp) {
-            uint32_t bq[4], bo[4];
-            const int off = (qs + qp * 16 + lane % 8 + (lane / 16) * 8) * LDS + ks * 16 + ((lane / 8) % 2) * 8;
-            ldsm_x4(bq, sQ + off);
-            ldsm_x4(bo, sdO + off);
-            mma_16816<T>(acc_s[2 * qp], ak, bq[0], bq[1]);
-            mma_16816<T>(acc_s[2 * qp + 1], ak, bq[2], bq[3]);
-            mma_16816<T>(acc_dp[2 * qp], av, bo[0], bo[1]);
-            mma_16816<T>(acc_dp[2 * qp + 1], av, bo[2], bo[3]);
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t ak[2][4], av[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          ldsm_x4(ak[mt], sK + (kw0 + mt * 16 + lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+          ldsm_x4(av[mt], sV + (kw0 + mt * 16 + lane % 16) * LDS + ks * 16 + (lane / 16) * 8);
+        }
+#pragma unroll
+        for (int qp = 0; qp < KQ; ++qp) {
+          uint32_t bq[4], bo[4];
+          const int off = (q0 + qp * 16 + lane % 8 + (lane / 16) * 8) * LDS + ks * 16 + ((lane / 8) % 2) * 8;
+          ldsm_x4(bq, sQ + off);
+          ldsm_x4(bo, sdO + off);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<T>(acc_s[mt][2 * qp], ak[mt], bq[0], bq[1]);
+            mma_16816<T>(acc_s[mt][2 * qp + 1], ak[mt], bq[2], bq[3]);
+            mma_16816<T>(acc_dp[mt][2 * qp], av[mt], bo[0], bo[1]);
+            mma_16816<T>(acc_dp[mt][2 * qp + 1], av[mt], bo[2], bo[3]);
           }
         }
+      }
 
-        // Pairs strictly inside the visible region skip the per-element mask.
-        const bool interior = n0 + BN <= seq.sk && m0s + SM <= seq.sq &&
-                              (mod.right < 0 || n0 + BN - 1 <= m0s + mod.diag + mod.right) &&
-                              (mod.left < 0 || n0 >= m0s + SM - 1 + mod.diag - mod.left);
+      // Element (mt, nt, e) is key j0 + 16 mt + 8 (e / 2) and query i0 + 8 nt + e % 2 (column
+      // q0 + 8 nt + 2t + e % 2 of sLse and sDsum).
+      const int j0 = n0 + kw0 + g, i0 = m0 + q0 + 2 * t;
+      // P = exp(score - LSE) recomputed exactly as the forward; then (with Z the dropout mask)
+      // acc_s <- P Z / (1 - p) for dV, acc_dp <- dS = P (dP Z / (1 - p) - dsum) (1 - tanh^2 under softcap).
+      if constexpr (!kFull) {
+        // Straight-line code: exp2 of every element, then the mask on boundary tiles alone. A
+        // per-element `visible ? exp2 : 0` compiled to a branch around each exp2 and its LSE
+        // load, which serialised them: without (and with float4 dQ atomics) the backward ran
+        // 1.2-1.4x faster (H100, 2026-11-25).
         const float scale_log2 = scale * kLog2e;
-        // P = exp(score - LSE) recomputed exactly as the forward; then (with Z the dropout mask)
-        // acc_s <- P Z / (1 - p) for dV, acc_dp <- dS = P (dP Z / (1 - p) - dsum) (1 - tanh^2 under softcap).
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int j = n0 + warp * 16 + g + r * 8;
+        for (int nt = 0; nt < NT; ++nt) {
+          const float2 lse2 = *reinterpret_cast<const float2*>(sLse + q0 + nt * 8 + 2 * t);
 #pragma unroll
-          for (int nt = 0; nt < MT; ++nt)
+          for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int il = qs + nt * 8 + 2 * t + c, i = m0 + il;
-              float th = 0.f, pr;
-              if (!kFull) {
-                pr = (interior || mod.visible(i, j)) ? fast_exp2(acc_s[nt][2 * r + c] * scale_log2 - sLse[il]) : 0.f;
-              } else {
-                const float x = mod.apply(acc_s[nt][2 * r + c], i, j, &th);
-                pr = x == -INFINITY ? 0.f : fast_exp2(x * kLog2e - sLse[il]);
+            for (int e = 0; e < 4; ++e)
+              acc_s[mt][nt][e] = fast_exp2(acc_s[mt][nt][e] * scale_log2 - (e % 2 ? lse2.y : lse2.x));
+        }
+        const bool interior = n0 + kw0 + 32 <= seq.sk && m0 + q0 + HM <= seq.sq &&
+                              (mod.right < 0 || n0 + kw0 + 31 <= m0 + q0 + mod.diag + mod.right) &&
+                              (mod.left < 0 || n0 + kw0 >= m0 + q0 + HM - 1 + mod.diag - mod.left);
+        if (!interior) {
+          // ScoreMod::visible with three bounds per tile compared with constants (as in the forward).
+          const int j_end = seq.sk - j0;                                                  // j < sk
+          const int d_hi = mod.right < 0 ? INT_MAX : mod.diag + mod.right - (j0 - i0);  // j - i <= diag + right
+          const int d_lo = mod.left < 0 ? INT_MIN : mod.diag - mod.left - (j0 - i0);    // j - i >= diag - left
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int dj = mt * 16 + (e / 2) * 8, dji = dj - nt * 8 - e % 2;
+                if (dj >= j_end || dji > d_hi || dji < d_lo) acc_s[mt][nt][e] = 0.f;
               }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const float2 dsum2 = *reinterpret_cast<const float2*>(sDsum + q0 + nt * 8 + 2 * t);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              acc_dp[mt][nt][e] = acc_s[mt][nt][e] * (acc_dp[mt][nt][e] - (e % 2 ? dsum2.y : dsum2.x));
+        }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = i0 + nt * 8 + e % 2, j = j0 + mt * 16 + (e / 2) * 8;
+              float th = 0.f;
+              const float x = mod.apply(acc_s[mt][nt][e], i, j, &th);
+              const float pr = x == -INFINITY ? 0.f : fast_exp2(x * kLog2e - sLse[i - m0]);
               const bool keep = !dropout || drop.keep1(i, j);
-              const float dpv = keep ? acc_dp[nt][2 * r + c] * rp_dropout : 0.f;
-              float ds = pr * (dpv - sDsum[il]);
-              if (kFull && mod.softcap > 0.f) ds *= 1.f - th * th;
-              acc_s[nt][2 * r + c] = keep ? pr * rp_dropout : 0.f;
-              acc_dp[nt][2 * r + c] = ds;
+              const float dpv = keep ? acc_dp[mt][nt][e] * rp_dropout : 0.f;
+              float ds = pr * (dpv - sDsum[i - m0]);
+              if (mod.softcap > 0.f) ds *= 1.f - th * th;
+              acc_s[mt][nt][e] = keep ? pr * rp_dropout : 0.f;
+              acc_dp[mt][nt][e] = ds;
             }
-        }
+      }
 
-        uint32_t a_p[SM / 16][4], a_ds[SM / 16][4];
-        to_a_frags<T, MT>(a_p, acc_s);
-        to_a_frags<T, MT>(a_ds, acc_dp);
-        // dS^T to shared memory (rows = keys) for dQ, already rounded exactly as the dK operand.
+      // P^T and dS^T of the warp's keys x its query half, as A fragments of k16 steps; both go to
+      // shared memory for the partner warp (dS^T also for the dQ pass), rounded exactly as used here.
+      uint32_t a_p[2][KQ][4], a_ds[2][KQ][4];
+      auto store_a_frag = [&](T* dst, const uint32_t(&a)[4]) {  // dst: row g, column 2t of the tile
+        *reinterpret_cast<uint32_t*>(dst) = a[0];
+        *reinterpret_cast<uint32_t*>(dst + 8 * LDP) = a[1];
+        *reinterpret_cast<uint32_t*>(dst + 8) = a[2];
+        *reinterpret_cast<uint32_t*>(dst + 8 * LDP + 8) = a[3];
+      };
 #pragma unroll
-        for (int kk = 0; kk < SM / 16; ++kk) {
-          T* row0 = sdS + (warp * 16 + g) * LDSS + qs + kk * 16 + 2 * t;
-          *reinterpret_cast<uint32_t*>(row0) = a_ds[kk][0];
-          *reinterpret_cast<uint32_t*>(row0 + 8 * LDSS) = a_ds[kk][1];
-          *reinterpret_cast<uint32_t*>(row0 + 8) = a_ds[kk][2];
-          *reinterpret_cast<uint32_t*>(row0 + 8 * LDSS + 8) = a_ds[kk][3];
+      for (int mt = 0; mt < 2; ++mt) {
+        to_a_frags<T, NT>(a_p[mt], acc_s[mt]);
+        to_a_frags<T, NT>(a_ds[mt], acc_dp[mt]);
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+          const int off = (kw0 + mt * 16 + g) * LDP + q0 + kk * 16 + 2 * t;
+          store_a_frag(sP + off, a_p[mt][kk]);
+          store_a_frag(sdS + off, a_ds[mt][kk]);
         }
+      }
+      __syncthreads();  // B
+      if (mb + 1 < mb_hi) stage_stats(mb + 1);
 
-        if constexpr (Tr::kAccInRegs) {
-          mma_regA_smemB<Tr, D / 8>(acc_dv, a_p, sdO + qs * LDS, 0, lane);
-          mma_regA_smemB<Tr, D / 8>(acc_dk, a_ds, sQ + qs * LDS, 0, lane);
-        } else {
-          // Per-query-head float32 rows owned by this CTA alone: plain read-modify-write.
+      // dV += P^T dO and dK += dS^T Q over the block's BM queries, for the warp's head-dim half:
+      // its own query half from registers, the partner's from shared memory.
+      // (dv, dk: columns c0 .. c0 + 8 NDT of the warp's half; `which` 0: dV alone, 1: dK alone, 2: both.)
+      auto dkv_block = [&](auto& dv, auto& dk, int which, int c0) {
+        constexpr int NDT = std::extent<std::remove_reference_t<decltype(dv)>, 1>::value;
+        auto k16 = [&](const uint32_t(&p0)[4], const uint32_t(&p1)[4], const uint32_t(&s0)[4],
+                       const uint32_t(&s1)[4], int row) {
+          if (which != 1) mma_k16<Tr, NDT>(dv, p0, p1, sdO + row * LDS + dc0 + c0, lane);
+          if (which != 0) mma_k16<Tr, NDT>(dk, s0, s1, sQ + row * LDS + dc0 + c0, lane);
+        };
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) k16(a_p[0][kk], a_p[1][kk], a_ds[0][kk], a_ds[1][kk], q0 + kk * 16);
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+          const int qo = HM - q0 + kk * 16;
+          uint32_t pp[2][4], pd[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const int off = (kw0 + mt * 16 + lane % 16) * LDP + qo + (lane / 16) * 8;
+            if (which != 1) ldsm_x4(pp[mt], sP + off);
+            if (which != 0) ldsm_x4(pd[mt], sdS + off);
+          }
+          k16(pp[0], pp[1], pd[0], pd[1], qo);
+        }
+      };
+      if constexpr (Tr::kAccInRegs) {
+        dkv_block(acc_dv, acc_dk, 2, 0);
+      } else {
+        // Per-query-head float32 rows owned by this CTA alone: plain read-modify-write, dV then dK,
+        // in column chunks of CH (a 64-column chunk holds 64 floats per lane).
+        constexpr int CH = HD <= 96 || (HD / 2) % 16 != 0 ? HD : HD / 2;
 #pragma unroll 1
-          for (int d0 = 0; d0 < D; d0 += CH) {
+        for (int which = 0; which < 2; ++which)
+#pragma unroll 1
+          for (int c0 = 0; c0 < HD; c0 += CH) {
+            float tmp[2][CH / 8][4];
 #pragma unroll
-            for (int which = 0; which < 2; ++which) {
-              float tmp[CH / 8][4];
+            for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
               for (int i = 0; i < CH / 8; ++i)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) tmp[i][e] = 0.f;
-              mma_regA_smemB<Tr, CH / 8>(tmp, which == 0 ? a_p : a_ds, (which == 0 ? sdO : sQ) + qs * LDS, d0, lane);
-              float* acc = which == 0 ? p.dv_accum : p.dk_accum;
+                for (int e = 0; e < 4; ++e) tmp[mt][i][e] = 0.f;
+            dkv_block(tmp, tmp, which, c0);
+            float* acc = which == 0 ? p.dv_accum : p.dk_accum;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
-                const int j = n0 + warp * 16 + g + r * 8;
+                const int j = j0 + mt * 16 + r * 8;
                 if (j < seq.sk) {
-                  float* row = acc + ((seq.k_row0 + j) * H + h) * D + d0 + 2 * t;
+                  float* row = acc + ((seq.k_row0 + j) * H + h) * D + dc0 + c0 + 2 * t;
 #pragma unroll
-                  for (int dt = 0; dt < CH / 8; ++dt) {
-                    float2 cur = *reinterpret_cast<float2*>(row + dt * 8);
-                    cur.x += tmp[dt][2 * r];
-                    cur.y += tmp[dt][2 * r + 1];
-                    *reinterpret_cast<float2*>(row + dt * 8) = cur;
+                  for (int n = 0; n < CH / 8; ++n) {
+                    float2 cur = *reinterpret_cast<float2*>(row + n * 8);
+                    cur.x += tmp[mt][n][2 * r];
+                    cur.y += tmp[mt][n][2 * r + 1];
+                    *reinterpret_cast<float2*>(row + n * 8) = cur;
                   }
                 }
               }
-            }
           }
-        }
       }
-      __syncthreads();  // B: sdS complete; every warp is done with this block's sQ, sdO, sLse, sDsum
-      if (mb + 1 < mb_hi) {
-        stage_stats(mb + 1);
-        if constexpr (Tr::kStages == 1) {
-          load_q_do(mb + 1);  // overlaps the dQ pass, which reads only sdS and sK
-          cp_async_commit();
-        }
+      if (stages == 1 && mb + 1 < mb_hi) {
+        __syncthreads();  // every warp is done with the one Q/dO stage
+        load_q_do(mb + 1);  // overlaps the dQ pass, which reads only sdS and sK
+        cp_async_commit();
       }
 
-      // dQ (BM x D) += dS (BM x BN) K (BN x D) * scale: tasks of (16 * RT query rows, DQC columns).
-      constexpr int RT = Tr::kDqRowTiles, DQC = Tr::kDqChunk, kRowGroups = BM / (16 * RT);
-#pragma unroll 1
-      for (int task = warp; task < kRowGroups * (D / DQC); task += Tr::kWarps) {
-        const int r0 = (task % kRowGroups) * 16 * RT, d0 = (task / kRowGroups) * DQC;
+      // dQ (BM x D) += dS (BM x BN) K (BN x D), one task of (16 * RT query rows, DQC columns) per
+      // warp; the softmax scale is applied once, by flash_bwd_convert_dq_kernel.
+      {
+        constexpr int RT = Tr::kDqRowTiles, DQC = Tr::kDqChunk, kRowGroups = BM / (16 * RT);
+        const int r0 = (warp % kRowGroups) * 16 * RT, d0 = (warp / kRowGroups) * DQC;
         float tmp[RT][DQC / 8][4];
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
@@ -380,7 +471,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_bwd_kernel(const FlashBwdP
           uint32_t a[RT][4];
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt)
-            ldsm_x4_trans(a[rt], sdS + (kk * 16 + lane % 8 + (lane / 16) * 8) * LDSS + r0 + rt * 16 + ((lane / 8) % 2) * 8);
+            ldsm_x4_trans(a[rt], sdS + (kk * 16 + lane % 8 + (lane / 16) * 8) * LDP + r0 + rt * 16 + ((lane / 8) % 2) * 8);
 #pragma unroll
           for (int dp = 0; dp < DQC / 16; ++dp) {
             uint32_t bf[4];
@@ -392,61 +483,61 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_bwd_kernel(const FlashBwdP
             }
           }
         }
+        // Lanes t and t ^ 1 swap half their C fragments so that each adds four consecutive
+        // columns of one row: even t row g (columns 2t..2t+3), odd t row g + 8 (2t-2..2t+1).
+        const int rh = t & 1, iq = m0 + r0 + g + rh * 8, col = d0 + 4 * (t / 2);
+        float* row = dq_acc + int64_t(iq) * (H * D) + col;
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int i = m0 + r0 + rt * 16 + g + r * 8;
-            if (i < seq.sq) {
-              float* row = dq_acc + int64_t(i) * H * D + d0 + 2 * t;
-#pragma unroll
-              for (int dt = 0; dt < DQC / 8; ++dt) {
-                if (d0 + dt * 8 + 2 * t < hdim)
-                  atomic_add2(row + dt * 8, tmp[rt][dt][2 * r] * scale, tmp[rt][dt][2 * r + 1] * scale);
-              }
-            }
+          for (int dt = 0; dt < DQC / 8; ++dt) {
+            const float* c = tmp[rt][dt];
+            const float o0 = __shfl_xor_sync(0xffffffffu, rh ? c[0] : c[2], 1);
+            const float o1 = __shfl_xor_sync(0xffffffffu, rh ? c[1] : c[3], 1);
+            const float4 v = rh ? make_float4(o0, o1, c[2], c[3]) : make_float4(c[0], c[1], o0, o1);
+            if (iq + rt * 16 < seq.sq && col + dt * 8 < hdim) atomic_add4(row + rt * 16 * H * D + dt * 8, v);
           }
       }
-      // Not needed for correctness (see above), but without it ptxas 11.8 fits the kFull variants
-      // beyond d128 into 168 registers on sm_90 and spills.
-      if constexpr (!Tr::kAccInRegs) __syncthreads();
     }
     cp_async_wait<0>();  // (a key block with no visible query still issued its K/V copies)
     __syncthreads();     // the dQ passes are done with sK and sdS before the next key block
 
     if constexpr (Tr::kAccInRegs) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int j = n0 + warp * 16 + g + r * 8;
-        if (j >= seq.sk) continue;
-        if (p.dk_accum != nullptr) {  // GQA: per query head, reduced by flash_bwd_convert_dkv_kernel
-          float* dkr = p.dk_accum + ((seq.k_row0 + j) * H + h) * D + 2 * t;
-          float* dvr = p.dv_accum + ((seq.k_row0 + j) * H + h) * D + 2 * t;
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            *reinterpret_cast<float2*>(dkr + dt * 8) = make_float2(acc_dk[dt][2 * r], acc_dk[dt][2 * r + 1]);
-            *reinterpret_cast<float2*>(dvr + dt * 8) = make_float2(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
-          }
-        } else {
-          T* dkr = static_cast<T*>(p.dk) + seq.k_offset(b, h, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) +
-                   int64_t(j) * p.dk_row_stride;
-          T* dvr = static_cast<T*>(p.dv) + seq.k_offset(b, h, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride) +
-                   int64_t(j) * p.dv_row_stride;
+        for (int r = 0; r < 2; ++r) {
+          const int j = n0 + kw0 + mt * 16 + g + r * 8;
+          if (j >= seq.sk) continue;
+          if (p.dk_accum != nullptr) {  // GQA: per query head, reduced by flash_bwd_convert_dkv_kernel
+            float* dkr = p.dk_accum + ((seq.k_row0 + j) * H + h) * D + dc0 + 2 * t;
+            float* dvr = p.dv_accum + ((seq.k_row0 + j) * H + h) * D + dc0 + 2 * t;
 #pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            const int col = dt * 8 + 2 * t;
-            if (col < hdim) {
-              *reinterpret_cast<uint32_t*>(dkr + col) = pack2<T>(acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
-              *reinterpret_cast<uint32_t*>(dvr + col) = pack2<T>(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
+            for (int n = 0; n < DN; ++n) {
+              *reinterpret_cast<float2*>(dkr + n * 8) = make_float2(acc_dk[mt][n][2 * r], acc_dk[mt][n][2 * r + 1]);
+              *reinterpret_cast<float2*>(dvr + n * 8) = make_float2(acc_dv[mt][n][2 * r], acc_dv[mt][n][2 * r + 1]);
+            }
+          } else {
+            T* dkr = static_cast<T*>(p.dk) + seq.k_offset(b, h, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) +
+                     int64_t(j) * p.dk_row_stride;
+            T* dvr = static_cast<T*>(p.dv) + seq.k_offset(b, h, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride) +
+                     int64_t(j) * p.dv_row_stride;
+#pragma unroll
+            for (int n = 0; n < DN; ++n) {
+              const int col = dc0 + n * 8 + 2 * t;
+              if (col < hdim) {
+                *reinterpret_cast<uint32_t*>(dkr + col) =
+                    pack2<T>(acc_dk[mt][n][2 * r] * scale, acc_dk[mt][n][2 * r + 1] * scale);
+                *reinterpret_cast<uint32_t*>(dvr + col) = pack2<T>(acc_dv[mt][n][2 * r], acc_dv[mt][n][2 * r + 1]);
+              }
             }
           }
         }
-      }
     }
   }
 }
 
-// dq = dq_accum (already scaled), (B*Sq, H, Dpad) float32 -> dq's layout and dtype.
+// dq = softmax_scale * dq_accum, (B*Sq, H, Dpad) float32 -> dq's layout and dtype.
 template <typename T>
 __global__ void __launch_bounds__(128) flash_bwd_convert_dq_kernel(const FlashBwdParams p, int dpad) {
   const int b = blockIdx.y;
@@ -462,6 +553,8 @@ __global__ void __launch_bounds__(128) flash_bwd_convert_dq_kernel(const FlashBw
            int64_t(i) * p.dq_row_stride + c * 8;
   float x[8];
   load_float<float, 8>(src, x);  // 32-byte aligned: dpad and the workspace base are multiples of 8 floats
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] *= p.softmax_scale;
   store_float<T, 8>(dst, x);
 }
 

@@ -37,15 +37,25 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
   if (p.seqlen_k > 0) {
     const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
     auto kernel = full ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
-    if (Tr::kSmemBytes > 48 * 1024) {
-      s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+    // Two Q/dO stages where the device's blocks can have that much shared memory (the H100's
+    // 227 KB; not the A100's 163 KB at d64 and d128).
+    int device = 0, smem_optin = 0;
+    s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+    if (s == FLASHATTN_STATUS_OK)
+      s = check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                     "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    const int stages = Tr::smem_bytes(2) <= smem_optin ? 2 : 1;
+    const int smem_bytes = Tr::smem_bytes(stages);
+    if (smem_bytes > 48 * 1024) {
+      s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
                      function, "cudaFuncSetAttribute(flash_bwd_kernel, MaxDynamicSharedMemorySize)");
       if (s != FLASHATTN_STATUS_OK) return s;
     }
     // deterministic: one CTA per (head, batch) walks every key block in order, so the float32
     // additions into dq_accum happen in a fixed order (slower: less parallelism).
     const unsigned n_blocks = p.deterministic ? 1u : blocks_for(p.seqlen_k, Tr::kBlockN);
-    kernel<<<dim3(n_blocks, unsigned(H), unsigned(B)), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+    kernel<<<dim3(n_blocks, unsigned(H), unsigned(B)), Tr::kThreads, smem_bytes, stream>>>(p, stages);
     s = check_launch(function, "flash_bwd_kernel");
     if (s != FLASHATTN_STATUS_OK) return s;
   }

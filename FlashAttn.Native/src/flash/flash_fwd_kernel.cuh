@@ -32,8 +32,9 @@ struct FwdTraits {
   // the A100 and H100: each K or V fragment read from shared memory feeds two mmas, and the
   // accumulators of two tiles (kHeadDim + kBlockN floats per lane) still fit in 255 registers,
   // so two CTAs share an SM. Above d160 two tiles would spill: 8 warps of one tile each, one CTA
-  // per SM. Not yet measured on the device; the one-tile, 4-warp kernel this replaces reached
-  // 215-222 TFLOP/s at d128 bf16 on the H100 against flash-attn's 326-356.
+  // per SM. H100, bf16, B*S = 16384, hidden 2048, 2026-11-25: 230-330 TFLOP/s against PyTorch's
+  // FA2 at 234-350 (0.93-1.06x; 0.93-0.95x at d64 without causal); the one-tile, 4-warp kernel
+  // this replaced reached 215-222 at d128.
   static constexpr int kMTiles = kHeadDim <= 160 ? 2 : 1;
   static constexpr int kWarps = kHeadDim <= 160 ? 4 : 8;
   static constexpr int kBlockM = 16 * kMTiles * kWarps;
@@ -43,40 +44,13 @@ struct FwdTraits {
   static constexpr int kMinBlocksPerSm = kMTiles == 2 ? 2 : 1;
   // Keys per block; above d128 the O accumulator takes most of the register file, so 32. The kFull
   // variant (tanh and Philox temporaries) also takes 32 from d96 up, as flash-attn does with
-  // dropout: with 64 it spills at d96 and d128 (nvcc 11.8).
+  // dropout: with 64 it spills at d96 and d128 (nvcc 11.8). 128 keys at d64 (flash-attn's choice
+  // without dropout) spills 24-68 bytes with nvcc 11.8; not tried on the device (2026-11-25).
   static constexpr int block_n(bool full) { return kHeadDim <= 64 || (kHeadDim <= 128 && !full) ? 64 : 32; }
   // Rows padded by 16 bytes: the 8 rows an ldmatrix reads then fall in 8 distinct bank groups.
   static constexpr int kLds = kHeadDim + 8;
   static constexpr int smem_bytes(bool full) { return (kBlockM + 2 * block_n(full)) * kLds * int(sizeof(T)); }
 };
-
-// load_tile (mma.cuh) reshaped for registers: a thread copies one 16-byte column chunk c of rows
-// r0, r0 + kRowStep, ..., walking one pointer down the tile. With load_tile's flat chunk index the
-// compiler keeps each chunk's row and column offset live across the main loop (some 20 registers
-// at d128), and the two-tile kernel spills. Rows are padded to a power-of-two number of chunks so
-// that kThreads is a multiple of it; threads of padding chunks (d96, d160, d192, d224) copy
-// nothing. The empty asm hides the row stride, else the pointer steps (multiples of the stride)
-// are hoisted out of the main loop too. Both are needed for zero spills at d128 (nvcc 11.8).
-template <int R, int kHeadDim, int kLds, int kThreads, typename T>
-__device__ __forceinline__ void copy_tile(T* smem, const T* gmem, int64_t row_stride, int rows, int cols) {
-  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  constexpr int kChunksPow2 = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
-  constexpr int kRowStep = kThreads / kChunksPow2;
-  static_assert(kChunks <= 32 && kThreads % kChunksPow2 == 0 && R % kRowStep == 0, "copy_tile: tile shape");
-  const int r0 = int(threadIdx.x / kChunksPow2), c = int(threadIdx.x % kChunksPow2) * 8;
-  if (c >= kHeadDim) return;
-  asm volatile("" : "+l"(row_stride));
-  const T* src = gmem + r0 * row_stride + c;
-  const int64_t step = kRowStep * row_stride;
-  const int rows_left = c < cols ? rows - r0 : 0;  // compared with constants, not one row index per step
-  T* dst = smem + r0 * kLds + c;
-#pragma unroll
-  for (int it = 0; it < R / kRowStep; ++it) {
-    const bool valid = it * kRowStep < rows_left;
-    cp_async_16(dst + it * kRowStep * kLds, valid ? src : gmem, valid);
-    src += step;
-  }
-}
 
 // kFull: softcap, ALiBi or dropout may be on. Without them (the common case) the score path is a
 // multiply and a mask test on boundary blocks; keeping the tanh / Philox code out of that variant

@@ -77,13 +77,34 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // Copies rows [0, rows) x columns [0, cols) of a (R, kHeadDim) tile whose rows are `row_stride`
 // elements apart into shared memory with row stride kLds; everything else is zero-filled, so
 // partial tiles and padded head dimensions need no masking in the matrix products.
+// A thread copies one 16-byte column chunk c of rows r0, r0 + kRowStep, ..., walking one pointer
+// down the tile. With a flat chunk index (chunk i -> row i / kChunks, column i % kChunks) the
+// compiler keeps each chunk's row and column offset live across the main loop (some 20 registers
+// at d128), and the two-tile forward spills; or it recomputes them, some 30 instructions per
+// 16-byte copy (the backward's Q/dO tiles: a sixth to a fifth of its instructions, ncu on the
+// H100, 2026-11-25; their removal saved only 1% of its time, which shared-memory traffic bounds). Rows are
+// padded to a power-of-two number of chunks so that kThreads is a multiple of it; threads of
+// padding chunks (d96, d160, d192, d224) copy nothing. The empty asm hides the row stride, else
+// the pointer steps (multiples of the stride) are hoisted out of the main loop too. Both are
+// needed for zero spills in the forward at d128 (nvcc 11.8).
 template <int R, int kHeadDim, int kLds, int kThreads, typename T>
-__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int rows, int cols) {
+__device__ __forceinline__ void copy_tile(T* smem, const T* gmem, int64_t row_stride, int rows, int cols) {
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  for (int i = threadIdx.x; i < R * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = (i % kChunks) * 8;
-    const bool valid = r < rows && c < cols;
-    cp_async_16(smem + r * kLds + c, valid ? gmem + r * row_stride + c : gmem, valid);
+  constexpr int kChunksPow2 = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  constexpr int kRowStep = kThreads / kChunksPow2;
+  static_assert(kChunks <= 32 && kThreads % kChunksPow2 == 0 && R % kRowStep == 0, "copy_tile: tile shape");
+  const int r0 = int(threadIdx.x / kChunksPow2), c = int(threadIdx.x % kChunksPow2) * 8;
+  if (c >= kHeadDim) return;
+  asm volatile("" : "+l"(row_stride));
+  const T* src = gmem + r0 * row_stride + c;
+  const int64_t step = kRowStep * row_stride;
+  const int rows_left = c < cols ? rows - r0 : 0;  // compared with constants, not one row index per step
+  T* dst = smem + r0 * kLds + c;
+#pragma unroll
+  for (int it = 0; it < R / kRowStep; ++it) {
+    const bool valid = it * kRowStep < rows_left;
+    cp_async_16(dst + it * kRowStep * kLds, valid ? src : gmem, valid);
+    src += step;
   }
 }
 
