@@ -9,14 +9,16 @@
 //    half of the head dimension (no cross-warp reduction). dS^T in shared memory also serves
 //    dQ += dS K, accumulated in float32 with atomics (several key blocks add into the same rows).
 //    The CTA walks the query blocks (kBlockM rows; Q/dO double-buffered with cp.async where
-//    shared memory allows; LSE and dsum prefetched a block ahead) with two barriers each.
+//    shared memory allows; LSE and dsum prefetched a block ahead) with two barriers each (three
+//    with one Q/dO stage).
 //    Shared-memory traffic bounds it (ncu, 2026-11-25: ldmatrix is 80-85% of the L1 wavefronts,
 //    which run at 65-75% of the peak rate, as in FA2's kernel): 32 keys per warp let each Q / dO
 //    fragment feed two mmas, a quarter less ldmatrix traffic than 16 keys per warp, which held
 //    dK and dV for all columns (d128 kernel, B=4 H=16 S=4096: 5.87 -> 5.25 ms, 4.86 with the
 //    barrier layout of the query loop; FA2's kernel 4.44).
-//    H100, bf16, B*S = 16384, hidden 2048, backward alone, 2026-11-25: 184-282 TFLOP/s against
-//    PyTorch's FA2 at 174-300 (0.88-1.10x; 0.59-0.81x before the changes of that day).
+//    H100, bf16, B*S = 16384, hidden 2048, backward alone, 2026-11-25 (benchmarks/RESULTS.md,
+//    run 27): 184-275 TFLOP/s against PyTorch's FA2 at 170-304 (0.89-1.09x; 0.59-0.81x with the
+//    day's first rewrite, run 24, before warp pairs, boundary-only masks and float4 dQ atomics).
 // 3. flash_bwd_convert_dq_kernel / flash_bwd_convert_dkv_kernel: float32 accumulators -> dtype;
 //    the latter also sums the query heads of a GQA group.
 #pragma once
@@ -245,10 +247,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dk[mt][i][e] = acc_dv[mt][i][e] = 0.f;
 
-    // Two CTA barriers per query block. A publishes its Q/dO tiles, LSE and dsum, and marks every
-    // warp done with the previous block (its Q/dO stage, sP, sdS). B publishes P^T and dS^T and
-    // marks the LSE/dsum reads done. dV/dK and the dQ pass then run back to back without a
-    // barrier between: warps drift apart there, and one warp's atomics overlap another's mmas.
+    // Two CTA barriers per query block (a third before the next Q/dO copy with one stage, see
+    // below). A publishes its Q/dO tiles, LSE and dsum, and marks every warp done with the
+    // previous block (its Q/dO stage, sP, sdS). B publishes P^T and dS^T and marks the LSE/dsum
+    // reads done. dV/dK and the dQ pass then run back to back without a barrier between: warps
+    // drift apart there, and one warp's atomics overlap another's mmas.
     // (A pair barrier before dV/dK and the CTA barrier before the dQ pass instead: 5.25 against
     // 4.86 ms for the d128 kernel, 2.82 against 2.75 at d64, B=4 H=16 S=4096, H100, 2026-11-25.)
     for (int mb = mb_lo; mb < mb_hi; ++mb) {

@@ -32,9 +32,9 @@ struct FwdTraits {
   // the A100 and H100: each K or V fragment read from shared memory feeds two mmas, and the
   // accumulators of two tiles (kHeadDim + kBlockN floats per lane) still fit in 255 registers,
   // so two CTAs share an SM. Above d160 two tiles would spill: 8 warps of one tile each, one CTA
-  // per SM. H100, bf16, B*S = 16384, hidden 2048, 2026-11-25: 230-330 TFLOP/s against PyTorch's
-  // FA2 at 234-350 (0.93-1.06x; 0.93-0.95x at d64 without causal); the one-tile, 4-warp kernel
-  // this replaced reached 215-222 at d128.
+  // per SM. H100, bf16, B*S = 16384, hidden 2048, 2026-11-25 (benchmarks/RESULTS.md, run 27):
+  // 231-321 TFLOP/s against PyTorch's FA2 at 240-344 (0.91-1.05x; 0.92x at d64 without causal);
+  // the one-tile, 4-warp kernel this replaced reached 215-222 at d128 without causal (run 20).
   static constexpr int kMTiles = kHeadDim <= 160 ? 2 : 1;
   static constexpr int kWarps = kHeadDim <= 160 ? 4 : 8;
   static constexpr int kBlockM = 16 * kMTiles * kWarps;
