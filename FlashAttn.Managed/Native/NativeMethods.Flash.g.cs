@@ -97,6 +97,18 @@ internal static partial class NativeMethods
         int varlen);
 
     /// <summary>
+    /// Whether FlashAttn_flash_bwd runs on CUDA device `device` at this head dim (*supported = 1 or 0): its
+    /// kernel needs 103-151 KB of shared memory per block depending on the head dim, more than GPUs with
+    /// 99 KB per block allow (sm_86, sm_89, sm_120). The managed side takes the reference path there when
+    /// gradients are needed.
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_flash_bwd_supported")]
+    internal static partial FlashAttnStatus FlashAttn_flash_bwd_supported(
+        int device,
+        long headdim,
+        IntPtr /* int32_t* */ supported);
+
+    /// <summary>
     /// FlashAttention-2 backward: dq, dk, dv from dout, recomputing the probabilities from q, k and
     /// softmax_lse. Same shapes, layouts and options as the forward (dropout regenerates the same mask
     /// from seed/offset); dq like q, dk/dv like k/v (reduced over the query heads of a GQA group).

@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using FlashAttn.Interop;
 using TorchSharp;
 using static FlashAttn.Interop.TensorArgs;
@@ -36,7 +37,7 @@ public static partial class flash_attn
     {
         ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
         var opts = Options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_dropout_mask);
-        if (!UsesAttentionKernels(q))
+        if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
                                              alibi_slopes, dropout_p);
@@ -83,7 +84,7 @@ public static partial class flash_attn
     {
         ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap, alibi_slopes);
         var opts = Options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, false);
-        if (!UsesAttentionKernels(q))
+        if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
                                                     (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p);
@@ -112,8 +113,25 @@ public static partial class flash_attn
                                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
     }
 
-    internal static bool UsesAttentionKernels(Tensor q) =>
-        Backend.UsesKernels(q) && q.dtype is ScalarType.BFloat16 or ScalarType.Float16;
+    /// <summary>Kernels for bf16/fp16 CUDA tensors; when a gradient will be needed, only where the backward kernel fits
+    /// the GPU's shared memory (not on the 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the
+    /// forward, because a failure inside backward would abort the process.</summary>
+    internal static bool UsesAttentionKernels(Tensor q, Tensor k, Tensor v) =>
+        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) &&
+        (!(is_grad_enabled() && (q.requires_grad || k.requires_grad || v.requires_grad)) ||
+         BackwardFits(q.device_index, q.shape[^1]));
+
+    private static readonly ConcurrentDictionary<(int device, long headdim), bool> s_backwardFits = new();
+
+    internal static bool BackwardFits(int device, long headdim) => s_backwardFits.GetOrAdd((device, (headdim + 7) / 8 * 8), key =>
+    {
+        unsafe
+        {
+            int supported = 0;
+            NativeMethods.Check(NativeMethods.FlashAttn_flash_bwd_supported(key.device, key.headdim, (IntPtr)(&supported)));
+            return supported != 0;
+        }
+    });
 
     private static AttentionOptions Options(Tensor q, double dropoutP, double? scale, bool causal, (long left, long right)? window,
         double softcap, Tensor? alibi, bool deterministic, bool returnMask)

@@ -39,7 +39,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 4
+#define FLASHATTN_ABI_VERSION 5
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -142,6 +142,12 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
 FLASHATTN_API int64_t FlashAttn_flash_bwd_workspace_size(
     int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t nheads_k, int64_t headdim,
     int32_t varlen);
+
+// Whether FlashAttn_flash_bwd runs on CUDA device `device` at this head dim (*supported = 1 or 0): its
+// kernel needs 103-151 KB of shared memory per block depending on the head dim, more than GPUs with
+// 99 KB per block allow (sm_86, sm_89, sm_120). The managed side takes the reference path there when
+// gradients are needed.
+FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported);
 
 // FlashAttention-2 backward: dq, dk, dv from dout, recomputing the probabilities from q, k and
 // softmax_lse. Same shapes, layouts and options as the forward (dropout regenerates the same mask

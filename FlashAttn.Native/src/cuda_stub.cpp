@@ -31,6 +31,7 @@ FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams&, void*, const ch
 
 FlashAttnStatus run_flash_fwd(const FlashFwdParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_flash_bwd(const FlashBwdParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus flash_bwd_supported(int32_t, int64_t, int32_t*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_dense_gemm(const DenseParams&, void*, const char* function) { return no_cuda(function); }
 
 }  // namespace flashattn

@@ -161,6 +161,19 @@ public sealed class FlashAttentionCudaTests
     }
 
     [Test]
+    public void BackwardFitsTheSharedMemoryOfA100AndH100()
+    {
+        var dev = Gpu.Require();
+        int cap = Backend.Capability(dev.index);
+        if (cap is not (80 or 90)) Assert.Ignore($"sm_{cap}: the backward's fit is only known for the A100 (163 KB per block) and H100 (227 KB)");
+        foreach (var d in new[] { 8, 32, 40, 64, 96, 128, 160, 192, 224, 256 })
+            Assert.That(flash_attn.BackwardFits(dev.index, d), Is.True, $"head dim {d}");
+        // so inputs that need gradients take the kernels, not the reference path
+        var q = randn(1, 64, 2, 40, dtype: ScalarType.BFloat16, device: dev).requires_grad_(true);
+        Assert.That(flash_attn.UsesAttentionKernels(q, q, q), Is.True);
+    }
+
+    [Test]
     public void DeterministicBackwardIsBitwiseRepeatable()
     {
         var dev = Gpu.Require();

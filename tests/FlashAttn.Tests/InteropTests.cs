@@ -73,6 +73,19 @@ public sealed class InteropTests
     }
 
     [Test]
+    public unsafe void BackwardSupportQueryValidatesItsArguments()
+    {
+        int supported = -1;
+        Assert.That(NativeMethods.FlashAttn_flash_bwd_supported(0, 128, IntPtr.Zero), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(LastError(), Does.Contain("supported must not be NULL"));
+        Assert.That(NativeMethods.FlashAttn_flash_bwd_supported(0, 264, (IntPtr)(&supported)), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(LastError(), Does.Contain("headdim (264) must be in [1, 256]"));
+        Assert.That(supported, Is.EqualTo(-1), "nothing written on a rejected call");
+        if (!Backend.NativeHasCuda)
+            Assert.That(NativeMethods.FlashAttn_flash_bwd_supported(0, 128, (IntPtr)(&supported)), Is.EqualTo(FlashAttnStatus.NoCuda));
+    }
+
+    [Test]
     public void ResolverHonoursNativePathVariable()
     {
         var saved = Environment.GetEnvironmentVariable(NativeMethods.NativePathVariable);

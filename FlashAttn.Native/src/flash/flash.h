@@ -95,5 +95,7 @@ inline FlashBwdWorkspaceLayout flash_bwd_workspace_layout(int64_t batch, int64_t
 
 FlashAttnStatus run_flash_fwd(const FlashFwdParams& params, void* stream, const char* function);
 FlashAttnStatus run_flash_bwd(const FlashBwdParams& params, void* stream, const char* function);
+// *supported = whether the backward kernel for this head dim fits the device's shared memory per block.
+FlashAttnStatus flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported, const char* function);
 
 }  // namespace flashattn

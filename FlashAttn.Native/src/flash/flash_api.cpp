@@ -171,6 +171,16 @@ FLASHATTN_API int64_t FlashAttn_flash_bwd_workspace_size(int64_t batch, int64_t 
   return flash_bwd_workspace_layout(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim).total;
 }
 
+FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported) {
+  static constexpr const char* kFunction = "FlashAttn_flash_bwd_supported";
+  return guard(kFunction, [&]() -> FlashAttnStatus {
+    FA_CHECK(supported != nullptr, "supported must not be NULL");
+    FA_CHECK(device >= 0, "device (%d) must be >= 0", device);
+    FA_CHECK(headdim > 0 && headdim <= 256, "headdim (%lld) must be in [1, 256]", (long long)headdim);
+    return flash_bwd_supported(device, headdim, supported, kFunction);
+  });
+}
+
 FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd(
     const void* dout, const void* q, const void* k, const void* v, const void* out, const float* softmax_lse,
     void* dq, void* dk, void* dv, FlashAttnDType dtype, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,

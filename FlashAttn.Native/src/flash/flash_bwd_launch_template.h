@@ -38,13 +38,18 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
     const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
     auto kernel = full ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
     // Two Q/dO stages where the device's blocks can have that much shared memory (the H100's
-    // 227 KB; not the A100's 163 KB at d64 and d128).
+    // 227 KB at every head dim; the A100's 163 KB only at d32, d96 and d160).
     int device = 0, smem_optin = 0;
     s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
     if (s == FLASHATTN_STATUS_OK)
       s = check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
                      "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
     if (s != FLASHATTN_STATUS_OK) return s;
+    if (Tr::smem_bytes(1) > smem_optin)
+      return fail(FLASHATTN_STATUS_NOT_SUPPORTED, function,
+                  "flash_bwd_kernel at head dim %d needs %d bytes of shared memory per block; device %d allows %d "
+                  "(see FlashAttn_flash_bwd_supported)",
+                  kHeadDim, Tr::smem_bytes(1), device, smem_optin);
     const int stages = Tr::smem_bytes(2) <= smem_optin ? 2 : 1;
     const int smem_bytes = Tr::smem_bytes(stages);
     if (smem_bytes > 48 * 1024) {

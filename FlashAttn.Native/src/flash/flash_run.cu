@@ -55,4 +55,25 @@ FlashAttnStatus run_flash_bwd(const FlashBwdParams& p, void* stream, const char*
   return dispatch<Bwd>(p, stream, function);
 }
 
+FlashAttnStatus flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported, const char* function) {
+  int smem_optin = 0;
+  FlashAttnStatus s = check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                                 function, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  auto need = [](int dpad) -> int {  // one Q/dO stage, the least the kernel runs with (dtype-independent: 2-byte types)
+    switch (dpad) {
+      case 32: return flash::BwdTraits<32, __half>::smem_bytes(1);
+      case 64: return flash::BwdTraits<64, __half>::smem_bytes(1);
+      case 96: return flash::BwdTraits<96, __half>::smem_bytes(1);
+      case 128: return flash::BwdTraits<128, __half>::smem_bytes(1);
+      case 160: return flash::BwdTraits<160, __half>::smem_bytes(1);
+      case 192: return flash::BwdTraits<192, __half>::smem_bytes(1);
+      case 224: return flash::BwdTraits<224, __half>::smem_bytes(1);
+      default: return flash::BwdTraits<256, __half>::smem_bytes(1);
+    }
+  };
+  *supported = need(int(flash_round_headdim(headdim))) <= smem_optin ? 1 : 0;
+  return FLASHATTN_STATUS_OK;
+}
+
 }  // namespace flashattn
