@@ -36,7 +36,8 @@ public static partial class flash_attn
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
     {
         ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
-        var opts = Options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_dropout_mask);
+        var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
@@ -83,7 +84,8 @@ public static partial class flash_attn
         bool deterministic = false)
     {
         ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap, alibi_slopes);
-        var opts = Options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, false);
+        var opts = Options(q, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, false);
         if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
@@ -133,11 +135,15 @@ public static partial class flash_attn
         }
     });
 
-    private static AttentionOptions Options(Tensor q, double dropoutP, double? scale, bool causal, (long left, long right)? window,
-        double softcap, Tensor? alibi, bool deterministic, bool returnMask)
+    internal static AttentionOptions Options(Tensor q, long seqlenQ, long seqlenK, double dropoutP, double? scale, bool causal,
+        (long left, long right)? window, double softcap, Tensor? alibi, bool deterministic, bool returnMask)
     {
         var (left, right) = window ?? (-1, -1);
         if (causal) right = 0;
+        // A window reaching past every key is no window (left >= seqlen_k or right >= seqlen_q: the same mask for
+        // every row, bottom-right aligned); as -1 it also stays inside the kernels' int32 (2^32 used to wrap to 0).
+        if (left >= seqlenK) left = -1;
+        if (right >= seqlenQ) right = -1;
         // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
         ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
         return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,

@@ -11,6 +11,27 @@ public sealed class AttentionTests
     [SetUp]
     public void Seed() => manual_seed(TestContext.CurrentContext.Random.Next());
 
+    [Test]
+    public void WindowsPastEveryKeyBecomeNoWindow()
+    {
+        // (sq 7, sk 5): left >= sk or right >= sq reaches every key from every row, so -1 means the same mask; the
+        // kernels take int32 windows, where 2^32 used to wrap to 0 (a causal-like mask nobody asked for).
+        var q = randn(1, 7, 2, 8);
+        var o = flash_attn.Options(q, 7, 5, 0, null, false, (1L << 32, 1L << 32), 0, null, false, false);
+        Assert.That((o.WindowLeft, o.WindowRight), Is.EqualTo((-1L, -1L)));
+        o = flash_attn.Options(q, 7, 5, 0, null, false, (5, 7), 0, null, false, false);
+        Assert.That((o.WindowLeft, o.WindowRight), Is.EqualTo((-1L, -1L)));
+        o = flash_attn.Options(q, 7, 5, 0, null, false, (4, 6), 0, null, false, false);
+        Assert.That((o.WindowLeft, o.WindowRight), Is.EqualTo((4L, 6L)), "windows that still cut keys are kept");
+        o = flash_attn.Options(q, 7, 5, 0, null, true, (long.MaxValue, 3), 0, null, false, false);
+        Assert.That((o.WindowLeft, o.WindowRight), Is.EqualTo((-1L, 0L)), "causal stays right = 0");
+        // and the same output as no window at all
+        var k = randn(1, 5, 2, 8);
+        var full = flash_attn.flash_attn_func(q, k, k);
+        var huge = flash_attn.flash_attn_func(q, k, k, window_size: (1L << 40, 1L << 40));
+        Assert.That(huge.allclose(full), Is.True);
+    }
+
     // softmax(scale q.k [softcap] [alibi] [mask]) v for one (batch, head), one row at a time, float64.
     internal static double[,,,] Oracle(Tensor q, Tensor k, Tensor v, double scale, long left, long right, double softcap, double[]? slopes)
     {
