@@ -1,5 +1,7 @@
 // run_flash_fwd / run_flash_bwd: runtime dtype and head dim -> the compiled instantiation
 // (instantiations/*.cu define run_mha_fwd / run_mha_bwd for each pair).
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -11,22 +13,27 @@ namespace flashattn {
 
 namespace {
 
+// Calls f(std::integral_constant<int, D>{}) with D the compiled head dim that headdim rounds up to.
+template <typename F>
+auto with_headdim(int64_t headdim, F&& f) {
+  switch (int(flash_round_headdim(headdim))) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 160: return f(std::integral_constant<int, 160>{});
+    case 192: return f(std::integral_constant<int, 192>{});
+    case 224: return f(std::integral_constant<int, 224>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
+}
+
 template <template <typename, int> class Fn, typename Params>
 FlashAttnStatus dispatch(const Params& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int dpad = int(flash_round_headdim(p.headdim));
   auto by_dim = [&](auto tag) -> FlashAttnStatus {
     using T = decltype(tag);
-    switch (dpad) {
-      case 32: return Fn<T, 32>::run(p, stream, function);
-      case 64: return Fn<T, 64>::run(p, stream, function);
-      case 96: return Fn<T, 96>::run(p, stream, function);
-      case 128: return Fn<T, 128>::run(p, stream, function);
-      case 160: return Fn<T, 160>::run(p, stream, function);
-      case 192: return Fn<T, 192>::run(p, stream, function);
-      case 224: return Fn<T, 224>::run(p, stream, function);
-      default: return Fn<T, 256>::run(p, stream, function);
-    }
+    return with_headdim(p.headdim, [&](auto d) { return Fn<T, decltype(d)::value>::run(p, stream, function); });
   };
   if (p.dtype == FLASHATTN_DTYPE_BFLOAT16) return by_dim(__nv_bfloat16{});
   return by_dim(__half{});
@@ -60,19 +67,9 @@ FlashAttnStatus flash_bwd_supported(int32_t device, int64_t headdim, int32_t* su
   FlashAttnStatus s = check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                                  function, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
   if (s != FLASHATTN_STATUS_OK) return s;
-  auto need = [](int dpad) -> int {  // one Q/dO stage, the least the kernel runs with (dtype-independent: 2-byte types)
-    switch (dpad) {
-      case 32: return flash::BwdTraits<32, __half>::smem_bytes(1);
-      case 64: return flash::BwdTraits<64, __half>::smem_bytes(1);
-      case 96: return flash::BwdTraits<96, __half>::smem_bytes(1);
-      case 128: return flash::BwdTraits<128, __half>::smem_bytes(1);
-      case 160: return flash::BwdTraits<160, __half>::smem_bytes(1);
-      case 192: return flash::BwdTraits<192, __half>::smem_bytes(1);
-      case 224: return flash::BwdTraits<224, __half>::smem_bytes(1);
-      default: return flash::BwdTraits<256, __half>::smem_bytes(1);
-    }
-  };
-  *supported = need(int(flash_round_headdim(headdim))) <= smem_optin ? 1 : 0;
+  // one Q/dO stage, the least the kernel runs with (the same for both 2-byte types)
+  const int need = with_headdim(headdim, [](auto d) { return flash::BwdTraits<decltype(d)::value, __half>::smem_bytes(1); });
+  *supported = need <= smem_optin ? 1 : 0;
   return FLASHATTN_STATUS_OK;
 }
 
