@@ -16,16 +16,8 @@ public sealed class PackageTests
     [Test]
     public void PackedPackagesInstallIntoAFreshConsoleProjectAndRun()
     {
-        var root = RepoPaths.TryRoot();
-        if (root is null) Assert.Ignore("not running from a repository checkout");
-        if (!HasDotnetSdk()) Assert.Ignore("no .NET SDK on this machine (the GPU host has only the published tests)");
-
-        var work = Directory.CreateTempSubdirectory("flashattn-pkg-").FullName;
-        try
+        InPackWorkspace("flashattn-pkg-", (root, work, version, feed) =>
         {
-            // A unique version: the NuGet cache never serves a stale copy of an earlier pack.
-            var version = $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
-            var feed = Path.Combine(work, "feed");
             // FlashAttn.Models depends on FlashAttn.TorchSharp of the same version: both go to the feed.
             foreach (var project in new[] { "FlashAttn.Managed", "FlashAttn.Models" })
                 Run(root, "dotnet", $"pack {project} -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
@@ -79,11 +71,7 @@ public sealed class PackageTests
             Assert.That(output, Does.Contain("native [FlashAttn.Native"));
             var normErr = double.Parse(output.Split("norm-err ")[1].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
             Assert.That(normErr, Is.LessThan(1e-5), output);
-        }
-        finally
-        {
-            Directory.Delete(work, recursive: true);
-        }
+        });
     }
 
     /// <summary>
@@ -94,15 +82,8 @@ public sealed class PackageTests
     [Test]
     public void CliToolInstallsFromThePackageAndRuns()
     {
-        var root = RepoPaths.TryRoot();
-        if (root is null) Assert.Ignore("not running from a repository checkout");
-        if (!HasDotnetSdk()) Assert.Ignore("no .NET SDK on this machine (the GPU host has only the published tests)");
-
-        var work = Directory.CreateTempSubdirectory("flashattn-tool-").FullName;
-        try
+        InPackWorkspace("flashattn-tool-", (root, work, version, feed) =>
         {
-            var version = $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
-            var feed = Path.Combine(work, "feed");
             Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
             var tools = Path.Combine(work, "tools");
             Run(work, "dotnet", $"tool install FlashAttn.Cli --tool-path \"{tools}\" --add-source \"{feed}\" --version {version}");
@@ -115,6 +96,21 @@ public sealed class PackageTests
             Assert.That(experiments, Does.Contain("owt/gpt2s-flash").And.Contain("tiny"), experiments);
             var show = Run(work, exe, "show experiment=owt/gpt2s-flash");
             Assert.That(show, Does.Contain("experiment: owt/gpt2s-flash").And.Contain("model.name: gpt2s"), show);
+        });
+    }
+
+    /// <summary>Skips without a checkout or an SDK; runs <paramref name="body"/> with the repository root, a fresh
+    /// temporary folder (deleted afterwards), a unique package version (so the NuGet cache never serves a stale
+    /// copy of an earlier pack) and the local feed folder inside the temporary one.</summary>
+    private static void InPackWorkspace(string prefix, Action<string, string, string, string> body)
+    {
+        var root = RepoPaths.TryRoot();
+        if (root is null) Assert.Ignore("not running from a repository checkout");
+        if (!HasDotnetSdk()) Assert.Ignore("no .NET SDK on this machine (the GPU host has only the published tests)");
+        var work = Directory.CreateTempSubdirectory(prefix).FullName;
+        try
+        {
+            body(root, work, $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}", Path.Combine(work, "feed"));
         }
         finally
         {
