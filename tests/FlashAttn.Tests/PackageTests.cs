@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using NUnit.Framework;
 
 namespace FlashAttn.Tests;
@@ -20,7 +21,7 @@ public sealed class PackageTests
         {
             // FlashAttn.Models depends on FlashAttn.TorchSharp of the same version: both go to the feed.
             foreach (var project in new[] { "FlashAttn.Managed", "FlashAttn.Models" })
-                Run(root, "dotnet", $"pack {project} -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
+                Run(root, "dotnet", $"pack {project} -c Release -o \"{feed}\" -p:Version={version} {Artifacts(work)}");
             var nupkg = Path.Combine(feed, $"FlashAttn.TorchSharp.{version}.nupkg");
             Assert.That(File.Exists(nupkg), Is.True, "dotnet pack wrote no FlashAttn.TorchSharp package");
             using (var zip = System.IO.Compression.ZipFile.OpenRead(nupkg))
@@ -67,7 +68,8 @@ public sealed class PackageTests
                 gpt.loss(ids, ids).backward();
                 Console.WriteLine($"norm-err {normErr:E2} grads {x.grad!.shape.Length} {h.grad!.shape.Length} native [{Backend.NativeBuildInfo}]");
                 """);
-            var output = Run(app, "dotnet", "run -c Release");
+            // For this machine's platform only: TorchSharp-cpu's libtorch for every platform is 1.4 GB, this one's 0.5.
+            var output = Run(app, "dotnet", $"run -c Release -r {RuntimeInformation.RuntimeIdentifier}");
             Assert.That(output, Does.Contain("native [FlashAttn.Native"));
             var normErr = double.Parse(output.Split("norm-err ")[1].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
             Assert.That(normErr, Is.LessThan(1e-5), output);
@@ -75,16 +77,19 @@ public sealed class PackageTests
     }
 
     /// <summary>
-    /// The CLI as a dotnet tool: packs FlashAttn.Cli into a local feed, installs it with `dotnet tool install`
-    /// into a tool path outside the repository, and runs `flashattn --help`, `flashattn experiments` (the
-    /// experiment files travel inside the package) and `flashattn show` of a GPT-2 recipe.
+    /// The CLI as a dotnet tool: packs FlashAttn.Cli into a local feed as a tool for this machine's platform,
+    /// installs it with `dotnet tool install` into a tool path outside the repository, and runs `flashattn --help`,
+    /// `flashattn experiments` (the experiment files travel inside the package) and `flashattn show` of a GPT-2 recipe.
     /// </summary>
     [Test]
     public void CliToolInstallsFromThePackageAndRuns()
     {
         InPackWorkspace("flashattn-tool-", (root, work, version, feed) =>
         {
-            Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -o \"{feed}\" -p:Version={version} -v:q -nologo");
+            // For this machine's platform (`-r`): the platform-agnostic package carries TorchSharp-cpu's libtorch for
+            // Linux, Windows and macOS (1.4 GB installed, 2.8 GB of build output; CI ran out of disk on it,
+            // 2026-11-25); this one is a 138 MB package that installs 0.76 GB.
+            Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -r {RuntimeInformation.RuntimeIdentifier} -o \"{feed}\" -p:Version={version} {Artifacts(work)}");
             var tools = Path.Combine(work, "tools");
             Run(work, "dotnet", $"tool install FlashAttn.Cli --tool-path \"{tools}\" --add-source \"{feed}\" --version {version}");
             var exe = Path.Combine(tools, "flashattn");
@@ -108,15 +113,25 @@ public sealed class PackageTests
         if (root is null) Assert.Ignore("not running from a repository checkout");
         if (!HasDotnetSdk()) Assert.Ignore("no .NET SDK on this machine (the GPU host has only the published tests)");
         var work = Directory.CreateTempSubdirectory(prefix).FullName;
+        var version = $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
         try
         {
-            body(root, work, $"0.0.0-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}", Path.Combine(work, "feed"));
+            body(root, work, version, Path.Combine(work, "feed"));
         }
         finally
         {
             Directory.Delete(work, recursive: true);
+            // Restore extracted this version of our packages into the global packages folder: remove it too.
+            var cache = Environment.GetEnvironmentVariable("NUGET_PACKAGES") is { Length: > 0 } p ? p
+                : Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".nuget", "packages");
+            foreach (var id in new[] { "flashattn.torchsharp", "flashattn.models", "flashattn.cli" })
+                if (Directory.Exists(Path.Combine(cache, id, version))) Directory.Delete(Path.Combine(cache, id, version), recursive: true);
         }
     }
+
+    /// <summary>Build outputs of a pack go to the temporary folder, not the checkout's bin/obj (the tool's Release
+    /// build is 1 GB even for one platform), and are deleted with it.</summary>
+    private static string Artifacts(string work) => $"--artifacts-path \"{Path.Combine(work, "artifacts")}\" -v:q -nologo";
 
     private static bool HasDotnetSdk()
     {
