@@ -3,6 +3,8 @@
 // kernel, then the conversions of the accumulators to the output dtype.
 #pragma once
 
+#include <cstdlib>
+
 #include "common/cuda_check.cuh"
 #include "flash/flash_bwd_kernel.cuh"
 
@@ -13,6 +15,16 @@ template <typename T, int kHeadDim>
 FlashAttnStatus run_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function);
 
 inline unsigned blocks_for(int64_t items, int threads) { return unsigned((items + threads - 1) / threads); }
+
+// FLASHATTN_BWD_MAX_STAGES=1 (read once per process) makes the backward run one Q/dO stage where two
+// fit, so that a run on an H100 covers the A100's one-stage path (d64, d128, d192+).
+inline int bwd_max_stages() {
+  static const int stages = [] {
+    const char* v = std::getenv("FLASHATTN_BWD_MAX_STAGES");
+    return v != nullptr && std::atoi(v) == 1 ? 1 : 2;
+  }();
+  return stages;
+}
 
 template <typename T, int kHeadDim>
 FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function) {
@@ -50,7 +62,7 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
                   "flash_bwd_kernel at head dim %d needs %d bytes of shared memory per block; device %d allows %d "
                   "(see FlashAttn_flash_bwd_supported)",
                   kHeadDim, Tr::smem_bytes(1), device, smem_optin);
-    const int stages = Tr::smem_bytes(2) <= smem_optin ? 2 : 1;
+    const int stages = Tr::smem_bytes(2) <= smem_optin && bwd_max_stages() >= 2 ? 2 : 1;
     const int smem_bytes = Tr::smem_bytes(stages);
     if (smem_bytes > 48 * 1024) {
       s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
