@@ -15,6 +15,10 @@ public static class CliApp
           flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N]
                                                    tokenize corpora (folders or files of .txt, .jsonl, .jsonl.zst, .parquet,
                                                    or embedded:kjv) into ${DATA_DIR}/<name> (./data/<name> when DATA_DIR is unset)
+          flashattn sample [RUN] [--prompt TEXT] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                           [--seed S] [--device auto|cpu|cuda]
+                                                   text from a trained GPT: a run folder (default runs/tiny) or one of its
+                                                   checkpoints/step-NNNNNNN folders
           flashattn experiments                    list the experiment files
           flashattn show [key=value ...]           print the resolved configuration without training
           flashattn --help                         this text, with every configuration key
@@ -23,6 +27,7 @@ public static class CliApp
           flashattn train                                               # tiny GPT on the embedded corpus (CPU: a few minutes)
           flashattn train experiment=owt/gpt2s-flash trainer.devices=1 datamodule.batch_size=16
           flashattn train experiment=owt/gpt2m-flash trainer.precision=bf16 datamodule.batch_size=8
+          flashattn sample --prompt "In the beginning" --num-samples 2     # after the first example
           flashattn prepare openwebtext /data/openwebtext/plain_text    # the Hub's parquet files
         """;
 
@@ -58,8 +63,11 @@ public static class CliApp
                     return 0;
                 case "prepare":
                     return Prepare(args.Skip(1).ToArray(), stdout, stderr);
+                case "sample":
+                    if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(SampleCommand.Usage); return 0; }
+                    return SampleCommand.Run(args.Skip(1).ToArray(), stdout, stderr);
                 default:
-                    stderr.WriteLine($"unknown command '{args[0]}'; valid commands: train, prepare, experiments, show, --help");
+                    stderr.WriteLine($"unknown command '{args[0]}'; valid commands: train, prepare, sample, experiments, show, --help");
                     return 2;
             }
         }

@@ -41,13 +41,7 @@ public sealed class LanguageModelingTask : ITrainingTask
         }
         TokenCacheMeta meta;
         (_train, _val, meta) = TokenCache.Open(dir, tokenizer);
-        Config = BuildModelConfig(c, meta.VocabSize);
-        if (device.type == DeviceType.CPU && FusionKeys.All(k => c[k] is null))
-        {
-            // the fused kernels are CUDA; on a CPU their reference paths are slower than the plain modules
-            Config = Config.WithFusions(false);
-            log.WriteLine("CPU: fused kernels off (set model.config.use_flash_attn etc. to force them)");
-        }
+        Config = ModelConfigFor(c, meta.VocabSize, device, log);
         if (Config.rotary_emb_fraction == 0 && Config.n_positions < _seqlen)
             throw new ConfigException($"datamodule.max_length={_seqlen} exceeds the model's n_positions={Config.n_positions}; set model.config.n_positions or a shorter datamodule.max_length");
         _sampler = new LmBatchSampler(_train, _seqlen, c.Int("seed"));
@@ -62,6 +56,17 @@ public sealed class LanguageModelingTask : ITrainingTask
 
     static readonly string[] FusionKeys = ["model.config.use_flash_attn", "model.config.fused_bias_fc", "model.config.fused_mlp",
         "model.config.fused_dropout_add_ln", "model.config.fused_cross_entropy"];
+
+    /// <summary><see cref="BuildModelConfig"/> for a model on <paramref name="device"/>: on a CPU the fusions are off
+    /// unless a model.config key sets them (the fused kernels are CUDA; their reference paths are slower there than the
+    /// plain modules).</summary>
+    public static GPTConfig ModelConfigFor(ExperimentConfig c, int vocabSize, Device device, TextWriter log)
+    {
+        var config = BuildModelConfig(c, vocabSize);
+        if (device.type != DeviceType.CPU || FusionKeys.Any(k => c[k] is not null)) return config;
+        log.WriteLine("CPU: fused kernels off (set model.config.use_flash_attn etc. to force them)");
+        return config.WithFusions(false);
+    }
 
     /// <summary>GPTConfig.Named(model.name) with the model.config.* overrides and the cache's vocabulary.</summary>
     public static GPTConfig BuildModelConfig(ExperimentConfig c, int vocabSize)

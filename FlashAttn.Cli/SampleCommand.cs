@@ -1,0 +1,196 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json.Nodes;
+using FlashAttn.Models;
+using FlashAttn.Models.Data;
+using FlashAttn.Models.Training;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Cli;
+
+/// <summary>
+/// `flashattn sample [RUN] [options]`: text from a trained GPT, as nanoGPT's sample.py. RUN is a run folder (config.yaml
+/// and model.safetensors, what `flashattn train` writes; default runs/tiny, the main job's) or one of its checkpoint
+/// folders (checkpoints/step-NNNNNNN, best-step-NNNNNNN or the pointer checkpoints/last: the fp32 master weights), so that a long run can be sampled
+/// before it ends. Samples go to stdout separated by a dashed line; what was loaded and the speed go to stderr.
+/// </summary>
+public static class SampleCommand
+{
+    public const string Usage = "usage: flashattn sample [RUN_OR_CHECKPOINT] [--prompt TEXT | --prompt-file FILE] [--num-samples N] " +
+        "[--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device auto|cpu|cuda] [--no-cache]";
+
+    public const string Separator = "---------------";
+
+    sealed record Options
+    {
+        public string Path { get; init; } = System.IO.Path.Combine("runs", "tiny");
+        public string Prompt { get; init; } = TextTokenizer.EndOfText;
+        public int NumSamples { get; init; } = 3;
+        public int MaxNewTokens { get; init; } = 200;
+        public double Temperature { get; init; } = 0.8;
+        public int? TopK { get; init; } = 200;
+        public double? TopP { get; init; }
+        public long Seed { get; init; } = 1337;
+        public string Device { get; init; } = "auto";
+        public bool UseCache { get; init; } = true;
+    }
+
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        var o = Parse(args);
+        var (config, weights) = Locate(o.Path);
+        if (config.Str("task") != "lm")
+            throw new ArgumentException($"{o.Path}: task={config.Str("task")}; sample needs a GPT language-model run (task=lm)");
+        config.Set("trainer.accelerator", o.Device, "--device");
+        var device = Trainer.ResolveDevice(config);
+        // 16-bit where the run trained in it and the kernels exist; a CPU computes in float32
+        var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : Trainer.ParsePrecision(config.Str("trainer.precision")) switch
+        {
+            Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32,
+        };
+        var tokenizer = TextTokenizer.Get(config.Str("datamodule.tokenizer"));
+        var modelConfig = LanguageModelingTask.ModelConfigFor(config, tokenizer.VocabSize, device, stderr);
+        using var model = new GPTLMHeadModel(modelConfig, device, dtype);
+        weights(model);
+        var prompt = tokenizer.Encode(o.Prompt).Select(i => (long)i).ToArray();
+        if (prompt.Length == 0) throw new ArgumentException("--prompt encodes to no tokens");
+        stderr.WriteLine($"{o.Path}: GPT {config.Str("model.name")} ({model.num_parameters() / 1e6:F1}M parameters) on {device.type} in {dtype}; " +
+            $"{o.NumSamples} sample(s) of {o.MaxNewTokens} tokens after a {prompt.Length}-token prompt");
+
+        var generator = new Generator((ulong)o.Seed, device);
+        var ids = tensor(prompt, [1, prompt.Length], ScalarType.Int64).to(device).expand(o.NumSamples, prompt.Length).contiguous();
+        var sw = Stopwatch.StartNew();
+        using var tokens = GenerateLong(model, ids, o.MaxNewTokens, o.Temperature, o.TopK, o.TopP, o.UseCache, generator);
+        var elapsed = sw.Elapsed.TotalSeconds;
+        var rows = tokens.cpu();
+        for (int s = 0; s < o.NumSamples; s++)
+        {
+            stdout.WriteLine(tokenizer.Decode(rows[s].data<long>().Select(t => (int)t)));
+            stdout.WriteLine(Separator);
+        }
+        stderr.WriteLine($"{o.NumSamples * o.MaxNewTokens:N0} tokens in {elapsed:F2} s ({o.NumSamples * o.MaxNewTokens / Math.Max(elapsed, 1e-9):F1} tokens/s)");
+        return 0;
+    }
+
+    /// <summary>
+    /// GPTLMHeadModel.generate past a model's learned positions, as nanoGPT crops its context: with the KV cache while
+    /// prompt and output fit n_positions, then in chunks of n_positions / 8 new tokens, each chunk conditioned on the
+    /// n_positions − chunk tokens before it (every token sees at least 7/8 of the context; one prefill per chunk
+    /// instead of one per token). Rotary models have no position table: one call.
+    /// </summary>
+    public static Tensor GenerateLong(GPTLMHeadModel model, Tensor ids, int maxNewTokens, double temperature = 1.0, int? topK = null,
+        double? topP = null, bool useCache = true, Generator? generator = null)
+    {
+        var c = model.config;
+        long window = c.rotary_emb_fraction > 0 ? long.MaxValue : c.n_positions;
+        if (ids.shape[1] >= window)
+            throw new ArgumentException($"the prompt has {ids.shape[1]} tokens; the model's context holds {window} (n_positions)");
+        int first = (int)Math.Min(maxNewTokens, window - ids.shape[1]);
+        var tokens = model.generate(ids, first, temperature, topK, topP, useCache, generator);
+        int chunk = (int)Math.Max(1, window / 8);
+        for (int left = maxNewTokens - first; left > 0;)
+        {
+            int n = Math.Min(chunk, left);
+            using var context = tokens[.., (int)(tokens.shape[1] - (window - n))..];
+            using var next = model.generate(context, n, temperature, topK, topP, useCache, generator);
+            var grown = cat(new[] { tokens, next[.., (int)context.shape[1]..] }, 1);
+            tokens.Dispose();
+            tokens = grown;
+            left -= n;
+        }
+        return tokens;
+    }
+
+    /// <summary>The run's configuration and a loader of its weights: model.safetensors of a run folder, or the master
+    /// weights of a checkpoint folder (its trainer.json holds the configuration it trained with).</summary>
+    static (ExperimentConfig config, Action<GPTLMHeadModel> load) Locate(string path)
+    {
+        // checkpoints/last: the pointer file the trainer replaces after each save
+        if (File.Exists(path) && System.IO.Path.GetFileName(path) == "last")
+            path = Checkpoint.Resolve("last", System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
+        if (File.Exists(System.IO.Path.Combine(path, "trainer.json")))
+        {
+            var state = JsonNode.Parse(File.ReadAllText(System.IO.Path.Combine(path, "trainer.json")))!.AsObject();
+            var dump = state["config"]?.GetValue<string>() ?? throw new InvalidDataException($"{path}/trainer.json holds no configuration");
+            return (FromDump(dump, path), model => LoadMasters(model, path));
+        }
+        var yaml = System.IO.Path.Combine(path, "config.yaml");
+        var weights = System.IO.Path.Combine(path, "model.safetensors");
+        if (!File.Exists(yaml) || !File.Exists(weights))
+            throw new FileNotFoundException($"{path} is neither a run folder (config.yaml and model.safetensors, written when " +
+                "`flashattn train` ends) nor a checkpoint folder (trainer.json); train first, or name checkpoints/step-NNNNNNN of a run");
+        return (FromDump(File.ReadAllText(yaml), path), model => model.load_safetensors(weights));
+    }
+
+    static ExperimentConfig FromDump(string dump, string where)
+    {
+        var config = ExperimentConfig.Parse([]);
+        foreach (var (key, value) in ExperimentConfig.ParseYaml(dump, where)) config.Set(key, value, where);
+        return config;
+    }
+
+    static void LoadMasters(GPTLMHeadModel model, string dir)
+    {
+        var (tensors, _) = Checkpoint.Load(dir);
+        try
+        {
+            using var _ = no_grad();
+            foreach (var (name, p) in model.named_parameters())
+            {
+                if (!tensors.TryGetValue("master." + name, out var t)) throw new InvalidDataException($"{dir}: the checkpoint has no master.{name}");
+                if (!t.shape.SequenceEqual(p.shape))
+                    throw new InvalidDataException($"{dir}: master.{name} is [{string.Join(", ", t.shape)}], the model's {name} [{string.Join(", ", p.shape)}]");
+                p.copy_(t);
+            }
+        }
+        finally { foreach (var t in tensors.Values) t.Dispose(); }
+    }
+
+    static Options Parse(string[] args)
+    {
+        var o = new Options();
+        bool pathSet = false;
+        for (int i = 0; i < args.Length; i++)
+        {
+            string Value() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value; {Usage}");
+            int Int(string name, int min)
+            {
+                var v = Value();
+                return int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out var n) && n >= min
+                    ? n : throw new ArgumentException($"{name} {v}: an integer >= {min} expected");
+            }
+            double Float(string name, double min, double max)
+            {
+                var v = Value();
+                return double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out var x) && x >= min && x <= max
+                    ? x : throw new ArgumentException($"{name} {v}: a number in [{min}, {max}] expected");
+            }
+            switch (args[i])
+            {
+                case "--prompt": o = o with { Prompt = Value() }; break;
+                case "--prompt-file": o = o with { Prompt = File.ReadAllText(Value()) }; break;
+                case "--num-samples": o = o with { NumSamples = Int("--num-samples", 1) }; break;
+                case "--max-new-tokens": o = o with { MaxNewTokens = Int("--max-new-tokens", 0) }; break;
+                case "--temperature": o = o with { Temperature = Float("--temperature", 0, 100) }; break;
+                case "--top-k": { int k = Int("--top-k", 0); o = o with { TopK = k == 0 ? null : k }; break; } // 0: off
+                case "--top-p": { double p = Float("--top-p", 0, 1); o = o with { TopP = p is 0 or 1 ? null : p }; break; }
+                case "--seed": o = o with { Seed = Int("--seed", 0) }; break;
+                case "--device":
+                    var d = Value();
+                    o = d is "auto" or "cpu" or "cuda" ? o with { Device = d } : throw new ArgumentException($"--device {d}; valid: auto, cpu, cuda");
+                    break;
+                case "--no-cache": o = o with { UseCache = false }; break;
+                case var a when a.StartsWith("--"):
+                    throw new ArgumentException($"unknown option {a}; valid: --prompt, --prompt-file, --num-samples, --max-new-tokens, " +
+                        "--temperature, --top-k, --top-p, --seed, --device, --no-cache");
+                default:
+                    if (pathSet) throw new ArgumentException($"one run or checkpoint folder expected, got '{o.Path}' and '{args[i]}'; {Usage}");
+                    o = o with { Path = args[i] };
+                    pathSet = true;
+                    break;
+            }
+        }
+        return o;
+    }
+}

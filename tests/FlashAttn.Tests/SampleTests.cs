@@ -1,0 +1,135 @@
+using System.Text.Json.Nodes;
+using FlashAttn.Cli;
+using FlashAttn.Models;
+using FlashAttn.Models.Data;
+using FlashAttn.Models.Training;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Tests;
+
+/// <summary>`flashattn sample`: the weights it loads from a run folder and from a checkpoint, generation past the
+/// learned positions (nanoGPT's cropped context), seeds, and its errors.</summary>
+public class SampleTests
+{
+    string _root = "";
+
+    [SetUp]
+    public void SetUp() => Directory.CreateDirectory(_root = Path.Combine(Path.GetTempPath(), "flashattn-sample-" + Guid.NewGuid().ToString("N")));
+
+    [TearDown]
+    public void TearDown() { try { Directory.Delete(_root, true); } catch { } }
+
+    static ExperimentConfig SmallConfig(params string[] extra) => ExperimentConfig.Parse(
+        ["model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", "model.config.n_positions=16", .. extra]);
+
+    static GPTLMHeadModel NewModel(ExperimentConfig c, long seed)
+    {
+        manual_seed(seed);
+        return new GPTLMHeadModel(LanguageModelingTask.ModelConfigFor(c, TextTokenizer.Gpt2.VocabSize, CPU, TextWriter.Null));
+    }
+
+    [Test]
+    public void GenerationPastThePositionTableConditionsEachChunkOnTheTokensBeforeIt()
+    {
+        var c = SmallConfig();
+        using var model = NewModel(c, 5);
+        // At GPT-2's init the next token hardly depends on anything but the last one; weights 10x larger make it depend
+        // on the positions and the context, so that a chunk conditioned on the wrong tokens shows.
+        using (no_grad())
+            foreach (var p in model.parameters()) if (p.dim() >= 2) p.mul_(10);
+        var prompt = tensor(new long[] { 464, 3290, 318, 257, 1332 }, [1, 5], ScalarType.Int64);
+        var tokens = SampleCommand.GenerateLong(model, prompt, 40, temperature: 0);
+        Assert.That(tokens.shape, Is.EqualTo(new long[] { 1, 45 }));
+        // while prompt and output fit the 16 positions: one generate call
+        Assert.That(Same(tokens[.., ..16], model.generate(prompt, 11, temperature: 0)), Is.True);
+        // then chunks of 16 / 8 = 2 tokens, each greedy on the 14 tokens before it
+        for (int start = 16; start < 45; start += 2)
+        {
+            int n = Math.Min(2, 45 - start);
+            var context = tokens[.., (start - (16 - n))..start];
+            var expected = model.generate(context, n, temperature: 0)[.., (int)context.shape[1]..];
+            Assert.That(Same(tokens[.., start..(start + n)], expected), Is.True, $"chunk at {start}");
+        }
+        var e = Assert.Throws<ArgumentException>(() => SampleCommand.GenerateLong(model, zeros([1, 16], ScalarType.Int64), 4))!;
+        Assert.That(e.Message, Does.Contain("16 tokens").And.Contain("n_positions"));
+    }
+
+    [Test]
+    public void SamplesARunFolderAndACheckpointWithTheirOwnWeights()
+    {
+        var c = SmallConfig();
+        var run = Path.Combine(_root, "run");
+        Directory.CreateDirectory(run);
+        File.WriteAllText(Path.Combine(run, "config.yaml"), c.Dump());
+        using var final = NewModel(c, 1);
+        final.save_safetensors(Path.Combine(run, "model.safetensors"));
+        // a checkpoint of other weights, as the trainer writes it (fp32 masters and Adam moments)
+        using var mid = NewModel(c, 2);
+        var state = mid.named_parameters().ToDictionary(np => "master." + np.name, np => (Tensor)np.parameter);
+        foreach (var (name, p) in mid.named_parameters()) state["adam.m." + name] = zeros_like(p);
+        var ckpt = Checkpoint.Save(Path.Combine(run, "checkpoints"), 7, state, new JsonObject { ["step"] = 7, ["config"] = c.Dump() });
+
+        const string prompt = "In the beginning";
+        string Expected(GPTLMHeadModel m)
+        {
+            var ids = TextTokenizer.Gpt2.Encode(prompt).Select(i => (long)i).ToArray();
+            var t = SampleCommand.GenerateLong(m, tensor(ids, [1, ids.Length], ScalarType.Int64), 30, temperature: 0);
+            return TextTokenizer.Gpt2.Decode(t[0].data<long>().Select(x => (int)x));
+        }
+        string[] Greedy(string path)
+        {
+            var (rc, o, err) = Cli("sample", path, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30", "--num-samples", "2");
+            Assert.That(rc, Is.EqualTo(0), err);
+            Assert.That(err, Does.Contain("60 tokens in").And.Contain("tokens/s"));
+            var samples = o.Split(SampleCommand.Separator + Environment.NewLine, StringSplitOptions.RemoveEmptyEntries)
+                .Select(s => s.TrimEnd('\r', '\n')).ToArray();
+            Assert.That(samples, Has.Length.EqualTo(2), o);
+            return samples;
+        }
+        Assert.That(Greedy(run), Is.All.EqualTo(Expected(final)));
+        Assert.That(Greedy(ckpt), Is.All.EqualTo(Expected(mid)));
+        Assert.That(Greedy(Path.Combine(run, "checkpoints", "last")), Is.All.EqualTo(Expected(mid)));
+        Assert.That(Expected(mid), Is.Not.EqualTo(Expected(final)), "the two models must differ for the test to tell them apart");
+
+        // sampling: the seed decides the text
+        string[] Sampled(string seed) => Cli("sample", run, "--seed", seed, "--temperature", "1", "--top-k", "0", "--max-new-tokens", "12", "--num-samples", "1").stdout
+            .Split(Environment.NewLine);
+        Assert.That(Sampled("3"), Is.EqualTo(Sampled("3")));
+        Assert.That(Sampled("3"), Is.Not.EqualTo(Sampled("4")));
+    }
+
+    [Test]
+    public void WrongFoldersAndOptionsAreErrorsThatSayWhatToDo()
+    {
+        var (rc, _, err) = Cli("sample", Path.Combine(_root, "missing"));
+        Assert.That(rc, Is.EqualTo(1));
+        Assert.That(err, Does.Contain("neither a run folder").And.Contain("flashattn train"));
+        var vit = Path.Combine(_root, "vit");
+        Directory.CreateDirectory(vit);
+        File.WriteAllText(Path.Combine(vit, "config.yaml"), ExperimentConfig.Parse(["experiment=imagefolder/vit-ti16"]).Dump());
+        File.WriteAllText(Path.Combine(vit, "model.safetensors"), "");
+        (rc, _, err) = Cli("sample", vit);
+        Assert.That(rc, Is.EqualTo(1));
+        Assert.That(err, Does.Contain("task=image_classification").And.Contain("task=lm"));
+        (rc, _, err) = Cli("sample", "--top-p", "1.5");
+        Assert.That(err, Does.Contain("--top-p 1.5"));
+        (rc, _, err) = Cli("sample", "--temprature", "1");
+        Assert.That(rc, Is.EqualTo(1));
+        Assert.That(err, Does.Contain("--temprature").And.Contain("--temperature"));
+        (rc, _, err) = Cli("sample", "--device", "tpu");
+        Assert.That(err, Does.Contain("valid: auto, cpu, cuda"));
+        (rc, var o, _) = Cli("sample", "--help");
+        Assert.That(rc, Is.EqualTo(0));
+        Assert.That(o, Does.Contain("--max-new-tokens"));
+    }
+
+    static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.eq(b).all().item<bool>();
+
+    static (int rc, string stdout, string stderr) Cli(params string[] args)
+    {
+        var o = new StringWriter(); var e = new StringWriter();
+        return (CliApp.Run(args, o, e), o.ToString(), e.ToString());
+    }
+}
