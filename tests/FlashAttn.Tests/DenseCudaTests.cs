@@ -184,7 +184,7 @@ public sealed class DenseCudaTests
         var (_, db1) = DenseOps.Wgrad(dpre, x, needBias: true, kernel: true); // db1 = column sums of dpre (BGRADB)
         var dpre64 = g64.mm(w264) * pre.gt(0).to(ScalarType.Float64);
         var dpreErr = Tolerance.MaxAbsDiff(dpre, dpre64.to(dt));
-        var dbErr = Tolerance.MaxAbsDiff(db1, dpre64.to(dt).to(ScalarType.Float64).sum(0L));
+        var dbErr = Tolerance.MaxAbsDiff(db1!, dpre64.to(dt).to(ScalarType.Float64).sum(0L));
         var dbScale = dpre64.abs().sum(0L).max().item<double>();
         TestContext.Out.WriteLine($"relu stages {dt} m{m} hidden{hidden}: h error beyond one operand ulp {hExcess}, mask bits wrong {maskWrong} of {m * hidden}, " +
                                   $"dpre err {dpreErr}, db1 err {dbErr}");
