@@ -52,6 +52,7 @@ public static class CliApp
                     var result = new Trainer(config, stderr).Run();
                     stdout.WriteLine($"run {result.RunDir}: loss {result.FirstLoss:F4} -> {result.LastLoss:F4}" +
                         (result.ValLoss is { } v ? $", val_loss {v:F4}" : "") + $" in {result.Elapsed:hh\\:mm\\:ss}");
+                    if (config.Str("task") == "lm") stdout.WriteLine($"text from it: flashattn sample {result.RunDir}");
                     return 0;
                 }
                 case "show":
