@@ -61,7 +61,7 @@ fi
 
 if want sanitize; then
   # memcheck (every launch checked for bad accesses) over the rotary Cuda tests at s97: a few seconds; other ops
-  # need their own filter here (memcheck slows kernels 10-100x).
+  # need their own filter here (memcheck instruments every memory access: keep the cases small).
   compute-sanitizer --tool memcheck --error-exitcode 9 "$app"/FlashAttn.Tests \
     --filter "FullyQualifiedName~RotaryCudaTests&Name~s97" >"$OUT/sanitize.log" 2>&1
   summary+=("compute-sanitizer memcheck: rc $? ($(grep -c 'Invalid' "$OUT/sanitize.log") invalid accesses)")
