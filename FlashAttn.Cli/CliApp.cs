@@ -17,8 +17,9 @@ public static class CliApp
                                                    or embedded:kjv) into ${DATA_DIR}/<name> (./data/<name> when DATA_DIR is unset)
           flashattn sample [RUN] [--prompt TEXT] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                            [--seed S] [--device auto|cpu|cuda]
-                                                   text from a trained GPT: a run folder (default runs/tiny) or one of its
-                                                   checkpoints/step-NNNNNNN folders
+                                                   text from a GPT: a run folder (default runs/tiny), one of its
+                                                   checkpoints (checkpoints/step-NNNNNNN, checkpoints/last), a Hugging Face
+                                                   GPT-2 folder (config.json + model.safetensors) or a .safetensors file
           flashattn experiments                    list the experiment files
           flashattn show [key=value ...]           print the resolved configuration without training
           flashattn --help                         this text, with every configuration key

@@ -10,14 +10,16 @@ using static TorchSharp.torch;
 namespace FlashAttn.Cli;
 
 /// <summary>
-/// `flashattn sample [RUN] [options]`: text from a trained GPT, as nanoGPT's sample.py. RUN is a run folder (config.yaml
-/// and model.safetensors, what `flashattn train` writes; default runs/tiny, the main job's) or one of its checkpoint
-/// folders (checkpoints/step-NNNNNNN, best-step-NNNNNNN or the pointer checkpoints/last: the fp32 master weights), so that a long run can be sampled
-/// before it ends. Samples go to stdout separated by a dashed line; what was loaded and the speed go to stderr.
+/// `flashattn sample [MODEL] [options]`: text from a GPT, as nanoGPT's sample.py. MODEL is a run folder (config.yaml
+/// and model.safetensors, what `flashattn train` writes; default runs/tiny, the main job's), one of its checkpoint
+/// folders (checkpoints/step-NNNNNNN, best-step-NNNNNNN or the pointer checkpoints/last: the fp32 master weights, so that
+/// a long run can be sampled before it ends), a Hugging Face GPT-2 folder (nanoGPT's init_from=gpt2, downloaded: config.json
+/// and model.safetensors) or a .safetensors file of GPTLMHeadModel. Samples go to stdout separated by a dashed line; what
+/// was loaded and the speed go to stderr.
 /// </summary>
 public static class SampleCommand
 {
-    public const string Usage = "usage: flashattn sample [RUN_OR_CHECKPOINT] [--prompt TEXT | --prompt-file FILE] [--num-samples N] " +
+    public const string Usage = "usage: flashattn sample [RUN | CHECKPOINT | HF_GPT2_FOLDER | FILE.safetensors] [--prompt TEXT | --prompt-file FILE] [--num-samples N] " +
         "[--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device auto|cpu|cuda] [--no-cache]";
 
     public const string Separator = "---------------";
@@ -39,23 +41,21 @@ public static class SampleCommand
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
         var o = Parse(args);
-        var (config, weights) = Locate(o.Path);
-        if (config.Str("task") != "lm")
-            throw new ArgumentException($"{o.Path}: task={config.Str("task")}; sample needs a GPT language-model run (task=lm)");
-        config.Set("trainer.accelerator", o.Device, "--device");
-        var device = Trainer.ResolveDevice(config);
-        // 16-bit where the run trained in it and the kernels exist; a CPU computes in float32
-        var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : Trainer.ParsePrecision(config.Str("trainer.precision")) switch
+        var device = Trainer.ResolveDevice(o.Device, "--device");
+        var source = Locate(o.Path, device, stderr);
+        var tokenizer = TextTokenizer.Get(source.Tokenizer);
+        if (source.Model.vocab_size != tokenizer.VocabSize)
+            throw new InvalidDataException($"{o.Path}: the model's vocab_size is {source.Model.vocab_size}; the {tokenizer.Name} tokenizer has {tokenizer.VocabSize}");
+        // a CPU computes in float32; on a GPU the run's 16-bit type (the kernels' types), float32 only for a float32 run
+        var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : source.Precision switch
         {
             Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32,
         };
-        var tokenizer = TextTokenizer.Get(config.Str("datamodule.tokenizer"));
-        var modelConfig = LanguageModelingTask.ModelConfigFor(config, tokenizer.VocabSize, device, stderr);
-        using var model = new GPTLMHeadModel(modelConfig, device, dtype);
-        weights(model);
+        using var model = new GPTLMHeadModel(source.Model, device, dtype);
+        source.Load(model);
         var prompt = tokenizer.Encode(o.Prompt).Select(i => (long)i).ToArray();
         if (prompt.Length == 0) throw new ArgumentException("--prompt encodes to no tokens");
-        stderr.WriteLine($"{o.Path}: GPT {config.Str("model.name")} ({model.num_parameters() / 1e6:F1}M parameters) on {device.type} in {dtype}; " +
+        stderr.WriteLine($"{o.Path}: {source.Name} ({model.num_parameters() / 1e6:F1}M parameters) on {device.type} in {dtype}; " +
             $"{o.NumSamples} sample(s) of {o.MaxNewTokens} tokens after a {prompt.Length}-token prompt");
 
         var generator = new Generator((ulong)o.Seed, device);
@@ -102,25 +102,62 @@ public static class SampleCommand
         return tokens;
     }
 
-    /// <summary>The run's configuration and a loader of its weights: model.safetensors of a run folder, or the master
-    /// weights of a checkpoint folder (its trainer.json holds the configuration it trained with).</summary>
-    static (ExperimentConfig config, Action<GPTLMHeadModel> load) Locate(string path)
+    /// <summary>A model to sample: its config (fusions decided for the device), the tokenizer, the precision it trained in
+    /// and a loader of its weights.</summary>
+    sealed record Source(string Name, GPTConfig Model, string Tokenizer, Precision Precision, Action<GPTLMHeadModel> Load);
+
+    /// <summary>
+    /// What <paramref name="path"/> holds: a run folder (config.yaml + model.safetensors), a checkpoint folder (trainer.json
+    /// + state.bin: the fp32 master weights) or the checkpoints/last pointer, a Hugging Face GPT-2 folder (config.json +
+    /// model.safetensors, e.g. a download of gpt2), or one .safetensors file written by GPTLMHeadModel.save_safetensors.
+    /// </summary>
+    static Source Locate(string path, Device device, TextWriter log)
     {
         // checkpoints/last: the pointer file the trainer replaces after each save
         if (File.Exists(path) && System.IO.Path.GetFileName(path) == "last")
             path = Checkpoint.Resolve("last", System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
-        if (File.Exists(System.IO.Path.Combine(path, "trainer.json")))
+        string In(string name) => System.IO.Path.Combine(path, name);
+        if (File.Exists(In("trainer.json")))
         {
-            var state = JsonNode.Parse(File.ReadAllText(System.IO.Path.Combine(path, "trainer.json")))!.AsObject();
+            var state = JsonNode.Parse(File.ReadAllText(In("trainer.json")))!.AsObject();
             var dump = state["config"]?.GetValue<string>() ?? throw new InvalidDataException($"{path}/trainer.json holds no configuration");
-            return (FromDump(dump, path), model => LoadMasters(model, path));
+            return FromRun(FromDump(dump, path), path, device, log, model => LoadMasters(model, path));
         }
-        var yaml = System.IO.Path.Combine(path, "config.yaml");
-        var weights = System.IO.Path.Combine(path, "model.safetensors");
-        if (!File.Exists(yaml) || !File.Exists(weights))
-            throw new FileNotFoundException($"{path} is neither a run folder (config.yaml and model.safetensors, written when " +
-                "`flashattn train` ends) nor a checkpoint folder (trainer.json); train first, or name checkpoints/step-NNNNNNN of a run");
-        return (FromDump(File.ReadAllText(yaml), path), model => model.load_safetensors(weights));
+        if (File.Exists(In("config.yaml")) && File.Exists(In("model.safetensors")))
+            return FromRun(FromDump(File.ReadAllText(In("config.yaml")), path), path, device, log, model => model.load_safetensors(In("model.safetensors")));
+        if (File.Exists(In("config.json")) && File.Exists(In("model.safetensors")))
+        {
+            // Hugging Face's GPT-2 computes in float32; on a GPU bf16 runs the kernels
+            var hf = GPTConfig.FromHuggingFace(In("config.json"));
+            return new Source($"Hugging Face GPT-2 (n_layer {hf.n_layer}, n_embd {hf.n_embd})", ForDevice(hf, device, log), "gpt2", Precision.Bf16,
+                model => model.load_safetensors(In("model.safetensors")));
+        }
+        if (File.Exists(path) && path.EndsWith(".safetensors", StringComparison.Ordinal))
+        {
+            var saved = GPTConfig.FromSafetensors(path);
+            return new Source($"GPT (n_layer {saved.n_layer}, n_embd {saved.n_embd})", ForDevice(saved, device, log), "gpt2", Precision.Bf16,
+                model => model.load_safetensors(path));
+        }
+        throw new FileNotFoundException($"{path} is not a run folder (config.yaml and model.safetensors, written when `flashattn train` " +
+            "ends), a checkpoint folder (trainer.json: checkpoints/step-NNNNNNN, or checkpoints/last), a Hugging Face GPT-2 folder " +
+            "(config.json and model.safetensors) or a .safetensors file of GPTLMHeadModel; train first, or name one of those");
+    }
+
+    static Source FromRun(ExperimentConfig c, string path, Device device, TextWriter log, Action<GPTLMHeadModel> load)
+    {
+        if (c.Str("task") != "lm")
+            throw new ArgumentException($"{path}: task={c.Str("task")}; sample needs a GPT language-model run (task=lm)");
+        var tokenizer = c.Str("datamodule.tokenizer");
+        return new Source($"GPT {c.Str("model.name")}", LanguageModelingTask.ModelConfigFor(c, TextTokenizer.Get(tokenizer).VocabSize, device, log),
+            tokenizer, Trainer.ParsePrecision(c.Str("trainer.precision")), load);
+    }
+
+    // as LanguageModelingTask.ModelConfigFor for a model without a run's model.config keys
+    static GPTConfig ForDevice(GPTConfig config, Device device, TextWriter log)
+    {
+        if (device.type != DeviceType.CPU) return config;
+        log.WriteLine("CPU: fused kernels off");
+        return config.WithFusions(false);
     }
 
     static ExperimentConfig FromDump(string dump, string where)

@@ -144,6 +144,24 @@ public sealed record GPTConfig
         return JsonSerializer.Deserialize<GPTConfig>(json) ?? throw new InvalidDataException($"{path}: empty flashattn.config");
     }
 
+    /// <summary>
+    /// The config.json of a Hugging Face GPT-2 checkpoint folder (GPT2Config, model_type "gpt2": gpt2, gpt2-medium, ...,
+    /// distilgpt2). Its keys are ours (n_inner null: 4 n_embd, as there; scale_attn_by_inverse_layer_idx false unless set);
+    /// the fusions are on and the vocabulary is padded as ours (the checkpoint's unpadded wte loads into it).
+    /// </summary>
+    /// <exception cref="InvalidDataException">Not a GPT-2 config (another model_type, or sizes that do not make a model).</exception>
+    public static GPTConfig FromHuggingFace(string configJsonPath)
+    {
+        var json = File.ReadAllText(configJsonPath);
+        var modelType = System.Text.Json.Nodes.JsonNode.Parse(json)?["model_type"]?.GetValue<string>();
+        if (modelType != "gpt2")
+            throw new InvalidDataException($"{configJsonPath}: model_type {modelType ?? "(none)"}; a Hugging Face GPT-2 config (model_type gpt2) expected");
+        var config = JsonSerializer.Deserialize<GPTConfig>(json) ?? throw new InvalidDataException($"{configJsonPath}: empty");
+        try { config.Validate(); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{configJsonPath}: {e.Message}"); }
+        return config;
+    }
+
     internal void Validate()
     {
         void Require(bool ok, string what) { if (!ok) throw new ArgumentException($"GPTConfig: {what}"); }

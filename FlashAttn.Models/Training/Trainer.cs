@@ -38,11 +38,13 @@ public sealed class Trainer
 
     public static Precision ParsePrecision(string p) => p switch { "32" => Precision.Fp32, "bf16" => Precision.Bf16, "16" => Precision.Fp16, _ => throw new ConfigException($"trainer.precision={p}; valid values: 32, bf16, 16") };
 
-    public static Device ResolveDevice(ExperimentConfig c)
+    public static Device ResolveDevice(ExperimentConfig c) => ResolveDevice(c.Str("trainer.accelerator"));
+
+    /// <summary>auto: CUDA when a device is available, else the CPU. <paramref name="setting"/> names the option in errors.</summary>
+    public static Device ResolveDevice(string acc, string setting = "trainer.accelerator")
     {
-        var acc = c.Str("trainer.accelerator");
         bool cuda = acc == "cuda" || acc == "auto" && torch.cuda.is_available();
-        if (acc == "cuda" && !torch.cuda.is_available()) throw new ConfigException("trainer.accelerator=cuda but no CUDA device is available; valid values: auto, cpu, cuda");
+        if (acc == "cuda" && !torch.cuda.is_available()) throw new ConfigException($"{setting}=cuda but no CUDA device is available; valid values: auto, cpu, cuda");
         return cuda ? torch.CUDA : torch.CPU;
     }
 

@@ -9,8 +9,8 @@ using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
 
-/// <summary>`flashattn sample`: the weights it loads from a run folder and from a checkpoint, generation past the
-/// learned positions (nanoGPT's cropped context), seeds, and its errors.</summary>
+/// <summary>`flashattn sample`: the weights it loads from a run folder, a checkpoint, a Hugging Face GPT-2 folder and a
+/// safetensors file, generation past the learned positions (nanoGPT's cropped context), seeds, and its errors.</summary>
 public class SampleTests
 {
     string _root = "";
@@ -101,11 +101,63 @@ public class SampleTests
     }
 
     [Test]
+    public void SamplesAHuggingFaceGpt2FolderAndASafetensorsFile()
+    {
+        // GPT-2's layout at a small size: what `huggingface-cli download gpt2 config.json model.safetensors` gives
+        var cfg = new GPTConfig { n_layer = 1, n_embd = 32, n_head = 2, n_positions = 32 };
+        manual_seed(3);
+        using var src = new GPTLMHeadModel(cfg.WithFusions(false));
+        var hf = Path.Combine(_root, "gpt2");
+        Directory.CreateDirectory(hf);
+        File.WriteAllText(Path.Combine(hf, "config.json"), """
+            {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
+             "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+             "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_inner": null, "n_layer": 1, "n_positions": 32, "resid_pdrop": 0.1,
+             "scale_attn_weights": true, "summary_activation": null, "summary_type": "cls_index", "summary_use_proj": true,
+             "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}}, "use_cache": true, "vocab_size": 50257}
+            """);
+        var tensors = new List<KeyValuePair<string, Tensor>>();
+        foreach (var (name, p) in src.named_parameters())
+        {
+            var key = name["transformer.".Length..];
+            var t = p.detach();
+            if (key == "wte.weight") t = t[..50257]; // the Hub's file holds the unpadded vocabulary
+            if (key.EndsWith("c_attn.weight") || key.EndsWith("c_proj.weight") || key.EndsWith("c_fc.weight")) t = t.t(); // Conv1D
+            tensors.Add(new(key, t.contiguous()));
+        }
+        tensors.Add(new("h.0.attn.bias", ones(1, 1, 32, 32).tril()));
+        SafeTensors.Save(Path.Combine(hf, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        var file = Path.Combine(_root, "ours.safetensors");
+        src.save_safetensors(file);
+
+        var ids = TextTokenizer.Gpt2.Encode("Hello, my dog").Select(i => (long)i).ToArray();
+        var expected = TextTokenizer.Gpt2.Decode(SampleCommand.GenerateLong(src, tensor(ids, [1, ids.Length], ScalarType.Int64), 40, temperature: 0)[0]
+            .data<long>().Select(x => (int)x));
+        foreach (var model in new[] { hf, file })
+        {
+            var (rc, o, err) = Cli("sample", model, "--prompt", "Hello, my dog", "--temperature", "0", "--max-new-tokens", "40", "--num-samples", "1");
+            Assert.That(rc, Is.EqualTo(0), err);
+            Assert.That(o, Is.EqualTo(expected + Environment.NewLine + SampleCommand.Separator + Environment.NewLine), model);
+        }
+
+        // another architecture's folder, and a model whose vocabulary is not the tokenizer's
+        File.WriteAllText(Path.Combine(hf, "config.json"), """{"model_type": "llama", "hidden_size": 32}""");
+        var (rc2, _, err2) = Cli("sample", hf);
+        Assert.That(rc2, Is.EqualTo(1));
+        Assert.That(err2, Does.Contain("model_type llama").And.Contain("GPT-2"));
+        using var small = new GPTLMHeadModel(GPTConfig.Named("tiny"));
+        small.save_safetensors(file);
+        (rc2, _, err2) = Cli("sample", file);
+        Assert.That(rc2, Is.EqualTo(1));
+        Assert.That(err2, Does.Contain("vocab_size is 256").And.Contain("50257"));
+    }
+
+    [Test]
     public void WrongFoldersAndOptionsAreErrorsThatSayWhatToDo()
     {
         var (rc, _, err) = Cli("sample", Path.Combine(_root, "missing"));
         Assert.That(rc, Is.EqualTo(1));
-        Assert.That(err, Does.Contain("neither a run folder").And.Contain("flashattn train"));
+        Assert.That(err, Does.Contain("is not a run folder").And.Contain("flashattn train").And.Contain("Hugging Face GPT-2 folder"));
         var vit = Path.Combine(_root, "vit");
         Directory.CreateDirectory(vit);
         File.WriteAllText(Path.Combine(vit, "config.yaml"), ExperimentConfig.Parse(["experiment=imagefolder/vit-ti16"]).Dump());
