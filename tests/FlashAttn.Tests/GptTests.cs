@@ -302,6 +302,28 @@ public sealed class GptTests
     }
 
     [Test]
+    public void FromHuggingFace_ReadsGpt2ConfigJson()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"hf-config-{Guid.NewGuid():N}.json");
+        try
+        {
+            // gpt2-medium's config.json, abridged (the keys a model needs, and some it does not)
+            File.WriteAllText(path, """
+                {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "embd_pdrop": 0.1,
+                 "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24,
+                 "n_positions": 1024, "n_special": 0, "predict_special_tokens": true, "resid_pdrop": 0.1, "vocab_size": 50257}
+                """);
+            var c = GPTConfig.FromHuggingFace(path);
+            Assert.That((c.n_layer, c.n_embd, c.n_head, c.head_dim, c.n_inner, c.n_positions), Is.EqualTo((24L, 1024L, 16L, 64L, 4096L, 1024L)));
+            Assert.That(c.scale_attn_by_inverse_layer_idx, Is.False, "HF GPT-2 does not scale by the layer index");
+            Assert.That((c.vocab_size, c.padded_vocab_size, c.tie_word_embeddings, c.use_flash_attn), Is.EqualTo((50257L, 50264L, true, true)));
+            File.WriteAllText(path, """{"model_type": "gpt2", "n_embd": 30, "n_head": 4}""");
+            Assert.That(Assert.Throws<InvalidDataException>(() => GPTConfig.FromHuggingFace(path))!.Message, Does.Contain("divisible by n_head"));
+        }
+        finally { File.Delete(path); }
+    }
+
+    [Test]
     public void LoadSafetensors_ReadsAHuggingFaceGpt2Layout()
     {
         // as GPT2Model saves it: no "transformer." prefix, Conv1D weights (in, out), the causal-mask buffers,
