@@ -29,6 +29,7 @@ public static class CliApp
           flashattn train experiment=owt/gpt2s-flash trainer.devices=1 datamodule.batch_size=16
           flashattn train experiment=owt/gpt2m-flash trainer.precision=bf16 datamodule.batch_size=8
           flashattn sample --prompt "In the beginning" --num-samples 2     # after the first example
+          flashattn train model.init_from=gpt2 datamodule.dataset=mine datamodule.sources=mine.txt   # fine-tune a downloaded GPT-2 folder
           flashattn prepare openwebtext /data/openwebtext/plain_text    # the Hub's parquet files
         """;
 

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Globalization;
-using System.Text.Json.Nodes;
 using FlashAttn.Models;
 using FlashAttn.Models.Data;
 using FlashAttn.Models.Training;
@@ -42,17 +41,17 @@ public static class SampleCommand
     {
         var o = Parse(args);
         var device = Trainer.ResolveDevice(o.Device, "--device");
-        var source = Locate(o.Path, device, stderr);
+        var source = GptSource.Open(o.Path);
         var tokenizer = TextTokenizer.Get(source.Tokenizer);
-        if (source.Model.vocab_size != tokenizer.VocabSize)
-            throw new InvalidDataException($"{o.Path}: the model's vocab_size is {source.Model.vocab_size}; the {tokenizer.Name} tokenizer has {tokenizer.VocabSize}");
+        if (source.Config.vocab_size != tokenizer.VocabSize)
+            throw new InvalidDataException($"{o.Path}: the model's vocab_size is {source.Config.vocab_size}; the {tokenizer.Name} tokenizer has {tokenizer.VocabSize}");
         // a CPU computes in float32; on a GPU the run's 16-bit type (the kernels' types), float32 only for a float32 run
         var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : source.Precision switch
         {
             Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32,
         };
-        using var model = new GPTLMHeadModel(source.Model, device, dtype);
-        source.Load(model);
+        using var model = new GPTLMHeadModel(source.ForDevice(device, stderr), device, dtype);
+        source.LoadInto(model);
         var prompt = tokenizer.Encode(o.Prompt).Select(i => (long)i).ToArray();
         if (prompt.Length == 0) throw new ArgumentException("--prompt encodes to no tokens");
         stderr.WriteLine($"{o.Path}: {source.Name} ({model.num_parameters() / 1e6:F1}M parameters) on {device.type} in {dtype}; " +
@@ -100,88 +99,6 @@ public static class SampleCommand
             left -= n;
         }
         return tokens;
-    }
-
-    /// <summary>A model to sample: its config (fusions decided for the device), the tokenizer, the precision it trained in
-    /// and a loader of its weights.</summary>
-    sealed record Source(string Name, GPTConfig Model, string Tokenizer, Precision Precision, Action<GPTLMHeadModel> Load);
-
-    /// <summary>
-    /// What <paramref name="path"/> holds: a run folder (config.yaml + model.safetensors), a checkpoint folder (trainer.json
-    /// + state.bin: the fp32 master weights) or the checkpoints/last pointer, a Hugging Face GPT-2 folder (config.json +
-    /// model.safetensors, e.g. a download of gpt2), or one .safetensors file written by GPTLMHeadModel.save_safetensors.
-    /// </summary>
-    static Source Locate(string path, Device device, TextWriter log)
-    {
-        // checkpoints/last: the pointer file the trainer replaces after each save
-        if (File.Exists(path) && System.IO.Path.GetFileName(path) == "last")
-            path = Checkpoint.Resolve("last", System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
-        string In(string name) => System.IO.Path.Combine(path, name);
-        if (File.Exists(In("trainer.json")))
-        {
-            var state = JsonNode.Parse(File.ReadAllText(In("trainer.json")))!.AsObject();
-            var dump = state["config"]?.GetValue<string>() ?? throw new InvalidDataException($"{path}/trainer.json holds no configuration");
-            return FromRun(FromDump(dump, path), path, device, log, model => LoadMasters(model, path));
-        }
-        if (File.Exists(In("config.yaml")) && File.Exists(In("model.safetensors")))
-            return FromRun(FromDump(File.ReadAllText(In("config.yaml")), path), path, device, log, model => model.load_safetensors(In("model.safetensors")));
-        if (File.Exists(In("config.json")) && File.Exists(In("model.safetensors")))
-        {
-            // Hugging Face's GPT-2 computes in float32; on a GPU bf16 runs the kernels
-            var hf = GPTConfig.FromHuggingFace(In("config.json"));
-            return new Source($"Hugging Face GPT-2 (n_layer {hf.n_layer}, n_embd {hf.n_embd})", ForDevice(hf, device, log), "gpt2", Precision.Bf16,
-                model => model.load_safetensors(In("model.safetensors")));
-        }
-        if (File.Exists(path) && path.EndsWith(".safetensors", StringComparison.Ordinal))
-        {
-            var saved = GPTConfig.FromSafetensors(path);
-            return new Source($"GPT (n_layer {saved.n_layer}, n_embd {saved.n_embd})", ForDevice(saved, device, log), "gpt2", Precision.Bf16,
-                model => model.load_safetensors(path));
-        }
-        throw new FileNotFoundException($"{path} is not a run folder (config.yaml and model.safetensors, written when `flashattn train` " +
-            "ends), a checkpoint folder (trainer.json: checkpoints/step-NNNNNNN, or checkpoints/last), a Hugging Face GPT-2 folder " +
-            "(config.json and model.safetensors) or a .safetensors file of GPTLMHeadModel; train first, or name one of those");
-    }
-
-    static Source FromRun(ExperimentConfig c, string path, Device device, TextWriter log, Action<GPTLMHeadModel> load)
-    {
-        if (c.Str("task") != "lm")
-            throw new ArgumentException($"{path}: task={c.Str("task")}; sample needs a GPT language-model run (task=lm)");
-        var tokenizer = c.Str("datamodule.tokenizer");
-        return new Source($"GPT {c.Str("model.name")}", LanguageModelingTask.ModelConfigFor(c, TextTokenizer.Get(tokenizer).VocabSize, device, log),
-            tokenizer, Trainer.ParsePrecision(c.Str("trainer.precision")), load);
-    }
-
-    // as LanguageModelingTask.ModelConfigFor for a model without a run's model.config keys
-    static GPTConfig ForDevice(GPTConfig config, Device device, TextWriter log)
-    {
-        if (device.type != DeviceType.CPU) return config;
-        log.WriteLine("CPU: fused kernels off");
-        return config.WithFusions(false);
-    }
-
-    static ExperimentConfig FromDump(string dump, string where)
-    {
-        var config = ExperimentConfig.Parse([]);
-        foreach (var (key, value) in ExperimentConfig.ParseYaml(dump, where)) config.Set(key, value, where);
-        return config;
-    }
-
-    static void LoadMasters(GPTLMHeadModel model, string dir)
-    {
-        var (tensors, _) = Checkpoint.Load(dir);
-        try
-        {
-            using var _ = no_grad();
-            foreach (var (name, p) in model.named_parameters())
-            {
-                if (!tensors.TryGetValue("master." + name, out var t)) throw new InvalidDataException($"{dir}: the checkpoint has no master.{name}");
-                if (!t.shape.SequenceEqual(p.shape))
-                    throw new InvalidDataException($"{dir}: master.{name} is [{string.Join(", ", t.shape)}], the model's {name} [{string.Join(", ", p.shape)}]");
-                p.copy_(t);
-            }
-        }
-        finally { foreach (var t in tensors.Values) t.Dispose(); }
     }
 
     static Options Parse(string[] args)

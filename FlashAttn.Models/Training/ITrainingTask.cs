@@ -26,4 +26,7 @@ public interface ITrainingTask : IDisposable
     /// <summary>The training data order's position (saved in checkpoints; restored on resume).</summary>
     JsonNode SamplerState { get; set; }
     void SaveWeights(string path);
+    /// <summary>Called once the optimizer exists, before a resume loads its state: a task whose weights came from
+    /// elsewhere sets the fp32 master weights here (<see cref="MixedPrecisionAdamW.SetMasters"/>).</summary>
+    void InitializeOptimizer(MixedPrecisionAdamW optimizer) { }
 }

@@ -22,6 +22,8 @@ public sealed class ImageClassificationTask : ITrainingTask
     public ImageClassificationTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
     {
         _device = device; _dtype = dtype; _seed = c.Int("seed");
+        if (c["model.init_from"] is { } from)
+            throw new ConfigException($"model.init_from={from} starts a GPT (task=lm); ViT weights load through VisionTransformer.load_safetensors");
         var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
         var root = c.Str("datamodule.dataset");
         if (!Path.IsPathRooted(root) && !Directory.Exists(root)) root = Path.Combine(dataDir, root);

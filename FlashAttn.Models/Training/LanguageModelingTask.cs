@@ -11,6 +11,7 @@ namespace FlashAttn.Models.Training;
 public sealed class LanguageModelingTask : ITrainingTask
 {
     readonly GPTLMHeadModel _model;
+    GPTLMHeadModel? _initial; // model.init_from's float32 weights until the optimizer has taken them
     readonly TokenArray _train, _val;
     readonly LmBatchSampler _sampler;
     readonly Device _device;
@@ -41,15 +42,41 @@ public sealed class LanguageModelingTask : ITrainingTask
         }
         TokenCacheMeta meta;
         (_train, _val, meta) = TokenCache.Open(dir, tokenizer);
-        Config = ModelConfigFor(c, meta.VocabSize, device, log);
+        GptSource? init = null;
+        if (c["model.init_from"] is { } from)
+        {
+            // fine-tuning: the architecture is the weights'; the run's keys set the switches (fusions, dropout)
+            init = GptSource.Open(from);
+            if (init.Tokenizer != tokenizer.Name || init.Config.vocab_size != meta.VocabSize)
+                throw new ConfigException($"model.init_from={from}: its vocabulary ({init.Tokenizer}, {init.Config.vocab_size}) is not the token cache's " +
+                    $"({tokenizer.Name}, {meta.VocabSize})");
+            // the sizes are the weights' (as nanoGPT's init_from); an experiment's size keys (tiny sets them) give way
+            if (WithSizeKeys(init.Config, c) != init.Config)
+                log.WriteLine($"warning: model.init_from={from} fixes the model's sizes (n_layer {init.Config.n_layer}, n_embd {init.Config.n_embd}, " +
+                    $"n_head {init.Config.n_head}, n_positions {init.Config.n_positions}, rotary_emb_fraction {init.Config.rotary_emb_fraction}); " +
+                    "the model.config size keys that differ are ignored");
+            Config = FusionsFor(WithSwitchKeys(init.Config, c), c, device, log);
+        }
+        else Config = ModelConfigFor(c, meta.VocabSize, device, log);
         if (Config.rotary_emb_fraction == 0 && Config.n_positions < _seqlen)
             throw new ConfigException($"datamodule.max_length={_seqlen} exceeds the model's n_positions={Config.n_positions}; set model.config.n_positions or a shorter datamodule.max_length");
         _sampler = new LmBatchSampler(_train, _seqlen, c.Int("seed"));
         if (_val.Length <= _seqlen) log.WriteLine($"warning: validation split of {dir} has {_val.Length} tokens (< one sequence); no validation. Raise datamodule.val_ratio and re-prepare.");
         _model = new GPTLMHeadModel(Config, device, dtype);
+        if (init is not null)
+        {
+            // in float32 on the CPU first: the optimizer's fp32 master weights start from these values, not from the
+            // 16-bit copies the model computes with (InitializeOptimizer)
+            _initial = new GPTLMHeadModel(init.Config.WithFusions(false), CPU, ScalarType.Float32);
+            init.LoadInto(_initial);
+            using var _ = no_grad();
+            var source = _initial.named_parameters().ToDictionary(np => np.name, np => np.parameter);
+            foreach (var (param, p) in _model.named_parameters()) p.copy_(source[param]);
+            log.WriteLine($"model.init_from: weights of {init.Name} from {init.Path}");
+        }
         Parameters = _model.parameter_groups().ToList();
         FlopsPerSample = _model.flops_per_token(_seqlen) * _seqlen;
-        Description = $"GPT {c.Str("model.name")} (n_layer {Config.n_layer}, n_embd {Config.n_embd}, n_head {Config.n_head}, " +
+        Description = (init is null ? $"GPT {c.Str("model.name")}" : $"GPT from {init.Path}") + $" (n_layer {Config.n_layer}, n_embd {Config.n_embd}, n_head {Config.n_head}, " +
             $"{_model.num_parameters() / 1e6:F1}M parameters, {_model.num_parameters(true) / 1e6:F1}M without embeddings) on {name} " +
             $"({meta.TrainTokens:N0} train / {meta.ValTokens:N0} val tokens, {_sampler.NumSequences:N0} sequences of {_seqlen})";
     }
@@ -57,26 +84,37 @@ public sealed class LanguageModelingTask : ITrainingTask
     static readonly string[] FusionKeys = ["model.config.use_flash_attn", "model.config.fused_bias_fc", "model.config.fused_mlp",
         "model.config.fused_dropout_add_ln", "model.config.fused_cross_entropy"];
 
-    /// <summary><see cref="BuildModelConfig"/> for a model on <paramref name="device"/>: on a CPU the fusions are off
-    /// unless a model.config key sets them (the fused kernels are CUDA; their reference paths are slower there than the
-    /// plain modules).</summary>
-    public static GPTConfig ModelConfigFor(ExperimentConfig c, int vocabSize, Device device, TextWriter log)
+    /// <summary><see cref="BuildModelConfig"/> for a model on <paramref name="device"/> (<see cref="FusionsFor"/>).</summary>
+    public static GPTConfig ModelConfigFor(ExperimentConfig c, int vocabSize, Device device, TextWriter log) =>
+        FusionsFor(BuildModelConfig(c, vocabSize), c, device, log);
+
+    /// <summary>On a CPU the fusions are off unless a model.config key of <paramref name="c"/> sets them (the fused
+    /// kernels are CUDA; their reference paths are slower there than the plain modules).</summary>
+    public static GPTConfig FusionsFor(GPTConfig config, ExperimentConfig? c, Device device, TextWriter log)
     {
-        var config = BuildModelConfig(c, vocabSize);
-        if (device.type != DeviceType.CPU || FusionKeys.Any(k => c[k] is not null)) return config;
+        if (device.type != DeviceType.CPU || c is not null && FusionKeys.Any(k => c[k] is not null)) return config;
         log.WriteLine("CPU: fused kernels off (set model.config.use_flash_attn etc. to force them)");
         return config.WithFusions(false);
     }
 
     /// <summary>GPTConfig.Named(model.name) with the model.config.* overrides and the cache's vocabulary.</summary>
-    public static GPTConfig BuildModelConfig(ExperimentConfig c, int vocabSize)
+    public static GPTConfig BuildModelConfig(ExperimentConfig c, int vocabSize) =>
+        WithSwitchKeys(WithSizeKeys(GPTConfig.Named(c.Str("model.name")) with { vocab_size = vocabSize }, c), c);
+
+    /// <summary>The model.config size keys (n_layer, n_embd, n_head, n_positions, rotary_emb_fraction) that are set.</summary>
+    public static GPTConfig WithSizeKeys(GPTConfig g, ExperimentConfig c)
     {
-        var g = GPTConfig.Named(c.Str("model.name")) with { vocab_size = vocabSize };
         if (c.IntOrNull("model.config.n_layer") is { } l) g = g with { n_layer = l };
         if (c.IntOrNull("model.config.n_embd") is { } e) g = g with { n_embd = e };
         if (c.IntOrNull("model.config.n_head") is { } h) g = g with { n_head = h };
         if (c.IntOrNull("model.config.n_positions") is { } p) g = g with { n_positions = p };
         if (c.FloatOrNull("model.config.rotary_emb_fraction") is { } r) g = g with { rotary_emb_fraction = r };
+        return g;
+    }
+
+    /// <summary>The model.config training switches (dropout, the fusions, residual_in_fp32) that are set.</summary>
+    public static GPTConfig WithSwitchKeys(GPTConfig g, ExperimentConfig c)
+    {
         if (c.FloatOrNull("model.config.dropout") is { } d) g = g with { resid_pdrop = d, embd_pdrop = d, attn_pdrop = d };
         if (c.BoolOrNull("model.config.use_flash_attn") is { } fa) g = g with { use_flash_attn = fa };
         if (c.BoolOrNull("model.config.fused_bias_fc") is { } fb) g = g with { fused_bias_fc = fb };
@@ -142,8 +180,18 @@ public sealed class LanguageModelingTask : ITrainingTask
 
     public void SaveWeights(string path) => _model.save_safetensors(path);
 
+    /// <summary>With model.init_from, the masters start from the float32 weights (then released).</summary>
+    public void InitializeOptimizer(MixedPrecisionAdamW optimizer)
+    {
+        if (_initial is null) return;
+        optimizer.SetMasters(_initial.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter));
+        _initial.Dispose();
+        _initial = null;
+    }
+
     public void Dispose()
     {
+        _initial?.Dispose();
         _model.Dispose();
         _train.Dispose();
         _val.Dispose();

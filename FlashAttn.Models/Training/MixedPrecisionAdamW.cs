@@ -126,6 +126,19 @@ public sealed class MixedPrecisionAdamW : IDisposable
         foreach (var s in _slots) { s.Param.grad?.zero_(); s.HasSum = false; }
     }
 
+    /// <summary>Sets every master weight from <paramref name="weights"/> (by parameter name, any dtype and device; float32
+    /// keeps them exact) and the model's parameters from the masters.</summary>
+    public void SetMasters(IReadOnlyDictionary<string, Tensor> weights)
+    {
+        using var _ = no_grad();
+        foreach (var s in _slots)
+        {
+            if (!weights.TryGetValue(s.Name, out var w)) throw new InvalidDataException($"no weights for {s.Name}");
+            s.Master.copy_(w);
+            if (_separateMaster) s.Param.copy_(s.Master);
+        }
+    }
+
     /// <summary>Master weights and Adam moments by name, for checkpoints.</summary>
     public Dictionary<string, Tensor> StateTensors()
     {

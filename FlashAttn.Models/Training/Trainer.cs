@@ -76,6 +76,7 @@ public sealed class Trainer
         task.Model.train();
         using var opt = new MixedPrecisionAdamW(task.Parameters, precision, _c.Float("train.optimizer.beta1"), _c.Float("train.optimizer.beta2"),
             _c.Float("train.optimizer.eps"), _c.Float("train.optimizer.weight_decay"));
+        task.InitializeOptimizer(opt);
         var scaler = precision == Precision.Fp16 ? new DynamicLossScaler() : null;
         var schedule = LrSchedule.From(_c);
         double clip = _c.Float("trainer.gradient_clip_val");

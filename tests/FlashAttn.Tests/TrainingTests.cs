@@ -84,6 +84,60 @@ public class TrainingTests
     }
 
     [Test]
+    public void FineTuningStartsFromTheGivenWeights()
+    {
+        var src = new Trainer(ExperimentConfig.Parse(SmallRun("ft-source")), TextWriter.Null).Run();
+        using var source = LoadCpu(src.RunDir);
+        // lr 0 throughout: the weights a fine-tuning run ends with are the ones it started from (a random init is not)
+        string[] frozen = ["train.optimizer.lr=0", "train.scheduler.warmup_lr_init=0", "trainer.max_steps=2", "model.config.dropout=0"];
+        var log = new StringWriter();
+        var ft = new Trainer(ExperimentConfig.Parse(SmallRun("ft", [$"model.init_from={src.RunDir}", .. frozen])), log).Run();
+        Assert.That(log.ToString(), Does.Contain("model.init_from: weights of GPT tiny"));
+        using (var tuned = LoadCpu(ft.RunDir))
+            foreach (var ((name, a), (_, b)) in source.named_parameters().Zip(tuned.named_parameters()))
+                Assert.That(Same(a, b), Is.True, name);
+        // its checkpoint names no model of its own: the architecture comes from the weights it was fine-tuned from
+        var last = Path.Combine(ft.RunDir, "checkpoints", "last");
+        Assert.That(GptSource.Open(last).Name, Does.Contain("fine-tuned from"));
+        using (var fromCheckpoint = LoadCpu(last))
+            foreach (var ((name, a), (_, b)) in source.named_parameters().Zip(fromCheckpoint.named_parameters()))
+                Assert.That(Same(a, b), Is.True, name);
+        Assert.That(ft.Losses[1], Is.EqualTo(ft.Losses[0]).Within(0.5), "same weights, another batch");
+        Assert.That(ft.FirstLoss, Is.LessThan(src.FirstLoss), "starts below a random init's loss");
+
+        // bf16: the optimizer's fp32 masters start from the source's float32 values, not from their bf16 roundings
+        var bf = new Trainer(ExperimentConfig.Parse(SmallRun("ft-bf16", [$"model.init_from={src.RunDir}", "trainer.precision=bf16", .. frozen])),
+            TextWriter.Null).Run();
+        var (state, _) = Checkpoint.Load(Path.Combine(bf.RunDir, "checkpoints", "step-0000002"));
+        foreach (var (name, p) in source.named_parameters())
+            Assert.That(Same(state["master." + name], p), Is.True, name);
+        Assert.That(source.named_parameters().Any(np => !Same(np.parameter.to(ScalarType.BFloat16).to(ScalarType.Float32), np.parameter)),
+            "some source weight must not be a bf16 value, or the check above proves nothing");
+        foreach (var t in state.Values) t.Dispose();
+
+        // the sizes are the weights': a model.config size that differs gives way, with a warning
+        log = new StringWriter();
+        var resized = new Trainer(ExperimentConfig.Parse(SmallRun("ft-sizes", [$"model.init_from={src.RunDir}", "model.config.n_layer=2", .. frozen])), log).Run();
+        Assert.That(log.ToString(), Does.Contain("fixes the model's sizes (n_layer 1"));
+        using (var kept = LoadCpu(resized.RunDir)) Assert.That(kept.config.n_layer, Is.EqualTo(1));
+        var vit = ExperimentConfig.Parse(["experiment=imagefolder/vit-ti16", $"model.init_from={src.RunDir}"]);
+        Assert.That(Assert.Throws<ConfigException>(() => new ImageClassificationTask(vit, CPU, ScalarType.Float32, TextWriter.Null))!.Message,
+            Does.Contain("task=lm"));
+        Assert.Throws<FileNotFoundException>(() => new Trainer(ExperimentConfig.Parse(SmallRun("ft-missing",
+            $"model.init_from={Path.Combine(_root, "nothing")}")), TextWriter.Null).Run());
+    }
+
+    static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
+
+    static FlashAttn.Models.GPTLMHeadModel LoadCpu(string path)
+    {
+        var s = GptSource.Open(path);
+        var m = new FlashAttn.Models.GPTLMHeadModel(s.Config.WithFusions(false));
+        s.LoadInto(m);
+        return m;
+    }
+
+    [Test]
     public void TinyExperimentLossFallsOnCpu()
     {
         var sw = System.Diagnostics.Stopwatch.StartNew();

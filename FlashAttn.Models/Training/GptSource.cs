@@ -1,0 +1,117 @@
+using System.Text.Json.Nodes;
+using FlashAttn.Models.Data;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace FlashAttn.Models.Training;
+
+/// <summary>
+/// A GPT's weights on disk, in each form this project reads: a run folder (config.yaml + model.safetensors, what
+/// `flashattn train` writes when it ends), a checkpoint folder (trainer.json + state.bin: the fp32 master weights) or a
+/// run's checkpoints/last pointer, a Hugging Face GPT-2 folder (config.json + model.safetensors: a download of gpt2,
+/// gpt2-medium, ..., distilgpt2), or one .safetensors file written by GPTLMHeadModel.save_safetensors.
+/// `flashattn sample` generates from one; model.init_from starts a training run from one (fine-tuning).
+/// </summary>
+public sealed class GptSource
+{
+    readonly Action<GPTLMHeadModel> _load;
+
+    GptSource(string path, string name, GPTConfig config, string tokenizer, Precision precision, ExperimentConfig? run, Action<GPTLMHeadModel> load)
+    {
+        Path = path; Name = name; Config = config; Tokenizer = tokenizer; Precision = precision; Run = run; _load = load;
+    }
+
+    public string Path { get; }
+    /// <summary>What it is, for logs: "GPT tiny", "Hugging Face GPT-2 (n_layer 12, n_embd 768)".</summary>
+    public string Name { get; }
+    /// <summary>The architecture, with the run's switches (fusions, dropout) where it is a run of ours.</summary>
+    public GPTConfig Config { get; }
+    /// <summary>The tokenizer its vocabulary belongs to (<see cref="TextTokenizer.Get"/>).</summary>
+    public string Tokenizer { get; }
+    /// <summary>The precision it trained in: a run's trainer.precision; bf16 for the others (the kernels' type).</summary>
+    public Precision Precision { get; }
+    /// <summary>The run's configuration, for a run or checkpoint folder.</summary>
+    public ExperimentConfig? Run { get; }
+
+    /// <summary>Copies the weights into <paramref name="model"/> (any dtype and device; the sizes must be <see cref="Config"/>'s).</summary>
+    public void LoadInto(GPTLMHeadModel model) => _load(model);
+
+    /// <summary><see cref="Config"/> for a model on <paramref name="device"/>: a CPU turns the fusions off unless the run set them.</summary>
+    public GPTConfig ForDevice(Device device, TextWriter log) => LanguageModelingTask.FusionsFor(Config, Run, device, log);
+
+    public static GptSource Open(string path)
+    {
+        // checkpoints/last: the pointer file the trainer replaces after each save
+        if (File.Exists(path) && System.IO.Path.GetFileName(path) == "last")
+            path = Checkpoint.Resolve("last", System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
+        string In(string name) => System.IO.Path.Combine(path, name);
+        if (File.Exists(In("trainer.json")))
+        {
+            var state = JsonNode.Parse(File.ReadAllText(In("trainer.json")))!.AsObject();
+            var dump = state["config"]?.GetValue<string>() ?? throw new InvalidDataException($"{path}/trainer.json holds no configuration");
+            var run = LmRun(dump, path);
+            return FromRun(path, run, ArchitectureOf(run, path), model => LoadMasters(model, path));
+        }
+        if (File.Exists(In("config.yaml")) && File.Exists(In("model.safetensors")))
+        {
+            // the weights file holds the exact config the run trained
+            var run = LmRun(File.ReadAllText(In("config.yaml")), path);
+            return FromRun(path, run, GPTConfig.FromSafetensors(In("model.safetensors")), model => model.load_safetensors(In("model.safetensors")));
+        }
+        if (File.Exists(In("config.json")) && File.Exists(In("model.safetensors")))
+        {
+            var hf = GPTConfig.FromHuggingFace(In("config.json"));
+            return new GptSource(path, $"Hugging Face GPT-2 (n_layer {hf.n_layer}, n_embd {hf.n_embd})", hf, "gpt2", Precision.Bf16, null,
+                model => model.load_safetensors(In("model.safetensors")));
+        }
+        if (File.Exists(path) && path.EndsWith(".safetensors", StringComparison.Ordinal))
+        {
+            var saved = GPTConfig.FromSafetensors(path);
+            return new GptSource(path, $"GPT (n_layer {saved.n_layer}, n_embd {saved.n_embd})", saved, "gpt2", Precision.Bf16, null,
+                model => model.load_safetensors(path));
+        }
+        throw new FileNotFoundException($"{path} is not a run folder (config.yaml and model.safetensors, written when `flashattn train` " +
+            "ends), a checkpoint folder (trainer.json: checkpoints/step-NNNNNNN, or checkpoints/last), a Hugging Face GPT-2 folder " +
+            "(config.json and model.safetensors) or a .safetensors file of GPTLMHeadModel");
+    }
+
+    static GptSource FromRun(string path, ExperimentConfig c, GPTConfig config, Action<GPTLMHeadModel> load) =>
+        new(path, c["model.init_from"] is { } from ? $"GPT fine-tuned from {from}" : $"GPT {c.Str("model.name")}", config,
+            c.Str("datamodule.tokenizer"), Trainer.ParsePrecision(c.Str("trainer.precision")), c, load);
+
+    // A checkpoint holds no config of the model: the run's keys build it again, from the weights it was fine-tuned from if so.
+    static GPTConfig ArchitectureOf(ExperimentConfig c, string path)
+    {
+        if (c["model.init_from"] is not { } from)
+            return LanguageModelingTask.BuildModelConfig(c, TextTokenizer.Get(c.Str("datamodule.tokenizer")).VocabSize);
+        try { return LanguageModelingTask.WithSwitchKeys(Open(from).Config, c); }
+        catch (FileNotFoundException e) { throw new FileNotFoundException($"{path}: its run was fine-tuned from {from}, which holds its architecture: {e.Message}"); }
+    }
+
+    // A run's saved configuration (config.yaml, or a checkpoint's copy of it), which must be a GPT language-model run's.
+    static ExperimentConfig LmRun(string dump, string path)
+    {
+        var config = ExperimentConfig.Parse([]);
+        foreach (var (key, value) in ExperimentConfig.ParseYaml(dump, path)) config.Set(key, value, path);
+        if (config.Str("task") != "lm")
+            throw new InvalidDataException($"{path}: task={config.Str("task")}; a GPT language-model run (task=lm) expected");
+        return config;
+    }
+
+    static void LoadMasters(GPTLMHeadModel model, string dir)
+    {
+        var (tensors, _) = Checkpoint.Load(dir);
+        try
+        {
+            using var _ = no_grad();
+            foreach (var (name, p) in model.named_parameters())
+            {
+                if (!tensors.TryGetValue("master." + name, out var t)) throw new InvalidDataException($"{dir}: the checkpoint has no master.{name}");
+                if (!t.shape.SequenceEqual(p.shape))
+                    throw new InvalidDataException($"{dir}: master.{name} is [{string.Join(", ", t.shape)}], the model's {name} [{string.Join(", ", p.shape)}]");
+                p.copy_(t);
+            }
+        }
+        finally { foreach (var t in tensors.Values) t.Dispose(); }
+    }
+}
