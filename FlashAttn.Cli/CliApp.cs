@@ -52,6 +52,12 @@ public static class CliApp
                     if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(ExperimentConfig.HelpText()); return 0; }
                     var config = ExperimentConfig.Parse(args.Skip(1));
                     var result = new Trainer(config, stderr).Run();
+                    if (result.Steps == 0)
+                    {
+                        stdout.WriteLine($"run {result.RunDir}: no training steps" +
+                            (result.ValLoss is { } val ? $", val_loss {val:F4} (ppl {Math.Exp(val):F2})" : ""));
+                        return 0;
+                    }
                     stdout.WriteLine($"run {result.RunDir}: loss {result.FirstLoss:F4} -> {result.LastLoss:F4}" +
                         (result.ValLoss is { } v ? $", val_loss {v:F4}" : "") + $" in {result.Elapsed:hh\\:mm\\:ss}");
                     if (config.Str("task") == "lm") stdout.WriteLine($"text from it: flashattn sample {result.RunDir}");

@@ -74,7 +74,7 @@ public sealed class ExperimentConfig
         new("trainer.devices", ConfigType.Int, "1", "number of GPUs (data parallel)"),
         new("trainer.accelerator", ConfigType.Choice, "auto", "auto: CUDA when available, else CPU", ["auto", "cpu", "cuda"]),
         new("trainer.precision", ConfigType.Choice, "32", "32: fp32; bf16: bf16 compute with fp32 master weights; 16: fp16 compute, fp32 master weights, dynamic loss scaling", s_precisions),
-        new("trainer.max_steps", ConfigType.Int, "100", "optimizer steps"),
+        new("trainer.max_steps", ConfigType.Int, "100", "optimizer steps; 0 evaluates the weights only (with model.init_from or resume; nanoGPT's eval_only)"),
         new("trainer.gradient_clip_val", ConfigType.Float, "1.0", "clip the global gradient norm to this (0: off)"),
         new("trainer.val_check_interval", ConfigType.Int, "50", "evaluate every N steps (and at the end)"),
         new("trainer.limit_val_batches", ConfigType.Int, "20", "validation batches per evaluation (0: the whole split)"),

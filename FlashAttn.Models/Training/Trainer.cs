@@ -155,6 +155,18 @@ public sealed class Trainer
                 bar.Message($"best checkpoint {best} (val_loss {val:F4})");
         }
 
+        if (maxSteps == 0)
+        {
+            // evaluation only (nanoGPT's eval_only): the validation metrics of the weights as they are (model.init_from,
+            // resume), over trainer.limit_val_batches batches (0: the whole split); nothing else is written
+            var m = task.Evaluate(evalBatch, limitVal);
+            if (m.Count == 0) throw new ConfigException("trainer.max_steps=0 evaluates only, but the data has no validation split");
+            metrics.Write(0, m);
+            _log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
+                $" in {sw.Elapsed.TotalSeconds:F1} s");
+            return new TrainResult(runDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw.Elapsed, losses, null);
+        }
+
         for (long step = startStep; step < maxSteps; step++)
         {
             using var scope = NewDisposeScope();

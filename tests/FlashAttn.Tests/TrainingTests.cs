@@ -105,6 +105,14 @@ public class TrainingTests
         Assert.That(ft.Losses[1], Is.EqualTo(ft.Losses[0]).Within(0.5), "same weights, another batch");
         Assert.That(ft.FirstLoss, Is.LessThan(src.FirstLoss), "starts below a random init's loss");
 
+        // trainer.max_steps=0 evaluates the weights only: the source run's last validation loss again, no files but the metrics
+        log = new StringWriter();
+        var eval = new Trainer(ExperimentConfig.Parse(SmallRun("ft-eval", $"model.init_from={src.RunDir}", "trainer.max_steps=0")), log).Run();
+        Assert.That(eval.Steps, Is.EqualTo(0));
+        Assert.That(eval.ValLoss, Is.EqualTo(src.ValLoss).Within(1e-5), "the same validation batches through the same weights");
+        Assert.That(log.ToString(), Does.Contain("evaluation only (trainer.max_steps=0): val_loss"));
+        Assert.That(File.Exists(Path.Combine(eval.RunDir, "model.safetensors")) || Directory.Exists(Path.Combine(eval.RunDir, "checkpoints")), Is.False);
+
         // bf16: the optimizer's fp32 masters start from the source's float32 values, not from their bf16 roundings
         var bf = new Trainer(ExperimentConfig.Parse(SmallRun("ft-bf16", [$"model.init_from={src.RunDir}", "trainer.precision=bf16", .. frozen])),
             TextWriter.Null).Run();
