@@ -141,6 +141,8 @@ public sealed record GPTConfig
         var (_, meta) = SafeTensors.ReadHeader(path);
         if (!meta.TryGetValue("flashattn.config", out var json))
             throw new InvalidDataException($"{path}: no flashattn.config metadata (not written by GPTLMHeadModel.save_safetensors)");
+        if (meta.TryGetValue("flashattn.model", out var model) && model != "GPTLMHeadModel")
+            throw new InvalidDataException($"{path} holds a {model}, not a GPTLMHeadModel");
         return JsonSerializer.Deserialize<GPTConfig>(json) ?? throw new InvalidDataException($"{path}: empty flashattn.config");
     }
 

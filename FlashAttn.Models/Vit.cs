@@ -59,7 +59,35 @@ public sealed record ViTConfig
         var (_, meta) = SafeTensors.ReadHeader(path);
         if (!meta.TryGetValue("flashattn.config", out var json))
             throw new InvalidDataException($"{path}: no flashattn.config metadata (not written by VisionTransformer.save_safetensors)");
+        if (meta.TryGetValue("flashattn.model", out var model) && model != "VisionTransformer")
+            throw new InvalidDataException($"{path} holds a {model}, not a VisionTransformer");
         return JsonSerializer.Deserialize<ViTConfig>(json) ?? throw new InvalidDataException($"{path}: empty flashattn.config");
+    }
+
+    /// <summary>
+    /// The architecture of a ViT weights file: the config a <see cref="VisionTransformer.save_safetensors"/> file carries,
+    /// else (timm's model.safetensors) what the shapes say: embed_dim, in_chans and patch_size from patch_embed.proj,
+    /// img_size from pos_embed's grid, depth from the blocks, mlp_ratio from fc1, num_classes from head, and num_heads =
+    /// embed_dim / 64 (timm's ViT-Ti/S/B/L; shapes cannot tell the head count: <paramref name="num_heads"/> overrides it).
+    /// </summary>
+    public static ViTConfig FromWeights(string path, long? num_heads = null)
+    {
+        var (infos, meta) = SafeTensors.ReadHeader(path);
+        if (meta.ContainsKey("flashattn.config"))
+            return FromSafetensors(path) is var saved && num_heads is { } h ? saved with { num_heads = h } : saved;
+        long[] Shape(string name) => infos.TryGetValue(name, out var i) ? i.shape
+            : throw new InvalidDataException($"{path}: no tensor '{name}' (not a timm VisionTransformer with a class token)");
+        var proj = Shape("patch_embed.proj.weight");   // (D, C, P, P)
+        var pos = Shape("pos_embed");                  // (1, 1 + g*g, D)
+        long grid = (long)Math.Round(Math.Sqrt(pos[1] - 1));
+        if (grid * grid != pos[1] - 1) throw new InvalidDataException($"{path}: pos_embed holds {pos[1]} positions, not 1 + a square grid");
+        long depth = infos.Keys.Where(k => k.StartsWith("blocks.")).Select(k => long.Parse(k.Split('.')[1])).DefaultIfEmpty(-1).Max() + 1;
+        return new ViTConfig
+        {
+            embed_dim = proj[0], in_chans = proj[1], patch_size = proj[2], img_size = grid * proj[2], depth = depth,
+            num_heads = num_heads ?? Math.Max(1, proj[0] / 64), mlp_ratio = (double)Shape("blocks.0.mlp.fc1.weight")[0] / proj[0],
+            num_classes = infos.TryGetValue("head.weight", out var head) ? head.shape[0] : 0,
+        };
     }
 
     /// <summary>(img_size / patch_size)^2 patches.</summary>
@@ -198,6 +226,50 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     /// dropped from the file first); values are converted to the model's dtype and device.
     /// </summary>
     public void load_safetensors(string path) => SafeTensors.LoadInto(this, path, "ViT");
+
+    /// <summary>
+    /// Loads pretrained weights into a model of another class count or resolution, as timm's pretrained loading does: a
+    /// head whose shape differs keeps this model's initialisation, and pos_embed's grid is resampled (bicubic, antialiased)
+    /// to this model's. Every other tensor must match (<see cref="ViTConfig.FromWeights"/> gives the sizes). What was adapted
+    /// goes to <paramref name="log"/>.
+    /// </summary>
+    public void load_pretrained(string path, TextWriter? log = null)
+    {
+        var tensors = SafeTensors.Load(path);
+        try
+        {
+            var own = named_parameters().ToDictionary(np => np.name, np => np.parameter);
+            foreach (var key in tensors.Keys.Where(k => !own.ContainsKey(k)))
+                throw new InvalidDataException($"{path}: tensor '{key}' matches no parameter of this ViT");
+            using var _ = no_grad();
+            foreach (var (name, p) in own)
+            {
+                if (!tensors.TryGetValue(name, out var t)) throw new InvalidDataException($"{path}: no '{name}'");
+                if (t.shape.SequenceEqual(p.shape)) p.copy_(t);
+                else if (name.StartsWith("head."))
+                    log?.WriteLine($"{name}: [{string.Join(", ", t.shape)}] in the weights, [{string.Join(", ", p.shape)}] here: initialised afresh");
+                else if (name == "pos_embed" && t.dim() == 3 && t.shape[2] == p.shape[2])
+                {
+                    p.copy_(ResamplePositions(t, (long)Math.Round(Math.Sqrt(p.shape[1] - 1))));
+                    log?.WriteLine($"pos_embed: {t.shape[1] - 1} positions in the weights resampled to {p.shape[1] - 1}");
+                }
+                else throw new InvalidDataException($"{path}: '{name}' has shape [{string.Join(", ", t.shape)}], the model's is [{string.Join(", ", p.shape)}]");
+            }
+        }
+        finally { foreach (var t in tensors.Values) t.Dispose(); }
+    }
+
+    /// <summary>pos_embed (1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the class token's row kept, the g x g grid resized as an
+    /// image (bicubic, antialiased when it shrinks; timm's resample_abs_pos_embed).</summary>
+    public static Tensor ResamplePositions(Tensor posEmbed, long grid)
+    {
+        using var scope = NewDisposeScope();
+        long g = (long)Math.Round(Math.Sqrt(posEmbed.shape[1] - 1)), d = posEmbed.shape[2];
+        var image = posEmbed[.., 1..].to(ScalarType.Float32).reshape(1, g, g, d).permute(0, 3, 1, 2);
+        var resized = F.interpolate(image, new[] { grid, grid }, mode: InterpolationMode.Bicubic, align_corners: false, antialias: grid < g);
+        var rows = resized.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(posEmbed.dtype);
+        return cat(new[] { posEmbed[.., ..1], rows }, 1).MoveToOuterDisposeScope();
+    }
 
     /// <summary>Writes the parameters with timm's names in the model's dtype, the config as metadata.</summary>
     public void save_safetensors(string path)

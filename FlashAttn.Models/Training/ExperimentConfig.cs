@@ -33,8 +33,10 @@ public sealed class ExperimentConfig
         new("resume", ConfigType.String, null, "a checkpoint folder to resume from, or 'last' for the run's latest checkpoint", Nullable: true),
 
         new("model.name", ConfigType.Choice, "tiny", "named model configuration (GPTConfig.Named / ViTConfig.Named)", ModelNames),
-        new("model.init_from", ConfigType.String, null, "start from these weights (fine-tuning, as nanoGPT's init_from): a run or checkpoint folder, " +
-            "a Hugging Face GPT-2 folder (config.json + model.safetensors) or a GPTLMHeadModel .safetensors file; the sizes are theirs (task=lm)", Nullable: true),
+        new("model.init_from", ConfigType.String, null, "start from these weights (fine-tuning; the sizes are theirs). task=lm (nanoGPT's init_from): a run " +
+            "or checkpoint folder, a Hugging Face GPT-2 folder (config.json + model.safetensors) or a GPTLMHeadModel .safetensors file. " +
+            "task=image_classification (timm's pretrained): a ViT .safetensors file or a folder with model.safetensors, timm's or ours; " +
+            "a head of another class count starts afresh and the position grid is resampled to datamodule.image_size", Nullable: true),
         new("model.config.n_layer", ConfigType.Int, null, "override the named model's layer count", Nullable: true),
         new("model.config.n_embd", ConfigType.Int, null, "override the model width", Nullable: true),
         new("model.config.n_head", ConfigType.Int, null, "override the head count", Nullable: true),

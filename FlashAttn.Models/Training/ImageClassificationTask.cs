@@ -17,23 +17,38 @@ public sealed class ImageClassificationTask : ITrainingTask
     readonly Device _device;
     readonly ScalarType _dtype;
     readonly int _size;
+    VisionTransformer? _initial; // model.init_from's float32 weights until the optimizer has taken them
     readonly long _seed;
 
     public ImageClassificationTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
     {
         _device = device; _dtype = dtype; _seed = c.Int("seed");
-        if (c["model.init_from"] is { } from)
-            throw new ConfigException($"model.init_from={from} starts a GPT (task=lm); ViT weights load through VisionTransformer.load_safetensors");
         var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
         var root = c.Str("datamodule.dataset");
         if (!Path.IsPathRooted(root) && !Directory.Exists(root)) root = Path.Combine(dataDir, root);
         IReadOnlyList<string> classes;
         (_train, _val, classes) = ImageFolder.Open(root, c.Float("datamodule.val_ratio"), c.Int("datamodule.val_split_seed"));
         _size = (int)c.Int("datamodule.image_size");
-        var v = ViTConfig.Named(c.Str("model.name")) with { num_classes = classes.Count, img_size = _size };
-        if (c.IntOrNull("model.config.n_layer") is { } l) v = v with { depth = l };
-        if (c.IntOrNull("model.config.n_embd") is { } e) v = v with { embed_dim = e };
-        if (c.IntOrNull("model.config.n_head") is { } h) v = v with { num_heads = h };
+        string? weights = null;
+        ViTConfig v;
+        if (c["model.init_from"] is { } from)
+        {
+            // fine-tuning (timm's pretrained=True): the weights' architecture, this data's classes and resolution
+            weights = Directory.Exists(from) ? Path.Combine(from, "model.safetensors") : from;
+            if (!File.Exists(weights)) throw new FileNotFoundException($"model.init_from={from}: no {weights} (a ViT safetensors file, or a folder with model.safetensors)");
+            var source = ViTConfig.FromWeights(weights, c.IntOrNull("model.config.n_head"));
+            if (c.IntOrNull("model.config.n_layer") is { } l && l != source.depth || c.IntOrNull("model.config.n_embd") is { } e && e != source.embed_dim)
+                log.WriteLine($"warning: model.init_from={from} fixes the model's sizes (depth {source.depth}, embed_dim {source.embed_dim}); " +
+                    "model.config.n_layer / n_embd are ignored");
+            v = source with { num_classes = classes.Count, img_size = _size, drop_path_rate = ViTConfig.Named(c.Str("model.name")).drop_path_rate };
+        }
+        else
+        {
+            v = ViTConfig.Named(c.Str("model.name")) with { num_classes = classes.Count, img_size = _size };
+            if (c.IntOrNull("model.config.n_layer") is { } l) v = v with { depth = l };
+            if (c.IntOrNull("model.config.n_embd") is { } e) v = v with { embed_dim = e };
+            if (c.IntOrNull("model.config.n_head") is { } h) v = v with { num_heads = h };
+        }
         if (c.FloatOrNull("model.config.dropout") is { } d) v = v with { drop_rate = d };
         if (c.BoolOrNull("model.config.use_flash_attn") is { } fa) v = v with { use_flash_attn = fa };
         if (c.BoolOrNull("model.config.fused_bias_fc") is { } fb) v = v with { fused_bias_fc = fb };
@@ -43,11 +58,21 @@ public sealed class ImageClassificationTask : ITrainingTask
         if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) v = v with { residual_in_fp32 = rf };
         if (device.type == DeviceType.CPU && c["model.config.use_flash_attn"] is null && c["model.config.fused_bias_fc"] is null) v = v.WithFusions(false);
         _model = new VisionTransformer(v, device, dtype);
+        if (weights is not null)
+        {
+            // in float32 on the CPU first: the optimizer's fp32 masters start from these values (InitializeOptimizer)
+            _initial = new VisionTransformer(v.WithFusions(false), CPU, ScalarType.Float32);
+            _initial.load_pretrained(weights, log);
+            using var _ = no_grad();
+            var source = _initial.named_parameters().ToDictionary(np => np.name, np => np.parameter);
+            foreach (var (param, p) in _model.named_parameters()) p.copy_(source[param]);
+            log.WriteLine($"model.init_from: ViT weights from {weights}");
+        }
         Parameters = _model.parameter_groups().ToList();
         long T = v.num_patches + 1;
         FlopsPerSample = 6.0 * _model.num_parameters() * T + 12.0 * v.depth * v.embed_dim * T * T;
         _sampler = new IndexSampler(_train.Items.Count, _seed);
-        Description = $"ViT {c.Str("model.name")} ({_model.num_parameters() / 1e6:F1}M parameters, {_size}px) on {root} " +
+        Description = (weights is null ? $"ViT {c.Str("model.name")}" : $"ViT from {weights}") + $" ({_model.num_parameters() / 1e6:F1}M parameters, {_size}px) on {root} " +
             $"({classes.Count} classes, {_train.Items.Count:N0} train / {_val.Count:N0} val images)";
     }
 
@@ -112,5 +137,18 @@ public sealed class ImageClassificationTask : ITrainingTask
 
     public void SaveWeights(string path) => _model.save_safetensors(path);
 
-    public void Dispose() => _model.Dispose();
+    /// <summary>With model.init_from, the masters start from the float32 weights (then released).</summary>
+    public void InitializeOptimizer(MixedPrecisionAdamW optimizer)
+    {
+        if (_initial is null) return;
+        optimizer.SetMasters(_initial.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter));
+        _initial.Dispose();
+        _initial = null;
+    }
+
+    public void Dispose()
+    {
+        _initial?.Dispose();
+        _model.Dispose();
+    }
 }

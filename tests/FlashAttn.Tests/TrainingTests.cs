@@ -128,9 +128,8 @@ public class TrainingTests
         var resized = new Trainer(ExperimentConfig.Parse(SmallRun("ft-sizes", [$"model.init_from={src.RunDir}", "model.config.n_layer=2", .. frozen])), log).Run();
         Assert.That(log.ToString(), Does.Contain("fixes the model's sizes (n_layer 1"));
         using (var kept = LoadCpu(resized.RunDir)) Assert.That(kept.config.n_layer, Is.EqualTo(1));
-        var vit = ExperimentConfig.Parse(["experiment=imagefolder/vit-ti16", $"model.init_from={src.RunDir}"]);
-        Assert.That(Assert.Throws<ConfigException>(() => new ImageClassificationTask(vit, CPU, ScalarType.Float32, TextWriter.Null))!.Message,
-            Does.Contain("task=lm"));
+        Assert.That(Assert.Throws<InvalidDataException>(() => FlashAttn.Models.ViTConfig.FromWeights(Path.Combine(src.RunDir, "model.safetensors")))!.Message,
+            Does.Contain("holds a GPTLMHeadModel, not a VisionTransformer"));
         Assert.Throws<FileNotFoundException>(() => new Trainer(ExperimentConfig.Parse(SmallRun("ft-missing",
             $"model.init_from={Path.Combine(_root, "nothing")}")), TextWriter.Null).Run());
     }
