@@ -79,7 +79,8 @@ public sealed class PackageTests
     /// <summary>
     /// The CLI as a dotnet tool: packs FlashAttn.Cli into a local feed as a tool for this machine's platform,
     /// installs it with `dotnet tool install` into a tool path outside the repository, and runs `flashattn --help`,
-    /// `flashattn experiments` (the experiment files travel inside the package) and `flashattn show` of a GPT-2 recipe.
+    /// `flashattn experiments` (the experiment files travel inside the package), `flashattn show` of a GPT-2 recipe and
+    /// `flashattn sample --help`.
     /// </summary>
     [Test]
     public void CliToolInstallsFromThePackageAndRuns()
@@ -101,6 +102,8 @@ public sealed class PackageTests
             Assert.That(experiments, Does.Contain("owt/gpt2s-flash").And.Contain("tiny"), experiments);
             var show = Run(work, exe, "show experiment=owt/gpt2s-flash");
             Assert.That(show, Does.Contain("experiment: owt/gpt2s-flash").And.Contain("model.name: gpt2s"), show);
+            var sample = Run(work, exe, "sample --help");
+            Assert.That(sample, Does.Contain("--max-new-tokens"), sample);
         });
     }
 
