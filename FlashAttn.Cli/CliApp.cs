@@ -29,7 +29,7 @@ public static class CliApp
           flashattn train experiment=owt/gpt2s-flash trainer.devices=1 datamodule.batch_size=16
           flashattn train experiment=owt/gpt2m-flash trainer.precision=bf16 datamodule.batch_size=8
           flashattn sample --prompt "In the beginning" --num-samples 2     # after the first example
-          flashattn train model.init_from=gpt2 datamodule.dataset=mine datamodule.sources=mine.txt   # fine-tune a downloaded GPT-2 folder
+          flashattn train model.init_from=gpt2 name=mine-ft datamodule.dataset=mine datamodule.sources=mine.txt   # fine-tune a GPT-2 download
           flashattn prepare openwebtext /data/openwebtext/plain_text    # the Hub's parquet files
         """;
 
@@ -52,9 +52,9 @@ public static class CliApp
                     if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(ExperimentConfig.HelpText()); return 0; }
                     var config = ExperimentConfig.Parse(args.Skip(1));
                     var result = new Trainer(config, stderr).Run();
-                    if (result.Steps == 0)
+                    if (result.Steps <= 0)
                     {
-                        stdout.WriteLine($"run {result.RunDir}: no training steps" +
+                        stdout.WriteLine((config.Int("trainer.max_steps") == 0 ? "evaluation only" : $"run {result.RunDir}: no training steps left") +
                             (result.ValLoss is { } val ? $", val_loss {val:F4} (ppl {Math.Exp(val):F2})" : ""));
                         return 0;
                     }

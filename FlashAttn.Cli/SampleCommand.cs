@@ -32,7 +32,7 @@ public static class SampleCommand
         public double Temperature { get; init; } = 0.8;
         public int? TopK { get; init; } = 200;
         public double? TopP { get; init; }
-        public long Seed { get; init; } = 1337;
+        public ulong Seed { get; init; } = 1337;
         public string Device { get; init; } = "auto";
         public bool UseCache { get; init; } = true;
     }
@@ -57,12 +57,12 @@ public static class SampleCommand
         stderr.WriteLine($"{o.Path}: {source.Name} ({model.num_parameters() / 1e6:F1}M parameters) on {device.type} in {dtype}; " +
             $"{o.NumSamples} sample(s) of {o.MaxNewTokens} tokens after a {prompt.Length}-token prompt");
 
-        var generator = new Generator((ulong)o.Seed, device);
+        var generator = new Generator(o.Seed, device);
+        using var scope = NewDisposeScope();
         var ids = tensor(prompt, [1, prompt.Length], ScalarType.Int64).to(device).expand(o.NumSamples, prompt.Length).contiguous();
         var sw = Stopwatch.StartNew();
-        using var tokens = GenerateLong(model, ids, o.MaxNewTokens, o.Temperature, o.TopK, o.TopP, o.UseCache, generator);
-        var elapsed = sw.Elapsed.TotalSeconds;
-        var rows = tokens.cpu();
+        var rows = GenerateLong(model, ids, o.MaxNewTokens, o.Temperature, o.TopK, o.TopP, o.UseCache, generator).cpu();
+        var elapsed = sw.Elapsed.TotalSeconds; // after the copy: the GPU's queued work counted
         for (int s = 0; s < o.NumSamples; s++)
         {
             stdout.WriteLine(tokenizer.Decode(rows[s].data<long>().Select(t => (int)t)));
@@ -76,24 +76,24 @@ public static class SampleCommand
     /// GPTLMHeadModel.generate past a model's learned positions, as nanoGPT crops its context: with the KV cache while
     /// prompt and output fit n_positions, then in chunks of n_positions / 8 new tokens, each chunk conditioned on the
     /// n_positions − chunk tokens before it (every token sees at least 7/8 of the context; one prefill per chunk
-    /// instead of one per token). Rotary models have no position table: one call.
+    /// instead of one per token); a prompt of n_positions tokens or more starts with the chunks. Rotary models have no
+    /// position table: one call. Returns (B, prompt + maxNewTokens).
     /// </summary>
     public static Tensor GenerateLong(GPTLMHeadModel model, Tensor ids, int maxNewTokens, double temperature = 1.0, int? topK = null,
         double? topP = null, bool useCache = true, Generator? generator = null)
     {
         var c = model.config;
         long window = c.rotary_emb_fraction > 0 ? long.MaxValue : c.n_positions;
-        if (ids.shape[1] >= window)
-            throw new ArgumentException($"the prompt has {ids.shape[1]} tokens; the model's context holds {window} (n_positions)");
-        int first = (int)Math.Min(maxNewTokens, window - ids.shape[1]);
-        var tokens = model.generate(ids, first, temperature, topK, topP, useCache, generator);
+        int first = (int)Math.Clamp(window - ids.shape[1], 0, maxNewTokens);
+        var tokens = first > 0 ? model.generate(ids, first, temperature, topK, topP, useCache, generator) : ids.alias();
         int chunk = (int)Math.Max(1, window / 8);
         for (int left = maxNewTokens - first; left > 0;)
         {
             int n = Math.Min(chunk, left);
-            using var context = tokens[.., (int)(tokens.shape[1] - (window - n))..];
-            using var next = model.generate(context, n, temperature, topK, topP, useCache, generator);
-            var grown = cat(new[] { tokens, next[.., (int)context.shape[1]..] }, 1);
+            using var scope = NewDisposeScope();
+            var context = tokens[.., (int)(tokens.shape[1] - (window - n))..];
+            var next = model.generate(context, n, temperature, topK, topP, useCache, generator);
+            var grown = cat(new[] { tokens, next[.., (int)context.shape[1]..] }, 1).MoveToOuterDisposeScope();
             tokens.Dispose();
             tokens = grown;
             left -= n;
@@ -129,7 +129,11 @@ public static class SampleCommand
                 case "--temperature": o = o with { Temperature = Float("--temperature", 0, 100) }; break;
                 case "--top-k": { int k = Int("--top-k", 0); o = o with { TopK = k == 0 ? null : k }; break; } // 0: off
                 case "--top-p": { double p = Float("--top-p", 0, 1); o = o with { TopP = p is 0 or 1 ? null : p }; break; }
-                case "--seed": o = o with { Seed = Int("--seed", 0) }; break;
+                case "--seed":
+                    var seed = Value();
+                    o = ulong.TryParse(seed, NumberStyles.Integer, CultureInfo.InvariantCulture, out var sd) ? o with { Seed = sd }
+                        : throw new ArgumentException($"--seed {seed}: a non-negative integer expected");
+                    break;
                 case "--device":
                     var d = Value();
                     o = d is "auto" or "cpu" or "cuda" ? o with { Device = d } : throw new ArgumentException($"--device {d}; valid: auto, cpu, cuda");

@@ -155,13 +155,16 @@ public sealed record GPTConfig
     public static GPTConfig FromHuggingFace(string configJsonPath)
     {
         var json = File.ReadAllText(configJsonPath);
-        var modelType = System.Text.Json.Nodes.JsonNode.Parse(json)?["model_type"]?.GetValue<string>();
-        if (modelType != "gpt2")
-            throw new InvalidDataException($"{configJsonPath}: model_type {modelType ?? "(none)"}; a Hugging Face GPT-2 config (model_type gpt2) expected");
-        var config = JsonSerializer.Deserialize<GPTConfig>(json) ?? throw new InvalidDataException($"{configJsonPath}: empty");
-        try { config.Validate(); }
-        catch (ArgumentException e) { throw new InvalidDataException($"{configJsonPath}: {e.Message}"); }
-        return config;
+        try
+        {
+            var modelType = System.Text.Json.Nodes.JsonNode.Parse(json)?["model_type"] is System.Text.Json.Nodes.JsonValue v && v.TryGetValue<string>(out var t) ? t : null;
+            if (modelType != "gpt2")
+                throw new InvalidDataException($"{configJsonPath}: model_type {modelType ?? "(none)"}; a Hugging Face GPT-2 config (model_type gpt2) expected");
+            var config = JsonSerializer.Deserialize<GPTConfig>(json) ?? throw new InvalidDataException($"{configJsonPath}: empty");
+            config.Validate();
+            return config;
+        }
+        catch (Exception e) when (e is JsonException or ArgumentException) { throw new InvalidDataException($"{configJsonPath}: {e.Message}"); }
     }
 
     internal void Validate()

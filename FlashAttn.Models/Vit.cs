@@ -67,14 +67,14 @@ public sealed record ViTConfig
     /// <summary>
     /// The architecture of a ViT weights file: the config a <see cref="VisionTransformer.save_safetensors"/> file carries,
     /// else (timm's model.safetensors) what the shapes say: embed_dim, in_chans and patch_size from patch_embed.proj,
-    /// img_size from pos_embed's grid, depth from the blocks, mlp_ratio from fc1, num_classes from head, and num_heads =
-    /// embed_dim / 64 (timm's ViT-Ti/S/B/L; shapes cannot tell the head count: <paramref name="num_heads"/> overrides it).
+    /// img_size from pos_embed's grid, depth from the blocks, mlp_ratio from fc1, num_classes from head (0 without one), and
+    /// the head count of timm's ViT-Ti/S/B/L at that width (3, 6, 12, 16 heads of 64): shapes cannot tell heads apart, so
+    /// another width needs <paramref name="num_heads"/> (ViT-H/14: 16; used only for timm's files).
     /// </summary>
     public static ViTConfig FromWeights(string path, long? num_heads = null)
     {
         var (infos, meta) = SafeTensors.ReadHeader(path);
-        if (meta.ContainsKey("flashattn.config"))
-            return FromSafetensors(path) is var saved && num_heads is { } h ? saved with { num_heads = h } : saved;
+        if (meta.ContainsKey("flashattn.config")) return FromSafetensors(path);
         long[] Shape(string name) => infos.TryGetValue(name, out var i) ? i.shape
             : throw new InvalidDataException($"{path}: no tensor '{name}' (not a timm VisionTransformer with a class token)");
         var proj = Shape("patch_embed.proj.weight");   // (D, C, P, P)
@@ -82,10 +82,16 @@ public sealed record ViTConfig
         long grid = (long)Math.Round(Math.Sqrt(pos[1] - 1));
         if (grid * grid != pos[1] - 1) throw new InvalidDataException($"{path}: pos_embed holds {pos[1]} positions, not 1 + a square grid");
         long depth = infos.Keys.Where(k => k.StartsWith("blocks.")).Select(k => long.Parse(k.Split('.')[1])).DefaultIfEmpty(-1).Max() + 1;
+        long heads = num_heads ?? proj[0] switch
+        {
+            192 or 384 or 768 or 1024 => proj[0] / 64,
+            _ => throw new InvalidDataException($"{path}: width {proj[0]} is not one of timm's ViT-Ti/S/B/L (192, 384, 768, 1024); " +
+                "the tensors cannot tell the head count: give it (model.config.n_head)"),
+        };
         return new ViTConfig
         {
             embed_dim = proj[0], in_chans = proj[1], patch_size = proj[2], img_size = grid * proj[2], depth = depth,
-            num_heads = num_heads ?? Math.Max(1, proj[0] / 64), mlp_ratio = (double)Shape("blocks.0.mlp.fc1.weight")[0] / proj[0],
+            num_heads = heads, mlp_ratio = (double)Shape("blocks.0.mlp.fc1.weight")[0] / proj[0],
             num_classes = infos.TryGetValue("head.weight", out var head) ? head.shape[0] : 0,
         };
     }
@@ -229,8 +235,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
 
     /// <summary>
     /// Loads pretrained weights into a model of another class count or resolution, as timm's pretrained loading does: a
-    /// head whose shape differs keeps this model's initialisation, and pos_embed's grid is resampled (bicubic, antialiased)
-    /// to this model's. Every other tensor must match (<see cref="ViTConfig.FromWeights"/> gives the sizes). What was adapted
+    /// head whose shape differs, or none in the file, keeps this model's initialisation, and pos_embed's grid is resampled
+    /// (bicubic, antialiased) to this model's. Every other tensor must match (<see cref="ViTConfig.FromWeights"/> gives the sizes). What was adapted
     /// goes to <paramref name="log"/>.
     /// </summary>
     public void load_pretrained(string path, TextWriter? log = null)
@@ -244,8 +250,12 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
             using var _ = no_grad();
             foreach (var (name, p) in own)
             {
-                if (!tensors.TryGetValue(name, out var t)) throw new InvalidDataException($"{path}: no '{name}'");
-                if (t.shape.SequenceEqual(p.shape)) p.copy_(t);
+                if (!tensors.TryGetValue(name, out var t))
+                {
+                    if (!name.StartsWith("head.")) throw new InvalidDataException($"{path}: no '{name}'");
+                    log?.WriteLine($"{name}: not in the weights (a headless file): initialised afresh");
+                }
+                else if (t.shape.SequenceEqual(p.shape)) p.copy_(t);
                 else if (name.StartsWith("head."))
                     log?.WriteLine($"{name}: [{string.Join(", ", t.shape)}] in the weights, [{string.Join(", ", p.shape)}] here: initialised afresh");
                 else if (name == "pos_embed" && t.dim() == 3 && t.shape[2] == p.shape[2])

@@ -91,6 +91,13 @@ public static class Checkpoint
         return spec;
     }
 
+    /// <summary>An absolute path to the same weights: a checkpoints/last pointer file becomes the checkpoint folder it
+    /// names now (later saves of a run move the pointer).</summary>
+    public static string Pin(string path) =>
+        File.Exists(path) && Path.GetFileName(path) == "last"
+            ? Path.GetFullPath(Resolve("last", Path.GetDirectoryName(Path.GetFullPath(path))!))
+            : Path.GetFullPath(path).TrimEnd(Path.DirectorySeparatorChar);
+
     public static (Dictionary<string, Tensor> tensors, JsonObject state) Load(string dir)
     {
         var state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer.json")))!.AsObject();

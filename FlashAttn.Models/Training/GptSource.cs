@@ -39,7 +39,9 @@ public sealed class GptSource
     /// <summary><see cref="Config"/> for a model on <paramref name="device"/>: a CPU turns the fusions off unless the run set them.</summary>
     public GPTConfig ForDevice(Device device, TextWriter log) => LanguageModelingTask.FusionsFor(Config, Run, device, log);
 
-    public static GptSource Open(string path)
+    public static GptSource Open(string path) => Open(path, 0);
+
+    static GptSource Open(string path, int depth)
     {
         // checkpoints/last: the pointer file the trainer replaces after each save
         if (File.Exists(path) && System.IO.Path.GetFileName(path) == "last")
@@ -47,16 +49,25 @@ public sealed class GptSource
         string In(string name) => System.IO.Path.Combine(path, name);
         if (File.Exists(In("trainer.json")))
         {
-            var state = JsonNode.Parse(File.ReadAllText(In("trainer.json")))!.AsObject();
-            var dump = state["config"]?.GetValue<string>() ?? throw new InvalidDataException($"{path}/trainer.json holds no configuration");
+            var state = ReadJson(In("trainer.json"));
+            var dump = state["config"] is JsonValue d && d.TryGetValue<string>(out var text) ? text
+                : throw new InvalidDataException($"{path}/trainer.json holds no configuration");
             var run = LmRun(dump, path);
-            return FromRun(path, run, ArchitectureOf(run, path), model => LoadMasters(model, path));
+            // the model's config as the run built it; checkpoints written before it was saved there: the run's keys again
+            var config = state["model_config"] is JsonValue mc && mc.TryGetValue<string>(out var json)
+                ? Deserialize(json, In("trainer.json")) : ArchitectureOf(run, path, depth);
+            return FromRun(path, run, config, model => LoadMasters(model, path));
         }
         if (File.Exists(In("config.yaml")) && File.Exists(In("model.safetensors")))
         {
-            // the weights file holds the exact config the run trained
+            // the weights file holds the exact config the run trained; a 16-bit run's final checkpoint holds its weights in
+            // float32 (the masters), its model.safetensors in 16 bits
             var run = LmRun(File.ReadAllText(In("config.yaml")), path);
-            return FromRun(path, run, GPTConfig.FromSafetensors(In("model.safetensors")), model => model.load_safetensors(In("model.safetensors")));
+            var config = GPTConfig.FromSafetensors(In("model.safetensors"));
+            var final = System.IO.Path.Combine(path, "checkpoints", $"step-{run.Int("trainer.max_steps"):D7}");
+            Action<GPTLMHeadModel> load = Trainer.ParsePrecision(run.Str("trainer.precision")) != Precision.Fp32 && File.Exists(System.IO.Path.Combine(final, "state.bin"))
+                ? model => LoadMasters(model, final) : model => model.load_safetensors(In("model.safetensors"));
+            return FromRun(path, run, config, load);
         }
         if (File.Exists(In("config.json")) && File.Exists(In("model.safetensors")))
         {
@@ -66,7 +77,7 @@ public sealed class GptSource
         }
         if (File.Exists(path) && path.EndsWith(".safetensors", StringComparison.Ordinal))
         {
-            var saved = GPTConfig.FromSafetensors(path);
+            var saved = GPTConfig.FromSafetensors(path).WithFusions(true); // the device decides them (ForDevice)
             return new GptSource(path, $"GPT (n_layer {saved.n_layer}, n_embd {saved.n_embd})", saved, "gpt2", Precision.Bf16, null,
                 model => model.load_safetensors(path));
         }
@@ -75,17 +86,32 @@ public sealed class GptSource
             "(config.json and model.safetensors) or a .safetensors file of GPTLMHeadModel");
     }
 
+    // The switches are the run's keys over all-on (a run on a CPU saved its fusions off; on a GPU they belong on).
     static GptSource FromRun(string path, ExperimentConfig c, GPTConfig config, Action<GPTLMHeadModel> load) =>
-        new(path, c["model.init_from"] is { } from ? $"GPT fine-tuned from {from}" : $"GPT {c.Str("model.name")}", config,
-            c.Str("datamodule.tokenizer"), Trainer.ParsePrecision(c.Str("trainer.precision")), c, load);
+        new(path, c["model.init_from"] is { } from ? $"GPT fine-tuned from {from}" : $"GPT {c.Str("model.name")}",
+            LanguageModelingTask.WithSwitchKeys(config.WithFusions(true), c), c.Str("datamodule.tokenizer"),
+            Trainer.ParsePrecision(c.Str("trainer.precision")), c, load);
 
-    // A checkpoint holds no config of the model: the run's keys build it again, from the weights it was fine-tuned from if so.
-    static GPTConfig ArchitectureOf(ExperimentConfig c, string path)
+    // The run's keys build the model again, from the weights it was fine-tuned from if so.
+    static GPTConfig ArchitectureOf(ExperimentConfig c, string path, int depth)
     {
         if (c["model.init_from"] is not { } from)
             return LanguageModelingTask.BuildModelConfig(c, TextTokenizer.Get(c.Str("datamodule.tokenizer")).VocabSize);
-        try { return LanguageModelingTask.WithSwitchKeys(Open(from).Config, c); }
+        if (depth >= 8) throw new InvalidDataException($"{path}: model.init_from leads through more than 8 runs (a loop?)");
+        try { return Open(from, depth + 1).Config; }
         catch (FileNotFoundException e) { throw new FileNotFoundException($"{path}: its run was fine-tuned from {from}, which holds its architecture: {e.Message}"); }
+    }
+
+    static JsonObject ReadJson(string file)
+    {
+        try { return JsonNode.Parse(File.ReadAllText(file)) as JsonObject ?? throw new InvalidDataException($"{file}: not a JSON object"); }
+        catch (System.Text.Json.JsonException e) { throw new InvalidDataException($"{file}: {e.Message}"); }
+    }
+
+    static GPTConfig Deserialize(string json, string file)
+    {
+        try { return System.Text.Json.JsonSerializer.Deserialize<GPTConfig>(json) ?? throw new InvalidDataException($"{file}: empty model_config"); }
+        catch (System.Text.Json.JsonException e) { throw new InvalidDataException($"{file}: model_config: {e.Message}"); }
     }
 
     // A run's saved configuration (config.yaml, or a checkpoint's copy of it), which must be a GPT language-model run's.

@@ -36,10 +36,12 @@ public sealed class ImageClassificationTask : ITrainingTask
             // fine-tuning (timm's pretrained=True): the weights' architecture, this data's classes and resolution
             weights = Directory.Exists(from) ? Path.Combine(from, "model.safetensors") : from;
             if (!File.Exists(weights)) throw new FileNotFoundException($"model.init_from={from}: no {weights} (a ViT safetensors file, or a folder with model.safetensors)");
-            var source = ViTConfig.FromWeights(weights, c.IntOrNull("model.config.n_head"));
-            if (c.IntOrNull("model.config.n_layer") is { } l && l != source.depth || c.IntOrNull("model.config.n_embd") is { } e && e != source.embed_dim)
-                log.WriteLine($"warning: model.init_from={from} fixes the model's sizes (depth {source.depth}, embed_dim {source.embed_dim}); " +
-                    "model.config.n_layer / n_embd are ignored");
+            // the fusions as for a fresh model (a run on a CPU saved them off); the keys below and the device decide
+            var source = ViTConfig.FromWeights(weights, c.IntOrNull("model.config.n_head")).WithFusions(true);
+            if (c.IntOrNull("model.config.n_layer") is { } l && l != source.depth || c.IntOrNull("model.config.n_embd") is { } e && e != source.embed_dim
+                || c.IntOrNull("model.config.n_head") is { } h && h != source.num_heads)
+                log.WriteLine($"warning: model.init_from={from} fixes the model's sizes (depth {source.depth}, embed_dim {source.embed_dim}, " +
+                    $"num_heads {source.num_heads}); model.config.n_layer / n_embd / n_head that differ are ignored");
             v = source with { num_classes = classes.Count, img_size = _size, drop_path_rate = ViTConfig.Named(c.Str("model.name")).drop_path_rate };
         }
         else
@@ -58,7 +60,9 @@ public sealed class ImageClassificationTask : ITrainingTask
         if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) v = v with { residual_in_fp32 = rf };
         if (device.type == DeviceType.CPU && c["model.config.use_flash_attn"] is null && c["model.config.fused_bias_fc"] is null) v = v.WithFusions(false);
         _model = new VisionTransformer(v, device, dtype);
-        if (weights is not null)
+        if (weights is not null && c["resume"] is not null)
+            log.WriteLine($"model.init_from: the architecture of {weights}; the weights come from the resumed checkpoint");
+        else if (weights is not null)
         {
             // in float32 on the CPU first: the optimizer's fp32 masters start from these values (InitializeOptimizer)
             _initial = new VisionTransformer(v.WithFusions(false), CPU, ScalarType.Float32);

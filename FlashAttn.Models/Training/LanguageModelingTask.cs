@@ -63,7 +63,9 @@ public sealed class LanguageModelingTask : ITrainingTask
         _sampler = new LmBatchSampler(_train, _seqlen, c.Int("seed"));
         if (_val.Length <= _seqlen) log.WriteLine($"warning: validation split of {dir} has {_val.Length} tokens (< one sequence); no validation. Raise datamodule.val_ratio and re-prepare.");
         _model = new GPTLMHeadModel(Config, device, dtype);
-        if (init is not null)
+        if (init is not null && c["resume"] is not null)
+            log.WriteLine($"model.init_from: the architecture of {init.Path}; the weights come from the resumed checkpoint");
+        else if (init is not null)
         {
             // in float32 on the CPU first: the optimizer's fp32 master weights start from these values, not from the
             // 16-bit copies the model computes with (InitializeOptimizer)
@@ -179,6 +181,8 @@ public sealed class LanguageModelingTask : ITrainingTask
     }
 
     public void SaveWeights(string path) => _model.save_safetensors(path);
+
+    public string? ModelConfigJson => System.Text.Json.JsonSerializer.Serialize(Config);
 
     /// <summary>With model.init_from, the masters start from the float32 weights (then released).</summary>
     public void InitializeOptimizer(MixedPrecisionAdamW optimizer)

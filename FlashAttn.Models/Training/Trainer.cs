@@ -67,8 +67,22 @@ public sealed class Trainer
 
         var runDir = Path.Combine(_c.Str("trainer.default_root_dir"), _c.RunName);
         var ckptDir = Path.Combine(runDir, "checkpoints");
-        Directory.CreateDirectory(runDir);
-        File.WriteAllText(Path.Combine(runDir, "config.yaml"), _c.Dump());
+        if (_c["model.init_from"] is { } from)
+        {
+            // pinned (an absolute path; checkpoints/last replaced by the folder it names now), and when training never inside
+            // this run's folder, which the run rewrites (a fine-tuning run of the main job's runs/tiny defaults to that folder)
+            var pinned = Checkpoint.Pin(from);
+            var own = Path.GetFullPath(runDir);
+            if (maxSteps > 0 && (pinned == own || pinned.StartsWith(own + Path.DirectorySeparatorChar, StringComparison.Ordinal)))
+                throw new ConfigException($"model.init_from={from} lies in this run's folder {runDir}, which the run rewrites; " +
+                    $"name the run otherwise (name={_c.RunName}-ft) or set trainer.default_root_dir");
+            _c.Set("model.init_from", pinned);
+        }
+        if (maxSteps > 0)
+        {
+            Directory.CreateDirectory(runDir);
+            File.WriteAllText(Path.Combine(runDir, "config.yaml"), _c.Dump());
+        }
 
         torch.manual_seed(seed);
         if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed);
@@ -112,13 +126,25 @@ public sealed class Trainer
             $"{maxSteps} steps, lr {schedule.Lr:G3} ({schedule.Name}, warmup {schedule.WarmupSteps}), run folder {runDir}");
         _log.WriteLine($"AdamW: {opt.DecayedParameters:N0} parameters with weight decay {opt.WeightDecay}, {opt.UndecayedParameters:N0} without");
 
+        int limitVal = (int)_c.Int("trainer.limit_val_batches");
+        int evalBatch = (int)(_c.IntOrNull("datamodule.batch_size_eval") ?? micro);
+        if (maxSteps == 0)
+        {
+            // evaluation only (nanoGPT's eval_only): the validation metrics of the weights as they are (model.init_from,
+            // resume), over trainer.limit_val_batches batches (0: the whole split); nothing is written
+            var sw0 = Stopwatch.StartNew();
+            var m = task.Evaluate(evalBatch, limitVal);
+            if (m.Count == 0) throw new ConfigException("trainer.max_steps=0 evaluates only, but the data has no validation split");
+            _log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
+                $" in {sw0.Elapsed.TotalSeconds:F1} s");
+            return new TrainResult(runDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw0.Elapsed, [], null);
+        }
+
         using var metrics = new MetricsLog(runDir, _c.Bool("trainer.tensorboard"), keepUpToStep: startStep);
         var bar = new ProgressBar(_log, _c.Bool("trainer.progress_bar"), maxSteps);
         long valEvery = _c.Int("trainer.val_check_interval"), logEvery = Math.Max(1, _c.Int("trainer.log_every_n_steps"));
         long ckptEvery = _c.Int("trainer.checkpoint_every_n_steps");
         int saveTopK = (int)_c.Int("trainer.save_top_k");
-        int limitVal = (int)_c.Int("trainer.limit_val_batches");
-        int evalBatch = (int)(_c.IntOrNull("datamodule.batch_size_eval") ?? micro);
         var losses = new List<double>();
         double? lastVal = null;
         double firstLoss = double.NaN, lastLoss = double.NaN;
@@ -134,6 +160,7 @@ public sealed class Trainer
                 ["step"] = stepsDone, ["adam_t"] = opt.T, ["sampler"] = task.SamplerState.DeepClone(), ["units_seen"] = unitsSeen,
                 ["experiment"] = _c.Str("experiment"), ["config"] = _c.Dump(),
             };
+            if (task.ModelConfigJson is { } model) state["model_config"] = model;
             if (scaler != null) { state["loss_scale"] = scaler.Scale; state["good_steps"] = scaler.GoodSteps; }
             return state;
         }
@@ -153,18 +180,6 @@ public sealed class Trainer
             bar.Message($"step {stepsDone}: " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")));
             if (lastVal is { } val && Checkpoint.SaveIfBest(ckptDir, stepsDone, val, saveTopK, opt.StateTensors(), TrainerState(stepsDone)) is { } best)
                 bar.Message($"best checkpoint {best} (val_loss {val:F4})");
-        }
-
-        if (maxSteps == 0)
-        {
-            // evaluation only (nanoGPT's eval_only): the validation metrics of the weights as they are (model.init_from,
-            // resume), over trainer.limit_val_batches batches (0: the whole split); nothing else is written
-            var m = task.Evaluate(evalBatch, limitVal);
-            if (m.Count == 0) throw new ConfigException("trainer.max_steps=0 evaluates only, but the data has no validation split");
-            metrics.Write(0, m);
-            _log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
-                $" in {sw.Elapsed.TotalSeconds:F1} s");
-            return new TrainResult(runDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw.Elapsed, losses, null);
         }
 
         for (long step = startStep; step < maxSteps; step++)

@@ -69,7 +69,7 @@ public sealed class PackageTests
                 Console.WriteLine($"norm-err {normErr:E2} grads {x.grad!.shape.Length} {h.grad!.shape.Length} native [{Backend.NativeBuildInfo}]");
                 """);
             // For this machine's platform only: TorchSharp-cpu's libtorch for every platform is 1.4 GB, this one's 0.5.
-            var output = Run(app, "dotnet", $"run -c Release -r {RuntimeInformation.RuntimeIdentifier}");
+            var output = Run(app, "dotnet", $"run -c Release -r {PortableRid}");
             Assert.That(output, Does.Contain("native [FlashAttn.Native"));
             var normErr = double.Parse(output.Split("norm-err ")[1].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
             Assert.That(normErr, Is.LessThan(1e-5), output);
@@ -90,7 +90,7 @@ public sealed class PackageTests
             // For this machine's platform (`-r`): the platform-agnostic package carries TorchSharp-cpu's libtorch for
             // Linux, Windows and macOS (1.4 GB installed, 2.8 GB of build output; CI ran out of disk on it,
             // 2026-11-25); this one is a 138 MB package that installs 0.76 GB.
-            Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -r {RuntimeInformation.RuntimeIdentifier} -o \"{feed}\" -p:Version={version} {Artifacts(work)}");
+            Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -r {PortableRid} -o \"{feed}\" -p:Version={version} {Artifacts(work)}");
             var tools = Path.Combine(work, "tools");
             Run(work, "dotnet", $"tool install FlashAttn.Cli --tool-path \"{tools}\" --add-source \"{feed}\" --version {version}");
             var exe = Path.Combine(tools, "flashattn");
@@ -135,6 +135,12 @@ public sealed class PackageTests
     /// <summary>Build outputs of a pack go to the temporary folder, not the checkout's bin/obj (the tool's Release
     /// build is 1 GB even for one platform), and are deleted with it.</summary>
     private static string Artifacts(string work) => $"--artifacts-path \"{Path.Combine(work, "artifacts")}\" -v:q -nologo";
+
+    /// <summary>linux-x64 and the like: RuntimeInformation.RuntimeIdentifier is a distribution's (ubuntu.24.04-x64) under a
+    /// source-built SDK, which TorchSharp's packages do not know.</summary>
+    private static string PortableRid =>
+        (OperatingSystem.IsWindows() ? "win" : OperatingSystem.IsMacOS() ? "osx" : "linux") + "-" +
+        RuntimeInformation.OSArchitecture.ToString().ToLowerInvariant();
 
     private static bool HasDotnetSdk()
     {

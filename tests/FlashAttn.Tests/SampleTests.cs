@@ -52,8 +52,16 @@ public class SampleTests
             var expected = model.generate(context, n, temperature: 0)[.., (int)context.shape[1]..];
             Assert.That(Same(tokens[.., start..(start + n)], expected), Is.True, $"chunk at {start}");
         }
-        var e = Assert.Throws<ArgumentException>(() => SampleCommand.GenerateLong(model, zeros([1, 16], ScalarType.Int64), 4))!;
-        Assert.That(e.Message, Does.Contain("16 tokens").And.Contain("n_positions"));
+        // a prompt longer than the context starts with the chunks: each on the 14 tokens before it
+        var longPrompt = tokens[.., ..20];
+        var fromLong = SampleCommand.GenerateLong(model, longPrompt, 6, temperature: 0);
+        Assert.That(Same(fromLong[.., ..20], longPrompt), Is.True);
+        for (int start = 20; start < 26; start += 2)
+        {
+            var context = fromLong[.., (start - 14)..start];
+            Assert.That(Same(fromLong[.., start..(start + 2)], model.generate(context, 2, temperature: 0)[.., 14..]), Is.True, $"chunk at {start}");
+        }
+        Assert.That(Same(SampleCommand.GenerateLong(model, longPrompt, 0), longPrompt), Is.True);
     }
 
     [Test]
@@ -80,7 +88,7 @@ public class SampleTests
         }
         string[] Greedy(string path)
         {
-            var (rc, o, err) = Cli("sample", path, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30", "--num-samples", "2");
+            var (rc, o, err) = Cli("sample", "--device", "cpu", path, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30", "--num-samples", "2");
             Assert.That(rc, Is.EqualTo(0), err);
             Assert.That(err, Does.Contain("60 tokens in").And.Contain("tokens/s"));
             var samples = o.Split(SampleCommand.Separator + Environment.NewLine, StringSplitOptions.RemoveEmptyEntries)
@@ -94,7 +102,7 @@ public class SampleTests
         Assert.That(Expected(mid), Is.Not.EqualTo(Expected(final)), "the two models must differ for the test to tell them apart");
 
         // sampling: the seed decides the text
-        string[] Sampled(string seed) => Cli("sample", run, "--seed", seed, "--temperature", "1", "--top-k", "0", "--max-new-tokens", "12", "--num-samples", "1").stdout
+        string[] Sampled(string seed) => Cli("sample", "--device", "cpu", run, "--seed", seed, "--temperature", "1", "--top-k", "0", "--max-new-tokens", "12", "--num-samples", "1").stdout
             .Split(Environment.NewLine);
         Assert.That(Sampled("3"), Is.EqualTo(Sampled("3")));
         Assert.That(Sampled("3"), Is.Not.EqualTo(Sampled("4")));
@@ -135,19 +143,19 @@ public class SampleTests
             .data<long>().Select(x => (int)x));
         foreach (var model in new[] { hf, file })
         {
-            var (rc, o, err) = Cli("sample", model, "--prompt", "Hello, my dog", "--temperature", "0", "--max-new-tokens", "40", "--num-samples", "1");
+            var (rc, o, err) = Cli("sample", "--device", "cpu", model, "--prompt", "Hello, my dog", "--temperature", "0", "--max-new-tokens", "40", "--num-samples", "1");
             Assert.That(rc, Is.EqualTo(0), err);
             Assert.That(o, Is.EqualTo(expected + Environment.NewLine + SampleCommand.Separator + Environment.NewLine), model);
         }
 
         // another architecture's folder, and a model whose vocabulary is not the tokenizer's
         File.WriteAllText(Path.Combine(hf, "config.json"), """{"model_type": "llama", "hidden_size": 32}""");
-        var (rc2, _, err2) = Cli("sample", hf);
+        var (rc2, _, err2) = Cli("sample", "--device", "cpu", hf);
         Assert.That(rc2, Is.EqualTo(1));
         Assert.That(err2, Does.Contain("model_type llama").And.Contain("GPT-2"));
         using var small = new GPTLMHeadModel(GPTConfig.Named("tiny"));
         small.save_safetensors(file);
-        (rc2, _, err2) = Cli("sample", file);
+        (rc2, _, err2) = Cli("sample", "--device", "cpu", file);
         Assert.That(rc2, Is.EqualTo(1));
         Assert.That(err2, Does.Contain("vocab_size is 256").And.Contain("50257"));
     }
@@ -155,24 +163,24 @@ public class SampleTests
     [Test]
     public void WrongFoldersAndOptionsAreErrorsThatSayWhatToDo()
     {
-        var (rc, _, err) = Cli("sample", Path.Combine(_root, "missing"));
+        var (rc, _, err) = Cli("sample", "--device", "cpu", Path.Combine(_root, "missing"));
         Assert.That(rc, Is.EqualTo(1));
         Assert.That(err, Does.Contain("is not a run folder").And.Contain("flashattn train").And.Contain("Hugging Face GPT-2 folder"));
         var vit = Path.Combine(_root, "vit");
         Directory.CreateDirectory(vit);
         File.WriteAllText(Path.Combine(vit, "config.yaml"), ExperimentConfig.Parse(["experiment=imagefolder/vit-ti16"]).Dump());
         File.WriteAllText(Path.Combine(vit, "model.safetensors"), "");
-        (rc, _, err) = Cli("sample", vit);
+        (rc, _, err) = Cli("sample", "--device", "cpu", vit);
         Assert.That(rc, Is.EqualTo(1));
         Assert.That(err, Does.Contain("task=image_classification").And.Contain("task=lm"));
-        (rc, _, err) = Cli("sample", "--top-p", "1.5");
+        (rc, _, err) = Cli("sample", "--device", "cpu", "--top-p", "1.5");
         Assert.That(err, Does.Contain("--top-p 1.5"));
-        (rc, _, err) = Cli("sample", "--temprature", "1");
+        (rc, _, err) = Cli("sample", "--device", "cpu", "--temprature", "1");
         Assert.That(rc, Is.EqualTo(1));
         Assert.That(err, Does.Contain("--temprature").And.Contain("--temperature"));
-        (rc, _, err) = Cli("sample", "--device", "tpu");
+        (rc, _, err) = Cli("sample", "--device", "cpu", "--device", "tpu");
         Assert.That(err, Does.Contain("valid: auto, cpu, cuda"));
-        (rc, var o, _) = Cli("sample", "--help");
+        (rc, var o, _) = Cli("sample", "--device", "cpu", "--help");
         Assert.That(rc, Is.EqualTo(0));
         Assert.That(o, Does.Contain("--max-new-tokens"));
     }

@@ -86,19 +86,22 @@ public class TrainingTests
     [Test]
     public void FineTuningStartsFromTheGivenWeights()
     {
-        var src = new Trainer(ExperimentConfig.Parse(SmallRun("ft-source")), TextWriter.Null).Run();
+        // on the CPU wherever the tests run: the checks below compare values bit for bit across runs
+        var src = new Trainer(ExperimentConfig.Parse(SmallRun("ft-source", "trainer.accelerator=cpu")), TextWriter.Null).Run();
         using var source = LoadCpu(src.RunDir);
         // lr 0 throughout: the weights a fine-tuning run ends with are the ones it started from (a random init is not)
-        string[] frozen = ["train.optimizer.lr=0", "train.scheduler.warmup_lr_init=0", "trainer.max_steps=2", "model.config.dropout=0"];
+        string[] frozen = ["train.optimizer.lr=0", "train.scheduler.warmup_lr_init=0", "trainer.max_steps=2", "model.config.dropout=0",
+            "trainer.accelerator=cpu"];
         var log = new StringWriter();
         var ft = new Trainer(ExperimentConfig.Parse(SmallRun("ft", [$"model.init_from={src.RunDir}", .. frozen])), log).Run();
         Assert.That(log.ToString(), Does.Contain("model.init_from: weights of GPT tiny"));
         using (var tuned = LoadCpu(ft.RunDir))
             foreach (var ((name, a), (_, b)) in source.named_parameters().Zip(tuned.named_parameters()))
                 Assert.That(Same(a, b), Is.True, name);
-        // its checkpoint names no model of its own: the architecture comes from the weights it was fine-tuned from
+        // its checkpoints carry the model's config (no need of the weights it was fine-tuned from)
         var last = Path.Combine(ft.RunDir, "checkpoints", "last");
         Assert.That(GptSource.Open(last).Name, Does.Contain("fine-tuned from"));
+        Assert.That(Checkpoint.Load(Checkpoint.Pin(last)).state["model_config"]?.GetValue<string>(), Does.Contain("\"n_embd\":32"));
         using (var fromCheckpoint = LoadCpu(last))
             foreach (var ((name, a), (_, b)) in source.named_parameters().Zip(fromCheckpoint.named_parameters()))
                 Assert.That(Same(a, b), Is.True, name);
@@ -107,11 +110,15 @@ public class TrainingTests
 
         // trainer.max_steps=0 evaluates the weights only: the source run's last validation loss again, no files but the metrics
         log = new StringWriter();
-        var eval = new Trainer(ExperimentConfig.Parse(SmallRun("ft-eval", $"model.init_from={src.RunDir}", "trainer.max_steps=0")), log).Run();
+        var eval = new Trainer(ExperimentConfig.Parse(SmallRun("ft-source", $"model.init_from={src.RunDir}", "trainer.max_steps=0",
+            "trainer.accelerator=cpu")), log).Run();
         Assert.That(eval.Steps, Is.EqualTo(0));
         Assert.That(eval.ValLoss, Is.EqualTo(src.ValLoss).Within(1e-5), "the same validation batches through the same weights");
         Assert.That(log.ToString(), Does.Contain("evaluation only (trainer.max_steps=0): val_loss"));
-        Assert.That(File.Exists(Path.Combine(eval.RunDir, "model.safetensors")) || Directory.Exists(Path.Combine(eval.RunDir, "checkpoints")), Is.False);
+        Assert.That(File.ReadLines(Path.Combine(src.RunDir, "metrics.jsonl")).Count(), Is.GreaterThan(6), "the run evaluated in place keeps its files");
+        // training into the folder of the weights it starts from would overwrite them
+        Assert.That(Assert.Throws<ConfigException>(() => new Trainer(ExperimentConfig.Parse(SmallRun("ft-source", [$"model.init_from={src.RunDir}", .. frozen])),
+            TextWriter.Null).Run())!.Message, Does.Contain("lies in this run's folder").And.Contain("name=ft-source-ft"));
 
         // bf16: the optimizer's fp32 masters start from the source's float32 values, not from their bf16 roundings
         var bf = new Trainer(ExperimentConfig.Parse(SmallRun("ft-bf16", [$"model.init_from={src.RunDir}", "trainer.precision=bf16", .. frozen])),
@@ -119,13 +126,17 @@ public class TrainingTests
         var (state, _) = Checkpoint.Load(Path.Combine(bf.RunDir, "checkpoints", "step-0000002"));
         foreach (var (name, p) in source.named_parameters())
             Assert.That(Same(state["master." + name], p), Is.True, name);
+        // and a bf16 run folder hands on those float32 masters (its model.safetensors holds bf16)
+        using (var fromBf16Run = LoadCpu(bf.RunDir))
+            foreach (var ((name, a), (_, b)) in source.named_parameters().Zip(fromBf16Run.named_parameters()))
+                Assert.That(Same(a, b), Is.True, name);
         Assert.That(source.named_parameters().Any(np => !Same(np.parameter.to(ScalarType.BFloat16).to(ScalarType.Float32), np.parameter)),
             "some source weight must not be a bf16 value, or the check above proves nothing");
         foreach (var t in state.Values) t.Dispose();
 
         // the sizes are the weights': a model.config size that differs gives way, with a warning
         log = new StringWriter();
-        var resized = new Trainer(ExperimentConfig.Parse(SmallRun("ft-sizes", [$"model.init_from={src.RunDir}", "model.config.n_layer=2", .. frozen])), log).Run();
+        var resized = new Trainer(ExperimentConfig.Parse(SmallRun("ft-sizes", [$"model.init_from={src.RunDir}", .. frozen, "model.config.n_layer=2"])), log).Run();
         Assert.That(log.ToString(), Does.Contain("fixes the model's sizes (n_layer 1"));
         using (var kept = LoadCpu(resized.RunDir)) Assert.That(kept.config.n_layer, Is.EqualTo(1));
         Assert.That(Assert.Throws<InvalidDataException>(() => FlashAttn.Models.ViTConfig.FromWeights(Path.Combine(src.RunDir, "model.safetensors")))!.Message,

@@ -50,14 +50,17 @@ public class TrainingVitTests
             var file = Path.Combine(root, "timm.safetensors");
             SafeTensors.Save(file, src.named_parameters().Select(np => new KeyValuePair<string, Tensor>(np.name, np.parameter.detach().contiguous())),
                 new Dictionary<string, string> { ["format"] = "pt" });
-            var read = ViTConfig.FromWeights(file);
+            // width 128 is none of timm's standard ones: the head count must be given
+            Assert.That(Assert.Throws<InvalidDataException>(() => ViTConfig.FromWeights(file))!.Message, Does.Contain("model.config.n_head"));
+            var read = ViTConfig.FromWeights(file, num_heads: 2);
             Assert.That((read.embed_dim, read.num_heads, read.depth, read.patch_size, read.img_size, read.num_classes, read.mlp_ratio),
                 Is.EqualTo((128L, 2L, 2L, 8L, 32L, 5L, 4.0)));
 
             // fine-tuned at 48 px (a 6 x 6 grid) on 2 classes with lr 0: it ends with the source's weights, adapted
             var log = new StringWriter();
             var r = new Trainer(ExperimentConfig.Parse([
-                "experiment=imagefolder/vit-ti16", $"model.init_from={file}", $"datamodule.dataset={root}", "datamodule.image_size=48",
+                "experiment=imagefolder/vit-ti16", $"model.init_from={file}", "model.config.n_head=2", "trainer.accelerator=cpu",
+                $"datamodule.dataset={root}", "datamodule.image_size=48",
                 "datamodule.batch_size=8", "train.global_batch_size=8", "trainer.precision=32", "trainer.max_steps=1", "train.optimizer.lr=0",
                 "train.scheduler.warmup_lr_init=0", "trainer.val_check_interval=0", "trainer.checkpoint_every_n_steps=0",
                 $"trainer.default_root_dir={Path.Combine(root, "runs")}", "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.plot=false",
@@ -71,6 +74,16 @@ public class TrainingVitTests
                 Assert.That(Same(own[name], p), Is.True, name);
             Assert.That(own["head.weight"].shape, Is.EqualTo(new long[] { 2, 128 }));
             Assert.That(Same(own["pos_embed"], VisionTransformer.ResamplePositions(src.named_parameters().First(np => np.name == "pos_embed").parameter.detach(), 6)));
+
+            // a file without a head (timm's num_classes=0) loads into a model with one, which keeps its initialisation
+            var headless = Path.Combine(root, "headless.safetensors");
+            SafeTensors.Save(headless, src.named_parameters().Where(np => !np.name.StartsWith("head."))
+                .Select(np => new KeyValuePair<string, Tensor>(np.name, np.parameter.detach().contiguous())), new Dictionary<string, string> { ["format"] = "pt" });
+            Assert.That(ViTConfig.FromWeights(headless, num_heads: 2).num_classes, Is.EqualTo(0));
+            using var withHead = new VisionTransformer((cfg with { num_classes = 3 }).WithFusions(false));
+            var headLog = new StringWriter();
+            withHead.load_pretrained(headless, headLog);
+            Assert.That(headLog.ToString(), Does.Contain("head.weight: not in the weights"));
 
             // the resampling: the class token's row kept, the identity at the same grid, a field constant over the grid stays so
             var pos = randn(1, 17, 8);
