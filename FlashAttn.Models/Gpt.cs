@@ -85,6 +85,10 @@ public sealed record GPTConfig
     public bool fused_cross_entropy { get; init; } = true;
     /// <summary>true: the residual stream is kept in float32 when the model runs in bf16/fp16 (the seed's setting).</summary>
     public bool residual_in_fp32 { get; init; } = true;
+    /// <summary>0: the fused MLP keeps fc1's pre-activation and the activation for the backward; 1: the pre-activation only
+    /// (the activation is recomputed); 2: neither (fc1 is recomputed). flash-attn's GPT knob (the seed's 2.7B sets 0);
+    /// it trades memory for recomputation in the fused MLP only.</summary>
+    public int mlp_checkpoint_lvl { get; init; }
 
     /// <summary>vocab_size rounded up to a multiple of pad_vocab_size_multiple: the rows of wte and the logits' width.</summary>
     public long padded_vocab_size =>
@@ -177,6 +181,7 @@ public sealed record GPTConfig
         Require(rotary_emb_fraction > 0 || n_positions > 0, "learned positions need n_positions > 0");
         foreach (var (p, n) in new[] { (resid_pdrop, "resid_pdrop"), (embd_pdrop, "embd_pdrop"), (attn_pdrop, "attn_pdrop") })
             Require(p >= 0 && p < 1, $"{n} ({p}) must be in [0, 1)");
+        Require(mlp_checkpoint_lvl is >= 0 and <= 2, $"mlp_checkpoint_lvl ({mlp_checkpoint_lvl}) must be 0, 1 or 2");
     }
 }
 
@@ -192,7 +197,8 @@ public sealed record BlockNames(string norm1, string norm2, string qkv, string p
 /// <summary>What a <see cref="Block"/> computes, shared by GPT and ViT.</summary>
 public sealed record BlockSettings(long d_model, long n_head, long head_dim, long d_inner, string activation, bool causal,
     double? softmax_scale, double attn_pdrop, long rotary_dim, double rotary_base, bool rotary_interleaved, double layer_norm_epsilon,
-    bool use_flash_attn, bool fused_bias_fc, bool fused_mlp, bool fused_dropout_add_ln, bool residual_in_fp32, BlockNames names);
+    bool use_flash_attn, bool fused_bias_fc, bool fused_mlp, bool fused_dropout_add_ln, bool residual_in_fp32, BlockNames names,
+    int mlp_checkpoint_lvl = 0);
 
 /// <summary>
 /// The pre-allocated keys and values of every layer for incremental decoding: (batch, max_length, n_head, head_dim)
@@ -241,7 +247,8 @@ internal static class Fused
     /// <summary>fc2(act(fc1(x))): flash_attn.fused_mlp_func (FusedMLP: bias + activation in fc1's GEMM epilogue, their
     /// gradients in fc2's backward GEMM) when fused and the activation is tanh-GELU or ReLU; else two linears (each fused
     /// or not by fusedBiasFc) around TorchSharp's activation.</summary>
-    internal static Tensor Mlp(Linear fc1, Linear fc2, string activation, Tensor x, bool fusedMlp, bool fusedBiasFc, bool training)
+    internal static Tensor Mlp(Linear fc1, Linear fc2, string activation, Tensor x, bool fusedMlp, bool fusedBiasFc, bool training,
+        int checkpointLvl = 0)
     {
         var fusedAct = activation switch
         {
@@ -250,7 +257,8 @@ internal static class Fused
             _ => null, // exact GELU (ViT) has no fused epilogue
         };
         if (fusedMlp && fusedAct is not null)
-            return flash_attn.fused_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, fusedAct, save_pre_act: training);
+            return flash_attn.fused_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, fusedAct, save_pre_act: training,
+                checkpoint_lvl: checkpointLvl);
         return Linear(fc2, Activation(Linear(fc1, x, fusedBiasFc), activation), fusedBiasFc);
     }
 
@@ -380,7 +388,7 @@ public sealed class Mlp : nn.Module
     public Linear fc1 => _fc1;
     public Linear fc2 => _fc2;
 
-    public Tensor forward(Tensor x) => Fused.Mlp(_fc1, _fc2, _s.activation, x, _s.fused_mlp, _s.fused_bias_fc, training);
+    public Tensor forward(Tensor x) => Fused.Mlp(_fc1, _fc2, _s.activation, x, _s.fused_mlp, _s.fused_bias_fc, training, _s.mlp_checkpoint_lvl);
 }
 
 /// <summary>
@@ -460,7 +468,7 @@ public sealed class GPTModel : nn.Module<Tensor, Tensor>
             var s = new BlockSettings(config.n_embd, config.n_head, hd, config.n_inner, config.activation_function, causal: true,
                 scale, config.attn_pdrop, config.rotary_emb_dim, config.rotary_emb_base, config.rotary_emb_interleaved,
                 config.layer_norm_epsilon, config.use_flash_attn, config.fused_bias_fc, config.fused_mlp,
-                config.fused_dropout_add_ln, config.residual_in_fp32, BlockNames.Gpt2);
+                config.fused_dropout_add_ln, config.residual_in_fp32, BlockNames.Gpt2, config.mlp_checkpoint_lvl);
             return new Block(s, i, dropout1: i == 0 ? config.embd_pdrop : config.resid_pdrop, dropout2: config.resid_pdrop,
                              device: device, dtype: dtype);
         }).ToArray());

@@ -49,6 +49,7 @@ public sealed class ExperimentConfig
         new("model.config.fused_dropout_add_ln", ConfigType.Bool, null, "fused dropout + residual + LayerNorm", Nullable: true),
         new("model.config.fused_cross_entropy", ConfigType.Bool, null, "fused cross-entropy loss", Nullable: true),
         new("model.config.residual_in_fp32", ConfigType.Bool, null, "keep the residual stream in fp32", Nullable: true),
+        new("model.config.mlp_checkpoint_lvl", ConfigType.Int, null, "fused MLP recomputation (GPT): 0 keeps fc1's pre-activation and output, 1 the pre-activation, 2 neither", Nullable: true),
 
         new("datamodule.dataset", ConfigType.String, "kjv", "token cache name under datamodule.data_dir (lm) or image folder (image_classification)"),
         new("datamodule.data_dir", ConfigType.String, null, "where token caches live (default: $DATA_DIR, else ./data)", Nullable: true),

@@ -114,7 +114,7 @@ public sealed class LanguageModelingTask : ITrainingTask
         return g;
     }
 
-    /// <summary>The model.config training switches (dropout, the fusions, residual_in_fp32) that are set.</summary>
+    /// <summary>The model.config training switches (dropout, the fusions, residual_in_fp32, mlp_checkpoint_lvl) that are set.</summary>
     public static GPTConfig WithSwitchKeys(GPTConfig g, ExperimentConfig c)
     {
         if (c.FloatOrNull("model.config.dropout") is { } d) g = g with { resid_pdrop = d, embd_pdrop = d, attn_pdrop = d };
@@ -124,6 +124,7 @@ public sealed class LanguageModelingTask : ITrainingTask
         if (c.BoolOrNull("model.config.fused_dropout_add_ln") is { } fl) g = g with { fused_dropout_add_ln = fl };
         if (c.BoolOrNull("model.config.fused_cross_entropy") is { } fc) g = g with { fused_cross_entropy = fc };
         if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) g = g with { residual_in_fp32 = rf };
+        if (c.IntOrNull("model.config.mlp_checkpoint_lvl") is { } lvl) g = g with { mlp_checkpoint_lvl = (int)lvl };
         return g;
     }
 

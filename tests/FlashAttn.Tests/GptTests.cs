@@ -302,6 +302,26 @@ public sealed class GptTests
     }
 
     [Test]
+    public void MlpCheckpointLevels_GiveTheSameGradients()
+    {
+        // the fused MLP's autograd function (its reference pieces here) saves less and recomputes more at levels 1 and 2
+        var ids = randint(0, 256, new long[] { 2, 16 });
+        Dictionary<string, Tensor> Grads(int lvl)
+        {
+            using var m = Build(Tiny() with { mlp_checkpoint_lvl = lvl }, seed: 7);
+            m.loss(ids, ids).backward();
+            return m.named_parameters().ToDictionary(np => np.name, np => np.parameter.grad!.clone());
+        }
+        var g0 = Grads(0);
+        foreach (var lvl in new[] { 1, 2 })
+            foreach (var (name, g) in Grads(lvl))
+                Assert.That(Same(g, g0[name]), Is.True, $"level {lvl}: {name}");
+        Assert.That(Assert.Throws<ArgumentException>(() => Build(Tiny() with { mlp_checkpoint_lvl = 3 }))!.Message, Does.Contain("mlp_checkpoint_lvl"));
+        var c = FlashAttn.Models.Training.ExperimentConfig.Parse(["model.config.mlp_checkpoint_lvl=2"]);
+        Assert.That(FlashAttn.Models.Training.LanguageModelingTask.BuildModelConfig(c, 50257).mlp_checkpoint_lvl, Is.EqualTo(2));
+    }
+
+    [Test]
     public void FromHuggingFace_ReadsGpt2ConfigJson()
     {
         var path = Path.Combine(Path.GetTempPath(), $"hf-config-{Guid.NewGuid():N}.json");
