@@ -8,12 +8,19 @@ namespace FlashAttn;
 
 /// <summary>
 /// Where an op runs: the CUDA kernels for CUDA tensors on sm_80 or newer when libflashattn has CUDA,
-/// the pure-TorchSharp reference otherwise (CPU tensors, older GPUs, the CPU-only library).
+/// the pure-TorchSharp reference otherwise (CPU tensors, older GPUs, the CPU-only library, platforms other than
+/// linux-x64).
 /// </summary>
 public static class Backend
 {
     private static readonly ConcurrentDictionary<int, int> s_capability = new();
-    private static readonly Lazy<bool> s_nativeHasCuda = new(() => NativeMethods.FlashAttn_core_has_cuda() != 0);
+    // The package's native library is linux-x64's: on other platforms nothing is loaded and every op takes the
+    // reference path (on Linux a missing library stays an error: it means a broken install).
+    private static readonly Lazy<bool> s_nativeHasCuda = new(() =>
+        NativePlatform && NativeMethods.FlashAttn_core_has_cuda() != 0);
+
+    /// <summary>Whether libflashattn exists for this platform (linux-x64).</summary>
+    public static bool NativePlatform => OperatingSystem.IsLinux() && RuntimeInformation.ProcessArchitecture == Architecture.X64;
 
     /// <summary>The oldest GPU the kernels are compiled for (mma.sync, bf16): Ampere, sm_80.</summary>
     public const int MinimumCapability = 80;
