@@ -20,6 +20,8 @@ public static class CliApp
                                                    text from a GPT: a run folder (default runs/tiny), one of its
                                                    checkpoints (checkpoints/step-NNNNNNN, checkpoints/last), a Hugging Face
                                                    GPT-2 folder (config.json + model.safetensors) or a .safetensors file
+          flashattn export MODEL OUT_DIR          a GPT (any MODEL sample reads) as a Hugging Face GPT-2 folder:
+                                                   config.json + model.safetensors (float32) for transformers' from_pretrained
           flashattn experiments                    list the experiment files
           flashattn show [key=value ...]           print the resolved configuration without training
           flashattn --help                         this text, with every configuration key
@@ -72,11 +74,22 @@ public static class CliApp
                     return 0;
                 case "prepare":
                     return Prepare(args.Skip(1).ToArray(), stdout, stderr);
+                case "export":
+                {
+                    if (args.Length != 3) { stderr.WriteLine("usage: flashattn export MODEL OUT_DIR"); return 2; }
+                    var source = GptSource.Open(args[1]);
+                    // float32 on the CPU: the source's full-precision weights where it has them (a checkpoint's masters)
+                    using var model = new FlashAttn.Models.GPTLMHeadModel(source.Config.WithFusions(false));
+                    source.LoadInto(model);
+                    model.save_pretrained(args[2]);
+                    stdout.WriteLine($"{args[2]}: config.json and model.safetensors of {source.Name} ({model.num_parameters() / 1e6:F1}M parameters, float32)");
+                    return 0;
+                }
                 case "sample":
                     if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(SampleCommand.Usage); return 0; }
                     return SampleCommand.Run(args.Skip(1).ToArray(), stdout, stderr);
                 default:
-                    stderr.WriteLine($"unknown command '{args[0]}'; valid commands: train, prepare, sample, experiments, show, --help");
+                    stderr.WriteLine($"unknown command '{args[0]}'; valid commands: train, prepare, sample, export, experiments, show, --help");
                     return 2;
             }
         }
@@ -85,7 +98,7 @@ public static class CliApp
             stderr.WriteLine("error: " + e.Message);
             return 2;
         }
-        catch (Exception e) when (e is ArgumentException or FileNotFoundException or InvalidDataException or IOException)
+        catch (Exception e) when (e is ArgumentException or FileNotFoundException or InvalidDataException or IOException or NotSupportedException)
         {
             stderr.WriteLine("error: " + e.Message);
             return 1;

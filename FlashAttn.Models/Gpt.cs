@@ -704,4 +704,42 @@ public sealed class GPTLMHeadModel : nn.Module<Tensor, Tensor>
         };
         SafeTensors.Save(path, tensors, meta);
     }
+
+    /// <summary>
+    /// Writes a Hugging Face GPT-2 folder, as transformers' save_pretrained: config.json (GPT2Config) and model.safetensors
+    /// in float32 with the unpadded vocabulary (lm_head left to the tie when tied). GPT2LMHeadModel.from_pretrained(dir)
+    /// and <see cref="GPTConfig.FromHuggingFace"/> read it. GPT-2 has no rotary embedding and no head_dim of its own:
+    /// such models have no GPT-2 form.
+    /// </summary>
+    public void save_pretrained(string dir)
+    {
+        var c = config;
+        if (c.rotary_emb_fraction > 0) throw new NotSupportedException("a rotary model has no Hugging Face GPT-2 form (GPT-2 has learned positions)");
+        if (c.head_dim * c.n_head != c.n_embd)
+            throw new NotSupportedException($"head_dim {c.head_dim} × n_head {c.n_head} != n_embd {c.n_embd}: GPT-2 derives the head size from n_embd");
+        Directory.CreateDirectory(dir);
+        using (var scope = NewDisposeScope())
+        {
+            var tensors = named_parameters().Select(np =>
+            {
+                var t = np.parameter.detach();
+                if (np.name is "transformer.wte.weight" or "lm_head.weight") t = t.narrow(0, 0, c.vocab_size); // padding rows dropped
+                if (IsConv1D(np.name)) t = t.t();
+                return new KeyValuePair<string, Tensor>(np.name, t.to(ScalarType.Float32).contiguous().cpu());
+            });
+            SafeTensors.Save(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        }
+        var json = new System.Text.Json.Nodes.JsonObject
+        {
+            ["architectures"] = new System.Text.Json.Nodes.JsonArray("GPT2LMHeadModel"), ["model_type"] = "gpt2",
+            ["vocab_size"] = c.vocab_size, ["n_positions"] = c.n_positions, ["n_ctx"] = c.n_positions, ["n_embd"] = c.n_embd,
+            ["n_layer"] = c.n_layer, ["n_head"] = c.n_head, ["n_inner"] = c.n_inner == 4 * c.n_embd ? null : c.n_inner,
+            ["activation_function"] = c.activation_function, ["resid_pdrop"] = c.resid_pdrop, ["embd_pdrop"] = c.embd_pdrop,
+            ["attn_pdrop"] = c.attn_pdrop, ["layer_norm_epsilon"] = c.layer_norm_epsilon, ["initializer_range"] = c.initializer_range,
+            ["scale_attn_weights"] = c.scale_attn_weights, ["scale_attn_by_inverse_layer_idx"] = c.scale_attn_by_inverse_layer_idx,
+            ["tie_word_embeddings"] = c.tie_word_embeddings, ["bos_token_id"] = c.vocab_size - 1, ["eos_token_id"] = c.vocab_size - 1,
+            ["torch_dtype"] = "float32",
+        };
+        File.WriteAllText(Path.Combine(dir, "config.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
 }

@@ -161,6 +161,43 @@ public class SampleTests
     }
 
     [Test]
+    public void ExportWritesAHuggingFaceGpt2FolderThatLoadsBack()
+    {
+        // the seed's layer-index scaling and a non-default MLP width travel in config.json
+        var cfg = new GPTConfig { n_layer = 2, n_embd = 32, n_head = 2, n_positions = 32, n_inner = 96, scale_attn_by_inverse_layer_idx = true };
+        manual_seed(5);
+        using var src = new GPTLMHeadModel(cfg.WithFusions(false));
+        var file = Path.Combine(_root, "ours.safetensors");
+        src.save_safetensors(file);
+        var hf = Path.Combine(_root, "hf");
+        var (rc, o, err) = Cli("export", file, hf);
+        Assert.That(rc, Is.EqualTo(0), err);
+        Assert.That(o, Does.Contain("config.json and model.safetensors"));
+
+        var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(hf, "config.json")))!;
+        Assert.That((json["model_type"]!.GetValue<string>(), json["n_inner"]!.GetValue<long>(), json["scale_attn_by_inverse_layer_idx"]!.GetValue<bool>(),
+            json["vocab_size"]!.GetValue<long>()), Is.EqualTo(("gpt2", 96L, true, 50257L)));
+        var (infos, _) = SafeTensors.ReadHeader(Path.Combine(hf, "model.safetensors"));
+        Assert.That(infos["transformer.wte.weight"].shape, Is.EqualTo(new long[] { 50257, 32 }), "the vocabulary without padding rows");
+        Assert.That(infos["transformer.h.0.attn.c_attn.weight"].shape, Is.EqualTo(new long[] { 32, 96 }), "Conv1D layout (in, out)");
+        Assert.That(infos["transformer.h.1.mlp.c_fc.weight"].dtype, Is.EqualTo("F32"));
+        Assert.That(infos.Keys, Has.None.EqualTo("lm_head.weight"), "tied: left to the tie, as transformers saves it");
+
+        // read back as a Hugging Face folder: the same model, the same greedy text
+        var ids = tensor(new long[] { 464, 3290, 318 }, [1, 3], ScalarType.Int64);
+        var source = GptSource.Open(hf);
+        using var back = new GPTLMHeadModel(source.Config.WithFusions(false));
+        source.LoadInto(back);
+        Assert.That(Same(SampleCommand.GenerateLong(back, ids, 20, temperature: 0), SampleCommand.GenerateLong(src, ids, 20, temperature: 0)), Is.True);
+
+        using var rotary = new GPTLMHeadModel((cfg with { rotary_emb_fraction = 0.5 }).WithFusions(false));
+        rotary.save_safetensors(file);
+        (rc, _, err) = Cli("export", file, Path.Combine(_root, "hf-rotary"));
+        Assert.That(rc, Is.EqualTo(1));
+        Assert.That(err, Does.Contain("rotary model has no Hugging Face GPT-2 form"));
+    }
+
+    [Test]
     public void WrongFoldersAndOptionsAreErrorsThatSayWhatToDo()
     {
         var (rc, _, err) = Cli("sample", "--device", "cpu", Path.Combine(_root, "missing"));
