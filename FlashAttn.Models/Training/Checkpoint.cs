@@ -125,7 +125,9 @@ public static class Checkpoint
         fs.Flush(true);
     }
 
-    public static Dictionary<string, Tensor> ReadTensors(string path)
+    /// <summary>The named tensors of a state.bin; <paramref name="keep"/> selects by name (the others are skipped unread:
+    /// the masters alone are a third of a checkpoint).</summary>
+    public static Dictionary<string, Tensor> ReadTensors(string path, Func<string, bool>? keep = null)
     {
         using var r = new BinaryReader(File.OpenRead(path), Encoding.UTF8);
         if (r.ReadString() != Magic) throw new InvalidDataException($"{path}: not a FlashAttn checkpoint");
@@ -138,6 +140,11 @@ public static class Checkpoint
             var shape = new long[r.ReadInt32()];
             for (int d = 0; d < shape.Length; d++) shape[d] = r.ReadInt64();
             long len = r.ReadInt64();
+            if (keep is not null && !keep(name))
+            {
+                r.BaseStream.Seek(len, SeekOrigin.Current);
+                continue;
+            }
             var t = empty(shape, dtype);
             var buf = r.ReadBytes(checked((int)len));
             t.bytes = buf;

@@ -10,7 +10,8 @@ namespace FlashAttn.Models.Training;
 /// `flashattn train` writes when it ends), a checkpoint folder (trainer.json + state.bin: the fp32 master weights) or a
 /// run's checkpoints/last pointer, a Hugging Face GPT-2 folder (config.json + model.safetensors: a download of gpt2,
 /// gpt2-medium, ..., distilgpt2), or one .safetensors file written by GPTLMHeadModel.save_safetensors.
-/// `flashattn sample` generates from one; model.init_from starts a training run from one (fine-tuning).
+/// `flashattn sample` generates from one, `flashattn export` converts one to a Hugging Face folder, and model.init_from
+/// starts a training run from one (fine-tuning).
 /// </summary>
 public sealed class GptSource
 {
@@ -126,7 +127,7 @@ public sealed class GptSource
 
     static void LoadMasters(GPTLMHeadModel model, string dir)
     {
-        var (tensors, _) = Checkpoint.Load(dir);
+        var tensors = Checkpoint.ReadTensors(System.IO.Path.Combine(dir, "state.bin"), name => name.StartsWith("master.", StringComparison.Ordinal));
         try
         {
             using var _ = no_grad();
