@@ -17,7 +17,7 @@ public sealed class ImageClassificationTask : ITrainingTask
     readonly Device _device;
     readonly ScalarType _dtype;
     readonly int _size;
-    VisionTransformer? _initial; // model.init_from's float32 weights until the optimizer has taken them
+    InitialWeights? _initial;
     readonly long _seed;
 
     public ImageClassificationTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
@@ -64,12 +64,9 @@ public sealed class ImageClassificationTask : ITrainingTask
             log.WriteLine($"model.init_from: the architecture of {weights}; the weights come from the resumed checkpoint");
         else if (weights is not null)
         {
-            // in float32 on the CPU first: the optimizer's fp32 masters start from these values (InitializeOptimizer)
-            _initial = new VisionTransformer(v.WithFusions(false), CPU, ScalarType.Float32);
-            _initial.load_pretrained(weights, log);
-            using var _ = no_grad();
-            var source = _initial.named_parameters().ToDictionary(np => np.name, np => np.parameter);
-            foreach (var (param, p) in _model.named_parameters()) p.copy_(source[param]);
+            var fp32 = new VisionTransformer(v.WithFusions(false), CPU, ScalarType.Float32);
+            fp32.load_pretrained(weights, log);
+            _initial = new InitialWeights(fp32, _model);
             log.WriteLine($"model.init_from: ViT weights from {weights}");
         }
         Parameters = _model.parameter_groups().ToList();
@@ -141,14 +138,7 @@ public sealed class ImageClassificationTask : ITrainingTask
 
     public void SaveWeights(string path) => _model.save_safetensors(path);
 
-    /// <summary>With model.init_from, the masters start from the float32 weights (then released).</summary>
-    public void InitializeOptimizer(MixedPrecisionAdamW optimizer)
-    {
-        if (_initial is null) return;
-        optimizer.SetMasters(_initial.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter));
-        _initial.Dispose();
-        _initial = null;
-    }
+    public void InitializeOptimizer(MixedPrecisionAdamW optimizer) => _initial?.HandTo(optimizer);
 
     public void Dispose()
     {

@@ -11,7 +11,7 @@ namespace FlashAttn.Models.Training;
 public sealed class LanguageModelingTask : ITrainingTask
 {
     readonly GPTLMHeadModel _model;
-    GPTLMHeadModel? _initial; // model.init_from's float32 weights until the optimizer has taken them
+    InitialWeights? _initial;
     readonly TokenArray _train, _val;
     readonly LmBatchSampler _sampler;
     readonly Device _device;
@@ -67,13 +67,9 @@ public sealed class LanguageModelingTask : ITrainingTask
             log.WriteLine($"model.init_from: the architecture of {init.Path}; the weights come from the resumed checkpoint");
         else if (init is not null)
         {
-            // in float32 on the CPU first: the optimizer's fp32 master weights start from these values, not from the
-            // 16-bit copies the model computes with (InitializeOptimizer)
-            _initial = new GPTLMHeadModel(init.Config.WithFusions(false), CPU, ScalarType.Float32);
-            init.LoadInto(_initial);
-            using var _ = no_grad();
-            var source = _initial.named_parameters().ToDictionary(np => np.name, np => np.parameter);
-            foreach (var (param, p) in _model.named_parameters()) p.copy_(source[param]);
+            var fp32 = new GPTLMHeadModel(init.Config.WithFusions(false), CPU, ScalarType.Float32);
+            init.LoadInto(fp32);
+            _initial = new InitialWeights(fp32, _model);
             log.WriteLine($"model.init_from: weights of {init.Name} from {init.Path}");
         }
         Parameters = _model.parameter_groups().ToList();
@@ -185,14 +181,7 @@ public sealed class LanguageModelingTask : ITrainingTask
 
     public string? ModelConfigJson => System.Text.Json.JsonSerializer.Serialize(Config);
 
-    /// <summary>With model.init_from, the masters start from the float32 weights (then released).</summary>
-    public void InitializeOptimizer(MixedPrecisionAdamW optimizer)
-    {
-        if (_initial is null) return;
-        optimizer.SetMasters(_initial.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter));
-        _initial.Dispose();
-        _initial = null;
-    }
+    public void InitializeOptimizer(MixedPrecisionAdamW optimizer) => _initial?.HandTo(optimizer);
 
     public void Dispose()
     {
