@@ -82,6 +82,9 @@ public static class SampleCommand
     public static Tensor GenerateLong(GPTLMHeadModel model, Tensor ids, int maxNewTokens, double temperature = 1.0, int? topK = null,
         double? topP = null, bool useCache = true, Generator? generator = null)
     {
+        if (ids.dim() != 2 || ids.shape[1] < 1 || ids.dtype != ScalarType.Int64)
+            throw new ArgumentException($"ids must be int64 (batch, seqlen >= 1), got {ids.dtype} [{string.Join(", ", ids.shape)}]", nameof(ids));
+        if (maxNewTokens < 0) throw new ArgumentException("maxNewTokens must be >= 0", nameof(maxNewTokens));
         var c = model.config;
         long window = c.rotary_emb_fraction > 0 ? long.MaxValue : c.n_positions;
         int first = (int)Math.Clamp(window - ids.shape[1], 0, maxNewTokens);

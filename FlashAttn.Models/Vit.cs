@@ -273,8 +273,11 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     /// image (bicubic, antialiased when it shrinks; timm's resample_abs_pos_embed).</summary>
     public static Tensor ResamplePositions(Tensor posEmbed, long grid)
     {
+        long g = posEmbed.dim() == 3 ? (long)Math.Round(Math.Sqrt(posEmbed.shape[1] - 1)) : 0, d = posEmbed.dim() == 3 ? posEmbed.shape[2] : 0;
+        if (posEmbed.dim() != 3 || posEmbed.shape[0] != 1 || g < 1 || g * g != posEmbed.shape[1] - 1 || !posEmbed.is_floating_point())
+            throw new ArgumentException($"posEmbed must be floating (1, 1 + g*g, D), got {posEmbed.dtype} [{string.Join(", ", posEmbed.shape)}]", nameof(posEmbed));
+        if (grid < 1) throw new ArgumentException($"grid ({grid}) must be >= 1", nameof(grid));
         using var scope = NewDisposeScope();
-        long g = (long)Math.Round(Math.Sqrt(posEmbed.shape[1] - 1)), d = posEmbed.shape[2];
         var image = posEmbed[.., 1..].to(ScalarType.Float32).reshape(1, g, g, d).permute(0, 3, 1, 2);
         var resized = F.interpolate(image, new[] { grid, grid }, mode: InterpolationMode.Bicubic, align_corners: false, antialias: grid < g);
         var rows = resized.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(posEmbed.dtype);

@@ -133,7 +133,9 @@ public sealed class MixedPrecisionAdamW : IDisposable
         using var _ = no_grad();
         foreach (var s in _slots)
         {
-            if (!weights.TryGetValue(s.Name, out var w)) throw new InvalidDataException($"no weights for {s.Name}");
+            if (!weights.TryGetValue(s.Name, out var w)) throw new ArgumentException($"weights holds no {s.Name}", nameof(weights));
+            if (!w.shape.SequenceEqual(s.Master.shape) || !w.is_floating_point())
+                throw new ArgumentException($"weights[{s.Name}] is {w.dtype} [{string.Join(", ", w.shape)}]; the parameter is [{string.Join(", ", s.Master.shape)}]", nameof(weights));
             s.Master.copy_(w);
             if (_separateMaster) s.Param.copy_(s.Master);
         }

@@ -198,6 +198,25 @@ public class SampleTests
     }
 
     [Test]
+    public void BadTensorsAreArgumentExceptionsNamingTheArgument()
+    {
+        using var model = NewModel(SmallConfig(), 1);
+        void Names(string argument, TestDelegate call) => Assert.That(Assert.Throws<ArgumentException>(call)!.ParamName, Is.EqualTo(argument));
+        Names("ids", () => SampleCommand.GenerateLong(model, zeros([4], ScalarType.Int64), 2));
+        Names("ids", () => SampleCommand.GenerateLong(model, zeros([1, 3], ScalarType.Float32), 2));
+        Names("maxNewTokens", () => SampleCommand.GenerateLong(model, zeros([1, 3], ScalarType.Int64), -1));
+        Names("posEmbed", () => VisionTransformer.ResamplePositions(zeros(1, 16, 8), 4)); // no class-token row: 15 is not a square
+        Names("posEmbed", () => VisionTransformer.ResamplePositions(zeros(17, 8), 4));
+        Names("grid", () => VisionTransformer.ResamplePositions(zeros(1, 17, 8), 0));
+        using var opt = new MixedPrecisionAdamW(model.parameter_groups(), Precision.Bf16);
+        var wrong = model.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter);
+        wrong["transformer.wte.weight"] = zeros(3, 3);
+        Names("weights", () => opt.SetMasters(wrong));
+        wrong.Remove("transformer.wte.weight");
+        Names("weights", () => opt.SetMasters(wrong));
+    }
+
+    [Test]
     public void WrongFoldersAndOptionsAreErrorsThatSayWhatToDo()
     {
         var (rc, _, err) = Cli("sample", "--device", "cpu", Path.Combine(_root, "missing"));
