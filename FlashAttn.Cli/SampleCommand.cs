@@ -46,10 +46,7 @@ public static class SampleCommand
         if (source.Config.vocab_size != tokenizer.VocabSize)
             throw new InvalidDataException($"{o.Path}: the model's vocab_size is {source.Config.vocab_size}; the {tokenizer.Name} tokenizer has {tokenizer.VocabSize}");
         // a CPU computes in float32; on a GPU the run's 16-bit type (the kernels' types), float32 only for a float32 run
-        var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : source.Precision switch
-        {
-            Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32,
-        };
+        var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : Trainer.ComputeDtype(source.Precision);
         using var model = new GPTLMHeadModel(source.ForDevice(device, stderr), device, dtype);
         source.LoadInto(model);
         var prompt = tokenizer.Encode(o.Prompt).Select(i => (long)i).ToArray();

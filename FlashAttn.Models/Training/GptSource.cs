@@ -44,9 +44,7 @@ public sealed class GptSource
 
     static GptSource Open(string path, int depth)
     {
-        // checkpoints/last: the pointer file the trainer replaces after each save
-        if (File.Exists(path) && System.IO.Path.GetFileName(path) == "last")
-            path = Checkpoint.Resolve("last", System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
+        path = Checkpoint.Pin(path); // checkpoints/last: the folder the pointer names now
         string In(string name) => System.IO.Path.Combine(path, name);
         if (File.Exists(In("trainer.json")))
         {

@@ -38,6 +38,10 @@ public sealed class Trainer
 
     public static Precision ParsePrecision(string p) => p switch { "32" => Precision.Fp32, "bf16" => Precision.Bf16, "16" => Precision.Fp16, _ => throw new ConfigException($"trainer.precision={p}; valid values: 32, bf16, 16") };
 
+    /// <summary>The type the model computes in: bf16, fp16, or float32.</summary>
+    public static ScalarType ComputeDtype(Precision precision) =>
+        precision switch { Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32 };
+
     public static Device ResolveDevice(ExperimentConfig c) => ResolveDevice(c.Str("trainer.accelerator"));
 
     /// <summary>auto: CUDA when a device is available, else the CPU. <paramref name="setting"/> names the option in errors.</summary>
@@ -61,7 +65,7 @@ public sealed class Trainer
         var device = ResolveDevice(_c);
         int threads = (int)_c.Int("trainer.num_threads");
         if (device.type == DeviceType.CPU && threads > 0) torch.set_num_threads(threads);
-        var computeDtype = precision switch { Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32 };
+        var computeDtype = ComputeDtype(precision);
         long seed = _c.Int("seed");
         long maxSteps = _c.Int("trainer.max_steps");
 
