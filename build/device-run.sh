@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [package] [train] [bench] [memory] [peers] [sanitize]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [package] [train] [ops] [bench] [memory] [peers] [sanitize]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -104,6 +104,20 @@ if want train; then
   cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 
+if want ops; then
+  # The memory-bound kernels against a copy of the same bytes, natively (no .NET); OPS_NCU='op size' adds an ncu
+  # report (memory and occupancy sections) of that case's kernels, e.g. OPS_NCU='norm_fwd 8192'.
+  /tmp/flashattn-native/FlashAttn.Native/ops_bench >"$OUT/ops.tsv" 2>"$OUT/ops.err"
+  summary+=("ops_bench: rc $?")
+  if [ -n "${OPS_NCU:-}" ]; then
+    # shellcheck disable=SC2086
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section SchedulerStats -k 'regex:norm|cross|rotary' \
+      --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
+    summary+=("ops ncu ($OPS_NCU): rc $?")
+  fi
+fi
+
 if want bench; then
   # BENCH_FILTER may hold several globs separated by spaces: split, never expanded against files.
   set -f; "$app"/FlashAttn.Benchmarks --filter ${BENCH_FILTER:-*} >"$OUT/bench.log" 2>&1; rc=$?; set +f
@@ -122,6 +136,7 @@ if want peers && [ -f .device/peers/pytorch_baselines.py ]; then
 fi
 
 echo
+[ -f "$OUT/ops.tsv" ] && cat "$OUT/ops.tsv"
 [ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
 [ -f "$OUT/memory.tsv" ] && grep "^bench" "$OUT/memory.tsv"
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
