@@ -149,8 +149,8 @@ public static class TokenCache
     }
 
     /// <summary>How the split of <paramref name="meta"/>'s cache differs from the one <paramref name="options"/> would make
-    /// (validation ratio, split seed, and for .txt sources how they became documents): one "setting: cache's (options')"
-    /// entry each; none when they agree.</summary>
+    /// (validation ratio, split seed, and for .txt sources how they became documents): one "setting cache's-value
+    /// (options'-value)" entry each; none when they agree.</summary>
     public static IReadOnlyList<string> SplitDifferences(TokenCacheMeta meta, PrepareOptions options)
     {
         var d = new List<string>();
