@@ -11,10 +11,13 @@ public static class CliApp
         flashattn: the flash-attention training recipes on FlashAttn.TorchSharp
 
         usage:
-          flashattn train [key=value ...]          train an experiment (default: experiment=tiny)
+          flashattn train [key=value ...]          train an experiment (default: experiment=tiny) into runs/<name>, a folder
+                                                   of its own (resume=last continues it; trainer.overwrite=true replaces it)
           flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N]
                                                    tokenize corpora (folders or files of .txt, .jsonl, .jsonl.zst, .parquet,
-                                                   or embedded:kjv) into ${DATA_DIR}/<name> (./data/<name> when DATA_DIR is unset)
+                                                   or embedded:kjv) into ${DATA_DIR}/<name> (./data/<name> when DATA_DIR is unset);
+                                                   a .txt file's documents are its paragraphs; --val-ratio (default 0.02, as
+                                                   datamodule.val_ratio) is the validation share of the documents
           flashattn sample [RUN] [--prompt TEXT] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                            [--seed S] [--device auto|cpu|cuda]
                                                    text from a GPT: a run folder (default runs/tiny), one of its
@@ -32,7 +35,7 @@ public static class CliApp
           flashattn train experiment=owt/gpt2m-flash trainer.precision=bf16 datamodule.batch_size=8
           flashattn sample --prompt "In the beginning" --num-samples 2     # after the first example
           flashattn train model.init_from=gpt2 name=mine-ft datamodule.dataset=mine datamodule.sources=mine.txt   # fine-tune a GPT-2 download
-          flashattn prepare openwebtext /data/openwebtext/plain_text    # the Hub's parquet files
+          flashattn prepare openwebtext /data/openwebtext/plain_text --val-ratio 0.0005   # the Hub's parquet files, the owt experiments' split
         """;
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)

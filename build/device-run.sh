@@ -96,9 +96,10 @@ fi
 
 if want train; then
   # The seed's experiment with every fusion on, on a corpus prepared there (the embedded one: no
-  # OpenWebText on the device); TRAIN_ARGS adds or overrides keys.
+  # OpenWebText on the device); TRAIN_ARGS adds or overrides keys. A machine still warm from an earlier call holds
+  # that call's run: replaced (trainer.overwrite=true), as each call measures a fresh run.
   DATA_DIR=/tmp/flashattn-data "$app"/flashattn train experiment=owt/gpt2s-flash datamodule.dataset=kjv \
-    datamodule.sources=embedded:kjv datamodule.val_ratio=0.01 trainer.default_root_dir=/tmp/flashattn-runs \
+    datamodule.sources=embedded:kjv datamodule.val_ratio=0.01 trainer.default_root_dir=/tmp/flashattn-runs trainer.overwrite=true \
     ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1
   summary+=("train: rc $?")
   cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/" 2>/dev/null

@@ -4,8 +4,8 @@ using System.Text.Json;
 
 namespace FlashAttn.Models.Data;
 
-/// <summary>Streams documents from corpus inputs: files or folders (recursively) of .txt (one
-/// document per file), .jsonl / .jsonl.gz / .jsonl.zst (one document per line, "text" field: the
+/// <summary>Streams documents from corpus inputs: files or folders (recursively) of .txt (its
+/// paragraphs, <see cref="SplitText"/>), .jsonl / .jsonl.gz / .jsonl.zst (one document per line, "text" field: the
 /// Pile's format) and .parquet (a "text" column: OpenWebText's layout on the Hub); and the corpus
 /// embedded in this assembly, named "embedded:kjv".</summary>
 public static class CorpusReader
@@ -20,6 +20,12 @@ public static class CorpusReader
             .Select(n => n[ResourcePrefix.Length..^".jsonl.gz".Length]).Order().ToList();
 
     const string ResourcePrefix = "FlashAttn.Models.Data.Corpus.";
+
+    /// <summary>The longest document <see cref="SplitText"/> makes: about 500 GPT-2 tokens of English.</summary>
+    public const int TextChunkChars = 2000;
+
+    /// <summary>How <see cref="SplitText"/> cuts a .txt file, as a token cache records it.</summary>
+    public static string TextDocuments => $"blank-line paragraphs of at most {TextChunkChars} characters";
 
     /// <summary>The files an input names, in a stable order (ordinal sort within each folder).</summary>
     public static IReadOnlyList<string> ExpandInputs(IEnumerable<string> inputs)
@@ -70,12 +76,50 @@ public static class CorpusReader
                 ?? throw new FileNotFoundException(res), CompressionMode.Decompress), file);
         }
         var lower = file.ToLowerInvariant();
-        if (lower.EndsWith(".txt")) return [File.ReadAllText(file)];
+        if (lower.EndsWith(".txt")) return SplitText(File.ReadAllText(file));
         if (lower.EndsWith(".jsonl")) return ReadJsonl(() => File.OpenRead(file), file);
         if (lower.EndsWith(".jsonl.gz")) return ReadJsonl(() => new GZipStream(File.OpenRead(file), CompressionMode.Decompress), file);
         if (lower.EndsWith(".jsonl.zst")) return ReadJsonl(() => new ZstdSharp.DecompressionStream(File.OpenRead(file)), file);
         if (lower.EndsWith(".parquet")) return ReadParquet(file);
         throw new ArgumentException($"unsupported corpus file {file}");
+    }
+
+    /// <summary>The documents of a plain text: its paragraphs (separated by blank lines), each longer than
+    /// <see cref="TextChunkChars"/> cut at its last line break (else space) before that length. The validation split takes
+    /// whole documents: a book read as one document would land in one split and leave the other empty.</summary>
+    public static IEnumerable<string> SplitText(string text)
+    {
+        var paragraph = new System.Text.StringBuilder();
+        foreach (var line in text.ReplaceLineEndings("\n").Split('\n'))
+        {
+            if (!string.IsNullOrWhiteSpace(line)) { paragraph.Append(line).Append('\n'); continue; }
+            foreach (var piece in Chunks(paragraph.ToString())) yield return piece;
+            paragraph.Clear();
+        }
+        foreach (var piece in Chunks(paragraph.ToString())) yield return piece;
+    }
+
+    static List<string> Chunks(string paragraph)
+    {
+        var pieces = new List<string>();
+        var rest = paragraph.AsSpan().TrimEnd('\n');
+        while (rest.Length > TextChunkChars)
+        {
+            var head = rest[..TextChunkChars];
+            int cut = head.LastIndexOf('\n');
+            if (cut <= 0) cut = head.LastIndexOf(' ');
+            if (cut > 0)
+            {
+                pieces.Add(head[..cut].ToString());
+                rest = rest[(cut + 1)..]; // the line break or space between two pieces belongs to neither
+                continue;
+            }
+            cut = char.IsHighSurrogate(head[^1]) ? TextChunkChars - 1 : TextChunkChars; // a word longer than a piece
+            pieces.Add(head[..cut].ToString());
+            rest = rest[cut..];
+        }
+        if (!rest.IsWhiteSpace()) pieces.Add(rest.ToString());
+        return pieces;
     }
 
     static IEnumerable<string> ReadJsonl(Func<Stream> open, string name)

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using System.IO.MemoryMappedFiles;
 using System.Runtime.InteropServices;
 using System.Text.Json;
@@ -24,15 +25,24 @@ public sealed record TokenCacheMeta
     [JsonPropertyName("val_tokens")] public long ValTokens { get; init; }
     [JsonPropertyName("val_ratio")] public double ValRatio { get; init; }
     [JsonPropertyName("val_split_seed")] public long ValSplitSeed { get; init; }
+    /// <summary>How .txt files became documents (<see cref="CorpusReader.TextDocuments"/>); null in caches prepared when a
+    /// .txt file was one document.</summary>
+    [JsonPropertyName("text_documents")] public string? TextDocuments { get; init; }
     [JsonPropertyName("sources")] public string[] Sources { get; init; } = [];
     [JsonPropertyName("created_utc")] public string CreatedUtc { get; init; } = "";
 }
 
 public sealed record PrepareOptions
 {
+    /// <summary>The validation share of <c>flashattn prepare</c> and of datamodule.val_ratio, so that a cache prepared by
+    /// hand and one a run prepares have the same split. 2% gives corpora of a few hundred documents (a book's paragraphs,
+    /// the embedded corpus's 1,189 chapters) a validation split; the seed's 0.0005 would give them none. The OpenWebText
+    /// and Pile experiments keep the seed's 0.0005 in their files: 0.05% of millions of documents is plenty.</summary>
+    public const double DefaultValRatio = 0.02;
+
     public string Tokenizer { get; init; } = "gpt2";
-    /// <summary>Fraction of documents that go to the validation split (the seed: 0.0005 for OpenWebText).</summary>
-    public double ValRatio { get; init; } = 0.0005;
+    /// <summary>Fraction of documents that go to the validation split: 0 for none, else both splits must get tokens.</summary>
+    public double ValRatio { get; init; } = DefaultValRatio;
     public long ValSplitSeed { get; init; } = 2357;
     /// <summary>0: all cores.</summary>
     public int Threads { get; init; } = 0;
@@ -93,23 +103,39 @@ public static class TokenCache
         log ??= Console.Error;
         var tokenizer = TextTokenizer.Get(options.Tokenizer);
         if (tokenizer.VocabSize > ushort.MaxValue + 1) throw new InvalidOperationException($"vocabulary of {tokenizer.VocabSize} does not fit uint16");
+        if (!(options.ValRatio >= 0 && options.ValRatio < 1))
+            throw new ArgumentException($"the validation ratio (datamodule.val_ratio, prepare --val-ratio) is {Invariant(options.ValRatio)}; it must be in [0, 1)", nameof(options));
         var final = PathFor(dataDir, name);
+        foreach (var stale in TempPaths.RemoveStale(dataDir, name))
+            log.WriteLine($"removed {stale}, left by a prepare that was killed");
         if (IsComplete(final))
         {
             var existing = ReadMeta(final);
             CheckTokenizer(final, existing, tokenizer);
             log.WriteLine($"token cache {final} exists ({existing.TrainTokens:N0} train + {existing.ValTokens:N0} val tokens); delete it to rebuild");
+            if (SplitDifferences(existing, options) is { Count: > 0 } differences)
+                log.WriteLine($"warning: its split is not the one asked for: {string.Join(", ", differences)}; delete it to prepare it with these settings");
             return existing;
         }
         if (Directory.Exists(final))
             throw new IOException($"{final} exists but is not a complete token cache (no {MetaFile}); delete it first");
         var files = CorpusReader.ExpandInputs(inputs);
         Directory.CreateDirectory(dataDir);
-        var tmp = Path.Combine(dataDir, $".{name}.tmp-{Environment.ProcessId}-{Guid.NewGuid():N}");
+        var tmp = TempPaths.For(dataDir, name);
         Directory.CreateDirectory(tmp);
         try
         {
             var meta = Write(tmp, files, tokenizer, options, log);
+            if (options.ValRatio > 0 && (meta.ValTokens == 0 || meta.TrainTokens == 0))
+            {
+                // found here, not by the first evaluation of a run: no ratio a run can set helps a cache that exists
+                var advice = meta.Documents < 2 ? "fewer than two documents cannot be split: add text"
+                    : meta.ValTokens == 0 ? $"raise it (about {Math.Min(0.5, 3.0 / meta.Documents):G2} holds out some three documents)"
+                    : "lower it";
+                throw new InvalidDataException($"prepare {name}: the {(meta.ValTokens == 0 ? "validation" : "training")} split got none of the " +
+                    $"corpus's {meta.Documents:N0} documents ({meta.TrainTokens + meta.ValTokens:N0} tokens) at datamodule.val_ratio={Invariant(options.ValRatio)} " +
+                    $"(prepare --val-ratio): {advice}, or set it to 0 for no validation split");
+            }
             File.WriteAllText(Path.Combine(tmp, MetaFile), JsonSerializer.Serialize(meta, s_json));
             Directory.Move(tmp, final);
             log.WriteLine($"token cache {final}: {meta.Documents:N0} documents, {meta.TrainTokens:N0} train + {meta.ValTokens:N0} val tokens");
@@ -121,6 +147,21 @@ public static class TokenCache
             throw;
         }
     }
+
+    /// <summary>How the split of <paramref name="meta"/>'s cache differs from the one <paramref name="options"/> would make
+    /// (validation ratio, split seed, and for .txt sources how they became documents): one "setting cache's-value
+    /// (options'-value)" entry each; none when they agree.</summary>
+    public static IReadOnlyList<string> SplitDifferences(TokenCacheMeta meta, PrepareOptions options)
+    {
+        var d = new List<string>();
+        if (meta.ValRatio != options.ValRatio) d.Add($"val_ratio {Invariant(meta.ValRatio)} ({Invariant(options.ValRatio)})");
+        if (meta.ValSplitSeed != options.ValSplitSeed) d.Add($"val_split_seed {meta.ValSplitSeed} ({options.ValSplitSeed})");
+        if (meta.TextDocuments != CorpusReader.TextDocuments && meta.Sources.Any(f => f.EndsWith(".txt", StringComparison.OrdinalIgnoreCase)))
+            d.Add($".txt documents: {meta.TextDocuments ?? "one per file"} ({CorpusReader.TextDocuments})");
+        return d;
+    }
+
+    static string Invariant(double x) => x.ToString(CultureInfo.InvariantCulture);
 
     /// <summary>Deterministic per-document split: document i goes to val when a hash of (seed, i)
     /// falls under the ratio.</summary>
@@ -188,7 +229,7 @@ public static class TokenCache
         {
             Tokenizer = tokenizer.Name, TokenizerHash = tokenizer.Hash, VocabSize = tokenizer.VocabSize, EotToken = tokenizer.EndOfTextId,
             Documents = docs, TrainDocuments = trainDocs, ValDocuments = valDocs, TrainTokens = trainTokens, ValTokens = valTokens,
-            ValRatio = options.ValRatio, ValSplitSeed = options.ValSplitSeed,
+            ValRatio = options.ValRatio, ValSplitSeed = options.ValSplitSeed, TextDocuments = CorpusReader.TextDocuments,
             Sources = files.Select(f => f.StartsWith(CorpusReader.EmbeddedPrefix) ? f : Path.GetFullPath(f)).ToArray(),
             CreatedUtc = DateTime.UtcNow.ToString("O"),
         };

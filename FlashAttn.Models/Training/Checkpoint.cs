@@ -19,56 +19,78 @@ public static class Checkpoint
     {
         var name = $"step-{step:D7}";
         var final = WriteFolder(checkpointsDir, name, tensors, trainerState);
-        var pointerTmp = Path.Combine(checkpointsDir, $".last.tmp-{Guid.NewGuid():N}");
+        var pointerTmp = TempPaths.For(checkpointsDir, "last");
         File.WriteAllText(pointerTmp, name + "\n");
         File.Move(pointerTmp, Path.Combine(checkpointsDir, "last"), overwrite: true);
-        // keep the newest `keep` progress checkpoints
+        // keep the newest `keep` progress checkpoints of this run: the one just written (which last names) and the
+        // highest steps of the others; another run's (in a folder it shares with this one) are not this run's to remove
         if (keep > 0)
-            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Order(StringComparer.Ordinal).SkipLast(keep))
-                try { Directory.Delete(old, true); } catch { }
+        {
+            var runId = RunIdOf(trainerState);
+            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Where(d => d != final && BelongsTo(d, runId))
+                         .Order(StringComparer.Ordinal).SkipLast(keep - 1))
+                Discard(old);
+        }
         return final;
     }
 
     /// <summary>
-    /// Keeps the <paramref name="topK"/> checkpoints with the lowest validation loss as
-    /// <c>checkpoints/best-step-NNNNNNN/</c> (val_loss in trainer.json): writes this one only when it
-    /// ranks, then removes the ones that fell out. Returns the folder, or null when it did not rank.
+    /// Keeps the <paramref name="topK"/> checkpoints of this run (run_id in <paramref name="trainerState"/>) with the lowest
+    /// validation loss as <c>checkpoints/best-step-NNNNNNN/</c> (val_loss in trainer.json): writes this one only when it
+    /// ranks among them, then removes the ones of this run that fell out. Returns the folder, or null when it did not rank.
     /// </summary>
     public static string? SaveIfBest(string checkpointsDir, long step, double valLoss, int topK,
         IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState)
     {
         if (topK <= 0 || !double.IsFinite(valLoss)) return null;
-        var ranked = Best(checkpointsDir);
+        var runId = RunIdOf(trainerState);
+        var ranked = Best(checkpointsDir, runId);
         if (ranked.Count >= topK && valLoss >= ranked[topK - 1].valLoss) return null;
         var state = (JsonObject)trainerState.DeepClone();
         state["val_loss"] = valLoss;
         var final = WriteFolder(checkpointsDir, $"best-step-{step:D7}", tensors, state);
-        foreach (var (dir, _) in Best(checkpointsDir).Skip(topK))
-            try { Directory.Delete(dir, true); } catch { }
+        foreach (var (dir, _) in Best(checkpointsDir, runId).Skip(topK))
+            Discard(dir);
         return final;
     }
 
-    /// <summary>The best-* checkpoints, lowest val_loss first.</summary>
-    public static List<(string dir, double valLoss)> Best(string checkpointsDir) =>
+    /// <summary>The best-* checkpoints of run <paramref name="runId"/> (of no run id when null: written before runs had
+    /// one), lowest val_loss first.</summary>
+    public static List<(string dir, double valLoss)> Best(string checkpointsDir, string? runId = null) =>
         !Directory.Exists(checkpointsDir) ? new() :
         Directory.GetDirectories(checkpointsDir, "best-step-*")
-            .Select(d => (dir: d, state: JsonNode.Parse(File.ReadAllText(Path.Combine(d, "trainer.json")))!.AsObject()))
-            .Select(x => (x.dir, valLoss: x.state["val_loss"]!.GetValue<double>()))
+            .Select(d => (dir: d, state: TryReadState(d)))
+            .Where(x => x.state is not null && RunIdOf(x.state) == runId && x.state["val_loss"] is JsonValue)
+            .Select(x => (x.dir, valLoss: x.state!["val_loss"]!.GetValue<double>()))
             .OrderBy(x => x.valLoss).ThenBy(x => x.dir, StringComparer.Ordinal).ToList();
+
+    static string? RunIdOf(JsonObject state) => state["run_id"]?.GetValue<string>();
+
+    // A checkpoint whose trainer.json cannot be read belongs to no run: never counted, never removed.
+    static bool BelongsTo(string dir, string? runId) => TryReadState(dir) is { } state && RunIdOf(state) == runId;
+
+    static JsonObject? TryReadState(string dir)
+    {
+        try { return JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer.json")))?.AsObject(); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or JsonException or InvalidOperationException) { return null; }
+    }
 
     // Written into a temporary folder and renamed: a killed save never leaves a complete-looking folder.
     private static string WriteFolder(string checkpointsDir, string name, IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState)
     {
         Directory.CreateDirectory(checkpointsDir);
         var final = Path.Combine(checkpointsDir, name);
-        var tmp = Path.Combine(checkpointsDir, $".{name}.tmp-{Guid.NewGuid():N}");
+        var tmp = TempPaths.For(checkpointsDir, name);
         Directory.CreateDirectory(tmp);
         try
         {
             WriteTensors(Path.Combine(tmp, "state.bin"), tensors);
             File.WriteAllText(Path.Combine(tmp, "trainer.json"), trainerState.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
+            // a checkpoint of the same step (a run resumed from an earlier one): set aside, replaced, then removed
+            string? replaced = null;
+            if (Directory.Exists(final)) Directory.Move(final, replaced = TempPaths.For(checkpointsDir, name));
             Directory.Move(tmp, final);
+            if (replaced is not null) try { Directory.Delete(replaced, recursive: true); } catch { /* a temporary name: a later run removes it */ }
         }
         catch
         {
@@ -78,6 +100,19 @@ public static class Checkpoint
         return final;
     }
 
+    // Renamed to a temporary name of this process before it is deleted: a kill in the middle leaves a folder the next run
+    // removes (RunFolder.Start), never a half-deleted one under a checkpoint's name.
+    static void Discard(string dir)
+    {
+        try
+        {
+            var doomed = TempPaths.For(Path.GetDirectoryName(dir)!, Path.GetFileName(dir));
+            Directory.Move(dir, doomed);
+            Directory.Delete(doomed, recursive: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { /* left for a later run */ }
+    }
+
     /// <summary>Resolves "last" (the pointer in checkpointsDir) or a folder path.</summary>
     public static string Resolve(string spec, string checkpointsDir)
     {
@@ -85,7 +120,11 @@ public static class Checkpoint
         {
             var pointer = Path.Combine(checkpointsDir, "last");
             if (!File.Exists(pointer)) throw new FileNotFoundException($"resume=last: no checkpoint in {checkpointsDir}");
-            return Path.Combine(checkpointsDir, File.ReadAllText(pointer).Trim());
+            var name = File.ReadAllText(pointer).Trim();
+            var dir = Path.Combine(checkpointsDir, name);
+            if (!File.Exists(Path.Combine(dir, "trainer.json")))
+                throw new FileNotFoundException($"{pointer} names {name}, which is not a complete checkpoint (no {dir}/trainer.json)");
+            return dir;
         }
         if (!File.Exists(Path.Combine(spec, "trainer.json"))) throw new FileNotFoundException($"resume={spec}: not a checkpoint folder (no trainer.json)");
         return spec;

@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Reflection;
 using System.Text;
+using FlashAttn.Models.Data;
 
 namespace FlashAttn.Models.Training;
 
@@ -58,7 +59,9 @@ public sealed class ExperimentConfig
         new("datamodule.max_length", ConfigType.Int, "1024", "sequence length (tokens per sample)"),
         new("datamodule.batch_size", ConfigType.Int, "8", "per-device micro-batch; gradient accumulation fills train.global_batch_size"),
         new("datamodule.batch_size_eval", ConfigType.Int, null, "evaluation batch (default: datamodule.batch_size)", Nullable: true),
-        new("datamodule.val_ratio", ConfigType.Float, "0.0005", "fraction of documents in the validation split when preparing"),
+        new("datamodule.val_ratio", ConfigType.Float, PrepareOptions.DefaultValRatio.ToString("R", CultureInfo.InvariantCulture),
+            "fraction of documents in the validation split when preparing (flashattn prepare --val-ratio has the same default); " +
+            "a cache keeps the split it was prepared with, and train warns when it differs from this"),
         new("datamodule.val_split_seed", ConfigType.Int, "2357", "seed of the train/val split when preparing"),
         new("datamodule.image_size", ConfigType.Int, "224", "image side for image_classification"),
 
@@ -85,6 +88,8 @@ public sealed class ExperimentConfig
         new("trainer.checkpoint_every_n_steps", ConfigType.Int, "0", "progress checkpoint interval (0: only at the end)"),
         new("trainer.save_top_k", ConfigType.Int, "3", "keep the K checkpoints with the lowest val_loss (checkpoints/best-*), as the seed does (0: none)"),
         new("trainer.default_root_dir", ConfigType.String, "runs", "root of run outputs"),
+        new("trainer.overwrite", ConfigType.Bool, "false", "start in a run folder that holds another run, removing that run's checkpoints, " +
+            "metrics, TensorBoard events, plot, model and config first (without it such a start is an error; resume=last continues that run instead)"),
         new("trainer.progress_bar", ConfigType.Bool, "true", "live progress bar"),
         new("trainer.tensorboard", ConfigType.Bool, "true", "write TensorBoard event files"),
         new("trainer.plot", ConfigType.Bool, "true", "write loss_lr.png at the end"),

@@ -25,6 +25,7 @@ public sealed class LanguageModelingTask : ITrainingTask
         var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
         var name = c.Str("datamodule.dataset");
         var dir = TokenCache.PathFor(dataDir, name);
+        var split = new PrepareOptions { Tokenizer = tokenizer.Name, ValRatio = c.Float("datamodule.val_ratio"), ValSplitSeed = c.Int("datamodule.val_split_seed") };
         if (!TokenCache.IsComplete(dir))
         {
             // a relative source that does not exist from the working directory is looked up under the data folder
@@ -33,15 +34,17 @@ public sealed class LanguageModelingTask : ITrainingTask
                 .ToList();
             foreach (var s in sources)
                 if (!s.StartsWith(CorpusReader.EmbeddedPrefix) && !File.Exists(s) && !Directory.Exists(s))
-                    throw new FileNotFoundException($"token cache {dir} is missing and its source {s} (datamodule.sources) does not exist: put the corpus there (e.g. OpenWebText's parquet files from the Hub, the Pile's .jsonl.zst) or run `flashattn prepare {name} <inputs...>`, or set datamodule.sources");
+                    throw new FileNotFoundException($"token cache {dir} is missing and its source {s} (datamodule.sources) does not exist: put the corpus there (e.g. OpenWebText's parquet files from the Hub, the Pile's .jsonl.zst) or run `flashattn prepare {name} <inputs...> --val-ratio {split.ValRatio.ToString(System.Globalization.CultureInfo.InvariantCulture)}`, or set datamodule.sources");
             log.WriteLine($"token cache {dir} missing: preparing it from {string.Join(", ", sources)}");
-            TokenCache.Prepare(dataDir, name, sources, new PrepareOptions
-            {
-                Tokenizer = tokenizer.Name, ValRatio = c.Float("datamodule.val_ratio"), ValSplitSeed = c.Int("datamodule.val_split_seed"),
-            }, log);
+            TokenCache.Prepare(dataDir, name, sources, split, log);
         }
         TokenCacheMeta meta;
         (_train, _val, meta) = TokenCache.Open(dir, tokenizer);
+        // a warning, not an error: the cache's split is a sound one, only not the one asked for, and preparing again
+        // (hours for OpenWebText) is the user's call
+        if (TokenCache.SplitDifferences(meta, split) is { Count: > 0 } differences)
+            log.WriteLine($"warning: token cache {dir} was prepared with another split, which this run uses as it is: " +
+                $"{string.Join(", ", differences)} (in parentheses: this run's datamodule settings); delete {dir} to prepare it again with them");
         GptSource? init = null;
         if (c["model.init_from"] is { } from)
         {
@@ -61,7 +64,9 @@ public sealed class LanguageModelingTask : ITrainingTask
         if (Config.rotary_emb_fraction == 0 && Config.n_positions < _seqlen)
             throw new ConfigException($"datamodule.max_length={_seqlen} exceeds the model's n_positions={Config.n_positions}; set model.config.n_positions or a shorter datamodule.max_length");
         _sampler = new LmBatchSampler(_train, _seqlen, c.Int("seed"));
-        if (_val.Length <= _seqlen) log.WriteLine($"warning: validation split of {dir} has {_val.Length} tokens (< one sequence); no validation. Raise datamodule.val_ratio and re-prepare.");
+        if (_val.Length <= _seqlen)
+            log.WriteLine($"warning: the validation split of {dir} has {_val.Length} tokens, not one sequence of {_seqlen + 1}: no validation. " +
+                (meta.ValRatio == 0 ? "It was prepared with datamodule.val_ratio=0" : "Delete the cache and prepare it again with a larger datamodule.val_ratio"));
         _model = new GPTLMHeadModel(Config, device, dtype);
         if (init is not null && c["resume"] is not null)
             log.WriteLine($"model.init_from: the architecture of {init.Path}; the weights come from the resumed checkpoint");

@@ -15,7 +15,7 @@ public sealed class MetricsLog : IDisposable
     /// <summary>Opens the log; on resume keeps only the records up to <paramref name="keepUpToStep"/>.</summary>
     public MetricsLog(string runDir, bool tensorboard, long keepUpToStep = -1)
     {
-        JsonlPath = Path.Combine(runDir, "metrics.jsonl");
+        JsonlPath = Path.Combine(runDir, RunFolder.MetricsFile);
         var keep = new List<string>();
         if (keepUpToStep >= 0 && File.Exists(JsonlPath))
             keep = File.ReadAllLines(JsonlPath).Where(l => l.Length > 0 && JsonNode.Parse(l)?["step"]?.GetValue<long>() <= keepUpToStep).ToList();
@@ -23,7 +23,7 @@ public sealed class MetricsLog : IDisposable
         foreach (var l in keep) _jsonl.WriteLine(l);
         if (tensorboard)
         {
-            try { _tb = torch.utils.tensorboard.SummaryWriter(Path.Combine(runDir, "tensorboard")); }
+            try { _tb = torch.utils.tensorboard.SummaryWriter(Path.Combine(runDir, RunFolder.TensorBoardDir)); }
             catch (Exception e) { Console.Error.WriteLine($"warning: TensorBoard writer unavailable ({e.Message})"); }
         }
     }

@@ -70,23 +70,22 @@ public sealed class Trainer
         long maxSteps = _c.Int("trainer.max_steps");
 
         var runDir = Path.Combine(_c.Str("trainer.default_root_dir"), _c.RunName);
-        var ckptDir = Path.Combine(runDir, "checkpoints");
+        var ckptDir = Path.Combine(runDir, RunFolder.CheckpointsDir);
         if (_c["model.init_from"] is { } from)
         {
             // pinned (an absolute path; checkpoints/last replaced by the folder it names now), and when training never inside
             // this run's folder, which the run rewrites (a fine-tuning run of the main job's runs/tiny defaults to that folder)
             var pinned = Checkpoint.Pin(from);
-            var own = Path.GetFullPath(runDir);
-            if (maxSteps > 0 && (pinned == own || pinned.StartsWith(own + Path.DirectorySeparatorChar, StringComparison.Ordinal)))
+            if (maxSteps > 0 && RunFolder.Contains(runDir, pinned))
                 throw new ConfigException($"model.init_from={from} lies in this run's folder {runDir}, which the run rewrites; " +
                     $"name the run otherwise (name={_c.RunName}-ft) or set trainer.default_root_dir");
             _c.Set("model.init_from", pinned);
         }
-        if (maxSteps > 0)
-        {
-            Directory.CreateDirectory(runDir);
-            File.WriteAllText(Path.Combine(runDir, "config.yaml"), _c.Dump());
-        }
+        // the folder belongs to one run: refused here, before the data and the model are prepared; taken (RunFolder.Start)
+        // once the run is ready for its first step, and nothing is written into it before
+        bool overwrite = _c.Bool("trainer.overwrite");
+        bool resumesHere = _c["resume"] is { } resuming && (resuming == "last" || RunFolder.Contains(runDir, Checkpoint.Pin(resuming)));
+        if (maxSteps > 0) RunFolder.Check(runDir, _c.RunName, resumesHere, overwrite);
 
         torch.manual_seed(seed);
         if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed);
@@ -101,6 +100,8 @@ public sealed class Trainer
 
         long startStep = 0;
         double unitsSeen = 0;
+        // names this run's checkpoints (kept on resume): rotation and the best-k choice consider no other run's
+        var runId = Guid.NewGuid().ToString("N");
         if (_c["resume"] is { } resumeSpec)
         {
             var dir = Checkpoint.Resolve(resumeSpec, ckptDir);
@@ -111,6 +112,7 @@ public sealed class Trainer
             opt.T = state["adam_t"]!.GetValue<long>();
             task.SamplerState = state["sampler"]!;
             unitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
+            runId = state["run_id"]?.GetValue<string>() ?? runId;
             if (scaler != null && state["loss_scale"] is JsonValue ls) { scaler.Scale = ls.GetValue<double>(); scaler.GoodSteps = state["good_steps"]!.GetValue<int>(); }
             _log.WriteLine($"resumed from {dir} at step {startStep}");
             if (state["config"]?.GetValue<string>() is { } saved)
@@ -118,7 +120,7 @@ public sealed class Trainer
                 static Dictionary<string, string> Lines(string d) => d.Split('\n', StringSplitOptions.RemoveEmptyEntries)
                     .Select(l => l.Split(": ", 2)).Where(a => a.Length == 2).ToDictionary(a => a[0], a => a[1].Trim());
                 var before = Lines(saved); var now = Lines(_c.Dump());
-                var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
+                var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
                     .Select(kv => $"{kv.Key} ({before[kv.Key]} -> {kv.Value})").ToList();
                 if (changed.Count > 0) _log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
             }
@@ -144,6 +146,7 @@ public sealed class Trainer
             return new TrainResult(runDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw0.Elapsed, [], null);
         }
 
+        using var runFolder = RunFolder.Start(runDir, _c.RunName, resumesHere, overwrite, _c.Dump(), _log);
         using var metrics = new MetricsLog(runDir, _c.Bool("trainer.tensorboard"), keepUpToStep: startStep);
         var bar = new ProgressBar(_log, _c.Bool("trainer.progress_bar"), maxSteps);
         long valEvery = _c.Int("trainer.val_check_interval"), logEvery = Math.Max(1, _c.Int("trainer.log_every_n_steps"));
@@ -162,7 +165,7 @@ public sealed class Trainer
             var state = new JsonObject
             {
                 ["step"] = stepsDone, ["adam_t"] = opt.T, ["sampler"] = task.SamplerState.DeepClone(), ["units_seen"] = unitsSeen,
-                ["experiment"] = _c.Str("experiment"), ["config"] = _c.Dump(),
+                ["experiment"] = _c.Str("experiment"), ["config"] = _c.Dump(), ["run_id"] = runId,
             };
             if (task.ModelConfigJson is { } model) state["model_config"] = model;
             if (scaler != null) { state["loss_scale"] = scaler.Scale; state["good_steps"] = scaler.GoodSteps; }
@@ -248,13 +251,13 @@ public sealed class Trainer
         bar.Finish();
         if (maxSteps > startStep || lastVal is null) Evaluate(maxSteps);
         if (maxSteps > startStep) SaveCheckpoint(maxSteps);
-        try { task.SaveWeights(Path.Combine(runDir, "model.safetensors")); }
+        try { task.SaveWeights(Path.Combine(runDir, RunFolder.ModelFile)); }
         catch (Exception e) { _log.WriteLine($"warning: could not write model.safetensors ({e.Message})"); }
 
         string? plotPath = null;
         if (_c.Bool("trainer.plot"))
         {
-            plotPath = Path.Combine(runDir, "loss_lr.png");
+            plotPath = Path.Combine(runDir, RunFolder.PlotFile);
             var (tr, va, lrs) = MetricsLog.ReadSeries(metrics.JsonlPath);
             try { LossPlot.Write(plotPath, Shorten($"{_c.Str("experiment")}: {task.Description}", 96), tr, va, lrs); }
             catch (Exception e) { _log.WriteLine($"warning: could not write the plot ({e.Message})"); plotPath = null; }

@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json;
 using FlashAttn.Models.Data;
+using FlashAttn.Models.Training;
 using NUnit.Framework;
 
 namespace FlashAttn.Tests;
@@ -138,7 +139,7 @@ public class DataTests
         Directory.CreateDirectory(Path.Combine(data, "half"));
         Assert.Throws<IOException>(() => TokenCache.Prepare(data, "half", [corpus], new PrepareOptions { Progress = false }, TextWriter.Null));
         // a complete prepare after the interruption works
-        TokenCache.Prepare(data, "mini", [corpus], new PrepareOptions { Progress = false }, TextWriter.Null);
+        TokenCache.Prepare(data, "mini", [corpus], new PrepareOptions { ValRatio = 0, Progress = false }, TextWriter.Null);
         Assert.That(TokenCache.IsComplete(Path.Combine(data, "mini")), Is.True);
     }
 
@@ -147,13 +148,87 @@ public class DataTests
     {
         var corpus = WriteCorpus();
         var data = Path.Combine(_dir, "data");
-        TokenCache.Prepare(data, "mini", [corpus], new PrepareOptions { Progress = false }, TextWriter.Null);
+        TokenCache.Prepare(data, "mini", [corpus], new PrepareOptions { ValRatio = 0, Progress = false }, TextWriter.Null);
         var metaPath = Path.Combine(data, "mini", TokenCache.MetaFile);
         var meta = JsonSerializer.Deserialize<TokenCacheMeta>(File.ReadAllText(metaPath))!;
         File.WriteAllText(metaPath, JsonSerializer.Serialize(meta with { Tokenizer = "other-bpe", TokenizerHash = "0123" }));
         var e = Assert.Throws<InvalidDataException>(() => TokenCache.Open(Path.Combine(data, "mini"), TextTokenizer.Gpt2))!;
         Assert.That(e.Message, Does.Contain("other-bpe").And.Contain("gpt2"));
         Assert.Throws<InvalidDataException>(() => TokenCache.Prepare(data, "mini", [corpus], new PrepareOptions { Progress = false }, TextWriter.Null));
+    }
+
+    [Test]
+    public void PlainTextIsSplitIntoParagraphsAndChunks()
+    {
+        var lines = Enumerable.Range(0, 150).Select(i => $"line {i} of a long paragraph without a blank line").ToList();
+        var text = "Title\r\n\r\nFirst paragraph,\r\ntwo lines.\n \n\t\n\nSecond.\n\n" + string.Join("\n", lines) + "\n\n" +
+                   string.Concat(Enumerable.Repeat("word ", 900)) + "\n";
+        var docs = CorpusReader.SplitText(text).ToList();
+        Assert.That(docs.Take(3), Is.EqualTo(new[] { "Title", "First paragraph,\ntwo lines.", "Second." }), "blank lines (white space only) separate documents");
+        Assert.That(docs, Has.All.Length.InRange(1, CorpusReader.TextChunkChars));
+        // the long paragraph: pieces cut at line breaks, nothing lost
+        var linePieces = docs.Skip(3).TakeWhile(d => d.StartsWith("line ")).ToList();
+        Assert.That(linePieces, Has.Count.GreaterThan(1));
+        Assert.That(string.Join("\n", linePieces), Is.EqualTo(string.Join("\n", lines)));
+        // a line longer than a piece: cut at spaces
+        var wordPieces = docs.Skip(3 + linePieces.Count).ToList();
+        Assert.That(wordPieces, Has.Count.EqualTo(3));
+        Assert.That(string.Join(" ", wordPieces), Is.EqualTo(string.Concat(Enumerable.Repeat("word ", 900))));
+        // without any space: fixed-length pieces
+        Assert.That(CorpusReader.SplitText(new string('x', 4500)).Select(d => d.Length), Is.EqualTo(new[] { 2000, 2000, 500 }));
+    }
+
+    [Test]
+    public void OneTextFileGetsAValidationSplit()
+    {
+        // a book as one .txt file: 400 paragraphs; at the default ratio both splits get documents
+        var book = Path.Combine(_dir, "book.txt");
+        File.WriteAllText(book, string.Join("\n\n", Enumerable.Range(0, 400).Select(i => $"Paragraph {i}: the quick brown fox jumps over the lazy dog.")));
+        var meta = TokenCache.Prepare(Path.Combine(_dir, "data"), "book", [book], new PrepareOptions { Progress = false }, TextWriter.Null);
+        Assert.That(meta.Documents, Is.EqualTo(400));
+        Assert.That(meta.ValTokens, Is.GreaterThan(0));
+        Assert.That(meta.TrainTokens, Is.GreaterThan(meta.ValTokens));
+        Assert.That((meta.ValRatio, meta.ValSplitSeed, meta.TextDocuments), Is.EqualTo((PrepareOptions.DefaultValRatio, 2357L, CorpusReader.TextDocuments)),
+            "the cache records how it was split");
+    }
+
+    [Test]
+    public void AnEmptySplitIsAnErrorOfPrepare()
+    {
+        var small = Path.Combine(_dir, "small.txt");
+        File.WriteAllText(small, "One paragraph.\n\nAnother one.\n\nA third.");
+        var data = Path.Combine(_dir, "data");
+        var e = Assert.Throws<InvalidDataException>(() => TokenCache.Prepare(data, "small", [small], new PrepareOptions { Progress = false }, TextWriter.Null))!;
+        Assert.That(e.Message, Does.Contain("validation split got none").And.Contain("3 documents").And.Contain("datamodule.val_ratio=0.02").And.Contain("raise it"));
+        Assert.That(Directory.GetFileSystemEntries(data), Is.Empty, "no cache, no temporary folder");
+        e = Assert.Throws<InvalidDataException>(() => TokenCache.Prepare(data, "small", [small], new PrepareOptions { ValRatio = 0.99, Progress = false }, TextWriter.Null))!;
+        Assert.That(e.Message, Does.Contain("training split got none").And.Contain("lower it"));
+        Assert.That(Assert.Throws<ArgumentException>(() => TokenCache.Prepare(data, "small", [small], new PrepareOptions { ValRatio = 1 }, TextWriter.Null))!.Message,
+            Does.Contain("must be in [0, 1)"));
+        // 0 asks for no validation split
+        Assert.That(TokenCache.Prepare(data, "small", [small], new PrepareOptions { ValRatio = 0, Progress = false }, TextWriter.Null).Documents, Is.EqualTo(3));
+    }
+
+    [Test]
+    public void PrepareAndTrainShareTheValidationRatioAndTrainSaysWhenACacheDiffers()
+    {
+        Assert.That(new PrepareOptions().ValRatio, Is.EqualTo(ExperimentConfig.Parse([]).Float("datamodule.val_ratio")),
+            "`flashattn prepare` and the main job's automatic prepare split the same corpus alike");
+        var corpus = Path.Combine(_dir, "docs.jsonl");
+        File.WriteAllLines(corpus, Enumerable.Range(0, 60).Select(i => JsonSerializer.Serialize(new { text = $"Document {i}: the quick brown fox jumps over the lazy dog." })));
+        var data = Path.Combine(_dir, "data");
+        TokenCache.Prepare(data, "docs", [corpus], new PrepareOptions { ValRatio = 0.1, Progress = false }, TextWriter.Null);
+        string TaskLog(params string[] keys)
+        {
+            var log = new StringWriter();
+            using var task = new LanguageModelingTask(ExperimentConfig.Parse([$"datamodule.data_dir={data}", "datamodule.dataset=docs", "datamodule.max_length=8",
+                "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", .. keys]), TorchSharp.torch.CPU, TorchSharp.torch.ScalarType.Float32, log);
+            return log.ToString();
+        }
+        Assert.That(TaskLog("datamodule.val_ratio=0.1"), Does.Not.Contain("warning"));
+        Assert.That(TaskLog(), Does.Contain($"warning: token cache {Path.Combine(data, "docs")} was prepared with another split")
+            .And.Contain("val_ratio 0.1 (0.02)").And.Contain("delete"));
+        Assert.That(TaskLog("datamodule.val_ratio=0.1", "datamodule.val_split_seed=7"), Does.Contain("val_split_seed 2357 (7)").And.Not.Contain("val_ratio 0.1"));
     }
 
     [Test]
