@@ -30,7 +30,13 @@ public static partial class flash_attn
         bool deterministic = false) =>
         flash_attn_func_with_lse(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
 
-    /// <summary><see cref="flash_attn_func"/> that also returns the log-sum-exp and, for tests, the dropout mask.</summary>
+    /// <summary>
+    /// <see cref="flash_attn_func"/> that also returns the log-sum-exp (batch, nheads, seqlen_q) and, for tests, the
+    /// dropout mask: uint8 (batch, nheads, seqlen_q, seqlen_k), 1 where query i sees key j (causal / window) and the
+    /// element is kept, 0 elsewhere; with dropout_p 0 every visible element is kept. Dropout draws its Philox-4x32-10
+    /// stream from a seed taken from TorchSharp's default generator, on the kernels and on the reference path alike:
+    /// after the same manual_seed both give the same mask.
+    /// </summary>
     public static FlashAttnResult flash_attn_func_with_lse(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0,
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
@@ -40,12 +46,17 @@ public static partial class flash_attn
                            deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
         {
+            var mask = dropout_p > 0 || return_dropout_mask ? VisibleKeptMask(q, k, opts) : null;
             var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
-                                             alibi_slopes, dropout_p);
-            return new FlashAttnResult(o, l, null);
+                                             alibi_slopes, dropout_p, dropout_p > 0 ? mask : null);
+            return new FlashAttnResult(o, l, return_dropout_mask ? mask : null);
         }
         return RunKernel(q, k, v, null, null, q.shape[1], k.shape[1], opts);
     }
+
+    // The dropout mask of flash_attn_func_with_lse, as the kernels write it, for q/k (B, S, H, D).
+    private static Tensor VisibleKeptMask(Tensor q, Tensor k, AttentionOptions o) =>
+        Reference.DropoutMask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], o.DropoutP, o.Seed, o.WindowLeft, o.WindowRight, q.device);
 
     /// <summary>qkv (batch, seqlen, 3, nheads, headdim): self-attention on a packed projection.</summary>
     public static Tensor flash_attn_qkvpacked_func(Tensor qkv, double dropout_p = 0.0, double? softmax_scale = null,
@@ -69,7 +80,11 @@ public static partial class flash_attn
 
     /// <summary>
     /// Packed sequences without padding: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim),
-    /// cu_seqlens_q/k (batch + 1,) int32 cumulative lengths, max_seqlen_q/k the longest sequences.
+    /// cu_seqlens_q/k (batch + 1,) int32 cumulative lengths, max_seqlen_q/k bounds on the sequence lengths.
+    /// The offsets must start at 0, never decrease and end at total_q / total_k, with no sequence longer than
+    /// max_seqlen_q / max_seqlen_k (else an ArgumentException naming the argument). They are checked on the host: for
+    /// CUDA tensors each call copies the 2 (batch + 1) integers to the host and waits for the device (measured beside
+    /// the dense forward in benchmarks/RESULTS.md).
     /// </summary>
     public static Tensor flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
         long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null, bool causal = false,
@@ -89,7 +104,8 @@ public static partial class flash_attn
         if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
-                                                    (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p);
+                                                    (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p,
+                                                    dropout_seed: opts.Seed);
             return new FlashAttnResult(o, l, null);
         }
         return RunKernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts);
@@ -164,7 +180,9 @@ public static partial class flash_attn
         (q, k, v) = (KernelLayout(q), KernelLayout(k), KernelLayout(v));
         var r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
         var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
-        return new FlashAttnResult(output, r[1], opts.ReturnDropoutMask ? r[2] : null);
+        // without dropout the kernels write no mask: every visible element is kept
+        var mask = !opts.ReturnDropoutMask ? null : opts.DropoutP > 0 ? r[2] : VisibleKeptMask(q, k, opts);
+        return new FlashAttnResult(output, r[1], mask);
     }
 
     // The kernels load 16-byte vectors: base pointers 16-byte aligned and every stride a multiple of
@@ -198,16 +216,10 @@ public static partial class flash_attn
         else
         {
             Require(cuQ is not null && cuK is not null, cuQ is null ? "cu_seqlens_q" : "cu_seqlens_k", "cu_seqlens_q and cu_seqlens_k go together");
-            foreach (var (t, name) in new[] { (cuQ!, "cu_seqlens_q"), (cuK!, "cu_seqlens_k") })
-            {
-                RequireDim(t, 1, name, "(batch + 1,)");
-                Require(t.dtype == ScalarType.Int32, name, $"{name} must be int32, got {t.dtype}");
-                RequireSameDevice(t, q, name, "q");
-            }
-            Require(cuQ!.shape[0] == cuK!.shape[0] && cuQ.shape[0] >= 2, "cu_seqlens_k",
-                    $"cu_seqlens_q ({cuQ.shape[0]}) and cu_seqlens_k ({cuK.shape[0]}) must have the same length (batch + 1 >= 2)");
-            Require(maxSq > 0, "max_seqlen_q", $"max_seqlen_q ({maxSq}) must be > 0");
-            Require(maxSk > 0, "max_seqlen_k", $"max_seqlen_k ({maxSk}) must be > 0");
+            RequireOffsets(cuQ!, "cu_seqlens_q", q, "q", maxSq!.Value, "max_seqlen_q");
+            RequireOffsets(cuK!, "cu_seqlens_k", k, "k", maxSk!.Value, "max_seqlen_k");
+            Require(cuQ!.shape[0] == cuK!.shape[0], "cu_seqlens_k",
+                    $"cu_seqlens_q ({cuQ.shape[0]}) and cu_seqlens_k ({cuK.shape[0]}) must have the same length (batch + 1)");
         }
         Require(dropoutP >= 0 && dropoutP < 1, "dropout_p", $"dropout_p ({dropoutP}) must be in [0, 1)");
         Require(softcap >= 0, "softcap", $"softcap ({softcap}) must be >= 0");

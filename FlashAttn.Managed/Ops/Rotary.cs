@@ -15,9 +15,12 @@ public static partial class flash_attn
     /// <param name="sin">(seqlen_ro, rotary_dim / 2), like cos.</param>
     /// <param name="interleaved">Rotate pairs (2i, 2i+1) (GPT-J) instead of (i, i + rotary_dim/2) (GPT-NeoX).</param>
     /// <param name="inplace">Write the result into x and return x.</param>
-    /// <param name="seqlen_offsets">Position of each sequence's first token: a (batch,) int32/int64 tensor, or use <paramref name="seqlen_offset"/>.</param>
+    /// <param name="seqlen_offsets">Position of each sequence's first token: a (batch,) int32/int64 tensor, or use <paramref name="seqlen_offset"/>.
+    /// Every sequence's positions must lie in cos/sin; the values are checked on the host (for CUDA tensors, a copy and a
+    /// synchronisation per call).</param>
     /// <param name="seqlen_offset">The same offset for every sequence (when seqlen_offsets is null), e.g. the KV-cache length.</param>
-    /// <param name="cu_seqlens">(batch + 1,) int32 cumulative sequence lengths for packed (varlen) x.</param>
+    /// <param name="cu_seqlens">(batch + 1,) int32 cumulative sequence lengths for packed (varlen) x: from 0, never
+    /// decreasing, ending at x's rows, no sequence longer than max_seqlen; checked on the host as seqlen_offsets is.</param>
     /// <param name="max_seqlen">Longest sequence in the pack; required with cu_seqlens.</param>
     /// <returns>x rotated on its first rotary_dim features; the rest passes through.</returns>
     public static Tensor apply_rotary_emb(Tensor x, Tensor cos, Tensor sin, bool interleaved = false, bool inplace = false,
@@ -100,17 +103,15 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         Require(rotaryDim >= 2 && rotaryDim <= headdim, "cos",
                 $"rotary_dim (2 * cos.shape[1] = {rotaryDim}) must be between 2 and headdim ({headdim})");
         long batch, seqlen;
+        long[]? cu = null;
         if (cuSeqlens is null)
         {
             (batch, seqlen) = (x.shape[0], x.shape[1]);
         }
         else
         {
-            RequireDim(cuSeqlens, 1, "cu_seqlens", "(batch + 1,)");
-            Require(cuSeqlens.dtype == ScalarType.Int32, "cu_seqlens", $"cu_seqlens must be int32, got {cuSeqlens.dtype}");
-            RequireSameDevice(cuSeqlens, x, "cu_seqlens", "x");
-            Require(cuSeqlens.shape[0] >= 2, "cu_seqlens", "cu_seqlens must hold at least 2 entries (batch + 1)");
-            Require(maxSeqlen is > 0, "max_seqlen", "max_seqlen must be given (> 0) with cu_seqlens");
+            Require(maxSeqlen is not null, "max_seqlen", "max_seqlen must be given (> 0) with cu_seqlens");
+            cu = RequireOffsets(cuSeqlens, "cu_seqlens", x, "x", maxSeqlen!.Value, "max_seqlen");
             (batch, seqlen) = (cuSeqlens.shape[0] - 1, maxSeqlen!.Value);
         }
         if (offsets is null)
@@ -125,7 +126,16 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
             Require(offsets.shape[0] == batch, "seqlen_offsets", $"seqlen_offsets must have batch ({batch}) entries, got {offsets.shape[0]}");
             Require(offsets.dtype is ScalarType.Int32 or ScalarType.Int64, "seqlen_offsets", $"seqlen_offsets must be int32 or int64, got {offsets.dtype}");
             RequireSameDevice(offsets, x, "seqlen_offsets", "x");
-            Require(seqlen <= seqlenRo, "cos", $"cos/sin hold {seqlenRo} positions, fewer than seqlen ({seqlen})");
+            // Each sequence's positions must lie in the table, as an int seqlen_offset's must: read on the host (for CUDA
+            // tensors a copy of batch integers and a synchronisation; decoding copies cache_seqlens there anyway).
+            long[] values;
+            using (var host = offsets.to(ScalarType.Int64, CPU)) values = host.data<long>().ToArray();
+            for (int b = 0; b < batch; b++)
+            {
+                long length = cu is null ? seqlen : cu[b + 1] - cu[b];
+                Require(values[b] >= 0 && values[b] + length <= seqlenRo, "seqlen_offsets",
+                        $"seqlen_offsets[{b}] ({values[b]}) + the sequence's {length} tokens must lie within the {seqlenRo} positions of cos/sin");
+            }
         }
     }
 
