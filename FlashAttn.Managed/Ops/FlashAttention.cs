@@ -41,6 +41,7 @@ public static partial class flash_attn
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
     {
+        DeviceErrors.Raise();
         ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
         var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_dropout_mask);
@@ -63,6 +64,7 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
         bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
         return flash_attn_func(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], dropout_p, softmax_scale, causal, window_size,
                                softcap, alibi_slopes, deterministic);
@@ -73,6 +75,7 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
         bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
         return flash_attn_func(q, kv[.., .., 0], kv[.., .., 1], dropout_p, softmax_scale, causal, window_size, softcap,
                                alibi_slopes, deterministic);
@@ -98,6 +101,7 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
         bool deterministic = false)
     {
+        DeviceErrors.Raise();
         ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap, alibi_slopes);
         var opts = Options(q, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, false);
@@ -116,6 +120,7 @@ public static partial class flash_attn
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
         return flash_attn_varlen_func(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
@@ -126,6 +131,7 @@ public static partial class flash_attn
         long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null, bool causal = false,
         (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null, bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
         return flash_attn_varlen_func(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);

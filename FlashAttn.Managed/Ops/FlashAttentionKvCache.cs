@@ -24,6 +24,7 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, bool rotary_interleaved = true,
         Tensor? alibi_slopes = null)
     {
+        DeviceErrors.Raise();
         ValidateKvCache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos, rotary_sin);
         using var grad = no_grad();
         using var scope = NewDisposeScope();

@@ -97,6 +97,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         double eps, Tensor? rowscale, Tensor? layerscale, bool prenorm, bool residualInFp32, bool returnMask, bool zeroCentered,
         bool isRms, Generator? generator)
     {
+        DeviceErrors.Raise();
         Validate(x0, null, residual, weight, bias, null, null, rowscale, p, eps, "weight", "bias");
         if (layerscale is not null)
         {
@@ -117,6 +118,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         Tensor? bias0, Tensor? weight1, Tensor? bias1, double p, double eps, bool prenorm, bool residualInFp32, bool returnMask,
         bool zeroCentered, bool isRms, Generator? generator)
     {
+        DeviceErrors.Raise();
         Validate(x0, x1, residual, weight0, bias0, weight1, bias1, null, p, eps, "weight0", "bias0");
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
         var outs = apply(x0, x1, residual, weight0, bias0, weight1, bias1, null, opts);

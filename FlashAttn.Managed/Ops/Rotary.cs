@@ -26,6 +26,7 @@ public static partial class flash_attn
     public static Tensor apply_rotary_emb(Tensor x, Tensor cos, Tensor sin, bool interleaved = false, bool inplace = false,
         Tensor? seqlen_offsets = null, long seqlen_offset = 0, Tensor? cu_seqlens = null, long? max_seqlen = null)
     {
+        DeviceErrors.Raise();
         RotaryFunction.Validate(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen);
         return RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen);
     }
@@ -176,6 +177,7 @@ public static partial class flash_attn
     public static Tensor apply_rotary_emb_qkv_(Tensor qkv, Tensor cos, Tensor sin, Tensor? cos_k = null, Tensor? sin_k = null,
         bool interleaved = false, Tensor? seqlen_offsets = null, long seqlen_offset = 0, int? num_heads_q = null)
     {
+        DeviceErrors.Raise();
         RotaryQkvFunction.Validate(qkv, cos, sin, cos_k, sin_k, seqlen_offsets, seqlen_offset, num_heads_q);
         return RotaryQkvFunction.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, seqlen_offset, num_heads_q);
     }
