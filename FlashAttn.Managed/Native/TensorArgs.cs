@@ -48,6 +48,16 @@ internal static class TensorArgs
 
     internal static string Shape(Tensor t) => $"[{string.Join(", ", t.shape)}]";
 
+    /// <summary>A module's input: floating, on the device of the module's <paramref name="parameter"/> and, when
+    /// <paramref name="sameDtype"/>, of its dtype (else of its dtype or under a float32 parameter, as the norms take).</summary>
+    internal static void RequireModuleInput(Tensor input, string name, Tensor parameter, bool sameDtype = true)
+    {
+        RequireFloat(input, name);
+        RequireSameDevice(input, parameter, name, "the module's parameters");
+        Require(input.dtype == parameter.dtype || (!sameDtype && parameter.dtype == ScalarType.Float32), name,
+                $"{name} must have the module's dtype ({parameter.dtype}), got {input.dtype}");
+    }
+
     /// <summary>
     /// Checks the offsets of packed sequences (varlen attention's cu_seqlens_q/k, rotary's cu_seqlens): (batch + 1,)
     /// int32 on <paramref name="reference"/>'s device, starting at 0, never decreasing, ending at the packed length
@@ -63,7 +73,7 @@ internal static class TensorArgs
         RequireDim(cu, 1, name, "(batch + 1,)");
         Require(cu.dtype == ScalarType.Int32, name, $"{name} must be int32, got {cu.dtype}");
         RequireSameDevice(cu, reference, name, referenceName);
-        Require(cu.shape[0] >= 2, name, $"{name} must hold at least 2 entries (batch + 1), got {cu.shape[0]}");
+        Require(cu.shape[0] >= 1, name, $"{name} must hold batch + 1 >= 1 entries, got none");
         Require(maxSeqlen > 0, maxName, $"{maxName} ({maxSeqlen}) must be > 0");
         long[] offsets;
         using (var host = cu.to(ScalarType.Int64, CPU)) offsets = host.data<long>().ToArray();

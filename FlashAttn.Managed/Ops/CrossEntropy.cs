@@ -27,8 +27,15 @@ public static partial class flash_attn
         double logit_scale = 1.0, double lse_square_scale = 0.0, long ignore_index = -100, bool inplace_backward = false)
     {
         DeviceErrors.Raise();
-        var opts = new CrossEntropyOptions(label_smoothing, logit_scale, lse_square_scale, ignore_index, inplace_backward);
-        CrossEntropyFunction.Validate(logits, labels, opts);
+        return CrossEntropy(logits, labels, new CrossEntropyOptions(label_smoothing, logit_scale, lse_square_scale, ignore_index,
+                                                                    inplace_backward), "logits", "labels");
+    }
+
+    // cross_entropy_loss, validated under the caller's argument names (CrossEntropyLoss's input and target).
+    internal static (Tensor loss, Tensor z_loss) CrossEntropy(Tensor logits, Tensor labels, CrossEntropyOptions opts, string logitsName,
+        string labelsName)
+    {
+        CrossEntropyFunction.Validate(logits, labels, opts, logitsName, labelsName);
         var outs = CrossEntropyFunction.apply(logits, labels, opts);
         return (outs[0], outs[1]);
     }
@@ -43,16 +50,16 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
 {
     public override string Name => "CrossEntropyFunction";
 
-    internal static void Validate(Tensor logits, Tensor labels, CrossEntropyOptions o)
+    internal static void Validate(Tensor logits, Tensor labels, CrossEntropyOptions o, string logitsName = "logits", string labelsName = "labels")
     {
-        RequireFloat(logits, "logits");
-        RequireDim(logits, 2, "logits", "(N, V)");
-        Require(logits.shape[1] >= 1, "logits", "logits must have at least one class");
-        RequireContiguousLastDim(logits, "logits");
-        Require(labels.dtype == ScalarType.Int64, "labels", $"labels must be int64, got {labels.dtype}");
-        RequireDim(labels, 1, "labels", "(N,)");
-        Require(labels.shape[0] == logits.shape[0], "labels", $"labels must have N ({logits.shape[0]}) entries, got {labels.shape[0]}");
-        RequireSameDevice(labels, logits, "labels", "logits");
+        RequireFloat(logits, logitsName);
+        RequireDim(logits, 2, logitsName, "(N, V)");
+        Require(logits.shape[1] >= 1, logitsName, $"{logitsName} must have at least one class");
+        RequireContiguousLastDim(logits, logitsName);
+        Require(labels.dtype == ScalarType.Int64, labelsName, $"{labelsName} must be int64, got {labels.dtype}");
+        RequireDim(labels, 1, labelsName, "(N,)");
+        Require(labels.shape[0] == logits.shape[0], labelsName, $"{labelsName} must have N ({logits.shape[0]}) entries, got {labels.shape[0]}");
+        RequireSameDevice(labels, logits, labelsName, logitsName);
         Require(o.LabelSmoothing >= 0 && o.LabelSmoothing <= 1, "label_smoothing", $"label_smoothing ({o.LabelSmoothing}) must be in [0, 1]");
         Require(double.IsFinite(o.LogitScale), "logit_scale", $"logit_scale ({o.LogitScale}) must be finite");
         Require(o.LseSquareScale >= 0 && double.IsFinite(o.LseSquareScale), "lse_square_scale",
@@ -64,8 +71,8 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
             if (bad.shape[0] > 0)
             {
                 long row = bad[0, 0].item<long>();
-                throw new ArgumentException($"labels must be in [0, {logits.shape[1]}) (the vocabulary) or ignore_index ({o.IgnoreIndex}), " +
-                                            $"got {labels[row].item<long>()} in row {row}", "labels");
+                throw new ArgumentException($"{labelsName} must be in [0, {logits.shape[1]}) (the vocabulary) or ignore_index ({o.IgnoreIndex}), " +
+                                            $"got {labels[row].item<long>()} in row {row}", labelsName);
             }
         }
     }

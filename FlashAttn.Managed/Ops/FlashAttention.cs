@@ -42,7 +42,16 @@ public static partial class flash_attn
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
     {
         DeviceErrors.Raise();
-        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
+        return Dense(q, k, v, AttentionNames.Dense, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                     deterministic, return_dropout_mask);
+    }
+
+    // flash_attn_func_with_lse, validated under the caller's argument names.
+    private static FlashAttnResult Dense(Tensor q, Tensor k, Tensor v, AttentionNames names, double dropout_p, double? softmax_scale,
+        bool causal, (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic,
+        bool return_dropout_mask)
+    {
+        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes, names);
         var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
@@ -66,8 +75,8 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
-        return flash_attn_func(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], dropout_p, softmax_scale, causal, window_size,
-                               softcap, alibi_slopes, deterministic);
+        return Dense(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], AttentionNames.QkvPacked, dropout_p, softmax_scale, causal,
+                     window_size, softcap, alibi_slopes, deterministic, false).output;
     }
 
     /// <summary>q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim).</summary>
@@ -77,8 +86,8 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return flash_attn_func(q, kv[.., .., 0], kv[.., .., 1], dropout_p, softmax_scale, causal, window_size, softcap,
-                               alibi_slopes, deterministic);
+        return Dense(q, kv[.., .., 0], kv[.., .., 1], AttentionNames.KvPacked, dropout_p, softmax_scale, causal, window_size,
+                     softcap, alibi_slopes, deterministic, false).output;
     }
 
     /// <summary>
@@ -102,7 +111,17 @@ public static partial class flash_attn
         bool deterministic = false)
     {
         DeviceErrors.Raise();
-        ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap, alibi_slopes);
+        return Varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.Varlen, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+    }
+
+    // flash_attn_varlen_func_with_lse, validated under the caller's argument names.
+    private static FlashAttnResult Varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, long max_seqlen_q,
+        long max_seqlen_k, AttentionNames names, double dropout_p, double? softmax_scale, bool causal,
+        (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic)
+    {
+        ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap,
+                          alibi_slopes, names);
         var opts = Options(q, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, false);
         if (!UsesAttentionKernels(q, k, v))
@@ -122,8 +141,8 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
-        return flash_attn_varlen_func(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+        return Varlen(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, AttentionNames.VarlenQkvPacked,
+                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
     }
 
     /// <summary>q (total_q, nheads, headdim), kv (total_k, 2, nheads_k, headdim).</summary>
@@ -133,15 +152,16 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return flash_attn_varlen_func(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+        return Varlen(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.VarlenKvPacked,
+                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
     }
 
-    /// <summary>Kernels for bf16/fp16 CUDA tensors; when a gradient will be needed, only where the backward kernel fits
-    /// the GPU's shared memory (not on the 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the
-    /// forward, because a failure inside backward would abort the process.</summary>
+    /// <summary>Kernels for bf16/fp16 CUDA tensors with queries and keys (empty ones take the reference, as in the other
+    /// ops); when a gradient will be needed, only where the backward kernel fits the GPU's shared memory (not on the
+    /// 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the forward, because a failure inside
+    /// backward would abort the process.</summary>
     internal static bool UsesAttentionKernels(Tensor q, Tensor k, Tensor v) =>
-        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) &&
+        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) && q.numel() > 0 && k.numel() > 0 &&
         (!(is_grad_enabled() && (q.requires_grad || k.requires_grad || v.requires_grad)) ||
          BackwardFits(q.device_index, q.shape[^1]));
 
@@ -200,32 +220,35 @@ public static partial class flash_attn
     }
 
     internal static void ValidateAttention(Tensor q, Tensor k, Tensor v, Tensor? cuQ, Tensor? cuK, long? maxSq, long? maxSk,
-        double dropoutP, (long left, long right)? window, double softcap, Tensor? alibi)
+        double dropoutP, (long left, long right)? window, double softcap, Tensor? alibi, AttentionNames? names = null)
     {
         bool varlen = cuQ is not null || cuK is not null;
+        var n = names ?? (varlen ? AttentionNames.Varlen : AttentionNames.Dense);
         int dims = varlen ? 3 : 4;
         string layout = varlen ? "(total, nheads, headdim) with cu_seqlens" : "(batch, seqlen, nheads, headdim)";
-        foreach (var (t, name) in new[] { (q, "q"), (k, "k"), (v, "v") })
+        foreach (var (t, name, what) in new[] { (q, n.Q, "q"), (k, n.K, "k"), (v, n.V, "v") })
         {
             RequireFloat(t, name);
-            RequireDim(t, dims, name, layout);
+            if (name == what) RequireDim(t, dims, name, layout); // a packed tensor's rank was checked by its function
             RequireContiguousLastDim(t, name);
-            Require(t.dtype == q.dtype, name, $"{name} must have q's dtype ({q.dtype}), got {t.dtype}");
-            RequireSameDevice(t, q, name, "q");
+            Require(t.dtype == q.dtype, name, $"{name} must have {n.Q}'s dtype ({q.dtype}), got {t.dtype}");
+            RequireSameDevice(t, q, name, n.Q);
         }
         long d = q.shape[^1], h = q.shape[^2], hk = k.shape[^2];
-        Require(k.shape.SequenceEqual(v.shape), "v", $"v must have k's shape {Shape(k)}, got {Shape(v)}");
-        Require(k.shape[^1] == d, "k", $"k's head dimension ({k.shape[^1]}) must equal q's ({d})");
-        Require(d >= 1 && d <= MaxHeadDim, "q", $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
-        Require(hk >= 1 && h % hk == 0, "k", $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
-        if (!varlen) Require(k.shape[0] == q.shape[0], "k", $"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})");
+        Require(k.shape.SequenceEqual(v.shape), n.V, $"v must have k's shape {Shape(k)}, got {Shape(v)}");
+        Require(k.shape[^1] == d, n.K, $"k's head dimension ({k.shape[^1]}) must equal q's ({d})");
+        Require(d >= 1 && d <= MaxHeadDim, n.Q, $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
+        Require(hk >= 1 && h % hk == 0, n.K, $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
+        if (!varlen) Require(k.shape[0] == q.shape[0], n.K, $"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})");
         else
         {
-            Require(cuQ is not null && cuK is not null, cuQ is null ? "cu_seqlens_q" : "cu_seqlens_k", "cu_seqlens_q and cu_seqlens_k go together");
-            RequireOffsets(cuQ!, "cu_seqlens_q", q, "q", maxSq!.Value, "max_seqlen_q");
-            RequireOffsets(cuK!, "cu_seqlens_k", k, "k", maxSk!.Value, "max_seqlen_k");
-            Require(cuQ!.shape[0] == cuK!.shape[0], "cu_seqlens_k",
-                    $"cu_seqlens_q ({cuQ.shape[0]}) and cu_seqlens_k ({cuK.shape[0]}) must have the same length (batch + 1)");
+            Require(cuQ is not null && cuK is not null, cuQ is null ? n.CuQ : n.CuK, "cu_seqlens_q and cu_seqlens_k go together");
+            RequireOffsets(cuQ!, n.CuQ, q, n.Q, maxSq!.Value, n.MaxQ);
+            // packed qkv: the same offsets over the same rows, read once
+            if (!ReferenceEquals(cuK, cuQ) || k.shape[0] != q.shape[0] || maxSk != maxSq)
+                RequireOffsets(cuK!, n.CuK, k, n.K, maxSk!.Value, n.MaxK);
+            Require(cuQ!.shape[0] == cuK!.shape[0], n.CuK,
+                    $"{n.CuQ} ({cuQ.shape[0]}) and {n.CuK} ({cuK.shape[0]}) must have the same length (batch + 1)");
         }
         Require(dropoutP >= 0 && dropoutP < 1, "dropout_p", $"dropout_p ({dropoutP}) must be in [0, 1)");
         Require(softcap >= 0, "softcap", $"softcap ({softcap}) must be >= 0");
@@ -233,12 +256,24 @@ public static partial class flash_attn
         if (alibi is not null)
         {
             Require(alibi.dtype == ScalarType.Float32, "alibi_slopes", $"alibi_slopes must be float32, got {alibi.dtype}");
-            RequireSameDevice(alibi, q, "alibi_slopes", "q");
+            RequireSameDevice(alibi, q, "alibi_slopes", n.Q);
             long batch = varlen ? cuQ!.shape[0] - 1 : q.shape[0];
             Require((alibi.dim() == 1 && alibi.shape[0] == h) || (alibi.dim() == 2 && alibi.shape[0] == batch && alibi.shape[1] == h),
                     "alibi_slopes", $"alibi_slopes must be (nheads = {h}) or (batch = {batch}, nheads), got {Shape(alibi)}");
         }
     }
+}
+
+/// <summary>The argument names an attention entry point reports its q, k, v, offsets and lengths under (packed
+/// variants hand views of one tensor to the shared validation).</summary>
+internal sealed record AttentionNames(string Q, string K, string V, string CuQ, string CuK, string MaxQ, string MaxK)
+{
+    public static readonly AttentionNames Dense = new("q", "k", "v", "", "", "", "");
+    public static readonly AttentionNames QkvPacked = new("qkv", "qkv", "qkv", "", "", "", "");
+    public static readonly AttentionNames KvPacked = new("q", "kv", "kv", "", "", "", "");
+    public static readonly AttentionNames Varlen = new("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k");
+    public static readonly AttentionNames VarlenQkvPacked = new("qkv", "qkv", "qkv", "cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen");
+    public static readonly AttentionNames VarlenKvPacked = new("q", "kv", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k");
 }
 
 /// <summary>

@@ -84,24 +84,28 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         return new List<Tensor> { dx, null!, null!, null!, null!, null!, null!, null!, null! };
     }
 
-    internal static void Validate(Tensor x, Tensor cos, Tensor sin, Tensor? offsets, long offset, Tensor? cuSeqlens, long? maxSeqlen)
+    // xName, cosName, sinName: the caller's argument names (apply_rotary_emb_qkv_ validates views of its qkv, whose rank
+    // it has checked).
+    internal static void Validate(Tensor x, Tensor cos, Tensor sin, Tensor? offsets, long offset, Tensor? cuSeqlens, long? maxSeqlen,
+        string xName = "x", string cosName = "cos", string sinName = "sin")
     {
-        RequireFloat(x, "x");
-        if (cuSeqlens is null) RequireDim(x, 4, "x", "(batch, seqlen, nheads, headdim)");
-        else RequireDim(x, 3, "x", "(total_seqlen, nheads, headdim) when cu_seqlens is given");
-        RequireContiguousLastDim(x, "x");
-        RequireDim(cos, 2, "cos", "(seqlen_ro, rotary_dim / 2)");
-        Require(sin.shape.SequenceEqual(cos.shape), "sin", $"sin must have cos's shape {Shape(cos)}, got {Shape(sin)}");
-        foreach (var (t, name) in new[] { (cos, "cos"), (sin, "sin") })
+        RequireFloat(x, xName);
+        if (xName == "x")
+            RequireDim(x, cuSeqlens is null ? 4 : 3, "x",
+                       cuSeqlens is null ? "(batch, seqlen, nheads, headdim)" : "(total_seqlen, nheads, headdim) when cu_seqlens is given");
+        RequireContiguousLastDim(x, xName);
+        RequireDim(cos, 2, cosName, "(seqlen_ro, rotary_dim / 2)");
+        Require(sin.shape.SequenceEqual(cos.shape), sinName, $"{sinName} must have {cosName}'s shape {Shape(cos)}, got {Shape(sin)}");
+        foreach (var (t, name) in new[] { (cos, cosName), (sin, sinName) })
         {
             Require(t.dtype == x.dtype || t.dtype == ScalarType.Float32, name,
-                    $"{name} must be x's dtype ({x.dtype}) or float32, got {t.dtype}");
-            RequireSameDevice(t, x, name, "x");
+                    $"{name} must be {xName}'s dtype ({x.dtype}) or float32, got {t.dtype}");
+            RequireSameDevice(t, x, name, xName);
             RequireContiguousLastDim(t, name);
         }
-        Require(sin.dtype == cos.dtype, "sin", $"sin must have cos's dtype ({cos.dtype}), got {sin.dtype}");
+        Require(sin.dtype == cos.dtype, sinName, $"{sinName} must have {cosName}'s dtype ({cos.dtype}), got {sin.dtype}");
         long headdim = x.shape[^1], rotaryDim = cos.shape[1] * 2, seqlenRo = cos.shape[0];
-        Require(rotaryDim >= 2 && rotaryDim <= headdim, "cos",
+        Require(rotaryDim >= 2 && rotaryDim <= headdim, cosName,
                 $"rotary_dim (2 * cos.shape[1] = {rotaryDim}) must be between 2 and headdim ({headdim})");
         long batch, seqlen;
         long[]? cu = null;
@@ -112,21 +116,21 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         else
         {
             Require(maxSeqlen is not null, "max_seqlen", "max_seqlen must be given (> 0) with cu_seqlens");
-            cu = RequireOffsets(cuSeqlens, "cu_seqlens", x, "x", maxSeqlen!.Value, "max_seqlen");
+            cu = RequireOffsets(cuSeqlens, "cu_seqlens", x, xName, maxSeqlen!.Value, "max_seqlen");
             (batch, seqlen) = (cuSeqlens.shape[0] - 1, maxSeqlen!.Value);
         }
         if (offsets is null)
         {
             Require(offset >= 0, "seqlen_offset", $"seqlen_offset ({offset}) must be >= 0");
-            Require(seqlen + offset <= seqlenRo, "cos",
-                    $"cos/sin hold {seqlenRo} positions but seqlen ({seqlen}) + seqlen_offset ({offset}) need {seqlen + offset}");
+            Require(seqlen + offset <= seqlenRo, cosName,
+                    $"{cosName}/{sinName} hold {seqlenRo} positions but seqlen ({seqlen}) + seqlen_offset ({offset}) need {seqlen + offset}");
         }
         else
         {
             RequireDim(offsets, 1, "seqlen_offsets", "(batch,)");
             Require(offsets.shape[0] == batch, "seqlen_offsets", $"seqlen_offsets must have batch ({batch}) entries, got {offsets.shape[0]}");
             Require(offsets.dtype is ScalarType.Int32 or ScalarType.Int64, "seqlen_offsets", $"seqlen_offsets must be int32 or int64, got {offsets.dtype}");
-            RequireSameDevice(offsets, x, "seqlen_offsets", "x");
+            RequireSameDevice(offsets, x, "seqlen_offsets", xName);
             // Each sequence's positions must lie in the table, as an int seqlen_offset's must: read on the host (for CUDA
             // tensors a copy of batch integers and a synchronisation; decoding copies cache_seqlens there anyway).
             long[] values;
@@ -135,7 +139,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
             {
                 long length = cu is null ? seqlen : cu[b + 1] - cu[b];
                 Require(values[b] >= 0 && values[b] + length <= seqlenRo, "seqlen_offsets",
-                        $"seqlen_offsets[{b}] ({values[b]}) + the sequence's {length} tokens must lie within the {seqlenRo} positions of cos/sin");
+                        $"seqlen_offsets[{b}] ({values[b]}) + the sequence's {length} tokens must lie within the {seqlenRo} positions of {cosName}/{sinName}");
             }
         }
     }
@@ -144,7 +148,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
     internal static Tensor Apply(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool inplace, bool conjugate,
         Tensor? offsets, long offset, Tensor? cuSeqlens, long? maxSeqlen)
     {
-        if (!Backend.UsesKernels(x) || (cos.dtype != x.dtype && cos.dtype != ScalarType.Float32))
+        if (!Backend.UsesKernels(x) || x.numel() == 0 || (cos.dtype != x.dtype && cos.dtype != ScalarType.Float32))
             return Reference.rotary(x, cos, sin, interleaved, inplace, conjugate, offsets, offset, cuSeqlens, maxSeqlen);
 
         using var scope = NewDisposeScope();
@@ -240,8 +244,9 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
         }
         TensorArgs.Require((cosK is null) == (sinK is null), "cos_k", "cos_k and sin_k must be given together");
         var (q, k) = QK(qkv, numHeadsQ, separate: true);
-        RotaryFunction.Validate(q, cos, sin, offsets, offset, null, null);
-        RotaryFunction.Validate(k, cosK ?? cos, sinK ?? sin, offsets, offset, null, null);
+        RotaryFunction.Validate(q, cos, sin, offsets, offset, null, null, "qkv");
+        if (cosK is null) return; // k has q's tables and positions
+        RotaryFunction.Validate(k, cosK, sinK!, offsets, offset, null, null, "qkv", "cos_k", "sin_k");
     }
 
     // Views of q and k inside qkv; with shared tables both rotate in one launch over (B, S, Hq + Hk, D).
@@ -249,7 +254,7 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
     {
         if (numHeadsQ is null)
         {
-            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.shape[0], qk.shape[1], -1, qk.shape[^1]), null!); }
+            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.shape[0], qk.shape[1], 2 * qk.shape[3], qk.shape[4]), null!); }
             return (qkv[.., .., 0], qkv[.., .., 1]);
         }
         long hq = numHeadsQ.Value, hk = (qkv.shape[2] - hq) / 2;

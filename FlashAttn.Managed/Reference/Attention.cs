@@ -85,8 +85,9 @@ public static partial class Reference
             outs.Add(o[0]);
             lses.Add(l[0]);
         }
-        var output = cat(outs, 0);
-        var lse = cat(lses, 1);
+        // no sequence (batch 0): empty results
+        var output = outs.Count > 0 ? cat(outs, 0) : zeros(0, q.shape[1], q.shape[2], dtype: q.dtype, device: q.device);
+        var lse = lses.Count > 0 ? cat(lses, 1) : zeros(q.shape[1], 0, dtype: ScalarType.Float32, device: q.device);
         // Rows past cu_seqlens_q[-1] belong to no sequence: zero, LSE +inf.
         if (output.shape[0] < q.shape[0])
         {

@@ -132,7 +132,7 @@ public sealed class CrossEntropyTests
             Assert.That(e.Message, Does.Contain($"got {bad} in row 2"));
         }
         var e2 = Assert.Throws<ArgumentException>(() => layers.CrossEntropyLoss(ignore_index: 0).call(logits, tensor(new[] { 1L, 2L, -100L, 3L })))!;
-        Assert.That(e2.ParamName, Is.EqualTo("labels"), "-100 is only ignored when it is ignore_index");
+        Assert.That(e2.ParamName, Is.EqualTo("target"), "-100 is only ignored when it is ignore_index (the module's argument is target)");
         var (loss, _) = flash_attn.cross_entropy_loss(logits, tensor(new[] { 1L, 2L, -100L, 99L }));
         Assert.That(loss.isfinite().all().item<bool>(), Is.True, "a correct call still works");
     }
