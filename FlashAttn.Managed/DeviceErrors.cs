@@ -44,6 +44,20 @@ internal static class DeviceErrors
         throw new ArgumentException($"an earlier call on the GPU failed at element {index}: {message}", argument);
     }
 
+    /// <summary><see cref="flash_attn.assert_async"/> without reading the record first (for use inside an op).</summary>
+    internal static void Check(Tensor condition, string argument, string message)
+    {
+        Require(condition.dtype == ScalarType.Bool, "condition", $"condition must be bool, got {condition.dtype}");
+        if (condition.device_type != DeviceType.CUDA || !Backend.NativeHasCuda)
+        {
+            if (!condition.all().item<bool>()) throw new ArgumentException(message, argument);
+            return;
+        }
+        using var c = condition.contiguous();
+        Arm();
+        NativeMethods.Check(NativeMethods.FlashAttn_core_device_check(Ptr(c), c.numel(), Code(argument, message), IntPtr.Zero));
+    }
+
     /// <summary>The record's code of a caller's check (one per distinct argument and message).</summary>
     internal static int Code(string argument, string message) => s_codes.GetOrAdd((argument, message), key =>
     {
@@ -78,14 +92,6 @@ public static partial class flash_attn
     public static void assert_async(Tensor condition, string argument, string message)
     {
         DeviceErrors.Raise();
-        Require(condition.dtype == ScalarType.Bool, "condition", $"condition must be bool, got {condition.dtype}");
-        if (condition.device_type != DeviceType.CUDA || !Backend.NativeHasCuda)
-        {
-            if (!condition.all().item<bool>()) throw new ArgumentException(message, argument);
-            return;
-        }
-        using var c = condition.contiguous();
-        DeviceErrors.Arm();
-        NativeMethods.Check(NativeMethods.FlashAttn_core_device_check(Ptr(c), c.numel(), DeviceErrors.Code(argument, message), IntPtr.Zero));
+        DeviceErrors.Check(condition, argument, message);
     }
 }

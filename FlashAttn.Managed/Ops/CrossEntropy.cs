@@ -114,7 +114,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
             if (labels.device_type != DeviceType.CPU)
             {
                 using var ok = LabelsInVocabulary(labels, logits.shape[1], o.IgnoreIndex);
-                flash_attn.assert_async(ok, "labels", "a label of cross_entropy_loss is outside [0, vocab) and not ignore_index: that row's loss and gradient are NaN");
+                DeviceErrors.Check(ok, "labels", "a label of cross_entropy_loss is outside [0, vocab) and not ignore_index: that row's loss and gradient are NaN");
             }
             (loss, zLoss, lse) = Reference.cross_entropy(logits, labels, o.LabelSmoothing, o.LogitScale, o.LseSquareScale, o.IgnoreIndex);
         }

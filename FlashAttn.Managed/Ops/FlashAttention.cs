@@ -13,6 +13,16 @@ public sealed record FlashAttnResult(Tensor output, Tensor softmax_lse, Tensor? 
 internal sealed record AttentionOptions(double DropoutP, double Scale, long WindowLeft, long WindowRight, double Softcap,
     Tensor? AlibiSlopes, bool Deterministic, bool ReturnDropoutMask, ulong Seed);
 
+/// <summary>
+/// The functions of FlashAttn.TorchSharp, named and shaped as flash-attn's. Bad input, the same on every device:
+/// an argument of the wrong dtype, rank, shape or device, a non-contiguous last dimension where the kernels need one
+/// (attention, rotary, cross-entropy's logits; the norms and dense ops copy other strides), an out-of-range offset,
+/// position or option is an ArgumentException naming the argument, thrown before any work. Values are not scanned:
+/// NaN and Inf propagate to the outputs, as in PyTorch. Empty inputs (batch 0, sequence 0) give empty outputs. A value
+/// that only the GPU reads without making the host wait (a cross-entropy label outside the vocabulary, a failed
+/// <see cref="assert_async"/>) makes the results it touches NaN and is raised, naming the argument, by the next call
+/// of any of these functions or by <see cref="check_errors"/>; on the CPU it is an ArgumentException at once.
+/// </summary>
 public static partial class flash_attn
 {
     /// <summary>The largest head dimension the kernels take (flash-attn's limit).</summary>
