@@ -8,6 +8,7 @@
 // TorchSharp; the module tree and the parameters are the same whichever switches are on, so one
 // state dict serves both and fused/plain comparisons share weights exactly.
 using System.Text.Json;
+using FlashAttn.Interop;
 using System.Text.Json.Serialization;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -211,6 +212,10 @@ public sealed class KVCache : IDisposable
     /// <summary>Tokens already in the cache (the position of the next token).</summary>
     public long length { get; internal set; }
     public long max_length { get; }
+    /// <summary>The sequences it holds.</summary>
+    public long batch => _k[0].shape[0];
+    /// <summary>The layers it holds.</summary>
+    public int n_layer => _k.Length;
 
     public KVCache(int n_layer, long batch, long max_length, long n_head, long head_dim, ScalarType dtype, Device device)
     {
@@ -223,8 +228,7 @@ public sealed class KVCache : IDisposable
     /// <paramref name="layer"/> and returns that layer's keys and values for positions [0, length + seqlen).</summary>
     internal (Tensor k, Tensor v) Append(int layer, Tensor k, Tensor v)
     {
-        long s = k.shape[1];
-        if (length + s > max_length) throw new InvalidOperationException($"KV cache full: {length} + {s} > {max_length}");
+        long s = k.shape[1]; // room checked by SelfAttention.forward
         _k[layer].narrow(1, length, s).copy_(k);
         _v[layer].narrow(1, length, s).copy_(v);
         return (_k[layer].narrow(1, 0, length + s), _v[layer].narrow(1, 0, length + s));
@@ -233,6 +237,32 @@ public sealed class KVCache : IDisposable
     public void Dispose()
     {
         foreach (var t in _k.Concat(_v)) t.Dispose();
+    }
+}
+
+/// <summary>Input checks the GPT and ViT modules share (ArgumentExceptions naming the argument, before any work).</summary>
+internal static class Inputs
+{
+    /// <summary>Hidden states (batch, seqlen, width) in the dtype and on the device of the module's parameter.</summary>
+    internal static void RequireHidden(Tensor x, string name, long width, Tensor parameter)
+    {
+        TensorArgs.RequireModuleInput(x, name, parameter);
+        TensorArgs.Require(x.dim() == 3 && x.shape[2] == width, name, $"{name} must be (batch, seqlen, {width}), got {TensorArgs.Shape(x)}");
+    }
+
+    /// <summary>
+    /// wte(input_ids) with token ids outside [0, vocab) caught: on the CPU an ArgumentException now; on a GPU, where a
+    /// check would make every step wait for the device, their rows become NaN (the lookup reads row 0 instead, since an
+    /// out-of-range lookup ends the CUDA context) and the error is raised by the next flash_attn call or check_errors.
+    /// </summary>
+    internal static Tensor Embed(Embedding wte, Tensor ids, long vocab)
+    {
+        using var scope = NewDisposeScope();
+        var known = ids.ge(0).logical_and(ids.lt(vocab));
+        flash_attn.assert_async(known, "input_ids", $"input_ids must be token ids in [0, vocab_size = {vocab}): the rows of others are NaN");
+        if (ids.device_type == DeviceType.CPU) return wte.forward(ids).MoveToOuterDisposeScope();
+        var unknown = known.logical_not();
+        return wte.forward(ids.masked_fill(unknown, 0)).masked_fill(unknown.unsqueeze(-1), double.NaN).MoveToOuterDisposeScope();
     }
 }
 
@@ -284,7 +314,8 @@ internal static class Fused
         {
             // stochastic depth: drop the whole branch of a sample with probability dropPath, rescale the kept ones
             var keep = empty(new[] { x0.shape[0] }, ScalarType.Float32, x0.device).bernoulli_(1 - dropPath).div_(1 - dropPath);
-            rowscale = keep.view(-1, 1).expand(x0.shape[0], x0.numel() / x0.shape[0] / x0.shape[^1]).reshape(-1).to(x0.dtype);
+            long perSample = x0.shape[1..^1].Aggregate(1L, (a, b) => a * b); // the rows of one sample
+            rowscale = keep.view(-1, 1).expand(x0.shape[0], perSample).reshape(-1).to(x0.dtype);
         }
         if (fused)
         {
@@ -334,6 +365,7 @@ public sealed class SelfAttention : nn.Module
 
     public Tensor forward(Tensor x, KVCache? cache = null)
     {
+        Inputs.RequireHidden(x, nameof(x), _s.d_model, _qkv.weight!);
         long B = x.shape[0], S = x.shape[1], H = _s.n_head, D = _s.head_dim;
         var qkv = Fused.Linear(_qkv, x, _s.fused_bias_fc).view(B, S, 3, H, D);
         long offset = cache?.length ?? 0;
@@ -346,7 +378,12 @@ public sealed class SelfAttention : nn.Module
             q = flash_attn.apply_rotary_emb(q, cos, sin, _s.rotary_interleaved, inplace: false, seqlen_offset: offset);
             k = flash_attn.apply_rotary_emb(k, cos, sin, _s.rotary_interleaved, inplace: false, seqlen_offset: offset);
         }
-        if (cache is not null) (k, v) = cache.Append(_layer, k, v);
+        if (cache is not null)
+        {
+            TensorArgs.Require(_layer < cache.n_layer && cache.batch == B && cache.length + S <= cache.max_length, nameof(cache),
+                $"the cache ({cache.n_layer} layers of {cache.batch} sequences, {cache.length} of {cache.max_length} positions taken) has no room for layer {_layer}'s {B} x {S} tokens");
+            (k, v) = cache.Append(_layer, k, v);
+        }
         double p = training ? _s.attn_pdrop : 0.0;
         var o = _s.use_flash_attn
             ? flash_attn.flash_attn_func(q, k, v, p, _s.softmax_scale, _s.causal)
@@ -388,7 +425,12 @@ public sealed class Mlp : nn.Module
     public Linear fc1 => _fc1;
     public Linear fc2 => _fc2;
 
-    public Tensor forward(Tensor x) => Fused.Mlp(_fc1, _fc2, _s.activation, x, _s.fused_mlp, _s.fused_bias_fc, training, _s.mlp_checkpoint_lvl);
+    public Tensor forward(Tensor x)
+    {
+        TensorArgs.RequireModuleInput(x, nameof(x), _fc1.weight!);
+        TensorArgs.Require(x.dim() >= 1 && x.shape[^1] == _s.d_model, nameof(x), $"x must be (..., {_s.d_model}), got {TensorArgs.Shape(x)}");
+        return Fused.Mlp(_fc1, _fc2, _s.activation, x, _s.fused_mlp, _s.fused_bias_fc, training, _s.mlp_checkpoint_lvl);
+    }
 }
 
 /// <summary>
@@ -435,6 +477,15 @@ public sealed class Block : nn.Module
 
     public (Tensor hidden, Tensor residual) forward(Tensor hidden, Tensor? residual, KVCache? cache = null)
     {
+        Inputs.RequireHidden(hidden, nameof(hidden), _s.d_model, _norm1.weight!);
+        if (residual is not null)
+        {
+            TensorArgs.Require(residual.shape.SequenceEqual(hidden.shape), nameof(residual),
+                $"residual must have hidden's shape {TensorArgs.Shape(hidden)}, got {TensorArgs.Shape(residual)}");
+            TensorArgs.Require(residual.dtype == hidden.dtype || residual.dtype == ScalarType.Float32, nameof(residual),
+                $"residual must have hidden's dtype ({hidden.dtype}) or float32, got {residual.dtype}");
+            TensorArgs.RequireSameDevice(residual, hidden, nameof(residual), nameof(hidden));
+        }
         (hidden, residual) = Fused.DropoutAddNorm(hidden, residual, _norm1, _p1, _dropPath1, _s.layer_norm_epsilon, training,
                                                   _s.fused_dropout_add_ln, _s.residual_in_fp32);
         hidden = _attn.forward(hidden, cache);
@@ -491,10 +542,19 @@ public sealed class GPTModel : nn.Module<Tensor, Tensor>
     public Tensor forward(Tensor input_ids, KVCache? cache)
     {
         if (input_ids.dim() != 2) throw new ArgumentException($"input_ids must be (batch, seqlen), got [{string.Join(", ", input_ids.shape)}]", nameof(input_ids));
+        TensorArgs.Require(input_ids.dtype is ScalarType.Int64 or ScalarType.Int32, nameof(input_ids), $"input_ids must be int64 or int32, got {input_ids.dtype}");
+        TensorArgs.RequireSameDevice(input_ids, _wte.weight!, nameof(input_ids), "the model's parameters");
         long T = input_ids.shape[1], offset = cache?.length ?? 0;
         if (_wpe is not null && offset + T > _c.n_positions)
             throw new ArgumentException($"sequence length {offset + T} exceeds n_positions ({_c.n_positions})", nameof(input_ids));
-        var hidden = _wte.forward(input_ids);
+        if (cache is not null)
+        {
+            TensorArgs.Require(cache.n_layer == _h.Count && cache.batch == input_ids.shape[0], nameof(cache),
+                $"the cache holds {cache.n_layer} layers of {cache.batch} sequences, the model {_h.Count} layers and input_ids {input_ids.shape[0]}");
+            TensorArgs.Require(offset + T <= cache.max_length, nameof(cache),
+                $"the cache holds {cache.max_length} positions, {offset} taken: no room for {T} more tokens");
+        }
+        var hidden = Inputs.Embed(_wte, input_ids, _c.vocab_size);
         if (_wpe is not null) hidden = hidden + _wpe.forward(arange(offset, offset + T, dtype: ScalarType.Int64, device: input_ids.device));
         Tensor? residual = null;
         foreach (var block in _h) (hidden, residual) = block.forward(hidden, residual, cache);
@@ -565,6 +625,8 @@ public sealed class GPTLMHeadModel : nn.Module<Tensor, Tensor>
     {
         if (!labels.shape.SequenceEqual(input_ids.shape))
             throw new ArgumentException($"labels [{string.Join(", ", labels.shape)}] must have input_ids' shape [{string.Join(", ", input_ids.shape)}]", nameof(labels));
+        TensorArgs.Require(labels.dtype == ScalarType.Int64, nameof(labels), $"labels must be int64, got {labels.dtype}");
+        TensorArgs.RequireSameDevice(labels, input_ids, nameof(labels), nameof(input_ids));
         var logits = forward(input_ids);
         return LanguageModelLoss(logits.view(-1, logits.shape[^1]), labels.reshape(-1), config.fused_cross_entropy);
     }
@@ -580,8 +642,16 @@ public sealed class GPTLMHeadModel : nn.Module<Tensor, Tensor>
     internal static Tensor TokenLosses(Tensor logits, Tensor labels, bool fused)
     {
         if (fused) return flash_attn.cross_entropy_loss(logits, labels, ignore_index: -100, inplace_backward: true).loss;
+        // The fused kernel's semantics for a label outside the vocabulary (TorchSharp's cross_entropy fails on it, on a GPU
+        // with a device-side assert that ends the CUDA context): an ArgumentException on the CPU, on a GPU a NaN loss for
+        // its row and an error raised by the next flash_attn call.
+        TensorArgs.Require(labels.dtype == ScalarType.Int64, nameof(labels), $"labels must be int64, got {labels.dtype}");
+        TensorArgs.RequireSameDevice(labels, logits, nameof(labels), "the logits");
+        var outside = labels.ne(-100).logical_and(labels.lt(0).logical_or(labels.ge(logits.shape[^1])));
+        flash_attn.assert_async(outside.logical_not(), nameof(labels), "labels must be in [0, vocabulary) or -100: the rows of others have a NaN loss");
         var x = logits.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? logits.to(ScalarType.Float32) : logits;
-        return F.cross_entropy(x, labels, ignore_index: -100, reduction: nn.Reduction.None);
+        return F.cross_entropy(x, labels.masked_fill(outside, -100), ignore_index: -100, reduction: nn.Reduction.None)
+            .masked_fill(outside, double.NaN);
     }
 
     /// <summary>Parameters counted once (tied weights once); exclude_embeddings leaves out wte and wpe (with a tied head,
@@ -618,6 +688,11 @@ public sealed class GPTLMHeadModel : nn.Module<Tensor, Tensor>
         if (temperature < 0) throw new ArgumentException("temperature must be >= 0", nameof(temperature));
         if (top_k is < 1) throw new ArgumentException("top_k must be >= 1", nameof(top_k));
         if (top_p is <= 0 or > 1) throw new ArgumentException("top_p must be in (0, 1]", nameof(top_p));
+        // generation reads its tokens back anyway: the prompt is checked on the host (a NaN row would reach multinomial,
+        // whose device-side assert ends the CUDA context)
+        TensorArgs.Require(input_ids.dtype is ScalarType.Int64 or ScalarType.Int32, nameof(input_ids), $"input_ids must be int64 or int32, got {input_ids.dtype}");
+        TensorArgs.Require(input_ids.ge(0).logical_and(input_ids.lt(config.vocab_size)).all().item<bool>(), nameof(input_ids),
+                           $"input_ids must be token ids in [0, vocab_size = {config.vocab_size})");
         long B = input_ids.shape[0], total = input_ids.shape[1] + max_new_tokens;
         if (config.rotary_emb_fraction == 0 && total > config.n_positions)
             throw new ArgumentException($"prompt + max_new_tokens = {total} exceeds n_positions ({config.n_positions})", nameof(max_new_tokens));

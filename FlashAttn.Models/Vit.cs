@@ -2,6 +2,7 @@
 // with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 /
 // mlp.fc1 / mlp.fc2, norm, head) so timm checkpoints load through load_safetensors. Images (B, 3, H, W) -> logits.
 using System.Text.Json;
+using FlashAttn.Interop;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -134,7 +135,13 @@ public sealed class PatchEmbed : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>images (B, C, H, W) -> tokens (B, H/p * W/p, embed_dim).</summary>
-    public override Tensor forward(Tensor x) => proj.forward(x).flatten(2).transpose(1, 2);
+    public override Tensor forward(Tensor x)
+    {
+        TensorArgs.RequireModuleInput(x, nameof(x), proj.weight!);
+        TensorArgs.Require(x.dim() == 4 && x.shape[1] == proj.weight!.shape[1], nameof(x),
+            $"x must be (batch, {proj.weight!.shape[1]}, height, width), got {TensorArgs.Shape(x)}");
+        return proj.forward(x).flatten(2).transpose(1, 2);
+    }
 }
 
 /// <summary>
@@ -207,6 +214,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         var c = config;
         if (images.dim() != 4 || images.shape[1] != c.in_chans || images.shape[2] != c.img_size || images.shape[3] != c.img_size)
             throw new ArgumentException($"images must be (batch, {c.in_chans}, {c.img_size}, {c.img_size}), got [{string.Join(", ", images.shape)}]", nameof(images));
+        TensorArgs.RequireModuleInput(images, nameof(images), _posEmbed);
         var x = _patchEmbed.forward(images);
         x = cat(new[] { _clsToken.expand(x.shape[0], -1, -1).to(x.dtype), x }, 1) + _posEmbed.to(x.dtype);
         Tensor? residual = null;

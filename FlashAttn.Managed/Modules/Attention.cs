@@ -121,6 +121,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
 
     private Tensor Attend(Tensor x, Tensor? xKv, long seqlen_offset)
     {
+        TensorArgs.RequireModuleInput(x, "x", out_proj.weight!);
         TensorArgs.Require(x.dim() == 3 && x.shape[2] == embed_dim, "x", $"x must be (batch, seqlen, {embed_dim}), got {TensorArgs.Shape(x)}");
         long B = x.shape[0], S = x.shape[1], H = num_heads, Hk = num_heads_kv, D = head_dim;
         Tensor q, k, v;
@@ -132,6 +133,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         }
         else
         {
+            TensorArgs.RequireModuleInput(xKv!, "x_kv", out_proj.weight!);
             TensorArgs.Require(xKv!.dim() == 3 && xKv.shape[0] == B && xKv.shape[2] == embed_dim, "x_kv",
                 $"x_kv must be ({B}, seqlen_k, {embed_dim}), got {TensorArgs.Shape(xKv)}");
             q = Wq!.forward(x).view(B, S, H, D);

@@ -39,8 +39,9 @@ public sealed class CrossEntropyLoss : nn.Module<Tensor, Tensor, Tensor>
     /// <summary>The reduced loss and the reduced z-loss (lse_square_scale * lse^2, not differentiable).</summary>
     public (Tensor loss, Tensor z_loss) forward_with_z_loss(Tensor input, Tensor target)
     {
-        var (loss, z) = flash_attn.cross_entropy_loss(input, target, label_smoothing, logit_scale, lse_square_scale, ignore_index,
-                                                      inplace_backward);
+        DeviceErrors.Raise();
+        var (loss, z) = flash_attn.CrossEntropy(input, target, new CrossEntropyOptions(label_smoothing, logit_scale, lse_square_scale,
+                                                ignore_index, inplace_backward), nameof(input), nameof(target));
         switch (reduction)
         {
             case LossReduction.Mean:

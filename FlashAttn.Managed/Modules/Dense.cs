@@ -1,3 +1,4 @@
+using FlashAttn.Interop;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -34,7 +35,12 @@ public sealed class FusedDense : nn.Module<Tensor, Tensor>
     public Parameter? Bias => bias;
 
     /// <summary>x (..., in_features) -> (..., out_features).</summary>
-    public override Tensor forward(Tensor x) => flash_attn.fused_dense_func(x, weight, bias);
+    public override Tensor forward(Tensor x)
+    {
+        TensorArgs.RequireModuleInput(x, nameof(x), weight);
+        DenseInit.RequireFeatures(x, in_features);
+        return flash_attn.fused_dense_func(x, weight, bias);
+    }
 
     /// <summary>(y, x): the output and the input as the residual (flash-attn's return_residual).</summary>
     public (Tensor output, Tensor residual) forward_residual(Tensor x) => (forward(x), x);
@@ -77,9 +83,13 @@ public sealed class FusedMLP : nn.Module<Tensor, Tensor>
     public Linear Fc1 => fc1;
     public Linear Fc2 => fc2;
 
-    public override Tensor forward(Tensor x) =>
-        flash_attn.fused_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, activation, save_pre_act: training,
-                                  checkpoint_lvl: checkpoint_lvl);
+    public override Tensor forward(Tensor x)
+    {
+        TensorArgs.RequireModuleInput(x, nameof(x), fc1.weight!);
+        DenseInit.RequireFeatures(x, in_features);
+        return flash_attn.fused_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, activation, save_pre_act: training,
+                                         checkpoint_lvl: checkpoint_lvl);
+    }
 
     /// <summary>(y, x): the output and the input as the residual (flash-attn's return_residual).</summary>
     public (Tensor output, Tensor residual) forward_residual(Tensor x) => (forward(x), x);
@@ -120,8 +130,12 @@ public sealed class GatedMlp : nn.Module<Tensor, Tensor>
     public Linear Fc1 => fc1;
     public Linear Fc2 => fc2;
 
-    public override Tensor forward(Tensor x) =>
-        flash_attn.gated_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, activation);
+    public override Tensor forward(Tensor x)
+    {
+        TensorArgs.RequireModuleInput(x, nameof(x), fc1.weight!);
+        DenseInit.RequireFeatures(x, in_features);
+        return flash_attn.gated_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, activation);
+    }
 
     /// <summary>(y, x): the output and the input as the residual (flash-attn's return_residual).</summary>
     public (Tensor output, Tensor residual) forward_residual(Tensor x) => (forward(x), x);
@@ -129,6 +143,10 @@ public sealed class GatedMlp : nn.Module<Tensor, Tensor>
 
 internal static class DenseInit
 {
+    /// <summary>A dense module's input x (..., in_features).</summary>
+    internal static void RequireFeatures(Tensor x, long inFeatures) =>
+        TensorArgs.Require(x.dim() >= 1 && x.shape[^1] == inFeatures, "x", $"x must be (..., in_features = {inFeatures}), got {TensorArgs.Shape(x)}");
+
     /// <summary>torch.nn.Linear's initialisation: weight kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)),
     /// bias U(-1/sqrt(in), 1/sqrt(in)); drawn in float32 on the CPU from TorchSharp's default generator.</summary>
     internal static (Parameter weight, Parameter? bias) LinearParameters(long inFeatures, long outFeatures, bool bias, Device? device, ScalarType? dtype)

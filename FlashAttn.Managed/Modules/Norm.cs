@@ -1,3 +1,4 @@
+using FlashAttn.Interop;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -43,10 +44,12 @@ public sealed class FusedLayerNorm : nn.Module<Tensor, Tensor>
         int nd = normalized_shape.Length;
         if (input.dim() < nd || !input.shape[^nd..].SequenceEqual(normalized_shape))
             throw new ArgumentException($"input's trailing dimensions must be normalized_shape [{string.Join(", ", normalized_shape)}], got [{string.Join(", ", input.shape)}]", nameof(input));
+        if (weight is not null) TensorArgs.RequireModuleInput(input, nameof(input), weight, sameDtype: false);
         using var scope = NewDisposeScope();
         var x = nd == 1 ? input : input.reshape(input.shape[..^nd].Append(_hidden).ToArray());
         var w = weight is not null ? weight.reshape(_hidden) : ones(_hidden, dtype: input.dtype, device: input.device);
-        var y = flash_attn.layer_norm(x, w, bias?.reshape(_hidden), eps);
+        var y = NormFunction.Single(x, null, w, bias?.reshape(_hidden), 0.0, eps, null, null, false, false, false, false, isRms: false,
+                                    null, nameof(input)).Item1;
         return (nd == 1 ? y : y.reshape(input.shape)).MoveToOuterDisposeScope();
     }
 }
@@ -73,7 +76,13 @@ public sealed class RMSNorm : nn.Module<Tensor, Tensor>
 
     public Parameter Weight => weight;
 
-    public override Tensor forward(Tensor input) => flash_attn.rms_norm(input, weight, eps, zero_centered_weight);
+    public override Tensor forward(Tensor input)
+    {
+        TensorArgs.RequireModuleInput(input, nameof(input), weight, sameDtype: false);
+        NormModules.RequireHidden(input, nameof(input), hidden_size);
+        return NormFunction.Single(input, null, weight, null, 0.0, eps, null, null, false, false, false, zero_centered_weight,
+                                   isRms: true, null, nameof(input)).Item1;
+    }
 }
 
 /// <summary>
@@ -104,6 +113,8 @@ public sealed class DropoutAddLayerNorm : nn.Module<Tensor, Tensor?, (Tensor out
 
     public override (Tensor output, Tensor? residual) forward(Tensor x0, Tensor? residual)
     {
+        TensorArgs.RequireModuleInput(x0, nameof(x0), weight, sameDtype: false);
+        NormModules.RequireHidden(x0, nameof(x0), hidden_size);
         var (o, r, _) = flash_attn.dropout_add_layer_norm(x0, residual, weight, bias, training ? p : 0.0, eps,
                                                           prenorm: prenorm, residual_in_fp32: residual_in_fp32);
         return (o, r);
@@ -133,6 +144,8 @@ public sealed class DropoutAddRMSNorm : nn.Module<Tensor, Tensor?, (Tensor outpu
 
     public override (Tensor output, Tensor? residual) forward(Tensor x0, Tensor? residual)
     {
+        TensorArgs.RequireModuleInput(x0, nameof(x0), weight, sameDtype: false);
+        NormModules.RequireHidden(x0, nameof(x0), hidden_size);
         var (o, r, _) = flash_attn.dropout_add_rms_norm(x0, residual, weight, null, training ? p : 0.0, eps,
                                                         prenorm: prenorm, residual_in_fp32: residual_in_fp32);
         return (o, r);
@@ -164,4 +177,12 @@ public static partial class layers
     public static DropoutAddRMSNorm DropoutAddRMSNorm(long hidden_size, bool prenorm = false, double p = 0.0, double eps = 1e-5,
         bool residual_in_fp32 = false, Device? device = null, ScalarType? dtype = null) =>
         new(hidden_size, prenorm, p, eps, residual_in_fp32, device, dtype);
+}
+
+internal static class NormModules
+{
+    /// <summary>A norm module's input (..., hidden_size).</summary>
+    internal static void RequireHidden(Tensor input, string name, long hidden) =>
+        TensorArgs.Require(input.dim() >= 1 && input.shape[^1] == hidden, name,
+                           $"{name} must be (..., hidden_size = {hidden}), got {TensorArgs.Shape(input)}");
 }

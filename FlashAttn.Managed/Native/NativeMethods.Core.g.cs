@@ -46,4 +46,37 @@ internal static partial class NativeMethods
     internal static partial FlashAttnStatus FlashAttn_core_device_capability(
         int device,
         IntPtr /* int32_t* */ capability);
+
+    /// <summary>
+    /// The device-error record. A kernel that finds invalid input on the device (a label outside the
+    /// vocabulary) cannot return a status without the host waiting for it: it writes NaN where that
+    /// input's results go and records the error in one small record of pinned, mapped host memory,
+    /// which the host reads at any time without synchronising (an error is visible once the kernel has
+    /// finished; synchronise first for a definitive answer). The record is the one allocation of the
+    /// library: cudaHostAlloc (mapped, portable: one record serves every device) on the first launch
+    /// of a checking kernel, kept until the library is unloaded; a buffer of the caller in device memory
+    /// could not be read without a copy and a wait. The first error is kept until cleared (later ones
+    /// are dropped; of errors recorded at the same moment, any one may be kept).
+    /// Reads the record into *check (a FlashAttnDeviceCheck, NONE when nothing is recorded; always NONE
+    /// without CUDA or before any checking kernel ran), *index and *value; clear = 1 resets it.
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_core_device_error")]
+    internal static partial FlashAttnStatus FlashAttn_core_device_error(
+        int clear,
+        IntPtr /* int32_t* */ check,
+        IntPtr /* int64_t* */ index,
+        IntPtr /* int64_t* */ value);
+
+    /// <summary>
+    /// Device-side assertion: records `check` (&gt;= FLASHATTN_DEVICE_CHECK_CALLER, the caller's code) in
+    /// the device-error record when an element of ok (n bytes: uint8 or bool, 0 = failed, on the device
+    /// of the current CUDA context) is 0, with that element's index and value 0; runs on `stream`
+    /// without synchronising.
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_core_device_check")]
+    internal static partial FlashAttnStatus FlashAttn_core_device_check(
+        IntPtr /* const uint8_t* */ ok,
+        long n,
+        int check,
+        IntPtr /* void* */ stream);
 }

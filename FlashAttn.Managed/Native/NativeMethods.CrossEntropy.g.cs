@@ -21,7 +21,9 @@ internal static partial class NativeMethods
     /// With z = logit_scale * logits[r, :] and lse = logsumexp(z):
     ///   loss[r] = lse - (1 - label_smoothing) * z[label] - label_smoothing * sum(z) / vocab
     ///             + lse_square_scale * lse^2,   z_loss[r] = lse_square_scale * lse^2;
-    ///   rows with label == ignore_index get loss 0 and z_loss 0; a label outside [0, vocab) gives NaN.
+    ///   rows with label == ignore_index get loss 0 and z_loss 0; a row whose label is outside [0, vocab)
+    ///   gets NaN loss and z_loss and records FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL in the
+    ///   device-error record (FlashAttn_core_device_error).
     /// logits: (rows, vocab) with row_stride, dtype; labels: int64 (rows,).
     /// loss, lse: float32 (rows,), written; z_loss: float32 (rows,) or NULL.
     /// </summary>
@@ -46,7 +48,8 @@ internal static partial class NativeMethods
 
     /// <summary>
     /// Backward: dlogits[r, c] = dloss[r] * logit_scale * (softmax(z)[c] * (1 + 2 * lse_square_scale * lse)
-    ///   - (1 - label_smoothing) * (c == label) - label_smoothing / vocab), 0 for ignored rows.
+    ///   - (1 - label_smoothing) * (c == label) - label_smoothing / vocab), 0 for ignored rows, NaN for rows
+    ///   whose label is outside [0, vocab).
     /// dloss: float32, element r at dloss[r * dloss_stride] (stride 0: one value for every row).
     /// lse: the forward's. dlogits: (rows, vocab) with dlogits_row_stride, dtype; may be logits itself
     ///   (same strides) to overwrite the logits in place.

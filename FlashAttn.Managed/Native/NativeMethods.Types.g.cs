@@ -13,7 +13,7 @@ internal static partial class NativeMethods
     /// FLASHATTN_ABI_VERSION of the header these bindings were generated from; must equal
     /// FlashAttn_core_abi_version() of the loaded library.
     /// </summary>
-    internal const int AbiVersion = 5;
+    internal const int AbiVersion = 6;
 }
 
 internal enum FlashAttnStatus : int
@@ -33,6 +33,18 @@ internal enum FlashAttnDType : int
     Bfloat16 = 2,
     Int32 = 3,
     Int64 = 4,
+}
+
+/// <summary>
+/// What a device-side check found (FlashAttn_core_device_error). CROSS_ENTROPY_LABEL: a label outside
+/// [0, vocab) that is not ignore_index (index: its row, value: the label). Codes from CALLER up are
+/// those given to FlashAttn_core_device_check.
+/// </summary>
+internal enum FlashAttnDeviceCheck : int
+{
+    None = 0,
+    CrossEntropyLabel = 1,
+    Caller = 256,
 }
 
 /// <summary>

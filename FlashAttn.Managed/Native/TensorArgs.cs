@@ -47,4 +47,47 @@ internal static class TensorArgs
                 $"{name} must have a contiguous last dimension (stride 1), got strides [{string.Join(", ", t.stride())}]");
 
     internal static string Shape(Tensor t) => $"[{string.Join(", ", t.shape)}]";
+
+    /// <summary>A module's input: floating, on the device of the module's <paramref name="parameter"/> and, when
+    /// <paramref name="sameDtype"/>, of its dtype (else of its dtype or under a float32 parameter, as the norms take).</summary>
+    internal static void RequireModuleInput(Tensor input, string name, Tensor parameter, bool sameDtype = true)
+    {
+        RequireFloat(input, name);
+        RequireSameDevice(input, parameter, name, "the module's parameters");
+        Require(input.dtype == parameter.dtype || (!sameDtype && parameter.dtype == ScalarType.Float32), name,
+                $"{name} must have the module's dtype ({parameter.dtype}), got {input.dtype}");
+    }
+
+    /// <summary>
+    /// Checks the offsets of packed sequences (varlen attention's cu_seqlens_q/k, rotary's cu_seqlens): (batch + 1,)
+    /// int32 on <paramref name="reference"/>'s device, starting at 0, never decreasing, ending at the packed length
+    /// (the rows of <paramref name="reference"/>), no sequence longer than
+    /// <paramref name="maxSeqlen"/>: the kernels size their grid by max_seqlen and index rows by the offsets, so any of
+    /// these would leave rows unwritten or read past the tensors. The values are checked on the host: for CUDA tensors
+    /// that is one copy of batch + 1 integers and a synchronisation per call (its cost beside the dense forward is in
+    /// benchmarks/RESULTS.md; no training path of this library packs sequences). Returns the offsets.
+    /// </summary>
+    internal static long[] RequireOffsets(Tensor cu, string name, Tensor reference, string referenceName, long maxSeqlen,
+        string maxName)
+    {
+        RequireDim(cu, 1, name, "(batch + 1,)");
+        Require(cu.dtype == ScalarType.Int32, name, $"{name} must be int32, got {cu.dtype}");
+        RequireSameDevice(cu, reference, name, referenceName);
+        Require(cu.shape[0] >= 1, name, $"{name} must hold batch + 1 >= 1 entries, got none");
+        Require(maxSeqlen > 0, maxName, $"{maxName} ({maxSeqlen}) must be > 0");
+        long[] offsets;
+        using (var host = cu.to(ScalarType.Int64, CPU)) offsets = host.data<long>().ToArray();
+        long packed = reference.shape[0];
+        Require(offsets[0] == 0, name, $"{name} must start at 0, got {offsets[0]}");
+        for (int b = 0; b + 1 < offsets.Length; b++)
+        {
+            long length = offsets[b + 1] - offsets[b];
+            Require(length >= 0, name, $"{name} must never decrease, got {offsets[b]} then {offsets[b + 1]} at entries {b} and {b + 1}");
+            Require(length <= maxSeqlen, maxName,
+                    $"sequence {b} of {name} holds {length} rows, more than {maxName} ({maxSeqlen})");
+        }
+        Require(offsets[^1] == packed, name,
+                $"{name} must end at the packed length ({referenceName} has {packed} rows), got {offsets[^1]}");
+        return offsets;
+    }
 }

@@ -12,7 +12,10 @@ public static partial class flash_attn
     /// logits forward, one backward, with any vocabulary size.
     /// </summary>
     /// <param name="logits">(N, V), float16/bfloat16/float32 (float64 runs the reference); the row stride may exceed V.</param>
-    /// <param name="labels">(N,) int64; rows equal to <paramref name="ignore_index"/> give loss 0 and no gradient.</param>
+    /// <param name="labels">(N,) int64 in [0, V); rows equal to <paramref name="ignore_index"/> give loss 0 and no gradient.
+    /// Another label outside [0, V) never gives a finite loss: on the CPU it is an ArgumentException before anything runs;
+    /// on a GPU that row's loss, z_loss and gradient are NaN and the error is raised, naming labels, by the next
+    /// flash_attn call or by <see cref="check_errors"/> (checking it here would make every step wait for the device).</param>
     /// <param name="label_smoothing">Weight of the uniform distribution mixed into the target, in [0, 1].</param>
     /// <param name="logit_scale">Logits are multiplied by this before the softmax.</param>
     /// <param name="lse_square_scale">z-loss: adds lse_square_scale * logsumexp^2 to each row's loss.</param>
@@ -23,8 +26,16 @@ public static partial class flash_attn
     public static (Tensor loss, Tensor z_loss) cross_entropy_loss(Tensor logits, Tensor labels, double label_smoothing = 0.0,
         double logit_scale = 1.0, double lse_square_scale = 0.0, long ignore_index = -100, bool inplace_backward = false)
     {
-        var opts = new CrossEntropyOptions(label_smoothing, logit_scale, lse_square_scale, ignore_index, inplace_backward);
-        CrossEntropyFunction.Validate(logits, labels, opts);
+        DeviceErrors.Raise();
+        return CrossEntropy(logits, labels, new CrossEntropyOptions(label_smoothing, logit_scale, lse_square_scale, ignore_index,
+                                                                    inplace_backward), "logits", "labels");
+    }
+
+    // cross_entropy_loss, validated under the caller's argument names (CrossEntropyLoss's input and target).
+    internal static (Tensor loss, Tensor z_loss) CrossEntropy(Tensor logits, Tensor labels, CrossEntropyOptions opts, string logitsName,
+        string labelsName)
+    {
+        CrossEntropyFunction.Validate(logits, labels, opts, logitsName, labelsName);
         var outs = CrossEntropyFunction.apply(logits, labels, opts);
         return (outs[0], outs[1]);
     }
@@ -39,21 +50,35 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
 {
     public override string Name => "CrossEntropyFunction";
 
-    internal static void Validate(Tensor logits, Tensor labels, CrossEntropyOptions o)
+    internal static void Validate(Tensor logits, Tensor labels, CrossEntropyOptions o, string logitsName = "logits", string labelsName = "labels")
     {
-        RequireFloat(logits, "logits");
-        RequireDim(logits, 2, "logits", "(N, V)");
-        Require(logits.shape[1] >= 1, "logits", "logits must have at least one class");
-        RequireContiguousLastDim(logits, "logits");
-        Require(labels.dtype == ScalarType.Int64, "labels", $"labels must be int64, got {labels.dtype}");
-        RequireDim(labels, 1, "labels", "(N,)");
-        Require(labels.shape[0] == logits.shape[0], "labels", $"labels must have N ({logits.shape[0]}) entries, got {labels.shape[0]}");
-        RequireSameDevice(labels, logits, "labels", "logits");
+        RequireFloat(logits, logitsName);
+        RequireDim(logits, 2, logitsName, "(N, V)");
+        Require(logits.shape[1] >= 1, logitsName, $"{logitsName} must have at least one class");
+        RequireContiguousLastDim(logits, logitsName);
+        Require(labels.dtype == ScalarType.Int64, labelsName, $"{labelsName} must be int64, got {labels.dtype}");
+        RequireDim(labels, 1, labelsName, "(N,)");
+        Require(labels.shape[0] == logits.shape[0], labelsName, $"{labelsName} must have N ({logits.shape[0]}) entries, got {labels.shape[0]}");
+        RequireSameDevice(labels, logits, labelsName, logitsName);
         Require(o.LabelSmoothing >= 0 && o.LabelSmoothing <= 1, "label_smoothing", $"label_smoothing ({o.LabelSmoothing}) must be in [0, 1]");
         Require(double.IsFinite(o.LogitScale), "logit_scale", $"logit_scale ({o.LogitScale}) must be finite");
         Require(o.LseSquareScale >= 0 && double.IsFinite(o.LseSquareScale), "lse_square_scale",
                 $"lse_square_scale ({o.LseSquareScale}) must be finite and >= 0");
+        if (labels.device_type == DeviceType.CPU)
+        {
+            using var scope = NewDisposeScope();
+            var bad = LabelsInVocabulary(labels, logits.shape[1], o.IgnoreIndex).logical_not().nonzero();
+            if (bad.shape[0] > 0)
+            {
+                long row = bad[0, 0].item<long>();
+                throw new ArgumentException($"{labelsName} must be in [0, {logits.shape[1]}) (the vocabulary) or ignore_index ({o.IgnoreIndex}), " +
+                                            $"got {labels[row].item<long>()} in row {row}", labelsName);
+            }
+        }
     }
+
+    private static Tensor LabelsInVocabulary(Tensor labels, long vocab, long ignoreIndex) =>
+        labels.ge(0).logical_and(labels.lt(vocab)).logical_or(labels.eq(ignoreIndex));
 
     private static bool KernelPath(Tensor logits) =>
         Backend.UsesKernels(logits) && logits.numel() > 0 && logits.shape[0] * ((logits.shape[1] + 16383) / 16384) <= int.MaxValue;
@@ -71,6 +96,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         {
             long n = logits.shape[0], v = logits.shape[1];
             var dev = logits.device;
+            DeviceErrors.Arm(); // the kernel records labels outside the vocabulary
             loss = empty(n, dtype: ScalarType.Float32, device: dev);
             zLoss = empty(n, dtype: ScalarType.Float32, device: dev);
             lse = empty(n, dtype: ScalarType.Float32, device: dev);
@@ -84,6 +110,12 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         }
         else
         {
+            // on a GPU (the reference computes NaN for such rows, as the kernel); on the CPU Validate has thrown
+            if (labels.device_type != DeviceType.CPU)
+            {
+                using var ok = LabelsInVocabulary(labels, logits.shape[1], o.IgnoreIndex);
+                DeviceErrors.Check(ok, "labels", "a label of cross_entropy_loss is outside [0, vocab) and not ignore_index: that row's loss and gradient are NaN");
+            }
             (loss, zLoss, lse) = Reference.cross_entropy(logits, labels, o.LabelSmoothing, o.LogitScale, o.LseSquareScale, o.IgnoreIndex);
         }
         ctx.save_for_backward(new List<Tensor> { logits, labels, lse });

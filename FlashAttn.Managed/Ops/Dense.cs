@@ -21,6 +21,7 @@ public static partial class flash_attn
     /// <returns>(..., out_features) in x's dtype.</returns>
     public static Tensor fused_dense_func(Tensor x, Tensor weight, Tensor? bias = null)
     {
+        DeviceErrors.Raise();
         DenseOps.ValidateLinear(x, weight, bias, "weight", "bias");
         if (!DenseOps.NeedsGrad(x, weight, bias))
         {
@@ -55,6 +56,7 @@ public static partial class flash_attn
     public static Tensor fused_mlp_func(Tensor x, Tensor weight1, Tensor weight2, Tensor? bias1 = null, Tensor? bias2 = null,
         string activation = "gelu_approx", bool save_pre_act = true, int checkpoint_lvl = 0)
     {
+        DeviceErrors.Raise();
         var act = DenseActivations.Parse(activation, nameof(activation));
         DenseOps.ValidateMlp(x, weight1, weight2, bias1, bias2, checkpoint_lvl);
         if (!DenseOps.NeedsGrad(x, weight1, bias1, weight2, bias2))
@@ -86,6 +88,7 @@ public static partial class flash_attn
     public static Tensor gated_mlp_func(Tensor x, Tensor weight1, Tensor weight2, Tensor? bias1 = null, Tensor? bias2 = null,
         string activation = "sigmoid")
     {
+        DeviceErrors.Raise();
         DenseActivations.ValidateGate(activation, nameof(activation));
         DenseOps.ValidateLinear(x, weight1, bias1, "weight1", "bias1");
         Require(weight1.shape[0] % 2 == 0, "weight1", $"weight1 must have an even number of rows (2 * hidden_features), got {weight1.shape[0]}");

@@ -13,6 +13,16 @@ public sealed record FlashAttnResult(Tensor output, Tensor softmax_lse, Tensor? 
 internal sealed record AttentionOptions(double DropoutP, double Scale, long WindowLeft, long WindowRight, double Softcap,
     Tensor? AlibiSlopes, bool Deterministic, bool ReturnDropoutMask, ulong Seed);
 
+/// <summary>
+/// The functions of FlashAttn.TorchSharp, named and shaped as flash-attn's. Bad input, the same on every device:
+/// an argument of the wrong dtype, rank, shape or device, a non-contiguous last dimension where the kernels need one
+/// (attention, rotary, cross-entropy's logits; the norms and dense ops copy other strides), an out-of-range offset,
+/// position or option is an ArgumentException naming the argument, thrown before any work. Values are not scanned:
+/// NaN and Inf propagate to the outputs, as in PyTorch. Empty inputs (batch 0, sequence 0) give empty outputs. A value
+/// that only the GPU reads without making the host wait (a cross-entropy label outside the vocabulary, a failed
+/// <see cref="assert_async"/>) makes the results it touches NaN and is raised, naming the argument, by the next call
+/// of any of these functions or by <see cref="check_errors"/>; on the CPU it is an ArgumentException at once.
+/// </summary>
 public static partial class flash_attn
 {
     /// <summary>The largest head dimension the kernels take (flash-attn's limit).</summary>
@@ -30,31 +40,53 @@ public static partial class flash_attn
         bool deterministic = false) =>
         flash_attn_func_with_lse(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
 
-    /// <summary><see cref="flash_attn_func"/> that also returns the log-sum-exp and, for tests, the dropout mask.</summary>
+    /// <summary>
+    /// <see cref="flash_attn_func"/> that also returns the log-sum-exp (batch, nheads, seqlen_q) and, for tests, the
+    /// dropout mask: uint8 (batch, nheads, seqlen_q, seqlen_k), 1 where query i sees key j (causal / window) and the
+    /// element is kept, 0 elsewhere; with dropout_p 0 every visible element is kept. Dropout draws its Philox-4x32-10
+    /// stream from a seed taken from TorchSharp's default generator, on the kernels and on the reference path alike:
+    /// after the same manual_seed both give the same mask.
+    /// </summary>
     public static FlashAttnResult flash_attn_func_with_lse(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0,
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
     {
-        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
+        DeviceErrors.Raise();
+        return Dense(q, k, v, AttentionNames.Dense, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                     deterministic, return_dropout_mask);
+    }
+
+    // flash_attn_func_with_lse, validated under the caller's argument names.
+    private static FlashAttnResult Dense(Tensor q, Tensor k, Tensor v, AttentionNames names, double dropout_p, double? softmax_scale,
+        bool causal, (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic,
+        bool return_dropout_mask)
+    {
+        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes, names);
         var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
         {
+            var mask = dropout_p > 0 || return_dropout_mask ? VisibleKeptMask(q, k, opts) : null;
             var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
-                                             alibi_slopes, dropout_p);
-            return new FlashAttnResult(o, l, null);
+                                             alibi_slopes, dropout_p, dropout_p > 0 ? mask : null);
+            return new FlashAttnResult(o, l, return_dropout_mask ? mask : null);
         }
         return RunKernel(q, k, v, null, null, q.shape[1], k.shape[1], opts);
     }
+
+    // The dropout mask of flash_attn_func_with_lse, as the kernels write it, for q/k (B, S, H, D).
+    private static Tensor VisibleKeptMask(Tensor q, Tensor k, AttentionOptions o) =>
+        Reference.DropoutMask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], o.DropoutP, o.Seed, o.WindowLeft, o.WindowRight, q.device);
 
     /// <summary>qkv (batch, seqlen, 3, nheads, headdim): self-attention on a packed projection.</summary>
     public static Tensor flash_attn_qkvpacked_func(Tensor qkv, double dropout_p = 0.0, double? softmax_scale = null,
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
         bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
-        return flash_attn_func(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], dropout_p, softmax_scale, causal, window_size,
-                               softcap, alibi_slopes, deterministic);
+        return Dense(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], AttentionNames.QkvPacked, dropout_p, softmax_scale, causal,
+                     window_size, softcap, alibi_slopes, deterministic, false).output;
     }
 
     /// <summary>q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim).</summary>
@@ -62,14 +94,19 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
         bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return flash_attn_func(q, kv[.., .., 0], kv[.., .., 1], dropout_p, softmax_scale, causal, window_size, softcap,
-                               alibi_slopes, deterministic);
+        return Dense(q, kv[.., .., 0], kv[.., .., 1], AttentionNames.KvPacked, dropout_p, softmax_scale, causal, window_size,
+                     softcap, alibi_slopes, deterministic, false).output;
     }
 
     /// <summary>
     /// Packed sequences without padding: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim),
-    /// cu_seqlens_q/k (batch + 1,) int32 cumulative lengths, max_seqlen_q/k the longest sequences.
+    /// cu_seqlens_q/k (batch + 1,) int32 cumulative lengths, max_seqlen_q/k bounds on the sequence lengths.
+    /// The offsets must start at 0, never decrease and end at total_q / total_k, with no sequence longer than
+    /// max_seqlen_q / max_seqlen_k (else an ArgumentException naming the argument). They are checked on the host: for
+    /// CUDA tensors each call copies the 2 (batch + 1) integers to the host and waits for the device (measured beside
+    /// the dense forward in benchmarks/RESULTS.md).
     /// </summary>
     public static Tensor flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
         long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null, bool causal = false,
@@ -83,13 +120,25 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
         bool deterministic = false)
     {
-        ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap, alibi_slopes);
+        DeviceErrors.Raise();
+        return Varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.Varlen, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+    }
+
+    // flash_attn_varlen_func_with_lse, validated under the caller's argument names.
+    private static FlashAttnResult Varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, long max_seqlen_q,
+        long max_seqlen_k, AttentionNames names, double dropout_p, double? softmax_scale, bool causal,
+        (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic)
+    {
+        ValidateAttention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap,
+                          alibi_slopes, names);
         var opts = Options(q, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, false);
         if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
-                                                    (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p);
+                                                    (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p,
+                                                    dropout_seed: opts.Seed);
             return new FlashAttnResult(o, l, null);
         }
         return RunKernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts);
@@ -100,9 +149,10 @@ public static partial class flash_attn
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
-        return flash_attn_varlen_func(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+        return Varlen(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, AttentionNames.VarlenQkvPacked,
+                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
     }
 
     /// <summary>q (total_q, nheads, headdim), kv (total_k, 2, nheads_k, headdim).</summary>
@@ -110,16 +160,18 @@ public static partial class flash_attn
         long max_seqlen_q, long max_seqlen_k, double dropout_p = 0.0, double? softmax_scale = null, bool causal = false,
         (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null, bool deterministic = false)
     {
+        DeviceErrors.Raise();
         Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return flash_attn_varlen_func(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
+        return Varlen(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.VarlenKvPacked,
+                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
     }
 
-    /// <summary>Kernels for bf16/fp16 CUDA tensors; when a gradient will be needed, only where the backward kernel fits
-    /// the GPU's shared memory (not on the 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the
-    /// forward, because a failure inside backward would abort the process.</summary>
+    /// <summary>Kernels for bf16/fp16 CUDA tensors with queries and keys (empty ones take the reference, as in the other
+    /// ops); when a gradient will be needed, only where the backward kernel fits the GPU's shared memory (not on the
+    /// 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the forward, because a failure inside
+    /// backward would abort the process.</summary>
     internal static bool UsesAttentionKernels(Tensor q, Tensor k, Tensor v) =>
-        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) &&
+        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) && q.numel() > 0 && k.numel() > 0 &&
         (!(is_grad_enabled() && (q.requires_grad || k.requires_grad || v.requires_grad)) ||
          BackwardFits(q.device_index, q.shape[^1]));
 
@@ -164,7 +216,9 @@ public static partial class flash_attn
         (q, k, v) = (KernelLayout(q), KernelLayout(k), KernelLayout(v));
         var r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
         var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
-        return new FlashAttnResult(output, r[1], opts.ReturnDropoutMask ? r[2] : null);
+        // without dropout the kernels write no mask: every visible element is kept
+        var mask = !opts.ReturnDropoutMask ? null : opts.DropoutP > 0 ? r[2] : VisibleKeptMask(q, k, opts);
+        return new FlashAttnResult(output, r[1], mask);
     }
 
     // The kernels load 16-byte vectors: base pointers 16-byte aligned and every stride a multiple of
@@ -176,38 +230,35 @@ public static partial class flash_attn
     }
 
     internal static void ValidateAttention(Tensor q, Tensor k, Tensor v, Tensor? cuQ, Tensor? cuK, long? maxSq, long? maxSk,
-        double dropoutP, (long left, long right)? window, double softcap, Tensor? alibi)
+        double dropoutP, (long left, long right)? window, double softcap, Tensor? alibi, AttentionNames? names = null)
     {
         bool varlen = cuQ is not null || cuK is not null;
+        var n = names ?? (varlen ? AttentionNames.Varlen : AttentionNames.Dense);
         int dims = varlen ? 3 : 4;
         string layout = varlen ? "(total, nheads, headdim) with cu_seqlens" : "(batch, seqlen, nheads, headdim)";
-        foreach (var (t, name) in new[] { (q, "q"), (k, "k"), (v, "v") })
+        foreach (var (t, name, what) in new[] { (q, n.Q, "q"), (k, n.K, "k"), (v, n.V, "v") })
         {
             RequireFloat(t, name);
-            RequireDim(t, dims, name, layout);
+            if (name == what) RequireDim(t, dims, name, layout); // a packed tensor's rank was checked by its function
             RequireContiguousLastDim(t, name);
-            Require(t.dtype == q.dtype, name, $"{name} must have q's dtype ({q.dtype}), got {t.dtype}");
-            RequireSameDevice(t, q, name, "q");
+            Require(t.dtype == q.dtype, name, $"{name} must have {n.Q}'s dtype ({q.dtype}), got {t.dtype}");
+            RequireSameDevice(t, q, name, n.Q);
         }
         long d = q.shape[^1], h = q.shape[^2], hk = k.shape[^2];
-        Require(k.shape.SequenceEqual(v.shape), "v", $"v must have k's shape {Shape(k)}, got {Shape(v)}");
-        Require(k.shape[^1] == d, "k", $"k's head dimension ({k.shape[^1]}) must equal q's ({d})");
-        Require(d >= 1 && d <= MaxHeadDim, "q", $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
-        Require(hk >= 1 && h % hk == 0, "k", $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
-        if (!varlen) Require(k.shape[0] == q.shape[0], "k", $"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})");
+        Require(k.shape.SequenceEqual(v.shape), n.V, $"v must have k's shape {Shape(k)}, got {Shape(v)}");
+        Require(k.shape[^1] == d, n.K, $"k's head dimension ({k.shape[^1]}) must equal q's ({d})");
+        Require(d >= 1 && d <= MaxHeadDim, n.Q, $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
+        Require(hk >= 1 && h % hk == 0, n.K, $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
+        if (!varlen) Require(k.shape[0] == q.shape[0], n.K, $"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})");
         else
         {
-            Require(cuQ is not null && cuK is not null, cuQ is null ? "cu_seqlens_q" : "cu_seqlens_k", "cu_seqlens_q and cu_seqlens_k go together");
-            foreach (var (t, name) in new[] { (cuQ!, "cu_seqlens_q"), (cuK!, "cu_seqlens_k") })
-            {
-                RequireDim(t, 1, name, "(batch + 1,)");
-                Require(t.dtype == ScalarType.Int32, name, $"{name} must be int32, got {t.dtype}");
-                RequireSameDevice(t, q, name, "q");
-            }
-            Require(cuQ!.shape[0] == cuK!.shape[0] && cuQ.shape[0] >= 2, "cu_seqlens_k",
-                    $"cu_seqlens_q ({cuQ.shape[0]}) and cu_seqlens_k ({cuK.shape[0]}) must have the same length (batch + 1 >= 2)");
-            Require(maxSq > 0, "max_seqlen_q", $"max_seqlen_q ({maxSq}) must be > 0");
-            Require(maxSk > 0, "max_seqlen_k", $"max_seqlen_k ({maxSk}) must be > 0");
+            Require(cuQ is not null && cuK is not null, cuQ is null ? n.CuQ : n.CuK, "cu_seqlens_q and cu_seqlens_k go together");
+            RequireOffsets(cuQ!, n.CuQ, q, n.Q, maxSq!.Value, n.MaxQ);
+            // packed qkv: the same offsets over the same rows, read once
+            if (!ReferenceEquals(cuK, cuQ) || k.shape[0] != q.shape[0] || maxSk != maxSq)
+                RequireOffsets(cuK!, n.CuK, k, n.K, maxSk!.Value, n.MaxK);
+            Require(cuQ!.shape[0] == cuK!.shape[0], n.CuK,
+                    $"{n.CuQ} ({cuQ.shape[0]}) and {n.CuK} ({cuK.shape[0]}) must have the same length (batch + 1)");
         }
         Require(dropoutP >= 0 && dropoutP < 1, "dropout_p", $"dropout_p ({dropoutP}) must be in [0, 1)");
         Require(softcap >= 0, "softcap", $"softcap ({softcap}) must be >= 0");
@@ -215,12 +266,24 @@ public static partial class flash_attn
         if (alibi is not null)
         {
             Require(alibi.dtype == ScalarType.Float32, "alibi_slopes", $"alibi_slopes must be float32, got {alibi.dtype}");
-            RequireSameDevice(alibi, q, "alibi_slopes", "q");
+            RequireSameDevice(alibi, q, "alibi_slopes", n.Q);
             long batch = varlen ? cuQ!.shape[0] - 1 : q.shape[0];
             Require((alibi.dim() == 1 && alibi.shape[0] == h) || (alibi.dim() == 2 && alibi.shape[0] == batch && alibi.shape[1] == h),
                     "alibi_slopes", $"alibi_slopes must be (nheads = {h}) or (batch = {batch}, nheads), got {Shape(alibi)}");
         }
     }
+}
+
+/// <summary>The argument names an attention entry point reports its q, k, v, offsets and lengths under (packed
+/// variants hand views of one tensor to the shared validation).</summary>
+internal sealed record AttentionNames(string Q, string K, string V, string CuQ, string CuK, string MaxQ, string MaxK)
+{
+    public static readonly AttentionNames Dense = new("q", "k", "v", "", "", "", "");
+    public static readonly AttentionNames QkvPacked = new("qkv", "qkv", "qkv", "", "", "", "");
+    public static readonly AttentionNames KvPacked = new("q", "kv", "kv", "", "", "", "");
+    public static readonly AttentionNames Varlen = new("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k");
+    public static readonly AttentionNames VarlenQkvPacked = new("qkv", "qkv", "qkv", "cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen");
+    public static readonly AttentionNames VarlenKvPacked = new("q", "kv", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k");
 }
 
 /// <summary>

@@ -24,6 +24,7 @@ public static partial class flash_attn
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, bool rotary_interleaved = true,
         Tensor? alibi_slopes = null)
     {
+        DeviceErrors.Raise();
         ValidateKvCache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos, rotary_sin);
         using var grad = no_grad();
         using var scope = NewDisposeScope();
@@ -33,6 +34,15 @@ public static partial class flash_attn
             Require(lens[b] >= 0 && lens[b] + seqlenNew <= cacheLength, "cache_seqlens",
                     $"cache_seqlens[{b}] ({lens[b]}) + seqlen_new ({seqlenNew}) must be within the cache's {cacheLength} positions");
         bool local = window_size is { } w && (w.left >= 0 || w.right >= 0);
+        if (rotary_cos is not null)
+        {
+            // the last position rotated: k's at lens[b] + seqlen_new - 1, q's at lens[b] + seqlen_q - 1 (causal or local)
+            // or lens[b]
+            long span = Math.Max(seqlenNew, causal || local ? q.shape[1] : 1);
+            long need = batch == 0 || span == 0 ? 0 : lens.Max() + span;
+            Require(need <= rotary_cos.shape[0], "rotary_cos",
+                    $"rotary_cos/rotary_sin hold {rotary_cos.shape[0]} positions but the rotated tokens reach position {need - 1}");
+        }
         var offsets = cache_seqlens.to(ScalarType.Int64);
         if (k is not null)
         {
@@ -53,9 +63,10 @@ public static partial class flash_attn
         // per sequence over its own prefix of the cache.
         var total = lens.Select(l => l + seqlenNew).ToArray();
         FlashAttnResult result;
-        if (total.All(t => t == total[0]))
+        if (batch == 0 || total.All(t => t == total[0]))
         {
-            result = flash_attn_func_with_lse(q, k_cache[.., ..(int)total[0]], v_cache[.., ..(int)total[0]], 0, softmax_scale, causal,
+            long t0 = batch == 0 ? 0 : total[0];
+            result = flash_attn_func_with_lse(q, k_cache[.., ..(int)t0], v_cache[.., ..(int)t0], 0, softmax_scale, causal,
                                               window_size, softcap, alibi_slopes);
         }
         else
@@ -83,25 +94,38 @@ public static partial class flash_attn
     private static void ValidateKvCache(Tensor q, Tensor kCache, Tensor vCache, Tensor cacheSeqlens, Tensor? k, Tensor? v,
         Tensor? cos, Tensor? sin)
     {
+        RequireFloat(q, "q");
         RequireDim(q, 4, "q", "(batch, seqlen_q, nheads, headdim)");
-        RequireDim(kCache, 4, "k_cache", "(batch, seqlen_cache, nheads_k, headdim)");
+        RequireContiguousLastDim(q, "q");
+        foreach (var (t, name) in new[] { (kCache, "k_cache"), (vCache, "v_cache") })
+        {
+            Require(t.dtype == q.dtype, name, $"{name} must have q's dtype ({q.dtype}), got {t.dtype}");
+            RequireDim(t, 4, name, "(batch, seqlen_cache, nheads_k, headdim)");
+            RequireContiguousLastDim(t, name);
+            RequireSameDevice(t, q, name, "q");
+        }
         Require(vCache.shape.SequenceEqual(kCache.shape), "v_cache", $"v_cache must have k_cache's shape {Shape(kCache)}, got {Shape(vCache)}");
         Require(kCache.shape[0] == q.shape[0], "k_cache", $"k_cache's batch ({kCache.shape[0]}) must equal q's ({q.shape[0]})");
-        Require(kCache.dtype == q.dtype && vCache.dtype == q.dtype, "k_cache", $"the caches must have q's dtype ({q.dtype})");
-        RequireSameDevice(kCache, q, "k_cache", "q");
-        RequireSameDevice(vCache, q, "v_cache", "q");
         RequireDim(cacheSeqlens, 1, "cache_seqlens", "(batch,)");
         Require(cacheSeqlens.shape[0] == q.shape[0], "cache_seqlens", $"cache_seqlens must have batch ({q.shape[0]}) entries, got {cacheSeqlens.shape[0]}");
         Require(cacheSeqlens.dtype is ScalarType.Int32 or ScalarType.Int64, "cache_seqlens", $"cache_seqlens must be int32 or int64, got {cacheSeqlens.dtype}");
+        RequireSameDevice(cacheSeqlens, q, "cache_seqlens", "q");
         Require((k is null) == (v is null), k is null ? "k" : "v", "k and v go together");
         if (k is not null)
         {
-            RequireDim(k, 4, "k", "(batch, seqlen_new, nheads_k, headdim)");
+            foreach (var (t, name) in new[] { (k, "k"), (v!, "v") })
+            {
+                Require(t.dtype == q.dtype, name, $"{name} must have q's dtype ({q.dtype}), got {t.dtype}");
+                RequireDim(t, 4, name, "(batch, seqlen_new, nheads_k, headdim)");
+                RequireContiguousLastDim(t, name);
+                RequireSameDevice(t, q, name, "q");
+            }
             Require(v!.shape.SequenceEqual(k.shape), "v", $"v must have k's shape {Shape(k)}, got {Shape(v)}");
             Require(k.shape[0] == q.shape[0] && k.shape[2] == kCache.shape[2] && k.shape[3] == kCache.shape[3], "k",
                     $"k {Shape(k)} must match the cache's batch, heads and head dimension {Shape(kCache)}");
-            RequireSameDevice(k, q, "k", "q");
         }
         Require((cos is null) == (sin is null), cos is null ? "rotary_cos" : "rotary_sin", "rotary_cos and rotary_sin go together");
+        // the tables' shape, dtype and device; the positions they must hold are checked once cache_seqlens is read
+        if (cos is not null) RotaryFunction.Validate(q, cos, sin!, null, 0, null, null, "q", "rotary_cos", "rotary_sin");
     }
 }

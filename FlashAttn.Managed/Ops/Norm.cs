@@ -64,11 +64,13 @@ public static partial class flash_attn
 
     /// <summary>LayerNorm over the last dimension (fused kernel on CUDA): weight (hidden,), bias (hidden,) or null.</summary>
     public static Tensor layer_norm(Tensor x, Tensor weight, Tensor? bias, double epsilon = 1e-5, bool zero_centered_weight = false) =>
-        dropout_add_layer_norm(x, null, weight, bias, 0.0, epsilon, zero_centered_weight: zero_centered_weight).output;
+        NormFunction.Single(x, null, weight, bias, 0.0, epsilon, null, null, false, false, false, zero_centered_weight, isRms: false,
+                            null, "x").Item1;
 
     /// <summary>RMSNorm over the last dimension (fused kernel on CUDA): x * rsqrt(mean(x^2) + eps) * weight.</summary>
     public static Tensor rms_norm(Tensor x, Tensor weight, double epsilon = 1e-5, bool zero_centered_weight = false) =>
-        dropout_add_rms_norm(x, null, weight, null, 0.0, epsilon, zero_centered_weight: zero_centered_weight).output;
+        NormFunction.Single(x, null, weight, null, 0.0, epsilon, null, null, false, false, false, zero_centered_weight, isRms: true,
+                            null, "x").Item1;
 }
 
 /// <summary>Options of one <see cref="NormFunction"/> call.</summary>
@@ -95,14 +97,15 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
 
     internal static (Tensor, Tensor?, Tensor?) Single(Tensor x0, Tensor? residual, Tensor weight, Tensor? bias, double p,
         double eps, Tensor? rowscale, Tensor? layerscale, bool prenorm, bool residualInFp32, bool returnMask, bool zeroCentered,
-        bool isRms, Generator? generator)
+        bool isRms, Generator? generator, string x0Name = "x0")
     {
-        Validate(x0, null, residual, weight, bias, null, null, rowscale, p, eps, "weight", "bias");
+        DeviceErrors.Raise();
+        Validate(x0, null, residual, weight, bias, null, null, rowscale, p, eps, "weight", "bias", x0Name);
         if (layerscale is not null)
         {
             RequireDim(layerscale, 1, "layerscale", "(hidden,)");
             Require(layerscale.shape[0] == x0.shape[^1], "layerscale", $"layerscale must have hidden ({x0.shape[^1]}) elements, got {layerscale.shape[0]}");
-            RequireSameDevice(layerscale, x0, "layerscale", "x0");
+            RequireSameDevice(layerscale, x0, "layerscale", x0Name);
             x0 = x0 * layerscale.to(x0.dtype);
         }
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
@@ -117,6 +120,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         Tensor? bias0, Tensor? weight1, Tensor? bias1, double p, double eps, bool prenorm, bool residualInFp32, bool returnMask,
         bool zeroCentered, bool isRms, Generator? generator)
     {
+        DeviceErrors.Raise();
         Validate(x0, x1, residual, weight0, bias0, weight1, bias1, null, p, eps, "weight0", "bias0");
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
         var outs = apply(x0, x1, residual, weight0, bias0, weight1, bias1, null, opts);
@@ -144,37 +148,37 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
     }
 
     internal static void Validate(Tensor x0, Tensor? x1, Tensor? residual, Tensor weight0, Tensor? bias0, Tensor? weight1,
-        Tensor? bias1, Tensor? rowscale, double p, double eps, string weightName, string biasName)
+        Tensor? bias1, Tensor? rowscale, double p, double eps, string weightName, string biasName, string x0Name = "x0")
     {
-        RequireFloat(x0, "x0");
-        Require(x0.dim() >= 1, "x0", "x0 must have at least one dimension (..., hidden)");
+        RequireFloat(x0, x0Name);
+        Require(x0.dim() >= 1, x0Name, $"{x0Name} must have at least one dimension (..., hidden)");
         long hidden = x0.shape[^1];
-        Require(hidden >= 1, "x0", "x0's last dimension (hidden) must not be empty");
+        Require(hidden >= 1, x0Name, $"{x0Name}'s last dimension (hidden) must not be empty");
         Require(p >= 0 && p < 1, "dropout_p", $"dropout_p ({p}) must be in [0, 1)");
         Require(eps >= 0 && double.IsFinite(eps), "epsilon", $"epsilon ({eps}) must be finite and >= 0");
         if (x1 is not null)
         {
-            Require(x1.dtype == x0.dtype, "x1", $"x1 must have x0's dtype ({x0.dtype}), got {x1.dtype}");
-            Require(x1.shape.SequenceEqual(x0.shape), "x1", $"x1 must have x0's shape {Shape(x0)}, got {Shape(x1)}");
-            RequireSameDevice(x1, x0, "x1", "x0");
+            Require(x1.dtype == x0.dtype, "x1", $"x1 must have {x0Name}'s dtype ({x0.dtype}), got {x1.dtype}");
+            Require(x1.shape.SequenceEqual(x0.shape), "x1", $"x1 must have {x0Name}'s shape {Shape(x0)}, got {Shape(x1)}");
+            RequireSameDevice(x1, x0, "x1", x0Name);
         }
         if (residual is not null)
         {
             Require(residual.dtype == x0.dtype || residual.dtype == ScalarType.Float32, "residual",
-                    $"residual must be x0's dtype ({x0.dtype}) or float32, got {residual.dtype}");
-            Require(residual.shape.SequenceEqual(x0.shape), "residual", $"residual must have x0's shape {Shape(x0)}, got {Shape(residual)}");
-            RequireSameDevice(residual, x0, "residual", "x0");
+                    $"residual must be {x0Name}'s dtype ({x0.dtype}) or float32, got {residual.dtype}");
+            Require(residual.shape.SequenceEqual(x0.shape), "residual", $"residual must have {x0Name}'s shape {Shape(x0)}, got {Shape(residual)}");
+            RequireSameDevice(residual, x0, "residual", x0Name);
         }
         void Param(Tensor? t, string name, Tensor? like, string likeName)
         {
             if (t is null) return;
             RequireDim(t, 1, name, "(hidden,)");
-            Require(t.shape[0] == hidden, name, $"{name} must have hidden ({hidden}) elements (x0's last dimension), got {t.shape[0]}");
+            Require(t.shape[0] == hidden, name, $"{name} must have hidden ({hidden}) elements ({x0Name}'s last dimension), got {t.shape[0]}");
             Require(t.dtype == x0.dtype || t.dtype == ScalarType.Float32, name,
-                    $"{name} must be x0's dtype ({x0.dtype}) or float32, got {t.dtype}");
+                    $"{name} must be {x0Name}'s dtype ({x0.dtype}) or float32, got {t.dtype}");
             if (like is not null)
                 Require(t.dtype == like.dtype, name, $"{name} must have {likeName}'s dtype ({like.dtype}), got {t.dtype}");
-            RequireSameDevice(t, x0, name, "x0");
+            RequireSameDevice(t, x0, name, x0Name);
         }
         Param(weight0, weightName, null, "");
         Param(bias0, biasName, weight0, weightName);
@@ -186,8 +190,8 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             long rows = x0.numel() / hidden;
             RequireFloat(rowscale, "rowscale");
             Require(rowscale.numel() == rows && rowscale.dim() <= 1 || rowscale.shape.SequenceEqual(x0.shape[..^1]), "rowscale",
-                    $"rowscale must have one value per row ({rows} = x0.numel() / hidden), got shape {Shape(rowscale)}");
-            RequireSameDevice(rowscale, x0, "rowscale", "x0");
+                    $"rowscale must have one value per row ({rows} = {x0Name}.numel() / hidden), got shape {Shape(rowscale)}");
+            RequireSameDevice(rowscale, x0, "rowscale", x0Name);
         }
     }
 

@@ -15,14 +15,18 @@ public static partial class flash_attn
     /// <param name="sin">(seqlen_ro, rotary_dim / 2), like cos.</param>
     /// <param name="interleaved">Rotate pairs (2i, 2i+1) (GPT-J) instead of (i, i + rotary_dim/2) (GPT-NeoX).</param>
     /// <param name="inplace">Write the result into x and return x.</param>
-    /// <param name="seqlen_offsets">Position of each sequence's first token: a (batch,) int32/int64 tensor, or use <paramref name="seqlen_offset"/>.</param>
+    /// <param name="seqlen_offsets">Position of each sequence's first token: a (batch,) int32/int64 tensor, or use <paramref name="seqlen_offset"/>.
+    /// Every sequence's positions must lie in cos/sin; the values are checked on the host (for CUDA tensors, a copy and a
+    /// synchronisation per call).</param>
     /// <param name="seqlen_offset">The same offset for every sequence (when seqlen_offsets is null), e.g. the KV-cache length.</param>
-    /// <param name="cu_seqlens">(batch + 1,) int32 cumulative sequence lengths for packed (varlen) x.</param>
+    /// <param name="cu_seqlens">(batch + 1,) int32 cumulative sequence lengths for packed (varlen) x: from 0, never
+    /// decreasing, ending at x's rows, no sequence longer than max_seqlen; checked on the host as seqlen_offsets is.</param>
     /// <param name="max_seqlen">Longest sequence in the pack; required with cu_seqlens.</param>
     /// <returns>x rotated on its first rotary_dim features; the rest passes through.</returns>
     public static Tensor apply_rotary_emb(Tensor x, Tensor cos, Tensor sin, bool interleaved = false, bool inplace = false,
         Tensor? seqlen_offsets = null, long seqlen_offset = 0, Tensor? cu_seqlens = null, long? max_seqlen = null)
     {
+        DeviceErrors.Raise();
         RotaryFunction.Validate(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen);
         return RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen);
     }
@@ -80,52 +84,63 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         return new List<Tensor> { dx, null!, null!, null!, null!, null!, null!, null!, null! };
     }
 
-    internal static void Validate(Tensor x, Tensor cos, Tensor sin, Tensor? offsets, long offset, Tensor? cuSeqlens, long? maxSeqlen)
+    // xName, cosName, sinName: the caller's argument names (apply_rotary_emb_qkv_ validates views of its qkv, whose rank
+    // it has checked).
+    internal static void Validate(Tensor x, Tensor cos, Tensor sin, Tensor? offsets, long offset, Tensor? cuSeqlens, long? maxSeqlen,
+        string xName = "x", string cosName = "cos", string sinName = "sin")
     {
-        RequireFloat(x, "x");
-        if (cuSeqlens is null) RequireDim(x, 4, "x", "(batch, seqlen, nheads, headdim)");
-        else RequireDim(x, 3, "x", "(total_seqlen, nheads, headdim) when cu_seqlens is given");
-        RequireContiguousLastDim(x, "x");
-        RequireDim(cos, 2, "cos", "(seqlen_ro, rotary_dim / 2)");
-        Require(sin.shape.SequenceEqual(cos.shape), "sin", $"sin must have cos's shape {Shape(cos)}, got {Shape(sin)}");
-        foreach (var (t, name) in new[] { (cos, "cos"), (sin, "sin") })
+        RequireFloat(x, xName);
+        if (xName == "x")
+            RequireDim(x, cuSeqlens is null ? 4 : 3, "x",
+                       cuSeqlens is null ? "(batch, seqlen, nheads, headdim)" : "(total_seqlen, nheads, headdim) when cu_seqlens is given");
+        RequireContiguousLastDim(x, xName);
+        RequireDim(cos, 2, cosName, "(seqlen_ro, rotary_dim / 2)");
+        Require(sin.shape.SequenceEqual(cos.shape), sinName, $"{sinName} must have {cosName}'s shape {Shape(cos)}, got {Shape(sin)}");
+        foreach (var (t, name) in new[] { (cos, cosName), (sin, sinName) })
         {
             Require(t.dtype == x.dtype || t.dtype == ScalarType.Float32, name,
-                    $"{name} must be x's dtype ({x.dtype}) or float32, got {t.dtype}");
-            RequireSameDevice(t, x, name, "x");
+                    $"{name} must be {xName}'s dtype ({x.dtype}) or float32, got {t.dtype}");
+            RequireSameDevice(t, x, name, xName);
             RequireContiguousLastDim(t, name);
         }
-        Require(sin.dtype == cos.dtype, "sin", $"sin must have cos's dtype ({cos.dtype}), got {sin.dtype}");
+        Require(sin.dtype == cos.dtype, sinName, $"{sinName} must have {cosName}'s dtype ({cos.dtype}), got {sin.dtype}");
         long headdim = x.shape[^1], rotaryDim = cos.shape[1] * 2, seqlenRo = cos.shape[0];
-        Require(rotaryDim >= 2 && rotaryDim <= headdim, "cos",
+        Require(rotaryDim >= 2 && rotaryDim <= headdim, cosName,
                 $"rotary_dim (2 * cos.shape[1] = {rotaryDim}) must be between 2 and headdim ({headdim})");
         long batch, seqlen;
+        long[]? cu = null;
         if (cuSeqlens is null)
         {
             (batch, seqlen) = (x.shape[0], x.shape[1]);
         }
         else
         {
-            RequireDim(cuSeqlens, 1, "cu_seqlens", "(batch + 1,)");
-            Require(cuSeqlens.dtype == ScalarType.Int32, "cu_seqlens", $"cu_seqlens must be int32, got {cuSeqlens.dtype}");
-            RequireSameDevice(cuSeqlens, x, "cu_seqlens", "x");
-            Require(cuSeqlens.shape[0] >= 2, "cu_seqlens", "cu_seqlens must hold at least 2 entries (batch + 1)");
-            Require(maxSeqlen is > 0, "max_seqlen", "max_seqlen must be given (> 0) with cu_seqlens");
+            Require(maxSeqlen is not null, "max_seqlen", "max_seqlen must be given (> 0) with cu_seqlens");
+            cu = RequireOffsets(cuSeqlens, "cu_seqlens", x, xName, maxSeqlen!.Value, "max_seqlen");
             (batch, seqlen) = (cuSeqlens.shape[0] - 1, maxSeqlen!.Value);
         }
         if (offsets is null)
         {
             Require(offset >= 0, "seqlen_offset", $"seqlen_offset ({offset}) must be >= 0");
-            Require(seqlen + offset <= seqlenRo, "cos",
-                    $"cos/sin hold {seqlenRo} positions but seqlen ({seqlen}) + seqlen_offset ({offset}) need {seqlen + offset}");
+            Require(seqlen + offset <= seqlenRo, cosName,
+                    $"{cosName}/{sinName} hold {seqlenRo} positions but seqlen ({seqlen}) + seqlen_offset ({offset}) need {seqlen + offset}");
         }
         else
         {
             RequireDim(offsets, 1, "seqlen_offsets", "(batch,)");
             Require(offsets.shape[0] == batch, "seqlen_offsets", $"seqlen_offsets must have batch ({batch}) entries, got {offsets.shape[0]}");
             Require(offsets.dtype is ScalarType.Int32 or ScalarType.Int64, "seqlen_offsets", $"seqlen_offsets must be int32 or int64, got {offsets.dtype}");
-            RequireSameDevice(offsets, x, "seqlen_offsets", "x");
-            Require(seqlen <= seqlenRo, "cos", $"cos/sin hold {seqlenRo} positions, fewer than seqlen ({seqlen})");
+            RequireSameDevice(offsets, x, "seqlen_offsets", xName);
+            // Each sequence's positions must lie in the table, as an int seqlen_offset's must: read on the host (for CUDA
+            // tensors a copy of batch integers and a synchronisation; decoding copies cache_seqlens there anyway).
+            long[] values;
+            using (var host = offsets.to(ScalarType.Int64, CPU)) values = host.data<long>().ToArray();
+            for (int b = 0; b < batch; b++)
+            {
+                long length = cu is null ? seqlen : cu[b + 1] - cu[b];
+                Require(values[b] >= 0 && values[b] + length <= seqlenRo, "seqlen_offsets",
+                        $"seqlen_offsets[{b}] ({values[b]}) + the sequence's {length} tokens must lie within the {seqlenRo} positions of {cosName}/{sinName}");
+            }
         }
     }
 
@@ -133,7 +148,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
     internal static Tensor Apply(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool inplace, bool conjugate,
         Tensor? offsets, long offset, Tensor? cuSeqlens, long? maxSeqlen)
     {
-        if (!Backend.UsesKernels(x) || (cos.dtype != x.dtype && cos.dtype != ScalarType.Float32))
+        if (!Backend.UsesKernels(x) || x.numel() == 0 || (cos.dtype != x.dtype && cos.dtype != ScalarType.Float32))
             return Reference.rotary(x, cos, sin, interleaved, inplace, conjugate, offsets, offset, cuSeqlens, maxSeqlen);
 
         using var scope = NewDisposeScope();
@@ -166,6 +181,7 @@ public static partial class flash_attn
     public static Tensor apply_rotary_emb_qkv_(Tensor qkv, Tensor cos, Tensor sin, Tensor? cos_k = null, Tensor? sin_k = null,
         bool interleaved = false, Tensor? seqlen_offsets = null, long seqlen_offset = 0, int? num_heads_q = null)
     {
+        DeviceErrors.Raise();
         RotaryQkvFunction.Validate(qkv, cos, sin, cos_k, sin_k, seqlen_offsets, seqlen_offset, num_heads_q);
         return RotaryQkvFunction.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, seqlen_offset, num_heads_q);
     }
@@ -228,8 +244,9 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
         }
         TensorArgs.Require((cosK is null) == (sinK is null), "cos_k", "cos_k and sin_k must be given together");
         var (q, k) = QK(qkv, numHeadsQ, separate: true);
-        RotaryFunction.Validate(q, cos, sin, offsets, offset, null, null);
-        RotaryFunction.Validate(k, cosK ?? cos, sinK ?? sin, offsets, offset, null, null);
+        RotaryFunction.Validate(q, cos, sin, offsets, offset, null, null, "qkv");
+        if (cosK is null) return; // k has q's tables and positions
+        RotaryFunction.Validate(k, cosK, sinK!, offsets, offset, null, null, "qkv", "cos_k", "sin_k");
     }
 
     // Views of q and k inside qkv; with shared tables both rotate in one launch over (B, S, Hq + Hk, D).
@@ -237,7 +254,7 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
     {
         if (numHeadsQ is null)
         {
-            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.shape[0], qk.shape[1], -1, qk.shape[^1]), null!); }
+            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.shape[0], qk.shape[1], 2 * qk.shape[3], qk.shape[4]), null!); }
             return (qkv[.., .., 0], qkv[.., .., 1]);
         }
         long hq = numHeadsQ.Value, hk = (qkv.shape[2] - hq) / 2;

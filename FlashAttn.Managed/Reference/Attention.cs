@@ -10,12 +10,13 @@ public static partial class Reference
     /// (seqlen_q, seqlen_k) matrix: q (B, Sq, H, D), k/v (B, Sk, Hk, D) with H a multiple of Hk.
     /// Scores s = scale q·k, then softcap·tanh(s / softcap), then the ALiBi bias
     /// -slope·|i + Sk - Sq - j|, then the causal/window mask aligned bottom-right. Fully-masked rows
-    /// give 0 and LSE +inf. dropout_mask (B, H, Sq, Sk), 1 = kept, replays a kernel's mask; else
-    /// dropout draws from TorchSharp's default generator. Returns out (q's dtype) and the float32 LSE (B, H, Sq).
+    /// give 0 and LSE +inf. dropout_mask (B, H, Sq, Sk), 1 = kept, replays a kernel's mask; else dropout_seed draws
+    /// the kernels' own mask (the Philox stream of flash_attn_func with that seed); else dropout draws from
+    /// TorchSharp's default generator. Returns out (q's dtype) and the float32 LSE (B, H, Sq).
     /// </summary>
     public static (Tensor output, Tensor softmax_lse) attention(Tensor q, Tensor k, Tensor v, double? softmax_scale = null,
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
-        double dropout_p = 0.0, Tensor? dropout_mask = null, ScalarType? compute_dtype = null)
+        double dropout_p = 0.0, Tensor? dropout_mask = null, ScalarType? compute_dtype = null, ulong? dropout_seed = null)
     {
         using var scope = NewDisposeScope();
         var ct = compute_dtype ?? ComputeType(q.dtype);
@@ -40,13 +41,13 @@ public static partial class Reference
         }
         var (left, right) = window_size ?? (-1, -1);
         if (causal) right = 0;
-        Tensor? masked = null;
-        if (left >= 0) masked = colPos.lt(rowPos - left);
-        if (right >= 0) masked = masked is null ? colPos.gt(rowPos + right) : masked.logical_or(colPos.gt(rowPos + right));
+        var masked = Masked(Sq, Sk, left, right, q.device);
         if (masked is not null) s = s.masked_fill(masked.view(1, 1, Sq, Sk), double.NegativeInfinity);
         var lse = s.logsumexp(-1); // -inf on fully-masked rows
         var empty = lse.isneginf();
         var p = (s - lse.masked_fill(empty, 0).unsqueeze(-1)).exp().masked_fill(empty.unsqueeze(-1), 0);
+        if (dropout_mask is null && dropout_seed is { } seed && dropout_p > 0)
+            dropout_mask = DropoutMask(B, H, Sq, Sk, dropout_p, seed, left, right, q.device);
         if (dropout_mask is not null) p = p * dropout_mask.to(ct) / (1 - dropout_p);
         else if (dropout_p > 0) p = nn.functional.dropout(p, dropout_p, training: true);
         var output = einsum("bhts,bshd->bthd", p, vc).to(q.dtype);
@@ -60,7 +61,8 @@ public static partial class Reference
     /// </summary>
     public static (Tensor output, Tensor softmax_lse) attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,
         Tensor cu_seqlens_k, double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null,
-        double softcap = 0.0, Tensor? alibi_slopes = null, double dropout_p = 0.0, ScalarType? compute_dtype = null)
+        double softcap = 0.0, Tensor? alibi_slopes = null, double dropout_p = 0.0, ScalarType? compute_dtype = null,
+        ulong? dropout_seed = null)
     {
         using var scope = NewDisposeScope();
         var cq = cu_seqlens_q.to(ScalarType.Int64).cpu().data<long>().ToArray();
@@ -73,13 +75,19 @@ public static partial class Reference
             var kb = k[TensorIndex.Slice(ck[b], ck[b + 1])].unsqueeze(0);
             var vb = v[TensorIndex.Slice(ck[b], ck[b + 1])].unsqueeze(0);
             var slopes = alibi_slopes is not null && alibi_slopes.dim() == 2 ? alibi_slopes[b] : alibi_slopes;
+            var (left, right) = window_size ?? (-1, -1);
+            // the kernels key sequence b's stream by its index b
+            var mask = dropout_seed is { } seed && dropout_p > 0
+                ? DropoutMask(1, q.shape[1], qb.shape[1], kb.shape[1], dropout_p, seed, left, causal ? 0 : right, q.device, firstBatch: b)
+                : null;
             var (o, l) = attention(qb, kb, vb, softmax_scale ?? 1.0 / Math.Sqrt(q.shape[^1]), causal, window_size, softcap,
-                                   slopes, dropout_p, compute_dtype: compute_dtype);
+                                   slopes, dropout_p, mask, compute_dtype: compute_dtype);
             outs.Add(o[0]);
             lses.Add(l[0]);
         }
-        var output = cat(outs, 0);
-        var lse = cat(lses, 1);
+        // no sequence (batch 0): empty results
+        var output = outs.Count > 0 ? cat(outs, 0) : zeros(0, q.shape[1], q.shape[2], dtype: q.dtype, device: q.device);
+        var lse = lses.Count > 0 ? cat(lses, 1) : zeros(q.shape[1], 0, dtype: ScalarType.Float32, device: q.device);
         // Rows past cu_seqlens_q[-1] belong to no sequence: zero, LSE +inf.
         if (output.shape[0] < q.shape[0])
         {
@@ -87,5 +95,69 @@ public static partial class Reference
             lse = cat(new[] { lse, full(q.shape[1], q.shape[0] - lse.shape[1], double.PositiveInfinity, dtype: ScalarType.Float32, device: q.device) }, 1);
         }
         return (output.MoveToOuterDisposeScope(), lse.MoveToOuterDisposeScope());
+    }
+    /// <summary>Where query i cannot see key j: (Sq, Sk) bool, true outside the causal/window band aligned bottom-right
+    /// (key j visible to query i iff i + Sk - Sq - left &lt;= j &lt;= i + Sk - Sq + right, -1 unlimited); null without a band.</summary>
+    internal static Tensor? Masked(long Sq, long Sk, long left, long right, Device device)
+    {
+        if (left < 0 && right < 0) return null;
+        var rowPos = arange(Sq, dtype: ScalarType.Int64, device: device).view(Sq, 1) + (Sk - Sq); // i + Sk - Sq
+        var colPos = arange(Sk, dtype: ScalarType.Int64, device: device).view(1, Sk);
+        Tensor? masked = null;
+        if (left >= 0) masked = colPos.lt(rowPos - left);
+        if (right >= 0) masked = masked is null ? colPos.gt(rowPos + right) : masked.logical_or(colPos.gt(rowPos + right));
+        return masked;
+    }
+
+    /// <summary>
+    /// The attention kernels' dropout mask: uint8 (batch, nheads, Sq, Sk), 1 where query i sees key j (see
+    /// <see cref="Masked"/>) and the kernels' Philox-4x32-10 stream keeps the element, 0 elsewhere (flashattn.h,
+    /// FlashAttn_flash_fwd: word j % 4 of philox(seed, {j / 4, i, b * nheads + h, 0}) below floor((1 - p) 2^32)), so a
+    /// seed gives the same mask on every device. dropout_p 0 keeps every visible element. <paramref name="firstBatch"/>
+    /// is the index of the first sequence (varlen sequences are masked one at a time).
+    /// </summary>
+    internal static Tensor DropoutMask(long batch, long nheads, long Sq, long Sk, double dropout_p, ulong seed, long left, long right,
+        Device device, long firstBatch = 0)
+    {
+        using var scope = NewDisposeScope();
+        var keep = new byte[batch * nheads * Sq * Sk];
+        if (dropout_p > 0)
+        {
+            // the kernels compare against the float32 dropout_p they receive
+            uint threshold = (uint)Math.Min((1.0 - (float)dropout_p) * 4294967296.0, 4294967295.0);
+            uint k0 = (uint)seed, k1 = (uint)(seed >> 32);
+            Parallel.For(0L, batch * nheads * Sq, row =>
+            {
+                long bh = row / Sq, i = row % Sq, start = row * Sk;
+                uint word2 = (uint)(firstBatch * nheads + bh);
+                Span<uint> words = stackalloc uint[4];
+                for (long j0 = 0; j0 < Sk; j0 += 4)
+                {
+                    (words[0], words[1], words[2], words[3]) = Philox(k0, k1, (uint)(j0 >> 2), (uint)i, word2, 0);
+                    for (int w = 0; w < 4 && j0 + w < Sk; w++) keep[start + j0 + w] = words[w] < threshold ? (byte)1 : (byte)0;
+                }
+            });
+        }
+        else
+        {
+            Array.Fill(keep, (byte)1);
+        }
+        var mask = tensor(keep, new[] { batch, nheads, Sq, Sk }).to(device);
+        var masked = Masked(Sq, Sk, left, right, device);
+        if (masked is not null) mask = mask.masked_fill(masked.view(1, 1, Sq, Sk), 0);
+        return mask.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Philox-4x32-10 (Salmon et al., SC'11), as the kernels' philox4x32_10 (flash/philox.cuh).</summary>
+    internal static (uint, uint, uint, uint) Philox(uint key0, uint key1, uint c0, uint c1, uint c2, uint c3)
+    {
+        for (int round = 0; round < 10; round++)
+        {
+            ulong p0 = 0xD2511F53UL * c0, p1 = 0xCD9E8D57UL * c2;
+            (c0, c1, c2, c3) = ((uint)(p1 >> 32) ^ c1 ^ key0, (uint)p1, (uint)(p0 >> 32) ^ c3 ^ key1, (uint)p0);
+            key0 += 0x9E3779B9u;
+            key1 += 0xBB67AE85u;
+        }
+        return (c0, c1, c2, c3);
     }
 }

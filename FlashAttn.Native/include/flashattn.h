@@ -13,7 +13,8 @@
  *  - Every function that can fail returns a FlashAttnStatus; on failure the thread-local message
  *    read by FlashAttn_last_error() names the function and the argument. Nothing throws across
  *    the ABI, nothing exits the process, nothing allocates device memory: outputs and workspaces
- *    come from the caller.
+ *    come from the caller. The one allocation of the library is the device-error record (a few
+ *    bytes of pinned host memory, see FlashAttn_core_device_error).
  *  - Kernels run on the CUDA stream passed as `stream` (NULL is the legacy default stream, the one
  *    TorchSharp uses). A CUDA error after a launch is recorded with the kernel's name.
  *  - A library built without CUDA keeps every entry point: validation runs as usual, then the
@@ -39,7 +40,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 5
+#define FLASHATTN_ABI_VERSION 6
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -77,6 +78,34 @@ FLASHATTN_API const char* FlashAttn_core_build_info(void);
 
 // Compute capability of CUDA device `device` (major * 10 + minor, 90 for the H100) in *capability.
 FLASHATTN_API FlashAttnStatus FlashAttn_core_device_capability(int32_t device, int32_t* capability);
+
+// What a device-side check found (FlashAttn_core_device_error). CROSS_ENTROPY_LABEL: a label outside
+// [0, vocab) that is not ignore_index (index: its row, value: the label). Codes from CALLER up are
+// those given to FlashAttn_core_device_check.
+typedef enum FlashAttnDeviceCheck {
+  FLASHATTN_DEVICE_CHECK_NONE = 0,
+  FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL = 1,
+  FLASHATTN_DEVICE_CHECK_CALLER = 256
+} FlashAttnDeviceCheck;
+
+// The device-error record. A kernel that finds invalid input on the device (a label outside the
+// vocabulary) cannot return a status without the host waiting for it: it writes NaN where that
+// input's results go and records the error in one small record of pinned, mapped host memory,
+// which the host reads at any time without synchronising (an error is visible once the kernel has
+// finished; synchronise first for a definitive answer). The record is the one allocation of the
+// library: cudaHostAlloc (mapped, portable: one record serves every device) on the first launch
+// of a checking kernel, kept until the library is unloaded; a buffer of the caller in device memory
+// could not be read without a copy and a wait. The first error is kept until cleared (later ones
+// are dropped; of errors recorded at the same moment, any one may be kept).
+// Reads the record into *check (a FlashAttnDeviceCheck, NONE when nothing is recorded; always NONE
+// without CUDA or before any checking kernel ran), *index and *value; clear = 1 resets it.
+FLASHATTN_API FlashAttnStatus FlashAttn_core_device_error(int32_t clear, int32_t* check, int64_t* index, int64_t* value);
+
+// Device-side assertion: records `check` (>= FLASHATTN_DEVICE_CHECK_CALLER, the caller's code) in
+// the device-error record when an element of ok (n bytes: uint8 or bool, 0 = failed, on the device
+// of the current CUDA context) is 0, with that element's index and value 0; runs on `stream`
+// without synchronising.
+FLASHATTN_API FlashAttnStatus FlashAttn_core_device_check(const uint8_t* ok, int64_t n, int32_t check, void* stream);
 
 // area: Rotary
 
@@ -122,8 +151,11 @@ FLASHATTN_API int64_t FlashAttn_flash_fwd_workspace_size(
 // alibi_slopes: NULL or float32 (batch, nheads) with alibi_batch_stride (0: one row shared by all
 //   sequences); adds -slope * |i + sk - sq - j| to the scaled scores.
 // dropout_p in [0, 1): Philox-4x32-10 keyed by (seed, offset) decides each kept element; kept
-//   probabilities are scaled by 1 / (1 - dropout_p). dropout_mask: NULL, or uint8 (batch, nheads,
-//   seqlen_q, seqlen_k) contiguous, written with 1 where kept (tests only; not with cu_seqlens).
+//   probabilities are scaled by 1 / (1 - dropout_p). Element (b, h, i, j) takes word j % 4 of
+//   philox(seed, {j / 4, i, b * nheads + h + offset_lo, offset_hi}) and is kept when that word is below
+//   floor((1 - dropout_p) * 2^32). dropout_mask: NULL, or uint8 (batch, nheads, seqlen_q, seqlen_k)
+//   contiguous and zero-filled by the caller, written with 1 where query i sees key j and the element
+//   is kept (tests only; not with cu_seqlens).
 FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
     const void* q, const void* k, const void* v, void* out, float* softmax_lse, FlashAttnDType dtype,
     const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
@@ -239,7 +271,9 @@ FLASHATTN_API int64_t FlashAttn_cross_entropy_fwd_workspace_size(int64_t rows, i
 // With z = logit_scale * logits[r, :] and lse = logsumexp(z):
 //   loss[r] = lse - (1 - label_smoothing) * z[label] - label_smoothing * sum(z) / vocab
 //             + lse_square_scale * lse^2,   z_loss[r] = lse_square_scale * lse^2;
-//   rows with label == ignore_index get loss 0 and z_loss 0; a label outside [0, vocab) gives NaN.
+//   rows with label == ignore_index get loss 0 and z_loss 0; a row whose label is outside [0, vocab)
+//   gets NaN loss and z_loss and records FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL in the
+//   device-error record (FlashAttn_core_device_error).
 // logits: (rows, vocab) with row_stride, dtype; labels: int64 (rows,).
 // loss, lse: float32 (rows,), written; z_loss: float32 (rows,) or NULL.
 FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd(
@@ -249,7 +283,8 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd(
     void* workspace, int64_t workspace_bytes, void* stream);
 
 // Backward: dlogits[r, c] = dloss[r] * logit_scale * (softmax(z)[c] * (1 + 2 * lse_square_scale * lse)
-//   - (1 - label_smoothing) * (c == label) - label_smoothing / vocab), 0 for ignored rows.
+//   - (1 - label_smoothing) * (c == label) - label_smoothing / vocab), 0 for ignored rows, NaN for rows
+//   whose label is outside [0, vocab).
 // dloss: float32, element r at dloss[r * dloss_stride] (stride 0: one value for every row).
 // lse: the forward's. dlogits: (rows, vocab) with dlogits_row_stride, dtype; may be logits itself
 //   (same strides) to overwrite the logits in place.

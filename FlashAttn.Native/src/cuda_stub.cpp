@@ -2,6 +2,7 @@
 // The ABI functions and their validation are the same files as in the CUDA flavour; only what
 // would touch a GPU lands here. Each new op adds its run_* function below.
 #include "common/device.h"
+#include "common/device_error.h"
 #include "common/error.h"
 #include "flash/flash.h"
 #include "cross_entropy/cross_entropy.h"
@@ -22,6 +23,10 @@ FlashAttnStatus no_cuda(const char* function) {
 FlashAttnStatus device_capability(int32_t, int32_t*, const char* function) { return no_cuda(function); }
 
 const char* build_info() { return "FlashAttn.Native cpu-only (built without CUDA support)"; }
+
+FlashAttnStatus device_error_record(DeviceErrorRecord**, const char* function) { return no_cuda(function); }
+void read_device_error(bool, int32_t* check, int64_t* index, int64_t* value) { *check = 0, *index = 0, *value = 0; }
+FlashAttnStatus run_device_check(const uint8_t*, int64_t, int32_t, void*, const char* function) { return no_cuda(function); }
 
 FlashAttnStatus run_rotary(const RotaryParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_norm_fwd(const NormFwdParams&, void*, const char* function) { return no_cuda(function); }

@@ -119,6 +119,98 @@ public sealed class AttentionTests
     }
 
     [Test]
+    public void VarlenOffsetsAreChecked()
+    {
+        var q = randn(10, 2, 16);
+        var k = randn(12, 2, 16);
+        void Expect(string param, string fragment, int[] cuQ, int[] cuK, long maxQ = 10, long maxK = 12)
+        {
+            var e = Assert.Throws<ArgumentException>(() => flash_attn.flash_attn_varlen_func(
+                q, k, k, tensor(cuQ, dtype: ScalarType.Int32), tensor(cuK, dtype: ScalarType.Int32), maxQ, maxK))!;
+            Assert.That(e.ParamName, Is.EqualTo(param), e.Message);
+            Assert.That(e.Message, Does.Contain(fragment));
+        }
+        // issue 15: decreasing offsets used to return an output as if nothing were wrong
+        Expect("cu_seqlens_q", "never decrease", new[] { 0, 6, 3, 10 }, new[] { 0, 6, 3, 12 });
+        Expect("cu_seqlens_k", "never decrease", new[] { 0, 3, 6, 10 }, new[] { 0, 6, 3, 12 });
+        Expect("cu_seqlens_q", "start at 0", new[] { 1, 6, 10 }, new[] { 0, 6, 12 });
+        Expect("cu_seqlens_q", "end at the packed length", new[] { 0, 6, 9 }, new[] { 0, 6, 12 });
+        Expect("cu_seqlens_k", "end at the packed length", new[] { 0, 6, 10 }, new[] { 0, 6, 13 });
+        Expect("max_seqlen_q", "more than max_seqlen_q", new[] { 0, 6, 10 }, new[] { 0, 6, 12 }, maxQ: 5);
+        Expect("max_seqlen_k", "more than max_seqlen_k", new[] { 0, 6, 10 }, new[] { 0, 6, 12 }, maxK: 5);
+        Expect("cu_seqlens_k", "same length", new[] { 0, 6, 10 }, new[] { 0, 2, 6, 12 });
+        var ok = flash_attn.flash_attn_varlen_func(q, k, k, tensor(new[] { 0, 6, 10 }, dtype: ScalarType.Int32),
+                                                   tensor(new[] { 0, 6, 12 }, dtype: ScalarType.Int32), 6, 6);
+        Assert.That(ok.isfinite().all().item<bool>(), Is.True);
+    }
+
+    [Test]
+    public void PhiloxMatchesTheKnownAnswers()
+    {
+        // Random123's kat_vectors for philox4x32_10 (the generator of the kernels' dropout, flash/philox.cuh)
+        Assert.That(Reference.Philox(0, 0, 0, 0, 0, 0), Is.EqualTo((0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u)));
+        Assert.That(Reference.Philox(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu),
+                    Is.EqualTo((0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu)));
+        Assert.That(Reference.Philox(0xa4093822u, 0x299f31d0u, 0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u),
+                    Is.EqualTo((0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u)));
+    }
+
+    [TestCase(false, -1, -1), TestCase(true, -1, -1), TestCase(false, 3, 1)]
+    public void ReferencePathReturnsTheDropoutMaskItApplied(bool causal, long left, long right)
+    {
+        // issue 15: on CPU tensors return_dropout_mask returned no mask, while the kernels return one
+        const double p = 0.3;
+        long B = 2, Sq = 9, Sk = 13, H = 3, D = 16;
+        var q = randn(B, Sq, H, D, dtype: ScalarType.Float64);
+        var k = randn(B, Sk, H, D, dtype: ScalarType.Float64);
+        var v = randn(B, Sk, H, D, dtype: ScalarType.Float64);
+        manual_seed(7);
+        var r = flash_attn.flash_attn_func_with_lse(q, k, v, dropout_p: p, causal: causal, window_size: (left, right), return_dropout_mask: true);
+        Assert.That(r.dropout_mask, Is.Not.Null);
+        var mask = r.dropout_mask!;
+        Assert.That(mask.dtype, Is.EqualTo(ScalarType.Byte));
+        Assert.That(mask.shape, Is.EqualTo(new[] { B, H, Sq, Sk }));
+
+        // visible: j in [i + Sk - Sq - left, i + Sk - Sq + right] (causal: right = 0), bounds of -1 unlimited
+        if (causal) right = 0;
+        var i = arange(Sq).view(Sq, 1) + (Sk - Sq);
+        var j = arange(Sk).view(1, Sk);
+        var visible = ones(Sq, Sk, dtype: ScalarType.Bool);
+        if (left >= 0) visible = visible.logical_and(j.ge(i - left));
+        if (right >= 0) visible = visible.logical_and(j.le(i + right));
+        Assert.That(mask.to(ScalarType.Bool).logical_and(visible.logical_not()).any().item<bool>(), Is.False, "0 where masked out");
+        double n = visible.sum().item<long>() * B * H, kept = mask.to(ScalarType.Float64).sum().item<double>();
+        Assert.That(Math.Abs(kept - n * (1 - p)), Is.LessThan(5 * Math.Sqrt(n * p * (1 - p))), $"kept {kept} of {n} visible");
+
+        // the output is attention with exactly that mask applied, scaled by 1 / (1 - p), in float64
+        var scores = einsum("bihd,bjhd->bhij", q, k) / Math.Sqrt(D);
+        var probs = scores.masked_fill(visible.logical_not(), double.NegativeInfinity).softmax(-1);
+        var expected = einsum("bhij,bjhd->bihd", probs * mask.to(ScalarType.Float64) / (1 - p), v);
+        Assert.That(Tolerance.MaxAbsDiff(r.output, expected), Is.LessThan(1e-12));
+
+        manual_seed(7);
+        var again = flash_attn.flash_attn_func_with_lse(q, k, v, dropout_p: p, causal: causal, window_size: (left, right), return_dropout_mask: true);
+        Assert.That(again.dropout_mask!.eq(mask).all().item<bool>(), Is.True, "the same seed, the same mask");
+        var none = flash_attn.flash_attn_func_with_lse(q, k, v, causal: causal, window_size: (left, right), return_dropout_mask: true);
+        Assert.That(none.dropout_mask!.to(ScalarType.Bool).eq(visible.expand(B, H, Sq, Sk)).all().item<bool>(), Is.True, "without dropout every visible element is kept");
+    }
+
+    [Test]
+    public void VarlenDropoutDrawsEachSequencesKernelStream()
+    {
+        // the kernels key sequence b's dropout by b: the first sequence of a pack drops what the dense call drops
+        var q = randn(11, 2, 8, dtype: ScalarType.Float64);
+        var cu = tensor(new[] { 0, 5, 11 }, dtype: ScalarType.Int32);
+        manual_seed(3);
+        var packed = flash_attn.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, dropout_p: 0.4, causal: true);
+        manual_seed(3);
+        var first = flash_attn.flash_attn_func(q[..5].unsqueeze(0), q[..5].unsqueeze(0), q[..5].unsqueeze(0), dropout_p: 0.4, causal: true);
+        Assert.That(Tolerance.MaxAbsDiff(packed[..5], first[0]), Is.LessThan(1e-12));
+        Assert.That(Tolerance.MaxAbsDiff(packed[..5], flash_attn.flash_attn_func(q[..5].unsqueeze(0), q[..5].unsqueeze(0), q[..5].unsqueeze(0), causal: true)[0]),
+                    Is.GreaterThan(1e-3), "dropout applied");
+    }
+
+    [Test]
     public void MhaMatchesAHandWrittenAttention()
     {
         using var mha = new MHA(32, 4, num_heads_kv: 2, causal: true, dtype: ScalarType.Float64);

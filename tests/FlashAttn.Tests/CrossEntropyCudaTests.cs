@@ -105,6 +105,76 @@ public sealed class CrossEntropyCudaTests
         Tolerance.AssertClose(logits.grad!, lf.grad!.to(dtype), le.grad!, "dlogits vs torch");
     }
 
+    // issue 15: on CUDA a label equal to the vocabulary size gave no error and a finite loss
+    [TestCase(ScalarType.BFloat16, false), TestCase(ScalarType.Float32, false), TestCase(ScalarType.Float32, true)]
+    public void LabelOutsideTheVocabularyGivesNaNAndIsRaisedByCheckErrors(ScalarType dtype, bool reference)
+    {
+        var dev = Gpu.Require();
+        flash_attn.check_errors(); // nothing left over from another test
+        var logits = (randn(4, 100, device: dev) * 2).to(dtype).requires_grad_(true);
+        var labels = tensor(new[] { 1L, 2L, 100L, 3L }, device: dev);
+        Backend.ForceReference = reference; // the reference path on the GPU records the error the same way
+        Tensor loss;
+        try
+        {
+            (loss, _) = flash_attn.cross_entropy_loss(logits, labels); // does not wait for the device, so does not throw
+        }
+        finally
+        {
+            Backend.ForceReference = false;
+        }
+        loss.backward(new[] { ones_like(loss) });
+        var rows = new long[] { 0, 1, 3 };
+        Assert.That(loss.isnan().cpu().data<bool>().ToArray(), Is.EqualTo(new[] { false, false, true, false }), "row 2: NaN loss");
+        var grad = logits.grad!.to(ScalarType.Float32).cpu();
+        Assert.That(grad[2].isnan().all().item<bool>(), Is.True, "row 2: NaN gradient");
+
+        // the other rows equal the reference on those rows alone
+        var idx = tensor(rows, device: dev);
+        var good = labels.index_select(0, idx);
+        var le = logits.detach().index_select(0, idx).to(ScalarType.Float64).requires_grad_(true);
+        var (lossE, _, _) = Reference.cross_entropy(le, good);
+        lossE.sum().backward();
+        var ll = logits.detach().index_select(0, idx).requires_grad_(true);
+        var (lossL, _, _) = Reference.cross_entropy(ll, good, compute_dtype: dtype);
+        lossL.sum().backward();
+        Tolerance.AssertClose(loss.index_select(0, idx), lossL, lossE, "loss of the other rows");
+        Tolerance.AssertClose(logits.grad!.index_select(0, idx), ll.grad!, le.grad!, "dlogits of the other rows");
+
+        var e = Assert.Throws<ArgumentException>(flash_attn.check_errors)!;
+        Assert.That(e.ParamName, Is.EqualTo("labels"));
+        Assert.That(e.Message, Does.Contain("cross_entropy_loss"));
+        if (!reference) Assert.That(e.Message, Does.Contain("label 100 in row 2"));
+        Assert.DoesNotThrow(flash_attn.check_errors, "raised once, then cleared");
+
+        var (ok, _) = flash_attn.cross_entropy_loss(logits.detach(), tensor(new[] { 1L, 2L, 99L, -100L }, device: dev));
+        Assert.That(ok.isfinite().all().item<bool>(), Is.True, "a correct call afterwards works");
+        Assert.DoesNotThrow(flash_attn.check_errors, "and records nothing");
+    }
+
+    [Test]
+    public void ARecordedErrorIsRaisedByTheNextCallWithoutWaiting()
+    {
+        var dev = Gpu.Require();
+        flash_attn.check_errors();
+        var logits = randn(4, 1000, device: dev).to(ScalarType.BFloat16);
+        flash_attn.cross_entropy_loss(logits, tensor(new[] { 1L, -5L, 2L, 3L }, device: dev));
+        cuda.synchronize(); // the kernel has finished: its record is in host memory
+        var w = ones(64, device: dev, dtype: ScalarType.BFloat16);
+        var e = Assert.Throws<ArgumentException>(() => flash_attn.layer_norm(randn(2, 64, device: dev, dtype: ScalarType.BFloat16), w, null))!;
+        Assert.That(e.ParamName, Is.EqualTo("labels"));
+        Assert.That(e.Message, Does.Contain("label -5 in row 1"));
+        Assert.That(flash_attn.layer_norm(randn(2, 64, device: dev, dtype: ScalarType.BFloat16), w, null).isfinite().all().item<bool>(), Is.True);
+
+        // a caller's own device-side check (GPTModel checks its token ids so)
+        flash_attn.assert_async(tensor(new[] { true, true, false }, device: dev), "input_ids", "token ids must be in [0, vocab_size)");
+        var e2 = Assert.Throws<ArgumentException>(flash_attn.check_errors)!;
+        Assert.That(e2.ParamName, Is.EqualTo("input_ids"));
+        Assert.That(e2.Message, Does.Contain("element 2").And.Contain("token ids must be in [0, vocab_size)"));
+        flash_attn.assert_async(tensor(new[] { true, true }, device: dev), "input_ids", "token ids must be in [0, vocab_size)");
+        Assert.DoesNotThrow(flash_attn.check_errors);
+    }
+
     [Test]
     public void AllRowsIgnoredGiveZeroLossAndGradient()
     {

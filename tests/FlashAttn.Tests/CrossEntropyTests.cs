@@ -121,6 +121,49 @@ public sealed class CrossEntropyTests
     }
 
     [Test]
+    public void LabelOutsideTheVocabularyIsAnArgumentExceptionOnCpu()
+    {
+        // issue 15: TorchSharp's ExternalException ("index 100 is out of bounds") instead of an ArgumentException
+        var logits = randn(4, 100, requires_grad: true);
+        foreach (var bad in new[] { 100L, -1L, -101L })
+        {
+            var e = Assert.Throws<ArgumentException>(() => flash_attn.cross_entropy_loss(logits, tensor(new[] { 1L, 2L, bad, 3L })))!;
+            Assert.That(e.ParamName, Is.EqualTo("labels"));
+            Assert.That(e.Message, Does.Contain($"got {bad} in row 2"));
+        }
+        var e2 = Assert.Throws<ArgumentException>(() => layers.CrossEntropyLoss(ignore_index: 0).call(logits, tensor(new[] { 1L, 2L, -100L, 3L })))!;
+        Assert.That(e2.ParamName, Is.EqualTo("target"), "-100 is only ignored when it is ignore_index (the module's argument is target)");
+        var (loss, _) = flash_attn.cross_entropy_loss(logits, tensor(new[] { 1L, 2L, -100L, 99L }));
+        Assert.That(loss.isfinite().all().item<bool>(), Is.True, "a correct call still works");
+    }
+
+    [Test]
+    public void ReferenceGivesNaNForALabelOutsideTheVocabularyAsTheKernel()
+    {
+        // the semantics of the GPU paths, where the error is raised later: that row's loss, z-loss and gradient are NaN
+        var logits = randn(4, 10, dtype: ScalarType.Float64, requires_grad: true);
+        var labels = tensor(new[] { 1L, 10L, -100L, 3L });
+        var (loss, zl, lse) = Reference.cross_entropy(logits, labels, lse_square_scale: 1e-2);
+        Assert.That(loss.isnan().data<bool>().ToArray(), Is.EqualTo(new[] { false, true, false, false }));
+        Assert.That(zl.isnan().data<bool>().ToArray(), Is.EqualTo(new[] { false, true, false, false }));
+        Assert.That(loss[2].item<double>(), Is.EqualTo(0.0), "ignored row");
+        var d = Reference.cross_entropy_backward(ones(4, dtype: ScalarType.Float64), logits, labels, lse, lse_square_scale: 1e-2);
+        Assert.That(d.isnan().all(1).data<bool>().ToArray(), Is.EqualTo(new[] { false, true, false, false }));
+        Assert.That(d[2].abs().max().item<double>(), Is.EqualTo(0.0));
+        Assert.That(d.isfinite().logical_or(d.isnan().all(1, keepdim: true)).all().item<bool>(), Is.True);
+    }
+
+    [Test]
+    public void AssertAsyncThrowsAtOnceOnCpu()
+    {
+        var e = Assert.Throws<ArgumentException>(() => flash_attn.assert_async(tensor(new[] { true, false }), "input_ids", "ids out of range"))!;
+        Assert.That(e.ParamName, Is.EqualTo("input_ids"));
+        Assert.That(e.Message, Does.Contain("ids out of range"));
+        Assert.DoesNotThrow(() => flash_attn.assert_async(tensor(new[] { true, true }), "input_ids", "ids out of range"));
+        Assert.DoesNotThrow(flash_attn.check_errors);
+    }
+
+    [Test]
     public void NativeValidationNamesFunctionAndArgument()
     {
         var (logits, labels, loss, lse) = (randn(4, 16), tensor(new long[] { 1, 2, 3, 4 }), empty(4), empty(4));

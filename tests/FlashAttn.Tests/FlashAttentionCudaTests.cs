@@ -123,6 +123,45 @@ public sealed class FlashAttentionCudaTests
         Assert.That(Tolerance.MaxAbsDiff(again.output, r.output), Is.EqualTo(0.0), "reproducible from the seed");
     }
 
+    // d64: 64-key blocks, d128: the dropout variant's 32-key blocks; the window cuts keys on both sides
+    [TestCase(ScalarType.BFloat16, 64, true, -1, -1), TestCase(ScalarType.Float16, 128, false, 37, 11), TestCase(ScalarType.BFloat16, 80, false, -1, -1)]
+    public void ReferencePathDropoutMaskEqualsTheKernels(ScalarType dtype, int d, bool causal, long left, long right)
+    {
+        var dev = Gpu.Require();
+        const double p = 0.17;
+        var q = randn(2, 257, 4, d, dtype: dtype, device: dev);
+        var k = randn(2, 300, 4, d, dtype: dtype, device: dev);
+        var v = randn(2, 300, 4, d, dtype: dtype, device: dev);
+        (long, long) window = (left, right);
+        manual_seed(99);
+        var gpu = flash_attn.flash_attn_func_with_lse(q, k, v, dropout_p: p, causal: causal, window_size: window, return_dropout_mask: true);
+        manual_seed(99);
+        var cpu = flash_attn.flash_attn_func_with_lse(q.cpu().to(ScalarType.Float32), k.cpu().to(ScalarType.Float32), v.cpu().to(ScalarType.Float32),
+                                                      dropout_p: p, causal: causal, window_size: window, return_dropout_mask: true);
+        Assert.That(gpu.dropout_mask!.cpu().eq(cpu.dropout_mask!).all().item<bool>(), Is.True, "the same seed gives the same bytes on both paths");
+        var none = flash_attn.flash_attn_func_with_lse(q, k, v, causal: causal, window_size: window, return_dropout_mask: true);
+        var noneCpu = flash_attn.flash_attn_func_with_lse(q.cpu().to(ScalarType.Float32), k.cpu().to(ScalarType.Float32), v.cpu().to(ScalarType.Float32),
+                                                          causal: causal, window_size: window, return_dropout_mask: true);
+        Assert.That(none.dropout_mask!.cpu().eq(noneCpu.dropout_mask!).all().item<bool>(), Is.True, "without dropout: the visible elements");
+    }
+
+    [Test]
+    public void VarlenOffsetsAreCheckedOnTheDevice()
+    {
+        var dev = Gpu.Require();
+        var q = randn(10, 2, 64, dtype: ScalarType.BFloat16, device: dev);
+        var bad = tensor(new[] { 0, 6, 3, 10 }, dtype: ScalarType.Int32, device: dev);
+        var e = Assert.Throws<ArgumentException>(() => flash_attn.flash_attn_varlen_func(q, q, q, bad, bad, 10, 10))!;
+        Assert.That(e.ParamName, Is.EqualTo("cu_seqlens_q"));
+        Assert.That(e.Message, Does.Contain("never decrease"));
+        var (cos, sin) = RotaryTests.CosSin(16, 64, ScalarType.Float32, dev);
+        e = Assert.Throws<ArgumentException>(() => flash_attn.apply_rotary_emb(q, cos, sin, cu_seqlens: bad, max_seqlen: 10))!;
+        Assert.That(e.ParamName, Is.EqualTo("cu_seqlens"));
+        var good = tensor(new[] { 0, 6, 10 }, dtype: ScalarType.Int32, device: dev);
+        var o = flash_attn.flash_attn_varlen_func(q, q, q, good, good, 6, 6, causal: true);
+        Assert.That(o.isfinite().all().item<bool>(), Is.True, "a correct call still works");
+    }
+
     [TestCase(ScalarType.BFloat16, 64, true), TestCase(ScalarType.Float16, 111, false), TestCase(ScalarType.BFloat16, 128, true)]
     public void VarlenMatchesEachSequence(ScalarType dtype, int d, bool causal)
     {

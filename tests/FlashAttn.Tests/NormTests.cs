@@ -291,10 +291,10 @@ public sealed class NormTests
             Assert.That(e.ParamName, Is.EqualTo(param));
             Assert.That(e.Message, Does.Contain(fragment));
         }
-        Expect("x0", "float16, bfloat16, float32 or float64", () => flash_attn.layer_norm(x0.to(ScalarType.Int32), w, null));
+        Expect("x", "float16, bfloat16, float32 or float64", () => flash_attn.layer_norm(x0.to(ScalarType.Int32), w, null));
         Expect("weight", "hidden (16)", () => flash_attn.layer_norm(x0, ones(15), null));
         Expect("weight", "1-D", () => flash_attn.layer_norm(x0, ones(1, 16), null));
-        Expect("weight", "x0's dtype", () => flash_attn.layer_norm(x0.to(ScalarType.BFloat16), ones(16, dtype: ScalarType.Float16), null));
+        Expect("weight", "x's dtype", () => flash_attn.layer_norm(x0.to(ScalarType.BFloat16), ones(16, dtype: ScalarType.Float16), null));
         Expect("bias", "weight's dtype", () => flash_attn.layer_norm(x0.to(ScalarType.BFloat16), ones(16), zeros(16, dtype: ScalarType.BFloat16)));
         Expect("bias", "hidden (16)", () => flash_attn.layer_norm(x0, w, zeros(8)));
         Expect("residual", "x0's shape", () => flash_attn.dropout_add_layer_norm(x0, randn(4, 8), w, null, 0, 1e-5));

@@ -112,6 +112,33 @@ public sealed class RotaryTests
     }
 
     [Test]
+    public void VarlenOffsetsAndSeqlenOffsetsAreChecked()
+    {
+        var x = randn(10, 2, 8);
+        var (cos, sin) = CosSin(12, 8);
+        void Expect(string param, string fragment, int[] cu, long maxSeqlen = 10, long[]? offsets = null)
+        {
+            var e = Assert.Throws<ArgumentException>(() => flash_attn.apply_rotary_emb(
+                x, cos, sin, seqlen_offsets: offsets is null ? null : tensor(offsets), cu_seqlens: tensor(cu, dtype: ScalarType.Int32),
+                max_seqlen: maxSeqlen))!;
+            Assert.That(e.ParamName, Is.EqualTo(param), e.Message);
+            Assert.That(e.Message, Does.Contain(fragment));
+        }
+        Expect("cu_seqlens", "never decrease", new[] { 0, 6, 3, 10 });
+        Expect("cu_seqlens", "start at 0", new[] { 2, 6, 10 });
+        Expect("cu_seqlens", "end at the packed length", new[] { 0, 6, 8 });
+        Expect("max_seqlen", "more than max_seqlen", new[] { 0, 6, 10 }, maxSeqlen: 4);
+        // positions past the cos/sin table: sequence 1 (4 tokens) from position 9 needs 13 positions of 12
+        Expect("seqlen_offsets", "seqlen_offsets[1] (9)", new[] { 0, 6, 10 }, offsets: new long[] { 0, 9 });
+        Expect("seqlen_offsets", "seqlen_offsets[0] (-1)", new[] { 0, 6, 10 }, offsets: new long[] { -1, 0 });
+        var dense = Assert.Throws<ArgumentException>(() => flash_attn.apply_rotary_emb(randn(2, 4, 2, 8), cos, sin, seqlen_offsets: tensor(new[] { 8, 9 })))!;
+        Assert.That(dense.ParamName, Is.EqualTo("seqlen_offsets"));
+        Assert.That(dense.Message, Does.Contain("seqlen_offsets[1] (9)"));
+        var ok = flash_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets: tensor(new long[] { 6, 8 }), cu_seqlens: tensor(new[] { 0, 6, 10 }, dtype: ScalarType.Int32), max_seqlen: 6);
+        Assert.That(ok.isfinite().all().item<bool>(), Is.True);
+    }
+
+    [Test]
     public void BadArgumentsNameTheArgument()
     {
         var x = randn(2, 4, 3, 16);

@@ -139,7 +139,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_combine_kernel(const C
   float loss = 0.f, zl = 0.f;
   if (label != p.ignore_index) {
     if (label < 0 || label >= p.vocab) {
-      loss = NAN;
+      loss = zl = NAN;  // never a finite loss for a label outside the vocabulary; the host hears of it
+      record_device_error(p.error, FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL, row, label);
     } else {
       const float zlabel = to_float(static_cast<const T*>(p.logits)[row * p.logits_row_stride + label]) * p.logit_scale;
       zl = p.lse_square_scale * lse * lse;
@@ -161,7 +162,10 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const Cross
   const bool ignored = label == p.ignore_index;
   const float lse = p.lse[row];
   const float scale2 = p.logit_scale * kLog2e, lse2 = lse * kLog2e;
-  const float g = ignored ? 0.f : p.dloss[row * p.dloss_stride] * p.logit_scale;
+  // a label outside the vocabulary (recorded by the forward): a NaN gradient for its row, as its loss
+  const float g = ignored ? 0.f
+                  : label < 0 || label >= p.vocab ? NAN
+                                                  : p.dloss[row * p.dloss_stride] * p.logit_scale;
   const float pmul = 1.f + 2.f * p.lse_square_scale * lse;
   const float smooth = p.label_smoothing / float(p.vocab), hit = 1.f - p.label_smoothing;
   auto grad = [&](float x, int64_t c) {

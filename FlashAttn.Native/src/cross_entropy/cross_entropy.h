@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/device_error.h"
 #include "flashattn.h"
 
 namespace flashattn {
@@ -40,6 +41,7 @@ struct CrossEntropyParams {
   float label_smoothing, logit_scale, lse_square_scale;
   int64_t ignore_index;
   float* workspace;      // forward
+  DeviceErrorRecord* error;  // forward: where a label outside [0, vocab) is recorded
 };
 
 FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams& params, void* stream, const char* function);

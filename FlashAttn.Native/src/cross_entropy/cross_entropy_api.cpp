@@ -67,6 +67,8 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd(
     p.lse_square_scale = lse_square_scale;
     p.ignore_index = ignore_index;
     p.workspace = static_cast<float*>(workspace);
+    s = device_error_record(&p.error, kFunction);
+    if (s != FLASHATTN_STATUS_OK) return s;
     return run_cross_entropy_fwd(p, stream, kFunction);
   });
 }

@@ -217,9 +217,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
             bool k0, k1;
             drop.keep2(i, j0, k0, k1);
             if (p.dropout_mask != nullptr && i < seq.sq) {
+              // 1 only where the key is visible (a masked score is -inf by now; interior blocks have none), so the
+              // mask does not depend on the tiling (the managed side zero-fills what skipped blocks never reach) and
+              // the CPU reference path writes the same bytes
               uint8_t* mrow = p.dropout_mask + ((int64_t(b) * p.nheads + h) * seq.sq + i) * seq.sk;
-              if (j0 < seq.sk) mrow[j0] = k0;
-              if (j0 + 1 < seq.sk) mrow[j0 + 1] = k1;
+              if (j0 < seq.sk) mrow[j0] = k0 && acc_s[mt][nt][2 * r] != -INFINITY;
+              if (j0 + 1 < seq.sk) mrow[j0 + 1] = k1 && acc_s[mt][nt][2 * r + 1] != -INFINITY;
             }
             p0 = k0 ? p0 : 0.f;
             p1 = k1 ? p1 : 0.f;
