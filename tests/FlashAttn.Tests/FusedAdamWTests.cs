@@ -140,6 +140,18 @@ public sealed class FusedAdamWTests
     }
 
     [Test]
+    public void AStepBelowBf16ResolutionLivesInTheMaster()
+    {
+        using var p = new Parameter(ones(8, dtype: ScalarType.BFloat16));
+        using var opt = new FusedAdamW([p], lr: 1e-4, master_weights: true, max_norm: 1.0);
+        (p.to(ScalarType.Float32) * 1000).sum().backward();
+        opt.step();
+        Assert.That(opt.grad_norm.item<float>(), Is.EqualTo(1000 * Math.Sqrt(8)).Within(1e-5).Percent, "the norm before clipping");
+        Assert.That(opt.state(p).master![0].item<float>(), Is.EqualTo(1 - 1e-4).Within(1e-6), "the fp32 master moved");
+        Assert.That(p[0].to(ScalarType.Float32).item<float>(), Is.EqualTo(1), "a step smaller than bf16's resolution leaves the 16-bit copy");
+    }
+
+    [Test]
     public void Bf16GradientsAccumulateInFloat32()
     {
         // 48 micro-batches whose gradient is 1 + 2^-7 (exact in bf16): the sum is 48.375. Added up in bf16,
