@@ -25,7 +25,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kVec = 8;                      // elements per thread and access
 constexpr int kChunk = kThreads * kVec * 4;  // elements per chunk, a block's unit of work: 8192
-constexpr int kMaxBlocks = 2048;             // of the update and accumulate launches (grid-stride over chunks)
+constexpr int kMaxBlocks = 2048;             // of the update and accumulate launches when occupancy is unknown
 constexpr int kFinalizeThreads = 512;
 constexpr uint8_t kAligned = 0x80;           // table-only flag: param and grad 16-byte aligned (vector access)
 
@@ -338,7 +338,22 @@ bool fill_table(Table& tb, const std::vector<OptimTensor>& tensors, size_t first
   return true;
 }
 
-int grid_for(const Table& tb) { return std::max(1, std::min(tb.chunk_start[tb.count], kMaxBlocks)); }
+// Blocks of `kernel` resident at once on the current device (SMs x blocks per SM): a grid-stride launch of that many
+// runs as one wave, without the tail of a partial last wave (2048 blocks of the update kernel at 3 per SM on an H200's
+// 132 SMs would leave the sixth wave a sixth full).
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess || sms * per_sm < 1) {
+    cudaGetLastError();  // a failed query only costs the tail wave
+    return kMaxBlocks;
+  }
+  return sms * per_sm;
+}
+
+int grid_for(const Table& tb, int resident) { return std::max(1, std::min(tb.chunk_start[tb.count], resident)); }
 
 FlashAttnStatus too_large(const char* function) {
   return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function,
@@ -379,11 +394,12 @@ FlashAttnStatus run_adamw_step(const AdamWParams& p, void* stream_ptr, const cha
                                                       p.found_inf, control, tickets, launches);
   FlashAttnStatus s = check_launch(function, "finalize_kernel");
   if (s != FLASHATTN_STATUS_OK) return s;
+  const int resident = resident_blocks(adamw_kernel);
   for (int l = 0; l < launches; ++l) {
     const size_t first = size_t(l) * kOptimTensorsPerLaunch;
     fill_table(a.table, p.tensors, first, int(std::min(count - first, size_t(kOptimTensorsPerLaunch))));
     a.ticket = tickets + l;
-    adamw_kernel<<<grid_for(a.table), kThreads, 0, stream>>>(a);
+    adamw_kernel<<<grid_for(a.table, resident), kThreads, 0, stream>>>(a);
     s = check_launch(function, "adamw_kernel");
     if (s != FLASHATTN_STATUS_OK) return s;
   }
@@ -395,10 +411,11 @@ FlashAttnStatus run_grad_accumulate(const GradAccumulateParams& p, void* stream_
   const size_t count = p.tensors.size();
   KernelArgs a{};
   a.grad_sum = p.grad_sum;
+  const int resident = resident_blocks(accumulate_kernel);
   for (size_t first = 0; first < count; first += kOptimTensorsPerLaunch) {
     if (!fill_table(a.table, p.tensors, first, int(std::min(count - first, size_t(kOptimTensorsPerLaunch)))))
       return too_large(function);
-    accumulate_kernel<<<grid_for(a.table), kThreads, 0, stream>>>(a);
+    accumulate_kernel<<<grid_for(a.table, resident), kThreads, 0, stream>>>(a);
     FlashAttnStatus s = check_launch(function, "accumulate_kernel");
     if (s != FLASHATTN_STATUS_OK) return s;
   }
