@@ -392,6 +392,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         Require(group.Parameters is not null, paramName, "a parameter group's Parameters must not be null");
         var parameters = group.Parameters!.ToList();
         var seen = new HashSet<IntPtr>();
+        var device = _device;
         foreach (var p in parameters)
         {
             Require(p is not null, paramName, "a parameter group holds a null parameter");
@@ -399,9 +400,12 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
                     "some parameters appear more than once (in one parameter group or in several)");
             Require(p.dtype is ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64, paramName,
                     $"parameters must be float16, bfloat16, float32 or float64, got {p.dtype}");
-            _device ??= p.device;
-            Require(SameDevice(p.device, _device), paramName, $"parameters must all be on one device ({_device}), got one on {p.device}");
+            Require(_expAvg is null || p.dtype != ScalarType.Float64 || _stateDtype == ScalarType.Float64, paramName,
+                    "a float64 parameter cannot join a FusedAdamW whose state is float32");
+            device ??= p.device;
+            Require(SameDevice(p.device, device), paramName, $"parameters must all be on one device ({device}), got one on {p.device}");
         }
+        _device = device;
         group.Parameters = parameters;
         int groupIndex = _parameter_groups.Count;
         _parameter_groups.Add(group);
@@ -441,8 +445,6 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         static Tensor Keep(Tensor t) => t.DetachFromDisposeScope();
         var device = _device ?? CPU;
         var stateDtype = _slots.Any(s => s.DType == ScalarType.Float64) ? ScalarType.Float64 : ScalarType.Float32;
-        Require(_slots.All(s => s.Offset < 0) || stateDtype == _stateDtype, "param_group",
-                "a float64 parameter cannot join a FusedAdamW whose state is float32");
         _stateDtype = stateDtype;
         long total = 0;
         var offsets = new long[_slots.Count];

@@ -1,3 +1,5 @@
+using System.Runtime.InteropServices;
+using FlashAttn.Interop;
 using NUnit.Framework;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -280,5 +282,60 @@ public sealed class FusedAdamWTests
         Names("parameter", () => opt.state(q));
         Names("value", () => opt.set_master_weight(p, zeros(4)));
         Names("max_norm", () => opt.max_norm = double.NaN);
+    }
+
+    [Test]
+    public unsafe void NativeValidationNamesFunctionAndArgument()
+    {
+        // two tensors: float32 (10 elements at offset 0) and bf16 with a master (20 at offset 16) of 64-element flat state
+        var (w0, g0, w1, g1) = (zeros(10), zeros(10), zeros(20, ScalarType.BFloat16), zeros(20, ScalarType.BFloat16));
+        var (master, m, v, steps, hp) = (zeros(64), zeros(64), zeros(64), zeros(2), zeros(1, 5, ScalarType.Float64));
+        var (norm, inf) = (zeros(1), zeros(1));
+        var ws = empty(NativeMethods.FlashAttn_optim_adamw_workspace_size(2), dtype: ScalarType.Byte);
+        var dtypes = new[] { (int)FlashAttnDType.Float32, (int)FlashAttnDType.Bfloat16 };
+        var groups = new[] { 0, 0 };
+        FlashAttnStatus Step(long[]? numels = null, long[]? offsets = null, int[]? flags = null, int[]? stepIndices = null,
+            long? wsBytes = null, bool noGrad = false)
+        {
+            var ps = new[] { TensorArgs.Ptr(w0), TensorArgs.Ptr(w1) };
+            var gs = new[] { TensorArgs.Ptr(g0), noGrad ? IntPtr.Zero : TensorArgs.Ptr(g1) };
+            numels ??= [10, 20];
+            offsets ??= [0, 16];
+            flags ??= [0, (int)FlashAttnOptimTensorFlag.Master];
+            stepIndices ??= [0, 1];
+            fixed (IntPtr* pp = ps, gp = gs)
+            fixed (int* dp = dtypes, fp = flags, sp = stepIndices, grp = groups)
+            fixed (long* np = numels, op = offsets)
+                return NativeMethods.FlashAttn_optim_adamw_step(2, (IntPtr)pp, (IntPtr)gp, (IntPtr)dp, (IntPtr)np, (IntPtr)op,
+                    (IntPtr)fp, (IntPtr)sp, (IntPtr)grp, TensorArgs.Ptr(master), TensorArgs.Ptr(m), TensorArgs.Ptr(v), IntPtr.Zero, 64,
+                    TensorArgs.Ptr(steps), 2, TensorArgs.Ptr(hp), 1, IntPtr.Zero, 1f, TensorArgs.Ptr(norm), TensorArgs.Ptr(inf),
+                    TensorArgs.Ptr(ws), wsBytes ?? ws.numel(), IntPtr.Zero);
+        }
+        string Last() => Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error()) ?? "";
+        void Expect(FlashAttnStatus status, string message)
+        {
+            Assert.That(status, Is.EqualTo(FlashAttnStatus.InvalidArgument), message);
+            Assert.That(Last(), Does.StartWith("FlashAttn_optim_adamw_step: ").And.Contain(message));
+        }
+        Expect(Step(numels: [10, -1]), "numels[1] (-1) must be >= 0");
+        Expect(Step(offsets: [2, 16]), "offsets[0] (2) must be >= 0 and a multiple of 4");
+        Expect(Step(offsets: [0, 48]), "offsets[1] (48) + numels[1] (20) exceed state_numel (64)");
+        Expect(Step(flags: [(int)FlashAttnOptimTensorFlag.Master, 0]), "flags[0] has MASTER but dtypes[0] is float32");
+        Expect(Step(noGrad: true), "grads[1] must not be NULL unless flags[1] has GRAD_SUM");
+        Expect(Step(flags: [0, (int)FlashAttnOptimTensorFlag.GradSum]), "grad_sum must be a 16-byte aligned device pointer (flags[1] has GRAD_SUM)");
+        Expect(Step(stepIndices: [0, 2]), "step_indices[1] (2) must be in [0, 2)");
+        Expect(Step(wsBytes: 1), "workspace_bytes (1) must be >=");
+        if (!Backend.NativeHasCuda)
+        {
+            Assert.That(Step(), Is.EqualTo(FlashAttnStatus.NoCuda));
+            Assert.That(Last(), Does.Contain("built without CUDA support"));
+        }
+        var nullGrads = new[] { TensorArgs.Ptr(g0), IntPtr.Zero };
+        fixed (IntPtr* gp = nullGrads)
+        fixed (int* dp = dtypes, fp = new[] { 0, 0 })
+        fixed (long* np = new long[] { 10, 20 }, op = new long[] { 0, 16 })
+            Assert.That(NativeMethods.FlashAttn_optim_grad_accumulate(2, (IntPtr)gp, (IntPtr)dp, (IntPtr)np, (IntPtr)op, (IntPtr)fp,
+                TensorArgs.Ptr(m), 64, IntPtr.Zero), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Is.EqualTo("FlashAttn_optim_grad_accumulate: grads[1] must not be NULL"));
     }
 }
