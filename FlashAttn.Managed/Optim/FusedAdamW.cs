@@ -485,7 +485,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         _hparams = Keep(empty(_parameter_groups.Count, 5, ScalarType.Float64, device));
         _hparamCells = Enumerable.Range(0, _parameter_groups.Count * 5).Select(i => Keep(_hparams[i / 5, i % 5])).ToArray();
         _hparamValues = Enumerable.Repeat(double.NaN, _hparamCells.Length).ToArray();
-        _kernelEligible = stateDtype == ScalarType.Float32 && device.type == DeviceType.CUDA &&
+        _kernelEligible = stateDtype == ScalarType.Float32 && device.type == DeviceType.CUDA && Backend.NativeHasCuda &&
                           _slots.All(s => IsLowOrSingleFloat(s.DType) && s.Param.is_contiguous());
         _workspace = _kernelEligible
             ? Keep(empty(NativeMethods.FlashAttn_optim_adamw_workspace_size(_slots.Count), ScalarType.Byte, device))
