@@ -13,7 +13,7 @@ internal static partial class NativeMethods
     /// FLASHATTN_ABI_VERSION of the header these bindings were generated from; must equal
     /// FlashAttn_core_abi_version() of the loaded library.
     /// </summary>
-    internal const int AbiVersion = 6;
+    internal const int AbiVersion = 7;
 }
 
 internal enum FlashAttnStatus : int
@@ -74,4 +74,15 @@ internal enum FlashAttnDenseEpilogue : int
     DgeluBgrad = 6,
     DreluBgrad = 7,
     Bgradb = 8,
+}
+
+/// <summary>
+/// What a tensor of a multi-tensor optimizer call holds besides its weight and gradient (bits of flags[i]).
+///   MASTER: master[offset, offset + numel) is the float32 weight; the 16-bit param is its rounded copy.
+///   GRAD_SUM: grad_sum[offset, offset + numel) holds the float32 sum of earlier micro-batches' gradients.
+/// </summary>
+internal enum FlashAttnOptimTensorFlag : int
+{
+    Master = 1,
+    GradSum = 2,
 }

@@ -27,8 +27,8 @@ public interface ITrainingTask : IDisposable
     JsonNode SamplerState { get; set; }
     void SaveWeights(string path);
     /// <summary>Called once the optimizer exists, before a resume loads its state: a task whose weights came from
-    /// elsewhere sets the fp32 master weights here (<see cref="MixedPrecisionAdamW.SetMasters"/>).</summary>
-    void InitializeOptimizer(MixedPrecisionAdamW optimizer) { }
+    /// elsewhere sets the fp32 master weights here (<see cref="FusedAdamW.set_master_weight"/>).</summary>
+    void InitializeOptimizer(FusedAdamW optimizer) { }
     /// <summary>The model's config as JSON, saved in every checkpoint's trainer.json (model_config), or null.</summary>
     string? ModelConfigJson => null;
 }

@@ -138,7 +138,7 @@ public sealed class ImageClassificationTask : ITrainingTask
 
     public void SaveWeights(string path) => _model.save_safetensors(path);
 
-    public void InitializeOptimizer(MixedPrecisionAdamW optimizer) => _initial?.HandTo(optimizer);
+    public void InitializeOptimizer(FusedAdamW optimizer) => _initial?.HandTo(optimizer, Parameters);
 
     public void Dispose()
     {

@@ -1,4 +1,5 @@
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FlashAttn.Models.Training;
@@ -20,11 +21,13 @@ internal sealed class InitialWeights : IDisposable
         foreach (var (name, p) in model.named_parameters()) p.copy_(source[name]);
     }
 
-    /// <summary>Sets the optimizer's masters and releases the float32 copy.</summary>
-    public void HandTo(MixedPrecisionAdamW optimizer)
+    /// <summary>Sets the optimizer's masters of <paramref name="parameters"/> (the training model's, by name) and
+    /// releases the float32 copy.</summary>
+    public void HandTo(FusedAdamW optimizer, IEnumerable<(string name, Parameter parameter, bool weight_decay)> parameters)
     {
         if (_fp32 is null) return;
-        optimizer.SetMasters(_fp32.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter));
+        var source = _fp32.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter);
+        foreach (var (name, p, _) in TrainingOptimizer.Optimized(parameters)) optimizer.set_master_weight(p, source[name]);
         Dispose();
     }
 

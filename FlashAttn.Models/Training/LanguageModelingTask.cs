@@ -186,7 +186,7 @@ public sealed class LanguageModelingTask : ITrainingTask
 
     public string? ModelConfigJson => System.Text.Json.JsonSerializer.Serialize(Config);
 
-    public void InitializeOptimizer(MixedPrecisionAdamW optimizer) => _initial?.HandTo(optimizer);
+    public void InitializeOptimizer(FusedAdamW optimizer) => _initial?.HandTo(optimizer, Parameters);
 
     public void Dispose()
     {

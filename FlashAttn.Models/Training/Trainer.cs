@@ -91,12 +91,13 @@ public sealed class Trainer
         if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed);
         using var task = TaskFactory(_c, device, computeDtype, _log);
         task.Model.train();
-        using var opt = new MixedPrecisionAdamW(task.Parameters, precision, _c.Float("train.optimizer.beta1"), _c.Float("train.optimizer.beta2"),
-            _c.Float("train.optimizer.eps"), _c.Float("train.optimizer.weight_decay"));
+        double weightDecay = _c.Float("train.optimizer.weight_decay");
+        using var opt = TrainingOptimizer.Create(task.Parameters, precision, _c.Float("train.optimizer.beta1"), _c.Float("train.optimizer.beta2"),
+            _c.Float("train.optimizer.eps"), weightDecay, maxNorm: _c.Float("trainer.gradient_clip_val"));
         task.InitializeOptimizer(opt);
-        var scaler = precision == Precision.Fp16 ? new DynamicLossScaler() : null;
+        using var scaler = precision == Precision.Fp16 ? new DynamicLossScaler(device) : null;
+        opt.grad_scale = scaler?.Scale;
         var schedule = LrSchedule.From(_c);
-        double clip = _c.Float("trainer.gradient_clip_val");
 
         long startStep = 0;
         double unitsSeen = 0;
@@ -106,14 +107,13 @@ public sealed class Trainer
         {
             var dir = Checkpoint.Resolve(resumeSpec, ckptDir);
             var (tensors, state) = Checkpoint.Load(dir);
-            opt.LoadStateTensors(tensors);
+            TrainingOptimizer.LoadStateTensors(opt, task.Parameters, tensors, state["adam_t"]!.GetValue<long>());
             foreach (var t in tensors.Values) t.Dispose();
             startStep = state["step"]!.GetValue<long>();
-            opt.T = state["adam_t"]!.GetValue<long>();
             task.SamplerState = state["sampler"]!;
             unitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
             runId = state["run_id"]?.GetValue<string>() ?? runId;
-            if (scaler != null && state["loss_scale"] is JsonValue ls) { scaler.Scale = ls.GetValue<double>(); scaler.GoodSteps = state["good_steps"]!.GetValue<int>(); }
+            if (scaler != null && state["loss_scale"] is JsonValue ls) scaler.Load(ls.GetValue<double>(), state["good_steps"]!.GetValue<int>());
             _log.WriteLine($"resumed from {dir} at step {startStep}");
             if (state["config"]?.GetValue<string>() is { } saved)
             {
@@ -130,7 +130,9 @@ public sealed class Trainer
         _log.WriteLine($"experiment {_c.Str("experiment")}: {task.Description}");
         _log.WriteLine($"device {device.type} ×{devices}, precision {_c.Str("trainer.precision")}, global batch {global} = {devices} device(s) × {micro} × {accum} accumulation, " +
             $"{maxSteps} steps, lr {schedule.Lr:G3} ({schedule.Name}, warmup {schedule.WarmupSteps}), run folder {runDir}");
-        _log.WriteLine($"AdamW: {opt.DecayedParameters:N0} parameters with weight decay {opt.WeightDecay}, {opt.UndecayedParameters:N0} without");
+        var optimized = TrainingOptimizer.Optimized(task.Parameters);
+        _log.WriteLine($"AdamW: {optimized.Where(np => np.weight_decay).Sum(np => np.parameter.numel()):N0} parameters with weight decay {weightDecay}, " +
+            $"{optimized.Where(np => !np.weight_decay).Sum(np => np.parameter.numel()):N0} without" + (opt.uses_kernels ? " (fused kernels)" : ""));
 
         int limitVal = (int)_c.Int("trainer.limit_val_batches");
         int evalBatch = (int)(_c.IntOrNull("datamodule.batch_size_eval") ?? micro);
@@ -164,17 +166,17 @@ public sealed class Trainer
         {
             var state = new JsonObject
             {
-                ["step"] = stepsDone, ["adam_t"] = opt.T, ["sampler"] = task.SamplerState.DeepClone(), ["units_seen"] = unitsSeen,
+                ["step"] = stepsDone, ["adam_t"] = TrainingOptimizer.AdamT(opt, task.Parameters), ["sampler"] = task.SamplerState.DeepClone(), ["units_seen"] = unitsSeen,
                 ["experiment"] = _c.Str("experiment"), ["config"] = _c.Dump(), ["run_id"] = runId,
             };
             if (task.ModelConfigJson is { } model) state["model_config"] = model;
-            if (scaler != null) { state["loss_scale"] = scaler.Scale; state["good_steps"] = scaler.GoodSteps; }
+            if (scaler != null) { state["loss_scale"] = scaler.Scale.item<float>(); state["good_steps"] = (int)scaler.GoodSteps.item<float>(); }
             return state;
         }
 
         void SaveCheckpoint(long stepsDone)
         {
-            var path = Checkpoint.Save(ckptDir, stepsDone, opt.StateTensors(), TrainerState(stepsDone));
+            var path = Checkpoint.Save(ckptDir, stepsDone, TrainingOptimizer.StateTensors(opt, task.Parameters), TrainerState(stepsDone));
             bar.Message($"checkpoint {path}");
         }
 
@@ -185,37 +187,60 @@ public sealed class Trainer
             metrics.Write(stepsDone, m);
             lastVal = m.TryGetValue("val_loss", out var vl) ? vl : null;
             bar.Message($"step {stepsDone}: " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")));
-            if (lastVal is { } val && Checkpoint.SaveIfBest(ckptDir, stepsDone, val, saveTopK, opt.StateTensors(), TrainerState(stepsDone)) is { } best)
+            if (lastVal is { } val && Checkpoint.SaveIfBest(ckptDir, stepsDone, val, saveTopK, TrainingOptimizer.StateTensors(opt, task.Parameters), TrainerState(stepsDone)) is { } best)
                 bar.Message($"best checkpoint {best} (val_loss {val:F4})");
+        }
+
+        // Nothing in a step waits for the GPU: each step's loss stays on the device (summed over its micro-batches) and is
+        // read, with the grad norm and the skip flag, at log steps and at the end; the learning rate reaches the optimizer
+        // through ParamGroups (written to its device table with fill_), fp16's loss scale lives on the device.
+        var pending = new List<Tensor>();
+        double gradNorm = double.NaN;
+        bool skipped = false;
+        void ReadPending()
+        {
+            using var _ = NewDisposeScope();
+            var read = stack([.. pending, opt.grad_norm, opt.found_inf]).cpu().data<float>().ToArray();
+            for (int i = 0; i < pending.Count; i++)
+            {
+                double l = read[i] / accum;
+                losses.Add(l);
+                if (double.IsNaN(firstLoss)) firstLoss = l;
+                lastLoss = l;
+            }
+            (gradNorm, skipped) = (read[^2], read[^1] != 0);
+            foreach (var t in pending) t.Dispose();
+            pending.Clear();
         }
 
         for (long step = startStep; step < maxSteps; step++)
         {
             using var scope = NewDisposeScope();
             double lr = schedule.At(step);
+            foreach (var group in opt.ParamGroups) group.LearningRate = lr;
             torch.manual_seed(seed * 1_000_003 + step + 1); // dropout: a pure function of the step, so resume reproduces it
             if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed * 1_000_003 + step + 1);
-            double scale = scaler?.Scale ?? 1.0;
+            var lossScale = scaler is null ? null : scaler.Scale / accum;
             Tensor? lossSum = null;
             for (int a = 0; a < accum; a++)
             {
                 var loss = task.TrainLoss((int)micro);
-                var scaled = loss * (scale / accum);
+                var scaled = lossScale is null ? loss * (1.0 / accum) : loss * lossScale;
                 scaled.backward();
-                if (accum > 1) opt.AccumulateGradients();
+                // the last micro-batch's 16-bit gradients are read by the optimizer together with the fp32 sums
+                if (a < accum - 1) opt.accumulate_grad();
                 var d = loss.detach().to(ScalarType.Float32);
                 lossSum = lossSum is null ? d : lossSum + d;
-                scope.DisposeEverythingBut(lossSum);
+                scope.DisposeEverythingBut(lossScale is null ? [lossSum] : [lossSum, lossScale]);
             }
-            double lossValue = lossSum!.item<float>() / accum;
-            var (gradNorm, stepped) = opt.Step(lr, clip, scale);
-            scaler?.Update(stepped);
-            opt.ZeroGrad();
+            opt.step();
+            scaler?.Update(opt.found_inf);
+            opt.zero_grad();
+            pending.Add(lossSum!.DetachFromDisposeScope());
             unitsSeen += unitsPerStep;
             long done = step + 1;
-            losses.Add(lossValue);
-            if (double.IsNaN(firstLoss)) firstLoss = lossValue;
-            lastLoss = lossValue;
+            bool log = done % logEvery == 0 || done == maxSteps;
+            if (log) ReadPending();
 
             double now = sw.Elapsed.TotalSeconds;
             window.Enqueue((done, now));
@@ -230,19 +255,20 @@ public sealed class Trainer
             double secPerStep = window.Count >= 2 ? (now - window.Peek().t) / (done - window.Peek().step) : now / Math.Max(1, done - startStep);
             var eta = TimeSpan.FromSeconds(secPerStep * (maxSteps - done));
 
-            if (done % logEvery == 0 || done == maxSteps)
+            if (log)
             {
                 var rec = new Dictionary<string, double>
                 {
-                    ["loss"] = lossValue, ["lr"] = lr, ["grad_norm"] = gradNorm, [task.Unit + "_per_s"] = tokPerS,
+                    ["loss"] = lastLoss, ["lr"] = lr, ["grad_norm"] = gradNorm, [task.Unit + "_per_s"] = tokPerS,
                     [task.Unit == "tok" ? "tokens" : "images"] = unitsSeen, ["elapsed_s"] = now,
                 };
                 if (mfu is { } mf) rec["mfu"] = mf;
-                if (scaler != null) rec["loss_scale"] = scaler.Scale;
-                if (!stepped) rec["skipped"] = 1;
+                if (scaler != null) rec["loss_scale"] = scaler.Scale.item<float>();
+                if (skipped) rec["skipped"] = 1;
                 metrics.Write(done, rec);
             }
-            bar.Update(done, $"step {done}/{maxSteps} | loss {lossValue:F4} | lr {lr:0.00e+0} | {FormatRate(tokPerS)} {task.Unit}/s" +
+            // the loss shown is the last one read (at the last log step)
+            bar.Update(done, $"step {done}/{maxSteps} | loss {lastLoss:F4} | lr {lr:0.00e+0} | {FormatRate(tokPerS)} {task.Unit}/s" +
                 (mfu is { } m2 ? $" | MFU {m2 * 100:F1}%" : "") + $" | ETA {ProgressBar.Eta(eta)}", force: done == maxSteps);
 
             if (valEvery > 0 && done % valEvery == 0 && done != maxSteps) Evaluate(done);

@@ -40,7 +40,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 6
+#define FLASHATTN_ABI_VERSION 7
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -351,5 +351,55 @@ FLASHATTN_API FlashAttnStatus FlashAttn_dense_gemm(
     int64_t lda, int64_t ldb, int64_t ldo,
     FlashAttnDenseEpilogue epilogue, void* bias, void* aux, int64_t ldaux,
     int32_t device, void* workspace, int64_t workspace_bytes, void* stream);
+
+// area: Optim
+
+// What a tensor of a multi-tensor optimizer call holds besides its weight and gradient (bits of flags[i]).
+//   MASTER: master[offset, offset + numel) is the float32 weight; the 16-bit param is its rounded copy.
+//   GRAD_SUM: grad_sum[offset, offset + numel) holds the float32 sum of earlier micro-batches' gradients.
+typedef enum FlashAttnOptimTensorFlag {
+  FLASHATTN_OPTIM_TENSOR_MASTER = 1,
+  FLASHATTN_OPTIM_TENSOR_GRAD_SUM = 2
+} FlashAttnOptimTensorFlag;
+
+// Bytes of device workspace FlashAttn_optim_adamw_step needs for `count` tensors (the clip coefficient, the skip
+// flag and per-block partial sums of the gradient norm).
+FLASHATTN_API int64_t FlashAttn_optim_adamw_workspace_size(int32_t count);
+
+// One AdamW step (torch.optim.AdamW's decoupled weight decay) over `count` tensors in a few launches, with the
+// global gradient norm, clipping and the non-finite skip decided on the device: nothing is read back by the host.
+// Tensor i: params[i] and grads[i] (device pointers, dtypes[i]: float32, float16 or bfloat16, contiguous,
+//   numels[i] elements); grads[i] may be NULL when flags[i] has GRAD_SUM (no gradient since the last
+//   FlashAttn_optim_grad_accumulate). Its float32 state lies at offsets[i] (a multiple of 4) of the flat arrays
+//   master (MASTER tensors only), exp_avg, exp_avg_sq and grad_sum (GRAD_SUM tensors only), each of state_numel
+//   elements and 16-byte aligned; its step count is steps[step_indices[i]] (float32, device), its hyperparameters
+//   group_hparams[groups[i]] = (lr, beta1, beta2, eps, weight_decay) (float64, device, (num_groups, 5)), so that a
+//   schedule writes the learning rate on the device without a host round trip.
+// The step, with g = (grads[i] + grad_sum) / *grad_scale (grad_scale: device float32 scalar, NULL for 1):
+//   norm = sqrt(sum of g^2 over every tensor) is written to *grad_norm (device float32, NULL: not written);
+//   when norm is not finite nothing else is written but *found_inf = 1 (device float32, NULL: not written);
+//   otherwise *found_inf = 0, g *= min(1, max_norm / (norm + 1e-6)) when max_norm > 0 (torch's clip_grad_norm_),
+//   steps[step_indices[i]] += 1 (t), and with w the float32 weight (the master, else the param):
+//     w *= 1 - lr * weight_decay; m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+//     w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps); the param gets w (rounded to dtype).
+// The bias corrections are computed in float64, the element update in float32. Tensors must not overlap, and
+// two tensors must not share a step index. workspace: FlashAttn_optim_adamw_workspace_size(count) bytes,
+// 16-byte aligned; contents ignored.
+FLASHATTN_API FlashAttnStatus FlashAttn_optim_adamw_step(
+    int32_t count, void** params, const void** grads, const int32_t* dtypes, const int64_t* numels,
+    const int64_t* offsets, const int32_t* flags, const int32_t* step_indices, const int32_t* groups,
+    float* master, float* exp_avg, float* exp_avg_sq, const float* grad_sum, int64_t state_numel,
+    float* steps, int32_t num_steps, const double* group_hparams, int32_t num_groups,
+    const float* grad_scale, float max_norm, float* grad_norm, float* found_inf,
+    void* workspace, int64_t workspace_bytes, void* stream);
+
+// Micro-batch accumulation in float32 over `count` tensors in one or a few launches: for tensor i,
+// grad_sum[offsets[i] + j] = grads[i][j] (+ grad_sum[offsets[i] + j] when flags[i] has GRAD_SUM) for j < numels[i].
+// grads[i]: device pointers, dtypes[i] float32, float16 or bfloat16, contiguous; grad_sum: float32, state_numel
+// elements, 16-byte aligned; offsets[i] a multiple of 4. The caller then drops the gradients (no zero-fill): the
+// next backward writes fresh ones, and FlashAttn_optim_adamw_step reads the last micro-batch's with the sum.
+FLASHATTN_API FlashAttnStatus FlashAttn_optim_grad_accumulate(
+    int32_t count, const void** grads, const int32_t* dtypes, const int64_t* numels, const int64_t* offsets,
+    const int32_t* flags, float* grad_sum, int64_t state_numel, void* stream);
 
 #endif /* FLASHATTN_H */

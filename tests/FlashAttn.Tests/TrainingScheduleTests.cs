@@ -1,5 +1,6 @@
 using FlashAttn.Models.Training;
 using NUnit.Framework;
+using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
 
@@ -43,12 +44,19 @@ public class TrainingScheduleTests
     [Test]
     public void LossScalerBacksOffAndGrows()
     {
-        var sc = new DynamicLossScaler(1024, growthInterval: 3);
-        sc.Update(false);
-        Assert.That(sc.Scale, Is.EqualTo(512));
-        sc.Update(true); sc.Update(true);
-        Assert.That(sc.Scale, Is.EqualTo(512));
-        sc.Update(true);
-        Assert.That(sc.Scale, Is.EqualTo(1024));
+        using var sc = new DynamicLossScaler(CPU, 1024, growthInterval: 3);
+        float Scale() => sc.Scale.item<float>();
+        sc.Update(tensor(1f));
+        Assert.That(Scale(), Is.EqualTo(512));
+        sc.Update(tensor(0f)); sc.Update(tensor(0f));
+        Assert.That(Scale(), Is.EqualTo(512));
+        sc.Update(tensor(0f));
+        Assert.That(Scale(), Is.EqualTo(1024));
+        Assert.That(sc.GoodSteps.item<float>(), Is.EqualTo(0), "the count restarts after growing");
+        sc.Update(tensor(0f)); sc.Update(tensor(1f)); sc.Update(tensor(0f)); sc.Update(tensor(0f));
+        Assert.That(Scale(), Is.EqualTo(512), "a non-finite step resets the count of finite ones");
+        sc.Load(1.0 / 65536, 0);
+        sc.Update(tensor(1f));
+        Assert.That(Scale(), Is.EqualTo(1.0 / 65536), "never below 2^-16");
     }
 }
