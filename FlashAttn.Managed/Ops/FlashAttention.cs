@@ -23,25 +23,44 @@ public static partial class flash_attn
     /// q (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim), nheads a
     /// multiple of nheads_k (MQA/GQA). causal is aligned bottom-right; window_size (left, right),
     /// -1 for unlimited; softcap > 0 caps scores with tanh; alibi_slopes (nheads) or (batch, nheads)
-    /// float32. Returns (batch, seqlen_q, nheads, headdim).
+    /// float32. Returns (batch, seqlen_q, nheads, headdim). The cases libtorch's scaled_dot_product_attention computes
+    /// faster on the GPU at hand go there (<see cref="AttentionDispatch"/>; FLASHATTN_ATTENTION_BACKEND overrides the
+    /// choice, <see cref="last_attention_backend"/> says which path ran).
     /// </summary>
     public static Tensor flash_attn_func(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0, double? softmax_scale = null,
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
-        bool deterministic = false) =>
-        flash_attn_func_with_lse(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
+        bool deterministic = false)
+    {
+        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
+        var (left, right) = Window(q.shape[1], k.shape[1], causal, window_size);
+        if (OnAttentionGpu(q) && AttentionDispatch.Choose(AttentionCase.Of(q, k, dropout_p, softmax_scale, left, right, softcap,
+                alibi_slopes, deterministic), AttentionDispatch.Mode) == AttentionBackend.Sdpa)
+            return AttentionDispatch.Sdpa(q, k, v, dropout_p, causal: right == 0);
+        return Attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, false).output;
+    }
 
-    /// <summary><see cref="flash_attn_func"/> that also returns the log-sum-exp and, for tests, the dropout mask.</summary>
+    /// <summary><see cref="flash_attn_func"/> that also returns the log-sum-exp and, for tests, the dropout mask: always
+    /// our kernels (SDPA returns neither).</summary>
     public static FlashAttnResult flash_attn_func_with_lse(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0,
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
     {
         ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes);
+        return Attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_dropout_mask);
+    }
+
+    // Validated dense attention: the kernels, or the reference where they do not run.
+    private static FlashAttnResult Attention(Tensor q, Tensor k, Tensor v, double dropout_p, double? softmax_scale, bool causal,
+        (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic, bool return_dropout_mask)
+    {
         var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
         {
             var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
                                              alibi_slopes, dropout_p);
+            AttentionDispatch.Last = AttentionBackend.Reference;
             return new FlashAttnResult(o, l, null);
         }
         return RunKernel(q, k, v, null, null, q.shape[1], k.shape[1], opts);
@@ -90,6 +109,7 @@ public static partial class flash_attn
         {
             var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
                                                     (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p);
+            AttentionDispatch.Last = AttentionBackend.Reference;
             return new FlashAttnResult(o, l, null);
         }
         return RunKernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts);
@@ -119,9 +139,13 @@ public static partial class flash_attn
     /// the GPU's shared memory (not on the 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the
     /// forward, because a failure inside backward would abort the process.</summary>
     internal static bool UsesAttentionKernels(Tensor q, Tensor k, Tensor v) =>
-        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) &&
+        OnAttentionGpu(q) &&
         (!(is_grad_enabled() && (q.requires_grad || k.requires_grad || v.requires_grad)) ||
          BackwardFits(q.device_index, q.shape[^1]));
+
+    /// <summary>bf16/fp16 on a GPU the kernels run on: where the kernels, or SDPA in their place, compute attention.</summary>
+    internal static bool OnAttentionGpu(Tensor q) =>
+        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16);
 
     private static readonly ConcurrentDictionary<(int device, long headdim), bool> s_backwardFits = new();
 
@@ -138,16 +162,23 @@ public static partial class flash_attn
     internal static AttentionOptions Options(Tensor q, long seqlenQ, long seqlenK, double dropoutP, double? scale, bool causal,
         (long left, long right)? window, double softcap, Tensor? alibi, bool deterministic, bool returnMask)
     {
+        var (left, right) = Window(seqlenQ, seqlenK, causal, window);
+        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
+        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
+        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
+                                    deterministic, returnMask, seed);
+    }
+
+    /// <summary>The (left, right) window of a call, -1 unlimited: causal is right = 0.</summary>
+    internal static (long left, long right) Window(long seqlenQ, long seqlenK, bool causal, (long left, long right)? window)
+    {
         var (left, right) = window ?? (-1, -1);
         if (causal) right = 0;
         // A window reaching past every key is no window (left >= seqlen_k or right >= seqlen_q: the same mask for
         // every row, bottom-right aligned); as -1 it also stays inside the kernels' int32 (2^32 used to wrap to 0).
         if (left >= seqlenK) left = -1;
         if (right >= seqlenQ) right = -1;
-        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
-        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
-        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
-                                    deterministic, returnMask, seed);
+        return (left, right);
     }
 
     // Pads the head dimension to a multiple of 8 (the kernels' granularity) outside the autograd
@@ -163,6 +194,7 @@ public static partial class flash_attn
         }
         (q, k, v) = (KernelLayout(q), KernelLayout(k), KernelLayout(v));
         var r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
+        AttentionDispatch.Last = AttentionBackend.Flash;
         var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
         return new FlashAttnResult(output, r[1], opts.ReturnDropoutMask ? r[2] : null);
     }
