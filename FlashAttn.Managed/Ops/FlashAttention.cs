@@ -72,8 +72,11 @@ public static partial class flash_attn
         bool deterministic = false)
     {
         Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
-        return flash_attn_func(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], dropout_p, softmax_scale, causal, window_size,
-                               softcap, alibi_slopes, deterministic);
+        // One unbind, not an index per part: unbind's backward stacks the three gradients in one kernel, where each index's
+        // backward zero-fills a gradient of qkv's size (copying its part in) and autograd adds the three.
+        var qkvs = qkv.unbind(2);
+        return flash_attn_func(qkvs[0], qkvs[1], qkvs[2], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               deterministic);
     }
 
     /// <summary>q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim).</summary>
@@ -82,8 +85,9 @@ public static partial class flash_attn
         bool deterministic = false)
     {
         Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return flash_attn_func(q, kv[.., .., 0], kv[.., .., 1], dropout_p, softmax_scale, causal, window_size, softcap,
-                               alibi_slopes, deterministic);
+        var kvs = kv.unbind(2);
+        return flash_attn_func(q, kvs[0], kvs[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               deterministic);
     }
 
     /// <summary>
@@ -121,7 +125,8 @@ public static partial class flash_attn
         Tensor? alibi_slopes = null, bool deterministic = false)
     {
         Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
-        return flash_attn_varlen_func(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        var qkvs = qkv.unbind(1);
+        return flash_attn_varlen_func(qkvs[0], qkvs[1], qkvs[2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
     }
 
@@ -131,7 +136,8 @@ public static partial class flash_attn
         (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null, bool deterministic = false)
     {
         Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return flash_attn_varlen_func(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        var kvs = kv.unbind(1);
+        return flash_attn_varlen_func(q, kvs[0], kvs[1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic);
     }
 
