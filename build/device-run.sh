@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [package] [train] [bench] [memory] [peers] [sanitize]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [package] [train] [profile] [bench] [memory] [peers] [sanitize]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -104,6 +104,14 @@ if want train; then
   cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 
+if want profile; then
+  # Kernel time, launches and wall time of one training step, and its top kernels (build/step-profile.sh: ncu over
+  # trainer.max_steps=2 and =4; TRAIN_ARGS as for train): $OUT/step-profile.tsv
+  start=$SECONDS
+  OUT=$OUT bash build/step-profile.sh >"$OUT/profile.log" 2>&1
+  summary+=("step profile: rc $? ($((SECONDS - start)) s)")
+fi
+
 if want bench; then
   # BENCH_FILTER may hold several globs separated by spaces: split, never expanded against files.
   set -f; "$app"/FlashAttn.Benchmarks --filter ${BENCH_FILTER:-*} >"$OUT/bench.log" 2>&1; rc=$?; set +f
@@ -127,6 +135,7 @@ echo
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
 [ -f "$OUT/package.log" ] && grep -v "^nupkg entries" "$OUT/package.log"
 [ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
+[ -f "$OUT/profile.log" ] && head -40 "$OUT/profile.log"
 # last, so that a long table cannot push it out of the tail a caller sees
 echo "== failures"
 [ -f "$OUT/failures.txt" ] && cat "$OUT/failures.txt"
