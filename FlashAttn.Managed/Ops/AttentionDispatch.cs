@@ -34,9 +34,9 @@ internal readonly record struct AttentionCase(int Capability, ScalarType DType, 
     internal static AttentionCase Of(Tensor q, Tensor k, double dropoutP, double? scale, long left, long right, double softcap,
         Tensor? alibi, bool deterministic)
     {
-        long d = q.shape[3];
-        return new(Backend.Capability(q.device_index), q.dtype, q.shape[1], k.shape[1], q.shape[2], k.shape[2], d,
-                   scale is null || scale == 1.0 / Math.Sqrt(d), dropoutP, left, right, softcap, alibi is not null, deterministic);
+        long[] qs = q.shape, ks = k.shape;
+        return new(Backend.Capability(q.device_index), q.dtype, qs[1], ks[1], qs[2], ks[2], qs[3],
+                   scale is null || scale == 1.0 / Math.Sqrt(qs[3]), dropoutP, left, right, softcap, alibi is not null, deterministic);
     }
 }
 
@@ -53,7 +53,7 @@ internal readonly record struct AttentionCase(int Capability, ScalarType DType, 
 /// | d128 causal        | 251      | 574      | 239          | 466          |
 /// GPT-2 124M's shape (B 16, S 1024, 12 heads of 64, causal), forward + backward: 7.0 ms ours, 4.2 ms cuDNN.
 /// Head dims other than 64 and 128, other GPUs, and SDPA with dropout (torch's CUDA generator; cuDNN or libtorch's
-/// flash backend) are unmeasured: they stay on our kernels until AttentionBenchmarks says otherwise.
+/// flash backend) are unmeasured: they stay on our kernels until AttentionDispatchBenchmarks says otherwise.
 /// </summary>
 internal static class AttentionDispatch
 {
@@ -62,7 +62,8 @@ internal static class AttentionDispatch
     /// <summary>Head dims where SDPA was measured faster on sm_9x (the table above).</summary>
     internal static readonly long[] SdpaFasterHeadDims = { 64, 128 };
 
-    /// <summary>Whether SDPA with dropout was measured faster (AttentionBenchmarks' Dropout 0.1 rows): not yet.</summary>
+    /// <summary>Whether SDPA with dropout was measured faster (AttentionDispatchBenchmarks' sdpa rows with Dropout 0.1
+    /// against the flash ones): not yet.</summary>
     internal static readonly bool SdpaFasterWithDropout = false;
 
     /// <summary>The path the last attention call took (any thread).</summary>
