@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [package] [train] [ops] [bench] [memory] [peers] [sanitize]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [package] [train] [profile] [ops] [bench] [memory] [peers] [sanitize]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -105,6 +105,14 @@ if want train; then
   cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 
+if want profile; then
+  # Kernel time, launches and wall time of one training step, and its top kernels (build/step-profile.sh: ncu over
+  # trainer.max_steps=2 and =4; TRAIN_ARGS as for train): $OUT/step-profile.tsv
+  start=$SECONDS
+  OUT=$OUT bash build/step-profile.sh >"$OUT/profile.log" 2>&1
+  summary+=("step profile: rc $? ($((SECONDS - start)) s)")
+fi
+
 if want ops; then
   # The memory-bound kernels against a copy of the same bytes, natively (no .NET); OPS_NCU='op size' adds an ncu
   # report (memory and occupancy sections) of that case's kernels, e.g. OPS_NCU='norm_fwd 8192'.
@@ -143,6 +151,7 @@ echo
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
 [ -f "$OUT/package.log" ] && grep -v "^nupkg entries" "$OUT/package.log"
 [ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
+[ -f "$OUT/profile.log" ] && head -40 "$OUT/profile.log"
 # last, so that a long table cannot push it out of the tail a caller sees
 echo "== failures"
 [ -f "$OUT/failures.txt" ] && cat "$OUT/failures.txt"

@@ -129,7 +129,9 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         {
             var qkv = Wqkv!.forward(x).view(B, S, H + 2 * Hk, D);
             rotary_emb?.forward(qkv, seqlen_offset: seqlen_offset, num_heads_q: (int)H);
-            (q, k, v) = (qkv[.., .., ..(int)H], qkv[.., .., (int)H..(int)(H + Hk)], qkv[.., .., (int)(H + Hk)..]);
+            // split, not slices: its backward is one cat, where each slice's zero-fills a gradient of qkv's size
+            var parts = qkv.split(new[] { H, Hk, Hk }, 2);
+            (q, k, v) = (parts[0], parts[1], parts[2]);
         }
         else
         {
@@ -139,7 +141,8 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             q = Wq!.forward(x).view(B, S, H, D);
             var kv = Wkv!.forward(xKv).view(B, xKv.shape[1], 2, Hk, D);
             if (rotary_emb is not null) rotary_emb.forward(q, kv, seqlen_offset);
-            (k, v) = (kv[.., .., 0], kv[.., .., 1]);
+            var kvs = kv.unbind(2);
+            (k, v) = (kvs[0], kvs[1]);
         }
         double p = training ? _dropoutP : 0;
         var o = _useFlash

@@ -33,35 +33,54 @@ public static partial class flash_attn
     /// q (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim), nheads a
     /// multiple of nheads_k (MQA/GQA). causal is aligned bottom-right; window_size (left, right),
     /// -1 for unlimited; softcap > 0 caps scores with tanh; alibi_slopes (nheads) or (batch, nheads)
-    /// float32. Returns (batch, seqlen_q, nheads, headdim).
+    /// float32. Returns (batch, seqlen_q, nheads, headdim). The cases libtorch's scaled_dot_product_attention computes
+    /// faster on the GPU at hand go there (<see cref="AttentionDispatch"/>; FLASHATTN_ATTENTION_BACKEND overrides the
+    /// choice, <see cref="last_attention_backend"/> says which path ran).
     /// </summary>
     public static Tensor flash_attn_func(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0, double? softmax_scale = null,
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null,
-        bool deterministic = false) =>
-        flash_attn_func_with_lse(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
+        bool deterministic = false)
+    {
+        DeviceErrors.Raise();
+        return DenseOutput(q, k, v, AttentionNames.Dense, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic);
+    }
+
+    // flash_attn_func and its packed forms, validated under the caller's argument names: SDPA where the rule sends the
+    // case, else our kernels or the reference.
+    private static Tensor DenseOutput(Tensor q, Tensor k, Tensor v, AttentionNames names, double dropout_p, double? softmax_scale,
+        bool causal, (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic)
+    {
+        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes, names);
+        var (left, right) = Window(q.shape[1], k.shape[1], causal, window_size);
+        if (OnAttentionGpu(q) && q.numel() > 0 && k.numel() > 0 &&
+            AttentionDispatch.Choose(AttentionCase.Of(q, k, dropout_p, softmax_scale, left, right, softcap, alibi_slopes,
+                deterministic), AttentionDispatch.Mode) == AttentionBackend.Sdpa)
+            return AttentionDispatch.Sdpa(q, k, v, dropout_p, causal: right == 0);
+        return Attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, false).output;
+    }
 
     /// <summary>
     /// <see cref="flash_attn_func"/> that also returns the log-sum-exp (batch, nheads, seqlen_q) and, for tests, the
     /// dropout mask: uint8 (batch, nheads, seqlen_q, seqlen_k), 1 where query i sees key j (causal / window) and the
     /// element is kept, 0 elsewhere; with dropout_p 0 every visible element is kept. Dropout draws its Philox-4x32-10
     /// stream from a seed taken from TorchSharp's default generator, on the kernels and on the reference path alike:
-    /// after the same manual_seed both give the same mask.
+    /// after the same manual_seed both give the same mask. Always our kernels (SDPA returns neither).
     /// </summary>
     public static FlashAttnResult flash_attn_func_with_lse(Tensor q, Tensor k, Tensor v, double dropout_p = 0.0,
         double? softmax_scale = null, bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0,
         Tensor? alibi_slopes = null, bool deterministic = false, bool return_dropout_mask = false)
     {
         DeviceErrors.Raise();
-        return Dense(q, k, v, AttentionNames.Dense, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                     deterministic, return_dropout_mask);
+        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes, AttentionNames.Dense);
+        return Attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_dropout_mask);
     }
 
-    // flash_attn_func_with_lse, validated under the caller's argument names.
-    private static FlashAttnResult Dense(Tensor q, Tensor k, Tensor v, AttentionNames names, double dropout_p, double? softmax_scale,
-        bool causal, (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic,
-        bool return_dropout_mask)
+    // Validated dense attention: the kernels, or the reference where they do not run.
+    private static FlashAttnResult Attention(Tensor q, Tensor k, Tensor v, double dropout_p, double? softmax_scale, bool causal,
+        (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic, bool return_dropout_mask)
     {
-        ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes, names);
         var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
@@ -69,6 +88,7 @@ public static partial class flash_attn
             var mask = dropout_p > 0 || return_dropout_mask ? VisibleKeptMask(q, k, opts) : null;
             var (o, l) = Reference.attention(q, k, v, opts.Scale, false, (opts.WindowLeft, opts.WindowRight), softcap,
                                              alibi_slopes, dropout_p, dropout_p > 0 ? mask : null);
+            AttentionDispatch.Last = AttentionBackend.Reference;
             return new FlashAttnResult(o, l, return_dropout_mask ? mask : null);
         }
         return RunKernel(q, k, v, null, null, q.shape[1], k.shape[1], opts);
@@ -85,8 +105,11 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
-        return Dense(qkv[.., .., 0], qkv[.., .., 1], qkv[.., .., 2], AttentionNames.QkvPacked, dropout_p, softmax_scale, causal,
-                     window_size, softcap, alibi_slopes, deterministic, false).output;
+        // One unbind, not an index per part: unbind's backward stacks the three gradients in one kernel, where each index's
+        // backward zero-fills a gradient of qkv's size (copying its part in) and autograd adds the three.
+        var qkvs = qkv.unbind(2);
+        return DenseOutput(qkvs[0], qkvs[1], qkvs[2], AttentionNames.QkvPacked, dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic);
     }
 
     /// <summary>q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim).</summary>
@@ -96,8 +119,9 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return Dense(q, kv[.., .., 0], kv[.., .., 1], AttentionNames.KvPacked, dropout_p, softmax_scale, causal, window_size,
-                     softcap, alibi_slopes, deterministic, false).output;
+        var kvs = kv.unbind(2);
+        return DenseOutput(q, kvs[0], kvs[1], AttentionNames.KvPacked, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic);
     }
 
     /// <summary>
@@ -139,6 +163,7 @@ public static partial class flash_attn
             var (o, l) = Reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.Scale, false,
                                                     (opts.WindowLeft, opts.WindowRight), softcap, alibi_slopes, dropout_p,
                                                     dropout_seed: opts.Seed);
+            AttentionDispatch.Last = AttentionBackend.Reference;
             return new FlashAttnResult(o, l, null);
         }
         return RunKernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts);
@@ -151,7 +176,8 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
-        return Varlen(qkv[.., 0], qkv[.., 1], qkv[.., 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, AttentionNames.VarlenQkvPacked,
+        var qkvs = qkv.unbind(1);
+        return Varlen(qkvs[0], qkvs[1], qkvs[2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, AttentionNames.VarlenQkvPacked,
                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
     }
 
@@ -162,7 +188,8 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
-        return Varlen(q, kv[.., 0], kv[.., 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.VarlenKvPacked,
+        var kvs = kv.unbind(1);
+        return Varlen(q, kvs[0], kvs[1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.VarlenKvPacked,
                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
     }
 
@@ -171,9 +198,13 @@ public static partial class flash_attn
     /// 99 KB-per-block sm_86 / sm_89 / sm_120): the choice is made here, in the forward, because a failure inside
     /// backward would abort the process.</summary>
     internal static bool UsesAttentionKernels(Tensor q, Tensor k, Tensor v) =>
-        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16) && q.numel() > 0 && k.numel() > 0 &&
+        OnAttentionGpu(q) && q.numel() > 0 && k.numel() > 0 &&
         (!(is_grad_enabled() && (q.requires_grad || k.requires_grad || v.requires_grad)) ||
          BackwardFits(q.device_index, q.shape[^1]));
+
+    /// <summary>bf16/fp16 on a GPU the kernels run on: where the kernels, or SDPA in their place, compute attention.</summary>
+    internal static bool OnAttentionGpu(Tensor q) =>
+        Backend.UsesKernels(q) && (q.dtype is ScalarType.BFloat16 or ScalarType.Float16);
 
     private static readonly ConcurrentDictionary<(int device, long headdim), bool> s_backwardFits = new();
 
@@ -190,16 +221,23 @@ public static partial class flash_attn
     internal static AttentionOptions Options(Tensor q, long seqlenQ, long seqlenK, double dropoutP, double? scale, bool causal,
         (long left, long right)? window, double softcap, Tensor? alibi, bool deterministic, bool returnMask)
     {
+        var (left, right) = Window(seqlenQ, seqlenK, causal, window);
+        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
+        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
+        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
+                                    deterministic, returnMask, seed);
+    }
+
+    /// <summary>The (left, right) window of a call, -1 unlimited: causal is right = 0.</summary>
+    internal static (long left, long right) Window(long seqlenQ, long seqlenK, bool causal, (long left, long right)? window)
+    {
         var (left, right) = window ?? (-1, -1);
         if (causal) right = 0;
         // A window reaching past every key is no window (left >= seqlen_k or right >= seqlen_q: the same mask for
         // every row, bottom-right aligned); as -1 it also stays inside the kernels' int32 (2^32 used to wrap to 0).
         if (left >= seqlenK) left = -1;
         if (right >= seqlenQ) right = -1;
-        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
-        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
-        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
-                                    deterministic, returnMask, seed);
+        return (left, right);
     }
 
     // Pads the head dimension to a multiple of 8 (the kernels' granularity) outside the autograd
@@ -215,6 +253,7 @@ public static partial class flash_attn
         }
         (q, k, v) = (KernelLayout(q), KernelLayout(k), KernelLayout(v));
         var r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
+        AttentionDispatch.Last = AttentionBackend.Flash;
         var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
         // without dropout the kernels write no mask: every visible element is kept
         var mask = !opts.ReturnDropoutMask ? null : opts.DropoutP > 0 ? r[2] : VisibleKeptMask(q, k, opts);

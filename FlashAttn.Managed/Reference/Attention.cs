@@ -112,7 +112,8 @@ public static partial class Reference
     /// <summary>
     /// The attention kernels' dropout mask: uint8 (batch, nheads, Sq, Sk), 1 where query i sees key j (see
     /// <see cref="Masked"/>) and the kernels' Philox-4x32-10 stream keeps the element, 0 elsewhere (flashattn.h,
-    /// FlashAttn_flash_fwd: word j % 4 of philox(seed, {j / 4, i, b * nheads + h, 0}) below floor((1 - p) 2^32)), so a
+    /// FlashAttn_flash_fwd: word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {8 (j / 16) + j % 8, 8 (i / 16) + i % 8,
+    /// b * nheads + h, 0}) below floor((1 - p) 2^32)), so a
     /// seed gives the same mask on every device. dropout_p 0 keeps every visible element. <paramref name="firstBatch"/>
     /// is the index of the first sequence (varlen sequences are masked one at a time).
     /// </summary>
@@ -128,14 +129,20 @@ public static partial class Reference
             uint k0 = (uint)seed, k1 = (uint)(seed >> 32);
             Parallel.For(0L, batch * nheads * Sq, row =>
             {
+                // the kernels' stream (flash/philox.cuh): element (i, j) takes word 2 ((i / 8) % 2) + (j / 8) % 2 of the call
+                // for (8 (j / 16) + j % 8, 8 (i / 16) + i % 8), so one call decides the quad {i, i + 8} x {j, j + 8}
                 long bh = row / Sq, i = row % Sq, start = row * Sk;
-                uint word2 = (uint)(firstBatch * nheads + bh);
+                uint word2 = (uint)(firstBatch * nheads + bh), ci = (uint)(8 * (i / 16) + i % 8);
+                int di = (int)(i / 8 % 2);
                 Span<uint> words = stackalloc uint[4];
-                for (long j0 = 0; j0 < Sk; j0 += 4)
-                {
-                    (words[0], words[1], words[2], words[3]) = Philox(k0, k1, (uint)(j0 >> 2), (uint)i, word2, 0);
-                    for (int w = 0; w < 4 && j0 + w < Sk; w++) keep[start + j0 + w] = words[w] < threshold ? (byte)1 : (byte)0;
-                }
+                for (long jb = 0; jb < Sk; jb += 16)
+                    for (long jj = 0; jj < 8 && jb + jj < Sk; jj++)
+                    {
+                        (words[0], words[1], words[2], words[3]) = Philox(k0, k1, (uint)(8 * (jb / 16) + jj), ci, word2, 0);
+                        long j = jb + jj;
+                        keep[start + j] = words[2 * di] < threshold ? (byte)1 : (byte)0;
+                        if (j + 8 < Sk) keep[start + j + 8] = words[2 * di + 1] < threshold ? (byte)1 : (byte)0;
+                    }
             });
         }
         else

@@ -16,10 +16,12 @@ public sealed class LanguageModelingTask : ITrainingTask
     readonly LmBatchSampler _sampler;
     readonly Device _device;
     readonly int _seqlen;
+    readonly TextWriter _log;
+    bool _attentionLogged;
 
     public LanguageModelingTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
     {
-        _device = device;
+        (_device, _log) = (device, log);
         _seqlen = checked((int)c.Int("datamodule.max_length"));
         var tokenizer = TextTokenizer.Get(c.Str("datamodule.tokenizer"));
         var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
@@ -144,7 +146,17 @@ public sealed class LanguageModelingTask : ITrainingTask
         set => _sampler.State = new SamplerState(value["epoch"]!.GetValue<long>(), value["position"]!.GetValue<long>());
     }
 
-    public Tensor TrainLoss(int batchSize) => Loss(_sampler.Next(batchSize), batchSize);
+    public Tensor TrainLoss(int batchSize)
+    {
+        var loss = Loss(_sampler.Next(batchSize), batchSize);
+        if (!_attentionLogged && Config.use_flash_attn)
+        {
+            // the path flash_attn_func took (our kernels, libtorch's SDPA or the reference; FLASHATTN_ATTENTION_BACKEND)
+            _log.WriteLine($"attention: {flash_attn.last_attention_backend}");
+            _attentionLogged = true;
+        }
+        return loss;
+    }
 
     // No dispose scope here: custom autograd functions keep C# handles of what they save for
     // backward; the trainer's per-step scope frees everything after backward.

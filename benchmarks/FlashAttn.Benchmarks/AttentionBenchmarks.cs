@@ -7,10 +7,10 @@ namespace FlashAttn.Benchmarks;
 
 /// <summary>
 /// Attention forward and forward+backward at flash-attn's benchmark shapes: bf16, 16k tokens per
-/// batch, hidden 2048 (nheads = 2048 / headdim), seqlen 512 to 16384. Ours (flash_attn_func,
-/// (B, S, H, D)) against TorchSharp's scaled_dot_product_attention ((B, H, S, D); libtorch picks
-/// cuDNN or its flash backend on the H100). FLOPs: forward 4·B·H·S²·D (half with causal),
-/// backward 2.5× forward.
+/// batch, hidden 2048 (nheads = 2048 / headdim), seqlen 512 to 16384. Our kernels (flash_attn_func_with_lse,
+/// which never dispatches to SDPA, (B, S, H, D)) against TorchSharp's scaled_dot_product_attention ((B, H, S, D);
+/// libtorch picks cuDNN or its flash backend on the H100). FLOPs: forward 4·B·H·S²·D (half with causal),
+/// backward 2.5× forward. <see cref="AttentionDispatchBenchmarks"/> measures flash_attn_func's dispatch.
 /// </summary>
 public class AttentionBenchmarks : GpuBenchmark
 {
@@ -51,7 +51,7 @@ public class AttentionBenchmarks : GpuBenchmark
     public void FlashFwd()
     {
         using var _ = no_grad();
-        for (int i = 0; i < Launches; i++) { using var s = NewDisposeScope(); flash_attn.flash_attn_func(_q, _k, _v, causal: Causal); }
+        for (int i = 0; i < Launches; i++) { using var s = NewDisposeScope(); flash_attn.flash_attn_func_with_lse(_q, _k, _v, causal: Causal); }
         Sync();
     }
 
@@ -61,7 +61,7 @@ public class AttentionBenchmarks : GpuBenchmark
         for (int i = 0; i < Launches; i++)
         {
             using var s = NewDisposeScope();
-            var o = flash_attn.flash_attn_func(_q, _k, _v, causal: Causal);
+            var o = flash_attn.flash_attn_func_with_lse(_q, _k, _v, causal: Causal).output;
             autograd.grad(new[] { o }, new[] { _q, _k, _v }, new[] { _g });
         }
         Sync();
@@ -89,9 +89,92 @@ public class AttentionBenchmarks : GpuBenchmark
 }
 
 /// <summary>
+/// flash_attn_func's dispatch (AttentionDispatch) at the shapes of the rule's table: bf16, B 4, S 4096, hidden 2048 (d64
+/// and d128, causal or not) and GPT-2 124M's attention (B 16, S 1024, 12 heads of 64, causal); forward and
+/// forward+backward, without and with dropout 0.1. Path sets FLASHATTN_ATTENTION_BACKEND: auto (the rule), flash (our
+/// kernels forced), sdpa (libtorch's scaled_dot_product_attention forced, on (B, H, S, D) views of the (B, S, H, D)
+/// inputs); each result line carries the path that ran. The sdpa rows with dropout decide the rule's dropout switch.
+/// FLOPs as <see cref="AttentionBenchmarks"/> (dropout's work not counted).
+/// </summary>
+public class AttentionDispatchBenchmarks : GpuBenchmark
+{
+    public static IEnumerable<string> Cases => new[]
+    {
+        "b4-s4096-h32-d64", "b4-s4096-h32-d64-causal", "b4-s4096-h16-d128", "b4-s4096-h16-d128-causal", "b16-s1024-h12-d64-causal",
+    };
+
+    [ParamsSource(nameof(Cases))]
+    public string Shape = "b16-s1024-h12-d64-causal";
+
+    [Params(0.0, 0.1)]
+    public double Dropout;
+
+    [Params("auto", "flash", "sdpa")]
+    public string Path = "auto";
+
+    // the path each (case, method) took, read by Label on the fresh instance Program.cs makes
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<string, AttentionBackend> s_ran = new();
+
+    private Tensor _q = null!, _k = null!, _v = null!, _g = null!;
+    private string? _previousPath;
+
+    private long Dim(char key) => long.Parse(Shape.Split('-').First(p => p[0] == key)[1..]);
+    private bool Causal => Shape.EndsWith("-causal");
+    private string Key(string method) => $"{Shape}|{Dropout}|{Path}|{method}";
+
+    public override double Flops(string method)
+    {
+        double fwd = 4.0 * Dim('b') * Dim('h') * Dim('s') * (double)Dim('s') * Dim('d') / (Causal ? 2 : 1);
+        return method.EndsWith("FwdBwd") ? 3.5 * fwd : fwd;
+    }
+
+    public override string? Label(string method) => s_ran.TryGetValue(Key(method), out var b) ? $"ran {b}" : null;
+
+    protected override void Setup()
+    {
+        _previousPath = Environment.GetEnvironmentVariable(AttentionDispatch.EnvironmentVariable);
+        Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, Path);
+        long[] shape = { Dim('b'), Dim('s'), Dim('h'), Dim('d') };
+        _q = randn(shape, dtype: ScalarType.BFloat16, device: Dev).requires_grad_(true);
+        _k = randn(shape, dtype: ScalarType.BFloat16, device: Dev).requires_grad_(true);
+        _v = randn(shape, dtype: ScalarType.BFloat16, device: Dev).requires_grad_(true);
+        _g = randn(shape, dtype: ScalarType.BFloat16, device: Dev);
+    }
+
+    protected override void Teardown() => Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, _previousPath);
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Fwd()
+    {
+        using var _ = no_grad();
+        for (int i = 0; i < Launches; i++)
+        {
+            using var s = NewDisposeScope();
+            flash_attn.flash_attn_func(_q, _k, _v, Dropout, causal: Causal);
+        }
+        Sync();
+        s_ran[Key(nameof(Fwd))] = flash_attn.last_attention_backend;
+    }
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void FwdBwd()
+    {
+        for (int i = 0; i < Launches; i++)
+        {
+            using var s = NewDisposeScope();
+            var o = flash_attn.flash_attn_func(_q, _k, _v, Dropout, causal: Causal);
+            autograd.grad(new[] { o }, new[] { _q, _k, _v }, new[] { _g });
+        }
+        Sync();
+        s_ran[Key(nameof(FwdBwd))] = flash_attn.last_attention_backend;
+    }
+}
+
+/// <summary>
 /// The cost of checking varlen offsets: flash_attn_varlen_func copies cu_seqlens_q/k (batch + 1 integers each) to the
 /// host and checks them before launching, a synchronisation per call. At GPT-2's shape (16 sequences of 1024 tokens,
-/// 12 heads of 64, bf16, causal) packed as varlen, beside the same forward on the dense (B, S, H, D) layout.
+/// 12 heads of 64, bf16, causal) packed as varlen, beside the same forward of our kernels on the dense (B, S, H, D)
+/// layout (flash_attn_func_with_lse: never SDPA).
 /// </summary>
 public class AttentionVarlenBenchmarks : GpuBenchmark
 {
@@ -113,7 +196,7 @@ public class AttentionVarlenBenchmarks : GpuBenchmark
     public void DenseFwd()
     {
         using var _ = no_grad();
-        for (int i = 0; i < Launches; i++) { using var s = NewDisposeScope(); flash_attn.flash_attn_func(_q, _k, _v, causal: true); }
+        for (int i = 0; i < Launches; i++) { using var s = NewDisposeScope(); flash_attn.flash_attn_func_with_lse(_q, _k, _v, causal: true); }
         Sync();
     }
 

@@ -37,6 +37,7 @@ public abstract class GpuBenchmark
     public void Cleanup()
     {
         Report();
+        Teardown();
         for (var t = GetType(); t != null; t = t.BaseType)
             foreach (var f in t.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.DeclaredOnly))
             {
@@ -57,6 +58,12 @@ public abstract class GpuBenchmark
 
     /// <summary>Called once after the case's iterations, before its tensors are freed.</summary>
     protected virtual void Report() { }
+
+    /// <summary>Called after <see cref="Report"/>: undoes what Setup changed outside the case (environment variables).</summary>
+    protected virtual void Teardown() { }
+
+    /// <summary>A note for the method's result lines (e.g. the path that ran), or null.</summary>
+    public virtual string? Label(string method) => null;
 
     /// <summary>Bytes the method must move at least (inputs read once, outputs written once); 0 if not bandwidth-bound.</summary>
     public virtual long Bytes(string method) => 0;

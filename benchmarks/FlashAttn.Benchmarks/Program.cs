@@ -38,6 +38,7 @@ foreach (var report in summaries.SelectMany(s => s.Reports))
         descriptor.Type.GetField(p.Name, BindingFlags.Public | BindingFlags.Instance)?.SetValue(bench, p.Value);
     var method = descriptor.WorkloadMethod.Name;
     var name = $"{descriptor.Type.Name.Replace("Benchmarks", "")} {method} {report.BenchmarkCase.Parameters.DisplayInfo}";
+    if (bench.Label(method) is { } label) name += $" [{label}]";
     double seconds = report.ResultStatistics.Median / 1e9;
     Console.WriteLine($"bench\t{name}\t{seconds * 1e3:G4}\tms");
     if (bench.Bytes(method) is > 0 and var bytes) Console.WriteLine($"bench\t{name}\t{bytes / seconds / 1e12:G4}\tTB/s");

@@ -64,7 +64,8 @@ public sealed class BackwardMemoryCudaTests
                 "dropout_add_layer_norm" => flash_attn.dropout_add_layer_norm(x, res, w, b, 0.1, 1e-5, prenorm: true).Item1.sum(),
                 "fused_mlp" => flash_attn.fused_mlp_func(x, w1, w2).sum(),
                 "cross_entropy" => flash_attn.cross_entropy_loss(x, labels).loss.sum(),
-                "flash_attn" => flash_attn.flash_attn_func(qkv, qkv * 0.5, qkv * 0.25, causal: true).sum(),
+                // with_lse: our kernels' autograd function (flash_attn_func may take SDPA on this shape)
+                "flash_attn" => flash_attn.flash_attn_func_with_lse(qkv, qkv * 0.5, qkv * 0.25, causal: true).output.sum(),
                 _ => flash_attn.apply_rotary_emb(qkv, cos.to(bf), sin.to(bf)).sum(),
             };
             loss.backward();

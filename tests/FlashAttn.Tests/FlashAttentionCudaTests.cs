@@ -66,13 +66,13 @@ public sealed class FlashAttentionCudaTests
     /// cancellation residue of about d float32 ulps of |dO|·|V|. This floor is that residue carried through scale · K
     /// (or Q for dk): about 2e-4 at d = 256 against gradients of order 1 (run 16, 2026-11-25: q1_k1 fp16 cases).
     /// </summary>
-    private static double AccumulationFloor(Tensor dO, Tensor v, Tensor other, int d)
+    internal static double AccumulationFloor(Tensor dO, Tensor v, Tensor other, int d)
     {
         double Max(Tensor t) => t.abs().max().to(ScalarType.Float64).item<double>();
         return d * Math.Pow(2, -23) * Max(dO) * Max(v) * Max(other) / Math.Sqrt(d);
     }
 
-    private static (Tensor o, Tensor lse, Tensor[] grads) Ref(Tensor q, Tensor k, Tensor v, Tensor g, bool causal, (long, long)? window,
+    internal static (Tensor o, Tensor lse, Tensor[] grads) Ref(Tensor q, Tensor k, Tensor v, Tensor g, bool causal, (long, long)? window,
         double softcap, Tensor? slopes, ScalarType compute, Tensor? mask = null, double p = 0)
     {
         var ins = new[] { q, k, v }.Select(t => t.detach().to(compute == ScalarType.Float64 ? ScalarType.Float64 : t.dtype).requires_grad_(true)).ToArray();

@@ -156,6 +156,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, HM = Tr::kHalfM, HD = Tr::kHalfD;
   constexpr int LDS = Tr::kLds, LDP = Tr::kLdsP;
   constexpr int NT = HM / 8;  // n8 tiles of S^T (queries) per m16 tile of keys
+  static_assert(4 * NT <= 32, "the dropout decisions of an m16 tile fit one 32-bit word");
   constexpr int KQ = HM / 16; // k16 steps over a query half
   constexpr int DN = HD / 8;  // n8 tiles of the warp's dK / dV columns
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -266,6 +267,33 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
         cp_async_commit();
       }
 
+      // Dropout decisions of the lane's elements, bit 4 nt + e of keep[mt] for element (mt, nt, e) (key
+      // kw0 + 16 mt + g + 8 (e / 2), query q0 + 8 nt + 2t + e % 2): the forward's, one Philox call per quad
+      // (Dropout::keep4), made before S^T and dP^T hold their registers. Above d128 (dK and dV in the workspace) the
+      // kFull kernel has no registers to spare: one call per element there (Dropout::keep1), as before.
+      constexpr bool kDropoutBits = Tr::kAccInRegs;
+      uint32_t keep[2] = {0u, 0u};
+      if (kDropoutBits && dropout) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int qp = 0; qp < KQ; ++qp)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              bool k4[2][2];
+              drop.keep4(m0 + q0 + qp * 16 + 2 * t + c, n0 + kw0 + mt * 16 + g, k4);
+#pragma unroll
+              for (int di = 0; di < 2; ++di)
+#pragma unroll
+                for (int dj = 0; dj < 2; ++dj) keep[mt] |= uint32_t(k4[di][dj]) << (4 * (2 * qp + di) + 2 * dj + c);
+            }
+      }
+      auto kept = [&](int mt, int nt, int e) {
+        if (!dropout) return true;
+        if constexpr (kDropoutBits) return ((keep[mt] >> (4 * nt + e)) & 1u) != 0;
+        return drop.keep1(m0 + q0 + 2 * t + nt * 8 + e % 2, n0 + kw0 + g + mt * 16 + (e / 2) * 8);
+      };
+
       // S^T = K Q^T and dP^T = V dO^T for the warp's 32 keys x HM queries; each K / V fragment
       // serves NT mmas, each Q / dO fragment two.
       float acc_s[2][NT][4], acc_dp[2][NT][4];
@@ -304,11 +332,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
       const int j0 = n0 + kw0 + g, i0 = m0 + q0 + 2 * t;
       // P = exp(score - LSE) recomputed exactly as the forward; then (with Z the dropout mask)
       // acc_s <- P Z / (1 - p) for dV, acc_dp <- dS = P (dP Z / (1 - p) - dsum) (1 - tanh^2 under softcap).
-      if constexpr (!kFull) {
+      if (!kFull || (kDropoutBits && mod.softcap == 0.f && mod.slope == 0.f)) {
         // Straight-line code: exp2 of every element, then the mask on boundary tiles alone. A
         // per-element `visible ? exp2 : 0` compiled to a branch around each exp2 and its LSE
         // load, which serialised them: without (and with float4 dQ atomics) the backward ran
-        // 1.2-1.4x faster (H100, 2026-11-25).
+        // 1.2-1.4x faster (H100, 2026-11-25). Dropout alone takes this path too up to d128 (above,
+        // the kFull kernel with both paths spilled 60 bytes at d224 against 8, nvcc 11.8).
         const float scale_log2 = scale * kLog2e;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -343,8 +372,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              acc_dp[mt][nt][e] = acc_s[mt][nt][e] * (acc_dp[mt][nt][e] - (e % 2 ? dsum2.y : dsum2.x));
+            for (int e = 0; e < 4; ++e) {
+              const bool k = kept(mt, nt, e);
+              const float pr = acc_s[mt][nt][e];
+              const float dpv = k ? acc_dp[mt][nt][e] * rp_dropout : 0.f;
+              acc_dp[mt][nt][e] = pr * (dpv - (e % 2 ? dsum2.y : dsum2.x));
+              acc_s[mt][nt][e] = k ? pr * rp_dropout : 0.f;
+            }
         }
       } else {
 #pragma unroll
@@ -357,11 +391,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
               float th = 0.f;
               const float x = mod.apply(acc_s[mt][nt][e], i, j, &th);
               const float pr = x == -INFINITY ? 0.f : fast_exp2(x * kLog2e - sLse[i - m0]);
-              const bool keep = !dropout || drop.keep1(i, j);
-              const float dpv = keep ? acc_dp[mt][nt][e] * rp_dropout : 0.f;
+              const bool k = kept(mt, nt, e);
+              const float dpv = k ? acc_dp[mt][nt][e] * rp_dropout : 0.f;
               float ds = pr * (dpv - sDsum[i - m0]);
               if (mod.softcap > 0.f) ds *= 1.f - th * th;
-              acc_s[mt][nt][e] = keep ? pr * rp_dropout : 0.f;
+              acc_s[mt][nt][e] = k ? pr * rp_dropout : 0.f;
               acc_dp[mt][nt][e] = ds;
             }
       }

@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::block_n(kFull), LDS = Tr::kLds;
   constexpr int MT = Tr::kMTiles;  // m16 tiles per warp
   constexpr int NT = BN / 8;       // n8 tiles of S per m16 tile
+  static_assert(4 * NT <= 32, "the dropout decisions of an m16 tile fit one 32-bit word");
   constexpr int DT = D / 8;        // n8 tiles of O per m16 tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -91,6 +92,26 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
 
   const bool dropout = kFull && p.dropout_p > 0.f;
   const Dropout drop(p.seed, p.offset, int64_t(b) * p.nheads + h, dropout_threshold(p.dropout_p));
+  // Dropout decisions of the lane's elements (mt, nt, e) of m16 tile mt in the block of keys from n0: bit 4 nt + e
+  // (query w0 + 16 mt + g + 8 (e / 2), key n0 + 8 nt + 2t + e % 2), of row half r alone when r >= 0. One Philox call
+  // per quad (Dropout::keep4), each quad's twice when taken a row half at a time.
+  constexpr bool kDropoutBits = D <= 128;
+  auto dropout_bits = [&](int n0, int mt, int r) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        bool k4[2][2];
+        drop.keep4(m0 + w0 + mt * 16 + g, n0 + np * 16 + 2 * t + c, k4);
+#pragma unroll
+        for (int di = 0; di < 2; ++di)
+#pragma unroll
+          for (int dj = 0; dj < 2; ++dj)
+            if (r < 0 || r == di) bits |= uint32_t(k4[di][dj]) << (4 * (2 * np + dj) + 2 * di + c);
+      }
+    return bits;
+  };
 
   float acc_o[MT][DT][4];
 #pragma unroll
@@ -121,6 +142,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
     __syncthreads();     // ... for every thread's copies; and every warp is done with V(nb - 1)
     copy_tile<BN, D, LDS, Tr::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride, seq.sk - n0, hdim);
     cp_async_commit();
+
+    // Dropout decisions up to d128: all of the lane's in this block, made here, where S's accumulators are not yet live
+    // (above, O's accumulators leave no room for them: made one row half at a time in the softmax below).
+    uint32_t keep[kDropoutBits ? MT : 1];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      if constexpr (kDropoutBits) keep[mt] = dropout ? dropout_bits(n0, mt, -1) : 0u;
 
     // S = Q K^T for this warp's 16 MT rows x BN keys; each K fragment serves all MT tiles.
     float acc_s[MT][NT][4];
@@ -154,21 +182,28 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
     const bool plain = interior && mod.softcap == 0.f && mod.slope == 0.f;
     const float scale_log2 = p.softmax_scale * kLog2e;
 
-    // Scores -> log2 units: scale * s, or the whole ScoreMod pipeline (natural units) * log2(e).
+    // Scores -> log2 units: scale * s, or the whole ScoreMod pipeline (natural units) * log2(e). The
+    // test outside the loops: inside, the kFull kernel branched per element, which splits the
+    // unrolled loop into blocks ptxas schedules one at a time.
+    if (!kFull || plain) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (!kFull || plain) {
-            acc_s[mt][nt][e] *= scale_log2;
-          } else {
+          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
             float th;
             const int i = m0 + w0 + mt * 16 + (e / 2) * 8 + g, j = n0 + nt * 8 + 2 * t + e % 2;
             acc_s[mt][nt][e] = mod.apply(acc_s[mt][nt][e], i, j, &th) * kLog2e;
           }
-        }
+    }
     if (!kFull && !interior) {
       // ScoreMod::visible, element (mt, nt, e) being query i = i0 + 16 mt + 8 (e / 2) and key
       // j = j0 + 8 nt + e % 2: three bounds per block compared with constants, where per-row
@@ -205,6 +240,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
         // A row with nothing visible yet keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
         const float alpha = fast_exp2(row_max[mt][r] - m_use);
+        uint32_t kept = 0;
+        if (dropout) {
+          if constexpr (kDropoutBits) kept = keep[mt];
+          else kept = dropout_bits(n0, mt, r);
+        }
         row_max[mt][r] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -214,8 +254,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
           float p1 = fast_exp2(acc_s[mt][nt][2 * r + 1] - m_use);
           sum += p0 + p1;  // the normaliser uses the undropped probabilities
           if (dropout) {
-            bool k0, k1;
-            drop.keep2(i, j0, k0, k1);
+            const bool k0 = (kept >> (4 * nt + 2 * r)) & 1u, k1 = (kept >> (4 * nt + 2 * r + 1)) & 1u;
             if (p.dropout_mask != nullptr && i < seq.sq) {
               // 1 only where the key is visible (a masked score is -inf by now; interior blocks have none), so the
               // mask does not depend on the tiling (the managed side zero-fills what skipped blocks never reach) and

@@ -1,0 +1,127 @@
+using TorchSharp;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace FlashAttn;
+
+/// <summary>The implementation that computed an attention call.</summary>
+public enum AttentionBackend
+{
+    /// <summary>No attention call yet.</summary>
+    None,
+    /// <summary>The pure-TorchSharp reference (CPU, float32/float64, GPUs the kernels do not run on).</summary>
+    Reference,
+    /// <summary>Our FlashAttention kernels.</summary>
+    Flash,
+    /// <summary>libtorch's scaled_dot_product_attention (TorchSharp's; cuDNN's kernels on Hopper).</summary>
+    Sdpa,
+}
+
+/// <summary>FLASHATTN_ATTENTION_BACKEND: auto (the measured rule), flash (our kernels always), sdpa (SDPA wherever it
+/// computes the case).</summary>
+internal enum AttentionMode { Auto, Flash, Sdpa }
+
+/// <summary>
+/// A flash_attn_func call as the dispatch rule sees it. Capability: major * 10 + minor; the window as
+/// <see cref="flash_attn.Window"/> resolves it (-1 unlimited, causal = (-1, 0)); DefaultScale: softmax_scale is
+/// 1/sqrt(headdim), the only one TorchSharp 0.107's SDPA takes (it has no scale argument).
+/// </summary>
+internal readonly record struct AttentionCase(int Capability, ScalarType DType, long SeqlenQ, long SeqlenK, long Heads,
+    long HeadsK, long HeadDim, bool DefaultScale, double DropoutP, long WindowLeft, long WindowRight, double Softcap,
+    bool Alibi, bool Deterministic)
+{
+    /// <summary>The case of validated q (B, Sq, H, D), k (B, Sk, Hk, D) on a CUDA device.</summary>
+    internal static AttentionCase Of(Tensor q, Tensor k, double dropoutP, double? scale, long left, long right, double softcap,
+        Tensor? alibi, bool deterministic)
+    {
+        long[] qs = q.shape, ks = k.shape;
+        return new(Backend.Capability(q.device_index), q.dtype, qs[1], ks[1], qs[2], ks[2], qs[3],
+                   scale is null || scale == 1.0 / Math.Sqrt(qs[3]), dropoutP, left, right, softcap, alibi is not null, deterministic);
+    }
+}
+
+/// <summary>
+/// Where flash_attn_func runs: our kernels, or libtorch's scaled_dot_product_attention in the cases it computes the same
+/// thing and was measured faster on the GPU at hand (until our kernels beat cuDNN's on Hopper). The *_with_lse, varlen
+/// and KV-cache entry points never come here: SDPA returns no LSE or dropout mask and takes no cu_seqlens.
+///
+/// H200, bf16, B 4, S 4096, hidden 2048 (nheads = 2048 / d), TFLOP/s, our kernels vs SDPA (cuDNN):
+/// | case               | fwd ours | fwd SDPA | fwd+bwd ours | fwd+bwd SDPA |
+/// | d64 non-causal     | 277      | 478      | 239          | 441          |
+/// | d64 causal         | 234      | 437      | 216          | 373          |
+/// | d128 non-causal    | 324      | 670      | 273          | 563          |
+/// | d128 causal        | 251      | 574      | 239          | 466          |
+/// GPT-2 124M's shape (B 16, S 1024, 12 heads of 64, causal), forward + backward: 7.0 ms ours, 4.2 ms cuDNN.
+/// Head dims other than 64 and 128, other GPUs, and SDPA with dropout (torch's CUDA generator; cuDNN or libtorch's
+/// flash backend) are unmeasured: they stay on our kernels until AttentionDispatchBenchmarks says otherwise.
+/// </summary>
+internal static class AttentionDispatch
+{
+    internal const string EnvironmentVariable = "FLASHATTN_ATTENTION_BACKEND";
+
+    /// <summary>Head dims where SDPA was measured faster on sm_9x (the table above).</summary>
+    internal static readonly long[] SdpaFasterHeadDims = { 64, 128 };
+
+    /// <summary>Whether SDPA with dropout was measured faster (AttentionDispatchBenchmarks' sdpa rows with Dropout 0.1
+    /// against the flash ones): not yet.</summary>
+    internal static readonly bool SdpaFasterWithDropout = false;
+
+    /// <summary>The path the last attention call took (any thread).</summary>
+    internal static volatile AttentionBackend Last;
+
+    /// <summary>The override in FLASHATTN_ATTENTION_BACKEND, read on every call so that a process can switch it.</summary>
+    internal static AttentionMode Mode => ParseMode(Environment.GetEnvironmentVariable(EnvironmentVariable));
+
+    internal static AttentionMode ParseMode(string? value) => value?.Trim().ToLowerInvariant() switch
+    {
+        null or "" or "auto" => AttentionMode.Auto,
+        "flash" => AttentionMode.Flash,
+        "sdpa" => AttentionMode.Sdpa,
+        _ => throw new InvalidOperationException($"{EnvironmentVariable}={value}: expected auto, flash or sdpa"),
+    };
+
+    /// <summary>Flash or Sdpa for a call on a GPU our kernels run on (bf16/fp16 on sm_80+).</summary>
+    internal static AttentionBackend Choose(in AttentionCase c, AttentionMode mode) => Choose(c, mode, SdpaFasterWithDropout);
+
+    /// <summary><see cref="Choose(in AttentionCase, AttentionMode)"/> with the dropout switch given.</summary>
+    internal static AttentionBackend Choose(in AttentionCase c, AttentionMode mode, bool sdpaFasterWithDropout)
+    {
+        if (mode == AttentionMode.Flash || !SdpaComputes(c)) return AttentionBackend.Flash;
+        if (mode == AttentionMode.Sdpa) return AttentionBackend.Sdpa;
+        bool faster = c.Capability / 10 == 9 && SdpaFasterHeadDims.Contains(c.HeadDim) &&
+                      (c.DropoutP == 0 || sdpaFasterWithDropout);
+        return faster ? AttentionBackend.Sdpa : AttentionBackend.Flash;
+    }
+
+    /// <summary>
+    /// Whether SDPA computes flash_attn_func's result: bf16/fp16, head dims a multiple of 8 (others are padded for our
+    /// kernels), as many k/v heads as q heads (TorchSharp 0.107 has no enable_gqa, and expanding K/V would copy them), the
+    /// default scale, no softcap or ALiBi, no window but causal, and causal only where its top-left alignment is our
+    /// bottom-right one (seqlen_q == seqlen_k); not deterministic (SDPA's backward gives no such promise).
+    /// </summary>
+    internal static bool SdpaComputes(in AttentionCase c) =>
+        (c.DType is ScalarType.BFloat16 or ScalarType.Float16) && c.HeadDim % 8 == 0 && c.SeqlenQ > 0 && c.SeqlenK > 0 &&
+        c.Heads == c.HeadsK && c.DefaultScale && c.Softcap == 0 && !c.Alibi && !c.Deterministic && c.WindowLeft < 0 &&
+        (c.WindowRight < 0 || (c.WindowRight == 0 && c.SeqlenQ == c.SeqlenK));
+
+    /// <summary>
+    /// q (B, Sq, H, D), k/v (B, Sk, H, D) -> (B, Sq, H, D) through scaled_dot_product_attention, whose (B, H, S, D) inputs
+    /// are transposed views (no copies); gradients flow through libtorch's autograd. Dropout draws from torch's CUDA
+    /// generator (torch.manual_seed reproduces it).
+    /// </summary>
+    internal static Tensor Sdpa(Tensor q, Tensor k, Tensor v, double dropoutP, bool causal)
+    {
+        using var scope = NewDisposeScope();
+        var o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p: dropoutP,
+                                               is_casual: causal);
+        Last = AttentionBackend.Sdpa;
+        return o.transpose(1, 2).MoveToOuterDisposeScope();
+    }
+}
+
+public static partial class flash_attn
+{
+    /// <summary>The path the last attention call of the process took (Reference, Flash or Sdpa): for benchmarks and
+    /// logs. FLASHATTN_ATTENTION_BACKEND=auto|flash|sdpa chooses it for flash_attn_func (auto: the measured rule).</summary>
+    public static AttentionBackend last_attention_backend => AttentionDispatch.Last;
+}
