@@ -47,9 +47,9 @@ namespace flash {{
 namespace hopper {{
 
 template <>
-FlashAttnStatus run_mha_fwd_hopper<{ctype}, {hdim}>(const FlashFwdParams& p, const FwdTensorMaps& maps,
-                                                  cudaStream_t stream, const char* function) {{
-  return launch_mha_fwd_hopper<{ctype}, {hdim}>(p, maps, stream, function);
+FlashAttnStatus run_mha_fwd_hopper<{ctype}, {hdim}>(
+    const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap, cudaStream_t stream, const char* function) {{
+  return launch_mha_fwd_hopper<{ctype}, {hdim}>(p, maps, overlap, stream, function);
 }}
 
 }}  // namespace hopper

@@ -2,8 +2,10 @@
 //   flash_selftest [filter]   correctness cases (names containing filter), one line each, exit code 1 on
 //                             any failure; each line names the forward path that ran, and a case the
 //                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
-//   flash_selftest --bench    fwd TFLOP/s on the Hopper and the sm_80 path (FLASHATTN_HOPPER=0), bwd
-//                             TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64 causal
+//   flash_selftest --bench    fwd TFLOP/s on the Hopper path, again without its intra-warpgroup
+//                             overlap (FLASHATTN_HOPPER_OVERLAP=0), on the sm_80 path (FLASHATTN_HOPPER=0),
+//                             and bwd TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
+//                             causal
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -582,9 +585,17 @@ void bench(int only_d, int only_causal) {
   cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
   std::printf("device %s, %d SMs, max SM clock %d MHz; %s\n", prop.name, prop.multiProcessorCount, clock_khz / 1000,
               FlashAttn_core_build_info());
-  const char* env = std::getenv("FLASHATTN_HOPPER");  // restored at the end
-  const bool had_env = env != nullptr;
-  const std::string saved_env = had_env ? env : "";
+  // FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP pick each forward; both are restored at the end.
+  struct SavedEnv {
+    const char* name;
+    bool had;
+    std::string value;
+  };
+  std::vector<SavedEnv> saved;
+  for (const char* name : {"FLASHATTN_HOPPER", "FLASHATTN_HOPPER_OVERLAP"}) {
+    const char* v = std::getenv(name);
+    saved.push_back({name, v != nullptr, v != nullptr ? v : ""});
+  }
   std::vector<std::string> table;
   for (const Config& cfg : configs) {
     const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
@@ -640,12 +651,15 @@ void bench(int only_d, int only_causal) {
       std::sort(ms.begin(), ms.end());
       return double(ms[ms.size() / 2]);
     };
-    // the forward with FLASHATTN_HOPPER unset (hopper where it applies) and "0" (sm80): path and median
-    auto fwd_on = [&](bool hopper, std::string* path) {
-      if (hopper) {
-        unsetenv("FLASHATTN_HOPPER");
-      } else {
-        setenv("FLASHATTN_HOPPER", "0", 1);
+    // One forward variant: FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP unset (nullptr) or "0"; the
+    // path it took and its median time.
+    auto fwd_on = [&](const char* hopper, const char* overlap, std::string* path) {
+      for (auto [name, value] : {std::pair{"FLASHATTN_HOPPER", hopper}, std::pair{"FLASHATTN_HOPPER_OVERLAP", overlap}}) {
+        if (value == nullptr) {
+          unsetenv(name);
+        } else {
+          setenv(name, value, 1);
+        }
       }
       setenv("FLASHATTN_LOG_PATH", "1", 1);
       PathCapture capture;
@@ -660,23 +674,31 @@ void bench(int only_d, int only_causal) {
       }
       return time_it(fwd);
     };
-    std::string path_h, path_s;
-    const double th = fwd_on(true, &path_h), ts = fwd_on(false, &path_s);
+    std::string path_h, path_n, path_s;
+    const double th = fwd_on(nullptr, nullptr, &path_h), tn = fwd_on(nullptr, "0", &path_n),
+                 ts = fwd_on("0", nullptr, &path_s);
     const double tb = time_it(bwd);
     const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
-    std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s | fwd [%s] %.3f ms %.1f "
-                "TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
-                B, H, S, D, causal, path_h.c_str(), th, flops / th * 1e-9, path_s.c_str(), ts, flops / ts * 1e-9, tb,
-                2.5 * flops / tb * 1e-9);
+    std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s | fwd [%s, no overlap] %.3f "
+                "ms %.1f TFLOP/s | fwd [%s] %.3f ms %.1f TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
+                B, H, S, D, causal, path_h.c_str(), th, flops / th * 1e-9, path_n.c_str(), tn, flops / tn * 1e-9,
+                path_s.c_str(), ts, flops / ts * 1e-9, tb, 2.5 * flops / tb * 1e-9);
     char row[160];
-    std::snprintf(row, sizeof row, "B%-2d S%-5d H%-2d d%-3d %-6s  %6.1f  %6.1f  %5.2fx  %6.1f", B, S, H, D,
-                  causal ? "causal" : "full", flops / th * 1e-9, flops / ts * 1e-9, ts / th, 2.5 * flops / tb * 1e-9);
+    std::snprintf(row, sizeof row, "B%-2d S%-5d H%-2d d%-3d %-6s  %6.1f  %6.1f  %6.1f  %5.2fx  %6.1f", B, S, H, D,
+                  causal ? "causal" : "full", flops / th * 1e-9, flops / tn * 1e-9, flops / ts * 1e-9, ts / th,
+                  2.5 * flops / tb * 1e-9);
     table.push_back(row);
     std::fflush(stdout);
     for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
   }
-  if (had_env) setenv("FLASHATTN_HOPPER", saved_env.c_str(), 1); else unsetenv("FLASHATTN_HOPPER");
-  std::printf("# bf16 TFLOP/s          fwd hopper  fwd sm80  speedup  bwd\n");
+  for (const SavedEnv& e : saved) {
+    if (e.had) {
+      setenv(e.name, e.value.c_str(), 1);
+    } else {
+      unsetenv(e.name);
+    }
+  }
+  std::printf("%-26s  %6s  %6s  %6s  %6s  %6s\n", "# bf16 TFLOP/s", "hopper", "no-ovl", "sm80", "h/sm80", "bwd");
   for (const std::string& r : table) std::printf("%s\n", r.c_str());
 }
 

@@ -25,9 +25,11 @@ bool covers(const FlashFwdParams& p) {
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
 
-bool enabled_by_env() {
-  const char* v = std::getenv("FLASHATTN_HOPPER");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+// Variables read at every call (so that one process can compare): FLASHATTN_HOPPER=0 turns the
+// Hopper forward off, FLASHATTN_HOPPER_OVERLAP=0 its intra-warpgroup overlap.
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
 // Compute capability (major * 10 + minor) of the current device, cached per device.
@@ -51,17 +53,17 @@ FlashAttnStatus current_capability(int* capability, const char* function) {
 }
 
 template <typename T>
-FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, cudaStream_t stream,
+FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap, cudaStream_t stream,
                            const char* function) {
-  return p.headdim == 64 ? run_mha_fwd_hopper<T, 64>(p, maps, stream, function)
-                         : run_mha_fwd_hopper<T, 128>(p, maps, stream, function);
+  return p.headdim == 64 ? run_mha_fwd_hopper<T, 64>(p, maps, overlap, stream, function)
+                         : run_mha_fwd_hopper<T, 128>(p, maps, overlap, stream, function);
 }
 
 }  // namespace
 
 FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
   *ran = false;
-  if (!covers(p) || !enabled_by_env()) return FLASHATTN_STATUS_OK;
+  if (!covers(p) || env_off("FLASHATTN_HOPPER")) return FLASHATTN_STATUS_OK;
   int capability = 0;
   FlashAttnStatus s = current_capability(&capability, function);
   if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
@@ -79,8 +81,9 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
                   p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
-  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)
-                                              : by_headdim<__half>(p, maps, stream, function);
+  const bool overlap = !env_off("FLASHATTN_HOPPER_OVERLAP");
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, overlap, stream, function)
+                                              : by_headdim<__half>(p, maps, overlap, stream, function);
 }
 
 }  // namespace hopper

@@ -11,7 +11,9 @@
 //    in shared memory, the online softmax in registers (exp2, the scale folded into log2 units),
 //    P packed to 16 bits in registers as wgmma's A operand of O += P V, V read from shared memory
 //    as the transposed (MN-major) B operand. The two warpgroups run unsynchronised, so one's
-//    softmax overlaps the other's matrix products.
+//    softmax overlaps the other's matrix products; with kOverlap each warpgroup also overlaps its
+//    own: S of key block n is issued, then O += P V of block n - 1 behind it, and the softmax of
+//    block n runs while that second product does (FlashAttention-3's intra-warpgroup pipelining).
 // Key tiles go from the last to the first: the only ones that need the mask (the partial tile at
 // the end, the causal diagonal) come first; causal skips the tiles entirely above the diagonal.
 #pragma once
@@ -28,7 +30,10 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <typename Tr>
+// kOverlap: FlashAttention-3's intra-warpgroup overlap (the softmax of one key block runs while the
+// previous block's O += P V does); without it each consumer waits for every product before the next
+// step, and only the other warpgroup fills the tensor cores meanwhile.
+template <typename Tr, bool kOverlap>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
@@ -115,17 +120,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < NS; ++i) s[i] = 0.f;
 
-    // A = this warpgroup's 64 rows of Q (K-major); k16 step ks is 32 bytes into chunk ks / 4.
+    uint32_t pk[NS / 2];  // P as wgmma's A operand: pair (2 q, 2 q + 1) of s is register q
+    float alpha[2] = {1.f, 1.f};  // rescale of O and the row sums by the last softmax's new maxima
+
+    // S = Q K^T for key block `it` (64 x 128 per warpgroup), issued and committed, not waited for.
+    // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes into
+    // 64-column chunk ks / 4.
     const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
-    if (n_tiles > 0) mbar_wait(bar_q, 0);
-
-    for (int it = 0; it < n_tiles; ++it) {
-      const int n0 = (n_tiles - 1 - it) * BN;
+    auto issue_qk = [&](int it) {
       const int stage = it % kStages;
-      const uint32_t phase = (it / kStages) & 1;
-
-      // S = Q K^T (64 x 128 per warpgroup); B = K tile, K-major like Q.
-      mbar_wait(k_full(stage), phase);
+      mbar_wait(k_full(stage), (it / kStages) & 1);
       const uint64_t desc_k = sw128_desc(sK + stage * kTileBytes, 16, 1024);
       reg_fence(s);
       wgmma_fence();
@@ -135,25 +139,42 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         Wgmma<T, BN>::ss(s, desc_q + off, desc_k + off, ks > 0 ? 1u : 0u);
       }
       wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(s);
-      if (lane == 0) mbar_arrive(k_empty(stage));
-
-      // Mask (only where some element of this warpgroup's 64 x 128 block can be hidden): keys past
+    };
+    // O += P V for key block `it` (64 x D per warpgroup), issued and committed; B = the V tile,
+    // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
+    auto issue_pv = [&](int it) {
+      const int stage = it % kStages;
+      mbar_wait(v_full(stage), (it / kStages) & 1);
+      const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
+      reg_fence(pk);
+      reg_fence(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                        desc_v + ((kk * 16 * 128) >> 4));
+      wgmma_commit();
+    };
+    auto release = [&](uint32_t bar) {
+      if (lane == 0) mbar_arrive(bar);  // one arrive per warp, after its wait_group
+    };
+    // s (raw scores of key block it) -> exp2(s * sl - new max * sl) in place; row_max, row_sum and
+    // alpha updated (O itself is rescaled by the caller, when no wgmma is writing it).
+    auto softmax = [&](int it) {
+      const int n0 = (n_tiles - 1 - it) * BN;
+      // Mask only where some element of this warpgroup's 64 x 128 block can be hidden: keys past
       // the end, and with causal keys j > i + diag.
       const bool partial = n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > wg_row0 + diag);
       if (partial) {
-        const int k_end = p.seqlen_k - (n0 + 2 * t);                          // key j < seqlen_k
-        const int d_hi = p.causal ? row0 + diag - (n0 + 2 * t) : INT_MAX;     // j - i <= diag
+        const int k_end = p.seqlen_k - (n0 + 2 * t);                       // key j < seqlen_k
+        const int d_hi = p.causal ? row0 + diag - (n0 + 2 * t) : INT_MAX;  // j - i <= diag
 #pragma unroll
         for (int i = 0; i < NS; ++i) {
           const int dj = 8 * (i / 4) + i % 2, di = 8 * ((i / 2) % 2);
           if (dj >= k_end || dj - di > d_hi) s[i] = -INFINITY;
         }
       }
-
-      // Online softmax per row (rows g and g + 8 of the warp's 16); a row's four threads share a quad.
-      float alpha[2];
+      // Per row (g and g + 8 of the warp's 16); a row's four threads are a quad.
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -177,28 +198,62 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         row_sum[r] = row_sum[r] * alpha[r] + sum;
       }
-      // P as wgmma's A operand: the pair (2 q, 2 q + 1) is register q; k16 step kk uses 4 kk .. 4 kk + 3.
-      uint32_t pk[NS / 2];
+    };
+    auto pack_p = [&] {
 #pragma unroll
       for (int q = 0; q < NS / 2; ++q) pk[q] = pack2<T>(s[2 * q], s[2 * q + 1]);
+    };
+    auto rescale_o = [&] {
 #pragma unroll
       for (int i = 0; i < NO; ++i) o[i] *= alpha[(i / 2) % 2];
+    };
 
-      // O += P V (64 x D per warpgroup); B = V tile, MN-major: head-dim chunks LBO = kChunkBytes apart.
-      mbar_wait(v_full(stage), phase);
-      const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
-      reg_fence(pk);
-      reg_fence(o);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk)
-        Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
-                        desc_v + ((kk * 16 * 128) >> 4));
-      wgmma_commit();
+    if (n_tiles > 0) mbar_wait(bar_q, 0);
+    if constexpr (!kOverlap) {
+      // Each step waits for the one before: S, softmax, O += P V.
+      for (int it = 0; it < n_tiles; ++it) {
+        issue_qk(it);
+        wgmma_wait<0>();
+        reg_fence(s);
+        release(k_empty(it % kStages));
+        softmax(it);
+        pack_p();
+        rescale_o();
+        issue_pv(it);
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence(pk);
+        release(v_empty(it % kStages));
+      }
+    } else if (n_tiles > 0) {
+      // FlashAttention-3's intra-warpgroup overlap: S of block it is issued with O += P V of block
+      // it - 1 behind it, and the softmax of block it runs while that second product does.
+      issue_qk(0);
+      wgmma_wait<0>();
+      reg_fence(s);
+      release(k_empty(0));
+      softmax(0);
+      pack_p();
+      for (int it = 1; it < n_tiles; ++it) {
+        issue_qk(it);
+        rescale_o();  // by block it - 1's maxima, before its P V joins O
+        issue_pv(it - 1);
+        wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
+        reg_fence(s);
+        release(k_empty(it % kStages));
+        softmax(it);  // touches s, never o or pk, which the P V in flight uses
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence(pk);
+        release(v_empty((it - 1) % kStages));
+        pack_p();
+      }
+      rescale_o();
+      issue_pv(n_tiles - 1);
       wgmma_wait<0>();
       reg_fence(o);
       reg_fence(pk);
-      if (lane == 0) mbar_arrive(v_empty(stage));
+      release(v_empty((n_tiles - 1) % kStages));
     }
 
     // out = O / l; LSE = max * scale + log(l). A row that saw no key gets out = 0 and LSE = +inf

@@ -12,8 +12,8 @@ namespace flash {
 namespace hopper {
 
 template <typename T, int kHeadDim>
-FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, cudaStream_t stream,
-                                      const char* function) {
+FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
+                                      cudaStream_t stream, const char* function) {
   using Tr = FwdTraits<kHeadDim, T>;
   FwdKernelParams kp;
   kp.out = p.out;
@@ -27,7 +27,7 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.heads_per_khead = int(p.nheads / p.nheads_k);
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
-  auto kernel = flash_fwd_hopper_kernel<Tr>;
+  auto kernel = overlap ? flash_fwd_hopper_kernel<Tr, true> : flash_fwd_hopper_kernel<Tr, false>;
   FlashAttnStatus s =
       check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
                  "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");

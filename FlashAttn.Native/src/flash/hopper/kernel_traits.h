@@ -63,10 +63,11 @@ struct FwdTensorMaps {
   CUtensorMap q, k, v;
 };
 
-// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu.
+// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; overlap picks the kernel
+// variant with the intra-warpgroup overlap (flash_fwd_kernel.cuh).
 template <typename T, int kHeadDim>
-FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, cudaStream_t stream,
-                                   const char* function);
+FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
+                                   cudaStream_t stream, const char* function);
 
 }  // namespace hopper
 }  // namespace flash

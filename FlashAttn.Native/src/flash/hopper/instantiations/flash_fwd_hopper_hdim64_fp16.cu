@@ -8,9 +8,9 @@ namespace flash {
 namespace hopper {
 
 template <>
-FlashAttnStatus run_mha_fwd_hopper<__half, 64>(const FlashFwdParams& p, const FwdTensorMaps& maps,
-                                                  cudaStream_t stream, const char* function) {
-  return launch_mha_fwd_hopper<__half, 64>(p, maps, stream, function);
+FlashAttnStatus run_mha_fwd_hopper<__half, 64>(
+    const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap, cudaStream_t stream, const char* function) {
+  return launch_mha_fwd_hopper<__half, 64>(p, maps, overlap, stream, function);
 }
 
 }  // namespace hopper
