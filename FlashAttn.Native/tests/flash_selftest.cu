@@ -266,11 +266,11 @@ bool run_case(const Case& c, bool verbose) {
   const bool path_ok = path == (hopper_expected(c) ? "hopper" : "sm80");
   const int64_t ws_bytes = FlashAttn_flash_bwd_workspace_size(B, sq_arg, sk_arg, H, Hk, D, c.varlen);
   void* ws = dalloc(ws_bytes);
-  if (!c.fwd_only) st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk,
-                           D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs,
-                           qrs, D, kbs, krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap,
-                           c.alibi ? dslopes : nullptr, c.alibi ? H : 0, c.dropout, seed, offset,
-                           c.deterministic, ws, ws_bytes, nullptr);
+  if (!c.fwd_only)
+    st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
+                             Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
+                             krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+                             c.alibi ? H : 0, c.dropout, seed, offset, c.deterministic, ws, ws_bytes, nullptr);
   if (!c.fwd_only && st != FLASHATTN_STATUS_OK) {
     std::printf("FAIL %s bwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
     return false;
