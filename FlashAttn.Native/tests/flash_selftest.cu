@@ -249,6 +249,7 @@ bool run_case(const Case& c, bool verbose) {
   CK(cudaMemset(dgv, 0xff, kbytes));
   CK(cudaMemcpy(dslopes, slopes.data(), slopes.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemset(dout_, 0xff, qbytes));  // NaN pattern: unwritten outputs show up
+  CK(cudaMemset(dlse, 0xff, size_t(B) * H * maxq * 4));
   const int64_t sq_arg = c.varlen ? maxq : c.sq, sk_arg = c.varlen ? maxk : c.sk;
   const int64_t qbs = int64_t(c.sq) * qrs, kbs = int64_t(c.sk) * krs;
   const uint64_t seed = 0x1234abcdULL + c.D, offset = 77;
@@ -445,7 +446,9 @@ bool run_case(const Case& c, bool verbose) {
       for (int i = 0; i < (c.varlen ? lq[b] : c.sq); ++i) {
         const size_t lidx = c.varlen ? size_t(h) * tq + cuq[b] + i : (size_t(b) * H + h) * c.sq + i;
         const double kv = lse[lidx], rv = lse_ref[lidx];
-        if (std::isinf(rv) || std::isinf(kv)) {
+        if (std::isnan(kv)) {
+          lse_ok = false;  // never written (the poison) or computed as NaN
+        } else if (std::isinf(rv) || std::isinf(kv)) {
           if (!(std::isinf(rv) && std::isinf(kv) && kv > 0)) lse_ok = false;
         } else {
           lse_err = std::max(lse_err, std::fabs(kv - rv));
