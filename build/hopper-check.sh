@@ -59,13 +59,15 @@ PYEOF
 cat "$ptxas"
 warnings=$(grep -cE "C7508|C7509|C7510|C7515|wgmma.*serializ|setmaxnreg.*ignored" "$OUT/build.log")
 spills=$(grep -vc " 0 bytes spill stores, 0 bytes spill loads" "$ptxas")
-summary+=("ptxas: $(wc -l <"$ptxas") hopper kernels, $(grep -o 'Used [0-9]* registers' "$ptxas" | sort | uniq -c | tr -s ' \n' ' '); with spills: $spills; setmaxnreg/wgmma warnings: $warnings")
+registers=$(grep -o 'Used [0-9]* registers' "$ptxas" | sort | uniq -c | tr -s ' \n' ' ')
+summary+=("ptxas: $(wc -l <"$ptxas") hopper kernels, $registers; with spills: $spills; setmaxnreg/wgmma warnings: $warnings")
 sass_line=""
 for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hopper/instantiations/*.o; do
   n=$(basename "$o" .cu.o); n=${n#flash_fwd_hopper_}
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
-  sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f") LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
+  sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
+  sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done
 cp "$build/sass-hdim128_bf16.txt" "$OUT/sass-hdim128-bf16.txt" 2>/dev/null
 summary+=("SASS: $sass_line")
@@ -112,11 +114,12 @@ else
   # 5. Sanitizers on small Hopper cases (bf16 and fp16, d128, causal, GQA 8:2, partial tiles).
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
-      timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/flash_selftest" "d128 sq97 sk97 h8/2 causal" \
-        >"$build/sanitize-$tool.log" 2>&1
+      log=$build/sanitize-$tool.log
+      timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/flash_selftest" \
+        "d128 sq97 sk97 h8/2 causal" >"$log" 2>&1
       rc=$?
-      summary+=("compute-sanitizer $tool: rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$build/sanitize-$tool.log" | tail -1)")
-      { echo "== $tool (rc $rc)"; head -c 2000000 "$build/sanitize-$tool.log"; } >>"$OUT/sanitize.log"
+      summary+=("compute-sanitizer $tool: rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
+      { echo "== $tool (rc $rc)"; head -c 2000000 "$log"; } >>"$OUT/sanitize.log"
     done
   else
     summary+=("compute-sanitizer: not on PATH")

@@ -657,7 +657,9 @@ void bench(int only_d, int only_causal) {
     // One forward variant: FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP unset (nullptr) or "0"; the
     // path it took and its median time.
     auto fwd_on = [&](const char* hopper, const char* overlap, std::string* path) {
-      for (auto [name, value] : {std::pair{"FLASHATTN_HOPPER", hopper}, std::pair{"FLASHATTN_HOPPER_OVERLAP", overlap}}) {
+      const std::pair<const char*, const char*> vars[] = {{"FLASHATTN_HOPPER", hopper},
+                                                           {"FLASHATTN_HOPPER_OVERLAP", overlap}};
+      for (auto [name, value] : vars) {
         if (value == nullptr) {
           unsetenv(name);
         } else {

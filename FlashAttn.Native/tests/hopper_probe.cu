@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(128) probe_kernel(const __grid_constant__ CUte
 #pragma unroll
   for (int q = 0; q < 32; ++q) {
     const int kk = q / 4, r = q % 4;
-    pk[q] = *reinterpret_cast<const uint32_t*>(p_in + (16 * warp + g + 8 * (r % 2)) * 128 + 16 * kk + 2 * t + 8 * (r / 2));
+    const int row = 16 * warp + g + 8 * (r % 2), col = 16 * kk + 2 * t + 8 * (r / 2);
+    pk[q] = *reinterpret_cast<const uint32_t*>(p_in + row * 128 + col);
   }
 #pragma unroll
   for (int variant = 0; variant < 2; ++variant) {

@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         T* orow = out + int64_t(row) * p.out_row_stride;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
-          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) = pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+              pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
         if (t == 0) {
           p.softmax_lse[(int64_t(b) * p.nheads + h) * p.seqlen_q + row] =
               empty ? INFINITY : row_max[r] * sl * kLn2 + logf(l);

@@ -156,7 +156,8 @@ struct Wgmma;
 #define FA_WGMMA(TYPE, TY, N, DREGS, FOPS, A0, A1, A2, A3, ADESC, BDESC, SC_SS, BRS, SC_RS)                          \
   template <>                                                                                                        \
   struct Wgmma<TYPE, N> {                                                                                            \
-    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) { \
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,                   \
+                                              uint32_t scale_d) {                                                    \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SC_SS ", 0;\n"                                               \
                    "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " ADESC ", " BDESC       \
                    ", p, 1, 1, 0, 0;\n}\n"                                                                           \
