@@ -1,6 +1,11 @@
 // flash_selftest: FlashAttn_flash_fwd / FlashAttn_flash_bwd against a float64 CPU reference.
-//   flash_selftest            correctness cases, one line each, exit code = number of failures (capped)
-//   flash_selftest --bench    fwd / bwd TFLOP/s, B=4 H=16 S=4096, D=64/128, causal off/on
+//   flash_selftest [filter]   correctness cases (names containing filter), one line each, exit code 1 on
+//                             any failure; each line names the forward path that ran, and a case the
+//                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
+//   flash_selftest --bench    fwd TFLOP/s on the Hopper path, again without its intra-warpgroup
+//                             overlap (FLASHATTN_HOPPER_OVERLAP=0), on the sm_80 path (FLASHATTN_HOPPER=0),
+//                             and bwd TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
+//                             causal
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -19,7 +24,10 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 #include "flashattn.h"
 
@@ -88,7 +96,52 @@ struct Case {
   float dropout = 0.f;
   bool deterministic = false;
   int pad = 0;  // extra elements after each row of every tensor (strided layouts; must stay untouched)
+  bool fwd_only = false;  // forward and its reference only (the large Hopper grid)
 };
+
+// The forward path the library reports (FLASHATTN_LOG_PATH=1, one stderr line per call), read back by
+// sending stderr to a temporary file around one call.
+struct PathCapture {
+  FILE* file = nullptr;
+  int saved = -1;
+  void begin() {
+    std::fflush(stderr);
+    file = std::tmpfile();
+    saved = dup(2);
+    if (file != nullptr && saved >= 0) dup2(fileno(file), 2);
+  }
+  std::string end() {
+    std::fflush(stderr);
+    std::string text;
+    if (saved >= 0) {
+      dup2(saved, 2);
+      close(saved);
+    }
+    if (file != nullptr) {
+      std::rewind(file);
+      char buf[256];
+      while (std::fgets(buf, sizeof buf, file)) text += buf;
+      std::fclose(file);
+    }
+    return text.find("hopper path") != std::string::npos ? "hopper"
+           : text.find("sm80 path") != std::string::npos ? "sm80"
+                                                          : "?";
+  }
+};
+
+// Whether the Hopper forward should take this case here: an sm_90 device, a library built for sm_90a,
+// FLASHATTN_HOPPER not "0", and a case inside its scope (flash/hopper/flash_fwd_hopper.h).
+bool hopper_expected(const Case& c) {
+  static const bool device_and_build = [] {
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    return prop.major == 9 && prop.minor == 0 && std::strstr(FlashAttn_core_build_info(), "90a") != nullptr;
+  }();
+  const char* env = std::getenv("FLASHATTN_HOPPER");
+  const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
+  return device_and_build && enabled && (c.D == 64 || c.D == 128) && !c.varlen && c.dropout == 0.f && !c.alibi &&
+         c.softcap == 0.f && c.wl < 0 && (c.causal || c.wr < 0) && c.sk > 0;
+}
 
 struct Err {
   double err = 0, ref_err = 0, maxabs = 0;
@@ -196,25 +249,30 @@ bool run_case(const Case& c, bool verbose) {
   CK(cudaMemset(dgv, 0xff, kbytes));
   CK(cudaMemcpy(dslopes, slopes.data(), slopes.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemset(dout_, 0xff, qbytes));  // NaN pattern: unwritten outputs show up
+  CK(cudaMemset(dlse, 0xff, size_t(B) * H * maxq * 4));
   const int64_t sq_arg = c.varlen ? maxq : c.sq, sk_arg = c.varlen ? maxk : c.sk;
   const int64_t qbs = int64_t(c.sq) * qrs, kbs = int64_t(c.sk) * krs;
   const uint64_t seed = 0x1234abcdULL + c.D, offset = 77;
+  PathCapture capture;
+  capture.begin();
   FlashAttnStatus st = FlashAttn_flash_fwd(
       dq_, dk_, dv_, dout_, dlse, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk, D, qbs, qrs, D, kbs, krs, D, kbs,
       krs, D, qbs, qrs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
       c.alibi ? H : 0, c.dropout, seed, offset, dmask, nullptr, 0, nullptr);
+  const std::string path = capture.end();
   if (st != FLASHATTN_STATUS_OK) {
     std::printf("FAIL %s fwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
     return false;
   }
+  const bool path_ok = path == (hopper_expected(c) ? "hopper" : "sm80");
   const int64_t ws_bytes = FlashAttn_flash_bwd_workspace_size(B, sq_arg, sk_arg, H, Hk, D, c.varlen);
   void* ws = dalloc(ws_bytes);
-  st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk,
-                           D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs,
-                           qrs, D, kbs, krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap,
-                           c.alibi ? dslopes : nullptr, c.alibi ? H : 0, c.dropout, seed, offset,
-                           c.deterministic, ws, ws_bytes, nullptr);
-  if (st != FLASHATTN_STATUS_OK) {
+  if (!c.fwd_only)
+    st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
+                             Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
+                             krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+                             c.alibi ? H : 0, c.dropout, seed, offset, c.deterministic, ws, ws_bytes, nullptr);
+  if (!c.fwd_only && st != FLASHATTN_STATUS_OK) {
     std::printf("FAIL %s bwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
     return false;
   }
@@ -296,18 +354,24 @@ bool run_case(const Case& c, bool verbose) {
       for (int j = 0; j < sk; ++j) P[size_t(i) * sk + j] = l > 0 ? P[size_t(i) * sk + j] / l : 0.0;
       const size_t lidx = c.varlen ? size_t(h) * tq + cuq[b] + i : (size_t(b) * H + h) * c.sq + i;
       lse_ref[lidx] = l > 0 ? mx + std::log(l) : INFINITY;
-      for (int d = 0; d < D; ++d) {
-        double a = 0, al = 0;
-        for (int j = 0; j < sk; ++j) {
-          const double pd = P[size_t(i) * sk + j] * Z[size_t(i) * sk + j] * rp;
-          a += pd * V(j, d);
-          al += rnd(pd, bf) * V(j, d);
+      // O row = sum_j p_j V_j, with p exact and rounded to the kernel's precision (rows of V read
+      // contiguously: the 2048 x 2048 cases' reference runs on the GPU host's clock)
+      std::vector<double> a(D, 0.0), al(D, 0.0);
+      for (int j = 0; j < sk; ++j) {
+        const double pd = P[size_t(i) * sk + j] * Z[size_t(i) * sk + j] * rp, pl = rnd(pd, bf);
+        const double* vrow = &v[((cuk[b] + int64_t(j)) * Hk + hk) * D];
+        for (int d = 0; d < D; ++d) {
+          a[d] += pd * vrow[d];
+          al[d] += pl * vrow[d];
         }
+      }
+      for (int d = 0; d < D; ++d) {
         const size_t idx = ((cuq[b] + size_t(i)) * H + h) * D + d;
-        o_ref[idx] = a;
-        o_low[idx] = rnd(al, bf);
+        o_ref[idx] = a[d];
+        o_low[idx] = rnd(al[d], bf);
       }
     }
+    if (c.fwd_only) return;
     // Backward.
     std::vector<double> dS(size_t(sq) * sk), dSl(size_t(sq) * sk);
     for (int i = 0; i < sq; ++i) {
@@ -362,10 +426,10 @@ bool run_case(const Case& c, bool verbose) {
   bool lse_ok = true;
   for (size_t i = 0; i < o_ref.size(); ++i) {
     eo.add(from_bits(ob[i], bf), o_ref[i], o_low[i]);
-    eq.add(from_bits(gqb[i], bf), dq_ref[i], dq_low[i]);
+    if (!c.fwd_only) eq.add(from_bits(gqb[i], bf), dq_ref[i], dq_low[i]);
   }
   const int G = H / Hk;
-  for (int64_t r = 0; r < tk; ++r)
+  for (int64_t r = 0; r < (c.fwd_only ? 0 : tk); ++r)
     for (int hk = 0; hk < Hk; ++hk)
       for (int d = 0; d < D; ++d) {
         double kr = 0, kl = 0, vr = 0, vl = 0;
@@ -382,18 +446,21 @@ bool run_case(const Case& c, bool verbose) {
       for (int i = 0; i < (c.varlen ? lq[b] : c.sq); ++i) {
         const size_t lidx = c.varlen ? size_t(h) * tq + cuq[b] + i : (size_t(b) * H + h) * c.sq + i;
         const double kv = lse[lidx], rv = lse_ref[lidx];
-        if (std::isinf(rv) || std::isinf(kv)) {
+        if (std::isnan(kv)) {
+          lse_ok = false;  // never written (the poison) or computed as NaN
+        } else if (std::isinf(rv) || std::isinf(kv)) {
           if (!(std::isinf(rv) && std::isinf(kv) && kv > 0)) lse_ok = false;
         } else {
           lse_err = std::max(lse_err, std::fabs(kv - rv));
         }
       }
   lse_ok = lse_ok && lse_err <= 1e-3;
-  const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok;
-  std::printf("%s %-44s out %.2e %.2e | lse %.1e%s | dq %.2e %.2e | dk %.2e %.2e | dv %.2e %.2e%s%s\n",
-              ok ? "PASS" : "FAIL", c.name.c_str(), eo.err, eo.ref_err, lse_err, lse_ok ? "" : "(!)", eq.err,
-              eq.ref_err, ek.err, ek.ref_err, ev.err, ev.ref_err, pad_ok ? "" : " | wrote into row padding",
-              deterministic_ok ? "" : " | not deterministic");
+  const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && path_ok;
+  std::printf("%s %-46s [%s] out %.2e %.2e | lse %.1e%s | dq %.2e %.2e | dk %.2e %.2e | dv %.2e %.2e%s%s%s\n",
+              ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), eo.err, eo.ref_err, lse_err, lse_ok ? "" : "(!)",
+              eq.err, eq.ref_err, ek.err, ek.ref_err, ev.err, ev.ref_err, pad_ok ? "" : " | wrote into row padding",
+              deterministic_ok ? "" : " | not deterministic",
+              path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"));
   (void)verbose;
   std::fflush(stdout);
   return ok;
@@ -479,6 +546,20 @@ std::vector<Case> cases() {
     c.B = 3, c.varlen = true, c.causal = true, c.sk = 200, c.name = name(c, " strided varlen3");
     v.push_back(c);
   }
+  // The Hopper forward's grid (forward only: its float64 reference at 2048 x 2048 is the costly part):
+  // both dtypes and head dims, causal or not, full and partial tiles, seqlen_q != seqlen_k both ways
+  // (causal rows that see no key), GQA 8:2, batch 2.
+  const int hopper_lens[][2] = {{1, 1},      {97, 97},    {128, 128}, {1025, 1025}, {2048, 2048}, {1, 2048},
+                                {2048, 1},   {97, 1025},  {1025, 97}, {128, 2048},  {2048, 97}};
+  for (int d : {64, 128})
+    for (int bf16 = 1; bf16 >= 0; --bf16)
+      for (int causal = 0; causal < 2; ++causal)
+        for (auto& l : hopper_lens) {
+          Case c;
+          c.D = d, c.bf16 = bf16, c.causal = causal, c.sq = l[0], c.sk = l[1], c.H = 8, c.Hk = 2, c.fwd_only = true;
+          c.name = name(c, " grid");
+          v.push_back(c);
+        }
   {
     Case c;
     c.D = 256, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.causal = true, c.softcap = 30.f, c.alibi = true;
@@ -493,77 +574,148 @@ std::vector<Case> cases() {
 }
 
 // ---- benchmark ----
+// Median of 10 timed calls after 3 warm-ups, on random bf16 inputs (q, k, v and dout distinct).
 void bench(int only_d, int only_causal) {
-  const int B = 4, H = 16, S = 4096;
+  struct Config {
+    int B, H, S, D, causal;
+  };
+  // hidden 1024 / 2048 at 16k tokens, causal or not; and the GPT-2 training shape
+  const Config configs[] = {{4, 16, 4096, 64, 0},  {4, 16, 4096, 64, 1}, {4, 16, 4096, 128, 0},
+                            {4, 16, 4096, 128, 1}, {16, 12, 1024, 64, 1}};
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   int clock_khz = 0;
   cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
-  std::printf("device %s, %d SMs, max SM clock %d MHz\n", prop.name, prop.multiProcessorCount, clock_khz / 1000);
-  for (int D : {64, 128})
-    for (int causal = 0; causal < 2; ++causal) {
-      if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal)) continue;
-      const size_t n = size_t(B) * S * H * D;
-      void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
-      float* lse;
-      for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) CK(cudaMalloc(p, n * 2));
-      CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
-      const int64_t wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
-      CK(cudaMalloc(&ws, wsb));
-      std::vector<uint16_t> h(n);
-      Rng gen(1);
-      for (auto& x : h) x = to_bits(gen.normal(), true);
-      for (void* p : {q, k, v, dout}) CK(cudaMemcpy(p, h.data(), n * 2, cudaMemcpyHostToDevice));
-      const int64_t bs = int64_t(S) * H * D, rs = H * D;
-      const float scale = 1.f / std::sqrt(float(D));
-      auto fwd = [&] {
-        return FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs,
-                                   rs, D, bs, rs, D, bs, rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0,
-                                   0.f, 0, 0, nullptr, nullptr, 0, nullptr);
-      };
-      auto bwd = [&] {
-        return FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B,
-                                   S, S, H, H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs,
-                                   rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
-                                   nullptr);
-      };
-      auto time_it = [&](auto fn) {
-        cudaEvent_t a, b;
-        CK(cudaEventCreate(&a));
-        CK(cudaEventCreate(&b));
-        std::vector<float> ms;
-        for (int it = 0; it < 13; ++it) {
-          CK(cudaEventRecord(a));
-          if (fn() != FLASHATTN_STATUS_OK) {
-            std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
-            std::exit(3);
-          }
-          CK(cudaEventRecord(b));
-          CK(cudaEventSynchronize(b));
-          float t;
-          CK(cudaEventElapsedTime(&t, a, b));
-          if (it >= 3) ms.push_back(t);
+  std::printf("device %s, %d SMs, max SM clock %d MHz; %s\n", prop.name, prop.multiProcessorCount, clock_khz / 1000,
+              FlashAttn_core_build_info());
+  // FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP pick each forward; both are restored at the end.
+  struct SavedEnv {
+    const char* name;
+    bool had;
+    std::string value;
+  };
+  std::vector<SavedEnv> saved;
+  for (const char* name : {"FLASHATTN_HOPPER", "FLASHATTN_HOPPER_OVERLAP"}) {
+    const char* v = std::getenv(name);
+    saved.push_back({name, v != nullptr, v != nullptr ? v : ""});
+  }
+  std::vector<std::string> table;
+  for (const Config& cfg : configs) {
+    const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
+    if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal)) continue;
+    const size_t n = size_t(B) * S * H * D;
+    void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
+    float* lse;
+    for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) CK(cudaMalloc(p, n * 2));
+    CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
+    const int64_t wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
+    CK(cudaMalloc(&ws, wsb));
+    std::vector<uint16_t> h(n);
+    Rng gen(1);
+    for (auto& x : h) x = to_bits(gen.normal(), true);
+    // distinct inputs from one draw: each tensor the draw rotated by a different amount
+    auto upload = [&](void* dst, size_t shift) {
+      CK(cudaMemcpy(dst, h.data() + shift, (n - shift) * 2, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(static_cast<uint16_t*>(dst) + (n - shift), h.data(), shift * 2, cudaMemcpyHostToDevice));
+    };
+    upload(q, 0), upload(k, n / 3), upload(v, 2 * (n / 3)), upload(dout, n / 2);
+    const int64_t bs = int64_t(S) * H * D, rs = H * D;
+    const float scale = 1.f / std::sqrt(float(D));
+    auto fwd = [&] {
+      return FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs,
+                                 rs, D, bs, rs, D, bs, rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0,
+                                 0.f, 0, 0, nullptr, nullptr, 0, nullptr);
+    };
+    auto bwd = [&] {
+      return FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B,
+                                 S, S, H, H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs,
+                                 rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
+                                 nullptr);
+    };
+    auto time_it = [&](auto fn) {
+      cudaEvent_t a, b;
+      CK(cudaEventCreate(&a));
+      CK(cudaEventCreate(&b));
+      std::vector<float> ms;
+      for (int it = 0; it < 13; ++it) {
+        CK(cudaEventRecord(a));
+        if (fn() != FLASHATTN_STATUS_OK) {
+          std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
+          std::exit(3);
         }
-        std::sort(ms.begin(), ms.end());
-        return double(ms[ms.size() / 2]);
-      };
-      const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
-      const double tf = time_it(fwd), tb = time_it(bwd);
-      std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd %.3f ms %.1f TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
-                  B, H, S, D, causal, tf, flops / tf * 1e-9, tb, 2.5 * flops / tb * 1e-9);
-      std::fflush(stdout);
-      for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float t;
+        CK(cudaEventElapsedTime(&t, a, b));
+        if (it >= 3) ms.push_back(t);
+      }
+      CK(cudaEventDestroy(a));
+      CK(cudaEventDestroy(b));
+      std::sort(ms.begin(), ms.end());
+      return double(ms[ms.size() / 2]);
+    };
+    // One forward variant: FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP unset (nullptr) or "0"; the
+    // path it took and its median time.
+    auto fwd_on = [&](const char* hopper, const char* overlap, std::string* path) {
+      const std::pair<const char*, const char*> vars[] = {{"FLASHATTN_HOPPER", hopper},
+                                                           {"FLASHATTN_HOPPER_OVERLAP", overlap}};
+      for (auto [name, value] : vars) {
+        if (value == nullptr) {
+          unsetenv(name);
+        } else {
+          setenv(name, value, 1);
+        }
+      }
+      setenv("FLASHATTN_LOG_PATH", "1", 1);
+      PathCapture capture;
+      capture.begin();
+      const FlashAttnStatus st = fwd();
+      *path = capture.end();
+      unsetenv("FLASHATTN_LOG_PATH");
+      CK(cudaDeviceSynchronize());
+      if (st != FLASHATTN_STATUS_OK) {
+        std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
+        std::exit(3);
+      }
+      return time_it(fwd);
+    };
+    std::string path_h, path_n, path_s;
+    const double th = fwd_on(nullptr, nullptr, &path_h), tn = fwd_on(nullptr, "0", &path_n),
+                 ts = fwd_on("0", nullptr, &path_s);
+    const double tb = time_it(bwd);
+    const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
+    std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s | fwd [%s, no overlap] %.3f "
+                "ms %.1f TFLOP/s | fwd [%s] %.3f ms %.1f TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
+                B, H, S, D, causal, path_h.c_str(), th, flops / th * 1e-9, path_n.c_str(), tn, flops / tn * 1e-9,
+                path_s.c_str(), ts, flops / ts * 1e-9, tb, 2.5 * flops / tb * 1e-9);
+    char row[160];
+    std::snprintf(row, sizeof row, "B%-2d S%-5d H%-2d d%-3d %-6s  %6.1f  %6.1f  %6.1f  %5.2fx  %6.1f", B, S, H, D,
+                  causal ? "causal" : "full", flops / th * 1e-9, flops / tn * 1e-9, flops / ts * 1e-9, ts / th,
+                  2.5 * flops / tb * 1e-9);
+    table.push_back(row);
+    std::fflush(stdout);
+    for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
+  }
+  for (const SavedEnv& e : saved) {
+    if (e.had) {
+      setenv(e.name, e.value.c_str(), 1);
+    } else {
+      unsetenv(e.name);
     }
+  }
+  std::printf("%-26s  %6s  %6s  %6s  %6s  %6s\n", "# bf16 TFLOP/s", "hopper", "no-ovl", "sm80", "h/sm80", "bwd");
+  for (const std::string& r : table) std::printf("%s\n", r.c_str());
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--bench") {
-    // --bench [D [causal]]: all four configurations, or one (for profilers).
+    // --bench [D [causal]]: every configuration, or those of one head dim / causality (for profilers).
     bench(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
     return 0;
   }
+  setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward ran (PathCapture)
   std::string filter = argc > 1 ? argv[1] : "";
   int passed = 0, failed = 0;
   for (const Case& c : cases()) {

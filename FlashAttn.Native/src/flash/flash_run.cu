@@ -1,5 +1,10 @@
 // run_flash_fwd / run_flash_bwd: runtime dtype and head dim -> the compiled instantiation
-// (instantiations/*.cu define run_mha_fwd / run_mha_bwd for each pair).
+// (instantiations/*.cu define run_mha_fwd / run_mha_bwd for each pair). The forward first offers
+// the case to the Hopper kernel (hopper/, when the library is built for sm_90a).
+// FLASHATTN_LOG_PATH=1 in the environment prints which forward ran, one line per call on stderr.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -8,6 +13,9 @@
 #include "flash/flash.h"
 #include "flash/flash_bwd_launch_template.h"
 #include "flash/flash_fwd_launch_template.h"
+#if FLASHATTN_HOPPER
+#include "flash/hopper/flash_fwd_hopper.h"
+#endif
 
 namespace flashattn {
 
@@ -52,9 +60,23 @@ struct Bwd {
   }
 };
 
+void log_path(const char* function, const char* path) {
+  const char* v = std::getenv("FLASHATTN_LOG_PATH");
+  if (v != nullptr && std::strcmp(v, "1") == 0) std::fprintf(stderr, "%s: %s\n", function, path);
+}
+
 }  // namespace
 
 FlashAttnStatus run_flash_fwd(const FlashFwdParams& p, void* stream, const char* function) {
+#if FLASHATTN_HOPPER
+  bool ran = false;
+  const FlashAttnStatus s = flash::hopper::run_fwd(p, static_cast<cudaStream_t>(stream), function, &ran);
+  if (s != FLASHATTN_STATUS_OK || ran) {
+    if (ran) log_path(function, "hopper path (sm_90a: TMA, wgmma)");
+    return s;
+  }
+#endif
+  log_path(function, "sm80 path (mma.sync)");
   return dispatch<Fwd>(p, stream, function);
 }
 

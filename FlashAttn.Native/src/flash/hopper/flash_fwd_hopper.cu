@@ -1,0 +1,91 @@
+// run_fwd: which cases take the Hopper forward, their TMA tensor maps, and runtime dtype / head dim
+// -> the compiled instantiation. Host code only (the kernels are in instantiations/).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "common/cuda_check.cuh"
+#include "flash/hopper/flash_fwd_hopper.h"
+#include "flash/hopper/kernel_traits.h"
+#include "flash/hopper/tensor_map.h"
+
+namespace flashattn {
+namespace flash {
+namespace hopper {
+
+namespace {
+
+bool covers(const FlashFwdParams& p) {
+  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && p.dropout_p == 0.f &&
+         p.alibi_slopes == nullptr && p.softcap == 0.f && p.window_left < 0 && p.window_right <= 0 &&
+         p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
+}
+
+// Variables read at every call (so that one process can compare): FLASHATTN_HOPPER=0 turns the
+// Hopper forward off, FLASHATTN_HOPPER_OVERLAP=0 its intra-warpgroup overlap.
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
+// Compute capability (major * 10 + minor) of the current device, cached per device.
+FlashAttnStatus current_capability(int* capability, const char* function) {
+  static std::atomic<int> cache[64];  // 0: not asked yet
+  int device = 0;
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  *capability = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (*capability != 0) return s;
+  int major = 0, minor = 0;
+  s = check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), function,
+                 "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  if (s == FLASHATTN_STATUS_OK)
+    s = check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), function,
+                   "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  *capability = major * 10 + minor;
+  if (device < 64) cache[device].store(*capability, std::memory_order_relaxed);
+  return s;
+}
+
+template <typename T>
+FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap, cudaStream_t stream,
+                           const char* function) {
+  return p.headdim == 64 ? run_mha_fwd_hopper<T, 64>(p, maps, overlap, stream, function)
+                         : run_mha_fwd_hopper<T, 128>(p, maps, overlap, stream, function);
+}
+
+}  // namespace
+
+FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
+  *ran = false;
+  if (!covers(p) || env_off("FLASHATTN_HOPPER")) return FLASHATTN_STATUS_OK;
+  int capability = 0;
+  FlashAttnStatus s = current_capability(&capability, function);
+  if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
+  const EncodeTiled fn = encode_tiled();
+  if (fn == nullptr) return FLASHATTN_STATUS_OK;
+  // Q, K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims.
+  using Tr = FwdTraits<64, __half>;
+  FwdTensorMaps maps;
+  const bool encoded =
+      encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
+      encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
+                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
+      encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
+                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
+  if (!encoded) return FLASHATTN_STATUS_OK;
+  *ran = true;
+  const bool overlap = !env_off("FLASHATTN_HOPPER_OVERLAP");
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, overlap, stream, function)
+                                              : by_headdim<__half>(p, maps, overlap, stream, function);
+}
+
+}  // namespace hopper
+}  // namespace flash
+}  // namespace flashattn

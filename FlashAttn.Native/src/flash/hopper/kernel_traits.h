@@ -1,0 +1,74 @@
+// Tile sizes, shared-memory layout and register split of the Hopper forward kernel, and the launch
+// interface of its instantiations (hopper/instantiations/*.cu). Compiled for sm_90a only.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "flash/flash.h"
+
+namespace flashattn {
+namespace flash {
+namespace hopper {
+
+template <int kHeadDim_, typename T_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper forward covers head dims 64 and 128");
+  static_assert(sizeof(T) == 2, "16-bit inputs (wgmma's transposed B operand needs them)");
+  // One CTA: 128 query rows (two consumer warpgroups of 64, the wgmma M) of one (batch, head), keys
+  // in blocks of 128: FlashAttention-3's tile for d128 (for d64 it later moved to 192 x 128).
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kConsumerWarpgroups = kBlockM / 64;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
+  static constexpr int kStages = 2;                                  // K and V buffers each
+  // The TMA box: 64 head-dim elements (one 128-byte swizzle row) by 128 rows; a tile is kChunks
+  // such boxes side by side along the head dim.
+  static constexpr int kBoxCols = 64;
+  static constexpr int kBoxRows = 128;
+  static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows, "Q, K and V tiles share the box");
+  static constexpr int kChunks = kHeadDim / kBoxCols;
+  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));  // 16 KB, a multiple of 1024
+  static constexpr int kTileBytes = kChunks * kChunkBytes;                   // one Q, K or V tile
+  // Shared memory, from a 1024-byte aligned base: Q, K[stages], V[stages], then the mbarriers
+  // (Q full; K full[stages], K empty[stages]; V full[stages], V empty[stages]).
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffK = kOffQ + kTileBytes;
+  static constexpr int kOffV = kOffK + kStages * kTileBytes;
+  static constexpr int kOffBar = kOffV + kStages * kTileBytes;
+  static constexpr int kBarriers = 1 + 4 * kStages;
+  // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
+  static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
+  // Registers: 384 threads at the entry cap of 168 (65536 / 384, rounded down to 8); the producer
+  // warpgroup drops to 24 and the two consumers rise to 240 (24 * 128 + 240 * 256 <= 65536):
+  // FlashAttention-3's split for two consumer warpgroups fed by TMA.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+};
+
+// What the kernel reads besides the tensor maps (element strides, as FlashFwdParams).
+struct FwdKernelParams {
+  void* out;
+  float* softmax_lse;  // (B, H, Sq)
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int seqlen_q, seqlen_k, nheads, heads_per_khead;
+  float scale_log2;  // softmax_scale * log2(e) > 0
+  int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+};
+
+// Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
+struct FwdTensorMaps {
+  CUtensorMap q, k, v;
+};
+
+// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; overlap picks the kernel
+// variant with the intra-warpgroup overlap (flash_fwd_kernel.cuh).
+template <typename T, int kHeadDim>
+FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
+                                   cudaStream_t stream, const char* function);
+
+}  // namespace hopper
+}  // namespace flash
+}  // namespace flashattn
