@@ -381,34 +381,50 @@ struct TypeTag {
   using type = T;
 };
 
-// Sums v over this thread's row group (the blockDim.x threads of row threadIdx.y) in a fixed order, so that
+// Sums over this thread's row group (the blockDim.x threads of row threadIdx.y) in a fixed order, so that
 // every thread of the group gets the same deterministic sum: warp shuffles, then, when the row spans several
 // warps, one exchange through shared memory behind a barrier of the group alone. Successive calls alternate
-// `parity`, so a call's writes cannot overtake the previous call's reads.
+// between two halves of the shared buffer, so a call's writes cannot overtake the previous call's reads.
+// The addresses are set up once per thread; red is the kernel's __shared__ float[2][32][N].
 template <int N>
-__device__ __forceinline__ void group_sum(float (&v)[N], int parity) {
-  __shared__ float red[2][32][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) v[i] += __shfl_xor_sync(0xffffffffu, v[i], m);
+class GroupSum {
+ public:
+  __device__ __forceinline__ explicit GroupSum(float (*red)[32][N]) {
+    const int wpr = blockDim.x >> 5, lane = threadIdx.x & 31, first = threadIdx.y * wpr;
+    single_ = wpr == 1;
+    writer_ = lane == 0;
+    reader_ = lane < wpr;
+    mine_ = &red[0][first + (threadIdx.x >> 5)][0];
+    lane_slot_ = &red[0][first + (reader_ ? lane : 0)][0];
   }
-  const int wpr = blockDim.x >> 5;
-  if (wpr == 1) return;
-  const int lane = threadIdx.x & 31, first = threadIdx.y * wpr;
-  if (lane == 0) {
+
+  __device__ __forceinline__ void operator()(float (&v)[N]) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) red[parity][first + (threadIdx.x >> 5)][i] = v[i];
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
+    if (single_) return;
+    if (writer_) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) mine_[half_ + i] = v[i];
+    }
+    // named barrier 1 + row group (barrier 0 is __syncthreads), its threads only
+    asm volatile("bar.sync %0, %1;" ::"r"(threadIdx.y + 1), "r"(blockDim.x) : "memory");
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(reader_ ? lane_slot_[half_ + i] : 0.f);
+    half_ ^= 32 * N;
   }
-  // named barrier 1 + row group (barrier 0 is __syncthreads), its threads only
-  asm volatile("bar.sync %0, %1;" ::"r"(threadIdx.y + 1), "r"(blockDim.x) : "memory");
+
+ private:
+  __device__ __forceinline__ static float warp_sum(float v) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    v[i] = lane < wpr ? red[parity][first + lane][i] : 0.f;
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) v[i] += __shfl_xor_sync(0xffffffffu, v[i], m);
+    for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
   }
-}
+
+  float* mine_;
+  const float* lane_slot_;
+  int half_ = 0;
+  bool single_, writer_, reader_;
+};
 
 // The vectors of a row that thread threadIdx.x owns: vector `it` starts at column col0 + it * step; those with
 // it < count lie inside the row (a prefix, since columns grow with it).
@@ -450,11 +466,14 @@ __device__ __forceinline__ void load_weight(const void* w, int col, float (&out)
   }
 }
 
-// Forward, one row per row group at a time. TR is the residual's dtype (T or float).
+// Forward, one row per row group at a time. TR is the residual's dtype (T or float). The next row's x0 and
+// residual are loaded before this row's reductions where their raw vectors take at most 32 registers (more
+// would spill).
 //   x0, x1, residual (rows, H) -> x = dropout(x0 * rowscale) + dropout(x1) + residual (float32, registers)
 //   -> residual_out (rows, H), mean / rstd (rows,), z0 / z1 (rows, H)
 template <typename T, typename TR, int kVec, int kIters, bool kDropout, bool kRms>
 __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams p) {
+  constexpr bool kPrefetch = kIters * kVec * (sizeof(T) + sizeof(TR)) <= 128;
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
@@ -477,10 +496,12 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
     }
   };
 
+  __shared__ float red[2][32][1];
+  GroupSum<1> group_sum(red);
   int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row < p.rows) fetch(row);
-  int parity = 0;
+  if (kPrefetch && row < p.rows) fetch(row);
   for (; row < p.rows; row += row_step) {
+    if constexpr (!kPrefetch) fetch(row);
     const int64_t e0 = row * H + s.col0;  // element (dropout counter, mask byte) of vector 0
     float x[kIters][kVec];
 #pragma unroll
@@ -529,7 +550,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
       }
     }
     // the next row's loads go out before this row's reductions
-    if (row + row_step < p.rows) fetch(row + row_step);
+    if (kPrefetch && row + row_step < p.rows) fetch(row + row_step);
     if (p.residual_out != nullptr) {
       auto put = [&](auto tag) {
         using TO = typename decltype(tag)::type;
@@ -551,8 +572,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
 #pragma unroll
         for (int j = 0; j < kVec; ++j) sq[0] += x[it][j] * x[it][j];
       }
-      group_sum<1>(sq, parity);
-      parity ^= 1;
+      group_sum(sq);
       var = sq[0] / float(H);
     } else {
       // two passes over the registers: the variance of centred values, no cancellation
@@ -563,8 +583,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
 #pragma unroll
         for (int j = 0; j < kVec; ++j) sum[0] += x[it][j];
       }
-      group_sum<1>(sum, parity);
-      parity ^= 1;
+      group_sum(sum);
       mean = sum[0] / float(H);
       float sq[1] = {0.f};
 #pragma unroll
@@ -576,8 +595,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
           sq[0] += d * d;
         }
       }
-      group_sum<1>(sq, parity);
-      parity ^= 1;
+      group_sum(sq);
       var = sq[0] / float(H);
     }
     const float rstd = rsqrtf(var + p.epsilon);
@@ -686,7 +704,9 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
   float hx[kHeld][kVec], hg[kHeld][kVec];  // kPrefetch: xhat, w * dz of the row
 
   // One row, weights of dtype TW (the branch on the weights' dtype taken once per row, outside the loops).
-  auto row_body = [&](int64_t row, int parity, auto wtag) {
+  __shared__ float red[2][32][2];
+  GroupSum<2> group_sum(red);
+  auto row_body = [&](int64_t row, auto wtag) {
     using TW = typename decltype(wtag)::type;
     const float mean = p.mean != nullptr ? p.mean[row] : 0.f;
     const float rstd = p.rstd[row];
@@ -732,13 +752,14 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
     }
     // the next row's x and dz go out before the reduction
     if (kPrefetch && row + row_step < p.rows) fetch(row + row_step);
-    group_sum<2>(sums, parity);
+    group_sum(sums);
     const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
     const float rs = p.rowscale != nullptr ? p.rowscale[row] : 1.f;
-    const int64_t e0 = row * H + s.col0;
+    [[maybe_unused]] const int64_t e0 = row * H + s.col0;  // element (dropout counter) of vector 0
     const TX* dres_out = static_cast<const TX*>(p.dresidual_out) + row * p.dresidual_out_row_stride + s.col0;
     T* dx0 = static_cast<T*>(p.dx0) + row * p.dx_row_stride + s.col0;
     T* dx1 = static_cast<T*>(p.dx1) + row * p.dx_row_stride + s.col0;
+    [[maybe_unused]] const T* dz1_in = static_cast<const T*>(p.dz1) + row * p.dz_row_stride + s.col0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
@@ -750,6 +771,8 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
           wdy[j] = hg[it][j];
         }
       } else {
+        // dz1 again (from L2: the row was just read), which frees its registers across the reduction
+        if constexpr (kParallel) ag1[it] = load_packed_stream<T, kVec>(dz1_in + it * s.step);
         values(it, xhat, wdy, false);
       }
 #pragma unroll
@@ -792,11 +815,10 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
 
   int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (kPrefetch && row < p.rows) fetch(row);
-  int parity = 0;
-  for (; row < p.rows; row += row_step, parity ^= 1) {
+  for (; row < p.rows; row += row_step) {
     if constexpr (!kPrefetch) fetch(row);
-    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(row, parity, TypeTag<float>{});
-    else row_body(row, parity, TypeTag<T>{});
+    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(row, TypeTag<float>{});
+    else row_body(row, TypeTag<T>{});
   }
 
   // The block's partials: its row groups summed in order (a row group without rows adds zeros).
@@ -971,26 +993,45 @@ FlashAttnStatus persistent_blocks(Kernel kernel, int threads, size_t smem, int s
   return FLASHATTN_STATUS_OK;
 }
 
-// kElems = kIters * kVec columns per thread and row: 16 or 32; 16 falls back to 32 where the row would need
-// more than kRowsMaxWarps warps.
-template <typename T, int kVec, typename F>
-FlashAttnStatus with_rows_iters(int64_t nvec, int elems, F&& f) {
-  if (elems == 16 && warps_per_row(nvec, 16 / kVec) <= kRowsMaxWarps) return f(IntC<16 / kVec>{});
-  return f(IntC<32 / kVec>{});
+// Columns per thread and row (kIters * kVec) for the variant's `elems`, 16 or 32: 16 falls back to 32 where the
+// row would need more than kRowsMaxWarps warps.
+int rows_elems(int64_t nvec, int vec, int elems) {
+  return elems == 16 && warps_per_row(nvec, 16 / vec) <= kRowsMaxWarps ? 16 : 32;
 }
 
+// kWide32: whether 32 columns per thread are instantiated (see rows_fit_f32).
+template <typename T, int kVec, bool kWide32 = true, typename F>
+FlashAttnStatus with_rows_iters(int64_t nvec, int elems, F&& f) {
+  if constexpr (kWide32) {
+    if (rows_elems(nvec, kVec, elems) == 32) return f(IntC<32 / kVec>{});
+  }
+  return f(IntC<16 / kVec>{});
+}
+
+// Whether the rows kernels take rows of `hidden` columns whose data (f32: the tensors, or the forward's
+// residual) has float32 elements: only at 16 columns per thread (32 would spill), so up to 8192 columns; the
+// block family takes the rest.
+bool rows_fit_f32(bool f32, int64_t hidden, int vec, int elems) {
+  return !f32 || rows_elems(hidden / vec, vec, elems) == 16;
+}
+
+bool fwd_res_f32(const NormFwdParams& p) {
+  return p.residual != nullptr && p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
+}
+
+// The caller checked rows_fit_f32.
 template <typename T, int kVec>
 FlashAttnStatus launch_fwd_rows(const NormFwdParams& p, int elems, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
   int sms = 0;
   FlashAttnStatus s = device_limits(&sms, nullptr, function);
   if (s != FLASHATTN_STATUS_OK) return s;
-  return with_rows_iters<T, kVec>(nvec, elems, [&](auto iters) {
-    constexpr int kIters = decltype(iters)::value;
-    const int wpr = warps_per_row(nvec, kIters), rpb = rows_per_block(wpr);
-    const bool res_f32 = p.residual != nullptr && p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
-    return BOOL_SWITCH(res_f32, kResF32, [&] {
-      using TR = std::conditional_t<kResF32, float, T>;
+  return BOOL_SWITCH(fwd_res_f32(p), kResF32, [&] {
+    using TR = std::conditional_t<kResF32, float, T>;
+    constexpr bool kWide32 = sizeof(T) == 2 && sizeof(TR) == 2;
+    return with_rows_iters<T, kVec, kWide32>(nvec, elems, [&](auto iters) {
+      constexpr int kIters = decltype(iters)::value;
+      const int wpr = warps_per_row(nvec, kIters), rpb = rows_per_block(wpr);
       return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
         return BOOL_SWITCH(p.is_rms, kRms, [&] {
           auto kernel = norm_fwd_rows_kernel<T, TR, kVec, kIters, kDropout, kRms>;
@@ -1011,20 +1052,23 @@ size_t bwd_rows_smem(const NormBwdParams& p, const BwdSlots& sl, int rpb) {
   return size_t(rpb) * size_t(sl.count) * size_t(p.hidden) * sizeof(float);
 }
 
-// Whether the rows backward fits the device (one row group's partials in shared memory); the block family
-// takes the rest (the parallel norms' four slots at 16384 columns).
-bool bwd_rows_fit(const NormBwdParams& p, const BwdSlots& sl, int smem_optin) {
-  return bwd_rows_smem(p, sl, 1) <= size_t(smem_optin);
+// Whether the rows backward takes this case: rows_fit_f32, not float32 with both norms (their held values
+// would spill), and one row group's partials fit in shared memory (the parallel norms' four slots at 16384
+// columns do not).
+bool bwd_rows_fit(const NormBwdParams& p, const BwdSlots& sl, int vec, int elems, int smem_optin) {
+  if (p.dtype == FLASHATTN_DTYPE_FLOAT32 && p.weight1 != nullptr) return false;
+  return rows_fit_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32, p.hidden, vec, elems) &&
+         bwd_rows_smem(p, sl, 1) <= size_t(smem_optin);
 }
 
 // elems 16: xhat and w * dz held, the next row prefetched; 32: recomputed from the raw x and dz.
+// The caller checked bwd_rows_fit.
 template <typename T, int kVec>
 FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlots& sl, int sms, int smem_optin,
                                 int64_t* lanes, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
-  return with_rows_iters<T, kVec>(nvec, elems, [&](auto iters) {
+  return with_rows_iters<T, kVec, sizeof(T) == 2>(nvec, elems, [&](auto iters) {
     constexpr int kIters = decltype(iters)::value;
-    constexpr bool kPrefetch = kIters * kVec == 16;
     const int wpr = warps_per_row(nvec, kIters);
     int rpb = rows_per_block(wpr);
     while (rpb > 1 && bwd_rows_smem(p, sl, rpb) > size_t(smem_optin)) rpb /= 2;
@@ -1033,17 +1077,22 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlot
       using TX = std::conditional_t<kXF32, float, T>;
       return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
         return BOOL_SWITCH(p.weight1 != nullptr, kParallel, [&] {
-          auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch>;
-          FlashAttnStatus st = check_cuda(
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), function,
-              "cudaFuncSetAttribute(norm_bwd_rows_kernel)");
-          if (st != FLASHATTN_STATUS_OK) return st;
-          const int64_t want = std::min((p.rows + rpb - 1) / rpb, p.lanes - 8);  // see norm_bwd_lanes
-          st = persistent_blocks(kernel, 32 * wpr * rpb, smem, sms, want, lanes, function);
-          if (st != FLASHATTN_STATUS_OK) return st;
-          kernel<<<unsigned(*lanes), dim3(32 * wpr, rpb), smem, stream>>>(p, sl.slot[0], sl.slot[1], sl.slot[2],
-                                                                          sl.slot[3], sl.count);
-          return check_launch(function, "norm_bwd_rows_kernel");
+          if constexpr (sizeof(T) == 4 && kParallel) {
+            return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rows_kernel: float32 with weight1");  // see bwd_rows_fit
+          } else {
+            constexpr bool kPrefetch = kIters * kVec == 16;
+            auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch>;
+            FlashAttnStatus st = check_cuda(
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), function,
+                "cudaFuncSetAttribute(norm_bwd_rows_kernel)");
+            if (st != FLASHATTN_STATUS_OK) return st;
+            const int64_t want = std::min((p.rows + rpb - 1) / rpb, p.lanes - 8);  // see norm_bwd_lanes
+            st = persistent_blocks(kernel, 32 * wpr * rpb, smem, sms, want, lanes, function);
+            if (st != FLASHATTN_STATUS_OK) return st;
+            kernel<<<unsigned(*lanes), dim3(32 * wpr, rpb), smem, stream>>>(p, sl.slot[0], sl.slot[1], sl.slot[2],
+                                                                            sl.slot[3], sl.count);
+            return check_launch(function, "norm_bwd_rows_kernel");
+          }
         });
       });
     });
@@ -1093,11 +1142,11 @@ FlashAttnStatus launch_fwd(const NormFwdParams& p, cudaStream_t stream, const ch
   if constexpr (kVec == 1) {
     return launch_fwd_block<T, kVec>(p, stream, function);
   } else {
-    switch (pick_variant(kFwdRules, p.hidden)) {
-      case kBlock: return launch_fwd_block<T, kVec>(p, stream, function);
-      case kRows16: return launch_fwd_rows<T, kVec>(p, 16, stream, function);
-      default: return launch_fwd_rows<T, kVec>(p, 32, stream, function);
-    }
+    const int variant = pick_variant(kFwdRules, p.hidden);
+    const int elems = variant == kRows16 ? 16 : 32;
+    if (variant == kBlock || !rows_fit_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32 || fwd_res_f32(p), p.hidden, kVec, elems))
+      return launch_fwd_block<T, kVec>(p, stream, function);
+    return launch_fwd_rows<T, kVec>(p, elems, stream, function);
   }
 }
 
@@ -1111,7 +1160,8 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   if constexpr (kVec > 1) {
     s = device_limits(&sms, &smem_optin, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    if (bwd_rows_fit(p, sl, smem_optin)) variant = pick_variant(kBwdRules, p.hidden);
+    variant = pick_variant(kBwdRules, p.hidden);
+    if (variant != kBlock && !bwd_rows_fit(p, sl, kVec, variant == kRows16 ? 16 : 32, smem_optin)) variant = kBlock;
   }
   if (variant == kBlock) {
     s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
