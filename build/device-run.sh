@@ -105,15 +105,17 @@ if want train; then
 fi
 
 if want ops; then
-  # The memory-bound kernels against a copy of the same bytes, natively (no .NET); OPS_NCU='op size' adds an ncu
-  # report (memory and occupancy sections) of that case's kernels, e.g. OPS_NCU='norm_fwd 8192'.
+  # The memory-bound kernels against a copy of the same bytes, natively (no .NET), every kernel variant (one
+  # child process each, FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT); OPS_NCU='op size' adds an ncu report
+  # (memory and occupancy sections) of that case's kernels under the variant of the environment (default: the
+  # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32.
   /tmp/flashattn-native/FlashAttn.Native/ops_bench >"$OUT/ops.tsv" 2>"$OUT/ops.err"
   summary+=("ops_bench: rc $?")
   if [ -n "${OPS_NCU:-}" ]; then
     # shellcheck disable=SC2086
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats -k 'regex:norm|cross|rotary' \
-      --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
+      --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench --here $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
     summary+=("ops ncu ($OPS_NCU): rc $?")
   fi
 fi

@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <functional>
 #include <string>
 #include <vector>
@@ -282,8 +281,8 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
       {"FLASHATTN_CE_VARIANT", {"ce"}, {"auto", "block", "warp"}},
       {nullptr, {"rotary"}, {"-"}},
   };
-  std::vector<std::string> order;  // ops in the order of run_here's output
-  std::map<std::string, std::vector<std::string>> lines;
+  // (op and size, its lines), in the order the first child of each op met them: ascending sizes
+  std::vector<std::pair<std::string, std::vector<std::string>>> lines;
   int rc = 0;
   for (const Family& f : families) {
     for (const std::string& op : f.ops) {
@@ -299,8 +298,9 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
           const std::string line(buf);
           const size_t t1 = line.find('\t'), t2 = line.find('\t', t1 + 1);
           const std::string key = line.substr(0, t2);  // op and size
-          if (!lines.count(key)) order.push_back(key);
-          lines[key].push_back(line);
+          auto it = std::find_if(lines.begin(), lines.end(), [&](const auto& l) { return l.first == key; });
+          if (it == lines.end()) it = lines.insert(lines.end(), {key, {}});
+          it->second.push_back(line);
         }
         const int status = pclose(child);
         if (status != 0) {
@@ -310,9 +310,8 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
       }
     }
   }
-  // rows of one op and size together: the first child of an op met its sizes in ascending order
-  for (const std::string& k : order)
-    for (const std::string& l : lines[k]) std::fputs(l.c_str(), stdout);
+  for (const auto& k : lines)
+    for (const std::string& l : k.second) std::fputs(l.c_str(), stdout);
   return rc;
 }
 

@@ -669,7 +669,7 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
                                                           int slot_dw1, int slot_db1, int nslots) {
   constexpr int kP = kParallel ? kIters : 1;
   constexpr int kHeld = kPrefetch ? kIters : 1;
-  extern __shared__ float acc[];
+  extern __shared__ __align__(16) float acc[];
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
@@ -691,14 +691,13 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
   // x and dz of `row`, left in flight
   auto fetch = [&](int64_t row) {
     const TX* x = static_cast<const TX*>(p.x) + row * p.x_row_stride + s.col0;
-    const T* g0 = static_cast<const T*>(p.dz0) + row * p.dz_row_stride + s.col0;
-    const T* g1 = static_cast<const T*>(p.dz1) + row * p.dz_row_stride + s.col0;
+    const int64_t g = row * p.dz_row_stride + s.col0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
       ax[it] = load_packed_stream<TX, kVec>(x + it * s.step);
-      ag0[it] = load_packed_stream<T, kVec>(g0 + it * s.step);
-      if constexpr (kParallel) ag1[it] = load_packed_stream<T, kVec>(g1 + it * s.step);
+      ag0[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz0) + g + it * s.step);
+      if constexpr (kParallel) ag1[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz1) + g + it * s.step);
     }
   };
   float hx[kHeld][kVec], hg[kHeld][kVec];  // kPrefetch: xhat, w * dz of the row
@@ -756,10 +755,7 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
     const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
     const float rs = p.rowscale != nullptr ? p.rowscale[row] : 1.f;
     [[maybe_unused]] const int64_t e0 = row * H + s.col0;  // element (dropout counter) of vector 0
-    const TX* dres_out = static_cast<const TX*>(p.dresidual_out) + row * p.dresidual_out_row_stride + s.col0;
-    T* dx0 = static_cast<T*>(p.dx0) + row * p.dx_row_stride + s.col0;
-    T* dx1 = static_cast<T*>(p.dx1) + row * p.dx_row_stride + s.col0;
-    [[maybe_unused]] const T* dz1_in = static_cast<const T*>(p.dz1) + row * p.dz_row_stride + s.col0;
+    const int64_t dx_off = row * p.dx_row_stride + s.col0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
@@ -772,14 +768,16 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
         }
       } else {
         // dz1 again (from L2: the row was just read), which frees its registers across the reduction
-        if constexpr (kParallel) ag1[it] = load_packed_stream<T, kVec>(dz1_in + it * s.step);
+        if constexpr (kParallel)
+          ag1[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz1) + row * p.dz_row_stride + s.col0 + it * s.step);
         values(it, xhat, wdy, false);
       }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) dx[j] = rstd * (wdy[j] - (xhat[j] * c1 + c2));
       if (p.dresidual_out != nullptr) {
         float d[kVec];
-        to_floats(load_packed_stream<TX, kVec>(dres_out + it * s.step), d);
+        const int64_t off = row * p.dresidual_out_row_stride + s.col0 + it * s.step;
+        to_floats(load_packed_stream<TX, kVec>(static_cast<const TX*>(p.dresidual_out) + off), d);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dx[j] += d[j];
       }
@@ -797,7 +795,7 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
 #pragma unroll
         for (int j = 0; j < kVec; ++j) o[j] = dx[j] * rs;
       }
-      store_vec<T, kVec>(dx0 + it * s.step, o);
+      store_vec<T, kVec>(static_cast<T*>(p.dx0) + dx_off + it * s.step, o);
       if (p.dx1 != nullptr) {
         if constexpr (kDropout) {
           bool keep[kVec];
@@ -808,7 +806,7 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = dx[j];
         }
-        store_vec<T, kVec>(dx1 + it * s.step, o);
+        store_vec<T, kVec>(static_cast<T*>(p.dx1) + dx_off + it * s.step, o);
       }
     }
   };
@@ -999,7 +997,7 @@ int rows_elems(int64_t nvec, int vec, int elems) {
   return elems == 16 && warps_per_row(nvec, 16 / vec) <= kRowsMaxWarps ? 16 : 32;
 }
 
-// kWide32: whether 32 columns per thread are instantiated (see rows_fit_f32).
+// kWide32: whether 32 columns per thread are instantiated (see rows_elems_f32).
 template <typename T, int kVec, bool kWide32 = true, typename F>
 FlashAttnStatus with_rows_iters(int64_t nvec, int elems, F&& f) {
   if constexpr (kWide32) {
@@ -1008,18 +1006,19 @@ FlashAttnStatus with_rows_iters(int64_t nvec, int elems, F&& f) {
   return f(IntC<16 / kVec>{});
 }
 
-// Whether the rows kernels take rows of `hidden` columns whose data (f32: the tensors, or the forward's
-// residual) has float32 elements: only at 16 columns per thread (32 would spill), so up to 8192 columns; the
-// block family takes the rest.
-bool rows_fit_f32(bool f32, int64_t hidden, int vec, int elems) {
-  return !f32 || rows_elems(hidden / vec, vec, elems) == 16;
+// Columns per thread the rows kernels use for the variant's `elems` where the data (the tensors, or the
+// forward's residual) has float32 elements: 16, where that fits kRowsMaxWarps warps (up to 8192 columns;
+// 32 would spill), else 0 (the block family).
+int rows_elems_f32(bool f32, int64_t hidden, int vec, int elems) {
+  if (!f32) return rows_elems(hidden / vec, vec, elems);
+  return warps_per_row(hidden / vec, 16 / vec) <= kRowsMaxWarps ? 16 : 0;
 }
 
 bool fwd_res_f32(const NormFwdParams& p) {
   return p.residual != nullptr && p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
 }
 
-// The caller checked rows_fit_f32.
+// elems from rows_elems_f32.
 template <typename T, int kVec>
 FlashAttnStatus launch_fwd_rows(const NormFwdParams& p, int elems, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
@@ -1052,17 +1051,17 @@ size_t bwd_rows_smem(const NormBwdParams& p, const BwdSlots& sl, int rpb) {
   return size_t(rpb) * size_t(sl.count) * size_t(p.hidden) * sizeof(float);
 }
 
-// Whether the rows backward takes this case: rows_fit_f32, not float32 with both norms (their held values
-// would spill), and one row group's partials fit in shared memory (the parallel norms' four slots at 16384
-// columns do not).
-bool bwd_rows_fit(const NormBwdParams& p, const BwdSlots& sl, int vec, int elems, int smem_optin) {
-  if (p.dtype == FLASHATTN_DTYPE_FLOAT32 && p.weight1 != nullptr) return false;
-  return rows_fit_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32, p.hidden, vec, elems) &&
-         bwd_rows_smem(p, sl, 1) <= size_t(smem_optin);
+// Columns per thread of the rows backward for the variant's `elems` (rows_elems_f32), or 0 for the block
+// family: float32 with both norms (their held values would spill), or one row group's partials too large
+// for shared memory (the parallel norms' four slots at 16384 columns).
+int bwd_rows_elems(const NormBwdParams& p, const BwdSlots& sl, int vec, int elems, int smem_optin) {
+  if (p.dtype == FLASHATTN_DTYPE_FLOAT32 && p.weight1 != nullptr) return 0;
+  if (bwd_rows_smem(p, sl, 1) > size_t(smem_optin)) return 0;
+  return rows_elems_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32, p.hidden, vec, elems);
 }
 
-// elems 16: xhat and w * dz held, the next row prefetched; 32: recomputed from the raw x and dz.
-// The caller checked bwd_rows_fit.
+// elems 16: xhat and w * dz held, the next row prefetched; 32: recomputed from the raw x and dz (from
+// bwd_rows_elems).
 template <typename T, int kVec>
 FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlots& sl, int sms, int smem_optin,
                                 int64_t* lanes, cudaStream_t stream, const char* function) {
@@ -1078,7 +1077,7 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlot
       return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
         return BOOL_SWITCH(p.weight1 != nullptr, kParallel, [&] {
           if constexpr (sizeof(T) == 4 && kParallel) {
-            return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rows_kernel: float32 with weight1");  // see bwd_rows_fit
+            return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rows_kernel: float32 with weight1");  // see bwd_rows_elems
           } else {
             constexpr bool kPrefetch = kIters * kVec == 16;
             auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch>;
@@ -1143,9 +1142,10 @@ FlashAttnStatus launch_fwd(const NormFwdParams& p, cudaStream_t stream, const ch
     return launch_fwd_block<T, kVec>(p, stream, function);
   } else {
     const int variant = pick_variant(kFwdRules, p.hidden);
-    const int elems = variant == kRows16 ? 16 : 32;
-    if (variant == kBlock || !rows_fit_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32 || fwd_res_f32(p), p.hidden, kVec, elems))
-      return launch_fwd_block<T, kVec>(p, stream, function);
+    const int elems = variant == kBlock ? 0
+                                        : rows_elems_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32 || fwd_res_f32(p), p.hidden,
+                                                         kVec, variant == kRows16 ? 16 : 32);
+    if (elems == 0) return launch_fwd_block<T, kVec>(p, stream, function);
     return launch_fwd_rows<T, kVec>(p, elems, stream, function);
   }
 }
@@ -1155,18 +1155,18 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   const BwdSlots sl = bwd_slots(p);
   int64_t lanes = 0;
   FlashAttnStatus s = FLASHATTN_STATUS_OK;
-  int variant = kBlock;
+  int elems = 0;  // columns per thread of the rows family; 0: the block family
   int sms = 0, smem_optin = 0;
   if constexpr (kVec > 1) {
     s = device_limits(&sms, &smem_optin, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    variant = pick_variant(kBwdRules, p.hidden);
-    if (variant != kBlock && !bwd_rows_fit(p, sl, kVec, variant == kRows16 ? 16 : 32, smem_optin)) variant = kBlock;
+    const int variant = pick_variant(kBwdRules, p.hidden);
+    if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant == kRows16 ? 16 : 32, smem_optin);
   }
-  if (variant == kBlock) {
+  if (elems == 0) {
     s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
   } else if constexpr (kVec > 1) {
-    s = launch_bwd_rows<T, kVec>(p, variant == kRows16 ? 16 : 32, sl, sms, smem_optin, &lanes, stream, function);
+    s = launch_bwd_rows<T, kVec>(p, elems, sl, sms, smem_optin, &lanes, stream, function);
   }
   if (s != FLASHATTN_STATUS_OK) return s;
   const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
