@@ -2,7 +2,7 @@
 // chunk of a row streamed with an online max / sum of exponentials in the log2 domain), a per-row kernel
 // combines the chunks; the backward reads the logits once and writes the gradient once, in place when
 // dlogits is logits.
-// Two kernel families, chosen by the table in the launchers (measurements in ../norm/NOTES.md):
+// Two kernel families, chosen in the launchers (predictions and measurements in ../norm/NOTES.md):
 //  - warp: a warp per chunk of kCrossEntropyWarpChunk columns, kBatch 16-byte vectors per lane in flight,
 //    the max taken over a batch before its exponentials (one rescale per batch, not per vector);
 //  - block: a block of 256 threads per chunk of up to kCrossEntropyBlockChunk columns.
@@ -437,7 +437,8 @@ int env_variant() {
   return v;
 }
 
-// Measured by ops_bench on the H200 (bf16; NOTES.md): the warp kernels at every vocabulary.
+// The warp kernels at every vocabulary: predicted, not yet measured (../norm/NOTES.md); to be replaced by
+// ops_bench on the H200 (bf16, vocabularies 32000 to 256000, both variants).
 int pick_variant(int64_t /*vocab*/) {
   const int forced = env_variant();
   return forced != kAuto ? forced : int(kWarp);

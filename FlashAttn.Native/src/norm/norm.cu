@@ -1,13 +1,14 @@
 // Fused dropout + residual add + LayerNorm / RMSNorm, forward and backward.
 // Memory-bound: the forward reads x0 (x1, residual) once and writes z (and the new residual) once,
 // the row held in registers; the backward reads x and dz once and writes dx once, accumulating
-// dweight/dbias in registers, then a small deterministic kernel sums the partials.
-// Two kernel families, chosen per size by the tables in the launchers (measurements in NOTES.md):
-//  - rows: a group of wpr warps per row, each thread owning kIters vectors of kVec columns (16-byte
-//    accesses when every pointer, stride and the hidden size allow); a persistent grid walks the rows
-//    and loads the next row before reducing the current one; reductions by warp shuffles, with one
-//    exchange through shared memory when the row spans several warps.
-//  - block: (threads_per_row, rows_per_block) blocks, a row per thread group and launch slot.
+// dweight/dbias partials per block (or lane), then a small deterministic kernel sums the partials.
+// Two kernel families, chosen per size by the tables in the launchers (NOTES.md: floors, predictions,
+// measurements):
+//  - rows: a group of wpr warps per row, each thread owning kIters 16-byte vectors of kVec columns; a
+//    persistent grid walks the rows and loads the next row before reducing the current one; reductions
+//    by warp shuffles, with one exchange through shared memory when the row spans several warps.
+//  - block: (threads_per_row, rows_per_block) blocks, a row per thread group and launch slot; the only
+//    family for the scalar path (kVec = 1: a hidden size, stride or pointer that 16-byte vectors do not fit).
 
 #include <algorithm>
 #include <cstdlib>
@@ -1118,8 +1119,10 @@ int env_variant() {
   return v;
 }
 
-// Largest hidden size (up to 16384) each variant is chosen for, by ops_bench on the H200 (bf16, 16384 rows;
-// NOTES.md has the table and the ratios to the copy floor).
+// Largest hidden size (up to 16384) each variant is chosen for. Predicted, not yet measured (NOTES.md): rows16
+// where rows are short (more rows in flight a multiprocessor), rows32 from 4096 columns (half the per-row
+// reduction work per element), the backward's rows16 (its prefetch) while 16 columns a thread fit 16 warps.
+// To be replaced by ops_bench on the H200 (bf16, 16384 rows), every variant at every size.
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
