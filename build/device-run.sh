@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [package] [train] [ops] [bench] [memory] [peers] [sanitize]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [ops] [bench] [memory] [peers] [sanitize]
+#   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -57,6 +58,22 @@ if want onestage; then
   rc=$?
   grep -A4 "^failed " "$OUT/onestage.log" | grep -v "^    at \|^--$" | head -30 >> "$OUT/failures.txt"
   summary+=("one-stage backward tests (rc $rc, $((SECONDS - start)) s): $(grep -A5 "Test run summary" "$OUT/onestage.log" | tr -s ' \n' ' ')")
+fi
+
+if want variants; then
+  # The norm and cross-entropy tests again under each kernel variant the launchers' tables may not pick
+  # (FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT force one for every size; ops_bench times them).
+  start=$SECONDS
+  rc=0
+  for v in block rows16 rows32; do
+    FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
+    grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
+  done
+  for v in block warp; do
+    FLASHATTN_CE_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~CrossEntropyCudaTests" >"$OUT/variant-ce-$v.log" 2>&1 || rc=$?
+    grep -A4 "^failed " "$OUT/variant-ce-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[ce $v] /" | head -20 >> "$OUT/failures.txt"
+  done
+  summary+=("norm / cross-entropy tests under every variant (rc $rc, $((SECONDS - start)) s): $(grep -h "failed:" "$OUT"/variant-*.log | tr -s ' \n' ' ')")
 fi
 
 if want sanitize; then
