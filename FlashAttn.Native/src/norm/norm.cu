@@ -1119,15 +1119,16 @@ int env_variant() {
   return v;
 }
 
-// Largest hidden size (up to 16384) each variant is chosen for. Predicted, not yet measured (NOTES.md): rows16
-// where rows are short (more rows in flight a multiprocessor), rows32 from 4096 columns (half the per-row
-// reduction work per element), the backward's rows16 (its prefetch) while 16 columns a thread fit 16 warps.
-// To be replaced by ops_bench on the H200 (bf16, 16384 rows), every variant at every size.
+// Largest hidden size (up to 16384) each variant is chosen for. Predicted, not yet measured (NOTES.md): the
+// forward's rows32 everywhere (half the per-row reduction work per element of rows16, and one warp a row
+// without a shared-memory exchange up to 1024 columns), the backward's rows16 (xhat held, the next row
+// prefetched) while 16 columns a thread fit 16 warps. To be replaced by ops_bench on the H200 (bf16, 16384
+// rows, every variant at every size).
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
 };
-constexpr SizeRule kFwdRules[] = {{2048, kRows16}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{8192, kRows16}, {kNormMaxHidden, kRows32}};
 
 template <size_t N>
