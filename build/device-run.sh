@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [package] [train] [profile] [ops] [bench] [memory] [peers] [sanitize]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [bench] [memory] [peers]
+#   [sanitize]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -59,6 +60,22 @@ if want onestage; then
   summary+=("one-stage backward tests (rc $rc, $((SECONDS - start)) s): $(grep -A5 "Test run summary" "$OUT/onestage.log" | tr -s ' \n' ' ')")
 fi
 
+if want variants; then
+  # The norm and cross-entropy tests again under each kernel variant the launchers' tables may not pick
+  # (FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT force one for every size; ops_bench times them).
+  start=$SECONDS
+  rc=0
+  for v in block rows16 rows32; do
+    FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
+    grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
+  done
+  for v in block warp; do
+    FLASHATTN_CE_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~CrossEntropyCudaTests" >"$OUT/variant-ce-$v.log" 2>&1 || rc=$?
+    grep -A4 "^failed " "$OUT/variant-ce-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[ce $v] /" | head -20 >> "$OUT/failures.txt"
+  done
+  summary+=("norm / cross-entropy tests under every variant (rc $rc, $((SECONDS - start)) s): $(grep -h "failed:" "$OUT"/variant-*.log | tr -s ' \n' ' ')")
+fi
+
 if want sanitize; then
   # memcheck (every launch checked for bad accesses) over the rotary Cuda tests at s97: a few seconds; other ops
   # need their own filter here (memcheck instruments every memory access: keep the cases small).
@@ -114,15 +131,17 @@ if want profile; then
 fi
 
 if want ops; then
-  # The memory-bound kernels against a copy of the same bytes, natively (no .NET); OPS_NCU='op size' adds an ncu
-  # report (memory and occupancy sections) of that case's kernels, e.g. OPS_NCU='norm_fwd 8192'.
+  # The memory-bound kernels against a copy of the same bytes, natively (no .NET), every kernel variant (one
+  # child process each, FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT); OPS_NCU='op size' adds an ncu report
+  # (memory and occupancy sections) of that case's kernels under the variant of the environment (default: the
+  # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32.
   /tmp/flashattn-native/FlashAttn.Native/ops_bench >"$OUT/ops.tsv" 2>"$OUT/ops.err"
   summary+=("ops_bench: rc $?")
   if [ -n "${OPS_NCU:-}" ]; then
     # shellcheck disable=SC2086
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats -k 'regex:norm|cross|rotary' \
-      --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
+      --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench --here $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
     summary+=("ops ncu ($OPS_NCU): rc $?")
   fi
 fi

@@ -18,8 +18,9 @@ apt-get "${o[@]}" update -qq
 (cd "$work/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev libnvvm4 libcudart12)
 mkdir -p "$R"
 for f in "$work"/debs/*.deb; do dpkg -x "$f" "$R"; done
-# Debian's profile points at /usr; point it at the unpacked tree instead. The package ships it as a
-# link to /etc/nvcc.profile, which is CUDA 11.8's own: replace the link, never write through it.
+# Debian's profile points at /usr; point it at the unpacked tree instead. The package's nvcc.profile is a link to
+# /etc/nvcc.profile: replace the link, never write through it (that rewrote the system CUDA 11.8's profile, whose
+# nvcc then compiled against CUDA 12.4's headers and linked both libcudart_static).
 rm -f "$R/usr/lib/nvidia-cuda-toolkit/bin/nvcc.profile"
 cat > "$R/usr/lib/nvidia-cuda-toolkit/bin/nvcc.profile" <<PROFILE
 NVVMIR_LIBRARY_DIR = $R/usr/lib/nvidia-cuda-toolkit/libdevice

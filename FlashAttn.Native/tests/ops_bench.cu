@@ -1,8 +1,12 @@
 // ops_bench: the memory-bound kernels (norms, cross-entropy, rotary) timed against a device copy of the same
 // bytes, measured in the same process: the floor each kernel is held to (issue: within 1.3x of it).
-//   ops_bench                 every op at every size, one TSV line each
-//   ops_bench <op> [size]     one op (norm_fwd, norm_fwdbwd, rms_fwd, rms_fwdbwd, ce, rotary), for profilers:
-//                             ncu --clock-control none -k regex:norm --launch-count 3 ops_bench norm_fwd 8192
+//   ops_bench                 every op at every size under every kernel variant, one TSV line each
+//   ops_bench <op> [size]     one op (norm_fwd, norm_fwdbwd, rms_fwd, rms_fwdbwd, ce, rotary) under every variant
+//   ops_bench --here <op> [size]   in this process only, under the variant of the environment (for profilers:
+//                             FLASHATTN_NORM_VARIANT=rows16 ncu --clock-control none -k regex:norm
+//                             --launch-count 3 ops_bench --here norm_fwd 8192)
+// The launchers read FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT once per process, so each variant runs in a
+// child process of its own; "auto" is the launchers' table.
 // Times are medians of event-timed runs, each run cycling over several input sets whose total exceeds the L2
 // (so repeated runs are not served from the cache); the copy moves the op's minimum bytes (each input read once,
 // each output written once) with cudaMemcpyAsync, reads plus writes counted. Inputs are random, never zeros.
@@ -18,6 +22,8 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "flashattn.h"
 
@@ -124,10 +130,16 @@ double copy_floor_ms(size_t bytes) {
   return ms;
 }
 
-void report(const char* op, int64_t size, int64_t rows, size_t bytes, double ms) {
+// The variant this process runs: the environment variable of the op's family, "auto" when unset.
+const char* variant_of(const char* family_env) {
+  const char* v = family_env != nullptr ? std::getenv(family_env) : nullptr;
+  return family_env == nullptr ? "-" : v != nullptr ? v : "auto";
+}
+
+void report(const char* op, const char* family_env, int64_t size, int64_t rows, size_t bytes, double ms) {
   const double floor = copy_floor_ms(bytes);
-  std::printf("%s\t%lld\t%lld\t%.4f\t%.4f\t%.2f\t%.0f\t%.0f\n", op, (long long)size, (long long)rows, ms, floor,
-              ms / floor, bytes / ms / 1e6, bytes / floor / 1e6);
+  std::printf("%s\t%lld\t%s\t%lld\t%.4f\t%.4f\t%.2f\t%.0f\t%.0f\n", op, (long long)size, variant_of(family_env),
+              (long long)rows, ms, floor, ms / floor, bytes / ms / 1e6, bytes / floor / 1e6);
   std::fflush(stdout);
 }
 
@@ -182,7 +194,7 @@ void bench_norm(int64_t hidden, bool rms, bool backward) {
   });
   free_all();
   const char* op = rms ? (backward ? "rms_fwdbwd" : "rms_fwd") : (backward ? "norm_fwdbwd" : "norm_fwd");
-  report(op, hidden, rows, tensors * n * 2, ms);
+  report(op, "FLASHATTN_NORM_VARIANT", hidden, rows, tensors * n * 2, ms);
 }
 
 // cross-entropy forward + backward in place (inplace_backward): logits read twice, written once.
@@ -216,7 +228,7 @@ void bench_ce(int64_t vocab) {
                                    1.f, 0.f, -100, nullptr));
   });
   free_all();
-  report("ce_fwdbwd", vocab, rows, 3 * n * 2, ms);
+  report("ce_fwdbwd", "FLASHATTN_CE_VARIANT", vocab, rows, 3 * n * 2, ms);
 }
 
 // rotary on q (B 8, S 2048, H heads, D 128), out of place: x read, out written, cos/sin (S, 64) each read once.
@@ -236,20 +248,14 @@ void bench_rotary(int64_t heads) {
                               rd / 2, sb, ss, sh, sb, ss, sh, 0, 0, nullptr));
   });
   free_all();
-  report("rotary", heads, batch * seqlen, bytes, ms);
+  report("rotary", nullptr, heads, batch * seqlen, bytes, ms);
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const std::string only = argc > 1 ? argv[1] : "";
-  const int64_t size = argc > 2 ? std::atoll(argv[2]) : 0;
+// Runs the cases of `only` (all when empty) at `size` (all when 0) in this process.
+void run_here(const std::string& only, int64_t size) {
   auto want = [&](const char* op, int64_t s) { return (only.empty() || only == op) && (size == 0 || size == s); };
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("# ops_bench on %s (%d SMs, L2 %d MB); ms = median per call; floor = cudaMemcpyAsync of the same bytes\n",
-              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-  std::printf("op\tsize\trows\tms\tfloor_ms\tratio\tGB/s\tcopy_GB/s\n");
   for (int64_t h : {768, 2048, 4096, 8192, 16384}) {
     if (want("norm_fwd", h)) bench_norm(h, false, false);
     if (want("norm_fwdbwd", h)) bench_norm(h, false, true);
@@ -260,5 +266,73 @@ int main(int argc, char** argv) {
     if (want("ce", v)) bench_ce(v);
   for (int64_t h : {16, 64})
     if (want("rotary", h)) bench_rotary(h);
-  return 0;
+}
+
+// Each variant in a child process (the launchers read the variant once per process); the lines come back
+// sorted by op, size and variant.
+int run_variants(const char* self, const std::string& only, int64_t size) {
+  struct Family {
+    const char* env;
+    std::vector<std::string> ops;
+    std::vector<std::string> variants;
+  };
+  const std::vector<Family> families = {
+      {"FLASHATTN_NORM_VARIANT", {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"}, {"auto", "block", "rows16", "rows32"}},
+      {"FLASHATTN_CE_VARIANT", {"ce"}, {"auto", "block", "warp"}},
+      {nullptr, {"rotary"}, {"-"}},
+  };
+  // (op and size, its lines), in the order the first child of each op met them: ascending sizes
+  std::vector<std::pair<std::string, std::vector<std::string>>> lines;
+  int rc = 0;
+  for (const Family& f : families) {
+    for (const std::string& op : f.ops) {
+      if (!only.empty() && only != op) continue;
+      for (const std::string& v : f.variants) {
+        std::string cmd = (f.env != nullptr ? std::string(f.env) + "=" + v + " " : std::string()) + "'" + self +
+                          "' --here " + op + (size != 0 ? " " + std::to_string(size) : std::string());
+        FILE* child = popen(cmd.c_str(), "r");
+        if (child == nullptr) return 4;
+        char buf[512];
+        while (std::fgets(buf, sizeof(buf), child) != nullptr) {
+          if (buf[0] == '#' || std::strncmp(buf, "op\t", 3) == 0) continue;
+          const std::string line(buf);
+          const size_t t1 = line.find('\t'), t2 = line.find('\t', t1 + 1);
+          const std::string key = line.substr(0, t2);  // op and size
+          auto it = std::find_if(lines.begin(), lines.end(), [&](const auto& l) { return l.first == key; });
+          if (it == lines.end()) it = lines.insert(lines.end(), {key, {}});
+          it->second.push_back(line);
+        }
+        const int status = pclose(child);
+        if (status != 0) {
+          std::fprintf(stderr, "%s: exit status %d\n", cmd.c_str(), status);
+          rc = 5;
+        }
+      }
+    }
+  }
+  for (const auto& k : lines)
+    for (const std::string& l : k.second) std::fputs(l.c_str(), stdout);
+  return rc;
+}
+
+int main(int argc, char** argv) {
+  const bool here = argc > 1 && std::strcmp(argv[1], "--here") == 0;
+  const int a = here ? 2 : 1;
+  const std::string only = argc > a ? argv[a] : "";
+  const int64_t size = argc > a + 1 ? std::atoll(argv[a + 1]) : 0;
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# ops_bench on %s (%d SMs, L2 %d MB); ms = median per call; floor = cudaMemcpyAsync of the same bytes\n",
+              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  std::printf("op\tsize\tvariant\trows\tms\tfloor_ms\tratio\tGB/s\tcopy_GB/s\n");
+  std::fflush(stdout);
+  if (here) {
+    run_here(only, size);
+    return 0;
+  }
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return 4;
+  self[n] = 0;
+  return run_variants(self, only, size);
 }

@@ -6,8 +6,8 @@ namespace FlashAttn.Tests;
 
 /// <summary>
 /// The cross-entropy kernels against the float64 reference with the flash-attn rule, losses and gradients,
-/// at vocabularies 1000 to 128256, every dtype, with ignore_index, label smoothing, logit scale and z-loss;
-/// the in-place backward writes the same gradient into the logits buffer; strided rows.
+/// at vocabularies 1000 to 256000, every dtype, with ignore_index, label smoothing, logit scale (negative too)
+/// and z-loss; the in-place backward writes the same gradient into the logits buffer; strided rows.
 /// </summary>
 [Category(Gpu.Category)]
 public sealed class CrossEntropyCudaTests
@@ -18,7 +18,9 @@ public sealed class CrossEntropyCudaTests
     private static IEnumerable<TestCaseData> Cases()
     {
         var dtypes = new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 };
-        var vocabs = new[] { 1000, 16385, 32003, 50257, 128256 };
+        // 16385: a last chunk of one column, or none in rows that start unaligned; 256000: more chunks than a warp
+        // has lanes in the combine kernel
+        var vocabs = new[] { 1000, 16385, 32003, 50257, 128256, 256000 };
         int i = 0;
         foreach (var dt in dtypes)
         foreach (var v in vocabs)
@@ -61,6 +63,28 @@ public sealed class CrossEntropyCudaTests
         Tolerance.AssertClose(logits.grad!, ll.grad!, le.grad!, "dlogits");
         Assert.That(loss[1].to(ScalarType.Float32).item<float>(), Is.EqualTo(0f), "ignored row");
         Assert.That(logits.grad![1].abs().max().to(ScalarType.Float32).item<float>(), Is.EqualTo(0f), "ignored row: no gradient");
+    }
+
+    // A negative logit scale (the largest scaled logit is the smallest logit) and row counts that leave the
+    // kernels' last warps without a row or a chunk.
+    [TestCase(ScalarType.BFloat16, 50257, 13), TestCase(ScalarType.Float16, 4097, 3), TestCase(ScalarType.Float32, 32003, 7)]
+    public void NegativeLogitScaleAndOddRowCountsMatchReference(ScalarType dtype, int vocab, long n)
+    {
+        var dev = Gpu.Require();
+        var logits = (randn(n, vocab, device: dev) * 3).to(dtype).requires_grad_(true);
+        var labels = Labels(n, vocab, dev);
+        var (loss, z) = flash_attn.cross_entropy_loss(logits, labels, 0.1, -0.6, 1e-4);
+        var g = rand(n, device: dev);
+        loss.backward(new[] { g });
+        var le = logits.detach().to(ScalarType.Float64).requires_grad_(true);
+        var (lossE, zE, _) = Reference.cross_entropy(le, labels, 0.1, -0.6, 1e-4);
+        lossE.backward(new[] { g.to(ScalarType.Float64) });
+        var ll = logits.detach().clone().requires_grad_(true);
+        var (lossL, zL, _) = Reference.cross_entropy(ll, labels, 0.1, -0.6, 1e-4, compute_dtype: dtype);
+        lossL.backward(new[] { g.to(dtype) });
+        Tolerance.AssertClose(loss, lossL, lossE, "loss");
+        Tolerance.AssertClose(z, zL, zE, "z_loss");
+        Tolerance.AssertClose(logits.grad!, ll.grad!, le.grad!, "dlogits");
     }
 
     [TestCase(ScalarType.BFloat16, 50257), TestCase(ScalarType.Float16, 32003), TestCase(ScalarType.Float32, 128256)]

@@ -8,7 +8,9 @@ namespace FlashAttn.Tests;
 /// The fused norm kernels against the float64 reference with the flash-attn rule (error at most twice the
 /// low-precision reference's), forward and backward, at hidden sizes 40 to 16384, every dtype, LayerNorm and
 /// RMSNorm, prenorm and postnorm; dropout reproducible from the seed at the binomial keep rate, its backward
-/// consistent with the returned mask; the parallel-residual variant; strided and odd sizes.
+/// consistent with the returned mask; the parallel-residual variant; strided and odd sizes. The launchers pick
+/// a kernel family per size (rows: a warp group per row over a persistent grid; block: the scalar path and
+/// float32 data past 8192 columns); WidthsAndRowCountsOfEveryKernelPath covers each family's edges.
 /// </summary>
 [Category(Gpu.Category)]
 public sealed class NormCudaTests
@@ -41,10 +43,33 @@ public sealed class NormCudaTests
 
     [TestCaseSource(nameof(Cases))]
     public void ForwardAndBackwardMatchReference(ScalarType dtype, int hidden, bool rms, bool prenorm, bool weightF32,
-        bool residualInFp32, bool withRowscale)
+        bool residualInFp32, bool withRowscale) =>
+        CheckAgainstReference(dtype, hidden, hidden >= 12288 ? 300 : 3001, rms, prenorm, weightF32, residualInFp32, withRowscale);
+
+    // The edges of each kernel path (norm.cu's launchers): one row and row counts that leave a persistent grid's
+    // last rows or a block's row groups partly empty (768 columns: four row groups a block); 1000 columns (125
+    // 16-byte vectors: threads past the row); 4100 (not a multiple of 8: the scalar block kernels); 8192 (16 warps
+    // a row); 12288 and 16384 with a float32 residual (the forward's block kernels, the backward's rows kernels
+    // reading float32 x); float32 at 8192 (rows) and 12288 (block); zero-centred weights.
+    [TestCase(ScalarType.BFloat16, 768, 1, false, true, false, false, false)]
+    [TestCase(ScalarType.BFloat16, 768, 37, true, true, true, false, true)]
+    [TestCase(ScalarType.Float16, 1000, 5, false, false, false, false, false)]
+    [TestCase(ScalarType.BFloat16, 4100, 65, false, true, true, false, false)]
+    [TestCase(ScalarType.Float16, 4096, 513, true, true, false, true, false)]
+    [TestCase(ScalarType.BFloat16, 8192, 129, false, true, true, false, true)]
+    [TestCase(ScalarType.BFloat16, 12288, 33, false, true, true, true, false)]
+    [TestCase(ScalarType.BFloat16, 16384, 33, true, true, false, true, true)]
+    [TestCase(ScalarType.Float32, 8192, 70, false, true, false, false, false)]
+    [TestCase(ScalarType.Float32, 12288, 21, true, false, false, false, true)]
+    public void WidthsAndRowCountsOfEveryKernelPath(ScalarType dtype, int hidden, long rows, bool rms, bool prenorm,
+        bool weightF32, bool residualInFp32, bool zeroCentered) =>
+        CheckAgainstReference(dtype, hidden, rows, rms, prenorm, weightF32, residualInFp32, withRowscale: rows % 2 == 1,
+                              zeroCentered: zeroCentered);
+
+    private static void CheckAgainstReference(ScalarType dtype, int hidden, long rows, bool rms, bool prenorm, bool weightF32,
+        bool residualInFp32, bool withRowscale, bool zeroCentered = false)
     {
         var dev = Gpu.Require();
-        long rows = hidden >= 12288 ? 300 : 3001;
         var wt = weightF32 ? ScalarType.Float32 : dtype;
         var resT = residualInFp32 ? ScalarType.Float32 : dtype;
         var x0 = randn(rows, hidden, device: dev).to(dtype).requires_grad_(true);
@@ -54,8 +79,8 @@ public sealed class NormCudaTests
         var rowscale = withRowscale ? rand(rows, device: dev) + 0.5 : null;
 
         var (z, r, _) = rms
-            ? flash_attn.dropout_add_rms_norm(x0, res, w, b, 0.0, 1e-5, rowscale, prenorm: prenorm)
-            : flash_attn.dropout_add_layer_norm(x0, res, w, b, 0.0, 1e-5, rowscale, prenorm: prenorm);
+            ? flash_attn.dropout_add_rms_norm(x0, res, w, b, 0.0, 1e-5, rowscale, prenorm: prenorm, zero_centered_weight: zeroCentered)
+            : flash_attn.dropout_add_layer_norm(x0, res, w, b, 0.0, 1e-5, rowscale, prenorm: prenorm, zero_centered_weight: zeroCentered);
         Assert.That(z.dtype, Is.EqualTo(dtype));
         Assert.That(r is null, Is.EqualTo(!prenorm));
         if (prenorm) Assert.That(r!.dtype, Is.EqualTo(resT));
@@ -66,12 +91,12 @@ public sealed class NormCudaTests
         // exact: float64 on the inputs as the kernel saw them
         var e = Leaves(x0, res, w, b).Select(t => t.detach().to(ScalarType.Float64).requires_grad_(true)).ToArray();
         var re = Reference.dropout_add_norm(e[0], null, e[1], e[2], rms ? null : e[3], null, null, 0, 1e-5, rowscale, rms,
-                                            residual_dtype: ScalarType.Float64);
+                                            zeroCentered, residual_dtype: ScalarType.Float64);
         autograd.backward(Leaves(re.out0, prenorm ? re.residual : null), Leaves(gz.to(ScalarType.Float64), gr?.to(ScalarType.Float64)));
         // low precision: the same reference computed in x0's dtype
         var l = Leaves(x0, res, w, b).Select(t => t.detach().clone().requires_grad_(true)).ToArray();
         var rl = Reference.dropout_add_norm(l[0], null, l[1], l[2], rms ? null : l[3], null, null, 0, 1e-5, rowscale, rms,
-                                            residual_dtype: resT, compute_dtype: dtype);
+                                            zeroCentered, residual_dtype: resT, compute_dtype: dtype);
         autograd.backward(Leaves(rl.out0, prenorm ? rl.residual : null), Leaves(gz, gr));
 
         Tolerance.AssertClose(z, rl.out0, re.out0, "out");
@@ -82,11 +107,12 @@ public sealed class NormCudaTests
         if (!rms) Tolerance.AssertClose(b!.grad!, l[3].grad!, e[3].grad!, "dbias", factor: GradFactor);
     }
 
-    [TestCase(ScalarType.BFloat16, 1000, 0.1), TestCase(ScalarType.Float16, 4096, 0.37), TestCase(ScalarType.Float32, 768, 0.5)]
-    public void DropoutIsReproducibleAtTheKeepRateAndItsBackwardUsesTheMask(ScalarType dtype, int hidden, double p)
+    // 12288 columns: 32 columns a thread (the rows forward and the recomputing rows backward)
+    [TestCase(ScalarType.BFloat16, 1000, 0.1, 2048), TestCase(ScalarType.Float16, 4096, 0.37, 2048),
+     TestCase(ScalarType.Float32, 768, 0.5, 2048), TestCase(ScalarType.BFloat16, 12288, 0.2, 301)]
+    public void DropoutIsReproducibleAtTheKeepRateAndItsBackwardUsesTheMask(ScalarType dtype, int hidden, double p, long rows)
     {
         var dev = Gpu.Require();
-        const long rows = 2048;
         var x0 = randn(rows, hidden, device: dev).to(dtype).requires_grad_(true);
         var res = randn(rows, hidden, device: dev).to(dtype).requires_grad_(true);
         var w = (randn(hidden, device: dev) * 0.3 + 1).to(dtype).requires_grad_(true);
@@ -124,11 +150,14 @@ public sealed class NormCudaTests
         Tolerance.AssertClose(b.grad!, l[3].grad!, e[3].grad!, "dbias", factor: GradFactor);
     }
 
-    [TestCase(ScalarType.BFloat16, false), TestCase(ScalarType.Float16, true), TestCase(ScalarType.Float32, false)]
-    public void ParallelResidualMatchesReference(ScalarType dtype, bool rms)
+    // 8192 columns: the rows backward's four partial slots in shared memory; 16384: too large for it (block
+    // kernels); float32: the block backward at every size.
+    [TestCase(ScalarType.BFloat16, false, 2048, 1500), TestCase(ScalarType.Float16, true, 2048, 1500),
+     TestCase(ScalarType.Float32, false, 2048, 1500), TestCase(ScalarType.BFloat16, false, 8192, 257),
+     TestCase(ScalarType.Float16, true, 16384, 97)]
+    public void ParallelResidualMatchesReference(ScalarType dtype, bool rms, long hidden, long rows)
     {
         var dev = Gpu.Require();
-        const long rows = 1500, hidden = 2048;
         const double p = 0.2;
         var ins = new[] { randn(rows, hidden, device: dev), randn(rows, hidden, device: dev), randn(rows, hidden, device: dev) }
             .Select(t => t.to(dtype).requires_grad_(true)).ToArray();
@@ -157,13 +186,16 @@ public sealed class NormCudaTests
         for (int i = 0; i < all.Length; i++) Tolerance.AssertClose(all[i].grad!, l[i].grad!, e[i].grad!, names[i], factor: GradFactor);
     }
 
-    [TestCase(ScalarType.BFloat16, 1001), TestCase(ScalarType.Float16, 77), TestCase(ScalarType.Float32, 4099)]
-    public void StridedRowsAndOddHiddenTakeTheScalarPath(ScalarType dtype, int hidden)
+    // odd widths or offsets: the scalar block kernels; 1024 columns 8 apart in rows of 1032: 16-byte vectors with
+    // a row stride that is not the hidden size (the rows kernels)
+    [TestCase(ScalarType.BFloat16, 1001, 5, 3), TestCase(ScalarType.Float16, 77, 5, 3), TestCase(ScalarType.Float32, 4099, 5, 3),
+     TestCase(ScalarType.BFloat16, 1024, 8, 8), TestCase(ScalarType.Float32, 1024, 8, 4)]
+    public void StridedRowsAndOddHiddenMatchReference(ScalarType dtype, int hidden, int pad, int offset)
     {
         var dev = Gpu.Require();
         // x0 viewed out of a wider buffer: the row stride is not the hidden size
-        var buf = randn(513, hidden + 5, device: dev).to(dtype);
-        var x0 = buf[.., 3..(hidden + 3)].requires_grad_(false).detach().requires_grad_(true);
+        var buf = randn(513, hidden + pad, device: dev).to(dtype);
+        var x0 = buf[.., offset..(hidden + offset)].requires_grad_(false).detach().requires_grad_(true);
         var w = (randn(hidden, device: dev) * 0.3 + 1).to(dtype).requires_grad_(true);
         var z = flash_attn.layer_norm(x0, w, null, 1e-6, zero_centered_weight: true);
         var g = randn_like(z);

@@ -4,6 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace flashattn {
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -36,6 +39,90 @@ __device__ __forceinline__ void store_float(T* p, const float (&in)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) r.v[i] = from_float<T>(in[i]);
   *reinterpret_cast<Vec<T, N>*>(p) = r;
+}
+
+// The split form of load_float for kernels that keep several loads in flight: a vector is loaded as packed
+// 32-bit words (nothing waits on them; a Vec of 16-bit elements would be split into one register per element
+// as soon as it arrives) and converted later, one instruction per element.
+template <typename T, int N>
+struct Packed {
+  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors");
+  static constexpr int kWords = N * int(sizeof(T)) / 4;
+  uint32_t w[kWords];
+};
+
+// Loads a vector through L2 only (ld.global.cg), for data read once by the kernel: streamed data then leaves
+// L1 to what is read again (weights read for every row).
+template <typename T, int N>
+__device__ __forceinline__ Packed<T, N> load_packed_stream(const T* p) {
+  Packed<T, N> r;
+#pragma unroll
+  for (int i = 0; i < Packed<T, N>::kWords / 4; ++i) {
+    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p) + i);
+    r.w[4 * i] = v.x;
+    r.w[4 * i + 1] = v.y;
+    r.w[4 * i + 2] = v.z;
+    r.w[4 * i + 3] = v.w;
+  }
+  return r;
+}
+
+// The same through L1 (data read again, such as weights).
+template <typename T, int N>
+__device__ __forceinline__ Packed<T, N> load_packed(const T* p) {
+  Packed<T, N> r;
+#pragma unroll
+  for (int i = 0; i < Packed<T, N>::kWords / 4; ++i) {
+    const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+    r.w[4 * i] = v.x;
+    r.w[4 * i + 1] = v.y;
+    r.w[4 * i + 2] = v.z;
+    r.w[4 * i + 3] = v.w;
+  }
+  return r;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void to_floats(const Packed<T, N>& r, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < Packed<T, N>::kWords; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = __uint_as_float(r.w[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // a bfloat16 is the high half of a float32
+      out[2 * i] = __uint_as_float(r.w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(r.w[i] & 0xffff0000u);
+    } else {
+      static_assert(std::is_same_v<T, __half>, "float, __half or __nv_bfloat16");
+      __half2 h;
+      *reinterpret_cast<uint32_t*>(&h) = r.w[i];
+      const float2 f = __half22float2(h);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
+  to_floats(load_packed<T, N>(p), out);
+}
+
+// Rounds N floats to T, two at a time for the 16-bit types (one packed conversion per pair).
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> from_floats(const float (&in)[N]) {
+  Vec<T, N> r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) *reinterpret_cast<__nv_bfloat162*>(&r.v[i]) = __floats2bfloat162_rn(in[i], in[i + 1]);
+  } else if constexpr (std::is_same_v<T, __half> && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) *reinterpret_cast<__half2*>(&r.v[i]) = __floats2half2_rn(in[i], in[i + 1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = from_float<T>(in[i]);
+  }
+  return r;
 }
 
 }  // namespace flashattn

@@ -1,12 +1,19 @@
-// Softmax cross-entropy over large vocabularies, memory-bound: the forward reads the logits once
-// (each block streams a chunk of up to 16384 columns of one row with an online max / sum of
-// exponentials, in the log2 domain), a per-row kernel combines the chunks; the backward reads the
-// logits once and writes the gradient once, in place when dlogits is logits.
-// Rows need not be 16-byte aligned (vocab 50257): each chunk runs a scalar head up to the first
-// aligned column, 16-byte vectors, then a scalar tail.
+// Softmax cross-entropy over large vocabularies, memory-bound: the forward reads the logits once (each
+// chunk of a row streamed with an online max / sum of exponentials in the log2 domain), a per-row kernel
+// combines the chunks; the backward reads the logits once and writes the gradient once, in place when
+// dlogits is logits.
+// Two kernel families, chosen in the launchers (predictions and measurements in ../norm/NOTES.md):
+//  - warp: a warp per chunk of kCrossEntropyWarpChunk columns, kBatch 16-byte vectors per lane in flight,
+//    the max taken over a batch before its exponentials (one rescale per batch, not per vector);
+//  - block: a block of 256 threads per chunk of up to kCrossEntropyBlockChunk columns.
+// Rows need not be 16-byte aligned (vocab 50257): a chunk runs a scalar head up to the first aligned
+// column, 16-byte vectors, then a scalar tail.
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "common/cuda_check.cuh"
 #include "common/dtype.h"
@@ -28,12 +35,32 @@ struct Online {
   float sum;  // sum of the scaled logits (natural units), for label smoothing
 };
 
+// 2^x by the multi-function unit alone (ex2.approx.ftz: relative error below 2^-22, results under 2^-126
+// flushed to 0, which a sum of at least 1 never notices).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ Online combine(Online a, Online b) {
   if (a.m == -INFINITY) return {b.m, b.s, a.sum + b.sum};
   if (b.m == -INFINITY) return {a.m, a.s, a.sum + b.sum};
   const float m = fmaxf(a.m, b.m);
-  return {m, a.s * exp2f(a.m - m) + b.s * exp2f(b.m - m), a.sum + b.sum};
+  return {m, a.s * fast_exp2(a.m - m) + b.s * fast_exp2(b.m - m), a.sum + b.sum};
 }
+
+__device__ __forceinline__ Online warp_combine(Online o) {
+#pragma unroll
+  for (int m = 16; m >= 1; m >>= 1) {
+    Online other{__shfl_xor_sync(0xffffffffu, o.m, m), __shfl_xor_sync(0xffffffffu, o.s, m),
+                 __shfl_xor_sync(0xffffffffu, o.sum, m)};
+    o = combine(o, other);
+  }
+  return o;
+}
+
+// block kernels: a block per chunk of a row, 256 threads.
 
 // Adds N logits (already scaled to the log2 domain in v2, natural in v) to the running state.
 template <int N>
@@ -82,7 +109,7 @@ __device__ __forceinline__ void for_chunk(const T* row, int64_t c0, int64_t c1, 
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
+__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_block_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
   const int64_t c0 = chunk * width, c1 = min(p.vocab, c0 + width);
   const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
@@ -106,12 +133,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const Cross
         accumulate<kVec>(o, v2, v);
       });
   // block reduction: warps by shuffles, then the first warp over the warps' results
-#pragma unroll
-  for (int m = 16; m >= 1; m >>= 1) {
-    Online other{__shfl_xor_sync(0xffffffffu, o.m, m), __shfl_xor_sync(0xffffffffu, o.s, m),
-                 __shfl_xor_sync(0xffffffffu, o.sum, m)};
-    o = combine(o, other);
-  }
+  o = warp_combine(o);
   __shared__ Online red[kThreads / 32];
   if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = o;
   __syncthreads();
@@ -125,35 +147,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const Cross
   }
 }
 
-// One thread per row: combines the row's chunks, reads the label's logit, writes loss/z_loss/lse.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) cross_entropy_combine_kernel(const CrossEntropyParams p, int64_t chunks) {
-  const int64_t row = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (row >= p.rows) return;
-  const float* ws = p.workspace + row * chunks * 3;
-  Online t{ws[0], ws[1], ws[2]};
-  for (int64_t c = 1; c < chunks; ++c) t = combine(t, Online{ws[3 * c], ws[3 * c + 1], ws[3 * c + 2]});
-  const float lse = (t.m + log2f(t.s)) * kLn2;
-  p.lse[row] = lse;
-  const int64_t label = p.labels[row];
-  float loss = 0.f, zl = 0.f;
-  if (label != p.ignore_index) {
-    if (label < 0 || label >= p.vocab) {
-      loss = zl = NAN;  // never a finite loss for a label outside the vocabulary; the host hears of it
-      record_device_error(p.error, FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL, row, label);
-    } else {
-      const float zlabel = to_float(static_cast<const T*>(p.logits)[row * p.logits_row_stride + label]) * p.logit_scale;
-      zl = p.lse_square_scale * lse * lse;
-      loss = lse - (1.f - p.label_smoothing) * zlabel + zl;
-      if (p.label_smoothing > 0.f) loss -= p.label_smoothing * t.sum / float(p.vocab);
-    }
-  }
-  p.loss[row] = loss;
-  if (p.z_loss != nullptr) p.z_loss[row] = zl;
-}
-
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
+__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_block_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
   const int64_t c0 = chunk * width, c1 = min(p.vocab, c0 + width);
   const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
@@ -200,30 +195,301 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const Cross
   for (int64_t c = s.tb + threadIdx.x; c < c1; c += kThreads) scalar(c);
 }
 
+// ----------------------------------------------------------------------------
+// warp kernels: a warp per (row, chunk of kCrossEntropyWarpChunk columns), 8 warps a block.
+
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kBatch = 4;  // 16-byte vectors per lane loaded before any is used
+
+// Columns [c0, c1) of chunk `chunk` of a row: a scalar head [c0, vb) up to the first 16-byte aligned column,
+// nv kVec-wide vectors from vb, a scalar tail [tb, c1). Chunk boundaries sit at aligned columns, so only the
+// first chunk has a head and only the last a tail. Without vector_ok everything is head.
+struct WarpChunk {
+  int64_t c0, vb, nv, tb, c1;
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ WarpChunk warp_chunk(const T* row, int64_t vocab, int64_t chunk, int64_t chunks,
+                                                bool vector_ok) {
+  const int64_t a = vector_ok ? min(vocab, int64_t((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16 / sizeof(T))) : 0;
+  const int64_t c0 = chunk == 0 ? 0 : min(vocab, a + chunk * kCrossEntropyWarpChunk);
+  const int64_t c1 = chunk == chunks - 1 ? vocab : min(vocab, a + (chunk + 1) * kCrossEntropyWarpChunk);
+  if (!vector_ok) return {c0, c1, 0, c1, c1};
+  const int64_t vb = min(max(c0, a), c1);
+  const int64_t nv = (c1 - vb) / kVec;
+  return {c0, vb, nv, vb + nv * kVec, c1};
+}
+
+// Largest of x * sign(scale) over the vectors raw[0 .. nb): taken on the packed 16-bit values (one
+// instruction per pair; a max is exact in any precision), NaNs skipped as by fmaxf.
+template <typename T, int kVec, int kB>
+__device__ __forceinline__ float batch_top(const Packed<T, kVec> (&raw)[kB], int nb, bool positive) {
+  constexpr int kW = Packed<T, kVec>::kWords;
+  if constexpr (std::is_same_v<T, float>) {
+    float top = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      if (u >= nb) break;
+#pragma unroll
+      for (int w = 0; w < kW; ++w) top = fmaxf(top, positive ? __uint_as_float(raw[u].w[w]) : -__uint_as_float(raw[u].w[w]));
+    }
+    return top;
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    const float inf = INFINITY;
+    T2 m;
+    if (positive) {
+      m = T2{from_float<T>(-inf), from_float<T>(-inf)};
+#pragma unroll
+      for (int u = 0; u < kB; ++u) {
+        if (u >= nb) break;
+#pragma unroll
+        for (int w = 0; w < kW; ++w) m = __hmax2(m, *reinterpret_cast<const T2*>(&raw[u].w[w]));
+      }
+      return fmaxf(to_float(m.x), to_float(m.y));
+    }
+    m = T2{from_float<T>(inf), from_float<T>(inf)};
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      if (u >= nb) break;
+#pragma unroll
+      for (int w = 0; w < kW; ++w) m = __hmin2(m, *reinterpret_cast<const T2*>(&raw[u].w[w]));
+    }
+    return -fminf(to_float(m.x), to_float(m.y));
+  }
+}
+
+// Rescales the running state to a new candidate maximum mb (log2 domain); returns the offset the
+// exponentials take (0 while everything so far is -inf: every term is then 0).
+__device__ __forceinline__ float raise_max(Online& o, float mb) {
+  if (mb > o.m) {
+    o.s = o.m == -INFINITY ? 0.f : o.s * fast_exp2(o.m - mb);
+    o.m = mb;
+  }
+  return o.m == -INFINITY ? 0.f : o.m;
+}
+
+// Adds the vectors raw[0 .. nb) (kFull: nb == kB) to the running state: their maximum first, then one rescale
+// of the sum and one exponential per logit. scale2 = logit_scale * log2(e), of either sign.
+template <bool kSmooth, bool kFull, typename T, int kVec, int kB>
+__device__ __forceinline__ void add_vectors(Online& o, const Packed<T, kVec> (&raw)[kB], int nb, float scale2) {
+  const float off = raise_max(o, batch_top(raw, kFull ? kB : nb, scale2 >= 0.f) * fabsf(scale2));
+#pragma unroll
+  for (int u = 0; u < kB; ++u) {
+    if (!kFull && u >= nb) break;
+    float x[kVec];
+    to_floats(raw[u], x);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      o.s += fast_exp2(fmaf(x[j], scale2, -off));
+      if constexpr (kSmooth) o.sum += x[j];
+    }
+  }
+}
+
+template <bool kSmooth>
+__device__ __forceinline__ void add_scalar(Online& o, float x, float scale2) {
+  const float off = raise_max(o, x * scale2);
+  o.s += fast_exp2(fmaf(x, scale2, -off));
+  if constexpr (kSmooth) o.sum += x;
+}
+
+// Forward: one warp's chunk -> workspace (max, sum of exponentials, sum of logits) at (row, chunk).
+template <typename T, bool kSmooth>
+__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_warp_kernel(const CrossEntropyParams p, int64_t chunks) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t unit = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (unit >= p.rows * chunks) return;  // the whole warp
+  const int64_t row = unit / chunks, chunk = unit - row * chunks;
+  const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  const WarpChunk r = warp_chunk<T, kVec>(rowp, p.vocab, chunk, chunks, true);
+  const float scale2 = p.logit_scale * kLog2e;
+  Online o{-INFINITY, 0.f, 0.f};
+  for (int64_t c = r.c0 + lane; c < r.vb; c += 32) add_scalar<kSmooth>(o, to_float(rowp[c]), scale2);
+  for (int64_t c = r.tb + lane; c < r.c1; c += 32) add_scalar<kSmooth>(o, to_float(rowp[c]), scale2);
+  const T* vp = rowp + r.vb;
+  for (int64_t i0 = lane; i0 < r.nv; i0 += 32 * kBatch) {
+    Packed<T, kVec> raw[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (i0 + 32 * u < r.nv) raw[u] = load_packed_stream<T, kVec>(vp + (i0 + 32 * u) * kVec);
+    // the lane's valid vectors are a prefix of the batch: all of it but at the end of the chunk
+    const int nb = int(min(int64_t(kBatch), (r.nv - i0 + 31) / 32));
+    if (nb == kBatch) add_vectors<kSmooth, true>(o, raw, nb, scale2);
+    else add_vectors<kSmooth, false>(o, raw, nb, scale2);
+  }
+  o.sum *= p.logit_scale;
+  o = warp_combine(o);
+  if (lane == 0) {
+    float* ws = p.workspace + unit * 3;
+    ws[0] = o.m;
+    ws[1] = o.s;
+    ws[2] = o.sum;
+  }
+}
+
+// Backward: dlogits of one warp's chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_warp_kernel(const CrossEntropyParams p, int64_t chunks) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t unit = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (unit >= p.rows * chunks) return;
+  const int64_t row = unit / chunks, chunk = unit - row * chunks;
+  const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  T* drow = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
+  // vectors need the same misalignment in logits and dlogits (always true in place)
+  const bool vector_ok = (reinterpret_cast<uintptr_t>(rowp) % 16) == (reinterpret_cast<uintptr_t>(drow) % 16);
+  const WarpChunk r = warp_chunk<T, kVec>(rowp, p.vocab, chunk, chunks, vector_ok);
+  const int64_t label = p.labels[row];
+  if (label == p.ignore_index) {
+    for (int64_t c = r.c0 + lane; c < r.vb; c += 32) drow[c] = from_float<T>(0.f);
+    for (int64_t c = r.tb + lane; c < r.c1; c += 32) drow[c] = from_float<T>(0.f);
+    const float zero[kVec] = {};
+    for (int64_t i = lane; i < r.nv; i += 32) store_float<T, kVec>(drow + r.vb + i * kVec, zero);
+    return;
+  }
+  const float lse = p.lse[row];
+  const float scale2 = p.logit_scale * kLog2e, lse2 = lse * kLog2e;
+  // a label outside the vocabulary (recorded by the forward): a NaN gradient for its row, as its loss
+  const float g = label < 0 || label >= p.vocab ? NAN : p.dloss[row * p.dloss_stride] * p.logit_scale;
+  // dlogits = g * (softmax * (1 + 2 lse_square_scale lse) - smoothing / vocab - (1 - smoothing) [c == label])
+  const float gp = g * (1.f + 2.f * p.lse_square_scale * lse);
+  const float gs = g * (p.label_smoothing / float(p.vocab)), gh = g * (1.f - p.label_smoothing);
+  auto grad = [&](float x) { return fmaf(fast_exp2(fmaf(x, scale2, -lse2)), gp, -gs); };
+  auto scalar = [&](int64_t c) { drow[c] = from_float<T>(grad(to_float(rowp[c])) - (c == label ? gh : 0.f)); };
+  for (int64_t c = r.c0 + lane; c < r.vb; c += 32) scalar(c);
+  for (int64_t c = r.tb + lane; c < r.c1; c += 32) scalar(c);
+  // the vector and element holding the label, if in this chunk's vectors
+  const int64_t lrel = label - r.vb;
+  const int64_t lvec = lrel >= 0 && lrel < r.nv * kVec ? lrel / kVec : -1;
+  const int lcol = int(lrel - lvec * kVec);
+  // kBatch vectors loaded before any is stored: in place, a store may alias a later load, so the compiler
+  // keeps a load -> compute -> store loop serial; batching puts kBatch loads in flight.
+  const T* vp = rowp + r.vb;
+  T* dvp = drow + r.vb;
+  for (int64_t i0 = lane; i0 < r.nv; i0 += 32 * kBatch) {
+    Packed<T, kVec> raw[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (i0 + 32 * u < r.nv) raw[u] = load_packed_stream<T, kVec>(vp + (i0 + 32 * u) * kVec);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = i0 + 32 * u;
+      if (i >= r.nv) break;
+      float x[kVec];
+      to_floats(raw[u], x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[j] = grad(x[j]);
+      if (i == lvec) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          if (j == lcol) x[j] -= gh;
+      }
+      *reinterpret_cast<Vec<T, kVec>*>(dvp + i * kVec) = from_floats<T, kVec>(x);
+    }
+  }
+}
+
+// One warp per row: combines the row's chunks, reads the label's logit, writes loss / z_loss / lse.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_combine_kernel(const CrossEntropyParams p, int64_t chunks) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  const float* ws = p.workspace + row * chunks * 3;
+  Online t{-INFINITY, 0.f, 0.f};
+  for (int64_t c = lane; c < chunks; c += 32) t = combine(t, Online{ws[3 * c], ws[3 * c + 1], ws[3 * c + 2]});
+  t = warp_combine(t);
+  if (lane != 0) return;
+  const float lse = (t.m + log2f(t.s)) * kLn2;
+  p.lse[row] = lse;
+  const int64_t label = p.labels[row];
+  float loss = 0.f, zl = 0.f;
+  if (label != p.ignore_index) {
+    if (label < 0 || label >= p.vocab) {
+      loss = zl = NAN;  // never a finite loss for a label outside the vocabulary; the host hears of it
+      record_device_error(p.error, FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL, row, label);
+    } else {
+      const float zlabel = to_float(static_cast<const T*>(p.logits)[row * p.logits_row_stride + label]) * p.logit_scale;
+      zl = p.lse_square_scale * lse * lse;
+      loss = lse - (1.f - p.label_smoothing) * zlabel + zl;
+      if (p.label_smoothing > 0.f) loss -= p.label_smoothing * t.sum / float(p.vocab);
+    }
+  }
+  p.loss[row] = loss;
+  if (p.z_loss != nullptr) p.z_loss[row] = zl;
+}
+
+// ----------------------------------------------------------------------------
+// launchers
+
+// The kernels for every vocabulary: the table below, or one family for every size with FLASHATTN_CE_VARIANT
+// (read once per process; ops_bench measures each family that way).
+enum CeVariant : int { kAuto = -1, kBlock = 0, kWarp = 1 };
+constexpr const char* kCeVariantNames[] = {"block", "warp"};
+
+int env_variant() {
+  static const int v = [] {
+    const char* s = std::getenv("FLASHATTN_CE_VARIANT");
+    if (s != nullptr) {
+      for (int i = 0; i < 2; ++i)
+        if (std::strcmp(s, kCeVariantNames[i]) == 0) return i;
+    }
+    return int(kAuto);
+  }();
+  return v;
+}
+
+// The warp kernels at every vocabulary: predicted, not yet measured (../norm/NOTES.md); to be replaced by
+// ops_bench on the H200 (bf16, vocabularies 32000 to 256000, both variants).
+int pick_variant(int64_t /*vocab*/) {
+  const int forced = env_variant();
+  return forced != kAuto ? forced : int(kWarp);
+}
+
 }  // namespace
 
 FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int64_t chunks = cross_entropy_chunks(p.vocab);
-  const int64_t blocks = p.rows * chunks, width = cross_entropy_chunk_width(p.vocab);
+  const bool warp = pick_variant(p.vocab) == kWarp;
+  const int64_t chunks = cross_entropy_chunks(p.vocab, warp ? kCrossEntropyWarpChunk : kCrossEntropyBlockChunk);
   return FLOAT_SWITCH(p.dtype, T, [&] {
     constexpr int kVec = 16 / sizeof(T);
-    cross_entropy_fwd_kernel<T, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks, width);
-    FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_kernel");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    cross_entropy_combine_kernel<T><<<unsigned((p.rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, chunks);
+    if (warp) {
+      const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+      BOOL_SWITCH(p.label_smoothing > 0.f, kSmooth, [&] {
+        cross_entropy_fwd_warp_kernel<T, kSmooth><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+      });
+      FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_warp_kernel");
+      if (s != FLASHATTN_STATUS_OK) return s;
+    } else {
+      cross_entropy_fwd_block_kernel<T, kVec>
+          <<<unsigned(p.rows * chunks), kThreads, 0, stream>>>(p, chunks, cross_entropy_block_width(p.vocab));
+      FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_block_kernel");
+      if (s != FLASHATTN_STATUS_OK) return s;
+    }
+    const int64_t blocks = (p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    cross_entropy_combine_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
     return check_launch(function, "cross_entropy_combine_kernel");
   });
 }
 
 FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int64_t chunks = cross_entropy_chunks(p.vocab);
-  const int64_t blocks = p.rows * chunks, width = cross_entropy_chunk_width(p.vocab);
+  const bool warp = pick_variant(p.vocab) == kWarp;
+  const int64_t chunks = cross_entropy_chunks(p.vocab, warp ? kCrossEntropyWarpChunk : kCrossEntropyBlockChunk);
   return FLOAT_SWITCH(p.dtype, T, [&] {
     constexpr int kVec = 16 / sizeof(T);
-    cross_entropy_bwd_kernel<T, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks, width);
-    return check_launch(function, "cross_entropy_bwd_kernel");
+    if (warp) {
+      const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+      cross_entropy_bwd_warp_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+      return check_launch(function, "cross_entropy_bwd_warp_kernel");
+    }
+    cross_entropy_bwd_block_kernel<T, kVec>
+        <<<unsigned(p.rows * chunks), kThreads, 0, stream>>>(p, chunks, cross_entropy_block_width(p.vocab));
+    return check_launch(function, "cross_entropy_bwd_block_kernel");
   });
 }
 

@@ -1,10 +1,18 @@
 // Fused dropout + residual add + LayerNorm / RMSNorm, forward and backward.
 // Memory-bound: the forward reads x0 (x1, residual) once and writes z (and the new residual) once,
 // the row held in registers; the backward reads x and dz once and writes dx once, accumulating
-// dweight/dbias per lane in registers, then a small deterministic kernel sums the lanes.
-// Block = (threads_per_row, rows_per_block); each thread owns kIters vectors of kVec columns
-// (16-byte accesses when every pointer, stride and the hidden size allow).
+// dweight/dbias partials per block (or lane), then a small deterministic kernel sums the partials.
+// Two kernel families, chosen per size by the tables in the launchers (NOTES.md: floors, predictions,
+// measurements):
+//  - rows: a group of wpr warps per row, each thread owning kIters 16-byte vectors of kVec columns; a
+//    persistent grid walks the rows and loads the next row before reducing the current one; reductions
+//    by warp shuffles, with one exchange through shared memory when the row spans several warps.
+//  - block: (threads_per_row, rows_per_block) blocks, a row per thread group and launch slot; the only
+//    family for the scalar path (kVec = 1: a hidden size, stride or pointer that 16-byte vectors do not fit).
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -71,10 +79,10 @@ __device__ __forceinline__ void row_sum(float (&v)[N]) {
 }
 
 // ----------------------------------------------------------------------------
-// forward
+// block kernels: forward
 
 template <typename T, int kVec, int kIters>
-__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdParams p) {
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormFwdParams p) {
   const int tx = threadIdx.x, tpr = blockDim.x;
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = row < p.rows;
@@ -83,6 +91,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdPara
   const bool rout_f32 = p.residual_out_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool w_f32 = p.weight_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool dropout = p.dropout_p > 0.f;
+  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
   const float rs = active && p.rowscale != nullptr ? p.rowscale[row] : 1.f;
 
   float x[kIters][kVec];
@@ -98,7 +107,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdPara
     load_float<T, kVec>(static_cast<const T*>(p.x0) + row * p.x0_row_stride + col, a);
     if (dropout) {
       bool keep[kVec];
-      dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(e), keep);
+      dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
       if (p.mask0 != nullptr) store_mask<kVec>(p.mask0 + e, keep);
@@ -109,7 +118,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdPara
       load_float<T, kVec>(static_cast<const T*>(p.x1) + row * p.x1_row_stride + col, a);
       if (dropout) {
         bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(p.rows * H + e), keep);
+        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
         if (p.mask1 != nullptr) store_mask<kVec>(p.mask1 + e, keep);
@@ -177,12 +186,12 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdPara
 }
 
 // ----------------------------------------------------------------------------
-// backward
+// block kernels: backward
 
 // Lane (blockIdx.x * rows_per_block + threadIdx.y) handles rows lane, lane + lanes, ... and keeps
 // its dweight/dbias partials in registers; they land in workspace slot s at [s][lane][col].
 template <typename T, int kVec, int kIters, bool kParallel>
-__global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const NormBwdParams p, int slot_dw0, int slot_db0,
+__global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormBwdParams p, int slot_dw0, int slot_db0,
                                                                int slot_dw1, int slot_db1) {
   constexpr bool kHold = kIters * kVec <= 16;  // keep xhat and w*dz of the row in registers
   constexpr int kH = kHold ? kIters : 1;
@@ -194,6 +203,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const NormBwdPara
   const bool w_f32 = p.weight_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool res_f32 = p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool dropout = p.dropout_p > 0.f;
+  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
   const float wadd = p.zero_centered ? 1.f : 0.f;
 
   float dw0[kIters][kVec], db0[kIters][kVec];
@@ -298,7 +308,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const NormBwdPara
       float o[kVec];
       if (dropout) {
         bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(e), keep);
+        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
       } else {
@@ -309,7 +319,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const NormBwdPara
       if (p.dx1 != nullptr) {
         if (dropout) {
           bool keep[kVec];
-          dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(p.rows * H + e), keep);
+          dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
         } else {
@@ -361,6 +371,476 @@ __global__ void __launch_bounds__(1024) norm_bwd_finalize_kernel(const float* ws
 #pragma unroll 8
     for (int i = 0; i < 32; ++i) t += red[i][threadIdx.x];
     static_cast<W*>(args.out[slot])[col] = from_float<W>(t);
+  }
+}
+
+// ----------------------------------------------------------------------------
+// rows kernels
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Sums over this thread's row group (the blockDim.x threads of row threadIdx.y) in a fixed order, so that
+// every thread of the group gets the same deterministic sum: warp shuffles, then, when the row spans several
+// warps, one exchange through shared memory behind a barrier of the group alone. Successive calls alternate
+// between two halves of the shared buffer, so a call's writes cannot overtake the previous call's reads.
+// The addresses are set up once per thread; red is the kernel's __shared__ float[2][32][N].
+template <int N>
+class GroupSum {
+ public:
+  __device__ __forceinline__ explicit GroupSum(float (*red)[32][N]) {
+    const int wpr = blockDim.x >> 5, lane = threadIdx.x & 31, first = threadIdx.y * wpr;
+    single_ = wpr == 1;
+    writer_ = lane == 0;
+    reader_ = lane < wpr;
+    mine_ = &red[0][first + (threadIdx.x >> 5)][0];
+    lane_slot_ = &red[0][first + (reader_ ? lane : 0)][0];
+  }
+
+  __device__ __forceinline__ void operator()(float (&v)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
+    if (single_) return;
+    if (writer_) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) mine_[half_ + i] = v[i];
+    }
+    // named barrier 1 + row group (barrier 0 is __syncthreads), its threads only
+    asm volatile("bar.sync %0, %1;" ::"r"(threadIdx.y + 1), "r"(blockDim.x) : "memory");
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(reader_ ? lane_slot_[half_ + i] : 0.f);
+    half_ ^= 32 * N;
+  }
+
+ private:
+  __device__ __forceinline__ static float warp_sum(float v) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
+  }
+
+  float* mine_;
+  const float* lane_slot_;
+  int half_ = 0;
+  bool single_, writer_, reader_;
+};
+
+// The vectors of a row that thread threadIdx.x owns: vector `it` starts at column col0 + it * step; those with
+// it < count lie inside the row (a prefix, since columns grow with it).
+struct RowSlots {
+  int col0, step, count;
+};
+
+template <int kVec, int kIters>
+__device__ __forceinline__ RowSlots row_slots(int H) {
+  const int col0 = int(threadIdx.x) * kVec, step = int(blockDim.x) * kVec;
+  return {col0, step, col0 < H ? min(kIters, (H - col0 + step - 1) / step) : 0};
+}
+
+// x[j] = keep ? x[j] * scale : 0 for the N elements from element e (e % 4 == 0 when N % 4 == 0, so each
+// Philox call serves four elements); mask (nullptr: none) receives the keep bytes of these elements.
+template <int N>
+__device__ __forceinline__ void apply_dropout(float (&x)[N], uint64_t seed, uint64_t offset, uint32_t keep_max,
+                                              float scale, uint64_t e, uint8_t* mask) {
+  bool keep[N];
+  dropout_keep<N>(seed, offset, keep_max, e, keep);
+#pragma unroll
+  for (int j = 0; j < N; ++j) x[j] = keep[j] ? x[j] * scale : 0.f;
+  if (mask != nullptr) store_mask<N>(mask, keep);
+}
+
+template <typename TO, int N>
+__device__ __forceinline__ void store_vec(TO* p, const float (&v)[N]) {
+  *reinterpret_cast<Vec<TO, N>*>(p) = from_floats<TO, N>(v);
+}
+
+// w (+ 1 for zero-centred weights) of one vector, read for every row: L1 keeps the weights, since the
+// streamed tensors bypass it.
+template <typename TW, bool kZeroCentered, int N>
+__device__ __forceinline__ void load_weight(const void* w, int col, float (&out)[N]) {
+  load_floats<TW, N>(static_cast<const TW*>(w) + col, out);
+  if constexpr (kZeroCentered) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] += 1.f;
+  }
+}
+
+// Forward, one row per row group at a time. TR is the residual's dtype (T or float). The next row's x0 and
+// residual are loaded before this row's reductions where their raw vectors take at most 32 registers (more
+// would spill).
+//   x0, x1, residual (rows, H) -> x = dropout(x0 * rowscale) + dropout(x1) + residual (float32, registers)
+//   -> residual_out (rows, H), mean / rstd (rows,), z0 / z1 (rows, H)
+template <typename T, typename TR, int kVec, int kIters, bool kDropout, bool kRms>
+__global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams p) {
+  constexpr bool kPrefetch = kIters * kVec * (sizeof(T) + sizeof(TR)) <= 128;
+  const int H = int(p.hidden);
+  const RowSlots s = row_slots<kVec, kIters>(H);
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  const bool has_res = p.residual != nullptr;
+  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+
+  Packed<T, kVec> a0[kIters];
+  Packed<TR, kVec> ar[kIters];
+  // x0 and the residual of `row`, left in flight
+  auto fetch = [&](int64_t row) {
+    const T* x0 = static_cast<const T*>(p.x0) + row * p.x0_row_stride + s.col0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it)
+      if (it < s.count) a0[it] = load_packed_stream<T, kVec>(x0 + it * s.step);
+    if (has_res) {
+      const TR* r = static_cast<const TR*>(p.residual) + row * p.residual_row_stride + s.col0;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it)
+        if (it < s.count) ar[it] = load_packed_stream<TR, kVec>(r + it * s.step);
+    }
+  };
+
+  __shared__ float red[2][32][1];
+  GroupSum<1> group_sum(red);
+  int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (kPrefetch && row < p.rows) fetch(row);
+  for (; row < p.rows; row += row_step) {
+    if constexpr (!kPrefetch) fetch(row);
+    const int64_t e0 = row * H + s.col0;  // element (dropout counter, mask byte) of vector 0
+    float x[kIters][kVec];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      to_floats(a0[it], x[it]);
+      if constexpr (kDropout) {
+        const int64_t e = e0 + it * s.step;
+        apply_dropout(x[it], p.seed, p.offset, keep_max, p.dropout_scale, uint64_t(e),
+                      p.mask0 != nullptr ? p.mask0 + e : nullptr);
+      }
+    }
+    if (p.rowscale != nullptr) {
+      const float rs = p.rowscale[row];
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[it][j] *= rs;
+      }
+    }
+    if (p.x1 != nullptr) {
+      const T* x1 = static_cast<const T*>(p.x1) + row * p.x1_row_stride + s.col0;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+        float a[kVec];
+        to_floats(load_packed_stream<T, kVec>(x1 + it * s.step), a);
+        if constexpr (kDropout) {
+          const int64_t e = e0 + it * s.step;
+          apply_dropout(a, p.seed, p.offset, keep_max, p.dropout_scale, uint64_t(p.rows * H + e),
+                        p.mask1 != nullptr ? p.mask1 + e : nullptr);
+        }
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[it][j] += a[j];
+      }
+    }
+    if (has_res) {
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+        float r[kVec];
+        to_floats(ar[it], r);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[it][j] += r[j];
+      }
+    }
+    // the next row's loads go out before this row's reductions
+    if (kPrefetch && row + row_step < p.rows) fetch(row + row_step);
+    if (p.residual_out != nullptr) {
+      auto put = [&](auto tag) {
+        using TO = typename decltype(tag)::type;
+        TO* o = static_cast<TO*>(p.residual_out) + row * p.residual_out_row_stride + s.col0;
+#pragma unroll
+        for (int it = 0; it < kIters; ++it)
+          if (it < s.count) store_vec<TO, kVec>(o + it * s.step, x[it]);
+      };
+      if (p.residual_out_dtype == FLASHATTN_DTYPE_FLOAT32) put(TypeTag<float>{});
+      else put(TypeTag<T>{});
+    }
+
+    float mean = 0.f, var;
+    if constexpr (kRms) {
+      float sq[1] = {0.f};
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) sq[0] += x[it][j] * x[it][j];
+      }
+      group_sum(sq);
+      var = sq[0] / float(H);
+    } else {
+      // two passes over the registers: the variance of centred values, no cancellation
+      float sum[1] = {0.f};
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) sum[0] += x[it][j];
+      }
+      group_sum(sum);
+      mean = sum[0] / float(H);
+      float sq[1] = {0.f};
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float d = x[it][j] - mean;
+          sq[0] += d * d;
+        }
+      }
+      group_sum(sq);
+      var = sq[0] / float(H);
+    }
+    const float rstd = rsqrtf(var + p.epsilon);
+    if (threadIdx.x == 0) {
+      p.rstd[row] = rstd;
+      if (p.mean != nullptr) p.mean[row] = mean;
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[it][j] = kRms ? x[it][j] * rstd : (x[it][j] - mean) * rstd;
+    }
+    // z = xhat * w + b, for each norm
+    auto affine = [&](const void* w, const void* b, void* z) {
+      T* zr = static_cast<T*>(z) + row * p.z_row_stride + s.col0;
+      auto run = [&](auto wtag, auto zc) {
+        using TW = typename decltype(wtag)::type;
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+          if (it >= s.count) continue;
+          const int col = s.col0 + it * s.step;
+          float wv[kVec], bv[kVec], o[kVec];
+          load_weight<TW, decltype(zc)::value>(w, col, wv);
+          if (b != nullptr) {
+            load_floats<TW, kVec>(static_cast<const TW*>(b) + col, bv);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) bv[j] = 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) o[j] = x[it][j] * wv[j] + bv[j];
+          store_vec<T, kVec>(zr + it * s.step, o);
+        }
+      };
+      const bool zc = p.zero_centered;
+      if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) {
+        if (zc) run(TypeTag<float>{}, std::true_type{});
+        else run(TypeTag<float>{}, std::false_type{});
+      } else {
+        if (zc) run(TypeTag<T>{}, std::true_type{});
+        else run(TypeTag<T>{}, std::false_type{});
+      }
+    };
+    affine(p.weight0, p.bias0, p.z0);
+    if (p.z1 != nullptr) affine(p.weight1, p.bias1, p.z1);
+  }
+}
+
+// acc[j] += v[j] for N floats of shared memory (16-byte accesses).
+template <int N>
+__device__ __forceinline__ void smem_add(float* acc, const float (&v)[N]) {
+  Vec<float, N>* a = reinterpret_cast<Vec<float, N>*>(acc);
+  Vec<float, N> t = *a;
+#pragma unroll
+  for (int j = 0; j < N; ++j) t.v[j] += v[j];
+  *a = t;
+}
+
+// Backward. Row group threadIdx.y of block b handles rows b * rpb + threadIdx.y, then + gridDim.x * rpb, ...;
+// the dweight/dbias partials of its columns accumulate in shared memory (acc: [row group][slot][H] floats,
+// `nslots` slots), and at the end the block sums its row groups in a fixed order into workspace row b (slot s at
+// [s][b][col]). TX is the dtype of x and dresidual_out (T or float).
+// kPrefetch: xhat and w * dz of the row stay in registers between the two passes, and the next row's x and dz go
+// out before the reduction; otherwise the second pass recomputes them from the raw x and dz (fewer registers,
+// for 32 columns per thread).
+//   x, dz0, dz1, dresidual_out (rows, H) -> dx = rstd * (w dz - (xhat * c1 + c2)) + dresidual_out
+//   -> dresidual, dx0 = dropout(dx) * rowscale, dx1 = dropout(dx) (rows, H); partials of dz * xhat, dz
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, bool kPrefetch>
+__global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams p, int slot_dw0, int slot_db0,
+                                                          int slot_dw1, int slot_db1, int nslots) {
+  constexpr int kP = kParallel ? kIters : 1;
+  constexpr int kHeld = kPrefetch ? kIters : 1;
+  extern __shared__ __align__(16) float acc[];
+  const int H = int(p.hidden);
+  const RowSlots s = row_slots<kVec, kIters>(H);
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const float wadd = p.zero_centered ? 1.f : 0.f;
+  float* my_acc = acc + int64_t(threadIdx.y) * nslots * H;  // this row group's partials
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (it >= s.count) continue;
+    for (int slot = 0; slot < nslots; ++slot) {
+      float* a = my_acc + slot * H + s.col0 + it * s.step;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) a[j] = 0.f;
+    }
+  }
+
+  Packed<TX, kVec> ax[kIters];
+  Packed<T, kVec> ag0[kIters], ag1[kP];
+  // x and dz of `row`, left in flight
+  auto fetch = [&](int64_t row) {
+    const TX* x = static_cast<const TX*>(p.x) + row * p.x_row_stride + s.col0;
+    const int64_t g = row * p.dz_row_stride + s.col0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      ax[it] = load_packed_stream<TX, kVec>(x + it * s.step);
+      ag0[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz0) + g + it * s.step);
+      if constexpr (kParallel) ag1[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz1) + g + it * s.step);
+    }
+  };
+  float hx[kHeld][kVec], hg[kHeld][kVec];  // kPrefetch: xhat, w * dz of the row
+
+  // One row, weights of dtype TW (the branch on the weights' dtype taken once per row, outside the loops).
+  __shared__ float red[2][32][2];
+  GroupSum<2> group_sum(red);
+  auto row_body = [&](int64_t row, auto wtag) {
+    using TW = typename decltype(wtag)::type;
+    const float mean = p.mean != nullptr ? p.mean[row] : 0.f;
+    const float rstd = p.rstd[row];
+    // xhat and w * dz (summed over both norms) of vector it; with `accumulate`, the partials of dz * xhat and dz
+    auto values = [&](int it, float (&xhat)[kVec], float (&wdy)[kVec], bool accumulate) {
+      const int col = s.col0 + it * s.step;
+      to_floats(ax[it], xhat);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) xhat[j] = (xhat[j] - mean) * rstd;
+      auto one = [&](const Packed<T, kVec>& graw, const void* wp, int slot_dw, int slot_db, bool first) {
+        float g[kVec], w[kVec];
+        to_floats(graw, g);
+        load_floats<TW, kVec>(static_cast<const TW*>(wp) + col, w);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) wdy[j] = first ? (w[j] + wadd) * g[j] : wdy[j] + (w[j] + wadd) * g[j];
+        if (accumulate) {
+          float gx[kVec];
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) gx[j] = g[j] * xhat[j];
+          if (slot_dw >= 0) smem_add(my_acc + slot_dw * H + col, gx);
+          if (slot_db >= 0) smem_add(my_acc + slot_db * H + col, g);
+        }
+      };
+      one(ag0[it], p.weight0, slot_dw0, slot_db0, true);
+      if constexpr (kParallel) one(ag1[it], p.weight1, slot_dw1, slot_db1, false);
+    };
+
+    float sums[2] = {0.f, 0.f};
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      float xhat[kVec], wdy[kVec];
+      values(it, xhat, wdy, true);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        sums[0] += wdy[j] * xhat[j];
+        sums[1] += wdy[j];
+        if constexpr (kPrefetch) {
+          hx[it][j] = xhat[j];
+          hg[it][j] = wdy[j];
+        }
+      }
+    }
+    // the next row's x and dz go out before the reduction
+    if (kPrefetch && row + row_step < p.rows) fetch(row + row_step);
+    group_sum(sums);
+    const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
+    const float rs = p.rowscale != nullptr ? p.rowscale[row] : 1.f;
+    [[maybe_unused]] const int64_t e0 = row * H + s.col0;  // element (dropout counter) of vector 0
+    const int64_t dx_off = row * p.dx_row_stride + s.col0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      float xhat[kVec], wdy[kVec], dx[kVec], o[kVec];
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          xhat[j] = hx[it][j];
+          wdy[j] = hg[it][j];
+        }
+      } else {
+        // dz1 again (from L2: the row was just read), which frees its registers across the reduction
+        if constexpr (kParallel)
+          ag1[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz1) + row * p.dz_row_stride + s.col0 + it * s.step);
+        values(it, xhat, wdy, false);
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) dx[j] = rstd * (wdy[j] - (xhat[j] * c1 + c2));
+      if (p.dresidual_out != nullptr) {
+        float d[kVec];
+        const int64_t off = row * p.dresidual_out_row_stride + s.col0 + it * s.step;
+        to_floats(load_packed_stream<TX, kVec>(static_cast<const TX*>(p.dresidual_out) + off), d);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dx[j] += d[j];
+      }
+      if (p.dresidual != nullptr) {
+        const int64_t off = row * p.dresidual_row_stride + s.col0 + it * s.step;
+        if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32) store_vec<float, kVec>(static_cast<float*>(p.dresidual) + off, dx);
+        else store_vec<T, kVec>(static_cast<T*>(p.dresidual) + off, dx);
+      }
+      if constexpr (kDropout) {
+        bool keep[kVec];
+        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e0 + it * s.step), keep);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) o[j] = dx[j] * rs;
+      }
+      store_vec<T, kVec>(static_cast<T*>(p.dx0) + dx_off + it * s.step, o);
+      if (p.dx1 != nullptr) {
+        if constexpr (kDropout) {
+          bool keep[kVec];
+          dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e0 + it * s.step), keep);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) o[j] = dx[j];
+        }
+        store_vec<T, kVec>(static_cast<T*>(p.dx1) + dx_off + it * s.step, o);
+      }
+    }
+  };
+
+  int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (kPrefetch && row < p.rows) fetch(row);
+  for (; row < p.rows; row += row_step) {
+    if constexpr (!kPrefetch) fetch(row);
+    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(row, TypeTag<float>{});
+    else row_body(row, TypeTag<T>{});
+  }
+
+  // The block's partials: its row groups summed in order (a row group without rows adds zeros).
+  float* out = p.workspace + int64_t(blockIdx.x) * H;  // slot s at out + s * gridDim.x * H
+  const int64_t slot_stride = int64_t(gridDim.x) * H;
+  if (blockDim.y == 1) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      const int col = s.col0 + it * s.step;
+      for (int slot = 0; slot < nslots; ++slot)
+        *reinterpret_cast<Vec<float, kVec>*>(out + slot * slot_stride + col) =
+            *reinterpret_cast<const Vec<float, kVec>*>(my_acc + slot * H + col);
+    }
+  } else {
+    __syncthreads();
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    for (int i = tid; i < nslots * H; i += nthreads) {
+      float t = acc[i];
+      for (int g = 1; g < int(blockDim.y); ++g) t += acc[int64_t(g) * nslots * H + i];
+      const int slot = i / H;
+      out[slot * slot_stride + (i - slot * H)] = t;
+    }
   }
 }
 
@@ -421,8 +901,9 @@ int bwd_vector_width(const NormBwdParams& p) {
   return ok ? vec : 1;
 }
 
+// block family: a row per thread group sized to the row (threads_per_row, rows_per_block), kIters vectors each.
 template <typename T, int kVec>
-FlashAttnStatus launch_fwd(const NormFwdParams& p, cudaStream_t stream, const char* function) {
+FlashAttnStatus launch_fwd_block(const NormFwdParams& p, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
   return with_iters<T, kVec>(nvec, [&](auto iters) {
     constexpr int kIters = decltype(iters)::value;
@@ -430,44 +911,273 @@ FlashAttnStatus launch_fwd(const NormFwdParams& p, cudaStream_t stream, const ch
     const int rpb = norm_rows_per_block(tpr);
     const int64_t blocks = (p.rows + rpb - 1) / rpb;
     if (blocks > 0x7fffffff) return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "too many rows (%lld)", (long long)p.rows);
-    norm_fwd_kernel<T, kVec, kIters><<<unsigned(blocks), dim3(tpr, rpb), 0, stream>>>(p);
-    return check_launch(function, "norm_fwd_kernel");
+    norm_fwd_block_kernel<T, kVec, kIters><<<unsigned(blocks), dim3(tpr, rpb), 0, stream>>>(p);
+    return check_launch(function, "norm_fwd_block_kernel");
   });
 }
 
-template <typename T, int kVec>
-FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const char* function) {
-  const int64_t nvec = p.hidden / kVec;
-  int slots[4] = {-1, -1, -1, -1};
-  void* outs[4] = {p.dweight0, p.dbias0, p.dweight1, p.dbias1};
+// The workspace slot of each parameter gradient asked for (-1: none), in the order dweight0, dbias0, dweight1, dbias1.
+struct BwdSlots {
+  int slot[4] = {-1, -1, -1, -1};
+  int count = 0;
   FinalizeArgs args{};
-  int nslots = 0;
+};
+
+BwdSlots bwd_slots(const NormBwdParams& p) {
+  BwdSlots s;
+  void* outs[4] = {p.dweight0, p.dbias0, p.dweight1, p.dbias1};
   for (int i = 0; i < 4; ++i) {
     if (outs[i] != nullptr) {
-      args.out[nslots] = outs[i];
-      slots[i] = nslots++;
+      s.args.out[s.count] = outs[i];
+      s.slot[i] = s.count++;
     }
   }
-  int64_t lanes = 0;
-  FlashAttnStatus s = with_iters<T, kVec>(nvec, [&](auto iters) {
+  return s;
+}
+
+// Writes the workspace lanes used (each lane one row of partials per slot) to *lanes.
+template <typename T, int kVec>
+FlashAttnStatus launch_bwd_block(const NormBwdParams& p, const BwdSlots& sl, int64_t* lanes, cudaStream_t stream,
+                                 const char* function) {
+  const int64_t nvec = p.hidden / kVec;
+  return with_iters<T, kVec>(nvec, [&](auto iters) {
     constexpr int kIters = decltype(iters)::value;
     const int tpr = norm_threads_per_row(nvec, kIters);
     const int rpb = norm_rows_per_block(tpr);
     const int64_t want = p.lanes - 8;  // see norm_bwd_lanes
     const int64_t blocks = (want + rpb - 1) / rpb;
-    lanes = blocks * rpb;
+    *lanes = blocks * rpb;
     return BOOL_SWITCH(p.weight1 != nullptr, kParallel, [&] {
-      norm_bwd_kernel<T, kVec, kIters, kParallel>
-          <<<unsigned(blocks), dim3(tpr, rpb), 0, stream>>>(p, slots[0], slots[1], slots[2], slots[3]);
-      return check_launch(function, "norm_bwd_kernel");
+      norm_bwd_block_kernel<T, kVec, kIters, kParallel>
+          <<<unsigned(blocks), dim3(tpr, rpb), 0, stream>>>(p, sl.slot[0], sl.slot[1], sl.slot[2], sl.slot[3]);
+      return check_launch(function, "norm_bwd_block_kernel");
     });
   });
+}
+
+// rows family (16-byte vectors only: the block family takes the scalar path)
+
+// Warps per row group: the fewest (a power of 2) whose threads' kIters vectors cover the row's nvec vectors.
+int warps_per_row(int64_t nvec, int iters) {
+  int w = 1;
+  while (int64_t(w) * 32 * iters < nvec) w *= 2;
+  return w;
+}
+constexpr int kRowsMaxWarps = 16;  // the rows kernels' __launch_bounds__(512): up to 128 registers
+
+// Rows per block: blocks of 256 threads where rows are short.
+int rows_per_block(int wpr) { return std::max(1, 8 / wpr); }
+
+FlashAttnStatus device_limits(int* sms, int* smem_optin, const char* function) {
+  int device = 0;
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  if (s == FLASHATTN_STATUS_OK)
+    s = check_cuda(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device), function,
+                   "cudaDeviceGetAttribute(MultiProcessorCount)");
+  if (s == FLASHATTN_STATUS_OK && smem_optin != nullptr)
+    s = check_cuda(cudaDeviceGetAttribute(smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                   "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return s;
+}
+
+// Blocks of a persistent grid: as many as fit on the device at once, at most `want`.
+template <typename Kernel>
+FlashAttnStatus persistent_blocks(Kernel kernel, int threads, size_t smem, int sms, int64_t want, int64_t* blocks,
+                                  const char* function) {
+  int per_sm = 0;
+  FlashAttnStatus s = check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
+                                 function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   if (s != FLASHATTN_STATUS_OK) return s;
-  const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(nslots));
-  if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) {
-    norm_bwd_finalize_kernel<float><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, args);
+  *blocks = std::min<int64_t>(want, int64_t(std::max(per_sm, 1)) * sms);
+  return FLASHATTN_STATUS_OK;
+}
+
+// Columns per thread and row (kIters * kVec) for the variant's `elems`, 16 or 32: 16 falls back to 32 where the
+// row would need more than kRowsMaxWarps warps.
+int rows_elems(int64_t nvec, int vec, int elems) {
+  return elems == 16 && warps_per_row(nvec, 16 / vec) <= kRowsMaxWarps ? 16 : 32;
+}
+
+// kWide32: whether 32 columns per thread are instantiated (see rows_elems_f32).
+template <typename T, int kVec, bool kWide32 = true, typename F>
+FlashAttnStatus with_rows_iters(int64_t nvec, int elems, F&& f) {
+  if constexpr (kWide32) {
+    if (rows_elems(nvec, kVec, elems) == 32) return f(IntC<32 / kVec>{});
+  }
+  return f(IntC<16 / kVec>{});
+}
+
+// Columns per thread the rows kernels use for the variant's `elems` where the data (the tensors, or the
+// forward's residual) has float32 elements: 16, where that fits kRowsMaxWarps warps (up to 8192 columns;
+// 32 would spill), else 0 (the block family).
+int rows_elems_f32(bool f32, int64_t hidden, int vec, int elems) {
+  if (!f32) return rows_elems(hidden / vec, vec, elems);
+  return warps_per_row(hidden / vec, 16 / vec) <= kRowsMaxWarps ? 16 : 0;
+}
+
+bool fwd_res_f32(const NormFwdParams& p) {
+  return p.residual != nullptr && p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
+}
+
+// elems from rows_elems_f32.
+template <typename T, int kVec>
+FlashAttnStatus launch_fwd_rows(const NormFwdParams& p, int elems, cudaStream_t stream, const char* function) {
+  const int64_t nvec = p.hidden / kVec;
+  int sms = 0;
+  FlashAttnStatus s = device_limits(&sms, nullptr, function);
+  if (s != FLASHATTN_STATUS_OK) return s;
+  return BOOL_SWITCH(fwd_res_f32(p), kResF32, [&] {
+    using TR = std::conditional_t<kResF32, float, T>;
+    constexpr bool kWide32 = sizeof(T) == 2 && sizeof(TR) == 2;
+    return with_rows_iters<T, kVec, kWide32>(nvec, elems, [&](auto iters) {
+      constexpr int kIters = decltype(iters)::value;
+      const int wpr = warps_per_row(nvec, kIters), rpb = rows_per_block(wpr);
+      return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
+        return BOOL_SWITCH(p.is_rms, kRms, [&] {
+          auto kernel = norm_fwd_rows_kernel<T, TR, kVec, kIters, kDropout, kRms>;
+          int64_t blocks = 0;
+          FlashAttnStatus st = persistent_blocks(kernel, 32 * wpr * rpb, 0, sms, (p.rows + rpb - 1) / rpb, &blocks,
+                                                 function);
+          if (st != FLASHATTN_STATUS_OK) return st;
+          kernel<<<unsigned(blocks), dim3(32 * wpr, rpb), 0, stream>>>(p);
+          return check_launch(function, "norm_fwd_rows_kernel");
+        });
+      });
+    });
+  });
+}
+
+// Shared memory of the rows backward: [row group][slot][H] float partials.
+size_t bwd_rows_smem(const NormBwdParams& p, const BwdSlots& sl, int rpb) {
+  return size_t(rpb) * size_t(sl.count) * size_t(p.hidden) * sizeof(float);
+}
+
+// Columns per thread of the rows backward for the variant's `elems` (rows_elems_f32), or 0 for the block
+// family: float32 with both norms (their held values would spill), or one row group's partials too large
+// for shared memory (the parallel norms' four slots at 16384 columns).
+int bwd_rows_elems(const NormBwdParams& p, const BwdSlots& sl, int vec, int elems, int smem_optin) {
+  if (p.dtype == FLASHATTN_DTYPE_FLOAT32 && p.weight1 != nullptr) return 0;
+  if (bwd_rows_smem(p, sl, 1) > size_t(smem_optin)) return 0;
+  return rows_elems_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32, p.hidden, vec, elems);
+}
+
+// elems 16: xhat and w * dz held, the next row prefetched; 32: recomputed from the raw x and dz (from
+// bwd_rows_elems).
+template <typename T, int kVec>
+FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlots& sl, int sms, int smem_optin,
+                                int64_t* lanes, cudaStream_t stream, const char* function) {
+  const int64_t nvec = p.hidden / kVec;
+  return with_rows_iters<T, kVec, sizeof(T) == 2>(nvec, elems, [&](auto iters) {
+    constexpr int kIters = decltype(iters)::value;
+    const int wpr = warps_per_row(nvec, kIters);
+    int rpb = rows_per_block(wpr);
+    while (rpb > 1 && bwd_rows_smem(p, sl, rpb) > size_t(smem_optin)) rpb /= 2;
+    const size_t smem = bwd_rows_smem(p, sl, rpb);
+    return BOOL_SWITCH(p.x_dtype == FLASHATTN_DTYPE_FLOAT32, kXF32, [&] {
+      using TX = std::conditional_t<kXF32, float, T>;
+      return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
+        return BOOL_SWITCH(p.weight1 != nullptr, kParallel, [&] {
+          if constexpr (sizeof(T) == 4 && kParallel) {
+            return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rows_kernel: float32 with weight1");  // see bwd_rows_elems
+          } else {
+            constexpr bool kPrefetch = kIters * kVec == 16;
+            auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch>;
+            FlashAttnStatus st = check_cuda(
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), function,
+                "cudaFuncSetAttribute(norm_bwd_rows_kernel)");
+            if (st != FLASHATTN_STATUS_OK) return st;
+            const int64_t want = std::min((p.rows + rpb - 1) / rpb, p.lanes - 8);  // see norm_bwd_lanes
+            st = persistent_blocks(kernel, 32 * wpr * rpb, smem, sms, want, lanes, function);
+            if (st != FLASHATTN_STATUS_OK) return st;
+            kernel<<<unsigned(*lanes), dim3(32 * wpr, rpb), smem, stream>>>(p, sl.slot[0], sl.slot[1], sl.slot[2],
+                                                                            sl.slot[3], sl.count);
+            return check_launch(function, "norm_bwd_rows_kernel");
+          }
+        });
+      });
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------
+// variants
+
+// The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
+// (read once per process; ops_bench measures every variant that way).
+enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16 = 1, kRows32 = 2 };
+constexpr const char* kNormVariantNames[] = {"block", "rows16", "rows32"};
+
+int env_variant() {
+  static const int v = [] {
+    const char* s = std::getenv("FLASHATTN_NORM_VARIANT");
+    if (s != nullptr) {
+      for (int i = 0; i < 3; ++i)
+        if (std::strcmp(s, kNormVariantNames[i]) == 0) return i;
+    }
+    return int(kAuto);
+  }();
+  return v;
+}
+
+// Largest hidden size (up to 16384) each variant is chosen for. Predicted, not yet measured (NOTES.md): the
+// forward's rows32 everywhere (half the per-row reduction work per element of rows16, and one warp a row
+// without a shared-memory exchange up to 1024 columns), the backward's rows16 (xhat held, the next row
+// prefetched) while 16 columns a thread fit 16 warps. To be replaced by ops_bench on the H200 (bf16, 16384
+// rows, every variant at every size).
+struct SizeRule {
+  int64_t max_hidden;
+  NormVariant variant;
+};
+constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRules[] = {{8192, kRows16}, {kNormMaxHidden, kRows32}};
+
+template <size_t N>
+int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {
+  const int forced = env_variant();
+  if (forced != kAuto) return forced;
+  for (const SizeRule& r : rules)
+    if (hidden <= r.max_hidden) return r.variant;
+  return rules[N - 1].variant;
+}
+
+template <typename T, int kVec>
+FlashAttnStatus launch_fwd(const NormFwdParams& p, cudaStream_t stream, const char* function) {
+  if constexpr (kVec == 1) {
+    return launch_fwd_block<T, kVec>(p, stream, function);
   } else {
-    norm_bwd_finalize_kernel<T><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, args);
+    const int variant = pick_variant(kFwdRules, p.hidden);
+    const int elems = variant == kBlock ? 0
+                                        : rows_elems_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32 || fwd_res_f32(p), p.hidden,
+                                                         kVec, variant == kRows16 ? 16 : 32);
+    if (elems == 0) return launch_fwd_block<T, kVec>(p, stream, function);
+    return launch_fwd_rows<T, kVec>(p, elems, stream, function);
+  }
+}
+
+template <typename T, int kVec>
+FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const char* function) {
+  const BwdSlots sl = bwd_slots(p);
+  int64_t lanes = 0;
+  FlashAttnStatus s = FLASHATTN_STATUS_OK;
+  int elems = 0;  // columns per thread of the rows family; 0: the block family
+  int sms = 0, smem_optin = 0;
+  if constexpr (kVec > 1) {
+    s = device_limits(&sms, &smem_optin, function);
+    if (s != FLASHATTN_STATUS_OK) return s;
+    const int variant = pick_variant(kBwdRules, p.hidden);
+    if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant == kRows16 ? 16 : 32, smem_optin);
+  }
+  if (elems == 0) {
+    s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
+  } else if constexpr (kVec > 1) {
+    s = launch_bwd_rows<T, kVec>(p, elems, sl, sms, smem_optin, &lanes, stream, function);
+  }
+  if (s != FLASHATTN_STATUS_OK) return s;
+  const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
+  if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) {
+    norm_bwd_finalize_kernel<float><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, sl.args);
+  } else {
+    norm_bwd_finalize_kernel<T><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, sl.args);
   }
   return check_launch(function, "norm_bwd_finalize_kernel");
 }

@@ -34,19 +34,23 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(uint64_t seed, uint64_t 
   return make_uint4(c0, c1, c2, c3);
 }
 
-// keep[j] for elements e .. e + N - 1: word e % 4 of philox(seed, offset, e / 4) < threshold.
+// The largest 32-bit word that keeps an element: the rule "word < threshold" with threshold = round((1 - p) * 2^32)
+// in [256, 2^32] (p a float below 1) is "word <= threshold - 1", a 32-bit comparison.
+__host__ __device__ __forceinline__ uint32_t dropout_keep_max(uint64_t threshold) { return uint32_t(threshold - 1); }
+
+// keep[j] for elements e .. e + N - 1: word e % 4 of philox(seed, offset, e / 4) <= keep_max.
 // N a multiple of 4 requires e % 4 == 0 (one generator call per 4 elements).
 template <int N>
-__device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uint64_t threshold, uint64_t e,
+__device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uint32_t keep_max, uint64_t e,
                                              bool (&keep)[N]) {
   if constexpr (N % 4 == 0) {
 #pragma unroll
     for (int j = 0; j < N; j += 4) {
       const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
-      keep[j] = r.x < threshold;
-      keep[j + 1] = r.y < threshold;
-      keep[j + 2] = r.z < threshold;
-      keep[j + 3] = r.w < threshold;
+      keep[j] = r.x <= keep_max;
+      keep[j + 1] = r.y <= keep_max;
+      keep[j + 2] = r.z <= keep_max;
+      keep[j + 3] = r.w <= keep_max;
     }
   } else {
 #pragma unroll
@@ -54,7 +58,7 @@ __device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uin
       const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
       const int w = int((e + j) & 3);
       const uint32_t word = w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
-      keep[j] = word < threshold;
+      keep[j] = word <= keep_max;
     }
   }
 }
