@@ -2,6 +2,7 @@ using System.Runtime.CompilerServices;
 using FlashAttn.Models;
 using NUnit.Framework;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
@@ -480,6 +481,35 @@ internal static class BadInputCatalogue
             new Case("device", d => Gpt(d).generate(Ids(CPU, 2, 5), 3), T("input_ids"), GpuOnly: true),
         });
 
+        // FusedAdamW: one step over a parameter with the given gradient; returns the parameter (a non-finite gradient
+        // norm skips the step: the weights stay finite and unchanged, as documented)
+        Parameter P(Device d, long n = 37) => new Parameter(R(d, n));
+        object Step(Parameter p, Tensor? grad, FusedAdamW opt)
+        {
+            p.grad = grad;
+            opt.step();
+            return p.detach();
+        }
+        object Adam(Device d, Tensor? grad = null, long n = 37, double lr = 1e-3)
+        {
+            var p = P(d, n);
+            return Step(p, grad ?? R(d, n), new FusedAdamW(new[] { p }, lr: lr, weight_decay: 0.1));
+        }
+        yield return new Api("FusedAdamW", d => Adam(d), new[]
+        {
+            new Case("lr", d => Adam(d, lr: -1), T("lr")),
+            new Case("beta1", d => new FusedAdamW(new[] { P(d) }, beta1: 1.0), T("beta1")),
+            new Case("eps", d => new FusedAdamW(new[] { P(d) }, eps: -1), T("eps")),
+            new Case("weight_decay", d => new FusedAdamW(new[] { P(d) }, weight_decay: double.NaN), T("weight_decay")),
+            new Case("amsgrad", d => new FusedAdamW(new[] { P(d) }, amsgrad: true), T("amsgrad")),
+            new Case("max_norm", d => new FusedAdamW(new[] { P(d) }, max_norm: double.NaN), T("max_norm")),
+            new Case("duplicate", d => { var p = P(d); return new FusedAdamW(new[] { p, p }); }, T("parameters")),
+            new Case("empty", d => Adam(d, R(d, 0), n: 0), E(0)),
+            new Case("nan", d => Adam(d, Poison(R(d, 37), double.NaN)), Fine),
+            new Case("inf", d => Adam(d, Poison(R(d, 37), Inf)), Fine),
+            new Case("device", d => new FusedAdamW(new[] { P(d), P(CPU) }), T("parameters"), GpuOnly: true),
+        });
+
         var settings = new BlockSettings(64, 4, 16, 256, "gelu_new", causal: true, softmax_scale: null, attn_pdrop: 0, rotary_dim: 0,
             rotary_base: 10000, rotary_interleaved: false, layer_norm_epsilon: 1e-5, use_flash_attn: true, fused_bias_fc: true,
             fused_mlp: true, fused_dropout_add_ln: true, residual_in_fp32: true, BlockNames.Gpt2);
@@ -652,6 +682,9 @@ public sealed class BadInputCatalogueTests
         ["CrossEntropyFunction"] = "autograd function behind cross_entropy_loss, which validates its inputs",
         ["FusedDenseFunction"] = "autograd function behind fused_dense_func, which validates its inputs",
         ["FusedMlpFunction"] = "autograd function behind fused_mlp_func, which validates its inputs",
+        ["get_last_attention_backend"] = "a read-only report of the path the last attention call took; no input",
+        ["AttentionBackend"] = "an enum",
+        ["State"] = "FusedAdamW's per-parameter state record (state_dict), validated when loaded",
     };
 
     [Test]
