@@ -240,7 +240,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         var taken = new List<(Slot slot, Tensor grad)>();
         foreach (var s in _slots)
         {
-            if (!s.LowPrecision || s.Param.grad is not { } g) continue;
+            if (!s.LowPrecision || s.Param.grad is not { } g || s.Numel == 0) continue;
             taken.Add((s, g.is_contiguous() ? g : g.contiguous()));
         }
         if (taken.Count == 0) return;
@@ -300,10 +300,16 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
             foreach (var s in _slots)
             {
                 var g = s.Param.grad;
-                if (g is null && !s.HasSum) continue;
+                // an empty parameter has nothing to update (and no storage the kernels could point at)
+                if ((g is null && !s.HasSum) || s.Numel == 0) continue;
                 taken.Add((s, g is null || g.is_contiguous() ? g : g.contiguous()));
             }
-            if (uses_kernels) StepKernel(taken);
+            if (taken.Count == 0)
+            {
+                _gradNorm.zero_();
+                _foundInf.zero_();
+            }
+            else if (uses_kernels) StepKernel(taken);
             else StepReference(taken);
             foreach (var s in _slots) s.HasSum = false;
         }

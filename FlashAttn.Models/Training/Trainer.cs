@@ -205,7 +205,7 @@ public sealed class Trainer
             {
                 double l = read[i] / accum;
                 losses.Add(l);
-                if (double.IsNaN(firstLoss)) firstLoss = l;
+                if (losses.Count == 1) firstLoss = l;
                 lastLoss = l;
             }
             (gradNorm, skipped) = (read[^2], read[^1] != 0);
@@ -267,8 +267,9 @@ public sealed class Trainer
                 if (skipped) rec["skipped"] = 1;
                 metrics.Write(done, rec);
             }
-            // the loss shown is the last one read (at the last log step)
-            bar.Update(done, $"step {done}/{maxSteps} | loss {lastLoss:F4} | lr {lr:0.00e+0} | {FormatRate(tokPerS)} {task.Unit}/s" +
+            // the loss shown is the last one read (at the last log step): none before the first
+            string shown = losses.Count == 0 ? "-" : lastLoss.ToString("F4", CultureInfo.InvariantCulture);
+            bar.Update(done, $"step {done}/{maxSteps} | loss {shown} | lr {lr:0.00e+0} | {FormatRate(tokPerS)} {task.Unit}/s" +
                 (mfu is { } m2 ? $" | MFU {m2 * 100:F1}%" : "") + $" | ETA {ProgressBar.Eta(eta)}", force: done == maxSteps);
 
             if (valEvery > 0 && done % valEvery == 0 && done != maxSteps) Evaluate(done);

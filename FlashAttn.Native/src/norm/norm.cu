@@ -1119,17 +1119,19 @@ int env_variant() {
   return v;
 }
 
-// Largest hidden size (up to 16384) each variant is chosen for. Predicted, not yet measured (NOTES.md): the
-// forward's rows32 everywhere (half the per-row reduction work per element of rows16, and one warp a row
-// without a shared-memory exchange up to 1024 columns), the backward's rows16 (xhat held, the next row
-// prefetched) while 16 columns a thread fit 16 warps. To be replaced by ops_bench on the H200 (bf16, 16384
-// rows, every variant at every size).
+// Largest hidden size (up to 16384) each variant is chosen for, from ops_bench on the H200 (bf16, 16384 rows, every
+// variant at every size; ms, LayerNorm prenorm with dropout / RMSNorm):
+//   forward, rows32 vs rows16 vs block: 768 0.037/0.042/0.043, 2048 0.086/0.092/0.110, 4096 0.166/0.180/0.231,
+//     8192 0.328/0.379/0.447, 16384 0.691/0.685/1.253 (RMSNorm alike): rows32 everywhere (16384 a tie).
+//   forward + backward, rows32 vs rows16 (the forward rows32 in both): LayerNorm 768 0.102/0.108, 2048 0.240/0.234,
+//     4096 0.455/0.460, 8192 0.878/0.993, 16384 1.863/1.867; RMSNorm 768 0.059/0.060, 2048 0.132/0.127,
+//     4096 0.254/0.240, 8192 0.492/0.524, 16384 1.424/1.421: rows16 from 1025 to 4096, rows32 otherwise.
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
 };
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
-constexpr SizeRule kBwdRules[] = {{8192, kRows16}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRules[] = {{1024, kRows32}, {4096, kRows16}, {kNormMaxHidden, kRows32}};
 
 template <size_t N>
 int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {
