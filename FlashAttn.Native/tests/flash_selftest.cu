@@ -30,15 +30,8 @@
 #include <unistd.h>
 
 #include "flashattn.h"
+#include "test_common.h"
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 namespace {
 
@@ -57,31 +50,8 @@ struct Rng {
   }
 };
 
-// ---- dtype helpers (host) ----
-uint16_t to_bits(float f, bool bf16) {
-  if (bf16) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    return uint16_t(u >> 16);
-  }
-  __half h = __float2half_rn(f);
-  uint16_t r;
-  std::memcpy(&r, &h, 2);
-  return r;
-}
-float from_bits(uint16_t b, bool bf16) {
-  if (bf16) {
-    uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half h;
-  std::memcpy(&h, &b, 2);
-  return __half2float(h);
-}
+using test::from_bits;
+using test::to_bits;
 double rnd(double x, bool bf16) { return from_bits(to_bits(float(x), bf16), bf16); }
 
 struct Case {

@@ -27,15 +27,8 @@
 #include "flash/hopper/kernel_traits.h"
 #include "flash/hopper/sm90.cuh"
 #include "flash/hopper/tensor_map.h"
+#include "test_common.h"
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 using namespace flashattn::flash::hopper;
 
@@ -129,29 +122,8 @@ __global__ void __launch_bounds__(128) probe_kernel(const __grid_constant__ CUte
 #endif
 }
 
-uint16_t to_bits(float f, bool bf16) {
-  if (bf16) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-  }
-  __half h = __float2half_rn(f);
-  uint16_t r;
-  std::memcpy(&r, &h, 2);
-  return r;
-}
-float from_bits(uint16_t b, bool bf16) {
-  if (bf16) {
-    uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half h;
-  std::memcpy(&h, &b, 2);
-  return __half2float(h);
-}
+using test::from_bits;
+using test::to_bits;
 
 // |got - want|, with NaN (the poison: an element never written) as +inf
 double abs_err(float got, double want) { return std::isnan(got) ? INFINITY : std::fabs(double(got) - want); }
