@@ -51,14 +51,15 @@ struct Packed {
   uint32_t w[kWords];
 };
 
-// Loads a vector through L2 only (ld.global.cg), for data read once by the kernel: streamed data then leaves
-// L1 to what is read again (weights read for every row).
-template <typename T, int N>
-__device__ __forceinline__ Packed<T, N> load_packed_stream(const T* p) {
+// Loads a vector as packed words: through L2 only (ld.global.cg) when kStream, for data read once by the kernel
+// (streamed data then leaves L1 to what is read again, such as weights read for every row), else through L1.
+template <bool kStream, typename T, int N>
+__device__ __forceinline__ Packed<T, N> load_packed_words(const T* p) {
   Packed<T, N> r;
 #pragma unroll
   for (int i = 0; i < Packed<T, N>::kWords / 4; ++i) {
-    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p) + i);
+    const uint4* q = reinterpret_cast<const uint4*>(p) + i;
+    const uint4 v = kStream ? __ldcg(q) : *q;
     r.w[4 * i] = v.x;
     r.w[4 * i + 1] = v.y;
     r.w[4 * i + 2] = v.z;
@@ -67,20 +68,11 @@ __device__ __forceinline__ Packed<T, N> load_packed_stream(const T* p) {
   return r;
 }
 
-// The same through L1 (data read again, such as weights).
 template <typename T, int N>
-__device__ __forceinline__ Packed<T, N> load_packed(const T* p) {
-  Packed<T, N> r;
-#pragma unroll
-  for (int i = 0; i < Packed<T, N>::kWords / 4; ++i) {
-    const uint4 v = reinterpret_cast<const uint4*>(p)[i];
-    r.w[4 * i] = v.x;
-    r.w[4 * i + 1] = v.y;
-    r.w[4 * i + 2] = v.z;
-    r.w[4 * i + 3] = v.w;
-  }
-  return r;
-}
+__device__ __forceinline__ Packed<T, N> load_packed_stream(const T* p) { return load_packed_words<true, T, N>(p); }
+
+template <typename T, int N>
+__device__ __forceinline__ Packed<T, N> load_packed(const T* p) { return load_packed_words<false, T, N>(p); }
 
 template <typename T, int N>
 __device__ __forceinline__ void to_floats(const Packed<T, N>& r, float (&out)[N]) {
