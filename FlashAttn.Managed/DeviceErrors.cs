@@ -48,7 +48,9 @@ internal static class DeviceErrors
     internal static void Check(Tensor condition, string argument, string message)
     {
         Require(condition.dtype == ScalarType.Bool, "condition", $"condition must be bool, got {condition.dtype}");
-        if (condition.device_type != DeviceType.CUDA || !Backend.NativeHasCuda)
+        // the check kernel is built for the kernels' GPUs alone: elsewhere one synchronising read
+        if (condition.device_type != DeviceType.CUDA || !Backend.NativeHasCuda ||
+            Backend.Capability(condition.device_index) < Backend.MinimumCapability)
         {
             if (!condition.all().item<bool>()) throw new ArgumentException(message, argument);
             return;

@@ -241,6 +241,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         foreach (var s in _slots)
         {
             if (!s.LowPrecision || s.Param.grad is not { } g || s.Numel == 0) continue;
+            RequireGradient(s, g);
             taken.Add((s, g.is_contiguous() ? g : g.contiguous()));
         }
         if (taken.Count == 0) return;
@@ -302,6 +303,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
                 var g = s.Param.grad;
                 // an empty parameter has nothing to update (and no storage the kernels could point at)
                 if ((g is null && !s.HasSum) || s.Numel == 0) continue;
+                if (g is not null) RequireGradient(s, g);
                 taken.Add((s, g is null || g.is_contiguous() ? g : g.contiguous()));
             }
             if (taken.Count == 0)
@@ -315,6 +317,11 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         }
         return loss!;
     }
+
+    // A gradient set by hand must match its parameter before the kernels read it with the parameter's sizes.
+    private static void RequireGradient(Slot s, Tensor g) =>
+        Require(g.dtype == s.DType && g.numel() == s.Numel && SameDevice(g.device, s.Param.device), "parameters",
+                $"the gradient of a parameter {Shape(s.Param)} {s.DType} on {s.Param.device} is {Shape(g)} {g.dtype} on {g.device}");
 
     private unsafe void StepKernel(List<(Slot slot, Tensor? grad)> taken)
     {

@@ -14,7 +14,7 @@ namespace FlashAttn.Benchmarks;
 /// update in a few launches;</item>
 /// <item>TorchSharpAdamW: torch.optim.AdamW over float32 copies of the weights (a handful of launches per tensor);</item>
 /// <item>Accumulate: FusedAdamW.accumulate_grad, a micro-batch's bf16 gradients added into the float32 sums;</item>
-/// <item>CopyFloor: a copy moving FusedAdamW's bytes (the bar of issue 16: FusedAdamW within 1.3x of it).</item>
+/// <item>CopyFloor: a copy moving FusedAdamW's bytes (FusedAdamW is held to within 1.3x of it).</item>
 /// </list>
 /// Bytes per parameter element, each tensor read or written once:
 /// Fused: read grad 2 (norm) + grad 2 + master 4 + exp_avg 4 + exp_avg_sq 4, write master 4 + exp_avg 4 + exp_avg_sq 4

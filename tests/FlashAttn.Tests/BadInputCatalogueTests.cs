@@ -504,6 +504,8 @@ internal static class BadInputCatalogue
             new Case("amsgrad", d => new FusedAdamW(new[] { P(d) }, amsgrad: true), T("amsgrad")),
             new Case("max_norm", d => new FusedAdamW(new[] { P(d) }, max_norm: double.NaN), T("max_norm")),
             new Case("duplicate", d => { var p = P(d); return new FusedAdamW(new[] { p, p }); }, T("parameters")),
+            new Case("grad_shape", d => Adam(d, R(d, 5)), T("parameters")),
+            new Case("grad_dtype", d => Adam(d, R(d, 37).to(ScalarType.Float64)), T("parameters")),
             new Case("empty", d => Adam(d, R(d, 0), n: 0), E(0)),
             new Case("nan", d => Adam(d, Poison(R(d, 37), double.NaN)), Fine),
             new Case("inf", d => Adam(d, Poison(R(d, 37), Inf)), Fine),

@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
         // Straight-line code: exp2 of every element, then the mask on boundary tiles alone. A
         // per-element `visible ? exp2 : 0` compiled to a branch around each exp2 and its LSE
         // load, which serialised them: without (and with float4 dQ atomics) the backward ran
-        // 1.2-1.4x faster (H100, 2026-11-25). Dropout alone takes this path too up to d128 (above,
+        // 1.2-1.4x faster on an H100. Dropout alone takes this path too up to d128 (above,
         // the kFull kernel with both paths spilled 60 bytes at d224 against 8, nvcc 11.8).
         const float scale_log2 = scale * kLog2e;
 #pragma unroll

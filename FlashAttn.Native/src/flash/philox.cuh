@@ -28,10 +28,8 @@ __device__ __forceinline__ uint4 philox4x32_10(uint2 key, uint4 ctr) {
 // holds both in the forward's S fragments (rows g, g + 8 of an m16 tile, columns 2t, 2t + 1 of two
 // n8 tiles) and in the backward's S^T fragments (keys g, g + 8; queries 2t, 2t + 1 of two n8
 // tiles): up to d128, one call per four elements in both directions, the backward regenerating the
-// forward's decisions. (The stream this replaced, word j % 4 of a call per (i, j / 4), cost one call
-// per element pair in the forward, half its words unused, and one per element in the backward:
-// 2x and 4x these Philox instructions, about half of what the dropout variants added to the
-// kernels' static instruction counts at d64, nvcc 11.8.)
+// forward's decisions. A stream keyed by (i, j / 4) would cost one call per element pair in the
+// forward and one per element in the backward, which holds S^T.
 struct Dropout {
   uint2 key;
   uint32_t bh_lo, off_hi, threshold;
