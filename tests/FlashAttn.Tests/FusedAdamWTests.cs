@@ -324,6 +324,7 @@ public sealed class FusedAdamWTests
         Expect(Step(noGrad: true), "grads[1] must not be NULL unless flags[1] has GRAD_SUM");
         Expect(Step(flags: [0, (int)FlashAttnOptimTensorFlag.GradSum]), "grad_sum must be a 16-byte aligned device pointer (flags[1] has GRAD_SUM)");
         Expect(Step(stepIndices: [0, 2]), "step_indices[1] (2) must be in [0, 2)");
+        Expect(Step(stepIndices: [1, 1]), "step_indices[1] (1) is another tensor's");
         Expect(Step(wsBytes: 1), "workspace_bytes (1) must be >=");
         if (!Backend.NativeHasCuda)
         {

@@ -1,6 +1,7 @@
 // FlashAttn_optim_*: validates every argument, fills the tensor list once, launches.
 #include <climits>
 #include <cmath>
+#include <vector>
 
 #include "common/dtype.h"
 #include "common/error.h"
@@ -90,9 +91,15 @@ FLASHATTN_API FlashAttnStatus FlashAttn_optim_adamw_step(
       FlashAttnStatus s = read_tensors(kFunction, count, params, grads, dtypes, numels, offsets, flags, state_numel,
                                        p.tensors);
       if (s != FLASHATTN_STATUS_OK) return s;
+      // a step count shared by two tensors would be read after the first launch incremented it (bias correction off)
+      FA_CHECK(num_steps >= count, "num_steps (%d) must be >= count (%d): one step count per tensor", num_steps, count);
+      std::vector<char> step_taken(size_t(num_steps), 0);
       for (int32_t i = 0; i < count; ++i) {
         FA_CHECK(step_indices[i] >= 0 && step_indices[i] < num_steps, "step_indices[%d] (%d) must be in [0, %d)", i,
                  step_indices[i], num_steps);
+        FA_CHECK(!step_taken[size_t(step_indices[i])], "step_indices[%d] (%d) is another tensor's: each tensor has its own",
+                 i, step_indices[i]);
+        step_taken[size_t(step_indices[i])] = 1;
         FA_CHECK(groups[i] >= 0 && groups[i] < num_groups, "groups[%d] (%d) must be in [0, %d)", i, groups[i],
                  num_groups);
         if (flags[i] & FLASHATTN_OPTIM_TENSOR_MASTER) {
