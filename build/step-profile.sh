@@ -42,6 +42,17 @@ for steps in 2 4; do
     --target-processes all --log-file "$OUT/profile-ncu$steps.csv" ||
     { tail -20 "$OUT/profile-ncu$steps.log"; echo "step profile: ncu over max_steps=$steps failed"; exit 1; }
 done
+# PROFILE_HOST_STEPS=N: one more run of N steps under EventPipe's sample profiler (every managed thread's stack each
+# millisecond; native frames show as the managed method that called into them): $OUT/host.nettrace.xz, read here with
+# build/host_profile.py. A separate run, so that the wall time above is not measured under the profiler.
+if [ -n "${PROFILE_HOST_STEPS:-}" ]; then
+  rm -f "$OUT/host.nettrace" "$OUT/host.nettrace.xz"
+  train host "$PROFILE_HOST_STEPS" env DOTNET_EnableEventPipe=1 DOTNET_EventPipeOutputPath="$OUT/host.nettrace" \
+    DOTNET_EventPipeConfig='Microsoft-DotNETCore-SampleProfiler:0:5,Microsoft-Windows-DotNETRuntime:0x4c14fccbd:5' ||
+    echo "step profile: the traced run failed"
+  cp "$(ls "$runs"/host/*/metrics.jsonl | head -1)" "$OUT/host-metrics.jsonl" 2>/dev/null
+  xz -T0 -6 "$OUT/host.nettrace" && ls -la "$OUT/host.nettrace.xz"
+fi
 grep -m1 "^attention:" "$OUT/profile-wall.log"
 python3 "$root/build/step_profile.py" "$OUT/profile-ncu2.csv" 2 "$OUT/profile-ncu4.csv" 4 "$OUT/profile-metrics.jsonl" \
   "$OUT/step-profile.tsv" 25
