@@ -3,8 +3,9 @@
 #   bash build/step-profile.sh                 TRAIN_ARGS='key=value ...' adds or overrides train keys
 # The ncu method of shared/notes/step-profile.md: `ncu --clock-control none --metrics gpu__time_duration.sum --csv`
 # over `flashattn train ... trainer.max_steps=2` and `=4`; per kernel name the difference divided by 2 is one step
-# (start-up, the final evaluation and the checkpoint cancel out). A third run without ncu (PROFILE_WALL_STEPS, 40)
-# gives the wall time per step over its last ten steps. build/step_profile.py aggregates: kernel time, launches and
+# (start-up, the final evaluation and the checkpoint cancel out). A third run without ncu (PROFILE_WALL_STEPS, 100)
+# gives the wall time per step from step 30 on (tiered JIT has settled; logging every 10 steps, as a training run does,
+# so that the host is not made to wait for the GPU at every step). build/step_profile.py aggregates: kernel time, launches and
 # wall time per step, the host gap, tokens/s and the top kernels; $OUT/step-profile.tsv, the ncu CSVs beside it.
 # Defaults: the note's configuration, GPT-2 124M as experiment=owt/gpt2s-flash on the embedded corpus in bf16, dropout
 # 0, without accumulation (train.global_batch_size = datamodule.batch_size = 16: one optimizer step per micro-batch);
@@ -16,12 +17,12 @@ mkdir -p "$OUT"
 app=${FLASHATTN_APP:-$root/.device/app}
 ncu=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 runs=${PROFILE_RUNS_DIR:-/tmp/flashattn-profile}
-wall_steps=${PROFILE_WALL_STEPS:-40}
+wall_steps=${PROFILE_WALL_STEPS:-100}
 
 # TRAIN_ARGS come last: a key given twice takes its last value
 args=(experiment=owt/gpt2s-flash datamodule.dataset=kjv datamodule.sources=embedded:kjv datamodule.val_ratio=0.01
       trainer.precision=bf16 model.config.dropout=0 datamodule.batch_size=16 train.global_batch_size=16
-      trainer.log_every_n_steps=1 trainer.progress_bar=false)
+      trainer.log_every_n_steps=10 trainer.progress_bar=false)
 # shellcheck disable=SC2206 # word splitting of the overrides is intended
 args+=(${TRAIN_ARGS:-})
 

@@ -5,8 +5,8 @@
 
 SHORT.csv / LONG.csv: `ncu --csv --metrics gpu__time_duration.sum` logs of trainer.max_steps=SHORT_STEPS and
 =LONG_STEPS; per kernel name, (LONG - SHORT) / (LONG_STEPS - SHORT_STEPS) is one step (start-up, the final evaluation
-and the checkpoint cancel out). METRICS.jsonl: the trainer's metrics of a run without ncu (trainer.log_every_n_steps=1),
-whose last ten steps give the wall time per step. Writes OUT.tsv (and prints it): kernel time, launches and wall time
+and the checkpoint cancel out). METRICS.jsonl: the trainer's metrics of a run without ncu, whose logged steps from
+step 30 on give the wall time per step (the mean: a garbage collection's pause is part of the cost). Writes OUT.tsv (and prints it): kernel time, launches and wall time
 per step, the host gap between them, tokens/s, and the TOP kernels by time per step, grouped by kernel name.
 """
 import collections
@@ -39,8 +39,9 @@ def kernels(path):
     return totals
 
 
-def wall(path, window=10):
-    """(seconds per step, tokens per step, the trainer's last tokens/s) over the last `window` logged steps."""
+def wall(path, skip=30):
+    """(seconds per step, tokens per step, the trainer's last tokens/s) from the first logged step >= `skip` to the last
+    (the first steps run tier-0 JIT code)."""
     records = []
     with open(path) as f:
         for line in f:
@@ -48,9 +49,9 @@ def wall(path, window=10):
             if "elapsed_s" in r and r.get("elapsed_s") is not None:
                 records.append(r)
     if len(records) < 2:
-        sys.exit(f"{path}: fewer than two logged steps (set trainer.log_every_n_steps=1)")
+        sys.exit(f"{path}: fewer than two logged steps")
     last = records[-1]
-    first = records[max(0, len(records) - 1 - window)]
+    first = next((r for r in records if r["step"] >= skip and r is not last), records[0])
     steps = last["step"] - first["step"]
     seconds = (last["elapsed_s"] - first["elapsed_s"]) / steps
     tokens = (last["tokens"] - first["tokens"]) / steps if "tokens" in last else None
