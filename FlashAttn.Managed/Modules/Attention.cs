@@ -122,8 +122,8 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
     private Tensor Attend(Tensor x, Tensor? xKv, long seqlen_offset)
     {
         TensorArgs.RequireModuleInput(x, "x", out_proj.weight!);
-        TensorArgs.Require(x.dim() == 3 && x.shape[2] == embed_dim, "x", $"x must be (batch, seqlen, {embed_dim}), got {TensorArgs.Shape(x)}");
-        long B = x.shape[0], S = x.shape[1], H = num_heads, Hk = num_heads_kv, D = head_dim;
+        TensorArgs.Require(x.dim() == 3 && x.size(2) == embed_dim, "x", $"x must be (batch, seqlen, {embed_dim}), got {TensorArgs.Shape(x)}");
+        long B = x.size(0), S = x.size(1), H = num_heads, Hk = num_heads_kv, D = head_dim;
         Tensor q, k, v;
         if (!_cross)
         {
@@ -136,10 +136,10 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         else
         {
             TensorArgs.RequireModuleInput(xKv!, "x_kv", out_proj.weight!);
-            TensorArgs.Require(xKv!.dim() == 3 && xKv.shape[0] == B && xKv.shape[2] == embed_dim, "x_kv",
+            TensorArgs.Require(xKv!.dim() == 3 && xKv.size(0) == B && xKv.size(2) == embed_dim, "x_kv",
                 $"x_kv must be ({B}, seqlen_k, {embed_dim}), got {TensorArgs.Shape(xKv)}");
             q = Wq!.forward(x).view(B, S, H, D);
-            var kv = Wkv!.forward(xKv).view(B, xKv.shape[1], 2, Hk, D);
+            var kv = Wkv!.forward(xKv).view(B, xKv.size(1), 2, Hk, D);
             if (rotary_emb is not null) rotary_emb.forward(q, kv, seqlen_offset);
             var kvs = kv.unbind(2);
             (k, v) = (kvs[0], kvs[1]);

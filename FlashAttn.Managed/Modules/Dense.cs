@@ -145,7 +145,7 @@ internal static class DenseInit
 {
     /// <summary>A dense module's input x (..., in_features).</summary>
     internal static void RequireFeatures(Tensor x, long inFeatures) =>
-        TensorArgs.Require(x.dim() >= 1 && x.shape[^1] == inFeatures, "x", $"x must be (..., in_features = {inFeatures}), got {TensorArgs.Shape(x)}");
+        TensorArgs.Require(x.dim() >= 1 && x.size(-1) == inFeatures, "x", $"x must be (..., in_features = {inFeatures}), got {TensorArgs.Shape(x)}");
 
     /// <summary>torch.nn.Linear's initialisation: weight kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)),
     /// bias U(-1/sqrt(in), 1/sqrt(in)); drawn in float32 on the CPU from TorchSharp's default generator.</summary>

@@ -183,6 +183,6 @@ internal static class NormModules
 {
     /// <summary>A norm module's input (..., hidden_size).</summary>
     internal static void RequireHidden(Tensor input, string name, long hidden) =>
-        TensorArgs.Require(input.dim() >= 1 && input.shape[^1] == hidden, name,
+        TensorArgs.Require(input.dim() >= 1 && input.size(-1) == hidden, name,
                            $"{name} must be (..., hidden_size = {hidden}), got {TensorArgs.Shape(input)}");
 }

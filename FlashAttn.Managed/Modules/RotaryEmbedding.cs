@@ -43,7 +43,7 @@ public sealed class RotaryEmbedding : nn.Module<Tensor, Tensor>
         int? num_heads_q = null)
     {
         if (qkv.dim() < 4) throw new ArgumentException($"qkv must be 4-D or 5-D, got {TensorArgs.Shape(qkv)}", nameof(qkv));
-        long seqlen = qkv.shape[1];
+        long seqlen = qkv.size(1);
         if (seqlen_offsets is not null && max_seqlen is null)
             throw new ArgumentException("max_seqlen must be given with seqlen_offsets (it sizes the cos/sin tables)", nameof(max_seqlen));
         Update(max_seqlen ?? seqlen + seqlen_offset, qkv.device);
@@ -53,7 +53,7 @@ public sealed class RotaryEmbedding : nn.Module<Tensor, Tensor>
     /// <summary>Rotates q (batch, seqlen, nheads, headdim) and the k of kv (batch, seqlen, 2, nheads_k, headdim), in place.</summary>
     public (Tensor q, Tensor kv) forward(Tensor q, Tensor kv, long seqlen_offset = 0, Tensor? seqlen_offsets = null, long? max_seqlen = null)
     {
-        Update(max_seqlen ?? q.shape[1] + seqlen_offset, q.device);
+        Update(max_seqlen ?? q.size(1) + seqlen_offset, q.device);
         var qr = flash_attn.apply_rotary_emb(q, _cos!, _sin!, _interleaved, inplace: true, seqlen_offsets, seqlen_offset);
         var k = kv[.., .., 0];
         flash_attn.apply_rotary_emb(k, _cosK ?? _cos!, _sinK ?? _sin!, _interleaved, inplace: true, seqlen_offsets, seqlen_offset);

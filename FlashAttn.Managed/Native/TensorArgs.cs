@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -31,6 +32,15 @@ internal static class TensorArgs
         if (!condition) throw new ArgumentException(message, paramName);
     }
 
+    /// <summary>The same check with an interpolated message, formatted only when the check fails: the checks run at every
+    /// call of every op, on the training step's critical path, and formatting their messages there (devices, shapes)
+    /// cost more host time than the launches they guard.</summary>
+    internal static void Require(bool condition, string paramName,
+                                 [InterpolatedStringHandlerArgument(nameof(condition))] ref RequireMessage message)
+    {
+        if (!condition) throw new ArgumentException(message.ToStringAndClear(), paramName);
+    }
+
     internal static void RequireDim(Tensor t, int dim, string name, string shape) =>
         Require(t.dim() == dim, name, $"{name} must be {dim}-D {shape}, got shape [{string.Join(", ", t.shape)}]");
 
@@ -43,7 +53,7 @@ internal static class TensorArgs
                 $"{name} must be on the same device as {referenceName} ({reference.device}), got {t.device}");
 
     internal static void RequireContiguousLastDim(Tensor t, string name) =>
-        Require(t.shape[^1] <= 1 || t.stride(-1) == 1, name,
+        Require(t.size(-1) <= 1 || t.stride(-1) == 1, name,
                 $"{name} must have a contiguous last dimension (stride 1), got strides [{string.Join(", ", t.stride())}]");
 
     internal static string Shape(Tensor t) => $"[{string.Join(", ", t.shape)}]";
@@ -73,11 +83,11 @@ internal static class TensorArgs
         RequireDim(cu, 1, name, "(batch + 1,)");
         Require(cu.dtype == ScalarType.Int32, name, $"{name} must be int32, got {cu.dtype}");
         RequireSameDevice(cu, reference, name, referenceName);
-        Require(cu.shape[0] >= 1, name, $"{name} must hold batch + 1 >= 1 entries, got none");
+        Require(cu.size(0) >= 1, name, $"{name} must hold batch + 1 >= 1 entries, got none");
         Require(maxSeqlen > 0, maxName, $"{maxName} ({maxSeqlen}) must be > 0");
         long[] offsets;
         using (var host = cu.to(ScalarType.Int64, CPU)) offsets = host.data<long>().ToArray();
-        long packed = reference.shape[0];
+        long packed = reference.size(0);
         Require(offsets[0] == 0, name, $"{name} must start at 0, got {offsets[0]}");
         for (int b = 0; b + 1 < offsets.Length; b++)
         {
@@ -90,4 +100,22 @@ internal static class TensorArgs
                 $"{name} must end at the packed length ({referenceName} has {packed} rows), got {offsets[^1]}");
         return offsets;
     }
+}
+
+/// <summary>Builds <see cref="TensorArgs.Require(bool, string, ref RequireMessage)"/>'s message only when its condition is
+/// false (the compiler skips every hole's expression otherwise).</summary>
+[InterpolatedStringHandler]
+internal ref struct RequireMessage
+{
+    private DefaultInterpolatedStringHandler _inner;
+
+    public RequireMessage(int literalLength, int formattedCount, bool condition, out bool shouldAppend)
+    {
+        shouldAppend = !condition;
+        _inner = shouldAppend ? new DefaultInterpolatedStringHandler(literalLength, formattedCount) : default;
+    }
+
+    public void AppendLiteral(string value) => _inner.AppendLiteral(value);
+    public void AppendFormatted<T>(T value, int alignment = 0, string? format = null) => _inner.AppendFormatted(value, alignment, format);
+    public string ToStringAndClear() => _inner.ToStringAndClear();
 }

@@ -23,21 +23,17 @@ internal enum AttentionMode { Auto, Flash, Sdpa }
 
 /// <summary>
 /// A flash_attn_func call as the dispatch rule sees it. Capability: major * 10 + minor; the window as
-/// <see cref="flash_attn.Window"/> resolves it (-1 unlimited, causal = (-1, 0)); DefaultScale: softmax_scale is
-/// 1/sqrt(headdim), the only one TorchSharp 0.107's SDPA takes (it has no scale argument).
+/// <see cref="flash_attn.Window"/> resolves it (-1 unlimited, causal = (-1, 0)).
 /// </summary>
 internal readonly record struct AttentionCase(int Capability, ScalarType DType, long SeqlenQ, long SeqlenK, long Heads,
-    long HeadsK, long HeadDim, bool DefaultScale, double DropoutP, long WindowLeft, long WindowRight, double Softcap,
-    bool Alibi, bool Deterministic)
+    long HeadsK, long HeadDim, double DropoutP, long WindowLeft, long WindowRight, double Softcap, bool Alibi,
+    bool Deterministic)
 {
     /// <summary>The case of validated q (B, Sq, H, D), k (B, Sk, Hk, D) on a CUDA device.</summary>
-    internal static AttentionCase Of(Tensor q, Tensor k, double dropoutP, double? scale, long left, long right, double softcap,
-        Tensor? alibi, bool deterministic)
-    {
-        long[] qs = q.shape, ks = k.shape;
-        return new(Backend.Capability(q.device_index), q.dtype, qs[1], ks[1], qs[2], ks[2], qs[3],
-                   scale is null || scale == 1.0 / Math.Sqrt(qs[3]), dropoutP, left, right, softcap, alibi is not null, deterministic);
-    }
+    internal static AttentionCase Of(Tensor q, Tensor k, double dropoutP, long left, long right, double softcap, Tensor? alibi,
+        bool deterministic) =>
+        new(Backend.Capability(q.device_index), q.dtype, q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), dropoutP, left,
+            right, softcap, alibi is not null, deterministic);
 }
 
 /// <summary>
@@ -95,24 +91,30 @@ internal static class AttentionDispatch
 
     /// <summary>
     /// Whether SDPA computes flash_attn_func's result: bf16/fp16, head dims a multiple of 8 (others are padded for our
-    /// kernels), as many k/v heads as q heads (TorchSharp 0.107 has no enable_gqa, and expanding K/V would copy them), the
-    /// default scale, no softcap or ALiBi, no window but causal, and causal only where its top-left alignment is our
-    /// bottom-right one (seqlen_q == seqlen_k); not deterministic (SDPA's backward gives no such promise).
+    /// kernels), as many k/v heads as q heads (TorchSharp 0.107 has no enable_gqa, and expanding K/V would copy them), no
+    /// softcap or ALiBi, no window but causal, and causal only where its top-left alignment is our bottom-right one
+    /// (seqlen_q == seqlen_k); not deterministic (SDPA's backward gives no such promise). Any softmax scale: see
+    /// <see cref="Sdpa"/>.
     /// </summary>
     internal static bool SdpaComputes(in AttentionCase c) =>
         (c.DType is ScalarType.BFloat16 or ScalarType.Float16) && c.HeadDim % 8 == 0 && c.SeqlenQ > 0 && c.SeqlenK > 0 &&
-        c.Heads == c.HeadsK && c.DefaultScale && c.Softcap == 0 && !c.Alibi && !c.Deterministic && c.WindowLeft < 0 &&
+        c.Heads == c.HeadsK && c.Softcap == 0 && !c.Alibi && !c.Deterministic && c.WindowLeft < 0 &&
         (c.WindowRight < 0 || (c.WindowRight == 0 && c.SeqlenQ == c.SeqlenK));
 
     /// <summary>
     /// q (B, Sq, H, D), k/v (B, Sk, H, D) -> (B, Sq, H, D) through scaled_dot_product_attention, whose (B, H, S, D) inputs
     /// are transposed views (no copies); gradients flow through libtorch's autograd. Dropout draws from torch's CUDA
-    /// generator (torch.manual_seed reproduces it).
+    /// generator (torch.manual_seed reproduces it). TorchSharp 0.107's SDPA always scales by 1/sqrt(headdim): another
+    /// softmax_scale (GPT-2's scale_attn_by_inverse_layer_idx gives every layer but the first its own) is folded into q,
+    /// one elementwise kernel each way and one more rounding of q (exact for powers of two), which the tolerance rule of
+    /// AttentionDispatchCudaTests covers.
     /// </summary>
-    internal static Tensor Sdpa(Tensor q, Tensor k, Tensor v, double dropoutP, bool causal)
+    internal static Tensor Sdpa(Tensor q, Tensor k, Tensor v, double dropoutP, double? softmaxScale, bool causal)
     {
         using var scope = NewDisposeScope();
-        var o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p: dropoutP,
+        double fold = softmaxScale is { } s ? s * Math.Sqrt(q.size(3)) : 1.0;
+        var qs = Math.Abs(fold - 1.0) < 1e-12 ? q : q * fold; // the default scale passed explicitly: 1 up to rounding
+        var o = F.scaled_dot_product_attention(qs.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p: dropoutP,
                                                is_casual: causal);
         Last = AttentionBackend.Sdpa;
         return o.transpose(1, 2).MoveToOuterDisposeScope();

@@ -54,11 +54,11 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
     {
         RequireFloat(logits, logitsName);
         RequireDim(logits, 2, logitsName, "(N, V)");
-        Require(logits.shape[1] >= 1, logitsName, $"{logitsName} must have at least one class");
+        Require(logits.size(1) >= 1, logitsName, $"{logitsName} must have at least one class");
         RequireContiguousLastDim(logits, logitsName);
         Require(labels.dtype == ScalarType.Int64, labelsName, $"{labelsName} must be int64, got {labels.dtype}");
         RequireDim(labels, 1, labelsName, "(N,)");
-        Require(labels.shape[0] == logits.shape[0], labelsName, $"{labelsName} must have N ({logits.shape[0]}) entries, got {labels.shape[0]}");
+        Require(labels.size(0) == logits.size(0), labelsName, $"{labelsName} must have N ({logits.size(0)}) entries, got {labels.size(0)}");
         RequireSameDevice(labels, logits, labelsName, logitsName);
         Require(o.LabelSmoothing >= 0 && o.LabelSmoothing <= 1, "label_smoothing", $"label_smoothing ({o.LabelSmoothing}) must be in [0, 1]");
         Require(double.IsFinite(o.LogitScale), "logit_scale", $"logit_scale ({o.LogitScale}) must be finite");
@@ -67,11 +67,11 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         if (labels.device_type == DeviceType.CPU)
         {
             using var scope = NewDisposeScope();
-            var bad = LabelsInVocabulary(labels, logits.shape[1], o.IgnoreIndex).logical_not().nonzero();
-            if (bad.shape[0] > 0)
+            var bad = LabelsInVocabulary(labels, logits.size(1), o.IgnoreIndex).logical_not().nonzero();
+            if (bad.size(0) > 0)
             {
                 long row = bad[0, 0].item<long>();
-                throw new ArgumentException($"{labelsName} must be in [0, {logits.shape[1]}) (the vocabulary) or ignore_index ({o.IgnoreIndex}), " +
+                throw new ArgumentException($"{labelsName} must be in [0, {logits.size(1)}) (the vocabulary) or ignore_index ({o.IgnoreIndex}), " +
                                             $"got {labels[row].item<long>()} in row {row}", labelsName);
             }
         }
@@ -81,7 +81,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         labels.ge(0).logical_and(labels.lt(vocab)).logical_or(labels.eq(ignoreIndex));
 
     private static bool KernelPath(Tensor logits) =>
-        Backend.UsesKernels(logits) && logits.numel() > 0 && logits.shape[0] * ((logits.shape[1] + 16383) / 16384) <= int.MaxValue;
+        Backend.UsesKernels(logits) && logits.numel() > 0 && logits.size(0) * ((logits.size(1) + 16383) / 16384) <= int.MaxValue;
 
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
@@ -90,11 +90,11 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         Validate(logits, labels, o);
         bool kernel = KernelPath(logits);
         Tensor loss, zLoss, lse;
-        if (kernel && logits.shape[0] > 1 && logits.stride(0) < logits.shape[1])
+        if (kernel && logits.size(0) > 1 && logits.stride(0) < logits.size(1))
             logits = logits.contiguous(); // expanded rows: the kernels need row stride >= V
         if (kernel)
         {
-            long n = logits.shape[0], v = logits.shape[1];
+            long n = logits.size(0), v = logits.size(1);
             var dev = logits.device;
             DeviceErrors.Arm(); // the kernel records labels outside the vocabulary
             loss = empty(n, dtype: ScalarType.Float32, device: dev);
@@ -113,7 +113,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
             // on a GPU (the reference computes NaN for such rows, as the kernel); on the CPU Validate has thrown
             if (labels.device_type != DeviceType.CPU)
             {
-                using var ok = LabelsInVocabulary(labels, logits.shape[1], o.IgnoreIndex);
+                using var ok = LabelsInVocabulary(labels, logits.size(1), o.IgnoreIndex);
                 DeviceErrors.Check(ok, "labels", "a label of cross_entropy_loss is outside [0, vocab) and not ignore_index: that row's loss and gradient are NaN");
             }
             (loss, zLoss, lse) = Reference.cross_entropy(logits, labels, o.LabelSmoothing, o.LogitScale, o.LseSquareScale, o.IgnoreIndex);
@@ -136,11 +136,11 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         Tensor dlogits;
         if ((bool)ctx.get_data("kernel"))
         {
-            long n = logits.shape[0], v = logits.shape[1];
+            long n = logits.size(0), v = logits.size(1);
             dlogits = o.InplaceBackward ? logits : empty_like(logits);
             using var scope = NewDisposeScope();
             var dloss = grads[0].to(ScalarType.Float32);
-            if (dloss.dim() == 0 || dloss.shape[0] != n) dloss = dloss.expand(n);
+            if (dloss.dim() == 0 || dloss.size(0) != n) dloss = dloss.expand(n);
             long dlossStride = dloss.stride(0);
             if (dlossStride != 0 && dlossStride != 1) { dloss = dloss.contiguous(); dlossStride = 1; }
             var lab = labels.contiguous();

@@ -26,8 +26,8 @@ public static partial class flash_attn
         if (!DenseOps.NeedsGrad(x, weight, bias))
         {
             using var _ = no_grad();
-            bool kernel = DenseOps.Eligible(x, x.shape[^1], weight.shape[0]);
-            long k = x.shape[^1], n = weight.shape[0];
+            bool kernel = DenseOps.Eligible(x, x.size(-1), weight.size(0));
+            long k = x.size(-1), n = weight.size(0);
             var y = DenseOps.Linear(DenseOps.Rows(x, k, kernel), DenseOps.Prep(weight, kernel), DenseOps.PrepOrNull(bias, kernel), kernel, backward: false);
             return y.view(x.shape[..^1].Append(n).ToArray());
         }
@@ -62,7 +62,7 @@ public static partial class flash_attn
         if (!DenseOps.NeedsGrad(x, weight1, bias1, weight2, bias2))
         {
             using var _ = no_grad();
-            long k = x.shape[^1], h = weight1.shape[0], n = weight2.shape[0];
+            long k = x.size(-1), h = weight1.size(0), n = weight2.size(0);
             bool kernel = DenseOps.Eligible(x, k, h, n);
             var x2 = DenseOps.Rows(x, k, kernel);
             var (hid, _) = DenseOps.LinearAct(x2, DenseOps.Prep(weight1, kernel), DenseOps.PrepOrNull(bias1, kernel), act, saveAux: false, kernel, backward: false);
@@ -91,8 +91,8 @@ public static partial class flash_attn
         DeviceErrors.Raise();
         DenseActivations.ValidateGate(activation, nameof(activation));
         DenseOps.ValidateLinear(x, weight1, bias1, "weight1", "bias1");
-        Require(weight1.shape[0] % 2 == 0, "weight1", $"weight1 must have an even number of rows (2 * hidden_features), got {weight1.shape[0]}");
-        DenseOps.ValidateSecond(x, weight2, bias2, weight1.shape[0] / 2, "hidden_features = weight1's rows / 2");
+        Require(weight1.size(0) % 2 == 0, "weight1", $"weight1 must have an even number of rows (2 * hidden_features), got {weight1.size(0)}");
+        DenseOps.ValidateSecond(x, weight2, bias2, weight1.size(0) / 2, "hidden_features = weight1's rows / 2");
         var y = fused_dense_func(x, weight1, bias1);
         var halves = y.chunk(2, -1);
         var hidden = halves[0] * DenseActivations.Gate(activation, halves[1]);
@@ -149,7 +149,7 @@ internal static class DenseOps
     private static FlashAttnStatus Gemm(Tensor a, bool transA, Tensor b, bool transB, Tensor output, FlashAttnDenseEpilogue epilogue,
         Tensor? bias = null, Tensor? aux = null, long ldaux = 0)
     {
-        long m = output.shape[0], n = output.shape[1], k = transA ? a.shape[0] : a.shape[1];
+        long m = output.size(0), n = output.size(1), k = transA ? a.size(0) : a.size(1);
         int device = a.device_index;
         var ws = Workspace(device);
         return NativeMethods.FlashAttn_dense_gemm(Ptr(a), Ptr(b), Ptr(output), DType(a.dtype), m, n, k, transA ? 1 : 0, transB ? 1 : 0,
@@ -158,7 +158,7 @@ internal static class DenseOps
     }
 
     // Elements between rows; a single row's stride is arbitrary in a "contiguous" tensor (expand, unsqueeze).
-    private static long Ld(Tensor t) => t.shape[0] == 1 ? t.shape[1] : t.stride(0);
+    private static long Ld(Tensor t) => t.size(0) == 1 ? t.size(1) : t.stride(0);
 
     // Forward: throw. Backward (must not throw): report, and make the gradients NaN so training checks surface it.
     private static void Finish(FlashAttnStatus status, bool backward, params Tensor?[] outputs)
@@ -175,7 +175,7 @@ internal static class DenseOps
     internal static Tensor Linear(Tensor x, Tensor w, Tensor? b, bool kernel, bool backward)
     {
         if (!kernel) return Reference.fused_dense(x, w, b);
-        var y = empty(x.shape[0], w.shape[0], dtype: x.dtype, device: x.device);
+        var y = empty(x.size(0), w.size(0), dtype: x.dtype, device: x.device);
         Finish(Gemm(x, false, w, true, y, FlashAttnDenseEpilogue.Bias, b), backward, y);
         return y;
     }
@@ -184,7 +184,7 @@ internal static class DenseOps
     /// relu: a bit mask (m, hidden / 8) bytes on the kernel path, a bool (m, hidden) tensor otherwise).</summary>
     internal static (Tensor h, Tensor? aux) LinearAct(Tensor x, Tensor w, Tensor? b, DenseActivation act, bool saveAux, bool kernel, bool backward)
     {
-        long m = x.shape[0], hidden = w.shape[0];
+        long m = x.size(0), hidden = w.size(0);
         if (!kernel)
         {
             using var scope = NewDisposeScope();
@@ -224,7 +224,7 @@ internal static class DenseOps
             var ct = Ct(dy);
             return dy.to(ct).mm(w.to(ct)).to(dy.dtype).MoveToOuterDisposeScope();
         }
-        var dx = empty(dy.shape[0], w.shape[1], dtype: dy.dtype, device: dy.device);
+        var dx = empty(dy.size(0), w.size(1), dtype: dy.dtype, device: dy.device);
         Finish(Gemm(dy, false, w, false, dx, FlashAttnDenseEpilogue.None), true, dx);
         return dx;
     }
@@ -241,8 +241,8 @@ internal static class DenseOps
             var db = needBias ? dyc.sum(0L).to(dy.dtype).MoveToOuterDisposeScope() : null;
             return (dw, db);
         }
-        var dwk = empty(dy.shape[1], x.shape[1], dtype: dy.dtype, device: dy.device);
-        var dbk = needBias ? empty(dy.shape[1], dtype: dy.dtype, device: dy.device) : null;
+        var dwk = empty(dy.size(1), x.size(1), dtype: dy.dtype, device: dy.device);
+        var dbk = needBias ? empty(dy.size(1), dtype: dy.dtype, device: dy.device) : null;
         Finish(Gemm(dy, true, x, false, dwk, needBias ? FlashAttnDenseEpilogue.Bgradb : FlashAttnDenseEpilogue.None, dbk), true, dwk, dbk);
         return (dwk, dbk);
     }
@@ -261,8 +261,8 @@ internal static class DenseOps
             var d = act == DenseActivation.GeluApprox ? DenseActivations.Derivative(act, aux.to(ct)) : aux.to(ct);
             return (p * d).to(dy.dtype).MoveToOuterDisposeScope();
         }
-        long hidden = w2.shape[1];
-        var dprek = empty(dy.shape[0], hidden, dtype: dy.dtype, device: dy.device);
+        long hidden = w2.size(1);
+        var dprek = empty(dy.size(0), hidden, dtype: dy.dtype, device: dy.device);
         var ep = act == DenseActivation.GeluApprox ? FlashAttnDenseEpilogue.DgeluBgrad : FlashAttnDenseEpilogue.DreluBgrad;
         Finish(Gemm(dy, false, w2, false, dprek, ep, null, aux, hidden), true, dprek); // no bias pointer: DGELU / DRELU
         return dprek;
@@ -273,14 +273,14 @@ internal static class DenseOps
         RequireFloat(x, "x");
         Require(x.dim() >= 1, "x", "x must have at least one dimension (..., in_features)");
         RequireDim(weight, 2, weightName, "(out_features, in_features)");
-        Require(weight.shape[1] == x.shape[^1], weightName,
-                $"{weightName} must be (out_features, in_features = {x.shape[^1]}) (x's last dimension), got {Shape(weight)}");
+        Require(weight.size(1) == x.size(-1), weightName,
+                $"{weightName} must be (out_features, in_features = {x.size(-1)}) (x's last dimension), got {Shape(weight)}");
         Require(weight.dtype == x.dtype, weightName, $"{weightName} must have x's dtype ({x.dtype}), got {weight.dtype}");
         RequireSameDevice(weight, x, weightName, "x");
         if (bias is null) return;
         RequireDim(bias, 1, biasName, "(out_features,)");
-        Require(bias.shape[0] == weight.shape[0], biasName,
-                $"{biasName} must have out_features ({weight.shape[0]}) elements ({weightName}'s rows), got {bias.shape[0]}");
+        Require(bias.size(0) == weight.size(0), biasName,
+                $"{biasName} must have out_features ({weight.size(0)}) elements ({weightName}'s rows), got {bias.size(0)}");
         Require(bias.dtype == x.dtype, biasName, $"{biasName} must have x's dtype ({x.dtype}), got {bias.dtype}");
         RequireSameDevice(bias, x, biasName, "x");
     }
@@ -288,7 +288,7 @@ internal static class DenseOps
     internal static void ValidateMlp(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, int checkpointLvl)
     {
         ValidateLinear(x, w1, b1, "weight1", "bias1");
-        ValidateSecond(x, w2, b2, w1.shape[0], "hidden_features = weight1's rows");
+        ValidateSecond(x, w2, b2, w1.size(0), "hidden_features = weight1's rows");
         Require(checkpointLvl is >= 0 and <= 2, "checkpoint_lvl", $"checkpoint_lvl ({checkpointLvl}) must be 0, 1 or 2");
     }
 
@@ -296,12 +296,12 @@ internal static class DenseOps
     internal static void ValidateSecond(Tensor x, Tensor w2, Tensor? b2, long hidden, string hiddenWhat)
     {
         RequireDim(w2, 2, "weight2", "(out_features, hidden_features)");
-        Require(w2.shape[1] == hidden, "weight2", $"weight2 must be (out_features, {hiddenWhat} = {hidden}), got {Shape(w2)}");
+        Require(w2.size(1) == hidden, "weight2", $"weight2 must be (out_features, {hiddenWhat} = {hidden}), got {Shape(w2)}");
         Require(w2.dtype == x.dtype, "weight2", $"weight2 must have x's dtype ({x.dtype}), got {w2.dtype}");
         RequireSameDevice(w2, x, "weight2", "x");
         if (b2 is null) return;
         RequireDim(b2, 1, "bias2", "(out_features,)");
-        Require(b2.shape[0] == w2.shape[0], "bias2", $"bias2 must have out_features ({w2.shape[0]}) elements (weight2's rows), got {b2.shape[0]}");
+        Require(b2.size(0) == w2.size(0), "bias2", $"bias2 must have out_features ({w2.size(0)}) elements (weight2's rows), got {b2.size(0)}");
         Require(b2.dtype == x.dtype, "bias2", $"bias2 must have x's dtype ({x.dtype}), got {b2.dtype}");
         RequireSameDevice(b2, x, "bias2", "x");
     }
@@ -319,7 +319,7 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         var b = (Tensor?)vars[2];
         // validated again here: apply() may be called directly, and backward must never throw
         DenseOps.ValidateLinear(x, w, b, "weight", "bias");
-        long k = x.shape[^1], n = w.shape[0];
+        long k = x.size(-1), n = w.size(0);
         bool kernel = DenseOps.Eligible(x, k, n);
         var x2 = DenseOps.Rows(x, k, kernel);
         var wk = DenseOps.Prep(w, kernel);
@@ -342,7 +342,7 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         var kernel = (bool)ctx.get_data("kernel");
         var xShape = (long[])ctx.get_data("x_shape");
         var needs = (bool[])ctx.get_data("needs");
-        var dy = DenseOps.Rows(grad, w.shape[0], kernel);
+        var dy = DenseOps.Rows(grad, w.size(0), kernel);
         var dx = needs[0] ? DenseOps.Dgrad(dy, w, kernel).view(xShape) : null;
         Tensor? dw = null, db = null;
         if (needs[1] || needs[2]) (dw, db) = DenseOps.Wgrad(dy, x2, needs[2], kernel);
@@ -364,7 +364,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         var (w1, b1, w2, b2) = ((Tensor)vars[1]!, (Tensor?)vars[2], (Tensor)vars[3]!, (Tensor?)vars[4]);
         var o = (MlpOptions)vars[5]!;
         DenseOps.ValidateMlp(x, w1, w2, b1, b2, o.CheckpointLvl);
-        long k = x.shape[^1], hidden = w1.shape[0], n = w2.shape[0];
+        long k = x.size(-1), hidden = w1.size(0), n = w2.size(0);
         bool relu = o.Activation == DenseActivation.Relu;
         int lvl = o.CheckpointLvl;
         // relu stays on the reference path: every relu epilogue is right on its own (DenseCudaTests stage test,
@@ -419,7 +419,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
             (aux, h) = (auxr!, hr);
         }
         bool recomputedH = !saved.Any(t => ReferenceEquals(t, h)), recomputedAux = !saved.Any(t => ReferenceEquals(t, aux));
-        var dy = DenseOps.Rows(grad, w2.shape[0], kernel);
+        var dy = DenseOps.Rows(grad, w2.size(0), kernel);
         Tensor? dw2 = null, db2 = null;
         if (needs[3] || needs[4]) (dw2, db2) = DenseOps.Wgrad(dy, h, needs[4], kernel);
         if (recomputedH) h.Dispose(); // each (m, hidden) temporary freed as soon as it is used: the backward's peak

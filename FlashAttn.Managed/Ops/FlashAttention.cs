@@ -52,11 +52,11 @@ public static partial class flash_attn
         bool causal, (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic)
     {
         ValidateAttention(q, k, v, null, null, null, null, dropout_p, window_size, softcap, alibi_slopes, names);
-        var (left, right) = Window(q.shape[1], k.shape[1], causal, window_size);
+        var (left, right) = Window(q.size(1), k.size(1), causal, window_size);
         if (OnAttentionGpu(q) && q.numel() > 0 && k.numel() > 0 &&
-            AttentionDispatch.Choose(AttentionCase.Of(q, k, dropout_p, softmax_scale, left, right, softcap, alibi_slopes,
-                deterministic), AttentionDispatch.Mode) == AttentionBackend.Sdpa)
-            return AttentionDispatch.Sdpa(q, k, v, dropout_p, causal: right == 0);
+            AttentionDispatch.Choose(AttentionCase.Of(q, k, dropout_p, left, right, softcap, alibi_slopes, deterministic),
+                AttentionDispatch.Mode) == AttentionBackend.Sdpa)
+            return AttentionDispatch.Sdpa(q, k, v, dropout_p, softmax_scale, causal: right == 0);
         return Attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, false).output;
     }
 
@@ -81,7 +81,7 @@ public static partial class flash_attn
     private static FlashAttnResult Attention(Tensor q, Tensor k, Tensor v, double dropout_p, double? softmax_scale, bool causal,
         (long left, long right)? window_size, double softcap, Tensor? alibi_slopes, bool deterministic, bool return_dropout_mask)
     {
-        var opts = Options(q, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        var opts = Options(q, q.size(1), k.size(1), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_dropout_mask);
         if (!UsesAttentionKernels(q, k, v))
         {
@@ -91,12 +91,12 @@ public static partial class flash_attn
             AttentionDispatch.Last = AttentionBackend.Reference;
             return new FlashAttnResult(o, l, return_dropout_mask ? mask : null);
         }
-        return RunKernel(q, k, v, null, null, q.shape[1], k.shape[1], opts);
+        return RunKernel(q, k, v, null, null, q.size(1), k.size(1), opts);
     }
 
     // The dropout mask of flash_attn_func_with_lse, as the kernels write it, for q/k (B, S, H, D).
     private static Tensor VisibleKeptMask(Tensor q, Tensor k, AttentionOptions o) =>
-        Reference.DropoutMask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], o.DropoutP, o.Seed, o.WindowLeft, o.WindowRight, q.device);
+        Reference.DropoutMask(q.size(0), q.size(2), q.size(1), k.size(1), o.DropoutP, o.Seed, o.WindowLeft, o.WindowRight, q.device);
 
     /// <summary>qkv (batch, seqlen, 3, nheads, headdim): self-attention on a packed projection.</summary>
     public static Tensor flash_attn_qkvpacked_func(Tensor qkv, double dropout_p = 0.0, double? softmax_scale = null,
@@ -104,7 +104,7 @@ public static partial class flash_attn
         bool deterministic = false)
     {
         DeviceErrors.Raise();
-        Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
+        Require(qkv.dim() == 5 && qkv.size(2) == 3, "qkv", $"qkv must be (batch, seqlen, 3, nheads, headdim), got {Shape(qkv)}");
         // One unbind, not an index per part: unbind's backward stacks the three gradients in one kernel, where each index's
         // backward zero-fills a gradient of qkv's size (copying its part in) and autograd adds the three.
         var qkvs = qkv.unbind(2);
@@ -118,7 +118,7 @@ public static partial class flash_attn
         bool deterministic = false)
     {
         DeviceErrors.Raise();
-        Require(kv.dim() == 5 && kv.shape[2] == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
+        Require(kv.dim() == 5 && kv.size(2) == 2, "kv", $"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {Shape(kv)}");
         var kvs = kv.unbind(2);
         return DenseOutput(q, kvs[0], kvs[1], AttentionNames.KvPacked, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic);
@@ -175,7 +175,7 @@ public static partial class flash_attn
         Tensor? alibi_slopes = null, bool deterministic = false)
     {
         DeviceErrors.Raise();
-        Require(qkv.dim() == 4 && qkv.shape[1] == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
+        Require(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", $"qkv must be (total, 3, nheads, headdim), got {Shape(qkv)}");
         var qkvs = qkv.unbind(1);
         return Varlen(qkvs[0], qkvs[1], qkvs[2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, AttentionNames.VarlenQkvPacked,
                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
@@ -187,7 +187,7 @@ public static partial class flash_attn
         (long left, long right)? window_size = null, double softcap = 0.0, Tensor? alibi_slopes = null, bool deterministic = false)
     {
         DeviceErrors.Raise();
-        Require(kv.dim() == 4 && kv.shape[1] == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
+        Require(kv.dim() == 4 && kv.size(1) == 2, "kv", $"kv must be (total_k, 2, nheads_k, headdim), got {Shape(kv)}");
         var kvs = kv.unbind(1);
         return Varlen(q, kvs[0], kvs[1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, AttentionNames.VarlenKvPacked,
                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic).output;
@@ -200,7 +200,7 @@ public static partial class flash_attn
     internal static bool UsesAttentionKernels(Tensor q, Tensor k, Tensor v) =>
         OnAttentionGpu(q) && q.numel() > 0 && k.numel() > 0 &&
         (!(is_grad_enabled() && (q.requires_grad || k.requires_grad || v.requires_grad)) ||
-         BackwardFits(q.device_index, q.shape[^1]));
+         BackwardFits(q.device_index, q.size(-1)));
 
     /// <summary>bf16/fp16 on a GPU the kernels run on: where the kernels, or SDPA in their place, compute attention.</summary>
     internal static bool OnAttentionGpu(Tensor q) =>
@@ -224,7 +224,7 @@ public static partial class flash_attn
         var (left, right) = Window(seqlenQ, seqlenK, causal, window);
         // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
         ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
-        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
+        return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.size(-1)), left, right, softcap, alibi,
                                     deterministic, returnMask, seed);
     }
 
@@ -245,7 +245,7 @@ public static partial class flash_attn
     private static FlashAttnResult RunKernel(Tensor q, Tensor k, Tensor v, Tensor? cuQ, Tensor? cuK, long maxSq, long maxSk,
         AttentionOptions opts)
     {
-        long d = q.shape[^1], pad = (8 - d % 8) % 8;
+        long d = q.size(-1), pad = (8 - d % 8) % 8;
         if (pad != 0)
         {
             var p = new[] { 0L, pad };
@@ -283,21 +283,21 @@ public static partial class flash_attn
             Require(t.dtype == q.dtype, name, $"{name} must have {n.Q}'s dtype ({q.dtype}), got {t.dtype}");
             RequireSameDevice(t, q, name, n.Q);
         }
-        long d = q.shape[^1], h = q.shape[^2], hk = k.shape[^2];
+        long d = q.size(-1), h = q.size(-2), hk = k.size(-2);
         Require(k.shape.SequenceEqual(v.shape), n.V, $"v must have k's shape {Shape(k)}, got {Shape(v)}");
-        Require(k.shape[^1] == d, n.K, $"k's head dimension ({k.shape[^1]}) must equal q's ({d})");
+        Require(k.size(-1) == d, n.K, $"k's head dimension ({k.size(-1)}) must equal q's ({d})");
         Require(d >= 1 && d <= MaxHeadDim, n.Q, $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
         Require(hk >= 1 && h % hk == 0, n.K, $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
-        if (!varlen) Require(k.shape[0] == q.shape[0], n.K, $"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})");
+        if (!varlen) Require(k.size(0) == q.size(0), n.K, $"k's batch ({k.size(0)}) must equal q's ({q.size(0)})");
         else
         {
             Require(cuQ is not null && cuK is not null, cuQ is null ? n.CuQ : n.CuK, "cu_seqlens_q and cu_seqlens_k go together");
             RequireOffsets(cuQ!, n.CuQ, q, n.Q, maxSq!.Value, n.MaxQ);
             // packed qkv: the same offsets over the same rows, read once
-            if (!ReferenceEquals(cuK, cuQ) || k.shape[0] != q.shape[0] || maxSk != maxSq)
+            if (!ReferenceEquals(cuK, cuQ) || k.size(0) != q.size(0) || maxSk != maxSq)
                 RequireOffsets(cuK!, n.CuK, k, n.K, maxSk!.Value, n.MaxK);
-            Require(cuQ!.shape[0] == cuK!.shape[0], n.CuK,
-                    $"{n.CuQ} ({cuQ.shape[0]}) and {n.CuK} ({cuK.shape[0]}) must have the same length (batch + 1)");
+            Require(cuQ!.size(0) == cuK!.size(0), n.CuK,
+                    $"{n.CuQ} ({cuQ.size(0)}) and {n.CuK} ({cuK.size(0)}) must have the same length (batch + 1)");
         }
         Require(dropoutP >= 0 && dropoutP < 1, "dropout_p", $"dropout_p ({dropoutP}) must be in [0, 1)");
         Require(softcap >= 0, "softcap", $"softcap ({softcap}) must be >= 0");
@@ -306,8 +306,8 @@ public static partial class flash_attn
         {
             Require(alibi.dtype == ScalarType.Float32, "alibi_slopes", $"alibi_slopes must be float32, got {alibi.dtype}");
             RequireSameDevice(alibi, q, "alibi_slopes", n.Q);
-            long batch = varlen ? cuQ!.shape[0] - 1 : q.shape[0];
-            Require((alibi.dim() == 1 && alibi.shape[0] == h) || (alibi.dim() == 2 && alibi.shape[0] == batch && alibi.shape[1] == h),
+            long batch = varlen ? cuQ!.size(0) - 1 : q.size(0);
+            Require((alibi.dim() == 1 && alibi.size(0) == h) || (alibi.dim() == 2 && alibi.size(0) == batch && alibi.size(1) == h),
                     "alibi_slopes", $"alibi_slopes must be (nheads = {h}) or (batch = {batch}, nheads), got {Shape(alibi)}");
         }
     }
@@ -342,7 +342,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         var opts = (AttentionOptions)vars[7]!;
         var g = new Geometry(q, k, cuQ, cuK, maxSq, maxSk);
         var output = empty_like(q);
-        var lse = g.Varlen ? empty(g.H, q.shape[0], dtype: ScalarType.Float32, device: q.device)
+        var lse = g.Varlen ? empty(g.H, q.size(0), dtype: ScalarType.Float32, device: q.device)
                            : empty(g.B, g.H, g.Sq, dtype: ScalarType.Float32, device: q.device);
         var mask = opts.ReturnDropoutMask && opts.DropoutP > 0 && !g.Varlen
             // zeros: the kernel skips key blocks that causal/window masking rules out entirely
@@ -422,9 +422,9 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         {
             Varlen = cuQ is not null;
             (CuQ, CuK) = (cuQ?.contiguous(), cuK?.contiguous());
-            B = Varlen ? cuQ!.shape[0] - 1 : q.shape[0];
+            B = Varlen ? cuQ!.size(0) - 1 : q.size(0);
             (Sq, Sk) = (maxSq, maxSk);
-            (H, Hk, D) = (q.shape[^2], k.shape[^2], q.shape[^1]);
+            (H, Hk, D) = (q.size(-2), k.size(-2), q.size(-1));
         }
 
         public long BatchStride(Tensor t) => Varlen ? 0 : t.stride(0);

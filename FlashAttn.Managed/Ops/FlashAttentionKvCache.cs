@@ -28,7 +28,7 @@ public static partial class flash_attn
         ValidateKvCache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos, rotary_sin);
         using var grad = no_grad();
         using var scope = NewDisposeScope();
-        long batch = q.shape[0], seqlenNew = k?.shape[1] ?? 0, cacheLength = k_cache.shape[1];
+        long batch = q.size(0), seqlenNew = k?.shape[1] ?? 0, cacheLength = k_cache.size(1);
         var lens = cache_seqlens.to(ScalarType.Int64).cpu().data<long>().ToArray();
         for (int b = 0; b < batch; b++)
             Require(lens[b] >= 0 && lens[b] + seqlenNew <= cacheLength, "cache_seqlens",
@@ -38,10 +38,10 @@ public static partial class flash_attn
         {
             // the last position rotated: k's at lens[b] + seqlen_new - 1, q's at lens[b] + seqlen_q - 1 (causal or local)
             // or lens[b]
-            long span = Math.Max(seqlenNew, causal || local ? q.shape[1] : 1);
+            long span = Math.Max(seqlenNew, causal || local ? q.size(1) : 1);
             long need = batch == 0 || span == 0 ? 0 : lens.Max() + span;
-            Require(need <= rotary_cos.shape[0], "rotary_cos",
-                    $"rotary_cos/rotary_sin hold {rotary_cos.shape[0]} positions but the rotated tokens reach position {need - 1}");
+            Require(need <= rotary_cos.size(0), "rotary_cos",
+                    $"rotary_cos/rotary_sin hold {rotary_cos.size(0)} positions but the rotated tokens reach position {need - 1}");
         }
         var offsets = cache_seqlens.to(ScalarType.Int64);
         if (k is not null)
@@ -85,8 +85,8 @@ public static partial class flash_attn
     // Non-causal decoding: every query of sequence b sits at position cache_seqlens[b].
     private static Tensor RotateAllAt(Tensor q, Tensor cos, Tensor sin, bool interleaved, Tensor offsets)
     {
-        long batch = q.shape[0], seqlen = q.shape[1];
-        var flat = q.reshape(batch * seqlen, 1, q.shape[2], q.shape[3]);
+        long batch = q.size(0), seqlen = q.size(1);
+        var flat = q.reshape(batch * seqlen, 1, q.size(2), q.size(3));
         var rotated = apply_rotary_emb(flat, cos, sin, interleaved, seqlen_offsets: offsets.repeat_interleave(seqlen));
         return rotated.view(q.shape);
     }
@@ -105,9 +105,9 @@ public static partial class flash_attn
             RequireSameDevice(t, q, name, "q");
         }
         Require(vCache.shape.SequenceEqual(kCache.shape), "v_cache", $"v_cache must have k_cache's shape {Shape(kCache)}, got {Shape(vCache)}");
-        Require(kCache.shape[0] == q.shape[0], "k_cache", $"k_cache's batch ({kCache.shape[0]}) must equal q's ({q.shape[0]})");
+        Require(kCache.size(0) == q.size(0), "k_cache", $"k_cache's batch ({kCache.size(0)}) must equal q's ({q.size(0)})");
         RequireDim(cacheSeqlens, 1, "cache_seqlens", "(batch,)");
-        Require(cacheSeqlens.shape[0] == q.shape[0], "cache_seqlens", $"cache_seqlens must have batch ({q.shape[0]}) entries, got {cacheSeqlens.shape[0]}");
+        Require(cacheSeqlens.size(0) == q.size(0), "cache_seqlens", $"cache_seqlens must have batch ({q.size(0)}) entries, got {cacheSeqlens.size(0)}");
         Require(cacheSeqlens.dtype is ScalarType.Int32 or ScalarType.Int64, "cache_seqlens", $"cache_seqlens must be int32 or int64, got {cacheSeqlens.dtype}");
         RequireSameDevice(cacheSeqlens, q, "cache_seqlens", "q");
         Require((k is null) == (v is null), k is null ? "k" : "v", "k and v go together");
@@ -121,7 +121,7 @@ public static partial class flash_attn
                 RequireSameDevice(t, q, name, "q");
             }
             Require(v!.shape.SequenceEqual(k.shape), "v", $"v must have k's shape {Shape(k)}, got {Shape(v)}");
-            Require(k.shape[0] == q.shape[0] && k.shape[2] == kCache.shape[2] && k.shape[3] == kCache.shape[3], "k",
+            Require(k.size(0) == q.size(0) && k.size(2) == kCache.size(2) && k.size(3) == kCache.size(3), "k",
                     $"k {Shape(k)} must match the cache's batch, heads and head dimension {Shape(kCache)}");
         }
         Require((cos is null) == (sin is null), cos is null ? "rotary_cos" : "rotary_sin", "rotary_cos and rotary_sin go together");

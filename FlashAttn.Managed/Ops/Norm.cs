@@ -104,7 +104,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         if (layerscale is not null)
         {
             RequireDim(layerscale, 1, "layerscale", "(hidden,)");
-            Require(layerscale.shape[0] == x0.shape[^1], "layerscale", $"layerscale must have hidden ({x0.shape[^1]}) elements, got {layerscale.shape[0]}");
+            Require(layerscale.size(0) == x0.size(-1), "layerscale", $"layerscale must have hidden ({x0.size(-1)}) elements, got {layerscale.size(0)}");
             RequireSameDevice(layerscale, x0, "layerscale", x0Name);
             x0 = x0 * layerscale.to(x0.dtype);
         }
@@ -152,7 +152,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
     {
         RequireFloat(x0, x0Name);
         Require(x0.dim() >= 1, x0Name, $"{x0Name} must have at least one dimension (..., hidden)");
-        long hidden = x0.shape[^1];
+        long hidden = x0.size(-1);
         Require(hidden >= 1, x0Name, $"{x0Name}'s last dimension (hidden) must not be empty");
         Require(p >= 0 && p < 1, "dropout_p", $"dropout_p ({p}) must be in [0, 1)");
         Require(eps >= 0 && double.IsFinite(eps), "epsilon", $"epsilon ({eps}) must be finite and >= 0");
@@ -173,7 +173,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         {
             if (t is null) return;
             RequireDim(t, 1, name, "(hidden,)");
-            Require(t.shape[0] == hidden, name, $"{name} must have hidden ({hidden}) elements ({x0Name}'s last dimension), got {t.shape[0]}");
+            Require(t.size(0) == hidden, name, $"{name} must have hidden ({hidden}) elements ({x0Name}'s last dimension), got {t.size(0)}");
             Require(t.dtype == x0.dtype || t.dtype == ScalarType.Float32, name,
                     $"{name} must be {x0Name}'s dtype ({x0.dtype}) or float32, got {t.dtype}");
             if (like is not null)
@@ -196,7 +196,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
     }
 
     private static bool KernelPath(Tensor x0, Tensor weight0) =>
-        Backend.UsesKernels(x0) && x0.shape[^1] <= 16384 && x0.numel() > 0 &&
+        Backend.UsesKernels(x0) && x0.size(-1) <= 16384 && x0.numel() > 0 &&
         (weight0.dtype == x0.dtype || weight0.dtype == ScalarType.Float32);
 
     private static Tensor Rows(Tensor t, long rows, long hidden)
@@ -208,7 +208,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
     }
 
     /// <summary>The row stride the ABI gets for a (rows, hidden) view (any value is valid for a single row).</summary>
-    private static long RowStride(Tensor t) => t.shape[0] <= 1 ? t.shape[1] : t.stride(0);
+    private static long RowStride(Tensor t) => t.size(0) <= 1 ? t.size(1) : t.stride(0);
 
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
@@ -219,7 +219,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         var o = (NormOptions)vars[8]!;
         // validated again here: apply() may be called directly, and backward must never throw
         Validate(x0, x1, residual, w0, b0, w1, b1, rowscale, o.DropoutP, o.Epsilon, "weight0", "bias0");
-        long hidden = x0.shape[^1], rows = x0.numel() / hidden;
+        long hidden = x0.size(-1), rows = x0.numel() / hidden;
         var shape = x0.shape;
         var s = new Saved
         {

@@ -77,7 +77,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         var offsets = (bool)ctx.get_data("has_offsets") ? saved[next++] : null;
         var cuSeqlens = (bool)ctx.get_data("has_cu_seqlens") ? saved[next++] : null;
         long? maxSeqlen = cuSeqlens is null ? null : (long)ctx.get_data("max_seqlen");
-        var g = grad.shape[^1] <= 1 || grad.stride(-1) == 1 ? grad : grad.contiguous();
+        var g = grad.size(-1) <= 1 || grad.stride(-1) == 1 ? grad : grad.contiguous();
         var dx = Apply(g, cos, sin, (bool)ctx.get_data("interleaved"), inplace: false, conjugate: true,
                        offsets, (long)ctx.get_data("offset"), cuSeqlens, maxSeqlen);
         // One entry per argument given to apply (null for the non-tensors and for cos/sin).
@@ -104,20 +104,20 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
             RequireContiguousLastDim(t, name);
         }
         Require(sin.dtype == cos.dtype, sinName, $"{sinName} must have {cosName}'s dtype ({cos.dtype}), got {sin.dtype}");
-        long headdim = x.shape[^1], rotaryDim = cos.shape[1] * 2, seqlenRo = cos.shape[0];
+        long headdim = x.size(-1), rotaryDim = cos.size(1) * 2, seqlenRo = cos.size(0);
         Require(rotaryDim >= 2 && rotaryDim <= headdim, cosName,
-                $"rotary_dim (2 * cos.shape[1] = {rotaryDim}) must be between 2 and headdim ({headdim})");
+                $"rotary_dim (2 * cos.size(1) = {rotaryDim}) must be between 2 and headdim ({headdim})");
         long batch, seqlen;
         long[]? cu = null;
         if (cuSeqlens is null)
         {
-            (batch, seqlen) = (x.shape[0], x.shape[1]);
+            (batch, seqlen) = (x.size(0), x.size(1));
         }
         else
         {
             Require(maxSeqlen is not null, "max_seqlen", "max_seqlen must be given (> 0) with cu_seqlens");
             cu = RequireOffsets(cuSeqlens, "cu_seqlens", x, xName, maxSeqlen!.Value, "max_seqlen");
-            (batch, seqlen) = (cuSeqlens.shape[0] - 1, maxSeqlen!.Value);
+            (batch, seqlen) = (cuSeqlens.size(0) - 1, maxSeqlen!.Value);
         }
         if (offsets is null)
         {
@@ -128,7 +128,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         else
         {
             RequireDim(offsets, 1, "seqlen_offsets", "(batch,)");
-            Require(offsets.shape[0] == batch, "seqlen_offsets", $"seqlen_offsets must have batch ({batch}) entries, got {offsets.shape[0]}");
+            Require(offsets.size(0) == batch, "seqlen_offsets", $"seqlen_offsets must have batch ({batch}) entries, got {offsets.size(0)}");
             Require(offsets.dtype is ScalarType.Int32 or ScalarType.Int64, "seqlen_offsets", $"seqlen_offsets must be int32 or int64, got {offsets.dtype}");
             RequireSameDevice(offsets, x, "seqlen_offsets", xName);
             // Each sequence's positions must lie in the table, as an int seqlen_offset's must: read on the host (for CUDA
@@ -155,14 +155,14 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
         var out_ = inplace ? x : empty_like(x);
         var offsets32 = offsets?.to_type(ScalarType.Int32).contiguous();
         var varlen = cuSeqlens is not null;
-        long batch = varlen ? cuSeqlens!.shape[0] - 1 : x.shape[0];
-        long seqlen = varlen ? maxSeqlen!.Value : x.shape[1];
+        long batch = varlen ? cuSeqlens!.size(0) - 1 : x.size(0);
+        long seqlen = varlen ? maxSeqlen!.Value : x.size(1);
         int s = varlen ? 0 : 1; // index of the sequence dimension
         var cuSeqlensC = cuSeqlens?.contiguous();
         NativeMethods.Check(NativeMethods.FlashAttn_rotary_apply(
             Ptr(out_), Ptr(x), DType(x.dtype), Ptr(cos), Ptr(sin), DType(cos.dtype),
             PtrOrNull(cuSeqlensC), PtrOrNull(offsets32), offset,
-            batch, seqlen, x.shape[^2], x.shape[^1], cos.shape[1] * 2, cos.shape[0], cos.stride(0),
+            batch, seqlen, x.size(-2), x.size(-1), cos.size(1) * 2, cos.size(0), cos.stride(0),
             varlen ? 0 : x.stride(0), x.stride(s), x.stride(s + 1),
             varlen ? 0 : out_.stride(0), out_.stride(s), out_.stride(s + 1),
             interleaved ? 1 : 0, conjugate ? 1 : 0, IntPtr.Zero));
@@ -232,15 +232,15 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
     {
         if (numHeadsQ is null)
         {
-            TensorArgs.Require(qkv.dim() == 5 && qkv.shape[2] == 3, "qkv",
+            TensorArgs.Require(qkv.dim() == 5 && qkv.size(2) == 3, "qkv",
                 $"qkv must be (batch, seqlen, 3, nheads, headdim), or 4-D with num_heads_q; got {TensorArgs.Shape(qkv)}");
         }
         else
         {
             TensorArgs.Require(qkv.dim() == 4, "qkv", $"qkv must be (batch, seqlen, nheads_q + 2 * nheads_k, headdim) with num_heads_q; got {TensorArgs.Shape(qkv)}");
-            var kvHeads = qkv.shape[2] - numHeadsQ.Value;
+            var kvHeads = qkv.size(2) - numHeadsQ.Value;
             TensorArgs.Require(numHeadsQ > 0 && kvHeads > 0 && kvHeads % 2 == 0, "num_heads_q",
-                $"num_heads_q ({numHeadsQ}) must leave an even, positive number of k/v heads out of {qkv.shape[2]}");
+                $"num_heads_q ({numHeadsQ}) must leave an even, positive number of k/v heads out of {qkv.size(2)}");
         }
         TensorArgs.Require((cosK is null) == (sinK is null), "cos_k", "cos_k and sin_k must be given together");
         var (q, k) = QK(qkv, numHeadsQ, separate: true);
@@ -254,10 +254,10 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
     {
         if (numHeadsQ is null)
         {
-            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.shape[0], qk.shape[1], 2 * qk.shape[3], qk.shape[4]), null!); }
+            if (!separate) { var qk = qkv[.., .., ..2]; return (qk.reshape(qk.size(0), qk.size(1), 2 * qk.size(3), qk.size(4)), null!); }
             return (qkv[.., .., 0], qkv[.., .., 1]);
         }
-        long hq = numHeadsQ.Value, hk = (qkv.shape[2] - hq) / 2;
+        long hq = numHeadsQ.Value, hk = (qkv.size(2) - hq) / 2;
         if (!separate) return (qkv[.., .., ..(int)(hq + hk)], null!);
         return (qkv[.., .., ..(int)hq], qkv[.., .., (int)hq..(int)(hq + hk)]);
     }

@@ -28,13 +28,19 @@ public sealed class AttentionDispatchCudaTests
         {
             // cycle the entry points over the grid: each meets both dtypes, head dims and masks
             var entry = (i++ % 3) switch { 0 => "func", 1 => "FlashSelfAttention", _ => "FlashCrossAttention" };
-            yield return new TestCaseData(dtype, d, s, causal, entry)
+            yield return new TestCaseData(dtype, d, s, causal, entry, null)
                 .SetName($"Sdpa_{dtype}_d{d}_s{s}_{(causal ? "causal" : "full")}_{entry}");
         }
+        // another softmax_scale, folded into q: GPT-2's scale_attn_by_inverse_layer_idx at layers 3 (1/3: q rounded once
+        // more) and 4 (1/4: exact), and a scale above the default
+        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16 })
+        foreach (var (d, fold) in new[] { (64, 1.0 / 3), (128, 0.25), (64, 1.7) })
+            yield return new TestCaseData(dtype, d, 1025, true, "func", fold / Math.Sqrt(d))
+                .SetName($"Sdpa_{dtype}_d{d}_s1025_causal_scale{fold:F3}");
     }
 
     [TestCaseSource(nameof(SdpaCases))]
-    public void SdpaCasesMatchReference(ScalarType dtype, int d, int s, bool causal, string entry)
+    public void SdpaCasesMatchReference(ScalarType dtype, int d, int s, bool causal, string entry, double? scale)
     {
         var dev = Gpu.Require();
         // the rule sends these to SDPA on sm_90; on other GPUs the override does, so the numerics are checked there too
@@ -47,7 +53,7 @@ public sealed class AttentionDispatchCudaTests
         switch (entry)
         {
             case "func":
-                o = flash_attn.flash_attn_func(q, k, v, causal: causal);
+                o = flash_attn.flash_attn_func(q, k, v, softmax_scale: scale, causal: causal);
                 break;
             case "FlashSelfAttention":
             {
@@ -67,8 +73,8 @@ public sealed class AttentionDispatchCudaTests
         var g = randn_like(o);
         o.backward(new[] { g });
 
-        var (o64, _, g64) = FlashAttentionCudaTests.Ref(q, k, v, g, causal, null, 0, null, ScalarType.Float64);
-        var (oLow, _, gLow) = FlashAttentionCudaTests.Ref(q, k, v, g, causal, null, 0, null, dtype);
+        var (o64, _, g64) = FlashAttentionCudaTests.Ref(q, k, v, g, causal, null, 0, null, ScalarType.Float64, scale: scale);
+        var (oLow, _, gLow) = FlashAttentionCudaTests.Ref(q, k, v, g, causal, null, 0, null, dtype, scale: scale);
         Tolerance.AssertClose(o, oLow, o64, "out");
         // causal row 0 sees one key: the cancellation floor of the kernels' rule applies to any fp32-accumulating backward
         Tolerance.AssertClose(q.grad!, gLow[0], g64[0], "dq", atol: FlashAttentionCudaTests.AccumulationFloor(g, v, k, d));
@@ -107,12 +113,11 @@ public sealed class AttentionDispatchCudaTests
         var (k2, v2) = (R(64, heads: 2), R(64, heads: 2));
         Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q, k2, v2, causal: true)), Is.EqualTo(AttentionBackend.Flash), "gqa");
         Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q, k, v, softcap: 5)), Is.EqualTo(AttentionBackend.Flash), "softcap");
-        Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q, k, v, softmax_scale: 0.3)), Is.EqualTo(AttentionBackend.Flash), "scale");
         Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q, k, v, deterministic: true)), Is.EqualTo(AttentionBackend.Flash), "deterministic");
         Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q[.., ..1], k, v, causal: true)), Is.EqualTo(AttentionBackend.Flash), "decode");
         Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func_with_lse(q, k, v, causal: true).output), Is.EqualTo(AttentionBackend.Flash), "with_lse");
-        // the default scale passed explicitly is the default
-        Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q, k, v, softmax_scale: 1.0 / Math.Sqrt(64))), Is.EqualTo(AttentionBackend.Sdpa), "1/sqrt(d)");
+        // any softmax scale (folded into q)
+        Assert.That(Ran("sdpa", () => flash_attn.flash_attn_func(q, k, v, softmax_scale: 0.3)), Is.EqualTo(AttentionBackend.Sdpa), "scale");
 
         var e = Assert.Throws<InvalidOperationException>(() => Ran("cudnn", plain))!;
         Assert.That(e.Message, Does.Contain(AttentionDispatch.EnvironmentVariable));

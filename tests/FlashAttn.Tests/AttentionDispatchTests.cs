@@ -14,7 +14,7 @@ public sealed class AttentionDispatchTests
 {
     // GPT-2 124M's attention on an H200: B 16, T 1024, 12 heads of 64, causal, default scale, bf16.
     private static readonly AttentionCase Gpt2 = new(Capability: 90, DType: ScalarType.BFloat16, SeqlenQ: 1024, SeqlenK: 1024,
-        Heads: 12, HeadsK: 12, HeadDim: 64, DefaultScale: true, DropoutP: 0, WindowLeft: -1, WindowRight: 0, Softcap: 0,
+        Heads: 12, HeadsK: 12, HeadDim: 64, DropoutP: 0, WindowLeft: -1, WindowRight: 0, Softcap: 0,
         Alibi: false, Deterministic: false);
 
     private static readonly AttentionBackend Sdpa = AttentionBackend.Sdpa, Flash = AttentionBackend.Flash;
@@ -44,7 +44,6 @@ public sealed class AttentionDispatchTests
         yield return Case("HeadDimNotMultipleOf8_Flash", Gpt2 with { HeadDim = 59 }, Flash, Flash);
         yield return Case("Gqa_Flash", Gpt2 with { HeadsK = 4 }, Flash, Flash);
         yield return Case("Mqa_Flash", Gpt2 with { HeadsK = 1 }, Flash, Flash);
-        yield return Case("SoftmaxScaleNotDefault_Flash", Gpt2 with { DefaultScale = false }, Flash, Flash);
         yield return Case("Softcap_Flash", Gpt2 with { Softcap = 30 }, Flash, Flash);
         yield return Case("Alibi_Flash", Gpt2 with { Alibi = true }, Flash, Flash);
         yield return Case("SlidingWindowCausal_Flash", Gpt2 with { WindowLeft = 256 }, Flash, Flash);

@@ -73,10 +73,10 @@ public sealed class FlashAttentionCudaTests
     }
 
     internal static (Tensor o, Tensor lse, Tensor[] grads) Ref(Tensor q, Tensor k, Tensor v, Tensor g, bool causal, (long, long)? window,
-        double softcap, Tensor? slopes, ScalarType compute, Tensor? mask = null, double p = 0)
+        double softcap, Tensor? slopes, ScalarType compute, Tensor? mask = null, double p = 0, double? scale = null)
     {
         var ins = new[] { q, k, v }.Select(t => t.detach().to(compute == ScalarType.Float64 ? ScalarType.Float64 : t.dtype).requires_grad_(true)).ToArray();
-        var (o, lse) = Reference.attention(ins[0], ins[1], ins[2], null, causal, window, softcap, slopes, p, mask, compute_dtype: compute);
+        var (o, lse) = Reference.attention(ins[0], ins[1], ins[2], scale, causal, window, softcap, slopes, p, mask, compute_dtype: compute);
         o.backward(new[] { g.to(o.dtype) });
         return (o, lse, ins.Select(t => t.grad!).ToArray());
     }
