@@ -5,7 +5,8 @@
 // Two kernel families, chosen per size by the tables in the launchers (NOTES.md: floors, predictions,
 // measurements):
 //  - rows: a group of wpr warps per row, each thread owning kIters 16-byte vectors of kVec columns; a
-//    persistent grid walks the rows and loads the next row before reducing the current one; reductions
+//    persistent grid walks the rows and loads the next row before reducing the current one (into registers
+//    where they have room, else, with the l2 variants, as an L2 prefetch at the start of the row); reductions
 //    by warp shuffles, with one exchange through shared memory when the row spans several warps.
 //  - block: (threads_per_row, rows_per_block) blocks, a row per thread group and launch slot; the only
 //    family for the scalar path (kVec = 1: a hidden size, stride or pointer that 16-byte vectors do not fit).
