@@ -270,7 +270,7 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
     std::vector<std::string> variants;
   };
   const std::vector<Family> families = {
-      {"FLASHATTN_NORM_VARIANT", {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"}, {"auto", "block", "rows16", "rows32"}},
+      {"FLASHATTN_NORM_VARIANT", {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"}, {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"}},
       {"FLASHATTN_CE_VARIANT", {"ce"}, {"auto", "block", "warp"}},
       {nullptr, {"rotary"}, {"-"}},
   };

@@ -5,16 +5,20 @@
 // Two kernel families, chosen per size by the tables in the launchers (NOTES.md: floors, predictions,
 // measurements):
 //  - rows: a group of wpr warps per row, each thread owning kIters 16-byte vectors of kVec columns; a
-//    persistent grid walks the rows and loads the next row before reducing the current one; reductions
+//    persistent grid walks the rows and loads the next row before reducing the current one (into registers
+//    where they have room, else, with the l2 variants, as an L2 prefetch at the start of the row); reductions
 //    by warp shuffles, with one exchange through shared memory when the row spans several warps.
 //  - block: (threads_per_row, rows_per_block) blocks, a row per thread group and launch slot; the only
 //    family for the scalar path (kVec = 1: a hidden size, stride or pointer that 16-byte vectors do not fit).
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common/cuda_check.cuh"
 #include "common/dtype.h"
@@ -467,13 +471,26 @@ __device__ __forceinline__ void load_weight(const void* w, int col, float (&out)
   }
 }
 
+// Asks L2 for the line holding p: no register waits on it, and the load that follows a row later finds the line
+// in L2 instead of waiting for DRAM. Every thread asks for its own vector; the lines of a warp's request are
+// merged as a load's are.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+template <typename TE, int kIters>
+__device__ __forceinline__ void prefetch_row_l2(const TE* p, const RowSlots& s) {
+#pragma unroll
+  for (int it = 0; it < kIters; ++it)
+    if (it < s.count) prefetch_l2(p + it * s.step);
+}
+
 // Forward, one row per row group at a time. TR is the residual's dtype (T or float). The next row's x0 and
 // residual are loaded before this row's reductions where their raw vectors take at most 32 registers (more
-// would spill).
+// would spill); with l2_prefetch, the next row's tensors that are not held in registers (all of them at 64
+// columns a thread) are asked of L2 at the start of each row.
 //   x0, x1, residual (rows, H) -> x = dropout(x0 * rowscale) + dropout(x1) + residual (float32, registers)
 //   -> residual_out (rows, H), mean / rstd (rows,), z0 / z1 (rows, H)
 template <typename T, typename TR, int kVec, int kIters, bool kDropout, bool kRms>
-__global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams p) {
+__global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams p, bool l2_prefetch) {
   constexpr bool kPrefetch = kIters * kVec * (sizeof(T) + sizeof(TR)) <= 128;
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
@@ -483,13 +500,13 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
 
   Packed<T, kVec> a0[kIters];
   Packed<TR, kVec> ar[kIters];
-  // x0 and the residual of `row`, left in flight
+  // x0 and (kPrefetch) the residual of `row`, left in flight
   auto fetch = [&](int64_t row) {
     const T* x0 = static_cast<const T*>(p.x0) + row * p.x0_row_stride + s.col0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it)
       if (it < s.count) a0[it] = load_packed_stream<T, kVec>(x0 + it * s.step);
-    if (has_res) {
+    if (kPrefetch && has_res) {
       const TR* r = static_cast<const TR*>(p.residual) + row * p.residual_row_stride + s.col0;
 #pragma unroll
       for (int it = 0; it < kIters; ++it)
@@ -502,6 +519,16 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
   int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (kPrefetch && row < p.rows) fetch(row);
   for (; row < p.rows; row += row_step) {
+    if (l2_prefetch && row + row_step < p.rows) {
+      const int64_t next = row + row_step;
+      if (!kPrefetch) {
+        prefetch_row_l2<T, kIters>(static_cast<const T*>(p.x0) + next * p.x0_row_stride + s.col0, s);
+        if (has_res)
+          prefetch_row_l2<TR, kIters>(static_cast<const TR*>(p.residual) + next * p.residual_row_stride + s.col0, s);
+      }
+      if (p.x1 != nullptr)
+        prefetch_row_l2<T, kIters>(static_cast<const T*>(p.x1) + next * p.x1_row_stride + s.col0, s);
+    }
     if constexpr (!kPrefetch) fetch(row);
     const int64_t e0 = row * H + s.col0;  // element (dropout counter, mask byte) of vector 0
     float x[kIters][kVec];
@@ -541,11 +568,13 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
       }
     }
     if (has_res) {
+      // without kPrefetch the residual is loaded only now, so that its raw words and x0's are never all held
+      const TR* res = static_cast<const TR*>(p.residual) + row * p.residual_row_stride + s.col0;
 #pragma unroll
       for (int it = 0; it < kIters; ++it) {
         if (it >= s.count) continue;
         float r[kVec];
-        to_floats(ar[it], r);
+        to_floats(kPrefetch ? ar[it] : load_packed_stream<TR, kVec>(res + it * s.step), r);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[it][j] += r[j];
       }
@@ -662,12 +691,14 @@ __device__ __forceinline__ void smem_add(float* acc, const float (&v)[N]) {
 // [s][b][col]). TX is the dtype of x and dresidual_out (T or float).
 // kPrefetch: xhat and w * dz of the row stay in registers between the two passes, and the next row's x and dz go
 // out before the reduction; otherwise the second pass recomputes them from the raw x and dz (fewer registers,
-// for 32 columns per thread).
+// for 32 and 64 columns per thread).
+// l2_prefetch: at the start of each row, the next row's dresidual_out (read only after the reduction, its wait
+// otherwise exposed on every row) and, without kPrefetch, its x and dz are asked of L2.
 //   x, dz0, dz1, dresidual_out (rows, H) -> dx = rstd * (w dz - (xhat * c1 + c2)) + dresidual_out
 //   -> dresidual, dx0 = dropout(dx) * rowscale, dx1 = dropout(dx) (rows, H); partials of dz * xhat, dz
 template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, bool kPrefetch>
 __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams p, int slot_dw0, int slot_db0,
-                                                          int slot_dw1, int slot_db1, int nslots) {
+                                                          int slot_dw1, int slot_db1, int nslots, bool l2_prefetch) {
   constexpr int kP = kParallel ? kIters : 1;
   constexpr int kHeld = kPrefetch ? kIters : 1;
   extern __shared__ __align__(16) float acc[];
@@ -812,9 +843,22 @@ __global__ void __launch_bounds__(512) norm_bwd_rows_kernel(const NormBwdParams 
     }
   };
 
+  auto prefetch_l2_row = [&](int64_t row, bool with_x_dz) {
+    if (with_x_dz) {
+      const int64_t g = row * p.dz_row_stride + s.col0;
+      prefetch_row_l2<TX, kIters>(static_cast<const TX*>(p.x) + row * p.x_row_stride + s.col0, s);
+      prefetch_row_l2<T, kIters>(static_cast<const T*>(p.dz0) + g, s);
+      if constexpr (kParallel) prefetch_row_l2<T, kIters>(static_cast<const T*>(p.dz1) + g, s);
+    }
+    if (p.dresidual_out != nullptr)
+      prefetch_row_l2<TX, kIters>(static_cast<const TX*>(p.dresidual_out) + row * p.dresidual_out_row_stride + s.col0, s);
+  };
+
   int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (l2_prefetch && row < p.rows) prefetch_l2_row(row, false);
   if (kPrefetch && row < p.rows) fetch(row);
   for (; row < p.rows; row += row_step) {
+    if (l2_prefetch && row + row_step < p.rows) prefetch_l2_row(row + row_step, !kPrefetch);
     if constexpr (!kPrefetch) fetch(row);
     if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(row, TypeTag<float>{});
     else row_body(row, TypeTag<T>{});
@@ -968,41 +1012,89 @@ constexpr int kRowsMaxWarps = 16;  // the rows kernels' __launch_bounds__(512): 
 // Rows per block: blocks of 256 threads where rows are short.
 int rows_per_block(int wpr) { return std::max(1, 8 / wpr); }
 
-FlashAttnStatus device_limits(int* sms, int* smem_optin, const char* function) {
-  int device = 0;
-  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+// What the launchers ask of the device, read once per device: each query costs about as much as a launch.
+constexpr int kMaxDevices = 64;
+
+struct DeviceLimits {
+  int device, sms, smem_optin;
+};
+
+FlashAttnStatus device_limits(DeviceLimits* d, const char* function) {
+  static std::atomic<int> sms_cache[kMaxDevices], smem_cache[kMaxDevices];  // 0: not asked yet
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&d->device), function, "cudaGetDevice");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  const bool cached = d->device < kMaxDevices;
+  d->sms = cached ? sms_cache[d->device].load(std::memory_order_relaxed) : 0;
+  d->smem_optin = cached ? smem_cache[d->device].load(std::memory_order_relaxed) : 0;
+  if (d->sms != 0 && d->smem_optin != 0) return s;
+  s = check_cuda(cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, d->device), function,
+                 "cudaDeviceGetAttribute(MultiProcessorCount)");
   if (s == FLASHATTN_STATUS_OK)
-    s = check_cuda(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device), function,
-                   "cudaDeviceGetAttribute(MultiProcessorCount)");
-  if (s == FLASHATTN_STATUS_OK && smem_optin != nullptr)
-    s = check_cuda(cudaDeviceGetAttribute(smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+    s = check_cuda(cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device), function,
                    "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (s != FLASHATTN_STATUS_OK || !cached) return s;
+  sms_cache[d->device].store(d->sms, std::memory_order_relaxed);
+  smem_cache[d->device].store(d->smem_optin, std::memory_order_relaxed);
   return s;
 }
 
-// Blocks of a persistent grid: as many as fit on the device at once, at most `want`.
-template <typename Kernel>
-FlashAttnStatus persistent_blocks(Kernel kernel, int threads, size_t smem, int sms, int64_t want, int64_t* blocks,
-                                  const char* function) {
-  int per_sm = 0;
-  FlashAttnStatus s = check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
-                                 function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  *blocks = std::min<int64_t>(want, int64_t(std::max(per_sm, 1)) * sms);
+// Blocks of a persistent grid: as many as fit on the device at once, at most `want`. The occupancy of each
+// (kernel, threads, shared memory, device) is asked once; a kernel's dynamic shared-memory limit is raised once per
+// device to the most any of its launches asked for (it only ever grows, so every earlier launch still fits).
+FlashAttnStatus persistent_blocks(const void* kernel, int threads, size_t smem, const DeviceLimits& d, int64_t want,
+                                  int64_t* blocks, const char* function) {
+  struct Occupancy {
+    const void* kernel;
+    int threads, device;
+    size_t smem;
+    int per_sm;
+  };
+  struct SmemLimit {
+    const void* kernel;
+    int device;
+    size_t smem;
+  };
+  static std::mutex mu;
+  static std::vector<Occupancy> occupancy;
+  static std::vector<SmemLimit> limits;
+  std::lock_guard<std::mutex> lock(mu);
+  int per_sm = -1;
+  for (const Occupancy& o : occupancy)
+    if (o.kernel == kernel && o.threads == threads && o.device == d.device && o.smem == smem) per_sm = o.per_sm;
+  if (per_sm < 0) {
+    auto limit = std::find_if(limits.begin(), limits.end(),
+                              [&](const SmemLimit& l) { return l.kernel == kernel && l.device == d.device; });
+    if (smem > 0 && (limit == limits.end() || limit->smem < smem)) {
+      FlashAttnStatus s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                                     function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+      if (s != FLASHATTN_STATUS_OK) return s;
+      if (limit == limits.end()) limits.push_back({kernel, d.device, smem});
+      else limit->smem = smem;
+    }
+    FlashAttnStatus s = check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
+                                   function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    occupancy.push_back({kernel, threads, d.device, smem, per_sm});
+  }
+  *blocks = std::min<int64_t>(want, int64_t(std::max(per_sm, 1)) * d.sms);
   return FLASHATTN_STATUS_OK;
 }
 
-// Columns per thread and row (kIters * kVec) for the variant's `elems`, 16 or 32: 16 falls back to 32 where the
-// row would need more than kRowsMaxWarps warps.
+// Columns per thread and row (kIters * kVec) for the variant's `elems`, 16, 32 or 64: 16 falls back to 32 where
+// the row would need more than kRowsMaxWarps warps.
 int rows_elems(int64_t nvec, int vec, int elems) {
-  return elems == 16 && warps_per_row(nvec, 16 / vec) <= kRowsMaxWarps ? 16 : 32;
+  return elems == 16 && warps_per_row(nvec, 16 / vec) > kRowsMaxWarps ? 32 : elems;
 }
 
-// kWide32: whether 32 columns per thread are instantiated (see rows_elems_f32).
-template <typename T, int kVec, bool kWide32 = true, typename F>
+// kWide: the widest columns per thread instantiated, 16, 32 or 64 (see rows_elems_f32, bwd_rows_elems).
+template <typename T, int kVec, int kWide, typename F>
 FlashAttnStatus with_rows_iters(int64_t nvec, int elems, F&& f) {
-  if constexpr (kWide32) {
-    if (rows_elems(nvec, kVec, elems) == 32) return f(IntC<32 / kVec>{});
+  const int e = std::min(rows_elems(nvec, kVec, elems), kWide);
+  if constexpr (kWide >= 64) {
+    if (e == 64) return f(IntC<64 / kVec>{});
+  }
+  if constexpr (kWide >= 32) {
+    if (e == 32) return f(IntC<32 / kVec>{});
   }
   return f(IntC<16 / kVec>{});
 }
@@ -1021,25 +1113,26 @@ bool fwd_res_f32(const NormFwdParams& p) {
 
 // elems from rows_elems_f32.
 template <typename T, int kVec>
-FlashAttnStatus launch_fwd_rows(const NormFwdParams& p, int elems, cudaStream_t stream, const char* function) {
+FlashAttnStatus launch_fwd_rows(const NormFwdParams& p, int elems, bool l2_prefetch, cudaStream_t stream,
+                                const char* function) {
   const int64_t nvec = p.hidden / kVec;
-  int sms = 0;
-  FlashAttnStatus s = device_limits(&sms, nullptr, function);
+  DeviceLimits d{};
+  FlashAttnStatus s = device_limits(&d, function);
   if (s != FLASHATTN_STATUS_OK) return s;
   return BOOL_SWITCH(fwd_res_f32(p), kResF32, [&] {
     using TR = std::conditional_t<kResF32, float, T>;
-    constexpr bool kWide32 = sizeof(T) == 2 && sizeof(TR) == 2;
-    return with_rows_iters<T, kVec, kWide32>(nvec, elems, [&](auto iters) {
+    constexpr int kWide = sizeof(T) == 2 && sizeof(TR) == 2 ? 64 : 16;
+    return with_rows_iters<T, kVec, kWide>(nvec, elems, [&](auto iters) {
       constexpr int kIters = decltype(iters)::value;
       const int wpr = warps_per_row(nvec, kIters), rpb = rows_per_block(wpr);
       return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
         return BOOL_SWITCH(p.is_rms, kRms, [&] {
           auto kernel = norm_fwd_rows_kernel<T, TR, kVec, kIters, kDropout, kRms>;
           int64_t blocks = 0;
-          FlashAttnStatus st = persistent_blocks(kernel, 32 * wpr * rpb, 0, sms, (p.rows + rpb - 1) / rpb, &blocks,
-                                                 function);
+          FlashAttnStatus st = persistent_blocks(reinterpret_cast<const void*>(kernel), 32 * wpr * rpb, 0, d,
+                                                 (p.rows + rpb - 1) / rpb, &blocks, function);
           if (st != FLASHATTN_STATUS_OK) return st;
-          kernel<<<unsigned(blocks), dim3(32 * wpr, rpb), 0, stream>>>(p);
+          kernel<<<unsigned(blocks), dim3(32 * wpr, rpb), 0, stream>>>(p, l2_prefetch);
           return check_launch(function, "norm_fwd_rows_kernel");
         });
       });
@@ -1054,43 +1147,43 @@ size_t bwd_rows_smem(const NormBwdParams& p, const BwdSlots& sl, int rpb) {
 
 // Columns per thread of the rows backward for the variant's `elems` (rows_elems_f32), or 0 for the block
 // family: float32 with both norms (their held values would spill), or one row group's partials too large
-// for shared memory (the parallel norms' four slots at 16384 columns).
+// for shared memory (the parallel norms' four slots at 16384 columns). 64 columns only for 16-bit x and one
+// norm (the raw x and dz of a row alone take 64 registers); 32 otherwise.
 int bwd_rows_elems(const NormBwdParams& p, const BwdSlots& sl, int vec, int elems, int smem_optin) {
   if (p.dtype == FLASHATTN_DTYPE_FLOAT32 && p.weight1 != nullptr) return 0;
   if (bwd_rows_smem(p, sl, 1) > size_t(smem_optin)) return 0;
+  if (elems == 64 && (p.x_dtype == FLASHATTN_DTYPE_FLOAT32 || p.weight1 != nullptr)) elems = 32;
   return rows_elems_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32, p.hidden, vec, elems);
 }
 
-// elems 16: xhat and w * dz held, the next row prefetched; 32: recomputed from the raw x and dz (from
+// elems 16: xhat and w * dz held, the next row prefetched; 32 and 64: recomputed from the raw x and dz (from
 // bwd_rows_elems).
 template <typename T, int kVec>
-FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlots& sl, int sms, int smem_optin,
-                                int64_t* lanes, cudaStream_t stream, const char* function) {
+FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefetch, const BwdSlots& sl,
+                                const DeviceLimits& d, int64_t* lanes, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
-  return with_rows_iters<T, kVec, sizeof(T) == 2>(nvec, elems, [&](auto iters) {
+  return with_rows_iters<T, kVec, sizeof(T) == 2 ? 64 : 16>(nvec, elems, [&](auto iters) {
     constexpr int kIters = decltype(iters)::value;
     const int wpr = warps_per_row(nvec, kIters);
     int rpb = rows_per_block(wpr);
-    while (rpb > 1 && bwd_rows_smem(p, sl, rpb) > size_t(smem_optin)) rpb /= 2;
+    while (rpb > 1 && bwd_rows_smem(p, sl, rpb) > size_t(d.smem_optin)) rpb /= 2;
     const size_t smem = bwd_rows_smem(p, sl, rpb);
     return BOOL_SWITCH(p.x_dtype == FLASHATTN_DTYPE_FLOAT32, kXF32, [&] {
       using TX = std::conditional_t<kXF32, float, T>;
       return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
         return BOOL_SWITCH(p.weight1 != nullptr, kParallel, [&] {
-          if constexpr (sizeof(T) == 4 && kParallel) {
-            return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rows_kernel: float32 with weight1");  // see bwd_rows_elems
+          if constexpr ((sizeof(T) == 4 && kParallel) || (kIters * kVec == 64 && (kXF32 || kParallel))) {
+            return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rows_kernel: %d columns a thread",
+                        kIters * kVec);  // see bwd_rows_elems
           } else {
             constexpr bool kPrefetch = kIters * kVec == 16;
             auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch>;
-            FlashAttnStatus st = check_cuda(
-                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), function,
-                "cudaFuncSetAttribute(norm_bwd_rows_kernel)");
-            if (st != FLASHATTN_STATUS_OK) return st;
             const int64_t want = std::min((p.rows + rpb - 1) / rpb, p.lanes - 8);  // see norm_bwd_lanes
-            st = persistent_blocks(kernel, 32 * wpr * rpb, smem, sms, want, lanes, function);
+            FlashAttnStatus st =
+                persistent_blocks(reinterpret_cast<const void*>(kernel), 32 * wpr * rpb, smem, d, want, lanes, function);
             if (st != FLASHATTN_STATUS_OK) return st;
             kernel<<<unsigned(*lanes), dim3(32 * wpr, rpb), smem, stream>>>(p, sl.slot[0], sl.slot[1], sl.slot[2],
-                                                                            sl.slot[3], sl.count);
+                                                                            sl.slot[3], sl.count, l2_prefetch);
             return check_launch(function, "norm_bwd_rows_kernel");
           }
         });
@@ -1103,15 +1196,21 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, const BwdSlot
 // variants
 
 // The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
-// (read once per process; ops_bench measures every variant that way).
-enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16 = 1, kRows32 = 2 };
-constexpr const char* kNormVariantNames[] = {"block", "rows16", "rows32"};
+// (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
+// thread; the l2 variants add the L2 prefetch of the next row (NOTES.md).
+enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kNumVariants };
+constexpr const char* kNormVariantNames[kNumVariants] = {"block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"};
+
+int variant_elems(int v) {
+  return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
+}
+bool variant_l2(int v) { return v >= kRows16L2; }
 
 int env_variant() {
   static const int v = [] {
     const char* s = std::getenv("FLASHATTN_NORM_VARIANT");
     if (s != nullptr) {
-      for (int i = 0; i < 3; ++i)
+      for (int i = 0; i < kNumVariants; ++i)
         if (std::strcmp(s, kNormVariantNames[i]) == 0) return i;
     }
     return int(kAuto);
@@ -1150,9 +1249,9 @@ FlashAttnStatus launch_fwd(const NormFwdParams& p, cudaStream_t stream, const ch
     const int variant = pick_variant(kFwdRules, p.hidden);
     const int elems = variant == kBlock ? 0
                                         : rows_elems_f32(p.dtype == FLASHATTN_DTYPE_FLOAT32 || fwd_res_f32(p), p.hidden,
-                                                         kVec, variant == kRows16 ? 16 : 32);
+                                                         kVec, variant_elems(variant));
     if (elems == 0) return launch_fwd_block<T, kVec>(p, stream, function);
-    return launch_fwd_rows<T, kVec>(p, elems, stream, function);
+    return launch_fwd_rows<T, kVec>(p, elems, variant_l2(variant), stream, function);
   }
 }
 
@@ -1162,17 +1261,18 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   int64_t lanes = 0;
   FlashAttnStatus s = FLASHATTN_STATUS_OK;
   int elems = 0;  // columns per thread of the rows family; 0: the block family
-  int sms = 0, smem_optin = 0;
+  int variant = kBlock;
+  DeviceLimits d{};
   if constexpr (kVec > 1) {
-    s = device_limits(&sms, &smem_optin, function);
+    s = device_limits(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    const int variant = pick_variant(kBwdRules, p.hidden);
-    if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant == kRows16 ? 16 : 32, smem_optin);
+    variant = pick_variant(kBwdRules, p.hidden);
+    if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
   if (elems == 0) {
     s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
   } else if constexpr (kVec > 1) {
-    s = launch_bwd_rows<T, kVec>(p, elems, sl, sms, smem_optin, &lanes, stream, function);
+    s = launch_bwd_rows<T, kVec>(p, elems, variant_l2(variant), sl, d, &lanes, stream, function);
   }
   if (s != FLASHATTN_STATUS_OK) return s;
   const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
