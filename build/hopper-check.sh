@@ -8,10 +8,12 @@
 #  2. hopper_probe: TMA, the wgmma descriptors and fragment layouts one at a time (if the forward
 #     fails, this says which layout is wrong, and which alternative would be right);
 #  3. flash_selftest: every case against the float64 reference, each naming the forward that ran
-#     (a case the Hopper kernel covers fails if it ran on the sm_80 path); the Hopper grid again
-#     with FLASHATTN_HOPPER_OVERLAP=0 (the kernel variant without the intra-warpgroup overlap); a
-#     few with FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
-#  4. flash_selftest --bench: forward TFLOP/s of both Hopper variants and sm_80, and the backward;
+#     (a case the Hopper kernel covers fails if it ran on the sm_80 path), under the default kernel
+#     variant (pingpong); the Hopper grid again with FLASHATTN_HOPPER_FWD_VARIANT=overlap (the
+#     variant without the warpgroups' ping-pong); a few with FLASHATTN_HOPPER=0, which must run (and
+#     pass) on the sm_80 path;
+#  4. flash_selftest --bench: forward TFLOP/s of both Hopper variants and sm_80 (each in a process of
+#     its own: the library reads those variables once), and the backward;
 #  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases.
 # Logs go to $OUT (7 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
@@ -67,6 +69,7 @@ for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hop
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
   sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
+  sass_line+=" named BAR.SYNC/ARV $(grep -cE 'BAR\.(SYNC|ARV)[.A-Z_]* R[0-9]|BAR\.ARV 0x[1-9]' "$f")"
   sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done
 cp "$build/sass-hdim128_bf16.txt" "$OUT/sass-hdim128-bf16.txt" 2>/dev/null
@@ -94,10 +97,11 @@ $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper path, \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80")
 if [ "$hung" = 0 ]; then
   start=$SECONDS
-  FLASHATTN_HOPPER_OVERLAP=0 timeout "$(cap 120)" "$bin/flash_selftest" " grid" >"$OUT/selftest-variants.log" 2>&1
+  FLASHATTN_HOPPER_FWD_VARIANT=overlap timeout "$(cap 120)" "$bin/flash_selftest" " grid" \
+    >"$OUT/selftest-variants.log" 2>&1
   rc=$?
   [ $rc -eq 124 ] && hung=1
-  summary+=("selftest grid, FLASHATTN_HOPPER_OVERLAP=0 (rc $rc, $((SECONDS - start)) s): \
+  summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=overlap (rc $rc, $((SECONDS - start)) s): \
 $(tail -1 "$OUT/selftest-variants.log"); $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest-variants.log") on the hopper path")
 fi
 FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"$OUT/selftest-variants.log" 2>&1

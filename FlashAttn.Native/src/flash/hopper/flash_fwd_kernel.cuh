@@ -10,10 +10,12 @@
 //  - warpgroups 1 and 2, the consumers, 64 query rows each: S = Q K^T by wgmma with both operands
 //    in shared memory, the online softmax in registers (exp2, the scale folded into log2 units),
 //    P packed to 16 bits in registers as wgmma's A operand of O += P V, V read from shared memory
-//    as the transposed (MN-major) B operand. The two warpgroups run unsynchronised, so one's
-//    softmax overlaps the other's matrix products; with kOverlap each warpgroup also overlaps its
-//    own: S of key block n is issued, then O += P V of block n - 1 behind it, and the softmax of
-//    block n runs while that second product does (FlashAttention-3's intra-warpgroup pipelining).
+//    as the transposed (MN-major) B operand. Each warpgroup overlaps its own products with its
+//    softmax (FlashAttention-3's intra-warpgroup pipelining): S of key block n is issued, then
+//    O += P V of block n - 1 behind it, and the softmax of block n runs while that second product
+//    does. With kPingpong the two warpgroups also take turns issuing their products (named
+//    barriers), so that one's softmax runs under the other's products (FlashAttention-3's
+//    inter-warpgroup ping-pong); without it they run unsynchronised and overlap only by chance.
 // Key tiles go from the last to the first: the only ones that need the mask (the partial tile at
 // the end, the causal diagonal) come first; causal skips the tiles entirely above the diagonal.
 #pragma once
@@ -30,10 +32,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// kOverlap: FlashAttention-3's intra-warpgroup overlap (the softmax of one key block runs while the
-// previous block's O += P V does); without it each consumer waits for every product before the next
-// step, and only the other warpgroup fills the tensor cores meanwhile.
-template <typename Tr, bool kOverlap>
+template <typename Tr, bool kPingpong>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
@@ -73,6 +72,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
+  constexpr uint32_t kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads')
+  static_assert(Tr::kConsumerWarpgroups == 2, "the ping-pong alternates two consumer warpgroups");
   if (warpgroup == 0) {
     // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
@@ -123,6 +124,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     uint32_t pk[NS / 2];  // P as wgmma's A operand: pair (2 q, 2 q + 1) of s is register q
     float alpha[2] = {1.f, 1.f};  // rescale of O and the row sums by the last softmax's new maxima
 
+    // Ping-pong (kPingpong): the consumer warpgroups take turns issuing their products on two named
+    // barriers (warpgroup cw waits on kTurnBarrier + cw and passes the turn by arriving on the
+    // other's; 256 = both warpgroups' threads), so the tensor cores run one's S and P V while the
+    // other computes its softmax, rather than both softmaxes at once when the two drift into step.
+    auto take_turn = [&] {
+      if constexpr (kPingpong) named_bar_sync(kTurnBarrier + cw, 256);
+    };
+    auto pass_turn = [&] {
+      if constexpr (kPingpong) named_bar_arrive(kTurnBarrier + (cw ^ 1), 256);
+    };
     // S = Q K^T for key block `it` (64 x 128 per warpgroup), issued and committed, not waited for.
     // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes into
     // 64-column chunk ks / 4.
@@ -130,6 +141,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     auto issue_qk = [&](int it) {
       const int stage = it % kStages;
       mbar_wait(k_full(stage), (it / kStages) & 1);
+      take_turn();
       const uint64_t desc_k = sw128_desc(sK + stage * kTileBytes, 16, 1024);
       reg_fence(s);
       wgmma_fence();
@@ -208,27 +220,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int i = 0; i < NO; ++i) o[i] *= alpha[(i / 2) % 2];
     };
 
-    if (n_tiles > 0) mbar_wait(bar_q, 0);
-    if constexpr (!kOverlap) {
-      // Each step waits for the one before: S, softmax, O += P V.
-      for (int it = 0; it < n_tiles; ++it) {
-        issue_qk(it);
-        wgmma_wait<0>();
-        reg_fence(s);
-        release(k_empty(it % kStages));
-        softmax(it);
-        pack_p();
-        rescale_o();
-        issue_pv(it);
-        wgmma_wait<0>();
-        reg_fence(o);
-        reg_fence(pk);
-        release(v_empty(it % kStages));
-      }
-    } else if (n_tiles > 0) {
-      // FlashAttention-3's intra-warpgroup overlap: S of block it is issued with O += P V of block
-      // it - 1 behind it, and the softmax of block it runs while that second product does.
+    if (n_tiles > 0) {
+      mbar_wait(bar_q, 0);
+      // Warpgroup 0 has the first turn: its arrive here and its first take_turn complete barrier 1.
+      if (kPingpong && cw == 0) named_bar_arrive(kTurnBarrier, 256);
+      // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block it
+      // runs while that second product does.
       issue_qk(0);
+      pass_turn();
       wgmma_wait<0>();
       reg_fence(s);
       release(k_empty(0));
@@ -238,6 +237,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         issue_qk(it);
         rescale_o();  // by block it - 1's maxima, before its P V joins O
         issue_pv(it - 1);
+        pass_turn();
         wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
         reg_fence(s);
         release(k_empty(it % kStages));
@@ -248,6 +248,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         release(v_empty((it - 1) % kStages));
         pack_p();
       }
+      // The last P V takes no turn: each warpgroup takes and passes n_tiles turns, so the turns stay
+      // paired (warpgroup 1's last pass is left pending on barrier 1 when the CTA ends, as in
+      // FlashAttention-3).
       rescale_o();
       issue_pv(n_tiles - 1);
       wgmma_wait<0>();

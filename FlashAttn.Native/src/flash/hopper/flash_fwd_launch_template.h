@@ -3,6 +3,9 @@
 // them in parallel. Compiled for sm_90a only.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+
 #include "common/cuda_check.cuh"
 #include "flash/flash_common.cuh"
 #include "flash/hopper/flash_fwd_kernel.cuh"
@@ -12,8 +15,8 @@ namespace flash {
 namespace hopper {
 
 template <typename T, int kHeadDim>
-FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
-                                      cudaStream_t stream, const char* function) {
+FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant,
+                                      int device, cudaStream_t stream, const char* function) {
   using Tr = FwdTraits<kHeadDim, T>;
   FwdKernelParams kp;
   kp.out = p.out;
@@ -27,11 +30,19 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.heads_per_khead = int(p.nheads / p.nheads_k);
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
-  auto kernel = overlap ? flash_fwd_hopper_kernel<Tr, true> : flash_fwd_hopper_kernel<Tr, false>;
-  FlashAttnStatus s =
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
-                 "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
-  if (s != FLASHATTN_STATUS_OK) return s;
+  const bool pingpong = variant == FwdVariant::kPingpong;
+  auto kernel = pingpong ? flash_fwd_hopper_kernel<Tr, true> : flash_fwd_hopper_kernel<Tr, false>;
+  // The dynamic shared-memory limit is a per-device attribute of the kernel: raised at the first
+  // launch on each device (bit `device` of raised[pingpong]), not at every call.
+  static std::atomic<uint64_t> raised[2];
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (raised[pingpong].load(std::memory_order_relaxed) & bit) == 0) {
+    const FlashAttnStatus s = check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
+        "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    raised[pingpong].fetch_or(bit, std::memory_order_relaxed);
+  }
   const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
   return check_launch(function, "flash_fwd_hopper_kernel");

@@ -63,11 +63,16 @@ struct FwdTensorMaps {
   CUtensorMap q, k, v;
 };
 
-// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; overlap picks the kernel
-// variant with the intra-warpgroup overlap (flash_fwd_kernel.cuh).
+// The forward's kernel variants (flash_fwd_kernel.cuh), picked by FLASHATTN_HOPPER_FWD_VARIANT
+// (flash_fwd_hopper.cu): kOverlap, each consumer warpgroup overlapping its own softmax with its
+// products; kPingpong, the two consumer warpgroups also taking turns on the tensor cores.
+enum class FwdVariant : int { kOverlap = 0, kPingpong = 1 };
+
+// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
+// (the launch raises the kernel's shared-memory limit once per device).
 template <typename T, int kHeadDim>
-FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
-                                   cudaStream_t stream, const char* function);
+FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant,
+                                   int device, cudaStream_t stream, const char* function);
 
 }  // namespace hopper
 }  // namespace flash
