@@ -10,8 +10,8 @@
 #  3. flash_selftest: every case against the float64 reference, each naming the forward that ran
 #     (a case the Hopper kernel covers fails if it ran on the sm_80 path), under the default kernel
 #     variant (pingpong); the Hopper grid again with FLASHATTN_HOPPER_FWD_VARIANT=overlap (the
-#     variant without the warpgroups' ping-pong); a few with FLASHATTN_HOPPER=0, which must run (and
-#     pass) on the sm_80 path;
+#     variant without the warpgroups' ping-pong) and =rows192 (192-row tiles at d64); a few with
+#     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
 #  4. flash_selftest --bench: forward TFLOP/s of both Hopper variants and sm_80 (each in a process of
 #     its own: the library reads those variables once), and the backward;
 #  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases.
@@ -96,13 +96,18 @@ summary+=("selftest (rc $rc, $((SECONDS - start)) s): $(tail -1 "$OUT/selftest.l
 $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper path, \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80")
 if [ "$hung" = 0 ]; then
-  start=$SECONDS
-  FLASHATTN_HOPPER_FWD_VARIANT=overlap timeout "$(cap 120)" "$bin/flash_selftest" " grid" \
-    >"$OUT/selftest-variants.log" 2>&1
-  rc=$?
-  [ $rc -eq 124 ] && hung=1
-  summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=overlap (rc $rc, $((SECONDS - start)) s): \
-$(tail -1 "$OUT/selftest-variants.log"); $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest-variants.log") on the hopper path")
+  : >"$OUT/selftest-variants.log"
+  for variant in overlap rows192; do
+    [ "$hung" = 1 ] && break
+    start=$SECONDS
+    log=$build/selftest-$variant.log
+    FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 120)" "$bin/flash_selftest" " grid" >"$log" 2>&1
+    rc=$?
+    [ $rc -eq 124 ] && hung=1
+    summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
+$(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") on the hopper path")
+    { echo "== FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
+  done
 fi
 FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"$OUT/selftest-variants.log" 2>&1
 summary+=("selftest with FLASHATTN_HOPPER=0 (rc $?): $(tail -1 "$OUT/selftest-variants.log"); \
@@ -115,12 +120,13 @@ else
   timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
   summary+=("bench: rc $?")
 
-  # 5. Sanitizers on small Hopper cases (bf16 and fp16, d128, causal, GQA 8:2, partial tiles).
+  # 5. Sanitizers on small Hopper cases (bf16 and fp16, d64 and d128, causal, GQA 8:2, partial
+  # tiles) under rows192: the three-warpgroup kernel at d64, the default (pingpong) one at d128.
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
       log=$build/sanitize-$tool.log
-      timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/flash_selftest" \
-        "d128 sq97 sk97 h8/2 causal" >"$log" 2>&1
+      FLASHATTN_HOPPER_FWD_VARIANT=rows192 timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 \
+        "$bin/flash_selftest" "sq97 sk97 h8/2 causal" >"$log" 2>&1
       rc=$?
       summary+=("compute-sanitizer $tool: rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
       { echo "== $tool (rc $rc)"; head -c 2000000 "$log"; } >>"$OUT/sanitize.log"

@@ -3,7 +3,8 @@
 //                             any failure; each line names the forward path that ran, and a case the
 //                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
-//                             pingpong, overlap) and on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
+//                             pingpong, overlap, rows192; at d128 rows192 is pingpong again, a measure
+//                             of the noise) and on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
 //                             TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
 //                             causal. The library reads those variables once per process, so each
 //                             setting runs in a child process of its own (--bench-here: this process
@@ -656,6 +657,7 @@ int bench(const char* self, int only_d, int only_causal) {
   // The backward does not depend on the forward's setting: timed once, in the first child.
   const Setting settings[] = {{"pingpong", "FLASHATTN_HOPPER_FWD_VARIANT=pingpong", true},
                               {"overlap", "FLASHATTN_HOPPER_FWD_VARIANT=overlap", false},
+                              {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", false},
                               {"sm80", "FLASHATTN_HOPPER=0", false}};
   constexpr int kSettings = sizeof(settings) / sizeof(settings[0]);
   constexpr int kConfigs = sizeof(kBenchConfigs) / sizeof(kBenchConfigs[0]);

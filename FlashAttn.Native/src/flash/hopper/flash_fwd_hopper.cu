@@ -27,8 +27,8 @@ bool covers(const FlashFwdParams& p) {
 
 // Environment switches, read once per process (the bench and build/hopper-check.sh run each setting
 // in a process of its own): FLASHATTN_HOPPER=0 turns the Hopper forward off;
-// FLASHATTN_HOPPER_FWD_VARIANT=overlap picks the kernel without the warpgroups' ping-pong (the
-// default, "pingpong", has it).
+// FLASHATTN_HOPPER_FWD_VARIANT picks the kernel: "overlap" without the warpgroups' ping-pong,
+// "rows192" with 192-row tiles at d64, anything else "pingpong" (FwdVariant).
 bool hopper_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER");
@@ -39,7 +39,9 @@ bool hopper_enabled() {
 FwdVariant fwd_variant() {
   static const FwdVariant variant = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
-    return v != nullptr && std::strcmp(v, "overlap") == 0 ? FwdVariant::kOverlap : FwdVariant::kPingpong;
+    if (v != nullptr && std::strcmp(v, "overlap") == 0) return FwdVariant::kOverlap;
+    if (v != nullptr && std::strcmp(v, "rows192") == 0) return FwdVariant::kRows192;
+    return FwdVariant::kPingpong;
   }();
   return variant;
 }
@@ -82,19 +84,20 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
   if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
-  // Q, K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims.
+  // K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims;
+  // Q's is as high as the variant's query block.
   using Tr = FwdTraits<64, __half>;
+  const FwdVariant variant = fwd_variant();
   FwdTensorMaps maps;
   const bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
+                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, fwd_block_m(int(p.headdim), variant)) &&
       encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
                   p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
                   p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
-  const FwdVariant variant = fwd_variant();
   return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, device, stream, function)
                                               : by_headdim<__half>(p, maps, variant, device, stream, function);
 }

@@ -1,20 +1,20 @@
 // FlashAttention forward for Hopper (sm_90a), FlashAttention-3's design on raw PTX:
 //   q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), softmax_lse (B, H, Sq) float32,
 // the same outputs as the sm_80 kernel (flash_fwd_kernel.cuh), for D = 64 or 128, causal or not.
-// One CTA owns 128 query rows of one (batch, head) and three warpgroups:
+// One CTA owns 128 (or, at d64, 192) query rows of one (batch, head) and three (four) warpgroups:
 //  - warpgroup 0, the producer: one thread issues TMA loads of the Q tile once and of K and V
 //    tiles of 128 keys into a two-stage ring, each buffer guarded by a "full" mbarrier (the TMA's
 //    bytes landed) and an "empty" one (all 8 consumer warps are done reading it). Rows past the
 //    sequence end arrive as zeros (the TMA's out-of-bounds fill), so partial tiles need only the
 //    score mask. The warpgroup gives most of its registers to the consumers (setmaxnreg).
-//  - warpgroups 1 and 2, the consumers, 64 query rows each: S = Q K^T by wgmma with both operands
+//  - warpgroups 1 and 2 (and 3), the consumers, 64 query rows each: S = Q K^T by wgmma with both operands
 //    in shared memory, the online softmax in registers (exp2, the scale folded into log2 units),
 //    P packed to 16 bits in registers as wgmma's A operand of O += P V, V read from shared memory
 //    as the transposed (MN-major) B operand. Each warpgroup overlaps its own products with its
 //    softmax (FlashAttention-3's intra-warpgroup pipelining): S of key block n is issued, then
 //    O += P V of block n - 1 behind it, and the softmax of block n runs while that second product
-//    does. With kPingpong the two warpgroups also take turns issuing their products (named
-//    barriers), so that one's softmax runs under the other's products (FlashAttention-3's
+//    does. With kPingpong the warpgroups also take turns issuing their products (named barriers,
+//    round robin), so that one's softmax runs under the others' products (FlashAttention-3's
 //    inter-warpgroup ping-pong); without it they run unsynchronised and overlap only by chance.
 // Key tiles go from the last to the first: the only ones that need the mask (the partial tile at
 // the end, the causal diagonal) come first; causal skips the tiles entirely above the diagonal.
@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
-  constexpr int kChunkBytes = Tr::kChunkBytes, kTileBytes = Tr::kTileBytes;
+  constexpr int kChunkBytes = Tr::kChunkBytes, kTileBytes = Tr::kTileBytes, kQChunkBytes = Tr::kQChunkBytes;
+  constexpr int kWarpgroups = Tr::kConsumerWarpgroups;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base + Tr::kOffQ, sK = base + Tr::kOffK, sV = base + Tr::kOffV;
@@ -64,16 +65,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(k_full(s), 1);  // the producer's arrive.expect_tx
       mbar_init(v_full(s), 1);
-      mbar_init(k_empty(s), 4 * Tr::kConsumerWarpgroups);  // one arrive per consumer warp
-      mbar_init(v_empty(s), 4 * Tr::kConsumerWarpgroups);
+      mbar_init(k_empty(s), 4 * kWarpgroups);  // one arrive per consumer warp
+      mbar_init(v_empty(s), 4 * kWarpgroups);
     }
     fence_mbar_init();
   }
   __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
-  constexpr uint32_t kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads')
-  static_assert(Tr::kConsumerWarpgroups == 2, "the ping-pong alternates two consumer warpgroups");
+  constexpr uint32_t kTurnBarrier = 1;  // named barriers 1 .. kWarpgroups (0 is __syncthreads')
   if (warpgroup == 0) {
     // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
@@ -82,9 +82,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch(&tm_k);
       tma_prefetch(&tm_v);
       const int hk = h / p.heads_per_khead;
-      mbar_arrive_expect_tx(bar_q, kTileBytes);
+      mbar_arrive_expect_tx(bar_q, Tr::kQTileBytes);
 #pragma unroll
-      for (int c = 0; c < Tr::kChunks; ++c) tma_load_4d(sQ + c * kChunkBytes, &tm_q, bar_q, c * Tr::kBoxCols, m0, h, b);
+      for (int c = 0; c < Tr::kChunks; ++c)
+        tma_load_4d(sQ + c * kQChunkBytes, &tm_q, bar_q, c * Tr::kBoxCols, m0, h, b);
       for (int it = 0; it < n_tiles; ++it) {
         const int n0 = (n_tiles - 1 - it) * BN;
         const int s = it % kStages;
@@ -124,19 +125,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     uint32_t pk[NS / 2];  // P as wgmma's A operand: pair (2 q, 2 q + 1) of s is register q
     float alpha[2] = {1.f, 1.f};  // rescale of O and the row sums by the last softmax's new maxima
 
-    // Ping-pong (kPingpong): the consumer warpgroups take turns issuing their products on two named
-    // barriers (warpgroup cw waits on kTurnBarrier + cw and passes the turn by arriving on the
-    // other's; 256 = both warpgroups' threads), so the tensor cores run one's S and P V while the
-    // other computes its softmax, rather than both softmaxes at once when the two drift into step.
+    // Ping-pong (kPingpong): the consumer warpgroups take turns issuing their products, round robin,
+    // on named barriers (warpgroup cw waits on kTurnBarrier + cw and passes the turn by arriving on
+    // the next one's; 256 = the waiting and the passing warpgroups' threads), so the tensor cores run
+    // the others' S and P V while one computes its softmax, rather than softmaxes coinciding when
+    // the warpgroups drift into step.
     auto take_turn = [&] {
       if constexpr (kPingpong) named_bar_sync(kTurnBarrier + cw, 256);
     };
     auto pass_turn = [&] {
-      if constexpr (kPingpong) named_bar_arrive(kTurnBarrier + (cw ^ 1), 256);
+      if constexpr (kPingpong) named_bar_arrive(kTurnBarrier + (cw + 1) % kWarpgroups, 256);
     };
     // S = Q K^T for key block `it` (64 x 128 per warpgroup), issued and committed, not waited for.
     // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes into
-    // 64-column chunk ks / 4.
+    // 64-column chunk ks / 4 (Q chunks kQChunkBytes apart, K chunks kChunkBytes).
     const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
     auto issue_qk = [&](int it) {
       const int stage = it % kStages;
@@ -147,8 +149,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        const uint32_t off = ((ks / 4) * kChunkBytes + (ks % 4) * 32) >> 4;
-        Wgmma<T, BN>::ss(s, desc_q + off, desc_k + off, ks > 0 ? 1u : 0u);
+        const uint32_t off_q = ((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4;
+        const uint32_t off_k = ((ks / 4) * kChunkBytes + (ks % 4) * 32) >> 4;
+        Wgmma<T, BN>::ss(s, desc_q + off_q, desc_k + off_k, ks > 0 ? 1u : 0u);
       }
       wgmma_commit();
     };
@@ -249,7 +252,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         pack_p();
       }
       // The last P V takes no turn: each warpgroup takes and passes n_tiles turns, so the turns stay
-      // paired (warpgroup 1's last pass is left pending on barrier 1 when the CTA ends, as in
+      // paired (the last warpgroup's last pass is left pending on barrier 1 when the CTA ends, as in
       // FlashAttention-3).
       rescale_o();
       issue_pv(n_tiles - 1);

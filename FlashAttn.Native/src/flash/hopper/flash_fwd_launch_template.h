@@ -14,10 +14,30 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
+// One kernel (traits Tr, ping-pong or not) launched over the (query block, head, batch) grid.
+template <typename Tr, bool kPingpong>
+FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& maps, const FwdKernelParams& kp,
+                                  int device, cudaStream_t stream, const char* function) {
+  auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong>;
+  // The dynamic shared-memory limit is a per-device attribute of the kernel: raised at the first
+  // launch on each device (bit `device`), not at every call.
+  static std::atomic<uint64_t> raised{0};
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
+    const FlashAttnStatus s = check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
+        "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    raised.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
+  return check_launch(function, "flash_fwd_hopper_kernel");
+}
+
 template <typename T, int kHeadDim>
 FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant,
                                       int device, cudaStream_t stream, const char* function) {
-  using Tr = FwdTraits<kHeadDim, T>;
   FwdKernelParams kp;
   kp.out = p.out;
   kp.softmax_lse = p.softmax_lse;
@@ -30,22 +50,15 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.heads_per_khead = int(p.nheads / p.nheads_k);
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
-  const bool pingpong = variant == FwdVariant::kPingpong;
-  auto kernel = pingpong ? flash_fwd_hopper_kernel<Tr, true> : flash_fwd_hopper_kernel<Tr, false>;
-  // The dynamic shared-memory limit is a per-device attribute of the kernel: raised at the first
-  // launch on each device (bit `device` of raised[pingpong]), not at every call.
-  static std::atomic<uint64_t> raised[2];
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (raised[pingpong].load(std::memory_order_relaxed) & bit) == 0) {
-    const FlashAttnStatus s = check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
-        "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    raised[pingpong].fetch_or(bit, std::memory_order_relaxed);
+  constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);
+  switch (variant) {
+    case FwdVariant::kOverlap:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, false>(p, maps, kp, device, stream, function);
+    case FwdVariant::kRows192:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true>(p, maps, kp, device, stream, function);
+    default:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true>(p, maps, kp, device, stream, function);
   }
-  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
-  return check_launch(function, "flash_fwd_hopper_kernel");
 }
 
 }  // namespace hopper
