@@ -1,10 +1,11 @@
 // flash_selftest: FlashAttn_flash_fwd / FlashAttn_flash_bwd against a float64 CPU reference.
-//   flash_selftest [filter]   correctness cases (names containing filter), one line each, exit code 1 on
+//   flash_selftest [filter]   correctness cases (names containing filter, or each of its '&'-separated
+//                             parts: "d64 &grid"), one line each, exit code 1 on
 //                             any failure; each line names the forward path that ran, and a case the
 //                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
-//                             pingpong, overlap, rows192; at d128 rows192 is pingpong again, a measure
-//                             of the noise) and on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
+//                             pingpong, overlap, rows192, persistent; at d128 rows192 is pingpong again,
+//                             a measure of the noise) and on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
 //                             TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
 //                             causal. The library reads those variables once per process, so each
 //                             setting runs in a child process of its own (--bench-here: this process
@@ -658,6 +659,7 @@ int bench(const char* self, int only_d, int only_causal) {
   const Setting settings[] = {{"pingpong", "FLASHATTN_HOPPER_FWD_VARIANT=pingpong", true},
                               {"overlap", "FLASHATTN_HOPPER_FWD_VARIANT=overlap", false},
                               {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", false},
+                              {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", false},
                               {"sm80", "FLASHATTN_HOPPER=0", false}};
   constexpr int kSettings = sizeof(settings) / sizeof(settings[0]);
   constexpr int kConfigs = sizeof(kBenchConfigs) / sizeof(kBenchConfigs[0]);
@@ -734,7 +736,13 @@ int main(int argc, char** argv) {
   std::string filter = argc > 1 ? argv[1] : "";
   int passed = 0, failed = 0;
   for (const Case& c : cases()) {
-    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    bool match = true;
+    for (size_t from = 0; match && from <= filter.size();) {
+      const size_t amp = std::min(filter.find('&', from), filter.size());
+      match = c.name.find(filter.substr(from, amp - from)) != std::string::npos;
+      from = amp + 1;
+    }
+    if (!match) continue;
     (run_case(c, false) ? passed : failed)++;
   }
   std::printf("%d passed, %d failed\n", passed, failed);

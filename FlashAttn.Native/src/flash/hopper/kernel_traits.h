@@ -40,12 +40,12 @@ struct FwdTraits {
   static constexpr int kQChunkBytes = kQBoxRows * kBoxCols * int(sizeof(T));  // 16 or 24 KB
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
   // Shared memory, from a 1024-byte aligned base: Q, K[stages], V[stages], then the mbarriers
-  // (Q full; K full[stages], K empty[stages]; V full[stages], V empty[stages]).
+  // (Q full; K full[stages], K empty[stages]; V full[stages], V empty[stages]; Q empty).
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + kQTileBytes;
   static constexpr int kOffV = kOffK + kStages * kTileBytes;
   static constexpr int kOffBar = kOffV + kStages * kTileBytes;
-  static constexpr int kBarriers = 1 + 4 * kStages;
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
   // Registers: the entry cap is 65536 / kThreads (168 for 384 threads, rounded down to 8; 128 for
@@ -65,6 +65,8 @@ struct FwdKernelParams {
   int seqlen_q, seqlen_k, nheads, heads_per_khead;
   float scale_log2;  // softmax_scale * log2(e) > 0
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+  int m_blocks;      // query blocks of a (batch, head)
+  int total_tiles;   // m_blocks * nheads * batch: the persistent kernel's work tiles
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
@@ -76,8 +78,8 @@ struct FwdTensorMaps {
 // (flash_fwd_hopper.cu): kOverlap, each consumer warpgroup overlapping its own softmax with its
 // products; kPingpong, the consumer warpgroups also taking turns on the tensor cores; kRows192, the
 // same as kPingpong with 192-row tiles (three consumer warpgroups taking turns) at d64, and exactly
-// kPingpong at d128.
-enum class FwdVariant : int { kOverlap = 0, kPingpong = 1, kRows192 = 2 };
+// kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles).
+enum class FwdVariant : int { kOverlap = 0, kPingpong = 1, kRows192 = 2, kPersistent = 3 };
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
