@@ -11,8 +11,8 @@
 #     (a case the Hopper kernel covers fails if it ran on the sm_80 path), under the default kernel
 #     variant (pingpong); the Hopper grid again with FLASHATTN_HOPPER_FWD_VARIANT=overlap (the
 #     variant without the warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half; at d128 it
-#     is pingpong) and =persistent (the persistent grid); a few with FLASHATTN_HOPPER=0, which must
-#     run (and pass) on the sm_80 path;
+#     is pingpong), =persistent (the persistent grid) and =persistent192 (both, its d64 half); a few
+#     with FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper variant and sm_80 (each in a process of
 #     its own: the library reads those variables once), and the backward;
 #  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases.
@@ -98,7 +98,7 @@ $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper path, \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80")
 if [ "$hung" = 0 ]; then
   : >"$OUT/selftest-variants.log"
-  for run in "overlap: grid" "rows192:d64 &grid" "persistent: grid"; do
+  for run in "overlap: grid" "rows192:d64 &grid" "persistent: grid" "persistent192:d64 &grid"; do
     [ "$hung" = 1 ] && break
     variant=${run%%:*}
     start=$SECONDS

@@ -4,8 +4,9 @@
 //                             any failure; each line names the forward path that ran, and a case the
 //                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
-//                             pingpong, overlap, rows192, persistent; at d128 rows192 is pingpong again,
-//                             a measure of the noise) and on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
+//                             pingpong, overlap, rows192, persistent, persistent192; at d128 rows192 is
+//                             pingpong again, a measure of the noise, and persistent192 is persistent) and
+//                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
 //                             TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
 //                             causal. The library reads those variables once per process, so each
 //                             setting runs in a child process of its own (--bench-here: this process
@@ -660,6 +661,7 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"overlap", "FLASHATTN_HOPPER_FWD_VARIANT=overlap", false},
                               {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", false},
                               {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", false},
+                              {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", false},
                               {"sm80", "FLASHATTN_HOPPER=0", false}};
   constexpr int kSettings = sizeof(settings) / sizeof(settings[0]);
   constexpr int kConfigs = sizeof(kBenchConfigs) / sizeof(kBenchConfigs[0]);

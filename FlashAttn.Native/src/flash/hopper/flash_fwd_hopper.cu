@@ -28,8 +28,8 @@ bool covers(const FlashFwdParams& p) {
 // Environment switches, read once per process (the bench and build/hopper-check.sh run each setting
 // in a process of its own): FLASHATTN_HOPPER=0 turns the Hopper forward off;
 // FLASHATTN_HOPPER_FWD_VARIANT picks the kernel: "overlap" without the warpgroups' ping-pong,
-// "rows192" with 192-row tiles at d64, "persistent" on a persistent grid, anything else "pingpong"
-// (FwdVariant).
+// "rows192" with 192-row tiles at d64, "persistent" on a persistent grid, "persistent192" both,
+// anything else "pingpong" (FwdVariant).
 bool hopper_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER");
@@ -43,6 +43,7 @@ FwdVariant fwd_variant() {
     if (v != nullptr && std::strcmp(v, "overlap") == 0) return FwdVariant::kOverlap;
     if (v != nullptr && std::strcmp(v, "rows192") == 0) return FwdVariant::kRows192;
     if (v != nullptr && std::strcmp(v, "persistent") == 0) return FwdVariant::kPersistent;
+    if (v != nullptr && std::strcmp(v, "persistent192") == 0) return FwdVariant::kPersistent192;
     return FwdVariant::kPingpong;
   }();
   return variant;

@@ -158,8 +158,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     float o[NO];
     float row_max[2], row_sum[2];  // raw scores (scale > 0 keeps the order); this thread's partial sums
     float s[NS];
-#pragma unroll
-    for (int i = 0; i < NS; ++i) s[i] = 0.f;
     uint32_t pk[NS / 2];  // P as wgmma's A operand: pair (2 q, 2 q + 1) of s is register q
     float alpha[2];       // rescale of O and the row sums by the last softmax's new maxima
 
@@ -186,13 +184,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
     int kv = 0, q_loads = 0;
     for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
-      int m_block, h, b;
-      tile_coords(tile, &m_block, &h, &b);
-      const int m0 = m_block * BM, n_tiles = key_blocks(m0);
+      int m0;
+      {
+        int m_block, h, b;  // h and b again for the epilogue: not held in registers through the loop
+        tile_coords(tile, &m_block, &h, &b);
+        m0 = m_block * BM;
+      }
+      const int n_tiles = key_blocks(m0);
       const int wg_row0 = m0 + cw * 64;          // this warpgroup's first query row
       const int row0 = wg_row0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
 #pragma unroll
       for (int i = 0; i < NO; ++i) o[i] = 0.f;
+      // The first S overwrites s (scale_d = 0), but the wgmma's operands read it: zeroed here, s is
+      // dead from the last softmax to the next tile, and its registers are free for the epilogue.
+#pragma unroll
+      for (int i = 0; i < NS; ++i) s[i] = 0.f;
       row_max[0] = row_max[1] = -INFINITY;
       row_sum[0] = row_sum[1] = 0.f;
       alpha[0] = alpha[1] = 1.f;
@@ -324,6 +330,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
       // out = O / l; LSE = max * scale + log(l). A row that saw no key gets out = 0 and LSE = +inf
       // (flash-attn's convention, as the sm_80 kernel).
+      int m_block, h, b;
+      tile_coords(tile, &m_block, &h, &b);
       T* out = static_cast<T*>(p.out) + int64_t(b) * p.out_batch_stride + int64_t(h) * p.out_head_stride;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {

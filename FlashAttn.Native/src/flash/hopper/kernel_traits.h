@@ -78,12 +78,13 @@ struct FwdTensorMaps {
 // (flash_fwd_hopper.cu): kOverlap, each consumer warpgroup overlapping its own softmax with its
 // products; kPingpong, the consumer warpgroups also taking turns on the tensor cores; kRows192, the
 // same as kPingpong with 192-row tiles (three consumer warpgroups taking turns) at d64, and exactly
-// kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles).
-enum class FwdVariant : int { kOverlap = 0, kPingpong = 1, kRows192 = 2, kPersistent = 3 };
+// kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
+// kPersistent192, kRows192 on a persistent grid.
+enum class FwdVariant : int { kOverlap = 0, kPingpong = 1, kRows192 = 2, kPersistent = 3, kPersistent192 = 4 };
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
-  return headdim == 64 && variant == FwdVariant::kRows192 ? 192 : 128;
+  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
