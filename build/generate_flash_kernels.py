@@ -48,8 +48,9 @@ namespace hopper {{
 
 template <>
 FlashAttnStatus run_mha_fwd_hopper<{ctype}, {hdim}>(
-    const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap, cudaStream_t stream, const char* function) {{
-  return launch_mha_fwd_hopper<{ctype}, {hdim}>(p, maps, overlap, stream, function);
+    const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant, int device, cudaStream_t stream,
+    const char* function) {{
+  return launch_mha_fwd_hopper<{ctype}, {hdim}>(p, maps, variant, device, stream, function);
 }}
 
 }}  // namespace hopper

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU host, in one device call (nothing to carry; about 5 of its 10 minutes):
+# On the GPU host, in one device call (nothing to carry; about 8 of its 10 minutes, every step capped):
 #   bash build/hopper-check.sh
 # The Hopper forward (FlashAttn.Native/src/flash/hopper/) end to end:
 #  1. builds libflashattn, flash_selftest and hopper_probe for sm_90a alone (every kernel once, not
@@ -8,10 +8,13 @@
 #  2. hopper_probe: TMA, the wgmma descriptors and fragment layouts one at a time (if the forward
 #     fails, this says which layout is wrong, and which alternative would be right);
 #  3. flash_selftest: every case against the float64 reference, each naming the forward that ran
-#     (a case the Hopper kernel covers fails if it ran on the sm_80 path); the Hopper grid again
-#     with FLASHATTN_HOPPER_OVERLAP=0 (the kernel variant without the intra-warpgroup overlap); a
-#     few with FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
-#  4. flash_selftest --bench: forward TFLOP/s of both Hopper variants and sm_80, and the backward;
+#     (a case the Hopper kernel covers fails if it ran on the sm_80 path), under the default kernel
+#     variant (pingpong); the Hopper grid again with FLASHATTN_HOPPER_FWD_VARIANT=overlap (the
+#     variant without the warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half; at d128 it
+#     is pingpong), =persistent (the persistent grid) and =persistent192 (both, its d64 half); a few
+#     with FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
+#  4. flash_selftest --bench: forward TFLOP/s of each Hopper variant and sm_80 (each in a process of
+#     its own: the library reads those variables once), and the backward;
 #  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases.
 # Logs go to $OUT (7 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
@@ -67,6 +70,7 @@ for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hop
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
   sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
+  sass_line+=" named BAR.SYNC/ARV $(grep -cE 'BAR\.(SYNC|ARV)[.A-Z_]* R[0-9]|BAR\.ARV 0x[1-9]' "$f")"
   sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done
 cp "$build/sass-hdim128_bf16.txt" "$OUT/sass-hdim128-bf16.txt" 2>/dev/null
@@ -93,12 +97,19 @@ summary+=("selftest (rc $rc, $((SECONDS - start)) s): $(tail -1 "$OUT/selftest.l
 $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper path, \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80")
 if [ "$hung" = 0 ]; then
-  start=$SECONDS
-  FLASHATTN_HOPPER_OVERLAP=0 timeout "$(cap 120)" "$bin/flash_selftest" " grid" >"$OUT/selftest-variants.log" 2>&1
-  rc=$?
-  [ $rc -eq 124 ] && hung=1
-  summary+=("selftest grid, FLASHATTN_HOPPER_OVERLAP=0 (rc $rc, $((SECONDS - start)) s): \
-$(tail -1 "$OUT/selftest-variants.log"); $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest-variants.log") on the hopper path")
+  : >"$OUT/selftest-variants.log"
+  for run in "overlap: grid" "rows192:d64 &grid" "persistent: grid" "persistent192:d64 &grid"; do
+    [ "$hung" = 1 ] && break
+    variant=${run%%:*}
+    start=$SECONDS
+    log=$build/selftest-$variant.log
+    FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 120)" "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
+    rc=$?
+    [ $rc -eq 124 ] && hung=1
+    summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
+$(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") on the hopper path")
+    { echo "== FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
+  done
 fi
 FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"$OUT/selftest-variants.log" 2>&1
 summary+=("selftest with FLASHATTN_HOPPER=0 (rc $?): $(tail -1 "$OUT/selftest-variants.log"); \
@@ -111,15 +122,21 @@ else
   timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
   summary+=("bench: rc $?")
 
-  # 5. Sanitizers on small Hopper cases (bf16 and fp16, d128, causal, GQA 8:2, partial tiles).
+  # 5. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA 8:2, partial tiles): the
+  # three-warpgroup kernel (rows192, d64), and the persistent one (both head dims; 144 tiles on at
+  # most 132 CTAs, so some CTAs run two, and the query blocks that see no key run none).
   if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck synccheck; do
-      log=$build/sanitize-$tool.log
-      timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/flash_selftest" \
-        "d128 sq97 sk97 h8/2 causal" >"$log" 2>&1
-      rc=$?
-      summary+=("compute-sanitizer $tool: rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
-      { echo "== $tool (rc $rc)"; head -c 2000000 "$log"; } >>"$OUT/sanitize.log"
+    for run in "rows192:d64 sq97 sk97 h8/2 causal" "persistent:sq1025 sk97 h8/2 causal"; do
+      variant=${run%%:*}
+      for tool in memcheck racecheck synccheck; do
+        log=$build/sanitize-$variant-$tool.log
+        FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 \
+          "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
+        rc=$?
+        summary+=("compute-sanitizer $tool ($variant): rc $rc; \
+$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
+        { echo "== $tool, $variant (rc $rc)"; head -c 1000000 "$log"; } >>"$OUT/sanitize.log"
+      done
     done
   else
     summary+=("compute-sanitizer: not on PATH")

@@ -1,11 +1,16 @@
 // flash_selftest: FlashAttn_flash_fwd / FlashAttn_flash_bwd against a float64 CPU reference.
-//   flash_selftest [filter]   correctness cases (names containing filter), one line each, exit code 1 on
+//   flash_selftest [filter]   correctness cases (names containing filter, or each of its '&'-separated
+//                             parts: "d64 &grid"), one line each, exit code 1 on
 //                             any failure; each line names the forward path that ran, and a case the
 //                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
-//   flash_selftest --bench    fwd TFLOP/s on the Hopper path, again without its intra-warpgroup
-//                             overlap (FLASHATTN_HOPPER_OVERLAP=0), on the sm_80 path (FLASHATTN_HOPPER=0),
-//                             and bwd TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
-//                             causal
+//   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
+//                             pingpong, overlap, rows192, persistent, persistent192; at d128 rows192 is
+//                             pingpong again, a measure of the noise, and persistent192 is persistent) and
+//                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
+//                             TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
+//                             causal. The library reads those variables once per process, so each
+//                             setting runs in a child process of its own (--bench-here: this process
+//                             only, under the environment's setting, e.g. for a profiler)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -544,33 +549,19 @@ std::vector<Case> cases() {
 }
 
 // ---- benchmark ----
-// Median of 10 timed calls after 3 warm-ups, on random bf16 inputs (q, k, v and dout distinct).
-void bench(int only_d, int only_causal) {
-  struct Config {
-    int B, H, S, D, causal;
-  };
-  // hidden 1024 / 2048 at 16k tokens, causal or not; and the GPT-2 training shape
-  const Config configs[] = {{4, 16, 4096, 64, 0},  {4, 16, 4096, 64, 1}, {4, 16, 4096, 128, 0},
-                            {4, 16, 4096, 128, 1}, {16, 12, 1024, 64, 1}};
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  int clock_khz = 0;
-  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
-  std::printf("device %s, %d SMs, max SM clock %d MHz; %s\n", prop.name, prop.multiProcessorCount, clock_khz / 1000,
-              FlashAttn_core_build_info());
-  // FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP pick each forward; both are restored at the end.
-  struct SavedEnv {
-    const char* name;
-    bool had;
-    std::string value;
-  };
-  std::vector<SavedEnv> saved;
-  for (const char* name : {"FLASHATTN_HOPPER", "FLASHATTN_HOPPER_OVERLAP"}) {
-    const char* v = std::getenv(name);
-    saved.push_back({name, v != nullptr, v != nullptr ? v : ""});
-  }
-  std::vector<std::string> table;
-  for (const Config& cfg : configs) {
+// Median of 10 timed calls after 3 warm-ups, on random bf16 inputs (q, k, v and dout distinct), in this
+// process, under the environment's FLASHATTN_HOPPER / FLASHATTN_HOPPER_FWD_VARIANT: one line per
+// configuration, "bench bf16 B=.. H=.. S=.. D=.. causal=..: fwd [path] ms TFLOP/s" and, with with_bwd,
+// "| bwd ms TFLOP/s".
+struct BenchConfig {
+  int B, H, S, D, causal;
+};
+// hidden 1024 / 2048 at 16k tokens, causal or not; and the GPT-2 training shape
+constexpr BenchConfig kBenchConfigs[] = {{4, 16, 4096, 64, 0},  {4, 16, 4096, 64, 1}, {4, 16, 4096, 128, 0},
+                                         {4, 16, 4096, 128, 1}, {16, 12, 1024, 64, 1}};
+
+void bench_here(int only_d, int only_causal, bool with_bwd) {
+  for (const BenchConfig& cfg : kBenchConfigs) {
     const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
     if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal)) continue;
     const size_t n = size_t(B) * S * H * D;
@@ -624,72 +615,136 @@ void bench(int only_d, int only_causal) {
       std::sort(ms.begin(), ms.end());
       return double(ms[ms.size() / 2]);
     };
-    // One forward variant: FLASHATTN_HOPPER and FLASHATTN_HOPPER_OVERLAP unset (nullptr) or "0"; the
-    // path it took and its median time.
-    auto fwd_on = [&](const char* hopper, const char* overlap, std::string* path) {
-      const std::pair<const char*, const char*> vars[] = {{"FLASHATTN_HOPPER", hopper},
-                                                           {"FLASHATTN_HOPPER_OVERLAP", overlap}};
-      for (auto [name, value] : vars) {
-        if (value == nullptr) {
-          unsetenv(name);
-        } else {
-          setenv(name, value, 1);
-        }
-      }
-      setenv("FLASHATTN_LOG_PATH", "1", 1);
-      PathCapture capture;
-      capture.begin();
-      const FlashAttnStatus st = fwd();
-      *path = capture.end();
-      unsetenv("FLASHATTN_LOG_PATH");
-      CK(cudaDeviceSynchronize());
-      if (st != FLASHATTN_STATUS_OK) {
-        std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
-        std::exit(3);
-      }
-      return time_it(fwd);
-    };
-    std::string path_h, path_n, path_s;
-    const double th = fwd_on(nullptr, nullptr, &path_h), tn = fwd_on(nullptr, "0", &path_n),
-                 ts = fwd_on("0", nullptr, &path_s);
-    const double tb = time_it(bwd);
+    // The path the forward takes (read back once), then its median time.
+    setenv("FLASHATTN_LOG_PATH", "1", 1);
+    PathCapture capture;
+    capture.begin();
+    const FlashAttnStatus st = fwd();
+    const std::string path = capture.end();
+    unsetenv("FLASHATTN_LOG_PATH");
+    CK(cudaDeviceSynchronize());
+    if (st != FLASHATTN_STATUS_OK) {
+      std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
+      std::exit(3);
+    }
+    const double tf = time_it(fwd);
     const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
-    std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s | fwd [%s, no overlap] %.3f "
-                "ms %.1f TFLOP/s | fwd [%s] %.3f ms %.1f TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
-                B, H, S, D, causal, path_h.c_str(), th, flops / th * 1e-9, path_n.c_str(), tn, flops / tn * 1e-9,
-                path_s.c_str(), ts, flops / ts * 1e-9, tb, 2.5 * flops / tb * 1e-9);
-    char row[160];
-    std::snprintf(row, sizeof row, "B%-2d S%-5d H%-2d d%-3d %-6s  %6.1f  %6.1f  %6.1f  %5.2fx  %6.1f", B, S, H, D,
-                  causal ? "causal" : "full", flops / th * 1e-9, flops / tn * 1e-9, flops / ts * 1e-9, ts / th,
-                  2.5 * flops / tb * 1e-9);
-    table.push_back(row);
+    std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s", B, H, S, D, causal,
+                path.c_str(), tf, flops / tf * 1e-9);
+    if (with_bwd) {
+      const double tb = time_it(bwd);
+      std::printf(" | bwd %.3f ms %.1f TFLOP/s", tb, 2.5 * flops / tb * 1e-9);
+    }
+    std::printf("\n");
     std::fflush(stdout);
     for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
   }
-  for (const SavedEnv& e : saved) {
-    if (e.had) {
-      setenv(e.name, e.value.c_str(), 1);
-    } else {
-      unsetenv(e.name);
+}
+
+// Each forward setting in a child process (bench_here); their lines are printed as they come, tagged
+// with the setting, then a table: TFLOP/s per setting, the best Hopper variant over sm_80, the backward.
+int bench(const char* self, int only_d, int only_causal) {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  int clock_khz = 0;
+  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
+  std::printf("device %s, %d SMs, max SM clock %d MHz; %s\n", prop.name, prop.multiProcessorCount, clock_khz / 1000,
+              FlashAttn_core_build_info());
+  std::fflush(stdout);
+  struct Setting {
+    const char* name;
+    const char* env;
+    bool with_bwd;
+  };
+  // The backward does not depend on the forward's setting: timed once, in the first child.
+  const Setting settings[] = {{"pingpong", "FLASHATTN_HOPPER_FWD_VARIANT=pingpong", true},
+                              {"overlap", "FLASHATTN_HOPPER_FWD_VARIANT=overlap", false},
+                              {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", false},
+                              {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", false},
+                              {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", false},
+                              {"sm80", "FLASHATTN_HOPPER=0", false}};
+  constexpr int kSettings = sizeof(settings) / sizeof(settings[0]);
+  constexpr int kConfigs = sizeof(kBenchConfigs) / sizeof(kBenchConfigs[0]);
+  double fwd_tflops[kConfigs][kSettings] = {}, bwd_tflops[kConfigs] = {};
+  int rc = 0;
+  for (int si = 0; si < kSettings; ++si) {
+    const Setting& st = settings[si];
+    const std::string cmd = std::string(st.env) + " '" + self + "' --bench-here " + std::to_string(only_d) + " " +
+                            std::to_string(only_causal) + (st.with_bwd ? " bwd" : "");
+    FILE* child = popen(cmd.c_str(), "r");
+    if (child == nullptr) return 4;
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, child) != nullptr) {
+      int B, H, S, D, causal, used = 0;
+      char path[32];
+      double ms, tflops;
+      if (std::sscanf(buf, "bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%31[^]]] %lf ms %lf TFLOP/s%n", &B, &H, &S,
+                      &D, &causal, path, &ms, &tflops, &used) < 8) {
+        std::fputs(buf, stdout);
+        continue;
+      }
+      std::printf("bench %s: %s", st.name, buf + 6);
+      for (int c = 0; c < kConfigs; ++c) {
+        const BenchConfig& k = kBenchConfigs[c];
+        if (k.B != B || k.H != H || k.S != S || k.D != D || k.causal != causal) continue;
+        fwd_tflops[c][si] = tflops;
+        double bwd_ms, bwd_tf;
+        if (std::sscanf(buf + used, " | bwd %lf ms %lf", &bwd_ms, &bwd_tf) == 2) bwd_tflops[c] = bwd_tf;
+      }
+    }
+    std::fflush(stdout);
+    const int status = pclose(child);
+    if (status != 0) {
+      std::printf("%s: exit status %d\n", cmd.c_str(), status);
+      rc = 5;
     }
   }
-  std::printf("%-26s  %6s  %6s  %6s  %6s  %6s\n", "# bf16 TFLOP/s", "hopper", "no-ovl", "sm80", "h/sm80", "bwd");
-  for (const std::string& r : table) std::printf("%s\n", r.c_str());
+  std::printf("%-26s", "# bf16 TFLOP/s");
+  for (const Setting& st : settings) std::printf("  %8s", st.name);
+  std::printf("  %7s  %6s\n", "best/80", "bwd");
+  for (int c = 0; c < kConfigs; ++c) {
+    const BenchConfig& k = kBenchConfigs[c];
+    if ((only_d > 0 && k.D != only_d) || (only_causal >= 0 && k.causal != only_causal)) continue;
+    std::printf("B%-2d S%-5d H%-2d d%-3d %-6s ", k.B, k.S, k.H, k.D, k.causal ? "causal" : "full");
+    double best = 0;
+    for (int si = 0; si < kSettings; ++si) {
+      std::printf("  %8.1f", fwd_tflops[c][si]);
+      if (std::strcmp(settings[si].name, "sm80") != 0) best = std::max(best, fwd_tflops[c][si]);
+    }
+    const double sm80 = fwd_tflops[c][kSettings - 1];
+    std::printf("  %6.2fx  %6.1f\n", sm80 > 0 ? best / sm80 : 0.0, bwd_tflops[c]);
+  }
+  return rc;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--bench") {
-    // --bench [D [causal]]: every configuration, or those of one head dim / causality (for profilers).
-    bench(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
+  if (argc > 1 && std::string(argv[1]) == "--bench-here") {
+    // --bench-here D causal [bwd]: D 0 = every head dim, causal -1 = both.
+    bench_here(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1,
+               argc > 4 && std::string(argv[4]) == "bwd");
     return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "--bench") {
+    // --bench [D [causal]]: every configuration, or those of one head dim / causality.
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n <= 0) return 4;
+    self[n] = 0;
+    return bench(self, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
   }
   setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward ran (PathCapture)
   std::string filter = argc > 1 ? argv[1] : "";
   int passed = 0, failed = 0;
   for (const Case& c : cases()) {
-    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    bool match = true;
+    for (size_t from = 0; match && from <= filter.size();) {
+      const size_t amp = std::min(filter.find('&', from), filter.size());
+      match = c.name.find(filter.substr(from, amp - from)) != std::string::npos;
+      from = amp + 1;
+    }
+    if (!match) continue;
     (run_case(c, false) ? passed : failed)++;
   }
   std::printf("%d passed, %d failed\n", passed, failed);

@@ -36,6 +36,17 @@ namespace {
 
 constexpr int kQRows = 100, kKRows = 97, kVRows = 128;  // tensor lengths; every box is 128 rows
 
+// Shared memory from a 1024-byte aligned base: Q, K, V tiles, then the mbarrier. The V region spans
+// what the swapped V descriptor reads too: its 16 KB stride puts the second 8-key group of each k16
+// step 16 KB past the first, up to 31 KB into V, past a d64 tile (16 KB): allocated, or the probe
+// itself reads outside its shared memory (an illegal address).
+template <typename Tr>
+struct ProbeSmem {
+  static constexpr int kVSpan = 2 * Tr::kChunkBytes > Tr::kTileBytes ? 2 * Tr::kChunkBytes : Tr::kTileBytes;
+  static constexpr int kOffBar = 2 * Tr::kTileBytes + kVSpan;
+  static constexpr int kBytes = kOffBar + 8 + 1024;  // + 1024: the kernel rounds the base up
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(128) probe_kernel(const __grid_constant__ CUtensorMap tm_q,
                                                     const __grid_constant__ CUtensorMap tm_k,
@@ -47,7 +58,7 @@ __global__ void __launch_bounds__(128) probe_kernel(const __grid_constant__ CUte
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const unsigned char* base_ptr = smem_raw + (base - smem_u32(smem_raw));
-  const uint32_t sQ = base, sK = base + kTileBytes, sV = base + 2 * kTileBytes, bar = base + 3 * kTileBytes;
+  const uint32_t sQ = base, sK = base + kTileBytes, sV = base + 2 * kTileBytes, bar = base + ProbeSmem<Tr>::kOffBar;
   if (threadIdx.x == 0) {
     mbar_init(bar, 1);
     fence_mbar_init();
@@ -187,7 +198,7 @@ void probe(bool bf16) {
     ++failures;
     return;
   }
-  const int smem = 3 * Tr::kTileBytes + 8 + 1024;
+  const int smem = ProbeSmem<Tr>::kBytes;
   auto kernel = probe_kernel<T, D>;
   CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<1, 128, smem>>>(mq, mk, mv, static_cast<const T*>(dp), static_cast<uint4*>(raw), ds, dout, dtimeout);

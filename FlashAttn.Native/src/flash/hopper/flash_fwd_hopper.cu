@@ -25,18 +25,36 @@ bool covers(const FlashFwdParams& p) {
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
 
-// Variables read at every call (so that one process can compare): FLASHATTN_HOPPER=0 turns the
-// Hopper forward off, FLASHATTN_HOPPER_OVERLAP=0 its intra-warpgroup overlap.
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "0") == 0;
+// Environment switches, read once per process (the bench and build/hopper-check.sh run each setting
+// in a process of its own): FLASHATTN_HOPPER=0 turns the Hopper forward off;
+// FLASHATTN_HOPPER_FWD_VARIANT picks the kernel: "overlap" without the warpgroups' ping-pong,
+// "rows192" with 192-row tiles at d64, "persistent" on a persistent grid, "persistent192" both,
+// anything else "pingpong" (FwdVariant).
+bool hopper_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FLASHATTN_HOPPER");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+FwdVariant fwd_variant() {
+  static const FwdVariant variant = [] {
+    const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
+    if (v != nullptr && std::strcmp(v, "overlap") == 0) return FwdVariant::kOverlap;
+    if (v != nullptr && std::strcmp(v, "rows192") == 0) return FwdVariant::kRows192;
+    if (v != nullptr && std::strcmp(v, "persistent") == 0) return FwdVariant::kPersistent;
+    if (v != nullptr && std::strcmp(v, "persistent192") == 0) return FwdVariant::kPersistent192;
+    return FwdVariant::kPingpong;
+  }();
+  return variant;
 }
 
-// Compute capability (major * 10 + minor) of the current device, cached per device.
-FlashAttnStatus current_capability(int* capability, const char* function) {
+// The current device and its compute capability (major * 10 + minor), the latter cached per device.
+FlashAttnStatus current_capability(int* device_out, int* capability, const char* function) {
   static std::atomic<int> cache[64];  // 0: not asked yet
   int device = 0;
   FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  *device_out = device;
   if (s != FLASHATTN_STATUS_OK) return s;
   *capability = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
   if (*capability != 0) return s;
@@ -53,37 +71,38 @@ FlashAttnStatus current_capability(int* capability, const char* function) {
 }
 
 template <typename T>
-FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap, cudaStream_t stream,
-                           const char* function) {
-  return p.headdim == 64 ? run_mha_fwd_hopper<T, 64>(p, maps, overlap, stream, function)
-                         : run_mha_fwd_hopper<T, 128>(p, maps, overlap, stream, function);
+FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant, int device,
+                           cudaStream_t stream, const char* function) {
+  return p.headdim == 64 ? run_mha_fwd_hopper<T, 64>(p, maps, variant, device, stream, function)
+                         : run_mha_fwd_hopper<T, 128>(p, maps, variant, device, stream, function);
 }
 
 }  // namespace
 
 FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
   *ran = false;
-  if (!covers(p) || env_off("FLASHATTN_HOPPER")) return FLASHATTN_STATUS_OK;
-  int capability = 0;
-  FlashAttnStatus s = current_capability(&capability, function);
+  if (!covers(p) || !hopper_enabled()) return FLASHATTN_STATUS_OK;
+  int device = 0, capability = 0;
+  FlashAttnStatus s = current_capability(&device, &capability, function);
   if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
-  // Q, K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims.
+  // K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims;
+  // Q's is as high as the variant's query block.
   using Tr = FwdTraits<64, __half>;
+  const FwdVariant variant = fwd_variant();
   FwdTensorMaps maps;
   const bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
+                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, fwd_block_m(int(p.headdim), variant)) &&
       encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
                   p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
                   p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
-  const bool overlap = !env_off("FLASHATTN_HOPPER_OVERLAP");
-  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, overlap, stream, function)
-                                              : by_headdim<__half>(p, maps, overlap, stream, function);
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, device, stream, function)
+                                              : by_headdim<__half>(p, maps, variant, device, stream, function);
 }
 
 }  // namespace hopper

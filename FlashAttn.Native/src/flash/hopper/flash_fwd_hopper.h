@@ -15,8 +15,8 @@ namespace hopper {
 //  - the case: head dim 64 or 128, padded batches (no cu_seqlens), no dropout, ALiBi, softcap or
 //    window other than causal, seqlen_k > 0, softmax_scale finite and > 0;
 //  - the device: compute capability 9.0 (sm_90a code runs nowhere else);
-//  - the environment: FLASHATTN_HOPPER is not "0" (read at every call, so one process can compare;
-//    FLASHATTN_HOPPER_OVERLAP=0 likewise picks the kernel without the intra-warpgroup overlap);
+//  - the environment: FLASHATTN_HOPPER is not "0" (read once per process;
+//    FLASHATTN_HOPPER_FWD_VARIANT=overlap likewise picks the kernel without the warpgroups' ping-pong);
 //  - the driver encodes the TMA tensor maps of q, k and v (16-byte aligned base and strides, which
 //    the ABI already requires).
 // *ran = false with FLASHATTN_STATUS_OK: the caller runs the sm_80 kernels.

@@ -1,21 +1,25 @@
 // FlashAttention forward for Hopper (sm_90a), FlashAttention-3's design on raw PTX:
 //   q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), softmax_lse (B, H, Sq) float32,
 // the same outputs as the sm_80 kernel (flash_fwd_kernel.cuh), for D = 64 or 128, causal or not.
-// One CTA owns 128 query rows of one (batch, head) and three warpgroups:
+// One CTA owns 128 (or, at d64, 192) query rows of one (batch, head) and three (four) warpgroups:
 //  - warpgroup 0, the producer: one thread issues TMA loads of the Q tile once and of K and V
 //    tiles of 128 keys into a two-stage ring, each buffer guarded by a "full" mbarrier (the TMA's
 //    bytes landed) and an "empty" one (all 8 consumer warps are done reading it). Rows past the
 //    sequence end arrive as zeros (the TMA's out-of-bounds fill), so partial tiles need only the
 //    score mask. The warpgroup gives most of its registers to the consumers (setmaxnreg).
-//  - warpgroups 1 and 2, the consumers, 64 query rows each: S = Q K^T by wgmma with both operands
+//  - warpgroups 1 and 2 (and 3), the consumers, 64 query rows each: S = Q K^T by wgmma with both operands
 //    in shared memory, the online softmax in registers (exp2, the scale folded into log2 units),
 //    P packed to 16 bits in registers as wgmma's A operand of O += P V, V read from shared memory
-//    as the transposed (MN-major) B operand. The two warpgroups run unsynchronised, so one's
-//    softmax overlaps the other's matrix products; with kOverlap each warpgroup also overlaps its
-//    own: S of key block n is issued, then O += P V of block n - 1 behind it, and the softmax of
-//    block n runs while that second product does (FlashAttention-3's intra-warpgroup pipelining).
+//    as the transposed (MN-major) B operand. Each warpgroup overlaps its own products with its
+//    softmax (FlashAttention-3's intra-warpgroup pipelining): S of key block n is issued, then
+//    O += P V of block n - 1 behind it, and the softmax of block n runs while that second product
+//    does. With kPingpong the warpgroups also take turns issuing their products (named barriers,
+//    round robin), so that one's softmax runs under the others' products (FlashAttention-3's
+//    inter-warpgroup ping-pong); without it they run unsynchronised and overlap only by chance.
 // Key tiles go from the last to the first: the only ones that need the mask (the partial tile at
 // the end, the causal diagonal) come first; causal skips the tiles entirely above the diagonal.
+// With kPersistent the grid has at most one CTA per SM, each looping over work tiles (query block,
+// head, batch), the ring of K and V buffers and the warpgroups' turns continuing across them.
 #pragma once
 
 #include <climits>
@@ -30,17 +34,33 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// kOverlap: FlashAttention-3's intra-warpgroup overlap (the softmax of one key block runs while the
-// previous block's O += P V does); without it each consumer waits for every product before the next
-// step, and only the other warpgroup fills the tensor cores meanwhile.
-template <typename Tr, bool kOverlap>
+// Query block, head and batch of work tile `t` of a persistent CTA. Tiles go by pairs of (batch,
+// head)s, query blocks fastest (the K and V a wave reads stay few and in L2): the pair's first head
+// from its heaviest causal block down, the second from its lightest up, so that any CTA's tiles
+// t, t + G, t + 2 G... (G the grid) sum to the same work when G is not a multiple of 2 m_blocks
+// (the host avoids that): a block of m + 1 key tiles at position j pairs with one of
+// m_blocks - m at position j + m_blocks.
+__device__ __forceinline__ void persistent_tile(int t, int m_blocks, int nheads, int* m_block, int* h, int* b) {
+  const int pair = t / (2 * m_blocks), j = t - pair * 2 * m_blocks;
+  const int hb = 2 * pair + (j >= m_blocks ? 1 : 0);
+  *m_block = j < m_blocks ? m_blocks - 1 - j : j - m_blocks;
+  *b = hb / nheads;
+  *h = hb - *b * nheads;
+}
+
+// kPersistent: a grid of at most one CTA per SM, each looping over tiles blockIdx.x, + gridDim.x, ...
+// (persistent_tile): the producer loads the next tile's Q and first K and V blocks while the
+// consumers finish the last one and store its output. Otherwise one tile per CTA, the heaviest
+// causal blocks (the last rows see the most keys) launched first.
+template <typename Tr, bool kPingpong, bool kPersistent>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
-  constexpr int kChunkBytes = Tr::kChunkBytes, kTileBytes = Tr::kTileBytes;
+  constexpr int kChunkBytes = Tr::kChunkBytes, kTileBytes = Tr::kTileBytes, kQChunkBytes = Tr::kQChunkBytes;
+  constexpr int kWarpgroups = Tr::kConsumerWarpgroups;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base + Tr::kOffQ, sK = base + Tr::kOffK, sV = base + Tr::kOffV;
@@ -49,55 +69,81 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto k_empty = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
   auto v_full = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
   auto v_empty = [&](int s) { return bar_q + 8u * (1 + 3 * kStages + s); };
+  const uint32_t q_empty = bar_q + 8u * (1 + 4 * kStages);  // every consumer warp is done with Q's tile
 
-  // Heaviest causal blocks (the last rows see the most keys) start first.
-  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x), h = blockIdx.y, b = blockIdx.z;
-  const int m0 = m_block * BM;
+  // Work tiles of this CTA: tile_begin, + tile_step, ... below tile_end.
+  const int tile_begin = kPersistent ? int(blockIdx.x) : 0;
+  const int tile_end = kPersistent ? p.total_tiles : 1;
+  const int tile_step = kPersistent ? int(gridDim.x) : 1;
+  auto tile_coords = [&](int tile, int* m_block, int* h, int* b) {
+    if constexpr (kPersistent) {
+      persistent_tile(tile, p.m_blocks, p.nheads, m_block, h, b);
+    } else {
+      *m_block = int(gridDim.x) - 1 - int(blockIdx.x), *h = blockIdx.y, *b = blockIdx.z;
+    }
+  };
   const int diag = p.seqlen_k - p.seqlen_q;
-  // Keys [0, n_end) are visible to some row of the block: row i sees j <= i + diag when causal.
-  int n_end = p.seqlen_k;
-  if (p.causal) n_end = min(n_end, min(m0 + BM, p.seqlen_q) + diag);
-  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  // Key blocks of a query block: keys [0, n_end) are visible to some row of it (row i sees j <= i +
+  // diag when causal).
+  auto key_blocks = [&](int m0) {
+    int n_end = p.seqlen_k;
+    if (p.causal) n_end = min(n_end, min(m0 + BM, p.seqlen_q) + diag);
+    return n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(q_empty, 4 * kWarpgroups);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(k_full(s), 1);  // the producer's arrive.expect_tx
       mbar_init(v_full(s), 1);
-      mbar_init(k_empty(s), 4 * Tr::kConsumerWarpgroups);  // one arrive per consumer warp
-      mbar_init(v_empty(s), 4 * Tr::kConsumerWarpgroups);
+      mbar_init(k_empty(s), 4 * kWarpgroups);  // one arrive per consumer warp
+      mbar_init(v_empty(s), 4 * kWarpgroups);
     }
     fence_mbar_init();
   }
   __syncthreads();
 
+  // Both sides count the key blocks (kv) and the tiles with at least one (q_loads) over the CTA's
+  // tiles: the ring's stage and phase, and Q's phase, continue from one tile to the next.
   const int warpgroup = threadIdx.x / 128;
+  constexpr uint32_t kTurnBarrier = 1;  // named barriers 1 .. kWarpgroups (0 is __syncthreads')
   if (warpgroup == 0) {
     // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
-    if (threadIdx.x == 0 && n_tiles > 0) {
+    if (threadIdx.x == 0) {
       tma_prefetch(&tm_q);
       tma_prefetch(&tm_k);
       tma_prefetch(&tm_v);
-      const int hk = h / p.heads_per_khead;
-      mbar_arrive_expect_tx(bar_q, kTileBytes);
-#pragma unroll
-      for (int c = 0; c < Tr::kChunks; ++c) tma_load_4d(sQ + c * kChunkBytes, &tm_q, bar_q, c * Tr::kBoxCols, m0, h, b);
-      for (int it = 0; it < n_tiles; ++it) {
-        const int n0 = (n_tiles - 1 - it) * BN;
-        const int s = it % kStages;
-        const uint32_t phase = (it / kStages) & 1;
-        mbar_wait(k_empty(s), phase ^ 1);  // the consumers released this buffer's previous tile
-        mbar_arrive_expect_tx(k_full(s), kTileBytes);
-#pragma unroll
-        for (int c = 0; c < Tr::kChunks; ++c)
-          tma_load_4d(sK + s * kTileBytes + c * kChunkBytes, &tm_k, k_full(s), c * Tr::kBoxCols, n0, hk, b);
-        mbar_wait(v_empty(s), phase ^ 1);
-        mbar_arrive_expect_tx(v_full(s), kTileBytes);
+      int kv = 0, q_loads = 0;
+      for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
+        int m_block, h, b;
+        tile_coords(tile, &m_block, &h, &b);
+        const int m0 = m_block * BM, n_tiles = key_blocks(m0);
+        if (n_tiles == 0) continue;
+        const int hk = h / p.heads_per_khead;
+        mbar_wait(q_empty, (q_loads & 1) ^ 1);  // the consumers are done with the last tile's Q
+        ++q_loads;
+        mbar_arrive_expect_tx(bar_q, Tr::kQTileBytes);
 #pragma unroll
         for (int c = 0; c < Tr::kChunks; ++c)
-          tma_load_4d(sV + s * kTileBytes + c * kChunkBytes, &tm_v, v_full(s), c * Tr::kBoxCols, n0, hk, b);
+          tma_load_4d(sQ + c * kQChunkBytes, &tm_q, bar_q, c * Tr::kBoxCols, m0, h, b);
+        for (int it = 0; it < n_tiles; ++it, ++kv) {
+          const int n0 = (n_tiles - 1 - it) * BN;
+          const int s = kv % kStages;
+          const uint32_t phase = (kv / kStages) & 1;
+          mbar_wait(k_empty(s), phase ^ 1);  // the consumers released this buffer's previous tile
+          mbar_arrive_expect_tx(k_full(s), kTileBytes);
+#pragma unroll
+          for (int c = 0; c < Tr::kChunks; ++c)
+            tma_load_4d(sK + s * kTileBytes + c * kChunkBytes, &tm_k, k_full(s), c * Tr::kBoxCols, n0, hk, b);
+          mbar_wait(v_empty(s), phase ^ 1);
+          mbar_arrive_expect_tx(v_full(s), kTileBytes);
+#pragma unroll
+          for (int c = 0; c < Tr::kChunks; ++c)
+            tma_load_4d(sV + s * kTileBytes + c * kChunkBytes, &tm_v, v_full(s), c * Tr::kBoxCols, n0, hk, b);
+        }
       }
     }
   } else {
@@ -107,175 +153,204 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     constexpr int NO = D / 2;   // O accumulators per thread, same layout over the head dim
     const int cw = warpgroup - 1;
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int wg_row0 = m0 + cw * 64;            // this warpgroup's first query row
-    const int row0 = wg_row0 + warp * 16 + g;    // this thread's rows: row0 and row0 + 8
     const float sl = p.scale_log2;
 
     float o[NO];
-#pragma unroll
-    for (int i = 0; i < NO; ++i) o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (scale > 0 keeps the order)
-    float row_sum[2] = {0.f, 0.f};              // this thread's partial sums; quad-reduced at the end
+    float row_max[2], row_sum[2];  // raw scores (scale > 0 keeps the order); this thread's partial sums
     float s[NS];
-#pragma unroll
-    for (int i = 0; i < NS; ++i) s[i] = 0.f;
-
     uint32_t pk[NS / 2];  // P as wgmma's A operand: pair (2 q, 2 q + 1) of s is register q
-    float alpha[2] = {1.f, 1.f};  // rescale of O and the row sums by the last softmax's new maxima
+    float alpha[2];       // rescale of O and the row sums by the last softmax's new maxima
 
-    // S = Q K^T for key block `it` (64 x 128 per warpgroup), issued and committed, not waited for.
-    // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes into
-    // 64-column chunk ks / 4.
-    const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
-    auto issue_qk = [&](int it) {
-      const int stage = it % kStages;
-      mbar_wait(k_full(stage), (it / kStages) & 1);
-      const uint64_t desc_k = sw128_desc(sK + stage * kTileBytes, 16, 1024);
-      reg_fence(s);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const uint32_t off = ((ks / 4) * kChunkBytes + (ks % 4) * 32) >> 4;
-        Wgmma<T, BN>::ss(s, desc_q + off, desc_k + off, ks > 0 ? 1u : 0u);
-      }
-      wgmma_commit();
+    // Ping-pong (kPingpong): the consumer warpgroups take turns issuing their products, round robin,
+    // on named barriers (warpgroup cw waits on kTurnBarrier + cw and passes the turn by arriving on
+    // the next one's; 256 = the waiting and the passing warpgroups' threads), so the tensor cores run
+    // the others' S and P V while one computes its softmax, rather than softmaxes coinciding when
+    // the warpgroups drift into step.
+    auto take_turn = [&] {
+      if constexpr (kPingpong) named_bar_sync(kTurnBarrier + cw, 256);
     };
-    // O += P V for key block `it` (64 x D per warpgroup), issued and committed; B = the V tile,
-    // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
-    auto issue_pv = [&](int it) {
-      const int stage = it % kStages;
-      mbar_wait(v_full(stage), (it / kStages) & 1);
-      const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
-      reg_fence(pk);
-      reg_fence(o);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk)
-        Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
-                        desc_v + ((kk * 16 * 128) >> 4));
-      wgmma_commit();
+    auto pass_turn = [&] {
+      if constexpr (kPingpong) named_bar_arrive(kTurnBarrier + (cw + 1) % kWarpgroups, 256);
     };
+    // Warpgroup 0 has the first turn: its arrive here and its first take_turn complete barrier 1.
+    // Each warpgroup then takes and passes exactly n_tiles turns a tile (the last P V takes none),
+    // so the turns stay paired across tiles; the last warpgroup's last pass is left pending on
+    // barrier 1 when the CTA ends, as in FlashAttention-3.
+    if (kPingpong && cw == 0) named_bar_arrive(kTurnBarrier, 256);
     auto release = [&](uint32_t bar) {
       if (lane == 0) mbar_arrive(bar);  // one arrive per warp, after its wait_group
     };
-    // s (raw scores of key block it) -> exp2(s * sl - new max * sl) in place; row_max, row_sum and
-    // alpha updated (O itself is rescaled by the caller, when no wgmma is writing it).
-    auto softmax = [&](int it) {
-      const int n0 = (n_tiles - 1 - it) * BN;
-      // Mask only where some element of this warpgroup's 64 x 128 block can be hidden: keys past
-      // the end, and with causal keys j > i + diag.
-      const bool partial = n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > wg_row0 + diag);
-      if (partial) {
-        const int k_end = p.seqlen_k - (n0 + 2 * t);                       // key j < seqlen_k
-        const int d_hi = p.causal ? row0 + diag - (n0 + 2 * t) : INT_MAX;  // j - i <= diag
-#pragma unroll
-        for (int i = 0; i < NS; ++i) {
-          const int dj = 8 * (i / 4) + i % 2, di = 8 * ((i / 2) % 2);
-          if (dj >= k_end || dj - di > d_hi) s[i] = -INFINITY;
-        }
+    const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
+
+    int kv = 0, q_loads = 0;
+    for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
+      int m0;
+      {
+        int m_block, h, b;  // h and b again for the epilogue: not held in registers through the loop
+        tile_coords(tile, &m_block, &h, &b);
+        m0 = m_block * BM;
       }
-      // Per row (g and g + 8 of the warp's 16); a row's four threads are a quad.
+      const int n_tiles = key_blocks(m0);
+      const int wg_row0 = m0 + cw * 64;          // this warpgroup's first query row
+      const int row0 = wg_row0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+#pragma unroll
+      for (int i = 0; i < NO; ++i) o[i] = 0.f;
+      // The first S overwrites s (scale_d = 0), but the wgmma's operands read it: zeroed here, s is
+      // dead from the last softmax to the next tile, and its registers are free for the epilogue.
+#pragma unroll
+      for (int i = 0; i < NS; ++i) s[i] = 0.f;
+      row_max[0] = row_max[1] = -INFINITY;
+      row_sum[0] = row_sum[1] = 0.f;
+      alpha[0] = alpha[1] = 1.f;
+
+      // S = Q K^T for key block `it` (64 x 128 per warpgroup), issued and committed, not waited for.
+      // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes
+      // into 64-column chunk ks / 4 (Q chunks kQChunkBytes apart, K chunks kChunkBytes).
+      auto issue_qk = [&](int it) {
+        const int stage = (kv + it) % kStages;
+        mbar_wait(k_full(stage), ((kv + it) / kStages) & 1);
+        take_turn();
+        const uint64_t desc_k = sw128_desc(sK + stage * kTileBytes, 16, 1024);
+        reg_fence(s);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          const uint32_t off_q = ((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4;
+          const uint32_t off_k = ((ks / 4) * kChunkBytes + (ks % 4) * 32) >> 4;
+          Wgmma<T, BN>::ss(s, desc_q + off_q, desc_k + off_k, ks > 0 ? 1u : 0u);
+        }
+        wgmma_commit();
+      };
+      // O += P V for key block `it` (64 x D per warpgroup), issued and committed; B = the V tile,
+      // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
+      auto issue_pv = [&](int it) {
+        const int stage = (kv + it) % kStages;
+        mbar_wait(v_full(stage), ((kv + it) / kStages) & 1);
+        const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
+        reg_fence(pk);
+        reg_fence(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+          Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                          desc_v + ((kk * 16 * 128) >> 4));
+        wgmma_commit();
+      };
+      // After S of block it completed: its K buffer, and after the tile's last S, Q.
+      auto release_k = [&](int it) {
+        release(k_empty((kv + it) % kStages));
+        if (it == n_tiles - 1) release(q_empty);
+      };
+      auto release_v = [&](int it) { release(v_empty((kv + it) % kStages)); };
+      // s (raw scores of key block it) -> exp2(s * sl - new max * sl) in place; row_max, row_sum and
+      // alpha updated (O itself is rescaled by the caller, when no wgmma is writing it).
+      auto softmax = [&](int it) {
+        const int n0 = (n_tiles - 1 - it) * BN;
+        // Mask only where some element of this warpgroup's 64 x 128 block can be hidden: keys past
+        // the end, and with causal keys j > i + diag.
+        const bool partial = n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > wg_row0 + diag);
+        if (partial) {
+          const int k_end = p.seqlen_k - (n0 + 2 * t);                       // key j < seqlen_k
+          const int d_hi = p.causal ? row0 + diag - (n0 + 2 * t) : INT_MAX;  // j - i <= diag
+#pragma unroll
+          for (int i = 0; i < NS; ++i) {
+            const int dj = 8 * (i / 4) + i % 2, di = 8 * ((i / 2) % 2);
+            if (dj >= k_end || dj - di > d_hi) s[i] = -INFINITY;
+          }
+        }
+        // Per row (g and g + 8 of the warp's 16); a row's four threads are a quad.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(row_max[r], mx);
+          // A row with nothing visible yet keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
+          const float m_scaled = m_new == -INFINITY ? 0.f : m_new * sl;
+          alpha[r] = fast_exp2(row_max[r] * sl - m_scaled);
+          row_max[r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < NS / 4; ++j) {
+            const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], sl, -m_scaled));
+            const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled));
+            s[4 * j + 2 * r] = p0;
+            s[4 * j + 2 * r + 1] = p1;
+            sum += p0 + p1;
+          }
+          row_sum[r] = row_sum[r] * alpha[r] + sum;
+        }
+      };
+      auto pack_p = [&] {
+#pragma unroll
+        for (int q = 0; q < NS / 2; ++q) pk[q] = pack2<T>(s[2 * q], s[2 * q + 1]);
+      };
+      auto rescale_o = [&] {
+#pragma unroll
+        for (int i = 0; i < NO; ++i) o[i] *= alpha[(i / 2) % 2];
+      };
+
+      if (n_tiles > 0) {
+        mbar_wait(bar_q, q_loads & 1);
+        ++q_loads;
+        // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
+        // it runs while that second product does.
+        issue_qk(0);
+        pass_turn();
+        wgmma_wait<0>();
+        reg_fence(s);
+        release_k(0);
+        softmax(0);
+        pack_p();
+        for (int it = 1; it < n_tiles; ++it) {
+          issue_qk(it);
+          rescale_o();  // by block it - 1's maxima, before its P V joins O
+          issue_pv(it - 1);
+          pass_turn();
+          wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
+          reg_fence(s);
+          release_k(it);
+          softmax(it);  // touches s, never o or pk, which the P V in flight uses
+          wgmma_wait<0>();
+          reg_fence(o);
+          reg_fence(pk);
+          release_v(it - 1);
+          pack_p();
+        }
+        rescale_o();
+        issue_pv(n_tiles - 1);  // takes no turn (above)
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence(pk);
+        release_v(n_tiles - 1);
+        kv += n_tiles;
+      }
+
+      // out = O / l; LSE = max * scale + log(l). A row that saw no key gets out = 0 and LSE = +inf
+      // (flash-attn's convention, as the sm_80 kernel).
+      int m_block, h, b;
+      tile_coords(tile, &m_block, &h, &b);
+      T* out = static_cast<T*>(p.out) + int64_t(b) * p.out_batch_stride + int64_t(h) * p.out_head_stride;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
+        float l = row_sum[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const bool empty = l == 0.f || row_max[r] == -INFINITY;
+        const float inv = empty ? 0.f : 1.f / l;
+        const int row = row0 + 8 * r;
+        if (row < p.seqlen_q) {
+          T* orow = out + int64_t(row) * p.out_row_stride;
 #pragma unroll
-        for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[r], mx);
-        // A row with nothing visible yet keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
-        const float m_scaled = m_new == -INFINITY ? 0.f : m_new * sl;
-        alpha[r] = fast_exp2(row_max[r] * sl - m_scaled);
-        row_max[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < NS / 4; ++j) {
-          const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], sl, -m_scaled));
-          const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled));
-          s[4 * j + 2 * r] = p0;
-          s[4 * j + 2 * r + 1] = p1;
-          sum += p0 + p1;
-        }
-        row_sum[r] = row_sum[r] * alpha[r] + sum;
-      }
-    };
-    auto pack_p = [&] {
-#pragma unroll
-      for (int q = 0; q < NS / 2; ++q) pk[q] = pack2<T>(s[2 * q], s[2 * q + 1]);
-    };
-    auto rescale_o = [&] {
-#pragma unroll
-      for (int i = 0; i < NO; ++i) o[i] *= alpha[(i / 2) % 2];
-    };
-
-    if (n_tiles > 0) mbar_wait(bar_q, 0);
-    if constexpr (!kOverlap) {
-      // Each step waits for the one before: S, softmax, O += P V.
-      for (int it = 0; it < n_tiles; ++it) {
-        issue_qk(it);
-        wgmma_wait<0>();
-        reg_fence(s);
-        release(k_empty(it % kStages));
-        softmax(it);
-        pack_p();
-        rescale_o();
-        issue_pv(it);
-        wgmma_wait<0>();
-        reg_fence(o);
-        reg_fence(pk);
-        release(v_empty(it % kStages));
-      }
-    } else if (n_tiles > 0) {
-      // FlashAttention-3's intra-warpgroup overlap: S of block it is issued with O += P V of block
-      // it - 1 behind it, and the softmax of block it runs while that second product does.
-      issue_qk(0);
-      wgmma_wait<0>();
-      reg_fence(s);
-      release(k_empty(0));
-      softmax(0);
-      pack_p();
-      for (int it = 1; it < n_tiles; ++it) {
-        issue_qk(it);
-        rescale_o();  // by block it - 1's maxima, before its P V joins O
-        issue_pv(it - 1);
-        wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
-        reg_fence(s);
-        release(k_empty(it % kStages));
-        softmax(it);  // touches s, never o or pk, which the P V in flight uses
-        wgmma_wait<0>();
-        reg_fence(o);
-        reg_fence(pk);
-        release(v_empty((it - 1) % kStages));
-        pack_p();
-      }
-      rescale_o();
-      issue_pv(n_tiles - 1);
-      wgmma_wait<0>();
-      reg_fence(o);
-      reg_fence(pk);
-      release(v_empty((n_tiles - 1) % kStages));
-    }
-
-    // out = O / l; LSE = max * scale + log(l). A row that saw no key gets out = 0 and LSE = +inf
-    // (flash-attn's convention, as the sm_80 kernel).
-    T* out = static_cast<T*>(p.out) + int64_t(b) * p.out_batch_stride + int64_t(h) * p.out_head_stride;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_sum[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const bool empty = l == 0.f || row_max[r] == -INFINITY;
-      const float inv = empty ? 0.f : 1.f / l;
-      const int row = row0 + 8 * r;
-      if (row < p.seqlen_q) {
-        T* orow = out + int64_t(row) * p.out_row_stride;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-              pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-        if (t == 0) {
-          p.softmax_lse[(int64_t(b) * p.nheads + h) * p.seqlen_q + row] =
-              empty ? INFINITY : row_max[r] * sl * kLn2 + logf(l);
+          for (int j = 0; j < D / 8; ++j)
+            *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+                pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+          if (t == 0) {
+            p.softmax_lse[(int64_t(b) * p.nheads + h) * p.seqlen_q + row] =
+                empty ? INFINITY : row_max[r] * sl * kLn2 + logf(l);
+          }
         }
       }
     }

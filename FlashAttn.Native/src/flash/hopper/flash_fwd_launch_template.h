@@ -3,6 +3,10 @@
 // them in parallel. Compiled for sm_90a only.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
 #include "common/cuda_check.cuh"
 #include "flash/flash_common.cuh"
 #include "flash/hopper/flash_fwd_kernel.cuh"
@@ -11,10 +15,53 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
+// Multiprocessors of a device (cached per device): the persistent grid's size.
+inline FlashAttnStatus sm_count(int device, int* count, const char* function) {
+  static std::atomic<int> cache[64];  // 0: not asked yet
+  *count = device >= 0 && device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (*count != 0) return FLASHATTN_STATUS_OK;
+  const FlashAttnStatus s = check_cuda(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device),
+                                       function, "cudaDeviceGetAttribute(MultiProcessorCount)");
+  if (s == FLASHATTN_STATUS_OK && device >= 0 && device < 64) cache[device].store(*count, std::memory_order_relaxed);
+  return s;
+}
+
+// One kernel (traits Tr, ping-pong or not, persistent or not) launched over its grid: (query block,
+// head, batch), or one CTA per SM at most (flash_fwd_kernel.cuh: persistent_tile).
+template <typename Tr, bool kPingpong, bool kPersistent>
+FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdKernelParams kp,
+                                  int device, cudaStream_t stream, const char* function) {
+  auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong, kPersistent>;
+  // The dynamic shared-memory limit is a per-device attribute of the kernel: raised at the first
+  // launch on each device (bit `device`), not at every call.
+  static std::atomic<uint64_t> raised{0};
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
+    const FlashAttnStatus s = check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
+        "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    raised.fetch_or(bit, std::memory_order_relaxed);
+  }
+  kp.m_blocks = int((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM);
+  kp.total_tiles = kp.m_blocks * int(p.nheads) * int(p.batch);
+  dim3 grid(unsigned(kp.m_blocks), unsigned(p.nheads), unsigned(p.batch));
+  if constexpr (kPersistent) {
+    int sms = 0;
+    const FlashAttnStatus s = sm_count(device, &sms, function);
+    if (s != FLASHATTN_STATUS_OK) return s;
+    // A causal CTA's tiles sum to the same work unless the grid is a multiple of 2 m_blocks (each
+    // CTA would then see one query-block position only): one SM fewer breaks that.
+    if (kp.causal && sms > 1 && sms % (2 * kp.m_blocks) == 0) --sms;
+    grid = dim3(unsigned(std::min(sms, kp.total_tiles)));
+  }
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
+  return check_launch(function, "flash_fwd_hopper_kernel");
+}
+
 template <typename T, int kHeadDim>
-FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
-                                      cudaStream_t stream, const char* function) {
-  using Tr = FwdTraits<kHeadDim, T>;
+FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant,
+                                      int device, cudaStream_t stream, const char* function) {
   FwdKernelParams kp;
   kp.out = p.out;
   kp.softmax_lse = p.softmax_lse;
@@ -27,14 +74,19 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.heads_per_khead = int(p.nheads / p.nheads_k);
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
-  auto kernel = overlap ? flash_fwd_hopper_kernel<Tr, true> : flash_fwd_hopper_kernel<Tr, false>;
-  FlashAttnStatus s =
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
-                 "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.nheads), unsigned(p.batch));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
-  return check_launch(function, "flash_fwd_hopper_kernel");
+  constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);
+  switch (variant) {
+    case FwdVariant::kOverlap:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, false, false>(p, maps, kp, device, stream, function);
+    case FwdVariant::kRows192:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, false>(p, maps, kp, device, stream, function);
+    case FwdVariant::kPersistent:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
+    case FwdVariant::kPersistent192:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, true>(p, maps, kp, device, stream, function);
+    default:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
+  }
 }
 
 }  // namespace hopper

@@ -11,41 +11,50 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper forward covers head dims 64 and 128");
   static_assert(sizeof(T) == 2, "16-bit inputs (wgmma's transposed B operand needs them)");
-  // One CTA: 128 query rows (two consumer warpgroups of 64, the wgmma M) of one (batch, head), keys
-  // in blocks of 128: FlashAttention-3's tile for d128 (for d64 it later moved to 192 x 128).
-  static constexpr int kBlockM = 128;
+  // One CTA: kBlockM query rows (one consumer warpgroup of 64 rows, the wgmma M, each) of one
+  // (batch, head), keys in blocks of 128. 128 x 128 is FlashAttention-3's tile for d128; for d64 it
+  // takes 192 x 128 (three consumer warpgroups: more products per softmax, where the softmax is as
+  // long as the products). d128 at 192 rows would need 160 accumulator registers a thread.
+  static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = 128;
+  static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim == 64), "128 rows, or 192 at d64");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
   static constexpr int kStages = 2;                                  // K and V buffers each
-  // The TMA box: 64 head-dim elements (one 128-byte swizzle row) by 128 rows; a tile is kChunks
-  // such boxes side by side along the head dim.
+  // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
+  // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
+  // along the head dim.
   static constexpr int kBoxCols = 64;
   static constexpr int kBoxRows = 128;
-  static_assert(kBlockM == kBoxRows && kBlockN == kBoxRows, "Q, K and V tiles share the box");
+  static constexpr int kQBoxRows = kBlockM;
+  static_assert(kBlockN == kBoxRows, "K and V tiles are one box high");
   static constexpr int kChunks = kHeadDim / kBoxCols;
-  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));  // 16 KB, a multiple of 1024
-  static constexpr int kTileBytes = kChunks * kChunkBytes;                   // one Q, K or V tile
+  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));    // 16 KB, a multiple of 1024
+  static constexpr int kTileBytes = kChunks * kChunkBytes;                     // one K or V tile
+  static constexpr int kQChunkBytes = kQBoxRows * kBoxCols * int(sizeof(T));  // 16 or 24 KB
+  static constexpr int kQTileBytes = kChunks * kQChunkBytes;
   // Shared memory, from a 1024-byte aligned base: Q, K[stages], V[stages], then the mbarriers
-  // (Q full; K full[stages], K empty[stages]; V full[stages], V empty[stages]).
+  // (Q full; K full[stages], K empty[stages]; V full[stages], V empty[stages]; Q empty).
   static constexpr int kOffQ = 0;
-  static constexpr int kOffK = kOffQ + kTileBytes;
+  static constexpr int kOffK = kOffQ + kQTileBytes;
   static constexpr int kOffV = kOffK + kStages * kTileBytes;
   static constexpr int kOffBar = kOffV + kStages * kTileBytes;
-  static constexpr int kBarriers = 1 + 4 * kStages;
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
-  // Registers: 384 threads at the entry cap of 168 (65536 / 384, rounded down to 8); the producer
-  // warpgroup drops to 24 and the two consumers rise to 240 (24 * 128 + 240 * 256 <= 65536):
-  // FlashAttention-3's split for two consumer warpgroups fed by TMA.
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  // Registers: the entry cap is 65536 / kThreads (168 for 384 threads, rounded down to 8; 128 for
+  // 512); the producer warpgroup drops to kProducerRegs and the consumers rise to kConsumerRegs
+  // (kProducerRegs * 128 + kConsumerRegs * 128 * warpgroups <= 65536): FlashAttention-3's splits
+  // for two and three consumer warpgroups fed by TMA.
+  static constexpr int kProducerRegs = kConsumerWarpgroups == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumerWarpgroups <= 65536, "register file");
 };
 
 // What the kernel reads besides the tensor maps (element strides, as FlashFwdParams).
@@ -56,6 +65,8 @@ struct FwdKernelParams {
   int seqlen_q, seqlen_k, nheads, heads_per_khead;
   float scale_log2;  // softmax_scale * log2(e) > 0
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+  int m_blocks;      // query blocks of a (batch, head)
+  int total_tiles;   // m_blocks * nheads * batch: the persistent kernel's work tiles
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
@@ -63,11 +74,24 @@ struct FwdTensorMaps {
   CUtensorMap q, k, v;
 };
 
-// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; overlap picks the kernel
-// variant with the intra-warpgroup overlap (flash_fwd_kernel.cuh).
+// The forward's kernel variants (flash_fwd_kernel.cuh), picked by FLASHATTN_HOPPER_FWD_VARIANT
+// (flash_fwd_hopper.cu): kOverlap, each consumer warpgroup overlapping its own softmax with its
+// products; kPingpong, the consumer warpgroups also taking turns on the tensor cores; kRows192, the
+// same as kPingpong with 192-row tiles (three consumer warpgroups taking turns) at d64, and exactly
+// kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
+// kPersistent192, kRows192 on a persistent grid.
+enum class FwdVariant : int { kOverlap = 0, kPingpong = 1, kRows192 = 2, kPersistent = 3, kPersistent192 = 4 };
+
+// Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
+constexpr int fwd_block_m(int headdim, FwdVariant variant) {
+  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
+}
+
+// Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
+// (the launch raises the kernel's shared-memory limit once per device).
 template <typename T, int kHeadDim>
-FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
-                                   cudaStream_t stream, const char* function);
+FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant,
+                                   int device, cudaStream_t stream, const char* function);
 
 }  // namespace hopper
 }  // namespace flash

@@ -3,7 +3,8 @@
 //  - TMA: cp.async.bulk.tensor.4d global -> shared, completing on an mbarrier;
 //  - wgmma.mma_async m64nNk16 with f32 accumulators, A from shared memory (SS) or registers (RS),
 //    and its fence / commit_group / wait_group;
-//  - setmaxnreg (the producer warpgroup gives registers to the consumers).
+//  - setmaxnreg (the producer warpgroup gives registers to the consumers);
+//  - named barriers (the consumer warpgroups' ping-pong).
 // Only compiled for sm_90a (CMake builds src/flash/hopper/ for that architecture alone).
 //
 // Layouts (g = lane / 4, t = lane % 4, w = warp in the warpgroup), from the ISA's figures for
@@ -102,6 +103,16 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// ---- named barriers (bar.sync / bar.arrive with an id; id 0 is __syncthreads') ----
+// `threads` counts every thread that arrives or syncs on `id` in one phase, a multiple of 32; whole
+// warps execute these.
+__device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- wgmma ----
