@@ -69,6 +69,85 @@ template <typename T, int kHeadDim>
 FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, bool overlap,
                                    cudaStream_t stream, const char* function);
 
+// ---- backward ----
+// One CTA: 128 keys (kBlockN) of one (batch, head), walking the query blocks of 64 rows (kBlockM)
+// that see them: FlashAttention-3's tile for d128 (d64 too, here). Two consumer warpgroups split the
+// keys, 64 each (the wgmma M of S^T = K Q^T), and keep their rows of dK and dV in registers.
+template <int kHeadDim_, typename T_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper backward covers head dims 64 and 128");
+  static_assert(sizeof(T) == 2, "16-bit inputs (wgmma's transposed operands need them)");
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 128;
+  static constexpr int kConsumerWarpgroups = kBlockN / 64;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
+  static constexpr int kStages = 2;                                  // Q, dO, LSE and dsum buffers
+  // TMA boxes of 64 head-dim elements (one 128-byte swizzle row): K and V in boxes of 128 rows (the
+  // forward's), Q and dO in boxes of 64.
+  static constexpr int kBoxCols = 64;
+  static constexpr int kChunks = kHeadDim / kBoxCols;
+  static constexpr int kKvChunkBytes = kBlockN * kBoxCols * int(sizeof(T));  // 16 KB
+  static constexpr int kKvTileBytes = kChunks * kKvChunkBytes;
+  static constexpr int kQChunkBytes = kBlockM * kBoxCols * int(sizeof(T));   // 8 KB
+  static constexpr int kQTileBytes = kChunks * kQChunkBytes;
+  // dS^T of the block, keys x queries with the queries contiguous (128 bytes a key row, 128-byte
+  // swizzle): the MN-major A operand of dQ = dS K. Two buffers: one warpgroup may write the next
+  // block's while the other still reads this one's (d128 reads both warpgroups' rows).
+  static constexpr int kDsBytes = kBlockN * kBlockM * int(sizeof(T));  // 16 KB
+  static_assert(kBlockM * int(sizeof(T)) == 128, "one dS^T key row is one 128-byte swizzle row");
+  // Shared memory from a 1024-byte aligned base: K, V, Q[stages], dO[stages], dS[2], LSE[stages]
+  // and dsum[stages] (kBlockM floats each), then the mbarriers (K/V full; full[stages],
+  // empty[stages]).
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKvTileBytes;
+  static constexpr int kOffQ = kOffV + kKvTileBytes;
+  static constexpr int kOffDo = kOffQ + kStages * kQTileBytes;
+  static constexpr int kOffDs = kOffDo + kStages * kQTileBytes;
+  static constexpr int kOffLse = kOffDs + 2 * kDsBytes;
+  static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
+  static constexpr int kOffBar = kOffDsum + kStages * kBlockM * 4;
+  static constexpr int kBarriers = 1 + 2 * kStages;
+  static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;  // + 1024: the base is rounded up
+  // The full barrier of a stage completes on the TMA's bytes (one arrive.expect_tx) and on the 32
+  // lanes of the warp that stages LSE and dsum.
+  static constexpr int kFullArrivals = 1 + 32;
+  // Registers as the forward: the producer drops to 24, the consumers rise to 240. A consumer thread
+  // holds dK and dV (kHeadDim floats), S^T and dP^T (32 each), then P^T and dS^T packed (16 each) and
+  // the dQ tile (32).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+};
+
+// What the backward kernel reads besides the tensor maps (element strides, as FlashBwdParams).
+struct BwdKernelParams {
+  const float* softmax_lse;  // (B, H, Sq), natural log
+  const float* dsum;         // (B * Sq, H): rowsum(dout * out), flash_bwd_dot_do_o_kernel's
+  float* dq_accum;           // (B * Sq, H, D) float32, zeroed: dS K summed over the key blocks
+  void* dk;                  // (B, Sk, Hk, D), or nullptr with GQA:
+  void* dv;
+  float* dk_accum;           // (B * Sk, H, D) float32 per query head (GQA), else nullptr
+  float* dv_accum;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int seqlen_q, seqlen_k, nheads, heads_per_khead;
+  float scale;       // softmax_scale (dK = scale * dS^T Q)
+  float scale_log2;  // softmax_scale * log2(e) > 0
+  int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+};
+
+// Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps.
+struct BwdTensorMaps {
+  CUtensorMap q, k, v, dout;
+};
+
+// Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the whole backward (dsum,
+// the kernel, the dQ and GQA dK/dV conversions).
+template <typename T, int kHeadDim>
+FlashAttnStatus run_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
+                                   const char* function);
+
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

@@ -1,0 +1,65 @@
+// run_bwd: which cases take the Hopper backward, their TMA tensor maps, and runtime dtype / head dim
+// -> the compiled instantiation. Host code only (the kernels are in instantiations/).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "flash/hopper/dispatch.h"
+#include "flash/hopper/flash_bwd_hopper.h"
+#include "flash/hopper/kernel_traits.h"
+#include "flash/hopper/tensor_map.h"
+
+namespace flashattn {
+namespace flash {
+namespace hopper {
+
+namespace {
+
+bool covers(const FlashBwdParams& p) {
+  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && p.dropout_p == 0.f &&
+         p.alibi_slopes == nullptr && p.softcap == 0.f && p.window_left < 0 && p.window_right <= 0 &&
+         !p.deterministic && p.seqlen_q > 0 && p.seqlen_k > 0 && p.softmax_scale > 0.f &&
+         std::isfinite(p.softmax_scale) && (p.nheads == p.nheads_k || p.dk_accum != nullptr);
+}
+
+template <typename T>
+FlashAttnStatus by_headdim(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
+                           const char* function) {
+  return p.headdim == 64 ? run_mha_bwd_hopper<T, 64>(p, maps, stream, function)
+                         : run_mha_bwd_hopper<T, 128>(p, maps, stream, function);
+}
+
+}  // namespace
+
+FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
+  *ran = false;
+  static const bool enabled = !env_off("FLASHATTN_HOPPER");
+  if (!enabled || !covers(p)) return FLASHATTN_STATUS_OK;
+  int capability = 0;
+  FlashAttnStatus s = current_capability(&capability, function);
+  if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
+  const EncodeTiled fn = encode_tiled();
+  if (fn == nullptr) return FLASHATTN_STATUS_OK;
+  // The boxes are the same at both head dims and dtypes (BwdTraits: 64 head-dim columns; kBlockM
+  // rows of Q and dO, kBlockN rows of K and V).
+  using Tr = BwdTraits<64, __half>;
+  BwdTensorMaps maps;
+  const bool encoded =
+      encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, Tr::kBlockM) &&
+      encode_bshd(fn, &maps.dout, p.dtype, p.dout, p.headdim, p.seqlen_q, p.nheads, p.batch, p.dout_row_stride,
+                  p.dout_head_stride, p.dout_batch_stride, Tr::kBoxCols, Tr::kBlockM) &&
+      encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
+                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBlockN) &&
+      encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
+                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBlockN);
+  if (!encoded) return FLASHATTN_STATUS_OK;
+  *ran = true;
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)
+                                              : by_headdim<__half>(p, maps, stream, function);
+}
+
+}  // namespace hopper
+}  // namespace flash
+}  // namespace flashattn
