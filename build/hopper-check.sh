@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # On the GPU host, in one device call (nothing to carry; about 5 of its 10 minutes):
 #   bash build/hopper-check.sh
-# The Hopper forward (FlashAttn.Native/src/flash/hopper/) end to end:
+# The Hopper forward and backward (FlashAttn.Native/src/flash/hopper/) end to end:
 #  1. builds libflashattn, flash_selftest and hopper_probe for sm_90a alone (every kernel once, not
 #     the shipped 80;90a pair), and reads the Hopper kernels' ptxas report (registers, spills,
 #     setmaxnreg honoured: no C7508) and SASS (HGMMA, UTMALDG, no local memory);
 #  2. hopper_probe: TMA, the wgmma descriptors and fragment layouts one at a time (if the forward
 #     fails, this says which layout is wrong, and which alternative would be right);
-#  3. flash_selftest: every case against the float64 reference, each naming the forward that ran
-#     (a case the Hopper kernel covers fails if it ran on the sm_80 path); the Hopper grid again
-#     with FLASHATTN_HOPPER_OVERLAP=0 (the kernel variant without the intra-warpgroup overlap); a
-#     few with FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
-#  4. flash_selftest --bench: forward TFLOP/s of both Hopper variants and sm_80, and the backward;
-#  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases.
-# Logs go to $OUT (7 files: the device tool returns 8 at most); a short summary is printed last.
+#  3. flash_selftest: first the backward's single-tile probe cases (bwd-probe: which of dV, dK, dQ
+#     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
+#     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
+#     ran on the sm_80 path); the Hopper grid again with FLASHATTN_HOPPER_OVERLAP=0 (the forward
+#     without the intra-warpgroup overlap); a few with FLASHATTN_HOPPER=0, which must run (and pass)
+#     on the sm_80 path. If the backward's probe hangs or crashes, the rest runs with
+#     FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the forward's results still come back;
+#  4. flash_selftest --bench: forward TFLOP/s of both Hopper variants and sm_80, and the Hopper
+#     backward; flash_selftest --bench-bwd with FLASHATTN_HOPPER=0: the sm_80 backward;
+#  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward, backward).
+# Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-/tmp/hopper-check-out}
@@ -63,13 +67,14 @@ registers=$(grep -o 'Used [0-9]* registers' "$ptxas" | sort | uniq -c | tr -s ' 
 summary+=("ptxas: $(wc -l <"$ptxas") hopper kernels, $registers; with spills: $spills; setmaxnreg/wgmma warnings: $warnings")
 sass_line=""
 for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hopper/instantiations/*.o; do
-  n=$(basename "$o" .cu.o); n=${n#flash_fwd_hopper_}
+  n=$(basename "$o" .cu.o); n=${n#flash_}
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
   sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
   sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done
-cp "$build/sass-hdim128_bf16.txt" "$OUT/sass-hdim128-bf16.txt" 2>/dev/null
+cp "$build/sass-fwd_hopper_hdim128_bf16.txt" "$OUT/sass-fwd-hdim128-bf16.txt" 2>/dev/null
+cp "$build/sass-bwd_hopper_hdim128_bf16.txt" "$OUT/sass-bwd-hdim128-bf16.txt" 2>/dev/null
 summary+=("SASS: $sass_line")
 
 bin=$build/FlashAttn.Native
@@ -81,20 +86,30 @@ summary+=("hopper_probe (rc $?): $(grep -c '^PASS' "$OUT/probe.log") pass, $(gre
 # 3. Correctness. A kernel that hangs is cut off by timeout (rc 124); the steps that would hang
 # the same way are then skipped, so that the call ends inside its 10 minutes with the logs.
 start=$SECONDS
+timeout "$(cap 60)" "$bin/flash_selftest" "bwd-probe" >"$OUT/selftest-variants.log" 2>&1
+rc=$?
+summary+=("selftest bwd-probe (rc $rc, $((SECONDS - start)) s): $(tail -1 "$OUT/selftest-variants.log")")
+bwd_env=()
+if [ $rc -eq 124 ] || [ $rc -eq 2 ]; then  # hung, or a CUDA error (CK exits 2): later cases would die with it
+  bwd_env=(FLASHATTN_HOPPER_BWD=0)
+  summary+=("the Hopper backward hung or crashed on its probe: the rest runs with FLASHATTN_HOPPER_BWD=0")
+fi
+start=$SECONDS
 if grep -q "never completed" "$OUT/probe.log"; then
   echo "skipped: hopper_probe's TMA barrier never completed, the forward would hang" >"$OUT/selftest.log"
   rc=124
 else
-  timeout "$(cap 240)" "$bin/flash_selftest" >"$OUT/selftest.log" 2>&1
+  env "${bwd_env[@]}" timeout "$(cap 240)" "$bin/flash_selftest" >"$OUT/selftest.log" 2>&1
   rc=$?
 fi
 hung=$([ $rc -eq 124 ] && echo 1 || echo 0)
 summary+=("selftest (rc $rc, $((SECONDS - start)) s): $(tail -1 "$OUT/selftest.log"); \
-$(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper path, \
-$(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80")
+$(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper forward, \
+$(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80's; $(grep -c '^PASS.* bwd:hopper' "$OUT/selftest.log") \
+on the hopper backward, $(grep -c '^PASS.* bwd:sm80' "$OUT/selftest.log") on sm80's")
 if [ "$hung" = 0 ]; then
   start=$SECONDS
-  FLASHATTN_HOPPER_OVERLAP=0 timeout "$(cap 120)" "$bin/flash_selftest" " grid" >"$OUT/selftest-variants.log" 2>&1
+  FLASHATTN_HOPPER_OVERLAP=0 timeout "$(cap 120)" "$bin/flash_selftest" " grid" >>"$OUT/selftest-variants.log" 2>&1
   rc=$?
   [ $rc -eq 124 ] && hung=1
   summary+=("selftest grid, FLASHATTN_HOPPER_OVERLAP=0 (rc $rc, $((SECONDS - start)) s): \
@@ -108,18 +123,24 @@ if [ "$hung" = 1 ]; then
   summary+=("bench and sanitizers skipped: the self-test hung (last lines in selftest.log)")
 else
   # 4. Benchmark.
-  timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
+  env "${bwd_env[@]}" timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
   summary+=("bench: rc $?")
+  FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" --bench-bwd >>"$OUT/bench.log" 2>&1
+  summary+=("bench-bwd (sm80): rc $?")
 
-  # 5. Sanitizers on small Hopper cases (bf16 and fp16, d128, causal, GQA 8:2, partial tiles).
+  # 5. Sanitizers on small Hopper cases: the forward's (bf16 and fp16, d128, causal, GQA 8:2,
+  # partial tiles) and the backward's (d64 and d128, bf16 and fp16, causal, GQA 4:2, 2 key blocks
+  # of 6 query blocks each: the stage ring wraps).
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
-      log=$build/sanitize-$tool.log
-      timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/flash_selftest" \
-        "d128 sq97 sk97 h8/2 causal" >"$log" 2>&1
-      rc=$?
-      summary+=("compute-sanitizer $tool: rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
-      { echo "== $tool (rc $rc)"; head -c 2000000 "$log"; } >>"$OUT/sanitize.log"
+      for filter in "d128 sq97 sk97 h8/2 causal" "sq384 sk200 h4/2 causal bgrid"; do
+        log=$build/sanitize-$tool.log
+        env "${bwd_env[@]}" timeout "$(cap 60)" compute-sanitizer --tool $tool --error-exitcode 9 \
+          "$bin/flash_selftest" "$filter" >"$log" 2>&1
+        rc=$?
+        summary+=("compute-sanitizer $tool '$filter': rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
+        { echo "== $tool '$filter' (rc $rc)"; head -c 1000000 "$log"; } >>"$OUT/sanitize.log"
+      done
     done
   else
     summary+=("compute-sanitizer: not on PATH")
@@ -130,6 +151,6 @@ echo
 grep -hE "^FAIL" "$OUT/selftest.log" "$OUT/selftest-variants.log" 2>/dev/null | head -20
 grep -E "^(FAIL|INFO)" "$OUT/probe.log" | head -12
 grep -E "^bench" "$OUT/bench.log" 2>/dev/null
-sed -n '/^# bf16 TFLOP/,$p' "$OUT/bench.log" 2>/dev/null
+grep -E '^(# bf16 TFLOP|B[0-9])' "$OUT/bench.log" 2>/dev/null
 echo "== summary"
 printf '%s\n' "${summary[@]}"

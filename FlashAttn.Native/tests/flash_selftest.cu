@@ -1,11 +1,14 @@
 // flash_selftest: FlashAttn_flash_fwd / FlashAttn_flash_bwd against a float64 CPU reference.
 //   flash_selftest [filter]   correctness cases (names containing filter), one line each, exit code 1 on
-//                             any failure; each line names the forward path that ran, and a case the
-//                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
+//                             any failure; each line names the forward and the backward path that ran,
+//                             and a case the Hopper kernels cover fails if it ran elsewhere on an sm_90
+//                             device
 //   flash_selftest --bench    fwd TFLOP/s on the Hopper path, again without its intra-warpgroup
 //                             overlap (FLASHATTN_HOPPER_OVERLAP=0), on the sm_80 path (FLASHATTN_HOPPER=0),
-//                             and bwd TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
-//                             causal
+//                             and bwd TFLOP/s on the path the process's environment picks (the backward
+//                             reads FLASHATTN_HOPPER once): B=4 H=16 S=4096 D=64/128 causal off/on,
+//                             B=16 H=12 S=1024 D=64 causal
+//   flash_selftest --bench-bwd   the same backward figures alone (run with FLASHATTN_HOPPER=0 for sm_80's)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -69,8 +72,8 @@ struct Case {
   bool fwd_only = false;  // forward and its reference only (the large Hopper grid)
 };
 
-// The forward path the library reports (FLASHATTN_LOG_PATH=1, one stderr line per call), read back by
-// sending stderr to a temporary file around one call.
+// The path the library reports (FLASHATTN_LOG_PATH=1, one stderr line per call), read back by sending
+// stderr to a temporary file around one call.
 struct PathCapture {
   FILE* file = nullptr;
   int saved = -1;
@@ -111,6 +114,13 @@ bool hopper_expected(const Case& c) {
   const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
   return device_and_build && enabled && (c.D == 64 || c.D == 128) && !c.varlen && c.dropout == 0.f && !c.alibi &&
          c.softcap == 0.f && c.wl < 0 && (c.causal || c.wr < 0) && c.sk > 0;
+}
+// Whether the Hopper backward should take it (flash/hopper/flash_bwd_hopper.h): the forward's scope,
+// not deterministic, seqlen_q > 0, and FLASHATTN_HOPPER_BWD not "0".
+bool hopper_bwd_expected(const Case& c) {
+  const char* env = std::getenv("FLASHATTN_HOPPER_BWD");
+  const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
+  return enabled && hopper_expected(c) && !c.deterministic && c.sq > 0;
 }
 
 struct Err {
@@ -237,11 +247,16 @@ bool run_case(const Case& c, bool verbose) {
   const bool path_ok = path == (hopper_expected(c) ? "hopper" : "sm80");
   const int64_t ws_bytes = FlashAttn_flash_bwd_workspace_size(B, sq_arg, sk_arg, H, Hk, D, c.varlen);
   void* ws = dalloc(ws_bytes);
-  if (!c.fwd_only)
+  std::string bwd_path = "-";
+  if (!c.fwd_only) {
+    capture.begin();
     st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
                              Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
                              krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
                              c.alibi ? H : 0, c.dropout, seed, offset, c.deterministic, ws, ws_bytes, nullptr);
+    bwd_path = capture.end();
+  }
+  const bool bwd_path_ok = c.fwd_only || bwd_path == (hopper_bwd_expected(c) ? "hopper" : "sm80");
   if (!c.fwd_only && st != FLASHATTN_STATUS_OK) {
     std::printf("FAIL %s bwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
     return false;
@@ -425,12 +440,20 @@ bool run_case(const Case& c, bool verbose) {
         }
       }
   lse_ok = lse_ok && lse_err <= 1e-3;
-  const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && path_ok;
-  std::printf("%s %-46s [%s] out %.2e %.2e | lse %.1e%s | dq %.2e %.2e | dk %.2e %.2e | dv %.2e %.2e%s%s%s\n",
-              ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), eo.err, eo.ref_err, lse_err, lse_ok ? "" : "(!)",
-              eq.err, eq.ref_err, ek.err, ek.ref_err, ev.err, ev.ref_err, pad_ok ? "" : " | wrote into row padding",
+  const bool ok =
+      eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && path_ok && bwd_path_ok;
+  // Each error pair: the kernel's max error against float64, then the low-precision reference's; the
+  // bound is 2x the second + 1e-4 + 1e-3 max|ref| (a failing output is marked with (!)).
+  auto mark = [](const Err& e) { return e.ok() ? "" : "(!)"; };
+  std::printf("%s %-46s [%s] bwd:%s out %.2e %.2e%s | lse %.1e%s | dq %.2e %.2e%s | dk %.2e %.2e%s | dv %.2e "
+              "%.2e%s%s%s%s%s\n",
+              ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), bwd_path.c_str(), eo.err, eo.ref_err, mark(eo),
+              lse_err, lse_ok ? "" : "(!)", eq.err, eq.ref_err, mark(eq), ek.err, ek.ref_err, mark(ek), ev.err,
+              ev.ref_err, mark(ev), pad_ok ? "" : " | wrote into row padding",
               deterministic_ok ? "" : " | not deterministic",
-              path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"));
+              path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"),
+              bwd_path_ok ? ""
+                          : (hopper_bwd_expected(c) ? " | expected the hopper backward" : " | expected the sm80 backward"));
   (void)verbose;
   std::fflush(stdout);
   return ok;
@@ -530,6 +553,27 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
+  // The Hopper backward's grid (forward and backward): a single tile first (bwd-probe: which of dV,
+  // dK, dQ is off says which stage is, see flash/hopper/NOTES.md), then partial tiles, seqlen_q !=
+  // seqlen_k both ways (causal rows that see no key, key blocks no query sees), several query blocks
+  // per key block and several key blocks per query block; MHA and GQA 4:2 (the float32 dK/dV path).
+  struct BwdLen {
+    int sq, sk, H, Hk;
+    const char* tag;
+  };
+  const BwdLen bwd_lens[] = {{64, 64, 1, 1, " bwd-probe"}, {1, 1, 2, 2, " bgrid"},       {300, 300, 2, 2, " bgrid"},
+                             {1025, 1025, 2, 2, " bgrid"}, {97, 1025, 4, 2, " bgrid"},    {1025, 97, 4, 2, " bgrid"},
+                             {384, 200, 4, 2, " bgrid"},   {200, 640, 2, 2, " bgrid"}};
+  for (const BwdLen& l : bwd_lens)
+    for (int d : {64, 128})
+      for (int bf16 = 1; bf16 >= 0; --bf16)
+        for (int causal = 0; causal < 2; ++causal) {
+          Case c;
+          c.D = d, c.bf16 = bf16, c.causal = causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk;
+          if (l.sq == 64) c.B = 1;
+          c.name = name(c, l.tag);
+          v.push_back(c);
+        }
   {
     Case c;
     c.D = 256, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.causal = true, c.softcap = 30.f, c.alibi = true;
@@ -545,7 +589,8 @@ std::vector<Case> cases() {
 
 // ---- benchmark ----
 // Median of 10 timed calls after 3 warm-ups, on random bf16 inputs (q, k, v and dout distinct).
-void bench(int only_d, int only_causal) {
+// bwd_only: the backward alone (after one forward for its inputs).
+void bench(int only_d, int only_causal, bool bwd_only) {
   struct Config {
     int B, H, S, D, causal;
   };
@@ -569,6 +614,15 @@ void bench(int only_d, int only_causal) {
     const char* v = std::getenv(name);
     saved.push_back({name, v != nullptr, v != nullptr ? v : ""});
   }
+  auto restore_env = [&] {
+    for (const SavedEnv& e : saved) {
+      if (e.had) {
+        setenv(e.name, e.value.c_str(), 1);
+      } else {
+        unsetenv(e.name);
+      }
+    }
+  };
   std::vector<std::string> table;
   for (const Config& cfg : configs) {
     const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
@@ -649,43 +703,56 @@ void bench(int only_d, int only_causal) {
       }
       return time_it(fwd);
     };
-    std::string path_h, path_n, path_s;
-    const double th = fwd_on(nullptr, nullptr, &path_h), tn = fwd_on(nullptr, "0", &path_n),
-                 ts = fwd_on("0", nullptr, &path_s);
-    const double tb = time_it(bwd);
     const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
+    std::string path_h = "-", path_n = "-", path_s = "-", path_b;
+    double th = 0, tn = 0, ts = 0;
+    if (!bwd_only) {
+      th = fwd_on(nullptr, nullptr, &path_h), tn = fwd_on(nullptr, "0", &path_n), ts = fwd_on("0", nullptr, &path_s);
+    }
+    // The backward on the process's own FLASHATTN_HOPPER (it reads the variable once, at its first call).
+    restore_env();
+    const FlashAttnStatus fst = fwd();  // out and LSE for the backward
+    setenv("FLASHATTN_LOG_PATH", "1", 1);
+    PathCapture capture;
+    capture.begin();
+    const FlashAttnStatus bst = fst == FLASHATTN_STATUS_OK ? bwd() : fst;
+    path_b = capture.end();
+    unsetenv("FLASHATTN_LOG_PATH");
+    CK(cudaDeviceSynchronize());
+    if (bst != FLASHATTN_STATUS_OK) {
+      std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
+      std::exit(3);
+    }
+    const double tb = time_it(bwd);
     std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s | fwd [%s, no overlap] %.3f "
-                "ms %.1f TFLOP/s | fwd [%s] %.3f ms %.1f TFLOP/s | bwd %.3f ms %.1f TFLOP/s\n",
-                B, H, S, D, causal, path_h.c_str(), th, flops / th * 1e-9, path_n.c_str(), tn, flops / tn * 1e-9,
-                path_s.c_str(), ts, flops / ts * 1e-9, tb, 2.5 * flops / tb * 1e-9);
-    char row[160];
-    std::snprintf(row, sizeof row, "B%-2d S%-5d H%-2d d%-3d %-6s  %6.1f  %6.1f  %6.1f  %5.2fx  %6.1f", B, S, H, D,
-                  causal ? "causal" : "full", flops / th * 1e-9, flops / tn * 1e-9, flops / ts * 1e-9, ts / th,
-                  2.5 * flops / tb * 1e-9);
+                "ms %.1f TFLOP/s | fwd [%s] %.3f ms %.1f TFLOP/s | bwd [%s] %.3f ms %.1f TFLOP/s\n",
+                B, H, S, D, causal, path_h.c_str(), th, th > 0 ? flops / th * 1e-9 : 0.0, path_n.c_str(), tn,
+                tn > 0 ? flops / tn * 1e-9 : 0.0, path_s.c_str(), ts, ts > 0 ? flops / ts * 1e-9 : 0.0,
+                path_b.c_str(), tb, 2.5 * flops / tb * 1e-9);
+    char row[200];
+    std::snprintf(row, sizeof row, "B%-2d S%-5d H%-2d d%-3d %-6s  %6.1f  %6.1f  %6.1f  %5.2fx  %6.1f %s", B, S, H,
+                  D, causal ? "causal" : "full", th > 0 ? flops / th * 1e-9 : 0.0, tn > 0 ? flops / tn * 1e-9 : 0.0,
+                  ts > 0 ? flops / ts * 1e-9 : 0.0, th > 0 ? ts / th : 0.0, 2.5 * flops / tb * 1e-9, path_b.c_str());
     table.push_back(row);
     std::fflush(stdout);
     for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
   }
-  for (const SavedEnv& e : saved) {
-    if (e.had) {
-      setenv(e.name, e.value.c_str(), 1);
-    } else {
-      unsetenv(e.name);
-    }
-  }
-  std::printf("%-26s  %6s  %6s  %6s  %6s  %6s\n", "# bf16 TFLOP/s", "hopper", "no-ovl", "sm80", "h/sm80", "bwd");
+  restore_env();
+  std::printf("%-26s  %6s  %6s  %6s  %6s  %6s\n", bwd_only ? "# bf16 TFLOP/s, bwd only" : "# bf16 TFLOP/s",
+              "hopper", "no-ovl", "sm80", "h/sm80", "bwd [path]");
   for (const std::string& r : table) std::printf("%s\n", r.c_str());
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--bench") {
-    // --bench [D [causal]]: every configuration, or those of one head dim / causality (for profilers).
-    bench(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
+  if (argc > 1 && (std::string(argv[1]) == "--bench" || std::string(argv[1]) == "--bench-bwd")) {
+    // --bench[-bwd] [D [causal]]: every configuration, or those of one head dim / causality (for profilers).
+    bench(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1,
+          std::string(argv[1]) == "--bench-bwd");
     return 0;
   }
-  setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward ran (PathCapture)
+  setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward and backward ran (PathCapture)
   std::string filter = argc > 1 ? argv[1] : "";
   int passed = 0, failed = 0;
   for (const Case& c : cases()) {

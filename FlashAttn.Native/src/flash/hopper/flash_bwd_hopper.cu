@@ -34,7 +34,7 @@ FlashAttnStatus by_headdim(const FlashBwdParams& p, const BwdTensorMaps& maps, c
 
 FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
   *ran = false;
-  static const bool enabled = !env_off("FLASHATTN_HOPPER");
+  static const bool enabled = !env_off("FLASHATTN_HOPPER") && !env_off("FLASHATTN_HOPPER_BWD");
   if (!enabled || !covers(p)) return FLASHATTN_STATUS_OK;
   int capability = 0;
   FlashAttnStatus s = current_capability(&capability, function);

@@ -16,7 +16,8 @@ namespace hopper {
 //    window other than causal, not deterministic, seqlen_q and seqlen_k > 0, softmax_scale finite
 //    and > 0; GQA/MQA too (each query head's dK and dV go through the float32 workspace);
 //  - the device: compute capability 9.0;
-//  - the environment: FLASHATTN_HOPPER is not "0" (read once, at the first backward);
+//  - the environment: neither FLASHATTN_HOPPER nor FLASHATTN_HOPPER_BWD (the backward alone) is "0"
+//    (both read once, at the first backward);
 //  - the driver encodes the TMA tensor maps of q, k, v and dout.
 // *ran = false with FLASHATTN_STATUS_OK: the caller runs the sm_80 kernels.
 FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function, bool* ran);
