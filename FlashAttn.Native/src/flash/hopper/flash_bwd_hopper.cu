@@ -41,19 +41,22 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
   if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
-  // The boxes are the same at both head dims and dtypes (BwdTraits: 64 head-dim columns; kBlockM
-  // rows of Q and dO, kBlockN rows of K and V).
-  using Tr = BwdTraits<64, __half>;
+  // Boxes of 64 head-dim columns (BwdTraits) by kBlockM rows of Q and dO (it depends on the head dim
+  // alone) and kBlockN rows of K and V.
+  using Tr64 = BwdTraits<64, __half>;
+  using Tr128 = BwdTraits<128, __half>;
+  const int box_m = p.headdim == 64 ? Tr64::kBlockM : Tr128::kBlockM;
+  static_assert(Tr64::kBoxCols == Tr128::kBoxCols && Tr64::kBlockN == Tr128::kBlockN, "one K/V box");
   BwdTensorMaps maps;
   const bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                  p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, Tr::kBlockM) &&
+                  p.q_head_stride, p.q_batch_stride, Tr64::kBoxCols, box_m) &&
       encode_bshd(fn, &maps.dout, p.dtype, p.dout, p.headdim, p.seqlen_q, p.nheads, p.batch, p.dout_row_stride,
-                  p.dout_head_stride, p.dout_batch_stride, Tr::kBoxCols, Tr::kBlockM) &&
+                  p.dout_head_stride, p.dout_batch_stride, Tr64::kBoxCols, box_m) &&
       encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
-                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBlockN) &&
+                  p.k_head_stride, p.k_batch_stride, Tr64::kBoxCols, Tr64::kBlockN) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
-                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBlockN);
+                  p.v_head_stride, p.v_batch_stride, Tr64::kBoxCols, Tr64::kBlockN);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
   return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)

@@ -6,24 +6,24 @@
 // flash_bwd_convert_dq_kernel after (../flash_bwd_kernel.cuh; the launch is in
 // flash_bwd_launch_template.h). One CTA owns 128 keys of one (batch, head) and three warpgroups:
 //  - warpgroup 0, the producer: one thread loads the K and V tiles once, then the Q and dO tiles of
-//    64 queries into a two-stage ring; the lanes of a second warp stage the same queries' LSE (in
+//    kBlockM queries (64 at d128, 128 at d64) into a two-stage ring; the lanes of a second warp stage the same queries' LSE (in
 //    log2 units) and dsum beside them. Each stage has a "full" mbarrier (the TMA's bytes and the 32
 //    lanes' arrivals) and an "empty" one (all 8 consumer warps are done with it). Rows past the
 //    sequence ends arrive as zeros; their LSE is +inf, so P = 0 there, and a key row of zeros adds
 //    nothing to dQ (the only product that reads past-the-end keys): no mask but the causal one.
 //  - warpgroups 1 and 2, the consumers, 64 keys each, with the keys' dK and dV in registers across
 //    all query blocks. Per query block:
-//      S^T = K Q^T, dP^T = V dO^T       wgmma SS, m64 (keys) n64 (queries), K-major both
+//      S^T = K Q^T, dP^T = V dO^T       wgmma SS, m64 (keys) x n kBlockM (queries), K-major both
 //      P^T = exp2(S^T scale_log2 - LSE_log2), causal mask;  dS^T = P^T (dP^T - dsum)
 //      dV += P^T dO, dK += dS^T Q        wgmma RS: P^T and dS^T packed in registers are the A
 //                                        operand as they are (the forward's P trick); dO and Q are
 //                                        the MN-major B operand (as V in the forward)
-//      dS^T -> shared memory (keys x queries, queries contiguous, 128-byte swizzle), then
-//      dQ_part = dS K                   wgmma SS with both operands MN-major (imm-trans-a/b = 1);
-//        d128: warpgroup w takes head-dim columns [64 w, 64 w + 64) over all 128 keys (the two
-//        warpgroups meet at a named barrier once both dS^T halves are written); d64: warpgroup w
-//        takes all 64 columns over its own 64 keys (no barrier between warpgroups, twice the adds);
-//      dQ_part added into dq_accum with 16-byte float atomics.
+//      dS^T -> shared memory (keys x queries in chunks of 64 queries, 128-byte swizzle); once both
+//      warpgroups' halves are written (a named barrier), a 64 x 64 part of
+//      dQ = dS K                         wgmma SS with both operands MN-major (imm-trans-a/b = 1),
+//        over all 128 keys: warpgroup w takes head-dim columns [64 w, 64 w + 64) at d128 and
+//        queries [64 w, 64 w + 64) of the block at d64, so each dQ element is added once per CTA,
+//        with 16-byte float atomics into dq_accum.
 // Query blocks go in order; causal starts at the first block with a query that sees a key of the
 // CTA (bottom-right aligned: query i sees keys j <= i + Sk - Sq) and masks the blocks on the
 // diagonal. CTAs of the first key blocks (the most queries under causal) start first.
@@ -65,9 +65,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int n0 = n_block * BN;
   const int diag = p.seqlen_k - p.seqlen_q;
-  // Query blocks [m_lo, m_hi) hold a query that sees some key of the block (causal: i >= n0 - diag).
-  const int m_lo = p.causal ? max(0, n0 - diag) / BM : 0;
-  const int n_iters = max(0, (p.seqlen_q + BM - 1) / BM - m_lo);
+  // Query blocks [m_lo, m_lo + n_iters) hold a query that sees some key of the block (causal:
+  // i >= n0 - diag). Each role computes them after its setmaxnreg: a value live across it would have
+  // to fit the producer's 24 registers, and ptxas spilled n_iters there.
+  auto m_lo_of = [&] { return p.causal ? max(0, n0 - diag) / BM : 0; };
+  auto n_iters_of = [&](int m_lo) { return max(0, (p.seqlen_q + BM - 1) / BM - m_lo); };
 
   if (threadIdx.x == 0) {
     mbar_init(bar_kv, 1);
@@ -84,6 +86,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (warpgroup == 0) {
     // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
+    const int m_lo = m_lo_of(), n_iters = n_iters_of(m_lo);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (warp == 0 && lane == 0 && n_iters > 0) {
       tma_prefetch(&tm_q);
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int it = 0; it < n_iters; ++it) {
         const int m0 = (m_lo + it) * BM, s = it % kStages;
         mbar_wait(empty(s), ((it / kStages) & 1) ^ 1);
-#pragma unroll
+#pragma unroll 1  // the producer's 24 registers hold one row's loads at a time
         for (int r = lane; r < BM; r += 32) {
           const int i = m0 + r;
           // Rows past the end: LSE +inf makes P = 0, hence dS = 0 too.
@@ -128,8 +131,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   } else {
     // ---- consumers ----
     setmaxnreg_inc<Tr::kConsumerRegs>();
-    constexpr int NA = D / 2;  // dK, dV accumulators per thread: key row 16 warp + g + 8 ((i / 2) % 2),
-                               // head-dim column 8 (i / 4) + 2 t + i % 2
+    const int m_lo = m_lo_of(), n_iters = n_iters_of(m_lo);
+    constexpr int NA = D / 2;   // dK, dV accumulators per thread: key row 16 warp + g + 8 ((i / 2) % 2),
+                                // head-dim column 8 (i / 4) + 2 t + i % 2
+    constexpr int NS = BM / 2;  // S^T, dP^T accumulators per thread, the same layout over the queries
     const int cw = warpgroup - 1;
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int key0 = n0 + cw * 64;  // this warpgroup's first key
@@ -138,21 +143,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     float dk[NA], dv[NA];
 #pragma unroll
     for (int i = 0; i < NA; ++i) dk[i] = dv[i] = 0.f;
-    // S^T and dP^T (64 keys x 64 queries): element i is key row 16 warp + g + 8 ((i / 2) % 2) and
+    // S^T and dP^T (64 keys x BM queries): element i is key row 16 warp + g + 8 ((i / 2) % 2) and
     // query column 8 (i / 4) + 2 t + i % 2; dq (64 queries x 64 columns) likewise.
-    float s[32], dp[32], dq[32];
-    uint32_t pp[16], pds[16];  // P^T and dS^T packed: register 4 kk + r is the A operand's a[r] of k16 step kk
+    float s[NS], dp[NS], dq[32];
+    uint32_t pp[NS / 2], pds[NS / 2];  // P^T, dS^T packed: register 4 kk + r is the A operand's a[r] of k16 step kk
 
     // A of S^T and dP^T: this warpgroup's 64 rows of the K (V) tile, K-major: k16 step ks is 32 bytes
     // into 64-column chunk ks / 4 (16 KB apart).
     const uint64_t desc_k = sw128_desc(sK + cw * 64 * 128, 16, 1024);
     const uint64_t desc_v = sw128_desc(sV + cw * 64 * 128, 16, 1024);
-    // dQ's operands, MN-major; k16 steps (16 keys) are 16 rows (2 KB) apart in both. d128: all 128
-    // keys of dS^T, K's head-dim chunk cw; d64: this warpgroup's 64 keys of both.
-    constexpr int kDqSteps = D == 128 ? BN / 16 : 64 / 16;
-    const uint32_t ds_rows = D == 128 ? 0u : uint32_t(cw * 64 * 128);
-    const uint64_t desc_dq_b = sw128_desc(sK + (D == 128 ? cw * kKvChunkBytes : cw * 64 * 128), kKvChunkBytes, 1024);
-    const int dq_col0 = D == 128 ? cw * 64 : 0;
+    // dQ's operands, MN-major, over all 128 keys: k16 steps (16 keys) are 16 rows (2 KB) apart in
+    // both. A: dS^T's query chunk (0, or cw at d64); B: K's head-dim chunk (cw at d128, or 0).
+    const uint32_t ds_chunk = Tr::kDqByColumns ? 0u : uint32_t(cw * Tr::kDsChunkBytes);
+    const uint64_t desc_dq_b = sw128_desc(sK + (Tr::kDqByColumns ? cw * kKvChunkBytes : 0), kKvChunkBytes, 1024);
+    const int dq_row0 = Tr::kDqByColumns ? 0 : cw * 64, dq_col0 = Tr::kDqByColumns ? cw * 64 : 0;
 
     if (n_iters > 0) mbar_wait(bar_kv, 0);
     for (int it = 0; it < n_iters; ++it) {
@@ -168,12 +172,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks)
-          Wgmma<T, 64>::ss(s, desc_k + (((ks / 4) * kKvChunkBytes + (ks % 4) * 32) >> 4),
+          Wgmma<T, BM>::ss(s, desc_k + (((ks / 4) * kKvChunkBytes + (ks % 4) * 32) >> 4),
                            desc_q + (((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4), ks > 0 ? 1u : 0u);
         wgmma_commit();
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks)
-          Wgmma<T, 64>::ss(dp, desc_v + (((ks / 4) * kKvChunkBytes + (ks % 4) * 32) >> 4),
+          Wgmma<T, BM>::ss(dp, desc_v + (((ks / 4) * kKvChunkBytes + (ks % 4) * 32) >> 4),
                            desc_do + (((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4), ks > 0 ? 1u : 0u);
         wgmma_commit();
       }
@@ -187,11 +191,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if (p.causal && key0 + 63 > m0 + diag) {
         const int lim = m0 + 2 * t + diag - (key0 + 16 * warp + g);  // hidden: key - query > diag
 #pragma unroll
-        for (int i = 0; i < 32; ++i)
+        for (int i = 0; i < NS; ++i)
           if (8 * ((i / 2) % 2) - 8 * (i / 4) - i % 2 > lim) s[i] = -INFINITY;
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < NS / 4; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(lse + 8 * j + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], sl, -(e % 2 ? l.y : l.x)));
@@ -199,26 +203,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_wait<0>();
       reg_fence(dp);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < NS / 4; ++j) {
         const float2 d2 = *reinterpret_cast<const float2*>(dsum + 8 * j + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? d2.y : d2.x));
       }
 #pragma unroll
-      for (int q = 0; q < 16; ++q) {
+      for (int q = 0; q < NS / 2; ++q) {
         pp[q] = pack2<T>(s[2 * q], s[2 * q + 1]);
         pds[q] = pack2<T>(dp[2 * q], dp[2 * q + 1]);
       }
 
-      // dS^T to shared memory, as dQ's A operand reads it: key row r (128 bytes), query column c at
-      // 16-byte unit (c / 8) ^ (r % 8); a thread's pair q is row 16 warp + g + 8 (q % 2), columns
-      // 8 (q / 2) + 2 t, + 1, and r % 8 = g.
+      // dS^T to shared memory, as dQ's A operand reads it: query chunk c / 64 (kDsChunkBytes apart),
+      // key row r (128 bytes), query column c at 16-byte unit (c / 8) % 8 ^ (r % 8) of the row. A
+      // thread's pair q is row 16 warp + g + 8 (q % 2), columns 8 (q / 2) + 2 t, + 1, and r % 8 = g.
       {
         unsigned char* ds = gbase + Tr::kOffDs + (it % 2) * Tr::kDsBytes;
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
+        for (int q = 0; q < NS / 2; ++q) {
           const int r = cw * 64 + 16 * warp + g + 8 * (q % 2);
-          *reinterpret_cast<uint32_t*>(ds + r * 128 + (((q / 2) ^ g) * 16) + 4 * t) = pds[q];
+          *reinterpret_cast<uint32_t*>(ds + (q / 16) * Tr::kDsChunkBytes + r * 128 + ((((q / 2) % 8) ^ g) * 16) +
+                                       4 * t) = pds[q];
         }
         fence_proxy_async_smem();  // the stores above, before the wgmma (async proxy) reads them
       }
@@ -234,29 +239,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         reg_fence(dk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
+        for (int kk = 0; kk < BM / 16; ++kk)
           Wgmma<T, D>::rs(dv, pp[4 * kk], pp[4 * kk + 1], pp[4 * kk + 2], pp[4 * kk + 3],
                           desc_do + ((kk * 16 * 128) >> 4));
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
+        for (int kk = 0; kk < BM / 16; ++kk)
           Wgmma<T, D>::rs(dk, pds[4 * kk], pds[4 * kk + 1], pds[4 * kk + 2], pds[4 * kk + 3],
                           desc_q + ((kk * 16 * 128) >> 4));
         wgmma_commit();
       }
 
-      // dQ_part = dS K once the dS^T rows it reads are all written: both warpgroups' at d128, this
-      // warpgroup's at d64. (Named barrier 0 is __syncthreads.)
-      if constexpr (D == 128) {
-        named_barrier_sync(1, 256);
-      } else {
-        named_barrier_sync(1 + cw, 128);
-      }
+      // dQ part = dS K once both warpgroups' dS^T rows are written (named barrier 0 is __syncthreads).
+      named_barrier_sync(1, 128 * Tr::kConsumerWarpgroups);
       {
-        const uint64_t desc_a = sw128_desc(sDs + (it % 2) * Tr::kDsBytes + ds_rows, Tr::kDsBytes, 1024);
+        const uint64_t desc_a = sw128_desc(sDs + (it % 2) * Tr::kDsBytes + ds_chunk, Tr::kDsChunkBytes, 1024);
         reg_fence(dq);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kDqSteps; ++kk)
+        for (int kk = 0; kk < BN / 16; ++kk)
           WgmmaTT<T>::ss(dq, desc_a + ((kk * 2048) >> 4), desc_dq_b + ((kk * 2048) >> 4), kk > 0 ? 1u : 0u);
         wgmma_commit();
       }
@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // Lanes t and t ^ 1 swap half their pairs so that each adds four consecutive columns of one
       // row (as the sm_80 kernel): even t row g (columns 2t..2t+3), odd t row g + 8 (2t-2..2t+1).
       {
-        const int rh = t & 1, row = m0 + 16 * warp + g + 8 * rh;
+        const int rh = t & 1, row = m0 + dq_row0 + 16 * warp + g + 8 * rh;
         float* dst = p.dq_accum + ((int64_t(b) * p.seqlen_q + row) * p.nheads + h) * D + dq_col0 + 4 * (t / 2);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {

@@ -70,36 +70,43 @@ FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps&
                                    cudaStream_t stream, const char* function);
 
 // ---- backward ----
-// One CTA: 128 keys (kBlockN) of one (batch, head), walking the query blocks of 64 rows (kBlockM)
-// that see them: FlashAttention-3's tile for d128 (d64 too, here). Two consumer warpgroups split the
-// keys, 64 each (the wgmma M of S^T = K Q^T), and keep their rows of dK and dV in registers.
+// One CTA: 128 keys (kBlockN) of one (batch, head), walking the query blocks (kBlockM rows) that see
+// them; two consumer warpgroups split the keys, 64 each (the wgmma M of S^T = K Q^T), and keep their
+// rows of dK and dV in registers. FlashAttention-3's tiles: 64 x 128 at d128, 128 x 128 at d64
+// (where dK and dV take half the registers, so S^T and dP^T can be twice as wide). dQ = dS K of a
+// block is split between the warpgroups by 64-column chunks at d128 and by 64-query halves at d64:
+// either way each dQ element is added once per key block.
 template <int kHeadDim_, typename T_>
 struct BwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper backward covers head dims 64 and 128");
   static_assert(sizeof(T) == 2, "16-bit inputs (wgmma's transposed operands need them)");
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
   static constexpr int kBlockN = 128;
   static constexpr int kConsumerWarpgroups = kBlockN / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
   static constexpr int kStages = 2;                                  // Q, dO, LSE and dsum buffers
-  // TMA boxes of 64 head-dim elements (one 128-byte swizzle row): K and V in boxes of 128 rows (the
-  // forward's), Q and dO in boxes of 64.
+  // dQ split: by head-dim chunk (d128, kBlockM 64) or by query half (d64, kBlockM 128), 64 x 64 each.
+  static constexpr bool kDqByColumns = kBlockM == 64;
+  static_assert(kDqByColumns ? kHeadDim == 64 * kConsumerWarpgroups : kBlockM == 64 * kConsumerWarpgroups,
+                "one 64 x 64 dQ part per consumer warpgroup");
+  // TMA boxes of 64 head-dim elements (one 128-byte swizzle row) by 128 rows (K, V) or kBlockM
+  // rows (Q, dO).
   static constexpr int kBoxCols = 64;
   static constexpr int kChunks = kHeadDim / kBoxCols;
   static constexpr int kKvChunkBytes = kBlockN * kBoxCols * int(sizeof(T));  // 16 KB
   static constexpr int kKvTileBytes = kChunks * kKvChunkBytes;
-  static constexpr int kQChunkBytes = kBlockM * kBoxCols * int(sizeof(T));   // 8 KB
+  static constexpr int kQChunkBytes = kBlockM * kBoxCols * int(sizeof(T));   // 8 or 16 KB
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
-  // dS^T of the block, keys x queries with the queries contiguous (128 bytes a key row, 128-byte
+  // dS^T of the block, keys x queries, as chunks of 64 queries (128 bytes a key row, 128-byte
   // swizzle): the MN-major A operand of dQ = dS K. Two buffers: one warpgroup may write the next
-  // block's while the other still reads this one's (d128 reads both warpgroups' rows).
-  static constexpr int kDsBytes = kBlockN * kBlockM * int(sizeof(T));  // 16 KB
-  static_assert(kBlockM * int(sizeof(T)) == 128, "one dS^T key row is one 128-byte swizzle row");
+  // block's while the other still reads this one's.
+  static constexpr int kDsChunkBytes = kBlockN * 64 * int(sizeof(T));  // 16 KB
+  static constexpr int kDsBytes = (kBlockM / 64) * kDsChunkBytes;
   // Shared memory from a 1024-byte aligned base: K, V, Q[stages], dO[stages], dS[2], LSE[stages]
   // and dsum[stages] (kBlockM floats each), then the mbarriers (K/V full; full[stages],
-  // empty[stages]).
+  // empty[stages]). 160 KB at both head dims.
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kKvTileBytes;
   static constexpr int kOffQ = kOffV + kKvTileBytes;
@@ -114,8 +121,8 @@ struct BwdTraits {
   // lanes of the warp that stages LSE and dsum.
   static constexpr int kFullArrivals = 1 + 32;
   // Registers as the forward: the producer drops to 24, the consumers rise to 240. A consumer thread
-  // holds dK and dV (kHeadDim floats), S^T and dP^T (32 each), then P^T and dS^T packed (16 each) and
-  // the dQ tile (32).
+  // holds dK and dV (kHeadDim floats), S^T and dP^T (kBlockM / 2 floats each), then P^T and dS^T
+  // packed (kBlockM / 4 each) and its dQ part (32): at most 192 floats at both head dims.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
 };
