@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     } else if (warp == 1) {
       // LSE (natural log, (B, H, Sq)) and dsum ((B * Sq, H): a head's rows are nheads apart) are not
-      // TMA-able tiles; this warp copies them, two queries a lane.
+      // TMA-able tiles; this warp copies them, kBlockM / 32 queries a lane.
       const float* lse = p.softmax_lse + (int64_t(b) * p.nheads + h) * p.seqlen_q;
       const float* dsum = p.dsum + int64_t(b) * p.seqlen_q * p.nheads + h;
       for (int it = 0; it < n_iters; ++it) {
