@@ -3,12 +3,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
-#include "common/cuda_check.cuh"
+#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_hopper.h"
 #include "flash/hopper/kernel_traits.h"
 #include "flash/hopper/tensor_map.h"
@@ -23,33 +20,6 @@ bool covers(const FlashFwdParams& p) {
   return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && p.dropout_p == 0.f &&
          p.alibi_slopes == nullptr && p.softcap == 0.f && p.window_left < 0 && p.window_right <= 0 &&
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
-}
-
-// Variables read at every call (so that one process can compare): FLASHATTN_HOPPER=0 turns the
-// Hopper forward off, FLASHATTN_HOPPER_OVERLAP=0 its intra-warpgroup overlap.
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "0") == 0;
-}
-
-// Compute capability (major * 10 + minor) of the current device, cached per device.
-FlashAttnStatus current_capability(int* capability, const char* function) {
-  static std::atomic<int> cache[64];  // 0: not asked yet
-  int device = 0;
-  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  *capability = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (*capability != 0) return s;
-  int major = 0, minor = 0;
-  s = check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), function,
-                 "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  if (s == FLASHATTN_STATUS_OK)
-    s = check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), function,
-                   "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  *capability = major * 10 + minor;
-  if (device < 64) cache[device].store(*capability, std::memory_order_relaxed);
-  return s;
 }
 
 template <typename T>
