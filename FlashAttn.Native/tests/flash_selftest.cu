@@ -452,8 +452,9 @@ bool run_case(const Case& c, bool verbose) {
               ev.ref_err, mark(ev), pad_ok ? "" : " | wrote into row padding",
               deterministic_ok ? "" : " | not deterministic",
               path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"),
-              bwd_path_ok ? ""
-                          : (hopper_bwd_expected(c) ? " | expected the hopper backward" : " | expected the sm80 backward"));
+              bwd_path_ok           ? ""
+              : hopper_bwd_expected(c) ? " | expected the hopper backward"
+                                       : " | expected the sm80 backward");
   (void)verbose;
   std::fflush(stdout);
   return ok;

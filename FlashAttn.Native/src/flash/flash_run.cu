@@ -94,6 +94,20 @@ FlashAttnStatus run_flash_bwd(const FlashBwdParams& p, void* stream, const char*
   return dispatch<Bwd>(p, stream, function);
 }
 
+FlashAttnStatus run_flash_bwd_preprocess(const FlashBwdParams& p, void* stream, const char* function) {
+  const int dpad = int(flash_round_headdim(p.headdim));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? flash::bwd_preprocess<__nv_bfloat16>(p, dpad, s, function)
+                                              : flash::bwd_preprocess<__half>(p, dpad, s, function);
+}
+
+FlashAttnStatus run_flash_bwd_postprocess(const FlashBwdParams& p, void* stream, const char* function) {
+  const int dpad = int(flash_round_headdim(p.headdim));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? flash::bwd_postprocess<__nv_bfloat16>(p, dpad, s, function)
+                                              : flash::bwd_postprocess<__half>(p, dpad, s, function);
+}
+
 FlashAttnStatus flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported, const char* function) {
   int smem_optin = 0;
   FlashAttnStatus s = check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),

@@ -59,8 +59,11 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
                   p.v_head_stride, p.v_batch_stride, Tr64::kBoxCols, Tr64::kBlockN);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
-  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)
-                                              : by_headdim<__half>(p, maps, stream, function);
+  s = run_flash_bwd_preprocess(p, stream, function);
+  if (s == FLASHATTN_STATUS_OK)
+    s = p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)
+                                             : by_headdim<__half>(p, maps, stream, function);
+  return s == FLASHATTN_STATUS_OK ? run_flash_bwd_postprocess(p, stream, function) : s;
 }
 
 }  // namespace hopper

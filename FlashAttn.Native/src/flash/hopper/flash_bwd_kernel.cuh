@@ -2,15 +2,16 @@
 //   dout, q (B, Sq, H, D), k, v (B, Sk, Hk, D), softmax_lse (B, H, Sq), dsum (B * Sq, H)
 //   -> dq_accum (B * Sq, H, D) float32 (+= dS K), dk, dv (B, Sk, Hk, D) (or float32 per query head
 //   into dk_accum / dv_accum with GQA), for D = 64 or 128, causal or not.
-// dsum = rowsum(dout * out) comes from flash_bwd_dot_do_o_kernel before, and dq_accum goes through
-// flash_bwd_convert_dq_kernel after (../flash_bwd_kernel.cuh; the launch is in
-// flash_bwd_launch_template.h). One CTA owns 128 keys of one (batch, head) and three warpgroups:
+// dsum = rowsum(dout * out) comes from the sm_80 path's flash_bwd_dot_do_o_kernel before, and
+// dq_accum goes through its flash_bwd_convert_dq_kernel after (run_bwd in flash_bwd_hopper.cu).
+// One CTA owns 128 keys of one (batch, head) and three warpgroups:
 //  - warpgroup 0, the producer: one thread loads the K and V tiles once, then the Q and dO tiles of
-//    kBlockM queries (64 at d128, 128 at d64) into a two-stage ring; the lanes of a second warp stage the same queries' LSE (in
-//    log2 units) and dsum beside them. Each stage has a "full" mbarrier (the TMA's bytes and the 32
-//    lanes' arrivals) and an "empty" one (all 8 consumer warps are done with it). Rows past the
-//    sequence ends arrive as zeros; their LSE is +inf, so P = 0 there, and a key row of zeros adds
-//    nothing to dQ (the only product that reads past-the-end keys): no mask but the causal one.
+//    kBlockM queries (64 at d128, 128 at d64) into a two-stage ring; the lanes of a second warp
+//    stage the same queries' LSE (in log2 units) and dsum beside them. Each stage has a "full"
+//    mbarrier (the TMA's bytes and the 32 lanes' arrivals) and an "empty" one (all 8 consumer warps
+//    are done with it). Rows past the sequence ends arrive as zeros; their LSE is +inf, so P = 0
+//    there, and a key row of zeros adds nothing to dQ (the only product that reads past-the-end
+//    keys): no mask but the causal one.
 //  - warpgroups 1 and 2, the consumers, 64 keys each, with the keys' dK and dV in registers across
 //    all query blocks. Per query block:
 //      S^T = K Q^T, dP^T = V dO^T       wgmma SS, m64 (keys) x n kBlockM (queries), K-major both
@@ -32,7 +33,7 @@
 #include <climits>
 #include <cmath>
 
-#include "flash/flash_bwd_kernel.cuh"
+#include "flash/flash_bwd_kernel.cuh"  // atomic_add4 (no kernel of it is instantiated here)
 #include "flash/flash_common.cuh"
 #include "flash/hopper/kernel_traits.h"
 #include "flash/hopper/sm90.cuh"

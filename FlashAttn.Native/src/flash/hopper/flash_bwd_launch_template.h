@@ -1,13 +1,11 @@
-// Launch of the Hopper backward for one (dtype, head dim) instantiation (hopper/instantiations/
-// flash_bwd_hopper_hdim*_*.cu): the sm_80 path's preprocessing (zeroed accumulators, dsum), the
-// Hopper kernel, then the sm_80 path's conversions of the float32 accumulators. Compiled for sm_90a
-// only.
+// Launch of the Hopper backward kernel for one (dtype, head dim) instantiation (hopper/
+// instantiations/flash_bwd_hopper_hdim*_*.cu); run_bwd (flash_bwd_hopper.cu) runs the steps around
+// it. Compiled for sm_90a only.
 #pragma once
 
 #include <atomic>
 
 #include "common/cuda_check.cuh"
-#include "flash/flash_bwd_launch_template.h"
 #include "flash/hopper/flash_bwd_kernel.cuh"
 
 namespace flashattn {
@@ -18,15 +16,13 @@ template <typename T, int kHeadDim>
 FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
                                       const char* function) {
   using Tr = BwdTraits<kHeadDim, T>;
-  FlashAttnStatus s = bwd_preprocess<T>(p, kHeadDim, stream, function);
-  if (s != FLASHATTN_STATUS_OK) return s;
   BwdKernelParams kp;
   kp.softmax_lse = p.softmax_lse;
   kp.dsum = p.dsum;
   kp.dq_accum = p.dq_accum;
   kp.dk = p.dk;
   kp.dv = p.dv;
-  // GQA: the kernel writes each query head's dK and dV to the float32 workspace; bwd_postprocess
+  // GQA: the kernel writes each query head's dK and dV to the float32 workspace; the postprocessing
   // sums the group's heads.
   kp.dk_accum = p.nheads != p.nheads_k ? p.dk_accum : nullptr;
   kp.dv_accum = p.nheads != p.nheads_k ? p.dv_accum : nullptr;
@@ -47,7 +43,7 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   // The shared-memory opt-in is per device and per kernel: set once for each device.
   static std::atomic<uint64_t> configured{0};
   int device = 0;
-  s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
   if (s != FLASHATTN_STATUS_OK) return s;
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
@@ -58,9 +54,7 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   }
   const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.nheads), unsigned(p.batch));
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, maps.dout, kp);
-  s = check_launch(function, "flash_bwd_hopper_kernel");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  return bwd_postprocess<T>(p, kHeadDim, stream, function);
+  return check_launch(function, "flash_bwd_hopper_kernel");
 }
 
 }  // namespace hopper

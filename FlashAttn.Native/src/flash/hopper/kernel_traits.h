@@ -149,8 +149,8 @@ struct BwdTensorMaps {
   CUtensorMap q, k, v, dout;
 };
 
-// Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the whole backward (dsum,
-// the kernel, the dQ and GQA dK/dV conversions).
+// Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
+// runs the preprocessing before it and the conversions after).
 template <typename T, int kHeadDim>
 FlashAttnStatus run_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
                                    const char* function);
