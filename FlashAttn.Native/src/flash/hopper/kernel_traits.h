@@ -132,9 +132,9 @@ struct BwdKernelParams {
   const float* softmax_lse;  // (B, H, Sq), natural log
   const float* dsum;         // (B * Sq, H): rowsum(dout * out), flash_bwd_dot_do_o_kernel's
   float* dq_accum;           // (B * Sq, H, D) float32, zeroed: dS K summed over the key blocks
-  void* dk;                  // (B, Sk, Hk, D), or nullptr with GQA:
+  void* dk;                  // (B, Sk, H, D), written when there is no GQA (H == Hk)
   void* dv;
-  float* dk_accum;           // (B * Sk, H, D) float32 per query head (GQA), else nullptr
+  float* dk_accum;           // with GQA: (B * Sk, H, D) float32 per query head instead; else nullptr
   float* dv_accum;
   int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
   int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
