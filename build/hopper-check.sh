@@ -99,7 +99,7 @@ if grep -q "never completed" "$OUT/probe.log"; then
   echo "skipped: hopper_probe's TMA barrier never completed, the forward would hang" >"$OUT/selftest.log"
   rc=124
 else
-  env "${bwd_env[@]}" timeout "$(cap 240)" "$bin/flash_selftest" >"$OUT/selftest.log" 2>&1
+  env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 240)" "$bin/flash_selftest" >"$OUT/selftest.log" 2>&1
   rc=$?
 fi
 hung=$([ $rc -eq 124 ] && echo 1 || echo 0)
@@ -113,7 +113,7 @@ if [ "$hung" = 0 ]; then
   rc=$?
   [ $rc -eq 124 ] && hung=1
   summary+=("selftest grid, FLASHATTN_HOPPER_OVERLAP=0 (rc $rc, $((SECONDS - start)) s): \
-$(tail -1 "$OUT/selftest-variants.log"); $(grep -c '^PASS.*\[hopper\]' "$OUT/selftest-variants.log") on the hopper path")
+$(tail -1 "$OUT/selftest-variants.log"); $(grep -c '^PASS.* grid .*\[hopper\]' "$OUT/selftest-variants.log") on the hopper path")
 fi
 FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"$OUT/selftest-variants.log" 2>&1
 summary+=("selftest with FLASHATTN_HOPPER=0 (rc $?): $(tail -1 "$OUT/selftest-variants.log"); \
@@ -123,19 +123,19 @@ if [ "$hung" = 1 ]; then
   summary+=("bench and sanitizers skipped: the self-test hung (last lines in selftest.log)")
 else
   # 4. Benchmark.
-  env "${bwd_env[@]}" timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
+  env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
   summary+=("bench: rc $?")
   FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" --bench-bwd >>"$OUT/bench.log" 2>&1
   summary+=("bench-bwd (sm80): rc $?")
 
   # 5. Sanitizers on small Hopper cases: the forward's (bf16 and fp16, d128, causal, GQA 8:2,
   # partial tiles) and the backward's (d64 and d128, bf16 and fp16, causal, GQA 4:2, 2 key blocks
-  # of 6 query blocks each: the stage ring wraps).
+  # of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps).
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
       for filter in "d128 sq97 sk97 h8/2 causal" "sq384 sk200 h4/2 causal bgrid"; do
         log=$build/sanitize-$tool.log
-        env "${bwd_env[@]}" timeout "$(cap 60)" compute-sanitizer --tool $tool --error-exitcode 9 \
+        env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 60)" compute-sanitizer --tool $tool --error-exitcode 9 \
           "$bin/flash_selftest" "$filter" >"$log" 2>&1
         rc=$?
         summary+=("compute-sanitizer $tool '$filter': rc $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
