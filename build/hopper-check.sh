@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # On the GPU host, in one device call (nothing to carry; about 8 of its 10 minutes, every step capped):
 #   bash build/hopper-check.sh
-# The Hopper forward (FlashAttn.Native/src/flash/hopper/) end to end:
+# The Hopper forward and backward (FlashAttn.Native/src/flash/hopper/) end to end:
 #  1. builds libflashattn, flash_selftest and hopper_probe for sm_90a alone (every kernel once, not
 #     the shipped 80;90a pair), and reads the Hopper kernels' ptxas report (registers, spills,
 #     setmaxnreg honoured: no C7508) and SASS (HGMMA, UTMALDG, no local memory);
 #  2. hopper_probe: TMA, the wgmma descriptors and fragment layouts one at a time (if the forward
 #     fails, this says which layout is wrong, and which alternative would be right);
-#  3. flash_selftest: every case against the float64 reference, each naming the forward that ran
-#     (a case the Hopper kernel covers fails if it ran on the sm_80 path), under the default kernel
-#     variant (pingpong); the Hopper grid again with FLASHATTN_HOPPER_FWD_VARIANT=overlap (the
-#     variant without the warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half; at d128 it
-#     is pingpong), =persistent (the persistent grid) and =persistent192 (both, its d64 half); a few
-#     with FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path;
-#  4. flash_selftest --bench: forward TFLOP/s of each Hopper variant and sm_80 (each in a process of
-#     its own: the library reads those variables once), and the backward;
-#  5. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases.
-# Logs go to $OUT (7 files: the device tool returns 8 at most); a short summary is printed last.
+#  3. flash_selftest: first the backward's single-tile probe cases (bwd-probe: which of dV, dK, dQ
+#     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
+#     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
+#     ran on the sm_80 path), under the default forward variant (pingpong); a few with
+#     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
+#     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
+#     forward's results still come back;
+#  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80 (each in a
+#     process of its own: the library reads those variables once), and the Hopper backward;
+#     flash_selftest --bench-bwd with FLASHATTN_HOPPER=0: the sm_80 backward;
+#  5. the Hopper grid again under FLASHATTN_HOPPER_FWD_VARIANT=overlap (without the warpgroups'
+#     ping-pong), =rows192 (192-row tiles: its d64 half), =persistent (the persistent grid) and
+#     =persistent192 (both, its d64 half): after the bench, so that a slow self-test cannot starve it;
+#  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants,
+#     backward).
+# Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-/tmp/hopper-check-out}
@@ -66,14 +72,15 @@ registers=$(grep -o 'Used [0-9]* registers' "$ptxas" | sort | uniq -c | tr -s ' 
 summary+=("ptxas: $(wc -l <"$ptxas") hopper kernels, $registers; with spills: $spills; setmaxnreg/wgmma warnings: $warnings")
 sass_line=""
 for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hopper/instantiations/*.o; do
-  n=$(basename "$o" .cu.o); n=${n#flash_fwd_hopper_}
+  n=$(basename "$o" .cu.o); n=${n#flash_}
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
   sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
   sass_line+=" named BAR.SYNC/ARV $(grep -cE 'BAR\.(SYNC|ARV)[.A-Z_]* R[0-9]|BAR\.ARV 0x[1-9]' "$f")"
   sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done
-cp "$build/sass-hdim128_bf16.txt" "$OUT/sass-hdim128-bf16.txt" 2>/dev/null
+cp "$build/sass-fwd_hopper_hdim128_bf16.txt" "$OUT/sass-fwd-hdim128-bf16.txt" 2>/dev/null
+cp "$build/sass-bwd_hopper_hdim128_bf16.txt" "$OUT/sass-bwd-hdim128-bf16.txt" 2>/dev/null
 summary+=("SASS: $sass_line")
 
 bin=$build/FlashAttn.Native
@@ -85,32 +92,27 @@ summary+=("hopper_probe (rc $?): $(grep -c '^PASS' "$OUT/probe.log") pass, $(gre
 # 3. Correctness. A kernel that hangs is cut off by timeout (rc 124); the steps that would hang
 # the same way are then skipped, so that the call ends inside its 10 minutes with the logs.
 start=$SECONDS
+timeout "$(cap 60)" "$bin/flash_selftest" "bwd-probe" >"$OUT/selftest-variants.log" 2>&1
+rc=$?
+summary+=("selftest bwd-probe (rc $rc, $((SECONDS - start)) s): $(tail -1 "$OUT/selftest-variants.log")")
+bwd_env=()
+if [ $rc -eq 124 ] || [ $rc -eq 2 ]; then  # hung, or a CUDA error (CK exits 2): later cases would die with it
+  bwd_env=(FLASHATTN_HOPPER_BWD=0)
+  summary+=("the Hopper backward hung or crashed on its probe: the rest runs with FLASHATTN_HOPPER_BWD=0")
+fi
+start=$SECONDS
 if grep -q "never completed" "$OUT/probe.log"; then
   echo "skipped: hopper_probe's TMA barrier never completed, the forward would hang" >"$OUT/selftest.log"
   rc=124
 else
-  timeout "$(cap 240)" "$bin/flash_selftest" >"$OUT/selftest.log" 2>&1
+  env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 240)" "$bin/flash_selftest" >"$OUT/selftest.log" 2>&1
   rc=$?
 fi
 hung=$([ $rc -eq 124 ] && echo 1 || echo 0)
 summary+=("selftest (rc $rc, $((SECONDS - start)) s): $(tail -1 "$OUT/selftest.log"); \
-$(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper path, \
-$(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80")
-if [ "$hung" = 0 ]; then
-  : >"$OUT/selftest-variants.log"
-  for run in "overlap: grid" "rows192:d64 &grid" "persistent: grid" "persistent192:d64 &grid"; do
-    [ "$hung" = 1 ] && break
-    variant=${run%%:*}
-    start=$SECONDS
-    log=$build/selftest-$variant.log
-    FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 120)" "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
-    rc=$?
-    [ $rc -eq 124 ] && hung=1
-    summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
-$(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") on the hopper path")
-    { echo "== FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
-  done
-fi
+$(grep -c '^PASS.*\[hopper\]' "$OUT/selftest.log") passed on the hopper forward, \
+$(grep -c '^PASS.*\[sm80\]' "$OUT/selftest.log") on sm80's; $(grep -c '^PASS.* bwd:hopper' "$OUT/selftest.log") \
+on the hopper backward, $(grep -c '^PASS.* bwd:sm80' "$OUT/selftest.log") on sm80's")
 FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"$OUT/selftest-variants.log" 2>&1
 summary+=("selftest with FLASHATTN_HOPPER=0 (rc $?): $(tail -1 "$OUT/selftest-variants.log"); \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest-variants.log") passed on sm80")
@@ -119,23 +121,41 @@ if [ "$hung" = 1 ]; then
   summary+=("bench and sanitizers skipped: the self-test hung (last lines in selftest.log)")
 else
   # 4. Benchmark.
-  timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
+  env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
   summary+=("bench: rc $?")
+  FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" --bench-bwd >>"$OUT/bench.log" 2>&1
+  summary+=("bench-bwd (sm80): rc $?")
 
-  # 5. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA 8:2, partial tiles): the
-  # three-warpgroup kernel (rows192, d64), and the persistent one (both head dims; 144 tiles on at
-  # most 132 CTAs, so some CTAs run two, and the query blocks that see no key run none).
+  # 5. The forward variants' grids.
+  : >"$OUT/selftest-grids.log"
+  for run in "overlap: grid" "rows192:d64 &grid" "persistent: grid" "persistent192:d64 &grid"; do
+    [ "$hung" = 1 ] && break
+    variant=${run%%:*}
+    start=$SECONDS
+    log=$build/selftest-$variant.log
+    env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 90)" "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
+    rc=$?
+    [ $rc -eq 124 ] && hung=1
+    summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
+$(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") on the hopper path")
+    { echo "== FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-grids.log"
+  done
+
+  # 6. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA, partial tiles): the forward's
+  # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
+  # CTAs, so some CTAs run two, and the query blocks that see no key run none), and the backward (d64
+  # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps).
   if command -v compute-sanitizer >/dev/null; then
-    for run in "rows192:d64 sq97 sk97 h8/2 causal" "persistent:sq1025 sk97 h8/2 causal"; do
+    for run in "pingpong:sq384 sk200 h4/2 causal bgrid" "rows192:d64 sq97 sk97 h8/2 causal" "persistent:sq1025 sk97 h8/2 causal"; do
       variant=${run%%:*}
       for tool in memcheck racecheck synccheck; do
         log=$build/sanitize-$variant-$tool.log
-        FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 90)" compute-sanitizer --tool $tool --error-exitcode 9 \
-          "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
+        env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 60)" compute-sanitizer \
+          --tool $tool --error-exitcode 9 "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
         rc=$?
-        summary+=("compute-sanitizer $tool ($variant): rc $rc; \
+        summary+=("compute-sanitizer $tool '${run#*:}' ($variant): rc $rc; \
 $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
-        { echo "== $tool, $variant (rc $rc)"; head -c 1000000 "$log"; } >>"$OUT/sanitize.log"
+        { echo "== $tool '${run#*:}' ($variant) (rc $rc)"; head -c 1000000 "$log"; } >>"$OUT/sanitize.log"
       done
     done
   else
@@ -144,9 +164,9 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
 fi
 
 echo
-grep -hE "^FAIL" "$OUT/selftest.log" "$OUT/selftest-variants.log" 2>/dev/null | head -20
+grep -hE "^FAIL" "$OUT/selftest.log" "$OUT/selftest-variants.log" "$OUT/selftest-grids.log" 2>/dev/null | head -20
 grep -E "^(FAIL|INFO)" "$OUT/probe.log" | head -12
 grep -E "^bench" "$OUT/bench.log" 2>/dev/null
-sed -n '/^# bf16 TFLOP/,$p' "$OUT/bench.log" 2>/dev/null
+grep -E '^(# bf16 TFLOP|B[0-9])' "$OUT/bench.log" 2>/dev/null
 echo "== summary"
 printf '%s\n' "${summary[@]}"

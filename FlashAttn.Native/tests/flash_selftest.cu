@@ -1,16 +1,18 @@
 // flash_selftest: FlashAttn_flash_fwd / FlashAttn_flash_bwd against a float64 CPU reference.
 //   flash_selftest [filter]   correctness cases (names containing filter, or each of its '&'-separated
-//                             parts: "d64 &grid"), one line each, exit code 1 on
-//                             any failure; each line names the forward path that ran, and a case the
-//                             Hopper kernel covers fails if it ran elsewhere on an sm_90 device
+//                             parts: "d64 &grid"), one line each, exit code 1 on any failure; each line
+//                             names the forward and the backward path that ran, and a case the Hopper
+//                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
 //                             pingpong, overlap, rows192, persistent, persistent192; at d128 rows192 is
 //                             pingpong again, a measure of the noise, and persistent192 is persistent) and
-//                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd
-//                             TFLOP/s: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
-//                             causal. The library reads those variables once per process, so each
-//                             setting runs in a child process of its own (--bench-here: this process
-//                             only, under the environment's setting, e.g. for a profiler)
+//                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s on the default path:
+//                             B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64 causal. The
+//                             library reads those variables once per process, so each setting runs in a
+//                             child process of its own (--bench-here: this process only, under the
+//                             environment's setting, e.g. for a profiler)
+//   flash_selftest --bench-bwd   the forward and backward figures in this process, under its environment
+//                             (with FLASHATTN_HOPPER=0: sm_80's backward)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -74,8 +76,8 @@ struct Case {
   bool fwd_only = false;  // forward and its reference only (the large Hopper grid)
 };
 
-// The forward path the library reports (FLASHATTN_LOG_PATH=1, one stderr line per call), read back by
-// sending stderr to a temporary file around one call.
+// The path the library reports (FLASHATTN_LOG_PATH=1, one stderr line per call), read back by sending
+// stderr to a temporary file around one call.
 struct PathCapture {
   FILE* file = nullptr;
   int saved = -1;
@@ -116,6 +118,13 @@ bool hopper_expected(const Case& c) {
   const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
   return device_and_build && enabled && (c.D == 64 || c.D == 128) && !c.varlen && c.dropout == 0.f && !c.alibi &&
          c.softcap == 0.f && c.wl < 0 && (c.causal || c.wr < 0) && c.sk > 0;
+}
+// Whether the Hopper backward should take it (flash/hopper/flash_bwd_hopper.h): the forward's scope,
+// not deterministic, seqlen_q > 0, and FLASHATTN_HOPPER_BWD not "0".
+bool hopper_bwd_expected(const Case& c) {
+  const char* env = std::getenv("FLASHATTN_HOPPER_BWD");
+  const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
+  return enabled && hopper_expected(c) && !c.deterministic && c.sq > 0;
 }
 
 struct Err {
@@ -242,11 +251,16 @@ bool run_case(const Case& c, bool verbose) {
   const bool path_ok = path == (hopper_expected(c) ? "hopper" : "sm80");
   const int64_t ws_bytes = FlashAttn_flash_bwd_workspace_size(B, sq_arg, sk_arg, H, Hk, D, c.varlen);
   void* ws = dalloc(ws_bytes);
-  if (!c.fwd_only)
+  std::string bwd_path = "-";
+  if (!c.fwd_only) {
+    capture.begin();
     st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
                              Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
                              krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
                              c.alibi ? H : 0, c.dropout, seed, offset, c.deterministic, ws, ws_bytes, nullptr);
+    bwd_path = capture.end();
+  }
+  const bool bwd_path_ok = c.fwd_only || bwd_path == (hopper_bwd_expected(c) ? "hopper" : "sm80");
   if (!c.fwd_only && st != FLASHATTN_STATUS_OK) {
     std::printf("FAIL %s bwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
     return false;
@@ -430,12 +444,21 @@ bool run_case(const Case& c, bool verbose) {
         }
       }
   lse_ok = lse_ok && lse_err <= 1e-3;
-  const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && path_ok;
-  std::printf("%s %-46s [%s] out %.2e %.2e | lse %.1e%s | dq %.2e %.2e | dk %.2e %.2e | dv %.2e %.2e%s%s%s\n",
-              ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), eo.err, eo.ref_err, lse_err, lse_ok ? "" : "(!)",
-              eq.err, eq.ref_err, ek.err, ek.ref_err, ev.err, ev.ref_err, pad_ok ? "" : " | wrote into row padding",
+  const bool ok =
+      eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && path_ok && bwd_path_ok;
+  // Each error pair: the kernel's max error against float64, then the low-precision reference's; the
+  // bound is 2x the second + 1e-4 + 1e-3 max|ref| (a failing output is marked with (!)).
+  auto mark = [](const Err& e) { return e.ok() ? "" : "(!)"; };
+  std::printf("%s %-46s [%s] bwd:%s out %.2e %.2e%s | lse %.1e%s | dq %.2e %.2e%s | dk %.2e %.2e%s | dv %.2e "
+              "%.2e%s%s%s%s%s\n",
+              ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), bwd_path.c_str(), eo.err, eo.ref_err, mark(eo),
+              lse_err, lse_ok ? "" : "(!)", eq.err, eq.ref_err, mark(eq), ek.err, ek.ref_err, mark(ek), ev.err,
+              ev.ref_err, mark(ev), pad_ok ? "" : " | wrote into row padding",
               deterministic_ok ? "" : " | not deterministic",
-              path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"));
+              path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"),
+              bwd_path_ok           ? ""
+              : hopper_bwd_expected(c) ? " | expected the hopper backward"
+                                       : " | expected the sm80 backward");
   (void)verbose;
   std::fflush(stdout);
   return ok;
@@ -535,6 +558,27 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
+  // The Hopper backward's grid (forward and backward): a single tile first (bwd-probe: which of dV,
+  // dK, dQ is off says which stage is, see flash/hopper/NOTES.md), then partial tiles, seqlen_q !=
+  // seqlen_k both ways (causal rows that see no key, key blocks no query sees), several query blocks
+  // per key block and several key blocks per query block; MHA and GQA 4:2 (the float32 dK/dV path).
+  struct BwdLen {
+    int sq, sk, H, Hk;
+    const char* tag;
+  };
+  const BwdLen bwd_lens[] = {{64, 64, 1, 1, " bwd-probe"}, {1, 1, 2, 2, " bgrid"},       {300, 300, 2, 2, " bgrid"},
+                             {1025, 1025, 2, 2, " bgrid"}, {97, 1025, 4, 2, " bgrid"},    {1025, 97, 4, 2, " bgrid"},
+                             {384, 200, 4, 2, " bgrid"},   {200, 640, 2, 2, " bgrid"}};
+  for (const BwdLen& l : bwd_lens)
+    for (int d : {64, 128})
+      for (int bf16 = 1; bf16 >= 0; --bf16)
+        for (int causal = 0; causal < 2; ++causal) {
+          Case c;
+          c.D = d, c.bf16 = bf16, c.causal = causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk;
+          if (l.sq == 64) c.B = 1;
+          c.name = name(c, l.tag);
+          v.push_back(c);
+        }
   {
     Case c;
     c.D = 256, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.causal = true, c.softcap = 30.f, c.alibi = true;
@@ -632,8 +676,19 @@ void bench_here(int only_d, int only_causal, bool with_bwd) {
     std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s", B, H, S, D, causal,
                 path.c_str(), tf, flops / tf * 1e-9);
     if (with_bwd) {
+      setenv("FLASHATTN_LOG_PATH", "1", 1);
+      PathCapture bwd_capture;
+      bwd_capture.begin();
+      const FlashAttnStatus bst = bwd();
+      const std::string bwd_path = bwd_capture.end();
+      unsetenv("FLASHATTN_LOG_PATH");
+      CK(cudaDeviceSynchronize());
+      if (bst != FLASHATTN_STATUS_OK) {
+        std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
+        std::exit(3);
+      }
       const double tb = time_it(bwd);
-      std::printf(" | bwd %.3f ms %.1f TFLOP/s", tb, 2.5 * flops / tb * 1e-9);
+      std::printf(" | bwd %.3f ms %.1f TFLOP/s [%s]", tb, 2.5 * flops / tb * 1e-9, bwd_path.c_str());
     }
     std::printf("\n");
     std::fflush(stdout);
@@ -720,10 +775,10 @@ int bench(const char* self, int only_d, int only_causal) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--bench-here") {
-    // --bench-here D causal [bwd]: D 0 = every head dim, causal -1 = both.
-    bench_here(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1,
-               argc > 4 && std::string(argv[4]) == "bwd");
+  if (argc > 1 && (std::string(argv[1]) == "--bench-here" || std::string(argv[1]) == "--bench-bwd")) {
+    // --bench-here D causal [bwd]: D 0 = every head dim, causal -1 = both; --bench-bwd [D [causal]]: with the backward.
+    const bool bwd = std::string(argv[1]) == "--bench-bwd" || (argc > 4 && std::string(argv[4]) == "bwd");
+    bench_here(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, bwd);
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "--bench") {
@@ -734,7 +789,7 @@ int main(int argc, char** argv) {
     self[n] = 0;
     return bench(self, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
   }
-  setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward ran (PathCapture)
+  setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward and backward ran (PathCapture)
   std::string filter = argc > 1 ? argv[1] : "";
   int passed = 0, failed = 0;
   for (const Case& c : cases()) {

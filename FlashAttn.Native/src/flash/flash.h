@@ -95,6 +95,11 @@ inline FlashBwdWorkspaceLayout flash_bwd_workspace_layout(int64_t batch, int64_t
 
 FlashAttnStatus run_flash_fwd(const FlashFwdParams& params, void* stream, const char* function);
 FlashAttnStatus run_flash_bwd(const FlashBwdParams& params, void* stream, const char* function);
+// The steps of every backward around its main kernel (flash_bwd_launch_template.h), for the Hopper
+// backward: compiled with the sm_80 kernels, for every architecture of the build (a kernel template
+// instantiated again in the sm_90a-only objects could be registered without sm_80 code).
+FlashAttnStatus run_flash_bwd_preprocess(const FlashBwdParams& params, void* stream, const char* function);
+FlashAttnStatus run_flash_bwd_postprocess(const FlashBwdParams& params, void* stream, const char* function);
 // *supported = whether the backward kernel for this head dim fits the device's shared memory per block.
 FlashAttnStatus flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported, const char* function);
 

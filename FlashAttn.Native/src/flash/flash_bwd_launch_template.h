@@ -26,16 +26,17 @@ inline int bwd_max_stages() {
   return stages;
 }
 
-template <typename T, int kHeadDim>
-FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function) {
-  using Tr = BwdTraits<kHeadDim, T>;
-  const int64_t B = p.batch, H = p.nheads, Hk = p.nheads_k;
+// Before the main kernel (sm_80's or the Hopper one): zero the float32 accumulators, and
+// dsum = rowsum(dout * out).
+template <typename T>
+FlashAttnStatus bwd_preprocess(const FlashBwdParams& p, int dpad, cudaStream_t stream, const char* function) {
+  const int64_t B = p.batch, H = p.nheads;
   FlashAttnStatus s = check_cuda(
-      cudaMemsetAsync(p.dq_accum, 0, size_t(B * p.seqlen_q * H * kHeadDim) * sizeof(float), stream), function,
+      cudaMemsetAsync(p.dq_accum, 0, size_t(B * p.seqlen_q * H * dpad) * sizeof(float), stream), function,
       "cudaMemsetAsync(dq_accum)");
   if (s != FLASHATTN_STATUS_OK) return s;
   if (p.dk_accum != nullptr) {
-    const size_t bytes = size_t(B * p.seqlen_k * H * kHeadDim) * sizeof(float);
+    const size_t bytes = size_t(B * p.seqlen_k * H * dpad) * sizeof(float);
     s = check_cuda(cudaMemsetAsync(p.dk_accum, 0, bytes, stream), function, "cudaMemsetAsync(dk_accum)");
     if (s == FLASHATTN_STATUS_OK)
       s = check_cuda(cudaMemsetAsync(p.dv_accum, 0, bytes, stream), function, "cudaMemsetAsync(dv_accum)");
@@ -44,8 +45,35 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
   if (p.seqlen_q > 0) {
     flash_bwd_dot_do_o_kernel<T><<<dim3(blocks_for(p.seqlen_q * H, 4), unsigned(B)), 128, 0, stream>>>(p);
     s = check_launch(function, "flash_bwd_dot_do_o_kernel");
+  }
+  return s;
+}
+
+// After the main kernel: the float32 accumulators -> dq (and dk, dv with GQA or above d128).
+template <typename T>
+FlashAttnStatus bwd_postprocess(const FlashBwdParams& p, int dpad, cudaStream_t stream, const char* function) {
+  const int64_t B = p.batch, H = p.nheads, Hk = p.nheads_k;
+  FlashAttnStatus s = FLASHATTN_STATUS_OK;
+  if (p.seqlen_q > 0) {
+    flash_bwd_convert_dq_kernel<T>
+        <<<dim3(blocks_for(p.seqlen_q * H * (p.headdim / 8), 128), unsigned(B)), 128, 0, stream>>>(p, dpad);
+    s = check_launch(function, "flash_bwd_convert_dq_kernel");
     if (s != FLASHATTN_STATUS_OK) return s;
   }
+  if (p.dk_accum != nullptr && p.seqlen_k > 0) {
+    flash_bwd_convert_dkv_kernel<T>
+        <<<dim3(blocks_for(p.seqlen_k * Hk * (p.headdim / 8), 128), unsigned(B)), 128, 0, stream>>>(p, dpad);
+    s = check_launch(function, "flash_bwd_convert_dkv_kernel");
+  }
+  return s;
+}
+
+template <typename T, int kHeadDim>
+FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function) {
+  using Tr = BwdTraits<kHeadDim, T>;
+  const int64_t B = p.batch, H = p.nheads;
+  FlashAttnStatus s = bwd_preprocess<T>(p, kHeadDim, stream, function);
+  if (s != FLASHATTN_STATUS_OK) return s;
   if (p.seqlen_k > 0) {
     const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
     auto kernel = full ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
@@ -76,18 +104,7 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
     s = check_launch(function, "flash_bwd_kernel");
     if (s != FLASHATTN_STATUS_OK) return s;
   }
-  if (p.seqlen_q > 0) {
-    flash_bwd_convert_dq_kernel<T>
-        <<<dim3(blocks_for(p.seqlen_q * H * (p.headdim / 8), 128), unsigned(B)), 128, 0, stream>>>(p, kHeadDim);
-    s = check_launch(function, "flash_bwd_convert_dq_kernel");
-    if (s != FLASHATTN_STATUS_OK) return s;
-  }
-  if (p.dk_accum != nullptr && p.seqlen_k > 0) {
-    flash_bwd_convert_dkv_kernel<T>
-        <<<dim3(blocks_for(p.seqlen_k * Hk * (p.headdim / 8), 128), unsigned(B)), 128, 0, stream>>>(p, kHeadDim);
-    s = check_launch(function, "flash_bwd_convert_dkv_kernel");
-  }
-  return s;
+  return bwd_postprocess<T>(p, kHeadDim, stream, function);
 }
 
 }  // namespace flash

@@ -1,7 +1,7 @@
 // run_flash_fwd / run_flash_bwd: runtime dtype and head dim -> the compiled instantiation
-// (instantiations/*.cu define run_mha_fwd / run_mha_bwd for each pair). The forward first offers
-// the case to the Hopper kernel (hopper/, when the library is built for sm_90a).
-// FLASHATTN_LOG_PATH=1 in the environment prints which forward ran, one line per call on stderr.
+// (instantiations/*.cu define run_mha_fwd / run_mha_bwd for each pair). Both first offer the case
+// to the Hopper kernels (hopper/, when the library is built for sm_90a).
+// FLASHATTN_LOG_PATH=1 in the environment prints which kernel ran, one line per call on stderr.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +14,7 @@
 #include "flash/flash_bwd_launch_template.h"
 #include "flash/flash_fwd_launch_template.h"
 #if FLASHATTN_HOPPER
+#include "flash/hopper/flash_bwd_hopper.h"
 #include "flash/hopper/flash_fwd_hopper.h"
 #endif
 
@@ -81,7 +82,30 @@ FlashAttnStatus run_flash_fwd(const FlashFwdParams& p, void* stream, const char*
 }
 
 FlashAttnStatus run_flash_bwd(const FlashBwdParams& p, void* stream, const char* function) {
+#if FLASHATTN_HOPPER
+  bool ran = false;
+  const FlashAttnStatus s = flash::hopper::run_bwd(p, static_cast<cudaStream_t>(stream), function, &ran);
+  if (s != FLASHATTN_STATUS_OK || ran) {
+    if (ran) log_path(function, "hopper path (sm_90a: TMA, wgmma)");
+    return s;
+  }
+#endif
+  log_path(function, "sm80 path (mma.sync)");
   return dispatch<Bwd>(p, stream, function);
+}
+
+FlashAttnStatus run_flash_bwd_preprocess(const FlashBwdParams& p, void* stream, const char* function) {
+  const int dpad = int(flash_round_headdim(p.headdim));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? flash::bwd_preprocess<__nv_bfloat16>(p, dpad, s, function)
+                                              : flash::bwd_preprocess<__half>(p, dpad, s, function);
+}
+
+FlashAttnStatus run_flash_bwd_postprocess(const FlashBwdParams& p, void* stream, const char* function) {
+  const int dpad = int(flash_round_headdim(p.headdim));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? flash::bwd_postprocess<__nv_bfloat16>(p, dpad, s, function)
+                                              : flash::bwd_postprocess<__half>(p, dpad, s, function);
 }
 
 FlashAttnStatus flash_bwd_supported(int32_t device, int64_t headdim, int32_t* supported, const char* function) {

@@ -3,12 +3,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
-#include "common/cuda_check.cuh"
+#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_hopper.h"
 #include "flash/hopper/kernel_traits.h"
 #include "flash/hopper/tensor_map.h"
@@ -25,18 +24,10 @@ bool covers(const FlashFwdParams& p) {
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
 
-// Environment switches, read once per process (the bench and build/hopper-check.sh run each setting
-// in a process of its own): FLASHATTN_HOPPER=0 turns the Hopper forward off;
-// FLASHATTN_HOPPER_FWD_VARIANT picks the kernel: "overlap" without the warpgroups' ping-pong,
-// "rows192" with 192-row tiles at d64, "persistent" on a persistent grid, "persistent192" both,
-// anything else "pingpong" (FwdVariant).
-bool hopper_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("FLASHATTN_HOPPER");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
-}
+// FLASHATTN_HOPPER_FWD_VARIANT, read once per process (the bench and build/hopper-check.sh run each
+// setting in a process of its own): "overlap" without the warpgroups' ping-pong, "rows192" with
+// 192-row tiles at d64, "persistent" on a persistent grid, "persistent192" both, anything else
+// "pingpong" (FwdVariant).
 FwdVariant fwd_variant() {
   static const FwdVariant variant = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
@@ -47,27 +38,6 @@ FwdVariant fwd_variant() {
     return FwdVariant::kPingpong;
   }();
   return variant;
-}
-
-// The current device and its compute capability (major * 10 + minor), the latter cached per device.
-FlashAttnStatus current_capability(int* device_out, int* capability, const char* function) {
-  static std::atomic<int> cache[64];  // 0: not asked yet
-  int device = 0;
-  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
-  *device_out = device;
-  if (s != FLASHATTN_STATUS_OK) return s;
-  *capability = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (*capability != 0) return s;
-  int major = 0, minor = 0;
-  s = check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), function,
-                 "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  if (s == FLASHATTN_STATUS_OK)
-    s = check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), function,
-                   "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  *capability = major * 10 + minor;
-  if (device < 64) cache[device].store(*capability, std::memory_order_relaxed);
-  return s;
 }
 
 template <typename T>
@@ -81,7 +51,8 @@ FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, F
 
 FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
   *ran = false;
-  if (!covers(p) || !hopper_enabled()) return FLASHATTN_STATUS_OK;
+  static const bool enabled = !env_off("FLASHATTN_HOPPER");  // read once per process
+  if (!covers(p) || !enabled) return FLASHATTN_STATUS_OK;
   int device = 0, capability = 0;
   FlashAttnStatus s = current_capability(&device, &capability, function);
   if (s != FLASHATTN_STATUS_OK || capability != 90) return s;

@@ -93,6 +93,92 @@ template <typename T, int kHeadDim>
 FlashAttnStatus run_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdVariant variant,
                                    int device, cudaStream_t stream, const char* function);
 
+// ---- backward ----
+// One CTA: 128 keys (kBlockN) of one (batch, head), walking the query blocks (kBlockM rows) that see
+// them; two consumer warpgroups split the keys, 64 each (the wgmma M of S^T = K Q^T), and keep their
+// rows of dK and dV in registers. FlashAttention-3's tiles: 64 x 128 at d128, 128 x 128 at d64
+// (where dK and dV take half the registers, so S^T and dP^T can be twice as wide). dQ = dS K of a
+// block is split between the warpgroups by 64-column chunks at d128 and by 64-query halves at d64:
+// either way each dQ element is added once per key block.
+template <int kHeadDim_, typename T_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper backward covers head dims 64 and 128");
+  static_assert(sizeof(T) == 2, "16-bit inputs (wgmma's transposed operands need them)");
+  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
+  static constexpr int kBlockN = 128;
+  static constexpr int kConsumerWarpgroups = kBlockN / 64;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
+  static constexpr int kStages = 2;                                  // Q, dO, LSE and dsum buffers
+  // dQ split: by head-dim chunk (d128, kBlockM 64) or by query half (d64, kBlockM 128), 64 x 64 each.
+  static constexpr bool kDqByColumns = kBlockM == 64;
+  static_assert(kDqByColumns ? kHeadDim == 64 * kConsumerWarpgroups : kBlockM == 64 * kConsumerWarpgroups,
+                "one 64 x 64 dQ part per consumer warpgroup");
+  // TMA boxes of 64 head-dim elements (one 128-byte swizzle row) by 128 rows (K, V) or kBlockM
+  // rows (Q, dO).
+  static constexpr int kBoxCols = 64;
+  static constexpr int kChunks = kHeadDim / kBoxCols;
+  static constexpr int kKvChunkBytes = kBlockN * kBoxCols * int(sizeof(T));  // 16 KB
+  static constexpr int kKvTileBytes = kChunks * kKvChunkBytes;
+  static constexpr int kQChunkBytes = kBlockM * kBoxCols * int(sizeof(T));   // 8 or 16 KB
+  static constexpr int kQTileBytes = kChunks * kQChunkBytes;
+  // dS^T of the block, keys x queries, as chunks of 64 queries (128 bytes a key row, 128-byte
+  // swizzle): the MN-major A operand of dQ = dS K. Two buffers: one warpgroup may write the next
+  // block's while the other still reads this one's.
+  static constexpr int kDsChunkBytes = kBlockN * 64 * int(sizeof(T));  // 16 KB
+  static constexpr int kDsBytes = (kBlockM / 64) * kDsChunkBytes;
+  // Shared memory from a 1024-byte aligned base: K, V, Q[stages], dO[stages], dS[2], LSE[stages]
+  // and dsum[stages] (kBlockM floats each), then the mbarriers (K/V full; full[stages],
+  // empty[stages]). 160 KB at both head dims.
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKvTileBytes;
+  static constexpr int kOffQ = kOffV + kKvTileBytes;
+  static constexpr int kOffDo = kOffQ + kStages * kQTileBytes;
+  static constexpr int kOffDs = kOffDo + kStages * kQTileBytes;
+  static constexpr int kOffLse = kOffDs + 2 * kDsBytes;
+  static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
+  static constexpr int kOffBar = kOffDsum + kStages * kBlockM * 4;
+  static constexpr int kBarriers = 1 + 2 * kStages;
+  static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;  // + 1024: the base is rounded up
+  // The full barrier of a stage completes on the TMA's bytes (one arrive.expect_tx) and on the 32
+  // lanes of the warp that stages LSE and dsum.
+  static constexpr int kFullArrivals = 1 + 32;
+  // Registers as the forward: the producer drops to 24, the consumers rise to 240. A consumer thread
+  // holds dK and dV (kHeadDim floats), S^T and dP^T (kBlockM / 2 floats each), then P^T and dS^T
+  // packed (kBlockM / 4 each) and its dQ part (32): at most 192 floats at both head dims.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+};
+
+// What the backward kernel reads besides the tensor maps (element strides, as FlashBwdParams).
+struct BwdKernelParams {
+  const float* softmax_lse;  // (B, H, Sq), natural log
+  const float* dsum;         // (B * Sq, H): rowsum(dout * out), flash_bwd_dot_do_o_kernel's
+  float* dq_accum;           // (B * Sq, H, D) float32, zeroed: dS K summed over the key blocks
+  void* dk;                  // (B, Sk, H, D), written when there is no GQA (H == Hk)
+  void* dv;
+  float* dk_accum;           // with GQA: (B * Sk, H, D) float32 per query head instead; else nullptr
+  float* dv_accum;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int seqlen_q, seqlen_k, nheads, heads_per_khead;
+  float scale;       // softmax_scale (dK = scale * dS^T Q)
+  float scale_log2;  // softmax_scale * log2(e) > 0
+  int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+};
+
+// Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps.
+struct BwdTensorMaps {
+  CUtensorMap q, k, v, dout;
+};
+
+// Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
+// runs the preprocessing before it and the conversions after).
+template <typename T, int kHeadDim>
+FlashAttnStatus run_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
+                                   const char* function);
+
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

@@ -197,6 +197,42 @@ FA_WGMMA(__half, "f16", 128, FA_D64, FA_F64, "%64", "%65", "%66", "%67", "%64", 
 #undef FA_D64
 #undef FA_D32
 
+// ---- backward's additions ----
+// Orders this thread's generic-proxy shared-memory stores before later async-proxy reads (wgmma
+// operands, TMA): after writing a tile that a wgmma will read, before the barrier that publishes it.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// D (64 x 64, f32) (+)= A (64 x 16) * B (16 x 64), both from shared memory MN-major (imm-trans-a =
+// imm-trans-b = 1: A stored with its M dimension contiguous, B with its N dimension contiguous), the
+// same canonical layout as the MN-major B of Wgmma::rs; scale_d = 0 overwrites D.
+template <typename T>
+struct WgmmaTT;
+#define FA_WGMMA_TT(TYPE, TY)                                                                                        \
+  template <>                                                                                                        \
+  struct WgmmaTT<TYPE> {                                                                                             \
+    static __device__ __forceinline__ void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {  \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                    \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                           \
+                   " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "   \
+                   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"      \
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),             \
+                     "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),         \
+                     "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),      \
+                     "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),      \
+                     "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                              \
+                   : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                        \
+    }                                                                                                                \
+  };
+FA_WGMMA_TT(__nv_bfloat16, "bf16")
+FA_WGMMA_TT(__half, "f16")
+#undef FA_WGMMA_TT
+
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

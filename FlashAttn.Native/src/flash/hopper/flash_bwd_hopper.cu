@@ -1,0 +1,71 @@
+// run_bwd: which cases take the Hopper backward, their TMA tensor maps, and runtime dtype / head dim
+// -> the compiled instantiation. Host code only (the kernels are in instantiations/).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "flash/hopper/dispatch.h"
+#include "flash/hopper/flash_bwd_hopper.h"
+#include "flash/hopper/kernel_traits.h"
+#include "flash/hopper/tensor_map.h"
+
+namespace flashattn {
+namespace flash {
+namespace hopper {
+
+namespace {
+
+bool covers(const FlashBwdParams& p) {
+  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && p.dropout_p == 0.f &&
+         p.alibi_slopes == nullptr && p.softcap == 0.f && p.window_left < 0 && p.window_right <= 0 &&
+         !p.deterministic && p.seqlen_q > 0 && p.seqlen_k > 0 && p.softmax_scale > 0.f &&
+         std::isfinite(p.softmax_scale) && (p.nheads == p.nheads_k || p.dk_accum != nullptr);
+}
+
+template <typename T>
+FlashAttnStatus by_headdim(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
+                           const char* function) {
+  return p.headdim == 64 ? run_mha_bwd_hopper<T, 64>(p, maps, stream, function)
+                         : run_mha_bwd_hopper<T, 128>(p, maps, stream, function);
+}
+
+}  // namespace
+
+FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
+  *ran = false;
+  static const bool enabled = !env_off("FLASHATTN_HOPPER") && !env_off("FLASHATTN_HOPPER_BWD");
+  if (!enabled || !covers(p)) return FLASHATTN_STATUS_OK;
+  int device = 0, capability = 0;
+  FlashAttnStatus s = current_capability(&device, &capability, function);
+  if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
+  const EncodeTiled fn = encode_tiled();
+  if (fn == nullptr) return FLASHATTN_STATUS_OK;
+  // Boxes of 64 head-dim columns (BwdTraits) by kBlockM rows of Q and dO (it depends on the head dim
+  // alone) and kBlockN rows of K and V.
+  using Tr64 = BwdTraits<64, __half>;
+  using Tr128 = BwdTraits<128, __half>;
+  const int box_m = p.headdim == 64 ? Tr64::kBlockM : Tr128::kBlockM;
+  static_assert(Tr64::kBoxCols == Tr128::kBoxCols && Tr64::kBlockN == Tr128::kBlockN, "one K/V box");
+  BwdTensorMaps maps;
+  const bool encoded =
+      encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                  p.q_head_stride, p.q_batch_stride, Tr64::kBoxCols, box_m) &&
+      encode_bshd(fn, &maps.dout, p.dtype, p.dout, p.headdim, p.seqlen_q, p.nheads, p.batch, p.dout_row_stride,
+                  p.dout_head_stride, p.dout_batch_stride, Tr64::kBoxCols, box_m) &&
+      encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
+                  p.k_head_stride, p.k_batch_stride, Tr64::kBoxCols, Tr64::kBlockN) &&
+      encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
+                  p.v_head_stride, p.v_batch_stride, Tr64::kBoxCols, Tr64::kBlockN);
+  if (!encoded) return FLASHATTN_STATUS_OK;
+  *ran = true;
+  s = run_flash_bwd_preprocess(p, stream, function);
+  if (s == FLASHATTN_STATUS_OK)
+    s = p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)
+                                             : by_headdim<__half>(p, maps, stream, function);
+  return s == FLASHATTN_STATUS_OK ? run_flash_bwd_postprocess(p, stream, function) : s;
+}
+
+}  // namespace hopper
+}  // namespace flash
+}  // namespace flashattn

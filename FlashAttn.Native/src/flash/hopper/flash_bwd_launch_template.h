@@ -1,0 +1,62 @@
+// Launch of the Hopper backward kernel for one (dtype, head dim) instantiation (hopper/
+// instantiations/flash_bwd_hopper_hdim*_*.cu); run_bwd (flash_bwd_hopper.cu) runs the steps around
+// it. Compiled for sm_90a only.
+#pragma once
+
+#include <atomic>
+
+#include "common/cuda_check.cuh"
+#include "flash/hopper/flash_bwd_kernel.cuh"
+
+namespace flashattn {
+namespace flash {
+namespace hopper {
+
+template <typename T, int kHeadDim>
+FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
+                                      const char* function) {
+  using Tr = BwdTraits<kHeadDim, T>;
+  BwdKernelParams kp;
+  kp.softmax_lse = p.softmax_lse;
+  kp.dsum = p.dsum;
+  kp.dq_accum = p.dq_accum;
+  kp.dk = p.dk;
+  kp.dv = p.dv;
+  // GQA: the kernel writes each query head's dK and dV to the float32 workspace; the postprocessing
+  // sums the group's heads.
+  kp.dk_accum = p.nheads != p.nheads_k ? p.dk_accum : nullptr;
+  kp.dv_accum = p.nheads != p.nheads_k ? p.dv_accum : nullptr;
+  kp.dk_batch_stride = p.dk_batch_stride;
+  kp.dk_row_stride = p.dk_row_stride;
+  kp.dk_head_stride = p.dk_head_stride;
+  kp.dv_batch_stride = p.dv_batch_stride;
+  kp.dv_row_stride = p.dv_row_stride;
+  kp.dv_head_stride = p.dv_head_stride;
+  kp.seqlen_q = int(p.seqlen_q);
+  kp.seqlen_k = int(p.seqlen_k);
+  kp.nheads = int(p.nheads);
+  kp.heads_per_khead = int(p.nheads / p.nheads_k);
+  kp.scale = p.softmax_scale;
+  kp.scale_log2 = p.softmax_scale * kLog2e;
+  kp.causal = p.window_right == 0 ? 1 : 0;
+  auto kernel = flash_bwd_hopper_kernel<Tr>;
+  // The shared-memory opt-in is per device and per kernel: set once for each device.
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
+    s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+                   function, "cudaFuncSetAttribute(flash_bwd_hopper_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.nheads), unsigned(p.batch));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, maps.dout, kp);
+  return check_launch(function, "flash_bwd_hopper_kernel");
+}
+
+}  // namespace hopper
+}  // namespace flash
+}  // namespace flashattn
