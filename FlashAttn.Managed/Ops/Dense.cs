@@ -160,13 +160,11 @@ internal static class DenseOps
     // Elements between rows; a single row's stride is arbitrary in a "contiguous" tensor (expand, unsqueeze).
     private static long Ld(Tensor t) => t.shape[0] == 1 ? t.shape[1] : t.stride(0);
 
-    // Forward: throw. Backward (must not throw): report, and make the gradients NaN so training checks surface it.
+    // Forward: throw. Backward (must not throw): BackwardGuard records the failure and makes the outputs NaN.
     private static void Finish(FlashAttnStatus status, bool backward, params Tensor?[] outputs)
     {
-        if (status == FlashAttnStatus.Ok) return;
-        if (!backward) NativeMethods.Check(status);
-        Console.Error.WriteLine($"fused dense backward failed: {Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-        foreach (var t in outputs) t?.fill_(double.NaN);
+        if (backward) BackwardGuard.Check(status, outputs);
+        else NativeMethods.Check(status);
     }
 
     private static ScalarType Ct(Tensor t) => Reference.ComputeType(t.dtype);

@@ -386,9 +386,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         {
             var wsBytes = NativeMethods.FlashAttn_flash_bwd_workspace_size(g.B, g.Sq, g.Sk, g.H, g.Hk, g.D, g.Varlen ? 1 : 0);
             var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: q.device) : null;
-            // backward must not throw (it would abort the process): a failure is reported and the
-            // gradients are NaN, which the training loop's checks then surface.
-            var status = NativeMethods.FlashAttn_flash_bwd(
+            BackwardGuard.Check(NativeMethods.FlashAttn_flash_bwd(
                 Ptr(dout), Ptr(q), Ptr(k), Ptr(v), Ptr(output), Ptr(lse), Ptr(dq), Ptr(dk), Ptr(dv), DType(q.dtype),
                 PtrOrNull(g.CuQ), PtrOrNull(g.CuK), g.B, g.Sq, g.Sk, g.H, g.Hk, g.D,
                 g.BatchStride(q), g.RowStride(q), g.HeadStride(q),
@@ -401,12 +399,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
                 g.BatchStride(dv), g.RowStride(dv), g.HeadStride(dv),
                 (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
                 (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
-                (float)opts.DropoutP, opts.Seed, 0, opts.Deterministic ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero);
-            if (status != FlashAttnStatus.Ok)
-            {
-                Console.Error.WriteLine($"FlashAttnFunction.backward failed: {System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-                foreach (var t in new[] { dq, dk, dv }) t.fill_(double.NaN);
-            }
+                (float)opts.DropoutP, opts.Seed, 0, opts.Deterministic ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero), dq, dk, dv);
         }
         return new List<Tensor> { dq, dk, dv, null!, null!, null!, null!, null! };
     }

@@ -359,18 +359,13 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
                 var wsBytes = NativeMethods.FlashAttn_norm_bwd_workspace_size(rows, hidden, s.HasBias0 ? 1 : 0, w1 is null ? 0 : 1, s.HasBias1 ? 1 : 0);
                 var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: dev) : null;
                 var (w0c, w1c) = (w0.contiguous(), w1?.contiguous());
-                var status = NativeMethods.FlashAttn_norm_bwd(
+                BackwardGuard.Check(NativeMethods.FlashAttn_norm_bwd(
                     Ptr(dz0), PtrOrNull(dz1), PtrOrNull(dres), Ptr(x), DType(x.dtype), Ptr(w0c), PtrOrNull(w1c), DType(w0.dtype),
                     PtrOrNull(mean), Ptr(rstd), PtrOrNull(rs), Ptr(dx0), PtrOrNull(dx1), PtrOrNull(dresidual), DType(s.ResidualDtype),
                     Ptr(dw0), PtrOrNull(db0), PtrOrNull(dw1), PtrOrNull(db1), DType(s.X0Dtype), rows, hidden,
                     RowStride(dz0), dres is null ? hidden : RowStride(dres), RowStride(x), hidden, hidden,
-                    (float)o.DropoutP, o.Seed, 0, o.IsRms ? 1 : 0, o.ZeroCentered ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero);
-                if (status != FlashAttnStatus.Ok)
-                {
-                    // backward must not throw (it would abort the process): report, and make the gradients NaN
-                    Console.Error.WriteLine($"NormFunction.backward failed: {System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-                    foreach (var t in new[] { dx0, dx1, dresidual, dw0, db0, dw1, db1 }) t?.fill_(double.NaN);
-                }
+                    (float)o.DropoutP, o.Seed, 0, o.IsRms ? 1 : 0, o.ZeroCentered ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero),
+                    dx0, dx1, dresidual, dw0, db0, dw1, db1);
             }
             g = new NormReferenceGrads(dx0, dx1, dresidual, dw0, db0, dw1, db1);
         }
