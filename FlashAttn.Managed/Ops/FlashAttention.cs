@@ -358,7 +358,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
                 g.BatchStride(k), g.RowStride(k), g.HeadStride(k),
                 g.BatchStride(v), g.RowStride(v), g.HeadStride(v),
                 g.BatchStride(output), g.RowStride(output), g.HeadStride(output),
-                (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
+                (float)opts.Scale, (int)opts.WindowLeft, (int)opts.WindowRight,
                 (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
                 (float)opts.DropoutP, opts.Seed, 0, PtrOrNull(mask), PtrOrNull(ws), wsBytes, IntPtr.Zero));
         }
@@ -397,7 +397,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
                 g.BatchStride(dq), g.RowStride(dq), g.HeadStride(dq),
                 g.BatchStride(dk), g.RowStride(dk), g.HeadStride(dk),
                 g.BatchStride(dv), g.RowStride(dv), g.HeadStride(dv),
-                (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
+                (float)opts.Scale, (int)opts.WindowLeft, (int)opts.WindowRight,
                 (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
                 (float)opts.DropoutP, opts.Seed, 0, opts.Deterministic ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero), dq, dk, dv);
         }

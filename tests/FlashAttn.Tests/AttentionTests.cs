@@ -32,6 +32,20 @@ public sealed class AttentionTests
         Assert.That(huge.allclose(full), Is.True);
     }
 
+    [TestCase(7, 11, -1L), TestCase(11, 7, -1L), TestCase(9, 9, 3L)]
+    public void CausalIsTheWindowWithRightZero(int sq, int sk, long left)
+    {
+        var q = randn(2, sq, 2, 8, dtype: ScalarType.Float64);
+        var k = randn(2, sk, 2, 8, dtype: ScalarType.Float64);
+        var v = randn(2, sk, 2, 8, dtype: ScalarType.Float64);
+        var causal = flash_attn.flash_attn_func_with_lse(q, k, v, causal: true, window_size: left < 0 ? null : (left, -1));
+        var window = flash_attn.flash_attn_func_with_lse(q, k, v, window_size: (left, 0));
+        Assert.That(causal.output.eq(window.output).all().item<bool>(), Is.True);
+        Assert.That(causal.softmax_lse.eq(window.softmax_lse).all().item<bool>(), Is.True);
+        var expected = tensor(Oracle(q, k, v, 1 / Math.Sqrt(8), left, 0, 0, null));
+        Assert.That(Tolerance.MaxAbsDiff(causal.output, expected), Is.LessThan(1e-10));
+    }
+
     // softmax(scale q.k [softcap] [alibi] [mask]) v for one (batch, head), one row at a time, float64.
     internal static double[,,,] Oracle(Tensor q, Tensor k, Tensor v, double scale, long left, long right, double softcap, double[]? slopes)
     {

@@ -145,6 +145,35 @@ public sealed class FlashAttentionCudaTests
         Assert.That(none.dropout_mask!.cpu().eq(noneCpu.dropout_mask!).all().item<bool>(), Is.True, "without dropout: the visible elements");
     }
 
+    // Causal reaches the kernels as window_right = 0 (flashattn.h has no other way to say it): causal and the window
+    // (-1, 0) are the same call, bit for bit, forward and backward; causal with a window keeps its left side.
+    [TestCase(ScalarType.BFloat16, 59, 113, 203, -1L), TestCase(ScalarType.Float16, 128, 200, 128, -1L), TestCase(ScalarType.BFloat16, 64, 97, 97, 23L)]
+    public void CausalIsTheWindowWithRightZero(ScalarType dtype, int d, int sq, int sk, long left)
+    {
+        var dev = Gpu.Require();
+        var q = randn(2, sq, 4, d, dtype: dtype, device: dev);
+        var k = randn(2, sk, 2, d, dtype: dtype, device: dev);
+        var v = randn(2, sk, 2, d, dtype: dtype, device: dev);
+        var g = randn(2, sq, 4, d, dtype: dtype, device: dev);
+        (Tensor o, Tensor lse, Tensor[] grads) Run(bool causal, (long, long)? window)
+        {
+            var ins = new[] { q, k, v }.Select(t => t.detach().clone().requires_grad_(true)).ToArray();
+            var r = flash_attn.flash_attn_func_with_lse(ins[0], ins[1], ins[2], causal: causal, window_size: window, deterministic: true);
+            r.output.backward(new[] { g });
+            return (r.output, r.softmax_lse, ins.Select(t => t.grad!).ToArray());
+        }
+        var causal = Run(true, left < 0 ? null : (left, -1));
+        var window = Run(false, (left, 0));
+        Assert.That(causal.o.eq(window.o).all().item<bool>(), Is.True, "out");
+        Assert.That(causal.lse.eq(window.lse).all().item<bool>(), Is.True, "lse (+inf where a row sees no key)");
+        for (int i = 0; i < 3; i++)
+            Assert.That(causal.grads[i].eq(window.grads[i]).all().item<bool>(), Is.True, $"grad {"qkv"[i]}");
+        // and it is the causal reference
+        var (o64, _, _) = Ref(q, k, v, g, true, left < 0 ? null : (left, -1), 0, null, ScalarType.Float64);
+        var (oLow, _, _) = Ref(q, k, v, g, true, left < 0 ? null : (left, -1), 0, null, dtype);
+        Tolerance.AssertClose(causal.o, oLow, o64, "out");
+    }
+
     [Test]
     public void VarlenOffsetsAreCheckedOnTheDevice()
     {
