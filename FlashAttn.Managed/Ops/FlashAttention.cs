@@ -222,10 +222,8 @@ public static partial class flash_attn
         (long left, long right)? window, double softcap, Tensor? alibi, bool deterministic, bool returnMask)
     {
         var (left, right) = Window(seqlenQ, seqlenK, causal, window);
-        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
-        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
         return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.shape[^1]), left, right, softcap, alibi,
-                                    deterministic, returnMask, seed);
+                                    deterministic, returnMask, dropoutP > 0 ? DropoutSeed.Draw() : 0);
     }
 
     /// <summary>The (left, right) window of a call, -1 unlimited: causal is right = 0.</summary>

@@ -136,15 +136,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         bool prenorm, bool residualInFp32, bool returnMask, Generator? generator)
     {
         var resDtype = residual?.dtype ?? (residualInFp32 && x0.dtype != ScalarType.Float64 ? ScalarType.Float32 : x0.dtype);
-        return new NormOptions(p, eps, isRms, zeroCentered, prenorm, resDtype, returnMask, p > 0 ? NewSeed(generator) : 0);
-    }
-
-    /// <summary>A 64-bit dropout seed drawn from <paramref name="generator"/> (TorchSharp's default when null).</summary>
-    internal static ulong NewSeed(Generator? generator)
-    {
-        using var scope = NewDisposeScope();
-        var r = randint(0, int.MaxValue, new long[] { 3 }, dtype: ScalarType.Int64, generator: generator).data<long>().ToArray();
-        return ((ulong)r[0] << 33) ^ ((ulong)r[1] << 11) ^ (ulong)r[2];
+        return new NormOptions(p, eps, isRms, zeroCentered, prenorm, resDtype, returnMask, p > 0 ? DropoutSeed.Draw(generator) : 0);
     }
 
     internal static void Validate(Tensor x0, Tensor? x1, Tensor? residual, Tensor weight0, Tensor? bias0, Tensor? weight1,
