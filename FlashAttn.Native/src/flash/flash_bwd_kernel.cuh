@@ -30,7 +30,7 @@
 #include "common/numeric.cuh"
 #include "flash/flash_common.cuh"
 #include "flash/mma.cuh"
-#include "flash/philox.cuh"
+#include "flash/dropout.cuh"
 
 namespace flashattn {
 namespace flash {

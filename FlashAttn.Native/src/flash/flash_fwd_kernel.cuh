@@ -19,7 +19,7 @@
 
 #include "flash/flash_common.cuh"
 #include "flash/mma.cuh"
-#include "flash/philox.cuh"
+#include "flash/dropout.cuh"
 
 namespace flashattn {
 namespace flash {
