@@ -16,7 +16,7 @@ namespace FlashAttn;
 /// <para>Memory: on CUDA, libtorch runs backward on its own device thread, where no dispose scope of the caller
 /// is active, so every tensor made there (the incoming gradients' wrappers, the unpacked saved tensors,
 /// temporaries, the returned gradients) kept its storage until a garbage collection, which a small managed heap
-/// rarely triggers: the norm backward benchmark filled the H100's 80 GB that way (device run 17, 2026-11-25).
+/// rarely triggers: the norm backward benchmark filled the H100's 80 GB that way.
 /// Run disposes all of them when the backward returns, except the gradients it returns: TorchSharp copies their
 /// native handles after Run returns, so they are released at the same thread's next backward.</para>
 /// </summary>

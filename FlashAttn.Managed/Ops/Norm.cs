@@ -307,7 +307,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
 
     // Each tensor moved to the caller's scope once: the new residual is both an output and saved, and moving it
     // twice lifted it past the caller's scope, to live until a GC (128 MiB a step at 16384 x 2048, which ran the
-    // H100 out of memory in the norm benchmarks, device run 18, 2026-11-25; LifetimeTests).
+    // H100 out of memory in the norm benchmarks; LifetimeTests).
     private static void MoveOutOnce(IEnumerable<Tensor?> tensors)
     {
         var moved = new List<Tensor>();

@@ -14,7 +14,7 @@ namespace FlashAttn.Benchmarks;
 /// </summary>
 public class AttentionBenchmarks : GpuBenchmark
 {
-    // 512 left out of the device runs for time (2026-11-25: 30 min of GPU a session); the bar is s >= 2048.
+    // 512 left out for time (a device session has 30 minutes of GPU); the bar is s >= 2048.
     [Params(2048, 8192, 16384)]
     public int SeqLen;
 

@@ -64,7 +64,7 @@ public sealed class FlashAttentionCudaTests
     /// dP − D is 0 in exact arithmetic and the low-precision reference, whose D and dP are the same rounded products, gets
     /// exactly 0 too; the kernel forms dP with tensor-core fp32 accumulation and D in another order, leaving a
     /// cancellation residue of about d float32 ulps of |dO|·|V|. This floor is that residue carried through scale · K
-    /// (or Q for dk): about 2e-4 at d = 256 against gradients of order 1 (run 16, 2026-11-25: q1_k1 fp16 cases).
+    /// (or Q for dk): about 2e-4 at d = 256 against gradients of order 1 (the q1_k1 fp16 cases needed it on the H100).
     /// </summary>
     internal static double AccumulationFloor(Tensor dO, Tensor v, Tensor other, int d)
     {

@@ -51,7 +51,7 @@ public sealed class GptCudaTests
         Tolerance.AssertClose(lf, lp, le, "logits", factor: 3);
 
         // per-token losses: the scalar mean is one sample of the rounding noise, and the ratio of two such samples
-        // exceeds 3 about one time in five (run 15 failed so), while the max over 400 tokens is a stable statistic
+        // exceeds 3 about one time in five (a device run failed so), while the max over 400 tokens is a stable statistic
         var flat = labels.reshape(-1);
         Tolerance.AssertClose(GPTLMHeadModel.TokenLosses(lf.view(-1, 1000), flat, fused: true),
             GPTLMHeadModel.TokenLosses(lp.view(-1, 1000), flat, fused: false),
