@@ -13,7 +13,7 @@ namespace FlashAttn.Tests;
 [Category(Gpu.Category)]
 public sealed class GptCudaTests
 {
-    // head dim 64 and 128 (the seed's), width 256/512, 2 layers; dropout off so the three models compute the same function
+    // head dim 64 and 128 (flash-attention's experiments'), width 256/512, 2 layers; dropout off so the three models compute the same function
     private static GPTConfig Config(long nEmbd, long nHead, double rotary) => new GPTConfig
     {
         vocab_size = 1000, n_positions = 256, n_embd = nEmbd, n_layer = 2, n_head = nHead, rotary_emb_fraction = rotary,
