@@ -121,7 +121,7 @@ public static partial class Reference
         Device device, long firstBatch = 0)
     {
         using var scope = NewDisposeScope();
-        var mask = dropout_p > 0
+        var mask = dropout_p > 0 && batch * nheads * Sq * Sk > 0
             ? cat(Chunks(batch * nheads, Sq, Sk).Select(c => KeptWords(c.start, c.count, firstBatch * nheads, Sq, Sk, dropout_p, seed, device))
                       .ToList(), 0).view(batch, nheads, Sq, Sk)
             : ones(new[] { batch, nheads, Sq, Sk }, dtype: ScalarType.Byte, device: device);
@@ -162,9 +162,15 @@ public static partial class Reference
     {
         for (int round = 0; round < 10; round++)
         {
+            // each round's temporaries freed with it, the previous round's state once replaced (not the caller's)
+            using var scope = NewDisposeScope();
             var (hi0, lo0) = MulHiLo(0xD2511F53L, c0);
             var (hi1, lo1) = MulHiLo(0xCD9E8D57L, c2);
-            (c0, c1, c2, c3) = (hi1.bitwise_xor(c1).bitwise_xor_((long)key0), lo1, hi0.bitwise_xor(c3).bitwise_xor_((long)key1), lo0);
+            var next = new[] { hi1.bitwise_xor(c1).bitwise_xor_((long)key0), lo1, hi0.bitwise_xor(c3).bitwise_xor_((long)key1), lo0 };
+            foreach (var t in next) t.MoveToOuterDisposeScope();
+            if (round > 0)
+                foreach (var t in new[] { c0, c1, c2, c3 }) t.Dispose();
+            (c0, c1, c2, c3) = (next[0], next[1], next[2], next[3]);
             key0 += 0x9E3779B9u;
             key1 += 0xBB67AE85u;
         }
