@@ -139,6 +139,19 @@ public sealed class FlashAttentionCudaTests
         var cpu = flash_attn.flash_attn_func_with_lse(q.cpu().to(ScalarType.Float32), k.cpu().to(ScalarType.Float32), v.cpu().to(ScalarType.Float32),
                                                       dropout_p: p, causal: causal, window_size: window, return_dropout_mask: true);
         Assert.That(gpu.dropout_mask!.cpu().eq(cpu.dropout_mask!).all().item<bool>(), Is.True, "the same seed gives the same bytes on both paths");
+        // the reference path on the GPU builds the mask there (int64 tensor Philox on the device): the same bytes again
+        Backend.ForceReference = true;
+        try
+        {
+            manual_seed(99);
+            var refGpu = flash_attn.flash_attn_func_with_lse(q, k, v, dropout_p: p, causal: causal, window_size: window, return_dropout_mask: true);
+            Assert.That(refGpu.dropout_mask!.device_type, Is.EqualTo(DeviceType.CUDA));
+            Assert.That(refGpu.dropout_mask!.eq(gpu.dropout_mask!).all().item<bool>(), Is.True, "reference path on the GPU");
+        }
+        finally
+        {
+            Backend.ForceReference = false;
+        }
         var none = flash_attn.flash_attn_func_with_lse(q, k, v, causal: causal, window_size: window, return_dropout_mask: true);
         var noneCpu = flash_attn.flash_attn_func_with_lse(q.cpu().to(ScalarType.Float32), k.cpu().to(ScalarType.Float32), v.cpu().to(ScalarType.Float32),
                                                           causal: causal, window_size: window, return_dropout_mask: true);
