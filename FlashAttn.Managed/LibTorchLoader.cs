@@ -7,8 +7,8 @@ namespace FlashAttn;
 /// <summary>
 /// Loads a CUDA libtorch from a PyTorch installation, for hosts where no TorchSharp-cuda package is
 /// available: call <see cref="LoadFromPyTorch"/> once, before the first TorchSharp call.
-/// Verified 2026-11-24 on an H100 with PyTorch 2.11 (TorchSharp 0.107 is built against libtorch
-/// 2.10; matmul, SDPA, autograd and custom autograd functions worked).
+/// Verified on an H100 with PyTorch 2.11 (TorchSharp 0.107 is built against libtorch 2.10; matmul, SDPA,
+/// autograd and custom autograd functions worked).
 /// </summary>
 public static class LibTorchLoader
 {

@@ -61,19 +61,15 @@ if want onestage; then
 fi
 
 if want variants; then
-  # The norm and cross-entropy tests again under each kernel variant the launchers' tables may not pick
-  # (FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT force one for every size; ops_bench times them).
+  # The norm tests again under each kernel variant the launchers' tables may not pick (FLASHATTN_NORM_VARIANT forces
+  # one for every size; ops_bench times them).
   start=$SECONDS
   rc=0
   for v in block rows16 rows32 rows16l2 rows32l2 rows64l2; do
     FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
     grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
   done
-  for v in block warp; do
-    FLASHATTN_CE_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~CrossEntropyCudaTests" >"$OUT/variant-ce-$v.log" 2>&1 || rc=$?
-    grep -A4 "^failed " "$OUT/variant-ce-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[ce $v] /" | head -20 >> "$OUT/failures.txt"
-  done
-  summary+=("norm / cross-entropy tests under every variant (rc $rc, $((SECONDS - start)) s): $(grep -h "failed:" "$OUT"/variant-*.log | tr -s ' \n' ' ')")
+  summary+=("norm tests under every variant (rc $rc, $((SECONDS - start)) s): $(grep -h "failed:" "$OUT"/variant-*.log | tr -s ' \n' ' ')")
 fi
 
 if want sanitize; then
@@ -132,7 +128,7 @@ fi
 
 if want ops; then
   # The memory-bound kernels against a copy of the same bytes, natively (no .NET), every kernel variant (one
-  # child process each, FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT); OPS_NCU='op size' adds an ncu report
+  # child process each, FLASHATTN_NORM_VARIANT); OPS_NCU='op size' adds an ncu report
   # (memory and occupancy sections) of that case's kernels under the variant of the environment (default: the
   # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32.
   /tmp/flashattn-native/FlashAttn.Native/ops_bench >"$OUT/ops.tsv" 2>"$OUT/ops.err"

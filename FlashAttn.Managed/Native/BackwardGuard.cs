@@ -1,3 +1,5 @@
+using System.Runtime.InteropServices;
+using FlashAttn.Interop;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -6,13 +8,15 @@ namespace FlashAttn;
 /// <summary>
 /// Every custom backward runs inside <see cref="Run"/>, which does two jobs.
 /// <para>Failures: an exception escaping a backward aborts the whole process (TorchSharp calls it from native
-/// code). A failure (a CUDA error, a saved tensor modified in place by the caller, ...) is written to stderr and
-/// kept in <see cref="LastBackwardError"/>, and the gradients of that function are left undefined (no gradient
-/// flows), so the training loop or test can surface it instead of dying.</para>
+/// code), so every failure is written to stderr and kept in <see cref="LastBackwardError"/> here, and the training
+/// loop or test surfaces it instead of dying. An exception (a saved tensor modified in place by the caller, ...)
+/// leaves the gradients of that function undefined (no gradient flows: they may not exist yet); a native call that
+/// fails after its gradients were allocated (<see cref="Check"/>) makes them NaN, which a training loop's
+/// non-finite check catches.</para>
 /// <para>Memory: on CUDA, libtorch runs backward on its own device thread, where no dispose scope of the caller
 /// is active, so every tensor made there (the incoming gradients' wrappers, the unpacked saved tensors,
 /// temporaries, the returned gradients) kept its storage until a garbage collection, which a small managed heap
-/// rarely triggers: the norm backward benchmark filled the H100's 80 GB that way (device run 17, 2026-11-25).
+/// rarely triggers: the norm backward benchmark filled the H100's 80 GB that way.
 /// Run disposes all of them when the backward returns, except the gradients it returns: TorchSharp copies their
 /// native handles after Run returns, so they are released at the same thread's next backward.</para>
 /// </summary>
@@ -21,6 +25,8 @@ public static class BackwardGuard
     private static string? s_lastError;
 
     [ThreadStatic] private static List<Tensor>? t_returned;
+    // the function whose backward runs on this thread, for Check's message
+    [ThreadStatic] private static string? t_function;
 
     /// <summary>The last backward failure ("Function: message"), or null; see <see cref="ClearLastBackwardError"/>.</summary>
     public static string? LastBackwardError => Volatile.Read(ref s_lastError);
@@ -43,16 +49,19 @@ public static class BackwardGuard
         foreach (var t in incoming)
             if (t is not null && !scope.Contains(t)) scope.Attach(t);
         List<Tensor> grads;
+        t_function = function;
         try
         {
             grads = backward();
         }
         catch (Exception e)
         {
-            var message = $"{function}.backward: {e.GetType().Name}: {e.Message.Split('\n')[0]}";
-            Volatile.Write(ref s_lastError, message);
-            Console.Error.WriteLine($"FlashAttn: {message} (gradients of this function are undefined)");
+            Record(function, $"{e.GetType().Name}: {e.Message.Split('\n')[0]}", "gradients of this function are undefined");
             return Enumerable.Repeat<Tensor>(null!, arguments).ToList();
+        }
+        finally
+        {
+            t_function = null;
         }
         var keep = t_returned ??= new List<Tensor>();
         foreach (var g in grads)
@@ -62,5 +71,25 @@ public static class BackwardGuard
             keep.Add(g);
         }
         return grads;
+    }
+
+    /// <summary>
+    /// Inside a backward run by <see cref="Run"/>: a native call that returned <paramref name="status"/> other than Ok
+    /// is recorded with the library's message, and <paramref name="gradients"/> (allocated, their contents
+    /// unwritten) are filled with NaN.
+    /// </summary>
+    internal static void Check(FlashAttnStatus status, params Tensor?[] gradients)
+    {
+        if (status == FlashAttnStatus.Ok) return;
+        Record(t_function ?? "(outside BackwardGuard.Run)", $"{status}: {Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}",
+               "gradients of this function are NaN");
+        foreach (var g in gradients) g?.fill_(double.NaN);
+    }
+
+    private static void Record(string function, string failure, string consequence)
+    {
+        var message = $"{function}.backward: {failure}";
+        Volatile.Write(ref s_lastError, message);
+        Console.Error.WriteLine($"FlashAttn: {message} ({consequence})");
     }
 }

@@ -30,9 +30,10 @@ internal static partial class NativeMethods
     /// nheads must be a multiple of nheads_k (MQA/GQA: query head h reads key/value head h / (nheads / nheads_k)).
     /// headdim: a multiple of 8, at most 256 (the managed side pads other sizes).
     /// softmax_lse (float32, written): (batch, nheads, seqlen_q), or (nheads, total_q) with cu_seqlens.
-    /// causal: aligned bottom-right (query i sees keys j &lt;= i + seqlen_k - seqlen_q), as flash-attn &gt;= 2.1;
-    ///   window_left/window_right &gt;= 0 limit keys to [i + sk - sq - left, i + sk - sq + right] (-1: unlimited);
-    ///   causal is window_right = 0. softcap &gt; 0 applies softcap * tanh(s / softcap) to the scaled scores.
+    /// window_left/window_right &gt;= 0 limit the keys query i sees to [i + sk - sq - left, i + sk - sq + right]
+    ///   (-1: unlimited), aligned bottom-right as flash-attn &gt;= 2.1. Causal is window_right = 0 (query i sees keys
+    ///   j &lt;= i + seqlen_k - seqlen_q), the one way to ask for it. softcap &gt; 0 applies softcap * tanh(s / softcap) to
+    ///   the scaled scores.
     /// alibi_slopes: NULL or float32 (batch, nheads) with alibi_batch_stride (0: one row shared by all
     ///   sequences); adds -slope * |i + sk - sq - j| to the scaled scores.
     /// dropout_p in [0, 1): Philox-4x32-10 keyed by (seed, offset) decides each kept element; kept
@@ -71,7 +72,6 @@ internal static partial class NativeMethods
         long out_row_stride,
         long out_head_stride,
         float softmax_scale,
-        int causal,
         int window_left,
         int window_right,
         float softcap,
@@ -163,7 +163,6 @@ internal static partial class NativeMethods
         long dv_row_stride,
         long dv_head_stride,
         float softmax_scale,
-        int causal,
         int window_left,
         int window_right,
         float softcap,

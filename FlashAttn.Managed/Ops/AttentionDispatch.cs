@@ -18,7 +18,7 @@ public enum AttentionBackend
 }
 
 /// <summary>FLASHATTN_ATTENTION_BACKEND: auto (the measured rule), flash (our kernels always), sdpa (SDPA wherever it
-/// computes the case).</summary>
+/// computes the case). Read once per process; <see cref="AttentionDispatch.Override"/> switches it in process.</summary>
 internal enum AttentionMode { Auto, Flash, Sdpa }
 
 /// <summary>
@@ -65,8 +65,15 @@ internal static class AttentionDispatch
     /// <summary>The path the last attention call took (any thread).</summary>
     internal static volatile AttentionBackend Last;
 
-    /// <summary>The override in FLASHATTN_ATTENTION_BACKEND, read on every call so that a process can switch it.</summary>
-    internal static AttentionMode Mode => ParseMode(Environment.GetEnvironmentVariable(EnvironmentVariable));
+    // FLASHATTN_ATTENTION_BACKEND, read once, at the first call that needs it (a bad value is an error from then on).
+    private static readonly Lazy<AttentionMode> s_environment = new(() => ParseMode(Environment.GetEnvironmentVariable(EnvironmentVariable)));
+
+    /// <summary>The mode set in process, which wins over the environment's (benchmarks and tests switch paths with it);
+    /// null: FLASHATTN_ATTENTION_BACKEND's.</summary>
+    internal static AttentionMode? Override { get; set; }
+
+    /// <summary>The mode flash_attn_func dispatches under: <see cref="Override"/>, else FLASHATTN_ATTENTION_BACKEND.</summary>
+    internal static AttentionMode Mode => Override ?? s_environment.Value;
 
     internal static AttentionMode ParseMode(string? value) => value?.Trim().ToLowerInvariant() switch
     {

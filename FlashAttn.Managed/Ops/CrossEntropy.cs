@@ -144,16 +144,10 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
             long dlossStride = dloss.stride(0);
             if (dlossStride != 0 && dlossStride != 1) { dloss = dloss.contiguous(); dlossStride = 1; }
             var lab = labels.contiguous();
-            var status = NativeMethods.FlashAttn_cross_entropy_bwd(
+            BackwardGuard.Check(NativeMethods.FlashAttn_cross_entropy_bwd(
                 Ptr(dloss), dlossStride, Ptr(logits), Ptr(lab), Ptr(lse), Ptr(dlogits), DType(logits.dtype), n, v,
                 n <= 1 ? v : logits.stride(0), n <= 1 ? v : dlogits.stride(0), (float)o.LabelSmoothing, (float)o.LogitScale, (float)o.LseSquareScale,
-                o.IgnoreIndex, IntPtr.Zero);
-            if (status != FlashAttnStatus.Ok)
-            {
-                // backward must not throw (it would abort the process): report, and make the gradient NaN
-                Console.Error.WriteLine($"CrossEntropyFunction.backward failed: {System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-                dlogits.fill_(double.NaN);
-            }
+                o.IgnoreIndex, IntPtr.Zero), dlogits);
         }
         else
         {

@@ -40,7 +40,7 @@ public static partial class flash_attn
     /// fc1 GEMM and keeps the pre-activation (GELU_AUX_BIAS / RELU_AUX_BIAS epilogue); the backward fuses
     /// the activation's derivative into the fc2 data-gradient GEMM (DGELU / DRELU) and each bias gradient into
     /// its layer's weight-gradient GEMM (BGRADB). cuBLASLt's DGELU_BGRAD, which would take fc1's bias gradient
-    /// in the data-gradient GEMM instead, ran 2× slower than DGELU alone on the H100 (2026-11-25).
+    /// in the data-gradient GEMM instead, ran 2× slower than DGELU alone on the H100 (benchmarks/RESULTS.md).
     /// </summary>
     /// <param name="x">(..., in_features).</param>
     /// <param name="weight1">(hidden_features, in_features).</param>
@@ -160,13 +160,11 @@ internal static class DenseOps
     // Elements between rows; a single row's stride is arbitrary in a "contiguous" tensor (expand, unsqueeze).
     private static long Ld(Tensor t) => t.size(0) == 1 ? t.size(1) : t.stride(0);
 
-    // Forward: throw. Backward (must not throw): report, and make the gradients NaN so training checks surface it.
+    // Forward: throw. Backward (must not throw): BackwardGuard records the failure and makes the outputs NaN.
     private static void Finish(FlashAttnStatus status, bool backward, params Tensor?[] outputs)
     {
-        if (status == FlashAttnStatus.Ok) return;
-        if (!backward) NativeMethods.Check(status);
-        Console.Error.WriteLine($"fused dense backward failed: {Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-        foreach (var t in outputs) t?.fill_(double.NaN);
+        if (backward) BackwardGuard.Check(status, outputs);
+        else NativeMethods.Check(status);
     }
 
     private static ScalarType Ct(Tensor t) => Reference.ComputeType(t.dtype);
@@ -249,7 +247,7 @@ internal static class DenseOps
 
     /// <summary>dpre (m, hidden) = (dy (m, n) @ w2 (n, hidden)) * act'(pre) (DGELU / DRELU epilogue; aux as
     /// <see cref="LinearAct"/> saved it). The bias gradient is not fused here: DGELU_BGRAD took 478 µs where DGELU
-    /// and a separate column sum took 234 and the plain GEMM 134 (width 768, H100, device run 17, 2026-11-25), so
+    /// and a separate column sum took 234 and the plain GEMM 134 (width 768, H100; benchmarks/RESULTS.md), so
     /// the MLP takes db1 from the next GEMM's BGRADB epilogue instead (<see cref="Wgrad"/> of dpre).</summary>
     internal static Tensor ActDgrad(Tensor dy, Tensor w2, Tensor aux, DenseActivation act, bool kernel)
     {
@@ -367,8 +365,8 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         long k = x.size(-1), hidden = w1.size(0), n = w2.size(0);
         bool relu = o.Activation == DenseActivation.Relu;
         int lvl = o.CheckpointLvl;
-        // relu stays on the reference path: every relu epilogue is right on its own (DenseCudaTests stage test,
-        // device run 19, 2026-11-25) yet the MLP's bf16 dx through them was off (0.63 against 0.03 at m 1000,
+        // relu stays on the reference path: every relu epilogue is right on its own (DenseCudaTests stage test on
+        // the H100) yet the MLP's bf16 dx through them was off (0.63 against 0.03 at m 1000,
         // hidden 256; fp16 passed); not yet explained, so not shipped.
         bool kernel = DenseOps.Eligible(x, k, hidden, n) && !relu;
         var x2 = DenseOps.Rows(x, k, kernel);
@@ -385,7 +383,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         else if (lvl == 1) saved.Add(aux!);
         else if (b1k is not null) saved.Add(b1k);
         // What is not saved is freed now: left to the caller's dispose scope, the (m, hidden) activation lived until
-        // the end of the step and level 1 held as much as level 0 (device run 16, 2026-11-25: 240 MiB both at width 768).
+        // the end of the step and level 1 held as much as level 0 (240 MiB both at width 768 on the H100).
         if (!saved.Any(t => ReferenceEquals(t, h))) h.Dispose();
         if (aux is not null && !saved.Any(t => ReferenceEquals(t, aux))) aux.Dispose();
         ctx.save_for_backward(saved);

@@ -222,10 +222,8 @@ public static partial class flash_attn
         (long left, long right)? window, double softcap, Tensor? alibi, bool deterministic, bool returnMask)
     {
         var (left, right) = Window(seqlenQ, seqlenK, causal, window);
-        // The dropout seed comes from TorchSharp's default generator: torch.manual_seed reproduces it.
-        ulong seed = dropoutP > 0 ? (ulong)randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64).item<long>() : 0;
         return new AttentionOptions(dropoutP, scale ?? 1.0 / Math.Sqrt(q.size(-1)), left, right, softcap, alibi,
-                                    deterministic, returnMask, seed);
+                                    deterministic, returnMask, dropoutP > 0 ? DropoutSeed.Draw() : 0);
     }
 
     /// <summary>The (left, right) window of a call, -1 unlimited: causal is right = 0.</summary>
@@ -358,7 +356,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
                 g.BatchStride(k), g.RowStride(k), g.HeadStride(k),
                 g.BatchStride(v), g.RowStride(v), g.HeadStride(v),
                 g.BatchStride(output), g.RowStride(output), g.HeadStride(output),
-                (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
+                (float)opts.Scale, (int)opts.WindowLeft, (int)opts.WindowRight,
                 (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
                 (float)opts.DropoutP, opts.Seed, 0, PtrOrNull(mask), PtrOrNull(ws), wsBytes, IntPtr.Zero));
         }
@@ -386,9 +384,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         {
             var wsBytes = NativeMethods.FlashAttn_flash_bwd_workspace_size(g.B, g.Sq, g.Sk, g.H, g.Hk, g.D, g.Varlen ? 1 : 0);
             var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: q.device) : null;
-            // backward must not throw (it would abort the process): a failure is reported and the
-            // gradients are NaN, which the training loop's checks then surface.
-            var status = NativeMethods.FlashAttn_flash_bwd(
+            BackwardGuard.Check(NativeMethods.FlashAttn_flash_bwd(
                 Ptr(dout), Ptr(q), Ptr(k), Ptr(v), Ptr(output), Ptr(lse), Ptr(dq), Ptr(dk), Ptr(dv), DType(q.dtype),
                 PtrOrNull(g.CuQ), PtrOrNull(g.CuK), g.B, g.Sq, g.Sk, g.H, g.Hk, g.D,
                 g.BatchStride(q), g.RowStride(q), g.HeadStride(q),
@@ -399,14 +395,9 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
                 g.BatchStride(dq), g.RowStride(dq), g.HeadStride(dq),
                 g.BatchStride(dk), g.RowStride(dk), g.HeadStride(dk),
                 g.BatchStride(dv), g.RowStride(dv), g.HeadStride(dv),
-                (float)opts.Scale, opts.WindowRight == 0 && opts.WindowLeft < 0 ? 1 : 0, (int)opts.WindowLeft, (int)opts.WindowRight,
+                (float)opts.Scale, (int)opts.WindowLeft, (int)opts.WindowRight,
                 (float)opts.Softcap, PtrOrNull(opts.AlibiSlopes), opts.AlibiSlopes is { } a && a.dim() == 2 ? a.stride(0) : 0,
-                (float)opts.DropoutP, opts.Seed, 0, opts.Deterministic ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero);
-            if (status != FlashAttnStatus.Ok)
-            {
-                Console.Error.WriteLine($"FlashAttnFunction.backward failed: {System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-                foreach (var t in new[] { dq, dk, dv }) t.fill_(double.NaN);
-            }
+                (float)opts.DropoutP, opts.Seed, 0, opts.Deterministic ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero), dq, dk, dv);
         }
         return new List<Tensor> { dq, dk, dv, null!, null!, null!, null!, null! };
     }

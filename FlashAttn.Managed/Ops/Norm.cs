@@ -136,15 +136,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         bool prenorm, bool residualInFp32, bool returnMask, Generator? generator)
     {
         var resDtype = residual?.dtype ?? (residualInFp32 && x0.dtype != ScalarType.Float64 ? ScalarType.Float32 : x0.dtype);
-        return new NormOptions(p, eps, isRms, zeroCentered, prenorm, resDtype, returnMask, p > 0 ? NewSeed(generator) : 0);
-    }
-
-    /// <summary>A 64-bit dropout seed drawn from <paramref name="generator"/> (TorchSharp's default when null).</summary>
-    internal static ulong NewSeed(Generator? generator)
-    {
-        using var scope = NewDisposeScope();
-        var r = randint(0, int.MaxValue, new long[] { 3 }, dtype: ScalarType.Int64, generator: generator).data<long>().ToArray();
-        return ((ulong)r[0] << 33) ^ ((ulong)r[1] << 11) ^ (ulong)r[2];
+        return new NormOptions(p, eps, isRms, zeroCentered, prenorm, resDtype, returnMask, p > 0 ? DropoutSeed.Draw(generator) : 0);
     }
 
     internal static void Validate(Tensor x0, Tensor? x1, Tensor? residual, Tensor weight0, Tensor? bias0, Tensor? weight1,
@@ -315,7 +307,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
 
     // Each tensor moved to the caller's scope once: the new residual is both an output and saved, and moving it
     // twice lifted it past the caller's scope, to live until a GC (128 MiB a step at 16384 x 2048, which ran the
-    // H100 out of memory in the norm benchmarks, device run 18, 2026-11-25; LifetimeTests).
+    // H100 out of memory in the norm benchmarks; LifetimeTests).
     private static void MoveOutOnce(IEnumerable<Tensor?> tensors)
     {
         var moved = new List<Tensor>();
@@ -359,18 +351,13 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
                 var wsBytes = NativeMethods.FlashAttn_norm_bwd_workspace_size(rows, hidden, s.HasBias0 ? 1 : 0, w1 is null ? 0 : 1, s.HasBias1 ? 1 : 0);
                 var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: dev) : null;
                 var (w0c, w1c) = (w0.contiguous(), w1?.contiguous());
-                var status = NativeMethods.FlashAttn_norm_bwd(
+                BackwardGuard.Check(NativeMethods.FlashAttn_norm_bwd(
                     Ptr(dz0), PtrOrNull(dz1), PtrOrNull(dres), Ptr(x), DType(x.dtype), Ptr(w0c), PtrOrNull(w1c), DType(w0.dtype),
                     PtrOrNull(mean), Ptr(rstd), PtrOrNull(rs), Ptr(dx0), PtrOrNull(dx1), PtrOrNull(dresidual), DType(s.ResidualDtype),
                     Ptr(dw0), PtrOrNull(db0), PtrOrNull(dw1), PtrOrNull(db1), DType(s.X0Dtype), rows, hidden,
                     RowStride(dz0), dres is null ? hidden : RowStride(dres), RowStride(x), hidden, hidden,
-                    (float)o.DropoutP, o.Seed, 0, o.IsRms ? 1 : 0, o.ZeroCentered ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero);
-                if (status != FlashAttnStatus.Ok)
-                {
-                    // backward must not throw (it would abort the process): report, and make the gradients NaN
-                    Console.Error.WriteLine($"NormFunction.backward failed: {System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())}");
-                    foreach (var t in new[] { dx0, dx1, dresidual, dw0, db0, dw1, db1 }) t?.fill_(double.NaN);
-                }
+                    (float)o.DropoutP, o.Seed, 0, o.IsRms ? 1 : 0, o.ZeroCentered ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero),
+                    dx0, dx1, dresidual, dw0, db0, dw1, db1);
             }
             g = new NormReferenceGrads(dx0, dx1, dresidual, dw0, db0, dw1, db1);
         }

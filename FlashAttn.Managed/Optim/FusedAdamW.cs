@@ -43,6 +43,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         public required State State;
         public long Offset = -1;    // into the flat state; -1 before the first layout
         public Tensor ExpAvg = null!, ExpAvgSq = null!, Step = null!;
+        public long? HostStep = 0;  // Step's value where the host knows it; null after a kernel step (only the GPU does)
         public Tensor? Master;
         public bool HasSum;         // the gradient sum holds this step's earlier micro-batches
 
@@ -351,6 +352,8 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
                 PtrOrNull(_gradSum), _stateNumel, Ptr(_steps!), _slots.Count, Ptr(_hparams!), _parameter_groups.Count,
                 PtrOrNull(_gradScale), (float)_maxNorm, Ptr(_gradNorm), Ptr(_foundInf), Ptr(_workspace!),
                 _workspace!.numel(), IntPtr.Zero));
+        // the kernel increments the counts unless the norm was not finite, which only the GPU knows yet
+        foreach (var (s, _) in taken) s.HostStep = null;
     }
 
     private void StepReference(List<(Slot slot, Tensor? grad)> taken)
@@ -359,10 +362,13 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         foreach (var (s, g) in taken)
         {
             var o = (AdamW.Options)_parameter_groups[s.Group].Options;
+            // the reference path counts steps on the host: one read of the device count after kernel steps, if ever
+            s.HostStep ??= (long)s.Step.item<float>();
             tensors.Add(new Reference.AdamWTensor(s.Param, g, s.HasSum ? GradSumView(s) : null, s.Master, s.ExpAvg, s.ExpAvgSq,
-                s.Step, o.LearningRate!.Value, o.beta1!.Value, o.beta2!.Value, o.eps!.Value, o.weight_decay!.Value));
+                s.Step, s.HostStep.Value, o.LearningRate!.Value, o.beta1!.Value, o.beta2!.Value, o.eps!.Value, o.weight_decay!.Value));
         }
-        Reference.adamw_step(tensors, _gradScale, _maxNorm, _gradNorm, _foundInf);
+        if (Reference.adamw_step(tensors, _gradScale, _maxNorm, _gradNorm, _foundInf))
+            foreach (var (s, _) in taken) s.HostStep++;
     }
 
     // The groups' (lr, beta1, beta2, eps, weight_decay) into the device table, element by element with fill_ (a launch
@@ -534,11 +540,15 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         public Tensor? master => Slot.Master;
 
         /// <summary>Steps taken (the t of the bias corrections); kept as float32 on the device (exact to 2^24). Reading
-        /// it waits for the GPU.</summary>
+        /// it after a kernel step waits for the GPU.</summary>
         public long step
         {
-            get => (long)Slot.Step.item<float>();
-            set => Slot.Step.fill_(value);
+            get => Slot.HostStep ?? (long)Slot.Step.item<float>();
+            set
+            {
+                Slot.Step.fill_(value);
+                Slot.HostStep = value;
+            }
         }
 
         public override void Initialize(OptimizerOptions options) { }

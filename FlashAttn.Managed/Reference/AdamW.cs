@@ -6,19 +6,20 @@ namespace FlashAttn;
 public static partial class Reference
 {
     /// <summary>One tensor of <see cref="adamw_step"/>: its weight, gradient (null: only the sum), float32 (or float64)
-    /// gradient sum, master weight and moments (the state dtype), 0-d float32 step count, and its group's
+    /// gradient sum, master weight and moments (the state dtype), 0-d float32 step count (written) and its value
+    /// before this step as the host keeps it (read: no device round trip per tensor), and its group's
     /// hyperparameters.</summary>
     internal readonly record struct AdamWTensor(Tensor Param, Tensor? Grad, Tensor? GradSum, Tensor? Master, Tensor ExpAvg,
-        Tensor ExpAvgSq, Tensor Step, double Lr, double Beta1, double Beta2, double Eps, double WeightDecay);
+        Tensor ExpAvgSq, Tensor Step, long Steps, double Lr, double Beta1, double Beta2, double Eps, double WeightDecay);
 
     /// <summary>
     /// One step of <see cref="FusedAdamW"/> with FlashAttn_optim_adamw_step's semantics, in the state's dtype (float32,
     /// or float64 for float64 state) and torch.optim.AdamW's operation order: the global norm of the unscaled gradients
     /// into <paramref name="gradNorm"/>; when it is not finite only <paramref name="foundInf"/> = 1; else the gradients
     /// clipped to <paramref name="maxNorm"/> (when > 0), each step count incremented and the AdamW update of the master
-    /// (else the parameter itself), the parameter taking its rounded value.
+    /// (else the parameter itself), the parameter taking its rounded value. Returns whether the step was taken.
     /// </summary>
-    internal static void adamw_step(IReadOnlyList<AdamWTensor> tensors, Tensor? gradScale, double maxNorm, Tensor gradNorm,
+    internal static bool adamw_step(IReadOnlyList<AdamWTensor> tensors, Tensor? gradScale, double maxNorm, Tensor gradNorm,
         Tensor foundInf)
     {
         using var scope = NewDisposeScope();
@@ -41,7 +42,7 @@ public static partial class Reference
         // finite as the kernel decides it: the float32 norm
         var finite = gradNorm.isfinite().item<bool>();
         foundInf.fill_(finite ? 0 : 1);
-        if (!finite) return;
+        if (!finite) return false;
         for (int i = 0; i < tensors.Count; i++)
         {
             var t = tensors[i];
@@ -53,7 +54,7 @@ public static partial class Reference
                 var n = ct == ScalarType.Float64 ? norm : gradNorm;
                 g = g * (full_like(n, maxNorm) / (n + 1e-6)).clamp_max(1.0);
             }
-            double step = t.Step.item<float>() + 1;
+            double step = t.Steps + 1;
             var w = t.Master ?? (t.Param.dtype == ct ? t.Param : t.Param.to(ct));
             w.mul_(1 - t.Lr * t.WeightDecay);
             t.ExpAvg.mul_(t.Beta1).add_(g, alpha: 1 - t.Beta1);
@@ -63,5 +64,6 @@ public static partial class Reference
             if (!ReferenceEquals(w, t.Param)) t.Param.copy_(w);
             t.Step.add_(1);
         }
+        return true;
     }
 }

@@ -113,58 +113,78 @@ public static partial class Reference
     /// The attention kernels' dropout mask: uint8 (batch, nheads, Sq, Sk), 1 where query i sees key j (see
     /// <see cref="Masked"/>) and the kernels' Philox-4x32-10 stream keeps the element, 0 elsewhere (flashattn.h,
     /// FlashAttn_flash_fwd: word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {8 (j / 16) + j % 8, 8 (i / 16) + i % 8,
-    /// b * nheads + h, 0}) below floor((1 - p) 2^32)), so a
-    /// seed gives the same mask on every device. dropout_p 0 keeps every visible element. <paramref name="firstBatch"/>
-    /// is the index of the first sequence (varlen sequences are masked one at a time).
+    /// b * nheads + h, 0}) below floor((1 - p) 2^32)), so a seed gives the same mask on every device. Computed with
+    /// tensor ops on <paramref name="device"/> (no host work or copy on a GPU). dropout_p 0 keeps every visible element.
+    /// <paramref name="firstBatch"/> is the index of the first sequence (varlen sequences are masked one at a time).
     /// </summary>
     internal static Tensor DropoutMask(long batch, long nheads, long Sq, long Sk, double dropout_p, ulong seed, long left, long right,
         Device device, long firstBatch = 0)
     {
         using var scope = NewDisposeScope();
-        var keep = new byte[batch * nheads * Sq * Sk];
-        if (dropout_p > 0)
-        {
-            // the kernels compare against the float32 dropout_p they receive
-            uint threshold = (uint)Math.Min((1.0 - (float)dropout_p) * 4294967296.0, 4294967295.0);
-            uint k0 = (uint)seed, k1 = (uint)(seed >> 32);
-            Parallel.For(0L, batch * nheads * Sq, row =>
-            {
-                // the kernels' stream (flash/philox.cuh): element (i, j) takes word 2 ((i / 8) % 2) + (j / 8) % 2 of the call
-                // for (8 (j / 16) + j % 8, 8 (i / 16) + i % 8), so one call decides the quad {i, i + 8} x {j, j + 8}
-                long bh = row / Sq, i = row % Sq, start = row * Sk;
-                uint word2 = (uint)(firstBatch * nheads + bh), ci = (uint)(8 * (i / 16) + i % 8);
-                int di = (int)(i / 8 % 2);
-                Span<uint> words = stackalloc uint[4];
-                for (long jb = 0; jb < Sk; jb += 16)
-                    for (long jj = 0; jj < 8 && jb + jj < Sk; jj++)
-                    {
-                        (words[0], words[1], words[2], words[3]) = Philox(k0, k1, (uint)(8 * (jb / 16) + jj), ci, word2, 0);
-                        long j = jb + jj;
-                        keep[start + j] = words[2 * di] < threshold ? (byte)1 : (byte)0;
-                        if (j + 8 < Sk) keep[start + j + 8] = words[2 * di + 1] < threshold ? (byte)1 : (byte)0;
-                    }
-            });
-        }
-        else
-        {
-            Array.Fill(keep, (byte)1);
-        }
-        var mask = tensor(keep, new[] { batch, nheads, Sq, Sk }).to(device);
+        var mask = dropout_p > 0 && batch * nheads * Sq * Sk > 0
+            ? cat(Chunks(batch * nheads, Sq, Sk).Select(c => KeptWords(c.start, c.count, firstBatch * nheads, Sq, Sk, dropout_p, seed, device))
+                      .ToList(), 0).view(batch, nheads, Sq, Sk)
+            : ones(new[] { batch, nheads, Sq, Sk }, dtype: ScalarType.Byte, device: device);
         var masked = Masked(Sq, Sk, left, right, device);
         if (masked is not null) mask = mask.masked_fill(masked.view(1, 1, Sq, Sk), 0);
         return mask.MoveToOuterDisposeScope();
     }
 
-    /// <summary>Philox-4x32-10 (Salmon et al., SC'11), as the kernels' philox4x32_10 (flash/philox.cuh).</summary>
-    internal static (uint, uint, uint, uint) Philox(uint key0, uint key1, uint c0, uint c1, uint c2, uint c3)
+    // (batch * nheads) split so that each part's Philox state (int64 words, four per quad) stays near 2^22 elements.
+    private static IEnumerable<(long start, long count)> Chunks(long bh, long Sq, long Sk)
+    {
+        long per = Math.Max(1, (1L << 22) / Math.Max(1, (Sq + 15) / 16 * 16 * ((Sk + 15) / 16 * 16)));
+        for (long start = 0; start < bh; start += per) yield return (start, Math.Min(per, bh - start));
+    }
+
+    // uint8 (count, Sq, Sk): the kept elements of (b * nheads + h) = word2Base + start ... + count - 1.
+    private static Tensor KeptWords(long start, long count, long word2Base, long Sq, long Sk, double dropout_p, ulong seed, Device device)
+    {
+        using var scope = NewDisposeScope();
+        // the kernels compare against the float32 dropout_p they receive
+        long threshold = (long)Math.Min((1.0 - (float)dropout_p) * 4294967296.0, 4294967295.0);
+        // One call per quad {i, i + 8} x {j, j + 8} (i % 16 < 8, j % 16 < 8): counters c0 = 8 (j / 16) + j % 8 over
+        // the key quads, c1 = 8 (i / 16) + i % 8 over the query quads, c2 = the (batch, head) index.
+        long bi = (Sq + 15) / 16, bj = (Sk + 15) / 16;
+        var c0 = arange(8 * bj, dtype: ScalarType.Int64, device: device).view(1, 1, -1);
+        var c1 = arange(8 * bi, dtype: ScalarType.Int64, device: device).view(1, -1, 1);
+        var c2 = arange(word2Base + start, word2Base + start + count, dtype: ScalarType.Int64, device: device).view(-1, 1, 1);
+        var (w0, w1, w2, w3) = Philox((uint)seed, (uint)(seed >> 32), c0, c1, c2, zeros(1, 1, 1, dtype: ScalarType.Int64, device: device));
+        // (count, i / 16, i % 8, j / 16, j % 8, di, dj): word 2 di + dj decides (i + 8 di, j + 8 dj)
+        var keep = stack(new[] { w0, w1, w2, w3 }, -1).lt(threshold).view(count, bi, 8, bj, 8, 2, 2)
+            .permute(0, 1, 5, 2, 3, 6, 4).reshape(count, 16 * bi, 16 * bj);
+        return keep[.., ..(int)Sq, ..(int)Sk].to(ScalarType.Byte).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Philox-4x32-10 (Salmon et al., SC'11), as the kernels' philox4x32_10 (common/philox.cuh), elementwise
+    /// over int64 tensors holding 32-bit counters (broadcast together): the four 32-bit words, as int64.</summary>
+    internal static (Tensor, Tensor, Tensor, Tensor) Philox(uint key0, uint key1, Tensor c0, Tensor c1, Tensor c2, Tensor c3)
     {
         for (int round = 0; round < 10; round++)
         {
-            ulong p0 = 0xD2511F53UL * c0, p1 = 0xCD9E8D57UL * c2;
-            (c0, c1, c2, c3) = ((uint)(p1 >> 32) ^ c1 ^ key0, (uint)p1, (uint)(p0 >> 32) ^ c3 ^ key1, (uint)p0);
+            // each round's temporaries freed with it, the previous round's state once replaced (not the caller's)
+            using var scope = NewDisposeScope();
+            var (hi0, lo0) = MulHiLo(0xD2511F53L, c0);
+            var (hi1, lo1) = MulHiLo(0xCD9E8D57L, c2);
+            var next = new[] { hi1.bitwise_xor(c1).bitwise_xor_((long)key0), lo1, hi0.bitwise_xor(c3).bitwise_xor_((long)key1), lo0 };
+            foreach (var t in next) t.MoveToOuterDisposeScope();
+            if (round > 0)
+                foreach (var t in new[] { c0, c1, c2, c3 }) t.Dispose();
+            (c0, c1, c2, c3) = (next[0], next[1], next[2], next[3]);
             key0 += 0x9E3779B9u;
             key1 += 0xBB67AE85u;
         }
         return (c0, c1, c2, c3);
+    }
+
+    // The high and low 32 bits of m * c (m, c below 2^32) in int64 without overflow: c split into 16-bit halves,
+    // m * c = (m * c_hi) 2^16 + m * c_lo with both products below 2^48.
+    private static (Tensor hi, Tensor lo) MulHiLo(long m, Tensor c)
+    {
+        var a = c.bitwise_right_shift(16).mul_(m);
+        var b = c.bitwise_and(0xFFFF).mul_(m);
+        var hi = b.bitwise_right_shift(16).add_(a).bitwise_right_shift_(16);
+        var lo = a.bitwise_and_(0xFFFF).bitwise_left_shift_(16).add_(b).bitwise_and_(0xFFFFFFFFL);
+        return (hi, lo);
     }
 }

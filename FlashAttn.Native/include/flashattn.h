@@ -40,7 +40,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 7
+#define FLASHATTN_ABI_VERSION 8
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -145,9 +145,10 @@ FLASHATTN_API int64_t FlashAttn_flash_fwd_workspace_size(
 // nheads must be a multiple of nheads_k (MQA/GQA: query head h reads key/value head h / (nheads / nheads_k)).
 // headdim: a multiple of 8, at most 256 (the managed side pads other sizes).
 // softmax_lse (float32, written): (batch, nheads, seqlen_q), or (nheads, total_q) with cu_seqlens.
-// causal: aligned bottom-right (query i sees keys j <= i + seqlen_k - seqlen_q), as flash-attn >= 2.1;
-//   window_left/window_right >= 0 limit keys to [i + sk - sq - left, i + sk - sq + right] (-1: unlimited);
-//   causal is window_right = 0. softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores.
+// window_left/window_right >= 0 limit the keys query i sees to [i + sk - sq - left, i + sk - sq + right]
+//   (-1: unlimited), aligned bottom-right as flash-attn >= 2.1. Causal is window_right = 0 (query i sees keys
+//   j <= i + seqlen_k - seqlen_q), the one way to ask for it. softcap > 0 applies softcap * tanh(s / softcap) to
+//   the scaled scores.
 // alibi_slopes: NULL or float32 (batch, nheads) with alibi_batch_stride (0: one row shared by all
 //   sequences); adds -slope * |i + sk - sq - j| to the scaled scores.
 // dropout_p in [0, 1): Philox-4x32-10 keyed by (seed, offset) decides each kept element; kept
@@ -164,7 +165,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
     int64_t k_batch_stride, int64_t k_row_stride, int64_t k_head_stride,
     int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride,
     int64_t out_batch_stride, int64_t out_row_stride, int64_t out_head_stride,
-    float softmax_scale, int32_t causal, int32_t window_left, int32_t window_right, float softcap,
+    float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
     const float* alibi_slopes, int64_t alibi_batch_stride,
     float dropout_p, uint64_t seed, uint64_t offset, uint8_t* dropout_mask,
     void* workspace, int64_t workspace_bytes, void* stream);
@@ -199,7 +200,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd(
     int64_t dq_batch_stride, int64_t dq_row_stride, int64_t dq_head_stride,
     int64_t dk_batch_stride, int64_t dk_row_stride, int64_t dk_head_stride,
     int64_t dv_batch_stride, int64_t dv_row_stride, int64_t dv_head_stride,
-    float softmax_scale, int32_t causal, int32_t window_left, int32_t window_right, float softcap,
+    float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
     const float* alibi_slopes, int64_t alibi_batch_stride,
     float dropout_p, uint64_t seed, uint64_t offset, int32_t deterministic,
     void* workspace, int64_t workspace_bytes, void* stream);

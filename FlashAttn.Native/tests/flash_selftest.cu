@@ -241,7 +241,7 @@ bool run_case(const Case& c, bool verbose) {
   capture.begin();
   FlashAttnStatus st = FlashAttn_flash_fwd(
       dq_, dk_, dv_, dout_, dlse, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk, D, qbs, qrs, D, kbs, krs, D, kbs,
-      krs, D, qbs, qrs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+      krs, D, qbs, qrs, D, scale, c.wl, c.causal ? 0 : c.wr, c.softcap, c.alibi ? dslopes : nullptr,
       c.alibi ? H : 0, c.dropout, seed, offset, dmask, nullptr, 0, nullptr);
   const std::string path = capture.end();
   if (st != FLASHATTN_STATUS_OK) {
@@ -256,7 +256,7 @@ bool run_case(const Case& c, bool verbose) {
     capture.begin();
     st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
                              Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
-                             krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+                             krs, D, kbs, krs, D, scale, c.wl, c.causal ? 0 : c.wr, c.softcap, c.alibi ? dslopes : nullptr,
                              c.alibi ? H : 0, c.dropout, seed, offset, c.deterministic, ws, ws_bytes, nullptr);
     bwd_path = capture.end();
   }
@@ -277,7 +277,7 @@ bool run_case(const Case& c, bool verbose) {
     snap(first);
     st = FlashAttn_flash_bwd(dgo, dq_, dk_, dv_, dout_, dlse, dgq, dgk, dgv, dt, dcuq, dcuk, B, sq_arg, sk_arg, H,
                              Hk, D, qbs, qrs, D, kbs, krs, D, kbs, krs, D, qbs, qrs, D, qbs, qrs, D, qbs, qrs, D, kbs,
-                             krs, D, kbs, krs, D, scale, c.causal, c.wl, c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+                             krs, D, kbs, krs, D, scale, c.wl, c.causal ? 0 : c.wr, c.softcap, c.alibi ? dslopes : nullptr,
                              c.alibi ? H : 0, c.dropout, seed, offset, 1, ws, ws_bytes, nullptr);
     CK(cudaDeviceSynchronize());
     snap(second);
@@ -628,13 +628,13 @@ void bench_here(int only_d, int only_causal, bool with_bwd) {
     const float scale = 1.f / std::sqrt(float(D));
     auto fwd = [&] {
       return FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs,
-                                 rs, D, bs, rs, D, bs, rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0,
+                                 rs, D, bs, rs, D, bs, rs, D, bs, rs, D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0,
                                  0.f, 0, 0, nullptr, nullptr, 0, nullptr);
     };
     auto bwd = [&] {
       return FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B,
                                  S, S, H, H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs,
-                                 rs, D, bs, rs, D, scale, causal, -1, -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
+                                 rs, D, bs, rs, D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
                                  nullptr);
     };
     auto time_it = [&](auto fn) {

@@ -5,7 +5,7 @@
 //   ops_bench --here <op> [size]   in this process only, under the variant of the environment (for profilers:
 //                             FLASHATTN_NORM_VARIANT=rows16 ncu --clock-control none -k regex:norm
 //                             --launch-count 3 ops_bench --here norm_fwd 8192)
-// The launchers read FLASHATTN_NORM_VARIANT / FLASHATTN_CE_VARIANT once per process, so each variant runs in a
+// The launchers read FLASHATTN_NORM_VARIANT once per process, so each variant runs in a
 // child process of its own; "auto" is the launchers' table.
 // Times are medians of event-timed runs, each run cycling over several input sets whose total exceeds the L2
 // (so repeated runs are not served from the cache); the copy moves the op's minimum bytes (each input read once,
@@ -221,7 +221,7 @@ void bench_ce(int64_t vocab) {
                                    1.f, 0.f, -100, nullptr));
   });
   free_all();
-  report("ce_fwdbwd", "FLASHATTN_CE_VARIANT", vocab, rows, 3 * n * 2, ms);
+  report("ce_fwdbwd", nullptr, vocab, rows, 3 * n * 2, ms);
 }
 
 // rotary on q (B 8, S 2048, H heads, D 128), out of place: x read, out written, cos/sin (S, 64) each read once.
@@ -271,8 +271,7 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
   };
   const std::vector<Family> families = {
       {"FLASHATTN_NORM_VARIANT", {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"}, {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"}},
-      {"FLASHATTN_CE_VARIANT", {"ce"}, {"auto", "block", "warp"}},
-      {nullptr, {"rotary"}, {"-"}},
+      {nullptr, {"ce", "rotary"}, {"-"}},
   };
   // (op and size, its lines), in the order the first child of each op met them: ascending sizes
   std::vector<std::pair<std::string, std::vector<std::string>>> lines;

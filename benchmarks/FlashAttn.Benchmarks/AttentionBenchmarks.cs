@@ -14,7 +14,7 @@ namespace FlashAttn.Benchmarks;
 /// </summary>
 public class AttentionBenchmarks : GpuBenchmark
 {
-    // 512 left out of the device runs for time (2026-11-25: 30 min of GPU a session); the bar is s >= 2048.
+    // 512 left out for time (a device session has 30 minutes of GPU); the bar is s >= 2048.
     [Params(2048, 8192, 16384)]
     public int SeqLen;
 
@@ -91,9 +91,9 @@ public class AttentionBenchmarks : GpuBenchmark
 /// <summary>
 /// flash_attn_func's dispatch (AttentionDispatch) at the shapes of the rule's table: bf16, B 4, S 4096, hidden 2048 (d64
 /// and d128, causal or not) and GPT-2 124M's attention (B 16, S 1024, 12 heads of 64, causal); forward and
-/// forward+backward, without and with dropout 0.1. Path sets FLASHATTN_ATTENTION_BACKEND: auto (the rule), flash (our
-/// kernels forced), sdpa (libtorch's scaled_dot_product_attention forced, on (B, H, S, D) views of the (B, S, H, D)
-/// inputs); each result line carries the path that ran. The sdpa rows with dropout decide the rule's dropout switch.
+/// forward+backward, without and with dropout 0.1. Path sets the mode in process (AttentionDispatch.Override, spelled as
+/// FLASHATTN_ATTENTION_BACKEND): auto (the rule), flash (our kernels forced), sdpa (libtorch's
+/// scaled_dot_product_attention forced, on (B, H, S, D) views of the (B, S, H, D) inputs); each result line carries the path that ran. The sdpa rows with dropout decide the rule's dropout switch.
 /// FLOPs as <see cref="AttentionBenchmarks"/> (dropout's work not counted).
 /// </summary>
 public class AttentionDispatchBenchmarks : GpuBenchmark
@@ -116,7 +116,7 @@ public class AttentionDispatchBenchmarks : GpuBenchmark
     private static readonly System.Collections.Concurrent.ConcurrentDictionary<string, AttentionBackend> s_ran = new();
 
     private Tensor _q = null!, _k = null!, _v = null!, _g = null!;
-    private string? _previousPath;
+    private AttentionMode? _previousPath;
 
     private long Dim(char key) => long.Parse(Shape.Split('-').First(p => p[0] == key)[1..]);
     private bool Causal => Shape.EndsWith("-causal");
@@ -132,8 +132,8 @@ public class AttentionDispatchBenchmarks : GpuBenchmark
 
     protected override void Setup()
     {
-        _previousPath = Environment.GetEnvironmentVariable(AttentionDispatch.EnvironmentVariable);
-        Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, Path);
+        _previousPath = AttentionDispatch.Override;
+        AttentionDispatch.Override = AttentionDispatch.ParseMode(Path);
         long[] shape = { Dim('b'), Dim('s'), Dim('h'), Dim('d') };
         _q = randn(shape, dtype: ScalarType.BFloat16, device: Dev).requires_grad_(true);
         _k = randn(shape, dtype: ScalarType.BFloat16, device: Dev).requires_grad_(true);
@@ -141,7 +141,7 @@ public class AttentionDispatchBenchmarks : GpuBenchmark
         _g = randn(shape, dtype: ScalarType.BFloat16, device: Dev);
     }
 
-    protected override void Teardown() => Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, _previousPath);
+    protected override void Teardown() => AttentionDispatch.Override = _previousPath;
 
     [Benchmark(OperationsPerInvoke = Launches)]
     public void Fwd()

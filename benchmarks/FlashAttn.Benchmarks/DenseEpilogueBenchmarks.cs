@@ -8,7 +8,7 @@ namespace FlashAttn.Benchmarks;
 /// The four backward GEMMs of the GPT-2 MLP one at a time (bf16, 16384 tokens, width 768 and 1600, hidden 4×),
 /// each through our cuBLASLt call with and without its fused epilogue, and through torch.mm (cuBLAS): which
 /// epilogue costs what on this GPU. dW2 = gᵀ·h (+ db2 by BGRADB); dh = (g·W2) ∘ gelu'(pre) (DGELU) or plain;
-/// dx = dh·W1; dW1 = dhᵀ·x (+ db1 by BGRADB). Run 17 (2026-11-25) measured DGELU_BGRAD at 3.6× the plain GEMM,
+/// dx = dh·W1; dW1 = dhᵀ·x (+ db1 by BGRADB). DGELU_BGRAD measured 3.6× the plain GEMM (benchmarks/RESULTS.md),
 /// which moved db1 into dW1's GEMM; the column sums measure the bias gradients as a separate reduction.
 /// </summary>
 public class DenseEpilogueBenchmarks : GpuBenchmark

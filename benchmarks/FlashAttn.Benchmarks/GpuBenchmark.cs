@@ -31,7 +31,7 @@ public abstract class GpuBenchmark
 
     /// <summary>
     /// Frees every tensor field of the case. In process, one case's inputs otherwise live until a GC that the small
-    /// managed heap never triggers: the suite filled the H100's 80 GB by the 24th case (device run 16, 2026-11-25).
+    /// managed heap never triggers: the suite filled the H100's 80 GB by the 24th case.
     /// </summary>
     [GlobalCleanup]
     public void Cleanup()

@@ -12,7 +12,7 @@ namespace FlashAttn.Benchmarks;
 /// before the forward (inputs and the incoming gradient already allocated).
 /// MLP: the composite and ours at checkpoint levels 0, 1, 2, at the DenseBenchmarks shapes.
 /// Cross-entropy: 16384 × 50257 bf16 logits, ours (in-place backward) against TorchSharp's cross_entropy on
-/// float32-upcast logits (what PyTorch's baseline measures: 10.7 GiB extra on the H100, 2026-11-24).
+/// float32-upcast logits (what PyTorch's baseline measures: 10.7 GiB extra on the H100).
 /// GPT: one bf16 training step (forward, backward, AdamW) of GPT-2 124M and 350M at B16 T1024, fusions on and
 /// off, as the GptBenchmarks configure them; the peak above the memory before the model was built, so weights,
 /// gradients and optimizer state count (what PyTorch's max_memory_allocated reports in the peer script).

@@ -16,7 +16,7 @@ Console.WriteLine($"# {Backend.NativeBuildInfo}; libtorch from {LibTorchLoader.L
 if (args.Length > 0 && args[0] == "--memory") { Environment.ExitCode = Memory.Run(); return; }
 
 // BenchmarkDotNet sizes each iteration to 500 ms by default: the attention suite alone then took
-// about 8 minutes of a 10-minute device call (2026-11-25), with medians spread under 1% (run 15).
+// about 8 minutes of a 10-minute device call, with medians spread under 1%.
 // 100 ms iterations cut that fivefold; check the spread when first run with them.
 var job = Job.Default.WithToolchain(InProcessEmitToolchain.Instance)
     .WithWarmupCount(3).WithIterationCount(10).WithLaunchCount(1)

@@ -90,6 +90,25 @@ public sealed class AttentionDispatchTests
     }
 
     [Test]
+    public void EnvironmentIsReadOnceAndTheOverrideWins()
+    {
+        var first = AttentionDispatch.Mode;
+        var previous = Environment.GetEnvironmentVariable(AttentionDispatch.EnvironmentVariable);
+        try
+        {
+            Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, first == AttentionMode.Sdpa ? "flash" : "sdpa");
+            Assert.That(AttentionDispatch.Mode, Is.EqualTo(first), "the variable is not read again");
+            using (new BackendOverride("flash")) Assert.That(AttentionDispatch.Mode, Is.EqualTo(AttentionMode.Flash));
+            using (new BackendOverride("sdpa")) Assert.That(AttentionDispatch.Mode, Is.EqualTo(AttentionMode.Sdpa));
+            Assert.That(AttentionDispatch.Mode, Is.EqualTo(first), "restored");
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, previous);
+        }
+    }
+
+    [Test]
     public void CpuCallsTakeTheReferenceWhateverTheOverride()
     {
         var q = randn(2, 9, 2, 16);
@@ -102,12 +121,13 @@ public sealed class AttentionDispatchTests
     }
 }
 
-/// <summary>FLASHATTN_ATTENTION_BACKEND set (null: unset) until disposed, then restored.</summary>
+/// <summary>The in-process mode (spelled as FLASHATTN_ATTENTION_BACKEND; null: the variable's) until disposed, then the
+/// previous one.</summary>
 internal sealed class BackendOverride : IDisposable
 {
-    private readonly string? _previous = Environment.GetEnvironmentVariable(AttentionDispatch.EnvironmentVariable);
+    private readonly AttentionMode? _previous = AttentionDispatch.Override;
 
-    public BackendOverride(string? mode) => Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, mode);
+    public BackendOverride(string? mode) => AttentionDispatch.Override = mode is null ? null : AttentionDispatch.ParseMode(mode);
 
-    public void Dispose() => Environment.SetEnvironmentVariable(AttentionDispatch.EnvironmentVariable, _previous);
+    public void Dispose() => AttentionDispatch.Override = _previous;
 }

@@ -5,7 +5,7 @@ using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
 
-/// <summary>Best-k checkpoints by validation loss (the seed keeps the best 3 plus the last); the rotation of progress
+/// <summary>Best-k checkpoints by validation loss (flash-attention's experiments keep the best 3 plus the last); the rotation of progress
 /// checkpoints.</summary>
 public sealed class CheckpointTests
 {

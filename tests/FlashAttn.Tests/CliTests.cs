@@ -4,7 +4,7 @@ using NUnit.Framework;
 
 namespace FlashAttn.Tests;
 
-/// <summary>The `flashattn` command line: dotted overrides as the seed's Hydra, errors that name the
+/// <summary>The `flashattn` command line: dotted overrides as flash-attention's Hydra, errors that name the
 /// wrong key or value and list the valid ones, the experiment files' numbers, batch arithmetic.</summary>
 public class CliTests
 {
@@ -113,7 +113,7 @@ public class CliTests
     public void GradientAccumulation(long global, long devices, long batch, int expected) =>
         Assert.That(ExperimentConfig.GradientAccumulation(global, devices, batch), Is.EqualTo(expected));
 
-    /// <summary>The experiment files carry the seed's numbers (shared/seed/experiments.md).</summary>
+    /// <summary>The experiment files carry the numbers of flash-attention's training experiments (configs/README.md).</summary>
     [TestCase("owt/gpt2s-flash", "gpt2s", 512, 64, 6e-4, 4000, "linear", 400000, 400000, "16", 1024, 1000)]
     [TestCase("owt/gpt2m-flash", "gpt2m", 512, 64, 1.5e-4, 4000, "linear", 400000, 400000, "16", 1024, 1000)]
     [TestCase("owt/gpt2l-flash", "gpt2l", 512, 32, 1.5e-4, 4000, "linear", 400000, 400000, "16", 1024, 1000)]
@@ -144,7 +144,7 @@ public class CliTests
             Assert.That(c.Int("trainer.val_check_interval"), Is.EqualTo(valEvery));
             Assert.That(c.Float("trainer.gradient_clip_val"), Is.EqualTo(1.0));
             Assert.That(c.Int("seed"), Is.EqualTo(1111));
-            Assert.That(c.Int("trainer.devices"), Is.EqualTo(1), "devices come from the command line, as the seed's trainer.devices=8");
+            Assert.That(c.Int("trainer.devices"), Is.EqualTo(1), "devices come from the command line, as flash-attention's trainer.devices=8");
             Assert.That(ExperimentConfig.GradientAccumulation(global, 8, batch), Is.EqualTo(global / (8 * batch)));
             if (schedule == "cosine")
             {

@@ -136,7 +136,7 @@ public sealed class DenseCudaTests
                 Assert.That(got[i].dtype, Is.EqualTo(dt));
                 // bias gradients on cuBLASLt are BGRADB's fp32 sums of 16-bit values (dpre, or the incoming gradient), the
                 // low-precision reference's sums of the same values in another order: the max over a few dozen such sums
-                // is a noisy statistic, seen at 2.07x (dbias1, run 19) and 2.13x (dbias2, run 21)
+                // is a noisy statistic, seen at 2.07x (dbias1) and 2.13x (dbias2) on the H100
                 double factor = biasGradFromRounded && names[i] is "dbias1" or "dbias2" ? 3 : 2;
                 Tolerance.AssertClose(got[i], low[i], want[i], $"lvl {lvl} {names[i]}", factor);
             }
@@ -153,7 +153,7 @@ public sealed class DenseCudaTests
     /// The relu epilogues one stage at a time, on grid values (exact sums, no pre-activation at 0) so every stage
     /// must match what the float64 arithmetic rounds to: RELU_AUX_BIAS output, its bit mask unpacked (bit j of
     /// byte i = column 8 i + j), DRELU fed that mask, and db1 from the dW1 GEMM's BGRADB. Every stage passes on the
-    /// H100 (run 19, 2026-11-25) while the MLP composed of them does not in bf16: FusedMlpFunction keeps relu on
+    /// H100 while the MLP composed of them does not in bf16: FusedMlpFunction keeps relu on
     /// the reference path until that is explained.
     /// </summary>
     [TestCase(ScalarType.BFloat16, 1000, 256), TestCase(ScalarType.Float16, 64, 128), TestCase(ScalarType.BFloat16, 7, 384)]

@@ -64,7 +64,7 @@ public sealed class FlashAttentionCudaTests
     /// dP − D is 0 in exact arithmetic and the low-precision reference, whose D and dP are the same rounded products, gets
     /// exactly 0 too; the kernel forms dP with tensor-core fp32 accumulation and D in another order, leaving a
     /// cancellation residue of about d float32 ulps of |dO|·|V|. This floor is that residue carried through scale · K
-    /// (or Q for dk): about 2e-4 at d = 256 against gradients of order 1 (run 16, 2026-11-25: q1_k1 fp16 cases).
+    /// (or Q for dk): about 2e-4 at d = 256 against gradients of order 1 (the q1_k1 fp16 cases needed it on the H100).
     /// </summary>
     internal static double AccumulationFloor(Tensor dO, Tensor v, Tensor other, int d)
     {
@@ -139,10 +139,52 @@ public sealed class FlashAttentionCudaTests
         var cpu = flash_attn.flash_attn_func_with_lse(q.cpu().to(ScalarType.Float32), k.cpu().to(ScalarType.Float32), v.cpu().to(ScalarType.Float32),
                                                       dropout_p: p, causal: causal, window_size: window, return_dropout_mask: true);
         Assert.That(gpu.dropout_mask!.cpu().eq(cpu.dropout_mask!).all().item<bool>(), Is.True, "the same seed gives the same bytes on both paths");
+        // the reference path on the GPU builds the mask there (int64 tensor Philox on the device): the same bytes again
+        Backend.ForceReference = true;
+        try
+        {
+            manual_seed(99);
+            var refGpu = flash_attn.flash_attn_func_with_lse(q, k, v, dropout_p: p, causal: causal, window_size: window, return_dropout_mask: true);
+            Assert.That(refGpu.dropout_mask!.device_type, Is.EqualTo(DeviceType.CUDA));
+            Assert.That(refGpu.dropout_mask!.eq(gpu.dropout_mask!).all().item<bool>(), Is.True, "reference path on the GPU");
+        }
+        finally
+        {
+            Backend.ForceReference = false;
+        }
         var none = flash_attn.flash_attn_func_with_lse(q, k, v, causal: causal, window_size: window, return_dropout_mask: true);
         var noneCpu = flash_attn.flash_attn_func_with_lse(q.cpu().to(ScalarType.Float32), k.cpu().to(ScalarType.Float32), v.cpu().to(ScalarType.Float32),
                                                           causal: causal, window_size: window, return_dropout_mask: true);
         Assert.That(none.dropout_mask!.cpu().eq(noneCpu.dropout_mask!).all().item<bool>(), Is.True, "without dropout: the visible elements");
+    }
+
+    // Causal reaches the kernels as window_right = 0 (flashattn.h has no other way to say it): causal and the window
+    // (-1, 0) are the same call, bit for bit, forward and backward; causal with a window keeps its left side.
+    [TestCase(ScalarType.BFloat16, 59, 113, 203, -1L), TestCase(ScalarType.Float16, 128, 200, 128, -1L), TestCase(ScalarType.BFloat16, 64, 97, 97, 23L)]
+    public void CausalIsTheWindowWithRightZero(ScalarType dtype, int d, int sq, int sk, long left)
+    {
+        var dev = Gpu.Require();
+        var q = randn(2, sq, 4, d, dtype: dtype, device: dev);
+        var k = randn(2, sk, 2, d, dtype: dtype, device: dev);
+        var v = randn(2, sk, 2, d, dtype: dtype, device: dev);
+        var g = randn(2, sq, 4, d, dtype: dtype, device: dev);
+        (Tensor o, Tensor lse, Tensor[] grads) Run(bool causal, (long, long)? window)
+        {
+            var ins = new[] { q, k, v }.Select(t => t.detach().clone().requires_grad_(true)).ToArray();
+            var r = flash_attn.flash_attn_func_with_lse(ins[0], ins[1], ins[2], causal: causal, window_size: window, deterministic: true);
+            r.output.backward(new[] { g });
+            return (r.output, r.softmax_lse, ins.Select(t => t.grad!).ToArray());
+        }
+        var causal = Run(true, left < 0 ? null : (left, -1));
+        var window = Run(false, (left, 0));
+        Assert.That(causal.o.eq(window.o).all().item<bool>(), Is.True, "out");
+        Assert.That(causal.lse.eq(window.lse).all().item<bool>(), Is.True, "lse (+inf where a row sees no key)");
+        for (int i = 0; i < 3; i++)
+            Assert.That(causal.grads[i].eq(window.grads[i]).all().item<bool>(), Is.True, $"grad {"qkv"[i]}");
+        // and it is the causal reference
+        var (o64, _, _) = Ref(q, k, v, g, true, left < 0 ? null : (left, -1), 0, null, ScalarType.Float64);
+        var (oLow, _, _) = Ref(q, k, v, g, true, left < 0 ? null : (left, -1), 0, null, dtype);
+        Tolerance.AssertClose(causal.o, oLow, o64, "out");
     }
 
     [Test]

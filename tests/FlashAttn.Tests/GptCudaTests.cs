@@ -13,7 +13,7 @@ namespace FlashAttn.Tests;
 [Category(Gpu.Category)]
 public sealed class GptCudaTests
 {
-    // head dim 64 and 128 (the seed's), width 256/512, 2 layers; dropout off so the three models compute the same function
+    // head dim 64 and 128 (flash-attention's experiments'), width 256/512, 2 layers; dropout off so the three models compute the same function
     private static GPTConfig Config(long nEmbd, long nHead, double rotary) => new GPTConfig
     {
         vocab_size = 1000, n_positions = 256, n_embd = nEmbd, n_layer = 2, n_head = nHead, rotary_emb_fraction = rotary,
@@ -51,7 +51,7 @@ public sealed class GptCudaTests
         Tolerance.AssertClose(lf, lp, le, "logits", factor: 3);
 
         // per-token losses: the scalar mean is one sample of the rounding noise, and the ratio of two such samples
-        // exceeds 3 about one time in five (run 15 failed so), while the max over 400 tokens is a stable statistic
+        // exceeds 3 about one time in five (a device run failed so), while the max over 400 tokens is a stable statistic
         var flat = labels.reshape(-1);
         Tolerance.AssertClose(GPTLMHeadModel.TokenLosses(lf.view(-1, 1000), flat, fused: true),
             GPTLMHeadModel.TokenLosses(lp.view(-1, 1000), flat, fused: false),

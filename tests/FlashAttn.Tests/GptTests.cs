@@ -64,7 +64,7 @@ public sealed class GptTests
         using var m = Build(GPTConfig.Named("gpt2s") with { pad_vocab_size_multiple = 1 });
         Assert.That(m.num_parameters(), Is.EqualTo(124_439_808L));
         Assert.That(m.num_parameters(exclude_embeddings: true), Is.EqualTo(124_439_808L - 50257L * 768 - 1024L * 768));
-        // the seed pads to 50264: 7 more rows
+        // flash-attention's experiments pad to 50264: 7 more rows
         Assert.That(GPTConfig.Named("gpt2s").padded_vocab_size - 50257, Is.EqualTo(7));
         double fpt = m.flops_per_token(1024);
         Assert.That(fpt, Is.EqualTo(6.0 * 124_439_808 + 12.0 * 12 * 768 * 1024));

@@ -8,7 +8,7 @@ namespace FlashAttn.Tests;
 /// Every tensor an op makes in forward or backward belongs to the caller's dispose scope (or is released by
 /// BackwardGuard): after a training step under NewDisposeScope, no tensor wrapper may stay alive. One that escapes
 /// holds its storage until a garbage collection: the norm's new residual, moved out of the scope twice, held
-/// 128 MiB a step on the H100 until the benchmarks ran out of memory (2026-11-25). Counted with TorchSharp's
+/// 128 MiB a step on the H100 until the benchmarks ran out of memory. Counted with TorchSharp's
 /// per-thread statistics on CPU (backward runs on the calling thread there); BackwardMemoryCudaTests covers the GPU.
 /// </summary>
 public sealed class LifetimeTests

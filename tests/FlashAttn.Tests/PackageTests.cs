@@ -88,8 +88,8 @@ public sealed class PackageTests
         InPackWorkspace("flashattn-tool-", (root, work, version, feed) =>
         {
             // For this machine's platform (`-r`): the platform-agnostic package carries TorchSharp-cpu's libtorch for
-            // Linux, Windows and macOS (1.4 GB installed, 2.8 GB of build output; CI ran out of disk on it,
-            // 2026-11-25); this one is a 138 MB package that installs 0.76 GB.
+            // Linux, Windows and macOS (1.4 GB installed, 2.8 GB of build output; CI ran out of disk on it); this one
+            // is a 138 MB package that installs 0.76 GB.
             Run(root, "dotnet", $"pack FlashAttn.Cli -c Release -r {PortableRid} -o \"{feed}\" -p:Version={version} {Artifacts(work)}");
             var tools = Path.Combine(work, "tools");
             Run(work, "dotnet", $"tool install FlashAttn.Cli --tool-path \"{tools}\" --add-source \"{feed}\" --version {version}");

@@ -163,7 +163,7 @@ public class SampleTests
     [Test]
     public void ExportWritesAHuggingFaceGpt2FolderThatLoadsBack()
     {
-        // the seed's layer-index scaling and a non-default MLP width travel in config.json
+        // flash-attention's layer-index scaling and a non-default MLP width travel in config.json
         var cfg = new GPTConfig { n_layer = 2, n_embd = 32, n_head = 2, n_positions = 32, n_inner = 96, scale_attn_by_inverse_layer_idx = true };
         manual_seed(5);
         using var src = new GPTLMHeadModel(cfg.WithFusions(false));

@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
 
-/// <summary>Learning-rate schedules: transformers' linear-with-warmup and timm's cosine as the seed configures them.</summary>
+/// <summary>Learning-rate schedules: transformers' linear-with-warmup and timm's cosine as flash-attention's training experiments configure them.</summary>
 public class TrainingScheduleTests
 {
     [Test]

@@ -1,4 +1,4 @@
-// Element conversions and aligned vector access for memory-bound kernels.
+// Numerics the kernels share: the log2-domain exponential, element conversions and aligned vector access.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +8,19 @@
 #include <type_traits>
 
 namespace flashattn {
+
+// Softmaxes work in the log2 domain: exp(x) = 2^(x log2 e), and back with ln 2.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x by the multi-function unit alone (ex2.approx.ftz: relative error below 2^-22, results under 2^-126 flushed to 0).
+// exp2f adds range fix-ups the callers do not need: their arguments are <= 0 or -inf (exponents after subtracting a
+// running max), where a flushed term never changes a sum of at least 1.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

@@ -2,17 +2,16 @@
 // chunk of a row streamed with an online max / sum of exponentials in the log2 domain), a per-row kernel
 // combines the chunks; the backward reads the logits once and writes the gradient once, in place when
 // dlogits is logits.
-// Two kernel families, chosen in the launchers (predictions and measurements in ../norm/NOTES.md):
-//  - warp: a warp per chunk of kCrossEntropyWarpChunk columns, kBatch 16-byte vectors per lane in flight,
-//    the max taken over a batch before its exponentials (one rescale per batch, not per vector);
-//  - block: a block of 256 threads per chunk of up to kCrossEntropyBlockChunk columns.
+// A warp per chunk of kCrossEntropyWarpChunk columns, kBatch 16-byte vectors per lane in flight, the max taken over
+// a batch before its exponentials (one rescale per batch, not per vector). A block of 256 threads per chunk of up to
+// 16384 columns was slower at every vocabulary measured (ops_bench on the H200, bf16, forward + backward, warp vs
+// block, ms: 32000 0.764/1.051, 50257 1.215/1.835, 128256 0.762/1.093, 256000 1.499/2.071; the warp kernels at
+// 1.01-1.05x the copy floor; ../norm/NOTES.md) and was removed.
 // Rows need not be 16-byte aligned (vocab 50257): a chunk runs a scalar head up to the first aligned
 // column, 16-byte vectors, then a scalar tail.
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "common/cuda_check.cuh"
@@ -26,22 +25,12 @@ namespace flashattn {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 struct Online {
   float m;    // running max (log2 domain)
   float s;    // sum of 2^(v - m)
   float sum;  // sum of the scaled logits (natural units), for label smoothing
 };
-
-// 2^x by the multi-function unit alone (ex2.approx.ftz: relative error below 2^-22, results under 2^-126
-// flushed to 0, which a sum of at least 1 never notices).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ Online combine(Online a, Online b) {
   if (a.m == -INFINITY) return {b.m, b.s, a.sum + b.sum};
@@ -58,141 +47,6 @@ __device__ __forceinline__ Online warp_combine(Online o) {
     o = combine(o, other);
   }
   return o;
-}
-
-// block kernels: a block per chunk of a row, 256 threads.
-
-// Adds N logits (already scaled to the log2 domain in v2, natural in v) to the running state.
-template <int N>
-__device__ __forceinline__ void accumulate(Online& o, const float (&v2)[N], const float (&v)[N]) {
-  float mx = v2[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) mx = fmaxf(mx, v2[j]);
-  const float m = fmaxf(o.m, mx);
-  float s = o.m == -INFINITY ? 0.f : o.s * exp2f(o.m - m);
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    s += exp2f(v2[j] - m);
-    o.sum += v[j];
-  }
-  o.m = m;
-  o.s = s;
-}
-
-// The columns [c0, c1) of one row split into a scalar head [c0, vb) (until `ptr + c` is 16-byte
-// aligned), nv kVec-wide vectors from vb, and a scalar tail [tb, c1).
-struct ChunkSplit {
-  int64_t vb, nv, tb;
-};
-
-template <typename T, int kVec>
-__device__ __forceinline__ ChunkSplit split_chunk(const T* row, int64_t c0, int64_t c1, bool vector_ok) {
-  int64_t head = c1 - c0;
-  if (vector_ok) {
-    const int mis = int((reinterpret_cast<uintptr_t>(row + c0) % 16) / sizeof(T));
-    head = mis == 0 ? 0 : min(int64_t(kVec - mis), c1 - c0);
-  }
-  const int64_t vb = c0 + head;
-  const int64_t nv = vector_ok ? (c1 - vb) / kVec : 0;
-  return {vb, nv, vb + nv * kVec};
-}
-
-// f(col) on the head and tail, vector(col) on each kVec-wide vector.
-template <typename T, int kVec, typename Scalar, typename Vector>
-__device__ __forceinline__ void for_chunk(const T* row, int64_t c0, int64_t c1, bool vector_ok, Scalar&& scalar,
-                                          Vector&& vector) {
-  const ChunkSplit s = split_chunk<T, kVec>(row, c0, c1, vector_ok);
-  for (int64_t c = c0 + threadIdx.x; c < s.vb; c += kThreads) scalar(c);
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < s.nv; i += kThreads) vector(s.vb + i * kVec);
-  for (int64_t c = s.tb + threadIdx.x; c < c1; c += kThreads) scalar(c);
-}
-
-template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_block_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
-  const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
-  const int64_t c0 = chunk * width, c1 = min(p.vocab, c0 + width);
-  const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  const float scale = p.logit_scale, scale2 = p.logit_scale * kLog2e;
-  Online o{-INFINITY, 0.f, 0.f};
-  for_chunk<T, kVec>(
-      rowp, c0, c1, true,
-      [&](int64_t c) {
-        const float x = to_float(rowp[c]);
-        const float v2[1] = {x * scale2}, v[1] = {x * scale};
-        accumulate<1>(o, v2, v);
-      },
-      [&](int64_t c) {
-        float x[kVec], v2[kVec], v[kVec];
-        load_float<T, kVec>(rowp + c, x);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          v2[j] = x[j] * scale2;
-          v[j] = x[j] * scale;
-        }
-        accumulate<kVec>(o, v2, v);
-      });
-  // block reduction: warps by shuffles, then the first warp over the warps' results
-  o = warp_combine(o);
-  __shared__ Online red[kThreads / 32];
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = o;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Online t = red[0];
-    for (int w = 1; w < kThreads / 32; ++w) t = combine(t, red[w]);
-    float* ws = p.workspace + (row * chunks + chunk) * 3;
-    ws[0] = t.m;
-    ws[1] = t.s;
-    ws[2] = t.sum;
-  }
-}
-
-template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_block_kernel(const CrossEntropyParams p, int64_t chunks, int64_t width) {
-  const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
-  const int64_t c0 = chunk * width, c1 = min(p.vocab, c0 + width);
-  const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  T* drow = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
-  const int64_t label = p.labels[row];
-  const bool ignored = label == p.ignore_index;
-  const float lse = p.lse[row];
-  const float scale2 = p.logit_scale * kLog2e, lse2 = lse * kLog2e;
-  // a label outside the vocabulary (recorded by the forward): a NaN gradient for its row, as its loss
-  const float g = ignored ? 0.f
-                  : label < 0 || label >= p.vocab ? NAN
-                                                  : p.dloss[row * p.dloss_stride] * p.logit_scale;
-  const float pmul = 1.f + 2.f * p.lse_square_scale * lse;
-  const float smooth = p.label_smoothing / float(p.vocab), hit = 1.f - p.label_smoothing;
-  auto grad = [&](float x, int64_t c) {
-    const float prob = exp2f(x * scale2 - lse2) * pmul;
-    return g * (prob - smooth - (c == label ? hit : 0.f));
-  };
-  // vectors need the same misalignment in logits and dlogits (always true in place)
-  const bool vector_ok = (reinterpret_cast<uintptr_t>(rowp) % 16) == (reinterpret_cast<uintptr_t>(drow) % 16);
-  const ChunkSplit s = split_chunk<T, kVec>(rowp, c0, c1, vector_ok);
-  auto scalar = [&](int64_t c) { drow[c] = from_float<T>(ignored ? 0.f : grad(to_float(rowp[c]), c)); };
-  for (int64_t c = c0 + threadIdx.x; c < s.vb; c += kThreads) scalar(c);
-  // kBatch vectors loaded before any is stored: in place, a store may alias a later load, so the
-  // compiler keeps a load -> compute -> store loop serial; batching puts kBatch loads in flight.
-  constexpr int kBatch = 4;
-  for (int64_t i0 = threadIdx.x; i0 < s.nv; i0 += int64_t(kThreads) * kBatch) {
-    float x[kBatch][kVec];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t i = i0 + int64_t(u) * kThreads;
-      if (i < s.nv && !ignored) load_float<T, kVec>(rowp + s.vb + i * kVec, x[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t i = i0 + int64_t(u) * kThreads;
-      if (i >= s.nv) break;
-      const int64_t c = s.vb + i * kVec;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) x[u][j] = ignored ? 0.f : grad(x[u][j], c + j);
-      store_float<T, kVec>(drow + c, x[u]);
-    }
-  }
-  for (int64_t c = s.tb + threadIdx.x; c < c1; c += kThreads) scalar(c);
 }
 
 // ----------------------------------------------------------------------------
@@ -425,72 +279,31 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_combine_kernel(const C
 // ----------------------------------------------------------------------------
 // launchers
 
-// The kernels for every vocabulary: the table below, or one family for every size with FLASHATTN_CE_VARIANT
-// (read once per process; ops_bench measures each family that way).
-enum CeVariant : int { kAuto = -1, kBlock = 0, kWarp = 1 };
-constexpr const char* kCeVariantNames[] = {"block", "warp"};
-
-int env_variant() {
-  static const int v = [] {
-    const char* s = std::getenv("FLASHATTN_CE_VARIANT");
-    if (s != nullptr) {
-      for (int i = 0; i < 2; ++i)
-        if (std::strcmp(s, kCeVariantNames[i]) == 0) return i;
-    }
-    return int(kAuto);
-  }();
-  return v;
-}
-
-// The warp kernels at every vocabulary: forward + backward on the H200 (ops_bench, bf16), warp vs block, ms:
-// 32000 0.764/1.051, 50257 1.215/1.835, 128256 0.762/1.093, 256000 1.499/2.071 (1.01-1.05x the copy floor). The
-// block kernels win nowhere; they stay until their removal is run on the GPU.
-int pick_variant(int64_t /*vocab*/) {
-  const int forced = env_variant();
-  return forced != kAuto ? forced : int(kWarp);
-}
-
 }  // namespace
 
 FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool warp = pick_variant(p.vocab) == kWarp;
-  const int64_t chunks = cross_entropy_chunks(p.vocab, warp ? kCrossEntropyWarpChunk : kCrossEntropyBlockChunk);
+  const int64_t chunks = cross_entropy_chunks(p.vocab, kCrossEntropyWarpChunk);
   return FLOAT_SWITCH(p.dtype, T, [&] {
-    constexpr int kVec = 16 / sizeof(T);
-    if (warp) {
-      const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
-      BOOL_SWITCH(p.label_smoothing > 0.f, kSmooth, [&] {
-        cross_entropy_fwd_warp_kernel<T, kSmooth><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
-      });
-      FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_warp_kernel");
-      if (s != FLASHATTN_STATUS_OK) return s;
-    } else {
-      cross_entropy_fwd_block_kernel<T, kVec>
-          <<<unsigned(p.rows * chunks), kThreads, 0, stream>>>(p, chunks, cross_entropy_block_width(p.vocab));
-      FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_block_kernel");
-      if (s != FLASHATTN_STATUS_OK) return s;
-    }
-    const int64_t blocks = (p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    cross_entropy_combine_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+    const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    BOOL_SWITCH(p.label_smoothing > 0.f, kSmooth, [&] {
+      cross_entropy_fwd_warp_kernel<T, kSmooth><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+    });
+    FlashAttnStatus s = check_launch(function, "cross_entropy_fwd_warp_kernel");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    const int64_t row_blocks = (p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    cross_entropy_combine_kernel<T><<<unsigned(row_blocks), kThreads, 0, stream>>>(p, chunks);
     return check_launch(function, "cross_entropy_combine_kernel");
   });
 }
 
 FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool warp = pick_variant(p.vocab) == kWarp;
-  const int64_t chunks = cross_entropy_chunks(p.vocab, warp ? kCrossEntropyWarpChunk : kCrossEntropyBlockChunk);
+  const int64_t chunks = cross_entropy_chunks(p.vocab, kCrossEntropyWarpChunk);
   return FLOAT_SWITCH(p.dtype, T, [&] {
-    constexpr int kVec = 16 / sizeof(T);
-    if (warp) {
-      const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
-      cross_entropy_bwd_warp_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
-      return check_launch(function, "cross_entropy_bwd_warp_kernel");
-    }
-    cross_entropy_bwd_block_kernel<T, kVec>
-        <<<unsigned(p.rows * chunks), kThreads, 0, stream>>>(p, chunks, cross_entropy_block_width(p.vocab));
-    return check_launch(function, "cross_entropy_bwd_block_kernel");
+    const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    cross_entropy_bwd_warp_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
+    return check_launch(function, "cross_entropy_bwd_warp_kernel");
   });
 }
 

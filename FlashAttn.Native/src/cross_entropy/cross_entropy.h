@@ -9,22 +9,12 @@
 
 namespace flashattn {
 
-// Columns of one row handled by one block (block kernels) or one warp (warp kernels); the forward combines
-// the chunks of a row.
-constexpr int64_t kCrossEntropyBlockChunk = 16384;
+// Columns of one row handled by one warp; the forward combines the chunks of a row.
 constexpr int64_t kCrossEntropyWarpChunk = 4096;
 
 inline int64_t cross_entropy_chunks(int64_t vocab, int64_t width) { return (vocab + width - 1) / width; }
 
-// Columns per block chunk: the vocabulary split evenly over the chunks (a multiple of 8), so that no block
-// gets a sliver (50257 = 3 x 16384 + 1105 left a quarter of the blocks nearly idle; even: 4 x 12568).
-inline int64_t cross_entropy_block_width(int64_t vocab) {
-  const int64_t chunks = cross_entropy_chunks(vocab, kCrossEntropyBlockChunk);
-  return ((vocab + chunks - 1) / chunks + 7) / 8 * 8;
-}
-
-// Per (row, chunk): running max, sum of exponentials and sum of logits (float32 each), for the finer of the
-// two chunkings.
+// Per (row, chunk): running max, sum of exponentials and sum of logits (float32 each).
 inline int64_t cross_entropy_fwd_workspace_bytes(int64_t rows, int64_t vocab) {
   if (rows <= 0 || vocab <= 0) return 0;
   return rows * cross_entropy_chunks(vocab, kCrossEntropyWarpChunk) * 3 * int64_t(sizeof(float));

@@ -21,9 +21,9 @@ FlashAttnStatus check_options(const char* kFunction, FlashAttnDType dtype, int64
   FA_CHECK(std::isfinite(logit_scale), "logit_scale (%g) must be finite", double(logit_scale));
   FA_CHECK(std::isfinite(lse_square_scale) && lse_square_scale >= 0.f, "lse_square_scale (%g) must be finite and >= 0",
            double(lse_square_scale));
-  FA_CHECK(rows * cross_entropy_chunks(vocab, kCrossEntropyBlockChunk) <= INT_MAX,
+  FA_CHECK(rows * cross_entropy_chunks(vocab, kCrossEntropyWarpChunk) <= INT_MAX,
            "rows (%lld) x vocabulary chunks (%lld) must fit in int32", (long long)rows,
-           (long long)cross_entropy_chunks(vocab, kCrossEntropyBlockChunk));
+           (long long)cross_entropy_chunks(vocab, kCrossEntropyWarpChunk));
   return FLASHATTN_STATUS_OK;
 }
 

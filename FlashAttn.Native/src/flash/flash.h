@@ -27,7 +27,7 @@ struct FlashFwdParams {
   int64_t v_batch_stride, v_row_stride, v_head_stride;
   int64_t out_batch_stride, out_row_stride, out_head_stride;
   float softmax_scale;
-  int window_left, window_right;   // -1: unlimited; causal is folded in as window_right = 0
+  int window_left, window_right;   // -1: unlimited; causal is window_right = 0
   float softcap;                   // 0: off
   const float* alibi_slopes;       // (B, H) with alibi_batch_stride, or nullptr
   int64_t alibi_batch_stride;

@@ -1,6 +1,6 @@
 // FlashAttn_flash_*: validates every argument, fills FlashFwdParams / FlashBwdParams once, launches.
 // Conventions chosen here (mirroring flash-attn):
-//  - causal is folded into window_right = 0; window_left is kept.
+//  - causal is window_right = 0, as the caller passes it (the kernels read the window alone).
 //  - batch == 0 or seqlen_q == 0: nothing to compute, OK without a launch (the backward still
 //    writes dk = dv = 0 when seqlen_q == 0 and seqlen_k > 0). seqlen_k == 0 with seqlen_q > 0:
 //    out = 0 and softmax_lse = +inf (rows that see no key), dq = 0.
@@ -36,7 +36,7 @@ FlashAttnStatus check_tensor(const char* kFunction, const char* name, const void
 FlashAttnStatus check_common(const char* kFunction, FlashFwdParams& p, const void* q, const void* k, const void* v,
                              FlashAttnDType dtype, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
                              int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t nheads_k,
-                             int64_t headdim, float softmax_scale, int32_t causal, int32_t window_left,
+                             int64_t headdim, float softmax_scale, int32_t window_left,
                              int32_t window_right, float softcap, const float* alibi_slopes,
                              int64_t alibi_batch_stride, float dropout_p) {
   FA_CHECK(dtype == FLASHATTN_DTYPE_FLOAT16 || dtype == FLASHATTN_DTYPE_BFLOAT16,
@@ -59,7 +59,6 @@ FlashAttnStatus check_common(const char* kFunction, FlashFwdParams& p, const voi
   FA_CHECK((cu_seqlens_q == nullptr) == (cu_seqlens_k == nullptr),
            "cu_seqlens_q and cu_seqlens_k must be both NULL or both set");
   FA_CHECK(softmax_scale == softmax_scale, "softmax_scale must not be NaN");
-  FA_CHECK(causal == 0 || causal == 1, "causal (%d) must be 0 or 1", causal);
   FA_CHECK(window_left >= -1, "window_left (%d) must be >= -1", window_left);
   FA_CHECK(window_right >= -1, "window_right (%d) must be >= -1", window_right);
   FA_CHECK(softcap >= 0.f, "softcap (%g) must be >= 0", double(softcap));
@@ -82,7 +81,7 @@ FlashAttnStatus check_common(const char* kFunction, FlashFwdParams& p, const voi
   p.headdim = headdim;
   p.softmax_scale = softmax_scale;
   p.window_left = window_left;
-  p.window_right = causal ? 0 : window_right;
+  p.window_right = window_right;
   p.softcap = softcap;
   p.alibi_slopes = alibi_slopes;
   p.alibi_batch_stride = alibi_batch_stride;
@@ -129,7 +128,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
     int64_t nheads, int64_t nheads_k, int64_t headdim, int64_t q_batch_stride, int64_t q_row_stride,
     int64_t q_head_stride, int64_t k_batch_stride, int64_t k_row_stride, int64_t k_head_stride,
     int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride, int64_t out_batch_stride,
-    int64_t out_row_stride, int64_t out_head_stride, float softmax_scale, int32_t causal, int32_t window_left,
+    int64_t out_row_stride, int64_t out_head_stride, float softmax_scale, int32_t window_left,
     int32_t window_right, float softcap, const float* alibi_slopes, int64_t alibi_batch_stride, float dropout_p,
     uint64_t seed, uint64_t offset, uint8_t* dropout_mask, void* workspace, int64_t workspace_bytes,
     void* stream) {
@@ -137,7 +136,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_fwd(
   return guard(kFunction, [&]() -> FlashAttnStatus {
     FlashFwdParams p{};
     FlashAttnStatus s = check_common(kFunction, p, q, k, v, dtype, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q,
-                                     seqlen_k, nheads, nheads_k, headdim, softmax_scale, causal, window_left,
+                                     seqlen_k, nheads, nheads_k, headdim, softmax_scale, window_left,
                                      window_right, softcap, alibi_slopes, alibi_batch_stride, dropout_p);
     if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(dropout_mask == nullptr || cu_seqlens_q == nullptr, "dropout_mask is not supported with cu_seqlens");
@@ -191,14 +190,14 @@ FLASHATTN_API FlashAttnStatus FlashAttn_flash_bwd(
     int64_t dout_batch_stride, int64_t dout_row_stride, int64_t dout_head_stride, int64_t dq_batch_stride,
     int64_t dq_row_stride, int64_t dq_head_stride, int64_t dk_batch_stride, int64_t dk_row_stride,
     int64_t dk_head_stride, int64_t dv_batch_stride, int64_t dv_row_stride, int64_t dv_head_stride,
-    float softmax_scale, int32_t causal, int32_t window_left, int32_t window_right, float softcap,
+    float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
     const float* alibi_slopes, int64_t alibi_batch_stride, float dropout_p, uint64_t seed, uint64_t offset,
     int32_t deterministic, void* workspace, int64_t workspace_bytes, void* stream) {
   static constexpr const char* kFunction = kBwd;
   return guard(kFunction, [&]() -> FlashAttnStatus {
     FlashBwdParams p{};
     FlashAttnStatus s = check_common(kFunction, p, q, k, v, dtype, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q,
-                                     seqlen_k, nheads, nheads_k, headdim, softmax_scale, causal, window_left,
+                                     seqlen_k, nheads, nheads_k, headdim, softmax_scale, window_left,
                                      window_right, softcap, alibi_slopes, alibi_batch_stride, dropout_p);
     if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(deterministic == 0 || deterministic == 1, "deterministic (%d) must be 0 or 1", deterministic);

@@ -11,14 +11,14 @@
 //    The CTA walks the query blocks (kBlockM rows; Q/dO double-buffered with cp.async where
 //    shared memory allows; LSE and dsum prefetched a block ahead) with two barriers each (three
 //    with one Q/dO stage).
-//    Shared-memory traffic bounds it (ncu, 2026-11-25: ldmatrix is 80-85% of the L1 wavefronts,
+//    Shared-memory traffic bounds it (ncu on the H100: ldmatrix is 80-85% of the L1 wavefronts,
 //    which run at 65-75% of the peak rate, as in FA2's kernel): 32 keys per warp let each Q / dO
 //    fragment feed two mmas, a quarter less ldmatrix traffic than 16 keys per warp, which held
 //    dK and dV for all columns (d128 kernel, B=4 H=16 S=4096: 5.87 -> 5.25 ms, 4.86 with the
 //    barrier layout of the query loop; FA2's kernel 4.44).
-//    H100, bf16, B*S = 16384, hidden 2048, backward alone, 2026-11-25 (benchmarks/RESULTS.md,
-//    run 27): 184-275 TFLOP/s against PyTorch's FA2 at 170-304 (0.89-1.09x; 0.59-0.81x with the
-//    day's first rewrite, run 24, before warp pairs, boundary-only masks and float4 dQ atomics).
+//    H100, bf16, B*S = 16384, hidden 2048, backward alone (benchmarks/RESULTS.md): 184-275 TFLOP/s
+//    against PyTorch's FA2 at 170-304 (0.89-1.09x; 0.59-0.81x without warp pairs, boundary-only
+//    masks and float4 dQ atomics).
 // 3. flash_bwd_convert_dq_kernel / flash_bwd_convert_dkv_kernel: float32 accumulators -> dtype;
 //    the latter also sums the query heads of a GQA group.
 #pragma once
@@ -30,7 +30,7 @@
 #include "common/numeric.cuh"
 #include "flash/flash_common.cuh"
 #include "flash/mma.cuh"
-#include "flash/philox.cuh"
+#include "flash/dropout.cuh"
 
 namespace flashattn {
 namespace flash {
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
     // reads done. dV/dK and the dQ pass then run back to back without a barrier between: warps
     // drift apart there, and one warp's atomics overlap another's mmas.
     // (A pair barrier before dV/dK and the CTA barrier before the dQ pass instead: 5.25 against
-    // 4.86 ms for the d128 kernel, 2.82 against 2.75 at d64, B=4 H=16 S=4096, H100, 2026-11-25.)
+    // 4.86 ms for the d128 kernel, 2.82 against 2.75 at d64, B=4 H=16 S=4096, H100.)
     for (int mb = mb_lo; mb < mb_hi; ++mb) {
       const int m0 = mb * BM;
       T* sQ = sQ0 + (stages == 2 ? (mb & 1) : 0) * 2 * BM * LDS;

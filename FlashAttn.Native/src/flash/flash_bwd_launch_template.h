@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "flash/flash_bwd_kernel.cuh"
 
 namespace flashattn {
@@ -79,12 +80,10 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
     auto kernel = full ? flash_bwd_kernel<Tr, true> : flash_bwd_kernel<Tr, false>;
     // Two Q/dO stages where the device's blocks can have that much shared memory (the H100's
     // 227 KB at every head dim; the A100's 163 KB only at d32, d96 and d160).
-    int device = 0, smem_optin = 0;
-    s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
-    if (s == FLASHATTN_STATUS_OK)
-      s = check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
-                     "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    DeviceInfo dev;
+    s = current_device_info(&dev, function);
     if (s != FLASHATTN_STATUS_OK) return s;
+    const int device = dev.device, smem_optin = dev.smem_optin;
     if (Tr::smem_bytes(1) > smem_optin)
       return fail(FLASHATTN_STATUS_NOT_SUPPORTED, function,
                   "flash_bwd_kernel at head dim %d needs %d bytes of shared memory per block; device %d allows %d "

@@ -6,13 +6,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/numeric.cuh"
 #include "flash/flash.h"
 
 namespace flashattn {
 namespace flash {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Row offsets and lengths of sequence b: with cu_seqlens the rows are global (total, H, D) rows and
 // the batch stride is ignored; otherwise rows start at b * batch_stride.
@@ -77,13 +75,6 @@ struct ScoreMod {
     return visible(i, j) ? x : -INFINITY;
   }
 };
-
-// 2^x in one MUFU instruction (exp2f adds range fix-ups we do not need: arguments are <= 0 or -inf).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ uint32_t dropout_threshold(float p) {
   return uint32_t(fmin((1.0 - double(p)) * 4294967296.0, 4294967295.0));

@@ -19,7 +19,7 @@
 
 #include "flash/flash_common.cuh"
 #include "flash/mma.cuh"
-#include "flash/philox.cuh"
+#include "flash/dropout.cuh"
 
 namespace flashattn {
 namespace flash {
@@ -32,9 +32,9 @@ struct FwdTraits {
   // the A100 and H100: each K or V fragment read from shared memory feeds two mmas, and the
   // accumulators of two tiles (kHeadDim + kBlockN floats per lane) still fit in 255 registers,
   // so two CTAs share an SM. Above d160 two tiles would spill: 8 warps of one tile each, one CTA
-  // per SM. H100, bf16, B*S = 16384, hidden 2048, 2026-11-25 (benchmarks/RESULTS.md, run 27):
-  // 231-321 TFLOP/s against PyTorch's FA2 at 240-344 (0.91-1.05x; 0.92x at d64 without causal);
-  // the one-tile, 4-warp kernel this replaced reached 215-222 at d128 without causal (run 20).
+  // per SM. H100, bf16, B*S = 16384, hidden 2048 (benchmarks/RESULTS.md): 231-321 TFLOP/s against
+  // PyTorch's FA2 at 240-344 (0.91-1.05x; 0.92x at d64 without causal); a one-tile, 4-warp kernel
+  // reached 215-222 at d128 without causal.
   static constexpr int kMTiles = kHeadDim <= 160 ? 2 : 1;
   static constexpr int kWarps = kHeadDim <= 160 ? 4 : 8;
   static constexpr int kBlockM = 16 * kMTiles * kWarps;
@@ -45,7 +45,7 @@ struct FwdTraits {
   // Keys per block; above d128 the O accumulator takes most of the register file, so 32. The kFull
   // variant (tanh and Philox temporaries) also takes 32 from d96 up, as flash-attn does with
   // dropout: with 64 it spills at d96 and d128 (nvcc 11.8). 128 keys at d64 (flash-attn's choice
-  // without dropout) spills 24-68 bytes with nvcc 11.8; not tried on the device (2026-11-25).
+  // without dropout) spills 24-68 bytes with nvcc 11.8; not measured on a GPU.
   static constexpr int block_n(bool full) { return kHeadDim <= 64 || (kHeadDim <= 128 && !full) ? 64 : 32; }
   // Rows padded by 16 bytes: the 8 rows an ldmatrix reads then fall in 8 distinct bank groups.
   static constexpr int kLds = kHeadDim + 8;

@@ -82,7 +82,7 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // compiler keeps each chunk's row and column offset live across the main loop (some 20 registers
 // at d128), and the two-tile forward spills; or it recomputes them, some 30 instructions per
 // 16-byte copy (the backward's Q/dO tiles: a sixth to a fifth of its instructions, ncu on the
-// H100, 2026-11-25; their removal saved only 1% of its time, which shared-memory traffic bounds). Rows are
+// H100; their removal saved only 1% of its time, which shared-memory traffic bounds). Rows are
 // padded to a power-of-two number of chunks so that kThreads is a multiple of it; threads of
 // padding chunks (d96, d160, d192, d224) copy nothing. The empty asm hides the row stride, else
 // the pointer steps (multiples of the stride) are hoisted out of the main loop too. Both are

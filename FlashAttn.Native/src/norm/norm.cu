@@ -25,7 +25,7 @@
 #include "common/numeric.cuh"
 #include "common/static_switch.h"
 #include "norm/norm.h"
-#include "norm/philox.cuh"
+#include "common/philox.cuh"
 
 namespace flashattn {
 

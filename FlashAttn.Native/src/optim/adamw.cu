@@ -14,6 +14,7 @@
 #include <climits>
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "common/dtype.h"
 #include "common/numeric.cuh"
 #include "optim/optim.h"
@@ -343,14 +344,14 @@ bool fill_table(Table& tb, const std::vector<OptimTensor>& tensors, size_t first
 // 132 SMs would leave the sixth wave a sixth full).
 template <typename Kernel>
 int resident_blocks(Kernel kernel) {
-  int device = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess || sms * per_sm < 1) {
+  DeviceInfo info;
+  int per_sm = 0;
+  if (current_device_info(&info, "resident_blocks") != FLASHATTN_STATUS_OK ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess || info.sms * per_sm < 1) {
     cudaGetLastError();  // a failed query only costs the tail wave
     return kMaxBlocks;
   }
-  return sms * per_sm;
+  return info.sms * per_sm;
 }
 
 int grid_for(const Table& tb, int resident) { return std::max(1, std::min(tb.chunk_start[tb.count], resident)); }

@@ -1,25 +1,12 @@
-// Philox-4x32-10 counter-based generator (Salmon et al., SC'11): a pure function of
-// (key, counter), so the backward regenerates exactly the dropout decisions of the forward.
+// The attention kernels' dropout: which elements of S = Q K^T one Philox-4x32-10 call (common/philox.cuh) decides.
 #pragma once
 
 #include <cstdint>
 
+#include "common/philox.cuh"
+
 namespace flashattn {
 namespace flash {
-
-__device__ __forceinline__ uint4 philox4x32_10(uint2 key, uint4 ctr) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t hi0 = __umulhi(kM0, ctr.x), lo0 = kM0 * ctr.x;
-    const uint32_t hi1 = __umulhi(kM1, ctr.z), lo1 = kM1 * ctr.z;
-    ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
-    key.x += kW0;
-    key.y += kW1;
-  }
-  return ctr;
-}
 
 // The dropout stream: element (i, j) of (b, h) (query i, key j, positions inside the sequence) takes
 // word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {8 (j / 16) + j % 8, 8 (i / 16) + i % 8,

@@ -1,0 +1,70 @@
+// Counter-based Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the generator
+// curand and PyTorch use for dropout, and every dropout stream of this library: the attention kernels' quad stream
+// (flash/dropout.cuh) and the norms' elementwise stream (below). A pure function of (key, counter): the backward
+// regenerates the forward's decisions instead of saving a mask. The managed reference path reproduces it
+// (Reference.Philox) and must stay byte-identical.
+#pragma once
+
+#include <cstdint>
+
+namespace flashattn {
+
+__host__ __device__ __forceinline__ uint32_t philox_mulhi(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return uint32_t((uint64_t(a) * uint64_t(b)) >> 32);
+#endif
+}
+
+// Four 32-bit words for counter ctr under key.
+__host__ __device__ __forceinline__ uint4 philox4x32_10(uint2 key, uint4 ctr) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = philox_mulhi(kM0, ctr.x), lo0 = kM0 * ctr.x;
+    const uint32_t hi1 = philox_mulhi(kM1, ctr.z), lo1 = kM1 * ctr.z;
+    ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
+    key.x += kW0;
+    key.y += kW1;
+  }
+  return ctr;
+}
+
+// The elementwise stream's call: key `seed`, counter (`counter` low, high, `offset` low, high).
+__host__ __device__ __forceinline__ uint4 philox4x32_10(uint64_t seed, uint64_t offset, uint64_t counter) {
+  return philox4x32_10(make_uint2(uint32_t(seed), uint32_t(seed >> 32)),
+                       make_uint4(uint32_t(counter), uint32_t(counter >> 32), uint32_t(offset), uint32_t(offset >> 32)));
+}
+
+// The largest 32-bit word that keeps an element: the rule "word < threshold" with threshold = round((1 - p) * 2^32)
+// in [256, 2^32] (p a float below 1) is "word <= threshold - 1", a 32-bit comparison.
+__host__ __device__ __forceinline__ uint32_t dropout_keep_max(uint64_t threshold) { return uint32_t(threshold - 1); }
+
+// The elementwise stream: keep[j] for elements e .. e + N - 1 is word e % 4 of philox(seed, offset, e / 4) <= keep_max.
+// N a multiple of 4 requires e % 4 == 0 (one generator call per 4 elements).
+template <int N>
+__device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uint32_t keep_max, uint64_t e,
+                                             bool (&keep)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
+      keep[j] = r.x <= keep_max;
+      keep[j + 1] = r.y <= keep_max;
+      keep[j + 2] = r.z <= keep_max;
+      keep[j + 3] = r.w <= keep_max;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
+      const int w = int((e + j) & 3);
+      const uint32_t word = w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
+      keep[j] = word <= keep_max;
+    }
+  }
+}
+
+}  // namespace flashattn
