@@ -150,8 +150,6 @@ public sealed partial record GPTConfig
         foreach (var (p, n) in new[] { (resid_pdrop, "resid_pdrop"), (embd_pdrop, "embd_pdrop"), (attn_pdrop, "attn_pdrop") })
             Require(p >= 0 && p < 1, $"{n} ({p}) must be in [0, 1)");
         Require(mlp_checkpoint_lvl is >= 0 and <= 2, $"mlp_checkpoint_lvl ({mlp_checkpoint_lvl}) must be 0, 1 or 2");
-        Require(activation_function is "gelu" or "relu" || DenseActivations.TryParse(activation_function) is not null,
-                $"activation_function '{activation_function}' is not one of gelu_new, gelu_pytorch_tanh, gelu, relu");
     }
 }
 

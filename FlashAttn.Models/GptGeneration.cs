@@ -29,7 +29,7 @@ public sealed partial class GPTLMHeadModel
         // generation reads its tokens back anyway: the prompt is checked on the host (a NaN row would reach multinomial,
         // whose device-side assert ends the CUDA context)
         TensorArgs.Require(input_ids.dtype is ScalarType.Int64 or ScalarType.Int32, nameof(input_ids), $"input_ids must be int64 or int32, got {input_ids.dtype}");
-        TensorArgs.Require(input_ids.ge(0).logical_and(input_ids.lt(config.vocab_size)).all().item<bool>(), nameof(input_ids),
+        TensorArgs.Require(!TensorArgs.IdsOutside(input_ids, config.vocab_size).any().item<bool>(), nameof(input_ids),
                            $"input_ids must be token ids in [0, vocab_size = {config.vocab_size})");
         long B = input_ids.shape[0], total = input_ids.shape[1] + max_new_tokens;
         if (config.rotary_emb_fraction == 0 && total > config.n_positions)

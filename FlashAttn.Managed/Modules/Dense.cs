@@ -109,7 +109,8 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
         string activation = "gelu_approx", bool fused_bias_fc = false, Device? device = null, ScalarType? dtype = null,
         (string fc1, string fc2)? names = null) : base(nameof(Mlp))
     {
-        if (activation != "gelu") DenseActivations.Parse(activation, nameof(activation));
+        if (activation != "gelu" && DenseActivations.TryParse(activation) is null)
+            throw new ArgumentException($"activation must be \"gelu_approx\" (or gelu_new, gelu_tanh, gelu_pytorch_tanh), \"gelu\" or \"relu\", got \"{activation}\"", nameof(activation));
         this.in_features = in_features;
         this.hidden_features = hidden_features ?? 4 * in_features;
         this.out_features = out_features ?? in_features;
