@@ -14,6 +14,7 @@ public sealed class KVCache : IDisposable
 {
     private readonly Tensor[] _k, _v;
     private readonly Tensor _seqlens; // (batch,) int32 on the cache's device: length for every sequence
+    private readonly long[] _hostSeqlens; // the same on the host, so that attending does not read them back
 
     /// <summary>Tokens already in the cache (the position of the next token).</summary>
     public long length { get; private set; }
@@ -29,6 +30,7 @@ public sealed class KVCache : IDisposable
         _k = Enumerable.Range(0, n_layer).Select(_ => zeros(new[] { batch, max_length, n_head, head_dim }, dtype, device)).ToArray();
         _v = Enumerable.Range(0, n_layer).Select(_ => zeros(new[] { batch, max_length, n_head, head_dim }, dtype, device)).ToArray();
         _seqlens = zeros(new[] { batch }, ScalarType.Int32, device);
+        _hostSeqlens = new long[batch];
     }
 
     /// <summary>Marks <paramref name="tokens"/> more positions as filled (after every layer has appended them).</summary>
@@ -38,6 +40,7 @@ public sealed class KVCache : IDisposable
             $"the cache holds {max_length} positions, {length} taken: it cannot advance by {tokens}");
         length += tokens;
         _seqlens.fill_(length);
+        Array.Fill(_hostSeqlens, length);
     }
 
     /// <summary>
@@ -56,8 +59,8 @@ public sealed class KVCache : IDisposable
         TensorArgs.Require(k.shape[2] == cache.shape[2] && k.shape[3] == cache.shape[3] && k.dtype == cache.dtype, "cache",
             $"the cache holds {cache.shape[2]} heads of {cache.shape[3]} in {cache.dtype}, the layer {k.shape[2]} of {k.shape[3]} in {k.dtype}");
         TensorArgs.RequireSameDevice(cache, k, "cache", "the layer's keys");
-        return flash_attn.flash_attn_with_kvcache(q, _k[layer], _v[layer], _seqlens, k, v, rotary_cos, rotary_sin, softmax_scale,
-                                                  causal, window_size, 0.0, rotary_interleaved, alibi_slopes).output;
+        return flash_attn.KvCacheAttention(q, _k[layer], _v[layer], _seqlens, _hostSeqlens, k, v, rotary_cos, rotary_sin, softmax_scale,
+                                           causal, window_size, 0.0, rotary_interleaved, alibi_slopes).output;
     }
 
     public void Dispose()
