@@ -198,12 +198,8 @@ public sealed class GPTModel : nn.Module<Tensor, Tensor>
             use_flash_attn: c.use_flash_attn, device: device, dtype: dtype, fused_bias_fc: c.fused_bias_fc, head_dim: c.head_dim,
             layer_idx: i, names: ("c_attn", "c_proj"));
         var ln2 = Norm(c, c.resid_pdrop, device, dtype);
-        // FusedMLP when the activation has a fused epilogue (tanh-GELU, ReLU), else two linears around TorchSharp's
-        nn.Module<Tensor, Tensor> mlp = c.fused_mlp && DenseActivations.TryParse(c.activation_function) is not null
-            ? new FusedMLP(c.n_embd, c.n_inner, activation: c.activation_function, checkpoint_lvl: c.mlp_checkpoint_lvl,
-                           device: device, dtype: dtype, names: ("c_fc", "c_proj"))
-            : new Mlp(c.n_embd, c.n_inner, activation: c.activation_function, fused_bias_fc: c.fused_bias_fc, device: device,
-                      dtype: dtype, names: ("c_fc", "c_proj"));
+        var mlp = MlpModules.Create(c.n_embd, c.n_inner, c.activation_function, c.fused_mlp, c.fused_bias_fc, c.mlp_checkpoint_lvl,
+                                    ("c_fc", "c_proj"), device, dtype);
         return new Block(attn, mlp, ln1, ln2, names: ("ln_1", "attn", "ln_2", "mlp"));
     }
 

@@ -186,19 +186,15 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
             device: device, dtype: dtype, drop_path: dropPath, fused_dropout_add_ln: c.fused_dropout_add_ln);
 
     // A block: norm1, attn (qkv / proj), norm2, mlp (fc1 / fc2), created in that order (the order of their random draws).
-    // ViT's exact GELU has no fused epilogue: the MLP is two linears (fused_bias_fc) around TorchSharp's GELU unless the
-    // activation has one.
+    // ViT's exact GELU has no fused epilogue: its MLP is two linears (fused_bias_fc) around TorchSharp's GELU.
     private static Block NewBlock(ViTConfig c, double dropPath1, double dropPath2, Device? device, ScalarType? dtype)
     {
         var norm1 = Norm(c, dropPath1, device, dtype);
         var attn = new MHA(c.embed_dim, c.num_heads, dropout: c.attn_drop_rate, causal: false, use_flash_attn: c.use_flash_attn,
                            device: device, dtype: dtype, fused_bias_fc: c.fused_bias_fc, names: ("qkv", "proj"));
         var norm2 = Norm(c, dropPath2, device, dtype);
-        long hidden = (long)(c.embed_dim * c.mlp_ratio);
-        nn.Module<Tensor, Tensor> mlp = c.fused_mlp && DenseActivations.TryParse(c.activation_function) is not null
-            ? new FusedMLP(c.embed_dim, hidden, activation: c.activation_function, device: device, dtype: dtype, names: ("fc1", "fc2"))
-            : new Mlp(c.embed_dim, hidden, activation: c.activation_function, fused_bias_fc: c.fused_bias_fc, device: device,
-                      dtype: dtype, names: ("fc1", "fc2"));
+        var mlp = MlpModules.Create(c.embed_dim, (long)(c.embed_dim * c.mlp_ratio), c.activation_function, c.fused_mlp,
+                                    c.fused_bias_fc, 0, ("fc1", "fc2"), device, dtype);
         return new Block(attn, mlp, norm1, norm2, names: ("norm1", "attn", "norm2", "mlp"));
     }
 

@@ -73,8 +73,8 @@ public sealed class FusedMLP : nn.Module<Tensor, Tensor>
         this.hidden_features = hidden_features ?? 4 * in_features;
         this.out_features = out_features ?? in_features;
         (this.activation, this.checkpoint_lvl, this.return_residual) = (activation, checkpoint_lvl, return_residual);
-        (fc1, fc2) = MlpLinears.Create(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
-        MlpLinears.Register(this, fc1, fc2, names);
+        (fc1, fc2) = MlpModules.Linears(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
+        MlpModules.Register(this, fc1, fc2, names);
     }
 
     public Linear Fc1 => fc1;
@@ -115,8 +115,8 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
         this.hidden_features = hidden_features ?? 4 * in_features;
         this.out_features = out_features ?? in_features;
         (this.activation, this.fused_bias_fc) = (activation, fused_bias_fc);
-        (fc1, fc2) = MlpLinears.Create(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
-        MlpLinears.Register(this, fc1, fc2, names);
+        (fc1, fc2) = MlpModules.Linears(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
+        MlpModules.Register(this, fc1, fc2, names);
     }
 
     public Linear Fc1 => fc1;
@@ -195,10 +195,11 @@ internal static class DenseInit
     }
 }
 
-/// <summary>The two linears of the MLP modules, created in the order fc1, fc2 (the order of their random draws).</summary>
-internal static class MlpLinears
+/// <summary>What the MLP modules share, and the choice a model makes between them.</summary>
+internal static class MlpModules
 {
-    internal static (Linear fc1, Linear fc2) Create(long inFeatures, long hidden, long outFeatures, bool bias1, bool bias2,
+    /// <summary>fc1 and fc2, created in that order (the order of their random draws).</summary>
+    internal static (Linear fc1, Linear fc2) Linears(long inFeatures, long hidden, long outFeatures, bool bias1, bool bias2,
         Device? device, ScalarType? dtype) =>
         (nn.Linear(inFeatures, hidden, bias1, device, dtype), nn.Linear(hidden, outFeatures, bias2, device, dtype));
 
@@ -208,6 +209,14 @@ internal static class MlpLinears
         module.register_module(n1, fc1);
         module.register_module(n2, fc2);
     }
+
+    /// <summary>A model's MLP (flash-attn's GPT's choice): <see cref="FusedMLP"/> when fused_mlp and the activation has a
+    /// fused epilogue (tanh-GELU, ReLU), else <see cref="Mlp"/> (exact GELU, or fusions off); the same parameters either way.</summary>
+    internal static nn.Module<Tensor, Tensor> Create(long inFeatures, long hidden, string activation, bool fusedMlp, bool fusedBiasFc,
+        int checkpointLvl, (string fc1, string fc2) names, Device? device, ScalarType? dtype) =>
+        fusedMlp && DenseActivations.TryParse(activation) is not null
+            ? new FusedMLP(inFeatures, hidden, activation: activation, checkpoint_lvl: checkpointLvl, device: device, dtype: dtype, names: names)
+            : new Mlp(inFeatures, hidden, activation: activation, fused_bias_fc: fusedBiasFc, device: device, dtype: dtype, names: names);
 }
 
 public static partial class layers
