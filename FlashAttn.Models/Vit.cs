@@ -1,5 +1,5 @@
-// Vision Transformer (ViT, Dosovitskiy et al.) on the same Block / SelfAttention / Mlp as GPT (non-causal attention),
-// with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 /
+// Vision Transformer (ViT, Dosovitskiy et al.) on the same public modules as GPT (Block of MHA, Mlp and
+// DropoutAddLayerNorm; non-causal attention, drop-path as the norms' rowscale), with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 /
 // mlp.fc1 / mlp.fc2, norm, head) so timm checkpoints load through load_safetensors. Images (B, 3, H, W) -> logits.
 using System.Text.Json;
 using FlashAttn.Interop;
@@ -153,9 +153,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     private readonly PatchEmbed _patchEmbed;
     private readonly Parameter _clsToken, _posEmbed;
     private readonly ModuleList<Block> _blocks;
-    private readonly LayerNorm _norm;
+    private readonly DropoutAddLayerNorm _norm;
     private readonly Linear _head;
-    private readonly double _lastDropPath;
 
     public VisionTransformer(ViTConfig config, Device? device = null, ScalarType? dtype = null) : base(nameof(VisionTransformer))
     {
@@ -166,17 +165,11 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         _patchEmbed = new PatchEmbed(c.in_chans, c.embed_dim, c.patch_size, device, dtype);
         _clsToken = new Parameter(zeros(new[] { 1L, 1, c.embed_dim }, dtype, device));
         _posEmbed = new Parameter(zeros(new[] { 1L, c.num_patches + 1, c.embed_dim }, dtype, device));
-        var s = new BlockSettings(c.embed_dim, c.num_heads, c.embed_dim / c.num_heads, (long)(c.embed_dim * c.mlp_ratio),
-            c.activation_function, causal: false, softmax_scale: null, c.attn_drop_rate, rotary_dim: 0, rotary_base: 10000,
-            rotary_interleaved: false, c.layer_norm_epsilon, c.use_flash_attn, c.fused_bias_fc, c.fused_mlp, c.fused_dropout_add_ln,
-            c.residual_in_fp32, BlockNames.Timm);
         // stochastic depth rising linearly over the blocks; block i's first drop-path is the previous block's MLP branch
         var dpr = Enumerable.Range(0, (int)c.depth).Select(i => c.depth == 1 ? c.drop_path_rate : c.drop_path_rate * i / (c.depth - 1)).ToArray();
-        _blocks = new ModuleList<Block>(Enumerable.Range(0, (int)c.depth).Select(i =>
-            new Block(s, i, dropout1: c.drop_rate, dropout2: c.drop_rate, drop_path1: i == 0 ? 0 : dpr[i - 1], drop_path2: dpr[i],
-                      device: device, dtype: dtype)).ToArray());
-        _lastDropPath = dpr[^1];
-        _norm = nn.LayerNorm(c.embed_dim, c.layer_norm_epsilon, device: device, dtype: dtype);
+        _blocks = new ModuleList<Block>(Enumerable.Range(0, (int)c.depth).Select(i => NewBlock(c, i == 0 ? 0 : dpr[i - 1], dpr[i], device, dtype)).ToArray());
+        // the last MLP output's dropout and drop-path, the last residual add and the final norm
+        _norm = Norm(c, dpr[^1], device, dtype);
         _head = nn.Linear(c.embed_dim, c.num_classes, hasBias: true, device: device, dtype: dtype);
         register_module("patch_embed", _patchEmbed);
         register_parameter("cls_token", _clsToken);
@@ -185,6 +178,24 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         register_module("norm", _norm);
         register_module("head", _head);
         init_weights();
+    }
+
+    // Dropout + drop-path + residual add + LayerNorm, the residual returned (prenorm).
+    private static DropoutAddLayerNorm Norm(ViTConfig c, double dropPath, Device? device, ScalarType? dtype) =>
+        new(c.embed_dim, prenorm: true, p: c.drop_rate, eps: c.layer_norm_epsilon, residual_in_fp32: c.residual_in_fp32,
+            device: device, dtype: dtype, drop_path: dropPath, fused_dropout_add_ln: c.fused_dropout_add_ln);
+
+    // A block: norm1, attn (qkv / proj), norm2, mlp (fc1 / fc2), created in that order (the order of their random draws).
+    // ViT's exact GELU has no fused epilogue: its MLP is two linears (fused_bias_fc) around TorchSharp's GELU.
+    private static Block NewBlock(ViTConfig c, double dropPath1, double dropPath2, Device? device, ScalarType? dtype)
+    {
+        var norm1 = Norm(c, dropPath1, device, dtype);
+        var attn = new MHA(c.embed_dim, c.num_heads, dropout: c.attn_drop_rate, causal: false, use_flash_attn: c.use_flash_attn,
+                           device: device, dtype: dtype, fused_bias_fc: c.fused_bias_fc, names: ("qkv", "proj"));
+        var norm2 = Norm(c, dropPath2, device, dtype);
+        var mlp = MlpModules.Create(c.embed_dim, (long)(c.embed_dim * c.mlp_ratio), c.activation_function, c.fused_mlp,
+                                    c.fused_bias_fc, 0, ("fc1", "fc2"), device, dtype);
+        return new Block(attn, mlp, norm1, norm2, names: ("norm1", "attn", "norm2", "mlp"));
     }
 
     public ViTConfig config { get; }
@@ -219,13 +230,12 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         x = cat(new[] { _clsToken.expand(x.shape[0], -1, -1).to(x.dtype), x }, 1) + _posEmbed.to(x.dtype);
         Tensor? residual = null;
         foreach (var block in _blocks) (x, residual) = block.forward(x, residual);
-        (x, _) = Fused.DropoutAddNorm(x, residual, _norm, c.drop_rate, _lastDropPath, c.layer_norm_epsilon, training,
-                                      c.fused_dropout_add_ln, c.residual_in_fp32);
-        return x;
+        return _norm.forward(x, residual).output;
     }
 
-    /// <summary>Mean cross-entropy of the logits against labels (B,) int64 (-100 ignored); fused_cross_entropy uses the kernel.</summary>
-    public Tensor loss(Tensor images, Tensor labels) => GPTLMHeadModel.LanguageModelLoss(forward(images), labels, config.fused_cross_entropy);
+    /// <summary>Mean cross-entropy of the logits (B, num_classes) against labels (B,) int64 (-100 ignored); fused_cross_entropy
+    /// uses the kernel.</summary>
+    public Tensor loss(Tensor images, Tensor labels) => ModelLoss.Mean(forward(images), labels, config.fused_cross_entropy);
 
     public long num_parameters() => parameters().Sum(p => p.numel());
 

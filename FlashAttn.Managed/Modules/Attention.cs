@@ -2,6 +2,7 @@ using FlashAttn.Interop;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
 
 namespace FlashAttn;
 
@@ -53,19 +54,26 @@ public sealed class FlashCrossAttention : nn.Module<Tensor, Tensor, Tensor>
 /// <summary>
 /// Multi-head attention as flash-attn's MHA: fused QKV projection (Wqkv; Wq and Wkv for
 /// cross-attention), optional rotary embedding on q and k, GQA/MQA with num_heads_kv, causal,
-/// sliding window, ALiBi, and out_proj. use_flash_attn = false computes attention with the
-/// materialised reference (for comparisons); both paths share the parameters and their names.
+/// sliding window, ALiBi, and out_proj. use_flash_attn = false computes attention with TorchSharp's
+/// scaled_dot_product_attention where it can express the call (no GQA, window or ALiBi) and the materialised
+/// reference otherwise (for comparisons); both paths share the parameters and their names. fused_bias_fc runs the
+/// projections through flash_attn.fused_dense_func (FusedDense's GEMM with the bias epilogue). head_dim, when set,
+/// makes the attention width num_heads * head_dim instead of embed_dim. names renames the projections (GPT-2's
+/// c_attn / c_proj, timm's qkv / proj) so checkpoints of those models load one to one. With a <see cref="KVCache"/>
+/// (self-attention, layer_idx set), forward(x, cache) appends the new keys and values to the layer's cache and attends
+/// to all of it through flash_attn_with_kvcache.
 /// </summary>
 public sealed class MHA : nn.Module<Tensor, Tensor>
 {
     public readonly long embed_dim, num_heads, num_heads_kv, head_dim;
-    private readonly bool _cross, _causal, _useFlash, _deterministic;
+    public readonly int? layer_idx;
+    private readonly bool _cross, _causal, _useFlash, _deterministic, _fusedBiasFc, _rotaryInterleaved;
     private readonly double _dropoutP;
     private readonly double? _softmaxScale;
-    private readonly (long, long) _window;
+    private readonly (long, long)? _window;
     private readonly Tensor? _alibiSlopes;
 
-    // Parameter names match flash-attn's MHA (Wqkv, Wq, Wkv, out_proj) so checkpoints map one to one.
+    // Parameter names default to flash-attn's MHA (Wqkv, Wq, Wkv, out_proj) so checkpoints map one to one.
     private readonly Linear? Wqkv, Wq, Wkv;
     private readonly Linear out_proj;
     private readonly RotaryEmbedding? rotary_emb;
@@ -74,63 +82,97 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         bool out_proj_bias = true, double dropout = 0.0, double? softmax_scale = null, bool causal = false,
         long rotary_emb_dim = 0, double rotary_emb_base = 10000.0, double? rotary_emb_scale_base = null,
         bool rotary_emb_interleaved = false, bool use_alibi = false, (long left, long right)? window_size = null,
-        bool use_flash_attn = true, bool deterministic = false, Device? device = null, ScalarType? dtype = null)
+        bool use_flash_attn = true, bool deterministic = false, Device? device = null, ScalarType? dtype = null,
+        bool fused_bias_fc = false, long? head_dim = null, int? layer_idx = null, (string qkv, string out_proj)? names = null)
         : base(nameof(MHA))
     {
-        if (num_heads <= 0 || embed_dim % num_heads != 0)
+        if (num_heads <= 0 || (head_dim is null && embed_dim % num_heads != 0))
             throw new ArgumentException($"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})", nameof(num_heads));
+        if (head_dim is <= 0) throw new ArgumentException($"head_dim ({head_dim}) must be positive", nameof(head_dim));
         long hk = num_heads_kv ?? num_heads;
         if (hk <= 0 || num_heads % hk != 0)
             throw new ArgumentException($"num_heads ({num_heads}) must be a multiple of num_heads_kv ({hk})", nameof(num_heads_kv));
-        (this.embed_dim, this.num_heads, this.num_heads_kv, head_dim) = (embed_dim, num_heads, hk, embed_dim / num_heads);
-        if (rotary_emb_dim < 0 || rotary_emb_dim > head_dim)
-            throw new ArgumentException($"rotary_emb_dim ({rotary_emb_dim}) must be between 0 and head_dim ({head_dim})", nameof(rotary_emb_dim));
+        (this.embed_dim, this.num_heads, this.num_heads_kv, this.head_dim) = (embed_dim, num_heads, hk, head_dim ?? embed_dim / num_heads);
+        if (rotary_emb_dim < 0 || rotary_emb_dim > this.head_dim)
+            throw new ArgumentException($"rotary_emb_dim ({rotary_emb_dim}) must be between 0 and head_dim ({this.head_dim})", nameof(rotary_emb_dim));
         if (use_alibi && rotary_emb_dim > 0)
             throw new ArgumentException("use_alibi and rotary_emb_dim exclude each other", nameof(use_alibi));
+        if (layer_idx is < 0) throw new ArgumentException($"layer_idx ({layer_idx}) must be >= 0", nameof(layer_idx));
         (_cross, _causal, _useFlash, _deterministic, _dropoutP, _softmaxScale, _window) =
-            (cross_attn, causal, use_flash_attn, deterministic, dropout, softmax_scale, window_size ?? (-1, -1));
+            (cross_attn, causal, use_flash_attn, deterministic, dropout, softmax_scale, window_size);
+        (_fusedBiasFc, _rotaryInterleaved, this.layer_idx) = (fused_bias_fc, rotary_emb_interleaved, layer_idx);
         if (use_alibi) _alibiSlopes = AlibiSlopes(num_heads, device);
-        long kvDim = 2 * hk * head_dim;
+        long inner = num_heads * this.head_dim, kvDim = 2 * hk * this.head_dim;
+        var (qkvName, outName) = names ?? ("Wqkv", "out_proj");
         if (cross_attn)
         {
-            Wq = nn.Linear(embed_dim, embed_dim, qkv_proj_bias, device, dtype);
+            Wq = nn.Linear(embed_dim, inner, qkv_proj_bias, device, dtype);
             Wkv = nn.Linear(embed_dim, kvDim, qkv_proj_bias, device, dtype);
+            register_module("Wq", Wq);
+            register_module("Wkv", Wkv);
         }
         else
         {
-            Wqkv = nn.Linear(embed_dim, embed_dim + kvDim, qkv_proj_bias, device, dtype);
+            Wqkv = nn.Linear(embed_dim, inner + kvDim, qkv_proj_bias, device, dtype);
+            register_module(qkvName, Wqkv);
         }
-        out_proj = nn.Linear(embed_dim, embed_dim, out_proj_bias, device, dtype);
-        if (rotary_emb_dim > 0) rotary_emb = new RotaryEmbedding(rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved, rotary_emb_scale_base);
-        RegisterComponents();
+        out_proj = nn.Linear(inner, embed_dim, out_proj_bias, device, dtype);
+        register_module(outName, out_proj);
+        if (rotary_emb_dim > 0)
+        {
+            rotary_emb = new RotaryEmbedding(rotary_emb_dim, rotary_emb_base, rotary_emb_interleaved, rotary_emb_scale_base);
+            register_module("rotary_emb", rotary_emb); // no parameters: registered so its cos/sin tables go with the module
+        }
+        if (_alibiSlopes is not null) register_buffer("_alibiSlopes", _alibiSlopes);
     }
+
+    /// <summary>The QKV projection (null for cross-attention) and the output projection.</summary>
+    public Linear? qkv_proj => Wqkv;
+    public Linear output_proj => out_proj;
 
     /// <summary>Self-attention over x (batch, seqlen, embed_dim).</summary>
     public override Tensor forward(Tensor x)
     {
         if (_cross) throw new ArgumentException("a cross-attention MHA needs x_kv: call forward(x, x_kv)", nameof(x));
-        return Attend(x, null, seqlen_offset: 0);
+        return Attend(x, null, null);
     }
 
     /// <summary>Cross-attention of x (batch, seqlen_q, embed_dim) over x_kv (batch, seqlen_k, embed_dim).</summary>
     public Tensor forward(Tensor x, Tensor x_kv)
     {
         if (!_cross) throw new ArgumentException("x_kv is for cross-attention (cross_attn: true)", nameof(x_kv));
-        return Attend(x, x_kv, seqlen_offset: 0);
+        return Attend(x, x_kv, null);
     }
 
-    private Tensor Attend(Tensor x, Tensor? xKv, long seqlen_offset)
+    /// <summary>
+    /// Incremental self-attention: x (batch, seqlen, embed_dim) are the tokens at positions [cache.length,
+    /// cache.length + seqlen); their keys and values go into layer layer_idx of the cache and the queries attend to every
+    /// position cached so far (causal aligned bottom-right). The cache advances only by <see cref="KVCache.advance"/>,
+    /// once every layer has seen the tokens. Inference only (no gradients).
+    /// </summary>
+    public Tensor forward(Tensor x, KVCache cache)
+    {
+        TensorArgs.Require(!_cross, nameof(cache), "the KV cache is for self-attention (cross_attn: false)");
+        TensorArgs.Require(layer_idx is not null, nameof(cache), "an MHA without layer_idx has no slot in a KV cache");
+        TensorArgs.Require(rotary_emb?.scale_base is null, nameof(cache), "XPos (rotary_emb_scale_base) has no KV-cache path");
+        return Attend(x, null, cache);
+    }
+
+    private Tensor Linear(Linear layer, Tensor x) => _fusedBiasFc ? flash_attn.fused_dense_func(x, layer.weight!, layer.bias) : layer.forward(x);
+
+    private Tensor Attend(Tensor x, Tensor? xKv, KVCache? cache)
     {
         TensorArgs.RequireModuleInput(x, "x", out_proj.weight!);
-        TensorArgs.Require(x.dim() == 3 && x.size(2) == embed_dim, "x", $"x must be (batch, seqlen, {embed_dim}), got {TensorArgs.Shape(x)}");
+        TensorArgs.Require(x.dim() == 3, "x", $"x must be (batch, seqlen, {embed_dim}), got {TensorArgs.Shape(x)}");
+        TensorArgs.RequireLastDim(x, embed_dim, "x", "embed_dim");
         long B = x.size(0), S = x.size(1), H = num_heads, Hk = num_heads_kv, D = head_dim;
         Tensor q, k, v;
         if (!_cross)
         {
-            var qkv = Wqkv!.forward(x).view(B, S, H + 2 * Hk, D);
-            rotary_emb?.forward(qkv, seqlen_offset: seqlen_offset, num_heads_q: (int)H);
-            // split, not slices: its backward is one cat, where each slice's zero-fills a gradient of qkv's size
-            var parts = qkv.split(new[] { H, Hk, Hk }, 2);
+            // unbind (split with GQA): views whose backward is one stack (cat), where an index per part would zero-fill
+            // three gradients of qkv's size and add them (about 0.75 GB of traffic per layer at GPT-2 124M, B 16, T 1024)
+            var parts = H == Hk ? Linear(Wqkv!, x).view(B, S, 3, H, D).unbind(2)
+                                : Linear(Wqkv!, x).view(B, S, H + 2 * Hk, D).split(new[] { H, Hk, Hk }, 2);
             (q, k, v) = (parts[0], parts[1], parts[2]);
         }
         else
@@ -138,17 +180,45 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             TensorArgs.RequireModuleInput(xKv!, "x_kv", out_proj.weight!);
             TensorArgs.Require(xKv!.dim() == 3 && xKv.size(0) == B && xKv.size(2) == embed_dim, "x_kv",
                 $"x_kv must be ({B}, seqlen_k, {embed_dim}), got {TensorArgs.Shape(xKv)}");
-            q = Wq!.forward(x).view(B, S, H, D);
-            var kv = Wkv!.forward(xKv).view(B, xKv.size(1), 2, Hk, D);
-            if (rotary_emb is not null) rotary_emb.forward(q, kv, seqlen_offset);
-            var kvs = kv.unbind(2);
+            q = Linear(Wq!, x).view(B, S, H, D);
+            var kvs = Linear(Wkv!, xKv).view(B, xKv.size(1), 2, Hk, D).unbind(2);
             (k, v) = (kvs[0], kvs[1]);
         }
-        double p = training ? _dropoutP : 0;
-        var o = _useFlash
-            ? flash_attn.flash_attn_func(q, k, v, p, _softmaxScale, _causal, _window, 0, _alibiSlopes, _deterministic)
-            : Reference.attention(q, k, v, _softmaxScale, _causal, _window, 0, _alibiSlopes, p).output;
-        return out_proj.forward(o.reshape(B, S, embed_dim));
+        Tensor o;
+        if (cache is not null)
+        {
+            // the cache rotates k and q at their positions itself
+            var tables = rotary_emb?.Tables(cache.length + S, x.device);
+            o = cache.Append(layer_idx!.Value, q, k, v, _softmaxScale, _causal, _window, _alibiSlopes, tables?.cos, tables?.sin,
+                             _rotaryInterleaved);
+        }
+        else
+        {
+            if (rotary_emb is not null) (q, k) = rotary_emb.forward_qk(q, k);
+            double p = training ? _dropoutP : 0;
+            o = _useFlash
+                ? flash_attn.flash_attn_func(q, k, v, p, _softmaxScale, _causal, _window, 0, _alibiSlopes, _deterministic)
+                : PlainAttention(q, k, v, p);
+        }
+        return Linear(out_proj, o.reshape(B, S, H * D));
+    }
+
+    // TorchSharp's SDPA takes (B, H, S, D) and always scales by 1/sqrt(D): another scale is folded into q. Its causal mask
+    // is aligned top-left, so with seqlen_q < seqlen_k the bottom-right mask is passed explicitly. GQA, a window and ALiBi
+    // it cannot express: those take the reference.
+    private Tensor PlainAttention(Tensor q, Tensor k, Tensor v, double p)
+    {
+        if (num_heads != num_heads_kv || _alibiSlopes is not null || _window is { } w && (w.Item1 >= 0 || w.Item2 >= 0))
+            return Reference.attention(q, k, v, _softmaxScale, _causal, _window, 0, _alibiSlopes, p).output;
+        long D = q.size(-1), Sq = q.size(1), Sk = k.size(1);
+        double scale = _softmaxScale ?? 1.0 / Math.Sqrt(D);
+        var qt = q.transpose(1, 2);
+        if (Math.Abs(scale * Math.Sqrt(D) - 1.0) > 1e-12) qt = qt * (scale * Math.Sqrt(D));
+        Tensor? mask = null;
+        bool isCausal = false;
+        if (_causal && Sq == Sk) isCausal = true;
+        else if (_causal && Sq > 1) mask = ones(new[] { Sq, Sk }, ScalarType.Bool, q.device).tril(Sk - Sq);
+        return F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), mask, p, isCausal).transpose(1, 2);
     }
 
     /// <summary>ALiBi slopes for n heads (the geometric sequence of the ALiBi paper, interleaved for non-powers of two).</summary>
@@ -182,7 +252,8 @@ public static partial class layers
 
     public static MHA MHA(long embed_dim, long num_heads, long? num_heads_kv = null, bool cross_attn = false, bool causal = false,
         long rotary_emb_dim = 0, double dropout = 0.0, bool use_alibi = false, (long left, long right)? window_size = null,
-        bool use_flash_attn = true, Device? device = null, ScalarType? dtype = null) =>
+        bool use_flash_attn = true, Device? device = null, ScalarType? dtype = null, bool fused_bias_fc = false, int? layer_idx = null) =>
         new(embed_dim, num_heads, num_heads_kv, cross_attn, dropout: dropout, causal: causal, rotary_emb_dim: rotary_emb_dim,
-            use_alibi: use_alibi, window_size: window_size, use_flash_attn: use_flash_attn, device: device, dtype: dtype);
+            use_alibi: use_alibi, window_size: window_size, use_flash_attn: use_flash_attn, device: device, dtype: dtype,
+            fused_bias_fc: fused_bias_fc, layer_idx: layer_idx);
 }

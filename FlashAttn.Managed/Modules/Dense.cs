@@ -2,6 +2,7 @@ using FlashAttn.Interop;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
 
 namespace FlashAttn;
 
@@ -38,7 +39,7 @@ public sealed class FusedDense : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         TensorArgs.RequireModuleInput(x, nameof(x), weight);
-        DenseInit.RequireFeatures(x, in_features);
+        TensorArgs.RequireLastDim(x, in_features, nameof(x), "in_features");
         return flash_attn.fused_dense_func(x, weight, bias);
     }
 
@@ -59,14 +60,11 @@ public sealed class FusedMLP : nn.Module<Tensor, Tensor>
     public readonly string activation;
     public readonly int checkpoint_lvl;
     public readonly bool return_residual;
-#pragma warning disable IDE0044 // registered by name: fc1 / fc2
-    private Linear fc1;
-    private Linear fc2;
-#pragma warning restore IDE0044
+    private readonly Linear fc1, fc2; // registered as fc1 / fc2 unless renamed
 
     public FusedMLP(long in_features, long? hidden_features = null, long? out_features = null, bool bias1 = true, bool bias2 = true,
         string activation = "gelu_approx", bool return_residual = false, int checkpoint_lvl = 0,
-        Device? device = null, ScalarType? dtype = null) : base(nameof(FusedMLP))
+        Device? device = null, ScalarType? dtype = null, (string fc1, string fc2)? names = null) : base(nameof(FusedMLP))
     {
         DenseActivations.Parse(activation, nameof(activation));
         if (checkpoint_lvl is < 0 or > 2)
@@ -75,9 +73,8 @@ public sealed class FusedMLP : nn.Module<Tensor, Tensor>
         this.hidden_features = hidden_features ?? 4 * in_features;
         this.out_features = out_features ?? in_features;
         (this.activation, this.checkpoint_lvl, this.return_residual) = (activation, checkpoint_lvl, return_residual);
-        fc1 = nn.Linear(in_features, this.hidden_features, bias1, device, dtype);
-        fc2 = nn.Linear(this.hidden_features, this.out_features, bias2, device, dtype);
-        RegisterComponents();
+        (fc1, fc2) = MlpModules.Linears(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
+        MlpModules.Register(this, fc1, fc2, names);
     }
 
     public Linear Fc1 => fc1;
@@ -86,13 +83,55 @@ public sealed class FusedMLP : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         TensorArgs.RequireModuleInput(x, nameof(x), fc1.weight!);
-        DenseInit.RequireFeatures(x, in_features);
+        TensorArgs.RequireLastDim(x, in_features, nameof(x), "in_features");
         return flash_attn.fused_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, activation, save_pre_act: training,
                                          checkpoint_lvl: checkpoint_lvl);
     }
 
     /// <summary>(y, x): the output and the input as the residual (flash-attn's return_residual).</summary>
     public (Tensor output, Tensor residual) forward_residual(Tensor x) => (forward(x), x);
+}
+
+/// <summary>
+/// flash-attn's Mlp: fc2(act(fc1(x))) with the activation in TorchSharp between two linears (through fused_dense_func
+/// when fused_bias_fc): for activations <see cref="FusedMLP"/> has no epilogue for (exact GELU, ViT's) and as the plain
+/// path FusedMLP is compared with; the same children <c>fc1</c>, <c>fc2</c> (or names), so one state dict serves both.
+/// activation "gelu_approx" (tanh GELU; also Hugging Face's gelu_new, gelu_pytorch_tanh), "gelu" (exact) or "relu".
+/// </summary>
+public sealed class Mlp : nn.Module<Tensor, Tensor>
+{
+    public readonly long in_features, hidden_features, out_features;
+    public readonly string activation;
+    public readonly bool fused_bias_fc;
+    private readonly Linear fc1, fc2;
+
+    public Mlp(long in_features, long? hidden_features = null, long? out_features = null, bool bias1 = true, bool bias2 = true,
+        string activation = "gelu_approx", bool fused_bias_fc = false, Device? device = null, ScalarType? dtype = null,
+        (string fc1, string fc2)? names = null) : base(nameof(Mlp))
+    {
+        if (activation != "gelu" && DenseActivations.TryParse(activation) is null)
+            throw new ArgumentException($"activation must be \"gelu_approx\" (or gelu_new, gelu_tanh, gelu_pytorch_tanh), \"gelu\" or \"relu\", got \"{activation}\"", nameof(activation));
+        this.in_features = in_features;
+        this.hidden_features = hidden_features ?? 4 * in_features;
+        this.out_features = out_features ?? in_features;
+        (this.activation, this.fused_bias_fc) = (activation, fused_bias_fc);
+        (fc1, fc2) = MlpModules.Linears(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
+        MlpModules.Register(this, fc1, fc2, names);
+    }
+
+    public Linear Fc1 => fc1;
+    public Linear Fc2 => fc2;
+
+    public override Tensor forward(Tensor x)
+    {
+        TensorArgs.RequireModuleInput(x, nameof(x), fc1.weight!);
+        TensorArgs.RequireLastDim(x, in_features, nameof(x), "in_features");
+        var h = Linear(fc1, x);
+        h = DenseActivations.TryParse(activation) is DenseActivation a ? DenseActivations.Apply(a, h) : F.gelu(h);
+        return Linear(fc2, h);
+    }
+
+    private Tensor Linear(Linear layer, Tensor x) => fused_bias_fc ? flash_attn.fused_dense_func(x, layer.weight!, layer.bias) : layer.forward(x);
 }
 
 /// <summary>
@@ -133,7 +172,7 @@ public sealed class GatedMlp : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         TensorArgs.RequireModuleInput(x, nameof(x), fc1.weight!);
-        DenseInit.RequireFeatures(x, in_features);
+        TensorArgs.RequireLastDim(x, in_features, nameof(x), "in_features");
         return flash_attn.gated_mlp_func(x, fc1.weight!, fc2.weight!, fc1.bias, fc2.bias, activation);
     }
 
@@ -143,10 +182,6 @@ public sealed class GatedMlp : nn.Module<Tensor, Tensor>
 
 internal static class DenseInit
 {
-    /// <summary>A dense module's input x (..., in_features).</summary>
-    internal static void RequireFeatures(Tensor x, long inFeatures) =>
-        TensorArgs.Require(x.dim() >= 1 && x.size(-1) == inFeatures, "x", $"x must be (..., in_features = {inFeatures}), got {TensorArgs.Shape(x)}");
-
     /// <summary>torch.nn.Linear's initialisation: weight kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)),
     /// bias U(-1/sqrt(in), 1/sqrt(in)); drawn in float32 on the CPU from TorchSharp's default generator.</summary>
     internal static (Parameter weight, Parameter? bias) LinearParameters(long inFeatures, long outFeatures, bool bias, Device? device, ScalarType? dtype)
@@ -160,6 +195,30 @@ internal static class DenseInit
     }
 }
 
+/// <summary>What the MLP modules share, and the choice a model makes between them.</summary>
+internal static class MlpModules
+{
+    /// <summary>fc1 and fc2, created in that order (the order of their random draws).</summary>
+    internal static (Linear fc1, Linear fc2) Linears(long inFeatures, long hidden, long outFeatures, bool bias1, bool bias2,
+        Device? device, ScalarType? dtype) =>
+        (nn.Linear(inFeatures, hidden, bias1, device, dtype), nn.Linear(hidden, outFeatures, bias2, device, dtype));
+
+    internal static void Register(nn.Module module, Linear fc1, Linear fc2, (string fc1, string fc2)? names)
+    {
+        var (n1, n2) = names ?? ("fc1", "fc2");
+        module.register_module(n1, fc1);
+        module.register_module(n2, fc2);
+    }
+
+    /// <summary>A model's MLP (flash-attn's GPT's choice): <see cref="FusedMLP"/> when fused_mlp and the activation has a
+    /// fused epilogue (tanh-GELU, ReLU), else <see cref="Mlp"/> (exact GELU, or fusions off); the same parameters either way.</summary>
+    internal static nn.Module<Tensor, Tensor> Create(long inFeatures, long hidden, string activation, bool fusedMlp, bool fusedBiasFc,
+        int checkpointLvl, (string fc1, string fc2) names, Device? device, ScalarType? dtype) =>
+        fusedMlp && DenseActivations.TryParse(activation) is not null
+            ? new FusedMLP(inFeatures, hidden, activation: activation, checkpoint_lvl: checkpointLvl, device: device, dtype: dtype, names: names)
+            : new Mlp(inFeatures, hidden, activation: activation, fused_bias_fc: fusedBiasFc, device: device, dtype: dtype, names: names);
+}
+
 public static partial class layers
 {
     public static FusedDense FusedDense(long in_features, long out_features, bool bias = true, bool return_residual = false,
@@ -169,6 +228,10 @@ public static partial class layers
         bool bias2 = true, string activation = "gelu_approx", bool return_residual = false, int checkpoint_lvl = 0,
         Device? device = null, ScalarType? dtype = null) =>
         new(in_features, hidden_features, out_features, bias1, bias2, activation, return_residual, checkpoint_lvl, device, dtype);
+
+    public static Mlp Mlp(long in_features, long? hidden_features = null, long? out_features = null, bool bias1 = true,
+        bool bias2 = true, string activation = "gelu_approx", bool fused_bias_fc = false, Device? device = null, ScalarType? dtype = null) =>
+        new(in_features, hidden_features, out_features, bias1, bias2, activation, fused_bias_fc, device, dtype);
 
     public static GatedMlp GatedMlp(long in_features, long? hidden_features = null, long? out_features = null, string activation = "sigmoid",
         bool bias1 = true, bool bias2 = true, long multiple_of = 128, bool return_residual = false, Device? device = null,

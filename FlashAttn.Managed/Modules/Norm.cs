@@ -2,6 +2,7 @@ using FlashAttn.Interop;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
 
 namespace FlashAttn;
 
@@ -79,30 +80,37 @@ public sealed class RMSNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor input)
     {
         TensorArgs.RequireModuleInput(input, nameof(input), weight, sameDtype: false);
-        NormModules.RequireHidden(input, nameof(input), hidden_size);
+        TensorArgs.RequireLastDim(input, hidden_size, nameof(input), "hidden_size");
         return NormFunction.Single(input, null, weight, null, 0.0, eps, null, null, false, false, false, zero_centered_weight,
                                    isRms: true, null, nameof(input)).Item1;
     }
 }
 
 /// <summary>
-/// flash-attn's DropoutAddLayerNorm: forward(x0, residual) = LayerNorm(dropout(x0) + residual), the new residual
-/// also returned when prenorm. Dropout applies in training mode only. Parameters <c>weight</c>, <c>bias</c>.
+/// flash-attn's DropoutAddLayerNorm: forward(x0, residual) = LayerNorm(drop_path(dropout(x0)) + residual), the new
+/// residual also returned when prenorm (float32 under bf16/fp16 with residual_in_fp32): the step of a pre-norm
+/// transformer's residual stream. Dropout and drop-path apply in training mode only; drop_path is stochastic depth (each
+/// sample's x0 dropped whole with that probability, the kept ones scaled by 1 / (1 - drop_path)), passed to the kernel as
+/// its rowscale. fused_dropout_add_ln = false computes the same with TorchSharp's dropout, add and layer_norm (the plain
+/// path a model is compared with). Parameters <c>weight</c>, <c>bias</c>, as torch.nn.LayerNorm.
 /// </summary>
 public sealed class DropoutAddLayerNorm : nn.Module<Tensor, Tensor?, (Tensor output, Tensor? residual)>
 {
     public readonly long hidden_size;
-    public readonly bool prenorm, residual_in_fp32;
-    public readonly double p, eps;
+    public readonly bool prenorm, residual_in_fp32, fused_dropout_add_ln;
+    public readonly double p, eps, drop_path;
 #pragma warning disable IDE0044
     private Parameter weight;
     private Parameter bias;
 #pragma warning restore IDE0044
 
     public DropoutAddLayerNorm(long hidden_size, bool prenorm = false, double p = 0.0, double eps = 1e-5,
-        bool residual_in_fp32 = false, Device? device = null, ScalarType? dtype = null) : base(nameof(DropoutAddLayerNorm))
+        bool residual_in_fp32 = false, Device? device = null, ScalarType? dtype = null, double drop_path = 0.0,
+        bool fused_dropout_add_ln = true) : base(nameof(DropoutAddLayerNorm))
     {
+        if (!(drop_path >= 0 && drop_path < 1)) throw new ArgumentException($"drop_path ({drop_path}) must be in [0, 1)", nameof(drop_path));
         (this.hidden_size, this.prenorm, this.p, this.eps, this.residual_in_fp32) = (hidden_size, prenorm, p, eps, residual_in_fp32);
+        (this.drop_path, this.fused_dropout_add_ln) = (drop_path, fused_dropout_add_ln);
         weight = new Parameter(ones(hidden_size, dtype: dtype, device: device));
         bias = new Parameter(zeros(hidden_size, dtype: dtype, device: device));
         RegisterComponents();
@@ -114,10 +122,29 @@ public sealed class DropoutAddLayerNorm : nn.Module<Tensor, Tensor?, (Tensor out
     public override (Tensor output, Tensor? residual) forward(Tensor x0, Tensor? residual)
     {
         TensorArgs.RequireModuleInput(x0, nameof(x0), weight, sameDtype: false);
-        NormModules.RequireHidden(x0, nameof(x0), hidden_size);
-        var (o, r, _) = flash_attn.dropout_add_layer_norm(x0, residual, weight, bias, training ? p : 0.0, eps,
-                                                          prenorm: prenorm, residual_in_fp32: residual_in_fp32);
-        return (o, r);
+        TensorArgs.RequireLastDim(x0, hidden_size, nameof(x0), "hidden_size");
+        double pDrop = training ? p : 0.0, pPath = training ? drop_path : 0.0;
+        var rowscale = pPath > 0 ? DropPathRowscale(x0, pPath) : null;
+        if (fused_dropout_add_ln)
+        {
+            var (o, r, _) = flash_attn.dropout_add_layer_norm(x0, residual, weight, bias, pDrop, eps, rowscale: rowscale,
+                                                              prenorm: prenorm, residual_in_fp32: residual_in_fp32);
+            return (o, r);
+        }
+        var dropped = pDrop > 0 ? F.dropout(x0, pDrop, training: true) : x0;
+        if (rowscale is not null) dropped = dropped * rowscale.view(x0.shape[..^1].Append(1L).ToArray());
+        var res = residual is null ? dropped : dropped + residual;
+        var output = F.layer_norm(res.to(weight.dtype), new[] { hidden_size }, weight, bias, eps);
+        if (residual_in_fp32 && res.dtype != ScalarType.Float64) res = res.to(ScalarType.Float32);
+        return (output, prenorm ? res : null);
+    }
+
+    // stochastic depth: one keep draw per sample, scaled by 1 / (1 - p), repeated over the sample's rows: (rows,) in x0's dtype
+    private static Tensor DropPathRowscale(Tensor x0, double p)
+    {
+        var keep = empty(new[] { x0.size(0) }, ScalarType.Float32, x0.device).bernoulli_(1 - p).div_(1 - p);
+        long perSample = x0.shape[1..^1].Aggregate(1L, (a, b) => a * b);
+        return keep.view(-1, 1).expand(x0.size(0), perSample).reshape(-1).to(x0.dtype);
     }
 }
 
@@ -145,7 +172,7 @@ public sealed class DropoutAddRMSNorm : nn.Module<Tensor, Tensor?, (Tensor outpu
     public override (Tensor output, Tensor? residual) forward(Tensor x0, Tensor? residual)
     {
         TensorArgs.RequireModuleInput(x0, nameof(x0), weight, sameDtype: false);
-        NormModules.RequireHidden(x0, nameof(x0), hidden_size);
+        TensorArgs.RequireLastDim(x0, hidden_size, nameof(x0), "hidden_size");
         var (o, r, _) = flash_attn.dropout_add_rms_norm(x0, residual, weight, null, training ? p : 0.0, eps,
                                                         prenorm: prenorm, residual_in_fp32: residual_in_fp32);
         return (o, r);
@@ -170,19 +197,12 @@ public static partial class layers
 
     /// <summary>A <see cref="FlashAttn.DropoutAddLayerNorm"/>.</summary>
     public static DropoutAddLayerNorm DropoutAddLayerNorm(long hidden_size, bool prenorm = false, double p = 0.0, double eps = 1e-5,
-        bool residual_in_fp32 = false, Device? device = null, ScalarType? dtype = null) =>
-        new(hidden_size, prenorm, p, eps, residual_in_fp32, device, dtype);
+        bool residual_in_fp32 = false, Device? device = null, ScalarType? dtype = null, double drop_path = 0.0,
+        bool fused_dropout_add_ln = true) =>
+        new(hidden_size, prenorm, p, eps, residual_in_fp32, device, dtype, drop_path, fused_dropout_add_ln);
 
     /// <summary>A <see cref="FlashAttn.DropoutAddRMSNorm"/>.</summary>
     public static DropoutAddRMSNorm DropoutAddRMSNorm(long hidden_size, bool prenorm = false, double p = 0.0, double eps = 1e-5,
         bool residual_in_fp32 = false, Device? device = null, ScalarType? dtype = null) =>
         new(hidden_size, prenorm, p, eps, residual_in_fp32, device, dtype);
-}
-
-internal static class NormModules
-{
-    /// <summary>A norm module's input (..., hidden_size).</summary>
-    internal static void RequireHidden(Tensor input, string name, long hidden) =>
-        TensorArgs.Require(input.dim() >= 1 && input.size(-1) == hidden, name,
-                           $"{name} must be (..., hidden_size = {hidden}), got {TensorArgs.Shape(input)}");
 }

@@ -60,6 +60,21 @@ public sealed class RotaryEmbedding : nn.Module<Tensor, Tensor>
         return (qr, kv);
     }
 
+    /// <summary>
+    /// Rotates q (batch, seqlen_q, nheads, headdim) and k (batch, seqlen_k, nheads_k, headdim) out of place, both from
+    /// position seqlen_offset: for q and k that are views of a custom autograd function's output (an MHA projection
+    /// through fused_dense_func), which autograd forbids modifying in place.
+    /// </summary>
+    public (Tensor q, Tensor k) forward_qk(Tensor q, Tensor k, long seqlen_offset = 0)
+    {
+        Update(Math.Max(q.size(1), k.size(1)) + seqlen_offset, q.device);
+        return (flash_attn.apply_rotary_emb(q, _cos!, _sin!, _interleaved, inplace: false, seqlen_offset: seqlen_offset),
+                flash_attn.apply_rotary_emb(k, _cosK ?? _cos!, _sinK ?? _sin!, _interleaved, inplace: false, seqlen_offset: seqlen_offset));
+    }
+
+    /// <summary>XPos's scale base (null: plain rotary).</summary>
+    public double? scale_base => _scaleBase;
+
     /// <summary>The float32 tables for positions [0, length) on <paramref name="device"/>: (length, dim / 2).</summary>
     public (Tensor cos, Tensor sin) Tables(long length, Device device)
     {

@@ -58,6 +58,19 @@ internal static class TensorArgs
 
     internal static string Shape(Tensor t) => $"[{string.Join(", ", t.shape)}]";
 
+    /// <summary>t (..., size): at least one dimension, the last of <paramref name="size"/> (what = how the message
+    /// names it, e.g. "hidden_size").</summary>
+    internal static void RequireLastDim(Tensor t, long size, string name, string what) =>
+        Require(t.dim() >= 1 && t.size(-1) == size, name, $"{name} must be (..., {what} = {size}), got {Shape(t)}");
+
+    /// <summary>Where ids (token ids, labels) fall outside [0, count), ignore_index excepted: a bool mask of ids' shape
+    /// computed on ids' device (no host sync), for the loss and embedding paths that make those rows NaN.</summary>
+    internal static Tensor IdsOutside(Tensor ids, long count, long? ignore_index = null)
+    {
+        var outside = ids.lt(0).logical_or(ids.ge(count));
+        return ignore_index is long ignore ? ids.ne(ignore).logical_and(outside) : outside;
+    }
+
     /// <summary>A module's input: floating, on the device of the module's <paramref name="parameter"/> and, when
     /// <paramref name="sameDtype"/>, of its dtype (else of its dtype or under a float32 parameter, as the norms take).</summary>
     internal static void RequireModuleInput(Tensor input, string name, Tensor parameter, bool sameDtype = true)

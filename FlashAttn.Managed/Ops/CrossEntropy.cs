@@ -67,7 +67,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
         if (labels.device_type == DeviceType.CPU)
         {
             using var scope = NewDisposeScope();
-            var bad = LabelsInVocabulary(labels, logits.size(1), o.IgnoreIndex).logical_not().nonzero();
+            var bad = IdsOutside(labels, logits.size(1), o.IgnoreIndex).nonzero();
             if (bad.size(0) > 0)
             {
                 long row = bad[0, 0].item<long>();
@@ -76,9 +76,6 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
             }
         }
     }
-
-    private static Tensor LabelsInVocabulary(Tensor labels, long vocab, long ignoreIndex) =>
-        labels.ge(0).logical_and(labels.lt(vocab)).logical_or(labels.eq(ignoreIndex));
 
     private static bool KernelPath(Tensor logits) =>
         Backend.UsesKernels(logits) && logits.numel() > 0 && logits.size(0) * ((logits.size(1) + 16383) / 16384) <= int.MaxValue;
@@ -113,7 +110,8 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
             // on a GPU (the reference computes NaN for such rows, as the kernel); on the CPU Validate has thrown
             if (labels.device_type != DeviceType.CPU)
             {
-                using var ok = LabelsInVocabulary(labels, logits.size(1), o.IgnoreIndex);
+                using var outside = IdsOutside(labels, logits.size(1), o.IgnoreIndex);
+                using var ok = outside.logical_not();
                 DeviceErrors.Check(ok, "labels", "a label of cross_entropy_loss is outside [0, vocab) and not ignore_index: that row's loss and gradient are NaN");
             }
             (loss, zLoss, lse) = Reference.cross_entropy(logits, labels, o.LabelSmoothing, o.LogitScale, o.LseSquareScale, o.IgnoreIndex);

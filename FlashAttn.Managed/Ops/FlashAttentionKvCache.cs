@@ -22,14 +22,23 @@ public static partial class flash_attn
     public static FlashAttnResult flash_attn_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,
         Tensor? k = null, Tensor? v = null, Tensor? rotary_cos = null, Tensor? rotary_sin = null, double? softmax_scale = null,
         bool causal = false, (long left, long right)? window_size = null, double softcap = 0.0, bool rotary_interleaved = true,
-        Tensor? alibi_slopes = null)
+        Tensor? alibi_slopes = null) =>
+        KvCacheAttention(q, k_cache, v_cache, cache_seqlens, null, k, v, rotary_cos, rotary_sin, softmax_scale, causal, window_size,
+                         softcap, rotary_interleaved, alibi_slopes);
+
+    /// <summary>flash_attn_with_kvcache, with cache_seqlens' values also on the host when the caller knows them
+    /// (<paramref name="hostSeqlens"/>, as <see cref="KVCache"/> does): a decoding step then does not wait for the device
+    /// once per layer to read them back.</summary>
+    internal static FlashAttnResult KvCacheAttention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, long[]? hostSeqlens,
+        Tensor? k, Tensor? v, Tensor? rotary_cos, Tensor? rotary_sin, double? softmax_scale, bool causal,
+        (long left, long right)? window_size, double softcap, bool rotary_interleaved, Tensor? alibi_slopes)
     {
         DeviceErrors.Raise();
         ValidateKvCache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos, rotary_sin);
         using var grad = no_grad();
         using var scope = NewDisposeScope();
         long batch = q.size(0), seqlenNew = k?.shape[1] ?? 0, cacheLength = k_cache.size(1);
-        var lens = cache_seqlens.to(ScalarType.Int64).cpu().data<long>().ToArray();
+        var lens = hostSeqlens ?? cache_seqlens.to(ScalarType.Int64).cpu().data<long>().ToArray();
         for (int b = 0; b < batch; b++)
             Require(lens[b] >= 0 && lens[b] + seqlenNew <= cacheLength, "cache_seqlens",
                     $"cache_seqlens[{b}] ({lens[b]}) + seqlen_new ({seqlenNew}) must be within the cache's {cacheLength} positions");
@@ -44,9 +53,15 @@ public static partial class flash_attn
                     $"rotary_cos/rotary_sin hold {rotary_cos.size(0)} positions but the rotated tokens reach position {need - 1}");
         }
         var offsets = cache_seqlens.to(ScalarType.Int64);
+        // one length for every sequence (the usual batched decode): rotated at that offset as a number, which, unlike a
+        // tensor of offsets, the rotary op checks without reading it back from the device
+        long? uniform = batch > 0 && lens.All(l => l == lens[0]) ? lens[0] : null;
+        Tensor Rotate(Tensor x) => uniform is long u
+            ? apply_rotary_emb(x, rotary_cos!, rotary_sin!, rotary_interleaved, seqlen_offset: u)
+            : apply_rotary_emb(x, rotary_cos!, rotary_sin!, rotary_interleaved, seqlen_offsets: offsets);
         if (k is not null)
         {
-            if (rotary_cos is not null) k = apply_rotary_emb(k, rotary_cos, rotary_sin!, rotary_interleaved, seqlen_offsets: offsets);
+            if (rotary_cos is not null) k = Rotate(k);
             // positions lens[b] + t of sequence b receive the new keys and values
             var index = (offsets.view(batch, 1) + arange(seqlenNew, dtype: ScalarType.Int64, device: q.device).view(1, seqlenNew))
                 .view(batch, seqlenNew, 1, 1).expand(k.shape);
@@ -55,9 +70,7 @@ public static partial class flash_attn
         }
         if (rotary_cos is not null)
         {
-            q = causal || local
-                ? apply_rotary_emb(q, rotary_cos, rotary_sin!, rotary_interleaved, seqlen_offsets: offsets)
-                : RotateAllAt(q, rotary_cos, rotary_sin!, rotary_interleaved, offsets);
+            q = causal || local ? Rotate(q) : RotateAllAt(q, rotary_cos, rotary_sin!, rotary_interleaved, offsets);
         }
         // One call when every sequence has the same length (the usual batched decode); otherwise one
         // per sequence over its own prefix of the cache.

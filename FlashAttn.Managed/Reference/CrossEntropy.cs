@@ -1,3 +1,4 @@
+using FlashAttn.Interop;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -56,7 +57,7 @@ public static partial class Reference
     private static (Tensor valid, Tensor outside, Tensor safe) Labels(Tensor labels, long vocab, long ignore_index)
     {
         var valid = labels.ne(ignore_index);
-        var outside = valid.logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
+        var outside = valid.logical_and(TensorArgs.IdsOutside(labels, vocab));
         var safe = labels.masked_fill(valid.logical_not().logical_or(outside), 0).unsqueeze(-1);
         return (valid, outside, safe);
     }

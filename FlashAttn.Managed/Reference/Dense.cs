@@ -58,12 +58,16 @@ internal enum DenseActivation { GeluApprox, Relu }
 
 internal static class DenseActivations
 {
-    internal static DenseActivation Parse(string activation, string paramName) => activation switch
+    /// <summary>The fused epilogue of an activation name (Hugging Face's tanh-GELU names included), null for others.</summary>
+    internal static DenseActivation? TryParse(string activation) => activation switch
     {
-        "gelu_approx" or "gelu_new" or "gelu_tanh" => DenseActivation.GeluApprox,
+        "gelu_approx" or "gelu_new" or "gelu_tanh" or "gelu_pytorch_tanh" => DenseActivation.GeluApprox,
         "relu" => DenseActivation.Relu,
-        _ => throw new ArgumentException($"activation must be \"gelu_approx\" or \"relu\", got \"{activation}\"", paramName),
+        _ => null,
     };
+
+    internal static DenseActivation Parse(string activation, string paramName) =>
+        TryParse(activation) ?? throw new ArgumentException($"activation must be \"gelu_approx\" or \"relu\", got \"{activation}\"", paramName);
 
     internal static string Name(DenseActivation a) => a == DenseActivation.GeluApprox ? "gelu_approx" : "relu";
 

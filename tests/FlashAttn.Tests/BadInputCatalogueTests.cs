@@ -512,31 +512,63 @@ internal static class BadInputCatalogue
             new Case("device", d => new FusedAdamW(new[] { P(d), P(CPU) }), T("parameters"), GpuOnly: true),
         });
 
-        var settings = new BlockSettings(64, 4, 16, 256, "gelu_new", causal: true, softmax_scale: null, attn_pdrop: 0, rotary_dim: 0,
-            rotary_base: 10000, rotary_interleaved: false, layer_norm_epsilon: 1e-5, use_flash_attn: true, fused_bias_fc: true,
-            fused_mlp: true, fused_dropout_add_ln: true, residual_in_fp32: true, BlockNames.Gpt2);
+        // a GPT block of the public modules: MHA (causal, 4 heads of 16, KV-cache slot 0), FusedMLP, two prenorm norms
+        MHA Attn(Device d) => new(64, 4, causal: true, device: d, dtype: Fp(d), fused_bias_fc: true, layer_idx: 0);
+        DropoutAddLayerNorm Ln(Device d, double p) => new(64, prenorm: true, p: p, residual_in_fp32: true, device: d, dtype: Fp(d));
+        Block Blk(Device d, double p = 0.1) => new(Attn(d), new FusedMLP(64, 256, device: d, dtype: Fp(d)), Ln(d, p), Ln(d, p));
         Tensor H(Device d, long b = 2, long s = 5) => R(d, b, s, 64);
         Func<long, long, long[]> hidden = (b, s) => new[] { b, s, 64L };
-        yield return new Api("Block", d => new Block(settings, 0, 0.1, 0.1, device: d, dtype: Fp(d)).forward(H(d), null),
+        yield return new Api("Block", d => Blk(d).forward(H(d), null),
             // Without dropout here: the fused kernels write 0 for a dropped element, so a poisoned element that dropout
             // drops (one time in ten) never reaches the outputs and the nan / inf cases could not say whether it propagates.
-            ModuleCases((d, x) => new Block(settings, 0, 0, 0, device: d, dtype: Fp(d)).forward(x, null), "hidden", (d, b, s) => H(d, b, s), 64, hidden)
+            ModuleCases((d, x) => Blk(d, 0).forward(x, null), "hidden", (d, b, s) => H(d, b, s), 64, hidden)
                 .Concat(new[]
                 {
-                    new Case("shape_residual", d => new Block(settings, 0, 0, 0, device: d, dtype: Fp(d)).forward(H(d), H(d, 2, 4)), T("residual")),
-                    new Case("device_residual", d => new Block(settings, 0, 0, 0, device: d, dtype: Fp(d)).forward(H(d), H(CPU).to(Fp(d))), T("residual"), GpuOnly: true),
+                    new Case("shape_residual", d => Blk(d, 0).forward(H(d), H(d, 2, 4)), T("residual")),
+                    new Case("device_residual", d => Blk(d, 0).forward(H(d), H(CPU).to(Fp(d))), T("residual"), GpuOnly: true),
+                    new Case("prenorm", d => new Block(Attn(d), new FusedMLP(64, device: d, dtype: Fp(d)),
+                                                       new DropoutAddLayerNorm(64, device: d, dtype: Fp(d)), Ln(d, 0)), T("norm1")),
                 }).ToArray());
-        yield return new Api("SelfAttention", d => new SelfAttention(settings, 0, d, Fp(d)).forward(H(d)),
-            ModuleCases((d, x) => new SelfAttention(settings, 0, d, Fp(d)).forward(x), "x", (d, b, s) => H(d, b, s), 64, hidden).Concat(new[]
+        yield return new Api("MHA.cache", d =>
             {
-                new Case("cache", d =>
+                using var cache = new KVCache(1, 2, 8, 4, 16, Fp(d), d);
+                return Attn(d).forward(H(d), cache);
+            }, new[]
+            {
+                new Case("room", d =>
                 {
                     using var cache = new KVCache(1, 2, 4, 4, 16, Fp(d), d);
-                    return new SelfAttention(settings, 0, d, Fp(d)).forward(H(d), cache);
+                    return Attn(d).forward(H(d), cache);
                 }, T("cache")),
-            }).ToArray());
-        yield return new Api("Mlp", d => new Mlp(settings, d, Fp(d)).forward(H(d)),
-            ModuleCases((d, x) => new Mlp(settings, d, Fp(d)).forward(x), "x", (d, b, s) => H(d, b, s), 64, hidden));
+                new Case("batch", d =>
+                {
+                    using var cache = new KVCache(1, 3, 8, 4, 16, Fp(d), d);
+                    return Attn(d).forward(H(d), cache);
+                }, T("cache")),
+                new Case("heads", d =>
+                {
+                    using var cache = new KVCache(1, 2, 8, 2, 32, Fp(d), d);
+                    return Attn(d).forward(H(d), cache);
+                }, T("cache")),
+                new Case("layer_idx", d =>
+                {
+                    using var cache = new KVCache(1, 2, 8, 4, 16, Fp(d), d);
+                    return new MHA(64, 4, causal: true, device: d, dtype: Fp(d)).forward(H(d), cache);
+                }, T("cache")),
+                new Case("device", d =>
+                {
+                    using var cache = new KVCache(1, 2, 8, 4, 16, Fp(d), CPU);
+                    return Attn(d).forward(H(d), cache);
+                }, T("cache"), GpuOnly: true),
+            });
+        yield return new Api("KVCache", d => { using var c = new KVCache(1, 2, 8, 4, 16, Fp(d), d); c.advance(3); return Attn(d).forward(H(d), c); }, new[]
+        {
+            new Case("advance", d => { using var c = new KVCache(1, 2, 8, 4, 16, Fp(d), d); c.advance(9); return c.length; }, T("tokens")),
+            new Case("advance_negative", d => { using var c = new KVCache(1, 2, 8, 4, 16, Fp(d), d); c.advance(-1); return c.length; }, T("tokens")),
+        });
+        yield return new Api("Mlp", d => new Mlp(64, 256, activation: "gelu", device: d, dtype: Fp(d)).forward(H(d)),
+            ModuleCases((d, x) => new Mlp(64, 256, activation: "gelu", fused_bias_fc: true, device: d, dtype: Fp(d)).forward(x), "x",
+                        (d, b, s) => H(d, b, s), 64, hidden));
 
         var vitConfig = new ViTConfig { img_size = 16, patch_size = 8, embed_dim = 32, depth = 1, num_heads = 2, num_classes = 3 };
         VisionTransformer Vit(Device d) => new(vitConfig, d, Fp(d));

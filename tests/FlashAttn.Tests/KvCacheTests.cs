@@ -11,10 +11,12 @@ public sealed class KvCacheTests
     [SetUp]
     public void Seed() => manual_seed(TestContext.CurrentContext.Random.Next());
 
-    [TestCase(true, true), TestCase(false, true), TestCase(true, false)]
-    public void AppendsThenAttendsLikeTheConcatenatedSequence(bool causal, bool rotary)
+    // sameLength: every sequence at one length, the batched decode (rotated at a scalar offset), else lengths 3 and 6
+    [TestCase(true, true, false), TestCase(false, true, false), TestCase(true, false, false), TestCase(true, true, true),
+     TestCase(false, true, true)]
+    public void AppendsThenAttendsLikeTheConcatenatedSequence(bool causal, bool rotary, bool sameLength)
     {
-        long[] lens = { 3, 6 };
+        long[] lens = sameLength ? new long[] { 5, 5 } : new long[] { 3, 6 };
         var kCache = randn(2, 12, 2, 16, dtype: ScalarType.Float64);
         var vCache = randn(2, 12, 2, 16, dtype: ScalarType.Float64);
         var (k0, v0) = (kCache.clone(), vCache.clone());
