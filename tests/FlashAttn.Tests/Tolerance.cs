@@ -11,6 +11,20 @@ namespace FlashAttn.Tests;
 /// </summary>
 internal static class Tolerance
 {
+    /// <summary>The spacing of <paramref name="dtype"/>'s values at <paramref name="magnitude"/> (10 stored mantissa bits
+    /// for float16, 7 for bfloat16, 23 for float32).</summary>
+    internal static double Ulp(ScalarType dtype, double magnitude)
+    {
+        int mantissa = dtype switch
+        {
+            ScalarType.Float16 => 10,
+            ScalarType.BFloat16 => 7,
+            ScalarType.Float32 => 23,
+            _ => throw new ArgumentException($"no ulp for {dtype}", nameof(dtype)),
+        };
+        return magnitude <= 0 ? 0 : Math.Pow(2, Math.Floor(Math.Log2(magnitude)) - mantissa);
+    }
+
     internal static double MaxAbsDiff(Tensor a, Tensor b)
     {
         using var scope = NewDisposeScope();
