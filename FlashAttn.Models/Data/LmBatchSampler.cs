@@ -4,7 +4,7 @@ namespace FlashAttn.Models.Data;
 public sealed record SamplerState(long Epoch, long Position);
 
 /// <summary>Language-modelling samples from a token array: non-overlapping windows of
-/// <c>seqlen + 1</c> tokens starting at multiples of seqlen (the seed's LMDataset, drop_last),
+/// <c>seqlen + 1</c> tokens starting at multiples of seqlen (flash-attention's LMDataset, drop_last),
 /// visited in a shuffled order that is a pure function of (seed, epoch), so that a resumed run
 /// continues the exact data order.</summary>
 public sealed class LmBatchSampler

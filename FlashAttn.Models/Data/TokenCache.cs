@@ -36,8 +36,8 @@ public sealed record PrepareOptions
 {
     /// <summary>The validation share of <c>flashattn prepare</c> and of datamodule.val_ratio, so that a cache prepared by
     /// hand and one a run prepares have the same split. 2% gives corpora of a few hundred documents (a book's paragraphs,
-    /// the embedded corpus's 1,189 chapters) a validation split; the seed's 0.0005 would give them none. The OpenWebText
-    /// and Pile experiments keep the seed's 0.0005 in their files: 0.05% of millions of documents is plenty.</summary>
+    /// the embedded corpus's 1,189 chapters) a validation split; flash-attention's 0.0005 would give them none. The OpenWebText
+    /// and Pile experiments keep its 0.0005 in their files: 0.05% of millions of documents is plenty.</summary>
     public const double DefaultValRatio = 0.02;
 
     public string Tokenizer { get; init; } = "gpt2";

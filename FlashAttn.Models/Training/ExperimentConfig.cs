@@ -13,7 +13,7 @@ public sealed record ConfigKey(string Name, ConfigType Type, string? Default, st
 /// <summary>Thrown for a wrong key or value; the message names it and lists the valid ones.</summary>
 public sealed class ConfigException(string message) : Exception(message);
 
-/// <summary>An experiment's configuration: a flat map of dotted keys (the seed's Hydra names where
+/// <summary>An experiment's configuration: a flat map of dotted keys (flash-attention's Hydra names where
 /// they fit: <c>trainer.precision</c>, <c>datamodule.batch_size</c>, <c>train.optimizer.lr</c>, ...),
 /// filled from the schema's defaults, then the experiment file
 /// (<c>configs/experiment/&lt;name&gt;.yaml</c>), then <c>key=value</c> overrides.</summary>
@@ -39,7 +39,7 @@ public sealed class ExperimentConfig
         new("model.config.n_head", ConfigType.Int, null, "override the head count", Nullable: true),
         new("model.config.n_positions", ConfigType.Int, null, "override the maximum sequence length of the position embedding", Nullable: true),
         new("model.config.rotary_emb_fraction", ConfigType.Float, null, "fraction of the head dim that gets rotary embeddings (0: learned absolute positions)", Nullable: true),
-        new("model.config.dropout", ConfigType.Float, null, "resid_pdrop, embd_pdrop and attn_pdrop at once (the seed: 0.1)", Nullable: true),
+        new("model.config.dropout", ConfigType.Float, null, "resid_pdrop, embd_pdrop and attn_pdrop at once (flash-attention's experiments: 0.1)", Nullable: true),
         new("model.config.use_flash_attn", ConfigType.Bool, null, "FlashAttention kernels (CUDA; the reference path elsewhere)", Nullable: true),
         new("model.config.fused_bias_fc", ConfigType.Bool, null, "fused matmul + bias", Nullable: true),
         new("model.config.fused_mlp", ConfigType.Bool, null, "fused matmul + bias + gelu MLP", Nullable: true),
@@ -82,7 +82,7 @@ public sealed class ExperimentConfig
         new("trainer.limit_val_batches", ConfigType.Int, "20", "validation batches per evaluation (0: the whole split)"),
         new("trainer.log_every_n_steps", ConfigType.Int, "1", "metrics log interval"),
         new("trainer.checkpoint_every_n_steps", ConfigType.Int, "0", "progress checkpoint interval (0: only at the end)"),
-        new("trainer.save_top_k", ConfigType.Int, "3", "keep the K checkpoints with the lowest val_loss (checkpoints/best-*), as the seed does (0: none)"),
+        new("trainer.save_top_k", ConfigType.Int, "3", "keep the K checkpoints with the lowest val_loss (checkpoints/best-*), as flash-attention's experiments do (0: none)"),
         new("trainer.default_root_dir", ConfigType.String, "runs", "root of run outputs"),
         new("trainer.overwrite", ConfigType.Bool, "false", "start in a run folder that holds another run, removing that run's checkpoints, " +
             "metrics, TensorBoard events, plot, model and config first (without it such a start is an error; resume=last continues that run instead)"),

@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 namespace FlashAttn.Models.Training;
 
 /// <summary>GPT language modelling on a token cache (<see cref="TokenCache"/>), prepared on first use
-/// from datamodule.sources like the seed's datamodule.</summary>
+/// from datamodule.sources like flash-attention's datamodule.</summary>
 public sealed class LanguageModelingTask : ITrainingTask
 {
     readonly GPTLMHeadModel _model;
