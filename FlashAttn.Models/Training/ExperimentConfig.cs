@@ -16,7 +16,8 @@ public sealed class ConfigException(string message) : Exception(message);
 /// <summary>An experiment's configuration: a flat map of dotted keys (flash-attention's Hydra names where
 /// they fit: <c>trainer.precision</c>, <c>datamodule.batch_size</c>, <c>train.optimizer.lr</c>, ...),
 /// filled from the schema's defaults, then the experiment file
-/// (<c>configs/experiment/&lt;name&gt;.yaml</c>), then <c>key=value</c> overrides.</summary>
+/// (<c>configs/experiment/&lt;name&gt;.yaml</c>), then <c>key=value</c> overrides, each value validated as it is set.
+/// <see cref="Bind"/> turns it into the typed <see cref="RunConfig"/> the trainer, the tasks and the commands read.</summary>
 public sealed class ExperimentConfig
 {
     public const string DefaultExperiment = "tiny";
@@ -98,8 +99,6 @@ public sealed class ExperimentConfig
     readonly Dictionary<string, string?> _values = new();
 
     ExperimentConfig() { foreach (var k in Schema) _values[k.Name] = k.Default; }
-
-    public IReadOnlyDictionary<string, string?> Values => _values;
 
     /// <summary>Builds a configuration from command-line arguments <c>key=value ...</c>: schema
     /// defaults, then the experiment file (from <c>experiment=</c>, default "tiny"), then the others.</summary>
