@@ -27,7 +27,8 @@ public static class CliApp
                                                    config.json + model.safetensors (float32) for transformers' from_pretrained
           flashattn experiments                    list the experiment files
           flashattn show [key=value ...]           print the resolved configuration without training
-          flashattn --help                         this text, with every configuration key
+          flashattn --help                         this text, with every configuration key (the default experiment's values)
+          flashattn <command> --help               that command's usage; train/show with key=value: every key's value there
 
         examples:
           flashattn train                                               # tiny GPT on the embedded corpus (CPU: a few minutes)
@@ -38,6 +39,9 @@ public static class CliApp
           flashattn prepare openwebtext /data/openwebtext/plain_text --val-ratio 0.0005   # the Hub's parquet files, the owt experiments' split
         """;
 
+    public const string PrepareUsage =
+        "usage: flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N] [--tokenizer gpt2] [--no-progress]";
+
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
         try
@@ -45,52 +49,78 @@ public static class CliApp
             if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
             {
                 stdout.WriteLine(Usage);
-                stdout.WriteLine("configuration keys (key default {choices} meaning):");
-                stdout.WriteLine(ExperimentConfig.HelpText());
-                stdout.WriteLine("experiments: " + string.Join(", ", ExperimentConfig.AvailableExperiments()));
+                WriteKeys(ExperimentConfig.Parse([]), stdout);
                 return args.Length == 0 ? 2 : 0;
             }
+            var rest = args.Skip(1).ToArray();
+            bool help = rest.Any(a => a is "-h" or "--help");
+            var options = rest.Where(a => a is not ("-h" or "--help")).ToArray();
             switch (args[0])
             {
+                case "train" when help:
+                    stdout.WriteLine("usage: flashattn train [key=value ...]   (experiment=NAME picks an experiment file; resume=last continues the run)");
+                    WriteKeys(ExperimentConfig.Parse(options), stdout);
+                    return 0;
                 case "train":
                 {
-                    if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(ExperimentConfig.HelpText()); return 0; }
-                    var config = ExperimentConfig.Parse(args.Skip(1));
+                    var config = ExperimentConfig.Parse(rest);
                     var result = new Trainer(config, stderr).Run();
+                    var settings = config.Bind();
                     if (result.Steps <= 0)
                     {
-                        stdout.WriteLine((config.Int("trainer.max_steps") == 0 ? "evaluation only" : $"run {result.RunDir}: no training steps left") +
+                        stdout.WriteLine((settings.Trainer.MaxSteps == 0 ? "evaluation only" : $"run {result.RunDir}: no training steps left") +
                             (result.ValLoss is { } val ? $", val_loss {val:F4} (ppl {Math.Exp(val):F2})" : ""));
                         return 0;
                     }
                     stdout.WriteLine($"run {result.RunDir}: loss {result.FirstLoss:F4} -> {result.LastLoss:F4}" +
                         (result.ValLoss is { } v ? $", val_loss {v:F4}" : "") + $" in {result.Elapsed:hh\\:mm\\:ss}");
-                    if (config.Str("task") == "lm") stdout.WriteLine($"text from it: flashattn sample {result.RunDir}");
+                    if (settings.Task == TaskKind.LanguageModeling)
+                        stdout.WriteLine($"text from it: {SelfCommand(AppContext.BaseDirectory, Directory.GetCurrentDirectory())} sample {result.RunDir}");
                     return 0;
                 }
-                case "show":
-                    stdout.Write(ExperimentConfig.Parse(args.Skip(1)).Dump());
-                    stdout.WriteLine($"# gradient accumulation: {ExperimentConfig.Parse(args.Skip(1)).Accumulation}");
+                case "show" when help:
+                    stdout.WriteLine("usage: flashattn show [key=value ...]   (the configuration train would run, without training)");
+                    WriteKeys(ExperimentConfig.Parse(options), stdout);
                     return 0;
+                case "show":
+                {
+                    var config = ExperimentConfig.Parse(rest);
+                    stdout.Write(config.Dump());
+                    stdout.WriteLine($"# gradient accumulation: {config.Bind().Accumulation}");
+                    return 0;
+                }
                 case "experiments":
                     foreach (var e in ExperimentConfig.AvailableExperiments()) stdout.WriteLine(e);
                     return 0;
+                case "prepare" when help:
+                    stdout.WriteLine(PrepareUsage);
+                    stdout.WriteLine("  tokenizes corpora (folders or files of .txt, .jsonl, .jsonl.zst, .parquet, or embedded:kjv) into <data-dir>/<name>");
+                    stdout.WriteLine($"  (--data-dir default: $DATA_DIR, else ./data); --val-ratio (default {PrepareOptions.DefaultValRatio.ToString(CultureInfo.InvariantCulture)}, " +
+                        "as datamodule.val_ratio) is the validation share of the documents; a .txt file's documents are its paragraphs");
+                    return 0;
                 case "prepare":
-                    return Prepare(args.Skip(1).ToArray(), stdout, stderr);
+                    return Prepare(rest, stdout, stderr);
+                case "export" when help:
+                    stdout.WriteLine("usage: flashattn export MODEL OUT_DIR   (MODEL: anything `flashattn sample` reads)");
+                    return 0;
                 case "export":
                 {
                     if (args.Length != 3) { stderr.WriteLine("usage: flashattn export MODEL OUT_DIR"); return 2; }
                     var source = GptSource.Open(args[1]);
                     // float32 on the CPU: the source's full-precision weights where it has them (a checkpoint's masters)
-                    using var model = new FlashAttn.Models.GPTLMHeadModel(source.Config.WithFusions(false));
+                    var device = DevicePolicy.Resolve(Accelerator.Cpu);
+                    using var model = new FlashAttn.Models.GPTLMHeadModel(source.ForDevice(device, TextWriter.Null), device,
+                        DevicePolicy.InferenceDtype(device, source.Precision));
                     source.LoadInto(model);
                     model.save_pretrained(args[2]);
                     stdout.WriteLine($"{args[2]}: config.json and model.safetensors of {source.Name} ({model.num_parameters() / 1e6:F1}M parameters, float32)");
                     return 0;
                 }
+                case "sample" when help:
+                    stdout.WriteLine(SampleCommand.Usage);
+                    return 0;
                 case "sample":
-                    if (args.Skip(1).Any(a => a is "-h" or "--help")) { stdout.WriteLine(SampleCommand.Usage); return 0; }
-                    return SampleCommand.Run(args.Skip(1).ToArray(), stdout, stderr);
+                    return SampleCommand.Run(rest, stdout, stderr);
                 default:
                     stderr.WriteLine($"unknown command '{args[0]}'; valid commands: train, prepare, sample, export, experiments, show, --help");
                     return 2;
@@ -106,6 +136,30 @@ public static class CliApp
             stderr.WriteLine("error: " + e.Message);
             return 1;
         }
+    }
+
+    static void WriteKeys(ExperimentConfig config, TextWriter stdout)
+    {
+        stdout.WriteLine($"configuration keys, with their values in experiment {config["experiment"]} and the overrides given (key value {{choices}} meaning):");
+        stdout.WriteLine(config.HelpText());
+        stdout.WriteLine("experiments: " + string.Join(", ", ExperimentConfig.AvailableExperiments()));
+    }
+
+    /// <summary>
+    /// How the user runs this tool, for the commands it suggests: `dotnet run --project &lt;dir&gt; -c &lt;configuration&gt; --`
+    /// when it runs from a build of the project (its output folder is &lt;project&gt;/bin/&lt;configuration&gt;/&lt;framework&gt;/,
+    /// <paramref name="baseDirectory"/>), with the project's path relative to <paramref name="workingDirectory"/>; else
+    /// `flashattn` (the installed tool).
+    /// </summary>
+    public static string SelfCommand(string baseDirectory, string workingDirectory)
+    {
+        var output = new DirectoryInfo(baseDirectory.TrimEnd(Path.DirectorySeparatorChar));
+        var configuration = output.Parent;
+        var project = configuration?.Parent?.Parent;
+        if (configuration?.Parent?.Name != "bin" || project is null || !File.Exists(Path.Combine(project.FullName, "FlashAttn.Cli.csproj")))
+            return "flashattn";
+        var relative = Path.GetRelativePath(workingDirectory, project.FullName);
+        return $"dotnet run --project {(relative.Contains(' ') ? $"\"{relative}\"" : relative)} -c {configuration.Name} --";
     }
 
     static int Prepare(string[] args, TextWriter stdout, TextWriter stderr)
@@ -130,7 +184,7 @@ public static class CliApp
         }
         if (positional.Count < 2)
         {
-            stderr.WriteLine("usage: flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N]");
+            stderr.WriteLine(PrepareUsage);
             return 2;
         }
         var meta = TokenCache.Prepare(dataDir, positional[0], positional.Skip(1).ToList(), options, stderr);

@@ -33,20 +33,19 @@ public static class SampleCommand
         public int? TopK { get; init; } = 200;
         public double? TopP { get; init; }
         public ulong Seed { get; init; } = 1337;
-        public string Device { get; init; } = "auto";
+        public Accelerator Device { get; init; } = Accelerator.Auto;
         public bool UseCache { get; init; } = true;
     }
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
         var o = Parse(args);
-        var device = Trainer.ResolveDevice(o.Device, "--device");
+        var device = DevicePolicy.Resolve(o.Device, "--device");
         var source = GptSource.Open(o.Path);
         var tokenizer = TextTokenizer.Get(source.Tokenizer);
         if (source.Config.vocab_size != tokenizer.VocabSize)
             throw new InvalidDataException($"{o.Path}: the model's vocab_size is {source.Config.vocab_size}; the {tokenizer.Name} tokenizer has {tokenizer.VocabSize}");
-        // a CPU computes in float32; on a GPU the run's 16-bit type (the kernels' types), float32 only for a float32 run
-        var dtype = device.type == DeviceType.CPU ? ScalarType.Float32 : Trainer.ComputeDtype(source.Precision);
+        var dtype = DevicePolicy.InferenceDtype(device, source.Precision);
         using var model = new GPTLMHeadModel(source.ForDevice(device, stderr), device, dtype);
         source.LoadInto(model);
         var prompt = tokenizer.Encode(o.Prompt).Select(i => (long)i).ToArray();
@@ -136,7 +135,8 @@ public static class SampleCommand
                     break;
                 case "--device":
                     var d = Value();
-                    o = d is "auto" or "cpu" or "cuda" ? o with { Device = d } : throw new ArgumentException($"--device {d}; valid: auto, cpu, cuda");
+                    o = ConfigNames.Accelerators.Contains(d) ? o with { Device = ConfigNames.ParseAccelerator(d) }
+                        : throw new ArgumentException($"--device {d}; valid: {string.Join(", ", ConfigNames.Accelerators)}");
                     break;
                 case "--no-cache": o = o with { UseCache = false }; break;
                 case var a when a.StartsWith("--"):

@@ -22,52 +22,43 @@ public static class Checkpoint
         var pointerTmp = TempPaths.For(checkpointsDir, "last");
         File.WriteAllText(pointerTmp, name + "\n");
         File.Move(pointerTmp, Path.Combine(checkpointsDir, "last"), overwrite: true);
-        // keep the newest `keep` progress checkpoints of this run: the one just written (which last names) and the
-        // highest steps of the others; another run's (in a folder it shares with this one) are not this run's to remove
+        // keep the newest `keep` progress checkpoints: the one just written (which last names) and the highest steps of the
+        // others. Every checkpoint in the folder is this run's (a run folder belongs to one run: RunFolder), those written
+        // before checkpoints named their run included
         if (keep > 0)
-        {
-            var runId = RunIdOf(trainerState);
-            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Where(d => d != final && BelongsTo(d, runId))
-                         .Order(StringComparer.Ordinal).SkipLast(keep - 1))
+            foreach (var old in Directory.GetDirectories(checkpointsDir, "step-*").Where(d => d != final).Order(StringComparer.Ordinal).SkipLast(keep - 1))
                 Discard(old);
-        }
         return final;
     }
 
     /// <summary>
-    /// Keeps the <paramref name="topK"/> checkpoints of this run (run_id in <paramref name="trainerState"/>) with the lowest
-    /// validation loss as <c>checkpoints/best-step-NNNNNNN/</c> (val_loss in trainer.json): writes this one only when it
-    /// ranks among them, then removes the ones of this run that fell out. Returns the folder, or null when it did not rank.
+    /// Keeps the <paramref name="topK"/> checkpoints of the folder (of its one run) with the lowest validation loss as
+    /// <c>checkpoints/best-step-NNNNNNN/</c> (val_loss in trainer.json): writes this one only when it ranks among them, then
+    /// removes the ones that fell out. Returns the folder, or null when it did not rank.
     /// </summary>
     public static string? SaveIfBest(string checkpointsDir, long step, double valLoss, int topK,
         IReadOnlyDictionary<string, Tensor> tensors, JsonObject trainerState)
     {
         if (topK <= 0 || !double.IsFinite(valLoss)) return null;
-        var runId = RunIdOf(trainerState);
-        var ranked = Best(checkpointsDir, runId);
+        var ranked = Best(checkpointsDir);
         if (ranked.Count >= topK && valLoss >= ranked[topK - 1].valLoss) return null;
         var state = (JsonObject)trainerState.DeepClone();
         state["val_loss"] = valLoss;
         var final = WriteFolder(checkpointsDir, $"best-step-{step:D7}", tensors, state);
-        foreach (var (dir, _) in Best(checkpointsDir, runId).Skip(topK))
+        foreach (var (dir, _) in Best(checkpointsDir).Skip(topK))
             Discard(dir);
         return final;
     }
 
-    /// <summary>The best-* checkpoints of run <paramref name="runId"/> (of no run id when null: written before runs had
-    /// one), lowest val_loss first.</summary>
-    public static List<(string dir, double valLoss)> Best(string checkpointsDir, string? runId = null) =>
+    /// <summary>The best-* checkpoints, lowest val_loss first; one whose trainer.json cannot be read is never counted nor
+    /// removed.</summary>
+    public static List<(string dir, double valLoss)> Best(string checkpointsDir) =>
         !Directory.Exists(checkpointsDir) ? new() :
         Directory.GetDirectories(checkpointsDir, "best-step-*")
             .Select(d => (dir: d, state: TryReadState(d)))
-            .Where(x => x.state is not null && RunIdOf(x.state) == runId && x.state["val_loss"] is JsonValue)
+            .Where(x => x.state is not null && x.state["val_loss"] is JsonValue)
             .Select(x => (x.dir, valLoss: x.state!["val_loss"]!.GetValue<double>()))
             .OrderBy(x => x.valLoss).ThenBy(x => x.dir, StringComparer.Ordinal).ToList();
-
-    static string? RunIdOf(JsonObject state) => state["run_id"]?.GetValue<string>();
-
-    // A checkpoint whose trainer.json cannot be read belongs to no run: never counted, never removed.
-    static bool BelongsTo(string dir, string? runId) => TryReadState(dir) is { } state && RunIdOf(state) == runId;
 
     static JsonObject? TryReadState(string dir)
     {

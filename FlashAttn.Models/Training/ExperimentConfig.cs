@@ -13,27 +13,24 @@ public sealed record ConfigKey(string Name, ConfigType Type, string? Default, st
 /// <summary>Thrown for a wrong key or value; the message names it and lists the valid ones.</summary>
 public sealed class ConfigException(string message) : Exception(message);
 
-/// <summary>An experiment's configuration: a flat map of dotted keys (the seed's Hydra names where
+/// <summary>An experiment's configuration: a flat map of dotted keys (flash-attention's Hydra names where
 /// they fit: <c>trainer.precision</c>, <c>datamodule.batch_size</c>, <c>train.optimizer.lr</c>, ...),
 /// filled from the schema's defaults, then the experiment file
-/// (<c>configs/experiment/&lt;name&gt;.yaml</c>), then <c>key=value</c> overrides.</summary>
+/// (<c>configs/experiment/&lt;name&gt;.yaml</c>), then <c>key=value</c> overrides, each value validated as it is set.
+/// <see cref="Bind"/> turns it into the typed <see cref="RunConfig"/> the trainer, the tasks and the commands read.</summary>
 public sealed class ExperimentConfig
 {
     public const string DefaultExperiment = "tiny";
-
-    static readonly string[] s_precisions = ["32", "bf16", "16"];
-    static string[] ModelNames => ["tiny", "gpt2s", "gpt2m", "gpt2l", "gpt2xl", "gpt3s", "gpt3m", "gpt3l", "gpt3xl", "gpt3-2.7B", "gpt3s-rotary",
-        "vit-ti16", "vit-s16", "vit-b16", "vit-l16", "vit-tiny-test"];
 
     public static readonly IReadOnlyList<ConfigKey> Schema =
     [
         new("experiment", ConfigType.String, DefaultExperiment, "experiment file under configs/experiment (without .yaml), or a path to a .yaml"),
         new("name", ConfigType.String, null, "run name: outputs go to <trainer.default_root_dir>/<name> (default: the experiment name)", Nullable: true),
-        new("task", ConfigType.Choice, "lm", "lm: GPT language modelling on a token cache; image_classification: ViT on an image folder", ["lm", "image_classification"]),
+        new("task", ConfigType.Choice, "lm", "lm: GPT language modelling on a token cache; image_classification: ViT on an image folder", ConfigNames.Tasks),
         new("seed", ConfigType.Int, "1111", "seed for initialisation, data order and dropout"),
         new("resume", ConfigType.String, null, "a checkpoint folder to resume from, or 'last' for the run's latest checkpoint", Nullable: true),
 
-        new("model.name", ConfigType.Choice, "tiny", "named model configuration (GPTConfig.Named / ViTConfig.Named)", ModelNames),
+        new("model.name", ConfigType.Choice, "tiny", "named model configuration (GPTConfig.Named for task=lm, ViTConfig.Named for image_classification)", [.. ConfigNames.Models]),
         new("model.init_from", ConfigType.String, null, "start from these weights (fine-tuning; the sizes are theirs). task=lm (nanoGPT's init_from): a run " +
             "or checkpoint folder, a Hugging Face GPT-2 folder (config.json + model.safetensors) or a GPTLMHeadModel .safetensors file. " +
             "task=image_classification (timm's pretrained): a ViT .safetensors file or a folder with model.safetensors, timm's or ours; " +
@@ -43,7 +40,7 @@ public sealed class ExperimentConfig
         new("model.config.n_head", ConfigType.Int, null, "override the head count", Nullable: true),
         new("model.config.n_positions", ConfigType.Int, null, "override the maximum sequence length of the position embedding", Nullable: true),
         new("model.config.rotary_emb_fraction", ConfigType.Float, null, "fraction of the head dim that gets rotary embeddings (0: learned absolute positions)", Nullable: true),
-        new("model.config.dropout", ConfigType.Float, null, "resid_pdrop, embd_pdrop and attn_pdrop at once (the seed: 0.1)", Nullable: true),
+        new("model.config.dropout", ConfigType.Float, null, "resid_pdrop, embd_pdrop and attn_pdrop at once (flash-attention's experiments: 0.1)", Nullable: true),
         new("model.config.use_flash_attn", ConfigType.Bool, null, "FlashAttention kernels (CUDA; the reference path elsewhere)", Nullable: true),
         new("model.config.fused_bias_fc", ConfigType.Bool, null, "fused matmul + bias", Nullable: true),
         new("model.config.fused_mlp", ConfigType.Bool, null, "fused matmul + bias + gelu MLP", Nullable: true),
@@ -71,22 +68,22 @@ public sealed class ExperimentConfig
         new("train.optimizer.beta1", ConfigType.Float, "0.9", "AdamW beta1"),
         new("train.optimizer.beta2", ConfigType.Float, "0.999", "AdamW beta2"),
         new("train.optimizer.eps", ConfigType.Float, "1e-8", "AdamW epsilon"),
-        new("train.scheduler.name", ConfigType.Choice, "cosine", "linear: warmup then linear decay to 0 at num_training_steps (transformers' get_linear_schedule_with_warmup); cosine: timm's CosineLRScheduler (warmup from warmup_lr_init, cosine to lr_min over t_initial); constant: warmup then flat", ["linear", "cosine", "constant"]),
+        new("train.scheduler.name", ConfigType.Choice, "cosine", "linear: warmup then linear decay to 0 at num_training_steps (transformers' get_linear_schedule_with_warmup); cosine: timm's CosineLRScheduler (warmup from warmup_lr_init, cosine to lr_min over t_initial); constant: warmup then flat", ConfigNames.Schedules),
         new("train.scheduler.warmup_steps", ConfigType.Int, "0", "warmup steps"),
         new("train.scheduler.num_training_steps", ConfigType.Int, null, "decay horizon in steps (linear: reaches 0; cosine: t_initial); default trainer.max_steps", Nullable: true),
         new("train.scheduler.lr_min_ratio", ConfigType.Float, "0.1", "cosine: final lr as a fraction of the peak"),
         new("train.scheduler.warmup_lr_init", ConfigType.Float, "0", "cosine: lr at step 0 of the warmup"),
 
         new("trainer.devices", ConfigType.Int, "1", "number of GPUs (data parallel)"),
-        new("trainer.accelerator", ConfigType.Choice, "auto", "auto: CUDA when available, else CPU", ["auto", "cpu", "cuda"]),
-        new("trainer.precision", ConfigType.Choice, "32", "32: fp32; bf16: bf16 compute with fp32 master weights; 16: fp16 compute, fp32 master weights, dynamic loss scaling", s_precisions),
+        new("trainer.accelerator", ConfigType.Choice, "auto", "auto: CUDA when available, else CPU", ConfigNames.Accelerators),
+        new("trainer.precision", ConfigType.Choice, "32", "32: fp32; bf16: bf16 compute with fp32 master weights; 16: fp16 compute, fp32 master weights, dynamic loss scaling", ConfigNames.Precisions),
         new("trainer.max_steps", ConfigType.Int, "100", "optimizer steps; 0 evaluates the weights only (with model.init_from or resume; nanoGPT's eval_only)"),
         new("trainer.gradient_clip_val", ConfigType.Float, "1.0", "clip the global gradient norm to this (0: off)"),
         new("trainer.val_check_interval", ConfigType.Int, "50", "evaluate every N steps (and at the end)"),
         new("trainer.limit_val_batches", ConfigType.Int, "20", "validation batches per evaluation (0: the whole split)"),
         new("trainer.log_every_n_steps", ConfigType.Int, "1", "metrics log interval"),
         new("trainer.checkpoint_every_n_steps", ConfigType.Int, "0", "progress checkpoint interval (0: only at the end)"),
-        new("trainer.save_top_k", ConfigType.Int, "3", "keep the K checkpoints with the lowest val_loss (checkpoints/best-*), as the seed does (0: none)"),
+        new("trainer.save_top_k", ConfigType.Int, "3", "keep the K checkpoints with the lowest val_loss (checkpoints/best-*), as flash-attention's experiments do (0: none)"),
         new("trainer.default_root_dir", ConfigType.String, "runs", "root of run outputs"),
         new("trainer.overwrite", ConfigType.Bool, "false", "start in a run folder that holds another run, removing that run's checkpoints, " +
             "metrics, TensorBoard events, plot, model and config first (without it such a start is an error; resume=last continues that run instead)"),
@@ -102,8 +99,6 @@ public sealed class ExperimentConfig
     readonly Dictionary<string, string?> _values = new();
 
     ExperimentConfig() { foreach (var k in Schema) _values[k.Name] = k.Default; }
-
-    public IReadOnlyDictionary<string, string?> Values => _values;
 
     /// <summary>Builds a configuration from command-line arguments <c>key=value ...</c>: schema
     /// defaults, then the experiment file (from <c>experiment=</c>, default "tiny"), then the others.</summary>
@@ -175,21 +170,13 @@ public sealed class ExperimentConfig
                     _ => throw new ConfigException($"{spec.Name}={value} is not a boolean{At()}: valid values: true, false"),
                 };
             case ConfigType.Choice:
-                var v = spec.Name == "trainer.precision" ? NormalizePrecision(value) : value;
+                var v = spec.Name == "trainer.precision" ? ConfigNames.PrecisionName(value) ?? value : value;
                 if (spec.Choices!.Contains(v)) return v;
                 throw new ConfigException($"{spec.Name}={value} is not valid{At()}; valid values: {string.Join(", ", spec.Choices!)}");
             default:
                 return value;
         }
     }
-
-    static string NormalizePrecision(string v) => v.ToLowerInvariant() switch
-    {
-        "32" or "fp32" or "32-true" or "float32" => "32",
-        "bf16" or "bf16-mixed" or "bfloat16" => "bf16",
-        "16" or "fp16" or "16-mixed" or "float16" => "16",
-        _ => v,
-    };
 
     static string Describe(ConfigKey k) => k.Type switch
     {
@@ -199,17 +186,63 @@ public sealed class ExperimentConfig
 
     static string Unquote(string v) => v.Length >= 2 && (v[0] == '"' && v[^1] == '"' || v[0] == '\'' && v[^1] == '\'') ? v[1..^1] : v;
 
-    // ---- typed access ----
+    /// <summary>The value of <paramref name="key"/> as validated (null: not set).</summary>
     public string? this[string key] => s_byName.ContainsKey(key) ? _values[key] : throw new ConfigException($"unknown key '{key}'");
-    public string Str(string key) => this[key] ?? throw new ConfigException($"{key} is not set");
-    public long Int(string key) => long.Parse(Str(key), CultureInfo.InvariantCulture);
-    public long? IntOrNull(string key) => this[key] is { } s ? long.Parse(s, CultureInfo.InvariantCulture) : null;
-    public double Float(string key) => double.Parse(Str(key), CultureInfo.InvariantCulture);
-    public double? FloatOrNull(string key) => this[key] is { } s ? double.Parse(s, CultureInfo.InvariantCulture) : null;
-    public bool Bool(string key) => Str(key) == "true";
-    public bool? BoolOrNull(string key) => this[key] is { } s ? s == "true" : null;
 
-    public string RunName => this["name"] ?? Str("experiment").Replace('/', '_').Replace(".yaml", "");
+    /// <summary>The typed configuration (Hydra's structured config): every key read once, here. A model.name of the other
+    /// task is an error naming the key and the task's models.</summary>
+    public RunConfig Bind()
+    {
+        string Str(string key) => this[key] ?? throw new ConfigException($"{key} is not set");
+        long Int(string key) => long.Parse(Str(key), CultureInfo.InvariantCulture);
+        int Int32(string key) => Int(key) is var v && v is >= int.MinValue and <= int.MaxValue ? (int)v
+            : throw new ConfigException($"{key}={v} is out of range: {Describe(s_byName[key])}");
+        long? IntOrNull(string key) => this[key] is { } s ? long.Parse(s, CultureInfo.InvariantCulture) : null;
+        double Float(string key) => double.Parse(Str(key), CultureInfo.InvariantCulture);
+        double? FloatOrNull(string key) => this[key] is { } s ? double.Parse(s, CultureInfo.InvariantCulture) : null;
+        bool Bool(string key) => Str(key) == "true";
+        bool? BoolOrNull(string key) => this[key] is { } s ? s == "true" : null;
+
+        var task = ConfigNames.ParseTask(Str("task"));
+        var model = Str("model.name");
+        if (!ConfigNames.ModelsFor(task).Contains(model))
+            throw new ConfigException($"model.name={model} is not a model of task={Str("task")}; valid values: {string.Join(", ", ConfigNames.ModelsFor(task))}");
+        int batch = Int32("datamodule.batch_size");
+        return new RunConfig(
+            Experiment: Str("experiment"),
+            RunName: this["name"] ?? Str("experiment").Replace('/', '_').Replace(".yaml", ""),
+            Task: task,
+            Seed: Int("seed"),
+            Resume: this["resume"],
+            Model: new ModelSettings(model, this["model.init_from"], new ModelOverrides(
+                NLayer: IntOrNull("model.config.n_layer"), NEmbd: IntOrNull("model.config.n_embd"), NHead: IntOrNull("model.config.n_head"),
+                NPositions: IntOrNull("model.config.n_positions"), RotaryEmbFraction: FloatOrNull("model.config.rotary_emb_fraction"),
+                Dropout: FloatOrNull("model.config.dropout"), UseFlashAttn: BoolOrNull("model.config.use_flash_attn"),
+                FusedBiasFc: BoolOrNull("model.config.fused_bias_fc"), FusedMlp: BoolOrNull("model.config.fused_mlp"),
+                FusedDropoutAddLn: BoolOrNull("model.config.fused_dropout_add_ln"), FusedCrossEntropy: BoolOrNull("model.config.fused_cross_entropy"),
+                ResidualInFp32: BoolOrNull("model.config.residual_in_fp32"),
+                MlpCheckpointLvl: this["model.config.mlp_checkpoint_lvl"] is null ? null : Int32("model.config.mlp_checkpoint_lvl"))),
+            Data: new DataSettings(
+                Dataset: Str("datamodule.dataset"), DataDir: this["datamodule.data_dir"] ?? TokenCache.DefaultDataDir, Sources: Str("datamodule.sources"),
+                Tokenizer: Str("datamodule.tokenizer"), MaxLength: Int32("datamodule.max_length"), BatchSize: batch,
+                BatchSizeEval: this["datamodule.batch_size_eval"] is null ? batch : Int32("datamodule.batch_size_eval"),
+                ValRatio: Float("datamodule.val_ratio"), ValSplitSeed: Int("datamodule.val_split_seed"), ImageSize: Int32("datamodule.image_size")),
+            GlobalBatchSize: Int("train.global_batch_size"),
+            Optimizer: new OptimizerSettings(Lr: Float("train.optimizer.lr"), WeightDecay: Float("train.optimizer.weight_decay"),
+                Beta1: Float("train.optimizer.beta1"), Beta2: Float("train.optimizer.beta2"), Eps: Float("train.optimizer.eps")),
+            Scheduler: new SchedulerSettings(Name: ConfigNames.ParseSchedule(Str("train.scheduler.name")), WarmupSteps: Int("train.scheduler.warmup_steps"),
+                NumTrainingSteps: IntOrNull("train.scheduler.num_training_steps"), LrMinRatio: Float("train.scheduler.lr_min_ratio"),
+                WarmupLrInit: Float("train.scheduler.warmup_lr_init")),
+            Trainer: new TrainerSettings(
+                Devices: Int32("trainer.devices"), Accelerator: ConfigNames.ParseAccelerator(Str("trainer.accelerator")),
+                Precision: ConfigNames.ParsePrecision(Str("trainer.precision")), MaxSteps: Int("trainer.max_steps"),
+                GradientClipVal: Float("trainer.gradient_clip_val"), ValCheckInterval: Int("trainer.val_check_interval"),
+                LimitValBatches: Int32("trainer.limit_val_batches"), LogEveryNSteps: Math.Max(1, Int("trainer.log_every_n_steps")),
+                CheckpointEveryNSteps: Int("trainer.checkpoint_every_n_steps"), SaveTopK: Int32("trainer.save_top_k"),
+                DefaultRootDir: Str("trainer.default_root_dir"), Overwrite: Bool("trainer.overwrite"), ProgressBar: Bool("trainer.progress_bar"),
+                TensorBoard: Bool("trainer.tensorboard"), Plot: Bool("trainer.plot"), PeakTflops: FloatOrNull("trainer.peak_tflops"),
+                NumThreads: Int32("trainer.num_threads")));
+    }
 
     /// <summary>The resolved configuration as YAML-like "key: value" lines (saved with every run).</summary>
     public string Dump()
@@ -220,14 +253,12 @@ public sealed class ExperimentConfig
     }
 
     // ---- batch arithmetic ----
-    /// <summary>Gradient accumulation steps: global ÷ (devices × per-device batch), rounded up (the seed's rule).</summary>
+    /// <summary>Gradient accumulation steps: global ÷ (devices × per-device batch), rounded up (flash-attention's rule).</summary>
     public static int GradientAccumulation(long globalBatch, long devices, long deviceBatch)
     {
         if (globalBatch <= 0 || devices <= 0 || deviceBatch <= 0) throw new ConfigException($"train.global_batch_size ({globalBatch}), trainer.devices ({devices}) and datamodule.batch_size ({deviceBatch}) must be positive");
         return (int)((globalBatch + devices * deviceBatch - 1) / (devices * deviceBatch));
     }
-
-    public int Accumulation => GradientAccumulation(Int("train.global_batch_size"), Int("trainer.devices"), Int("datamodule.batch_size"));
 
     // ---- experiment files ----
     const string ResourcePrefix = "FlashAttn.Models.configs.experiment.";
@@ -295,12 +326,12 @@ public sealed class ExperimentConfig
         return line;
     }
 
-    /// <summary>Help text: every key with its default and meaning.</summary>
-    public static string HelpText()
+    /// <summary>Help text: every key with its value in this configuration (the experiment's, with the overrides) and meaning.</summary>
+    public string HelpText()
     {
         var sb = new StringBuilder();
         foreach (var k in Schema)
-            sb.Append("  ").Append(k.Name.PadRight(38)).Append(' ').Append((k.Default ?? "null").PadRight(14)).Append(' ')
+            sb.Append("  ").Append(k.Name.PadRight(38)).Append(' ').Append((_values[k.Name] ?? "null").PadRight(14)).Append(' ')
               .AppendLine(k.Choices != null ? $"{{{string.Join("|", k.Choices)}}} {k.Help}" : k.Help);
         return sb.ToString();
     }

@@ -17,7 +17,7 @@ public sealed class GptSource
 {
     readonly Action<GPTLMHeadModel> _load;
 
-    GptSource(string path, string name, GPTConfig config, string tokenizer, Precision precision, ExperimentConfig? run, Action<GPTLMHeadModel> load)
+    GptSource(string path, string name, GPTConfig config, string tokenizer, Precision precision, RunConfig? run, Action<GPTLMHeadModel> load)
     {
         Path = path; Name = name; Config = config; Tokenizer = tokenizer; Precision = precision; Run = run; _load = load;
     }
@@ -32,13 +32,13 @@ public sealed class GptSource
     /// <summary>The precision it trained in: a run's trainer.precision; bf16 for the others (the kernels' type).</summary>
     public Precision Precision { get; }
     /// <summary>The run's configuration, for a run or checkpoint folder.</summary>
-    public ExperimentConfig? Run { get; }
+    public RunConfig? Run { get; }
 
     /// <summary>Copies the weights into <paramref name="model"/> (any dtype and device; the sizes must be <see cref="Config"/>'s).</summary>
     public void LoadInto(GPTLMHeadModel model) => _load(model);
 
     /// <summary><see cref="Config"/> for a model on <paramref name="device"/>: a CPU turns the fusions off unless the run set them.</summary>
-    public GPTConfig ForDevice(Device device, TextWriter log) => LanguageModelingTask.FusionsFor(Config, Run, device, log);
+    public GPTConfig ForDevice(Device device, TextWriter log) => DevicePolicy.Fusions(Config, Run?.Model.Overrides, device, log);
 
     public static GptSource Open(string path) => Open(path, 0);
 
@@ -63,8 +63,8 @@ public sealed class GptSource
             // float32 (the masters), its model.safetensors in 16 bits
             var run = LmRun(File.ReadAllText(In("config.yaml")), path);
             var config = GPTConfig.FromSafetensors(In("model.safetensors"));
-            var final = System.IO.Path.Combine(path, "checkpoints", $"step-{run.Int("trainer.max_steps"):D7}");
-            Action<GPTLMHeadModel> load = Trainer.ParsePrecision(run.Str("trainer.precision")) != Precision.Fp32 && File.Exists(System.IO.Path.Combine(final, "state.bin"))
+            var final = System.IO.Path.Combine(path, RunFolder.CheckpointsDir, $"step-{run.Trainer.MaxSteps:D7}");
+            Action<GPTLMHeadModel> load = run.Trainer.Precision != Precision.Fp32 && File.Exists(System.IO.Path.Combine(final, "state.bin"))
                 ? model => LoadMasters(model, final) : model => model.load_safetensors(In("model.safetensors"));
             return FromRun(path, run, config, load);
         }
@@ -86,16 +86,14 @@ public sealed class GptSource
     }
 
     // The switches are the run's keys over all-on (a run on a CPU saved its fusions off; on a GPU they belong on).
-    static GptSource FromRun(string path, ExperimentConfig c, GPTConfig config, Action<GPTLMHeadModel> load) =>
-        new(path, c["model.init_from"] is { } from ? $"GPT fine-tuned from {from}" : $"GPT {c.Str("model.name")}",
-            LanguageModelingTask.WithSwitchKeys(config.WithFusions(true), c), c.Str("datamodule.tokenizer"),
-            Trainer.ParsePrecision(c.Str("trainer.precision")), c, load);
+    static GptSource FromRun(string path, RunConfig c, GPTConfig config, Action<GPTLMHeadModel> load) =>
+        new(path, c.Model.InitFrom is { } from ? $"GPT fine-tuned from {from}" : $"GPT {c.Model.Name}",
+            c.Model.Overrides.ApplySwitches(config.WithFusions(true)), c.Data.Tokenizer, c.Trainer.Precision, c, load);
 
     // The run's keys build the model again, from the weights it was fine-tuned from if so.
-    static GPTConfig ArchitectureOf(ExperimentConfig c, string path, int depth)
+    static GPTConfig ArchitectureOf(RunConfig c, string path, int depth)
     {
-        if (c["model.init_from"] is not { } from)
-            return LanguageModelingTask.BuildModelConfig(c, TextTokenizer.Get(c.Str("datamodule.tokenizer")).VocabSize);
+        if (c.Model.InitFrom is not { } from) return c.Model.Gpt(TextTokenizer.Get(c.Data.Tokenizer).VocabSize);
         if (depth >= 8) throw new InvalidDataException($"{path}: model.init_from leads through more than 8 runs (a loop?)");
         try { return Open(from, depth + 1).Config; }
         catch (FileNotFoundException e) { throw new FileNotFoundException($"{path}: its run was fine-tuned from {from}, which holds its architecture: {e.Message}"); }
@@ -114,13 +112,13 @@ public sealed class GptSource
     }
 
     // A run's saved configuration (config.yaml, or a checkpoint's copy of it), which must be a GPT language-model run's.
-    static ExperimentConfig LmRun(string dump, string path)
+    static RunConfig LmRun(string dump, string path)
     {
         var config = ExperimentConfig.Parse([]);
         foreach (var (key, value) in ExperimentConfig.ParseYaml(dump, path)) config.Set(key, value, path);
-        if (config.Str("task") != "lm")
-            throw new InvalidDataException($"{path}: task={config.Str("task")}; a GPT language-model run (task=lm) expected");
-        return config;
+        if (config["task"] != "lm")
+            throw new InvalidDataException($"{path}: task={config["task"]}; a GPT language-model run (task=lm) expected");
+        return config.Bind();
     }
 
     static void LoadMasters(GPTLMHeadModel model, string dir)

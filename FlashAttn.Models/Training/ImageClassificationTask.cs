@@ -20,47 +20,33 @@ public sealed class ImageClassificationTask : ITrainingTask
     InitialWeights? _initial;
     readonly long _seed;
 
-    public ImageClassificationTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
+    public ImageClassificationTask(RunConfig c, Device device, ScalarType dtype, TextWriter log)
     {
-        _device = device; _dtype = dtype; _seed = c.Int("seed");
-        var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
-        var root = c.Str("datamodule.dataset");
-        if (!Path.IsPathRooted(root) && !Directory.Exists(root)) root = Path.Combine(dataDir, root);
+        _device = device; _dtype = dtype; _seed = c.Seed;
+        var root = c.Data.Dataset;
+        if (!Path.IsPathRooted(root) && !Directory.Exists(root)) root = Path.Combine(c.Data.DataDir, root);
         IReadOnlyList<string> classes;
-        (_train, _val, classes) = ImageFolder.Open(root, c.Float("datamodule.val_ratio"), c.Int("datamodule.val_split_seed"));
-        _size = (int)c.Int("datamodule.image_size");
+        (_train, _val, classes) = ImageFolder.Open(root, c.Data.ValRatio, c.Data.ValSplitSeed);
+        _size = c.Data.ImageSize;
+        var overrides = c.Model.Overrides;
         string? weights = null;
         ViTConfig v;
-        if (c["model.init_from"] is { } from)
+        if (c.Model.InitFrom is { } from)
         {
             // fine-tuning (timm's pretrained=True): the weights' architecture, this data's classes and resolution
             weights = Directory.Exists(from) ? Path.Combine(from, "model.safetensors") : from;
             if (!File.Exists(weights)) throw new FileNotFoundException($"model.init_from={from}: no {weights} (a ViT safetensors file, or a folder with model.safetensors)");
             // the fusions as for a fresh model (a run on a CPU saved them off); the keys below and the device decide
-            var source = ViTConfig.FromWeights(weights, c.IntOrNull("model.config.n_head")).WithFusions(true);
-            if (c.IntOrNull("model.config.n_layer") is { } l && l != source.depth || c.IntOrNull("model.config.n_embd") is { } e && e != source.embed_dim
-                || c.IntOrNull("model.config.n_head") is { } h && h != source.num_heads)
+            var source = ViTConfig.FromWeights(weights, overrides.NHead).WithFusions(true);
+            if (overrides.ChangesSizes(source))
                 log.WriteLine($"warning: model.init_from={from} fixes the model's sizes (depth {source.depth}, embed_dim {source.embed_dim}, " +
                     $"num_heads {source.num_heads}); model.config.n_layer / n_embd / n_head that differ are ignored");
-            v = source with { num_classes = classes.Count, img_size = _size, drop_path_rate = ViTConfig.Named(c.Str("model.name")).drop_path_rate };
+            v = source with { num_classes = classes.Count, img_size = _size, drop_path_rate = ViTConfig.Named(c.Model.Name).drop_path_rate };
         }
-        else
-        {
-            v = ViTConfig.Named(c.Str("model.name")) with { num_classes = classes.Count, img_size = _size };
-            if (c.IntOrNull("model.config.n_layer") is { } l) v = v with { depth = l };
-            if (c.IntOrNull("model.config.n_embd") is { } e) v = v with { embed_dim = e };
-            if (c.IntOrNull("model.config.n_head") is { } h) v = v with { num_heads = h };
-        }
-        if (c.FloatOrNull("model.config.dropout") is { } d) v = v with { drop_rate = d };
-        if (c.BoolOrNull("model.config.use_flash_attn") is { } fa) v = v with { use_flash_attn = fa };
-        if (c.BoolOrNull("model.config.fused_bias_fc") is { } fb) v = v with { fused_bias_fc = fb };
-        if (c.BoolOrNull("model.config.fused_mlp") is { } fm) v = v with { fused_mlp = fm };
-        if (c.BoolOrNull("model.config.fused_dropout_add_ln") is { } fl) v = v with { fused_dropout_add_ln = fl };
-        if (c.BoolOrNull("model.config.fused_cross_entropy") is { } fc) v = v with { fused_cross_entropy = fc };
-        if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) v = v with { residual_in_fp32 = rf };
-        if (device.type == DeviceType.CPU && c["model.config.use_flash_attn"] is null && c["model.config.fused_bias_fc"] is null) v = v.WithFusions(false);
+        else v = overrides.ApplySizes(ViTConfig.Named(c.Model.Name) with { num_classes = classes.Count, img_size = _size });
+        v = DevicePolicy.Fusions(overrides.ApplySwitches(v), overrides, device, log);
         _model = new VisionTransformer(v, device, dtype);
-        if (weights is not null && c["resume"] is not null)
+        if (weights is not null && c.Resume is not null)
             log.WriteLine($"model.init_from: the architecture of {weights}; the weights come from the resumed checkpoint");
         else if (weights is not null)
         {
@@ -73,7 +59,7 @@ public sealed class ImageClassificationTask : ITrainingTask
         long T = v.num_patches + 1;
         FlopsPerSample = 6.0 * _model.num_parameters() * T + 12.0 * v.depth * v.embed_dim * T * T;
         _sampler = new IndexSampler(_train.Items.Count, _seed);
-        Description = (weights is null ? $"ViT {c.Str("model.name")}" : $"ViT from {weights}") + $" ({_model.num_parameters() / 1e6:F1}M parameters, {_size}px) on {root} " +
+        Description = (weights is null ? $"ViT {c.Model.Name}" : $"ViT from {weights}") + $" ({_model.num_parameters() / 1e6:F1}M parameters, {_size}px) on {root} " +
             $"({classes.Count} classes, {_train.Items.Count:N0} train / {_val.Count:N0} val images)";
     }
 

@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 namespace FlashAttn.Models.Training;
 
 /// <summary>GPT language modelling on a token cache (<see cref="TokenCache"/>), prepared on first use
-/// from datamodule.sources like the seed's datamodule.</summary>
+/// from datamodule.sources like flash-attention's datamodule.</summary>
 public sealed class LanguageModelingTask : ITrainingTask
 {
     readonly GPTLMHeadModel _model;
@@ -19,26 +19,25 @@ public sealed class LanguageModelingTask : ITrainingTask
     readonly TextWriter _log;
     bool _attentionLogged;
 
-    public LanguageModelingTask(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log)
+    public LanguageModelingTask(RunConfig c, Device device, ScalarType dtype, TextWriter log)
     {
         (_device, _log) = (device, log);
-        _seqlen = checked((int)c.Int("datamodule.max_length"));
-        var tokenizer = TextTokenizer.Get(c.Str("datamodule.tokenizer"));
-        var dataDir = c["datamodule.data_dir"] ?? TokenCache.DefaultDataDir;
-        var name = c.Str("datamodule.dataset");
-        var dir = TokenCache.PathFor(dataDir, name);
-        var split = new PrepareOptions { Tokenizer = tokenizer.Name, ValRatio = c.Float("datamodule.val_ratio"), ValSplitSeed = c.Int("datamodule.val_split_seed") };
+        var data = c.Data;
+        _seqlen = data.MaxLength;
+        var tokenizer = TextTokenizer.Get(data.Tokenizer);
+        var dir = TokenCache.PathFor(data.DataDir, data.Dataset);
+        var split = data.Split;
         if (!TokenCache.IsComplete(dir))
         {
             // a relative source that does not exist from the working directory is looked up under the data folder
-            var sources = c.Str("datamodule.sources").Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
-                .Select(s => s.StartsWith(CorpusReader.EmbeddedPrefix) || Path.IsPathRooted(s) || File.Exists(s) || Directory.Exists(s) ? s : Path.Combine(dataDir, s))
+            var sources = data.SourceList
+                .Select(s => s.StartsWith(CorpusReader.EmbeddedPrefix) || Path.IsPathRooted(s) || File.Exists(s) || Directory.Exists(s) ? s : Path.Combine(data.DataDir, s))
                 .ToList();
             foreach (var s in sources)
                 if (!s.StartsWith(CorpusReader.EmbeddedPrefix) && !File.Exists(s) && !Directory.Exists(s))
-                    throw new FileNotFoundException($"token cache {dir} is missing and its source {s} (datamodule.sources) does not exist: put the corpus there (e.g. OpenWebText's parquet files from the Hub, the Pile's .jsonl.zst) or run `flashattn prepare {name} <inputs...> --val-ratio {split.ValRatio.ToString(System.Globalization.CultureInfo.InvariantCulture)}`, or set datamodule.sources");
+                    throw new FileNotFoundException($"token cache {dir} is missing and its source {s} (datamodule.sources) does not exist: put the corpus there (e.g. OpenWebText's parquet files from the Hub, the Pile's .jsonl.zst) or run `flashattn prepare {data.Dataset} <inputs...> --val-ratio {split.ValRatio.ToString(System.Globalization.CultureInfo.InvariantCulture)}`, or set datamodule.sources");
             log.WriteLine($"token cache {dir} missing: preparing it from {string.Join(", ", sources)}");
-            TokenCache.Prepare(dataDir, name, sources, split, log);
+            TokenCache.Prepare(data.DataDir, data.Dataset, sources, split, log);
         }
         TokenCacheMeta meta;
         (_train, _val, meta) = TokenCache.Open(dir, tokenizer);
@@ -47,8 +46,9 @@ public sealed class LanguageModelingTask : ITrainingTask
         if (TokenCache.SplitDifferences(meta, split) is { Count: > 0 } differences)
             log.WriteLine($"warning: token cache {dir} was prepared with another split, which this run uses as it is: " +
                 $"{string.Join(", ", differences)} (in parentheses: this run's datamodule settings); delete {dir} to prepare it again with them");
+        var overrides = c.Model.Overrides;
         GptSource? init = null;
-        if (c["model.init_from"] is { } from)
+        if (c.Model.InitFrom is { } from)
         {
             // fine-tuning: the architecture is the weights'; the run's keys set the switches (fusions, dropout)
             init = GptSource.Open(from);
@@ -56,21 +56,21 @@ public sealed class LanguageModelingTask : ITrainingTask
                 throw new ConfigException($"model.init_from={from}: its vocabulary ({init.Tokenizer}, {init.Config.vocab_size}) is not the token cache's " +
                     $"({tokenizer.Name}, {meta.VocabSize})");
             // the sizes are the weights' (as nanoGPT's init_from); an experiment's size keys (tiny sets them) give way
-            if (WithSizeKeys(init.Config, c) != init.Config)
+            if (overrides.ChangesSizes(init.Config))
                 log.WriteLine($"warning: model.init_from={from} fixes the model's sizes (n_layer {init.Config.n_layer}, n_embd {init.Config.n_embd}, " +
                     $"n_head {init.Config.n_head}, n_positions {init.Config.n_positions}, rotary_emb_fraction {init.Config.rotary_emb_fraction}); " +
                     "the model.config size keys that differ are ignored");
-            Config = FusionsFor(WithSwitchKeys(init.Config, c), c, device, log);
+            Config = DevicePolicy.Fusions(overrides.ApplySwitches(init.Config), overrides, device, log);
         }
-        else Config = ModelConfigFor(c, meta.VocabSize, device, log);
+        else Config = DevicePolicy.Fusions(c.Model.Gpt(meta.VocabSize), overrides, device, log);
         if (Config.rotary_emb_fraction == 0 && Config.n_positions < _seqlen)
             throw new ConfigException($"datamodule.max_length={_seqlen} exceeds the model's n_positions={Config.n_positions}; set model.config.n_positions or a shorter datamodule.max_length");
-        _sampler = new LmBatchSampler(_train, _seqlen, c.Int("seed"));
+        _sampler = new LmBatchSampler(_train, _seqlen, c.Seed);
         if (_val.Length <= _seqlen)
             log.WriteLine($"warning: the validation split of {dir} has {_val.Length} tokens, not one sequence of {_seqlen + 1}: no validation. " +
                 (meta.ValRatio == 0 ? "It was prepared with datamodule.val_ratio=0" : "Delete the cache and prepare it again with a larger datamodule.val_ratio"));
         _model = new GPTLMHeadModel(Config, device, dtype);
-        if (init is not null && c["resume"] is not null)
+        if (init is not null && c.Resume is not null)
             log.WriteLine($"model.init_from: the architecture of {init.Path}; the weights come from the resumed checkpoint");
         else if (init is not null)
         {
@@ -81,54 +81,9 @@ public sealed class LanguageModelingTask : ITrainingTask
         }
         Parameters = _model.parameter_groups().ToList();
         FlopsPerSample = _model.flops_per_token(_seqlen) * _seqlen;
-        Description = (init is null ? $"GPT {c.Str("model.name")}" : $"GPT from {init.Path}") + $" (n_layer {Config.n_layer}, n_embd {Config.n_embd}, n_head {Config.n_head}, " +
-            $"{_model.num_parameters() / 1e6:F1}M parameters, {_model.num_parameters(true) / 1e6:F1}M without embeddings) on {name} " +
+        Description = (init is null ? $"GPT {c.Model.Name}" : $"GPT from {init.Path}") + $" (n_layer {Config.n_layer}, n_embd {Config.n_embd}, n_head {Config.n_head}, " +
+            $"{_model.num_parameters() / 1e6:F1}M parameters, {_model.num_parameters(true) / 1e6:F1}M without embeddings) on {data.Dataset} " +
             $"({meta.TrainTokens:N0} train / {meta.ValTokens:N0} val tokens, {_sampler.NumSequences:N0} sequences of {_seqlen})";
-    }
-
-    static readonly string[] FusionKeys = ["model.config.use_flash_attn", "model.config.fused_bias_fc", "model.config.fused_mlp",
-        "model.config.fused_dropout_add_ln", "model.config.fused_cross_entropy"];
-
-    /// <summary><see cref="BuildModelConfig"/> for a model on <paramref name="device"/> (<see cref="FusionsFor"/>).</summary>
-    public static GPTConfig ModelConfigFor(ExperimentConfig c, int vocabSize, Device device, TextWriter log) =>
-        FusionsFor(BuildModelConfig(c, vocabSize), c, device, log);
-
-    /// <summary>On a CPU the fusions are off unless a model.config key of <paramref name="c"/> sets them (the fused
-    /// kernels are CUDA; their reference paths are slower there than the plain modules).</summary>
-    public static GPTConfig FusionsFor(GPTConfig config, ExperimentConfig? c, Device device, TextWriter log)
-    {
-        if (device.type != DeviceType.CPU || c is not null && FusionKeys.Any(k => c[k] is not null)) return config;
-        log.WriteLine("CPU: fused kernels off (set model.config.use_flash_attn etc. to force them)");
-        return config.WithFusions(false);
-    }
-
-    /// <summary>GPTConfig.Named(model.name) with the model.config.* overrides and the cache's vocabulary.</summary>
-    public static GPTConfig BuildModelConfig(ExperimentConfig c, int vocabSize) =>
-        WithSwitchKeys(WithSizeKeys(GPTConfig.Named(c.Str("model.name")) with { vocab_size = vocabSize }, c), c);
-
-    /// <summary>The model.config size keys (n_layer, n_embd, n_head, n_positions, rotary_emb_fraction) that are set.</summary>
-    public static GPTConfig WithSizeKeys(GPTConfig g, ExperimentConfig c)
-    {
-        if (c.IntOrNull("model.config.n_layer") is { } l) g = g with { n_layer = l };
-        if (c.IntOrNull("model.config.n_embd") is { } e) g = g with { n_embd = e };
-        if (c.IntOrNull("model.config.n_head") is { } h) g = g with { n_head = h };
-        if (c.IntOrNull("model.config.n_positions") is { } p) g = g with { n_positions = p };
-        if (c.FloatOrNull("model.config.rotary_emb_fraction") is { } r) g = g with { rotary_emb_fraction = r };
-        return g;
-    }
-
-    /// <summary>The model.config training switches (dropout, the fusions, residual_in_fp32, mlp_checkpoint_lvl) that are set.</summary>
-    public static GPTConfig WithSwitchKeys(GPTConfig g, ExperimentConfig c)
-    {
-        if (c.FloatOrNull("model.config.dropout") is { } d) g = g with { resid_pdrop = d, embd_pdrop = d, attn_pdrop = d };
-        if (c.BoolOrNull("model.config.use_flash_attn") is { } fa) g = g with { use_flash_attn = fa };
-        if (c.BoolOrNull("model.config.fused_bias_fc") is { } fb) g = g with { fused_bias_fc = fb };
-        if (c.BoolOrNull("model.config.fused_mlp") is { } fm) g = g with { fused_mlp = fm };
-        if (c.BoolOrNull("model.config.fused_dropout_add_ln") is { } fl) g = g with { fused_dropout_add_ln = fl };
-        if (c.BoolOrNull("model.config.fused_cross_entropy") is { } fc) g = g with { fused_cross_entropy = fc };
-        if (c.BoolOrNull("model.config.residual_in_fp32") is { } rf) g = g with { residual_in_fp32 = rf };
-        if (c.IntOrNull("model.config.mlp_checkpoint_lvl") is { } lvl) g = g with { mlp_checkpoint_lvl = (int)lvl };
-        return g;
     }
 
     public GPTConfig Config { get; }

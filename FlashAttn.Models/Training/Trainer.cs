@@ -13,292 +13,259 @@ public sealed record TrainResult(string RunDir, long Steps, double FirstLoss, do
 /// <summary>The model- and task-agnostic training loop: gradient accumulation to the configured
 /// global batch, fp32 / bf16 / fp16 (fp32 master weights; fp16 with dynamic loss scaling), AdamW with
 /// the model's decay groups, warmup + cosine/linear schedule, gradient clipping, periodic
-/// evaluation, atomic checkpoints with exact resume (data order, schedule, optimizer, dropout RNG),
-/// a live progress bar, metrics.jsonl, TensorBoard events and a PNG plot.</summary>
+/// evaluation, atomic checkpoints with exact resume (data order, schedule, optimizer, dropout RNG).
+/// In pieces as PyTorch Lightning's: <see cref="Setup"/>, <see cref="Resume"/>, <see cref="TrainStep"/>, <see cref="Validate"/>,
+/// and callbacks around them (<see cref="ITrainerCallback"/>: metrics.jsonl, TensorBoard, the progress bar, checkpoints,
+/// the plot; <see cref="Callbacks"/> adds more).</summary>
 public sealed class Trainer
 {
-    readonly ExperimentConfig _c;
+    readonly ExperimentConfig _config;
+    RunConfig _c;
     readonly TextWriter _log;
 
     public Trainer(ExperimentConfig config, TextWriter? log = null)
     {
-        _c = config;
+        _config = config;
+        _c = config.Bind();
         _log = log ?? Console.Error;
     }
 
+    /// <summary>Callbacks called after the built-in ones (Lightning's Trainer(callbacks=[...])).</summary>
+    public List<ITrainerCallback> Callbacks { get; } = new();
+
     /// <summary>Builds the task the config names (lm or image_classification).</summary>
-    public static Func<ExperimentConfig, Device, ScalarType, TextWriter, ITrainingTask> TaskFactory { get; set; } = DefaultTaskFactory;
+    public static Func<RunConfig, Device, ScalarType, TextWriter, ITrainingTask> TaskFactory { get; set; } = DefaultTaskFactory;
 
-    static ITrainingTask DefaultTaskFactory(ExperimentConfig c, Device device, ScalarType dtype, TextWriter log) => c.Str("task") switch
+    static ITrainingTask DefaultTaskFactory(RunConfig c, Device device, ScalarType dtype, TextWriter log) => c.Task switch
     {
-        "lm" => new LanguageModelingTask(c, device, dtype, log),
-        "image_classification" => new ImageClassificationTask(c, device, dtype, log),
-        var t => throw new ConfigException($"task={t} is not valid; valid values: lm, image_classification"),
+        TaskKind.LanguageModeling => new LanguageModelingTask(c, device, dtype, log),
+        _ => new ImageClassificationTask(c, device, dtype, log),
     };
-
-    public static Precision ParsePrecision(string p) => p switch { "32" => Precision.Fp32, "bf16" => Precision.Bf16, "16" => Precision.Fp16, _ => throw new ConfigException($"trainer.precision={p}; valid values: 32, bf16, 16") };
-
-    /// <summary>The type the model computes in: bf16, fp16, or float32.</summary>
-    public static ScalarType ComputeDtype(Precision precision) =>
-        precision switch { Precision.Bf16 => ScalarType.BFloat16, Precision.Fp16 => ScalarType.Float16, _ => ScalarType.Float32 };
-
-    public static Device ResolveDevice(ExperimentConfig c) => ResolveDevice(c.Str("trainer.accelerator"));
-
-    /// <summary>auto: CUDA when a device is available, else the CPU. <paramref name="setting"/> names the option in errors.</summary>
-    public static Device ResolveDevice(string acc, string setting = "trainer.accelerator")
-    {
-        bool cuda = acc == "cuda" || acc == "auto" && torch.cuda.is_available();
-        if (acc == "cuda" && !torch.cuda.is_available()) throw new ConfigException($"{setting}=cuda but no CUDA device is available; valid values: auto, cpu, cuda");
-        return cuda ? torch.CUDA : torch.CPU;
-    }
 
     public TrainResult Run()
     {
-        var devices = _c.Int("trainer.devices");
+        var t = _c.Trainer;
         int accum = _c.Accumulation; // computed with the device count, as specified
-        if (devices != 1)
-            throw new ConfigException($"trainer.devices={devices} needs the multi-GPU launcher (issue 10); use 1 (accumulation would be {accum} at datamodule.batch_size={_c.Int("datamodule.batch_size")})");
-        long global = _c.Int("train.global_batch_size"), micro = _c.Int("datamodule.batch_size");
-        if (accum * devices * micro != global)
-            _log.WriteLine($"warning: train.global_batch_size={global} is not a multiple of trainer.devices × datamodule.batch_size = {devices * micro}; each step uses {accum * devices * micro}");
-        var precision = ParsePrecision(_c.Str("trainer.precision"));
-        var device = ResolveDevice(_c);
-        int threads = (int)_c.Int("trainer.num_threads");
-        if (device.type == DeviceType.CPU && threads > 0) torch.set_num_threads(threads);
-        var computeDtype = ComputeDtype(precision);
-        long seed = _c.Int("seed");
-        long maxSteps = _c.Int("trainer.max_steps");
+        if (t.Devices != 1)
+            throw new ConfigException($"trainer.devices={t.Devices}: data parallel training is not wired in yet; use 1 (accumulation would be {accum} at datamodule.batch_size={_c.Data.BatchSize})");
+        if (accum * t.Devices * _c.Data.BatchSize != _c.GlobalBatchSize)
+            _log.WriteLine($"warning: train.global_batch_size={_c.GlobalBatchSize} is not a multiple of trainer.devices × datamodule.batch_size = {t.Devices * _c.Data.BatchSize}; " +
+                $"each step uses {accum * t.Devices * _c.Data.BatchSize}");
+        var device = DevicePolicy.Resolve(t.Accelerator);
+        if (device.type == DeviceType.CPU && t.NumThreads > 0) torch.set_num_threads(t.NumThreads);
 
-        var runDir = Path.Combine(_c.Str("trainer.default_root_dir"), _c.RunName);
-        var ckptDir = Path.Combine(runDir, RunFolder.CheckpointsDir);
-        if (_c["model.init_from"] is { } from)
+        var runDir = _c.RunDir;
+        if (_c.Model.InitFrom is { } from)
         {
             // pinned (an absolute path; checkpoints/last replaced by the folder it names now), and when training never inside
             // this run's folder, which the run rewrites (a fine-tuning run of the main job's runs/tiny defaults to that folder)
             var pinned = Checkpoint.Pin(from);
-            if (maxSteps > 0 && RunFolder.Contains(runDir, pinned))
+            if (t.MaxSteps > 0 && RunFolder.Contains(runDir, pinned))
                 throw new ConfigException($"model.init_from={from} lies in this run's folder {runDir}, which the run rewrites; " +
                     $"name the run otherwise (name={_c.RunName}-ft) or set trainer.default_root_dir");
-            _c.Set("model.init_from", pinned);
+            _config.Set("model.init_from", pinned);
+            _c = _config.Bind();
         }
         // the folder belongs to one run: refused here, before the data and the model are prepared; taken (RunFolder.Start)
         // once the run is ready for its first step, and nothing is written into it before
-        bool overwrite = _c.Bool("trainer.overwrite");
-        bool resumesHere = _c["resume"] is { } resuming && (resuming == "last" || RunFolder.Contains(runDir, Checkpoint.Pin(resuming)));
-        if (maxSteps > 0) RunFolder.Check(runDir, _c.RunName, resumesHere, overwrite);
+        bool resumesHere = _c.Resume is { } resuming && (resuming == "last" || RunFolder.Contains(runDir, Checkpoint.Pin(resuming)));
+        if (t.MaxSteps > 0) RunFolder.Check(runDir, _c.RunName, resumesHere, t.Overwrite);
 
-        torch.manual_seed(seed);
-        if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed);
-        using var task = TaskFactory(_c, device, computeDtype, _log);
-        task.Model.train();
-        double weightDecay = _c.Float("train.optimizer.weight_decay");
-        using var opt = TrainingOptimizer.Create(task.Parameters, precision, _c.Float("train.optimizer.beta1"), _c.Float("train.optimizer.beta2"),
-            _c.Float("train.optimizer.eps"), weightDecay, maxNorm: _c.Float("trainer.gradient_clip_val"));
-        task.InitializeOptimizer(opt);
-        using var scaler = precision == Precision.Fp16 ? new DynamicLossScaler(device) : null;
-        opt.grad_scale = scaler?.Scale;
-        var schedule = LrSchedule.From(_c);
+        using var run = Setup(device);
+        if (_c.Resume is { } spec) Resume(run, spec);
+        Describe(run);
+        if (t.MaxSteps == 0) return EvaluateOnly(run);
+        using var folder = RunFolder.Start(runDir, _c.RunName, resumesHere, t.Overwrite, run.ConfigYaml, _log);
+        var bar = new ProgressBar(_log, t.ProgressBar, t.MaxSteps);
+        run.Print = bar.Message;
+        using var metrics = new MetricsLogger();
+        var callbacks = new List<ITrainerCallback> { metrics };
+        if (t.TensorBoard) callbacks.Add(new TensorBoardLogger());
+        callbacks.Add(new ProgressBarCallback(bar));
+        callbacks.Add(new CheckpointCallback());
+        if (t.Plot) callbacks.Add(new PlotCallback());
+        return Fit(run, [.. callbacks, .. Callbacks]);
+    }
 
-        long startStep = 0;
-        double unitsSeen = 0;
-        // names this run's checkpoints (kept on resume): rotation and the best-k choice consider no other run's
-        var runId = Guid.NewGuid().ToString("N");
-        if (_c["resume"] is { } resumeSpec)
+    /// <summary>The task (model and data), the optimizer over its parameters, fp16's loss scaler; seeded.</summary>
+    TrainingRun Setup(Device device)
+    {
+        var t = _c.Trainer;
+        torch.manual_seed(_c.Seed);
+        if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(_c.Seed);
+        var task = TaskFactory(_c, device, DevicePolicy.ComputeDtype(t.Precision), _log);
+        try
         {
-            var dir = Checkpoint.Resolve(resumeSpec, ckptDir);
-            var (tensors, state) = Checkpoint.Load(dir);
-            TrainingOptimizer.LoadStateTensors(opt, task.Parameters, tensors, state["adam_t"]!.GetValue<long>());
-            foreach (var t in tensors.Values) t.Dispose();
-            startStep = state["step"]!.GetValue<long>();
-            task.SamplerState = state["sampler"]!;
-            unitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
-            runId = state["run_id"]?.GetValue<string>() ?? runId;
-            if (scaler != null && state["loss_scale"] is JsonValue ls) scaler.Load(ls.GetValue<double>(), state["good_steps"]!.GetValue<int>());
-            _log.WriteLine($"resumed from {dir} at step {startStep}");
-            if (state["config"]?.GetValue<string>() is { } saved)
-            {
-                static Dictionary<string, string> Lines(string d) => d.Split('\n', StringSplitOptions.RemoveEmptyEntries)
-                    .Select(l => l.Split(": ", 2)).Where(a => a.Length == 2).ToDictionary(a => a[0], a => a[1].Trim());
-                var before = Lines(saved); var now = Lines(_c.Dump());
-                var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
-                    .Select(kv => $"{kv.Key} ({before[kv.Key]} -> {kv.Value})").ToList();
-                if (changed.Count > 0) _log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
-            }
+            task.Model.train();
+            var o = _c.Optimizer;
+            var opt = TrainingOptimizer.Create(task.Parameters, t.Precision, o.Beta1, o.Beta2, o.Eps, o.WeightDecay, maxNorm: t.GradientClipVal);
+            task.InitializeOptimizer(opt);
+            var scaler = t.Precision == Precision.Fp16 ? new DynamicLossScaler(device) : null;
+            opt.grad_scale = scaler?.Scale;
+            return new TrainingRun(_c, _config.Dump(), device, task, opt, scaler, _log);
         }
-
-        double? peak = _c.FloatOrNull("trainer.peak_tflops") is { } pt ? pt * 1e12 : device.type == DeviceType.CUDA ? PeakFlops.ForCurrentGpu(precision) : null;
-        _log.WriteLine($"experiment {_c.Str("experiment")}: {task.Description}");
-        _log.WriteLine($"device {device.type} ×{devices}, precision {_c.Str("trainer.precision")}, global batch {global} = {devices} device(s) × {micro} × {accum} accumulation, " +
-            $"{maxSteps} steps, lr {schedule.Lr:G3} ({schedule.Name}, warmup {schedule.WarmupSteps}), run folder {runDir}");
-        var optimized = TrainingOptimizer.Optimized(task.Parameters);
-        _log.WriteLine($"AdamW: {optimized.Where(np => np.weight_decay).Sum(np => np.parameter.numel()):N0} parameters with weight decay {weightDecay}, " +
-            $"{optimized.Where(np => !np.weight_decay).Sum(np => np.parameter.numel()):N0} without" + (opt.uses_kernels ? " (fused kernels)" : ""));
-
-        int limitVal = (int)_c.Int("trainer.limit_val_batches");
-        int evalBatch = (int)(_c.IntOrNull("datamodule.batch_size_eval") ?? micro);
-        if (maxSteps == 0)
+        catch
         {
-            // evaluation only (nanoGPT's eval_only): the validation metrics of the weights as they are (model.init_from,
-            // resume), over trainer.limit_val_batches batches (0: the whole split); nothing is written
-            var sw0 = Stopwatch.StartNew();
-            var m = task.Evaluate(evalBatch, limitVal);
-            if (m.Count == 0) throw new ConfigException("trainer.max_steps=0 evaluates only, but the data has no validation split");
-            _log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
-                $" in {sw0.Elapsed.TotalSeconds:F1} s");
-            return new TrainResult(runDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw0.Elapsed, [], null);
+            task.Dispose();
+            throw;
         }
+    }
 
-        using var runFolder = RunFolder.Start(runDir, _c.RunName, resumesHere, overwrite, _c.Dump(), _log);
-        using var metrics = new MetricsLog(runDir, _c.Bool("trainer.tensorboard"), keepUpToStep: startStep);
-        var bar = new ProgressBar(_log, _c.Bool("trainer.progress_bar"), maxSteps);
-        long valEvery = _c.Int("trainer.val_check_interval"), logEvery = Math.Max(1, _c.Int("trainer.log_every_n_steps"));
-        long ckptEvery = _c.Int("trainer.checkpoint_every_n_steps");
-        int saveTopK = (int)_c.Int("trainer.save_top_k");
-        var losses = new List<double>();
-        double? lastVal = null;
-        double firstLoss = double.NaN, lastLoss = double.NaN;
-        double unitsPerStep = (double)accum * micro * task.UnitsPerSample;
+    /// <summary>Restores a checkpoint (resume=last or a folder): the optimizer's state and masters, the data order, the step,
+    /// fp16's loss scale; warns about settings that differ from the checkpoint's.</summary>
+    void Resume(TrainingRun run, string spec)
+    {
+        var dir = Checkpoint.Resolve(spec, run.CheckpointsDir);
+        var (tensors, state) = Checkpoint.Load(dir);
+        TrainingOptimizer.LoadStateTensors(run.Optimizer, run.Task.Parameters, tensors, state["adam_t"]!.GetValue<long>());
+        foreach (var t in tensors.Values) t.Dispose();
+        run.StartStep = run.Step = state["step"]!.GetValue<long>();
+        run.Task.SamplerState = state["sampler"]!;
+        run.UnitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
+        if (run.Scaler != null && state["loss_scale"] is JsonValue ls) run.Scaler.Load(ls.GetValue<double>(), state["good_steps"]!.GetValue<int>());
+        _log.WriteLine($"resumed from {dir} at step {run.StartStep}");
+        if (state["config"]?.GetValue<string>() is { } saved)
+        {
+            static Dictionary<string, string> Lines(string d) => d.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+                .Select(l => l.Split(": ", 2)).Where(a => a.Length == 2).ToDictionary(a => a[0], a => a[1].Trim());
+            var before = Lines(saved); var now = Lines(run.ConfigYaml);
+            var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
+                .Select(kv => $"{kv.Key} ({before[kv.Key]} -> {kv.Value})").ToList();
+            if (changed.Count > 0) _log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
+        }
+    }
+
+    void Describe(TrainingRun run)
+    {
+        var t = _c.Trainer;
+        _log.WriteLine($"experiment {_c.Experiment}: {run.Task.Description}");
+        _log.WriteLine($"device {run.Device.type} ×{t.Devices}, precision {ConfigNames.Name(t.Precision)}, global batch {_c.GlobalBatchSize} = {t.Devices} device(s) × " +
+            $"{_c.Data.BatchSize} × {_c.Accumulation} accumulation, {t.MaxSteps} steps, lr {run.Schedule.Lr:G3} ({run.Schedule.Kind.ToString().ToLowerInvariant()}, " +
+            $"warmup {run.Schedule.WarmupSteps}), run folder {run.RunDir}");
+        var optimized = TrainingOptimizer.Optimized(run.Task.Parameters);
+        _log.WriteLine($"AdamW: {optimized.Where(np => np.weight_decay).Sum(np => np.parameter.numel()):N0} parameters with weight decay {_c.Optimizer.WeightDecay}, " +
+            $"{optimized.Where(np => !np.weight_decay).Sum(np => np.parameter.numel()):N0} without" + (run.Optimizer.uses_kernels ? " (fused kernels)" : ""));
+    }
+
+    /// <summary>trainer.max_steps=0 (nanoGPT's eval_only): the validation metrics of the weights as they are (model.init_from,
+    /// resume), over trainer.limit_val_batches batches (0: the whole split); nothing is written.</summary>
+    TrainResult EvaluateOnly(TrainingRun run)
+    {
+        var sw = Stopwatch.StartNew();
+        var m = run.Task.Evaluate(_c.Data.BatchSizeEval, _c.Trainer.LimitValBatches);
+        if (m.Count == 0) throw new ConfigException("trainer.max_steps=0 evaluates only, but the data has no validation split");
+        _log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
+            $" in {sw.Elapsed.TotalSeconds:F1} s");
+        return new TrainResult(run.RunDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw.Elapsed, [], null);
+    }
+
+    TrainResult Fit(TrainingRun run, IReadOnlyList<ITrainerCallback> callbacks)
+    {
+        var t = _c.Trainer;
+        var task = run.Task;
+        foreach (var cb in callbacks) cb.OnTrainStart(run);
+        double unitsPerStep = (double)_c.Accumulation * _c.Data.BatchSize * task.UnitsPerSample;
+        double? peak = t.PeakTflops is { } pt ? pt * 1e12 : run.Device.type == DeviceType.CUDA ? PeakFlops.ForCurrentGpu(t.Precision) : null;
         var sw = Stopwatch.StartNew();
         var window = new Queue<(long step, double t)>();
-        double tokPerS = 0; double? mfu = null;
-
-        JsonObject TrainerState(long stepsDone)
-        {
-            var state = new JsonObject
-            {
-                ["step"] = stepsDone, ["adam_t"] = TrainingOptimizer.AdamT(opt, task.Parameters), ["sampler"] = task.SamplerState.DeepClone(), ["units_seen"] = unitsSeen,
-                ["experiment"] = _c.Str("experiment"), ["config"] = _c.Dump(), ["run_id"] = runId,
-            };
-            if (task.ModelConfigJson is { } model) state["model_config"] = model;
-            if (scaler != null) { state["loss_scale"] = scaler.Scale.item<float>(); state["good_steps"] = (int)scaler.GoodSteps.item<float>(); }
-            return state;
-        }
-
-        void SaveCheckpoint(long stepsDone)
-        {
-            var path = Checkpoint.Save(ckptDir, stepsDone, TrainingOptimizer.StateTensors(opt, task.Parameters), TrainerState(stepsDone));
-            bar.Message($"checkpoint {path}");
-        }
-
-        void Evaluate(long stepsDone)
-        {
-            var m = task.Evaluate(evalBatch, limitVal);
-            if (m.Count == 0) return;
-            metrics.Write(stepsDone, m);
-            lastVal = m.TryGetValue("val_loss", out var vl) ? vl : null;
-            bar.Message($"step {stepsDone}: " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")));
-            if (lastVal is { } val && Checkpoint.SaveIfBest(ckptDir, stepsDone, val, saveTopK, TrainingOptimizer.StateTensors(opt, task.Parameters), TrainerState(stepsDone)) is { } best)
-                bar.Message($"best checkpoint {best} (val_loss {val:F4})");
-        }
-
-        // Nothing in a step waits for the GPU: each step's loss stays on the device (summed over its micro-batches) and is
-        // read, with the grad norm and the skip flag, at log steps and at the end; the learning rate reaches the optimizer
-        // through ParamGroups (written to its device table with fill_), fp16's loss scale lives on the device.
+        // each step's loss stays on the device until a log step reads it (ReadPending)
         var pending = new List<Tensor>();
-        double gradNorm = double.NaN;
-        bool skipped = false;
-        void ReadPending()
+        for (long step = run.StartStep; step < t.MaxSteps; step++)
         {
-            using var _ = NewDisposeScope();
-            var read = stack([.. pending, opt.grad_norm, opt.found_inf]).cpu().data<float>().ToArray();
-            for (int i = 0; i < pending.Count; i++)
-            {
-                double l = read[i] / accum;
-                losses.Add(l);
-                if (losses.Count == 1) firstLoss = l;
-                lastLoss = l;
-            }
-            (gradNorm, skipped) = (read[^2], read[^1] != 0);
-            foreach (var t in pending) t.Dispose();
-            pending.Clear();
-        }
-
-        for (long step = startStep; step < maxSteps; step++)
-        {
-            using var scope = NewDisposeScope();
-            double lr = schedule.At(step);
-            foreach (var group in opt.ParamGroups) group.LearningRate = lr;
-            torch.manual_seed(seed * 1_000_003 + step + 1); // dropout: a pure function of the step, so resume reproduces it
-            if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed * 1_000_003 + step + 1);
-            var lossScale = scaler is null ? null : scaler.Scale / accum;
-            Tensor? lossSum = null;
-            for (int a = 0; a < accum; a++)
-            {
-                var loss = task.TrainLoss((int)micro);
-                var scaled = lossScale is null ? loss * (1.0 / accum) : loss * lossScale;
-                scaled.backward();
-                // the last micro-batch's 16-bit gradients are read by the optimizer together with the fp32 sums
-                if (a < accum - 1) opt.accumulate_grad();
-                var d = loss.detach().to(ScalarType.Float32);
-                lossSum = lossSum is null ? d : lossSum + d;
-                scope.DisposeEverythingBut(lossScale is null ? [lossSum] : [lossSum, lossScale]);
-            }
-            opt.step();
-            scaler?.Update(opt.found_inf);
-            opt.zero_grad();
-            pending.Add(lossSum!.DetachFromDisposeScope());
-            unitsSeen += unitsPerStep;
-            long done = step + 1;
-            bool log = done % logEvery == 0 || done == maxSteps;
-            if (log) ReadPending();
+            run.Lr = run.Schedule.At(step);
+            pending.Add(TrainStep(run, step));
+            run.UnitsSeen += unitsPerStep;
+            long done = run.Step = step + 1;
+            bool log = done % t.LogEveryNSteps == 0 || done == t.MaxSteps;
+            if (log) ReadPending(run, pending);
 
             double now = sw.Elapsed.TotalSeconds;
             window.Enqueue((done, now));
             while (window.Count > 20) window.Dequeue();
-            if (window.Count >= 2)
-            {
-                var (s0, t0) = window.Peek();
-                tokPerS = (done - s0) * unitsPerStep / Math.Max(1e-9, now - t0);
-            }
-            else tokPerS = unitsPerStep / Math.Max(1e-9, now);
-            mfu = peak is { } p ? tokPerS / task.UnitsPerSample * task.FlopsPerSample / (p * devices) : null;
-            double secPerStep = window.Count >= 2 ? (now - window.Peek().t) / (done - window.Peek().step) : now / Math.Max(1, done - startStep);
-            var eta = TimeSpan.FromSeconds(secPerStep * (maxSteps - done));
+            var (s0, t0) = window.Peek();
+            run.UnitsPerSecond = window.Count >= 2 ? (done - s0) * unitsPerStep / Math.Max(1e-9, now - t0) : unitsPerStep / Math.Max(1e-9, now);
+            run.Mfu = peak is { } p ? run.UnitsPerSecond / task.UnitsPerSample * task.FlopsPerSample / (p * t.Devices) : null;
+            double secPerStep = window.Count >= 2 ? (now - t0) / (done - s0) : now / Math.Max(1, done - run.StartStep);
+            run.Eta = TimeSpan.FromSeconds(secPerStep * (t.MaxSteps - done));
+            run.Elapsed = sw.Elapsed;
 
             if (log)
             {
                 var rec = new Dictionary<string, double>
                 {
-                    ["loss"] = lastLoss, ["lr"] = lr, ["grad_norm"] = gradNorm, [task.Unit + "_per_s"] = tokPerS,
-                    [task.Unit == "tok" ? "tokens" : "images"] = unitsSeen, ["elapsed_s"] = now,
+                    ["loss"] = run.LastLoss, ["lr"] = run.Lr, ["grad_norm"] = run.GradNorm, [task.Unit + "_per_s"] = run.UnitsPerSecond,
+                    [task.Unit == "tok" ? "tokens" : "images"] = run.UnitsSeen, ["elapsed_s"] = now,
                 };
-                if (mfu is { } mf) rec["mfu"] = mf;
-                if (scaler != null) rec["loss_scale"] = scaler.Scale.item<float>();
-                if (skipped) rec["skipped"] = 1;
-                metrics.Write(done, rec);
+                if (run.Mfu is { } mfu) rec["mfu"] = mfu;
+                if (run.Scaler != null) rec["loss_scale"] = run.Scaler.Scale.item<float>();
+                if (run.Skipped) rec["skipped"] = 1;
+                foreach (var cb in callbacks) cb.OnLog(run, rec);
             }
-            // the loss shown is the last one read (at the last log step): none before the first
-            string shown = losses.Count == 0 ? "-" : lastLoss.ToString("F4", CultureInfo.InvariantCulture);
-            bar.Update(done, $"step {done}/{maxSteps} | loss {shown} | lr {lr:0.00e+0} | {FormatRate(tokPerS)} {task.Unit}/s" +
-                (mfu is { } m2 ? $" | MFU {m2 * 100:F1}%" : "") + $" | ETA {ProgressBar.Eta(eta)}", force: done == maxSteps);
-
-            if (valEvery > 0 && done % valEvery == 0 && done != maxSteps) Evaluate(done);
-            if (ckptEvery > 0 && done % ckptEvery == 0 && done != maxSteps) SaveCheckpoint(done);
+            foreach (var cb in callbacks) cb.OnTrainBatchEnd(run);
+            if (t.ValCheckInterval > 0 && done % t.ValCheckInterval == 0 && done != t.MaxSteps) Validate(run, callbacks);
         }
-        bar.Finish();
-        if (maxSteps > startStep || lastVal is null) Evaluate(maxSteps);
-        if (maxSteps > startStep) SaveCheckpoint(maxSteps);
-        try { task.SaveWeights(Path.Combine(runDir, RunFolder.ModelFile)); }
-        catch (Exception e) { _log.WriteLine($"warning: could not write model.safetensors ({e.Message})"); }
-
-        string? plotPath = null;
-        if (_c.Bool("trainer.plot"))
-        {
-            plotPath = Path.Combine(runDir, RunFolder.PlotFile);
-            var (tr, va, lrs) = MetricsLog.ReadSeries(metrics.JsonlPath);
-            try { LossPlot.Write(plotPath, Shorten($"{_c.Str("experiment")}: {task.Description}", 96), tr, va, lrs); }
-            catch (Exception e) { _log.WriteLine($"warning: could not write the plot ({e.Message})"); plotPath = null; }
-        }
-        var elapsed = sw.Elapsed;
-        _log.WriteLine($"done: {maxSteps - startStep} steps in {elapsed:hh\\:mm\\:ss}, loss {firstLoss:F4} -> {lastLoss:F4}" +
-            (lastVal is { } v ? $", val_loss {v:F4} (ppl {Math.Exp(v):F1})" : "") + $", {FormatRate(tokPerS)} {task.Unit}/s" +
-            (mfu is { } m3 ? $", MFU {m3 * 100:F1}%" : "") + $"; metrics {metrics.JsonlPath}" + (plotPath != null ? $", plot {plotPath}" : ""));
-        return new TrainResult(runDir, maxSteps - startStep, firstLoss, lastLoss, lastVal, tokPerS, mfu, elapsed, losses, plotPath);
+        if (t.MaxSteps > run.StartStep || run.ValLoss is null) Validate(run, callbacks);
+        foreach (var cb in callbacks) cb.OnTrainEnd(run);
+        run.Elapsed = sw.Elapsed;
+        var plot = run.PlotPath;
+        _log.WriteLine($"done: {t.MaxSteps - run.StartStep} steps in {run.Elapsed:hh\\:mm\\:ss}, loss {run.FirstLoss:F4} -> {run.LastLoss:F4}" +
+            (run.ValLoss is { } v ? $", val_loss {v:F4} (ppl {Math.Exp(v):F1})" : "") + $", {Format.Rate(run.UnitsPerSecond)} {task.Unit}/s" +
+            (run.Mfu is { } m3 ? $", MFU {m3 * 100:F1}%" : "") + $"; metrics {MetricsLogger.PathIn(run.RunDir)}" + (plot != null ? $", plot {plot}" : ""));
+        return new TrainResult(run.RunDir, t.MaxSteps - run.StartStep, run.FirstLoss, run.LastLoss, run.ValLoss, run.UnitsPerSecond, run.Mfu,
+            run.Elapsed, run.Losses, plot);
     }
 
-    static string Shorten(string s, int n) => s.Length <= n ? s : s[..(n - 1)] + "…";
+    /// <summary>
+    /// One optimizer step over the accumulated micro-batches; returns the summed loss, still on the device. Nothing here
+    /// waits for the GPU: the learning rate reaches the optimizer through ParamGroups (written to its device table with
+    /// fill_), the gradient norm, clipping and the non-finite skip happen on the device, fp16's loss scale lives there,
+    /// and gradients are set to none.
+    /// </summary>
+    static Tensor TrainStep(TrainingRun run, long step)
+    {
+        using var scope = NewDisposeScope();
+        var (opt, scaler, accum, seed) = (run.Optimizer, run.Scaler, run.Config.Accumulation, run.Config.Seed);
+        foreach (var group in opt.ParamGroups) group.LearningRate = run.Lr;
+        torch.manual_seed(seed * 1_000_003 + step + 1); // dropout: a pure function of the step, so resume reproduces it
+        if (run.Device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed * 1_000_003 + step + 1);
+        var lossScale = scaler is null ? null : scaler.Scale / accum;
+        Tensor? lossSum = null;
+        for (int a = 0; a < accum; a++)
+        {
+            var loss = run.Task.TrainLoss(run.Config.Data.BatchSize);
+            var scaled = lossScale is null ? loss * (1.0 / accum) : loss * lossScale;
+            scaled.backward();
+            // the last micro-batch's 16-bit gradients are read by the optimizer together with the fp32 sums
+            if (a < accum - 1) opt.accumulate_grad();
+            var d = loss.detach().to(ScalarType.Float32);
+            lossSum = lossSum is null ? d : lossSum + d;
+            scope.DisposeEverythingBut(lossScale is null ? [lossSum] : [lossSum, lossScale]);
+        }
+        opt.step();
+        scaler?.Update(opt.found_inf);
+        opt.zero_grad();
+        return lossSum!.DetachFromDisposeScope();
+    }
 
-    static string FormatRate(double r) => r >= 1e6 ? (r / 1e6).ToString("F2", CultureInfo.InvariantCulture) + "M" : r >= 1e3 ? (r / 1e3).ToString("F1", CultureInfo.InvariantCulture) + "k" : r.ToString("F1", CultureInfo.InvariantCulture);
+    /// <summary>Reads the pending steps' losses with the last grad norm and skip flag in one copy (a log step's only wait).</summary>
+    static void ReadPending(TrainingRun run, List<Tensor> pending)
+    {
+        using var _ = NewDisposeScope();
+        var read = stack([.. pending, run.Optimizer.grad_norm, run.Optimizer.found_inf]).cpu().data<float>().ToArray();
+        for (int i = 0; i < pending.Count; i++) run.Losses.Add(read[i] / run.Config.Accumulation);
+        (run.GradNorm, run.Skipped) = (read[^2], read[^1] != 0);
+        foreach (var t in pending) t.Dispose();
+        pending.Clear();
+    }
+
+    /// <summary>An evaluation (trainer.limit_val_batches batches of datamodule.batch_size_eval); its metrics go to the callbacks.</summary>
+    void Validate(TrainingRun run, IReadOnlyList<ITrainerCallback> callbacks)
+    {
+        var m = run.Task.Evaluate(_c.Data.BatchSizeEval, _c.Trainer.LimitValBatches);
+        if (m.Count == 0) return;
+        run.ValLoss = m.TryGetValue("val_loss", out var vl) ? vl : null;
+        foreach (var cb in callbacks) cb.OnValidationEnd(run, m);
+    }
 }
 
 /// <summary>Dense peak FLOP/s of one GPU for MFU (16-bit tensor cores; TF32 for fp32), by the name nvidia-smi reports.</summary>

@@ -10,36 +10,39 @@ namespace FlashAttn.Tests;
 public sealed class CheckpointTests
 {
     [Test]
-    public void RotationNeverRemovesWhatLastNamesNorAnotherRunsCheckpoints()
+    public void RotationAndBestKTakeEveryCheckpointOfTheFolderAndNeverWhatLastNames()
     {
         var dir = Directory.CreateTempSubdirectory("flashattn-ckpt-").FullName;
         try
         {
             var tensors = new Dictionary<string, Tensor> { ["w"] = ones(3) };
-            JsonObject State(string run, long step) => new() { ["step"] = step, ["run_id"] = run };
+            JsonObject State(long step) => new() { ["step"] = step };
             string Last() => File.ReadAllText(Path.Combine(dir, "last")).Trim();
             string[] Steps() => Directory.GetDirectories(dir, "step-*").Select(d => Path.GetFileName(d)!).Order(StringComparer.Ordinal).ToArray();
-            // a finished run's checkpoints at high steps, and its best one
-            Checkpoint.Save(dir, 240, tensors, State("old", 240));
-            Checkpoint.Save(dir, 250, tensors, State("old", 250));
-            Assert.That(Checkpoint.SaveIfBest(dir, 250, 1.0, 1, tensors, State("old", 250)), Is.Not.Null);
-            // a new run's step 3 in the same folder: kept (last names it), the other run's left alone
-            Checkpoint.Save(dir, 3, tensors, State("new", 3));
+            // a run folder holds one run (RunFolder): every checkpoint in it is the run's, those that name a run_id (written
+            // before the folder rule) and those that do not alike
+            Checkpoint.Save(dir, 240, tensors, new JsonObject { ["step"] = 240, ["run_id"] = "earlier" });
+            Checkpoint.Save(dir, 250, tensors, State(250));
+            Assert.That(Checkpoint.SaveIfBest(dir, 250, 1.0, 1, tensors, new JsonObject { ["step"] = 250, ["run_id"] = "earlier" }), Is.Not.Null);
+            // resumed from an earlier checkpoint: the step just written is what last names, kept beside the highest other
+            Checkpoint.Save(dir, 3, tensors, State(3));
             Assert.That(Last(), Is.EqualTo("step-0000003"));
-            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000003", "step-0000240", "step-0000250" }));
+            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000003", "step-0000250" }));
             Assert.That(Checkpoint.Load(Checkpoint.Resolve("last", dir)).state["step"]!.GetValue<long>(), Is.EqualTo(3));
-            // its best-k choice sees its own checkpoints only: a worse loss than the other run's best still ranks
-            Assert.That(Checkpoint.SaveIfBest(dir, 3, 5.0, 1, tensors, State("new", 3)), Is.Not.Null);
-            Assert.That(Checkpoint.Best(dir, "new").Select(b => b.valLoss), Is.EqualTo(new[] { 5.0 }));
-            Assert.That(Checkpoint.Best(dir, "old").Select(b => b.valLoss), Is.EqualTo(new[] { 1.0 }), "the other run's best stays");
-            // keep 2: the newest two of the run
-            Checkpoint.Save(dir, 4, tensors, State("new", 4));
-            Checkpoint.Save(dir, 5, tensors, State("new", 5));
-            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000004", "step-0000005", "step-0000240", "step-0000250" }));
-            // resumed from an earlier checkpoint: the step just written is what last names, kept beside the run's highest other
-            Checkpoint.Save(dir, 2, tensors, State("new", 2));
+            // best-k ranks against the folder's best: a worse loss does not rank, a better one replaces it
+            Assert.That(Checkpoint.SaveIfBest(dir, 3, 5.0, 1, tensors, State(3)), Is.Null);
+            Assert.That(Checkpoint.SaveIfBest(dir, 4, 0.5, 1, tensors, State(4)), Is.Not.Null);
+            Assert.That(Checkpoint.Best(dir).Select(b => (Path.GetFileName(b.dir), b.valLoss)), Is.EqualTo(new[] { ("best-step-0000004", 0.5) }));
+            // keep 2: the one written and the highest other
+            Checkpoint.Save(dir, 4, tensors, State(4));
+            Checkpoint.Save(dir, 5, tensors, State(5));
+            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000005", "step-0000250" }));
+            Directory.Delete(Path.Combine(dir, "step-0000250"), true);
+            Checkpoint.Save(dir, 6, tensors, State(6));
+            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000005", "step-0000006" }));
+            Checkpoint.Save(dir, 2, tensors, State(2));
             Assert.That(Last(), Is.EqualTo("step-0000002"));
-            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000002", "step-0000005", "step-0000240", "step-0000250" }));
+            Assert.That(Steps(), Is.EqualTo(new[] { "step-0000002", "step-0000006" }));
             Assert.That(Directory.GetFileSystemEntries(dir, ".*"), Is.Empty, "no temporary folder or pointer is left");
             // last naming a checkpoint that is gone: an error that says so
             Directory.Delete(Path.Combine(dir, "step-0000002"), true);

@@ -212,7 +212,7 @@ public class DataTests
     [Test]
     public void PrepareAndTrainShareTheValidationRatioAndTrainSaysWhenACacheDiffers()
     {
-        Assert.That(new PrepareOptions().ValRatio, Is.EqualTo(ExperimentConfig.Parse([]).Float("datamodule.val_ratio")),
+        Assert.That(new PrepareOptions().ValRatio, Is.EqualTo(ExperimentConfig.Parse([]).Bind().Data.ValRatio),
             "`flashattn prepare` and the main job's automatic prepare split the same corpus alike");
         var corpus = Path.Combine(_dir, "docs.jsonl");
         File.WriteAllLines(corpus, Enumerable.Range(0, 60).Select(i => JsonSerializer.Serialize(new { text = $"Document {i}: the quick brown fox jumps over the lazy dog." })));
@@ -222,7 +222,7 @@ public class DataTests
         {
             var log = new StringWriter();
             using var task = new LanguageModelingTask(ExperimentConfig.Parse([$"datamodule.data_dir={data}", "datamodule.dataset=docs", "datamodule.max_length=8",
-                "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", .. keys]), TorchSharp.torch.CPU, TorchSharp.torch.ScalarType.Float32, log);
+                "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", .. keys]).Bind(), TorchSharp.torch.CPU, TorchSharp.torch.ScalarType.Float32, log);
             return log.ToString();
         }
         Assert.That(TaskLog("datamodule.val_ratio=0.1"), Does.Not.Contain("warning"));

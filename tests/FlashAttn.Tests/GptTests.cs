@@ -318,7 +318,7 @@ public sealed class GptTests
                 Assert.That(Same(g, g0[name]), Is.True, $"level {lvl}: {name}");
         Assert.That(Assert.Throws<ArgumentException>(() => Build(Tiny() with { mlp_checkpoint_lvl = 3 }))!.Message, Does.Contain("mlp_checkpoint_lvl"));
         var c = FlashAttn.Models.Training.ExperimentConfig.Parse(["model.config.mlp_checkpoint_lvl=2"]);
-        Assert.That(FlashAttn.Models.Training.LanguageModelingTask.BuildModelConfig(c, 50257).mlp_checkpoint_lvl, Is.EqualTo(2));
+        Assert.That(c.Bind().Model.Gpt(50257).mlp_checkpoint_lvl, Is.EqualTo(2));
     }
 
     [Test]

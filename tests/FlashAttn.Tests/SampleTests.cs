@@ -27,7 +27,8 @@ public class SampleTests
     static GPTLMHeadModel NewModel(ExperimentConfig c, long seed)
     {
         manual_seed(seed);
-        return new GPTLMHeadModel(LanguageModelingTask.ModelConfigFor(c, TextTokenizer.Gpt2.VocabSize, CPU, TextWriter.Null));
+        var model = c.Bind().Model;
+        return new GPTLMHeadModel(DevicePolicy.Fusions(model.Gpt(TextTokenizer.Gpt2.VocabSize), model.Overrides, CPU, TextWriter.Null));
     }
 
     [Test]

@@ -10,7 +10,7 @@ public class TrainingScheduleTests
     [Test]
     public void LinearWarmupThenDecayToZero()
     {
-        var s = new LrSchedule("linear", 6e-4, 4000, 400000, 0, 0);
+        var s = new LrSchedule(ScheduleKind.Linear, 6e-4, 4000, 400000, 0, 0);
         Assert.That(s.At(0), Is.EqualTo(0));
         Assert.That(s.At(2000), Is.EqualTo(3e-4).Within(1e-12));
         Assert.That(s.At(4000), Is.EqualTo(6e-4).Within(1e-12));
@@ -22,7 +22,7 @@ public class TrainingScheduleTests
     [Test]
     public void CosineFromWarmupInitToMinimum()
     {
-        var s = new LrSchedule("cosine", 6e-4, 8000, 600000, 6e-5, 1e-6);
+        var s = new LrSchedule(ScheduleKind.Cosine, 6e-4, 8000, 600000, 6e-5, 1e-6);
         Assert.That(s.At(0), Is.EqualTo(1e-6));
         Assert.That(s.At(4000), Is.EqualTo(1e-6 + 4000 * (6e-4 - 1e-6) / 8000).Within(1e-15));
         // timm (warmup_prefix False): the cosine runs on the absolute step
@@ -36,7 +36,7 @@ public class TrainingScheduleTests
     [Test]
     public void FromConfigUsesMaxStepsWhenNoHorizon()
     {
-        var s = LrSchedule.From(ExperimentConfig.Parse(["train.scheduler.name=linear", "train.scheduler.warmup_steps=10", "trainer.max_steps=110", "train.optimizer.lr=1e-3"]));
+        var s = LrSchedule.From(ExperimentConfig.Parse(["train.scheduler.name=linear", "train.scheduler.warmup_steps=10", "trainer.max_steps=110", "train.optimizer.lr=1e-3"]).Bind());
         Assert.That(s.TotalSteps, Is.EqualTo(110));
         Assert.That(s.At(60), Is.EqualTo(5e-4).Within(1e-12));
     }

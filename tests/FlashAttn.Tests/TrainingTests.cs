@@ -44,7 +44,7 @@ public class TrainingTests
     {
         var full = new Trainer(ExperimentConfig.Parse(SmallRun("full")), TextWriter.Null).Run();
         Assert.That(full.Losses, Has.Count.EqualTo(6));
-        Assert.That(ExperimentConfig.Parse(SmallRun("x")).Accumulation, Is.EqualTo(2));
+        Assert.That(ExperimentConfig.Parse(SmallRun("x")).Bind().Accumulation, Is.EqualTo(2));
         // the same run stopped after 3 steps (checkpoint), then resumed to 6
         var first = new Trainer(ExperimentConfig.Parse(SmallRun("split", "trainer.max_steps=3", "train.scheduler.num_training_steps=6")), TextWriter.Null).Run();
         Assert.That(first.Losses, Is.EqualTo(full.Losses.Take(3)).Within(1e-6));
@@ -131,6 +131,43 @@ public class TrainingTests
         var m = new FlashAttn.Models.GPTLMHeadModel(s.Config.WithFusions(false));
         s.LoadInto(m);
         return m;
+    }
+
+    sealed class Recorder : ITrainerCallback
+    {
+        public readonly List<string> Calls = new();
+        public void OnTrainStart(TrainingRun run) => Calls.Add($"start {run.Step}");
+        public void OnLog(TrainingRun run, IReadOnlyDictionary<string, double> metrics) =>
+            Calls.Add($"log {run.Step} losses {run.Losses.Count} {string.Join(",", metrics.Keys.Order(StringComparer.Ordinal))}");
+        public void OnTrainBatchEnd(TrainingRun run) => Calls.Add($"batch {run.Step}");
+        public void OnValidationEnd(TrainingRun run, IReadOnlyDictionary<string, double> metrics) => Calls.Add($"val {run.Step} {metrics.Keys.First()}");
+        public void OnTrainEnd(TrainingRun run) => Calls.Add($"end {run.Step}");
+    }
+
+    /// <summary>The trainer's hooks come in Lightning's order; losses are read at log steps only (each log step reads every
+    /// step since the last); the built-in callbacks write what their keys ask for.</summary>
+    [Test]
+    public void CallbacksSeeTheLoopAsLightningsDo()
+    {
+        var recorder = new Recorder();
+        var trainer = new Trainer(ExperimentConfig.Parse(SmallRun("hooks", "trainer.max_steps=5", "trainer.log_every_n_steps=2",
+            "trainer.checkpoint_every_n_steps=2", "trainer.save_top_k=1", "trainer.plot=true")), TextWriter.Null);
+        trainer.Callbacks.Add(recorder);
+        var r = trainer.Run();
+        const string keys = "elapsed_s,grad_norm,loss,lr,tok_per_s,tokens";
+        Assert.That(recorder.Calls, Is.EqualTo(new[]
+        {
+            "start 0", "batch 1", $"log 2 losses 2 {keys}", "batch 2", "batch 3", "val 3 val_loss", $"log 4 losses 4 {keys}", "batch 4",
+            $"log 5 losses 5 {keys}", "batch 5", "val 5 val_loss", "end 5",
+        }));
+        var metrics = File.ReadAllLines(Path.Combine(r.RunDir, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).ToList();
+        Assert.That(metrics.Select(n => (n["step"]!.GetValue<long>(), n["loss"] != null)),
+            Is.EqualTo(new[] { (2L, true), (3L, false), (4L, true), (5L, true), (5L, false) }));
+        var ckpts = Path.Combine(r.RunDir, "checkpoints");
+        Assert.That(Directory.GetDirectories(ckpts).Select(d => Path.GetFileName(d)).Order(StringComparer.Ordinal),
+            Is.EqualTo(new[] { "best-step-0000005", "step-0000004", "step-0000005" }).Or.EqualTo(new[] { "best-step-0000003", "step-0000004", "step-0000005" }));
+        Assert.That(File.Exists(Path.Combine(r.RunDir, "model.safetensors")) && File.Exists(r.PlotPath), Is.True);
+        Assert.That(Directory.Exists(Path.Combine(r.RunDir, "tensorboard")), Is.False, "trainer.tensorboard=false");
     }
 
     [Test]
