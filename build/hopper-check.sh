@@ -78,7 +78,8 @@ for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hop
   n=$(basename "$o" .cu.o); n=${n#flash_}
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
-  sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
+  sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") UTMAREDG $(grep -c UTMAREDG "$f")"
+  sass_line+=" SETMAXREG $(grep -c USETMAXREG "$f")"
   sass_line+=" named BAR.SYNC/ARV $(grep -cE 'BAR\.(SYNC|ARV)[.A-Z_]* R[0-9]|BAR\.ARV 0x[1-9]' "$f")"
   sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done

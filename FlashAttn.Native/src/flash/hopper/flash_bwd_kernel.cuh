@@ -135,15 +135,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         tile_coords(tile, &n_block, &h, &b);
         const int n0 = n_block * BN, m_begin = m_lo_of(n0) * BM;
         if (m_begin >= m_end) continue;
-        mbar_wait(kv_empty, (kv_tiles & 1) ^ 1);  // the consumers are done with the last tile's K and V
-        ++kv_tiles;
-        const int hk = h / p.heads_per_khead;
-        mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKvTileBytes);
-#pragma unroll
-        for (int c = 0; c < Tr::kChunks; ++c) {
-          tma_load_4d(sK + c * kKvChunkBytes, &tm_k, bar_kv, c * Tr::kBoxCols, n0, hk, b);
-          tma_load_4d(sV + c * kKvChunkBytes, &tm_v, bar_kv, c * Tr::kBoxCols, n0, hk, b);
-        }
         for (int m0 = m_begin; m0 < m_end; m0 += BM, ++it_all) {
           const int s = it_all % kStages;
           mbar_wait(empty(s), ((it_all / kStages) & 1) ^ 1);  // the consumers released the stage's last block
@@ -152,6 +143,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           for (int c = 0; c < Tr::kChunks; ++c) {
             tma_load_4d(sQ + s * kQTileBytes + c * kQChunkBytes, &tm_q, full(s), c * Tr::kBoxCols, m0, h, b);
             tma_load_4d(sDo + s * kQTileBytes + c * kQChunkBytes, &tm_do, full(s), c * Tr::kBoxCols, m0, h, b);
+          }
+          // K and V after the tile's first Q and dO: a ring stage frees up before the last tile's
+          // end, so under a persistent grid the first block's Q and dO load while the consumers
+          // finish the last tile, and only K and V wait for it.
+          if (m0 == m_begin) {
+            mbar_wait(kv_empty, (kv_tiles & 1) ^ 1);  // the consumers are done with the last tile's K and V
+            ++kv_tiles;
+            const int hk = h / p.heads_per_khead;
+            mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKvTileBytes);
+#pragma unroll
+            for (int c = 0; c < Tr::kChunks; ++c) {
+              tma_load_4d(sK + c * kKvChunkBytes, &tm_k, bar_kv, c * Tr::kBoxCols, n0, hk, b);
+              tma_load_4d(sV + c * kKvChunkBytes, &tm_v, bar_kv, c * Tr::kBoxCols, n0, hk, b);
+            }
           }
         }
       }
