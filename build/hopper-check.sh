@@ -18,7 +18,8 @@
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
 #  5. the backward's probe and grid again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ through a TMA
-#     reduce-add) and =persistent (the persistent grid; its 130 x 2048 cases run several tiles a CTA):
+#     reduce-add), =persistent (the persistent grid; its 130 x 2048 cases run several tiles a CTA) and
+#     =dqfirst (dQ's product before dV's and dK's):
 #     after the bench, so that a slow self-test cannot starve it;
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant;
@@ -131,7 +132,7 @@ else
 
   # 5. The backward variants' probe and grid (skipped when the default backward hung or crashed).
   : >"$OUT/selftest-grids.log"
-  for variant in dqtma persistent; do
+  for variant in dqtma persistent dqfirst; do
     [ "$hung" = 1 ] || [ ${#bwd_env[@]} -gt 0 ] && break
     start=$SECONDS
     log=$build/selftest-bwd-$variant.log
@@ -151,14 +152,15 @@ $(grep -c '^PASS' "$log") passed, $(grep -c '^FAIL' "$log") failed; $(grep -c '^
   # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
   # CTAs, so some CTAs run two, and the query blocks that see no key run none), and the backward (d64
   # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps);
-  # then the backward's other variants, memcheck and racecheck: dqtma on the same bf16 cases, the
-  # persistent one on 256 tiles (several a CTA; d128: 3 query blocks a tile, the ring wraps).
+  # then the backward's other variants, memcheck and racecheck: dqtma and dqfirst on the same bf16
+  # cases, the persistent one on 256 tiles (several a CTA; d128: 3 query blocks a tile, the ring wraps).
   if command -v compute-sanitizer >/dev/null; then
     for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=dqtma:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck"; do
+      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck"; do
       setting=${run%%:*}
       rest=${run#*:}
       filter=${rest%%:*}

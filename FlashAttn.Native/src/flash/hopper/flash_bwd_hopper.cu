@@ -28,12 +28,14 @@ bool covers(const FlashBwdParams& p) {
 // The kernel variant: FLASHATTN_HOPPER_BWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "atomic" (dQ by float
 // atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "persistent" (dqtma on a
-// persistent grid). Otherwise atomic, until the H200 bench has measured the others.
+// persistent grid), "dqfirst" (dqtma with dQ's product before dV's and dK's). Otherwise atomic, until
+// the H200 bench has measured the others.
 BwdVariant bwd_variant() {
   static const BwdVariant variant = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_BWD_VARIANT");
     if (v != nullptr && std::strcmp(v, "dqtma") == 0) return BwdVariant::kDqTma;
     if (v != nullptr && std::strcmp(v, "persistent") == 0) return BwdVariant::kPersistent;
+    if (v != nullptr && std::strcmp(v, "dqfirst") == 0) return BwdVariant::kDqFirst;
     return BwdVariant::kAtomic;
   }();
   return variant;

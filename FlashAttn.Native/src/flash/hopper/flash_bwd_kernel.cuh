@@ -32,7 +32,9 @@
 // shared memory and one thread adds it with a TMA reduce-add (two boxes of 32 columns), so the L2
 // sees 8 KB bulk reductions instead of 16-byte atomics; kPersistent is kDqTma on a grid of at most
 // one CTA per SM, each looping over work tiles (key block, head, batch; persistent_bwd_tile), the
-// producer loading the next tile's K and V as soon as the consumers are done with the last one's.
+// producer loading the next tile's K and V as soon as the consumers are done with the last one's;
+// kDqFirst is kDqTma with dQ issued before dV and dK (FlashAttention-3's order), so that dQ is staged
+// and its reduce-add issued while the tensor cores run dV and dK, the stage released after them.
 #pragma once
 
 #include <climits>
@@ -61,13 +63,13 @@ __device__ __forceinline__ void persistent_bwd_tile(int t, int n_blocks, int nhe
   *h = hb - *b * nheads;
 }
 
-template <typename Tr, bool kDqTma, bool kPersistent>
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
                             const __grid_constant__ CUtensorMap tm_dq, const BwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(kDqTma || !kPersistent, "the persistent kernel reduces dQ through the TMA");
+  static_assert(kDqTma || !(kPersistent || kDqFirst), "the persistent and dQ-first kernels reduce dQ through the TMA");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   constexpr int kKvChunkBytes = Tr::kKvChunkBytes, kQChunkBytes = Tr::kQChunkBytes, kQTileBytes = Tr::kQTileBytes;
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
         // dV += P^T dO, dK += dS^T Q: A from registers, B MN-major (64-column chunks kQChunkBytes apart,
         // k16 step = 16 query rows = 2 KB).
-        {
+        auto issue_dkv = [&] {
           const uint64_t desc_do = sw128_desc(sDo + st * kQTileBytes, kQChunkBytes, 1024);
           const uint64_t desc_q = sw128_desc(sQ + st * kQTileBytes, kQChunkBytes, 1024);
           reg_fence(pp);
@@ -310,14 +312,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             Wgmma<T, D>::rs(dk, pds[4 * kk], pds[4 * kk + 1], pds[4 * kk + 2], pds[4 * kk + 3],
                             desc_q + ((kk * 16 * 128) >> 4));
           wgmma_commit();
-        }
-
-        // kDqTma: the last block's reduce-add has read this warpgroup's dQ staging; the barrier below
-        // tells the warpgroup's other threads before they write it again.
-        if (kDqTma && dq_issuer) bulk_wait_read<0>();
+        };
         // dQ part = dS K once both warpgroups' dS^T rows are written (named barrier 0 is __syncthreads).
-        named_bar_sync(1, 128 * Tr::kConsumerWarpgroups);
-        {
+        // kDqTma: the last block's reduce-add has read this warpgroup's dQ staging; the barrier tells
+        // the warpgroup's other threads before they write it again.
+        auto issue_dq = [&] {
+          if (kDqTma && dq_issuer) bulk_wait_read<0>();
+          named_bar_sync(1, 128 * Tr::kConsumerWarpgroups);
           const uint64_t desc_a = sw128_desc(sDs + (it_all % 2) * Tr::kDsBytes + ds_chunk, Tr::kDsChunkBytes, 1024);
           reg_fence(dq);
           wgmma_fence();
@@ -325,18 +326,31 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           for (int kk = 0; kk < BN / 16; ++kk)
             WgmmaTT<T>::ss(dq, desc_a + ((kk * 2048) >> 4), desc_dq_b + ((kk * 2048) >> 4), kk > 0 ? 1u : 0u);
           wgmma_commit();
+        };
+        // Once dV and dK are complete, Q, dO, LSE and dsum of the stage are read: release it. Every
+        // lane's reads of LSE and dsum happen before lane 0's arrive: without the warp barrier only the
+        // data dependence through the products orders them, which the memory model (and racecheck) does
+        // not count, and the producer's next LSE stores could race them.
+        auto release_stage = [&] {
+          reg_fence(dv);
+          reg_fence(dk);
+          reg_fence(pp);
+          reg_fence(pds);
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty(st));
+        };
+        if constexpr (kDqFirst) {
+          // dQ first: its output below runs while dV and dK do (groups complete in order).
+          issue_dq();
+          issue_dkv();
+          wgmma_wait<1>();
+        } else {
+          issue_dkv();
+          issue_dq();
+          wgmma_wait<1>();
+          release_stage();
+          wgmma_wait<0>();
         }
-        wgmma_wait<1>();  // dV and dK (groups complete in order): Q, dO, LSE and dsum of the stage are read
-        reg_fence(dv);
-        reg_fence(dk);
-        reg_fence(pp);
-        reg_fence(pds);
-        // Every lane's reads of the stage's LSE and dsum happen before lane 0 releases it: without the
-        // warp barrier only the data dependence through the products orders them, which the memory
-        // model (and racecheck) does not count, and the producer's next LSE stores could race them.
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty(st));
-        wgmma_wait<0>();
         reg_fence(dq);
 
         if constexpr (kDqTma) {
@@ -372,6 +386,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             const float4 v = rh ? make_float4(o0, o1, c[2], c[3]) : make_float4(c[0], c[1], o0, o1);
             if (row < p.seqlen_q) atomic_add4(dst + 8 * j, v);
           }
+        }
+        if constexpr (kDqFirst) {
+          wgmma_wait<0>();
+          release_stage();
         }
       }
       if (n_iters > 0) {

@@ -13,12 +13,13 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// One kernel (traits Tr, dQ through the TMA or not, persistent or not) over its grid: (key block,
-// head, batch), or at most one CTA per SM (flash_bwd_kernel.cuh: persistent_bwd_tile).
-template <typename Tr, bool kDqTma, bool kPersistent>
+// One kernel (traits Tr, dQ through the TMA or not, persistent or not, dQ's product first or not)
+// over its grid: (key block, head, batch), or at most one CTA per SM (flash_bwd_kernel.cuh:
+// persistent_bwd_tile).
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst>
 FlashAttnStatus launch_bwd_kernel(const BwdTensorMaps& maps, const BwdKernelParams& kp, int batch, int sms,
                                   cudaStream_t stream, const char* function) {
-  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent>;
+  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst>;
   constexpr int kSmem = kDqTma ? Tr::kSmemBytesDqTma : Tr::kSmemBytes;
   // The shared-memory opt-in is per device and per kernel: set once for each device.
   static std::atomic<uint64_t> configured{0};
@@ -76,11 +77,13 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   const int batch = int(p.batch);
   switch (variant) {
     case BwdVariant::kDqTma:
-      return launch_bwd_kernel<Tr, true, false>(maps, kp, batch, sms, stream, function);
+      return launch_bwd_kernel<Tr, true, false, false>(maps, kp, batch, sms, stream, function);
     case BwdVariant::kPersistent:
-      return launch_bwd_kernel<Tr, true, true>(maps, kp, batch, sms, stream, function);
+      return launch_bwd_kernel<Tr, true, true, false>(maps, kp, batch, sms, stream, function);
+    case BwdVariant::kDqFirst:
+      return launch_bwd_kernel<Tr, true, false, true>(maps, kp, batch, sms, stream, function);
     default:
-      return launch_bwd_kernel<Tr, false, false>(maps, kp, batch, sms, stream, function);
+      return launch_bwd_kernel<Tr, false, false, false>(maps, kp, batch, sms, stream, function);
   }
 }
 

@@ -190,8 +190,9 @@ struct BwdTensorMaps {
 // The backward's kernel variants (flash_bwd_kernel.cuh), picked by FLASHATTN_HOPPER_BWD_VARIANT
 // (flash_bwd_hopper.cu): kAtomic, dQ added into dq_accum with per-thread float atomics; kDqTma,
 // dQ staged in shared memory and added by one TMA reduce-add per warpgroup and block; kPersistent,
-// kDqTma on a persistent grid (one CTA per SM looping over key blocks, causal's longest first).
-enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kPersistent = 2 };
+// kDqTma on a persistent grid (one CTA per SM looping over key blocks, causal's longest first);
+// kDqFirst, kDqTma with dQ's product issued before dV's and dK's.
+enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kPersistent = 2, kDqFirst = 3 };
 
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
 // runs the preprocessing before it and the conversions after); sms: the device's multiprocessors
