@@ -144,7 +144,8 @@ else
     done
     [ $rc -eq 124 ] && hung=1
     summary+=("selftest bwd-probe + bgrid, FLASHATTN_HOPPER_BWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
-$(grep -c '^PASS' "$log") passed, $(grep -c '^FAIL' "$log") failed; $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
+$(grep -c '^PASS' "$log") passed, $(grep -c '^FAIL' "$log") failed; \
+$(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
     { echo "== FLASHATTN_HOPPER_BWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-grids.log"
   done
 

@@ -410,8 +410,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int64_t off = ((int64_t(b) * p.seqlen_k + j) * p.nheads + h) * D + 2 * t;
 #pragma unroll
           for (int c = 0; c < D / 8; ++c) {
-            *reinterpret_cast<float2*>(p.dk_accum + off + 8 * c) = make_float2(dk[4 * c + 2 * r], dk[4 * c + 2 * r + 1]);
-            *reinterpret_cast<float2*>(p.dv_accum + off + 8 * c) = make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
+            *reinterpret_cast<float2*>(p.dk_accum + off + 8 * c) =
+                make_float2(dk[4 * c + 2 * r], dk[4 * c + 2 * r + 1]);
+            *reinterpret_cast<float2*>(p.dv_accum + off + 8 * c) =
+                make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
           }
         } else {
           T* dkr = static_cast<T*>(p.dk) + int64_t(b) * p.dk_batch_stride + int64_t(h) * p.dk_head_stride +
