@@ -17,7 +17,7 @@
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
-#  5. the backward's probe and grid again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ through a TMA
+#  5. the backward's probe and grid (its bf16 half) again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ through a TMA
 #     reduce-add), =persistent (the persistent grid; its 130 x 2048 cases run several tiles a CTA) and
 #     =dqfirst (dQ's product before dV's and dK's):
 #     after the bench, so that a slow self-test cannot starve it;
@@ -137,7 +137,7 @@ else
     start=$SECONDS
     log=$build/selftest-bwd-$variant.log
     : >"$log"
-    for filter in bwd-probe bgrid; do
+    for filter in bwd-probe "bf16&bgrid"; do  # the grid's bf16 half: fp16 is the same code, another type
       FLASHATTN_HOPPER_BWD_VARIANT=$variant timeout "$(cap 90)" "$bin/flash_selftest" "$filter" >>"$log" 2>&1
       rc=$?
       [ $rc -eq 0 ] || break
