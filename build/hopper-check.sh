@@ -17,9 +17,9 @@
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
-#  5. the backward's probe and grid (its bf16 half) again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ through a TMA
-#     reduce-add), =persistent (the persistent grid; its 130 x 2048 cases run several tiles a CTA) and
-#     =dqfirst (dQ's product before dV's and dK's):
+#  5. the backward's probe and grid (its bf16 half) again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ
+#     through a TMA reduce-add), =dqfirst (and dQ's product before dV's and dK's) and =persistent (and a
+#     persistent grid; the grid's 130 x 2048 cases run several tiles a CTA):
 #     after the bench, so that a slow self-test cannot starve it;
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant;
@@ -132,7 +132,7 @@ else
 
   # 5. The backward variants' probe and grid (skipped when the default backward hung or crashed).
   : >"$OUT/selftest-grids.log"
-  for variant in dqtma persistent dqfirst; do
+  for variant in dqtma dqfirst persistent; do
     [ "$hung" = 1 ] || [ ${#bwd_env[@]} -gt 0 ] && break
     start=$SECONDS
     log=$build/selftest-bwd-$variant.log
@@ -160,8 +160,8 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=dqtma:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck"; do
+      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck"; do
       setting=${run%%:*}
       rest=${run#*:}
       filter=${rest%%:*}

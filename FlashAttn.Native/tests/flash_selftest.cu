@@ -7,8 +7,8 @@
 //                             pingpong, overlap, rows192, persistent, persistent192; at d128 rows192 is
 //                             pingpong again, a measure of the noise, and persistent192 is persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
-//                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, persistent,
-//                             dqfirst)
+//                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
+//                             persistent)
 //                             and sm_80's: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
 //                             causal. The library reads those variables once per process, so each
 //                             setting runs in a child process of its own (--bench-here: this process
@@ -726,8 +726,8 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
                               {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},
-                              {"b:persist", "FLASHATTN_HOPPER_BWD_VARIANT=persistent", false, true},
-                              {"b:dqfirst", "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst", false, true}};
+                              {"b:dqfirst", "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst", false, true},
+                              {"b:persist", "FLASHATTN_HOPPER_BWD_VARIANT=persistent", false, true}};
   constexpr int kSettings = sizeof(settings) / sizeof(settings[0]);
   constexpr int kConfigs = sizeof(kBenchConfigs) / sizeof(kBenchConfigs[0]);
   double fwd_tflops[kConfigs][kSettings] = {}, bwd_tflops[kConfigs][kSettings] = {};

@@ -27,15 +27,16 @@ bool covers(const FlashBwdParams& p) {
 
 // The kernel variant: FLASHATTN_HOPPER_BWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "atomic" (dQ by float
-// atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "persistent" (dqtma on a
-// persistent grid), "dqfirst" (dqtma with dQ's product before dV's and dK's). Otherwise atomic, until
-// the H200 bench has measured the others.
+// atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "dqfirst" (dqtma with dQ's
+// product before dV's and dK's), "persistent" (dqfirst on a persistent grid): each adds one change to
+// the one before, so that the bench measures each change alone. Otherwise atomic, until the H200
+// bench has measured the others.
 BwdVariant bwd_variant() {
   static const BwdVariant variant = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_BWD_VARIANT");
     if (v != nullptr && std::strcmp(v, "dqtma") == 0) return BwdVariant::kDqTma;
-    if (v != nullptr && std::strcmp(v, "persistent") == 0) return BwdVariant::kPersistent;
     if (v != nullptr && std::strcmp(v, "dqfirst") == 0) return BwdVariant::kDqFirst;
+    if (v != nullptr && std::strcmp(v, "persistent") == 0) return BwdVariant::kPersistent;
     return BwdVariant::kAtomic;
   }();
   return variant;

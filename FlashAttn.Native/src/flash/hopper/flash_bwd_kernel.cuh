@@ -30,11 +30,11 @@
 // diagonal. CTAs of the first key blocks (the most queries under causal) start first.
 // Variants (BwdVariant): kAtomic adds dQ as above; kDqTma stages each warpgroup's dQ part in
 // shared memory and one thread adds it with a TMA reduce-add (two boxes of 32 columns), so the L2
-// sees 8 KB bulk reductions instead of 16-byte atomics; kPersistent is kDqTma on a grid of at most
-// one CTA per SM, each looping over work tiles (key block, head, batch; persistent_bwd_tile), the
-// producer loading the next tile's K and V as soon as the consumers are done with the last one's;
-// kDqFirst is kDqTma with dQ issued before dV and dK (FlashAttention-3's order), so that dQ is staged
-// and its reduce-add issued while the tensor cores run dV and dK, the stage released after them.
+// sees 8 KB bulk reductions instead of 16-byte atomics; kDqFirst (with kDqTma) issues dQ before dV
+// and dK (FlashAttention-3's order), so that dQ is staged and its reduce-add issued while the tensor
+// cores run dV and dK, the stage released after them; kPersistent (with kDqTma) runs a grid of at
+// most one CTA per SM, each looping over work tiles (key block, head, batch; persistent_bwd_tile),
+// the producer loading the next tile's K and V as soon as the consumers are done with the last one's.
 #pragma once
 
 #include <climits>

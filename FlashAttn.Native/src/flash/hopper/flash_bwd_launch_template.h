@@ -78,10 +78,10 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   switch (variant) {
     case BwdVariant::kDqTma:
       return launch_bwd_kernel<Tr, true, false, false>(maps, kp, batch, sms, stream, function);
-    case BwdVariant::kPersistent:
-      return launch_bwd_kernel<Tr, true, true, false>(maps, kp, batch, sms, stream, function);
     case BwdVariant::kDqFirst:
       return launch_bwd_kernel<Tr, true, false, true>(maps, kp, batch, sms, stream, function);
+    case BwdVariant::kPersistent:
+      return launch_bwd_kernel<Tr, true, true, true>(maps, kp, batch, sms, stream, function);
     default:
       return launch_bwd_kernel<Tr, false, false, false>(maps, kp, batch, sms, stream, function);
   }

@@ -128,7 +128,7 @@ struct BwdTraits {
   // block's while the other still reads this one's.
   static constexpr int kDsChunkBytes = kBlockN * 64 * int(sizeof(T));  // 16 KB
   static constexpr int kDsBytes = (kBlockM / 64) * kDsChunkBytes;
-  // dQ staged for the TMA reduce-add (BwdVariant::kDqTma and kPersistent): each consumer
+  // dQ staged for the TMA reduce-add (every BwdVariant but kAtomic): each consumer
   // warpgroup's 64 x 64 float32 part as two boxes of 32 columns (128 bytes, the 128-byte swizzle's
   // width) by 64 rows, 8 KB each.
   static constexpr int kDqBoxCols = 32;
@@ -189,10 +189,10 @@ struct BwdTensorMaps {
 
 // The backward's kernel variants (flash_bwd_kernel.cuh), picked by FLASHATTN_HOPPER_BWD_VARIANT
 // (flash_bwd_hopper.cu): kAtomic, dQ added into dq_accum with per-thread float atomics; kDqTma,
-// dQ staged in shared memory and added by one TMA reduce-add per warpgroup and block; kPersistent,
-// kDqTma on a persistent grid (one CTA per SM looping over key blocks, causal's longest first);
-// kDqFirst, kDqTma with dQ's product issued before dV's and dK's.
-enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kPersistent = 2, kDqFirst = 3 };
+// dQ staged in shared memory and added by one TMA reduce-add per warpgroup and block; kDqFirst,
+// kDqTma with dQ's product issued before dV's and dK's; kPersistent, kDqFirst on a persistent grid
+// (one CTA per SM looping over key blocks, causal's longest first).
+enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3 };
 
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
 // runs the preprocessing before it and the conversions after); sms: the device's multiprocessors
