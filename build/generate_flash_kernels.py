@@ -71,8 +71,9 @@ namespace hopper {{
 
 template <>
 FlashAttnStatus run_mha_bwd_hopper<{ctype}, {hdim}>(
-    const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream, const char* function) {{
-  return launch_mha_bwd_hopper<{ctype}, {hdim}>(p, maps, stream, function);
+    const FlashBwdParams& p, const BwdTensorMaps& maps, BwdVariant variant, int sms, cudaStream_t stream,
+    const char* function) {{
+  return launch_mha_bwd_hopper<{ctype}, {hdim}>(p, maps, variant, sms, stream, function);
 }}
 
 }}  // namespace hopper

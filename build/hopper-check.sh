@@ -14,14 +14,18 @@
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;
-#  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80 (each in a
-#     process of its own: the library reads those variables once), and the Hopper backward;
-#     flash_selftest --bench-bwd with FLASHATTN_HOPPER=0: the sm_80 backward;
-#  5. the Hopper grid again under FLASHATTN_HOPPER_FWD_VARIANT=overlap (without the warpgroups'
-#     ping-pong), =rows192 (192-row tiles: its d64 half), =persistent (the persistent grid) and
-#     =persistent192 (both, its d64 half): after the bench, so that a slow self-test cannot starve it;
-#  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants,
-#     backward).
+#  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
+#     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
+#     library reads those variables once);
+#  5. the backward's probe and grid (its bf16 half) again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ
+#     through a TMA reduce-add), =dqfirst (and dQ's product before dV's and dK's) and =persistent (and a
+#     persistent grid; the grid's 130 x 2048 cases run several tiles a CTA):
+#     after the bench, so that a slow self-test cannot starve it;
+#  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
+#     default backward), and memcheck and racecheck on one or two cases of each other backward variant;
+#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=overlap (without the
+#     warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half), =persistent (the persistent grid)
+#     and =persistent192 (both, its d64 half), as the time left allows (they passed before).
 # Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -75,7 +79,8 @@ for o in "$build"/FlashAttn.Native/CMakeFiles/flashattn_hopper.dir/src/flash/hop
   n=$(basename "$o" .cu.o); n=${n#flash_}
   cuobjdump --dump-sass "$o" >"$build/sass-$n.txt" 2>/dev/null
   f=$build/sass-$n.txt
-  sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") SETMAXREG $(grep -c USETMAXREG "$f")"
+  sass_line+="$n: HGMMA $(grep -c HGMMA "$f") UTMALDG $(grep -c UTMALDG "$f") UTMAREDG $(grep -c UTMAREDG "$f")"
+  sass_line+=" SETMAXREG $(grep -c USETMAXREG "$f")"
   sass_line+=" named BAR.SYNC/ARV $(grep -cE 'BAR\.(SYNC|ARV)[.A-Z_]* R[0-9]|BAR\.ARV 0x[1-9]' "$f")"
   sass_line+=" LDL/STL $(grep -cE '\b(LDL|STL)\b' "$f"); "
 done
@@ -121,15 +126,63 @@ if [ "$hung" = 1 ]; then
   summary+=("bench and sanitizers skipped: the self-test hung (last lines in selftest.log)")
 else
   # 4. Benchmark.
-  env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 120)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
-  summary+=("bench: rc $?")
-  FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" --bench-bwd >>"$OUT/bench.log" 2>&1
-  summary+=("bench-bwd (sm80): rc $?")
+  start=$SECONDS
+  env ${bwd_env[@]+"${bwd_env[@]}"} timeout "$(cap 150)" "$bin/flash_selftest" --bench >"$OUT/bench.log" 2>&1
+  summary+=("bench: rc $?, $((SECONDS - start)) s")
 
-  # 5. The forward variants' grids.
+  # 5. The backward variants' probe and grid (skipped when the default backward hung or crashed).
   : >"$OUT/selftest-grids.log"
+  for variant in dqtma dqfirst persistent; do
+    [ "$hung" = 1 ] || [ ${#bwd_env[@]} -gt 0 ] && break
+    start=$SECONDS
+    log=$build/selftest-bwd-$variant.log
+    : >"$log"
+    for filter in bwd-probe "bf16&bgrid"; do  # the grid's bf16 half: fp16 is the same code, another type
+      FLASHATTN_HOPPER_BWD_VARIANT=$variant timeout "$(cap 90)" "$bin/flash_selftest" "$filter" >>"$log" 2>&1
+      rc=$?
+      [ $rc -eq 0 ] || break
+    done
+    [ $rc -eq 124 ] && hung=1
+    summary+=("selftest bwd-probe + bgrid, FLASHATTN_HOPPER_BWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
+$(grep -c '^PASS' "$log") passed, $(grep -c '^FAIL' "$log") failed; \
+$(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
+    { echo "== FLASHATTN_HOPPER_BWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-grids.log"
+  done
+
+  # 6. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA, partial tiles): the forward's
+  # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
+  # CTAs, so some CTAs run two, and the query blocks that see no key run none), and the backward (d64
+  # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps);
+  # then the backward's other variants, memcheck and racecheck: dqtma and dqfirst on the same bf16
+  # cases, the persistent one on 256 tiles (several a CTA; d128: 3 query blocks a tile, the ring wraps).
+  if command -v compute-sanitizer >/dev/null; then
+    for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=dqtma:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck"; do
+      setting=${run%%:*}
+      rest=${run#*:}
+      filter=${rest%%:*}
+      [ ${#bwd_env[@]} -gt 0 ] && [[ $setting == *BWD_VARIANT* ]] && continue
+      for tool in ${rest#*:}; do
+        log=$build/sanitize-${setting#FLASHATTN_HOPPER_}-$tool.log
+        env ${bwd_env[@]+"${bwd_env[@]}"} "$setting" timeout "$(cap 60)" compute-sanitizer \
+          --tool $tool --error-exitcode 9 "$bin/flash_selftest" "$filter" >"$log" 2>&1
+        rc=$?
+        summary+=("compute-sanitizer $tool '$filter' ($setting): rc $rc; \
+$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
+        { echo "== $tool '$filter' ($setting) (rc $rc)"; head -c 1000000 "$log"; } >>"$OUT/sanitize.log"
+      done
+    done
+  else
+    summary+=("compute-sanitizer: not on PATH")
+  fi
+
+  # 7. The forward variants' grids, as the time left allows.
   for run in "overlap: grid" "rows192:d64 &grid" "persistent: grid" "persistent192:d64 &grid"; do
-    [ "$hung" = 1 ] && break
+    [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break
     variant=${run%%:*}
     start=$SECONDS
     log=$build/selftest-$variant.log
@@ -140,27 +193,6 @@ else
 $(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") on the hopper path")
     { echo "== FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-grids.log"
   done
-
-  # 6. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA, partial tiles): the forward's
-  # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
-  # CTAs, so some CTAs run two, and the query blocks that see no key run none), and the backward (d64
-  # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps).
-  if command -v compute-sanitizer >/dev/null; then
-    for run in "pingpong:sq384 sk200 h4/2 causal bgrid" "rows192:d64 sq97 sk97 h8/2 causal" "persistent:sq1025 sk97 h8/2 causal"; do
-      variant=${run%%:*}
-      for tool in memcheck racecheck synccheck; do
-        log=$build/sanitize-$variant-$tool.log
-        env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 60)" compute-sanitizer \
-          --tool $tool --error-exitcode 9 "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
-        rc=$?
-        summary+=("compute-sanitizer $tool '${run#*:}' ($variant): rc $rc; \
-$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
-        { echo "== $tool '${run#*:}' ($variant) (rc $rc)"; head -c 1000000 "$log"; } >>"$OUT/sanitize.log"
-      done
-    done
-  else
-    summary+=("compute-sanitizer: not on PATH")
-  fi
 fi
 
 echo

@@ -6,11 +6,13 @@
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
 //                             pingpong, overlap, rows192, persistent, persistent192; at d128 rows192 is
 //                             pingpong again, a measure of the noise, and persistent192 is persistent) and
-//                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s on the default path:
-//                             B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64 causal. The
-//                             library reads those variables once per process, so each setting runs in a
-//                             child process of its own (--bench-here: this process only, under the
-//                             environment's setting, e.g. for a profiler)
+//                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
+//                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
+//                             persistent)
+//                             and sm_80's: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
+//                             causal. The library reads those variables once per process, so each
+//                             setting runs in a child process of its own (--bench-here: this process
+//                             only, under the environment's setting, e.g. for a profiler)
 //   flash_selftest --bench-bwd   the forward and backward figures in this process, under its environment
 //                             (with FLASHATTN_HOPPER=0: sm_80's backward)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
@@ -561,14 +563,16 @@ std::vector<Case> cases() {
   // The Hopper backward's grid (forward and backward): a single tile first (bwd-probe: which of dV,
   // dK, dQ is off says which stage is, see flash/hopper/NOTES.md), then partial tiles, seqlen_q !=
   // seqlen_k both ways (causal rows that see no key, key blocks no query sees), several query blocks
-  // per key block and several key blocks per query block; MHA and GQA 4:2 (the float32 dK/dV path).
+  // per key block and several key blocks per query block; MHA and GQA 4:2 (the float32 dK/dV path);
+  // 256 key-block tiles (130 x 2048, 8 heads, batch 2): more than an H200 has SMs, so that the
+  // persistent backward's CTAs run several tiles each.
   struct BwdLen {
     int sq, sk, H, Hk;
     const char* tag;
   };
   const BwdLen bwd_lens[] = {{64, 64, 1, 1, " bwd-probe"}, {1, 1, 2, 2, " bgrid"},       {300, 300, 2, 2, " bgrid"},
                              {1025, 1025, 2, 2, " bgrid"}, {97, 1025, 4, 2, " bgrid"},    {1025, 97, 4, 2, " bgrid"},
-                             {384, 200, 4, 2, " bgrid"},   {200, 640, 2, 2, " bgrid"}};
+                             {384, 200, 4, 2, " bgrid"},   {200, 640, 2, 2, " bgrid"},    {130, 2048, 8, 2, " bgrid"}};
   for (const BwdLen& l : bwd_lens)
     for (int d : {64, 128})
       for (int bf16 = 1; bf16 >= 0; --bf16)
@@ -696,8 +700,9 @@ void bench_here(int only_d, int only_causal, bool with_bwd) {
   }
 }
 
-// Each forward setting in a child process (bench_here); their lines are printed as they come, tagged
-// with the setting, then a table: TFLOP/s per setting, the best Hopper variant over sm_80, the backward.
+// Each setting in a child process (bench_here); their lines are printed as they come, tagged with
+// the setting, then a table: forward TFLOP/s per forward setting, the best Hopper variant over sm_80,
+// then backward TFLOP/s per backward setting (each Hopper backward variant, and sm_80's).
 int bench(const char* self, int only_d, int only_causal) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -709,23 +714,28 @@ int bench(const char* self, int only_d, int only_causal) {
   struct Setting {
     const char* name;
     const char* env;
-    bool with_bwd;
+    bool fwd, bwd;  // which of its timings go in the table
   };
-  // The backward does not depend on the forward's setting: timed once, in the first child.
-  const Setting settings[] = {{"pingpong", "FLASHATTN_HOPPER_FWD_VARIANT=pingpong", true},
-                              {"overlap", "FLASHATTN_HOPPER_FWD_VARIANT=overlap", false},
-                              {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", false},
-                              {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", false},
-                              {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", false},
-                              {"sm80", "FLASHATTN_HOPPER=0", false}};
+  // The backward variants' children run the default forward (timed, not tabled); sm_80's child times
+  // both directions.
+  const Setting settings[] = {{"pingpong", "FLASHATTN_HOPPER_FWD_VARIANT=pingpong", true, false},
+                              {"overlap", "FLASHATTN_HOPPER_FWD_VARIANT=overlap", true, false},
+                              {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", true, false},
+                              {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", true, false},
+                              {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", true, false},
+                              {"sm80", "FLASHATTN_HOPPER=0", true, true},
+                              {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
+                              {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},
+                              {"b:dqfirst", "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst", false, true},
+                              {"b:persist", "FLASHATTN_HOPPER_BWD_VARIANT=persistent", false, true}};
   constexpr int kSettings = sizeof(settings) / sizeof(settings[0]);
   constexpr int kConfigs = sizeof(kBenchConfigs) / sizeof(kBenchConfigs[0]);
-  double fwd_tflops[kConfigs][kSettings] = {}, bwd_tflops[kConfigs] = {};
+  double fwd_tflops[kConfigs][kSettings] = {}, bwd_tflops[kConfigs][kSettings] = {};
   int rc = 0;
   for (int si = 0; si < kSettings; ++si) {
     const Setting& st = settings[si];
     const std::string cmd = std::string(st.env) + " '" + self + "' --bench-here " + std::to_string(only_d) + " " +
-                            std::to_string(only_causal) + (st.with_bwd ? " bwd" : "");
+                            std::to_string(only_causal) + (st.bwd ? " bwd" : "");
     FILE* child = popen(cmd.c_str(), "r");
     if (child == nullptr) return 4;
     char buf[512];
@@ -744,7 +754,7 @@ int bench(const char* self, int only_d, int only_causal) {
         if (k.B != B || k.H != H || k.S != S || k.D != D || k.causal != causal) continue;
         fwd_tflops[c][si] = tflops;
         double bwd_ms, bwd_tf;
-        if (std::sscanf(buf + used, " | bwd %lf ms %lf", &bwd_ms, &bwd_tf) == 2) bwd_tflops[c] = bwd_tf;
+        if (std::sscanf(buf + used, " | bwd %lf ms %lf", &bwd_ms, &bwd_tf) == 2) bwd_tflops[c][si] = bwd_tf;
       }
     }
     std::fflush(stdout);
@@ -755,19 +765,29 @@ int bench(const char* self, int only_d, int only_causal) {
     }
   }
   std::printf("%-26s", "# bf16 TFLOP/s");
-  for (const Setting& st : settings) std::printf("  %8s", st.name);
-  std::printf("  %7s  %6s\n", "best/80", "bwd");
+  for (const Setting& st : settings)
+    if (st.fwd) std::printf("  %8s", st.name);
+  std::printf("  %7s |", "best/80");
+  for (const Setting& st : settings)
+    if (st.bwd) std::printf("  %9s", st.name);
+  std::printf("  (| backward)\n");
   for (int c = 0; c < kConfigs; ++c) {
     const BenchConfig& k = kBenchConfigs[c];
     if ((only_d > 0 && k.D != only_d) || (only_causal >= 0 && k.causal != only_causal)) continue;
     std::printf("B%-2d S%-5d H%-2d d%-3d %-6s ", k.B, k.S, k.H, k.D, k.causal ? "causal" : "full");
-    double best = 0;
+    double best = 0, sm80 = 0;
     for (int si = 0; si < kSettings; ++si) {
+      if (!settings[si].fwd) continue;
       std::printf("  %8.1f", fwd_tflops[c][si]);
-      if (std::strcmp(settings[si].name, "sm80") != 0) best = std::max(best, fwd_tflops[c][si]);
+      if (std::strcmp(settings[si].name, "sm80") == 0)
+        sm80 = fwd_tflops[c][si];
+      else
+        best = std::max(best, fwd_tflops[c][si]);
     }
-    const double sm80 = fwd_tflops[c][kSettings - 1];
-    std::printf("  %6.2fx  %6.1f\n", sm80 > 0 ? best / sm80 : 0.0, bwd_tflops[c]);
+    std::printf("  %6.2fx |", sm80 > 0 ? best / sm80 : 0.0);
+    for (int si = 0; si < kSettings; ++si)
+      if (settings[si].bwd) std::printf("  %9.1f", bwd_tflops[c][si]);
+    std::printf("\n");
   }
   return rc;
 }

@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_bwd_hopper.h"
@@ -23,11 +25,28 @@ bool covers(const FlashBwdParams& p) {
          std::isfinite(p.softmax_scale) && (p.nheads == p.nheads_k || p.dk_accum != nullptr);
 }
 
+// The kernel variant: FLASHATTN_HOPPER_BWD_VARIANT (read once per process; the bench and
+// build/hopper-check.sh run each setting in a process of its own) forces one: "atomic" (dQ by float
+// atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "dqfirst" (dqtma with dQ's
+// product before dV's and dK's), "persistent" (dqfirst on a persistent grid): each adds one change to
+// the one before, so that the bench measures each change alone. Otherwise atomic, until the H200
+// bench has measured the others.
+BwdVariant bwd_variant() {
+  static const BwdVariant variant = [] {
+    const char* v = std::getenv("FLASHATTN_HOPPER_BWD_VARIANT");
+    if (v != nullptr && std::strcmp(v, "dqtma") == 0) return BwdVariant::kDqTma;
+    if (v != nullptr && std::strcmp(v, "dqfirst") == 0) return BwdVariant::kDqFirst;
+    if (v != nullptr && std::strcmp(v, "persistent") == 0) return BwdVariant::kPersistent;
+    return BwdVariant::kAtomic;
+  }();
+  return variant;
+}
+
 template <typename T>
-FlashAttnStatus by_headdim(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
-                           const char* function) {
-  return p.headdim == 64 ? run_mha_bwd_hopper<T, 64>(p, maps, stream, function)
-                         : run_mha_bwd_hopper<T, 128>(p, maps, stream, function);
+FlashAttnStatus by_headdim(const FlashBwdParams& p, const BwdTensorMaps& maps, BwdVariant variant, int sms,
+                           cudaStream_t stream, const char* function) {
+  return p.headdim == 64 ? run_mha_bwd_hopper<T, 64>(p, maps, variant, sms, stream, function)
+                         : run_mha_bwd_hopper<T, 128>(p, maps, variant, sms, stream, function);
 }
 
 }  // namespace
@@ -47,8 +66,9 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
   using Tr128 = BwdTraits<128, __half>;
   const int box_m = p.headdim == 64 ? Tr64::kBlockM : Tr128::kBlockM;
   static_assert(Tr64::kBoxCols == Tr128::kBoxCols && Tr64::kBlockN == Tr128::kBlockN, "one K/V box");
-  BwdTensorMaps maps;
-  const bool encoded =
+  const BwdVariant variant = bwd_variant();
+  BwdTensorMaps maps{};
+  bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                   p.q_head_stride, p.q_batch_stride, Tr64::kBoxCols, box_m) &&
       encode_bshd(fn, &maps.dout, p.dtype, p.dout, p.headdim, p.seqlen_q, p.nheads, p.batch, p.dout_row_stride,
@@ -57,12 +77,25 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
                   p.k_head_stride, p.k_batch_stride, Tr64::kBoxCols, Tr64::kBlockN) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
                   p.v_head_stride, p.v_batch_stride, Tr64::kBoxCols, Tr64::kBlockN);
+  // dq_accum (B * Sq, H, D) float32, for the variants that add dQ through the TMA: boxes of
+  // kDqBoxCols columns by 64 queries.
+  static_assert(Tr64::kDqBoxCols == Tr128::kDqBoxCols, "one dQ box");
+  if (encoded && variant != BwdVariant::kAtomic)
+    encoded = encode_4d(fn, &maps.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.dq_accum, p.headdim, p.seqlen_q,
+                        p.nheads, p.batch, p.nheads * p.headdim, p.headdim, p.seqlen_q * p.nheads * p.headdim,
+                        Tr64::kDqBoxCols, 64);
   if (!encoded) return FLASHATTN_STATUS_OK;
+  int sms = 0;
+  if (variant == BwdVariant::kPersistent) {
+    s = check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), function,
+                   "cudaDeviceGetAttribute(MultiProcessorCount)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
   *ran = true;
   s = run_flash_bwd_preprocess(p, stream, function);
   if (s == FLASHATTN_STATUS_OK)
-    s = p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, stream, function)
-                                             : by_headdim<__half>(p, maps, stream, function);
+    s = p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, sms, stream, function)
+                                             : by_headdim<__half>(p, maps, variant, sms, stream, function);
   return s == FLASHATTN_STATUS_OK ? run_flash_bwd_postprocess(p, stream, function) : s;
 }
 

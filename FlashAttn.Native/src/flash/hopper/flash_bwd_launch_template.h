@@ -3,6 +3,7 @@
 // it. Compiled for sm_90a only.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 
 #include "common/cuda_check.cuh"
@@ -12,9 +13,41 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
+// One kernel (traits Tr, dQ through the TMA or not, persistent or not, dQ's product first or not)
+// over its grid: (key block, head, batch), or at most one CTA per SM (flash_bwd_kernel.cuh:
+// persistent_bwd_tile).
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst>
+FlashAttnStatus launch_bwd_kernel(const BwdTensorMaps& maps, const BwdKernelParams& kp, int batch, int sms,
+                                  cudaStream_t stream, const char* function) {
+  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst>;
+  constexpr int kSmem = kDqTma ? Tr::kSmemBytesDqTma : Tr::kSmemBytes;
+  // The shared-memory opt-in is per device and per kernel: set once for each device.
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  if (s != FLASHATTN_STATUS_OK) return s;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
+    s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem), function,
+                   "cudaFuncSetAttribute(flash_bwd_hopper_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  dim3 grid(unsigned(kp.n_blocks), unsigned(kp.nheads), unsigned(batch));
+  if constexpr (kPersistent) {
+    // A causal CTA's tiles sum to the same work unless the grid is a multiple of 2 n_blocks (each
+    // CTA would then see one key-block position only): one SM fewer breaks that.
+    int ctas = sms;
+    if (kp.causal && ctas > 1 && ctas % (2 * kp.n_blocks) == 0) --ctas;
+    grid = dim3(unsigned(std::min(ctas, kp.total_tiles)));
+  }
+  kernel<<<grid, Tr::kThreads, kSmem, stream>>>(maps.q, maps.k, maps.v, maps.dout, maps.dq_accum, kp);
+  return check_launch(function, "flash_bwd_hopper_kernel");
+}
+
 template <typename T, int kHeadDim>
-FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
-                                      const char* function) {
+FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, BwdVariant variant,
+                                      int sms, cudaStream_t stream, const char* function) {
   using Tr = BwdTraits<kHeadDim, T>;
   BwdKernelParams kp;
   kp.softmax_lse = p.softmax_lse;
@@ -39,22 +72,19 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   kp.scale = p.softmax_scale;
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
-  auto kernel = flash_bwd_hopper_kernel<Tr>;
-  // The shared-memory opt-in is per device and per kernel: set once for each device.
-  static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
-    s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
-                   function, "cudaFuncSetAttribute(flash_bwd_hopper_kernel, MaxDynamicSharedMemorySize)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    configured.fetch_or(bit, std::memory_order_relaxed);
+  kp.n_blocks = int((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN);
+  kp.total_tiles = kp.n_blocks * int(p.nheads) * int(p.batch);
+  const int batch = int(p.batch);
+  switch (variant) {
+    case BwdVariant::kDqTma:
+      return launch_bwd_kernel<Tr, true, false, false>(maps, kp, batch, sms, stream, function);
+    case BwdVariant::kDqFirst:
+      return launch_bwd_kernel<Tr, true, false, true>(maps, kp, batch, sms, stream, function);
+    case BwdVariant::kPersistent:
+      return launch_bwd_kernel<Tr, true, true, true>(maps, kp, batch, sms, stream, function);
+    default:
+      return launch_bwd_kernel<Tr, false, false, false>(maps, kp, batch, sms, stream, function);
   }
-  const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.nheads), unsigned(p.batch));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, maps.dout, kp);
-  return check_launch(function, "flash_bwd_hopper_kernel");
 }
 
 }  // namespace hopper

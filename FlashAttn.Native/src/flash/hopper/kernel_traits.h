@@ -128,9 +128,16 @@ struct BwdTraits {
   // block's while the other still reads this one's.
   static constexpr int kDsChunkBytes = kBlockN * 64 * int(sizeof(T));  // 16 KB
   static constexpr int kDsBytes = (kBlockM / 64) * kDsChunkBytes;
+  // dQ staged for the TMA reduce-add (every BwdVariant but kAtomic): each consumer
+  // warpgroup's 64 x 64 float32 part as two boxes of 32 columns (128 bytes, the 128-byte swizzle's
+  // width) by 64 rows, 8 KB each.
+  static constexpr int kDqBoxCols = 32;
+  static constexpr int kDqBoxBytes = 64 * kDqBoxCols * 4;
+  static constexpr int kDqStageBytes = (64 / kDqBoxCols) * kDqBoxBytes;  // one warpgroup's part
   // Shared memory from a 1024-byte aligned base: K, V, Q[stages], dO[stages], dS[2], LSE[stages]
-  // and dsum[stages] (kBlockM floats each), then the mbarriers (K/V full; full[stages],
-  // empty[stages]). 160 KB at both head dims.
+  // and dsum[stages] (kBlockM floats each), the mbarriers (K/V full; full[stages], empty[stages];
+  // K/V empty), then, for the variants that stage it, dQ (1024-byte aligned). 160 KB at both head
+  // dims, 192 KB with the dQ staging.
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kKvTileBytes;
   static constexpr int kOffQ = kOffV + kKvTileBytes;
@@ -139,8 +146,11 @@ struct BwdTraits {
   static constexpr int kOffLse = kOffDs + 2 * kDsBytes;
   static constexpr int kOffDsum = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBar = kOffDsum + kStages * kBlockM * 4;
-  static constexpr int kBarriers = 1 + 2 * kStages;
-  static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;  // + 1024: the base is rounded up
+  static constexpr int kBarriers = 2 + 2 * kStages;
+  static constexpr int kOffDq = (kOffBar + 8 * kBarriers + 1023) / 1024 * 1024;
+  // + 1024: the base is rounded up.
+  static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
+  static constexpr int kSmemBytesDqTma = kOffDq + kConsumerWarpgroups * kDqStageBytes + 1024;
   // The full barrier of a stage completes on the TMA's bytes (one arrive.expect_tx) and on the 32
   // lanes of the warp that stages LSE and dsum.
   static constexpr int kFullArrivals = 1 + 32;
@@ -166,18 +176,30 @@ struct BwdKernelParams {
   float scale;       // softmax_scale (dK = scale * dS^T Q)
   float scale_log2;  // softmax_scale * log2(e) > 0
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+  int n_blocks;      // key blocks of a (batch, head)
+  int total_tiles;   // n_blocks * nheads * batch: the persistent kernel's work tiles
 };
 
-// Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps.
+// Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps; and,
+// for the variants that reduce dQ through the TMA, of dq_accum (float32 (D, Sq, H, B), box
+// kDqBoxCols x 64, 128-byte swizzle).
 struct BwdTensorMaps {
-  CUtensorMap q, k, v, dout;
+  CUtensorMap q, k, v, dout, dq_accum;
 };
+
+// The backward's kernel variants (flash_bwd_kernel.cuh), picked by FLASHATTN_HOPPER_BWD_VARIANT
+// (flash_bwd_hopper.cu): kAtomic, dQ added into dq_accum with per-thread float atomics; kDqTma,
+// dQ staged in shared memory and added by one TMA reduce-add per warpgroup and block; kDqFirst,
+// kDqTma with dQ's product issued before dV's and dK's; kPersistent, kDqFirst on a persistent grid
+// (one CTA per SM looping over key blocks, causal's longest first).
+enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3 };
 
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
-// runs the preprocessing before it and the conversions after).
+// runs the preprocessing before it and the conversions after); sms: the device's multiprocessors
+// (the persistent grid's size).
 template <typename T, int kHeadDim>
-FlashAttnStatus run_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream,
-                                   const char* function);
+FlashAttnStatus run_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMaps& maps, BwdVariant variant,
+                                   int sms, cudaStream_t stream, const char* function);
 
 }  // namespace hopper
 }  // namespace flash

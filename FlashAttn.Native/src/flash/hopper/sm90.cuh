@@ -1,6 +1,7 @@
 // Hopper (sm_90a) building blocks in inline PTX, each checked against the PTX ISA (8.x):
 //  - mbarriers: init, arrive, arrive.expect_tx (the TMA's byte count), try_wait.parity;
-//  - TMA: cp.async.bulk.tensor.4d global -> shared, completing on an mbarrier;
+//  - TMA: cp.async.bulk.tensor.4d global -> shared, completing on an mbarrier, and the reduce-add
+//    shared -> global (cp.reduce.async.bulk.tensor) of the backward's dQ;
 //  - wgmma.mma_async m64nNk16 with f32 accumulators, A from shared memory (SS) or registers (RS),
 //    and its fence / commit_group / wait_group;
 //  - setmaxnreg (the producer warpgroup gives registers to the consumers);
@@ -203,9 +204,29 @@ FA_WGMMA(__half, "f16", 128, FA_D64, FA_F64, "%64", "%65", "%66", "%67", "%64", 
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
-__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+
+// One box of a 4-D float32 tensor map at coordinates (c0 innermost), added element-wise from shared
+// memory at src into global memory (cp.reduce.async.bulk.tensor, .add: atomic per element in L2);
+// elements outside the tensor are skipped. Tracked by bulk groups: commit after issuing, and wait
+// (bulk_wait_read) before src is written again.
+__device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2,
+                                                  int c3) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// All but the newest kPending bulk groups of this thread have read their shared-memory source.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// All but the newest kPending bulk groups of this thread are complete (their global writes done).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // D (64 x 64, f32) (+)= A (64 x 16) * B (16 x 64), both from shared memory MN-major (imm-trans-a =

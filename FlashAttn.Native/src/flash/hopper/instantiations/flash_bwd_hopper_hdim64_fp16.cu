@@ -9,8 +9,9 @@ namespace hopper {
 
 template <>
 FlashAttnStatus run_mha_bwd_hopper<__half, 64>(
-    const FlashBwdParams& p, const BwdTensorMaps& maps, cudaStream_t stream, const char* function) {
-  return launch_mha_bwd_hopper<__half, 64>(p, maps, stream, function);
+    const FlashBwdParams& p, const BwdTensorMaps& maps, BwdVariant variant, int sms, cudaStream_t stream,
+    const char* function) {
+  return launch_mha_bwd_hopper<__half, 64>(p, maps, variant, sms, stream, function);
 }
 
 }  // namespace hopper
