@@ -191,7 +191,8 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             using var isQ = index < num_heads * head_dim;
             _qRows = isQ.to(w.dtype).view(rows, 1).DetachFromDisposeScope(); // kept across the steps' dispose scopes
         }
-        return Linear(x, RowScaleFunction.apply(w, _qRows, f), layer.bias is { } bias ? RowScaleFunction.apply(bias, _qRows.view(rows), f) : null);
+        var folded = RowScaleFunction.apply(w, layer.bias, _qRows, f);
+        return Linear(x, folded[0], layer.bias is null ? null : folded[1]);
     }
 
     private Tensor Attend(Tensor x, Tensor? xKv, KVCache? cache)
@@ -278,30 +279,36 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>
-/// x with the rows that <c>rows</c> (a 0/1 column broadcast over x) marks scaled by f and the others passed through
-/// exactly: x + (f - 1) rows x, one addcmul each way (the map is its own adjoint). addcmul computes in float32 for 16-bit
-/// x with f as given, where a rowscale tensor in x's dtype would round f itself (bf16: by up to 2^-9, a bias on every
-/// score and gradient of the layer, where this rounds each weight once).
+/// A weight (rows, in) and its bias (rows,) or null with the rows that <c>rows</c> (a (rows, 1) column of 0 and 1)
+/// marks scaled by f and the others passed through exactly: w + (f - 1) rows w, one addcmul per tensor each way (the map
+/// is its own adjoint), both in one autograd node. addcmul computes in float32 for 16-bit weights with f as given, where
+/// a rowscale tensor in the weight's dtype would round f itself (bf16: by up to 2^-9, a bias on every score and gradient
+/// of the layer, where this rounds each weight once).
 /// </summary>
-internal sealed class RowScaleFunction : autograd.SingleTensorFunction<RowScaleFunction>
+internal sealed class RowScaleFunction : autograd.MultiTensorFunction<RowScaleFunction>
 {
     public override string Name => nameof(RowScaleFunction);
 
-    public override Tensor forward(autograd.AutogradContext ctx, params object?[] vars)
+    public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
-        var x = (Tensor)vars[0]!;
-        var rows = (Tensor)vars[1]!;
-        var f = (double)vars[2]!;
+        var w = (Tensor)vars[0]!;
+        var b = (Tensor?)vars[1];
+        var rows = (Tensor)vars[2]!;
+        var f = (double)vars[3]!;
         ctx.save_for_backward(new List<Tensor> { rows });
         ctx.save_data("f", f);
-        return x.addcmul(x, rows, f - 1);
+        var folded = new List<Tensor> { w.addcmul(w, rows, f - 1) };
+        if (b is not null) folded.Add(b.addcmul(b, rows.view(-1), f - 1));
+        return folded;
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
-        BackwardGuard.Run(Name, 3, new[] { grad }, () =>
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
+        BackwardGuard.Run(Name, 4, grads, () =>
         {
             var rows = ctx.get_saved_variables()[0];
-            return new List<Tensor> { grad.addcmul(grad, rows, (double)ctx.get_data("f") - 1), null!, null! };
+            double fm1 = (double)ctx.get_data("f") - 1;
+            var db = grads.Count > 1 && grads[1] is { } gb ? gb.addcmul(gb, rows.view(-1), fm1) : null;
+            return new List<Tensor> { grads[0].addcmul(grads[0], rows, fm1), db!, null!, null! };
         });
 }
 

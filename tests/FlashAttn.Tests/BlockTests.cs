@@ -167,15 +167,15 @@ public sealed class BlockTests
         Tensor q, k, v;
         if (xKv is null)
         {
-            var qkv = F.linear(x, p["Wqkv.weight"], p["Wqkv.bias"]);
+            var qkv = F.linear(x, p["Wqkv.weight"], p.GetValueOrDefault("Wqkv.bias"));
             q = qkv[.., .., ..(int)(H * D)].view(B, S, H, D);
             k = qkv[.., .., (int)(H * D)..(int)((H + Hk) * D)].view(B, S, Hk, D);
             v = qkv[.., .., (int)((H + Hk) * D)..].view(B, S, Hk, D);
         }
         else
         {
-            q = F.linear(x, p["Wq.weight"], p["Wq.bias"]).view(B, S, H, D);
-            var kv = F.linear(xKv, p["Wkv.weight"], p["Wkv.bias"]).view(B, xKv.size(1), 2, Hk, D);
+            q = F.linear(x, p["Wq.weight"], p.GetValueOrDefault("Wq.bias")).view(B, S, H, D);
+            var kv = F.linear(xKv, p["Wkv.weight"], p.GetValueOrDefault("Wkv.bias")).view(B, xKv.size(1), 2, Hk, D);
             (k, v) = (kv[.., .., 0], kv[.., .., 1]);
         }
         var o = flash_attn.flash_attn_func(q, k, v, 0.0, softmaxScale, causal, alibi_slopes: alibiSlopes);
@@ -188,7 +188,10 @@ public sealed class BlockTests
 
     // A softmax_scale other than 1/sqrt(head_dim), folded into the q rows of the projection: forward and every gradient
     // (x, x_kv, weights, biases) equal the unfolded module's to float64 rounding. Self-attention, GQA, cross-attention,
-    // ALiBi (added after the scale); the kernels' path (flash_attn_func) and the plain one (SDPA, the reference for GQA).
+    // ALiBi (added after the scale), projections without bias; the kernels' path (flash_attn_func) and the plain one
+    // (SDPA, the reference for GQA).
+    [TestCase(false, false, false, true, false, false)]
+    [TestCase(true, false, false, true, true, false)]
     [TestCase(false, false, false, true, false)]
     [TestCase(false, false, false, false, true)]
     [TestCase(false, true, false, true, true)]
@@ -196,12 +199,12 @@ public sealed class BlockTests
     [TestCase(true, false, false, true, true)]
     [TestCase(true, true, false, false, false)]
     public void SoftmaxScale_FoldedIntoTheProjection_IsTheUnfoldedAttention(bool cross, bool gqa, bool alibi, bool useFlashAttn,
-        bool fusedBiasFc)
+        bool fusedBiasFc, bool qkvBias = true)
     {
         const long B = 2, S = 7, Sk = 9, E = 40, H = 4;
         const double scale = 0.23; // f = 0.23 sqrt(10), no power of two
         bool causal = !cross;
-        using var mha = new MHA(E, H, num_heads_kv: gqa ? 2 : null, cross_attn: cross, softmax_scale: scale, causal: causal,
+        using var mha = new MHA(E, H, num_heads_kv: gqa ? 2 : null, cross_attn: cross, qkv_proj_bias: qkvBias, softmax_scale: scale, causal: causal,
                                 use_alibi: alibi, use_flash_attn: useFlashAttn, dtype: F64, fused_bias_fc: fusedBiasFc);
         Randomise(mha, 0.3); // scores of order 1: a saturated softmax would hide the scale from the gradients
         var x = randn(B, S, E, dtype: F64).requires_grad_();
