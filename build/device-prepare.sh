@@ -6,6 +6,9 @@
 # packed and added to a fresh console project with `dotnet add package`) with the packed nupkg; and
 # the peer programs from ../shared/peers. Then run on the device (see CONTRIBUTING.md):
 #   bash build/device-run.sh [tests] [bench] [memory] [peers] [train] [package]   with carry [".device"]
+# PREPARE_OLD=<commit> adds that commit's `flashattn` CLI (.device/app-old, in the same archive: the runtime's files are
+# stored once) and its source tree (.device/old-src.tar.xz, whose libflashattn the device builds) for device-run.sh's
+# losscurve step, which trains with both.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -17,6 +20,19 @@ done
 # The CPU-only libflashattn published with them is replaced there by the CUDA build
 # (FLASHATTN_NATIVE_PATH); drop it so a mistake cannot load it silently.
 find .device/app -name libflashattn.so -delete
+if [ -n "${PREPARE_OLD:-}" ]; then
+  old=$(mktemp -d)
+  git archive --format=tar "$PREPARE_OLD" | tar -x -C "$old"
+  git archive --format=tar "$PREPARE_OLD" | xz -T0 > .device/old-src.tar.xz
+  dotnet publish "$old/FlashAttn.Cli" -c Release -r linux-x64 --self-contained -p:FlashAttnTorch=cuda \
+    -p:DebugType=none -o .device/app-old -v:q -nologo
+  find .device/app-old -name libflashattn.so -delete
+  rm -rf "$old"
+  for f in .device/app-old/*; do
+    b=.device/app/$(basename "$f")
+    if [ -f "$b" ] && cmp -s "$f" "$b"; then ln -f "$b" "$f"; fi
+  done
+fi
 
 # What a user gets from `dotnet add package` (no dotnet on the GPU host, so the project is made and
 # published here; the device swaps the CUDA build into the nupkg and into the published folder, as
@@ -42,8 +58,8 @@ for f in .device/consumer/*; do
   b=.device/app/$(basename "$f")
   if [ -f "$b" ] && cmp -s "$f" "$b"; then ln -f "$b" "$f"; fi
 done
-tar -C .device -cJf .device/app.tar.xz app consumer
-rm -rf .device/app .device/consumer
+tar -C .device -cJf .device/app.tar.xz app consumer $([ -d .device/app-old ] && echo app-old)
+rm -rf .device/app .device/consumer .device/app-old
 if [ -d ../shared/peers ]; then cp -r ../shared/peers .device/peers; fi
 # The device tool sends the tracked tree plus carried paths; keep the whole under 64 MiB.
 du -sh .device

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
 #   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [bench] [memory] [peers]
-#   [sanitize]   (default: tests bench)
+#   [sanitize] [losscurve]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
@@ -109,13 +109,56 @@ fi
 
 if want train; then
   # The seed's experiment with every fusion on, on a corpus prepared there (the embedded one: no
-  # OpenWebText on the device); TRAIN_ARGS adds or overrides keys. A machine still warm from an earlier call holds
-  # that call's run: replaced (trainer.overwrite=true), as each call measures a fresh run.
-  DATA_DIR=/tmp/flashattn-data "$app"/flashattn train experiment=owt/gpt2s-flash datamodule.dataset=kjv \
-    datamodule.sources=embedded:kjv datamodule.val_ratio=0.01 trainer.default_root_dir=/tmp/flashattn-runs trainer.overwrite=true \
-    ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1
-  summary+=("train: rc $?")
-  cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/" 2>/dev/null
+  # OpenWebText on the device); TRAIN_ARGS adds or overrides keys (experiment=owt/gpt2m-flash picks another size: the
+  # last value of a key wins). Several runs in one call: TRAIN_ARGS='set 1 | set 2' trains once per |-separated set, in
+  # order, each logged to train-N.log and metrics-N.jsonl. Each run starts from an empty runs folder (a machine still
+  # warm from an earlier call holds that call's runs), as each call measures a fresh run.
+  IFS='|' read -ra train_sets <<< "${TRAIN_ARGS:-}"
+  [ ${#train_sets[@]} -gt 0 ] || train_sets=("")
+  for i in "${!train_sets[@]}"; do
+    tag=""; [ ${#train_sets[@]} -gt 1 ] && tag="-$((i + 1))"
+    rm -rf /tmp/flashattn-runs
+    # shellcheck disable=SC2086 # word splitting of the overrides is intended
+    DATA_DIR=/tmp/flashattn-data "$app"/flashattn train experiment=owt/gpt2s-flash datamodule.dataset=kjv \
+      datamodule.sources=embedded:kjv datamodule.val_ratio=0.01 trainer.default_root_dir=/tmp/flashattn-runs \
+      ${train_sets[$i]} >"$OUT/train$tag.log" 2>&1
+    summary+=("train$tag: rc $? (${train_sets[$i]:-the experiment}): $(grep -h '^done:' "$OUT/train$tag.log" | cut -d';' -f1)")
+    cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/metrics$tag.jsonl" 2>/dev/null
+  done
+fi
+
+if want losscurve; then
+  # The loss curve of issue 16's check, "training unchanged": GPT-2 124M (owt/gpt2s-flash, bf16, dropout 0, 8
+  # micro-batches of 16 a step, warm-up 20 steps of the 200) on the embedded corpus, trained by this checkout's CLI and by
+  # the CLI of the commit build/device-prepare.sh was given as PREPARE_OLD (.device/app-old, with that commit's own
+  # libflashattn built here from .device/old-src.tar.xz: the ABI moved since), same arguments, same seed:
+  # $OUT/curve-new.jsonl and curve-old.jsonl, drawn into one PNG here by build/loss_curves.py. CURVES='new' or 'old'
+  # runs one of them.
+  curve_args=(experiment=owt/gpt2s-flash datamodule.dataset=kjv datamodule.sources=embedded:kjv datamodule.val_ratio=0.01
+    trainer.precision=bf16 model.config.dropout=0 datamodule.batch_size=16 train.global_batch_size=128
+    train.scheduler.warmup_steps=20 train.scheduler.num_training_steps=200 trainer.max_steps=200
+    trainer.log_every_n_steps=1 trainer.progress_bar=false)
+  for which in ${CURVES:-new old}; do
+    start=$SECONDS
+    rm -rf "/tmp/flashattn-curves/$which"
+    if [ "$which" = old ]; then
+      [ -d .device/app-old ] && [ -f .device/old-src.tar.xz ] ||
+        { summary+=("losscurve old: no .device/app-old (build/device-prepare.sh with PREPARE_OLD=<commit>)"); continue; }
+      rm -rf /tmp/flashattn-old-src && mkdir -p /tmp/flashattn-old-src && tar -C /tmp/flashattn-old-src -xJf .device/old-src.tar.xz
+      FLASHATTN_CUDA=ON FLASHATTN_NATIVE_BUILD_DIR=/tmp/flashattn-native-old FLASHATTN_NATIVE_OUT=/tmp/flashattn-lib-old \
+        /tmp/flashattn-old-src/build/native.sh "-DFLASHATTN_CUDA_ARCHS=$archs" >"$OUT/curve-old-native-build.log" 2>&1 ||
+        { summary+=("losscurve old: native build FAILED"); continue; }
+      # run from the old tree: its CLI reads configs/experiment from the working directory
+      (cd /tmp/flashattn-old-src && FLASHATTN_NATIVE_PATH=/tmp/flashattn-lib-old/libflashattn.so DATA_DIR=/tmp/flashattn-data-old \
+        "$root/.device/app-old/flashattn" train "${curve_args[@]}" trainer.default_root_dir=/tmp/flashattn-curves/old) \
+        >"$OUT/curve-old.log" 2>&1
+    else
+      DATA_DIR=/tmp/flashattn-data "$app"/flashattn train "${curve_args[@]}" trainer.default_root_dir=/tmp/flashattn-curves/new \
+        >"$OUT/curve-new.log" 2>&1
+    fi
+    summary+=("losscurve $which: rc $? ($((SECONDS - start)) s): $(grep -h '^done:' "$OUT/curve-$which.log" | cut -d';' -f1)")
+    cp /tmp/flashattn-curves/"$which"/*/metrics.jsonl "$OUT/curve-$which.jsonl" 2>/dev/null
+  done
 fi
 
 if want profile; then
@@ -166,6 +209,7 @@ echo
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
 [ -f "$OUT/package.log" ] && grep -v "^nupkg entries" "$OUT/package.log"
 [ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
+for f in "$OUT"/train-*.log; do [ -f "$f" ] && { echo "== $f"; tail -6 "$f"; }; done
 [ -f "$OUT/profile.log" ] && head -40 "$OUT/profile.log"
 # last, so that a long table cannot push it out of the tail a caller sees
 echo "== failures"

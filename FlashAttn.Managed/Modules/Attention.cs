@@ -61,7 +61,9 @@ public sealed class FlashCrossAttention : nn.Module<Tensor, Tensor, Tensor>
 /// makes the attention width num_heads * head_dim instead of embed_dim. names renames the projections (GPT-2's
 /// c_attn / c_proj, timm's qkv / proj) so checkpoints of those models load one to one. With a <see cref="KVCache"/>
 /// (self-attention, layer_idx set), forward(x, cache) appends the new keys and values to the layer's cache and attends
-/// to all of it through flash_attn_with_kvcache.
+/// to all of it through flash_attn_with_kvcache. A softmax_scale other than 1/sqrt(head_dim) (GPT-2's
+/// scale_attn_by_inverse_layer_idx) is folded into the q rows of the projection's weight and bias, and attention runs at
+/// its default scale: see <see cref="QFold"/>.
 /// </summary>
 public sealed class MHA : nn.Module<Tensor, Tensor>
 {
@@ -69,7 +71,10 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
     public readonly int? layer_idx;
     private readonly bool _cross, _causal, _useFlash, _deterministic, _fusedBiasFc, _rotaryInterleaved;
     private readonly double _dropoutP;
-    private readonly double? _softmaxScale;
+    // _qFold: softmax_scale * sqrt(head_dim) when it is not 1 (null: no fold); _attentionScale: the scale attention is
+    // called with, null (the default) once the rest is folded into q
+    private readonly double? _qFold, _attentionScale;
+    private Tensor? _qRows; // (rows of Wqkv, 1): 1 on the q rows, 0 on the k/v rows, in the weight's dtype and device
     private readonly (long, long)? _window;
     private readonly Tensor? _alibiSlopes;
 
@@ -98,8 +103,11 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         if (use_alibi && rotary_emb_dim > 0)
             throw new ArgumentException("use_alibi and rotary_emb_dim exclude each other", nameof(use_alibi));
         if (layer_idx is < 0) throw new ArgumentException($"layer_idx ({layer_idx}) must be >= 0", nameof(layer_idx));
-        (_cross, _causal, _useFlash, _deterministic, _dropoutP, _softmaxScale, _window) =
-            (cross_attn, causal, use_flash_attn, deterministic, dropout, softmax_scale, window_size);
+        (_cross, _causal, _useFlash, _deterministic, _dropoutP, _window) =
+            (cross_attn, causal, use_flash_attn, deterministic, dropout, window_size);
+        double fold = softmax_scale is { } s ? s * Math.Sqrt(this.head_dim) : 1.0;
+        // 1 up to rounding: the default scale passed explicitly
+        (_qFold, _attentionScale) = Math.Abs(fold - 1.0) > 1e-12 ? (fold, (double?)null) : ((double?)null, softmax_scale);
         (_fusedBiasFc, _rotaryInterleaved, this.layer_idx) = (fused_bias_fc, rotary_emb_interleaved, layer_idx);
         if (use_alibi) _alibiSlopes = AlibiSlopes(num_heads, device);
         long inner = num_heads * this.head_dim, kvDim = 2 * hk * this.head_dim;
@@ -158,7 +166,34 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         return Attend(x, null, cache);
     }
 
-    private Tensor Linear(Linear layer, Tensor x) => _fusedBiasFc ? flash_attn.fused_dense_func(x, layer.weight!, layer.bias) : layer.forward(x);
+    private Tensor Linear(Linear layer, Tensor x) => Linear(x, layer.weight!, layer.bias);
+
+    private Tensor Linear(Tensor x, Tensor weight, Tensor? bias) =>
+        _fusedBiasFc ? flash_attn.fused_dense_func(x, weight, bias) : F.linear(x, weight, bias);
+
+    /// <summary>
+    /// The projection that makes q (Wqkv, or Wq for cross-attention) with softmax_scale * sqrt(head_dim) folded into its q
+    /// rows: q = (f Wq) x + f bq, so that attention at the default scale 1/sqrt(head_dim) computes softmax_scale q.k.
+    /// Scaling the weight (3 embed x embed elements at GPT-2) instead of q (batch x seqlen x embed) saves the two
+    /// elementwise passes over the activations that SDPA's fold of q costs, forward and backward; ALiBi's bias, added
+    /// after the scale, and rotary, linear in q, are unchanged by it. Autograd gives the weight's gradient, f on the q rows.
+    /// </summary>
+    private Tensor QFold(Linear layer, Tensor x)
+    {
+        if (_qFold is not { } f) return Linear(layer, x);
+        var w = layer.weight!;
+        if (_cross) return Linear(x, w * f, layer.bias is { } b ? b * f : null); // every row of Wq is a q row
+        long rows = w.size(0);
+        if (_qRows is null || _qRows.dtype != w.dtype || _qRows.device_type != w.device_type || _qRows.device_index != w.device_index)
+        {
+            _qRows?.Dispose();
+            using var index = arange(rows, device: w.device);
+            using var isQ = index < num_heads * head_dim;
+            _qRows = isQ.to(w.dtype).view(rows, 1).DetachFromDisposeScope(); // kept across the steps' dispose scopes
+        }
+        var folded = RowScaleFunction.apply(w, layer.bias, _qRows, f);
+        return Linear(x, folded[0], layer.bias is null ? null : folded[1]);
+    }
 
     private Tensor Attend(Tensor x, Tensor? xKv, KVCache? cache)
     {
@@ -171,8 +206,8 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         {
             // unbind (split with GQA): views whose backward is one stack (cat), where an index per part would zero-fill
             // three gradients of qkv's size and add them (about 0.75 GB of traffic per layer at GPT-2 124M, B 16, T 1024)
-            var parts = H == Hk ? Linear(Wqkv!, x).view(B, S, 3, H, D).unbind(2)
-                                : Linear(Wqkv!, x).view(B, S, H + 2 * Hk, D).split(new[] { H, Hk, Hk }, 2);
+            var parts = H == Hk ? QFold(Wqkv!, x).view(B, S, 3, H, D).unbind(2)
+                                : QFold(Wqkv!, x).view(B, S, H + 2 * Hk, D).split(new[] { H, Hk, Hk }, 2);
             (q, k, v) = (parts[0], parts[1], parts[2]);
         }
         else
@@ -180,7 +215,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             TensorArgs.RequireModuleInput(xKv!, "x_kv", out_proj.weight!);
             TensorArgs.Require(xKv!.dim() == 3 && xKv.size(0) == B && xKv.size(2) == embed_dim, "x_kv",
                 $"x_kv must be ({B}, seqlen_k, {embed_dim}), got {TensorArgs.Shape(xKv)}");
-            q = Linear(Wq!, x).view(B, S, H, D);
+            q = QFold(Wq!, x).view(B, S, H, D);
             var kvs = Linear(Wkv!, xKv).view(B, xKv.size(1), 2, Hk, D).unbind(2);
             (k, v) = (kvs[0], kvs[1]);
         }
@@ -189,7 +224,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         {
             // the cache rotates k and q at their positions itself
             var tables = rotary_emb?.Tables(cache.length + S, x.device);
-            o = cache.Append(layer_idx!.Value, q, k, v, _softmaxScale, _causal, _window, _alibiSlopes, tables?.cos, tables?.sin,
+            o = cache.Append(layer_idx!.Value, q, k, v, _attentionScale, _causal, _window, _alibiSlopes, tables?.cos, tables?.sin,
                              _rotaryInterleaved);
         }
         else
@@ -197,28 +232,31 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             if (rotary_emb is not null) (q, k) = rotary_emb.forward_qk(q, k);
             double p = training ? _dropoutP : 0;
             o = _useFlash
-                ? flash_attn.flash_attn_func(q, k, v, p, _softmaxScale, _causal, _window, 0, _alibiSlopes, _deterministic)
+                ? flash_attn.flash_attn_func(q, k, v, p, _attentionScale, _causal, _window, 0, _alibiSlopes, _deterministic)
                 : PlainAttention(q, k, v, p);
         }
         return Linear(out_proj, o.reshape(B, S, H * D));
     }
 
-    // TorchSharp's SDPA takes (B, H, S, D) and always scales by 1/sqrt(D): another scale is folded into q. Its causal mask
+    // TorchSharp's SDPA takes (B, H, S, D) and always scales by 1/sqrt(D), the scale q comes with (QFold). Its causal mask
     // is aligned top-left, so with seqlen_q < seqlen_k the bottom-right mask is passed explicitly. GQA, a window and ALiBi
     // it cannot express: those take the reference.
     private Tensor PlainAttention(Tensor q, Tensor k, Tensor v, double p)
     {
         if (num_heads != num_heads_kv || _alibiSlopes is not null || _window is { } w && (w.Item1 >= 0 || w.Item2 >= 0))
-            return Reference.attention(q, k, v, _softmaxScale, _causal, _window, 0, _alibiSlopes, p).output;
-        long D = q.size(-1), Sq = q.size(1), Sk = k.size(1);
-        double scale = _softmaxScale ?? 1.0 / Math.Sqrt(D);
-        var qt = q.transpose(1, 2);
-        if (Math.Abs(scale * Math.Sqrt(D) - 1.0) > 1e-12) qt = qt * (scale * Math.Sqrt(D));
+            return Reference.attention(q, k, v, _attentionScale, _causal, _window, 0, _alibiSlopes, p).output;
+        long Sq = q.size(1), Sk = k.size(1);
         Tensor? mask = null;
         bool isCausal = false;
         if (_causal && Sq == Sk) isCausal = true;
         else if (_causal && Sq > 1) mask = ones(new[] { Sq, Sk }, ScalarType.Bool, q.device).tril(Sk - Sq);
-        return F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), mask, p, isCausal).transpose(1, 2);
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, p, isCausal).transpose(1, 2);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _qRows?.Dispose();
+        base.Dispose(disposing);
     }
 
     /// <summary>ALiBi slopes for n heads (the geometric sequence of the ALiBi paper, interleaved for non-powers of two).</summary>
@@ -238,6 +276,40 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         }
         return tensor(slopes.Select(s => (float)s).ToArray(), device: device);
     }
+}
+
+/// <summary>
+/// A weight (rows, in) and its bias (rows,) or null with the rows that <c>rows</c> (a (rows, 1) column of 0 and 1)
+/// marks scaled by f and the others passed through exactly: w + (f - 1) rows w, one addcmul per tensor each way (the map
+/// is its own adjoint), both in one autograd node. addcmul computes in float32 for 16-bit weights with f as given, where
+/// a rowscale tensor in the weight's dtype would round f itself (bf16: by up to 2^-9, a bias on every score and gradient
+/// of the layer, where this rounds each weight once).
+/// </summary>
+internal sealed class RowScaleFunction : autograd.MultiTensorFunction<RowScaleFunction>
+{
+    public override string Name => nameof(RowScaleFunction);
+
+    public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
+    {
+        var w = (Tensor)vars[0]!;
+        var b = (Tensor?)vars[1];
+        var rows = (Tensor)vars[2]!;
+        var f = (double)vars[3]!;
+        ctx.save_for_backward(new List<Tensor> { rows });
+        ctx.save_data("f", f);
+        var folded = new List<Tensor> { w.addcmul(w, rows, f - 1) };
+        if (b is not null) folded.Add(b.addcmul(b, rows.view(-1), f - 1));
+        return folded;
+    }
+
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads) =>
+        BackwardGuard.Run(Name, 4, grads, () =>
+        {
+            var rows = ctx.get_saved_variables()[0];
+            double fm1 = (double)ctx.get_data("f") - 1;
+            var db = grads.Count > 1 && grads[1] is { } gb ? gb.addcmul(gb, rows.view(-1), fm1) : null;
+            return new List<Tensor> { grads[0].addcmul(grads[0], rows, fm1), db!, null!, null! };
+        });
 }
 
 public static partial class layers

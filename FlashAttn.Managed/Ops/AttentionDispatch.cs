@@ -112,9 +112,9 @@ internal static class AttentionDispatch
     /// q (B, Sq, H, D), k/v (B, Sk, H, D) -> (B, Sq, H, D) through scaled_dot_product_attention, whose (B, H, S, D) inputs
     /// are transposed views (no copies); gradients flow through libtorch's autograd. Dropout draws from torch's CUDA
     /// generator (torch.manual_seed reproduces it). TorchSharp 0.107's SDPA always scales by 1/sqrt(headdim): another
-    /// softmax_scale (GPT-2's scale_attn_by_inverse_layer_idx gives every layer but the first its own) is folded into q,
-    /// one elementwise kernel each way and one more rounding of q (exact for powers of two), which the tolerance rule of
-    /// AttentionDispatchCudaTests covers.
+    /// softmax_scale is folded into q here, one elementwise kernel each way and one more rounding of q (exact for powers of
+    /// two), which the tolerance rule of AttentionDispatchCudaTests covers. MHA never comes here with one: it folds the
+    /// scale into its projection's weight (GPT-2's scale_attn_by_inverse_layer_idx), a pass over far fewer bytes.
     /// </summary>
     internal static Tensor Sdpa(Tensor q, Tensor k, Tensor v, double dropoutP, double? softmaxScale, bool causal)
     {

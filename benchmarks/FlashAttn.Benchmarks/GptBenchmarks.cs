@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using BenchmarkDotNet.Attributes;
 using FlashAttn.Models;
+using FlashAttn.Models.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -11,7 +12,10 @@ namespace FlashAttn.Benchmarks;
 /// dropout-add-LayerNorm with the residual in fp32, fused cross-entropy, fused dense/MLP where wired) and every fusion off
 /// (TorchSharp SDPA, nn.LayerNorm, cross_entropy on float32 logits; residual_in_fp32 also off, as the peers). The shape
 /// matches shared/peers/pytorch_baselines.py gpt and the plain-TorchSharp peer: vocabulary padded to 50304, no dropout.
-/// FwdBwd is loss + backward; TrainStep adds AdamW (lr 6e-4), the peers' step. Flops: model FLOPs (6N + 12 L d T per token).
+/// FwdBwd is loss + backward; TrainStep adds the optimizer step at lr 6e-4: with the fusions on, `flashattn train`'s
+/// (<see cref="TrainingOptimizer"/>: FusedAdamW with fp32 master weights, weight decay 0.1 on the matrices, the gradient
+/// norm clipped to 1 on the device, gradients set to none), with them off TorchSharp's AdamW (the plain peer's).
+/// Flops: model FLOPs (6N + 12 L d T per token).
 /// Besides the BenchmarkDotNet lines, each case prints "gpt" TSV lines at cleanup: tokens/s and model TFLOP/s from the
 /// median invocation. FLASHATTN_GPT_BENCH=gpt2s:on (model:on|off, comma-separated) picks the cases. Peak memory of a
 /// training step is measured apart, without the caching allocator: see <see cref="Memory"/>.
@@ -62,9 +66,20 @@ public class GptBenchmarks : GpuBenchmark
         manual_seed(0);
         _model = new GPTLMHeadModel(Config(), Dev, ScalarType.BFloat16);
         _model.train();
-        _opt = optim.AdamW(_model.parameters(), lr: 6e-4);
+        _opt = Optimizer(_model, Fused);
         _ids = randint(0, 50257, new long[] { Batch, SeqLen }, device: Dev);
         _labels = randint(0, 50257, new long[] { Batch, SeqLen }, device: Dev);
+    }
+
+    /// <summary>The optimizer of a training step: the trainer's with the fusions on (its defaults: betas 0.9, 0.999, eps
+    /// 1e-8, weight decay 0.1, clip 1.0; the experiments' peak lr 6e-4), TorchSharp's AdamW with them off.</summary>
+    internal static optim.Optimizer Optimizer(GPTLMHeadModel model, bool fused)
+    {
+        const double lr = 6e-4;
+        if (!fused) return optim.AdamW(model.parameters(), lr: lr);
+        var opt = TrainingOptimizer.Create(model.parameter_groups(), Precision.Bf16, weightDecay: 0.1, maxNorm: 1.0);
+        foreach (var group in opt.ParamGroups) group.LearningRate = lr;
+        return opt;
     }
 
     private void Step(bool optimizerStep)

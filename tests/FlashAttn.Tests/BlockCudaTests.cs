@@ -6,8 +6,8 @@ namespace FlashAttn.Tests;
 
 /// <summary>
 /// The module features the models use, on the GPU in bf16 against the plain path in bf16 (the low-precision reference)
-/// and in float64 (the exact one), by the flash-attn rule: MHA's KV cache through flash_attn_with_kvcache, and
-/// DropoutAddLayerNorm's drop-path as the kernel's rowscale.
+/// and in float64 (the exact one), by the flash-attn rule: MHA's KV cache through flash_attn_with_kvcache, MHA's
+/// softmax_scale folded into its projection, and DropoutAddLayerNorm's drop-path as the kernel's rowscale.
 /// </summary>
 [TestFixture]
 [Category(Gpu.Category)]
@@ -47,6 +47,39 @@ public sealed class BlockCudaTests
             cache.advance(b - a);
         }
         Tolerance.AssertClose(cat(parts, 1), full, exact.forward(x.to(ScalarType.Float64)), "cached attention", factor: 3);
+    }
+
+    // GPT-2's third layer (softmax_scale 1/(3 sqrt(D)) under scale_attn_by_inverse_layer_idx) folded into Wqkv's q rows, in
+    // bf16 through SDPA (cuDNN on Hopper) and through our kernels: output and gradients (x, every parameter) against the
+    // unfolded computation in float64, at most twice the error of the unfolded one in bf16 (flash_attn_func at
+    // softmax_scale: SDPA with q scaled, or our kernels' own scale).
+    [TestCase(64, "sdpa")]
+    [TestCase(64, "flash")]
+    [TestCase(128, "flash")]
+    public void MhaSoftmaxScale_Bf16_FoldedMatchesFloat64(long headDim, string backend)
+    {
+        var dev = Gpu.Require();
+        const long B = 2, S = 257, H = 4;
+        long E = H * headDim;
+        double scale = 1.0 / (3 * Math.Sqrt(headDim));
+        using var mode = new BackendOverride(backend);
+        MHA Make(ScalarType dtype) => new(E, H, softmax_scale: scale, causal: true, device: dev, dtype: dtype, fused_bias_fc: true);
+        manual_seed(0);
+        using var low = Make(ScalarType.BFloat16);
+        using var exact = Make(ScalarType.Float64);
+        using (no_grad()) foreach (var p in low.parameters()) p.copy_(randn_like(p) * (2.0 / Math.Sqrt(E))); // scores of order 1
+        CopyWeights(low, exact);
+        var x = randn(new long[] { B, S, E }, device: dev, dtype: ScalarType.BFloat16);
+        var g = randn(new long[] { B, S, E }, device: dev, dtype: ScalarType.BFloat16);
+        var (xl, xr, x64) = (x.detach().requires_grad_(), x.detach().requires_grad_(), x.to(ScalarType.Float64).requires_grad_());
+        var y = low.forward(xl);
+        var yRef = BlockTests.UnfoldedAttention(low, xr, null, scale, causal: true);
+        var y64 = BlockTests.UnfoldedAttention(exact, x64, null, scale, causal: true);
+        Tolerance.AssertClose(y, yRef, y64, "output");
+        var names = low.named_parameters().Select(np => np.name).Prepend("x");
+        foreach (var (name, (actual, (reference, exact64))) in names.Zip(BlockTests.Gradients(low, y, g, xl).Zip(
+                     BlockTests.Gradients(low, yRef, g, xr).Zip(BlockTests.Gradients(exact, y64, g.to(ScalarType.Float64), x64)))))
+            Tolerance.AssertClose(actual, reference, exact64, name);
     }
 
     // dropout off, drop-path 0.5 over 16 samples: the three draw the same samples from the same seed (one float32 Bernoulli

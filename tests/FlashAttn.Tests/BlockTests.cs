@@ -7,8 +7,8 @@ namespace FlashAttn.Tests;
 
 /// <summary>
 /// The public modules as the models use them, against references written here in float64 on the CPU: DropoutAddLayerNorm's
-/// drop-path (rowscale), prenorm residual and plain path; Mlp beside FusedMLP; MHA's KV cache through
-/// flash_attn_with_kvcache; the pre-norm Block over the residual stream.
+/// drop-path (rowscale), prenorm residual and plain path; Mlp beside FusedMLP; MHA's softmax_scale folded into its
+/// projection; MHA's KV cache through flash_attn_with_kvcache; the pre-norm Block over the residual stream.
 /// </summary>
 [TestFixture]
 public sealed class BlockTests
@@ -18,10 +18,10 @@ public sealed class BlockTests
     [SetUp]
     public void Seed() => manual_seed(TestContext.CurrentContext.Random.Next());
 
-    private static void Randomise(nn.Module m)
+    private static void Randomise(nn.Module m, double std = 1.0)
     {
         using var _ = no_grad();
-        foreach (var p in m.parameters()) p.copy_(randn_like(p));
+        foreach (var p in m.parameters()) p.copy_(randn_like(p) * std);
     }
 
     [TestCase(true)]
@@ -122,16 +122,20 @@ public sealed class BlockTests
 
     // Prefill, single tokens and a chunk, with the rest of the cache poisoned: positions past the cache's length hold the
     // keys and values of garbage tokens that were written but never advanced over, which attention must not read.
-    [TestCase(false, false, true)]
-    [TestCase(true, false, true)]
-    [TestCase(true, true, true)]
-    [TestCase(true, false, false)]
-    [TestCase(false, true, false)]
-    public void KvCache_GivesTheFullSequencesAttention(bool rotary, bool gqa, bool useFlashAttn)
+    // A softmax_scale other than 1/sqrt(head_dim) is folded into Wqkv's q rows: the cache must attend with that q at the
+    // default scale, as the full forward does.
+    [TestCase(false, false, true, null)]
+    [TestCase(true, false, true, null)]
+    [TestCase(true, true, true, null)]
+    [TestCase(true, false, false, null)]
+    [TestCase(false, true, false, null)]
+    [TestCase(true, false, true, 0.23)]
+    [TestCase(false, true, false, 0.23)]
+    public void KvCache_GivesTheFullSequencesAttention(bool rotary, bool gqa, bool useFlashAttn, double? softmaxScale)
     {
         const long B = 2, S = 11, E = 32, Hq = 4, D = 8;
         long hk = gqa ? 2 : Hq;
-        using var mha = new MHA(E, Hq, num_heads_kv: gqa ? 2 : null, causal: true, rotary_emb_dim: rotary ? 6 : 0,
+        using var mha = new MHA(E, Hq, num_heads_kv: gqa ? 2 : null, softmax_scale: softmaxScale, causal: true, rotary_emb_dim: rotary ? 6 : 0,
                                 use_flash_attn: useFlashAttn, dtype: F64, fused_bias_fc: true, layer_idx: 1,
                                 names: ("c_attn", "c_proj"));
         Assert.That(mha.state_dict().Keys, Is.EquivalentTo(new[] { "c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias" }));
@@ -150,6 +154,107 @@ public sealed class BlockTests
         }
         Assert.That(cache.length, Is.EqualTo(S));
         Assert.That(Tolerance.MaxAbsDiff(cat(parts, 1), full), Is.LessThan(1e-10));
+    }
+
+    /// <summary>
+    /// MHA's attention written out unfolded from the module's own parameters: the projections, then flash_attn_func at
+    /// softmax_scale (x_kv: cross-attention; the reference on the CPU and for float64), then out_proj.
+    /// </summary>
+    internal static Tensor UnfoldedAttention(MHA m, Tensor x, Tensor? xKv, double softmaxScale, bool causal, Tensor? alibiSlopes = null)
+    {
+        var p = m.named_parameters().ToDictionary(np => np.name, np => (Tensor)np.parameter);
+        long B = x.size(0), S = x.size(1), H = m.num_heads, Hk = m.num_heads_kv, D = m.head_dim;
+        Tensor q, k, v;
+        if (xKv is null)
+        {
+            var qkv = F.linear(x, p["Wqkv.weight"], p.GetValueOrDefault("Wqkv.bias"));
+            q = qkv[.., .., ..(int)(H * D)].view(B, S, H, D);
+            k = qkv[.., .., (int)(H * D)..(int)((H + Hk) * D)].view(B, S, Hk, D);
+            v = qkv[.., .., (int)((H + Hk) * D)..].view(B, S, Hk, D);
+        }
+        else
+        {
+            q = F.linear(x, p["Wq.weight"], p.GetValueOrDefault("Wq.bias")).view(B, S, H, D);
+            var kv = F.linear(xKv, p["Wkv.weight"], p.GetValueOrDefault("Wkv.bias")).view(B, xKv.size(1), 2, Hk, D);
+            (k, v) = (kv[.., .., 0], kv[.., .., 1]);
+        }
+        var o = flash_attn.flash_attn_func(q, k, v, 0.0, softmaxScale, causal, alibi_slopes: alibiSlopes);
+        return F.linear(o.reshape(B, S, H * D), p["out_proj.weight"], p["out_proj.bias"]);
+    }
+
+    /// <summary>Gradients of y's product with g with respect to x, x_kv and every parameter of m, in that order.</summary>
+    internal static Tensor[] Gradients(nn.Module m, Tensor y, Tensor g, params Tensor[] inputs) =>
+        autograd.grad(new[] { y }, inputs.Concat(m.parameters()).ToList(), new[] { g }).ToArray();
+
+    // A softmax_scale other than 1/sqrt(head_dim), folded into the q rows of the projection: forward and every gradient
+    // (x, x_kv, weights, biases) equal the unfolded module's to float64 rounding. Self-attention, GQA, cross-attention,
+    // ALiBi (added after the scale), projections without bias; the kernels' path (flash_attn_func) and the plain one
+    // (SDPA, the reference for GQA).
+    [TestCase(false, false, false, true, false, false)]
+    [TestCase(true, false, false, true, true, false)]
+    [TestCase(false, false, false, true, false)]
+    [TestCase(false, false, false, false, true)]
+    [TestCase(false, true, false, true, true)]
+    [TestCase(false, true, true, false, false)]
+    [TestCase(true, false, false, true, true)]
+    [TestCase(true, true, false, false, false)]
+    public void SoftmaxScale_FoldedIntoTheProjection_IsTheUnfoldedAttention(bool cross, bool gqa, bool alibi, bool useFlashAttn,
+        bool fusedBiasFc, bool qkvBias = true)
+    {
+        const long B = 2, S = 7, Sk = 9, E = 40, H = 4;
+        const double scale = 0.23; // f = 0.23 sqrt(10), no power of two
+        bool causal = !cross;
+        using var mha = new MHA(E, H, num_heads_kv: gqa ? 2 : null, cross_attn: cross, qkv_proj_bias: qkvBias, softmax_scale: scale, causal: causal,
+                                use_alibi: alibi, use_flash_attn: useFlashAttn, dtype: F64, fused_bias_fc: fusedBiasFc);
+        Randomise(mha, 0.3); // scores of order 1: a saturated softmax would hide the scale from the gradients
+        var x = randn(B, S, E, dtype: F64).requires_grad_();
+        var xKv = cross ? randn(B, Sk, E, dtype: F64).requires_grad_() : null;
+        var g = randn(B, S, E, dtype: F64);
+        Tensor[] inputs = xKv is null ? new[] { x } : new[] { x, xKv };
+        var y = xKv is null ? mha.forward(x) : mha.forward(x, xKv);
+        var expected = UnfoldedAttention(mha, x, xKv, scale, causal, alibi ? MHA.AlibiSlopes(H) : null);
+        var names = (cross ? new[] { "x", "x_kv" } : new[] { "x" }).Concat(mha.named_parameters().Select(np => np.name)).ToArray();
+        var pairs = new[] { ("output", y, expected) }
+            .Concat(names.Zip(Gradients(mha, y, g, inputs).Zip(Gradients(mha, expected, g, inputs)), (n, t) => (n, t.First, t.Second)));
+        foreach (var (name, actual, reference) in pairs)
+        {
+            double size = Math.Max(1.0, reference.abs().max().item<double>());
+            Assert.That(Tolerance.MaxAbsDiff(actual, reference), Is.LessThan(1e-13 * size), name);
+        }
+    }
+
+    // The same in float32 and bf16 by the flash-attn rule: against the unfolded computation in float64 (the exact module's
+    // parameters hold the low-precision ones), the folded module's error at most twice that of the unfolded computation in
+    // the same low precision.
+    [TestCase(ScalarType.Float32, false)]
+    [TestCase(ScalarType.BFloat16, false)]
+    [TestCase(ScalarType.BFloat16, true)]
+    public void SoftmaxScale_Folded_LowPrecisionMatchesFloat64WithTheRule(ScalarType dtype, bool gqa)
+    {
+        const long B = 2, S = 33, E = 48, H = 4;
+        double scale = 1.0 / (Math.Sqrt(12) * 3); // GPT-2's third layer under scale_attn_by_inverse_layer_idx
+        using var exact = new MHA(E, H, num_heads_kv: gqa ? 2 : null, softmax_scale: scale, causal: true, dtype: F64, fused_bias_fc: true);
+        using var low = new MHA(E, H, num_heads_kv: gqa ? 2 : null, softmax_scale: scale, causal: true, dtype: dtype, fused_bias_fc: true);
+        {
+            using var _ = no_grad();
+            foreach (var ((_, pe), (_, pl)) in exact.named_parameters().Zip(low.named_parameters()))
+            {
+                pl.copy_(randn_like(pe) * 0.3);
+                pe.copy_(pl); // the exact module starts from the low-precision weights, rounding included
+            }
+        }
+        var x = randn(B, S, E, dtype: dtype);
+        var g = randn(B, S, E, dtype: dtype);
+        var (x64, g64) = (x.to(F64).requires_grad_(), g.to(F64));
+        var (xl, xr) = (x.detach().requires_grad_(), x.detach().requires_grad_());
+        var y = low.forward(xl);
+        var yRef = UnfoldedAttention(low, xr, null, scale, causal: true);
+        var y64 = UnfoldedAttention(exact, x64, null, scale, causal: true);
+        Tolerance.AssertClose(y, yRef, y64, "output");
+        var names = exact.named_parameters().Select(np => np.name).Prepend("x");
+        foreach (var (name, (actual, (reference, exact64))) in names.Zip(Gradients(low, y, g, xl).Zip(
+                     Gradients(low, yRef, g, xr).Zip(Gradients(exact, y64, g64, x64)))))
+            Tolerance.AssertClose(actual, reference, exact64, name);
     }
 
     [Test]
