@@ -450,7 +450,8 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
             size_t k = 0;
             while (true) {
               if (std::fgets(line, sizeof(line), c.from) == nullptr) {
-                std::fprintf(stderr, "%s %lld under %s: the child ended\n", op.c_str(), (long long)s, c.variant.c_str());
+                std::fprintf(stderr, "%s %lld under %s: the child ended\n", op.c_str(), (long long)s,
+                             c.variant.c_str());
                 return 5;
               }
               if (std::strncmp(line, "done", 4) == 0) break;
