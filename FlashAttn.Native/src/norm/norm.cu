@@ -1208,18 +1208,19 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
 // (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
 // thread; the l2 variants add the L2 prefetch of the next row (NOTES.md).
 // rows32o3: rows32 with the backward's registers capped for three 256-thread blocks a multiprocessor (capped at
-// 64 for four, the backward spilled 44-684 bytes; capped at 80, the forward 172-264).
+// 64 for four, the backward spilled 44-684 bytes; capped at 80, the forward 172-264); rows32o3l2: the same with the
+// L2 prefetch.
 enum NormVariant : int {
-  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRows32O3, kNumVariants
+  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRows32O3, kRows32O3L2, kNumVariants
 };
-constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32",  "rows16l2",
-                                                         "rows32l2", "rows64l2", "rows32o3"};
+constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32",   "rows16l2",  "rows32l2",
+                                                         "rows64l2", "rows32o3", "rows32o3l2"};
 
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
 }
-bool variant_l2(int v) { return v == kRows16L2 || v == kRows32L2 || v == kRows64L2; }
-int variant_min_blocks(int v) { return v == kRows32O3 ? 3 : 1; }
+bool variant_l2(int v) { return v == kRows16L2 || v == kRows32L2 || v == kRows64L2 || v == kRows32O3L2; }
+int variant_min_blocks(int v) { return v == kRows32O3 || v == kRows32O3L2 ? 3 : 1; }
 
 int env_variant() {
   static const int v = [] {
