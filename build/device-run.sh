@@ -65,7 +65,7 @@ if want variants; then
   # one for every size; ops_bench times them).
   start=$SECONDS
   rc=0
-  for v in block rows16 rows32 rows16l2 rows32l2 rows64l2; do
+  for v in block rows16 rows32 rows16l2 rows32l2 rows64l2 rows32o3 rows32o3l2; do
     FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
     grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
   done
@@ -171,7 +171,8 @@ fi
 
 if want ops; then
   # The memory-bound kernels against a copy of the same bytes, natively (no .NET), every kernel variant (one
-  # child process each, FLASHATTN_NORM_VARIANT); OPS_NCU='op size' adds an ncu report
+  # child process each, FLASHATTN_NORM_VARIANT, interleaved; every sample after an L2 flush: norm/NOTES.md,
+  # "Measurement"); OPS_NCU='op size' adds an ncu report
   # (memory and occupancy sections) of that case's kernels under the variant of the environment (default: the
   # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32.
   /tmp/flashattn-native/FlashAttn.Native/ops_bench >"$OUT/ops.tsv" 2>"$OUT/ops.err"

@@ -5,12 +5,19 @@
 //   ops_bench --here <op> [size]   in this process only, under the variant of the environment (for profilers:
 //                             FLASHATTN_NORM_VARIANT=rows16 ncu --clock-control none -k regex:norm
 //                             --launch-count 3 ops_bench --here norm_fwd 8192)
-// The launchers read FLASHATTN_NORM_VARIANT once per process, so each variant runs in a
-// child process of its own; "auto" is the launchers' table.
-// Times are medians of event-timed runs, each run cycling over several input sets whose total exceeds the L2
-// (so repeated runs are not served from the cache); the copy moves the op's minimum bytes (each input read once,
-// each output written once) with cudaMemcpyAsync, reads plus writes counted. Inputs are random, never zeros.
-// Correctness lives in the Cuda tests; this only checks that every call succeeds.
+// The launchers read FLASHATTN_NORM_VARIANT once per process, so each variant lives in a child process of its own
+// (--serve: it runs the cases its parent sends on stdin); "auto" is the launchers' table. The parent interleaves the
+// variants: for each (op, size), kRounds rounds, each asking every variant for kSamples samples in turn (each round
+// starting at the next variant), so that a drift of the device (clocks, temperature) falls on every variant alike.
+// Each sample is one call timed alone by events after a flush of the L2 (a read of 4x its size, which also writes
+// back the previous call's outputs): every input comes from DRAM, even where the working set would fit in the L2
+// (768 x 16384 bf16 is 25 MB a tensor). The floor is sampled under the same rule, interleaved with the op's samples:
+// cudaMemcpyAsync of the op's minimum bytes (each input read once, each output written once; half read, half
+// written), each copy after a flush. A forward + backward is two samples, each after its flush (the backward's x,
+// the forward's output, would otherwise come from the L2), and so is its floor (a copy of the forward's bytes and
+// one of the backward's); the backward alone gets its own line (norm_bwd, rms_bwd). Lines give the median and the
+// minimum of all samples; ratio is median over median floor. Inputs are random, never zeros. Correctness lives in the
+// Cuda tests; this only checks that every call succeeds.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -23,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "flashattn.h"
@@ -40,10 +49,11 @@
 
 namespace {
 
-constexpr int kReps = 30;
-constexpr size_t kMinCycleBytes = size_t(256) << 20;  // several times the H200's 50 MB L2
+constexpr int kRounds = 5;   // rounds over the variants of one (op, size)
+constexpr int kSamples = 8;  // samples a variant gives per round
+constexpr int kHereSamples = 20;
 
-__global__ void fill_normal_bf16(__nv_bfloat16* p, size_t n, uint64_t seed, float scale) {
+__global__ void fill_random_bf16(__nv_bfloat16* p, size_t n, uint64_t seed, float scale) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ULL ^ seed;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -65,6 +75,17 @@ __global__ void fill_labels(int64_t* p, size_t n, int64_t vocab) {
     p[i] = int64_t((i * 2654435761ULL) % uint64_t(vocab));
 }
 
+// Reads n 16-byte words, so that the L2 holds these (clean) lines and nothing of the timed call before; the
+// impossible store keeps the loads.
+__global__ void flush_l2(const uint4* p, size_t n, uint4* sink) {
+  uint32_t x = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9E3779B9u) sink[0] = make_uint4(x, x, x, x);
+}
+
 std::vector<void*> g_allocs;
 
 template <typename T>
@@ -77,7 +98,7 @@ T* alloc(size_t n) {
 
 __nv_bfloat16* random_bf16(size_t n, uint64_t seed, float scale = 1.f) {
   auto* p = alloc<__nv_bfloat16>(n);
-  fill_normal_bf16<<<1024, 256>>>(p, n, seed, scale);
+  fill_random_bf16<<<1024, 256>>>(p, n, seed, scale);
   CK(cudaGetLastError());
   return p;
 }
@@ -88,69 +109,110 @@ void free_all() {
   g_allocs.clear();
 }
 
-// Median time in ms of run(set) per call, cycling over `sets` input sets.
-double time_median(int sets, const std::function<void(int)>& run) {
-  for (int s = 0; s < sets; ++s) run(s);  // warm-up
-  CK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int r = 0; r < kReps; ++r) {
-    CK(cudaEventRecord(a));
-    for (int s = 0; s < sets; ++s) run(s);
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / sets);
+// The flush buffer (4x the L2), allocated once per process.
+struct Flusher {
+  uint4* buf = nullptr;
+  uint4* sink = nullptr;
+  size_t words = 0;
+  void operator()() {
+    if (buf == nullptr) {
+      int dev = 0, l2 = 0;
+      CK(cudaGetDevice(&dev));
+      CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+      words = std::max<size_t>(size_t(4) * size_t(l2), size_t(64) << 20) / sizeof(uint4);
+      CK(cudaMalloc(&buf, words * sizeof(uint4)));
+      CK(cudaMemset(buf, 1, words * sizeof(uint4)));
+      CK(cudaMalloc(&sink, sizeof(uint4)));
+    }
+    flush_l2<<<1024, 512>>>(buf, words, sink);
+    CK(cudaGetLastError());
   }
-  CK(cudaGetLastError());
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+} g_flush;
 
-// The floor: a device-to-device copy moving `bytes` in all (bytes / 2 read, bytes / 2 written).
-double copy_floor_ms(size_t bytes) {
-  const size_t half = bytes / 2;
-  const int sets = int(std::max<size_t>(2, kMinCycleBytes / std::max<size_t>(bytes, 1) + 1));
-  std::vector<char*> src(sets), dst(sets);
-  for (int s = 0; s < sets; ++s) src[s] = reinterpret_cast<char*>(random_bf16(half / 2, 77 + s)), dst[s] = alloc<char>(half);
-  const double ms = time_median(sets, [&](int s) { CK(cudaMemcpyAsync(dst[s], src[s], half, cudaMemcpyDeviceToDevice)); });
-  free_all();
+// One sample: ms of run() after a flush of the L2, timed by events around the call alone.
+double time_cold(const std::function<void()>& run) {
+  static cudaEvent_t a = nullptr, b = nullptr;
+  if (a == nullptr) {
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+  }
+  g_flush();
+  CK(cudaEventRecord(a));
+  run();
+  CK(cudaEventRecord(b));
+  CK(cudaEventSynchronize(b));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
   return ms;
 }
 
-// The variant this process runs: the environment variable of the op's family, "auto" when unset.
-const char* variant_of(const char* family_env) {
-  const char* v = family_env != nullptr ? std::getenv(family_env) : nullptr;
-  return family_env == nullptr ? "-" : v != nullptr ? v : "auto";
-}
+// Copies of the op's bytes (half read, half written), set up before its samples and timed beside them.
+struct Copy {
+  char *src = nullptr, *dst = nullptr;
+  size_t half = 0;
+  explicit Copy(size_t bytes) : half(bytes / 2) {
+    src = reinterpret_cast<char*>(random_bf16(half / 2 + 1, 77));
+    dst = alloc<char>(half);
+  }
+  void operator()() const { CK(cudaMemcpyAsync(dst, src, half, cudaMemcpyDeviceToDevice)); }
+};
 
-void report(const char* op, const char* family_env, int64_t size, int64_t rows, size_t bytes, double ms) {
-  const double floor = copy_floor_ms(bytes);
-  std::printf("%s\t%lld\t%s\t%lld\t%.4f\t%.4f\t%.2f\t%.0f\t%.0f\n", op, (long long)size, variant_of(family_env),
-              (long long)rows, ms, floor, ms / floor, bytes / ms / 1e6, bytes / floor / 1e6);
-  std::fflush(stdout);
-}
+// Samples of one case in this process: each op line's times and its floor's, one entry a sample.
+struct CaseSamples {
+  std::string op;
+  int64_t size = 0, rows = 0;
+  size_t bytes = 0;
+  std::vector<double> ms, floor_ms;
+};
+std::vector<CaseSamples> g_samples;
 
-int sets_for(size_t bytes_per_set) { return int(std::max<size_t>(2, kMinCycleBytes / bytes_per_set + 1)); }
+// Runs `parts` (the op's calls, each timed alone) and their copies `samples` times, interleaved, after a warm-up;
+// a line per entry of `lines`: the parts it sums (bit i: part i).
+struct Line {
+  const char* op;
+  unsigned parts;
+};
+void sample(const std::vector<std::function<void()>>& parts, const std::vector<size_t>& part_bytes,
+            const std::vector<Line>& lines, int64_t size, int64_t rows, int samples) {
+  std::vector<Copy> copies;
+  for (size_t b : part_bytes) copies.emplace_back(b);
+  for (const auto& r : parts) r();  // warm-up (and the launchers' one-time queries)
+  for (const Copy& c : copies) c();
+  CK(cudaDeviceSynchronize());
+  for (const Line& l : lines) {
+    CaseSamples c;
+    c.op = l.op, c.size = size, c.rows = rows;
+    for (size_t i = 0; i < parts.size(); ++i)
+      if (l.parts >> i & 1) c.bytes += part_bytes[i];
+    g_samples.push_back(c);
+  }
+  const size_t first = g_samples.size() - lines.size();
+  for (int k = 0; k < samples; ++k) {
+    std::vector<double> t(parts.size()), f(parts.size());
+    for (size_t i = 0; i < parts.size(); ++i) {
+      t[i] = time_cold(parts[i]);
+      f[i] = time_cold(copies[i]);
+    }
+    for (size_t j = 0; j < lines.size(); ++j) {
+      double ms = 0, fl = 0;
+      for (size_t i = 0; i < parts.size(); ++i)
+        if (lines[j].parts >> i & 1) ms += t[i], fl += f[i];
+      g_samples[first + j].ms.push_back(ms);
+      g_samples[first + j].floor_ms.push_back(fl);
+    }
+  }
+  CK(cudaGetLastError());
+  free_all();
+}
 
 // dropout_add_layer_norm, prenorm, p = 0.1 (as the managed benchmark): x0 and residual in (bf16), z and the new
-// residual out; fp32 weight/bias; the mask is regenerated in the backward, never stored.
-// fwd+bwd adds dz, dresidual_out and x read, dx0 and dresidual written: 9 row tensors in all.
-void bench_norm(int64_t hidden, bool rms, bool backward) {
+// residual out; fp32 weight/bias; the mask is regenerated in the backward, never stored. The backward reads dz,
+// dresidual_out and x (the forward's residual_out) and writes dx0 and dresidual: 4 + 5 row tensors in all (RMSNorm
+// without dropout and residual: 2 + 3).
+void bench_norm(int64_t hidden, bool rms, bool backward, int samples) {
   const int64_t rows = 16384;
   const size_t n = size_t(rows) * hidden;
-  const size_t tensors = rms ? (backward ? 5 : 2) : (backward ? 9 : 4);
-  const int sets = sets_for(tensors * n * 2);
-  struct Set {
-    __nv_bfloat16 *x0, *res, *z, *rout, *dz, *drout, *dx0, *dres;
-    float *mean, *rstd;
-  };
-  std::vector<Set> s(sets);
+  const size_t fwd_tensors = rms ? 2 : 4, bwd_tensors = rms ? 3 : 5;
   float* w = alloc<float>(hidden);
   float* b = alloc<float>(hidden);
   float* dw = alloc<float>(hidden);
@@ -159,110 +221,200 @@ void bench_norm(int64_t hidden, bool rms, bool backward) {
   fill_f32<<<64, 256>>>(b, hidden, 0.1f);
   const int64_t ws_bytes = FlashAttn_norm_bwd_workspace_size(rows, hidden, rms ? 0 : 1, 0, 0);
   void* ws = alloc<char>(size_t(ws_bytes));
-  for (int i = 0; i < sets; ++i) {
-    s[i].x0 = random_bf16(n, 10 * i + 1);
-    s[i].res = rms ? nullptr : random_bf16(n, 10 * i + 2);
-    s[i].z = alloc<__nv_bfloat16>(n);
-    s[i].rout = rms ? nullptr : alloc<__nv_bfloat16>(n);
-    s[i].mean = rms ? nullptr : alloc<float>(rows);
-    s[i].rstd = alloc<float>(rows);
-    if (backward) {
-      s[i].dz = random_bf16(n, 10 * i + 3);
-      s[i].drout = rms ? nullptr : random_bf16(n, 10 * i + 4);
-      s[i].dx0 = alloc<__nv_bfloat16>(n);
-      s[i].dres = rms ? nullptr : alloc<__nv_bfloat16>(n);
-    }
+  __nv_bfloat16* x0 = random_bf16(n, 1);
+  __nv_bfloat16* res = rms ? nullptr : random_bf16(n, 2);
+  __nv_bfloat16* z = alloc<__nv_bfloat16>(n);
+  __nv_bfloat16* rout = rms ? nullptr : alloc<__nv_bfloat16>(n);
+  float* mean = rms ? nullptr : alloc<float>(rows);
+  float* rstd = alloc<float>(rows);
+  __nv_bfloat16 *dz = nullptr, *drout = nullptr, *dx0 = nullptr, *dres = nullptr;
+  if (backward) {
+    dz = random_bf16(n, 3);
+    drout = rms ? nullptr : random_bf16(n, 4);
+    dx0 = alloc<__nv_bfloat16>(n);
+    dres = rms ? nullptr : alloc<__nv_bfloat16>(n);
   }
   const float p = rms ? 0.f : 0.1f;
   const auto B = FLASHATTN_DTYPE_BFLOAT16, F = FLASHATTN_DTYPE_FLOAT32;
-  const double ms = time_median(sets, [&](int i) {
-    const Set& t = s[i];
-    FA(FlashAttn_norm_fwd(t.x0, nullptr, t.res, B, B, w, rms ? nullptr : b, nullptr, nullptr, F, nullptr, t.z, nullptr,
-                          t.rout, B, t.mean, t.rstd, nullptr, nullptr, rows, hidden, hidden, 0, hidden, hidden, hidden,
-                          1e-5f, p, 1234, 0, rms ? 1 : 0, 0, nullptr));
-    if (backward)
-      FA(FlashAttn_norm_bwd(t.dz, nullptr, t.drout, rms ? t.x0 : t.rout, B, w, nullptr, F, t.mean, t.rstd, nullptr,
-                            t.dx0, nullptr, t.dres, B, dw, rms ? nullptr : db, nullptr, nullptr, B, rows, hidden, hidden,
-                            hidden, hidden, hidden, hidden, p, 1234, 0, rms ? 1 : 0, 0, ws, ws_bytes, nullptr));
-  });
-  free_all();
-  const char* op = rms ? (backward ? "rms_fwdbwd" : "rms_fwd") : (backward ? "norm_fwdbwd" : "norm_fwd");
-  report(op, "FLASHATTN_NORM_VARIANT", hidden, rows, tensors * n * 2, ms);
+  std::vector<std::function<void()>> parts = {[&] {
+    FA(FlashAttn_norm_fwd(x0, nullptr, res, B, B, w, rms ? nullptr : b, nullptr, nullptr, F, nullptr, z, nullptr, rout,
+                          B, mean, rstd, nullptr, nullptr, rows, hidden, hidden, 0, hidden, hidden, hidden, 1e-5f, p,
+                          1234, 0, rms ? 1 : 0, 0, nullptr));
+  }};
+  std::vector<size_t> bytes = {fwd_tensors * n * 2};
+  if (backward) {
+    parts.push_back([&] {
+      FA(FlashAttn_norm_bwd(dz, nullptr, drout, rms ? x0 : rout, B, w, nullptr, F, mean, rstd, nullptr, dx0, nullptr,
+                            dres, B, dw, rms ? nullptr : db, nullptr, nullptr, B, rows, hidden, hidden, hidden, hidden,
+                            hidden, hidden, p, 1234, 0, rms ? 1 : 0, 0, ws, ws_bytes, nullptr));
+    });
+    bytes.push_back(bwd_tensors * n * 2);
+  }
+  if (backward)
+    sample(parts, bytes, {{rms ? "rms_fwdbwd" : "norm_fwdbwd", 3u}, {rms ? "rms_bwd" : "norm_bwd", 2u}}, hidden, rows,
+           samples);
+  else
+    sample(parts, bytes, {{rms ? "rms_fwd" : "norm_fwd", 1u}}, hidden, rows, samples);
 }
 
 // cross-entropy forward + backward in place (inplace_backward): logits read twice, written once.
-void bench_ce(int64_t vocab) {
+void bench_ce(int64_t vocab, int samples) {
   const int64_t rows = vocab > 100000 ? 4096 : 16384;
   const size_t n = size_t(rows) * vocab;
-  const int sets = sets_for(3 * n * 2);
-  struct Set {
-    __nv_bfloat16* logits;
-    int64_t* labels;
-    float *loss, *lse, *dloss;
-  };
-  std::vector<Set> s(sets);
   const int64_t ws_bytes = FlashAttn_cross_entropy_fwd_workspace_size(rows, vocab);
   void* ws = alloc<char>(size_t(ws_bytes));
-  for (int i = 0; i < sets; ++i) {
-    s[i].logits = random_bf16(n, 100 + i, 2.f);
-    s[i].labels = alloc<int64_t>(rows);
-    fill_labels<<<64, 256>>>(s[i].labels, rows, vocab);
-    s[i].loss = alloc<float>(rows);
-    s[i].lse = alloc<float>(rows);
-    s[i].dloss = alloc<float>(rows);
-    fill_f32<<<64, 256>>>(s[i].dloss, rows, 1.f / rows);
-  }
+  __nv_bfloat16* logits = random_bf16(n, 100, 2.f);
+  int64_t* labels = alloc<int64_t>(rows);
+  fill_labels<<<64, 256>>>(labels, rows, vocab);
+  float* loss = alloc<float>(rows);
+  float* lse = alloc<float>(rows);
+  float* dloss = alloc<float>(rows);
+  fill_f32<<<64, 256>>>(dloss, rows, 1.f / rows);
   const auto B = FLASHATTN_DTYPE_BFLOAT16;
-  const double ms = time_median(sets, [&](int i) {
-    const Set& t = s[i];
-    FA(FlashAttn_cross_entropy_fwd(t.logits, B, t.labels, t.loss, nullptr, t.lse, rows, vocab, vocab, 0.f, 1.f, 0.f,
-                                   -100, ws, ws_bytes, nullptr));
-    FA(FlashAttn_cross_entropy_bwd(t.dloss, 1, t.logits, t.labels, t.lse, t.logits, B, rows, vocab, vocab, vocab, 0.f,
-                                   1.f, 0.f, -100, nullptr));
-  });
-  free_all();
-  report("ce_fwdbwd", nullptr, vocab, rows, 3 * n * 2, ms);
+  sample({[&] {
+           FA(FlashAttn_cross_entropy_fwd(logits, B, labels, loss, nullptr, lse, rows, vocab, vocab, 0.f, 1.f, 0.f,
+                                          -100, ws, ws_bytes, nullptr));
+           FA(FlashAttn_cross_entropy_bwd(dloss, 1, logits, labels, lse, logits, B, rows, vocab, vocab, vocab, 0.f,
+                                          1.f, 0.f, -100, nullptr));
+         }},
+         {3 * n * 2}, {{"ce_fwdbwd", 1u}}, vocab, rows, samples);
 }
 
 // rotary on q (B 8, S 2048, H heads, D 128), out of place: x read, out written, cos/sin (S, 64) each read once.
-void bench_rotary(int64_t heads) {
+void bench_rotary(int64_t heads, int samples) {
   const int64_t batch = 8, seqlen = 2048, d = 128, rd = 128;
   const size_t n = size_t(batch) * seqlen * heads * d, cs = size_t(seqlen) * rd / 2;
-  const size_t bytes = 2 * n * 2 + 2 * cs * 2;
-  const int sets = sets_for(bytes);
-  std::vector<__nv_bfloat16*> x(sets), out(sets);
-  for (int i = 0; i < sets; ++i) x[i] = random_bf16(n, 300 + i), out[i] = alloc<__nv_bfloat16>(n);
+  __nv_bfloat16* x = random_bf16(n, 300);
+  __nv_bfloat16* out = alloc<__nv_bfloat16>(n);
   __nv_bfloat16* cos = random_bf16(cs, 5);
   __nv_bfloat16* sin = random_bf16(cs, 6);
   const auto B = FLASHATTN_DTYPE_BFLOAT16;
-  const double ms = time_median(sets, [&](int i) {
-    const int64_t sh = d, ss = heads * d, sb = seqlen * ss;  // contiguous (B, S, H, D)
-    FA(FlashAttn_rotary_apply(out[i], x[i], B, cos, sin, B, nullptr, nullptr, 0, batch, seqlen, heads, d, rd, seqlen,
-                              rd / 2, sb, ss, sh, sb, ss, sh, 0, 0, nullptr));
-  });
-  free_all();
-  report("rotary", nullptr, heads, batch * seqlen, bytes, ms);
+  const int64_t sh = d, ss = heads * d, sb = seqlen * ss;  // contiguous (B, S, H, D)
+  sample({[&] {
+           FA(FlashAttn_rotary_apply(out, x, B, cos, sin, B, nullptr, nullptr, 0, batch, seqlen, heads, d, rd, seqlen,
+                                     rd / 2, sb, ss, sh, sb, ss, sh, 0, 0, nullptr));
+         }},
+         {2 * n * 2 + 2 * cs * 2}, {{"rotary", 1u}}, heads, batch * seqlen, samples);
 }
 
-}  // namespace
+const std::vector<int64_t> kHidden = {768, 2048, 4096, 8192, 16384};
+const std::vector<int64_t> kVocab = {32000, 50257, 128256, 256000};
+const std::vector<int64_t> kHeads = {16, 64};
 
-// Runs the cases of `only` (all when empty) at `size` (all when 0) in this process.
-void run_here(const std::string& only, int64_t size) {
-  auto want = [&](const char* op, int64_t s) { return (only.empty() || only == op) && (size == 0 || size == s); };
-  for (int64_t h : {768, 2048, 4096, 8192, 16384}) {
-    if (want("norm_fwd", h)) bench_norm(h, false, false);
-    if (want("norm_fwdbwd", h)) bench_norm(h, false, true);
-    if (want("rms_fwd", h)) bench_norm(h, true, false);
-    if (want("rms_fwdbwd", h)) bench_norm(h, true, true);
+// Runs one case (op at size) in this process, adding to g_samples.
+void run_case(const std::string& op, int64_t size, int samples) {
+  if (op == "norm_fwd") bench_norm(size, false, false, samples);
+  else if (op == "norm_fwdbwd") bench_norm(size, false, true, samples);
+  else if (op == "rms_fwd") bench_norm(size, true, false, samples);
+  else if (op == "rms_fwdbwd") bench_norm(size, true, true, samples);
+  else if (op == "ce") bench_ce(size, samples);
+  else if (op == "rotary") bench_rotary(size, samples);
+  else {
+    std::fprintf(stderr, "unknown op %s\n", op.c_str());
+    std::exit(6);
   }
-  for (int64_t v : {32000, 50257, 128256, 256000})
-    if (want("ce", v)) bench_ce(v);
-  for (int64_t h : {16, 64})
-    if (want("rotary", h)) bench_rotary(h);
 }
 
-// Each variant in a child process (the launchers read the variant once per process); the lines come back
-// sorted by op, size and variant.
+const std::vector<int64_t>& sizes_of(const std::string& op) {
+  return op == "ce" ? kVocab : op == "rotary" ? kHeads : kHidden;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 != 0 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+double minimum(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
+
+void print_header() {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# ops_bench on %s (%d SMs, L2 %d MB); every sample one call after an L2 flush; ms: median and min of "
+              "%d samples; floor: cudaMemcpyAsync of the same bytes sampled alike; ratio: median / median floor\n",
+              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, kRounds * kSamples);
+  std::printf("op\tsize\tvariant\trows\tms\tms_min\tfloor_ms\tfloor_min\tratio\tratio_min\tGB/s\tcopy_GB/s\n");
+  std::fflush(stdout);
+}
+
+void print_line(const CaseSamples& c, const std::string& variant) {
+  const double ms = median(c.ms), fl = median(c.floor_ms);
+  std::printf("%s\t%lld\t%s\t%lld\t%.4f\t%.4f\t%.4f\t%.4f\t%.3f\t%.3f\t%.0f\t%.0f\n", c.op.c_str(), (long long)c.size,
+              variant.c_str(), (long long)c.rows, ms, minimum(c.ms), fl, minimum(c.floor_ms), ms / fl,
+              minimum(c.ms) / minimum(c.floor_ms), c.bytes / ms / 1e6, c.bytes / fl / 1e6);
+  std::fflush(stdout);
+}
+
+// --serve: reads "op size samples" lines; answers each with a line per op line of the case,
+// "op size rows bytes ms,ms,... floor,floor,...", then "done".
+int serve() {
+  char buf[256];
+  while (std::fgets(buf, sizeof(buf), stdin) != nullptr) {
+    char op[64];
+    long long size = 0;
+    int samples = 0;
+    if (std::sscanf(buf, "%63s %lld %d", op, &size, &samples) != 3) return 7;
+    g_samples.clear();
+    run_case(op, size, samples);
+    for (const CaseSamples& c : g_samples) {
+      std::printf("%s %lld %lld %zu ", c.op.c_str(), (long long)c.size, (long long)c.rows, c.bytes);
+      for (size_t i = 0; i < c.ms.size(); ++i) std::printf("%s%.6f", i ? "," : "", c.ms[i]);
+      std::printf(" ");
+      for (size_t i = 0; i < c.floor_ms.size(); ++i) std::printf("%s%.6f", i ? "," : "", c.floor_ms[i]);
+      std::printf("\n");
+    }
+    std::printf("done\n");
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+// A child process serving one variant: FLASHATTN_NORM_VARIANT=variant (unset for "-").
+struct Child {
+  std::string variant;
+  pid_t pid = -1;
+  FILE* to = nullptr;
+  FILE* from = nullptr;
+};
+
+Child spawn(const char* self, const char* env, const std::string& variant) {
+  int down[2], up[2];
+  if (pipe(down) != 0 || pipe(up) != 0) std::exit(4);
+  Child c;
+  c.variant = variant;
+  c.pid = fork();
+  if (c.pid < 0) std::exit(4);
+  if (c.pid == 0) {
+    dup2(down[0], 0);
+    dup2(up[1], 1);
+    close(down[0]), close(down[1]), close(up[0]), close(up[1]);
+    if (env != nullptr) setenv(env, variant.c_str(), 1);
+    execl(self, self, "--serve", static_cast<char*>(nullptr));
+    std::_Exit(4);
+  }
+  close(down[0]), close(up[1]);
+  // the children spawned later must not hold this child's pipe ends (its stdin would never reach EOF)
+  fcntl(down[1], F_SETFD, FD_CLOEXEC);
+  fcntl(up[0], F_SETFD, FD_CLOEXEC);
+  c.to = fdopen(down[1], "w");
+  c.from = fdopen(up[0], "r");
+  return c;
+}
+
+std::vector<double> parse_list(const char* s) {
+  std::vector<double> v;
+  for (const char* q = s; *q != 0;) {
+    char* end = nullptr;
+    const double x = std::strtod(q, &end);
+    if (end == q) break;
+    v.push_back(x);
+    q = *end == ',' ? end + 1 : end;
+  }
+  return v;
+}
+
+// Every case of `only` (all when empty) at `size` (all when 0), the variants of each family interleaved round by
+// round; the lines come out by op, size and variant.
 int run_variants(const char* self, const std::string& only, int64_t size) {
   struct Family {
     const char* env;
@@ -270,58 +422,103 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
     std::vector<std::string> variants;
   };
   const std::vector<Family> families = {
-      {"FLASHATTN_NORM_VARIANT", {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"}, {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"}},
+      {"FLASHATTN_NORM_VARIANT",
+       {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"},
+       {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2", "rows32o3",
+        "rows32o3l2"}},
       {nullptr, {"ce", "rotary"}, {"-"}},
   };
-  // (op and size, its lines), in the order the first child of each op met them: ascending sizes
-  std::vector<std::pair<std::string, std::vector<std::string>>> lines;
   int rc = 0;
   for (const Family& f : families) {
-    for (const std::string& op : f.ops) {
-      if (!only.empty() && only != op) continue;
-      for (const std::string& v : f.variants) {
-        std::string cmd = (f.env != nullptr ? std::string(f.env) + "=" + v + " " : std::string()) + "'" + self +
-                          "' --here " + op + (size != 0 ? " " + std::to_string(size) : std::string());
-        FILE* child = popen(cmd.c_str(), "r");
-        if (child == nullptr) return 4;
-        char buf[512];
-        while (std::fgets(buf, sizeof(buf), child) != nullptr) {
-          if (buf[0] == '#' || std::strncmp(buf, "op\t", 3) == 0) continue;
-          const std::string line(buf);
-          const size_t t1 = line.find('\t'), t2 = line.find('\t', t1 + 1);
-          const std::string key = line.substr(0, t2);  // op and size
-          auto it = std::find_if(lines.begin(), lines.end(), [&](const auto& l) { return l.first == key; });
-          if (it == lines.end()) it = lines.insert(lines.end(), {key, {}});
-          it->second.push_back(line);
+    std::vector<std::string> ops;
+    for (const std::string& op : f.ops)
+      if (only.empty() || only == op) ops.push_back(op);
+    if (ops.empty()) continue;
+    std::vector<Child> children;
+    for (const std::string& v : f.variants) children.push_back(spawn(self, f.env, v));
+    for (const std::string& op : ops) {
+      for (int64_t s : sizes_of(op)) {
+        if (size != 0 && size != s) continue;
+        // per variant, its case lines (in the order the child gives them)
+        std::vector<std::vector<CaseSamples>> got(children.size());
+        for (int r = 0; r < kRounds; ++r) {
+          for (size_t i = 0; i < children.size(); ++i) {
+            const size_t ci = (i + size_t(r)) % children.size();  // each round starts at another variant
+            Child& c = children[ci];
+            std::fprintf(c.to, "%s %lld %d\n", op.c_str(), (long long)s, kSamples);
+            std::fflush(c.to);
+            char line[1 << 16];
+            size_t k = 0;
+            while (true) {
+              if (std::fgets(line, sizeof(line), c.from) == nullptr) {
+                std::fprintf(stderr, "%s %lld under %s: the child ended\n", op.c_str(), (long long)s,
+                             c.variant.c_str());
+                return 5;
+              }
+              if (std::strncmp(line, "done", 4) == 0) break;
+              char name[64], ms[1 << 15], fl[1 << 15];
+              long long sz = 0, rows = 0;
+              size_t bytes = 0;
+              if (std::sscanf(line, "%63s %lld %lld %zu %32767s %32767s", name, &sz, &rows, &bytes, ms, fl) != 6) {
+                rc = 5;
+                continue;
+              }
+              if (got[ci].size() <= k) {
+                CaseSamples cs;
+                cs.op = name, cs.size = sz, cs.rows = rows, cs.bytes = bytes;
+                got[ci].push_back(cs);
+              }
+              const std::vector<double> a = parse_list(ms), b = parse_list(fl);
+              got[ci][k].ms.insert(got[ci][k].ms.end(), a.begin(), a.end());
+              got[ci][k].floor_ms.insert(got[ci][k].floor_ms.end(), b.begin(), b.end());
+              ++k;
+            }
+          }
         }
-        const int status = pclose(child);
-        if (status != 0) {
-          std::fprintf(stderr, "%s: exit status %d\n", cmd.c_str(), status);
-          rc = 5;
-        }
+        const size_t nlines = got.empty() ? 0 : got[0].size();
+        for (size_t k = 0; k < nlines; ++k)
+          for (size_t ci = 0; ci < children.size(); ++ci)
+            if (k < got[ci].size()) print_line(got[ci][k], children[ci].variant);
+      }
+    }
+    for (Child& c : children) {
+      std::fclose(c.to);
+      std::fclose(c.from);
+      int status = 0;
+      waitpid(c.pid, &status, 0);
+      if (status != 0) {
+        std::fprintf(stderr, "variant %s: exit status %d\n", c.variant.c_str(), status);
+        rc = 5;
       }
     }
   }
-  for (const auto& k : lines)
-    for (const std::string& l : k.second) std::fputs(l.c_str(), stdout);
   return rc;
 }
 
+}  // namespace
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--serve") == 0) return serve();
   const bool here = argc > 1 && std::strcmp(argv[1], "--here") == 0;
   const int a = here ? 2 : 1;
   const std::string only = argc > a ? argv[a] : "";
   const int64_t size = argc > a + 1 ? std::atoll(argv[a + 1]) : 0;
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("# ops_bench on %s (%d SMs, L2 %d MB); ms = median per call; floor = cudaMemcpyAsync of the same bytes\n",
-              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-  std::printf("op\tsize\tvariant\trows\tms\tfloor_ms\tratio\tGB/s\tcopy_GB/s\n");
-  std::fflush(stdout);
   if (here) {
-    run_here(only, size);
+    print_header();
+    const char* v = std::getenv("FLASHATTN_NORM_VARIANT");
+    for (const std::string op : {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "ce", "rotary"}) {
+      if (!only.empty() && only != op) continue;
+      for (int64_t s : sizes_of(op)) {
+        if (size != 0 && size != s) continue;
+        g_samples.clear();
+        run_case(op, s, kHereSamples);
+        const bool norm = op != "ce" && op != "rotary";
+        for (const CaseSamples& c : g_samples) print_line(c, !norm ? "-" : v != nullptr ? v : "auto");
+      }
+    }
     return 0;
   }
+  print_header();  // the children exec this program anew, so this process's CUDA context is not theirs
   char self[4096];
   const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
   if (n <= 0) return 4;
