@@ -1,5 +1,6 @@
 using System.Globalization;
 using FlashAttn.Models.Data;
+using FlashAttn.Models.Distributed;
 using FlashAttn.Models.Training;
 
 namespace FlashAttn.Cli;
@@ -39,6 +40,17 @@ public static class CliApp
           flashattn prepare openwebtext /data/openwebtext/plain_text --val-ratio 0.0005   # the Hub's parquet files, the owt experiments' split
         """;
 
+    static int CudaDevices() => TorchSharp.torch.cuda.is_available() ? TorchSharp.torch.cuda.device_count() : 0;
+
+    /// <summary>trainer.devices=N: the N ranks run this command again, each line they write prefixed with their rank (ranks
+    /// other than 0 write only their errors); the exit code is the first failing rank's (the others are stopped then), else 0.</summary>
+    static int Launch(Launcher launcher, TextWriter stdout, TextWriter stderr)
+    {
+        stderr.WriteLine($"trainer.devices={launcher.WorldSize}: starting {launcher.WorldSize} ranks (rank 0 logs)");
+        try { return launcher.Run(stdout, stderr); }
+        finally { if (launcher.Options.RendezvousFile is { } f) File.Delete(f); }
+    }
+
     public const string PrepareUsage =
         "usage: flashattn prepare <name> <inputs...> [--val-ratio R] [--val-split-seed S] [--data-dir DIR] [--threads N] [--tokenizer gpt2] [--no-progress]";
 
@@ -64,8 +76,12 @@ public static class CliApp
                 case "train":
                 {
                     var config = ExperimentConfig.Parse(rest);
-                    var result = new Trainer(config, stderr).Run();
                     var settings = config.Bind();
+                    var worker = WorkerEnvironment.FromLauncher();
+                    if (DataParallel.LauncherFor(settings, worker, CudaDevices()) is { } launcher)
+                        return Launch(launcher, stdout, stderr);
+                    var result = new Trainer(config, stderr, worker).Run();
+                    if (worker is { Rank: not 0 }) return 0;
                     if (result.Steps <= 0)
                     {
                         stdout.WriteLine((settings.Trainer.MaxSteps == 0 ? "evaluation only" : $"run {result.RunDir}: no training steps left") +

@@ -5,6 +5,11 @@ namespace FlashAttn.Models.Distributed;
 /// <summary>What a worker process learns from the launcher's environment variables.</summary>
 public sealed record WorkerEnvironment(int Rank, int LocalRank, int WorldSize, int LocalWorldSize, string? MasterAddr, int? MasterPort, string? RendezvousFile)
 {
+    /// <summary>This process's rank when <see cref="Launcher"/> started it (FLASHATTN_DISTRIBUTED_WORKER=1: WORLD_SIZE alone may
+    /// be another launcher's), else null.</summary>
+    public static WorkerEnvironment? FromLauncher() =>
+        Environment.GetEnvironmentVariable(Launcher.WorkerVariable) == "1" ? FromEnvironment() : null;
+
     /// <summary>Reads RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and the rendezvous variables;
     /// null when this process was not started by the launcher (no WORLD_SIZE).</summary>
     public static WorkerEnvironment? FromEnvironment(Func<string, string?>? get = null)
@@ -88,6 +93,7 @@ public sealed class Launcher
     }
 
     public int WorldSize => _options.ProcessesPerNode * _options.Nodes;
+    public LaunchOptions Options => _options;
 
     /// <summary>The environment worker <paramref name="localRank"/> is started with (besides the inherited one).</summary>
     public IReadOnlyDictionary<string, string> WorkerEnvironmentFor(int localRank)

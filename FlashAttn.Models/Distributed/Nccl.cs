@@ -138,7 +138,7 @@ public sealed class NcclException(string message, int result) : Exception(messag
 /// (stream 0, which TorchSharp's kernels use), so they are ordered after the kernels that produced
 /// the data. Untested here (no GPU, no libnccl); the GPU host runs it.
 /// </summary>
-public sealed unsafe class NcclCommunicator : IDisposable
+public sealed unsafe class NcclCommunicator : ICollective, IDisposable
 {
     IntPtr _comm;
 

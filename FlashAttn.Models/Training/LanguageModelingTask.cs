@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using FlashAttn.Models.Data;
+using FlashAttn.Models.Distributed;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -13,13 +14,13 @@ public sealed class LanguageModelingTask : ITrainingTask
     readonly GPTLMHeadModel _model;
     InitialWeights? _initial;
     readonly TokenArray _train, _val;
-    readonly LmBatchSampler _sampler;
+    readonly DistributedSampler _sampler;
     readonly Device _device;
     readonly int _seqlen;
     readonly TextWriter _log;
     bool _attentionLogged;
 
-    public LanguageModelingTask(RunConfig c, Device device, ScalarType dtype, TextWriter log)
+    public LanguageModelingTask(RunConfig c, Device device, ScalarType dtype, TextWriter log, DataShard? shard = null)
     {
         (_device, _log) = (device, log);
         var data = c.Data;
@@ -65,7 +66,9 @@ public sealed class LanguageModelingTask : ITrainingTask
         else Config = DevicePolicy.Fusions(c.Model.Gpt(meta.VocabSize), overrides, device, log);
         if (Config.rotary_emb_fraction == 0 && Config.n_positions < _seqlen)
             throw new ConfigException($"datamodule.max_length={_seqlen} exceeds the model's n_positions={Config.n_positions}; set model.config.n_positions or a shorter datamodule.max_length");
-        _sampler = new LmBatchSampler(_train, _seqlen, c.Seed);
+        // one rank: LmBatchSampler's order itself; several: each rank its strided share of every global batch
+        shard ??= DataShard.Single;
+        _sampler = new DistributedSampler(_train, _seqlen, c.Seed, shard.Rank, shard.WorldSize);
         if (_val.Length <= _seqlen)
             log.WriteLine($"warning: the validation split of {dir} has {_val.Length} tokens, not one sequence of {_seqlen + 1}: no validation. " +
                 (meta.ValRatio == 0 ? "It was prepared with datamodule.val_ratio=0" : "Delete the cache and prepare it again with a larger datamodule.val_ratio"));
@@ -83,7 +86,8 @@ public sealed class LanguageModelingTask : ITrainingTask
         FlopsPerSample = _model.flops_per_token(_seqlen) * _seqlen;
         Description = (init is null ? $"GPT {c.Model.Name}" : $"GPT from {init.Path}") + $" (n_layer {Config.n_layer}, n_embd {Config.n_embd}, n_head {Config.n_head}, " +
             $"{_model.num_parameters() / 1e6:F1}M parameters, {_model.num_parameters(true) / 1e6:F1}M without embeddings) on {data.Dataset} " +
-            $"({meta.TrainTokens:N0} train / {meta.ValTokens:N0} val tokens, {_sampler.NumSequences:N0} sequences of {_seqlen})";
+            $"({meta.TrainTokens:N0} train / {meta.ValTokens:N0} val tokens, {_sampler.TotalSequences:N0} sequences of {_seqlen})" +
+            (shard.WorldSize > 1 ? $", rank {shard.Rank}'s share of {shard.WorldSize}" : "");
     }
 
     public GPTConfig Config { get; }

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json.Nodes;
+using FlashAttn.Models.Distributed;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -21,24 +22,42 @@ public sealed class Trainer
 {
     readonly ExperimentConfig _config;
     RunConfig _c;
-    readonly TextWriter _log;
+    readonly TextWriter _console;
+    readonly WorkerEnvironment? _worker;
 
-    public Trainer(ExperimentConfig config, TextWriter? log = null)
+    /// <param name="config">The experiment's keys (bound here once).</param>
+    /// <param name="log">Rank 0's log; default stderr.</param>
+    /// <param name="worker">This process's rank when <see cref="Launcher"/> started it (trainer.devices > 1), else null: the
+    /// environment's by default (<see cref="WorkerEnvironment.FromLauncher"/>). Ranks other than 0 write no log.</param>
+    public Trainer(ExperimentConfig config, TextWriter? log = null, WorkerEnvironment? worker = null)
     {
         _config = config;
         _c = config.Bind();
-        _log = log ?? Console.Error;
+        _worker = worker ?? WorkerEnvironment.FromLauncher();
+        _console = log ?? Console.Error;
     }
+
+    /// <summary>The gradient all-reduce; null: a rank's NCCL reducer (<see cref="DataParallel.Join"/>) under the launcher, none
+    /// otherwise. Owned by the caller when set.</summary>
+    public IGradientReducer? Reducer { get; init; }
+
+    /// <summary>The data shard of this process: its rank and the world size (0 of 1 outside the launcher).</summary>
+    DataShard Shard => _worker is { } w ? new(w.Rank, w.WorldSize) : Reducer is { } r ? new(r.Rank, r.WorldSize) : DataShard.Single;
+
+    /// <summary>Whether this process logs, writes the run folder and checkpoints (Lightning's rank_zero_only).</summary>
+    bool IsRankZero => Shard.Rank == 0;
+
+    TextWriter Log => IsRankZero ? _console : TextWriter.Null;
 
     /// <summary>Callbacks called after the built-in ones (Lightning's Trainer(callbacks=[...])).</summary>
     public List<ITrainerCallback> Callbacks { get; } = new();
 
     /// <summary>Builds the task the config names (lm or image_classification).</summary>
-    public static Func<RunConfig, Device, ScalarType, TextWriter, ITrainingTask> TaskFactory { get; set; } = DefaultTaskFactory;
+    public static Func<RunConfig, Device, ScalarType, DataShard, TextWriter, ITrainingTask> TaskFactory { get; set; } = DefaultTaskFactory;
 
-    static ITrainingTask DefaultTaskFactory(RunConfig c, Device device, ScalarType dtype, TextWriter log) => c.Task switch
+    static ITrainingTask DefaultTaskFactory(RunConfig c, Device device, ScalarType dtype, DataShard shard, TextWriter log) => c.Task switch
     {
-        TaskKind.LanguageModeling => new LanguageModelingTask(c, device, dtype, log),
+        TaskKind.LanguageModeling => new LanguageModelingTask(c, device, dtype, log, shard),
         _ => new ImageClassificationTask(c, device, dtype, log),
     };
 
@@ -46,12 +65,14 @@ public sealed class Trainer
     {
         var t = _c.Trainer;
         int accum = _c.Accumulation; // computed with the device count, as specified
-        if (t.Devices != 1)
-            throw new ConfigException($"trainer.devices={t.Devices}: data parallel training is not wired in yet; use 1 (accumulation would be {accum} at datamodule.batch_size={_c.Data.BatchSize})");
+        if (_worker is not null) DataParallel.CheckRank(_c, _worker);
+        else if (t.Devices != Shard.WorldSize)
+            throw new ConfigException($"trainer.devices={t.Devices}: each of the {t.Devices} ranks is a process the launcher starts (flashattn train does); " +
+                $"a Trainer in this process trains with trainer.devices={Shard.WorldSize}");
         if (accum * t.Devices * _c.Data.BatchSize != _c.GlobalBatchSize)
-            _log.WriteLine($"warning: train.global_batch_size={_c.GlobalBatchSize} is not a multiple of trainer.devices × datamodule.batch_size = {t.Devices * _c.Data.BatchSize}; " +
+            Log.WriteLine($"warning: train.global_batch_size={_c.GlobalBatchSize} is not a multiple of trainer.devices × datamodule.batch_size = {t.Devices * _c.Data.BatchSize}; " +
                 $"each step uses {accum * t.Devices * _c.Data.BatchSize}");
-        var device = DevicePolicy.Resolve(t.Accelerator);
+        var device = _worker is { } w ? DataParallel.DeviceOf(w) : DevicePolicy.Resolve(t.Accelerator);
         if (device.type == DeviceType.CPU && t.NumThreads > 0) torch.set_num_threads(t.NumThreads);
 
         var runDir = _c.RunDir;
@@ -69,14 +90,17 @@ public sealed class Trainer
         // the folder belongs to one run: refused here, before the data and the model are prepared; taken (RunFolder.Start)
         // once the run is ready for its first step, and nothing is written into it before
         bool resumesHere = _c.Resume is { } resuming && (resuming == "last" || RunFolder.Contains(runDir, Checkpoint.Pin(resuming)));
-        if (t.MaxSteps > 0) RunFolder.Check(runDir, _c.RunName, resumesHere, t.Overwrite);
+        if (t.MaxSteps > 0 && IsRankZero) RunFolder.Check(runDir, _c.RunName, resumesHere, t.Overwrite);
 
-        using var run = Setup(device);
+        using var joined = Reducer is null && _worker is { } rank ? DataParallel.Join(rank) : null;
+        using var run = Setup(device, Reducer ?? joined);
         if (_c.Resume is { } spec) Resume(run, spec);
         Describe(run);
         if (t.MaxSteps == 0) return EvaluateOnly(run);
-        using var folder = RunFolder.Start(runDir, _c.RunName, resumesHere, t.Overwrite, run.ConfigYaml, _log);
-        var bar = new ProgressBar(_log, t.ProgressBar, t.MaxSteps);
+        // rank 0 alone writes the run folder, the metrics and the checkpoints (the others' weights are the same)
+        if (!IsRankZero) return Fit(run, []);
+        using var folder = RunFolder.Start(runDir, _c.RunName, resumesHere, t.Overwrite, run.ConfigYaml, Log);
+        var bar = new ProgressBar(Log, t.ProgressBar, t.MaxSteps);
         run.Print = bar.Message;
         using var metrics = new MetricsLogger();
         var callbacks = new List<ITrainerCallback> { metrics };
@@ -87,22 +111,24 @@ public sealed class Trainer
         return Fit(run, [.. callbacks, .. Callbacks]);
     }
 
-    /// <summary>The task (model and data), the optimizer over its parameters, fp16's loss scaler; seeded.</summary>
-    TrainingRun Setup(Device device)
+    /// <summary>The task (model and data; with data parallelism rank 0's weights on every rank), the optimizer over its
+    /// parameters, fp16's loss scaler; seeded.</summary>
+    TrainingRun Setup(Device device, IGradientReducer? reducer)
     {
         var t = _c.Trainer;
         torch.manual_seed(_c.Seed);
         if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(_c.Seed);
-        var task = TaskFactory(_c, device, DevicePolicy.ComputeDtype(t.Precision), _log);
+        var task = TaskFactory(_c, device, DevicePolicy.ComputeDtype(t.Precision), Shard, Log);
         try
         {
             task.Model.train();
+            reducer?.Broadcast([.. task.Parameters.Select(p => p.parameter)]);
             var o = _c.Optimizer;
             var opt = TrainingOptimizer.Create(task.Parameters, t.Precision, o.Beta1, o.Beta2, o.Eps, o.WeightDecay, maxNorm: t.GradientClipVal);
             task.InitializeOptimizer(opt);
             var scaler = t.Precision == Precision.Fp16 ? new DynamicLossScaler(device) : null;
             opt.grad_scale = scaler?.Scale;
-            return new TrainingRun(_c, _config.Dump(), device, task, opt, scaler, _log);
+            return new TrainingRun(_c, _config.Dump(), device, task, opt, scaler, Log) { Reducer = reducer };
         }
         catch
         {
@@ -123,7 +149,7 @@ public sealed class Trainer
         run.Task.SamplerState = state["sampler"]!;
         run.UnitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
         if (run.Scaler != null && state["loss_scale"] is JsonValue ls) run.Scaler.Load(ls.GetValue<double>(), state["good_steps"]!.GetValue<int>());
-        _log.WriteLine($"resumed from {dir} at step {run.StartStep}");
+        Log.WriteLine($"resumed from {dir} at step {run.StartStep}");
         if (state["config"]?.GetValue<string>() is { } saved)
         {
             static Dictionary<string, string> Lines(string d) => d.Split('\n', StringSplitOptions.RemoveEmptyEntries)
@@ -131,19 +157,19 @@ public sealed class Trainer
             var before = Lines(saved); var now = Lines(run.ConfigYaml);
             var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
                 .Select(kv => $"{kv.Key} ({before[kv.Key]} -> {kv.Value})").ToList();
-            if (changed.Count > 0) _log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
+            if (changed.Count > 0) Log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
         }
     }
 
     void Describe(TrainingRun run)
     {
         var t = _c.Trainer;
-        _log.WriteLine($"experiment {_c.Experiment}: {run.Task.Description}");
-        _log.WriteLine($"device {run.Device.type} ×{t.Devices}, precision {ConfigNames.Name(t.Precision)}, global batch {_c.GlobalBatchSize} = {t.Devices} device(s) × " +
+        Log.WriteLine($"experiment {_c.Experiment}: {run.Task.Description}");
+        Log.WriteLine($"device {run.Device.type} ×{t.Devices}, precision {ConfigNames.Name(t.Precision)}, global batch {_c.GlobalBatchSize} = {t.Devices} device(s) × " +
             $"{_c.Data.BatchSize} × {_c.Accumulation} accumulation, {t.MaxSteps} steps, lr {run.Schedule.Lr:G3} ({run.Schedule.Kind.ToString().ToLowerInvariant()}, " +
             $"warmup {run.Schedule.WarmupSteps}), run folder {run.RunDir}");
         var optimized = TrainingOptimizer.Optimized(run.Task.Parameters);
-        _log.WriteLine($"AdamW: {optimized.Where(np => np.weight_decay).Sum(np => np.parameter.numel()):N0} parameters with weight decay {_c.Optimizer.WeightDecay}, " +
+        Log.WriteLine($"AdamW: {optimized.Where(np => np.weight_decay).Sum(np => np.parameter.numel()):N0} parameters with weight decay {_c.Optimizer.WeightDecay}, " +
             $"{optimized.Where(np => !np.weight_decay).Sum(np => np.parameter.numel()):N0} without" + (run.Optimizer.uses_kernels ? " (fused kernels)" : ""));
     }
 
@@ -154,7 +180,7 @@ public sealed class Trainer
         var sw = Stopwatch.StartNew();
         var m = run.Task.Evaluate(_c.Data.BatchSizeEval, _c.Trainer.LimitValBatches);
         if (m.Count == 0) throw new ConfigException("trainer.max_steps=0 evaluates only, but the data has no validation split");
-        _log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
+        Log.WriteLine("evaluation only (trainer.max_steps=0): " + string.Join(", ", m.Select(kv => $"{kv.Key} {kv.Value:F4}")) +
             $" in {sw.Elapsed.TotalSeconds:F1} s");
         return new TrainResult(run.RunDir, 0, double.NaN, double.NaN, m["val_loss"], 0, null, sw.Elapsed, [], null);
     }
@@ -202,13 +228,13 @@ public sealed class Trainer
                 foreach (var cb in callbacks) cb.OnLog(run, rec);
             }
             foreach (var cb in callbacks) cb.OnTrainBatchEnd(run);
-            if (t.ValCheckInterval > 0 && done % t.ValCheckInterval == 0 && done != t.MaxSteps) Validate(run, callbacks);
+            if (t.ValCheckInterval > 0 && done % t.ValCheckInterval == 0 && done != t.MaxSteps && IsRankZero) Validate(run, callbacks);
         }
-        if (t.MaxSteps > run.StartStep || run.ValLoss is null) Validate(run, callbacks);
+        if ((t.MaxSteps > run.StartStep || run.ValLoss is null) && IsRankZero) Validate(run, callbacks);
         foreach (var cb in callbacks) cb.OnTrainEnd(run);
         run.Elapsed = sw.Elapsed;
         var plot = run.PlotPath;
-        _log.WriteLine($"done: {t.MaxSteps - run.StartStep} steps in {run.Elapsed:hh\\:mm\\:ss}, loss {run.FirstLoss:F4} -> {run.LastLoss:F4}" +
+        Log.WriteLine($"done: {t.MaxSteps - run.StartStep} steps in {run.Elapsed:hh\\:mm\\:ss}, loss {run.FirstLoss:F4} -> {run.LastLoss:F4}" +
             (run.ValLoss is { } v ? $", val_loss {v:F4} (ppl {Math.Exp(v):F1})" : "") + $", {Format.Rate(run.UnitsPerSecond)} {task.Unit}/s" +
             (run.Mfu is { } m3 ? $", MFU {m3 * 100:F1}%" : "") + $"; metrics {MetricsLogger.PathIn(run.RunDir)}" + (plot != null ? $", plot {plot}" : ""));
         return new TrainResult(run.RunDir, t.MaxSteps - run.StartStep, run.FirstLoss, run.LastLoss, run.ValLoss, run.UnitsPerSecond, run.Mfu,
@@ -235,6 +261,9 @@ public sealed class Trainer
             var loss = run.Task.TrainLoss(run.Config.Data.BatchSize);
             var scaled = lossScale is null ? loss * (1.0 / accum) : loss * lossScale;
             scaled.backward();
+            // every micro-batch's gradients, before accumulate_grad takes 16-bit ones into its float32 sums: the sums and
+            // the last micro-batch's gradients the optimizer reads are then the ranks' means
+            run.Reducer?.AllReduce(run.Gradients);
             // the last micro-batch's 16-bit gradients are read by the optimizer together with the fp32 sums
             if (a < accum - 1) opt.accumulate_grad();
             var d = loss.detach().to(ScalarType.Float32);

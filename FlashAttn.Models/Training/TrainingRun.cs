@@ -1,5 +1,7 @@
 using System.Text.Json.Nodes;
+using FlashAttn.Models.Distributed;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FlashAttn.Models.Training;
@@ -26,6 +28,11 @@ public sealed class TrainingRun : IDisposable
     public string ConfigYaml { get; }
     public Device Device { get; }
     public ITrainingTask Task { get; }
+    /// <summary>The gradient all-reduce of data parallel training; null on one device.</summary>
+    public IGradientReducer? Reducer { get; init; }
+    /// <summary>The parameters whose gradients <see cref="Reducer"/> averages, in the task's order.</summary>
+    internal IReadOnlyList<Parameter> Gradients => _gradients ??= [.. Task.Parameters.Select(p => p.parameter)];
+    IReadOnlyList<Parameter>? _gradients;
     public FusedAdamW Optimizer { get; }
     /// <summary>fp16's dynamic loss scaling; null in fp32 and bf16 runs.</summary>
     public DynamicLossScaler? Scaler { get; }

@@ -155,7 +155,7 @@ public class CliTests
         Assert.That(o, Does.Contain("flashattn train").And.Contain("trainer.precision").And.Contain("owt/gpt2s-flash"));
         (rc, _, err) = Cli("train", "experiment=owt/gpt2s-flash", "trainer.devices=8");
         Assert.That(rc, Is.EqualTo(2));
-        Assert.That(err, Does.Contain("trainer.devices=8: data parallel training is not wired in yet; use 1").And.Not.Match("issue [0-9]"));
+        Assert.That(err, Does.Contain("trainer.devices=8 trains on 8 GPUs").And.Contain("use trainer.devices=1").And.Not.Match("issue [0-9]"));
         (rc, _, err) = Cli("frobnicate");
         Assert.That(rc, Is.EqualTo(2));
         Assert.That(err, Does.Contain("train, prepare"));

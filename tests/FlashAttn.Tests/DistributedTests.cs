@@ -58,6 +58,17 @@ public class DistributedTests
     }
 
     [Test]
+    public void SamplerOfOneRankIsTheSingleProcessOrder()
+    {
+        using var tokens = Tokens(7);
+        var single = new LmBatchSampler(tokens, SeqLen, seed: 5);
+        var one = new DistributedSampler(tokens, SeqLen, 5, rank: 0, worldSize: 1);
+        for (int i = 0; i < 6; i++) // 18 samples: across two epoch ends
+            Assert.That(one.Next(3), Is.EqualTo(single.Next(3)), $"batch {i}");
+        Assert.That(one.State, Is.EqualTo(single.State));
+    }
+
+    [Test]
     public void SamplerBatchesFollowTheShareAcrossEpochs()
     {
         using var tokens = Tokens(23);

@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using FlashAttn.Models.Data;
+using FlashAttn.Models.Distributed;
 using FlashAttn.Models.Training;
 using NUnit.Framework;
 using TorchSharp;
@@ -121,6 +122,66 @@ public class TrainingTests
             Does.Contain("holds a GPTLMHeadModel, not a VisionTransformer"));
         Assert.Throws<FileNotFoundException>(() => new Trainer(ExperimentConfig.Parse(SmallRun("ft-missing",
             $"model.init_from={Path.Combine(_root, "nothing")}")), TextWriter.Null).Run());
+    }
+
+    [Test]
+    public void AOneRankReducerTrainsAsThePlainTrainer()
+    {
+        var plain = new Trainer(ExperimentConfig.Parse(SmallRun("dp-plain")), TextWriter.Null).Run();
+        var one = new FakeCollective();
+        using var reducer = new BucketedGradientReducer(one, capBytes: 4096);
+        var reduced = new Trainer(ExperimentConfig.Parse(SmallRun("dp-one")), TextWriter.Null) { Reducer = reducer }.Run();
+        Assert.That(reduced.Losses, Is.EqualTo(plain.Losses), "the same numbers: one rank's all-reduce is the identity");
+        Assert.That(reduced.ValLoss, Is.EqualTo(plain.ValLoss));
+        int parameters = reducer.Plan!.Sum(b => b.Parameters.Length);
+        Assert.That(one.Broadcasts, Is.EqualTo(parameters), "each parameter from rank 0, once");
+        Assert.That(reducer.Plan!.Count, Is.GreaterThan(1), "several buckets under the 4 KB cap");
+        Assert.That(one.AllReduces, Is.EqualTo(6 * 2 * reducer.Plan.Count), "every bucket after each of the two micro-batches of six steps");
+    }
+
+    [Test]
+    public void OnlyRankZeroLogsAndWritesTheRunFolder()
+    {
+        // two ranks whose other one has the same gradients (the mean is this rank's); each micro-batch its own: no accumulation
+        string[] dp = ["trainer.devices=2", "trainer.checkpoint_every_n_steps=2"];
+        var log0 = new StringWriter();
+        using (var reducer = new BucketedGradientReducer(new FakeCollective(0, 2, t => t.clone())))
+        {
+            var r0 = new Trainer(ExperimentConfig.Parse(SmallRun("dp-rank0", dp)), log0) { Reducer = reducer }.Run();
+            Assert.That(File.Exists(MetricsLogger.PathIn(r0.RunDir)), "rank 0 writes the metrics");
+            Assert.That(Directory.Exists(Path.Combine(r0.RunDir, RunFolder.CheckpointsDir)), "and the checkpoints");
+            Assert.That(r0.ValLoss, Is.Not.Null);
+        }
+        Assert.That(log0.ToString(), Does.Contain("rank 0's share of 2").And.Contain("2 device(s) × 2 × 1 accumulation"));
+        var log1 = new StringWriter();
+        using (var reducer = new BucketedGradientReducer(new FakeCollective(1, 2, t => t.clone())))
+        {
+            var r1 = new Trainer(ExperimentConfig.Parse(SmallRun("dp-rank1", dp)), log1) { Reducer = reducer }.Run();
+            Assert.That(r1.Losses, Has.Count.EqualTo(6), "it trains");
+            Assert.That(Directory.Exists(r1.RunDir), Is.False, "and writes nothing");
+            Assert.That(r1.ValLoss, Is.Null, "rank 0 evaluates");
+        }
+        Assert.That(log1.ToString(), Is.Empty);
+    }
+
+    [Test, Category(Gpu.Category)]
+    public void ANcclRankOfOneTrainsAsThePlainTrainer()
+    {
+        Gpu.Require();
+        string[] cuda = ["trainer.accelerator=cuda"];
+        var plain = new Trainer(ExperimentConfig.Parse(SmallRun("nccl-plain", cuda)), TextWriter.Null).Run();
+        var again = new Trainer(ExperimentConfig.Parse(SmallRun("nccl-again", cuda)), TextWriter.Null).Run();
+        var file = Path.Combine(_root, $"rendezvous-{Guid.NewGuid():N}.id");
+        TrainResult nccl;
+        using (var reducer = DataParallel.Join(new WorkerEnvironment(0, 0, 1, 1, null, null, file)))
+            nccl = new Trainer(ExperimentConfig.Parse(SmallRun("nccl-one", cuda)), TextWriter.Null) { Reducer = reducer }.Run();
+        // equal when the plain run repeats itself exactly; a kernel with atomics (the attention backward's dq) may not,
+        // and then the NCCL run may differ from it by twice what a repetition does
+        double spread = plain.Losses.Zip(again.Losses, (a, b) => Math.Abs(a - b)).Max();
+        Assert.That(nccl.Losses, Has.Count.EqualTo(plain.Losses.Count));
+        for (int i = 0; i < plain.Losses.Count; i++)
+            Assert.That(Math.Abs(nccl.Losses[i] - plain.Losses[i]), Is.LessThanOrEqualTo(2 * spread), $"step {i + 1} (repetition spread {spread})");
+        Assert.That(Math.Abs(nccl.ValLoss!.Value - plain.ValLoss!.Value), Is.LessThanOrEqualTo(2 * Math.Abs(again.ValLoss!.Value - plain.ValLoss.Value) + 2 * spread));
     }
 
     static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
