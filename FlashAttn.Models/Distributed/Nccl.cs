@@ -128,6 +128,35 @@ internal static unsafe partial class NcclNative
     };
 }
 
+/// <summary>
+/// Makes a CUDA device current on this thread, as cudaSetDevice does: its primary context through the driver (libcuda.so.1,
+/// installed with the driver), which the runtime then uses. NCCL's communicator and its stream-0 collectives belong to the
+/// device current when ncclCommInitRank runs, and TorchSharp has no torch.cuda.set_device.
+/// </summary>
+internal static unsafe partial class CudaDriver
+{
+    const string LibraryName = "libcuda.so.1";
+
+    [LibraryImport(LibraryName)] private static partial int cuInit(uint flags);
+    [LibraryImport(LibraryName)] private static partial int cuDeviceGet(int* device, int ordinal);
+    [LibraryImport(LibraryName)] private static partial int cuDevicePrimaryCtxRetain(IntPtr* context, int device);
+    [LibraryImport(LibraryName)] private static partial int cuCtxSetCurrent(IntPtr context);
+
+    internal static void SetCurrentDevice(int ordinal)
+    {
+        static void Check(int result, string call)
+        {
+            if (result != 0) throw new InvalidOperationException($"{call} failed: CUDA driver error {result}");
+        }
+        int device;
+        IntPtr context;
+        Check(cuInit(0), "cuInit");
+        Check(cuDeviceGet(&device, ordinal), $"cuDeviceGet({ordinal})");
+        Check(cuDevicePrimaryCtxRetain(&context, device), $"cuDevicePrimaryCtxRetain({ordinal})"); // held for the process's life
+        Check(cuCtxSetCurrent(context), $"cuCtxSetCurrent({ordinal})");
+    }
+}
+
 public sealed class NcclException(string message, int result) : Exception(message)
 {
     public int Result { get; } = result;
@@ -156,10 +185,12 @@ public sealed unsafe class NcclCommunicator : ICollective, IDisposable
         return id.ToArray();
     }
 
-    /// <summary>Joins the communicator (blocks until all ranks have). The current CUDA device must be this rank's.</summary>
-    public static NcclCommunicator InitRank(byte[] uniqueId, int rank, int worldSize)
+    /// <summary>Joins the communicator (blocks until all ranks have) on CUDA device <paramref name="device"/> (this rank's
+    /// LOCAL_RANK), which becomes the calling thread's current device: the collectives must be called from it.</summary>
+    public static NcclCommunicator InitRank(byte[] uniqueId, int rank, int worldSize, int device)
     {
         NcclNative.EnsureResolver();
+        CudaDriver.SetCurrentDevice(device);
         IntPtr comm;
         NcclNative.Check(NcclNative.ncclCommInitRank(&comm, worldSize, NcclUniqueId.From(uniqueId), rank), $"ncclCommInitRank(rank {rank} of {worldSize})");
         return new NcclCommunicator(comm, rank, worldSize);

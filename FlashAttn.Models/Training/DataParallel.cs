@@ -52,7 +52,7 @@ public static class DataParallel
     {
         var id = Rendezvous.Exchange(worker.Rank, worker.WorldSize, NcclCommunicator.CreateUniqueId, worker.RendezvousFile,
             worker.MasterAddr ?? "127.0.0.1", worker.MasterPort ?? 29500);
-        var comm = NcclCommunicator.InitRank(id, worker.Rank, worker.WorldSize);
+        var comm = NcclCommunicator.InitRank(id, worker.Rank, worker.WorldSize, worker.LocalRank);
         return new BucketedGradientReducer(comm, comm);
     }
 }

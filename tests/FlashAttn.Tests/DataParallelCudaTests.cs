@@ -23,7 +23,7 @@ public sealed class DataParallelCudaTests
         {
             var id = Rendezvous.Exchange(0, 1, NcclCommunicator.CreateUniqueId, file, "127.0.0.1", 0);
             Assert.That(File.ReadAllBytes(file), Is.EqualTo(id), "rank 0 published the id");
-            using var comm = NcclCommunicator.InitRank(id, 0, 1);
+            using var comm = NcclCommunicator.InitRank(id, 0, 1, device: 0);
             Assert.That((comm.Rank, comm.WorldSize), Is.EqualTo((0, 1)));
             foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float64, ScalarType.Int64 })
             {
