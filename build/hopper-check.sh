@@ -10,7 +10,8 @@
 #  3. flash_selftest: first the backward's single-tile probe cases (bwd-probe: which of dV, dK, dQ
 #     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
 #     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
-#     ran on the sm_80 path), under the default forward variant (pingpong); a few with
+#     ran on the sm_80 path), under the default forward variant (persistent; persistent192 at d64
+#     without a causal mask: flash_fwd_hopper.cu, fwd_variant); a few with
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;

@@ -12,7 +12,6 @@
 //    family for the scalar path (kVec = 1: a hidden size, stride or pointer that 16-byte vectors do not fit).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -21,6 +20,7 @@
 #include <vector>
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "common/dtype.h"
 #include "common/numeric.cuh"
 #include "common/static_switch.h"
@@ -1015,36 +1015,10 @@ constexpr int kRowsMaxWarps = 16;  // the rows kernels' __launch_bounds__(512): 
 // Rows per block: blocks of 256 threads where rows are short.
 int rows_per_block(int wpr) { return std::max(1, 8 / wpr); }
 
-// What the launchers ask of the device, read once per device: each query costs about as much as a launch.
-constexpr int kMaxDevices = 64;
-
-struct DeviceLimits {
-  int device, sms, smem_optin;
-};
-
-FlashAttnStatus device_limits(DeviceLimits* d, const char* function) {
-  static std::atomic<int> sms_cache[kMaxDevices], smem_cache[kMaxDevices];  // 0: not asked yet
-  FlashAttnStatus s = check_cuda(cudaGetDevice(&d->device), function, "cudaGetDevice");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  const bool cached = d->device < kMaxDevices;
-  d->sms = cached ? sms_cache[d->device].load(std::memory_order_relaxed) : 0;
-  d->smem_optin = cached ? smem_cache[d->device].load(std::memory_order_relaxed) : 0;
-  if (d->sms != 0 && d->smem_optin != 0) return s;
-  s = check_cuda(cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, d->device), function,
-                 "cudaDeviceGetAttribute(MultiProcessorCount)");
-  if (s == FLASHATTN_STATUS_OK)
-    s = check_cuda(cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device), function,
-                   "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  if (s != FLASHATTN_STATUS_OK || !cached) return s;
-  sms_cache[d->device].store(d->sms, std::memory_order_relaxed);
-  smem_cache[d->device].store(d->smem_optin, std::memory_order_relaxed);
-  return s;
-}
-
 // Blocks of a persistent grid: as many as fit on the device at once, at most `want`. The occupancy of each
 // (kernel, threads, shared memory, device) is asked once; a kernel's dynamic shared-memory limit is raised once per
 // device to the most any of its launches asked for (it only ever grows, so every earlier launch still fits).
-FlashAttnStatus persistent_blocks(const void* kernel, int threads, size_t smem, const DeviceLimits& d, int64_t want,
+FlashAttnStatus persistent_blocks(const void* kernel, int threads, size_t smem, const DeviceInfo& d, int64_t want,
                                   int64_t* blocks, const char* function) {
   struct Occupancy {
     const void* kernel;
@@ -1119,8 +1093,8 @@ template <typename T, int kVec>
 FlashAttnStatus launch_fwd_rows(const NormFwdParams& p, int elems, bool l2_prefetch, cudaStream_t stream,
                                 const char* function) {
   const int64_t nvec = p.hidden / kVec;
-  DeviceLimits d{};
-  FlashAttnStatus s = device_limits(&d, function);
+  DeviceInfo d{};
+  FlashAttnStatus s = current_device_info(&d, function);
   if (s != FLASHATTN_STATUS_OK) return s;
   return BOOL_SWITCH(fwd_res_f32(p), kResF32, [&] {
     using TR = std::conditional_t<kResF32, float, T>;
@@ -1164,7 +1138,7 @@ int bwd_rows_elems(const NormBwdParams& p, const BwdSlots& sl, int vec, int elem
 // kernel's registers capped for three blocks a multiprocessor (kMinBlocks); elsewhere the usual budget.
 template <typename T, int kVec>
 FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefetch, int min_blocks, const BwdSlots& sl,
-                                const DeviceLimits& d, int64_t* lanes, cudaStream_t stream, const char* function) {
+                                const DeviceInfo& d, int64_t* lanes, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
   return with_rows_iters<T, kVec, sizeof(T) == 2 ? 64 : 16>(nvec, elems, [&](auto iters) {
     constexpr int kIters = decltype(iters)::value;
@@ -1283,9 +1257,9 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   FlashAttnStatus s = FLASHATTN_STATUS_OK;
   int elems = 0;  // columns per thread of the rows family; 0: the block family
   int variant = kBlock;
-  DeviceLimits d{};
+  DeviceInfo d{};
   if constexpr (kVec > 1) {
-    s = device_limits(&d, function);
+    s = current_device_info(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
     variant = p.is_rms ? pick_variant(kBwdRmsRules, p.hidden) : pick_variant(kBwdRules, p.hidden);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/device.h"
 #include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_bwd_hopper.h"
 #include "flash/hopper/kernel_traits.h"
@@ -55,9 +56,9 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
   *ran = false;
   static const bool enabled = !env_off("FLASHATTN_HOPPER") && !env_off("FLASHATTN_HOPPER_BWD");
   if (!enabled || !covers(p)) return FLASHATTN_STATUS_OK;
-  int device = 0, capability = 0;
-  FlashAttnStatus s = current_capability(&device, &capability, function);
-  if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
+  DeviceInfo dev{};
+  FlashAttnStatus s = current_device_info(&dev, function);
+  if (s != FLASHATTN_STATUS_OK || dev.capability != 90) return s;  // sm_90a code runs on 9.0 alone
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
   // Boxes of 64 head-dim columns (BwdTraits) by kBlockM rows of Q and dO (it depends on the head dim
@@ -85,17 +86,11 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
                         p.nheads, p.batch, p.nheads * p.headdim, p.headdim, p.seqlen_q * p.nheads * p.headdim,
                         Tr64::kDqBoxCols, 64);
   if (!encoded) return FLASHATTN_STATUS_OK;
-  int sms = 0;
-  if (variant == BwdVariant::kPersistent) {
-    s = check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), function,
-                   "cudaDeviceGetAttribute(MultiProcessorCount)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-  }
   *ran = true;
   s = run_flash_bwd_preprocess(p, stream, function);
   if (s == FLASHATTN_STATUS_OK)
-    s = p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, sms, stream, function)
-                                             : by_headdim<__half>(p, maps, variant, sms, stream, function);
+    s = p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, dev.sms, stream, function)
+                                             : by_headdim<__half>(p, maps, variant, dev.sms, stream, function);
   return s == FLASHATTN_STATUS_OK ? run_flash_bwd_postprocess(p, stream, function) : s;
 }
 

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/device.h"
 #include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_hopper.h"
 #include "flash/hopper/kernel_traits.h"
@@ -60,9 +61,9 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
   *ran = false;
   static const bool enabled = !env_off("FLASHATTN_HOPPER");  // read once per process
   if (!covers(p) || !enabled) return FLASHATTN_STATUS_OK;
-  int device = 0, capability = 0;
-  FlashAttnStatus s = current_capability(&device, &capability, function);
-  if (s != FLASHATTN_STATUS_OK || capability != 90) return s;
+  DeviceInfo dev{};
+  FlashAttnStatus s = current_device_info(&dev, function);
+  if (s != FLASHATTN_STATUS_OK || dev.capability != 90) return s;  // sm_90a code runs on 9.0 alone
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
   // K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims;
@@ -79,8 +80,8 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
                   p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
-  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, device, stream, function)
-                                              : by_headdim<__half>(p, maps, variant, device, stream, function);
+  return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, dev.device, stream, function)
+                                              : by_headdim<__half>(p, maps, variant, dev.device, stream, function);
 }
 
 }  // namespace hopper

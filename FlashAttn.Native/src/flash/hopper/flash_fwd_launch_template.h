@@ -8,23 +8,13 @@
 #include <cstdint>
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "flash/flash_common.cuh"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
 namespace flashattn {
 namespace flash {
 namespace hopper {
-
-// Multiprocessors of a device (cached per device): the persistent grid's size.
-inline FlashAttnStatus sm_count(int device, int* count, const char* function) {
-  static std::atomic<int> cache[64];  // 0: not asked yet
-  *count = device >= 0 && device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (*count != 0) return FLASHATTN_STATUS_OK;
-  const FlashAttnStatus s = check_cuda(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device),
-                                       function, "cudaDeviceGetAttribute(MultiProcessorCount)");
-  if (s == FLASHATTN_STATUS_OK && device >= 0 && device < 64) cache[device].store(*count, std::memory_order_relaxed);
-  return s;
-}
 
 // One kernel (traits Tr, ping-pong or not, persistent or not) launched over its grid: (query block,
 // head, batch), or one CTA per SM at most (flash_fwd_kernel.cuh: persistent_tile).
@@ -47,9 +37,10 @@ FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& 
   kp.total_tiles = kp.m_blocks * int(p.nheads) * int(p.batch);
   dim3 grid(unsigned(kp.m_blocks), unsigned(p.nheads), unsigned(p.batch));
   if constexpr (kPersistent) {
-    int sms = 0;
-    const FlashAttnStatus s = sm_count(device, &sms, function);
+    DeviceInfo dev{};
+    const FlashAttnStatus s = device_info(device, &dev, function);
     if (s != FLASHATTN_STATUS_OK) return s;
+    int sms = dev.sms;
     // A causal CTA's tiles sum to the same work unless the grid is a multiple of 2 m_blocks (each
     // CTA would then see one query-block position only): one SM fewer breaks that.
     if (kp.causal && sms > 1 && sms % (2 * kp.m_blocks) == 0) --sms;
