@@ -107,11 +107,17 @@ public sealed class ProgressBarCallback(ProgressBar bar) : ITrainerCallback
 {
     public void OnTrainBatchEnd(TrainingRun run)
     {
-        string shown = run.Losses.Count == 0 ? "-" : run.LastLoss.ToString("F4", CultureInfo.InvariantCulture);
         bool last = run.Step == run.MaxSteps;
-        bar.Update(run.Step, $"step {run.Step}/{run.MaxSteps} | loss {shown} | lr {run.Lr:0.00e+0} | {Format.Rate(run.UnitsPerSecond)} {run.Task.Unit}/s" +
-            (run.Mfu is { } mfu ? $" | MFU {mfu * 100:F1}%" : "") + $" | ETA {ProgressBar.Eta(run.Eta)}", force: last);
+        // the line is built only when it is printed: the bar is throttled, and this runs after every step
+        if (bar.Due(run.Step, force: last)) bar.Update(run.Step, Line(run));
         if (last) bar.Finish();
+    }
+
+    static string Line(TrainingRun run)
+    {
+        string shown = run.Losses.Count == 0 ? "-" : run.LastLoss.ToString("F4", CultureInfo.InvariantCulture);
+        return $"step {run.Step}/{run.MaxSteps} | loss {shown} | lr {run.Lr:0.00e+0} | {Format.Rate(run.UnitsPerSecond)} {run.Task.Unit}/s" +
+            (run.Mfu is { } mfu ? $" | MFU {mfu * 100:F1}%" : "") + $" | ETA {ProgressBar.Eta(run.Eta)}";
     }
 
     public void OnValidationEnd(TrainingRun run, IReadOnlyDictionary<string, double> metrics) =>
@@ -172,23 +178,24 @@ public sealed class ProgressBar(TextWriter output, bool enabled, long totalSteps
     DateTime _lastPrint = DateTime.MinValue;
     int _lastLength;
 
-    public void Update(long step, string line, bool force = false)
+    /// <summary>Whether the bar prints at <paramref name="step"/> now (<paramref name="force"/>: always when enabled): on a
+    /// terminal at most every 100 ms; redirected every twentieth of the run, at the end, and at least every 30 s.</summary>
+    public bool Due(long step, bool force = false) =>
+        enabled && (force || (_interactive
+            ? (DateTime.UtcNow - _lastPrint).TotalMilliseconds >= 100
+            : step % Math.Max(1, totalSteps / 20) == 0 || step == totalSteps || (DateTime.UtcNow - _lastPrint).TotalSeconds >= 30));
+
+    /// <summary>Prints <paramref name="line"/> at <paramref name="step"/>; call it when <see cref="Due"/>.</summary>
+    public void Update(long step, string line)
     {
-        if (!enabled) return;
         if (_interactive)
         {
-            if (!force && (DateTime.UtcNow - _lastPrint).TotalMilliseconds < 100) return;
             var bar = Bar(step, 20);
             var s = $"\r{bar} {line}";
             output.Write(s.PadRight(_lastLength));
             _lastLength = s.Length;
         }
-        else
-        {
-            long every = Math.Max(1, totalSteps / 20);
-            if (!force && step % every != 0 && step != totalSteps && (DateTime.UtcNow - _lastPrint).TotalSeconds < 30) return;
-            output.WriteLine(line);
-        }
+        else output.WriteLine(line);
         _lastPrint = DateTime.UtcNow;
     }
 

@@ -223,7 +223,7 @@ public sealed class Trainer
                     [task.Unit == "tok" ? "tokens" : "images"] = run.UnitsSeen, ["elapsed_s"] = now,
                 };
                 if (run.Mfu is { } mfu) rec["mfu"] = mfu;
-                if (run.Scaler != null) rec["loss_scale"] = run.Scaler.Scale.item<float>();
+                if (run.LossScale is { } scale) rec["loss_scale"] = scale;
                 if (run.Skipped) rec["skipped"] = 1;
                 foreach (var cb in callbacks) cb.OnLog(run, rec);
             }
@@ -276,13 +276,18 @@ public sealed class Trainer
         return lossSum!.DetachFromDisposeScope();
     }
 
-    /// <summary>Reads the pending steps' losses with the last grad norm and skip flag in one copy (a log step's only wait).</summary>
+    /// <summary>Reads the pending steps' losses with the last grad norm, skip flag and fp16's loss scale in one copy (a log
+    /// step's only wait).</summary>
     static void ReadPending(TrainingRun run, List<Tensor> pending)
     {
         using var _ = NewDisposeScope();
-        var read = stack([.. pending, run.Optimizer.grad_norm, run.Optimizer.found_inf]).cpu().data<float>().ToArray();
-        for (int i = 0; i < pending.Count; i++) run.Losses.Add(read[i] / run.Config.Accumulation);
-        (run.GradNorm, run.Skipped) = (read[^2], read[^1] != 0);
+        var opt = run.Optimizer;
+        Tensor[] last = run.Scaler is { } scaler ? [opt.grad_norm, opt.found_inf, scaler.Scale] : [opt.grad_norm, opt.found_inf];
+        var read = stack([.. pending, .. last]).cpu().data<float>().ToArray();
+        int n = pending.Count;
+        for (int i = 0; i < n; i++) run.Losses.Add(read[i] / run.Config.Accumulation);
+        (run.GradNorm, run.Skipped) = (read[n], read[n + 1] != 0);
+        if (run.Scaler is not null) run.LossScale = read[n + 2];
         foreach (var t in pending) t.Dispose();
         pending.Clear();
     }

@@ -59,6 +59,8 @@ public sealed class TrainingRun : IDisposable
     public double GradNorm { get; internal set; } = double.NaN;
     /// <summary>Whether the last step read skipped its update (a non-finite gradient).</summary>
     public bool Skipped { get; internal set; }
+    /// <summary>fp16's loss scale after the last step read; null in fp32 and bf16 runs.</summary>
+    public double? LossScale { get; internal set; }
     /// <summary>val_loss of the last evaluation.</summary>
     public double? ValLoss { get; internal set; }
 
