@@ -104,12 +104,14 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
     public readonly string activation;
     public readonly bool fused_bias_fc;
     private readonly Linear fc1, fc2;
+    private readonly DenseActivation? _fusedActivation; // null: exact GELU
 
     public Mlp(long in_features, long? hidden_features = null, long? out_features = null, bool bias1 = true, bool bias2 = true,
         string activation = "gelu_approx", bool fused_bias_fc = false, Device? device = null, ScalarType? dtype = null,
         (string fc1, string fc2)? names = null) : base(nameof(Mlp))
     {
-        if (activation != "gelu" && DenseActivations.TryParse(activation) is null)
+        _fusedActivation = DenseActivations.TryParse(activation);
+        if (activation != "gelu" && _fusedActivation is null)
             throw new ArgumentException($"activation must be \"gelu_approx\" (or gelu_new, gelu_tanh, gelu_pytorch_tanh), \"gelu\" or \"relu\", got \"{activation}\"", nameof(activation));
         this.in_features = in_features;
         this.hidden_features = hidden_features ?? 4 * in_features;
@@ -127,7 +129,7 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
         TensorArgs.RequireModuleInput(x, nameof(x), fc1.weight!);
         TensorArgs.RequireLastDim(x, in_features, nameof(x), "in_features");
         var h = Linear(fc1, x);
-        h = DenseActivations.TryParse(activation) is DenseActivation a ? DenseActivations.Apply(a, h) : F.gelu(h);
+        h = _fusedActivation is DenseActivation a ? DenseActivations.Apply(a, h) : F.gelu(h);
         return Linear(fc2, h);
     }
 

@@ -20,7 +20,7 @@ public sealed class KVCache : IDisposable
     public long length { get; private set; }
     public long max_length { get; }
     /// <summary>The sequences it holds.</summary>
-    public long batch => _k[0].shape[0];
+    public long batch => _k[0].size(0);
     /// <summary>The layers it holds.</summary>
     public int n_layer => _k.Length;
 

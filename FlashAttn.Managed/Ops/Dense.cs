@@ -29,7 +29,7 @@ public static partial class flash_attn
             bool kernel = DenseOps.Eligible(x, x.size(-1), weight.size(0));
             long k = x.size(-1), n = weight.size(0);
             var y = DenseOps.Linear(DenseOps.Rows(x, k, kernel), DenseOps.Prep(weight, kernel), DenseOps.PrepOrNull(bias, kernel), kernel, backward: false);
-            return y.view(x.shape[..^1].Append(n).ToArray());
+            return y.view(DenseOps.OutputShape(x.shape, n));
         }
         return FusedDenseFunction.apply(x, weight, bias);
     }
@@ -67,7 +67,7 @@ public static partial class flash_attn
             var x2 = DenseOps.Rows(x, k, kernel);
             var (hid, _) = DenseOps.LinearAct(x2, DenseOps.Prep(weight1, kernel), DenseOps.PrepOrNull(bias1, kernel), act, saveAux: false, kernel, backward: false);
             var y = DenseOps.Linear(hid, DenseOps.Prep(weight2, kernel), DenseOps.PrepOrNull(bias2, kernel), kernel, backward: false);
-            return y.view(x.shape[..^1].Append(n).ToArray());
+            return y.view(DenseOps.OutputShape(x.shape, n));
         }
         return FusedMlpFunction.apply(x, weight1, bias1, weight2, bias2, new MlpOptions(act, save_pre_act ? checkpoint_lvl : 2));
     }
@@ -111,6 +111,14 @@ internal sealed record MlpOptions(DenseActivation Activation, int CheckpointLvl)
 internal static class DenseOps
 {
     private static readonly ConcurrentDictionary<int, Lazy<Tensor>> s_workspace = new();
+
+    /// <summary>x's shape (..., in_features) with the last dimension n: the (..., n) view of a dense op's (rows, n) output.</summary>
+    internal static long[] OutputShape(long[] xShape, long n)
+    {
+        var shape = (long[])xShape.Clone();
+        shape[^1] = n;
+        return shape;
+    }
 
     /// <summary>The cuBLASLt workspace of CUDA device <paramref name="index"/>: allocated once, never freed.
     /// Every call uses it in the order of TorchSharp's (legacy default) stream.</summary>
@@ -325,9 +333,10 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         using (no_grad()) y = DenseOps.Linear(x2, wk, DenseOps.PrepOrNull(b, kernel), kernel, backward: false);
         ctx.save_for_backward(new List<Tensor> { x2, wk });
         ctx.save_data("kernel", kernel);
-        ctx.save_data("x_shape", x.shape);
+        var xShape = x.shape;
+        ctx.save_data("x_shape", xShape);
         ctx.save_data("needs", new[] { x.requires_grad, w.requires_grad, b is not null && b.requires_grad });
-        return y.view(x.shape[..^1].Append(n).ToArray());
+        return y.view(DenseOps.OutputShape(xShape, n));
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>
@@ -389,10 +398,11 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         ctx.save_for_backward(saved);
         ctx.save_data("kernel", kernel);
         ctx.save_data("options", o);
-        ctx.save_data("x_shape", x.shape);
+        var xShape = x.shape;
+        ctx.save_data("x_shape", xShape);
         ctx.save_data("needs", new[] { x.requires_grad, w1.requires_grad, b1 is not null && b1.requires_grad,
                                        w2.requires_grad, b2 is not null && b2.requires_grad, b1 is not null });
-        return y.view(x.shape[..^1].Append(n).ToArray());
+        return y.view(DenseOps.OutputShape(xShape, n));
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad) =>

@@ -37,7 +37,7 @@ public static partial class flash_attn
         ValidateKvCache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos, rotary_sin);
         using var grad = no_grad();
         using var scope = NewDisposeScope();
-        long batch = q.size(0), seqlenNew = k?.shape[1] ?? 0, cacheLength = k_cache.size(1);
+        long batch = q.size(0), seqlenNew = k?.size(1) ?? 0, cacheLength = k_cache.size(1);
         var lens = hostSeqlens ?? cache_seqlens.to(ScalarType.Int64).cpu().data<long>().ToArray();
         for (int b = 0; b < batch; b++)
             Require(lens[b] >= 0 && lens[b] + seqlenNew <= cacheLength, "cache_seqlens",
@@ -74,11 +74,10 @@ public static partial class flash_attn
         }
         // One call when every sequence has the same length (the usual batched decode); otherwise one
         // per sequence over its own prefix of the cache.
-        var total = lens.Select(l => l + seqlenNew).ToArray();
         FlashAttnResult result;
-        if (batch == 0 || total.All(t => t == total[0]))
+        if (batch == 0 || uniform is not null)
         {
-            long t0 = batch == 0 ? 0 : total[0];
+            long t0 = uniform is long u ? u + seqlenNew : 0;
             result = flash_attn_func_with_lse(q, k_cache[.., ..(int)t0], v_cache[.., ..(int)t0], 0, softmax_scale, causal,
                                               window_size, softcap, alibi_slopes);
         }
@@ -87,7 +86,8 @@ public static partial class flash_attn
             var parts = Enumerable.Range(0, (int)batch).Select(b =>
             {
                 var slopes = alibi_slopes is not null && alibi_slopes.dim() == 2 ? alibi_slopes[b..(b + 1)] : alibi_slopes;
-                return flash_attn_func_with_lse(q[b..(b + 1)], k_cache[b..(b + 1), ..(int)total[b]], v_cache[b..(b + 1), ..(int)total[b]],
+                long total = lens[b] + seqlenNew;
+                return flash_attn_func_with_lse(q[b..(b + 1)], k_cache[b..(b + 1), ..(int)total], v_cache[b..(b + 1), ..(int)total],
                                                 0, softmax_scale, causal, window_size, softcap, slopes);
             }).ToList();
             result = new FlashAttnResult(cat(parts.Select(p => p.output).ToList(), 0), cat(parts.Select(p => p.softmax_lse).ToList(), 0), null);
