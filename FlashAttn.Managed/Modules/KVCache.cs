@@ -26,6 +26,13 @@ public sealed class KVCache : IDisposable
 
     public KVCache(int n_layer, long batch, long max_length, long n_head, long head_dim, ScalarType dtype, Device device)
     {
+        TensorArgs.Require(n_layer >= 1, nameof(n_layer), $"n_layer ({n_layer}) must be at least 1");
+        TensorArgs.Require(batch >= 0, nameof(batch), $"batch ({batch}) must not be negative");
+        TensorArgs.Require(max_length >= 1, nameof(max_length), $"max_length ({max_length}) must be at least 1");
+        TensorArgs.Require(n_head >= 1, nameof(n_head), $"n_head ({n_head}) must be at least 1");
+        TensorArgs.Require(head_dim >= 1, nameof(head_dim), $"head_dim ({head_dim}) must be at least 1");
+        TensorArgs.Require(TensorArgs.IsLowOrSingleFloat(dtype) || dtype == ScalarType.Float64, nameof(dtype),
+            $"dtype must be float16, bfloat16, float32 or float64, got {dtype}");
         this.max_length = max_length;
         _k = Enumerable.Range(0, n_layer).Select(_ => zeros(new[] { batch, max_length, n_head, head_dim }, dtype, device)).ToArray();
         _v = Enumerable.Range(0, n_layer).Select(_ => zeros(new[] { batch, max_length, n_head, head_dim }, dtype, device)).ToArray();

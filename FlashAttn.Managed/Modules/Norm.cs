@@ -131,6 +131,8 @@ public sealed class DropoutAddLayerNorm : nn.Module<Tensor, Tensor?, (Tensor out
                                                               prenorm: prenorm, residual_in_fp32: residual_in_fp32);
             return (o, r);
         }
+        // the checks the fused op makes (residual's shape, dtype and device, p, eps), so both paths refuse the same input
+        NormFunction.Validate(x0, null, residual, weight, bias, null, null, rowscale, pDrop, eps, "weight", "bias");
         var dropped = pDrop > 0 ? F.dropout(x0, pDrop, training: true) : x0;
         if (rowscale is not null) dropped = dropped * rowscale.view(x0.shape[..^1].Append(1L).ToArray());
         var res = residual is null ? dropped : dropped + residual;

@@ -427,7 +427,10 @@ internal static class BadInputCatalogue
                 new Case("device_residual", d => f(d, X0(d), X0(CPU).to(Fp(d))), T("residual"), GpuOnly: true),
             }).ToArray();
         yield return new Api("DropoutAddLayerNorm", d => new DropoutAddLayerNorm(16, prenorm: true, device: d, dtype: Fp(d)).forward(X0(d), X0(d)),
-            DropoutAddNorm((d, x, r) => new DropoutAddLayerNorm(16, device: d, dtype: ScalarType.Float32).forward(x, r)));
+            DropoutAddNorm((d, x, r) => new DropoutAddLayerNorm(16, device: d, dtype: ScalarType.Float32).forward(x, r)).Concat(
+                // the unfused path (fused_dropout_add_ln false) refuses what the fused one does
+                DropoutAddNorm((d, x, r) => new DropoutAddLayerNorm(16, device: d, dtype: ScalarType.Float32, fused_dropout_add_ln: false)
+                    .forward(x, r)).Select(c => c with { Kind = "plain_" + c.Kind })).ToArray());
         yield return new Api("DropoutAddRMSNorm", d => new DropoutAddRMSNorm(16, prenorm: true, device: d, dtype: Fp(d)).forward(X0(d), X0(d)),
             DropoutAddNorm((d, x, r) => new DropoutAddRMSNorm(16, device: d, dtype: ScalarType.Float32).forward(x, r)));
 
@@ -565,6 +568,12 @@ internal static class BadInputCatalogue
         {
             new Case("advance", d => { using var c = new KVCache(1, 2, 8, 4, 16, Fp(d), d); c.advance(9); return c.length; }, T("tokens")),
             new Case("advance_negative", d => { using var c = new KVCache(1, 2, 8, 4, 16, Fp(d), d); c.advance(-1); return c.length; }, T("tokens")),
+            new Case("n_layer", d => new KVCache(0, 2, 8, 4, 16, Fp(d), d), T("n_layer")),
+            new Case("batch", d => new KVCache(1, -1, 8, 4, 16, Fp(d), d), T("batch")),
+            new Case("max_length", d => new KVCache(1, 2, 0, 4, 16, Fp(d), d), T("max_length")),
+            new Case("n_head", d => new KVCache(1, 2, 8, 0, 16, Fp(d), d), T("n_head")),
+            new Case("head_dim", d => new KVCache(1, 2, 8, 4, 0, Fp(d), d), T("head_dim")),
+            new Case("dtype", d => new KVCache(1, 2, 8, 4, 16, ScalarType.Int32, d), T("dtype")),
         });
         yield return new Api("Mlp", d => new Mlp(64, 256, activation: "gelu", device: d, dtype: Fp(d)).forward(H(d)),
             ModuleCases((d, x) => new Mlp(64, 256, activation: "gelu", fused_bias_fc: true, device: d, dtype: Fp(d)).forward(x), "x",
