@@ -18,9 +18,10 @@
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
-#  5. the backward's probe and grid (its bf16 half) again under FLASHATTN_HOPPER_BWD_VARIANT=dqtma (dQ
-#     through a TMA reduce-add), =dqfirst (and dQ's product before dV's and dK's) and =persistent (and a
-#     persistent grid; the grid's 130 x 2048 cases run several tiles a CTA):
+#  5. the backward's probe and grid (its bf16 half) again under the variants that are not the default
+#     (persistent: dQ through a TMA reduce-add, its product before dV's and dK's, a persistent grid):
+#     FLASHATTN_HOPPER_BWD_VARIANT=atomic (dQ by float atomics, the first kernel), =dqtma (the TMA
+#     reduce-add) and =dqfirst (and dQ's product first):
 #     after the bench, so that a slow self-test cannot starve it;
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant;
@@ -133,7 +134,7 @@ else
 
   # 5. The backward variants' probe and grid (skipped when the default backward hung or crashed).
   : >"$OUT/selftest-grids.log"
-  for variant in dqtma dqfirst persistent; do
+  for variant in atomic dqtma dqfirst; do
     [ "$hung" = 1 ] || [ ${#bwd_env[@]} -gt 0 ] && break
     start=$SECONDS
     log=$build/selftest-bwd-$variant.log
@@ -154,15 +155,17 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
   # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
   # CTAs, so some CTAs run two, and the query blocks that see no key run none), and the backward (d64
   # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps);
-  # then the backward's other variants, memcheck and racecheck: dqtma and dqfirst on the same bf16
-  # cases, the persistent one on 256 tiles (several a CTA; d128: 3 query blocks a tile, the ring wraps).
+  # the default backward (persistent) again on 256 tiles (several a CTA; d128: 3 query blocks a tile,
+  # the ring wraps); then the backward's other variants, memcheck and racecheck: atomic, dqtma and
+  # dqfirst on the same bf16 cases as the first.
   if command -v compute-sanitizer >/dev/null; then
     for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_BWD_VARIANT=atomic:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=dqtma:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck"; do
+      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck"; do
       setting=${run%%:*}
       rest=${run#*:}
       filter=${rest%%:*}

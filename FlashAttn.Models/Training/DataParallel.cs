@@ -29,7 +29,10 @@ public static class DataParallel
         if (c.Trainer.Accelerator == Accelerator.Cpu || cudaDevices == 0)
             throw new ConfigException($"trainer.devices={n} trains on {n} GPUs (one process each, NCCL between them), but " +
                 (c.Trainer.Accelerator == Accelerator.Cpu ? "trainer.accelerator=cpu" : "no CUDA device is available") + "; use trainer.devices=1");
-        if (cudaDevices < n) throw new ConfigException($"trainer.devices={n} but {cudaDevices} CUDA device(s) are visible");
+        if (cudaDevices < n)
+            throw new ConfigException($"trainer.devices={n} trains on {n} GPUs (one process each, NCCL between them), but " +
+                $"{cudaDevices} CUDA device{(cudaDevices == 1 ? " is" : "s are")} visible; use trainer.devices=" +
+                (cudaDevices == 1 ? "1" : $"{cudaDevices} or fewer"));
         if (c.Task != TaskKind.LanguageModeling)
             throw new ConfigException($"trainer.devices={n}: data parallel training shards the token stream of task=lm; task=image_classification trains on one device");
         var rendezvous = Path.Combine(Path.GetTempPath(), $"flashattn-rendezvous-{Environment.ProcessId}-{Guid.NewGuid():N}.id");

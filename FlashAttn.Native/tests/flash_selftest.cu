@@ -15,6 +15,8 @@
 //                             only, under the environment's setting, e.g. for a profiler)
 //   flash_selftest --bench-bwd   the forward and backward figures in this process, under its environment
 //                             (with FLASHATTN_HOPPER=0: sm_80's backward)
+//   flash_selftest --bench-peer  both directions, default variants, at the shapes of the PyTorch peer's
+//                             attention part (S 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -607,9 +609,17 @@ struct BenchConfig {
 // hidden 1024 / 2048 at 16k tokens, causal or not; and the GPT-2 training shape
 constexpr BenchConfig kBenchConfigs[] = {{4, 16, 4096, 64, 0},  {4, 16, 4096, 64, 1}, {4, 16, 4096, 128, 0},
                                          {4, 16, 4096, 128, 1}, {16, 12, 1024, 64, 1}};
+// The rows of issue 17's bar, the shapes of ../shared/peers/pytorch_baselines.py attn (16k tokens, hidden
+// 2048: B = 16384 / S, H = 2048 / D) at S >= 2048, and GPT-2's training shape.
+constexpr BenchConfig kPeerConfigs[] = {
+    {8, 32, 2048, 64, 0},   {2, 32, 8192, 64, 0},   {1, 32, 16384, 64, 0},  {8, 32, 2048, 64, 1},
+    {2, 32, 8192, 64, 1},   {1, 32, 16384, 64, 1},  {8, 16, 2048, 128, 0},  {2, 16, 8192, 128, 0},
+    {1, 16, 16384, 128, 0}, {8, 16, 2048, 128, 1},  {2, 16, 8192, 128, 1},  {1, 16, 16384, 128, 1},
+    {16, 12, 1024, 64, 1}};
 
-void bench_here(int only_d, int only_causal, bool with_bwd) {
-  for (const BenchConfig& cfg : kBenchConfigs) {
+template <size_t N>
+void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bool with_bwd) {
+  for (const BenchConfig& cfg : configs) {
     const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
     if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal)) continue;
     const size_t n = size_t(B) * S * H * D;
@@ -795,10 +805,15 @@ int bench(const char* self, int only_d, int only_causal) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--bench-peer") {
+    // --bench-peer: both directions at the PyTorch peer's shapes, default variants, in this process.
+    bench_here(kPeerConfigs, 0, -1, true);
+    return 0;
+  }
   if (argc > 1 && (std::string(argv[1]) == "--bench-here" || std::string(argv[1]) == "--bench-bwd")) {
     // --bench-here D causal [bwd]: D 0 = every head dim, causal -1 = both; --bench-bwd [D [causal]]: with the backward.
     const bool bwd = std::string(argv[1]) == "--bench-bwd" || (argc > 4 && std::string(argv[4]) == "bwd");
-    bench_here(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, bwd);
+    bench_here(kBenchConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, bwd);
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "--bench") {

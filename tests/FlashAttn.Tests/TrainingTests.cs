@@ -215,7 +215,9 @@ public class TrainingTests
             "trainer.checkpoint_every_n_steps=2", "trainer.save_top_k=1", "trainer.plot=true")), TextWriter.Null);
         trainer.Callbacks.Add(recorder);
         var r = trainer.Run();
-        const string keys = "elapsed_s,grad_norm,loss,lr,tok_per_s,tokens";
+        // mfu only where the device's peak is known (a GPU), loss_scale only in fp16
+        string keys = string.Join(",", new[] { "elapsed_s", "grad_norm", "loss", "lr", "tok_per_s", "tokens" }
+            .Concat(r.Mfu is null ? [] : ["mfu"]).Order(StringComparer.Ordinal));
         Assert.That(recorder.Calls, Is.EqualTo(new[]
         {
             "start 0", "batch 1", $"log 2 losses 2 {keys}", "batch 2", "batch 3", "val 3 val_loss", $"log 4 losses 4 {keys}", "batch 4",

@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full(s), Tr::kFullArrivals);
-      mbar_init(empty(s), 4 * Tr::kConsumerWarpgroups);  // one arrive per consumer warp
+      mbar_init(empty(s), 128 * Tr::kConsumerWarpgroups);  // one arrive per consumer thread
     }
     mbar_init(kv_empty, 4 * Tr::kConsumerWarpgroups);
     fence_mbar_init();
@@ -328,16 +328,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           wgmma_commit();
         };
         // Once dV and dK are complete, Q, dO, LSE and dsum of the stage are read: release it. Every
-        // lane's reads of LSE and dsum happen before lane 0's arrive: without the warp barrier only the
-        // data dependence through the products orders them, which the memory model (and racecheck) does
-        // not count, and the producer's next LSE stores could race them.
+        // consumer thread arrives, so that each one's LSE and dsum reads are ordered before the producer's
+        // next stores to the stage by the arrive's own release (racecheck does not count a __syncwarp
+        // followed by lane 0's arrive as ordering the other lanes' reads).
         auto release_stage = [&] {
           reg_fence(dv);
           reg_fence(dk);
           reg_fence(pp);
           reg_fence(pds);
-          __syncwarp();
-          if (lane == 0) mbar_arrive(empty(st));
+          mbar_arrive(empty(st));
         };
         if constexpr (kDqFirst) {
           // dQ first: its output below runs while dV and dK do (groups complete in order).
