@@ -62,8 +62,10 @@ public sealed class FlashCrossAttention : nn.Module<Tensor, Tensor, Tensor>
 /// c_attn / c_proj, timm's qkv / proj) so checkpoints of those models load one to one. With a <see cref="KVCache"/>
 /// (self-attention, layer_idx set), forward(x, cache) appends the new keys and values to the layer's cache and attends
 /// to all of it through flash_attn_with_kvcache. A softmax_scale other than 1/sqrt(head_dim) (GPT-2's
-/// scale_attn_by_inverse_layer_idx) is folded into the q rows of the projection's weight and bias, and attention runs at
-/// its default scale: see <see cref="QFold"/>.
+/// scale_attn_by_inverse_layer_idx) goes to our kernels as it is; where attention runs through TorchSharp's
+/// scaled_dot_product_attention, which scales by 1/sqrt(head_dim) alone, it is folded into the q rows of the
+/// projection's weight and bias instead: see <see cref="QFold"/>. Self-attention without GQA or rotary hands the
+/// packed projection to flash_attn_qkvpacked_func whole, whose backward writes one gradient for it.
 /// </summary>
 public sealed class MHA : nn.Module<Tensor, Tensor>
 {
@@ -71,9 +73,8 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
     public readonly int? layer_idx;
     private readonly bool _cross, _causal, _useFlash, _deterministic, _fusedBiasFc, _rotaryInterleaved;
     private readonly double _dropoutP;
-    // _qFold: softmax_scale * sqrt(head_dim) when it is not 1 (null: no fold); _attentionScale: the scale attention is
-    // called with, null (the default) once the rest is folded into q
-    private readonly double? _qFold, _attentionScale;
+    // _qFold: softmax_scale * sqrt(head_dim) when it is not 1 (null: nothing to fold for SDPA)
+    private readonly double? _softmaxScale, _qFold;
     private Tensor? _qRows; // (rows of Wqkv, 1): 1 on the q rows, 0 on the k/v rows, in the weight's dtype and device
     private readonly (long, long)? _window;
     private readonly Tensor? _alibiSlopes;
@@ -107,7 +108,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             (cross_attn, causal, use_flash_attn, deterministic, dropout, window_size);
         double fold = softmax_scale is { } s ? s * Math.Sqrt(this.head_dim) : 1.0;
         // 1 up to rounding: the default scale passed explicitly
-        (_qFold, _attentionScale) = Math.Abs(fold - 1.0) > 1e-12 ? (fold, (double?)null) : ((double?)null, softmax_scale);
+        (_softmaxScale, _qFold) = (softmax_scale, Math.Abs(fold - 1.0) > 1e-12 ? fold : null);
         (_fusedBiasFc, _rotaryInterleaved, this.layer_idx) = (fused_bias_fc, rotary_emb_interleaved, layer_idx);
         if (use_alibi) _alibiSlopes = AlibiSlopes(num_heads, device);
         long inner = num_heads * this.head_dim, kvDim = 2 * hk * this.head_dim;
@@ -173,7 +174,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
 
     /// <summary>
     /// The projection that makes q (Wqkv, or Wq for cross-attention) with softmax_scale * sqrt(head_dim) folded into its q
-    /// rows: q = (f Wq) x + f bq, so that attention at the default scale 1/sqrt(head_dim) computes softmax_scale q.k.
+    /// rows, for attention through SDPA: q = (f Wq) x + f bq, so that SDPA's 1/sqrt(head_dim) computes softmax_scale q.k.
     /// Scaling the weight (3 embed x embed elements at GPT-2) instead of q (batch x seqlen x embed) saves the two
     /// elementwise passes over the activations that SDPA's fold of q costs, forward and backward; ALiBi's bias, added
     /// after the scale, and rotary, linear in q, are unchanged by it. Autograd gives the weight's gradient, f on the q rows.
@@ -201,50 +202,70 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         TensorArgs.Require(x.dim() == 3, "x", $"x must be (batch, seqlen, {embed_dim}), got {TensorArgs.Shape(x)}");
         TensorArgs.RequireLastDim(x, embed_dim, "x", "embed_dim");
         long B = x.size(0), S = x.size(1), H = num_heads, Hk = num_heads_kv, D = head_dim;
+        if (_cross)
+        {
+            TensorArgs.RequireModuleInput(xKv!, "x_kv", out_proj.weight!);
+            TensorArgs.Require(xKv!.dim() == 3 && xKv.size(0) == B && xKv.size(2) == embed_dim, "x_kv",
+                $"x_kv must be ({B}, seqlen_k, {embed_dim}), got {TensorArgs.Shape(xKv)}");
+        }
+        long Sk = _cross ? xKv!.size(1) : S;
+        double p = cache is null && training ? _dropoutP : 0;
+        // SDPA (the dispatch's, or PlainAttention's) takes no scale: fold it into the projection for that path only
+        bool viaSdpa = cache is null && (_useFlash
+            ? flash_attn.GoesToSdpa(x, B, S, Sk, H, Hk, D, p, _causal, _window, 0, _alibiSlopes, _deterministic)
+            : PlainUsesSdpa);
+        double? scale = viaSdpa && _qFold is not null ? null : _softmaxScale;
+        Tensor ProjectQ(Linear layer) => viaSdpa ? QFold(layer, x) : Linear(layer, x);
+
+        Tensor o;
+        if (!_cross && H == Hk && rotary_emb is null && cache is null && _useFlash)
+        {
+            // the packed projection whole: one gradient for it, where unbind's backward would stack three
+            var qkv = ProjectQ(Wqkv!).view(B, S, 3, H, D);
+            o = flash_attn.flash_attn_qkvpacked_func(qkv, p, scale, _causal, _window, 0, _alibiSlopes, _deterministic);
+            return Linear(out_proj, o.reshape(B, S, H * D));
+        }
         Tensor q, k, v;
         if (!_cross)
         {
             // unbind (split with GQA): views whose backward is one stack (cat), where an index per part would zero-fill
             // three gradients of qkv's size and add them (about 0.75 GB of traffic per layer at GPT-2 124M, B 16, T 1024)
-            var parts = H == Hk ? QFold(Wqkv!, x).view(B, S, 3, H, D).unbind(2)
-                                : QFold(Wqkv!, x).view(B, S, H + 2 * Hk, D).split(new[] { H, Hk, Hk }, 2);
+            var parts = H == Hk ? ProjectQ(Wqkv!).view(B, S, 3, H, D).unbind(2)
+                                : ProjectQ(Wqkv!).view(B, S, H + 2 * Hk, D).split(new[] { H, Hk, Hk }, 2);
             (q, k, v) = (parts[0], parts[1], parts[2]);
         }
         else
         {
-            TensorArgs.RequireModuleInput(xKv!, "x_kv", out_proj.weight!);
-            TensorArgs.Require(xKv!.dim() == 3 && xKv.size(0) == B && xKv.size(2) == embed_dim, "x_kv",
-                $"x_kv must be ({B}, seqlen_k, {embed_dim}), got {TensorArgs.Shape(xKv)}");
-            q = QFold(Wq!, x).view(B, S, H, D);
-            var kvs = Linear(Wkv!, xKv).view(B, xKv.size(1), 2, Hk, D).unbind(2);
+            q = ProjectQ(Wq!).view(B, S, H, D);
+            var kvs = Linear(Wkv!, xKv!).view(B, Sk, 2, Hk, D).unbind(2);
             (k, v) = (kvs[0], kvs[1]);
         }
-        Tensor o;
         if (cache is not null)
         {
             // the cache rotates k and q at their positions itself
             var tables = rotary_emb?.Tables(cache.length + S, x.device);
-            o = cache.Append(layer_idx!.Value, q, k, v, _attentionScale, _causal, _window, _alibiSlopes, tables?.cos, tables?.sin,
+            o = cache.Append(layer_idx!.Value, q, k, v, scale, _causal, _window, _alibiSlopes, tables?.cos, tables?.sin,
                              _rotaryInterleaved);
         }
         else
         {
             if (rotary_emb is not null) (q, k) = rotary_emb.forward_qk(q, k);
-            double p = training ? _dropoutP : 0;
             o = _useFlash
-                ? flash_attn.flash_attn_func(q, k, v, p, _attentionScale, _causal, _window, 0, _alibiSlopes, _deterministic)
-                : PlainAttention(q, k, v, p);
+                ? flash_attn.flash_attn_func(q, k, v, p, scale, _causal, _window, 0, _alibiSlopes, _deterministic)
+                : PlainAttention(q, k, v, p, scale);
         }
         return Linear(out_proj, o.reshape(B, S, H * D));
     }
 
+    // PlainAttention's SDPA cases: no GQA, window or ALiBi (the reference computes those)
+    private bool PlainUsesSdpa => num_heads == num_heads_kv && _alibiSlopes is null && !(_window is { } w && (w.Item1 >= 0 || w.Item2 >= 0));
+
     // TorchSharp's SDPA takes (B, H, S, D) and always scales by 1/sqrt(D), the scale q comes with (QFold). Its causal mask
     // is aligned top-left, so with seqlen_q < seqlen_k the bottom-right mask is passed explicitly. GQA, a window and ALiBi
-    // it cannot express: those take the reference.
-    private Tensor PlainAttention(Tensor q, Tensor k, Tensor v, double p)
+    // it cannot express: those take the reference, at the given scale.
+    private Tensor PlainAttention(Tensor q, Tensor k, Tensor v, double p, double? scale)
     {
-        if (num_heads != num_heads_kv || _alibiSlopes is not null || _window is { } w && (w.Item1 >= 0 || w.Item2 >= 0))
-            return Reference.attention(q, k, v, _attentionScale, _causal, _window, 0, _alibiSlopes, p).output;
+        if (!PlainUsesSdpa) return Reference.attention(q, k, v, scale, _causal, _window, 0, _alibiSlopes, p).output;
         long Sq = q.size(1), Sk = k.size(1);
         Tensor? mask = null;
         bool isCausal = false;

@@ -27,36 +27,33 @@ internal enum AttentionMode { Auto, Flash, Sdpa }
 /// </summary>
 internal readonly record struct AttentionCase(int Capability, ScalarType DType, long SeqlenQ, long SeqlenK, long Heads,
     long HeadsK, long HeadDim, double DropoutP, long WindowLeft, long WindowRight, double Softcap, bool Alibi,
-    bool Deterministic)
-{
-    /// <summary>The case of validated q (B, Sq, H, D), k (B, Sk, Hk, D) on a CUDA device.</summary>
-    internal static AttentionCase Of(Tensor q, Tensor k, double dropoutP, long left, long right, double softcap, Tensor? alibi,
-        bool deterministic) =>
-        new(Backend.Capability(q.device_index), q.dtype, q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), dropoutP, left,
-            right, softcap, alibi is not null, deterministic);
-}
+    bool Deterministic);
 
 /// <summary>
 /// Where flash_attn_func runs: our kernels, or libtorch's scaled_dot_product_attention in the cases it computes the same
-/// thing and was measured faster on the GPU at hand (until our kernels beat cuDNN's on Hopper). The *_with_lse, varlen
-/// and KV-cache entry points never come here: SDPA returns no LSE or dropout mask and takes no cu_seqlens.
+/// thing and was measured faster on the GPU at hand. The *_with_lse, varlen and KV-cache entry points never come here:
+/// SDPA returns no LSE or dropout mask and takes no cu_seqlens.
 ///
-/// H200, bf16, B 4, S 4096, hidden 2048 (nheads = 2048 / d), TFLOP/s, our kernels vs SDPA (cuDNN):
-/// | case               | fwd ours | fwd SDPA | fwd+bwd ours | fwd+bwd SDPA |
-/// | d64 non-causal     | 277      | 478      | 239          | 441          |
-/// | d64 causal         | 234      | 437      | 216          | 373          |
-/// | d128 non-causal    | 324      | 670      | 273          | 563          |
-/// | d128 causal        | 251      | 574      | 239          | 466          |
-/// GPT-2 124M's shape (B 16, S 1024, 12 heads of 64, causal), forward + backward: 7.0 ms ours, 4.2 ms cuDNN.
-/// Head dims other than 64 and 128, other GPUs, and SDPA with dropout (torch's CUDA generator; cuDNN or libtorch's
-/// flash backend) are unmeasured: they stay on our kernels until AttentionDispatchBenchmarks says otherwise.
+/// H200, bf16, one device call (benchmarks/RESULTS.md, Hopper attention against cuDNN): TFLOP/s at 16k tokens and
+/// hidden 2048, S 2048 / 8192 / 16384, ours (flash_selftest --bench-peer) and PyTorch's cuDNN backend
+/// (pytorch_baselines.py attn):
+/// | case        | fwd ours        | fwd cuDNN       | bwd ours        | bwd cuDNN       |
+/// | d64 full    | 491 / 555 / 571 | 438 / 455 / 449 | 422 / 467 / 475 | 381 / 434 / 439 |
+/// | d64 causal  | 360 / 436 / 437 | 324 / 444 / 444 | 339 / 455 / 473 | 273 / 395 / 418 |
+/// | d128 full   | 629 / 686 / 699 | 581 / 645 / 607 | 503 / 532 / 544 | 471 / 523 / 526 |
+/// | d128 causal | 519 / 473 / 663 | 471 / 583 / 601 | 406 / 384 / 521 | 335 / 487 / 507 |
+/// GPT-2 124M's shape (B 16, S 1024, 12 heads of 64, causal): 0.099 + 0.277 ms ours, 0.085 + 0.276 ms cuDNN's (its
+/// kernels in the training step of the same session). Forward and backward together ours are faster in every row but
+/// d128 causal at S 8192, and even at GPT-2's shape, where our packed-qkv backward also saves unbind's copy: SDPA is
+/// chosen for no case any more (FLASHATTN_ATTENTION_BACKEND=sdpa still forces it). Other GPUs, fp16 and short
+/// sequences are unmeasured and stay on our kernels until AttentionDispatchBenchmarks says otherwise.
 /// </summary>
 internal static class AttentionDispatch
 {
     internal const string EnvironmentVariable = "FLASHATTN_ATTENTION_BACKEND";
 
-    /// <summary>Head dims where SDPA was measured faster on sm_9x (the table above).</summary>
-    internal static readonly long[] SdpaFasterHeadDims = { 64, 128 };
+    /// <summary>Head dims where SDPA was measured faster on sm_9x (the table above): none since the Hopper kernels.</summary>
+    internal static readonly long[] SdpaFasterHeadDims = [];
 
     /// <summary>Whether SDPA with dropout was measured faster (AttentionDispatchBenchmarks' sdpa rows with Dropout 0.1
     /// against the flash ones): not yet.</summary>
@@ -84,14 +81,17 @@ internal static class AttentionDispatch
     };
 
     /// <summary>Flash or Sdpa for a call on a GPU our kernels run on (bf16/fp16 on sm_80+).</summary>
-    internal static AttentionBackend Choose(in AttentionCase c, AttentionMode mode) => Choose(c, mode, SdpaFasterWithDropout);
+    internal static AttentionBackend Choose(in AttentionCase c, AttentionMode mode) =>
+        Choose(c, mode, SdpaFasterHeadDims, SdpaFasterWithDropout);
 
-    /// <summary><see cref="Choose(in AttentionCase, AttentionMode)"/> with the dropout switch given.</summary>
-    internal static AttentionBackend Choose(in AttentionCase c, AttentionMode mode, bool sdpaFasterWithDropout)
+    /// <summary><see cref="Choose(in AttentionCase, AttentionMode)"/> with the measured head dims and the dropout switch
+    /// given (the tests' way to exercise the rule whatever the measurements say).</summary>
+    internal static AttentionBackend Choose(in AttentionCase c, AttentionMode mode, IReadOnlyCollection<long> sdpaFasterHeadDims,
+        bool sdpaFasterWithDropout)
     {
         if (mode == AttentionMode.Flash || !SdpaComputes(c)) return AttentionBackend.Flash;
         if (mode == AttentionMode.Sdpa) return AttentionBackend.Sdpa;
-        bool faster = c.Capability / 10 == 9 && SdpaFasterHeadDims.Contains(c.HeadDim) &&
+        bool faster = c.Capability / 10 == 9 && sdpaFasterHeadDims.Contains(c.HeadDim) &&
                       (c.DropoutP == 0 || sdpaFasterWithDropout);
         return faster ? AttentionBackend.Sdpa : AttentionBackend.Flash;
     }

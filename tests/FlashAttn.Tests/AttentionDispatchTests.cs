@@ -19,8 +19,12 @@ public sealed class AttentionDispatchTests
 
     private static readonly AttentionBackend Sdpa = AttentionBackend.Sdpa, Flash = AttentionBackend.Flash;
 
-    // (name, case, auto's choice, sdpa's choice): sdpa differs from auto where SDPA computes the case but was not measured
-    // faster; flash is Flash everywhere.
+    // The rule's mechanics under head dims measured faster on SDPA (d64 and d128 on sm_9x, as the H200 measured before our
+    // Hopper kernels): the shipped list is empty since (ShippedRuleKeepsEveryCaseOnOurKernels).
+    private static readonly long[] Measured = [64, 128];
+
+    // (name, case, auto's choice under Measured, sdpa's choice): sdpa differs from auto where SDPA computes the case but was
+    // not measured faster; flash is Flash everywhere.
     private static IEnumerable<TestCaseData> Cases()
     {
         TestCaseData Case(string name, AttentionCase c, AttentionBackend auto, AttentionBackend sdpa) =>
@@ -60,9 +64,19 @@ public sealed class AttentionDispatchTests
     public void RuleChoosesThePath(object attentionCase, AttentionBackend auto, AttentionBackend sdpa)
     {
         var c = (AttentionCase)attentionCase;
-        Assert.That(AttentionDispatch.Choose(c, AttentionMode.Auto), Is.EqualTo(auto), "auto");
+        Assert.That(AttentionDispatch.Choose(c, AttentionMode.Auto, Measured, false), Is.EqualTo(auto), "auto");
         Assert.That(AttentionDispatch.Choose(c, AttentionMode.Sdpa), Is.EqualTo(sdpa), "sdpa");
         Assert.That(AttentionDispatch.Choose(c, AttentionMode.Flash), Is.EqualTo(Flash), "flash");
+    }
+
+    /// <summary>Our Hopper kernels were measured at least as fast as cuDNN's forward and backward together at d64 and
+    /// d128 (AttentionDispatch's table): auto keeps every case on them, and only the sdpa mode reaches SDPA.</summary>
+    [TestCaseSource(nameof(Cases))]
+    public void ShippedRuleKeepsEveryCaseOnOurKernels(object attentionCase, AttentionBackend auto, AttentionBackend sdpa)
+    {
+        var c = (AttentionCase)attentionCase;
+        Assert.That(AttentionDispatch.SdpaFasterHeadDims, Is.Empty);
+        Assert.That(AttentionDispatch.Choose(c, AttentionMode.Auto), Is.EqualTo(Flash));
     }
 
     [Test]
@@ -70,11 +84,11 @@ public sealed class AttentionDispatchTests
     {
         var drop = Gpt2 with { DropoutP = 0.1 };
         Assert.That(AttentionDispatch.SdpaFasterWithDropout, Is.False, "unmeasured: off");
-        Assert.That(AttentionDispatch.Choose(drop, AttentionMode.Auto, sdpaFasterWithDropout: false), Is.EqualTo(Flash));
-        Assert.That(AttentionDispatch.Choose(drop, AttentionMode.Auto, sdpaFasterWithDropout: true), Is.EqualTo(Sdpa));
+        Assert.That(AttentionDispatch.Choose(drop, AttentionMode.Auto, Measured, sdpaFasterWithDropout: false), Is.EqualTo(Flash));
+        Assert.That(AttentionDispatch.Choose(drop, AttentionMode.Auto, Measured, sdpaFasterWithDropout: true), Is.EqualTo(Sdpa));
         // the switch covers dropout alone: the other conditions still hold
-        Assert.That(AttentionDispatch.Choose(drop with { Capability = 80 }, AttentionMode.Auto, sdpaFasterWithDropout: true), Is.EqualTo(Flash));
-        Assert.That(AttentionDispatch.Choose(drop with { HeadsK = 4 }, AttentionMode.Auto, sdpaFasterWithDropout: true), Is.EqualTo(Flash));
+        Assert.That(AttentionDispatch.Choose(drop with { Capability = 80 }, AttentionMode.Auto, Measured, sdpaFasterWithDropout: true), Is.EqualTo(Flash));
+        Assert.That(AttentionDispatch.Choose(drop with { HeadsK = 4 }, AttentionMode.Auto, Measured, sdpaFasterWithDropout: true), Is.EqualTo(Flash));
     }
 
     [TestCase(null, "Auto"), TestCase("", "Auto"), TestCase("auto", "Auto"), TestCase("flash", "Flash"), TestCase("FLASH", "Flash"),

@@ -286,6 +286,77 @@ public sealed class FlashAttentionCudaTests
         Tolerance.AssertClose(mha.forward(x), plain.forward(x), exact.forward(x.to(ScalarType.Float64)), "MHA");
     }
 
+    private static IEnumerable<TestCaseData> PackedCases()
+    {
+        int i = 0;
+        foreach (var d in new[] { 40, 59, 64, 80, 111, 128 })
+        foreach (var s in new[] { 1, 97, 1025 })
+        {
+            var dtype = i % 3 == 2 ? ScalarType.Float16 : ScalarType.BFloat16;
+            bool causal = i % 2 == 0;
+            double? scale = i % 4 == 1 ? 1.0 / (3 * Math.Sqrt(d)) : null; // GPT-2's scale_attn_by_inverse_layer_idx at layer 3
+            i++;
+            yield return new TestCaseData(dtype, d, s, causal, scale)
+                .SetName($"QkvPacked_{dtype}_d{d}_s{s}_{(causal ? "causal" : "full")}{(scale is null ? "" : "_scaled")}");
+        }
+    }
+
+    /// <summary>flash_attn_qkvpacked_func hands the packed tensor to the kernels whole: its gradient is one contiguous
+    /// tensor the backward wrote dq, dk and dv into (no stack of three), equal to the reference's per part.</summary>
+    [TestCaseSource(nameof(PackedCases))]
+    public void QkvPackedTakesOneGradientFromTheKernels(ScalarType dtype, int d, int s, bool causal, double? scale)
+    {
+        var dev = Gpu.Require();
+        using var mode = new BackendOverride("flash");
+        var qkv = randn(new long[] { 2, s, 3, 4, d }, dtype: dtype, device: dev).requires_grad_(true);
+        var o = flash_attn.flash_attn_qkvpacked_func(qkv, softmax_scale: scale, causal: causal);
+        Assert.That(flash_attn.last_attention_backend, Is.EqualTo(AttentionBackend.Flash));
+        var g = randn_like(o);
+        o.backward(new[] { g });
+        Assert.That(qkv.grad!.shape, Is.EqualTo(qkv.shape));
+        Assert.That(qkv.grad!.is_contiguous(), Is.True);
+
+        var (q, k, v) = (qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2));
+        var (o64, _, grads64) = Ref(q, k, v, g, causal, null, 0, null, ScalarType.Float64, scale: scale);
+        var (oLow, _, gradsLow) = Ref(q, k, v, g, causal, null, 0, null, dtype, scale: scale);
+        Tolerance.AssertClose(o, oLow, o64, "out");
+        Tolerance.AssertClose(qkv.grad!.select(2, 0), gradsLow[0], grads64[0], "dq", atol: AccumulationFloor(g, v, k, d));
+        Tolerance.AssertClose(qkv.grad!.select(2, 1), gradsLow[1], grads64[1], "dk", atol: AccumulationFloor(g, v, q, d));
+        Tolerance.AssertClose(qkv.grad!.select(2, 2), gradsLow[2], grads64[2], "dv");
+    }
+
+    /// <summary>GPT's attention (no GQA, no rotary) on the kernels: the packed projection whole, and a softmax scale other
+    /// than 1/sqrt(head_dim) passed to the kernels rather than folded into Wqkv (the fold is for SDPA); output and the
+    /// gradients of x and of every weight against the float64 module, the bf16 materialised module as the baseline.</summary>
+    [TestCase(false), TestCase(true)]
+    public void MhaWithoutGqaOrRotaryRunsThePackedKernels(bool scaled)
+    {
+        var dev = Gpu.Require();
+        using var mode = new BackendOverride("flash");
+        double? scale = scaled ? 1.0 / (3 * Math.Sqrt(64)) : null;
+        MHA Make(bool flash, ScalarType dtype) => new(256, 4, causal: true, softmax_scale: scale, use_flash_attn: flash, device: dev, dtype: dtype);
+        using var mha = Make(true, ScalarType.BFloat16);
+        using var plain = Make(false, ScalarType.BFloat16);
+        using var exact = Make(false, ScalarType.Float64);
+        CopyWeights(mha, plain);
+        CopyWeights(mha, exact);
+        var x = randn(2, 333, 256, dtype: ScalarType.BFloat16, device: dev);
+        var g = randn(2, 333, 256, dtype: ScalarType.BFloat16, device: dev);
+        Tensor[] Run(MHA m, Tensor input)
+        {
+            var xi = input.detach().requires_grad_(true);
+            var y = m.forward(xi);
+            y.backward(new[] { g.to(y.dtype) });
+            return new[] { y, xi.grad! }.Concat(m.parameters().Select(p => p.grad!)).ToArray();
+        }
+        var ours = Run(mha, x);
+        Assert.That(flash_attn.last_attention_backend, Is.EqualTo(AttentionBackend.Flash));
+        var low = Run(plain, x);
+        var high = Run(exact, x.to(ScalarType.Float64));
+        var names = new[] { "out", "dx" }.Concat(mha.named_parameters().Select(p => "d" + p.name)).ToArray();
+        for (int i = 0; i < ours.Length; i++) Tolerance.AssertClose(ours[i], low[i], high[i], names[i]);
+    }
+
     // Same values into another dtype (load_state_dict wants equal dtypes).
     internal static void CopyWeights(nn.Module from, nn.Module to)
     {

@@ -1,6 +1,7 @@
 // FlashAttention-2 backward kernels:
 //   dout, q, out (B, Sq, H, D), k, v (B, Sk, Hk, D), softmax_lse (B, H, Sq) -> dq, dk, dv.
-// 1. flash_bwd_dot_do_o_kernel: dsum_i = sum_d dout_i * out_i (float32 workspace, (B*Sq, H)).
+// 1. flash_bwd_dot_do_o_kernel: dsum_i = sum_d dout_i * out_i (float32 workspace, (B*Sq, H)), a
+//    group of lanes per row.
 // 2. flash_bwd_kernel: one CTA per (key block, head, batch), 128 keys up to d128 (8 warps) and
 //    64 beyond (4 warps). Warps work in pairs on 32 keys: each computes the transposed products
 //    S^T = K Q^T and dP^T = V dO^T for its half of the block's queries, so that P^T and dS^T come
@@ -119,31 +120,41 @@ __device__ __forceinline__ void atomic_add4(float* p, float4 v) {
 #endif
 }
 
-template <typename T>
-__global__ void __launch_bounds__(128) flash_bwd_dot_do_o_kernel(const FlashBwdParams p) {
-  const int b = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// kLanes lanes per (query row, head), 8 columns (one 16-byte load of dout and of out) each per pass:
+// as many as the head dim fills (d64: 8, so a warp takes 4 rows and no lane idles), 256 threads a
+// block. One warp per row left 24 of its lanes idle at d64 and ran at a quarter of the copy rate.
+constexpr int kDotThreads = 256;
+template <int kLanes>
+__host__ __device__ constexpr int dot_rows_per_block() { return kDotThreads / kLanes; }
+
+template <typename T, int kLanes>
+__global__ void __launch_bounds__(kDotThreads) flash_bwd_dot_do_o_kernel(const FlashBwdParams p) {
+  const int b = blockIdx.y, sub = threadIdx.x % kLanes;
   const SeqInfo seq(p, b);
   const int H = int(p.nheads);
-  const int64_t idx = int64_t(blockIdx.x) * 4 + warp;
+  const int64_t idx = int64_t(blockIdx.x) * dot_rows_per_block<kLanes>() + threadIdx.x / kLanes;
   const int i = int(idx / H), h = int(idx % H);
-  if (i >= seq.sq) return;
-  const T* dout = static_cast<const T*>(p.dout) +
-                  seq.q_offset(b, h, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride) +
-                  int64_t(i) * p.dout_row_stride;
-  const T* out = static_cast<const T*>(p.out) +
-                 seq.q_offset(b, h, p.out_batch_stride, p.out_row_stride, p.out_head_stride) +
-                 int64_t(i) * p.out_row_stride;
+  // No early return: the group's shuffles below need every lane of the warp.
+  const bool live = i < seq.sq;
   float sum = 0.f;
-  for (int c = lane * 8; c < p.headdim; c += 32 * 8) {
-    float x[8], y[8];
-    load_float<T, 8>(dout + c, x);
-    load_float<T, 8>(out + c, y);
+  if (live) {
+    const T* dout = static_cast<const T*>(p.dout) +
+                    seq.q_offset(b, h, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride) +
+                    int64_t(i) * p.dout_row_stride;
+    const T* out = static_cast<const T*>(p.out) +
+                   seq.q_offset(b, h, p.out_batch_stride, p.out_row_stride, p.out_head_stride) +
+                   int64_t(i) * p.out_row_stride;
+    for (int c = sub * 8; c < p.headdim; c += kLanes * 8) {
+      float x[8], y[8];
+      load_float<T, 8>(dout + c, x);
+      load_float<T, 8>(out + c, y);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) sum += x[e] * y[e];
+      for (int e = 0; e < 8; ++e) sum += x[e] * y[e];
+    }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) p.dsum[(seq.q_row0 + i) * H + h] = sum;
+  for (int o = kLanes / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (live && sub == 0) p.dsum[(seq.q_row0 + i) * H + h] = sum;
 }
 
 // kFull: softcap, ALiBi or dropout may be on (see flash_fwd_kernel). stages: Q/dO buffers, 2 where

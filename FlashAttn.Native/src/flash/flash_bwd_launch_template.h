@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <type_traits>
 
 #include "common/cuda_check.cuh"
 #include "common/device.h"
@@ -44,7 +45,16 @@ FlashAttnStatus bwd_preprocess(const FlashBwdParams& p, int dpad, cudaStream_t s
     if (s != FLASHATTN_STATUS_OK) return s;
   }
   if (p.seqlen_q > 0) {
-    flash_bwd_dot_do_o_kernel<T><<<dim3(blocks_for(p.seqlen_q * H, 4), unsigned(B)), 128, 0, stream>>>(p);
+    auto launch = [&](auto lanes) {
+      constexpr int kLanes = decltype(lanes)::value;
+      flash_bwd_dot_do_o_kernel<T, kLanes>
+          <<<dim3(blocks_for(p.seqlen_q * H, dot_rows_per_block<kLanes>()), unsigned(B)), kDotThreads, 0, stream>>>(p);
+    };
+    // lanes per row: the head dim's 8-column chunks, rounded up to a power of two, at most a warp
+    if (p.headdim <= 32) launch(std::integral_constant<int, 4>{});
+    else if (p.headdim <= 64) launch(std::integral_constant<int, 8>{});
+    else if (p.headdim <= 128) launch(std::integral_constant<int, 16>{});
+    else launch(std::integral_constant<int, 32>{});
     s = check_launch(function, "flash_bwd_dot_do_o_kernel");
   }
   return s;
