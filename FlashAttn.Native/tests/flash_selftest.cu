@@ -586,6 +586,16 @@ std::vector<Case> cases() {
           c.name = name(c, l.tag);
           v.push_back(c);
         }
+  // An odd count of (batch, head)s, 5 x 21 (the persistent grids' last head pairs its own two ends, see
+  // persistent_unit), GQA 3:1, 315 tiles (query or key blocks of 128) in both directions: a whole round
+  // of 2 x 132 tiles and a partial one; at d64 without a mask 210 forward tiles of 192 rows.
+  for (int d : {64, 128})
+    for (int causal = 0; causal < 2; ++causal) {
+      Case c;
+      c.D = d, c.causal = causal, c.B = 5, c.sq = 300, c.sk = 300, c.H = 21, c.Hk = 7;
+      c.name = name(c, " bgrid b5");
+      v.push_back(c);
+    }
   {
     Case c;
     c.D = 256, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.causal = true, c.softcap = 30.f, c.alibi = true;
