@@ -9,14 +9,16 @@ max / mean: the kernel's time over that of a perfectly balanced grid (work + alp
 tile's fixed cost in products: Q load, epilogue, pipeline fill, 0 by default).
 
 Schedulers (G = the grid, 132 SMs on the H200):
-  pairs   the order before this change (flash_fwd_kernel.cuh persistent_tile, flash_bwd_kernel.cuh
-          persistent_bwd_tile): tile t -> position j = t mod 2m of a pair of (batch, head)s, the first
-          head heaviest block first, the second lightest first; CTA c runs t = c, c + G, c + 2G...;
-          G = SMs, one fewer when causal and SMs is a multiple of 2m.
-  units   the order after it (persistent_unit): the same pairs of heads cut into units of two tiles
-          whose work sums to m + 1 blocks (heavy block i of the first head, light block i of the
-          second), consecutive; CTA c runs units c, c + G, ... (both tiles of each), the last partial
-          round of 2G tiles giving whole units to as many CTAs as it can; G = SMs.
+  pairs   the pairs' order strided by the grid, which persistent_unit replaced: tile t -> position
+          j = t mod 2m of a pair of (batch, head)s, the first head heaviest block first, the second
+          lightest first; CTA c runs t = c, c + G, c + 2G...; G = SMs, one fewer when causal and SMs is
+          a multiple of 2m.
+  units   the kernels' order (kernel_traits.h persistent_unit, called by flash_fwd_kernel.cuh
+          persistent_tile and flash_bwd_kernel.cuh persistent_bwd_tile): the same pairs of heads cut
+          into units of two tiles whose work sums to m + 1 blocks (heavy block i of the first head,
+          light block i of the second), consecutive; CTA c runs units c, c + G, ... (both tiles of
+          each), the last partial round of 2G tiles giving whole units to as many CTAs as it can;
+          G = SMs. units_tile below is persistent_unit line for line.
   grid    the non-persistent launch (one CTA a tile, heaviest first in launch order, each to the
           first SM free): list scheduling, for reference.
 
