@@ -16,7 +16,8 @@
 //   flash_selftest --bench-bwd   the forward and backward figures in this process, under its environment
 //                             (with FLASHATTN_HOPPER=0: sm_80's backward)
 //   flash_selftest --bench-peer  both directions, default variants, at the shapes of the PyTorch peer's
-//                             attention part (S 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process
+//                             attention part (S 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process,
+//                             then a second pass of d128 causal at S 8192 and its B/H neighbours
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -585,6 +586,16 @@ std::vector<Case> cases() {
           c.name = name(c, l.tag);
           v.push_back(c);
         }
+  // An odd count of (batch, head)s, 5 x 21 (the persistent grids' last head pairs its own two ends, see
+  // persistent_unit), GQA 3:1, 315 tiles (query or key blocks of 128) in both directions: a whole round
+  // of 2 x 132 tiles and a partial one; at d64 without a mask 210 forward tiles of 192 rows.
+  for (int d : {64, 128})
+    for (int causal = 0; causal < 2; ++causal) {
+      Case c;
+      c.D = d, c.causal = causal, c.B = 5, c.sq = 300, c.sk = 300, c.H = 21, c.Hk = 7;
+      c.name = name(c, " bgrid b5");
+      v.push_back(c);
+    }
   {
     Case c;
     c.D = 256, c.sq = 200, c.sk = 200, c.H = 6, c.Hk = 2, c.causal = true, c.softcap = 30.f, c.alibi = true;
@@ -616,6 +627,12 @@ constexpr BenchConfig kPeerConfigs[] = {
     {2, 32, 8192, 64, 1},   {1, 32, 16384, 64, 1},  {8, 16, 2048, 128, 0},  {2, 16, 8192, 128, 0},
     {1, 16, 16384, 128, 0}, {8, 16, 2048, 128, 1},  {2, 16, 8192, 128, 1},  {1, 16, 16384, 128, 1},
     {16, 12, 1024, 64, 1}};
+// --bench-peer's second pass: d128 causal at S 8192 again and beside it the same 2048 tiles of 64 query
+// blocks as B 1 H 32, half of them (B 2 H 8), and 32 blocks a head (B 4 H 16 S 4096), then S 16384 again.
+// The persistent schedulers' balance differs between these (tests/persistent_schedule_sim.py); the
+// repeated rows are the noise.
+constexpr BenchConfig kPeerRecheckConfigs[] = {
+    {2, 16, 8192, 128, 1}, {1, 32, 8192, 128, 1}, {2, 8, 8192, 128, 1}, {4, 16, 4096, 128, 1}, {1, 16, 16384, 128, 1}};
 
 template <size_t N>
 void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bool with_bwd) {
@@ -808,6 +825,8 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--bench-peer") {
     // --bench-peer: both directions at the PyTorch peer's shapes, default variants, in this process.
     bench_here(kPeerConfigs, 0, -1, true);
+    std::printf("# second pass: d128 causal at S 8192 and its neighbours\n");
+    bench_here(kPeerRecheckConfigs, 0, -1, true);
     return 0;
   }
   if (argc > 1 && (std::string(argv[1]) == "--bench-here" || std::string(argv[1]) == "--bench-bwd")) {

@@ -50,15 +50,14 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// Key block, head and batch of work tile `t` of a persistent CTA. Tiles go by pairs of (batch,
-// head)s, key blocks fastest (a wave adds into the dQ rows of few heads: L2-resident): the pair's
-// first head from its longest causal key block (the first: it sees the most queries) on, the
-// second from its shortest back, so that any CTA's tiles t, t + G, t + 2 G... (G the grid) sum to
-// the same work when G is not a multiple of 2 n_blocks (the host avoids that).
-__device__ __forceinline__ void persistent_bwd_tile(int t, int n_blocks, int nheads, int* n_block, int* h, int* b) {
-  const int pair = t / (2 * n_blocks), j = t - pair * 2 * n_blocks;
-  const int hb = 2 * pair + (j >= n_blocks ? 1 : 0);
-  *n_block = j < n_blocks ? j : 2 * n_blocks - 1 - j;
+// Key block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
+// units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its first key block
+// (it sees the most queries). Units go in order, so a round adds into the dQ rows of few heads.
+__device__ __forceinline__ void persistent_bwd_tile(int t, int grid, int total, int n_blocks, int nheads, int* n_block,
+                                                    int* h, int* b) {
+  int rank, light, hb;
+  persistent_unit(t, grid, total, n_blocks, &rank, &light, &hb);
+  *n_block = light ? n_blocks - 1 - rank : rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;
 }
@@ -92,7 +91,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int tile_step = kPersistent ? int(gridDim.x) : 1;
   auto tile_coords = [&](int tile, int* n_block, int* h, int* b) {
     if constexpr (kPersistent) {
-      persistent_bwd_tile(tile, p.n_blocks, p.nheads, n_block, h, b);
+      persistent_bwd_tile(tile, tile_step, p.total_tiles, p.n_blocks, p.nheads, n_block, h, b);
     } else {
       *n_block = int(blockIdx.x), *h = int(blockIdx.y), *b = int(blockIdx.z);
     }

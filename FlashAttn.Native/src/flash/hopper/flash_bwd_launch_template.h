@@ -35,11 +35,8 @@ FlashAttnStatus launch_bwd_kernel(const BwdTensorMaps& maps, const BwdKernelPara
   }
   dim3 grid(unsigned(kp.n_blocks), unsigned(kp.nheads), unsigned(batch));
   if constexpr (kPersistent) {
-    // A causal CTA's tiles sum to the same work unless the grid is a multiple of 2 n_blocks (each
-    // CTA would then see one key-block position only): one SM fewer breaks that.
-    int ctas = sms;
-    if (kp.causal && ctas > 1 && ctas % (2 * kp.n_blocks) == 0) --ctas;
-    grid = dim3(unsigned(std::min(ctas, kp.total_tiles)));
+    // Every SM: a CTA runs whole units of causal work n_blocks + 1 whatever the grid (persistent_unit).
+    grid = dim3(unsigned(std::min(sms, kp.total_tiles)));
   }
   kernel<<<grid, Tr::kThreads, kSmem, stream>>>(maps.q, maps.k, maps.v, maps.dout, maps.dq_accum, kp);
   return check_launch(function, "flash_bwd_hopper_kernel");

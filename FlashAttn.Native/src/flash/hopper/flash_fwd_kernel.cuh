@@ -34,16 +34,14 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// Query block, head and batch of work tile `t` of a persistent CTA. Tiles go by pairs of (batch,
-// head)s, query blocks fastest (the K and V a wave reads stay few and in L2): the pair's first head
-// from its heaviest causal block down, the second from its lightest up, so that any CTA's tiles
-// t, t + G, t + 2 G... (G the grid) sum to the same work when G is not a multiple of 2 m_blocks
-// (the host avoids that): a block of m + 1 key tiles at position j pairs with one of
-// m_blocks - m at position j + m_blocks.
-__device__ __forceinline__ void persistent_tile(int t, int m_blocks, int nheads, int* m_block, int* h, int* b) {
-  const int pair = t / (2 * m_blocks), j = t - pair * 2 * m_blocks;
-  const int hb = 2 * pair + (j >= m_blocks ? 1 : 0);
-  *m_block = j < m_blocks ? m_blocks - 1 - j : j - m_blocks;
+// Query block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
+// units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its last query
+// block (the last rows see the most keys).
+__device__ __forceinline__ void persistent_tile(int t, int grid, int total, int m_blocks, int nheads, int* m_block,
+                                                int* h, int* b) {
+  int rank, light, hb;
+  persistent_unit(t, grid, total, m_blocks, &rank, &light, &hb);
+  *m_block = light ? rank : m_blocks - 1 - rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;
 }
@@ -77,7 +75,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int tile_step = kPersistent ? int(gridDim.x) : 1;
   auto tile_coords = [&](int tile, int* m_block, int* h, int* b) {
     if constexpr (kPersistent) {
-      persistent_tile(tile, p.m_blocks, p.nheads, m_block, h, b);
+      persistent_tile(tile, tile_step, p.total_tiles, p.m_blocks, p.nheads, m_block, h, b);
     } else {
       *m_block = int(gridDim.x) - 1 - int(blockIdx.x), *h = blockIdx.y, *b = blockIdx.z;
     }

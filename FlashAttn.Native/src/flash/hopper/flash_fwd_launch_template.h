@@ -40,11 +40,8 @@ FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& 
     DeviceInfo dev{};
     const FlashAttnStatus s = device_info(device, &dev, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    int sms = dev.sms;
-    // A causal CTA's tiles sum to the same work unless the grid is a multiple of 2 m_blocks (each
-    // CTA would then see one query-block position only): one SM fewer breaks that.
-    if (kp.causal && sms > 1 && sms % (2 * kp.m_blocks) == 0) --sms;
-    grid = dim3(unsigned(std::min(sms, kp.total_tiles)));
+    // Every SM: a CTA runs whole units of causal work m_blocks + 1 whatever the grid (persistent_unit).
+    grid = dim3(unsigned(std::min(dev.sms, kp.total_tiles)));
   }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
   return check_launch(function, "flash_fwd_hopper_kernel");

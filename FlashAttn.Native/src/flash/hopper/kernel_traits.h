@@ -194,6 +194,31 @@ struct BwdTensorMaps {
 // (one CTA per SM looping over key blocks, causal's longest first).
 enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3 };
 
+// ---- persistent grids (both directions) ----
+// Work unit of tile t of a persistent CTA: `grid` CTAs, CTA c running t = c, c + grid, c + 2 grid...
+// over `total` tiles, m blocks to a (batch, head). The (batch, head)s go by pairs, cut into units
+// of two tiles: the pair's first head's block of rank i from the heavy end and its second head's
+// block of rank i from the light end, whose causal work sums to m + 1 blocks (the last head of an
+// odd count pairs with itself: ranks i from both of its ends). A CTA runs whole units, the two tiles
+// one after the other (its t = c + 2 j grid and c + (2 j + 1) grid), so its work is its unit count
+// times m + 1 whatever the grid; a last, partial round of 2 grid tiles gives whole units to as many
+// CTAs as it can and one tile to each of the rest. Units go in order, so a round's CTAs read the K
+// and V of a few (batch, head)s (L2-resident). Why units, not the pairs' tile order strided by the
+// grid: a CTA sees that order's positions t, t + grid... mod 2 m only, at 2 m = 128 and grid = 132
+// half of a cycle of 32, so 15-16 tiles were all heavy or all light (the busiest CTA 1.47x the mean:
+// hopper/NOTES.md, "Persistent schedulers"; tests/persistent_schedule_sim.py).
+// Out: *rank = i, *light (0: from the heavy end, 1: from the light end), *hb = batch * nheads + head.
+__host__ __device__ __forceinline__ void persistent_unit(int t, int grid, int total, int m, int* rank, int* light, int* hb) {
+  const int k = t / grid, c = t - k * grid;
+  const int base = (k >> 1) * 2 * grid;                         // first tile of this round of two
+  const int twos = max(min(total - base, 2 * grid) - grid, 0);  // its CTAs that run two tiles (a unit)
+  const int s = c < twos ? base + 2 * c + (k & 1) : base + twos + c;  // the tile in unit order
+  const int pair = s / (2 * m), r = s - pair * 2 * m;
+  *rank = r >> 1;
+  *light = r & 1;
+  *hb = 2 * pair + ((pair + 1) * 2 * m > total ? 0 : r & 1);
+}
+
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
 // runs the preprocessing before it and the conversions after); sms: the device's multiprocessors
 // (the persistent grid's size).
