@@ -253,17 +253,15 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
     {
         var (dlogits, labels, applied) = (saved[0], saved[1], saved[2]);
         var o = (CrossEntropyOptions)ctx.get_data("options");
-        if ((bool)ctx.get_data("kernel"))
-        {
-            long n = dlogits.size(0), v = dlogits.size(1);
-            using var scope = NewDisposeScope();
-            var (dloss, dlossStride) = RowGradient(grads[0], n);
-            var lab = labels.contiguous();
-            BackwardGuard.Check(NativeMethods.FlashAttn_cross_entropy_bwd_rescale(
-                Ptr(dlogits), DType(dlogits.dtype), Ptr(lab), Ptr(dloss), dlossStride, Ptr(applied), n, v,
-                n <= 1 ? v : dlogits.stride(0), o.IgnoreIndex, IntPtr.Zero), dlogits);
-        }
-        else Reference.cross_entropy_rescale(dlogits, grads[0], applied, labels, o.IgnoreIndex);
+        if (!(bool)ctx.get_data("kernel"))
+            return new List<Tensor> { Reference.cross_entropy_rescale(dlogits, grads[0], applied, labels, o.IgnoreIndex), null!, null! };
+        long n = dlogits.size(0), v = dlogits.size(1);
+        using var scope = NewDisposeScope();
+        var (dloss, dlossStride) = RowGradient(grads[0], n);
+        var lab = labels.contiguous();
+        BackwardGuard.Check(NativeMethods.FlashAttn_cross_entropy_bwd_rescale(
+            Ptr(dlogits), DType(dlogits.dtype), Ptr(lab), Ptr(dloss), dlossStride, Ptr(applied), n, v,
+            n <= 1 ? v : dlogits.stride(0), o.IgnoreIndex, IntPtr.Zero), dlogits);
         return new List<Tensor> { dlogits, null!, null! };
     }
 }
