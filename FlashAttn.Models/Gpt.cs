@@ -298,15 +298,18 @@ public sealed partial class GPTLMHeadModel : nn.Module<Tensor, Tensor>
     /// Mean cross-entropy over the positions whose label is not -100. labels (B, T) are aligned with input_ids (already
     /// shifted: labels[t] is the token after input_ids[t], as the data loaders produce them). fused_cross_entropy uses
     /// flash-attn's kernel with in-place backward; otherwise TorchSharp's cross_entropy on float32 logits.
+    /// loss_grad (0-d float32 on the model's device, as a trainer's 1 / accumulation steps): the gradient the returned loss's
+    /// backward will receive; with fused_cross_entropy the kernel then computes the logits' gradient in the forward (one
+    /// pass over the logits instead of two) and the backward only checks on the device that the gradient is that one.
     /// </summary>
-    public Tensor loss(Tensor input_ids, Tensor labels)
+    public Tensor loss(Tensor input_ids, Tensor labels, Tensor? loss_grad = null)
     {
         if (!labels.shape.SequenceEqual(input_ids.shape))
             throw new ArgumentException($"labels [{string.Join(", ", labels.shape)}] must have input_ids' shape [{string.Join(", ", input_ids.shape)}]", nameof(labels));
         TensorArgs.Require(labels.dtype == ScalarType.Int64, nameof(labels), $"labels must be int64, got {labels.dtype}");
         TensorArgs.RequireSameDevice(labels, input_ids, nameof(labels), nameof(input_ids));
         var logits = forward(input_ids);
-        return ModelLoss.Mean(logits.view(-1, logits.shape[^1]), labels.reshape(-1), config.fused_cross_entropy);
+        return ModelLoss.Mean(logits.view(-1, logits.shape[^1]), labels.reshape(-1), config.fused_cross_entropy, loss_grad);
     }
 
     /// <summary>Parameters counted once (tied weights once); exclude_embeddings leaves out wte and wpe (with a tied head,

@@ -8,11 +8,22 @@ namespace FlashAttn.Models;
 /// <summary>The cross-entropy GPT's next-token loss and ViT's classification loss are made of (labels of -100 ignored).</summary>
 internal static class ModelLoss
 {
-    /// <summary>Mean of <see cref="Rows"/> over the rows whose label is not -100.</summary>
-    internal static Tensor Mean(Tensor logits, Tensor labels, bool fused)
+    /// <summary>Mean of <see cref="Rows"/> over the rows whose label is not -100. lossGrad (0-d float32 on the logits' device,
+    /// or null): the gradient the mean's backward will receive; with fused, the kernel then computes the logits' gradient in
+    /// the forward, into the logits' storage (the logits are the loss's alone), and the backward only checks it on the device.</summary>
+    internal static Tensor Mean(Tensor logits, Tensor labels, bool fused, Tensor? lossGrad = null)
     {
-        var rows = Rows(logits, labels, fused);
-        return rows.sum() / labels.ne(-100).sum().clamp_min(1).to(rows.dtype);
+        var count = labels.ne(-100).sum().clamp_min(1);
+        if (fused && lossGrad is not null)
+        {
+            // expected per row: lossGrad / count by the division the mean's backward does, so that the two are equal to the bit
+            var n = count.to(ScalarType.Float32);
+            var rows = flash_attn.cross_entropy_loss(logits, labels, ignore_index: -100, inplace_backward: true,
+                                                     expected_grad: lossGrad.to(ScalarType.Float32) / n).loss;
+            return rows.sum() / n.to(rows.dtype);
+        }
+        var r = Rows(logits, labels, fused);
+        return r.sum() / count.to(r.dtype);
     }
 
     /// <summary>Per-row losses (N,) of logits (N, V) against labels (N,), zero where labels are -100: the fused kernel (in-place

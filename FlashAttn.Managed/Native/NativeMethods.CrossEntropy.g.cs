@@ -72,4 +72,68 @@ internal static partial class NativeMethods
         float lse_square_scale,
         long ignore_index,
         IntPtr /* void* */ stream);
+
+    /// <summary>
+    /// Bytes of device workspace FlashAttn_cross_entropy_fwd_bwd needs (the forward's, and lse for the rows too
+    /// long for its one-pass kernel).
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_cross_entropy_fwd_bwd_workspace_size")]
+    internal static partial long FlashAttn_cross_entropy_fwd_bwd_workspace_size(long rows, long vocab);
+
+    /// <summary>
+    /// Forward and backward in one pass: FlashAttn_cross_entropy_fwd's loss and z_loss, and
+    /// FlashAttn_cross_entropy_bwd's dlogits for the upstream gradient dloss the caller expects (e.g. a mean
+    /// reduction's scale / n_valid, computed on the device), so that the logits are read once. dloss is read
+    /// on the device: nothing waits for it. dloss_applied: float32 (rows,), written with the dloss each row's
+    /// dlogits were computed for (FlashAttn_cross_entropy_bwd_rescale's reference). dlogits may be logits
+    /// (same strides): the logits are then overwritten in the forward. A block holds a row in shared memory
+    /// (a row must fit the device's shared memory: float16/bfloat16 up to 116k columns on sm_90, 83k on
+    /// sm_80, float32 half as many); larger rows run the forward's kernels and then the backward's (the
+    /// logits read twice). workspace: FlashAttn_cross_entropy_fwd_bwd_workspace_size(rows, vocab) bytes.
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_cross_entropy_fwd_bwd")]
+    internal static partial FlashAttnStatus FlashAttn_cross_entropy_fwd_bwd(
+        IntPtr /* const void* */ logits,
+        IntPtr /* void* */ dlogits,
+        FlashAttnDType dtype,
+        IntPtr /* const int64_t* */ labels,
+        IntPtr /* const float* */ dloss,
+        long dloss_stride,
+        IntPtr /* float* */ loss,
+        IntPtr /* float* */ z_loss,
+        IntPtr /* float* */ dloss_applied,
+        long rows,
+        long vocab,
+        long logits_row_stride,
+        long dlogits_row_stride,
+        float label_smoothing,
+        float logit_scale,
+        float lse_square_scale,
+        long ignore_index,
+        IntPtr /* void* */ workspace,
+        long workspace_bytes,
+        IntPtr /* void* */ stream);
+
+    /// <summary>
+    /// The backward of FlashAttn_cross_entropy_fwd_bwd once the real upstream gradient dloss is known (on the
+    /// device): each row whose dloss differs from dloss_applied (and whose label is not ignore_index) has its
+    /// dlogits multiplied by dloss / dloss_applied in place, and dloss_applied set to dloss (a second backward
+    /// through the same graph then scales from there). Rows whose dloss equals the expectation cost one
+    /// comparison. The result differs from FlashAttn_cross_entropy_bwd's by one rounding of dlogits' dtype;
+    /// a dloss_applied of 0 leaves nothing to scale (NaN gradients where dloss is not 0).
+    /// dloss: float32, element r at dloss[r * dloss_stride] (stride 0: one value for every row).
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_cross_entropy_bwd_rescale")]
+    internal static partial FlashAttnStatus FlashAttn_cross_entropy_bwd_rescale(
+        IntPtr /* void* */ dlogits,
+        FlashAttnDType dtype,
+        IntPtr /* const int64_t* */ labels,
+        IntPtr /* const float* */ dloss,
+        long dloss_stride,
+        IntPtr /* float* */ dloss_applied,
+        long rows,
+        long vocab,
+        long dlogits_row_stride,
+        long ignore_index,
+        IntPtr /* void* */ stream);
 }

@@ -52,6 +52,22 @@ public static partial class Reference
         return (g * d).to(logits.dtype).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// The backward of a forward that computed dlogits for the gradient dloss_applied ((N,), the compute dtype): dlogits
+    /// times dloss / dloss_applied (in the compute dtype) on the rows where they differ and the label is not ignore_index,
+    /// dlogits' values elsewhere. Out of place, what FlashAttn_cross_entropy_bwd_rescale computes in place (the kernel's
+    /// writes, unlike an in-place op here, leave the saved tensors' versions alone; a second backward through the graph
+    /// then starts again from the forward's dlogits and dloss_applied, the kernel's from its first).
+    /// </summary>
+    public static Tensor cross_entropy_rescale(Tensor dlogits, Tensor dloss, Tensor dloss_applied, Tensor labels, long ignore_index = -100)
+    {
+        using var scope = NewDisposeScope();
+        var d = dloss.to(dloss_applied.dtype).expand(labels.shape);
+        var differs = d.ne(dloss_applied).logical_and(labels.ne(ignore_index)).unsqueeze(-1);
+        var scaled = (dlogits.to(dloss_applied.dtype) * (d / dloss_applied).unsqueeze(-1)).to(dlogits.dtype);
+        return where(differs, scaled, dlogits).MoveToOuterDisposeScope();
+    }
+
     // Rows that count (label != ignore_index), rows whose label is outside [0, V) and not ignored, and labels safe to
     // gather with ((N, 1), 0 where not valid or outside).
     private static (Tensor valid, Tensor outside, Tensor safe) Labels(Tensor labels, long vocab, long ignore_index)

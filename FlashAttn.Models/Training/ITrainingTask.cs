@@ -19,8 +19,10 @@ public interface ITrainingTask : IDisposable
     long UnitsPerSample { get; }
     /// <summary>Training FLOPs (forward + backward) per sample, for MFU.</summary>
     double FlopsPerSample { get; }
-    /// <summary>Mean loss of the next micro-batch of <paramref name="batchSize"/> training samples.</summary>
-    Tensor TrainLoss(int batchSize);
+    /// <summary>Mean loss of the next micro-batch of <paramref name="batchSize"/> training samples, whose backward will
+    /// receive <paramref name="lossGrad"/> (0-d float32 on the device: the trainer's 1 / accumulation steps, times fp16's
+    /// loss scale); a task may compute gradients for it in the forward.</summary>
+    Tensor TrainLoss(int batchSize, Tensor lossGrad);
     /// <summary>Validation metrics (val_loss first) over at most maxBatches batches (0: all).</summary>
     IReadOnlyDictionary<string, double> Evaluate(int batchSize, int maxBatches);
     /// <summary>The training data order's position (saved in checkpoints; restored on resume).</summary>

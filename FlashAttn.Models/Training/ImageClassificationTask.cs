@@ -92,7 +92,8 @@ public sealed class ImageClassificationTask : ITrainingTask
         return (x, tensor(labels).to(_device));
     }
 
-    public Tensor TrainLoss(int batchSize)
+    // lossGrad unused: a classifier's logits (B, classes) are too small for the cross-entropy's passes to matter
+    public Tensor TrainLoss(int batchSize, Tensor lossGrad)
     {
         var drawn = _sampler.Next(batchSize);
         var (x, y) = Batch(drawn.Select(d => _train.Items[(int)d.index]).ToList(), true, drawn.Select(d => (d.epoch, d.position)).ToArray());

@@ -105,9 +105,9 @@ public sealed class LanguageModelingTask : ITrainingTask
         set => _sampler.State = new SamplerState(value["epoch"]!.GetValue<long>(), value["position"]!.GetValue<long>());
     }
 
-    public Tensor TrainLoss(int batchSize)
+    public Tensor TrainLoss(int batchSize, Tensor lossGrad)
     {
-        var loss = Loss(_sampler.Next(batchSize), batchSize);
+        var loss = Loss(_sampler.Next(batchSize), batchSize, lossGrad);
         if (!_attentionLogged && Config.use_flash_attn)
         {
             // the path flash_attn_func took (our kernels, libtorch's SDPA or the reference; FLASHATTN_ATTENTION_BACKEND)
@@ -119,7 +119,7 @@ public sealed class LanguageModelingTask : ITrainingTask
 
     // No dispose scope here: custom autograd functions keep C# handles of what they save for
     // backward; the trainer's per-step scope frees everything after backward.
-    Tensor Loss(long[] rows, int batchSize)
+    Tensor Loss(long[] rows, int batchSize, Tensor? lossGrad = null)
     {
         var x = tensor(rows, [batchSize, _seqlen + 1], ScalarType.Int64);
         // A copy from pageable memory waits for the GPU's queue to drain, so each micro-batch would start on an idle
@@ -128,7 +128,7 @@ public sealed class LanguageModelingTask : ITrainingTask
         if (_device.type == DeviceType.CUDA) x = x.pin_memory().to(_device, non_blocking: true);
         var input = x.narrow(1, 0, _seqlen).contiguous();
         var labels = x.narrow(1, 1, _seqlen).contiguous();
-        return _model.loss(input, labels);
+        return _model.loss(input, labels, lossGrad);
     }
 
     public IReadOnlyDictionary<string, double> Evaluate(int batchSize, int maxBatches)

@@ -254,13 +254,13 @@ public sealed class Trainer
         foreach (var group in opt.ParamGroups) group.LearningRate = run.Lr;
         torch.manual_seed(seed * 1_000_003 + step + 1); // dropout: a pure function of the step, so resume reproduces it
         if (run.Device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed * 1_000_003 + step + 1);
-        var lossScale = scaler is null ? null : scaler.Scale / accum;
+        // the gradient each micro-batch's loss receives, a device scalar the task may compute gradients for in its forward
+        var lossGrad = scaler is null ? full(Array.Empty<long>(), 1.0 / accum, ScalarType.Float32, run.Device) : scaler.Scale / accum;
         Tensor? lossSum = null;
         for (int a = 0; a < accum; a++)
         {
-            var loss = run.Task.TrainLoss(run.Config.Data.BatchSize);
-            var scaled = lossScale is null ? loss * (1.0 / accum) : loss * lossScale;
-            scaled.backward();
+            var loss = run.Task.TrainLoss(run.Config.Data.BatchSize, lossGrad);
+            (loss * lossGrad).backward();
             // every micro-batch's gradients, before accumulate_grad takes 16-bit ones into its float32 sums: the sums and
             // the last micro-batch's gradients the optimizer reads are then the ranks' means
             run.Reducer?.AllReduce(run.Gradients);
@@ -268,7 +268,7 @@ public sealed class Trainer
             if (a < accum - 1) opt.accumulate_grad();
             var d = loss.detach().to(ScalarType.Float32);
             lossSum = lossSum is null ? d : lossSum + d;
-            scope.DisposeEverythingBut(lossScale is null ? [lossSum] : [lossSum, lossScale]);
+            scope.DisposeEverythingBut(lossSum, lossGrad);
         }
         opt.step();
         scaler?.Update(opt.found_inf);

@@ -40,7 +40,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 8
+#define FLASHATTN_ABI_VERSION 9
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -294,6 +294,38 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd(
     void* dlogits, FlashAttnDType dtype, int64_t rows, int64_t vocab, int64_t logits_row_stride,
     int64_t dlogits_row_stride, float label_smoothing, float logit_scale, float lse_square_scale,
     int64_t ignore_index, void* stream);
+
+// Bytes of device workspace FlashAttn_cross_entropy_fwd_bwd needs (the forward's, and lse for the rows too
+// long for its one-pass kernel).
+FLASHATTN_API int64_t FlashAttn_cross_entropy_fwd_bwd_workspace_size(int64_t rows, int64_t vocab);
+
+// Forward and backward in one pass: FlashAttn_cross_entropy_fwd's loss and z_loss, and
+// FlashAttn_cross_entropy_bwd's dlogits for the upstream gradient dloss the caller expects (e.g. a mean
+// reduction's scale / n_valid, computed on the device), so that the logits are read once. dloss is read
+// on the device: nothing waits for it. dloss_applied: float32 (rows,), written with the dloss each row's
+// dlogits were computed for (FlashAttn_cross_entropy_bwd_rescale's reference). dlogits may be logits
+// (same strides): the logits are then overwritten in the forward. A block holds a row in shared memory
+// (a row must fit the device's shared memory: float16/bfloat16 up to 116k columns on sm_90, 83k on
+// sm_80, float32 half as many); larger rows run the forward's kernels and then the backward's (the
+// logits read twice). workspace: FlashAttn_cross_entropy_fwd_bwd_workspace_size(rows, vocab) bytes.
+FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd_bwd(
+    const void* logits, void* dlogits, FlashAttnDType dtype, const int64_t* labels, const float* dloss,
+    int64_t dloss_stride, float* loss, float* z_loss, float* dloss_applied, int64_t rows,
+    int64_t vocab, int64_t logits_row_stride, int64_t dlogits_row_stride, float label_smoothing,
+    float logit_scale, float lse_square_scale, int64_t ignore_index, void* workspace, int64_t workspace_bytes,
+    void* stream);
+
+// The backward of FlashAttn_cross_entropy_fwd_bwd once the real upstream gradient dloss is known (on the
+// device): each row whose dloss differs from dloss_applied (and whose label is not ignore_index) has its
+// dlogits multiplied by dloss / dloss_applied in place, and dloss_applied set to dloss (a second backward
+// through the same graph then scales from there). Rows whose dloss equals the expectation cost one
+// comparison. The result differs from FlashAttn_cross_entropy_bwd's by one rounding of dlogits' dtype;
+// a dloss_applied of 0 leaves nothing to scale (NaN gradients where dloss is not 0).
+// dloss: float32, element r at dloss[r * dloss_stride] (stride 0: one value for every row).
+FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd_rescale(
+    void* dlogits, FlashAttnDType dtype, const int64_t* labels, const float* dloss, int64_t dloss_stride,
+    float* dloss_applied, int64_t rows, int64_t vocab, int64_t dlogits_row_stride, int64_t ignore_index,
+    void* stream);
 
 // area: Dense
 

@@ -34,6 +34,8 @@ FlashAttnStatus run_norm_fwd(const NormFwdParams&, void*, const char* function) 
 FlashAttnStatus run_norm_bwd(const NormBwdParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_cross_entropy_fwd(const CrossEntropyParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_cross_entropy_fwd_bwd(const CrossEntropyParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_cross_entropy_bwd_rescale(const CrossEntropyParams&, void*, const char* function) { return no_cuda(function); }
 
 FlashAttnStatus run_flash_fwd(const FlashFwdParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_flash_bwd(const FlashBwdParams&, void*, const char* function) { return no_cuda(function); }

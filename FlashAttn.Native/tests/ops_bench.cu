@@ -257,6 +257,38 @@ void bench_norm(int64_t hidden, bool rms, bool backward, int samples) {
     sample(parts, bytes, {{rms ? "rms_fwd" : "norm_fwd", 1u}}, hidden, rows, samples);
 }
 
+// cross-entropy forward + backward in one pass, in place (the training step's loss: dloss_expected): logits read once,
+// dlogits written once, then the backward's check of the real dloss (equal: ce_fused); the backward when it differs
+// (ce_rescale: dlogits read and written again). At 128256 and 256000 a bf16 row exceeds shared memory: ce_fused is
+// then the two-kernel path it falls back to (the logits read twice), about ce_fwdbwd's time.
+void bench_ce_fused(int64_t vocab, int64_t rows, int samples) {
+  const size_t n = size_t(rows) * vocab;
+  const int64_t ws_bytes = FlashAttn_cross_entropy_fwd_bwd_workspace_size(rows, vocab);
+  void* ws = alloc<char>(size_t(ws_bytes));
+  __nv_bfloat16* logits = random_bf16(n, 100, 2.f);
+  int64_t* labels = alloc<int64_t>(rows);
+  fill_labels<<<64, 256>>>(labels, rows, vocab);
+  float* loss = alloc<float>(rows);
+  float* applied = alloc<float>(rows);
+  float* expected = alloc<float>(1);
+  float* other = alloc<float>(1);
+  fill_f32<<<1, 32>>>(expected, 1, 1.f / rows);
+  fill_f32<<<1, 32>>>(other, 1, 0.37f / rows);
+  const auto B = FLASHATTN_DTYPE_BFLOAT16;
+  // the logits are overwritten by their gradient: each sample runs on the previous one's (finite, random enough)
+  sample({[&] {
+            FA(FlashAttn_cross_entropy_fwd_bwd(logits, logits, B, labels, expected, 0, loss, nullptr, applied, rows,
+                                               vocab, vocab, vocab, 0.f, 1.f, 0.f, -100, ws, ws_bytes, nullptr));
+            FA(FlashAttn_cross_entropy_bwd_rescale(logits, B, labels, expected, 0, applied, rows, vocab, vocab, -100,
+                                                   nullptr));
+          },
+          [&] {
+            FA(FlashAttn_cross_entropy_bwd_rescale(logits, B, labels, other, 0, applied, rows, vocab, vocab, -100,
+                                                   nullptr));
+          }},
+         {2 * n * 2, 2 * n * 2}, {{"ce_fused", 1u}, {"ce_rescale", 2u}}, vocab, rows, samples);
+}
+
 // cross-entropy forward + backward in place (inplace_backward): logits read twice, written once.
 void bench_ce(int64_t vocab, int samples) {
   const int64_t rows = vocab > 100000 ? 4096 : 16384;
@@ -278,6 +310,7 @@ void bench_ce(int64_t vocab, int samples) {
                                           1.f, 0.f, -100, nullptr));
          }},
          {3 * n * 2}, {{"ce_fwdbwd", 1u}}, vocab, rows, samples);
+  bench_ce_fused(vocab, rows, samples);
 }
 
 // rotary on q (B 8, S 2048, H heads, D 128), out of place: x read, out written, cos/sin (S, 64) each read once.

@@ -34,7 +34,7 @@ public class GptBenchmarks : GpuBenchmark
 
     private GPTLMHeadModel _model = null!;
     private optim.Optimizer _opt = null!;
-    private Tensor _ids = null!, _labels = null!;
+    private Tensor _ids = null!, _labels = null!, _lossGrad = null!;
     private readonly List<double> _seconds = new();
 
     private string ModelName => Case.Split(':')[0];
@@ -69,6 +69,7 @@ public class GptBenchmarks : GpuBenchmark
         _opt = Optimizer(_model, Fused);
         _ids = randint(0, 50257, new long[] { Batch, SeqLen }, device: Dev);
         _labels = randint(0, 50257, new long[] { Batch, SeqLen }, device: Dev);
+        _lossGrad = ones(Array.Empty<long>(), ScalarType.Float32, Dev);
     }
 
     /// <summary>The optimizer of a training step: the trainer's with the fusions on (its defaults: betas 0.9, 0.999, eps
@@ -85,7 +86,8 @@ public class GptBenchmarks : GpuBenchmark
     private void Step(bool optimizerStep)
     {
         using var scope = NewDisposeScope();
-        var loss = _model.loss(_ids, _labels);
+        // the gradient loss.backward() gives: the cross-entropy computes it in the forward (the trainer's path)
+        var loss = _model.loss(_ids, _labels, _lossGrad);
         loss.backward();
         if (optimizerStep) _opt.step();
         _opt.zero_grad();

@@ -7,7 +7,8 @@ namespace FlashAttn.Tests;
 /// <summary>
 /// The cross-entropy kernels against the float64 reference with the flash-attn rule, losses and gradients,
 /// at vocabularies 1000 to 256000, every dtype, with ignore_index, label smoothing, logit scale (negative too)
-/// and z-loss; the in-place backward writes the same gradient into the logits buffer; strided rows.
+/// and z-loss; the in-place backward writes the same gradient into the logits buffer; strided rows. The gradient
+/// computed in the forward (expected_grad) for every kind of upstream gradient, a second use and a second backward.
 /// </summary>
 [Category(Gpu.Category)]
 public sealed class CrossEntropyCudaTests
@@ -209,5 +210,135 @@ public sealed class CrossEntropyCudaTests
         loss.sum().backward();
         Assert.That(loss.abs().max().to(ScalarType.Float32).item<float>(), Is.EqualTo(0f));
         Assert.That(logits.grad!.abs().max().to(ScalarType.Float32).item<float>(), Is.EqualTo(0f));
+    }
+
+    // expected_grad: FlashAttn_cross_entropy_fwd_bwd (a row per block in shared memory at 97 and 50257; the two-kernel path
+    // where a row does not fit: 128256 in every dtype, float32 50257 on sm_80) and the backward's comparison, for an
+    // upstream gradient equal to the expected one (nothing to do), 1/n (equal too), 0.37 against an expected 1 and a
+    // per-row one (both rescaled), in place or not, against the float64 reference for the gradient received.
+    private static IEnumerable<TestCaseData> FusedCases()
+    {
+        var dtypes = new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 };
+        var kinds = new[] { "expected", "1/n", "0.37", "rows" };
+        int i = 0;
+        foreach (var dt in dtypes)
+        foreach (var v in new[] { 97, 50257, 128256 })
+        foreach (var n in new[] { 1, 97, 1025 })
+        {
+            double smoothing = (i & 1) == 1 ? 0.1 : 0.0, lseSq = i % 3 == 0 ? 1e-4 : 0.0, scale = i % 5 == 2 ? -0.7 : 1.0;
+            bool inplace = (i & 2) == 2;
+            var kind = kinds[i % 4];
+            i++;
+            yield return new TestCaseData(dt, v, n, smoothing, scale, lseSq, inplace, kind)
+                .SetName($"CrossEntropyFused_{dt}_v{v}_n{n}_ls{smoothing}_s{scale}_z{lseSq}_{(inplace ? "inplace" : "out")}_{kind.Replace('/', '_')}");
+        }
+    }
+
+    private static Tensor FusedLabels(long n, long v, Device dev)
+    {
+        var labels = randint(0, v, new long[] { n }, device: dev);
+        if (n > 1) labels[1] = tensor(-100L, device: dev);
+        if (n > 5) labels[5] = tensor(v - 1, device: dev);
+        return labels;
+    }
+
+    // float64 and low-precision references of loss (and its gradient into leaf copies) for an upstream gradient g
+    private static (Tensor lossE, Tensor zE, Tensor gradE, Tensor lossL, Tensor zL, Tensor gradL) References(Tensor leaf, Tensor labels,
+        double smoothing, double scale, double lseSq, params Tensor[] upstream)
+    {
+        var le = leaf.detach().to(ScalarType.Float64).requires_grad_(true);
+        var (lossE, zE, _) = Reference.cross_entropy(le, labels, smoothing, scale, lseSq);
+        var ll = leaf.detach().clone().requires_grad_(true);
+        var (lossL, zL, _) = Reference.cross_entropy(ll, labels, smoothing, scale, lseSq, compute_dtype: leaf.dtype);
+        for (int k = 0; k < upstream.Length; k++)
+        {
+            lossE.backward(new[] { upstream[k].to(ScalarType.Float64) }, retain_graph: k < upstream.Length - 1);
+            lossL.backward(new[] { upstream[k].to(leaf.dtype) }, retain_graph: k < upstream.Length - 1);
+        }
+        return (lossE, zE, le.grad!, lossL, zL, ll.grad!);
+    }
+
+    [TestCaseSource(nameof(FusedCases))]
+    public void GradientInTheForwardMatchesReference(ScalarType dtype, int vocab, int n, double smoothing, double scale, double lseSq,
+        bool inplace, string kind)
+    {
+        var dev = Gpu.Require();
+        var leaf = (randn(n, vocab, device: dev) * 3).to(dtype).requires_grad_(true);
+        var labels = FusedLabels(n, vocab, dev);
+        var expected = full(Array.Empty<long>(), kind switch { "expected" => 0.5, "1/n" => 1.0 / n, _ => 1.0 }, ScalarType.Float32, dev);
+        var g = kind switch
+        {
+            "expected" => full(n, 0.5f, device: dev),
+            "1/n" => full(n, 1.0 / n, ScalarType.Float32, dev),
+            "0.37" => full(n, 0.37f, device: dev),
+            _ => rand(n, device: dev) + 0.1,
+        };
+        var logits = leaf * 1.0;
+        // poison: a NaN block of dlogits' size back in the caching allocator, for the out-of-place dlogits to land on
+        if (!inplace) full(n, vocab, double.NaN, dtype, dev).Dispose();
+        var (loss, z) = flash_attn.cross_entropy_loss(logits, labels, smoothing, scale, lseSq, inplace_backward: inplace, expected_grad: expected);
+        loss.backward(new[] { g });
+        var (lossE, zE, gradE, lossL, zL, gradL) = References(leaf, labels, smoothing, scale, lseSq, g);
+        Tolerance.AssertClose(loss, lossL, lossE, "loss");
+        Tolerance.AssertClose(z, zL, zE, "z_loss");
+        Tolerance.AssertClose(leaf.grad!, gradL, gradE, "dlogits");
+        if (n > 1)
+        {
+            Assert.That(loss[1].item<float>(), Is.EqualTo(0f), "ignored row");
+            Assert.That(leaf.grad![1].abs().max().to(ScalarType.Float32).item<float>(), Is.EqualTo(0f), "ignored row: no gradient");
+        }
+    }
+
+    // The loss used twice in the graph (the backward receives 1.5 against an expected 1), then a second backward through the
+    // same graph receiving 2: the kernel scales from the first backward's 1.5 (dloss_applied updated on the device).
+    [TestCase(ScalarType.BFloat16, 50257, true), TestCase(ScalarType.Float16, 97, false), TestCase(ScalarType.Float32, 128256, true)]
+    public void GradientInTheForwardWithASecondUseAndASecondBackward(ScalarType dtype, int vocab, bool inplace)
+    {
+        var dev = Gpu.Require();
+        const long n = 33;
+        var leaf = (randn(n, vocab, device: dev) * 2).to(dtype).requires_grad_(true);
+        var labels = FusedLabels(n, vocab, dev);
+        var (loss, _) = flash_attn.cross_entropy_loss(leaf * 1.0, labels, 0.1, lse_square_scale: 1e-4, inplace_backward: inplace,
+                                                      expected_grad: ones(Array.Empty<long>(), device: dev));
+        (loss.sum() + 0.5f * loss.sum()).backward(retain_graph: true);
+        (loss.sum() * 2f).backward();
+        var (_, _, gradE, _, _, gradL) = References(leaf, labels, 0.1, 1.0, 1e-4, full(n, 1.5f, device: dev), full(n, 2f, device: dev));
+        Tolerance.AssertClose(leaf.grad!, gradL, gradE, "dlogits after both backwards");
+    }
+
+    // The module's mean with expected_grad on rows 16 bytes apart in a wider buffer (row stride V + 11, first column at 3),
+    // overwritten in place, against torch's cross_entropy in float64; upstream 1 (the expectation) and 0.37.
+    [TestCase(ScalarType.BFloat16, 1.0), TestCase(ScalarType.Float32, 0.37)]
+    public void ModuleMeanWithExpectedGradOnStridedRowsMatchesTorch(ScalarType dtype, double upstream)
+    {
+        var dev = Gpu.Require();
+        const long n = 96, v = 50257;
+        var leaf = (randn(n, v + 11, device: dev) * 2).to(dtype).requires_grad_(true);
+        var logits = (leaf * 1.0)[.., 3..(int)(v + 3)];
+        var labels = FusedLabels(n, v, dev);
+        var loss = layers.CrossEntropyLoss(inplace_backward: true, expected_grad: 1.0).call(logits, labels);
+        loss.backward(new[] { full(Array.Empty<long>(), upstream, ScalarType.Float32, dev) });
+        var lf = leaf.detach()[.., 3..(int)(v + 3)].to(ScalarType.Float32).requires_grad_(true);
+        var expected = nn.functional.cross_entropy(lf, labels);
+        (expected * upstream).backward();
+        Assert.That(Math.Abs(loss.item<float>() - expected.item<float>()), Is.LessThan(1e-4));
+        var le = leaf.detach()[.., 3..(int)(v + 3)].to(ScalarType.Float64).requires_grad_(true);
+        (nn.functional.cross_entropy(le, labels) * upstream).backward();
+        Tolerance.AssertClose(leaf.grad![.., 3..(int)(v + 3)], lf.grad!.to(dtype), le.grad!, "dlogits vs torch");
+        Assert.That(leaf.grad![.., ..3].abs().max().to(ScalarType.Float32).item<float>(), Is.EqualTo(0f), "columns outside the logits");
+    }
+
+    // What makes the trainer's backward free: on the device too, the gradient a mean's backward gives each row is, to the
+    // bit, lossGrad / count by the same division (the expected gradient GPT's loss hands the kernel).
+    [TestCase(1, 16384L), TestCase(32, 16383L), TestCase(3, 97L)]
+    public void TheMeansBackwardGivesTheExpectedGradientToTheBit(int accum, long count)
+    {
+        var dev = Gpu.Require();
+        var rows = randn(count, device: dev).requires_grad_(true);
+        var lossGrad = full(Array.Empty<long>(), 1.0 / accum, ScalarType.Float32, dev);
+        var n = tensor(count, device: dev).to(ScalarType.Float32);
+        ((rows.sum() / n) * lossGrad).backward();
+        var expected = lossGrad / n;
+        Assert.That(rows.grad!.eq(expected).all().item<bool>(), Is.True, $"each row's gradient is {expected.item<float>():R}");
     }
 }

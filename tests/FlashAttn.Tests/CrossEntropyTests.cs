@@ -84,6 +84,109 @@ public sealed class CrossEntropyTests
         if (inplace) Assert.That(Tolerance.MaxAbsDiff(logits, leaf.grad!), Is.EqualTo(0.0), "the gradient overwrote the logits");
     }
 
+    // The gradient computed in the forward for expected_grad, then the backward given the expected gradient (nothing to do),
+    // another one (scaled per row) or a per-row one: always the backward of the plain path for the gradient received.
+    [TestCase(0.0, 1.0, 0.0, false, "expected"), TestCase(0.1, 0.7, 1e-3, true, "expected"), TestCase(0.0, 1.0, 0.0, true, "0.37"),
+     TestCase(0.1, 1.3, 1e-3, false, "0.37"), TestCase(0.2, -0.6, 1e-2, true, "rows"), TestCase(0.0, 1.0, 0.0, false, "rows")]
+    public void GradientInTheForwardIsTheBackwardsForAnyUpstreamGradient(double smoothing, double scale, double lseSq, bool inplace,
+        string upstream)
+    {
+        var leaf = randn(12, 33, dtype: ScalarType.Float64, requires_grad: true);
+        var labels = randint(0, 33, new long[] { 12 });
+        labels[5] = tensor(-7L);
+        var expected = tensor(0.25, dtype: ScalarType.Float64);
+        var g = upstream switch
+        {
+            "expected" => expected.expand(12),
+            "0.37" => full(12, 0.37, dtype: ScalarType.Float64),
+            _ => randn(12, dtype: ScalarType.Float64),
+        };
+        var logits = leaf * 1.0;
+        var (loss, zl) = flash_attn.cross_entropy_loss(logits, labels, smoothing, scale, lseSq, -7, inplace, expected_grad: expected);
+        Assert.That(zl.requires_grad, Is.False, "z_loss is not differentiable");
+        var leaf2 = leaf.detach().clone().requires_grad_(true);
+        var (rl, _, lse) = Reference.cross_entropy(leaf2, labels, smoothing, scale, lseSq, -7);
+        if (inplace)
+        {
+            var d = Reference.cross_entropy_backward(expected, leaf2.detach(), labels, lse, smoothing, scale, lseSq, -7);
+            Assert.That(Tolerance.MaxAbsDiff(logits, d), Is.EqualTo(0.0), "the forward overwrote the logits with their gradient");
+        }
+        loss.backward(new[] { g });
+        rl.backward(new[] { g });
+        Assert.That(Tolerance.MaxAbsDiff(loss, rl), Is.LessThan(1e-12));
+        Assert.That(Tolerance.MaxAbsDiff(leaf.grad!, leaf2.grad!), Is.LessThan(1e-12));
+        Assert.That(leaf.grad![5].abs().max().item<double>(), Is.EqualTo(0.0), "ignored row: no gradient");
+    }
+
+    // A loss used twice in the graph (one backward with the summed gradient) and a second backward through the same graph
+    // (retain_graph: the dlogits scaled from the first's gradient, not the forward's).
+    [TestCase(true), TestCase(false)]
+    public void GradientInTheForwardWithASecondUseAndASecondBackward(bool inplace)
+    {
+        var leaf = randn(10, 21, requires_grad: true);
+        var labels = randint(0, 21, new long[] { 10 });
+        var (loss, _) = flash_attn.cross_entropy_loss(leaf * 1.0, labels, 0.1, inplace_backward: inplace, expected_grad: tensor(1f));
+        var total = loss.sum() + 0.5f * loss.sum();
+        total.backward(retain_graph: true);
+        var first = leaf.grad!.clone();
+        (loss.sum() * 2f).backward();
+
+        var leaf2 = leaf.detach().clone().requires_grad_(true);
+        var (rl, _, _) = Reference.cross_entropy(leaf2, labels, 0.1);
+        (rl.sum() * 1.5f).backward();
+        Assert.That(Tolerance.MaxAbsDiff(first, leaf2.grad!), Is.LessThan(1e-6), "1.5 x the gradient");
+        Assert.That(Tolerance.MaxAbsDiff(leaf.grad!, leaf2.grad! * (3.5f / 1.5f)), Is.LessThan(1e-6), "then 2 x more");
+    }
+
+    // The fused path relies on the gradient a mean's backward gives each row being, to the bit, the expected one computed
+    // as the trainer's and the module's: lossGrad / count by the same division.
+    [TestCase(1, 16383L), TestCase(3, 1000L), TestCase(32, 7L), TestCase(32, 16384L)]
+    public void TheMeansBackwardGivesTheExpectedGradientToTheBit(int accum, long count)
+    {
+        var rows = randn(count, requires_grad: true);
+        var lossGrad = full(Array.Empty<long>(), 1.0 / accum, ScalarType.Float32);
+        var n = tensor(count).to(ScalarType.Float32);
+        ((rows.sum() / n) * lossGrad).backward();
+        var expected = (lossGrad / n).item<float>();
+        Assert.That(rows.grad!.data<float>().ToArray().All(v => BitConverter.SingleToInt32Bits(v) == BitConverter.SingleToInt32Bits(expected)),
+            Is.True, $"each row's gradient is {expected:R}");
+    }
+
+    [TestCase(LossReduction.Mean), TestCase(LossReduction.Sum), TestCase(LossReduction.None)]
+    public void ModuleWithExpectedGradGivesThePlainModulesLossAndGradient(LossReduction reduction)
+    {
+        var leaf = randn(9, 40, requires_grad: true);
+        var labels = tensor(new long[] { 1, -100, 3, 39, 0, -100, 7, 7, 20 });
+        var plain = layers.CrossEntropyLoss(reduction: reduction, label_smoothing: 0.1);
+        var fused = layers.CrossEntropyLoss(reduction: reduction, label_smoothing: 0.1, inplace_backward: true, expected_grad: 0.5);
+        var leaf2 = leaf.detach().clone().requires_grad_(true);
+        var a = fused.call(leaf * 1f, labels);
+        var b = plain.call(leaf2 * 1f, labels);
+        Assert.That(Tolerance.MaxAbsDiff(a, b), Is.EqualTo(0.0));
+        var g = reduction == LossReduction.None ? full(9, 0.5f) : tensor(0.5f);
+        a.backward(new[] { g });
+        b.backward(new[] { g });
+        Assert.That(Tolerance.MaxAbsDiff(leaf.grad!, leaf2.grad!), Is.EqualTo(0.0), "the expected gradient: the same numbers");
+    }
+
+    [Test]
+    public void ExpectedGradWithoutAGradientToComputeLeavesTheLogitsAlone()
+    {
+        var logits = randn(5, 12);
+        var before = logits.clone();
+        var labels = tensor(new long[] { 1, 2, 3, 4, 5 });
+        var (loss, _) = flash_attn.cross_entropy_loss(logits, labels, inplace_backward: true, expected_grad: tensor(1f));
+        Assert.That(Tolerance.MaxAbsDiff(logits, before), Is.EqualTo(0.0), "logits not requiring grad");
+        var x = randn(5, 12, requires_grad: true);
+        using (no_grad())
+        {
+            var y = x * 1f;
+            flash_attn.cross_entropy_loss(y, labels, inplace_backward: true, expected_grad: tensor(1f));
+            Assert.That(Tolerance.MaxAbsDiff(y, x), Is.EqualTo(0.0), "under no_grad");
+        }
+        Assert.That(Tolerance.MaxAbsDiff(loss, Reference.cross_entropy(before, labels).loss), Is.LessThan(1e-6));
+    }
+
     [Test]
     public void ModuleReturnsZLossAndMeanOverNonIgnoredRows()
     {
@@ -118,6 +221,12 @@ public sealed class CrossEntropyTests
         Expect("label_smoothing", "[0, 1]", () => flash_attn.cross_entropy_loss(logits, labels, label_smoothing: 1.5));
         Expect("lse_square_scale", ">= 0", () => flash_attn.cross_entropy_loss(logits, labels, lse_square_scale: -1));
         Expect("logit_scale", "finite", () => flash_attn.cross_entropy_loss(logits, labels, logit_scale: double.NaN));
+        Expect("expected_grad", "() or (N,) with N = 4", () => flash_attn.cross_entropy_loss(logits, labels, expected_grad: ones(3)));
+        Expect("expected_grad", "() or (N,) with N = 4", () => flash_attn.cross_entropy_loss(logits, labels, expected_grad: ones(4, 1)));
+        Expect("expected_grad", "float16, bfloat16, float32 or float64",
+               () => flash_attn.cross_entropy_loss(logits, labels, expected_grad: ones(4, dtype: ScalarType.Int64)));
+        Expect("expected_grad", "finite and not 0", () => layers.CrossEntropyLoss(expected_grad: 0.0));
+        Expect("expected_grad", "finite and not 0", () => layers.CrossEntropyLoss(expected_grad: double.PositiveInfinity));
     }
 
     [Test]
@@ -182,6 +291,30 @@ public sealed class CrossEntropyTests
         {
             Assert.That(Fwd(0f, 16, ws.numel()), Is.EqualTo(FlashAttnStatus.NoCuda));
             Assert.That(Last(), Does.Contain("built without CUDA support"));
+        }
+
+        var (applied, dloss) = (empty(4), ones(4));
+        var ws2 = empty(NativeMethods.FlashAttn_cross_entropy_fwd_bwd_workspace_size(4, 16), dtype: ScalarType.Byte);
+        FlashAttnStatus FwdBwd(long dlossStride, long dlogitsStride, IntPtr dlogits, long wsBytes) => NativeMethods.FlashAttn_cross_entropy_fwd_bwd(
+            TensorArgs.Ptr(logits), dlogits, FlashAttnDType.Float32, TensorArgs.Ptr(labels), TensorArgs.Ptr(dloss), dlossStride,
+            TensorArgs.Ptr(loss), IntPtr.Zero, TensorArgs.Ptr(applied), 4, 16, 16, dlogitsStride, 0f, 1f, 0f, -100, TensorArgs.Ptr(ws2),
+            wsBytes, IntPtr.Zero);
+        Assert.That(FwdBwd(-1, 16, TensorArgs.Ptr(logits), ws2.numel()), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.StartWith("FlashAttn_cross_entropy_fwd_bwd: dloss_stride (-1) must be >= 0"));
+        Assert.That(FwdBwd(1, 17, TensorArgs.Ptr(logits), ws2.numel()), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.Contain("dlogits aliases logits"));
+        Assert.That(FwdBwd(1, 16, IntPtr.Zero, ws2.numel()), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.Contain("dlogits must not be NULL"));
+        Assert.That(FwdBwd(1, 16, TensorArgs.Ptr(logits), ws.numel()), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.Contain("FlashAttn_cross_entropy_fwd_bwd_workspace_size"));
+        Assert.That(NativeMethods.FlashAttn_cross_entropy_bwd_rescale(TensorArgs.Ptr(logits), FlashAttnDType.Float32, TensorArgs.Ptr(labels),
+            TensorArgs.Ptr(dloss), 1, IntPtr.Zero, 4, 16, 16, -100, IntPtr.Zero), Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        Assert.That(Last(), Does.StartWith("FlashAttn_cross_entropy_bwd_rescale: dloss_applied must not be NULL"));
+        if (!Backend.NativeHasCuda)
+        {
+            Assert.That(FwdBwd(1, 16, TensorArgs.Ptr(logits), ws2.numel()), Is.EqualTo(FlashAttnStatus.NoCuda));
+            Assert.That(NativeMethods.FlashAttn_cross_entropy_bwd_rescale(TensorArgs.Ptr(logits), FlashAttnDType.Float32, TensorArgs.Ptr(labels),
+                TensorArgs.Ptr(dloss), 1, TensorArgs.Ptr(applied), 4, 16, 16, -100, IntPtr.Zero), Is.EqualTo(FlashAttnStatus.NoCuda));
         }
     }
 }

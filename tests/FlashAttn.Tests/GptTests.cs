@@ -167,6 +167,33 @@ public sealed class GptTests
         }
     }
 
+    // The trainer's path: loss(ids, labels, loss_grad) computes the cross-entropy's gradient in the forward; with the
+    // gradient it expects (upstream = loss_grad) every parameter's gradient is the one of loss() to the bit, and with
+    // another (fp16's scale changed between forward and backward) the gradients are those of the other within rounding.
+    [TestCase(false), TestCase(true)]
+    public void LossWithItsGradient_GivesTheGradientsOfThePlainLoss(bool otherUpstream)
+    {
+        using var a = Build(Tiny(fused: true), seed: 1);
+        using var b = Build(Tiny(fused: true), seed: 1);
+        manual_seed(3);
+        var ids = randint(0, 256, new long[] { 2, 24 });
+        var labels = randint(0, 256, new long[] { 2, 24 });
+        labels[1, 7] = tensor(-100L);
+        var lossGrad = full(Array.Empty<long>(), 1.0 / 3, ScalarType.Float32);
+        var upstream = otherUpstream ? full(Array.Empty<long>(), 0.37, ScalarType.Float32) : lossGrad;
+        var la = a.loss(ids, labels, loss_grad: lossGrad);
+        var lb = b.loss(ids, labels);
+        Assert.That(Same(la, lb), Is.True, "the same loss");
+        (la * upstream).backward();
+        (lb * upstream).backward();
+        var gb = b.named_parameters().ToDictionary(np => np.name, np => np.parameter.grad!);
+        foreach (var (name, p) in a.named_parameters())
+        {
+            if (!otherUpstream) Assert.That(Same(p.grad!, gb[name]), Is.True, name);
+            else Assert.That(Tolerance.MaxAbsDiff(p.grad!, gb[name]), Is.LessThanOrEqualTo(1e-6 * gb[name].abs().max().item<float>()), name);
+        }
+    }
+
     [Test]
     public void ResidualInFp32_KeepsTheStreamInFloat32()
     {

@@ -9,12 +9,23 @@
 // 1.01-1.05x the copy floor; ../norm/NOTES.md) and was removed.
 // Rows need not be 16-byte aligned (vocab 50257): a chunk runs a scalar head up to the first aligned
 // column, 16-byte vectors, then a scalar tail.
+//
+// Forward and backward in one pass (FlashAttn_cross_entropy_fwd_bwd, the training step's loss): a block per row
+// streams the row through registers into shared memory with the same online max / sum, combines across its warps,
+// then writes the gradient for the dloss the caller expects from shared memory: the logits read once and dlogits
+// written once, 2 x 1.65 GB at GPT-2's B 16 x T 1024 x 50257 in bf16, where the two-kernel path moves 3 x 1.65 GB.
+// Prediction (not yet measured): ops_bench's ce_fused within 1.1x of its copy floor (1 read + 1 write), about
+// 0.75 ms at 50257 on the H200 against ce_fwdbwd's 1.2 ms; two blocks of a 100 KB row per SM keep one block's
+// loads in flight while the other combines. The backward then only compares the real dloss with the expected one
+// (cross_entropy_rescale_kernel: a warp per row, one comparison; a second pass over dlogits only where they differ).
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "common/dtype.h"
 #include "common/numeric.cuh"
 #include "common/static_switch.h"
@@ -183,6 +194,60 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_warp_kernel(const 
   }
 }
 
+// dlogits of a row: g * (softmax(z) * (1 + 2 lse_square_scale lse) - smoothing / vocab - (1 - smoothing) [c == label])
+// with g = dloss * logit_scale, NaN for a label outside the vocabulary (as its loss). operator() leaves out the
+// label's term, which label_term() gives.
+struct RowGrad {
+  float scale2, lse2, gp, gs, gh;
+  __device__ __forceinline__ RowGrad(const CrossEntropyParams& p, int64_t label, float lse, float dloss) {
+    const float g = label < 0 || label >= p.vocab ? NAN : dloss * p.logit_scale;
+    scale2 = p.logit_scale * kLog2e;
+    lse2 = lse * kLog2e;
+    gp = g * (1.f + 2.f * p.lse_square_scale * lse);
+    gs = g * (p.label_smoothing / float(p.vocab));
+    gh = g * (1.f - p.label_smoothing);
+  }
+  __device__ __forceinline__ float operator()(float x) const { return fmaf(fast_exp2(fmaf(x, scale2, -lse2)), gp, -gs); }
+  __device__ __forceinline__ float label_term() const { return gh; }
+};
+
+// Where a row's label falls among the kVec-wide vectors starting at column vb (nv of them): its vector, or -1.
+struct LabelVec {
+  int64_t vec;
+  int col;
+  template <int kVec>
+  __device__ __forceinline__ static LabelVec at(int64_t label, int64_t vb, int64_t nv) {
+    const int64_t rel = label - vb;
+    const int64_t vec = rel >= 0 && rel < nv * kVec ? rel / kVec : -1;
+    return {vec, int(rel - vec * kVec)};
+  }
+};
+
+// The gradient of vector i (raw logits) stored at dst.
+template <typename T, int kVec>
+__device__ __forceinline__ void store_grad_vector(T* dst, const Packed<T, kVec>& raw, int64_t i, const LabelVec& l,
+                                                  const RowGrad& grad) {
+  float x[kVec];
+  to_floats(raw, x);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) x[j] = grad(x[j]);
+  if (i == l.vec) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      if (j == l.col) x[j] -= grad.label_term();
+  }
+  *reinterpret_cast<Vec<T, kVec>*>(dst) = from_floats<T, kVec>(x);
+}
+
+// Zeros into columns [r.c0, r.c1) of drow, thread t of n: an ignored row's gradient.
+template <typename T, int kVec>
+__device__ __forceinline__ void store_zero_row(T* drow, const WarpChunk& r, int t, int n) {
+  for (int64_t c = r.c0 + t; c < r.vb; c += n) drow[c] = from_float<T>(0.f);
+  for (int64_t c = r.tb + t; c < r.c1; c += n) drow[c] = from_float<T>(0.f);
+  const float zero[kVec] = {};
+  for (int64_t i = t; i < r.nv; i += n) store_float<T, kVec>(drow + r.vb + i * kVec, zero);
+}
+
 // Backward: dlogits of one warp's chunk.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_warp_kernel(const CrossEntropyParams p, int64_t chunks) {
@@ -197,28 +262,16 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_warp_kernel(const 
   const bool vector_ok = (reinterpret_cast<uintptr_t>(rowp) % 16) == (reinterpret_cast<uintptr_t>(drow) % 16);
   const WarpChunk r = warp_chunk<T, kVec>(rowp, p.vocab, chunk, chunks, vector_ok);
   const int64_t label = p.labels[row];
+  if (p.dloss_applied != nullptr && chunk == 0 && lane == 0) p.dloss_applied[row] = p.dloss[row * p.dloss_stride];
   if (label == p.ignore_index) {
-    for (int64_t c = r.c0 + lane; c < r.vb; c += 32) drow[c] = from_float<T>(0.f);
-    for (int64_t c = r.tb + lane; c < r.c1; c += 32) drow[c] = from_float<T>(0.f);
-    const float zero[kVec] = {};
-    for (int64_t i = lane; i < r.nv; i += 32) store_float<T, kVec>(drow + r.vb + i * kVec, zero);
+    store_zero_row<T, kVec>(drow, r, lane, 32);
     return;
   }
-  const float lse = p.lse[row];
-  const float scale2 = p.logit_scale * kLog2e, lse2 = lse * kLog2e;
-  // a label outside the vocabulary (recorded by the forward): a NaN gradient for its row, as its loss
-  const float g = label < 0 || label >= p.vocab ? NAN : p.dloss[row * p.dloss_stride] * p.logit_scale;
-  // dlogits = g * (softmax * (1 + 2 lse_square_scale lse) - smoothing / vocab - (1 - smoothing) [c == label])
-  const float gp = g * (1.f + 2.f * p.lse_square_scale * lse);
-  const float gs = g * (p.label_smoothing / float(p.vocab)), gh = g * (1.f - p.label_smoothing);
-  auto grad = [&](float x) { return fmaf(fast_exp2(fmaf(x, scale2, -lse2)), gp, -gs); };
-  auto scalar = [&](int64_t c) { drow[c] = from_float<T>(grad(to_float(rowp[c])) - (c == label ? gh : 0.f)); };
+  const RowGrad grad(p, label, p.lse[row], p.dloss[row * p.dloss_stride]);
+  auto scalar = [&](int64_t c) { drow[c] = from_float<T>(grad(to_float(rowp[c])) - (c == label ? grad.label_term() : 0.f)); };
   for (int64_t c = r.c0 + lane; c < r.vb; c += 32) scalar(c);
   for (int64_t c = r.tb + lane; c < r.c1; c += 32) scalar(c);
-  // the vector and element holding the label, if in this chunk's vectors
-  const int64_t lrel = label - r.vb;
-  const int64_t lvec = lrel >= 0 && lrel < r.nv * kVec ? lrel / kVec : -1;
-  const int lcol = int(lrel - lvec * kVec);
+  const LabelVec l = LabelVec::at<kVec>(label, r.vb, r.nv);
   // kBatch vectors loaded before any is stored: in place, a store may alias a later load, so the compiler
   // keeps a load -> compute -> store loop serial; batching puts kBatch loads in flight.
   const T* vp = rowp + r.vb;
@@ -232,18 +285,32 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_warp_kernel(const 
     for (int u = 0; u < kBatch; ++u) {
       const int64_t i = i0 + 32 * u;
       if (i >= r.nv) break;
-      float x[kVec];
-      to_floats(raw[u], x);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) x[j] = grad(x[j]);
-      if (i == lvec) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j)
-          if (j == lcol) x[j] -= gh;
-      }
-      *reinterpret_cast<Vec<T, kVec>*>(dvp + i * kVec) = from_floats<T, kVec>(x);
+      store_grad_vector<T, kVec>(dvp + i * kVec, raw[u], i, l, grad);
     }
   }
+}
+
+// A row's loss and z_loss from its combined state t (written), and its lse (returned); label_logit() reads the
+// label's (unscaled) logit, called only for a label in the vocabulary.
+template <typename LabelLogit>
+__device__ __forceinline__ float finish_row(const CrossEntropyParams& p, int64_t row, int64_t label, const Online& t,
+                                            LabelLogit label_logit) {
+  const float lse = (t.m + log2f(t.s)) * kLn2;
+  float loss = 0.f, zl = 0.f;
+  if (label != p.ignore_index) {
+    if (label < 0 || label >= p.vocab) {
+      loss = zl = NAN;  // never a finite loss for a label outside the vocabulary; the host hears of it
+      record_device_error(p.error, FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL, row, label);
+    } else {
+      const float zlabel = label_logit() * p.logit_scale;
+      zl = p.lse_square_scale * lse * lse;
+      loss = lse - (1.f - p.label_smoothing) * zlabel + zl;
+      if (p.label_smoothing > 0.f) loss -= p.label_smoothing * t.sum / float(p.vocab);
+    }
+  }
+  p.loss[row] = loss;
+  if (p.z_loss != nullptr) p.z_loss[row] = zl;
+  return lse;
 }
 
 // One warp per row: combines the row's chunks, reads the label's logit, writes loss / z_loss / lse.
@@ -257,23 +324,137 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_combine_kernel(const C
   for (int64_t c = lane; c < chunks; c += 32) t = combine(t, Online{ws[3 * c], ws[3 * c + 1], ws[3 * c + 2]});
   t = warp_combine(t);
   if (lane != 0) return;
-  const float lse = (t.m + log2f(t.s)) * kLn2;
-  p.lse[row] = lse;
+  const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
   const int64_t label = p.labels[row];
-  float loss = 0.f, zl = 0.f;
-  if (label != p.ignore_index) {
-    if (label < 0 || label >= p.vocab) {
-      loss = zl = NAN;  // never a finite loss for a label outside the vocabulary; the host hears of it
-      record_device_error(p.error, FLASHATTN_DEVICE_CHECK_CROSS_ENTROPY_LABEL, row, label);
-    } else {
-      const float zlabel = to_float(static_cast<const T*>(p.logits)[row * p.logits_row_stride + label]) * p.logit_scale;
-      zl = p.lse_square_scale * lse * lse;
-      loss = lse - (1.f - p.label_smoothing) * zlabel + zl;
-      if (p.label_smoothing > 0.f) loss -= p.label_smoothing * t.sum / float(p.vocab);
+  p.lse[row] = finish_row(p, row, label, t, [&] { return to_float(rowp[label]); });
+}
+
+// ----------------------------------------------------------------------------
+// forward + backward in one pass: a block of kFusedThreads per row, the row held in shared memory at its own
+// 16-byte phase (scratch for the block's combine first).
+
+constexpr int kFusedThreads = 512;
+constexpr int kFusedWarps = kFusedThreads / 32;
+constexpr int64_t kFusedScratch = 256;  // Online per warp, then the row's lse
+static_assert(kFusedWarps * sizeof(Online) + sizeof(float) <= kFusedScratch, "scratch");
+
+template <typename T>
+int64_t fused_smem_bytes(int64_t vocab) {
+  return kFusedScratch + (vocab * int64_t(sizeof(T)) + 16 + 15) / 16 * 16;
+}
+
+template <typename T, bool kSmooth>
+__global__ void __launch_bounds__(kFusedThreads) cross_entropy_fwd_bwd_kernel(const CrossEntropyParams p) {
+  constexpr int kVec = 16 / sizeof(T);
+  extern __shared__ uint4 smem[];
+  Online* partial = reinterpret_cast<Online*>(smem);
+  float* row_lse = reinterpret_cast<float*>(partial + kFusedWarps);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row = blockIdx.x;
+  const T* rowp = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  T* drow = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
+  const bool vector_ok = (reinterpret_cast<uintptr_t>(rowp) % 16) == (reinterpret_cast<uintptr_t>(drow) % 16);
+  const WarpChunk r = warp_chunk<T, kVec>(rowp, p.vocab, 0, 1, vector_ok);
+  // column c at srow[c]: the row's 16-byte phase kept, so that its vectors are aligned in shared memory too
+  T* srow = reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + kFusedScratch) +
+            (vector_ok ? reinterpret_cast<uintptr_t>(rowp) % 16 / sizeof(T) : 0);
+  const int64_t label = p.labels[row];
+  const float dloss = p.dloss[row * p.dloss_stride];
+  if (tid == 0) p.dloss_applied[row] = dloss;
+  if (label == p.ignore_index) {  // nothing to read
+    store_zero_row<T, kVec>(drow, r, tid, kFusedThreads);
+    if (tid == 0) {
+      p.loss[row] = 0.f;
+      if (p.z_loss != nullptr) p.z_loss[row] = 0.f;
+    }
+    return;
+  }
+  // logits -> registers (online max / sum) -> shared memory
+  const float scale2 = p.logit_scale * kLog2e;
+  Online o{-INFINITY, 0.f, 0.f};
+  auto scalar_in = [&](int64_t c) {
+    const T x = rowp[c];
+    srow[c] = x;
+    add_scalar<kSmooth>(o, to_float(x), scale2);
+  };
+  for (int64_t c = r.c0 + tid; c < r.vb; c += kFusedThreads) scalar_in(c);
+  for (int64_t c = r.tb + tid; c < r.c1; c += kFusedThreads) scalar_in(c);
+  const T* vp = rowp + r.vb;
+  T* svp = srow + r.vb;
+  for (int64_t i0 = tid; i0 < r.nv; i0 += int64_t(kFusedThreads) * kBatch) {
+    Packed<T, kVec> raw[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (i0 + kFusedThreads * u < r.nv) raw[u] = load_packed_stream<T, kVec>(vp + (i0 + kFusedThreads * u) * kVec);
+    const int nb = int(min(int64_t(kBatch), (r.nv - i0 + kFusedThreads - 1) / kFusedThreads));
+    if (nb == kBatch) add_vectors<kSmooth, true>(o, raw, nb, scale2);
+    else add_vectors<kSmooth, false>(o, raw, nb, scale2);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (u >= nb) break;
+      *reinterpret_cast<uint4*>(svp + (i0 + kFusedThreads * u) * kVec) =
+          make_uint4(raw[u].w[0], raw[u].w[1], raw[u].w[2], raw[u].w[3]);
     }
   }
-  p.loss[row] = loss;
-  if (p.z_loss != nullptr) p.z_loss[row] = zl;
+  o.sum *= p.logit_scale;
+  o = warp_combine(o);
+  if (lane == 0) partial[warp] = o;
+  __syncthreads();  // partial[], and the row in shared memory
+  if (warp == 0) {
+    Online t = lane < kFusedWarps ? partial[lane] : Online{-INFINITY, 0.f, 0.f};
+    t = warp_combine(t);
+    if (lane == 0) *row_lse = finish_row(p, row, label, t, [&] { return to_float(srow[label]); });
+  }
+  __syncthreads();
+  // shared memory -> dlogits
+  const RowGrad grad(p, label, *row_lse, dloss);
+  auto scalar_out = [&](int64_t c) { drow[c] = from_float<T>(grad(to_float(srow[c])) - (c == label ? grad.label_term() : 0.f)); };
+  for (int64_t c = r.c0 + tid; c < r.vb; c += kFusedThreads) scalar_out(c);
+  for (int64_t c = r.tb + tid; c < r.c1; c += kFusedThreads) scalar_out(c);
+  const LabelVec l = LabelVec::at<kVec>(label, r.vb, r.nv);
+  T* dvp = drow + r.vb;
+  for (int64_t i = tid; i < r.nv; i += kFusedThreads) {
+    const uint4 v = *reinterpret_cast<const uint4*>(svp + i * kVec);
+    Packed<T, kVec> raw;
+    raw.w[0] = v.x, raw.w[1] = v.y, raw.w[2] = v.z, raw.w[3] = v.w;
+    store_grad_vector<T, kVec>(dvp + i * kVec, raw, i, l, grad);
+  }
+}
+
+// A warp per row: dlogits *= dloss / dloss_applied where they differ (the backward of the fused pass), then
+// dloss_applied = dloss. Where they are equal, one comparison.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_rescale_kernel(const CrossEntropyParams p) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  const float d = p.dloss[row * p.dloss_stride], a = p.dloss_applied[row];
+  if (d == a || p.labels[row] == p.ignore_index) return;  // an ignored row's gradient is 0 for every dloss
+  const float ratio = d / a;
+  T* drow = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
+  const WarpChunk r = warp_chunk<T, kVec>(drow, p.vocab, 0, 1, true);
+  for (int64_t c = r.c0 + lane; c < r.vb; c += 32) drow[c] = from_float<T>(to_float(drow[c]) * ratio);
+  for (int64_t c = r.tb + lane; c < r.c1; c += 32) drow[c] = from_float<T>(to_float(drow[c]) * ratio);
+  T* vp = drow + r.vb;
+  for (int64_t i0 = lane; i0 < r.nv; i0 += 32 * kBatch) {
+    Packed<T, kVec> raw[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (i0 + 32 * u < r.nv) raw[u] = load_packed_stream<T, kVec>(vp + (i0 + 32 * u) * kVec);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = i0 + 32 * u;
+      if (i >= r.nv) break;
+      float x[kVec];
+      to_floats(raw[u], x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[j] *= ratio;
+      *reinterpret_cast<Vec<T, kVec>*>(vp + i * kVec) = from_floats<T, kVec>(x);
+    }
+  }
+  __syncwarp();  // every lane has read dloss_applied[row]
+  if (lane == 0) p.dloss_applied[row] = d;
 }
 
 // ----------------------------------------------------------------------------
@@ -304,6 +485,57 @@ FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams& p, void* stream_
     const int64_t blocks = (p.rows * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
     cross_entropy_bwd_warp_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, chunks);
     return check_launch(function, "cross_entropy_bwd_warp_kernel");
+  });
+}
+
+namespace {
+
+// The fused kernel's dynamic shared-memory limit, a per-device attribute of the kernel: raised to the device's
+// opt-in limit at the first launch on each device (bit `device`), not at every call.
+template <typename T, bool kSmooth>
+FlashAttnStatus launch_fwd_bwd(const CrossEntropyParams& p, const DeviceInfo& d, int64_t smem, cudaStream_t stream,
+                               const char* function) {
+  auto kernel = cross_entropy_fwd_bwd_kernel<T, kSmooth>;
+  static std::atomic<uint64_t> raised{0};
+  const uint64_t bit = d.device >= 0 && d.device < 64 ? uint64_t(1) << d.device : 0;
+  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
+    const FlashAttnStatus s =
+        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin), function,
+                   "cudaFuncSetAttribute(cross_entropy_fwd_bwd_kernel, MaxDynamicSharedMemorySize)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    raised.fetch_or(bit, std::memory_order_relaxed);
+  }
+  kernel<<<unsigned(p.rows), kFusedThreads, size_t(smem), stream>>>(p);
+  return check_launch(function, "cross_entropy_fwd_bwd_kernel");
+}
+
+}  // namespace
+
+FlashAttnStatus run_cross_entropy_fwd_bwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  DeviceInfo d{};
+  FlashAttnStatus s = current_device_info(&d, function);
+  if (s != FLASHATTN_STATUS_OK) return s;
+  return FLOAT_SWITCH(p.dtype, T, [&] {
+    const int64_t smem = fused_smem_bytes<T>(p.vocab);
+    if (smem > d.smem_optin) {
+      // a row larger than shared memory: the forward's kernels (lse after their workspace), then the backward's
+      CrossEntropyParams q = p;
+      q.lse = p.workspace + cross_entropy_fwd_workspace_bytes(p.rows, p.vocab) / int64_t(sizeof(float));
+      FlashAttnStatus st = run_cross_entropy_fwd(q, stream, function);
+      if (st != FLASHATTN_STATUS_OK) return st;
+      return run_cross_entropy_bwd(q, stream, function);
+    }
+    return BOOL_SWITCH(p.label_smoothing > 0.f, kSmooth, [&] { return launch_fwd_bwd<T, kSmooth>(p, d, smem, stream, function); });
+  });
+}
+
+FlashAttnStatus run_cross_entropy_bwd_rescale(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  return FLOAT_SWITCH(p.dtype, T, [&] {
+    const int64_t blocks = (p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    cross_entropy_rescale_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+    return check_launch(function, "cross_entropy_rescale_kernel");
   });
 }
 

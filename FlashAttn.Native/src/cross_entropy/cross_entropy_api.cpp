@@ -115,3 +115,94 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd(
     return run_cross_entropy_bwd(p, stream, kFunction);
   });
 }
+
+FLASHATTN_API int64_t FlashAttn_cross_entropy_fwd_bwd_workspace_size(int64_t rows, int64_t vocab) {
+  return cross_entropy_fwd_bwd_workspace_bytes(rows, vocab);
+}
+
+FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd_bwd(
+    const void* logits, void* dlogits, FlashAttnDType dtype, const int64_t* labels, const float* dloss,
+    int64_t dloss_stride, float* loss, float* z_loss, float* dloss_applied, int64_t rows, int64_t vocab,
+    int64_t logits_row_stride, int64_t dlogits_row_stride, float label_smoothing, float logit_scale,
+    float lse_square_scale, int64_t ignore_index, void* workspace, int64_t workspace_bytes, void* stream) {
+  static constexpr const char* kFunction = "FlashAttn_cross_entropy_fwd_bwd";
+  return guard(kFunction, [&]() -> FlashAttnStatus {
+    FlashAttnStatus s = check_options(kFunction, dtype, rows, vocab, label_smoothing, logit_scale, lse_square_scale);
+    if (s != FLASHATTN_STATUS_OK) return s;
+    FA_CHECK(dloss_stride >= 0, "dloss_stride (%lld) must be >= 0", (long long)dloss_stride);
+    if (rows == 0) return FLASHATTN_STATUS_OK;
+    FA_CHECK(logits != nullptr, "logits must not be NULL");
+    FA_CHECK(dlogits != nullptr, "dlogits must not be NULL");
+    FA_CHECK(labels != nullptr, "labels must not be NULL");
+    FA_CHECK(dloss != nullptr, "dloss must not be NULL");
+    FA_CHECK(loss != nullptr, "loss must not be NULL");
+    FA_CHECK(dloss_applied != nullptr, "dloss_applied must not be NULL");
+    FA_CHECK(logits_row_stride >= vocab, "logits_row_stride (%lld) must be >= vocab (%lld)",
+             (long long)logits_row_stride, (long long)vocab);
+    FA_CHECK(dlogits_row_stride >= vocab, "dlogits_row_stride (%lld) must be >= vocab (%lld)",
+             (long long)dlogits_row_stride, (long long)vocab);
+    FA_CHECK(dlogits != logits || dlogits_row_stride == logits_row_stride,
+             "dlogits aliases logits, so its row stride must equal logits_row_stride");
+    const int64_t need = cross_entropy_fwd_bwd_workspace_bytes(rows, vocab);
+    FA_CHECK(workspace != nullptr, "workspace must not be NULL (%lld bytes needed)", (long long)need);
+    FA_CHECK(workspace_bytes >= need,
+             "workspace_bytes (%lld) must be >= %lld (FlashAttn_cross_entropy_fwd_bwd_workspace_size)",
+             (long long)workspace_bytes, (long long)need);
+    FA_CHECK(is_aligned(workspace, 4), "workspace must be 4-byte aligned");
+    CrossEntropyParams p{};
+    p.logits = logits;
+    p.dlogits = dlogits;
+    p.dtype = dtype;
+    p.labels = labels;
+    p.loss = loss;
+    p.z_loss = z_loss;
+    p.dloss = dloss;
+    p.dloss_stride = dloss_stride;
+    p.dloss_applied = dloss_applied;
+    p.rows = rows;
+    p.vocab = vocab;
+    p.logits_row_stride = logits_row_stride;
+    p.dlogits_row_stride = dlogits_row_stride;
+    p.label_smoothing = label_smoothing;
+    p.logit_scale = logit_scale;
+    p.lse_square_scale = lse_square_scale;
+    p.ignore_index = ignore_index;
+    p.workspace = static_cast<float*>(workspace);
+    s = device_error_record(&p.error, kFunction);
+    if (s != FLASHATTN_STATUS_OK) return s;
+    return run_cross_entropy_fwd_bwd(p, stream, kFunction);
+  });
+}
+
+FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd_rescale(
+    void* dlogits, FlashAttnDType dtype, const int64_t* labels, const float* dloss, int64_t dloss_stride,
+    float* dloss_applied, int64_t rows, int64_t vocab, int64_t dlogits_row_stride, int64_t ignore_index,
+    void* stream) {
+  static constexpr const char* kFunction = "FlashAttn_cross_entropy_bwd_rescale";
+  return guard(kFunction, [&]() -> FlashAttnStatus {
+    FA_CHECK(is_float_dtype(dtype), "dtype (%s) must be float32, float16 or bfloat16", dtype_name(dtype));
+    FA_CHECK(rows >= 0, "rows (%lld) must be >= 0", (long long)rows);
+    FA_CHECK(vocab >= 1, "vocab (%lld) must be >= 1", (long long)vocab);
+    FA_CHECK(dloss_stride >= 0, "dloss_stride (%lld) must be >= 0", (long long)dloss_stride);
+    if (rows == 0) return FLASHATTN_STATUS_OK;
+    FA_CHECK(dlogits != nullptr, "dlogits must not be NULL");
+    FA_CHECK(labels != nullptr, "labels must not be NULL");
+    FA_CHECK(dloss != nullptr, "dloss must not be NULL");
+    FA_CHECK(dloss_applied != nullptr, "dloss_applied must not be NULL");
+    FA_CHECK(dlogits_row_stride >= vocab, "dlogits_row_stride (%lld) must be >= vocab (%lld)",
+             (long long)dlogits_row_stride, (long long)vocab);
+    FA_CHECK(rows <= INT_MAX, "rows (%lld) must fit in int32", (long long)rows);
+    CrossEntropyParams p{};
+    p.dlogits = dlogits;
+    p.dtype = dtype;
+    p.labels = labels;
+    p.dloss = dloss;
+    p.dloss_stride = dloss_stride;
+    p.dloss_applied = dloss_applied;
+    p.rows = rows;
+    p.vocab = vocab;
+    p.dlogits_row_stride = dlogits_row_stride;
+    p.ignore_index = ignore_index;
+    return run_cross_entropy_bwd_rescale(p, stream, kFunction);
+  });
+}
