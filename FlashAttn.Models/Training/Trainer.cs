@@ -150,15 +150,24 @@ public sealed class Trainer
         run.UnitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
         if (run.Scaler != null && state["loss_scale"] is JsonValue ls) run.Scaler.Load(ls.GetValue<double>(), state["good_steps"]!.GetValue<int>());
         Log.WriteLine($"resumed from {dir} at step {run.StartStep}");
-        if (state["config"]?.GetValue<string>() is { } saved)
+        if (state["config"]?.GetValue<string>() is { } saved) WarnOfChanges(saved, dir);
+    }
+
+    /// <summary>Names the settings of this run that differ from the checkpoint's (but those a resume changes by design).</summary>
+    void WarnOfChanges(string saved, string checkpoint)
+    {
+        ExperimentConfig before;
+        try { before = ExperimentConfig.FromDump(saved, Path.Combine(checkpoint, "trainer.json")); }
+        catch (ConfigException e)
         {
-            static Dictionary<string, string> Lines(string d) => d.Split('\n', StringSplitOptions.RemoveEmptyEntries)
-                .Select(l => l.Split(": ", 2)).Where(a => a.Length == 2).ToDictionary(a => a[0], a => a[1].Trim());
-            var before = Lines(saved); var now = Lines(run.ConfigYaml);
-            var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
-                .Select(kv => $"{kv.Key} ({before[kv.Key]} -> {kv.Value})").ToList();
-            if (changed.Count > 0) Log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
+            // another version's keys or values: the run goes on with this one's settings
+            Log.WriteLine($"warning: the checkpoint's settings are not this version's, so changes cannot be listed: {e.Message}");
+            return;
         }
+        var changed = ExperimentConfig.Schema.Select(k => k.Name)
+            .Where(k => k is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before[k] != _config[k])
+            .Select(k => $"{k} ({before[k] ?? "null"} -> {_config[k] ?? "null"})").ToList();
+        if (changed.Count > 0) Log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
     }
 
     void Describe(TrainingRun run)
