@@ -6,9 +6,10 @@
 # packed and added to a fresh console project with `dotnet add package`) with the packed nupkg; and
 # the peer programs from ../shared/peers. Then run on the device (see CONTRIBUTING.md):
 #   bash build/device-run.sh [tests] [bench] [memory] [peers] [train] [package]   with carry [".device"]
-# PREPARE_OLD=<commit> adds that commit's `flashattn` CLI (.device/app-old, in the same archive: the runtime's files are
-# stored once) and its source tree (.device/old-src.tar.xz, whose libflashattn the device builds) for device-run.sh's
-# losscurve step, which trains with both.
+# PREPARE_OLD=<commit> adds that commit's `flashattn` CLI and benchmarks (.device/app-old, in the same archive: the
+# runtime's files are stored once) and its source tree (.device/old-src.tar.xz, whose libflashattn the device builds)
+# for device-run.sh's losscurve step, which trains with both CLIs, and its bench-old step, which runs that commit's
+# benchmarks beside this checkout's (GptBenchmarks before and after a change, in one call).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -24,8 +25,10 @@ if [ -n "${PREPARE_OLD:-}" ]; then
   old=$(mktemp -d)
   git archive --format=tar "$PREPARE_OLD" | tar -x -C "$old"
   git archive --format=tar "$PREPARE_OLD" | xz -T0 > .device/old-src.tar.xz
-  dotnet publish "$old/FlashAttn.Cli" -c Release -r linux-x64 --self-contained -p:FlashAttnTorch=cuda \
-    -p:DebugType=none -o .device/app-old -v:q -nologo
+  for project in FlashAttn.Cli benchmarks/FlashAttn.Benchmarks; do
+    dotnet publish "$old/$project" -c Release -r linux-x64 --self-contained -p:FlashAttnTorch=cuda \
+      -p:DebugType=none -o .device/app-old -v:q -nologo
+  done
   find .device/app-old -name libflashattn.so -delete
   rm -rf "$old"
   for f in .device/app-old/*; do

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [bench] [memory] [peers]
-#   [sanitize] [losscurve]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [bench] [bench-old]
+#   [memory] [peers] [sanitize] [losscurve]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
+#   bench-old (after `PREPARE_OLD=<commit> build/device-prepare.sh`) runs the same BENCH_FILTER through that commit's
+#   benchmarks on its own libflashattn: with bench, before and after in one call (bench-old.tsv beside bench.tsv, and
+#   the median times side by side at the end), e.g. BENCH_FILTER='*GptBenchmarks*' ... bench bench-old;
 #   FLASHATTN_CUDA_ARCHS=90a builds for the H100 alone (half the compile time of the shipped 80;90a).
 # Builds the CUDA flavour of libflashattn, runs every test (category Cuda included) with libtorch
 # from the host's PyTorch, the BenchmarkDotNet suite, and optionally the PyTorch peers and
@@ -37,6 +40,23 @@ export TESTINGPLATFORM_TELEMETRY_OPTOUT=1 DOTNET_CLI_TELEMETRY_OPTOUT=1
 # Unpacked inside the checkout: the bindings tests find the header by walking up to global.json.
 app=$root/.device/app
 rm -rf "$app" && tar -C "$root/.device" -xJf .device/app.tar.xz
+
+# The libflashattn of the commit build/device-prepare.sh was given as PREPARE_OLD (.device/app-old's: the ABI moved since),
+# built from .device/old-src.tar.xz once per call for the steps that run that commit (losscurve, bench-old); its tree
+# stays in /tmp/flashattn-old-src, where they run (its CLI reads configs/experiment from the working directory).
+old_lib=/tmp/flashattn-lib-old/libflashattn.so
+old_ready=""
+old_native() {
+  [ -n "$old_ready" ] && return 0
+  old_why="no .device/app-old (build/device-prepare.sh with PREPARE_OLD=<commit>)"
+  [ -d .device/app-old ] && [ -f .device/old-src.tar.xz ] || return 1
+  rm -rf /tmp/flashattn-old-src && mkdir -p /tmp/flashattn-old-src && tar -C /tmp/flashattn-old-src -xJf .device/old-src.tar.xz
+  old_why="its native build FAILED (old-native-build.log)"
+  FLASHATTN_CUDA=ON FLASHATTN_NATIVE_BUILD_DIR=/tmp/flashattn-native-old FLASHATTN_NATIVE_OUT="$(dirname "$old_lib")" \
+    /tmp/flashattn-old-src/build/native.sh "-DFLASHATTN_CUDA_ARCHS=$archs" >"$OUT/old-native-build.log" 2>&1 || return 1
+  rm -f "$OUT/old-native-build.log" # kept when it failed: a call brings back 8 files at most
+  old_ready=1
+}
 
 if want tests; then
   start=$SECONDS
@@ -142,14 +162,8 @@ if want losscurve; then
     start=$SECONDS
     rm -rf "/tmp/flashattn-curves/$which"
     if [ "$which" = old ]; then
-      [ -d .device/app-old ] && [ -f .device/old-src.tar.xz ] ||
-        { summary+=("losscurve old: no .device/app-old (build/device-prepare.sh with PREPARE_OLD=<commit>)"); continue; }
-      rm -rf /tmp/flashattn-old-src && mkdir -p /tmp/flashattn-old-src && tar -C /tmp/flashattn-old-src -xJf .device/old-src.tar.xz
-      FLASHATTN_CUDA=ON FLASHATTN_NATIVE_BUILD_DIR=/tmp/flashattn-native-old FLASHATTN_NATIVE_OUT=/tmp/flashattn-lib-old \
-        /tmp/flashattn-old-src/build/native.sh "-DFLASHATTN_CUDA_ARCHS=$archs" >"$OUT/curve-old-native-build.log" 2>&1 ||
-        { summary+=("losscurve old: native build FAILED"); continue; }
-      # run from the old tree: its CLI reads configs/experiment from the working directory
-      (cd /tmp/flashattn-old-src && FLASHATTN_NATIVE_PATH=/tmp/flashattn-lib-old/libflashattn.so DATA_DIR=/tmp/flashattn-data-old \
+      old_native || { summary+=("losscurve old: $old_why"); continue; }
+      (cd /tmp/flashattn-old-src && FLASHATTN_NATIVE_PATH=$old_lib DATA_DIR=/tmp/flashattn-data-old \
         "$root/.device/app-old/flashattn" train "${curve_args[@]}" trainer.default_root_dir=/tmp/flashattn-curves/old) \
         >"$OUT/curve-old.log" 2>&1
     else
@@ -193,6 +207,22 @@ if want bench; then
   sed -n '/# results/,$p' "$OUT/bench.log" > "$OUT/bench.tsv"
 fi
 
+if want bench-old; then
+  # The same cases through the PREPARE_OLD commit's benchmarks and library, right after this checkout's (bench): the
+  # before/after of a change in one call, on one machine. Outputs: bench-old.log and bench-old.tsv (with tests and bench,
+  # the call's 8 files).
+  if old_native; then
+    set -f
+    (cd /tmp/flashattn-old-src && FLASHATTN_NATIVE_PATH=$old_lib "$root/.device/app-old/FlashAttn.Benchmarks" --filter ${BENCH_FILTER:-*}) \
+      >"$OUT/bench-old.log" 2>&1
+    rc=$?; set +f
+    summary+=("benchmarks of the old commit: rc $rc, $(sed -n '/Benchmarks with issues:/,/^$/p' "$OUT/bench-old.log" | grep -c 'Job-') with issues")
+    sed -n '/# results/,$p' "$OUT/bench-old.log" > "$OUT/bench-old.tsv"
+  else
+    summary+=("bench-old: $old_why")
+  fi
+fi
+
 if want memory; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$app"/FlashAttn.Benchmarks --memory >"$OUT/memory.tsv" 2>"$OUT/memory.err"
   summary+=("memory: rc $?")
@@ -206,6 +236,9 @@ fi
 echo
 [ -f "$OUT/ops.tsv" ] && cat "$OUT/ops.tsv"
 [ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
+# each case both steps timed: old and new median, new / old (above 1: slower now)
+[ -s "$OUT/bench-old.tsv" ] && [ -f "$OUT/bench.tsv" ] && awk -F'\t' 'NR == FNR { if ($4 == "ms") old[$2] = $3; next }
+  $4 == "ms" && ($2 in old) { printf "old-new\t%s\t%s -> %s ms\t%.3f\n", $2, old[$2], $3, $3 / old[$2] }' "$OUT/bench-old.tsv" "$OUT/bench.tsv"
 [ -f "$OUT/memory.tsv" ] && grep "^bench" "$OUT/memory.tsv"
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
 [ -f "$OUT/package.log" ] && grep -v "^nupkg entries" "$OUT/package.log"

@@ -70,11 +70,9 @@ public sealed class FusedMLP : nn.Module<Tensor, Tensor>
         if (checkpoint_lvl is < 0 or > 2)
             throw new ArgumentException($"checkpoint_lvl ({checkpoint_lvl}) must be 0, 1 or 2", nameof(checkpoint_lvl));
         this.in_features = in_features;
-        this.hidden_features = hidden_features ?? 4 * in_features;
-        this.out_features = out_features ?? in_features;
         (this.activation, this.checkpoint_lvl, this.return_residual) = (activation, checkpoint_lvl, return_residual);
-        (fc1, fc2) = MlpModules.Linears(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
-        MlpModules.Register(this, fc1, fc2, names);
+        (this.hidden_features, this.out_features, fc1, fc2) = MlpModules.Linears(this, in_features, hidden_features, out_features, bias1, bias2,
+            device, dtype, names);
     }
 
     public Linear Fc1 => fc1;
@@ -114,11 +112,9 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
         if (activation != "gelu" && _fusedActivation is null)
             throw new ArgumentException($"activation must be \"gelu_approx\" (or gelu_new, gelu_tanh, gelu_pytorch_tanh), \"gelu\" or \"relu\", got \"{activation}\"", nameof(activation));
         this.in_features = in_features;
-        this.hidden_features = hidden_features ?? 4 * in_features;
-        this.out_features = out_features ?? in_features;
         (this.activation, this.fused_bias_fc) = (activation, fused_bias_fc);
-        (fc1, fc2) = MlpModules.Linears(in_features, this.hidden_features, this.out_features, bias1, bias2, device, dtype);
-        MlpModules.Register(this, fc1, fc2, names);
+        (this.hidden_features, this.out_features, fc1, fc2) = MlpModules.Linears(this, in_features, hidden_features, out_features, bias1, bias2,
+            device, dtype, names);
     }
 
     public Linear Fc1 => fc1;
@@ -200,16 +196,18 @@ internal static class DenseInit
 /// <summary>What the MLP modules share, and the choice a model makes between them.</summary>
 internal static class MlpModules
 {
-    /// <summary>fc1 and fc2, created in that order (the order of their random draws).</summary>
-    internal static (Linear fc1, Linear fc2) Linears(long inFeatures, long hidden, long outFeatures, bool bias1, bool bias2,
-        Device? device, ScalarType? dtype) =>
-        (nn.Linear(inFeatures, hidden, bias1, device, dtype), nn.Linear(hidden, outFeatures, bias2, device, dtype));
-
-    internal static void Register(nn.Module module, Linear fc1, Linear fc2, (string fc1, string fc2)? names)
+    /// <summary>fc1 (hidden, in) and fc2 (out, hidden) of <see cref="FusedMLP"/> and <see cref="Mlp"/> with flash-attn's
+    /// feature defaults (hidden 4 * in, out = in), created in that order (the order of their random draws) and registered
+    /// on <paramref name="module"/> as fc1 / fc2 or <paramref name="names"/>.</summary>
+    internal static (long hidden, long outFeatures, Linear fc1, Linear fc2) Linears(nn.Module module, long inFeatures, long? hidden,
+        long? outFeatures, bool bias1, bool bias2, Device? device, ScalarType? dtype, (string fc1, string fc2)? names)
     {
+        long h = hidden ?? 4 * inFeatures, o = outFeatures ?? inFeatures;
+        var (fc1, fc2) = (nn.Linear(inFeatures, h, bias1, device, dtype), nn.Linear(h, o, bias2, device, dtype));
         var (n1, n2) = names ?? ("fc1", "fc2");
         module.register_module(n1, fc1);
         module.register_module(n2, fc2);
+        return (h, o, fc1, fc2);
     }
 
     /// <summary>A model's MLP (flash-attn's GPT's choice): <see cref="FusedMLP"/> when fused_mlp and the activation has a

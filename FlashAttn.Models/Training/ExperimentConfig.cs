@@ -98,7 +98,8 @@ public sealed class ExperimentConfig
 
     readonly Dictionary<string, string?> _values = new();
 
-    ExperimentConfig() { foreach (var k in Schema) _values[k.Name] = k.Default; }
+    // the defaults validated as any value (one spelling each: a saved configuration compares equal to the one it came from)
+    ExperimentConfig() { foreach (var k in Schema) _values[k.Name] = Validate(k, k.Default, "the schema's defaults"); }
 
     /// <summary>Builds a configuration from command-line arguments <c>key=value ...</c>: schema
     /// defaults, then the experiment file (from <c>experiment=</c>, default "tiny"), then the others.</summary>
@@ -184,7 +185,9 @@ public sealed class ExperimentConfig
         _ => $"{k.Type.ToString().ToLowerInvariant()}{(k.Nullable ? " or null" : "")} — {k.Help}",
     };
 
-    static string Unquote(string v) => v.Length >= 2 && (v[0] == '"' && v[^1] == '"' || v[0] == '\'' && v[^1] == '\'') ? v[1..^1] : v;
+    // YAML's quoted scalars: "..." as written, '...' with '' for a quote (what Dump writes)
+    static string Unquote(string v) =>
+        v.Length >= 2 && v[0] == '"' && v[^1] == '"' ? v[1..^1] : v.Length >= 2 && v[0] == '\'' && v[^1] == '\'' ? v[1..^1].Replace("''", "'") : v;
 
     /// <summary>The value of <paramref name="key"/> as validated (null: not set).</summary>
     public string? this[string key] => s_byName.ContainsKey(key) ? _values[key] : throw new ConfigException($"unknown key '{key}'");
@@ -244,13 +247,29 @@ public sealed class ExperimentConfig
                 NumThreads: Int32("trainer.num_threads")));
     }
 
-    /// <summary>The resolved configuration as YAML-like "key: value" lines (saved with every run).</summary>
+    /// <summary>The resolved configuration as YAML "key: value" lines (saved with every run as config.yaml and in every
+    /// checkpoint); <see cref="FromDump"/> reads it back.</summary>
     public string Dump()
     {
         var sb = new StringBuilder();
-        foreach (var k in Schema) sb.Append(k.Name).Append(": ").AppendLine(_values[k.Name] ?? "null");
+        foreach (var k in Schema) sb.Append(k.Name).Append(": ").AppendLine(_values[k.Name] is { } v ? Scalar(v) : "null");
         return sb.ToString();
     }
+
+    /// <summary>A configuration <see cref="Dump"/> wrote (a run's config.yaml, a checkpoint's copy), read by the one
+    /// parser and validated key by key; <paramref name="source"/> names it in errors.</summary>
+    public static ExperimentConfig FromDump(string yaml, string source)
+    {
+        var config = new ExperimentConfig();
+        foreach (var (key, value) in ParseYaml(yaml, source)) config.Set(key, value, source);
+        return config;
+    }
+
+    // A value that would not read back as itself plain (a comment mark, a quote, surrounding blanks, a null spelling, a
+    // colon that reads as a mapping) is written single-quoted.
+    static string Scalar(string v) =>
+        v.Length == 0 || v != v.Trim() || v is "null" or "~" or "None" || v.IndexOfAny(['#', '\'', '"']) >= 0 || v.Contains(": ") || v.EndsWith(':')
+            ? "'" + v.Replace("'", "''") + "'" : v;
 
     // ---- batch arithmetic ----
     /// <summary>Gradient accumulation steps: global ÷ (devices × per-device batch), rounded up (flash-attention's rule).</summary>

@@ -114,8 +114,7 @@ public sealed class GptSource
     // A run's saved configuration (config.yaml, or a checkpoint's copy of it), which must be a GPT language-model run's.
     static RunConfig LmRun(string dump, string path)
     {
-        var config = ExperimentConfig.Parse([]);
-        foreach (var (key, value) in ExperimentConfig.ParseYaml(dump, path)) config.Set(key, value, path);
+        var config = ExperimentConfig.FromDump(dump, path);
         if (config["task"] != "lm")
             throw new InvalidDataException($"{path}: task={config["task"]}; a GPT language-model run (task=lm) expected");
         return config.Bind();

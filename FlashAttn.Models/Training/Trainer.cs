@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 
 namespace FlashAttn.Models.Training;
 
-/// <summary>What a finished run reports.</summary>
+/// <summary>What a finished run reports: rank 0's; a rank other than 0 reads nothing back (no losses, no throughput).</summary>
 public sealed record TrainResult(string RunDir, long Steps, double FirstLoss, double LastLoss, double? ValLoss, double TokensPerSecond,
     double? Mfu, TimeSpan Elapsed, IReadOnlyList<double> Losses, string? PlotPath);
 
@@ -150,15 +150,24 @@ public sealed class Trainer
         run.UnitsSeen = state["units_seen"]?.GetValue<double>() ?? 0;
         if (run.Scaler != null && state["loss_scale"] is JsonValue ls) run.Scaler.Load(ls.GetValue<double>(), state["good_steps"]!.GetValue<int>());
         Log.WriteLine($"resumed from {dir} at step {run.StartStep}");
-        if (state["config"]?.GetValue<string>() is { } saved)
+        if (state["config"]?.GetValue<string>() is { } saved) WarnOfChanges(saved, dir);
+    }
+
+    /// <summary>Names the settings of this run that differ from the checkpoint's (but those a resume changes by design).</summary>
+    void WarnOfChanges(string saved, string checkpoint)
+    {
+        ExperimentConfig before;
+        try { before = ExperimentConfig.FromDump(saved, Path.Combine(checkpoint, "trainer.json")); }
+        catch (ConfigException e)
         {
-            static Dictionary<string, string> Lines(string d) => d.Split('\n', StringSplitOptions.RemoveEmptyEntries)
-                .Select(l => l.Split(": ", 2)).Where(a => a.Length == 2).ToDictionary(a => a[0], a => a[1].Trim());
-            var before = Lines(saved); var now = Lines(run.ConfigYaml);
-            var changed = now.Where(kv => kv.Key is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before.TryGetValue(kv.Key, out var b) && b != kv.Value)
-                .Select(kv => $"{kv.Key} ({before[kv.Key]} -> {kv.Value})").ToList();
-            if (changed.Count > 0) Log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
+            // another version's keys or values: the run goes on with this one's settings
+            Log.WriteLine($"warning: the checkpoint's settings are not this version's, so changes cannot be listed: {e.Message}");
+            return;
         }
+        var changed = ExperimentConfig.Schema.Select(k => k.Name)
+            .Where(k => k is not ("resume" or "trainer.max_steps" or "trainer.overwrite") && before[k] != _config[k])
+            .Select(k => $"{k} ({before[k] ?? "null"} -> {_config[k] ?? "null"})").ToList();
+        if (changed.Count > 0) Log.WriteLine($"warning: resuming with changed settings: {string.Join(", ", changed)}");
     }
 
     void Describe(TrainingRun run)
@@ -199,9 +208,14 @@ public sealed class Trainer
         for (long step = run.StartStep; step < t.MaxSteps; step++)
         {
             run.Lr = run.Schedule.At(step);
-            pending.Add(TrainStep(run, step));
+            var loss = TrainStep(run, step, keepLoss: IsRankZero);
             run.UnitsSeen += unitsPerStep;
             long done = run.Step = step + 1;
+            // what follows reads the step back for the log, the callbacks and validation: rank 0's. The other ranks never
+            // wait for their GPU: what keeps them in step with rank 0 (the learning rate, a function of the step; the
+            // non-finite skip and fp16's loss scale, decided on the device from the same averaged gradients) needs no read.
+            if (loss is null) continue;
+            pending.Add(loss);
             bool log = done % t.LogEveryNSteps == 0 || done == t.MaxSteps;
             if (log) ReadPending(run, pending);
 
@@ -228,7 +242,7 @@ public sealed class Trainer
                 foreach (var cb in callbacks) cb.OnLog(run, rec);
             }
             foreach (var cb in callbacks) cb.OnTrainBatchEnd(run);
-            if (t.ValCheckInterval > 0 && done % t.ValCheckInterval == 0 && done != t.MaxSteps && IsRankZero) Validate(run, callbacks);
+            if (t.ValCheckInterval > 0 && done % t.ValCheckInterval == 0 && done != t.MaxSteps) Validate(run, callbacks);
         }
         if ((t.MaxSteps > run.StartStep || run.ValLoss is null) && IsRankZero) Validate(run, callbacks);
         foreach (var cb in callbacks) cb.OnTrainEnd(run);
@@ -242,12 +256,12 @@ public sealed class Trainer
     }
 
     /// <summary>
-    /// One optimizer step over the accumulated micro-batches; returns the summed loss, still on the device. Nothing here
-    /// waits for the GPU: the learning rate reaches the optimizer through ParamGroups (written to its device table with
-    /// fill_), the gradient norm, clipping and the non-finite skip happen on the device, fp16's loss scale lives there,
-    /// and gradients are set to none.
+    /// One optimizer step over the accumulated micro-batches; returns the summed loss, still on the device (null unless
+    /// <paramref name="keepLoss"/>: a rank other than 0 does not log it). Nothing here waits for the GPU: the learning rate
+    /// reaches the optimizer through ParamGroups (written to its device table with fill_), the gradient norm, clipping and
+    /// the non-finite skip happen on the device, fp16's loss scale lives there, and gradients are set to none.
     /// </summary>
-    static Tensor TrainStep(TrainingRun run, long step)
+    static Tensor? TrainStep(TrainingRun run, long step, bool keepLoss)
     {
         using var scope = NewDisposeScope();
         var (opt, scaler, accum, seed) = (run.Optimizer, run.Scaler, run.Config.Accumulation, run.Config.Seed);
@@ -266,14 +280,17 @@ public sealed class Trainer
             run.Reducer?.AllReduce(run.Gradients);
             // the last micro-batch's 16-bit gradients are read by the optimizer together with the fp32 sums
             if (a < accum - 1) opt.accumulate_grad();
-            var d = loss.detach().to(ScalarType.Float32);
-            lossSum = lossSum is null ? d : lossSum + d;
-            scope.DisposeEverythingBut(lossSum, lossGrad);
+            if (keepLoss)
+            {
+                var d = loss.detach().to(ScalarType.Float32);
+                lossSum = lossSum is null ? d : lossSum + d;
+            }
+            scope.DisposeEverythingBut(new[] { lossSum, lossGrad }.OfType<Tensor>()); // what lives across the micro-batches
         }
         opt.step();
         scaler?.Update(opt.found_inf);
         opt.zero_grad();
-        return lossSum!.DetachFromDisposeScope();
+        return lossSum?.DetachFromDisposeScope();
     }
 
     /// <summary>Reads the pending steps' losses with the last grad norm, skip flag and fp16's loss scale in one copy (a log

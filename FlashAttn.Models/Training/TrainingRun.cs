@@ -51,7 +51,7 @@ public sealed class TrainingRun : IDisposable
     /// <summary>The learning rate of the last step.</summary>
     public double Lr { get; internal set; }
 
-    // Read from the device at log steps only (Trainer.ReadPending): between them these hold the last values read.
+    // Read from the device at log steps only, by rank 0 alone (Trainer.ReadPending): between them these hold the last values read.
     /// <summary>Every step's loss read so far, in order.</summary>
     public List<double> Losses { get; } = new();
     public double FirstLoss => Losses.Count > 0 ? Losses[0] : double.NaN;

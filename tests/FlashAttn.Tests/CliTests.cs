@@ -260,4 +260,22 @@ public class CliTests
         var kv = ExperimentConfig.ParseYaml("a: 1 # c\nb:\n  c: 'x # y'\n  d:\n    e: 2\nf: 3\n").ToList();
         Assert.That(kv, Is.EqualTo(new (string, string?)[] { ("a", "1"), ("b.c", "'x # y'"), ("b.d.e", "2"), ("f", "3") }));
     }
+
+    [TestCase("/data: two #1")]
+    [TestCase("it's \"quoted\"")]
+    [TestCase("'both ends'")]
+    [TestCase("null")]
+    [TestCase("ends:")]
+    [TestCase(" padded ")]
+    [TestCase("#first")]
+    [TestCase("embedded:kjv")]
+    public void DumpReadsBackAsItself(string value)
+    {
+        // set as a YAML single-quoted scalar (the one spelling that holds any of these), read back from the dump
+        var c = ExperimentConfig.Parse([]);
+        c.Set("datamodule.data_dir", "'" + value.Replace("'", "''") + "'");
+        Assert.That(c["datamodule.data_dir"], Is.EqualTo(value));
+        var back = ExperimentConfig.FromDump(c.Dump(), "dump");
+        foreach (var k in ExperimentConfig.Schema) Assert.That(back[k.Name], Is.EqualTo(c[k.Name]), k.Name);
+    }
 }

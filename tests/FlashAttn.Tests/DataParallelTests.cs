@@ -49,7 +49,7 @@ public class DataParallelTests
         e = Assert.Throws<ConfigException>(() => DataParallel.LauncherFor(Config("trainer.devices=2", "trainer.accelerator=cpu"), null, cudaDevices: 2))!;
         Assert.That(e.Message, Does.StartWith("trainer.devices=2 ").And.Contain("trainer.accelerator=cpu"));
         e = Assert.Throws<ConfigException>(() => DataParallel.LauncherFor(Config("trainer.devices=4"), null, cudaDevices: 2))!;
-        Assert.That(e.Message, Does.StartWith("trainer.devices=4 ").And.Contain("2 CUDA device(s)"));
+        Assert.That(e.Message, Does.StartWith("trainer.devices=4 ").And.Contain("2 CUDA devices are visible; use trainer.devices=2 or fewer"));
         Assert.That(DataParallel.LauncherFor(Config("trainer.devices=1"), null, cudaDevices: 0), Is.Null, "one device trains in this process");
     }
 

@@ -63,6 +63,24 @@ public class TrainingTests
     }
 
     [Test]
+    public void ResumeReadsTheSavedSettingsBackAsTheyWereSet()
+    {
+        // a value with a colon, quotes and a comment mark, saved in config.yaml and the checkpoint, compared at resume
+        var dataDir = Path.Combine(_root, "data: 'q' \"d\" #1");
+        string[] run = [$"datamodule.data_dir={dataDir}", "trainer.max_steps=2", "train.scheduler.num_training_steps=6"];
+        var first = new Trainer(ExperimentConfig.Parse(SmallRun("quoted", run)), TextWriter.Null).Run();
+        var saved = ExperimentConfig.FromDump(File.ReadAllText(Path.Combine(first.RunDir, RunFolder.ConfigFile)), RunFolder.ConfigFile);
+        Assert.That(saved["datamodule.data_dir"], Is.EqualTo(dataDir));
+        var log = new StringWriter();
+        new Trainer(ExperimentConfig.Parse(SmallRun("quoted", [.. run, "resume=last", "trainer.max_steps=3"])), log).Run();
+        Assert.That(log.ToString(), Does.Contain("resumed from").And.Not.Contain("changed settings"));
+        // a setting that did change is named with both values
+        log = new StringWriter();
+        new Trainer(ExperimentConfig.Parse(SmallRun("quoted", [.. run, "resume=last", "trainer.max_steps=4", "trainer.gradient_clip_val=0.5"])), log).Run();
+        Assert.That(log.ToString(), Does.Contain("warning: resuming with changed settings: trainer.gradient_clip_val (1 -> 0.5)"));
+    }
+
+    [Test]
     public void FineTuningStartsFromTheGivenWeights()
     {
         // on the CPU wherever the tests run: the checks below compare values bit for bit across runs
@@ -154,10 +172,12 @@ public class TrainingTests
         }
         Assert.That(log0.ToString(), Does.Contain("rank 0's share of 2").And.Contain("2 device(s) × 2 × 1 accumulation"));
         var log1 = new StringWriter();
-        using (var reducer = new BucketedGradientReducer(new FakeCollective(1, 2, t => t.clone())))
+        var rank1 = new FakeCollective(1, 2, t => t.clone());
+        using (var reducer = new BucketedGradientReducer(rank1))
         {
             var r1 = new Trainer(ExperimentConfig.Parse(SmallRun("dp-rank1", dp)), log1) { Reducer = reducer }.Run();
-            Assert.That(r1.Losses, Has.Count.EqualTo(6), "it trains");
+            Assert.That(rank1.AllReduces, Is.EqualTo(6 * reducer.Plan!.Count), "it trains: each of the six steps' gradients averaged");
+            Assert.That(r1.Losses, Is.Empty, "without reading a loss back: rank 0 logs them");
             Assert.That(Directory.Exists(r1.RunDir), Is.False, "and writes nothing");
             Assert.That(r1.ValLoss, Is.Null, "rank 0 evaluates");
         }
