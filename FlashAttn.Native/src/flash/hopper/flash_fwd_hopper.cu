@@ -28,7 +28,8 @@ bool covers(const FlashFwdParams& p) {
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
-// "persistent" (a persistent grid), "persistent192" (both). Otherwise the fastest measured on the H200
+// "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
+// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured). Otherwise the fastest measured on the H200
 // (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
 // for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the persistent grid elsewhere
 // (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237); persistent192 is the slowest
@@ -41,6 +42,7 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
     if (std::strcmp(v, "rows192") == 0) return int(FwdVariant::kRows192);
     if (std::strcmp(v, "persistent") == 0) return int(FwdVariant::kPersistent);
     if (std::strcmp(v, "persistent192") == 0) return int(FwdVariant::kPersistent192);
+    if (std::strcmp(v, "persistent2") == 0) return int(FwdVariant::kPersistent2);
     return int(FwdVariant::kPingpong);
   }();
   if (forced >= 0) return FwdVariant(forced);
