@@ -27,6 +27,23 @@ FlashAttnStatus check_options(const char* kFunction, FlashAttnDType dtype, int64
   return FLASHATTN_STATUS_OK;
 }
 
+// The gradient's inputs and layout, shared by the backward and the fused forward + backward: the pointers every
+// gradient needs and dlogits' rows against the logits' (in place when they alias).
+FlashAttnStatus check_gradient(const char* kFunction, const void* logits, const void* dlogits, const int64_t* labels,
+                               const float* dloss, int64_t vocab, int64_t logits_row_stride, int64_t dlogits_row_stride) {
+  FA_CHECK(logits != nullptr, "logits must not be NULL");
+  FA_CHECK(dlogits != nullptr, "dlogits must not be NULL");
+  FA_CHECK(labels != nullptr, "labels must not be NULL");
+  FA_CHECK(dloss != nullptr, "dloss must not be NULL");
+  FA_CHECK(logits_row_stride >= vocab, "logits_row_stride (%lld) must be >= vocab (%lld)",
+           (long long)logits_row_stride, (long long)vocab);
+  FA_CHECK(dlogits_row_stride >= vocab, "dlogits_row_stride (%lld) must be >= vocab (%lld)",
+           (long long)dlogits_row_stride, (long long)vocab);
+  FA_CHECK(dlogits != logits || dlogits_row_stride == logits_row_stride,
+           "dlogits aliases logits, so its row stride must equal logits_row_stride");
+  return FLASHATTN_STATUS_OK;
+}
+
 }  // namespace
 
 FLASHATTN_API int64_t FlashAttn_cross_entropy_fwd_workspace_size(int64_t rows, int64_t vocab) {
@@ -85,17 +102,9 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd(
     if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(dloss_stride >= 0, "dloss_stride (%lld) must be >= 0", (long long)dloss_stride);
     if (rows == 0) return FLASHATTN_STATUS_OK;
-    FA_CHECK(dloss != nullptr, "dloss must not be NULL");
-    FA_CHECK(logits != nullptr, "logits must not be NULL");
-    FA_CHECK(labels != nullptr, "labels must not be NULL");
+    s = check_gradient(kFunction, logits, dlogits, labels, dloss, vocab, logits_row_stride, dlogits_row_stride);
+    if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(lse != nullptr, "lse must not be NULL");
-    FA_CHECK(dlogits != nullptr, "dlogits must not be NULL");
-    FA_CHECK(logits_row_stride >= vocab, "logits_row_stride (%lld) must be >= vocab (%lld)",
-             (long long)logits_row_stride, (long long)vocab);
-    FA_CHECK(dlogits_row_stride >= vocab, "dlogits_row_stride (%lld) must be >= vocab (%lld)",
-             (long long)dlogits_row_stride, (long long)vocab);
-    FA_CHECK(dlogits != logits || dlogits_row_stride == logits_row_stride,
-             "dlogits aliases logits, so its row stride must equal logits_row_stride");
     CrossEntropyParams p{};
     p.logits = logits;
     p.dlogits = dlogits;
@@ -131,18 +140,10 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd_bwd(
     if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(dloss_stride >= 0, "dloss_stride (%lld) must be >= 0", (long long)dloss_stride);
     if (rows == 0) return FLASHATTN_STATUS_OK;
-    FA_CHECK(logits != nullptr, "logits must not be NULL");
-    FA_CHECK(dlogits != nullptr, "dlogits must not be NULL");
-    FA_CHECK(labels != nullptr, "labels must not be NULL");
-    FA_CHECK(dloss != nullptr, "dloss must not be NULL");
+    s = check_gradient(kFunction, logits, dlogits, labels, dloss, vocab, logits_row_stride, dlogits_row_stride);
+    if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(loss != nullptr, "loss must not be NULL");
     FA_CHECK(dloss_applied != nullptr, "dloss_applied must not be NULL");
-    FA_CHECK(logits_row_stride >= vocab, "logits_row_stride (%lld) must be >= vocab (%lld)",
-             (long long)logits_row_stride, (long long)vocab);
-    FA_CHECK(dlogits_row_stride >= vocab, "dlogits_row_stride (%lld) must be >= vocab (%lld)",
-             (long long)dlogits_row_stride, (long long)vocab);
-    FA_CHECK(dlogits != logits || dlogits_row_stride == logits_row_stride,
-             "dlogits aliases logits, so its row stride must equal logits_row_stride");
     const int64_t need = cross_entropy_fwd_bwd_workspace_bytes(rows, vocab);
     FA_CHECK(workspace != nullptr, "workspace must not be NULL (%lld bytes needed)", (long long)need);
     FA_CHECK(workspace_bytes >= need,
