@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [bench] [bench-old]
-#   [memory] [peers] [sanitize] [losscurve]   (default: tests bench)
+#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [attnpeer] [bench]
+#   [bench-old] [memory] [peers] [sanitize] [losscurve]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   bench-old (after `PREPARE_OLD=<commit> build/device-prepare.sh`) runs the same BENCH_FILTER through that commit's
 #   benchmarks on its own libflashattn: with bench, before and after in one call (bench-old.tsv beside bench.tsv, and
@@ -183,6 +183,16 @@ if want profile; then
   summary+=("step profile: rc $? ($((SECONDS - start)) s)")
 fi
 
+if want attnpeer; then
+  # Issue 17's bar in one step: our attention (flash_selftest --bench-peer, the default Hopper variants, both
+  # directions) at the shapes of the PyTorch peer's attention part, and the peer itself (its cuDNN rows are the bar),
+  # in the same call: attnpeer.tsv.
+  { /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer
+    [ -f .device/peers/pytorch_baselines.py ] && python3 .device/peers/pytorch_baselines.py attn | grep cudnn; } \
+    >"$OUT/attnpeer.tsv" 2>&1
+  summary+=("attnpeer: rc $?")
+fi
+
 if want ops; then
   # The memory-bound kernels against a copy of the same bytes, natively (no .NET), every kernel variant (one
   # child process each, FLASHATTN_NORM_VARIANT, interleaved; every sample after an L2 flush: norm/NOTES.md,
@@ -235,6 +245,7 @@ fi
 
 echo
 [ -f "$OUT/ops.tsv" ] && cat "$OUT/ops.tsv"
+[ -f "$OUT/attnpeer.tsv" ] && cat "$OUT/attnpeer.tsv"
 [ -f "$OUT/bench.tsv" ] && cat "$OUT/bench.tsv"
 # each case both steps timed: old and new median, new / old (above 1: slower now)
 [ -s "$OUT/bench-old.tsv" ] && [ -f "$OUT/bench.tsv" ] && awk -F'\t' 'NR == FNR { if ($4 == "ms") old[$2] = $3; next }

@@ -17,7 +17,8 @@
 #     forward's results still come back;
 #  3b. the dropout cases with FLASHATTN_HOPPER_DROPOUT=1 (the Hopper kernels' dropout, off by default
 #     until this passes): the "hdrop" cases on the Hopper forward and backward, the masked ones on the
-#     sm_80 forward (it writes the mask) and the Hopper backward (log appended to selftest-variants.log);
+#     sm_80 forward (it writes the mask) and the Hopper backward, then the "hdrop" cases again under
+#     FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (its dropout kernel; log appended to selftest-variants.log);
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
@@ -29,9 +30,11 @@
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant
 #     and on the dropout kernels;
-#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=overlap (without the
-#     warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half), =pingpong (the warpgroups taking turns,
-#     no longer a default) and =persistent192 (its d64 half), as the time left allows (they passed before).
+#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (a CTA's tiles
+#     overlapped: not yet measured, so first; its grid, the persistent grid cases "pgrid" and the odd head
+#     count "b5"), =overlap (without the warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half),
+#     =pingpong (the warpgroups taking turns, no longer a default) and =persistent192 (its d64 half), as the
+#     time left allows (those passed before).
 # Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -141,6 +144,18 @@ $(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward, $(grep -c '^
 the hopper backward")
   { echo "== FLASHATTN_HOPPER_DROPOUT=1 (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
 fi
+if [ "$hung" = 0 ]; then
+  start=$SECONDS
+  log=$build/selftest-dropout-persistent2.log
+  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 \
+    timeout "$(cap 60)" "$bin/flash_selftest" "hdrop" >"$log" 2>&1
+  rc=$?
+  [ $rc -eq 124 ] && hung=1
+  summary+=("selftest hdrop, FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc, \
+$((SECONDS - start)) s): $(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward")
+  { echo "== FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc)"; cat "$log"; } \
+    >>"$OUT/selftest-variants.log"
+fi
 
 if [ "$hung" = 1 ]; then
   summary+=("bench and sanitizers skipped: the self-test hung (last lines in selftest.log)")
@@ -171,7 +186,8 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
 
   # 6. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA, partial tiles): the forward's
   # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
-  # CTAs, so some CTAs run two, and the query blocks that see no key run none), and the backward (d64
+  # CTAs, so some CTAs run two, and the query blocks that see no key run none), persistent2 (d64, 288
+  # tiles: 2-3 a CTA, with and without keys, two tiles with keys in a row, a Q buffer reused), and the backward (d64
   # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps);
   # the default backward (persistent) again on 256 tiles (several a CTA; d128: 3 query blocks a tile,
   # the ring wraps); then the backward's other variants, memcheck and racecheck: atomic, dqtma and
@@ -180,6 +196,7 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
     for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=persistent2:d64 sq700 sk500 h12/4 causal pgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=atomic:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=dqtma:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
@@ -205,17 +222,18 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
 
   # 7. The forward variants' grids, as the time left allows (step 3 ran the default: persistent, persistent192 at d64
   # without a causal mask).
-  for run in "overlap: grid" "rows192:d64 &grid" "pingpong: grid" "persistent192:d64 &grid"; do
+  for run in "persistent2: grid" "persistent2:pgrid" "persistent2:b5" "overlap: grid" "rows192:d64 &grid" \
+    "pingpong: grid" "persistent192:d64 &grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break
     variant=${run%%:*}
     start=$SECONDS
-    log=$build/selftest-$variant.log
+    log=$build/selftest-$variant-$(echo "${run#*:}" | tr -cd 'a-z0-9').log
     env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_FWD_VARIANT=$variant timeout "$(cap 90)" "$bin/flash_selftest" "${run#*:}" >"$log" 2>&1
     rc=$?
     [ $rc -eq 124 ] && hung=1
-    summary+=("selftest grid, FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
+    summary+=("selftest '${run#*:}', FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc, $((SECONDS - start)) s): \
 $(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") on the hopper path")
-    { echo "== FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-grids.log"
+    { echo "== '${run#*:}', FLASHATTN_HOPPER_FWD_VARIANT=$variant (rc $rc)"; cat "$log"; } >>"$OUT/selftest-grids.log"
   done
 fi
 

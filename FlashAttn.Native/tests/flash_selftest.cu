@@ -4,8 +4,9 @@
 //                             names the forward and the backward path that ran, and a case the Hopper
 //                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
-//                             pingpong, overlap, rows192, persistent, persistent192; at d128 rows192 is
-//                             pingpong again, a measure of the noise, and persistent192 is persistent) and
+//                             pingpong, overlap, rows192, persistent, persistent192, persistent2; at d128
+//                             rows192 is pingpong again, a measure of the noise, and persistent192 is
+//                             persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
 //                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
 //                             persistent)
@@ -589,6 +590,20 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
+  // The persistent forwards' grid (forward only): several tiles a CTA with seqlen_q != seqlen_k both
+  // ways, 4 x 12 heads, GQA 3:1, partial tiles at both ends. 700 x 500: 288 tiles of 128 rows (a
+  // whole round of units of two on 132 CTAs, then a third tile on some: a Q buffer used twice); causal,
+  // query block 0 sees no key (a tile without keys beside tiles with keys) and rows 128-199 of block 1
+  // none either (fully masked rows in a tile with keys); 500 x 700: 192 tiles. Under persistent2 a tile's last P V and the next tile's first S share a turn exactly where
+  // two tiles with keys follow each other on a CTA.
+  for (auto& l : {std::pair<int, int>{700, 500}, std::pair<int, int>{500, 700}})
+    for (int d : {64, 128})
+      for (int causal = 0; causal < 2; ++causal) {
+        Case c;
+        c.D = d, c.causal = causal, c.B = 4, c.sq = l.first, c.sk = l.second, c.H = 12, c.Hk = 4, c.fwd_only = true;
+        c.name = name(c, " pgrid");
+        v.push_back(c);
+      }
   // The Hopper backward's grid (forward and backward): a single tile first (bwd-probe: which of dV,
   // dK, dQ is off says which stage is, see flash/hopper/NOTES.md), then partial tiles, seqlen_q !=
   // seqlen_k both ways (causal rows that see no key, key blocks no query sees), several query blocks
@@ -615,8 +630,9 @@ std::vector<Case> cases() {
   // Dropout on the Hopper kernels under FLASHATTN_HOPPER_DROPOUT=1 (otherwise on sm_80's): no mask asked
   // for, so that the forward takes them too, its decisions checked through the outputs against the
   // stream's; both dtypes and head dims, causal or not, partial tiles, seqlen_q != seqlen_k both ways
-  // (causal rows that see no key), GQA; then GPT-2's rate on 5 x 21 heads (several tiles a CTA of both
-  // persistent grids). The masked cases above run the sm_80 forward and, under the switch, the Hopper
+  // (causal rows that see no key), GQA; then GPT-2's rate on 5 x 21 heads (several tiles a CTA of the
+  // persistent grids; under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 a tile's first decisions are made
+  // behind its S issued in the tile before). The masked cases above run the sm_80 forward and, under the switch, the Hopper
   // backward on its mask: both paths' decisions in one case.
   const int drop_lens[][4] = {{200, 200, 2, 2}, {97, 1025, 4, 2}, {1025, 300, 4, 2}};  // sq, sk, H, Hk
   for (auto& l : drop_lens)
@@ -801,6 +817,7 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"rows192", "FLASHATTN_HOPPER_FWD_VARIANT=rows192", true, false},
                               {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", true, false},
                               {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", true, false},
+                              {"persist2", "FLASHATTN_HOPPER_FWD_VARIANT=persistent2", true, false},
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
                               {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},

@@ -31,13 +31,14 @@ bool covers(const FlashFwdParams& p) {
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
-// "persistent" (a persistent grid), "persistent192" (both). Otherwise the fastest measured on the H200
+// "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
+// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured). Otherwise the fastest measured on the H200
 // (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
 // for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the persistent grid elsewhere
 // (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237); persistent192 is the slowest
-// at d64 causal (272), its skipped diagonal tiles unbalancing the larger blocks. Dropout: persistent
-// always, whatever is forced (the only variant compiled with dropout; 240 registers a consumer thread
-// leave room for the decisions, persistent192's 160 do not).
+// at d64 causal (272), its skipped diagonal tiles unbalancing the larger blocks. Dropout: persistent,
+// or persistent2 when forced, whatever else is forced (the variants compiled with dropout; 240
+// registers a consumer thread leave room for the decisions, persistent192's 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
@@ -46,9 +47,11 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
     if (std::strcmp(v, "rows192") == 0) return int(FwdVariant::kRows192);
     if (std::strcmp(v, "persistent") == 0) return int(FwdVariant::kPersistent);
     if (std::strcmp(v, "persistent192") == 0) return int(FwdVariant::kPersistent192);
+    if (std::strcmp(v, "persistent2") == 0) return int(FwdVariant::kPersistent2);
     return int(FwdVariant::kPingpong);
   }();
-  if (p.dropout_p > 0.f) return FwdVariant::kPersistent;
+  if (p.dropout_p > 0.f)
+    return forced == int(FwdVariant::kPersistent2) ? FwdVariant::kPersistent2 : FwdVariant::kPersistent;
   if (forced >= 0) return FwdVariant(forced);
   const bool causal = p.window_right == 0;
   return p.headdim == 64 && !causal ? FwdVariant::kPersistent192 : FwdVariant::kPersistent;

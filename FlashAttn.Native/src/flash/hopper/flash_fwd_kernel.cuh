@@ -54,24 +54,39 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 // (persistent_tile): the producer loads the next tile's Q and first K and V blocks while the
 // consumers finish the last one and store its output. Otherwise one tile per CTA, the heaviest
 // causal blocks (the last rows see the most keys) launched first.
-template <typename Tr, bool kPingpong, bool kPersistent, bool kDropout>
+// kTileOverlap (persistent only, two Q buffers: Tr::kQStages == 2): no bubble between a CTA's tiles.
+// The producer loads the next tile's Q into the other buffer a whole tile ahead (after its K and V
+// loads of this tile), and a consumer warpgroup issues the next tile's first S = Q K^T in the same
+// turn as this tile's last O += P V, behind it: it waits for the P V alone (wait_group 1), writes
+// the output and LSE while the S runs, and waits for the S (wait_group 0) before the next
+// iteration, so every wgmma group is still waited for in the iteration that issued it. The next
+// tile then starts at its first softmax.
+// kDropout: the dropout of the file comment (with kTileOverlap, a tile's first decisions are made at
+// its start, its first S already complete).
+template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
+                "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
+  constexpr int kQStages = Tr::kQStages;
   constexpr int kChunkBytes = Tr::kChunkBytes, kTileBytes = Tr::kTileBytes, kQChunkBytes = Tr::kQChunkBytes;
+  constexpr int kQTileBytes = Tr::kQTileBytes;
   constexpr int kWarpgroups = Tr::kConsumerWarpgroups;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base + Tr::kOffQ, sK = base + Tr::kOffK, sV = base + Tr::kOffV;
-  const uint32_t bar_q = base + Tr::kOffBar;
-  auto k_full = [&](int s) { return bar_q + 8u * (1 + s); };
-  auto k_empty = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
-  auto v_full = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
-  auto v_empty = [&](int s) { return bar_q + 8u * (1 + 3 * kStages + s); };
-  const uint32_t q_empty = bar_q + 8u * (1 + 4 * kStages);  // every consumer warp is done with Q's tile
+  const uint32_t bars = base + Tr::kOffBar;
+  auto q_full = [&](int i) { return bars + 8u * i; };
+  auto k_full = [&](int s) { return bars + 8u * (kQStages + s); };
+  auto k_empty = [&](int s) { return bars + 8u * (kQStages + kStages + s); };
+  auto v_full = [&](int s) { return bars + 8u * (kQStages + 2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (kQStages + 3 * kStages + s); };
+  // Every consumer warp is done with Q buffer i's tile.
+  auto q_empty = [&](int i) { return bars + 8u * (kQStages + 4 * kStages + i); };
 
   // Work tiles of this CTA: tile_begin, + tile_step, ... below tile_end.
   const int tile_begin = kPersistent ? int(blockIdx.x) : 0;
@@ -94,8 +109,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
-    mbar_init(q_empty, 4 * kWarpgroups);
+#pragma unroll
+    for (int i = 0; i < kQStages; ++i) {
+      mbar_init(q_full(i), 1);
+      mbar_init(q_empty(i), 4 * kWarpgroups);
+    }
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(k_full(s), 1);  // the producer's arrive.expect_tx
@@ -108,7 +126,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   __syncthreads();
 
   // Both sides count the key blocks (kv) and the tiles with at least one (q_loads) over the CTA's
-  // tiles: the ring's stage and phase, and Q's phase, continue from one tile to the next.
+  // tiles: the ring's stage and phase, and Q's buffer and phase, continue from one tile to the next.
   const int warpgroup = threadIdx.x / 128;
   constexpr uint32_t kTurnBarrier = 1;  // named barriers 1 .. kWarpgroups (0 is __syncthreads')
   if (warpgroup == 0) {
@@ -125,12 +143,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int m0 = m_block * BM, n_tiles = key_blocks(m0);
         if (n_tiles == 0) continue;
         const int hk = h / p.heads_per_khead;
-        mbar_wait(q_empty, (q_loads & 1) ^ 1);  // the consumers are done with the last tile's Q
+        const int qb = q_loads % kQStages;
+        // The consumers are done with the Q this buffer held (with two buffers: the tile before last's).
+        mbar_wait(q_empty(qb), ((q_loads / kQStages) & 1) ^ 1);
         ++q_loads;
-        mbar_arrive_expect_tx(bar_q, Tr::kQTileBytes);
+        mbar_arrive_expect_tx(q_full(qb), Tr::kQTileBytes);
 #pragma unroll
         for (int c = 0; c < Tr::kChunks; ++c)
-          tma_load_4d(sQ + c * kQChunkBytes, &tm_q, bar_q, c * Tr::kBoxCols, m0, h, b);
+          tma_load_4d(sQ + qb * kQTileBytes + c * kQChunkBytes, &tm_q, q_full(qb), c * Tr::kBoxCols, m0, h, b);
         for (int it = 0; it < n_tiles; ++it, ++kv) {
           const int n0 = (n_tiles - 1 - it) * BN;
           const int s = kv % kStages;
@@ -175,16 +195,68 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if constexpr (kPingpong) named_bar_arrive(kTurnBarrier + (cw + 1) % kWarpgroups, 256);
     };
     // Warpgroup 0 has the first turn: its arrive here and its first take_turn complete barrier 1.
-    // Each warpgroup then takes and passes exactly n_tiles turns a tile (the last P V takes none),
-    // so the turns stay paired across tiles; the last warpgroup's last pass is left pending on
-    // barrier 1 when the CTA ends, as in FlashAttention-3.
+    // Each warpgroup then takes and passes one turn per S it issues (a P V issued alone, a tile's
+    // last without the next tile's first S behind it, takes none), the same count in every
+    // warpgroup, so the turns stay paired across tiles; the last warpgroup's last pass is left
+    // pending on barrier 1 when the CTA ends, as in FlashAttention-3.
     if (kPingpong && cw == 0) named_bar_arrive(kTurnBarrier, 256);
     auto release = [&](uint32_t bar) {
       if (lane == 0) mbar_arrive(bar);  // one arrive per warp, after its wait_group
     };
+    // This warpgroup's 64 rows of Q buffer 0; buffer qb is qb * kQTileBytes further.
     const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
 
+    // Key blocks are numbered over the CTA's tiles (kvi): ring stage kvi % kStages, phase
+    // (kvi / kStages) & 1; Q buffer qb of the tile.
+    auto wait_k = [&](int kvi) { mbar_wait(k_full(kvi % kStages), (kvi / kStages) & 1); };
+    // S = Q K^T for key block kvi (64 x 128 per warpgroup), issued and committed, not waited for.
+    // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes
+    // into 64-column chunk ks / 4 (Q chunks kQChunkBytes apart, K chunks kChunkBytes).
+    auto qk = [&](int kvi, int qb) {
+      const uint64_t desc_k = sw128_desc(sK + (kvi % kStages) * kTileBytes, 16, 1024);
+      const uint64_t desc_qb = desc_q + uint64_t((qb * kQTileBytes) >> 4);
+      reg_fence(s);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t off_q = ((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4;
+        const uint32_t off_k = ((ks / 4) * kChunkBytes + (ks % 4) * 32) >> 4;
+        Wgmma<T, BN>::ss(s, desc_qb + off_q, desc_k + off_k, ks > 0 ? 1u : 0u);
+      }
+      wgmma_commit();
+    };
+    // O += P V for key block kvi (64 x D per warpgroup), issued and committed; B = the V tile,
+    // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
+    auto pv = [&](int kvi) {
+      const int stage = kvi % kStages;
+      mbar_wait(v_full(stage), (kvi / kStages) & 1);
+      const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
+      reg_fence(pk);
+      reg_fence(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                        desc_v + ((kk * 16 * 128) >> 4));
+      wgmma_commit();
+    };
+    auto release_v = [&](int kvi) { release(v_empty(kvi % kStages)); };
+    auto pack_p = [&] {
+#pragma unroll
+      for (int q = 0; q < NS / 2; ++q) pk[q] = pack2<T>(s[2 * q], s[2 * q + 1]);
+    };
+    auto rescale_o = [&] {
+#pragma unroll
+      for (int i = 0; i < NO; ++i) o[i] *= alpha[(i / 2) % 2];
+    };
+
     int kv = 0, q_loads = 0;
+    // kTileOverlap: this tile's first S was issued behind the last tile's last P V and is complete in s.
+    bool s_ready = false;
+    // The first S overwrites s (scale_d = 0), but the wgmma's operands read it: zeroed once, s then
+    // always holds defined values.
+#pragma unroll
+    for (int i = 0; i < NS; ++i) s[i] = 0.f;
     for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
       int m0, bh;  // bh: the dropout stream's (batch, head), b * nheads + h
       {
@@ -194,57 +266,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         bh = b * p.nheads + h;
       }
       const int n_tiles = key_blocks(m0);
+      const int qb = q_loads % kQStages;
       const int wg_row0 = m0 + cw * 64;          // this warpgroup's first query row
       const int row0 = wg_row0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
 #pragma unroll
       for (int i = 0; i < NO; ++i) o[i] = 0.f;
-      // The first S overwrites s (scale_d = 0), but the wgmma's operands read it: zeroed here, s is
-      // dead from the last softmax to the next tile, and its registers are free for the epilogue.
-#pragma unroll
-      for (int i = 0; i < NS; ++i) s[i] = 0.f;
       row_max[0] = row_max[1] = -INFINITY;
       row_sum[0] = row_sum[1] = 0.f;
       alpha[0] = alpha[1] = 1.f;
 
-      // S = Q K^T for key block `it` (64 x 128 per warpgroup), issued and committed, not waited for.
-      // A = this warpgroup's 64 rows of Q, B = the K tile, both K-major; k16 step ks is 32 bytes
-      // into 64-column chunk ks / 4 (Q chunks kQChunkBytes apart, K chunks kChunkBytes).
-      auto issue_qk = [&](int it) {
-        const int stage = (kv + it) % kStages;
-        mbar_wait(k_full(stage), ((kv + it) / kStages) & 1);
-        take_turn();
-        const uint64_t desc_k = sw128_desc(sK + stage * kTileBytes, 16, 1024);
-        reg_fence(s);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          const uint32_t off_q = ((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4;
-          const uint32_t off_k = ((ks / 4) * kChunkBytes + (ks % 4) * 32) >> 4;
-          Wgmma<T, BN>::ss(s, desc_q + off_q, desc_k + off_k, ks > 0 ? 1u : 0u);
-        }
-        wgmma_commit();
-      };
-      // O += P V for key block `it` (64 x D per warpgroup), issued and committed; B = the V tile,
-      // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
-      auto issue_pv = [&](int it) {
-        const int stage = (kv + it) % kStages;
-        mbar_wait(v_full(stage), ((kv + it) / kStages) & 1);
-        const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
-        reg_fence(pk);
-        reg_fence(o);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-          Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
-                          desc_v + ((kk * 16 * 128) >> 4));
-        wgmma_commit();
-      };
-      // After S of block it completed: its K buffer, and after the tile's last S, Q.
+      // After S of block it completed: its K buffer, and after the tile's last S, Q's.
       auto release_k = [&](int it) {
         release(k_empty((kv + it) % kStages));
-        if (it == n_tiles - 1) release(q_empty);
+        if (it == n_tiles - 1) release(q_empty(qb));
       };
-      auto release_v = [&](int it) { release(v_empty((kv + it) % kStages)); };
       // s (raw scores of key block it) -> exp2(s * sl - new max * sl) in place; row_max, row_sum and
       // alpha updated (O itself is rescaled by the caller, when no wgmma is writing it).
       auto softmax = [&](int it) {
@@ -286,17 +321,42 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           row_sum[r] = row_sum[r] * alpha[r] + sum;
         }
       };
-      auto pack_p = [&] {
+
+      // out = O / l (times 1 / (1 - p) with dropout); LSE = max * scale + log(l). A row that saw no key
+      // gets out = 0 and LSE = +inf (flash-attn's convention, as the sm_80 kernel). Touches o, never s
+      // (kTileOverlap: the next tile's first S may be in flight).
+      auto store_out = [&] {
+        int m_block, h, b;
+        tile_coords(tile, &m_block, &h, &b);
+        T* out = static_cast<T*>(p.out) + int64_t(b) * p.out_batch_stride + int64_t(h) * p.out_head_stride;
 #pragma unroll
-        for (int q = 0; q < NS / 2; ++q) pk[q] = pack2<T>(s[2 * q], s[2 * q + 1]);
-      };
-      auto rescale_o = [&] {
+        for (int r = 0; r < 2; ++r) {
+          float l = row_sum[r];
+          l += __shfl_xor_sync(0xffffffffu, l, 1);
+          l += __shfl_xor_sync(0xffffffffu, l, 2);
+          const bool empty = l == 0.f || row_max[r] == -INFINITY;
+          float inv;
+          if constexpr (kDropout) inv = empty ? 0.f : (1.f / (1.f - p.dropout_p)) / l;
+          else inv = empty ? 0.f : 1.f / l;
+          const int row = row0 + 8 * r;
+          if (row < p.seqlen_q) {
+            T* orow = out + int64_t(row) * p.out_row_stride;
 #pragma unroll
-        for (int i = 0; i < NO; ++i) o[i] *= alpha[(i / 2) % 2];
+            for (int j = 0; j < D / 8; ++j)
+              *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+                  pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+            if (t == 0) {
+              p.softmax_lse[(int64_t(b) * p.nheads + h) * p.seqlen_q + row] =
+                  empty ? INFINITY : row_max[r] * sl * kLn2 + logf(l);
+            }
+          }
+        }
       };
       // kDropout: the decisions of key block it's elements of s (Dropout::keep_bits: rows are queries row0,
       // row0 + 8, columns keys n0 + 2 t + ...), made after its S is issued, in registers no product writes;
-      // applied to the probabilities after the softmax has summed them.
+      // applied to the probabilities after the softmax has summed them. With kTileOverlap a tile's first
+      // S was issued in the tile before, and its decisions are made here, under none of this warpgroup's
+      // products: made there, behind the S beside the last P V's registers, they would spill at d128.
       uint32_t keep[kDropout ? NS / 32 : 1];
       auto dropout_bits = [&](int it) {
         if constexpr (kDropout) {
@@ -312,23 +372,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
 
       if (n_tiles > 0) {
-        mbar_wait(bar_q, q_loads & 1);
-        ++q_loads;
         // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
         // it runs while that second product does.
-        issue_qk(0);
-        pass_turn();
-        dropout_bits(0);
-        wgmma_wait<0>();
-        reg_fence(s);
+        if (!s_ready) {
+          mbar_wait(q_full(qb), (q_loads / kQStages) & 1);
+          wait_k(kv);
+          take_turn();
+          qk(kv, qb);
+          pass_turn();
+          dropout_bits(0);
+          wgmma_wait<0>();
+          reg_fence(s);
+        } else {
+          dropout_bits(0);  // its S, issued in the tile before, is complete
+        }
         release_k(0);
         softmax(0);
         drop_p();
         pack_p();
         for (int it = 1; it < n_tiles; ++it) {
-          issue_qk(it);
+          wait_k(kv + it);
+          take_turn();
+          qk(kv + it, qb);
           rescale_o();  // by block it - 1's maxima, before its P V joins O
-          issue_pv(it - 1);
+          pv(kv + it - 1);
           pass_turn();
           dropout_bits(it);
           wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
@@ -339,45 +406,52 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           wgmma_wait<0>();
           reg_fence(o);
           reg_fence(pk);
-          release_v(it - 1);
+          release_v(kv + it - 1);
           pack_p();
         }
+        ++q_loads;
+        kv += n_tiles;
+        // The next tile's first S goes behind this tile's last P V, in one turn, when the next tile
+        // has keys (its Q is in the other buffer, loaded during this tile); else the P V is alone.
+        int next_blocks = 0;
+        if constexpr (kTileOverlap) {
+          if (tile + tile_step < tile_end) {
+            int m_block, h, b;
+            tile_coords(tile + tile_step, &m_block, &h, &b);
+            next_blocks = key_blocks(m_block * BM);
+          }
+        }
+        // The next tile's S is issued and waited for within this branch: in flight across a merge of
+        // paths, its accumulators would take the compiler's copies, and ptxas would serialise every
+        // wgmma (C7515).
+        s_ready = next_blocks > 0;
+        if (s_ready) {
+          const int next_qb = q_loads % kQStages;
+          mbar_wait(q_full(next_qb), (q_loads / kQStages) & 1);
+          wait_k(kv);
+          take_turn();
+          rescale_o();
+          pv(kv - 1);
+          qk(kv, next_qb);
+          pass_turn();
+          wgmma_wait<1>();  // the P V; the next tile's S may still run, under the epilogue
+          reg_fence(o);
+          reg_fence(pk);
+          release_v(kv - 1);
+          store_out();
+          wgmma_wait<0>();
+          reg_fence(s);
+          continue;
+        }
         rescale_o();
-        issue_pv(n_tiles - 1);  // takes no turn (above)
+        pv(kv - 1);  // takes no turn (above)
         wgmma_wait<0>();
         reg_fence(o);
         reg_fence(pk);
-        release_v(n_tiles - 1);
-        kv += n_tiles;
+        release_v(kv - 1);
       }
 
-      // out = O / l (times 1 / (1 - p) with dropout); LSE = max * scale + log(l). A row that saw no key
-      // gets out = 0 and LSE = +inf (flash-attn's convention, as the sm_80 kernel).
-      int m_block, h, b;
-      tile_coords(tile, &m_block, &h, &b);
-      T* out = static_cast<T*>(p.out) + int64_t(b) * p.out_batch_stride + int64_t(h) * p.out_head_stride;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const bool empty = l == 0.f || row_max[r] == -INFINITY;
-        float inv;
-        if constexpr (kDropout) inv = empty ? 0.f : (1.f / (1.f - p.dropout_p)) / l;
-        else inv = empty ? 0.f : 1.f / l;
-        const int row = row0 + 8 * r;
-        if (row < p.seqlen_q) {
-          T* orow = out + int64_t(row) * p.out_row_stride;
-#pragma unroll
-          for (int j = 0; j < D / 8; ++j)
-            *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-                pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-          if (t == 0) {
-            p.softmax_lse[(int64_t(b) * p.nheads + h) * p.seqlen_q + row] =
-                empty ? INFINITY : row_max[r] * sl * kLn2 + logf(l);
-          }
-        }
-      }
+      store_out();
     }
   }
 #endif

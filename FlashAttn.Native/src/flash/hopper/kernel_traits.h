@@ -11,7 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -27,6 +27,10 @@ struct FwdTraits {
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
   static constexpr int kStages = 2;                                  // K and V buffers each
+  // Q buffers: two let the producer load the next tile's Q while the consumers still read this
+  // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
+  static constexpr int kQStages = kQStages_;
+  static_assert(kQStages == 1 || kQStages == 2, "one or two Q buffers");
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -39,13 +43,14 @@ struct FwdTraits {
   static constexpr int kTileBytes = kChunks * kChunkBytes;                     // one K or V tile
   static constexpr int kQChunkBytes = kQBoxRows * kBoxCols * int(sizeof(T));  // 16 or 24 KB
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
-  // Shared memory, from a 1024-byte aligned base: Q, K[stages], V[stages], then the mbarriers
-  // (Q full; K full[stages], K empty[stages]; V full[stages], V empty[stages]; Q empty).
+  // Shared memory, from a 1024-byte aligned base: Q[q stages], K[stages], V[stages], then the
+  // mbarriers (Q full[q stages]; K full[stages], K empty[stages]; V full[stages], V empty[stages];
+  // Q empty[q stages]). d128 with two Q buffers: 192 KB.
   static constexpr int kOffQ = 0;
-  static constexpr int kOffK = kOffQ + kQTileBytes;
+  static constexpr int kOffK = kOffQ + kQStages * kQTileBytes;
   static constexpr int kOffV = kOffK + kStages * kTileBytes;
   static constexpr int kOffBar = kOffV + kStages * kTileBytes;
-  static constexpr int kBarriers = 2 + 4 * kStages;
+  static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
   // Registers: the entry cap is 65536 / kThreads (168 for 384 threads, rounded down to 8; 128 for
@@ -83,8 +88,17 @@ struct FwdTensorMaps {
 // products; kPingpong, the consumer warpgroups also taking turns on the tensor cores; kRows192, the
 // same as kPingpong with 192-row tiles (three consumer warpgroups taking turns) at d64, and exactly
 // kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
-// kPersistent192, kRows192 on a persistent grid.
-enum class FwdVariant : int { kOverlap = 0, kPingpong = 1, kRows192 = 2, kPersistent = 3, kPersistent192 = 4 };
+// kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
+// overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
+// its epilogue).
+enum class FwdVariant : int {
+  kOverlap = 0,
+  kPingpong = 1,
+  kRows192 = 2,
+  kPersistent = 3,
+  kPersistent192 = 4,
+  kPersistent2 = 5
+};
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
