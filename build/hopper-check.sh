@@ -15,6 +15,10 @@
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;
+#  3b. the dropout cases with FLASHATTN_HOPPER_DROPOUT=1 (the Hopper kernels' dropout, off by default
+#     until this passes): the "hdrop" cases on the Hopper forward and backward, the masked ones on the
+#     sm_80 forward (it writes the mask) and the Hopper backward, then the "hdrop" cases again under
+#     FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (its dropout kernel; log appended to selftest-variants.log);
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
@@ -24,7 +28,8 @@
 #     reduce-add) and =dqfirst (and dQ's product first):
 #     after the bench, so that a slow self-test cannot starve it;
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
-#     default backward), and memcheck and racecheck on one or two cases of each other backward variant;
+#     default backward), and memcheck and racecheck on one or two cases of each other backward variant
+#     and on the dropout kernels;
 #  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (a CTA's tiles
 #     overlapped: not yet measured, so first; its grid, the persistent grid cases "pgrid" and the odd head
 #     count "b5"), =overlap (without the warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half),
@@ -126,6 +131,32 @@ FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"
 summary+=("selftest with FLASHATTN_HOPPER=0 (rc $?): $(tail -1 "$OUT/selftest-variants.log"); \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest-variants.log") passed on sm80")
 
+# 3b. Dropout on the Hopper kernels (FLASHATTN_HOPPER_DROPOUT=1).
+if [ "$hung" = 0 ]; then
+  start=$SECONDS
+  log=$build/selftest-dropout.log
+  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_DROPOUT=1 timeout "$(cap 90)" "$bin/flash_selftest" "dropout" \
+    >"$log" 2>&1
+  rc=$?
+  [ $rc -eq 124 ] && hung=1
+  summary+=("selftest dropout, FLASHATTN_HOPPER_DROPOUT=1 (rc $rc, $((SECONDS - start)) s): $(tail -1 "$log"); \
+$(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward, $(grep -c '^PASS.* bwd:hopper' "$log") on \
+the hopper backward")
+  { echo "== FLASHATTN_HOPPER_DROPOUT=1 (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
+fi
+if [ "$hung" = 0 ]; then
+  start=$SECONDS
+  log=$build/selftest-dropout-persistent2.log
+  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 \
+    timeout "$(cap 60)" "$bin/flash_selftest" "hdrop" >"$log" 2>&1
+  rc=$?
+  [ $rc -eq 124 ] && hung=1
+  summary+=("selftest hdrop, FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc, \
+$((SECONDS - start)) s): $(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward")
+  { echo "== FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc)"; cat "$log"; } \
+    >>"$OUT/selftest-variants.log"
+fi
+
 if [ "$hung" = 1 ]; then
   summary+=("bench and sanitizers skipped: the self-test hung (last lines in selftest.log)")
 else
@@ -169,11 +200,12 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
       "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=atomic:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=dqtma:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck"; do
+      "FLASHATTN_HOPPER_BWD_VARIANT=dqfirst:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_DROPOUT=1:bf16&sq200 sk200 h2/2 causal dropout0.17 hdrop:memcheck racecheck"; do
       setting=${run%%:*}
       rest=${run#*:}
       filter=${rest%%:*}
-      [ ${#bwd_env[@]} -gt 0 ] && [[ $setting == *BWD_VARIANT* ]] && continue
+      [ ${#bwd_env[@]} -gt 0 ] && [[ $setting == *BWD_VARIANT* || $setting == *DROPOUT* ]] && continue
       for tool in ${rest#*:}; do
         log=$build/sanitize-${setting#FLASHATTN_HOPPER_}-$tool.log
         env ${bwd_env[@]+"${bwd_env[@]}"} "$setting" timeout "$(cap 60)" compute-sanitizer \

@@ -22,7 +22,9 @@
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
-// Dropout cases use the mask the forward returns, so they also check that the backward regenerates it.
+// Dropout cases take their decisions from the stream's definition (flash/dropout.cuh, on the host); those
+// that ask the forward for its mask (the sm_80 kernels write it) also check it against that definition.
+// FLASHATTN_HOPPER_DROPOUT=1 puts dropout on the Hopper kernels (the forward when no mask is asked for).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,6 +44,7 @@
 
 #include <unistd.h>
 
+#include "flash/dropout.cuh"
 #include "flashattn.h"
 #include "test_common.h"
 
@@ -77,6 +80,7 @@ struct Case {
   bool alibi = false;
   bool varlen = false;
   float dropout = 0.f;
+  bool dropout_mask = true;  // with dropout: the forward returns its mask (which keeps it on the sm_80 path)
   bool deterministic = false;
   int pad = 0;  // extra elements after each row of every tensor (strided layouts; must stay untouched)
   bool fwd_only = false;  // forward and its reference only (the large Hopper grid)
@@ -112,9 +116,9 @@ struct PathCapture {
   }
 };
 
-// Whether the Hopper forward should take this case here: an sm_90 device, a library built for sm_90a,
-// FLASHATTN_HOPPER not "0", and a case inside its scope (flash/hopper/flash_fwd_hopper.h).
-bool hopper_expected(const Case& c) {
+// Whether the Hopper kernels cover this case but for dropout: an sm_90 device, a library built for
+// sm_90a, FLASHATTN_HOPPER not "0", and a case inside their scope (flash/hopper/flash_fwd_hopper.h).
+bool hopper_scope(const Case& c) {
   static const bool device_and_build = [] {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
@@ -122,15 +126,26 @@ bool hopper_expected(const Case& c) {
   }();
   const char* env = std::getenv("FLASHATTN_HOPPER");
   const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
-  return device_and_build && enabled && (c.D == 64 || c.D == 128) && !c.varlen && c.dropout == 0.f && !c.alibi &&
-         c.softcap == 0.f && c.wl < 0 && (c.causal || c.wr < 0) && c.sk > 0;
+  return device_and_build && enabled && (c.D == 64 || c.D == 128) && !c.varlen && !c.alibi && c.softcap == 0.f &&
+         c.wl < 0 && (c.causal || c.wr < 0) && c.sk > 0;
+}
+// Dropout on the Hopper kernels: FLASHATTN_HOPPER_DROPOUT=1.
+bool hopper_dropout() {
+  const char* env = std::getenv("FLASHATTN_HOPPER_DROPOUT");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+// Whether the Hopper forward should take it: dropout only under FLASHATTN_HOPPER_DROPOUT=1 and without
+// the mask output.
+bool hopper_expected(const Case& c) {
+  return hopper_scope(c) && (c.dropout == 0.f || (hopper_dropout() && !c.dropout_mask));
 }
 // Whether the Hopper backward should take it (flash/hopper/flash_bwd_hopper.h): the forward's scope,
+// dropout under FLASHATTN_HOPPER_DROPOUT=1 (mask or not: the backward regenerates the decisions),
 // not deterministic, seqlen_q > 0, and FLASHATTN_HOPPER_BWD not "0".
 bool hopper_bwd_expected(const Case& c) {
   const char* env = std::getenv("FLASHATTN_HOPPER_BWD");
   const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
-  return enabled && hopper_expected(c) && !c.deterministic && c.sq > 0;
+  return enabled && hopper_scope(c) && (c.dropout == 0.f || hopper_dropout()) && !c.deterministic && c.sq > 0;
 }
 
 struct Err {
@@ -220,7 +235,7 @@ bool run_case(const Case& c, bool verbose) {
   int32_t *dcuq = nullptr, *dcuk = nullptr;
   uint8_t* dmask = nullptr;
   const size_t mask_bytes = size_t(B) * H * c.sq * c.sk;
-  if (c.dropout > 0 && !c.varlen) {
+  if (c.dropout > 0 && c.dropout_mask && !c.varlen) {
     dmask = static_cast<uint8_t*>(dalloc(mask_bytes));
     CK(cudaMemset(dmask, 0, mask_bytes));
   }
@@ -315,6 +330,8 @@ bool run_case(const Case& c, bool verbose) {
   std::vector<double> lse_ref(size_t(B) * H * maxq, 0);
   const double rp = c.dropout > 0 ? 1.0 / (1.0 - c.dropout) : 1.0;
   const bool bf = c.bf16;
+  const uint32_t keep_threshold = flashattn::flash::dropout_threshold(c.dropout);
+  std::atomic<int64_t> mask_mismatches{0};  // returned mask bytes != the stream's decision where visible, else 0
   parallel_for(B * H, [&](int bh) {
     const int b = bh / H, h = bh % H, hk = h / (H / Hk);
     const int sq = c.varlen ? lq[b] : c.sq, sk = c.varlen ? lk[b] : c.sk, diag = sk - sq;
@@ -324,6 +341,8 @@ bool run_case(const Case& c, bool verbose) {
     auto V = [&](int j, int d) { return v[((cuk[b] + int64_t(j)) * Hk + hk) * D + d]; };
     auto DO = [&](int i, int d) { return dO[((cuq[b] + int64_t(i)) * H + h) * D + d]; };
     std::vector<double> P(size_t(sq) * sk), Z(size_t(sq) * sk, 1.0), TH(size_t(sq) * sk, 0.0);
+    const flashattn::flash::Dropout drop(seed, offset, bh, keep_threshold);  // positions inside the sequence (varlen too)
+    int64_t mismatches = 0;
     for (int i = 0; i < sq; ++i) {
       double mx = -INFINITY;
       for (int j = 0; j < sk; ++j) {
@@ -338,7 +357,11 @@ bool run_case(const Case& c, bool verbose) {
         const bool vis = (wr < 0 || j <= i + diag + wr) && (wl < 0 || j >= i + diag - wl);
         P[size_t(i) * sk + j] = vis ? x : -INFINITY;
         mx = std::max(mx, P[size_t(i) * sk + j]);
-        if (c.dropout > 0) Z[size_t(i) * sk + j] = mask[((size_t(b) * H + h) * c.sq + i) * c.sk + j] ? 1.0 : 0.0;
+        if (c.dropout > 0) {
+          const bool keep = drop.keep1(i, j);
+          Z[size_t(i) * sk + j] = keep ? 1.0 : 0.0;
+          if (dmask) mismatches += mask[((size_t(b) * H + h) * c.sq + i) * c.sk + j] != uint8_t(keep && vis);
+        }
       }
       double l = 0;
       for (int j = 0; j < sk; ++j) {
@@ -366,6 +389,7 @@ bool run_case(const Case& c, bool verbose) {
         o_low[idx] = rnd(al[d], bf);
       }
     }
+    mask_mismatches += mismatches;
     if (c.fwd_only) return;
     // Backward.
     std::vector<double> dS(size_t(sq) * sk), dSl(size_t(sq) * sk);
@@ -450,17 +474,19 @@ bool run_case(const Case& c, bool verbose) {
         }
       }
   lse_ok = lse_ok && lse_err <= 1e-3;
-  const bool ok =
-      eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && path_ok && bwd_path_ok;
+  const bool mask_ok = mask_mismatches == 0;
+  const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && mask_ok &&
+                  path_ok && bwd_path_ok;
   // Each error pair: the kernel's max error against float64, then the low-precision reference's; the
   // bound is 2x the second + 1e-4 + 1e-3 max|ref| (a failing output is marked with (!)).
   auto mark = [](const Err& e) { return e.ok() ? "" : "(!)"; };
   std::printf("%s %-46s [%s] bwd:%s out %.2e %.2e%s | lse %.1e%s | dq %.2e %.2e%s | dk %.2e %.2e%s | dv %.2e "
-              "%.2e%s%s%s%s%s\n",
+              "%.2e%s%s%s%s%s%s\n",
               ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), bwd_path.c_str(), eo.err, eo.ref_err, mark(eo),
               lse_err, lse_ok ? "" : "(!)", eq.err, eq.ref_err, mark(eq), ek.err, ek.ref_err, mark(ek), ev.err,
               ev.ref_err, mark(ev), pad_ok ? "" : " | wrote into row padding",
               deterministic_ok ? "" : " | not deterministic",
+              mask_ok ? "" : " | dropout mask differs from the stream (flash/dropout.cuh)",
               path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"),
               bwd_path_ok           ? ""
               : hopper_bwd_expected(c) ? " | expected the hopper backward"
@@ -601,6 +627,32 @@ std::vector<Case> cases() {
           c.name = name(c, l.tag);
           v.push_back(c);
         }
+  // Dropout on the Hopper kernels under FLASHATTN_HOPPER_DROPOUT=1 (otherwise on sm_80's): no mask asked
+  // for, so that the forward takes them too, its decisions checked through the outputs against the
+  // stream's; both dtypes and head dims, causal or not, partial tiles, seqlen_q != seqlen_k both ways
+  // (causal rows that see no key), GQA; then GPT-2's rate on 5 x 21 heads (several tiles a CTA of the
+  // persistent grids; under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 a tile's first decisions are made
+  // behind its S issued in the tile before). The masked cases above run the sm_80 forward and, under the switch, the Hopper
+  // backward on its mask: both paths' decisions in one case.
+  const int drop_lens[][4] = {{200, 200, 2, 2}, {97, 1025, 4, 2}, {1025, 300, 4, 2}};  // sq, sk, H, Hk
+  for (auto& l : drop_lens)
+    for (int d : {64, 128})
+      for (int bf16 = 1; bf16 >= 0; --bf16)
+        for (int causal = 0; causal < 2; ++causal) {
+          Case c;
+          c.D = d, c.bf16 = bf16, c.causal = causal, c.sq = l[0], c.sk = l[1], c.H = l[2], c.Hk = l[3];
+          c.dropout = 0.17f, c.dropout_mask = false;
+          c.name = name(c, " dropout0.17 hdrop");
+          v.push_back(c);
+        }
+  for (int d : {64, 128})
+    for (int causal = 0; causal < 2; ++causal) {
+      Case c;
+      c.D = d, c.causal = causal, c.B = 5, c.sq = 300, c.sk = 300, c.H = 21, c.Hk = 7;
+      c.dropout = 0.1f, c.dropout_mask = false;
+      c.name = name(c, " dropout0.1 hdrop b5");
+      v.push_back(c);
+    }
   // An odd count of (batch, head)s, 5 x 21 (the persistent grids' last head pairs its own two ends, see
   // persistent_unit), GQA 3:1, 315 tiles (query or key blocks of 128) in both directions: a whole round
   // of 2 x 132 tiles and a partial one; at d64 without a mask 210 forward tiles of 192 rows.

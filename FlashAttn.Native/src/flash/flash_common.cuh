@@ -76,9 +76,5 @@ struct ScoreMod {
   }
 };
 
-__device__ __forceinline__ uint32_t dropout_threshold(float p) {
-  return uint32_t(fmin((1.0 - double(p)) * 4294967296.0, 4294967295.0));
-}
-
 }  // namespace flash
 }  // namespace flashattn

@@ -20,7 +20,8 @@ namespace hopper {
 namespace {
 
 bool covers(const FlashBwdParams& p) {
-  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && p.dropout_p == 0.f &&
+  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr &&
+         (p.dropout_p == 0.f || dropout_enabled()) &&
          p.alibi_slopes == nullptr && p.softcap == 0.f && p.window_left < 0 && p.window_right <= 0 &&
          !p.deterministic && p.seqlen_q > 0 && p.seqlen_k > 0 && p.softmax_scale > 0.f &&
          std::isfinite(p.softmax_scale) && (p.nheads == p.nheads_k || p.dk_accum != nullptr);
@@ -31,8 +32,10 @@ bool covers(const FlashBwdParams& p) {
 // atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "dqfirst" (dqtma with dQ's
 // product before dV's and dK's), "persistent" (dqfirst on a persistent grid): each adds one change to
 // the one before, so that the bench measures each change alone. Otherwise persistent, the fastest at
-// every bench shape on the H200 (benchmarks/RESULTS.md).
-BwdVariant bwd_variant() {
+// every bench shape on the H200 (benchmarks/RESULTS.md). Dropout: persistent always, whatever is
+// forced (the only variant compiled with dropout).
+BwdVariant bwd_variant(const FlashBwdParams& p) {
+  if (p.dropout_p > 0.f) return BwdVariant::kPersistent;
   static const BwdVariant variant = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_BWD_VARIANT");
     if (v != nullptr && std::strcmp(v, "dqtma") == 0) return BwdVariant::kDqTma;
@@ -67,7 +70,7 @@ FlashAttnStatus run_bwd(const FlashBwdParams& p, cudaStream_t stream, const char
   using Tr128 = BwdTraits<128, __half>;
   const int box_m = p.headdim == 64 ? Tr64::kBlockM : Tr128::kBlockM;
   static_assert(Tr64::kBoxCols == Tr128::kBoxCols && Tr64::kBlockN == Tr128::kBlockN, "one K/V box");
-  const BwdVariant variant = bwd_variant();
+  const BwdVariant variant = bwd_variant(p);
   BwdTensorMaps maps{};
   bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,

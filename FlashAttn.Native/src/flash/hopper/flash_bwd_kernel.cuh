@@ -35,11 +35,15 @@
 // cores run dV and dK, the stage released after them; kPersistent (with kDqTma) runs a grid of at
 // most one CTA per SM, each looping over work tiles (key block, head, batch; persistent_bwd_tile),
 // the producer loading the next tile's K and V as soon as the consumers are done with the last one's.
+// kDropout regenerates the forward's decisions (the sm_80 kernels' Philox stream, flash/dropout.cuh)
+// for the elements of S^T while S^T and dP^T run, then, as the sm_80 backward, with Z the mask:
+// dS^T = P^T (dP^T Z / (1 - p) - dsum) and dV += (P^T Z / (1 - p)) dO.
 #pragma once
 
 #include <climits>
 #include <cmath>
 
+#include "flash/dropout.cuh"
 #include "flash/flash_bwd_kernel.cuh"  // atomic_add4 (no kernel of it is instantiated here)
 #include "flash/flash_common.cuh"
 #include "flash/hopper/kernel_traits.h"
@@ -62,7 +66,7 @@ __device__ __forceinline__ void persistent_bwd_tile(int t, int grid, int total, 
   *h = hb - *b * nheads;
 }
 
-template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst>
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst, bool kDropout>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
@@ -245,6 +249,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                              desc_do + (((ks / 4) * kQChunkBytes + (ks % 4) * 32) >> 4), ks > 0 ? 1u : 0u);
           wgmma_commit();
         }
+        // kDropout: the decisions of this block's elements of S^T (rows keys key0 + 16 warp + g, + 8;
+        // columns queries m0 + 2 t + ...; Dropout::keep_bits), two words at d64, one at d128, made while
+        // S^T and dP^T run (ptxas places them under dP^T, with the exponentials). Other places spilled
+        // more at both head dims (hopper/NOTES.md, "Dropout").
+        uint32_t keep[kDropout ? NS / 32 : 1];
+        if constexpr (kDropout) {
+          const Dropout drop(p.seed, p.offset, b * p.nheads + h, p.dropout_threshold);
+          drop.keep_bits<NS, true>(key0 + 16 * warp + g, m0 + 2 * t, keep);
+        }
         wgmma_wait<1>();
         reg_fence(s);
 
@@ -270,7 +283,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int j = 0; j < NS / 4; ++j) {
           const float2 d2 = *reinterpret_cast<const float2*>(dsum + 8 * j + 2 * t);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? d2.y : d2.x));
+          for (int e = 0; e < 4; ++e) {
+            const int i = 4 * j + e;
+            if constexpr (kDropout) {
+              // The sm_80 backward's expressions: dP Z / (1 - p) in dS, P Z / (1 - p) for dV.
+              const float rp = 1.f / (1.f - p.dropout_p);
+              const bool kept = (keep[i / 32] >> (i % 32)) & 1u;
+              dp[i] = s[i] * ((kept ? dp[i] * rp : 0.f) - (e % 2 ? d2.y : d2.x));
+              s[i] = kept ? s[i] * rp : 0.f;
+            } else {
+              dp[i] = s[i] * (dp[i] - (e % 2 ? d2.y : d2.x));
+            }
+          }
         }
 #pragma unroll
         for (int q = 0; q < NS / 2; ++q) {

@@ -13,13 +13,13 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// One kernel (traits Tr, dQ through the TMA or not, persistent or not, dQ's product first or not)
-// over its grid: (key block, head, batch), or at most one CTA per SM (flash_bwd_kernel.cuh:
-// persistent_bwd_tile).
-template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst>
+// One kernel (traits Tr, dQ through the TMA or not, persistent or not, dQ's product first or not,
+// dropout or not) over its grid: (key block, head, batch), or at most one CTA per SM
+// (flash_bwd_kernel.cuh: persistent_bwd_tile).
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst, bool kDropout = false>
 FlashAttnStatus launch_bwd_kernel(const BwdTensorMaps& maps, const BwdKernelParams& kp, int batch, int sms,
                                   cudaStream_t stream, const char* function) {
-  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst>;
+  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst, kDropout>;
   constexpr int kSmem = kDqTma ? Tr::kSmemBytesDqTma : Tr::kSmemBytes;
   // The shared-memory opt-in is per device and per kernel: set once for each device.
   static std::atomic<uint64_t> configured{0};
@@ -71,6 +71,10 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   kp.causal = p.window_right == 0 ? 1 : 0;
   kp.n_blocks = int((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN);
   kp.total_tiles = kp.n_blocks * int(p.nheads) * int(p.batch);
+  kp.dropout_p = p.dropout_p;
+  kp.dropout_threshold = dropout_threshold(p.dropout_p);
+  kp.seed = p.seed;
+  kp.offset = p.offset;
   const int batch = int(p.batch);
   switch (variant) {
     case BwdVariant::kDqTma:
@@ -78,6 +82,8 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
     case BwdVariant::kDqFirst:
       return launch_bwd_kernel<Tr, true, false, true>(maps, kp, batch, sms, stream, function);
     case BwdVariant::kPersistent:
+      // Dropout has this variant alone (bwd_variant), the one kernel with the decisions compiled in.
+      if (p.dropout_p > 0.f) return launch_bwd_kernel<Tr, true, true, true, true>(maps, kp, batch, sms, stream, function);
       return launch_bwd_kernel<Tr, true, true, true>(maps, kp, batch, sms, stream, function);
     default:
       return launch_bwd_kernel<Tr, false, false, false>(maps, kp, batch, sms, stream, function);

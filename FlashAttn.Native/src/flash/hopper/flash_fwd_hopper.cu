@@ -19,8 +19,11 @@ namespace hopper {
 
 namespace {
 
+// Dropout without the mask output (return_dropout_mask, for tests, stays on the sm_80 kernels, which
+// write it), when dropout_enabled().
 bool covers(const FlashFwdParams& p) {
-  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && p.dropout_p == 0.f &&
+  const bool dropout_ok = p.dropout_p == 0.f || (p.dropout_mask == nullptr && dropout_enabled());
+  return (p.headdim == 64 || p.headdim == 128) && p.cu_seqlens_q == nullptr && dropout_ok &&
          p.alibi_slopes == nullptr && p.softcap == 0.f && p.window_left < 0 && p.window_right <= 0 &&
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
@@ -33,7 +36,9 @@ bool covers(const FlashFwdParams& p) {
 // (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
 // for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the persistent grid elsewhere
 // (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237); persistent192 is the slowest
-// at d64 causal (272), its skipped diagonal tiles unbalancing the larger blocks.
+// at d64 causal (272), its skipped diagonal tiles unbalancing the larger blocks. Dropout: persistent,
+// or persistent2 when forced, whatever else is forced (the variants compiled with dropout; 240
+// registers a consumer thread leave room for the decisions, persistent192's 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
@@ -45,6 +50,8 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
     if (std::strcmp(v, "persistent2") == 0) return int(FwdVariant::kPersistent2);
     return int(FwdVariant::kPingpong);
   }();
+  if (p.dropout_p > 0.f)
+    return forced == int(FwdVariant::kPersistent2) ? FwdVariant::kPersistent2 : FwdVariant::kPersistent;
   if (forced >= 0) return FwdVariant(forced);
   const bool causal = p.window_right == 0;
   return p.headdim == 64 && !causal ? FwdVariant::kPersistent192 : FwdVariant::kPersistent;

@@ -20,11 +20,15 @@
 // the end, the causal diagonal) come first; causal skips the tiles entirely above the diagonal.
 // With kPersistent the grid has at most one CTA per SM, each looping over work tiles (query block,
 // head, batch), the ring of K and V buffers and the warpgroups' turns continuing across them.
+// With kDropout, P is dropped after the row maxima and sums (the LSE is the undropped softmax's)
+// by the sm_80 kernels' Philox stream (flash/dropout.cuh: the same elements for a seed and offset),
+// and the output scaled by 1 / (1 - p); the decisions of a key block are made while its S runs.
 #pragma once
 
 #include <climits>
 #include <cmath>
 
+#include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
 #include "flash/hopper/kernel_traits.h"
 #include "flash/hopper/sm90.cuh"
@@ -57,7 +61,9 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 // the output and LSE while the S runs, and waits for the S (wait_group 0) before the next
 // iteration, so every wgmma group is still waited for in the iteration that issued it. The next
 // tile then starts at its first softmax.
-template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false>
+// kDropout: the dropout of the file comment (with kTileOverlap, a tile's first decisions are made at
+// its start, its first S already complete).
+template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
@@ -252,11 +258,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < NS; ++i) s[i] = 0.f;
     for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
-      int m0;
+      int m0, bh;  // bh: the dropout stream's (batch, head), b * nheads + h
       {
         int m_block, h, b;  // h and b again for the epilogue: not held in registers through the loop
         tile_coords(tile, &m_block, &h, &b);
         m0 = m_block * BM;
+        bh = b * p.nheads + h;
       }
       const int n_tiles = key_blocks(m0);
       const int qb = q_loads % kQStages;
@@ -315,9 +322,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       };
 
-      // out = O / l; LSE = max * scale + log(l). A row that saw no key gets out = 0 and LSE = +inf
-      // (flash-attn's convention, as the sm_80 kernel). Touches o, never s (kTileOverlap: the next
-      // tile's first S may be in flight).
+      // out = O / l (times 1 / (1 - p) with dropout); LSE = max * scale + log(l). A row that saw no key
+      // gets out = 0 and LSE = +inf (flash-attn's convention, as the sm_80 kernel). Touches o, never s
+      // (kTileOverlap: the next tile's first S may be in flight).
       auto store_out = [&] {
         int m_block, h, b;
         tile_coords(tile, &m_block, &h, &b);
@@ -328,7 +335,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           l += __shfl_xor_sync(0xffffffffu, l, 1);
           l += __shfl_xor_sync(0xffffffffu, l, 2);
           const bool empty = l == 0.f || row_max[r] == -INFINITY;
-          const float inv = empty ? 0.f : 1.f / l;
+          float inv;
+          if constexpr (kDropout) inv = empty ? 0.f : (1.f / (1.f - p.dropout_p)) / l;
+          else inv = empty ? 0.f : 1.f / l;
           const int row = row0 + 8 * r;
           if (row < p.seqlen_q) {
             T* orow = out + int64_t(row) * p.out_row_stride;
@@ -343,6 +352,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
         }
       };
+      // kDropout: the decisions of key block it's elements of s (Dropout::keep_bits: rows are queries row0,
+      // row0 + 8, columns keys n0 + 2 t + ...), made after its S is issued, in registers no product writes;
+      // applied to the probabilities after the softmax has summed them. With kTileOverlap a tile's first
+      // S was issued in the tile before, and its decisions are made here, under none of this warpgroup's
+      // products: made there, behind the S beside the last P V's registers, they would spill at d128.
+      uint32_t keep[kDropout ? NS / 32 : 1];
+      auto dropout_bits = [&](int it) {
+        if constexpr (kDropout) {
+          const Dropout drop(p.seed, p.offset, bh, p.dropout_threshold);
+          drop.keep_bits<NS, false>(row0, (n_tiles - 1 - it) * BN + 2 * t, keep);
+        }
+      };
+      auto drop_p = [&] {
+        if constexpr (kDropout) {
+#pragma unroll
+          for (int i = 0; i < NS; ++i) s[i] = (keep[i / 32] >> (i % 32)) & 1u ? s[i] : 0.f;
+        }
+      };
 
       if (n_tiles > 0) {
         // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
@@ -353,11 +380,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           take_turn();
           qk(kv, qb);
           pass_turn();
+          dropout_bits(0);
           wgmma_wait<0>();
           reg_fence(s);
+        } else {
+          dropout_bits(0);  // its S, issued in the tile before, is complete
         }
         release_k(0);
         softmax(0);
+        drop_p();
         pack_p();
         for (int it = 1; it < n_tiles; ++it) {
           wait_k(kv + it);
@@ -366,10 +397,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           rescale_o();  // by block it - 1's maxima, before its P V joins O
           pv(kv + it - 1);
           pass_turn();
+          dropout_bits(it);
           wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
           reg_fence(s);
           release_k(it);
           softmax(it);  // touches s, never o or pk, which the P V in flight uses
+          drop_p();
           wgmma_wait<0>();
           reg_fence(o);
           reg_fence(pk);

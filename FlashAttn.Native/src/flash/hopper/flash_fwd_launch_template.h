@@ -9,6 +9,7 @@
 
 #include "common/cuda_check.cuh"
 #include "common/device.h"
+#include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
@@ -16,13 +17,13 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-// One kernel (traits Tr, ping-pong or not, persistent or not, its tiles overlapped or not) launched
-// over its grid: (query block, head, batch), or one CTA per SM at most (flash_fwd_kernel.cuh:
-// persistent_tile).
-template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false>
+// One kernel (traits Tr, ping-pong or not, persistent or not, its tiles overlapped or not, dropout or
+// not) launched over its grid: (query block, head, batch), or one CTA per SM at most
+// (flash_fwd_kernel.cuh: persistent_tile).
+template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
 FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdKernelParams kp,
                                   int device, cudaStream_t stream, const char* function) {
-  auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong, kPersistent, kTileOverlap>;
+  auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong, kPersistent, kTileOverlap, kDropout>;
   // The dynamic shared-memory limit is a per-device attribute of the kernel: raised at the first
   // launch on each device (bit `device`), not at every call.
   static std::atomic<uint64_t> raised{0};
@@ -63,6 +64,10 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.heads_per_khead = int(p.nheads / p.nheads_k);
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
+  kp.dropout_p = p.dropout_p;
+  kp.dropout_threshold = dropout_threshold(p.dropout_p);
+  kp.seed = p.seed;
+  kp.offset = p.offset;
   constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);
   switch (variant) {
     case FwdVariant::kOverlap:
@@ -70,10 +75,17 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
     case FwdVariant::kRows192:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, false>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent:
+      // Dropout has this variant and persistent2 alone (fwd_variant), the kernels with the decisions compiled in.
+      if (p.dropout_p > 0.f)
+        return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true, false, true>(p, maps, kp, device, stream,
+                                                                                    function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent192:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent2:
+      if (p.dropout_p > 0.f)
+        return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2>, true, true, true, true>(p, maps, kp, device, stream,
+                                                                                           function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2>, true, true, true>(p, maps, kp, device, stream,
                                                                                    function);
     default:

@@ -72,6 +72,10 @@ struct FwdKernelParams {
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
   int m_blocks;      // query blocks of a (batch, head)
   int total_tiles;   // m_blocks * nheads * batch: the persistent kernel's work tiles
+  // Dropout (the kDropout kernel alone): the sm_80 kernels' stream (flash/dropout.cuh).
+  float dropout_p;
+  uint32_t dropout_threshold;  // dropout_threshold(dropout_p)
+  uint64_t seed, offset;
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
@@ -192,6 +196,10 @@ struct BwdKernelParams {
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
   int n_blocks;      // key blocks of a (batch, head)
   int total_tiles;   // n_blocks * nheads * batch: the persistent kernel's work tiles
+  // Dropout (the kDropout kernel alone), as FwdKernelParams.
+  float dropout_p;
+  uint32_t dropout_threshold;
+  uint64_t seed, offset;
 };
 
 // Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps; and,
