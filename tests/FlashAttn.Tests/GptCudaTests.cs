@@ -29,10 +29,13 @@ public sealed class GptCudaTests
         return m;
     }
 
-    [TestCase(256, 4, 0.0)]
-    [TestCase(512, 4, 0.0)]
-    [TestCase(256, 4, 0.5)]
-    public void FusedBf16_MatchesPlainWithinTheReferenceRule(long nEmbd, long nHead, double rotary)
+    // lossGrad: the fused model's loss as the trainer calls it (loss_grad, the gradient its backward then receives): the
+    // cross-entropy's gradient computed in the forward by FlashAttn_cross_entropy_fwd_bwd, the backward's rescale a no-op
+    [TestCase(256, 4, 0.0, false)]
+    [TestCase(512, 4, 0.0, false)]
+    [TestCase(256, 4, 0.5, false)]
+    [TestCase(256, 4, 0.0, true)]
+    public void FusedBf16_MatchesPlainWithinTheReferenceRule(long nEmbd, long nHead, double rotary, bool lossGrad)
     {
         var dev = Gpu.Require();
         var c = Config(nEmbd, nHead, rotary);
@@ -56,7 +59,9 @@ public sealed class GptCudaTests
         Tolerance.AssertClose(ModelLoss.Rows(lf.view(-1, 1000), flat, fused: true),
             ModelLoss.Rows(lp.view(-1, 1000), flat, fused: false),
             ModelLoss.Rows(le.view(-1, 1000), flat, fused: false), "per-token loss", factor: 3);
-        var losses = new[] { fused.loss(ids, labels), plain.loss(ids, labels), exact.loss(ids, labels) };
+        var fusedLoss = lossGrad ? fused.loss(ids, labels, loss_grad: ones(Array.Empty<long>(), ScalarType.Float32, dev))
+                                 : fused.loss(ids, labels);
+        var losses = new[] { fusedLoss, plain.loss(ids, labels), exact.loss(ids, labels) };
         foreach (var l in losses) l.backward();
         var gp = plain.named_parameters().ToDictionary(np => np.name, np => np.parameter.grad!);
         var ge = exact.named_parameters().ToDictionary(np => np.name, np => np.parameter.grad!);
