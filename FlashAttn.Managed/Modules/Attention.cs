@@ -213,7 +213,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         // SDPA (the dispatch's, or PlainAttention's) takes no scale: fold it into the projection for that path only
         bool viaSdpa = cache is null && (_useFlash
             ? flash_attn.GoesToSdpa(x, B, S, Sk, H, Hk, D, p, _causal, _window, 0, _alibiSlopes, _deterministic)
-            : PlainUsesSdpa);
+            : PlainUsesSdpa(S, Sk));
         double? scale = viaSdpa && _qFold is not null ? null : _softmaxScale;
         Tensor ProjectQ(Linear layer) => viaSdpa ? QFold(layer, x) : Linear(layer, x);
 
@@ -257,16 +257,20 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
         return Linear(out_proj, o.reshape(B, S, H * D));
     }
 
-    // PlainAttention's SDPA cases: no GQA, window or ALiBi (the reference computes those)
-    private bool PlainUsesSdpa => num_heads == num_heads_kv && _alibiSlopes is null && !(_window is { } w && (w.Item1 >= 0 || w.Item2 >= 0));
+    // PlainAttention's SDPA cases: no GQA, window or ALiBi, and no causal query that sees no key (seqlen_q > seqlen_k:
+    // a row SDPA's explicit mask leaves empty, whose output libtorch's CUDA backends need not make the 0 of ours); the
+    // reference computes those
+    private bool PlainUsesSdpa(long seqlenQ, long seqlenK) =>
+        num_heads == num_heads_kv && _alibiSlopes is null && !(_window is { } w && (w.Item1 >= 0 || w.Item2 >= 0)) &&
+        !(_causal && seqlenQ > seqlenK);
 
     // TorchSharp's SDPA takes (B, H, S, D) and always scales by 1/sqrt(D), the scale q comes with (QFold). Its causal mask
-    // is aligned top-left, so with seqlen_q < seqlen_k the bottom-right mask is passed explicitly. GQA, a window and ALiBi
-    // it cannot express: those take the reference, at the given scale.
+    // is aligned top-left, so with seqlen_q < seqlen_k the bottom-right mask is passed explicitly. GQA, a window, ALiBi
+    // and causal rows without keys take the reference, at the given scale.
     private Tensor PlainAttention(Tensor q, Tensor k, Tensor v, double p, double? scale)
     {
-        if (!PlainUsesSdpa) return Reference.attention(q, k, v, scale, _causal, _window, 0, _alibiSlopes, p).output;
         long Sq = q.size(1), Sk = k.size(1);
+        if (!PlainUsesSdpa(Sq, Sk)) return Reference.attention(q, k, v, scale, _causal, _window, 0, _alibiSlopes, p).output;
         Tensor? mask = null;
         bool isCausal = false;
         if (_causal && Sq == Sk) isCausal = true;

@@ -357,6 +357,27 @@ public sealed class FlashAttentionCudaTests
         for (int i = 0; i < ours.Length; i++) Tolerance.AssertClose(ours[i], low[i], high[i], names[i]);
     }
 
+    /// <summary>Causal cross-attention with more queries than keys: the first queries see no key (bottom-right), and the
+    /// plain MHA (use_flash_attn: false) gives them 0 as our kernels do, never NaN, forward and backward.</summary>
+    [Test]
+    public void PlainMhaGivesZeroToCausalQueriesWithoutKeys()
+    {
+        var dev = Gpu.Require();
+        MHA Make(bool flash) => new(128, 2, cross_attn: true, causal: true, use_flash_attn: flash, device: dev, dtype: ScalarType.BFloat16);
+        using var plain = Make(false);
+        using var flash = Make(true);
+        CopyWeights(plain, flash);
+        var x = randn(2, 97, 128, dtype: ScalarType.BFloat16, device: dev);
+        var xKv = randn(2, 40, 128, dtype: ScalarType.BFloat16, device: dev).requires_grad_(true);
+        var y = plain.forward(x, xKv);
+        y.sum().backward();
+        Assert.That(y.isfinite().all().item<bool>() && xKv.grad!.isfinite().all().item<bool>(), Is.True);
+        using var _ = no_grad();
+        // rows 0..56 see no key: attention gives 0, so the output is out_proj's bias alone, as on our kernels
+        var expected = flash.forward(x, xKv.detach());
+        Assert.That(y.detach().slice(1, 0, 57, 1).to(ScalarType.Float32).allclose(expected.slice(1, 0, 57, 1).to(ScalarType.Float32)), Is.True);
+    }
+
     // Same values into another dtype (load_state_dict wants equal dtypes).
     internal static void CopyWeights(nn.Module from, nn.Module to)
     {
