@@ -1,3 +1,4 @@
+using FlashAttn.Interop;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -24,6 +25,8 @@ public static partial class Reference
     {
         using var scope = NewDisposeScope();
         using var _ = no_grad();
+        using var scalars = new ScalarScope();  // every double argument below, freed now rather than by the finalizer
+        Scalar S(double value) => scalars.Of(value);
         var grads = new Tensor[tensors.Count];
         var squares = new List<Tensor>();
         for (int i = 0; i < tensors.Count; i++)
@@ -41,7 +44,7 @@ public static partial class Reference
         gradNorm.copy_(norm);
         // finite as the kernel decides it: the float32 norm
         var finite = gradNorm.isfinite().item<bool>();
-        foundInf.fill_(finite ? 0 : 1);
+        foundInf.fill_(S(finite ? 0 : 1));
         if (!finite) return false;
         for (int i = 0; i < tensors.Count; i++)
         {
@@ -52,17 +55,17 @@ public static partial class Reference
             {
                 // torch's clip_grad_norm_: min(1, max_norm / (norm + 1e-6)), in the state's dtype
                 var n = ct == ScalarType.Float64 ? norm : gradNorm;
-                g = g * (full_like(n, maxNorm) / (n + 1e-6)).clamp_max(1.0);
+                g = g * (full_like(n, S(maxNorm)) / (n + S(1e-6))).clamp_max(S(1.0));
             }
             double step = t.Steps + 1;
             var w = t.Master ?? (t.Param.dtype == ct ? t.Param : t.Param.to(ct));
-            w.mul_(1 - t.Lr * t.WeightDecay);
-            t.ExpAvg.mul_(t.Beta1).add_(g, alpha: 1 - t.Beta1);
-            t.ExpAvgSq.mul_(t.Beta2).addcmul_(g, g, value: 1 - t.Beta2);
-            var denom = (t.ExpAvgSq.sqrt() / Math.Sqrt(1 - Math.Pow(t.Beta2, step))).add_(t.Eps);
-            w.addcdiv_(t.ExpAvg, denom, value: -t.Lr / (1 - Math.Pow(t.Beta1, step)));
+            w.mul_(S(1 - t.Lr * t.WeightDecay));
+            t.ExpAvg.mul_(S(t.Beta1)).add_(g, alpha: S(1 - t.Beta1));
+            t.ExpAvgSq.mul_(S(t.Beta2)).addcmul_(g, g, value: S(1 - t.Beta2));
+            var denom = (t.ExpAvgSq.sqrt() / S(Math.Sqrt(1 - Math.Pow(t.Beta2, step)))).add_(S(t.Eps));
+            w.addcdiv_(t.ExpAvg, denom, value: S(-t.Lr / (1 - Math.Pow(t.Beta1, step))));
             if (!ReferenceEquals(w, t.Param)) t.Param.copy_(w);
-            t.Step.add_(1);
+            t.Step.add_(S(1));
         }
         return true;
     }

@@ -1,5 +1,6 @@
 using NUnit.Framework;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
@@ -63,5 +64,32 @@ public sealed class LifetimeTests
             Assert.That(stats.ThreadTotalLiveCount - live, Is.EqualTo(0),
                 $"{op} ({(onlyX ? "autograd.grad" : "backward")}): tensors alive after 3 steps beyond the first: {stats}");
         }
+    }
+
+    /// <summary>
+    /// FusedAdamW's CPU path leaves nothing per parameter to the finalizer. TorchSharp turns each double argument into a
+    /// Scalar that no dispose scope frees; the reference step made a dozen per parameter, which the main job's heap could
+    /// not reuse until a garbage collection ran (about 20 MB a step, the run's peak memory 1.9 GB instead of ~1 GB).
+    /// Counted as the objects a full collection finds waiting for finalization after a few steps; what TorchSharp itself
+    /// leaves (its pinned argument arrays) does not grow with the number of parameters.
+    /// </summary>
+    [Test]
+    public void FusedAdamWLeavesNothingPerParameterToTheFinalizer()
+    {
+        manual_seed(0);
+        const int parameters = 32, steps = 4;
+        var ps = Enumerable.Range(0, parameters).Select(i => new Parameter(randn(3 + i))).ToArray();
+        foreach (var p in ps) p.grad = randn_like(p);
+        using var opt = new FusedAdamW(ps, weight_decay: 0.1, max_norm: 1.0);
+        opt.step(); // first use: lazily created state
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        GC.Collect();
+        for (int i = 0; i < steps; i++) opt.step();
+        GC.Collect();
+        long waiting = GC.GetGCMemoryInfo().FinalizationPendingCount;
+        GC.WaitForPendingFinalizers();
+        Assert.That(waiting, Is.LessThan(steps * parameters / 4),
+            $"{waiting} objects waiting for finalization after {steps} steps over {parameters} parameters");
     }
 }
