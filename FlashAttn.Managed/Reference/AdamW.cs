@@ -27,6 +27,7 @@ public static partial class Reference
         using var _ = no_grad();
         using var scalars = new ScalarScope();  // every double argument below, freed now rather than by the finalizer
         Scalar S(double value) => scalars.Of(value);
+        var one = S(1);  // the alpha of add_(Scalar), which TorchSharp would otherwise make and leave to the finalizer
         var grads = new Tensor[tensors.Count];
         var squares = new List<Tensor>();
         for (int i = 0; i < tensors.Count; i++)
@@ -55,17 +56,17 @@ public static partial class Reference
             {
                 // torch's clip_grad_norm_: min(1, max_norm / (norm + 1e-6)), in the state's dtype
                 var n = ct == ScalarType.Float64 ? norm : gradNorm;
-                g = g * (full_like(n, S(maxNorm)) / (n + S(1e-6))).clamp_max(S(1.0));
+                g = g * (full_like(n, S(maxNorm)) / n.add(S(1e-6), one)).clamp_max(S(1.0));
             }
             double step = t.Steps + 1;
             var w = t.Master ?? (t.Param.dtype == ct ? t.Param : t.Param.to(ct));
             w.mul_(S(1 - t.Lr * t.WeightDecay));
             t.ExpAvg.mul_(S(t.Beta1)).add_(g, alpha: S(1 - t.Beta1));
             t.ExpAvgSq.mul_(S(t.Beta2)).addcmul_(g, g, value: S(1 - t.Beta2));
-            var denom = (t.ExpAvgSq.sqrt() / S(Math.Sqrt(1 - Math.Pow(t.Beta2, step)))).add_(S(t.Eps));
+            var denom = (t.ExpAvgSq.sqrt() / S(Math.Sqrt(1 - Math.Pow(t.Beta2, step)))).add_(S(t.Eps), one);
             w.addcdiv_(t.ExpAvg, denom, value: S(-t.Lr / (1 - Math.Pow(t.Beta1, step))));
             if (!ReferenceEquals(w, t.Param)) t.Param.copy_(w);
-            t.Step.add_(S(1));
+            t.Step.add_(one, one);
         }
         return true;
     }
