@@ -196,7 +196,8 @@ public static class SafeTensors
             foreach (var (_, t) in list)
             {
                 if (t.numel() == 0) continue;
-                using var c = t.detach().cpu().contiguous();
+                using var scope = NewDisposeScope();  // detach's tensor too (and cpu's copy of a device tensor), not only the last
+                var c = t.detach().cpu().contiguous();
                 fs.Write(c.bytes);
             }
         }

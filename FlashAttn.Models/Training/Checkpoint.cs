@@ -142,7 +142,8 @@ public static class Checkpoint
         w.Write(tensors.Count);
         foreach (var (name, t) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
         {
-            using var c = t.detach().cpu().contiguous();
+            using var scope = NewDisposeScope();  // detach's tensor too (and cpu's copy of a device tensor), not only the last
+            var c = t.detach().cpu().contiguous();
             w.Write(name);
             w.Write((int)c.dtype);
             w.Write((int)c.dim());

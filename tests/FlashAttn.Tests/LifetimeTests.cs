@@ -91,4 +91,29 @@ public sealed class LifetimeTests
         Assert.That(waiting, Is.LessThan(2 * steps * parameters),
             $"{waiting} objects waiting for finalization after {steps} steps over {parameters} parameters");
     }
+
+    /// <summary>
+    /// Writing a checkpoint or a safetensors file leaves no tensor wrapper alive: detach()'s tensor (and, for a device
+    /// tensor, cpu()'s host copy of it) were left to the finalizer, a few hundred wrappers per checkpoint of the main job
+    /// and on a GPU a host copy of the whole state.
+    /// </summary>
+    [Test]
+    public void SavingLeavesNoTensorAlive()
+    {
+        manual_seed(0);
+        var tensors = new Dictionary<string, Tensor>
+        {
+            ["a"] = randn(3, 5), ["b"] = randn(7).requires_grad_(true), ["c"] = randn(4, 6).t(),
+        };
+        var dir = Directory.CreateTempSubdirectory("flashattn-lifetime-").FullName;
+        try
+        {
+            var stats = DisposeScopeManager.Statistics;
+            long live = stats.ThreadTotalLiveCount;
+            FlashAttn.Models.Training.Checkpoint.WriteTensors(Path.Combine(dir, "state.bin"), tensors);
+            FlashAttn.Models.SafeTensors.Save(Path.Combine(dir, "model.safetensors"), tensors);
+            Assert.That(stats.ThreadTotalLiveCount - live, Is.EqualTo(0), $"tensors alive after saving: {stats}");
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
 }
