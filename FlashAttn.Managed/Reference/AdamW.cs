@@ -27,7 +27,7 @@ public static partial class Reference
         using var _ = no_grad();
         using var scalars = new ScalarScope();  // every double argument below, freed now rather than by the finalizer
         Scalar S(double value) => scalars.Of(value);
-        var one = S(1);  // the alpha of add_(Scalar), which TorchSharp would otherwise make and leave to the finalizer
+        var one = S(1);  // add's alpha, which TorchSharp would otherwise make (and leave to the finalizer) at each call
         var grads = new Tensor[tensors.Count];
         var squares = new List<Tensor>();
         for (int i = 0; i < tensors.Count; i++)
@@ -35,10 +35,10 @@ public static partial class Reference
             var t = tensors[i];
             var ct = t.ExpAvg.dtype;
             var g = t.Grad?.to(ct) ?? zeros_like(t.ExpAvg);
-            if (t.GradSum is not null) g = g + t.GradSum;
+            if (t.GradSum is not null) g = g.add(t.GradSum, one);
             if (gradScale is not null) g = g * gradScale.to(ct).reciprocal();
             grads[i] = g;
-            squares.Add(g.square().sum().to(ScalarType.Float64));
+            squares.Add(g.pow(S(2)).sum().to(ScalarType.Float64));  // square() is pow(2) with a Scalar of its own
         }
         var total = squares.Count == 0 ? tensor(0.0, ScalarType.Float64, gradNorm.device) : stack(squares).sum();
         var norm = total.sqrt();
