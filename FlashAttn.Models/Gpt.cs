@@ -308,6 +308,12 @@ public sealed partial class GPTLMHeadModel : nn.Module<Tensor, Tensor>
             throw new ArgumentException($"labels [{string.Join(", ", labels.shape)}] must have input_ids' shape [{string.Join(", ", input_ids.shape)}]", nameof(labels));
         TensorArgs.Require(labels.dtype == ScalarType.Int64, nameof(labels), $"labels must be int64, got {labels.dtype}");
         TensorArgs.RequireSameDevice(labels, input_ids, nameof(labels), nameof(input_ids));
+        if (loss_grad is not null)
+        {
+            TensorArgs.RequireFloat(loss_grad, nameof(loss_grad));
+            TensorArgs.Require(loss_grad.dim() == 0, nameof(loss_grad), $"loss_grad must be a 0-d tensor, got [{string.Join(", ", loss_grad.shape)}]");
+            TensorArgs.RequireSameDevice(loss_grad, input_ids, nameof(loss_grad), nameof(input_ids));
+        }
         var logits = forward(input_ids);
         return ModelLoss.Mean(logits.view(-1, logits.shape[^1]), labels.reshape(-1), config.fused_cross_entropy, loss_grad);
     }

@@ -194,6 +194,17 @@ public sealed class GptTests
         }
     }
 
+    // A loss_grad the loss cannot use is an ArgumentException naming it, before the forward: a vector, an integer tensor.
+    [Test]
+    public void LossWithItsGradient_RejectsABadLossGrad()
+    {
+        using var m = Build(Tiny(fused: true), seed: 1);
+        var ids = randint(0, 256, new long[] { 2, 8 });
+        var labels = randint(0, 256, new long[] { 2, 8 });
+        foreach (var bad in new[] { full(new long[] { 2 }, 0.5f), tensor(1L) })
+            Assert.That(() => m.loss(ids, labels, loss_grad: bad), Throws.ArgumentException.With.Property("ParamName").EqualTo("loss_grad"));
+    }
+
     [Test]
     public void ResidualInFp32_KeepsTheStreamInFloat32()
     {
