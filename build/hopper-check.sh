@@ -40,7 +40,9 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-/tmp/hopper-check-out}
 mkdir -p "$OUT"
-build=/tmp/hopper-check-build
+# HOPPER_CHECK_BUILD=/tmp/flashattn-native reuses build/device-run.sh's build folder (the same configuration) on a machine
+# still warm from that call: nothing left to compile.
+build=${HOPPER_CHECK_BUILD:-/tmp/hopper-check-build}
 summary=()
 # Each step's time limit, capped so that the whole script ends inside the device call's 10 minutes
 # (a step cut short still leaves its log, and the summary is printed).
