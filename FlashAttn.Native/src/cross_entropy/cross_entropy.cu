@@ -11,19 +11,21 @@
 // column, 16-byte vectors, then a scalar tail.
 //
 // Forward and backward in one pass (FlashAttn_cross_entropy_fwd_bwd, the training step's loss): a block per row
-// streams the row through registers into shared memory with the same online max / sum, combines across its warps,
-// then writes the gradient for the dloss the caller expects from shared memory: the logits read once and dlogits
-// written once, 2 x 1.65 GB at GPT-2's B 16 x T 1024 x 50257 in bf16, where the two-kernel path moves 3 x 1.65 GB.
-// Prediction (not yet measured): ops_bench's ce_fused within 1.1x of its copy floor (1 read + 1 write), about
-// 0.75 ms at 50257 on the H200 against ce_fwdbwd's 1.2 ms; two blocks of a 100 KB row per SM keep one block's
-// loads in flight while the other combines. The backward then only compares the real dloss with the expected one
-// (cross_entropy_rescale_kernel: a warp per row, one comparison; a second pass over dlogits only where they differ).
+// copies the row into shared memory, takes the same online max / sum there, combines across its warps, then writes
+// the gradient for the dloss the caller expects from shared memory: the logits read once and dlogits written once,
+// 2 x 1.65 GB at GPT-2's B 16 x T 1024 x 50257 in bf16, where the two-kernel path moves 3 x 1.65 GB. The copy is
+// cp.async, the whole row in flight at once: staged through registers four vectors a thread at a time, the row took
+// three to four round trips and the kernel ran at 2.39x its copy floor on the H200 (1.85 ms at 50257, slower than
+// the two kernels' 1.21 ms). Two blocks of a 100 KB row fit an SM: one block's copy in flight while the other
+// writes. The backward then only compares the real dloss with the expected one (cross_entropy_rescale_kernel: a
+// warp per row, one comparison; a second pass over dlogits only where they differ).
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cp_async.cuh"
 #include "common/cuda_check.cuh"
 #include "common/device.h"
 #include "common/dtype.h"
@@ -369,37 +371,34 @@ __global__ void __launch_bounds__(kFusedThreads) cross_entropy_fwd_bwd_kernel(co
     }
     return;
   }
-  // logits -> registers (online max / sum) -> shared memory
-  const float scale2 = p.logit_scale * kLog2e;
-  Online o{-INFINITY, 0.f, 0.f};
-  auto scalar_in = [&](int64_t c) {
-    const T x = rowp[c];
-    srow[c] = x;
-    add_scalar<kSmooth>(o, to_float(x), scale2);
-  };
-  for (int64_t c = r.c0 + tid; c < r.vb; c += kFusedThreads) scalar_in(c);
-  for (int64_t c = r.tb + tid; c < r.c1; c += kFusedThreads) scalar_in(c);
+  // logits -> shared memory: every 16-byte vector of the row in flight at once (cp.async holds no registers, so the
+  // whole row is one round trip), the unaligned head and tail by plain loads; then the online max / sum over
+  // shared memory
+  for (int64_t c = r.c0 + tid; c < r.vb; c += kFusedThreads) srow[c] = rowp[c];
+  for (int64_t c = r.tb + tid; c < r.c1; c += kFusedThreads) srow[c] = rowp[c];
   const T* vp = rowp + r.vb;
   T* svp = srow + r.vb;
+  for (int64_t i = tid; i < r.nv; i += kFusedThreads) cp_async_16(svp + i * kVec, vp + i * kVec);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();  // the row in shared memory, every thread's copies
+  const float scale2 = p.logit_scale * kLog2e;
+  Online o{-INFINITY, 0.f, 0.f};
+  for (int64_t c = r.c0 + tid; c < r.vb; c += kFusedThreads) add_scalar<kSmooth>(o, to_float(srow[c]), scale2);
+  for (int64_t c = r.tb + tid; c < r.c1; c += kFusedThreads) add_scalar<kSmooth>(o, to_float(srow[c]), scale2);
   for (int64_t i0 = tid; i0 < r.nv; i0 += int64_t(kFusedThreads) * kBatch) {
     Packed<T, kVec> raw[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
-      if (i0 + kFusedThreads * u < r.nv) raw[u] = load_packed_stream<T, kVec>(vp + (i0 + kFusedThreads * u) * kVec);
+      if (i0 + kFusedThreads * u < r.nv) raw[u] = load_packed<T, kVec>(svp + (i0 + kFusedThreads * u) * kVec);
     const int nb = int(min(int64_t(kBatch), (r.nv - i0 + kFusedThreads - 1) / kFusedThreads));
     if (nb == kBatch) add_vectors<kSmooth, true>(o, raw, nb, scale2);
     else add_vectors<kSmooth, false>(o, raw, nb, scale2);
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (u >= nb) break;
-      *reinterpret_cast<uint4*>(svp + (i0 + kFusedThreads * u) * kVec) =
-          make_uint4(raw[u].w[0], raw[u].w[1], raw[u].w[2], raw[u].w[3]);
-    }
   }
   o.sum *= p.logit_scale;
   o = warp_combine(o);
   if (lane == 0) partial[warp] = o;
-  __syncthreads();  // partial[], and the row in shared memory
+  __syncthreads();  // partial[]
   if (warp == 0) {
     Online t = lane < kFusedWarps ? partial[lane] : Online{-INFINITY, 0.f, 0.f};
     t = warp_combine(t);

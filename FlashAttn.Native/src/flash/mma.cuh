@@ -1,5 +1,5 @@
 // Warp-level tensor-core building blocks in inline PTX (sm_80+): ldmatrix, mma.sync m16n8k16
-// with float32 accumulators, cp.async. Fragment layouts (g = lane / 4, t = lane % 4):
+// with float32 accumulators, cp.async tile copies. Fragment layouts (g = lane / 4, t = lane % 4):
 //   A (16x16, row-major) a0: (g, 2t..2t+1)  a1: (g+8, 2t..)  a2: (g, 2t+8..)  a3: (g+8, 2t+8..)
 //   B (16x8, k x n)      b0: (k 2t..2t+1, n g)  b1: (k 2t+8.., n g)
 //   C (16x8)             c0 c1: (g, 2t..2t+1)   c2 c3: (g+8, 2t..2t+1)
@@ -11,12 +11,10 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "common/cp_async.cuh"
+
 namespace flashattn {
 namespace flash {
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8; register i gets
 // matrix i's element (l / 4, 2 (l % 4) ..+1) — transposed with .trans.
@@ -63,16 +61,6 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) 
   __half2 v = __floats2half2_rn(a, b);
   return *reinterpret_cast<uint32_t*>(&v);
 }
-
-// 16 bytes global -> shared without a register round trip; valid = false zero-fills the
-// destination (src-size 0 reads nothing, so `src` only needs to be some mapped address).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Copies rows [0, rows) x columns [0, cols) of a (R, kHeadDim) tile whose rows are `row_stride`
 // elements apart into shared memory with row stride kLds; everything else is zero-filled, so
