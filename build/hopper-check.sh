@@ -15,10 +15,11 @@
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;
-#  3b. the dropout cases with FLASHATTN_HOPPER_DROPOUT=1 (the Hopper kernels' dropout, off by default
-#     until this passes): the "hdrop" cases on the Hopper forward and backward, the masked ones on the
-#     sm_80 forward (it writes the mask) and the Hopper backward, then the "hdrop" cases again under
-#     FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (its dropout kernel; log appended to selftest-variants.log);
+#  3b. the dropout cases again with FLASHATTN_HOPPER_DROPOUT=0 (step 3 ran them on the Hopper kernels: the
+#     "hdrop" cases on the Hopper forward and backward, the masked ones on the sm_80 forward, which writes the
+#     mask, and the Hopper backward), so that the sm_80 kernels' dropout, the fallback, stays checked; then the
+#     "hdrop" cases under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (its dropout kernel; logs appended to
+#     selftest-variants.log);
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
@@ -133,29 +134,29 @@ FLASHATTN_HOPPER=0 timeout "$(cap 60)" "$bin/flash_selftest" "sq1025 sk1025" >>"
 summary+=("selftest with FLASHATTN_HOPPER=0 (rc $?): $(tail -1 "$OUT/selftest-variants.log"); \
 $(grep -c '^PASS.*\[sm80\]' "$OUT/selftest-variants.log") passed on sm80")
 
-# 3b. Dropout on the Hopper kernels (FLASHATTN_HOPPER_DROPOUT=1).
+# 3b. Dropout on the sm_80 kernels (FLASHATTN_HOPPER_DROPOUT=0), then persistent2's.
 if [ "$hung" = 0 ]; then
   start=$SECONDS
   log=$build/selftest-dropout.log
-  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_DROPOUT=1 timeout "$(cap 90)" "$bin/flash_selftest" "dropout" \
+  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_DROPOUT=0 timeout "$(cap 90)" "$bin/flash_selftest" "dropout" \
     >"$log" 2>&1
   rc=$?
   [ $rc -eq 124 ] && hung=1
-  summary+=("selftest dropout, FLASHATTN_HOPPER_DROPOUT=1 (rc $rc, $((SECONDS - start)) s): $(tail -1 "$log"); \
-$(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward, $(grep -c '^PASS.* bwd:hopper' "$log") on \
-the hopper backward")
-  { echo "== FLASHATTN_HOPPER_DROPOUT=1 (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
+  summary+=("selftest dropout, FLASHATTN_HOPPER_DROPOUT=0 (rc $rc, $((SECONDS - start)) s): $(tail -1 "$log"); \
+$(grep -c '^PASS.*\[sm80\]' "$log") passed on the sm80 forward, $(grep -c '^PASS.* bwd:sm80' "$log") on \
+the sm80 backward")
+  { echo "== FLASHATTN_HOPPER_DROPOUT=0 (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
 fi
 if [ "$hung" = 0 ]; then
   start=$SECONDS
   log=$build/selftest-dropout-persistent2.log
-  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 \
+  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_FWD_VARIANT=persistent2 \
     timeout "$(cap 60)" "$bin/flash_selftest" "hdrop" >"$log" 2>&1
   rc=$?
   [ $rc -eq 124 ] && hung=1
-  summary+=("selftest hdrop, FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc, \
+  summary+=("selftest hdrop, FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc, \
 $((SECONDS - start)) s): $(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward")
-  { echo "== FLASHATTN_HOPPER_DROPOUT=1 FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc)"; cat "$log"; } \
+  { echo "== FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc)"; cat "$log"; } \
     >>"$OUT/selftest-variants.log"
 fi
 

@@ -24,7 +24,7 @@
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
 // Dropout cases take their decisions from the stream's definition (flash/dropout.cuh, on the host); those
 // that ask the forward for its mask (the sm_80 kernels write it) also check it against that definition.
-// FLASHATTN_HOPPER_DROPOUT=1 puts dropout on the Hopper kernels (the forward when no mask is asked for).
+// Dropout runs on the Hopper kernels (the forward when no mask is asked for) unless FLASHATTN_HOPPER_DROPOUT=0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -129,18 +129,18 @@ bool hopper_scope(const Case& c) {
   return device_and_build && enabled && (c.D == 64 || c.D == 128) && !c.varlen && !c.alibi && c.softcap == 0.f &&
          c.wl < 0 && (c.causal || c.wr < 0) && c.sk > 0;
 }
-// Dropout on the Hopper kernels: FLASHATTN_HOPPER_DROPOUT=1.
+// Dropout on the Hopper kernels: unless FLASHATTN_HOPPER_DROPOUT=0.
 bool hopper_dropout() {
   const char* env = std::getenv("FLASHATTN_HOPPER_DROPOUT");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
-// Whether the Hopper forward should take it: dropout only under FLASHATTN_HOPPER_DROPOUT=1 and without
-// the mask output.
+// Whether the Hopper forward should take it: dropout unless FLASHATTN_HOPPER_DROPOUT=0, and without the mask
+// output.
 bool hopper_expected(const Case& c) {
   return hopper_scope(c) && (c.dropout == 0.f || (hopper_dropout() && !c.dropout_mask));
 }
 // Whether the Hopper backward should take it (flash/hopper/flash_bwd_hopper.h): the forward's scope,
-// dropout under FLASHATTN_HOPPER_DROPOUT=1 (mask or not: the backward regenerates the decisions),
+// dropout unless FLASHATTN_HOPPER_DROPOUT=0 (mask or not: the backward regenerates the decisions),
 // not deterministic, seqlen_q > 0, and FLASHATTN_HOPPER_BWD not "0".
 bool hopper_bwd_expected(const Case& c) {
   const char* env = std::getenv("FLASHATTN_HOPPER_BWD");
@@ -627,12 +627,12 @@ std::vector<Case> cases() {
           c.name = name(c, l.tag);
           v.push_back(c);
         }
-  // Dropout on the Hopper kernels under FLASHATTN_HOPPER_DROPOUT=1 (otherwise on sm_80's): no mask asked
+  // Dropout on the Hopper kernels (on sm_80's under FLASHATTN_HOPPER_DROPOUT=0): no mask asked
   // for, so that the forward takes them too, its decisions checked through the outputs against the
   // stream's; both dtypes and head dims, causal or not, partial tiles, seqlen_q != seqlen_k both ways
   // (causal rows that see no key), GQA; then GPT-2's rate on 5 x 21 heads (several tiles a CTA of the
   // persistent grids; under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 a tile's first decisions are made
-  // behind its S issued in the tile before). The masked cases above run the sm_80 forward and, under the switch, the Hopper
+  // behind its S issued in the tile before). The masked cases above run the sm_80 forward and, without the switch, the Hopper
   // backward on its mask: both paths' decisions in one case.
   const int drop_lens[][4] = {{200, 200, 2, 2}, {97, 1025, 4, 2}, {1025, 300, 4, 2}};  // sq, sk, H, Hk
   for (auto& l : drop_lens)

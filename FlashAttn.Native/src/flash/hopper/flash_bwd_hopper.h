@@ -14,8 +14,8 @@ namespace hopper {
 // Runs the backward on the Hopper kernel when all of these hold, and sets *ran:
 //  - the case: head dim 64 or 128, padded batches (no cu_seqlens), no ALiBi, softcap or window
 //    other than causal, not deterministic, seqlen_q and seqlen_k > 0, softmax_scale finite and > 0;
-//    GQA/MQA too (each query head's dK and dV go through the float32 workspace); dropout only with
-//    FLASHATTN_HOPPER_DROPOUT=1 (read once per process);
+//    GQA/MQA too (each query head's dK and dV go through the float32 workspace); dropout unless
+//    FLASHATTN_HOPPER_DROPOUT=0 (read once per process);
 //  - the device: compute capability 9.0;
 //  - the environment: neither FLASHATTN_HOPPER nor FLASHATTN_HOPPER_BWD (the backward alone) is "0"
 //    (both read once, at the first backward);

@@ -13,8 +13,8 @@ namespace hopper {
 
 // Runs the forward on the Hopper kernel when all of these hold, and sets *ran:
 //  - the case: head dim 64 or 128, padded batches (no cu_seqlens), no ALiBi, softcap or window other
-//    than causal, seqlen_k > 0, softmax_scale finite and > 0; dropout only with
-//    FLASHATTN_HOPPER_DROPOUT=1 (read once per process) and without the mask output;
+//    than causal, seqlen_k > 0, softmax_scale finite and > 0; dropout unless
+//    FLASHATTN_HOPPER_DROPOUT=0 (read once per process), and without the mask output;
 //  - the device: compute capability 9.0 (sm_90a code runs nowhere else);
 //  - the environment: FLASHATTN_HOPPER is not "0" (read once per process;
 //    FLASHATTN_HOPPER_FWD_VARIANT=overlap likewise picks the kernel without the warpgroups' ping-pong);
