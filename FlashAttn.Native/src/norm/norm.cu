@@ -1212,20 +1212,19 @@ int env_variant() {
 // variant at every size; ms, LayerNorm prenorm with dropout / RMSNorm):
 //   forward, rows32 vs rows16 vs block: 768 0.037/0.042/0.043, 2048 0.086/0.092/0.110, 4096 0.166/0.180/0.231,
 //     8192 0.328/0.379/0.447, 16384 0.691/0.685/1.253 (RMSNorm alike): rows32 everywhere (16384 a tie).
-//   forward + backward, rows32 vs rows16 (the forward rows32 in both): LayerNorm 768 0.102/0.108, 2048 0.240/0.234,
-//     4096 0.455/0.460, 8192 0.878/0.993, 16384 1.863/1.867; RMSNorm 768 0.059/0.060, 2048 0.132/0.127,
-//     4096 0.254/0.240, 8192 0.492/0.524, 16384 1.424/1.421: rows16 from 1025 to 4096, rows32 otherwise.
-//   RMSNorm's backward at 16384: rows64l2 (two 256-thread blocks a multiprocessor, where every other variant holds
-//     one 512-thread block) 0.87 ms against rows32's 1.23 (forward + backward 1.303 / 1.505 ms, minus the forward
-//     under the same variant, 0.432 / 0.278); LayerNorm's two slots of partials (128 KB) keep it at one block
-//     there, and rows64l2 lost (1.62 against 1.20 ms).
+//   backward alone (ops_bench's norm_bwd / rms_bwd lines, each variant's backward after its own forward), the best
+//     against the one picked before (rows32 to 1024, rows16 to 4096, rows32 above; RMSNorm rows64l2 at 16384):
+//     LayerNorm 768 rows16l2 0.059 / 0.067, 2048 rows16l2 0.130 / 0.140, 4096 rows16l2 0.261 / 0.278, 8192 rows32
+//     0.557, 16384 rows32 1.175 (rows16l2 and rows32l2 1.178); RMSNorm 768 rows16 0.037 / 0.043, 2048 and 4096
+//     rows16 (rows16l2 within 1%), 8192 rows16 0.293 / rows32's 0.365, 16384 block 0.818 / rows64l2's 0.920.
+//     The l2 prefetch pays in LayerNorm's backward and not in RMSNorm's.
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
 };
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
-constexpr SizeRule kBwdRules[] = {{1024, kRows32}, {4096, kRows16}, {kNormMaxHidden, kRows32}};
-constexpr SizeRule kBwdRmsRules[] = {{1024, kRows32}, {4096, kRows16}, {8192, kRows32}, {kNormMaxHidden, kRows64L2}};
+constexpr SizeRule kBwdRules[] = {{4096, kRows16L2}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRmsRules[] = {{8192, kRows16}, {kNormMaxHidden, kBlock}};
 
 template <size_t N>
 int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {
