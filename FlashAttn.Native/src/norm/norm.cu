@@ -694,12 +694,10 @@ __device__ __forceinline__ void smem_add(float* acc, const float (&v)[N]) {
 // for 32 and 64 columns per thread).
 // l2_prefetch: at the start of each row, the next row's dresidual_out (read only after the reduction, its wait
 // otherwise exposed on every row) and, without kPrefetch, its x and dz are asked of L2.
-// kMinBlocks: blocks of at most 256 threads a multiprocessor must hold (the register cap ptxas works to):
-// 1 leaves up to 128 registers (512-thread blocks allowed); 3 caps them at 80: 24 warps a multiprocessor.
 //   x, dz0, dz1, dresidual_out (rows, H) -> dx = rstd * (w dz - (xhat * c1 + c2)) + dresidual_out
 //   -> dresidual, dx0 = dropout(dx) * rowscale, dx1 = dropout(dx) (rows, H); partials of dz * xhat, dz
-template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, bool kPrefetch, int kMinBlocks>
-__global__ void __launch_bounds__(kMinBlocks == 1 ? 512 : 256, kMinBlocks)
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, bool kPrefetch>
+__global__ void __launch_bounds__(512)
     norm_bwd_rows_kernel(const NormBwdParams p, int slot_dw0, int slot_db0, int slot_dw1, int slot_db1, int nslots,
                          bool l2_prefetch) {
   constexpr int kP = kParallel ? kIters : 1;
@@ -1134,10 +1132,9 @@ int bwd_rows_elems(const NormBwdParams& p, const BwdSlots& sl, int vec, int elem
 }
 
 // elems 16: xhat and w * dz held, the next row prefetched; 32 and 64: recomputed from the raw x and dz (from
-// bwd_rows_elems). min_blocks 3: at 32 columns, 16-bit x and one norm, blocks of at most 256 threads, the
-// kernel's registers capped for three blocks a multiprocessor (kMinBlocks); elsewhere the usual budget.
+// bwd_rows_elems).
 template <typename T, int kVec>
-FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefetch, int min_blocks, const BwdSlots& sl,
+FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefetch, const BwdSlots& sl,
                                 const DeviceInfo& d, int64_t* lanes, cudaStream_t stream, const char* function) {
   const int64_t nvec = p.hidden / kVec;
   return with_rows_iters<T, kVec, sizeof(T) == 2 ? 64 : 16>(nvec, elems, [&](auto iters) {
@@ -1155,12 +1152,7 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
                         kIters * kVec);  // see bwd_rows_elems
           } else {
             constexpr bool kPrefetch = kIters * kVec == 16;
-            constexpr bool kCapped = sizeof(T) == 2 && !kXF32 && !kParallel && kIters * kVec == 32;
-            auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch, 1>;
-            if constexpr (kCapped) {
-              if (min_blocks == 3 && wpr * rpb <= 8)
-                kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch, 3>;
-            }
+            const auto kernel = norm_bwd_rows_kernel<T, TX, kVec, kIters, kDropout, kParallel, kPrefetch>;
             const int64_t want = std::min((p.rows + rpb - 1) / rpb, p.lanes - 8);  // see norm_bwd_lanes
             FlashAttnStatus st =
                 persistent_blocks(reinterpret_cast<const void*>(kernel), 32 * wpr * rpb, smem, d, want, lanes, function);
@@ -1181,20 +1173,14 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
 // The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
 // (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
 // thread; the l2 variants add the L2 prefetch of the next row (NOTES.md).
-// rows32o3: rows32 with the backward's registers capped for three 256-thread blocks a multiprocessor (capped at
-// 64 for four, the backward spilled 44-684 bytes; capped at 80, the forward 172-264); rows32o3l2: the same with the
-// L2 prefetch.
-enum NormVariant : int {
-  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRows32O3, kRows32O3L2, kNumVariants
-};
-constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32",   "rows16l2",  "rows32l2",
-                                                         "rows64l2", "rows32o3", "rows32o3l2"};
+// (rows32 with the backward's registers capped for three blocks a multiprocessor was a variant, and lost: NOTES.md.)
+enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kNumVariants };
+constexpr const char* kNormVariantNames[kNumVariants] = {"block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"};
 
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
 }
-bool variant_l2(int v) { return v == kRows16L2 || v == kRows32L2 || v == kRows64L2 || v == kRows32O3L2; }
-int variant_min_blocks(int v) { return v == kRows32O3 || v == kRows32O3L2 ? 3 : 1; }
+bool variant_l2(int v) { return v == kRows16L2 || v == kRows32L2 || v == kRows64L2; }
 
 int env_variant() {
   static const int v = [] {
@@ -1266,8 +1252,7 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   if (elems == 0) {
     s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
   } else if constexpr (kVec > 1) {
-    s = launch_bwd_rows<T, kVec>(p, elems, variant_l2(variant), variant_min_blocks(variant), sl, d, &lanes, stream,
-                                 function);
+    s = launch_bwd_rows<T, kVec>(p, elems, variant_l2(variant), sl, d, &lanes, stream, function);
   }
   if (s != FLASHATTN_STATUS_OK) return s;
   const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
