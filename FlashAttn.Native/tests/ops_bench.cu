@@ -1,7 +1,7 @@
 // ops_bench: the memory-bound kernels (norms, cross-entropy, rotary) timed against a device copy of the same
 // bytes, measured in the same process: the floor each kernel is held to (issue: within 1.3x of it).
 //   ops_bench                 every op at every size under every kernel variant, one TSV line each
-//   ops_bench <op> [size]     one op (norm_fwd, norm_fwdbwd, rms_fwd, rms_fwdbwd, ce, rotary) under every variant
+//   ops_bench <op> [size]     one op (norm_fwd, norm_fwdbwd, rms_fwd, rms_fwdbwd, norm_step_fwdbwd, ce, rotary) under every variant
 //   ops_bench --here <op> [size]   in this process only, under the variant of the environment (for profilers:
 //                             FLASHATTN_NORM_VARIANT=rows16 ncu --clock-control none -k regex:norm
 //                             --launch-count 3 ops_bench --here norm_fwd 8192)
@@ -99,6 +99,20 @@ T* alloc(size_t n) {
 __nv_bfloat16* random_bf16(size_t n, uint64_t seed, float scale = 1.f) {
   auto* p = alloc<__nv_bfloat16>(n);
   fill_random_bf16<<<1024, 256>>>(p, n, seed, scale);
+  CK(cudaGetLastError());
+  return p;
+}
+
+// The residual stream in float32 (residual_in_fp32, as GPT-2 trains): bf16 randoms widened.
+__global__ void widen_bf16(const __nv_bfloat16* src, float* dst, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    dst[i] = __bfloat162float(src[i]);
+}
+
+float* random_f32(size_t n, uint64_t seed) {
+  const __nv_bfloat16* h = random_bf16(n, seed);
+  auto* p = alloc<float>(n);
+  widen_bf16<<<1024, 256>>>(h, p, n);
   CK(cudaGetLastError());
   return p;
 }
@@ -209,50 +223,66 @@ void sample(const std::vector<std::function<void()>>& parts, const std::vector<s
 // residual out; fp32 weight/bias; the mask is regenerated in the backward, never stored. The backward reads dz,
 // dresidual_out and x (the forward's residual_out) and writes dx0 and dresidual: 4 + 5 row tensors in all (RMSNorm
 // without dropout and residual: 2 + 3).
-void bench_norm(int64_t hidden, bool rms, bool backward, int samples) {
+// step: the GPT-2 training step's LayerNorm instead (norm_step_*): the residual stream in float32 (residual, residual
+// out, dresidual_out, x and dresidual: 4 bytes an element), bf16 weights, no dropout; 2 + 4 + 2 + 4 bytes an element
+// forward, 2 + 4 + 4 + 2 + 4 backward.
+void bench_norm(int64_t hidden, bool rms, bool backward, int samples, bool step = false) {
   const int64_t rows = 16384;
   const size_t n = size_t(rows) * hidden;
-  const size_t fwd_tensors = rms ? 2 : 4, bwd_tensors = rms ? 3 : 5;
-  float* w = alloc<float>(hidden);
-  float* b = alloc<float>(hidden);
-  float* dw = alloc<float>(hidden);
-  float* db = alloc<float>(hidden);
-  fill_f32<<<64, 256>>>(w, hidden, 1.f);
-  fill_f32<<<64, 256>>>(b, hidden, 0.1f);
+  const auto B = FLASHATTN_DTYPE_BFLOAT16, F = FLASHATTN_DTYPE_FLOAT32;
+  const auto WT = step ? B : F, RT = step ? F : B;  // weights, the residual stream
+  const size_t rsize = step ? 4 : 2;
+  const size_t fwd_bytes = rms ? 2 * n * 2 : 2 * n * 2 + 2 * n * rsize;
+  const size_t bwd_bytes = rms ? 3 * n * 2 : 2 * n * 2 + 3 * n * rsize;
+  void* w = step ? static_cast<void*>(random_bf16(hidden, 5)) : static_cast<void*>(alloc<float>(hidden));
+  void* b = step ? static_cast<void*>(random_bf16(hidden, 6)) : static_cast<void*>(alloc<float>(hidden));
+  void* dw = alloc<float>(hidden);
+  void* db = alloc<float>(hidden);
+  if (!step) {
+    fill_f32<<<64, 256>>>(static_cast<float*>(w), hidden, 1.f);
+    fill_f32<<<64, 256>>>(static_cast<float*>(b), hidden, 0.1f);
+  }
   const int64_t ws_bytes = FlashAttn_norm_bwd_workspace_size(rows, hidden, rms ? 0 : 1, 0, 0);
   void* ws = alloc<char>(size_t(ws_bytes));
+  auto random_stream = [&](uint64_t seed) {
+    return step ? static_cast<void*>(random_f32(n, seed)) : static_cast<void*>(random_bf16(n, seed));
+  };
+  auto stream_tensor = [&] { return step ? static_cast<void*>(alloc<float>(n)) : static_cast<void*>(alloc<__nv_bfloat16>(n)); };
   __nv_bfloat16* x0 = random_bf16(n, 1);
-  __nv_bfloat16* res = rms ? nullptr : random_bf16(n, 2);
+  void* res = rms ? nullptr : random_stream(2);
   __nv_bfloat16* z = alloc<__nv_bfloat16>(n);
-  __nv_bfloat16* rout = rms ? nullptr : alloc<__nv_bfloat16>(n);
+  void* rout = rms ? nullptr : stream_tensor();
   float* mean = rms ? nullptr : alloc<float>(rows);
   float* rstd = alloc<float>(rows);
-  __nv_bfloat16 *dz = nullptr, *drout = nullptr, *dx0 = nullptr, *dres = nullptr;
+  __nv_bfloat16 *dz = nullptr, *dx0 = nullptr;
+  void *drout = nullptr, *dres = nullptr;
   if (backward) {
     dz = random_bf16(n, 3);
-    drout = rms ? nullptr : random_bf16(n, 4);
+    drout = rms ? nullptr : random_stream(4);
     dx0 = alloc<__nv_bfloat16>(n);
-    dres = rms ? nullptr : alloc<__nv_bfloat16>(n);
+    dres = rms ? nullptr : stream_tensor();
   }
-  const float p = rms ? 0.f : 0.1f;
-  const auto B = FLASHATTN_DTYPE_BFLOAT16, F = FLASHATTN_DTYPE_FLOAT32;
+  const float p = rms || step ? 0.f : 0.1f;
   std::vector<std::function<void()>> parts = {[&] {
-    FA(FlashAttn_norm_fwd(x0, nullptr, res, B, B, w, rms ? nullptr : b, nullptr, nullptr, F, nullptr, z, nullptr, rout,
-                          B, mean, rstd, nullptr, nullptr, rows, hidden, hidden, 0, hidden, hidden, hidden, 1e-5f, p,
-                          1234, 0, rms ? 1 : 0, 0, nullptr));
+    FA(FlashAttn_norm_fwd(x0, nullptr, res, B, RT, w, rms ? nullptr : b, nullptr, nullptr, WT, nullptr, z, nullptr,
+                          rout, RT, mean, rstd, nullptr, nullptr, rows, hidden, hidden, 0, hidden, hidden, hidden, 1e-5f,
+                          p, 1234, 0, rms ? 1 : 0, 0, nullptr));
   }};
-  std::vector<size_t> bytes = {fwd_tensors * n * 2};
+  std::vector<size_t> bytes = {fwd_bytes};
   if (backward) {
     parts.push_back([&] {
-      FA(FlashAttn_norm_bwd(dz, nullptr, drout, rms ? x0 : rout, B, w, nullptr, F, mean, rstd, nullptr, dx0, nullptr,
-                            dres, B, dw, rms ? nullptr : db, nullptr, nullptr, B, rows, hidden, hidden, hidden, hidden,
-                            hidden, hidden, p, 1234, 0, rms ? 1 : 0, 0, ws, ws_bytes, nullptr));
+      FA(FlashAttn_norm_bwd(dz, nullptr, drout, rms ? static_cast<void*>(x0) : rout, rms ? B : RT, w, nullptr, WT, mean,
+                            rstd, nullptr, dx0, nullptr, dres, RT, dw, rms ? nullptr : db, nullptr, nullptr, B, rows,
+                            hidden, hidden, hidden, hidden, hidden, hidden, p, 1234, 0, rms ? 1 : 0, 0, ws, ws_bytes,
+                            nullptr));
     });
-    bytes.push_back(bwd_tensors * n * 2);
+    bytes.push_back(bwd_bytes);
   }
   if (backward)
-    sample(parts, bytes, {{rms ? "rms_fwdbwd" : "norm_fwdbwd", 3u}, {rms ? "rms_bwd" : "norm_bwd", 2u}}, hidden, rows,
-           samples);
+    sample(parts, bytes,
+           {{step ? "norm_step_fwdbwd" : rms ? "rms_fwdbwd" : "norm_fwdbwd", 3u},
+            {step ? "norm_step_bwd" : rms ? "rms_bwd" : "norm_bwd", 2u}},
+           hidden, rows, samples);
   else
     sample(parts, bytes, {{rms ? "rms_fwd" : "norm_fwd", 1u}}, hidden, rows, samples);
 }
@@ -340,6 +370,7 @@ void run_case(const std::string& op, int64_t size, int samples) {
   else if (op == "norm_fwdbwd") bench_norm(size, false, true, samples);
   else if (op == "rms_fwd") bench_norm(size, true, false, samples);
   else if (op == "rms_fwdbwd") bench_norm(size, true, true, samples);
+  else if (op == "norm_step_fwdbwd") bench_norm(size, false, true, samples, true);
   else if (op == "ce") bench_ce(size, samples);
   else if (op == "rotary") bench_rotary(size, samples);
   else {
@@ -456,7 +487,7 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
   };
   const std::vector<Family> families = {
       {"FLASHATTN_NORM_VARIANT",
-       {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd"},
+       {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "norm_step_fwdbwd"},
        {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"}},
       {nullptr, {"ce", "rotary"}, {"-"}},
   };
