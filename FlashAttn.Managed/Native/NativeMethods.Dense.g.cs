@@ -62,4 +62,30 @@ internal static partial class NativeMethods
         IntPtr /* void* */ workspace,
         long workspace_bytes,
         IntPtr /* void* */ stream);
+
+    /// <summary>
+    /// Bytes of device workspace FlashAttn_dense_bias_grad needs for these sizes (float32 partial column sums of the row
+    /// splits; 0 when the rows are few enough for one split).
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_dense_bias_grad_workspace_size")]
+    internal static partial long FlashAttn_dense_bias_grad_workspace_size(long rows, long cols);
+
+    /// <summary>
+    /// A linear's bias gradient without a GEMM: db (cols,) = sum over rows of dy (rows, cols), rows row_stride elements
+    /// apart (row_stride &gt;= cols), float32 accumulation, db in dtype (float32, float16 or bfloat16, dy's). The result is
+    /// the same bits on every run with the same sizes on the same GPU (the splits' sums are added in a fixed order). rows
+    /// 0 writes zeros. Runs on the current device. workspace: FlashAttn_dense_bias_grad_workspace_size(rows, cols) bytes,
+    /// 4-byte aligned; contents ignored (NULL when that is 0).
+    /// </summary>
+    [LibraryImport(LibraryName, EntryPoint = "FlashAttn_dense_bias_grad")]
+    internal static partial FlashAttnStatus FlashAttn_dense_bias_grad(
+        IntPtr /* const void* */ dy,
+        IntPtr /* void* */ db,
+        FlashAttnDType dtype,
+        long rows,
+        long cols,
+        long row_stride,
+        IntPtr /* void* */ workspace,
+        long workspace_bytes,
+        IntPtr /* void* */ stream);
 }

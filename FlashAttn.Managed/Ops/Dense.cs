@@ -103,6 +103,14 @@ public static partial class flash_attn
 /// <summary>Options of one <see cref="FusedMlpFunction"/> call.</summary>
 internal sealed record MlpOptions(DenseActivation Activation, int CheckpointLvl);
 
+/// <summary>What computes a linear's bias gradient db = sum(dy, 0) on the cuBLASLt path: the BGRADB epilogue of the
+/// weight-gradient GEMM, or our column-sum kernel beside the GEMM without epilogue (FlashAttn_dense_bias_grad).</summary>
+internal enum BiasGradPath
+{
+    CublasLt,
+    Ours,
+}
+
 /// <summary>
 /// The GEMMs of the fused dense ops in row-major terms, each either one cuBLASLt call (kernel = true:
 /// FlashAttn_dense_gemm) or the same arithmetic in TorchSharp ops (float32, or float64 for float64,
@@ -111,6 +119,32 @@ internal sealed record MlpOptions(DenseActivation Activation, int CheckpointLvl)
 internal static class DenseOps
 {
     private static readonly ConcurrentDictionary<int, Lazy<Tensor>> s_workspace = new();
+
+    internal const string BiasGradVariable = "FLASHATTN_BIAS_GRAD";
+
+    // FLASHATTN_BIAS_GRAD, read once, at the first forward on the cuBLASLt path (a bad value is an error from then on).
+    private static readonly Lazy<BiasGradPath> s_biasGradEnvironment =
+        new(() => ParseBiasGrad(Environment.GetEnvironmentVariable(BiasGradVariable)));
+
+    /// <summary>The path set in process, which wins over the environment's (tests run both with it); null:
+    /// FLASHATTN_BIAS_GRAD's.</summary>
+    internal static BiasGradPath? BiasGradOverride { get; set; }
+
+    /// <summary>
+    /// The bias-gradient path of the fused dense backward: <see cref="BiasGradOverride"/>, else FLASHATTN_BIAS_GRAD
+    /// ("ours" or "cublaslt", the default). cuBLASLt's BGRADB runs its column sum as a separate kernel of its own after the
+    /// GEMM, at about 1.76x the time of a copy of dy's bytes (H200, GPT-2 124M: 1.145 ms a step); ours reads dy at 16
+    /// bytes a thread with every SM busy even at width 768. The default stays BGRADB until the H200 has measured both
+    /// (ops_bench's bias_grad and bias_grad_lt lines, and a step profile each way): the faster then becomes the default.
+    /// </summary>
+    internal static BiasGradPath BiasGrad => BiasGradOverride ?? s_biasGradEnvironment.Value;
+
+    internal static BiasGradPath ParseBiasGrad(string? value) => value?.Trim().ToLowerInvariant() switch
+    {
+        null or "" or "cublaslt" => BiasGradPath.CublasLt,
+        "ours" => BiasGradPath.Ours,
+        _ => throw new InvalidOperationException($"{BiasGradVariable}={value}: expected ours or cublaslt"),
+    };
 
     /// <summary>x's shape (..., in_features) with the last dimension n: the (..., n) view of a dense op's (rows, n) output.</summary>
     internal static long[] OutputShape(long[] xShape, long n)
@@ -235,8 +269,9 @@ internal static class DenseOps
         return dx;
     }
 
-    /// <summary>dW (n, k) = dy (m, n)^T @ x (m, k) and, when needBias, db (n,) = sum(dy, 0) (BGRADB epilogue).</summary>
-    internal static (Tensor dw, Tensor? db) Wgrad(Tensor dy, Tensor x, bool needBias, bool kernel)
+    /// <summary>dW (n, k) = dy (m, n)^T @ x (m, k) and, when needBias, db (n,) = sum(dy, 0): by the GEMM's BGRADB epilogue
+    /// or by our column sums after a GEMM without epilogue, as <paramref name="biasGrad"/> says.</summary>
+    internal static (Tensor dw, Tensor? db) Wgrad(Tensor dy, Tensor x, bool needBias, bool kernel, BiasGradPath biasGrad)
     {
         if (!kernel)
         {
@@ -249,8 +284,23 @@ internal static class DenseOps
         }
         var dwk = empty(dy.size(1), x.size(1), dtype: dy.dtype, device: dy.device);
         var dbk = needBias ? empty(dy.size(1), dtype: dy.dtype, device: dy.device) : null;
-        Finish(Gemm(dy, true, x, false, dwk, needBias ? FlashAttnDenseEpilogue.Bgradb : FlashAttnDenseEpilogue.None, dbk), true, dwk, dbk);
+        bool bgradb = needBias && biasGrad == BiasGradPath.CublasLt;
+        Finish(Gemm(dy, true, x, false, dwk, bgradb ? FlashAttnDenseEpilogue.Bgradb : FlashAttnDenseEpilogue.None, bgradb ? dbk : null),
+            true, dwk, dbk);
+        if (needBias && !bgradb) ColumnSums(dy, dbk!, backward: true);
         return (dwk, dbk);
+    }
+
+    /// <summary>db (n,) = sum(dy (m, n), 0) in dy's dtype (float32 accumulation) by our kernel: dy on CUDA, float32,
+    /// float16 or bfloat16, rows any stride apart (the last dimension contiguous); db contiguous, dy's dtype.</summary>
+    internal static void ColumnSums(Tensor dy, Tensor db, bool backward)
+    {
+        long m = dy.size(0), n = dy.size(1);
+        long wsBytes = NativeMethods.FlashAttn_dense_bias_grad_workspace_size(m, n);
+        // freed as soon as the launch is queued: the caching allocator hands it out again only in this stream's order
+        using var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: dy.device) : null;
+        Finish(NativeMethods.FlashAttn_dense_bias_grad(Ptr(dy), Ptr(db), DType(dy.dtype), m, n, Ld(dy), PtrOrNull(ws), wsBytes,
+            IntPtr.Zero), backward, db);
     }
 
     /// <summary>dpre (m, hidden) = (dy (m, n) @ w2 (n, hidden)) * act'(pre) (DGELU / DRELU epilogue; aux as
@@ -333,6 +383,7 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         using (no_grad()) y = DenseOps.Linear(x2, wk, DenseOps.PrepOrNull(b, kernel), kernel, backward: false);
         ctx.save_for_backward(new List<Tensor> { x2, wk });
         ctx.save_data("kernel", kernel);
+        ctx.save_data("bias_grad", kernel ? DenseOps.BiasGrad : BiasGradPath.CublasLt);
         var xShape = x.shape;
         ctx.save_data("x_shape", xShape);
         ctx.save_data("needs", new[] { x.requires_grad, w.requires_grad, b is not null && b.requires_grad });
@@ -347,12 +398,13 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         var saved = ctx.get_saved_variables();
         var (x2, w) = (saved[0], saved[1]);
         var kernel = (bool)ctx.get_data("kernel");
+        var biasGrad = (BiasGradPath)ctx.get_data("bias_grad");
         var xShape = (long[])ctx.get_data("x_shape");
         var needs = (bool[])ctx.get_data("needs");
         var dy = DenseOps.Rows(grad, w.size(0), kernel);
         var dx = needs[0] ? DenseOps.Dgrad(dy, w, kernel).view(xShape) : null;
         Tensor? dw = null, db = null;
-        if (needs[1] || needs[2]) (dw, db) = DenseOps.Wgrad(dy, x2, needs[2], kernel);
+        if (needs[1] || needs[2]) (dw, db) = DenseOps.Wgrad(dy, x2, needs[2], kernel, biasGrad);
         return new List<Tensor> { dx!, needs[1] ? dw! : null!, db! };
     }
 }
@@ -397,6 +449,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         if (aux is not null && !saved.Any(t => ReferenceEquals(t, aux))) aux.Dispose();
         ctx.save_for_backward(saved);
         ctx.save_data("kernel", kernel);
+        ctx.save_data("bias_grad", kernel ? DenseOps.BiasGrad : BiasGradPath.CublasLt);
         ctx.save_data("options", o);
         var xShape = x.shape;
         ctx.save_data("x_shape", xShape);
@@ -413,6 +466,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         var saved = ctx.get_saved_variables();
         var (x2, w1, w2) = (saved[0], saved[1], saved[2]);
         var kernel = (bool)ctx.get_data("kernel");
+        var biasGrad = (BiasGradPath)ctx.get_data("bias_grad");
         var o = (MlpOptions)ctx.get_data("options");
         var xShape = (long[])ctx.get_data("x_shape");
         var needs = (bool[])ctx.get_data("needs");
@@ -429,7 +483,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         bool recomputedH = !saved.Any(t => ReferenceEquals(t, h)), recomputedAux = !saved.Any(t => ReferenceEquals(t, aux));
         var dy = DenseOps.Rows(grad, w2.size(0), kernel);
         Tensor? dw2 = null, db2 = null;
-        if (needs[3] || needs[4]) (dw2, db2) = DenseOps.Wgrad(dy, h, needs[4], kernel);
+        if (needs[3] || needs[4]) (dw2, db2) = DenseOps.Wgrad(dy, h, needs[4], kernel, biasGrad);
         if (recomputedH) h.Dispose(); // each (m, hidden) temporary freed as soon as it is used: the backward's peak
         Tensor? dx = null, dw1 = null, db1 = null;
         if (needs[0] || needs[1] || needs[2])
@@ -437,7 +491,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
             var dpre = DenseOps.ActDgrad(dy, w2, aux, o.Activation, kernel);
             if (recomputedAux) aux.Dispose();
             if (needs[0]) dx = DenseOps.Dgrad(dpre, w1, kernel).view(xShape);
-            if (needs[1] || needs[2]) (dw1, db1) = DenseOps.Wgrad(dpre, x2, needs[2], kernel);
+            if (needs[1] || needs[2]) (dw1, db1) = DenseOps.Wgrad(dpre, x2, needs[2], kernel, biasGrad);
             dpre.Dispose();
         }
         else if (recomputedAux) aux.Dispose();

@@ -40,7 +40,7 @@
 
 /* Bumped on every change of a signature or of an enum's values; the managed side refuses a
  * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 9
+#define FLASHATTN_ABI_VERSION 10
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -384,6 +384,19 @@ FLASHATTN_API FlashAttnStatus FlashAttn_dense_gemm(
     int64_t lda, int64_t ldb, int64_t ldo,
     FlashAttnDenseEpilogue epilogue, void* bias, void* aux, int64_t ldaux,
     int32_t device, void* workspace, int64_t workspace_bytes, void* stream);
+
+// Bytes of device workspace FlashAttn_dense_bias_grad needs for these sizes (float32 partial column sums of the row
+// splits; 0 when the rows are few enough for one split).
+FLASHATTN_API int64_t FlashAttn_dense_bias_grad_workspace_size(int64_t rows, int64_t cols);
+
+// A linear's bias gradient without a GEMM: db (cols,) = sum over rows of dy (rows, cols), rows row_stride elements
+// apart (row_stride >= cols), float32 accumulation, db in dtype (float32, float16 or bfloat16, dy's). The result is
+// the same bits on every run with the same sizes on the same GPU (the splits' sums are added in a fixed order). rows
+// 0 writes zeros. Runs on the current device. workspace: FlashAttn_dense_bias_grad_workspace_size(rows, cols) bytes,
+// 4-byte aligned; contents ignored (NULL when that is 0).
+FLASHATTN_API FlashAttnStatus FlashAttn_dense_bias_grad(
+    const void* dy, void* db, FlashAttnDType dtype, int64_t rows, int64_t cols, int64_t row_stride,
+    void* workspace, int64_t workspace_bytes, void* stream);
 
 // area: Optim
 

@@ -6,6 +6,7 @@
 #include "common/error.h"
 #include "flash/flash.h"
 #include "cross_entropy/cross_entropy.h"
+#include "dense/bias_grad.h"
 #include "dense/dense.h"
 #include "norm/norm.h"
 #include "optim/optim.h"
@@ -41,6 +42,7 @@ FlashAttnStatus run_flash_fwd(const FlashFwdParams&, void*, const char* function
 FlashAttnStatus run_flash_bwd(const FlashBwdParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus flash_bwd_supported(int32_t, int64_t, int32_t*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_dense_gemm(const DenseParams&, void*, const char* function) { return no_cuda(function); }
+FlashAttnStatus run_bias_grad(const BiasGradParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_adamw_step(const AdamWParams&, void*, const char* function) { return no_cuda(function); }
 FlashAttnStatus run_grad_accumulate(const GradAccumulateParams&, void*, const char* function) { return no_cuda(function); }
 

@@ -1,7 +1,8 @@
-// ops_bench: the memory-bound kernels (norms, cross-entropy, rotary) timed against a device copy of the same
-// bytes, measured in the same process: the floor each kernel is held to (issue: within 1.3x of it).
+// ops_bench: the memory-bound kernels (norms, cross-entropy, rotary, bias gradient) timed against a device copy of the
+// same bytes, measured in the same process: the floor each kernel is held to (issue: within 1.3x of it).
 //   ops_bench                 every op at every size under every kernel variant, one TSV line each
-//   ops_bench <op> [size]     one op (norm_fwd, norm_fwdbwd, rms_fwd, rms_fwdbwd, norm_step_fwdbwd, ce, rotary) under every variant
+//   ops_bench <op> [size]     one op (norm_fwd, norm_fwdbwd, rms_fwd, rms_fwdbwd, norm_step_fwdbwd, ce, rotary,
+//                             bias_grad) under every variant
 //   ops_bench --here <op> [size]   in this process only, under the variant of the environment (for profilers:
 //                             FLASHATTN_NORM_VARIANT=rows16 ncu --clock-control none -k regex:norm
 //                             --launch-count 3 ops_bench --here norm_fwd 8192)
@@ -360,7 +361,43 @@ void bench_rotary(int64_t heads, int samples) {
          {2 * n * 2 + 2 * cs * 2}, {{"rotary", 1u}}, heads, batch * seqlen, samples);
 }
 
+// The bias gradient of a linear, dy (16384, N) bf16 -> db (N,), in the weight-gradient step it belongs to:
+// dW (N, 768) = dy^T x with x (16384, 768) (GPT-2's qkv, out-projection and fc1 widths; fc2's x is 3072 wide). Lines:
+//   bias_grad            ours alone (FlashAttn_dense_bias_grad): dy read, db written; floor: a copy of those bytes
+//   bias_grad_lt         the GEMM with cuBLASLt's BGRADB epilogue (how Dense.Wgrad runs by default)
+//   bias_grad_gemm       the same GEMM without epilogue
+//   bias_grad_gemm_ours  the GEMM without epilogue and ours, each sampled alone (what FLASHATTN_BIAS_GRAD=ours runs)
+// BGRADB is not a kernel that can be called alone (it is the epilogue of a GEMM, and cuBLASLt picks another GEMM
+// algorithm with it), so the fair comparison is bias_grad_lt against bias_grad_gemm_ours; bias_grad_lt minus
+// bias_grad_gemm is what BGRADB costs. The GEMM lines' bytes (and floors) are their operands': the ratio there says how
+// far from a copy a compute-bound GEMM is, nothing more.
+void bench_bias_grad(int64_t n, int samples) {
+  const int64_t rows = 16384, k = 768;
+  __nv_bfloat16* dy = random_bf16(size_t(rows) * n, 400);
+  __nv_bfloat16* x = random_bf16(size_t(rows) * k, 401);
+  __nv_bfloat16* dw = alloc<__nv_bfloat16>(size_t(n) * k);
+  __nv_bfloat16* db = alloc<__nv_bfloat16>(size_t(n));
+  const int64_t ws_bytes = FlashAttn_dense_bias_grad_workspace_size(rows, n);
+  void* ws = alloc<char>(size_t(ws_bytes));
+  const int64_t lt_ws_bytes = FlashAttn_dense_workspace_size();
+  void* lt_ws = alloc<char>(size_t(lt_ws_bytes));
+  const auto B = FLASHATTN_DTYPE_BFLOAT16;
+  auto gemm = [&](FlashAttnDenseEpilogue e) {
+    // dW (n, k) = op(a) (n, rows) @ x (rows, k): a = dy (rows, n) read transposed
+    FA(FlashAttn_dense_gemm(dy, x, dw, B, n, k, rows, 1, 0, n, k, k, e,
+                            e == FLASHATTN_DENSE_EPILOGUE_BGRADB ? db : nullptr, nullptr, 0, 0, lt_ws, lt_ws_bytes,
+                            nullptr));
+  };
+  const size_t dy_bytes = size_t(rows) * n * 2, gemm_bytes = dy_bytes + size_t(rows) * k * 2 + size_t(n) * k * 2;
+  sample({[&] { FA(FlashAttn_dense_bias_grad(dy, db, B, rows, n, n, ws, ws_bytes, nullptr)); },
+          [&] { gemm(FLASHATTN_DENSE_EPILOGUE_BGRADB); }, [&] { gemm(FLASHATTN_DENSE_EPILOGUE_NONE); }},
+         {dy_bytes + size_t(n) * 2, gemm_bytes + size_t(n) * 2, gemm_bytes},
+         {{"bias_grad", 1u}, {"bias_grad_lt", 2u}, {"bias_grad_gemm", 4u}, {"bias_grad_gemm_ours", 5u}}, n, rows,
+         samples);
+}
+
 const std::vector<int64_t> kHidden = {768, 2048, 4096, 8192, 16384};
+const std::vector<int64_t> kBiasGradWidths = {768, 2304, 3072, 4096};
 const std::vector<int64_t> kVocab = {32000, 50257, 128256, 256000};
 const std::vector<int64_t> kHeads = {16, 64};
 
@@ -373,6 +410,7 @@ void run_case(const std::string& op, int64_t size, int samples) {
   else if (op == "norm_step_fwdbwd") bench_norm(size, false, true, samples, true);
   else if (op == "ce") bench_ce(size, samples);
   else if (op == "rotary") bench_rotary(size, samples);
+  else if (op == "bias_grad") bench_bias_grad(size, samples);
   else {
     std::fprintf(stderr, "unknown op %s\n", op.c_str());
     std::exit(6);
@@ -380,7 +418,7 @@ void run_case(const std::string& op, int64_t size, int samples) {
 }
 
 const std::vector<int64_t>& sizes_of(const std::string& op) {
-  return op == "ce" ? kVocab : op == "rotary" ? kHeads : kHidden;
+  return op == "ce" ? kVocab : op == "rotary" ? kHeads : op == "bias_grad" ? kBiasGradWidths : kHidden;
 }
 
 double median(std::vector<double> v) {
@@ -489,7 +527,7 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
       {"FLASHATTN_NORM_VARIANT",
        {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "norm_step_fwdbwd"},
        {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"}},
-      {nullptr, {"ce", "rotary"}, {"-"}},
+      {nullptr, {"ce", "rotary", "bias_grad"}, {"-"}},
   };
   int rc = 0;
   for (const Family& f : families) {
@@ -569,13 +607,13 @@ int main(int argc, char** argv) {
   if (here) {
     print_header();
     const char* v = std::getenv("FLASHATTN_NORM_VARIANT");
-    for (const std::string op : {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "ce", "rotary"}) {
+    for (const std::string op : {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "ce", "rotary", "bias_grad"}) {
       if (!only.empty() && only != op) continue;
       for (int64_t s : sizes_of(op)) {
         if (size != 0 && size != s) continue;
         g_samples.clear();
         run_case(op, s, kHereSamples);
-        const bool norm = op != "ce" && op != "rotary";
+        const bool norm = op != "ce" && op != "rotary" && op != "bias_grad";
         for (const CaseSamples& c : g_samples) print_line(c, !norm ? "-" : v != nullptr ? v : "auto");
       }
     }

@@ -9,7 +9,8 @@ namespace FlashAttn.Benchmarks;
 /// each through our cuBLASLt call with and without its fused epilogue, and through torch.mm (cuBLAS): which
 /// epilogue costs what on this GPU. dW2 = gᵀ·h (+ db2 by BGRADB); dh = (g·W2) ∘ gelu'(pre) (DGELU) or plain;
 /// dx = dh·W1; dW1 = dhᵀ·x (+ db1 by BGRADB). DGELU_BGRAD measured 3.6× the plain GEMM (benchmarks/RESULTS.md),
-/// which moved db1 into dW1's GEMM; the column sums measure the bias gradients as a separate reduction.
+/// which moved db1 into dW1's GEMM; the column sums measure the bias gradients as a separate reduction (torch's sum and
+/// ours, FlashAttn_dense_bias_grad), and Dw*Ours the weight gradient with ours in place of BGRADB.
 /// </summary>
 public class DenseEpilogueBenchmarks : GpuBenchmark
 {
@@ -25,8 +26,8 @@ public class DenseEpilogueBenchmarks : GpuBenchmark
     // The bias gradients on their own (a column sum: one read of the gradient), against what BGRADB adds to its GEMM.
     public override long Bytes(string method) => method switch
     {
-        nameof(Db2ColumnSum) => DenseBenchmarks.Tokens * Width * 2,
-        nameof(Db1ColumnSum) => DenseBenchmarks.Tokens * Hidden * 2,
+        nameof(Db2ColumnSum) or nameof(Db2OursColumnSum) => DenseBenchmarks.Tokens * Width * 2,
+        nameof(Db1ColumnSum) or nameof(Db1OursColumnSum) => DenseBenchmarks.Tokens * Hidden * 2,
         _ => 0,
     };
 
@@ -54,10 +55,13 @@ public class DenseEpilogueBenchmarks : GpuBenchmark
     }
 
     [Benchmark(OperationsPerInvoke = Launches)]
-    public void Dw2Bgradb() => Loop(() => DenseOps.Wgrad(_g, _h, needBias: true, kernel: true));
+    public void Dw2Bgradb() => Loop(() => DenseOps.Wgrad(_g, _h, needBias: true, kernel: true, BiasGradPath.CublasLt));
 
     [Benchmark(OperationsPerInvoke = Launches)]
-    public void Dw2Plain() => Loop(() => DenseOps.Wgrad(_g, _h, needBias: false, kernel: true));
+    public void Dw2Plain() => Loop(() => DenseOps.Wgrad(_g, _h, needBias: false, kernel: true, BiasGradPath.CublasLt));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw2Ours() => Loop(() => DenseOps.Wgrad(_g, _h, needBias: true, kernel: true, BiasGradPath.Ours));
 
     [Benchmark(OperationsPerInvoke = Launches)]
     public void Dw2TorchMm() => Loop(() => _g.t().mm(_h));
@@ -78,10 +82,13 @@ public class DenseEpilogueBenchmarks : GpuBenchmark
     public void DxTorchMm() => Loop(() => _dh.mm(_w1));
 
     [Benchmark(OperationsPerInvoke = Launches)]
-    public void Dw1Bgradb() => Loop(() => DenseOps.Wgrad(_dh, _x, needBias: true, kernel: true));
+    public void Dw1Bgradb() => Loop(() => DenseOps.Wgrad(_dh, _x, needBias: true, kernel: true, BiasGradPath.CublasLt));
 
     [Benchmark(OperationsPerInvoke = Launches)]
-    public void Dw1Plain() => Loop(() => DenseOps.Wgrad(_dh, _x, needBias: false, kernel: true));
+    public void Dw1Plain() => Loop(() => DenseOps.Wgrad(_dh, _x, needBias: false, kernel: true, BiasGradPath.CublasLt));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Dw1Ours() => Loop(() => DenseOps.Wgrad(_dh, _x, needBias: true, kernel: true, BiasGradPath.Ours));
 
     [Benchmark(OperationsPerInvoke = Launches)]
     public void Dw1TorchMm() => Loop(() => _dh.t().mm(_x));
@@ -91,4 +98,10 @@ public class DenseEpilogueBenchmarks : GpuBenchmark
 
     [Benchmark(OperationsPerInvoke = Launches)]
     public void Db1ColumnSum() => Loop(() => _dh.sum(0L));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Db2OursColumnSum() => Loop(() => DenseOps.ColumnSums(_g, empty(Width, dtype: _g.dtype, device: Dev), backward: false));
+
+    [Benchmark(OperationsPerInvoke = Launches)]
+    public void Db1OursColumnSum() => Loop(() => DenseOps.ColumnSums(_dh, empty(Hidden, dtype: _dh.dtype, device: Dev), backward: false));
 }

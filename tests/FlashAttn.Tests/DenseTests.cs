@@ -301,4 +301,57 @@ public sealed class DenseTests
         Assert.That(Call(m: 0), Is.EqualTo(FlashAttnStatus.Ok), "an empty output is a no-op");
         if (!Backend.NativeHasCuda) Assert.That(Call(), Is.EqualTo(FlashAttnStatus.NoCuda));
     }
+
+    [Test]
+    public void NativeBiasGradValidatesItsArguments()
+    {
+        // Checked before any CUDA work, in both flavours of libflashattn.
+        var p = (IntPtr)4096;
+        FlashAttnStatus Call(FlashAttnDType dt = FlashAttnDType.Bfloat16, long rows = 100, long cols = 8, long rowStride = 8,
+            IntPtr? dy = null, IntPtr? db = null, IntPtr? ws = null, long wsBytes = 1 << 20) =>
+            NativeMethods.FlashAttn_dense_bias_grad(dy ?? p, db ?? p, dt, rows, cols, rowStride, ws ?? p, wsBytes, IntPtr.Zero);
+        void Expect(FlashAttnStatus status, string fragment)
+        {
+            Assert.That(status, Is.EqualTo(FlashAttnStatus.InvalidArgument));
+            var message = System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())!;
+            Assert.That(message, Does.StartWith("FlashAttn_dense_bias_grad: "));
+            Assert.That(message, Does.Contain(fragment));
+        }
+        Expect(Call(dt: FlashAttnDType.Int32), "dtype (int32)");
+        Expect(Call(rows: -1), "rows (-1)");
+        Expect(Call(cols: -2), "cols (-2)");
+        Expect(Call(wsBytes: -1), "workspace_bytes (-1)");
+        Expect(Call(rowStride: 7), "row_stride (7) must be >= cols (8)");
+        Expect(Call(dy: IntPtr.Zero), "dy must not be NULL");
+        Expect(Call(db: IntPtr.Zero), "db must not be NULL");
+        Expect(Call(dy: (IntPtr)4097), "aligned");
+        Expect(Call(ws: IntPtr.Zero), "workspace must not be NULL (64 bytes needed)");
+        Expect(Call(wsBytes: 63), "workspace_bytes (63) must be >= 64 (FlashAttn_dense_bias_grad_workspace_size)");
+        Expect(Call(ws: (IntPtr)4098), "workspace must be 4-byte aligned");
+        // float32 partials of at most ceil(rows / 64) splits (at most 1024), none for one split
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(64, 768), Is.EqualTo(0));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(65, 768), Is.EqualTo(2 * 768 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(16384, 3), Is.EqualTo(256 * 3 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(1L << 30, 8), Is.EqualTo(1024 * 8 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(100, 0), Is.EqualTo(0));
+        Assert.That(Call(cols: 0), Is.EqualTo(FlashAttnStatus.Ok), "an empty bias is a no-op");
+        if (!Backend.NativeHasCuda)
+        {
+            Assert.That(Call(), Is.EqualTo(FlashAttnStatus.NoCuda));
+            Assert.That(Call(rows: 64, ws: IntPtr.Zero, wsBytes: 0), Is.EqualTo(FlashAttnStatus.NoCuda), "one split: no workspace");
+            Assert.That(Call(rows: 0, dy: IntPtr.Zero, ws: IntPtr.Zero, wsBytes: 0), Is.EqualTo(FlashAttnStatus.NoCuda),
+                "no rows: zeros, dy unread");
+        }
+    }
+
+    [Test]
+    public void BiasGradPathComesFromTheEnvironmentValue()
+    {
+        Assert.That(DenseOps.ParseBiasGrad(null), Is.EqualTo(BiasGradPath.CublasLt), "cuBLASLt's BGRADB until the GPU says otherwise");
+        Assert.That(DenseOps.ParseBiasGrad(""), Is.EqualTo(BiasGradPath.CublasLt));
+        Assert.That(DenseOps.ParseBiasGrad(" CuBLASLt "), Is.EqualTo(BiasGradPath.CublasLt));
+        Assert.That(DenseOps.ParseBiasGrad("ours"), Is.EqualTo(BiasGradPath.Ours));
+        var e = Assert.Throws<InvalidOperationException>(() => DenseOps.ParseBiasGrad("bgradb"))!;
+        Assert.That(e.Message, Does.Contain("FLASHATTN_BIAS_GRAD=bgradb"));
+    }
 }
