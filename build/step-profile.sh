@@ -71,7 +71,8 @@ fi
 # from step PROFILE_TRACE_SKIP (20) on and printed here: the GPU's idle time a step, split into waiting for the host and
 # its own launch latency with the next work already queued; where the host made it wait; every synchronisation and the
 # CUDA calls by time spent in them; how far ahead of the GPU the host launches; the kernels' time in the run itself. A
-# separate run, so that the wall time above is not measured under the trace.
+# separate run, so that the wall time above is not measured under the trace, which adds about a microsecond of host time
+# to every CUDA call: its "waiting for the host" is an upper bound.
 cuda_trace_lib() {  # builds the trace library against the CUPTI PyTorch loads (one CUPTI in the process); prints its path
   local cuda=${CUDA_HOME:-/usr/local/cuda} site inc lib
   site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
