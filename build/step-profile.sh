@@ -33,8 +33,21 @@ train() {  # train <run name> <max_steps> [command prefix...]: one run in a fres
     trainer.default_root_dir="$runs/$name" trainer.max_steps="$steps" >"$OUT/profile-$name.log" 2>&1
 }
 
-# the wall-time run first: it also prepares the token cache the ncu runs then find
-train wall "$wall_steps" || { tail -20 "$OUT/profile-wall.log"; echo "step profile: the training run failed"; exit 1; }
+# the wall-time run first: it also prepares the token cache the ncu runs then find. nvidia-smi samples the SM clock and
+# the power meanwhile: ncu below times each kernel alone, on a GPU that is not drawing a training step's power.
+nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw --format=csv,noheader,nounits -lms 500 >"$OUT/profile-clocks.csv" 2>/dev/null &
+smi=$!
+train wall "$wall_steps" || { kill "$smi"; tail -20 "$OUT/profile-wall.log"; echo "step profile: the training run failed"; exit 1; }
+kill "$smi"
+python3 - "$OUT/profile-clocks.csv" <<'PYEOF'
+import statistics, sys
+rows = [[float(v) for v in line.split(",")] for line in open(sys.argv[1]) if line.count(",") == 2 and "N/A" not in line]
+busy = [r for r in rows if r[2] > 200]  # watts: while it trains, not while it loads the data or the model
+if busy:
+    print(f"wall-time run: SM clock while training {statistics.median(r[0] for r in busy):.0f} MHz (median of {len(busy)} "
+          f"samples; max {busy[0][1]:.0f}), power {statistics.median(r[2] for r in busy):.0f} W")
+PYEOF
+rm -f "$OUT/profile-clocks.csv"
 metrics=$(ls "$runs"/wall/*/metrics.jsonl 2>/dev/null | head -1)
 [ -n "$metrics" ] || { echo "step profile: no metrics.jsonl under $runs/wall"; exit 1; }
 cp "$metrics" "$OUT/profile-metrics.jsonl"
@@ -53,6 +66,34 @@ if [ -n "${PROFILE_HOST_STEPS:-}" ]; then
     echo "step profile: the traced run failed"
   cp "$(ls "$runs"/host/*/metrics.jsonl | head -1)" "$OUT/host-metrics.jsonl" 2>/dev/null
   xz -T0 -6 "$OUT/host.nettrace" && ls -la "$OUT/host.nettrace.xz"
+fi
+# PROFILE_TRACE_STEPS=N: one more run of N steps under build/cuda_trace.cpp's CUPTI trace, read by build/cuda_trace.py
+# from step PROFILE_TRACE_SKIP (20) on and printed here: the GPU's idle time a step, split into waiting for the host and
+# its own launch latency with the next work already queued; where the host made it wait; every synchronisation and the
+# CUDA calls by time spent in them; how far ahead of the GPU the host launches; the kernels' time in the run itself. A
+# separate run, so that the wall time above is not measured under the trace, which adds about a microsecond of host time
+# to every CUDA call: its "waiting for the host" is an upper bound.
+cuda_trace_lib() {  # builds the trace library against the CUPTI PyTorch loads (one CUPTI in the process); prints its path
+  local cuda=${CUDA_HOME:-/usr/local/cuda} site inc lib
+  site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
+  for d in "$cuda"/extras/CUPTI/include "$cuda"/include "$site"/nvidia/*/include; do
+    [ -f "$d/cupti.h" ] && { inc=$d; break; }
+  done
+  lib=$(ls "$site"/nvidia/*/lib/libcupti.so* "$cuda"/extras/CUPTI/lib64/libcupti.so* "$cuda"/lib64/libcupti.so* 2>/dev/null | head -1)
+  [ -n "${inc:-}" ] && [ -n "$lib" ] || { echo "step profile: no CUPTI here (cupti.h: ${inc:-none}, libcupti: ${lib:-none})" >&2; return 1; }
+  g++ -std=c++17 -O2 -shared -fPIC "$root/build/cuda_trace.cpp" -I"$cuda/include" -I"$inc" "$lib" \
+    -Wl,-rpath,"$(dirname "$lib")" -o /tmp/libcuda_trace.so >&2 || return 1
+  echo /tmp/libcuda_trace.so
+}
+if [ -n "${PROFILE_TRACE_STEPS:-}" ]; then
+  if trace_lib=$(cuda_trace_lib); then
+    rm -f /tmp/flashattn-cuda-trace.tsv
+    train trace "$PROFILE_TRACE_STEPS" env CUDA_INJECTION64_PATH="$trace_lib" CUDA_TRACE_FILE=/tmp/flashattn-cuda-trace.tsv ||
+      { tail -5 "$OUT/profile-trace.log"; echo "step profile: the traced run failed"; }
+    python3 "$root/build/cuda_trace.py" /tmp/flashattn-cuda-trace.tsv --skip "${PROFILE_TRACE_SKIP:-20}"
+  else
+    echo "step profile: the trace library did not build"
+  fi
 fi
 grep -m1 "^attention:" "$OUT/profile-wall.log"
 python3 "$root/build/step_profile.py" "$OUT/profile-ncu2.csv" 2 "$OUT/profile-ncu4.csv" 4 "$OUT/profile-metrics.jsonl" \

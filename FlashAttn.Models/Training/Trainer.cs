@@ -116,7 +116,7 @@ public sealed class Trainer
     TrainingRun Setup(Device device, IGradientReducer? reducer)
     {
         var t = _c.Trainer;
-        torch.manual_seed(_c.Seed);
+        torch.manual_seed(_c.Seed).Dispose();
         if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(_c.Seed);
         var task = TaskFactory(_c, device, DevicePolicy.ComputeDtype(t.Precision), Shard, Log);
         try
@@ -266,7 +266,9 @@ public sealed class Trainer
         using var scope = NewDisposeScope();
         var (opt, scaler, accum, seed) = (run.Optimizer, run.Scaler, run.Config.Accumulation, run.Config.Seed);
         foreach (var group in opt.ParamGroups) group.LearningRate = run.Lr;
-        torch.manual_seed(seed * 1_000_003 + step + 1); // dropout: a pure function of the step, so resume reproduces it
+        // dropout: a pure function of the step, so resume reproduces it. manual_seed returns a wrapper of the default
+        // generator, a native handle: disposed here rather than left to the finalizer thread, once a step
+        torch.manual_seed(seed * 1_000_003 + step + 1).Dispose();
         if (run.Device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed * 1_000_003 + step + 1);
         // the gradient each micro-batch's loss receives, a device scalar the task may compute gradients for in its forward
         var lossGrad = scaler is null ? full(Array.Empty<long>(), 1.0 / accum, ScalarType.Float32, run.Device) : scaler.Scale / accum;

@@ -1,7 +1,8 @@
-// Device queries (CUDA flavour): the Core area and the launchers' cached per-device info.
+// Device queries (CUDA flavour): the Core area, the launchers' cached per-device info and per-kernel attributes.
 #include <atomic>
 #include <cstdio>
 #include <mutex>
+#include <vector>
 
 #include "common/cuda_check.cuh"
 #include "common/device.h"
@@ -40,6 +41,24 @@ FlashAttnStatus query(int device, DeviceInfo* info, const char* function) {
   return FLASHATTN_STATUS_OK;
 }
 
+// What allow_dynamic_smem and blocks_per_sm have asked of the driver: a few dozen (kernel, device) pairs at most,
+// scanned under one lock (uncontended: a launch takes it once).
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+struct SmemLimit {
+  const void* kernel;
+  int device;
+  size_t bytes;
+};
+struct Occupancy {
+  const void* kernel;
+  int device, threads;
+  size_t smem;
+  int blocks;
+};
+std::mutex g_kernels;
+std::vector<SmemLimit> g_smem_limits;
+std::vector<Occupancy> g_occupancy;
+
 }  // namespace
 
 FlashAttnStatus device_info(int32_t device, DeviceInfo* info, const char* function) {
@@ -61,6 +80,40 @@ FlashAttnStatus current_device_info(DeviceInfo* info, const char* function) {
   int device = 0;
   FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
   return s != FLASHATTN_STATUS_OK ? s : device_info(device, info, function);
+}
+
+FlashAttnStatus allow_dynamic_smem(const void* kernel, int device, size_t bytes, const char* name,
+                                   const char* function) {
+  if (bytes <= kDefaultDynamicSmem) return FLASHATTN_STATUS_OK;
+  std::lock_guard<std::mutex> lock(g_kernels);
+  SmemLimit* limit = nullptr;
+  for (SmemLimit& l : g_smem_limits)
+    if (l.kernel == kernel && l.device == device) limit = &l;
+  if (limit != nullptr && limit->bytes >= bytes) return FLASHATTN_STATUS_OK;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e != cudaSuccess) {
+    char what[160];
+    std::snprintf(what, sizeof(what), "cudaFuncSetAttribute(%s, MaxDynamicSharedMemorySize = %zu)", name, bytes);
+    return check_cuda(e, function, what);
+  }
+  if (limit != nullptr) limit->bytes = bytes;
+  else g_smem_limits.push_back({kernel, device, bytes});
+  return FLASHATTN_STATUS_OK;
+}
+
+FlashAttnStatus blocks_per_sm(const void* kernel, int device, int threads, size_t smem, int* blocks,
+                              const char* function) {
+  std::lock_guard<std::mutex> lock(g_kernels);
+  for (const Occupancy& o : g_occupancy) {
+    if (o.kernel == kernel && o.device == device && o.threads == threads && o.smem == smem) {
+      *blocks = o.blocks;
+      return FLASHATTN_STATUS_OK;
+    }
+  }
+  FlashAttnStatus s = check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, smem), function,
+                                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (s == FLASHATTN_STATUS_OK) g_occupancy.push_back({kernel, device, threads, smem, *blocks});
+  return s;
 }
 
 FlashAttnStatus device_capability(int32_t device, int32_t* capability, const char* function) {

@@ -20,7 +20,6 @@
 // writes. The backward then only compares the real dloss with the expected one (cross_entropy_rescale_kernel: a
 // warp per row, one comparison; a second pass over dlogits only where they differ).
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -489,21 +488,13 @@ FlashAttnStatus run_cross_entropy_bwd(const CrossEntropyParams& p, void* stream_
 
 namespace {
 
-// The fused kernel's dynamic shared-memory limit, a per-device attribute of the kernel: raised to the device's
-// opt-in limit at the first launch on each device (bit `device`), not at every call.
 template <typename T, bool kSmooth>
 FlashAttnStatus launch_fwd_bwd(const CrossEntropyParams& p, const DeviceInfo& d, int64_t smem, cudaStream_t stream,
                                const char* function) {
   auto kernel = cross_entropy_fwd_bwd_kernel<T, kSmooth>;
-  static std::atomic<uint64_t> raised{0};
-  const uint64_t bit = d.device >= 0 && d.device < 64 ? uint64_t(1) << d.device : 0;
-  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
-    const FlashAttnStatus s =
-        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin), function,
-                   "cudaFuncSetAttribute(cross_entropy_fwd_bwd_kernel, MaxDynamicSharedMemorySize)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    raised.fetch_or(bit, std::memory_order_relaxed);
-  }
+  const FlashAttnStatus s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), d.device, size_t(smem),
+                                               "cross_entropy_fwd_bwd_kernel", function);
+  if (s != FLASHATTN_STATUS_OK) return s;
   kernel<<<unsigned(p.rows), kFusedThreads, size_t(smem), stream>>>(p);
   return check_launch(function, "cross_entropy_fwd_bwd_kernel");
 }

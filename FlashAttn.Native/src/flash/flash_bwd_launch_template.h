@@ -101,11 +101,9 @@ FlashAttnStatus launch_mha_bwd(const FlashBwdParams& p, cudaStream_t stream, con
                   kHeadDim, Tr::smem_bytes(1), device, smem_optin);
     const int stages = Tr::smem_bytes(2) <= smem_optin && bwd_max_stages() >= 2 ? 2 : 1;
     const int smem_bytes = Tr::smem_bytes(stages);
-    if (smem_bytes > 48 * 1024) {
-      s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
-                     function, "cudaFuncSetAttribute(flash_bwd_kernel, MaxDynamicSharedMemorySize)");
-      if (s != FLASHATTN_STATUS_OK) return s;
-    }
+    s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), device, size_t(smem_bytes), "flash_bwd_kernel",
+                           function);
+    if (s != FLASHATTN_STATUS_OK) return s;
     // deterministic: one CTA per (head, batch) walks every key block in order, so the float32
     // additions into dq_accum happen in a fixed order (slower: less parallelism).
     const unsigned n_blocks = p.deterministic ? 1u : blocks_for(p.seqlen_k, Tr::kBlockN);

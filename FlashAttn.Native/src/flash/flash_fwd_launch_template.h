@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "flash/flash_fwd_kernel.cuh"
 
 namespace flashattn {
@@ -17,13 +18,12 @@ FlashAttnStatus launch_fwd_with(const FlashFwdParams& p, cudaStream_t stream, co
   const bool full = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
   auto kernel = full ? flash_fwd_kernel<Tr, true> : flash_fwd_kernel<Tr, false>;
   const int smem_bytes = Tr::smem_bytes(full);
-  if (smem_bytes > 48 * 1024) {
-    // Above 48 KB of dynamic shared memory a kernel must opt in.
-    FlashAttnStatus s = check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes), function,
-        "cudaFuncSetAttribute(flash_fwd_kernel, MaxDynamicSharedMemorySize)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-  }
+  int device = 0;
+  FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  if (s == FLASHATTN_STATUS_OK)
+    s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), device, size_t(smem_bytes), "flash_fwd_kernel",
+                           function);
+  if (s != FLASHATTN_STATUS_OK) return s;
   kernel<<<grid, Tr::kThreads, smem_bytes, stream>>>(p);
   return check_launch(function, "flash_fwd_kernel");
 }

@@ -1,7 +1,7 @@
 // run_flash_fwd / run_flash_bwd: runtime dtype and head dim -> the compiled instantiation
 // (instantiations/*.cu define run_mha_fwd / run_mha_bwd for each pair). Both first offer the case
 // to the Hopper kernels (hopper/, when the library is built for sm_90a).
-// FLASHATTN_LOG_PATH=1 in the environment prints which kernel ran, one line per call on stderr.
+// FLASHATTN_LOG_PATH=1 in the environment (read once per process) prints which kernel ran, one line per call on stderr.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -62,8 +62,11 @@ struct Bwd {
 };
 
 void log_path(const char* function, const char* path) {
-  const char* v = std::getenv("FLASHATTN_LOG_PATH");
-  if (v != nullptr && std::strcmp(v, "1") == 0) std::fprintf(stderr, "%s: %s\n", function, path);
+  static const bool on = [] {  // read once: getenv scans the whole environment, at every call of every layer
+    const char* v = std::getenv("FLASHATTN_LOG_PATH");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  if (on) std::fprintf(stderr, "%s: %s\n", function, path);
 }
 
 }  // namespace

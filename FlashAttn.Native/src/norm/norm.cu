@@ -14,10 +14,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "common/cuda_check.cuh"
 #include "common/device.h"
@@ -1013,44 +1011,14 @@ constexpr int kRowsMaxWarps = 16;  // the rows kernels' __launch_bounds__(512): 
 // Rows per block: blocks of 256 threads where rows are short.
 int rows_per_block(int wpr) { return std::max(1, 8 / wpr); }
 
-// Blocks of a persistent grid: as many as fit on the device at once, at most `want`. The occupancy of each
-// (kernel, threads, shared memory, device) is asked once; a kernel's dynamic shared-memory limit is raised once per
-// device to the most any of its launches asked for (it only ever grows, so every earlier launch still fits).
+// Blocks of a persistent grid: as many as fit on the device at once, at most `want` (the kernel's shared-memory opt-in
+// and occupancy asked of the driver once, device.h).
 FlashAttnStatus persistent_blocks(const void* kernel, int threads, size_t smem, const DeviceInfo& d, int64_t want,
                                   int64_t* blocks, const char* function) {
-  struct Occupancy {
-    const void* kernel;
-    int threads, device;
-    size_t smem;
-    int per_sm;
-  };
-  struct SmemLimit {
-    const void* kernel;
-    int device;
-    size_t smem;
-  };
-  static std::mutex mu;
-  static std::vector<Occupancy> occupancy;
-  static std::vector<SmemLimit> limits;
-  std::lock_guard<std::mutex> lock(mu);
-  int per_sm = -1;
-  for (const Occupancy& o : occupancy)
-    if (o.kernel == kernel && o.threads == threads && o.device == d.device && o.smem == smem) per_sm = o.per_sm;
-  if (per_sm < 0) {
-    auto limit = std::find_if(limits.begin(), limits.end(),
-                              [&](const SmemLimit& l) { return l.kernel == kernel && l.device == d.device; });
-    if (smem > 0 && (limit == limits.end() || limit->smem < smem)) {
-      FlashAttnStatus s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                                     function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-      if (s != FLASHATTN_STATUS_OK) return s;
-      if (limit == limits.end()) limits.push_back({kernel, d.device, smem});
-      else limit->smem = smem;
-    }
-    FlashAttnStatus s = check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
-                                   function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    occupancy.push_back({kernel, threads, d.device, smem, per_sm});
-  }
+  int per_sm = 0;
+  FlashAttnStatus s = allow_dynamic_smem(kernel, d.device, smem, "norm kernel", function);
+  if (s == FLASHATTN_STATUS_OK) s = blocks_per_sm(kernel, d.device, threads, smem, &per_sm, function);
+  if (s != FLASHATTN_STATUS_OK) return s;
   *blocks = std::min<int64_t>(want, int64_t(std::max(per_sm, 1)) * d.sms);
   return FLASHATTN_STATUS_OK;
 }

@@ -342,14 +342,13 @@ bool fill_table(Table& tb, const std::vector<OptimTensor>& tensors, size_t first
 // Blocks of `kernel` resident at once on the current device (SMs x blocks per SM): a grid-stride launch of that many
 // runs as one wave, without the tail of a partial last wave (2048 blocks of the update kernel at 3 per SM on an H200's
 // 132 SMs would leave the sixth wave a sixth full).
-template <typename Kernel>
-int resident_blocks(Kernel kernel) {
+int resident_blocks(const void* kernel) {
   DeviceInfo info;
   int per_sm = 0;
   if (current_device_info(&info, "resident_blocks") != FLASHATTN_STATUS_OK ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess || info.sms * per_sm < 1) {
-    cudaGetLastError();  // a failed query only costs the tail wave
-    return kMaxBlocks;
+      blocks_per_sm(kernel, info.device, kThreads, 0, &per_sm, "resident_blocks") != FLASHATTN_STATUS_OK ||
+      info.sms * per_sm < 1) {
+    return kMaxBlocks;  // a failed query only costs the tail wave
   }
   return info.sms * per_sm;
 }
@@ -395,7 +394,7 @@ FlashAttnStatus run_adamw_step(const AdamWParams& p, void* stream_ptr, const cha
                                                       p.found_inf, control, tickets, launches);
   FlashAttnStatus s = check_launch(function, "finalize_kernel");
   if (s != FLASHATTN_STATUS_OK) return s;
-  const int resident = resident_blocks(adamw_kernel);
+  const int resident = resident_blocks(reinterpret_cast<const void*>(adamw_kernel));
   for (int l = 0; l < launches; ++l) {
     const size_t first = size_t(l) * kOptimTensorsPerLaunch;
     fill_table(a.table, p.tensors, first, int(std::min(count - first, size_t(kOptimTensorsPerLaunch))));
@@ -412,7 +411,7 @@ FlashAttnStatus run_grad_accumulate(const GradAccumulateParams& p, void* stream_
   const size_t count = p.tensors.size();
   KernelArgs a{};
   a.grad_sum = p.grad_sum;
-  const int resident = resident_blocks(accumulate_kernel);
+  const int resident = resident_blocks(reinterpret_cast<const void*>(accumulate_kernel));
   for (size_t first = 0; first < count; first += kOptimTensorsPerLaunch) {
     if (!fill_table(a.table, p.tensors, first, int(std::min(count - first, size_t(kOptimTensorsPerLaunch)))))
       return too_large(function);

@@ -4,9 +4,9 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 
 #include "common/cuda_check.cuh"
+#include "common/device.h"
 #include "flash/hopper/flash_bwd_kernel.cuh"
 
 namespace flashattn {
@@ -21,18 +21,12 @@ FlashAttnStatus launch_bwd_kernel(const BwdTensorMaps& maps, const BwdKernelPara
                                   cudaStream_t stream, const char* function) {
   auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst, kDropout>;
   constexpr int kSmem = kDqTma ? Tr::kSmemBytesDqTma : Tr::kSmemBytes;
-  // The shared-memory opt-in is per device and per kernel: set once for each device.
-  static std::atomic<uint64_t> configured{0};
   int device = 0;
   FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  if (s == FLASHATTN_STATUS_OK)
+    s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), device, size_t(kSmem), "flash_bwd_hopper_kernel",
+                           function);
   if (s != FLASHATTN_STATUS_OK) return s;
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
-    s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem), function,
-                   "cudaFuncSetAttribute(flash_bwd_hopper_kernel, MaxDynamicSharedMemorySize)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
   dim3 grid(unsigned(kp.n_blocks), unsigned(kp.nheads), unsigned(batch));
   if constexpr (kPersistent) {
     // Every SM: a CTA runs whole units of causal work n_blocks + 1 whatever the grid (persistent_unit).

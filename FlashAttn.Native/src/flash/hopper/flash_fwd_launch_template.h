@@ -4,7 +4,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
 #include "common/cuda_check.cuh"
@@ -24,17 +23,9 @@ template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = fal
 FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdKernelParams kp,
                                   int device, cudaStream_t stream, const char* function) {
   auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong, kPersistent, kTileOverlap, kDropout>;
-  // The dynamic shared-memory limit is a per-device attribute of the kernel: raised at the first
-  // launch on each device (bit `device`), not at every call.
-  static std::atomic<uint64_t> raised{0};
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
-    const FlashAttnStatus s = check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes), function,
-        "cudaFuncSetAttribute(flash_fwd_hopper_kernel, MaxDynamicSharedMemorySize)");
-    if (s != FLASHATTN_STATUS_OK) return s;
-    raised.fetch_or(bit, std::memory_order_relaxed);
-  }
+  const FlashAttnStatus s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), device, size_t(Tr::kSmemBytes),
+                                               "flash_fwd_hopper_kernel", function);
+  if (s != FLASHATTN_STATUS_OK) return s;
   kp.m_blocks = int((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM);
   kp.total_tiles = kp.m_blocks * int(p.nheads) * int(p.batch);
   dim3 grid(unsigned(kp.m_blocks), unsigned(p.nheads), unsigned(p.batch));
