@@ -27,9 +27,10 @@ public static partial class flash_attn
     /// (grad mode on, logits requiring it), the forward computes the gradient for it in the same pass over the logits
     /// (with inplace_backward into logits' storage, so that the logits are overwritten by the forward: nothing else may
     /// read them afterwards), and the backward only compares, on the device, the gradient it receives with this one:
-    /// rows where they differ are scaled by their ratio (one more pass, one more rounding). Any gradient gives the
-    /// right result; the expected one makes the backward free. It must not be 0 where the real one is not (nothing to
-    /// scale: the gradient is then NaN).</param>
+    /// rows where they differ are scaled by their ratio (one more pass, one more rounding; on the GPU a second backward
+    /// through the graph scales the first one's result, a rounding more again). Any gradient gives the right result; the
+    /// expected one makes the backward free. It must not be 0 where the real one is not (nothing to scale: the gradient is
+    /// then NaN).</param>
     /// <returns>loss (N,) float32 (z-loss included) and z_loss (N,) float32 (not differentiable).</returns>
     public static (Tensor loss, Tensor z_loss) cross_entropy_loss(Tensor logits, Tensor labels, double label_smoothing = 0.0,
         double logit_scale = 1.0, double lse_square_scale = 0.0, long ignore_index = -100, bool inplace_backward = false,

@@ -271,10 +271,12 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
         }
         else
         {
+            using var scalars = new ScalarScope();
+            var one = scalars.Of(1);  // add_'s alpha, which TorchSharp would otherwise make (and leave to the finalizer) per tensor
             foreach (var (s, g) in taken)
             {
                 var sum = GradSumView(s);
-                if (s.HasSum) sum.add_(g);
+                if (s.HasSum) sum.add_(g, one);
                 else sum.copy_(g);
             }
         }
@@ -372,9 +374,11 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
     }
 
     // The groups' (lr, beta1, beta2, eps, weight_decay) into the device table, element by element with fill_ (a launch
-    // with the value as its argument: no host-to-device copy, no wait), only where a value changed.
+    // with the value as its argument: no host-to-device copy, no wait), only where a value changed: with a scheduler, each
+    // group's lr at every step, each value a Scalar freed here rather than by the finalizer.
     private void WriteHyperparameters()
     {
+        using var scalars = new ScalarScope();
         for (int g = 0; g < _parameter_groups.Count; g++)
         {
             var o = (AdamW.Options)_parameter_groups[g].Options;
@@ -383,7 +387,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
             {
                 int i = g * values.Length + k;
                 if (_hparamValues[i].Equals(values[k])) continue;
-                _hparamCells[i].fill_(values[k]);
+                _hparamCells[i].fill_(scalars.Of(values[k]));
                 _hparamValues[i] = values[k];
             }
         }
@@ -546,7 +550,7 @@ public sealed class FusedAdamW : OptimizerHelper, optim.IBetas
             get => Slot.HostStep ?? (long)Slot.Step.item<float>();
             set
             {
-                Slot.Step.fill_(value);
+                using (var scalars = new ScalarScope()) Slot.Step.fill_(scalars.Of(value));
                 Slot.HostStep = value;
             }
         }

@@ -22,6 +22,12 @@ public sealed class FusedAdamWCudaTests
     private static long[][] ManyShapes() =>
         [.. AdamWCase.Shapes, [3, 8193], [70001], .. Enumerable.Range(0, 90).Select(i => new long[] { 1 + 37 * i % 300 })];
 
+    // LifetimeTests' check on the kernels: the step, the micro-batch accumulation and the device table of per-group
+    // hyperparameters (a Scalar per changed value, before: one per group at every step of a scheduler) leave nothing per
+    // parameter to the finalizer.
+    [Test]
+    public void LeavesNothingPerParameterToTheFinalizer() => LifetimeTests.FusedAdamWLeavesNothingPerParameter(Gpu.Require());
+
     [TestCase(0.0)]
     [TestCase(1.0)]
     public void FollowsTorchAdamWOnFloat32(double maxNorm)

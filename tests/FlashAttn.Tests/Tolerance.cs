@@ -25,6 +25,14 @@ internal static class Tolerance
         return magnitude <= 0 ? 0 : Math.Pow(2, Math.Floor(Math.Log2(magnitude)) - mantissa);
     }
 
+    /// <summary>Half an ulp of <paramref name="dtype"/> at the largest |<paramref name="exact"/>|: the rounding of a result to
+    /// its dtype, which a kernel pays however exactly it computed the value. The low-precision reference rounds its result
+    /// too, but where only a few values are that large (a bias gradient, the weight gradient's column of a constant input)
+    /// its roundings there may all land near the exact values, while a kernel whose sum lies a hair past a rounding
+    /// midpoint is most of an ulp off: the atol for results of that kind.</summary>
+    internal static double OutputRounding(ScalarType dtype, Tensor exact) =>
+        Ulp(dtype, exact.abs().max().to(ScalarType.Float64).item<double>()) / 2;
+
     internal static double MaxAbsDiff(Tensor a, Tensor b)
     {
         using var scope = NewDisposeScope();
