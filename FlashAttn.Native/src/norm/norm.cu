@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cp_async.cuh"
 #include "common/cuda_check.cuh"
 #include "common/device.h"
 #include "common/dtype.h"
@@ -683,6 +684,113 @@ __device__ __forceinline__ void smem_add(float* acc, const float (&v)[N]) {
   *a = t;
 }
 
+// The backward's arithmetic of one vector, shared by the rows and rowsca kernels.
+
+// xhat = (x - mean) * rstd.
+template <typename TX, int kVec>
+__device__ __forceinline__ void bwd_xhat(const Packed<TX, kVec>& raw, float mean, float rstd, float (&xhat)[kVec]) {
+  to_floats(raw, xhat);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) xhat[j] = (xhat[j] - mean) * rstd;
+}
+
+// One norm's share of w * dz at column col: g = dz, wdy = (w + wadd) * g (first) or wdy + (w + wadd) * g.
+template <typename T, typename TW, int kVec>
+__device__ __forceinline__ void bwd_wdy(const Packed<T, kVec>& graw, const void* w, int col, float wadd, bool first,
+                                        float (&g)[kVec], float (&wdy)[kVec]) {
+  float wv[kVec];
+  to_floats(graw, g);
+  load_floats<TW, kVec>(static_cast<const TW*>(w) + col, wv);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) wdy[j] = first ? (wv[j] + wadd) * g[j] : wdy[j] + (wv[j] + wadd) * g[j];
+}
+
+// dx = rstd * (w dz - (xhat * c1 + c2)), before dresidual_out is added.
+template <int kVec>
+__device__ __forceinline__ void bwd_dx(const float (&xhat)[kVec], const float (&wdy)[kVec], float rstd, float c1,
+                                       float c2, float (&dx)[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) dx[j] = rstd * (wdy[j] - (xhat[j] * c1 + c2));
+}
+
+// The outputs of the vector at (row, col) from dx (dresidual_out added): dresidual = dx, dx0 = dropout(dx) *
+// rowscale, dx1 = dropout(dx), the keep bits regenerated from the element's counter as the forward drew them.
+template <typename T, int kVec, bool kDropout>
+__device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&dx)[kVec], float rs, uint32_t keep_max,
+                                          int64_t row, int col) {
+  [[maybe_unused]] const int64_t e = row * p.hidden + col;  // element (dropout counter)
+  if (p.dresidual != nullptr) {
+    const int64_t off = row * p.dresidual_row_stride + col;
+    if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32) store_vec<float, kVec>(static_cast<float*>(p.dresidual) + off, dx);
+    else store_vec<T, kVec>(static_cast<T*>(p.dresidual) + off, dx);
+  }
+  const int64_t dx_off = row * p.dx_row_stride + col;
+  float o[kVec];
+  if constexpr (kDropout) {
+    bool keep[kVec];
+    dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) o[j] = dx[j] * rs;
+  }
+  store_vec<T, kVec>(static_cast<T*>(p.dx0) + dx_off, o);
+  if (p.dx1 != nullptr) {
+    if constexpr (kDropout) {
+      bool keep[kVec];
+      dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * p.hidden + e), keep);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) o[j] = dx[j];
+    }
+    store_vec<T, kVec>(static_cast<T*>(p.dx1) + dx_off, o);
+  }
+}
+
+// Zeroes this thread's columns of its row group's partials (my_acc: [slot][H] floats).
+template <int kVec>
+__device__ __forceinline__ void zero_partials(float* my_acc, const RowSlots& s, int nslots, int H) {
+  for (int it = 0; it < s.count; ++it) {
+    for (int slot = 0; slot < nslots; ++slot) {
+      float* a = my_acc + slot * H + s.col0 + it * s.step;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) a[j] = 0.f;
+    }
+  }
+}
+
+// The block's partials (acc: [row group][slot][H] floats, complete) into workspace row blockIdx.x (slot s at
+// [s][blockIdx.x][col]): its row groups summed in order (a row group without rows adds zeros). Every thread of the
+// block calls it.
+template <int kVec>
+__device__ __forceinline__ void block_partials_out(const NormBwdParams& p, const float* acc, const RowSlots& s,
+                                                   int nslots) {
+  const int H = int(p.hidden);
+  float* out = p.workspace + int64_t(blockIdx.x) * H;  // slot s at out + s * gridDim.x * H
+  const int64_t slot_stride = int64_t(gridDim.x) * H;
+  if (blockDim.y == 1) {
+    // only this thread's own columns: no barrier
+    for (int it = 0; it < s.count; ++it) {
+      const int col = s.col0 + it * s.step;
+      for (int slot = 0; slot < nslots; ++slot)
+        *reinterpret_cast<Vec<float, kVec>*>(out + slot * slot_stride + col) =
+            *reinterpret_cast<const Vec<float, kVec>*>(acc + slot * H + col);
+    }
+  } else {
+    __syncthreads();
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    for (int i = tid; i < nslots * H; i += nthreads) {
+      float t = acc[i];
+      for (int g = 1; g < int(blockDim.y); ++g) t += acc[int64_t(g) * nslots * H + i];
+      const int slot = i / H;
+      out[slot * slot_stride + (i - slot * H)] = t;
+    }
+  }
+}
+
 // Backward. Row group threadIdx.y of block b handles rows b * rpb + threadIdx.y, then + gridDim.x * rpb, ...;
 // the dweight/dbias partials of its columns accumulate in shared memory (acc: [row group][slot][H] floats,
 // `nslots` slots), and at the end the block sums its row groups in a fixed order into workspace row b (slot s at
@@ -707,15 +815,7 @@ __global__ void __launch_bounds__(512)
   const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
   const float wadd = p.zero_centered ? 1.f : 0.f;
   float* my_acc = acc + int64_t(threadIdx.y) * nslots * H;  // this row group's partials
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    if (it >= s.count) continue;
-    for (int slot = 0; slot < nslots; ++slot) {
-      float* a = my_acc + slot * H + s.col0 + it * s.step;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) a[j] = 0.f;
-    }
-  }
+  zero_partials<kVec>(my_acc, s, nslots, H);
 
   Packed<TX, kVec> ax[kIters];
   Packed<T, kVec> ag0[kIters], ag1[kP];
@@ -743,15 +843,10 @@ __global__ void __launch_bounds__(512)
     // xhat and w * dz (summed over both norms) of vector it; with `accumulate`, the partials of dz * xhat and dz
     auto values = [&](int it, float (&xhat)[kVec], float (&wdy)[kVec], bool accumulate) {
       const int col = s.col0 + it * s.step;
-      to_floats(ax[it], xhat);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) xhat[j] = (xhat[j] - mean) * rstd;
+      bwd_xhat(ax[it], mean, rstd, xhat);
       auto one = [&](const Packed<T, kVec>& graw, const void* wp, int slot_dw, int slot_db, bool first) {
-        float g[kVec], w[kVec];
-        to_floats(graw, g);
-        load_floats<TW, kVec>(static_cast<const TW*>(wp) + col, w);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) wdy[j] = first ? (w[j] + wadd) * g[j] : wdy[j] + (w[j] + wadd) * g[j];
+        float g[kVec];
+        bwd_wdy<T, TW, kVec>(graw, wp, col, wadd, first, g, wdy);
         if (accumulate) {
           float gx[kVec];
 #pragma unroll
@@ -785,12 +880,10 @@ __global__ void __launch_bounds__(512)
     group_sum(sums);
     const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
     const float rs = p.rowscale != nullptr ? p.rowscale[row] : 1.f;
-    [[maybe_unused]] const int64_t e0 = row * H + s.col0;  // element (dropout counter) of vector 0
-    const int64_t dx_off = row * p.dx_row_stride + s.col0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
-      float xhat[kVec], wdy[kVec], dx[kVec], o[kVec];
+      float xhat[kVec], wdy[kVec], dx[kVec];
       if constexpr (kPrefetch) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
@@ -803,8 +896,7 @@ __global__ void __launch_bounds__(512)
           ag1[it] = load_packed_stream<T, kVec>(static_cast<const T*>(p.dz1) + row * p.dz_row_stride + s.col0 + it * s.step);
         values(it, xhat, wdy, false);
       }
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) dx[j] = rstd * (wdy[j] - (xhat[j] * c1 + c2));
+      bwd_dx(xhat, wdy, rstd, c1, c2, dx);
       if (p.dresidual_out != nullptr) {
         float d[kVec];
         const int64_t off = row * p.dresidual_out_row_stride + s.col0 + it * s.step;
@@ -812,33 +904,7 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dx[j] += d[j];
       }
-      if (p.dresidual != nullptr) {
-        const int64_t off = row * p.dresidual_row_stride + s.col0 + it * s.step;
-        if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32) store_vec<float, kVec>(static_cast<float*>(p.dresidual) + off, dx);
-        else store_vec<T, kVec>(static_cast<T*>(p.dresidual) + off, dx);
-      }
-      if constexpr (kDropout) {
-        bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e0 + it * s.step), keep);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) o[j] = dx[j] * rs;
-      }
-      store_vec<T, kVec>(static_cast<T*>(p.dx0) + dx_off + it * s.step, o);
-      if (p.dx1 != nullptr) {
-        if constexpr (kDropout) {
-          bool keep[kVec];
-          dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e0 + it * s.step), keep);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
-        } else {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) o[j] = dx[j];
-        }
-        store_vec<T, kVec>(static_cast<T*>(p.dx1) + dx_off + it * s.step, o);
-      }
+      bwd_store<T, kVec, kDropout>(p, dx, rs, keep_max, row, s.col0 + it * s.step);
     }
   };
 
@@ -863,28 +929,207 @@ __global__ void __launch_bounds__(512)
     else row_body(row, TypeTag<T>{});
   }
 
-  // The block's partials: its row groups summed in order (a row group without rows adds zeros).
-  float* out = p.workspace + int64_t(blockIdx.x) * H;  // slot s at out + s * gridDim.x * H
-  const int64_t slot_stride = int64_t(gridDim.x) * H;
-  if (blockDim.y == 1) {
+  block_partials_out<kVec>(p, acc, s, nslots);
+}
+
+// rowsca: the backward streaming its rows through shared memory (NOTES.md, "Third round"). A row group keeps the
+// inputs of its next `stages - 1` rows (x, dz0, dz1, dresidual_out, and the row's rstd, mean, rowscale) in flight by
+// cp.async into a ring of `stages` buffers while it computes the current row out of shared memory: the loads never
+// wait for a reduction or a store, and hold no registers. Each thread copies, and reads back, only its own vectors,
+// so the data needs no barrier (cp.async.wait_group makes a thread's copies visible to that thread); lanes 0-2 of
+// each warp copy the row's scalars into the warp's slot and shuffle them to the others. The dweight/dbias partials
+// of the thread's (at most kIters) vectors accumulate in registers, which the row's data no longer takes; at the
+// end they go through shared memory into the block's workspace row as the rows kernel's do.
+// Shared memory: [warp][stage][4] floats of scalars, then [row group][stage][stage_bytes] (rowsca_layout); at the
+// end [row group][slot][H] float partials.
+struct RowscaLayout {
+  int dz0, dz1, dres, stage_bytes;  // bytes from a stage's start: x at 0, then dz0, dz1 (kParallel), dresidual_out
+};
+
+__host__ __device__ inline RowscaLayout rowsca_layout(int H, int x_bytes, int t_bytes, bool parallel, bool dres) {
+  RowscaLayout l;
+  l.dz0 = H * x_bytes;
+  l.dz1 = l.dz0 + H * t_bytes;
+  l.dres = l.dz1 + (parallel ? H * t_bytes : 0);
+  l.stage_bytes = l.dres + (dres ? H * x_bytes : 0);
+  return l;
+}
+
+// Copies one vector of N elements (16 or 32 bytes) into shared memory.
+template <typename TE, int N>
+__device__ __forceinline__ void cp_async_vec(TE* dst, const TE* src) {
+#pragma unroll
+  for (int i = 0; i < N * int(sizeof(TE)) / 16; ++i)
+    cp_async_16(reinterpret_cast<char*>(dst) + 16 * i, reinterpret_cast<const char*>(src) + 16 * i);
+}
+
+// Waits until at most `ahead` (1 to 3) of the thread's commit groups are in flight.
+__device__ __forceinline__ void cp_async_wait_ahead(int ahead) {
+  if (ahead >= 3) cp_async_wait<3>();
+  else if (ahead == 2) cp_async_wait<2>();
+  else cp_async_wait<1>();
+}
+
+// Keeps the compiler from moving shared-memory accesses across it (the cp.async asm statements do not say they
+// touch memory).
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+//   x, dz0, dz1, dresidual_out (rows, H) -> dresidual, dx0, dx1 (rows, H); partials of dz * xhat, dz (as the rows
+//   kernel). stages: 2 to 4.
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
+__global__ void __launch_bounds__(512)
+    norm_bwd_rowsca_kernel(const NormBwdParams p, int slot_dw0, int slot_db0, int slot_dw1, int slot_db1, int nslots,
+                           int stages) {
+  constexpr int kP = kParallel ? kIters : 1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int H = int(p.hidden);
+  const RowSlots s = row_slots<kVec, kIters>(H);
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const float wadd = p.zero_centered ? 1.f : 0.f;
+  const int lane = threadIdx.x & 31, wpr = blockDim.x >> 5;
+  const bool has_dres = p.dresidual_out != nullptr;
+  const RowscaLayout l = rowsca_layout(H, sizeof(TX), sizeof(T), kParallel, has_dres);
+  float* const scalars = reinterpret_cast<float*>(smem) + (threadIdx.y * wpr + (threadIdx.x >> 5)) * stages * 4;
+  unsigned char* const ring =
+      smem + int(blockDim.y) * wpr * stages * 16 + int(threadIdx.y) * stages * l.stage_bytes;
+
+  // The inputs of `row` into stage `stage`, as one commit group (an empty one past the last row, so that the groups
+  // in flight are always the rows ahead).
+  auto issue = [&](int64_t row, int stage) {
+    if (row < p.rows) {
+      unsigned char* b = ring + stage * l.stage_bytes;
+      const TX* x = static_cast<const TX*>(p.x) + row * p.x_row_stride;
+      const T* g0 = static_cast<const T*>(p.dz0) + row * p.dz_row_stride;
+      const T* g1 = kParallel ? static_cast<const T*>(p.dz1) + row * p.dz_row_stride : nullptr;
+      const TX* dres = has_dres ? static_cast<const TX*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+        const int col = s.col0 + it * s.step;
+        cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b) + col, x + col);
+        cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz0) + col, g0 + col);
+        if constexpr (kParallel) cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz1) + col, g1 + col);
+        if (has_dres) cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b + l.dres) + col, dres + col);
+      }
+      const float* scalar = lane == 0 ? p.rstd : lane == 1 ? p.mean : lane == 2 ? p.rowscale : nullptr;
+      if (scalar != nullptr) cp_async_4(scalars + stage * 4 + lane, scalar + row);
+    }
+    cp_async_commit();
+  };
+
+  float pdw0[kIters][kVec], pdb0[kIters][kVec], pdw1[kP][kVec], pdb1[kP][kVec];  // the partials
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      pdw0[it][j] = pdb0[it][j] = 0.f;
+      if constexpr (kParallel) pdw1[it][j] = pdb1[it][j] = 0.f;
+    }
+  }
+
+  // One row out of stage `stage`, weights of dtype TW.
+  __shared__ float red[2][32][2];
+  GroupSum<2> group_sum(red);
+  auto row_body = [&](int64_t row, int stage, auto wtag) {
+    using TW = typename decltype(wtag)::type;
+    const unsigned char* b = ring + stage * l.stage_bytes;
+    const float v = scalars[stage * 4 + (lane < 3 ? lane : 0)];  // lane i's own copy (i < 3)
+    const float rstd = __shfl_sync(0xffffffffu, v, 0);
+    const float mean = p.mean != nullptr ? __shfl_sync(0xffffffffu, v, 1) : 0.f;
+    const float rs = p.rowscale != nullptr ? __shfl_sync(0xffffffffu, v, 2) : 1.f;
+    // xhat and w * dz (summed over both norms) of vector it; with `accumulate`, the partials of dz * xhat and dz
+    auto values = [&](int it, float (&xhat)[kVec], float (&wdy)[kVec], bool accumulate) {
+      const int col = s.col0 + it * s.step;
+      float g[kVec];
+      bwd_xhat(load_packed<TX, kVec>(reinterpret_cast<const TX*>(b) + col), mean, rstd, xhat);
+      bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(b + l.dz0) + col), p.weight0, col, wadd,
+                           true, g, wdy);
+      if (accumulate) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) pdw0[it][j] += g[j] * xhat[j];
+        if (slot_db0 >= 0) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) pdb0[it][j] += g[j];
+        }
+      }
+      if constexpr (kParallel) {
+        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(b + l.dz1) + col), p.weight1, col, wadd,
+                             false, g, wdy);
+        if (accumulate) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) pdw1[it][j] += g[j] * xhat[j];
+          if (slot_db1 >= 0) {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) pdb1[it][j] += g[j];
+          }
+        }
+      }
+    };
+
+    float sums[2] = {0.f, 0.f};
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      float xhat[kVec], wdy[kVec];
+      values(it, xhat, wdy, true);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        sums[0] += wdy[j] * xhat[j];
+        sums[1] += wdy[j];
+      }
+    }
+    group_sum(sums);
+    const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
       const int col = s.col0 + it * s.step;
-      for (int slot = 0; slot < nslots; ++slot)
-        *reinterpret_cast<Vec<float, kVec>*>(out + slot * slot_stride + col) =
-            *reinterpret_cast<const Vec<float, kVec>*>(my_acc + slot * H + col);
+      float xhat[kVec], wdy[kVec], dx[kVec];
+      values(it, xhat, wdy, false);  // again from shared memory: fewer registers than holding them
+      bwd_dx(xhat, wdy, rstd, c1, c2, dx);
+      if (has_dres) {
+        float d[kVec];
+        to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(b + l.dres) + col), d);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dx[j] += d[j];
+      }
+      bwd_store<T, kVec, kDropout>(p, dx, rs, keep_max, row, col);
     }
-  } else {
-    __syncthreads();
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
-    for (int i = tid; i < nslots * H; i += nthreads) {
-      float t = acc[i];
-      for (int g = 1; g < int(blockDim.y); ++g) t += acc[int64_t(g) * nslots * H + i];
-      const int slot = i / H;
-      out[slot * slot_stride + (i - slot * H)] = t;
+  };
+
+  int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  for (int k = 0; k + 1 < stages; ++k) issue(row + k * row_step, k);
+  for (int stage = 0; row < p.rows; row += row_step) {
+    // the row stages - 1 ahead, into the stage the previous row used (read by this thread alone, before the fence)
+    compiler_fence();
+    issue(row + (stages - 1) * row_step, stage == 0 ? stages - 1 : stage - 1);
+    cp_async_wait_ahead(stages - 1);  // this row's group has landed
+    compiler_fence();
+    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(row, stage, TypeTag<float>{});
+    else row_body(row, stage, TypeTag<T>{});
+    stage = stage + 1 == stages ? 0 : stage + 1;
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();  // every row group is done with the ring, which now takes the partials
+  float* const acc = reinterpret_cast<float*>(smem);
+  float* const my_acc = acc + int(threadIdx.y) * nslots * H;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (it >= s.count) continue;
+    const int col = s.col0 + it * s.step;
+    auto put = [&](int slot, const float (&v)[kVec]) {
+      if (slot >= 0) store_vec<float, kVec>(my_acc + slot * H + col, v);
+    };
+    put(slot_dw0, pdw0[it]);
+    put(slot_db0, pdb0[it]);
+    if constexpr (kParallel) {
+      put(slot_dw1, pdw1[it]);
+      put(slot_db1, pdb1[it]);
     }
   }
+  block_partials_out<kVec>(p, acc, s, nslots);
 }
 
 // ----------------------------------------------------------------------------
@@ -1135,15 +1380,101 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
   });
 }
 
+// rowsca (16-bit data): 16 columns a thread up to 8192 columns (kIters 2, up to 16 warps a row), 32 above (kIters 4,
+// one norm: two norms' partials at 32 columns would take 128 registers). rpb 0 where it does not apply (the caller
+// falls back to rows32): float32 data, two norms past 8192 columns, or two stages of one row group larger than a
+// block's shared memory (float32 x past about 11000 columns).
+struct RowscaShape {
+  int elems = 0, wpr = 0, rpb = 0;
+  RowscaLayout layout{};
+};
+
+// Shared memory of a rowsca block (the layout above the kernel).
+size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden) {
+  const size_t ring = size_t(sh.rpb) * (size_t(sh.wpr) * stages * 16 + size_t(stages) * size_t(sh.layout.stage_bytes));
+  return std::max(ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float));
+}
+
+RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin) {
+  RowscaShape sh;
+  const bool parallel = p.weight1 != nullptr;
+  if (dtype_size(p.dtype) != 2 || vec == 1) return sh;
+  sh.elems = p.hidden <= int64_t(32) * kRowsMaxWarps * 16 ? 16 : 32;
+  if (sh.elems == 32 && parallel) return RowscaShape{};
+  sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
+  sh.layout = rowsca_layout(int(p.hidden), int(dtype_size(p.x_dtype)), 2, parallel, p.dresidual_out != nullptr);
+  sh.rpb = rows_per_block(sh.wpr);
+  while (sh.rpb > 0 && rowsca_smem(sh, 2, sl.count, p.hidden) > size_t(smem_optin)) sh.rpb /= 2;
+  return sh;
+}
+
+// Rows' inputs in flight a multiprocessor that rowsca aims for (the H200 moves about 32 KB a microsecond a
+// multiprocessor, at 1-2 us of loaded latency); past it, more row groups (warps) count for more than more stages.
+constexpr int64_t kRowscaInFlight = 96 * 1024;
+
+template <typename T, int kVec>
+FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh, const BwdSlots& sl, const DeviceInfo& d,
+                                  int64_t* lanes, cudaStream_t stream, const char* function) {
+  if constexpr (sizeof(T) != 2) {
+    return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rowsca_kernel: 16-bit data only");  // rowsca_shape
+  } else {
+    auto run = [&](auto iters) {
+      constexpr int kIters = decltype(iters)::value;
+      return BOOL_SWITCH(p.x_dtype == FLASHATTN_DTYPE_FLOAT32, kXF32, [&] {
+        using TX = std::conditional_t<kXF32, float, T>;
+        return BOOL_SWITCH(p.dropout_p > 0.f, kDropout, [&] {
+          return BOOL_SWITCH(p.weight1 != nullptr, kParallel, [&] {
+            if constexpr (kParallel && kIters * kVec > 16) {
+              return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rowsca_kernel: two norms at %d columns a thread",
+                          kIters * kVec);  // rowsca_shape
+            } else {
+              const auto kernel = norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>;
+              const int threads = 32 * sh.wpr * sh.rpb;
+              const int64_t want = std::min((p.rows + sh.rpb - 1) / sh.rpb, p.lanes - 8);  // see norm_bwd_lanes
+              // The stage count: the rows in flight a multiprocessor up to kRowscaInFlight, then the most row groups,
+              // then the fewest stages (shared memory left to L1, which holds the weights).
+              int stages = 0;
+              int64_t blocks = 0, best_bytes = -1, best_groups = -1;
+              for (int st = 2; st <= 4; ++st) {
+                const size_t smem = rowsca_smem(sh, st, sl.count, p.hidden);
+                if (smem > size_t(d.smem_optin)) break;
+                int64_t b = 0;
+                const FlashAttnStatus st_occ =
+                    persistent_blocks(reinterpret_cast<const void*>(kernel), threads, smem, d, want, &b, function);
+                if (st_occ != FLASHATTN_STATUS_OK) return st_occ;
+                const int64_t groups = b * sh.rpb;
+                const int64_t bytes = std::min(kRowscaInFlight, groups * (st - 1) * sh.layout.stage_bytes / d.sms);
+                if (bytes > best_bytes || (bytes == best_bytes && groups > best_groups)) {
+                  stages = st;
+                  blocks = b;
+                  best_bytes = bytes;
+                  best_groups = groups;
+                }
+              }
+              *lanes = blocks;
+              kernel<<<unsigned(blocks), dim3(32 * sh.wpr, sh.rpb), rowsca_smem(sh, stages, sl.count, p.hidden), stream>>>(
+                  p, sl.slot[0], sl.slot[1], sl.slot[2], sl.slot[3], sl.count, stages);
+              return check_launch(function, "norm_bwd_rowsca_kernel");
+            }
+          });
+        });
+      });
+    };
+    return sh.elems == 16 ? run(IntC<16 / kVec>{}) : run(IntC<32 / kVec>{});
+  }
+}
+
 // ----------------------------------------------------------------------------
 // variants
 
 // The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
 // (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
-// thread; the l2 variants add the L2 prefetch of the next row (NOTES.md).
+// thread; the l2 variants add the L2 prefetch of the next row; rowsca streams the backward's rows through shared
+// memory (its forward is rows32's; where it does not apply, its backward is rows32's too) (NOTES.md).
 // (rows32 with the backward's registers capped for three blocks a multiprocessor was a variant, and lost: NOTES.md.)
-enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kNumVariants };
-constexpr const char* kNormVariantNames[kNumVariants] = {"block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2"};
+enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kNumVariants };
+constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32",  "rows16l2",
+                                                         "rows32l2", "rows64l2", "rowsca"};
 
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
@@ -1211,13 +1542,17 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   int elems = 0;  // columns per thread of the rows family; 0: the block family
   int variant = kBlock;
   DeviceInfo d{};
+  RowscaShape rowsca;  // rpb 0: not rowsca
   if constexpr (kVec > 1) {
     s = current_device_info(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
     variant = p.is_rms ? pick_variant(kBwdRmsRules, p.hidden) : pick_variant(kBwdRules, p.hidden);
+    if (variant == kRowsCa) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
-  if (elems == 0) {
+  if (rowsca.rpb > 0) {
+    if constexpr (kVec > 1) s = launch_bwd_rowsca<T, kVec>(p, rowsca, sl, d, &lanes, stream, function);
+  } else if (elems == 0) {
     s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
   } else if constexpr (kVec > 1) {
     s = launch_bwd_rows<T, kVec>(p, elems, variant_l2(variant), sl, d, &lanes, stream, function);
