@@ -18,10 +18,11 @@ internal static partial class NativeMethods
 
     /// <summary>
     /// How FlashAttn_dense_gemm picks the cuBLASLt algorithm of a problem (shape, leading dimensions,
-    /// transposes, dtype, epilogue, pointer alignments) it has not seen yet: candidates &lt;= 1 (the
-    /// default) takes the heuristic's first choice; candidates = N &gt; 1 asks the heuristic for up to N
-    /// and times each on the call's own data (a warm-up and 3 runs, then one stream synchronize), keeping
-    /// the fastest. The choice is cached per problem and per setting. Returns the previous setting.
+    /// transposes, dtype, epilogue, pointer alignments) it has not seen yet: candidates &lt;= 1 takes the
+    /// heuristic's first choice; candidates = N &gt; 1 asks the heuristic for up to N and times each on the
+    /// call's own data (a warm-up and 3 runs, then one stream synchronize), keeping the fastest. The choice
+    /// is cached per problem and per setting. The setting starts at 1, or at FLASHATTN_DENSE_ALGO_CANDIDATES
+    /// when the environment has it at load. Returns the previous setting.
     /// </summary>
     [LibraryImport(LibraryName, EntryPoint = "FlashAttn_dense_set_algo_candidates")]
     internal static partial int FlashAttn_dense_set_algo_candidates(int candidates);

@@ -360,10 +360,11 @@ typedef enum FlashAttnDenseEpilogue {
 FLASHATTN_API int64_t FlashAttn_dense_workspace_size(void);
 
 // How FlashAttn_dense_gemm picks the cuBLASLt algorithm of a problem (shape, leading dimensions,
-// transposes, dtype, epilogue, pointer alignments) it has not seen yet: candidates <= 1 (the
-// default) takes the heuristic's first choice; candidates = N > 1 asks the heuristic for up to N
-// and times each on the call's own data (a warm-up and 3 runs, then one stream synchronize), keeping
-// the fastest. The choice is cached per problem and per setting. Returns the previous setting.
+// transposes, dtype, epilogue, pointer alignments) it has not seen yet: candidates <= 1 takes the
+// heuristic's first choice; candidates = N > 1 asks the heuristic for up to N and times each on the
+// call's own data (a warm-up and 3 runs, then one stream synchronize), keeping the fastest. The choice
+// is cached per problem and per setting. The setting starts at 1, or at FLASHATTN_DENSE_ALGO_CANDIDATES
+// when the environment has it at load. Returns the previous setting.
 FLASHATTN_API int32_t FlashAttn_dense_set_algo_candidates(int32_t candidates);
 
 // out (m, n) = op(a) @ op(b), then `epilogue`, through cuBLASLt (float32 compute, one heuristic

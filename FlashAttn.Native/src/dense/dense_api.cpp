@@ -1,5 +1,6 @@
 // FlashAttn_dense_*: validates every argument, fills DenseParams once, runs the cuBLASLt GEMM.
 #include <atomic>
+#include <cstdlib>
 
 #include "common/dtype.h"
 #include "common/error.h"
@@ -8,14 +9,20 @@
 using namespace flashattn;
 
 namespace {
-std::atomic<int32_t> g_algo_candidates{1};
+int32_t clamp_candidates(long candidates) { return candidates < 1 ? 1 : candidates > 32 ? 32 : int32_t(candidates); }
+// FLASHATTN_DENSE_ALGO_CANDIDATES=N sets the initial value (read once, at load): the timed choice for a whole run
+// without code, e.g. a training step profiled both ways.
+int32_t initial_candidates() {
+  const char* v = std::getenv("FLASHATTN_DENSE_ALGO_CANDIDATES");
+  return v == nullptr ? 1 : clamp_candidates(std::strtol(v, nullptr, 10));
+}
+std::atomic<int32_t> g_algo_candidates{initial_candidates()};
 }
 
 int32_t flashattn::dense_algo_candidates() { return g_algo_candidates.load(std::memory_order_relaxed); }
 
 FLASHATTN_API int32_t FlashAttn_dense_set_algo_candidates(int32_t candidates) {
-  const int32_t clamped = candidates < 1 ? 1 : candidates > 32 ? 32 : candidates;
-  return g_algo_candidates.exchange(clamped);
+  return g_algo_candidates.exchange(clamp_candidates(candidates));
 }
 
 FLASHATTN_API int64_t FlashAttn_dense_workspace_size(void) { return kDenseWorkspaceBytes; }
