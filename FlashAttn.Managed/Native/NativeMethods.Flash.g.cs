@@ -37,9 +37,10 @@ internal static partial class NativeMethods
     /// alibi_slopes: NULL or float32 (batch, nheads) with alibi_batch_stride (0: one row shared by all
     ///   sequences); adds -slope * |i + sk - sq - j| to the scaled scores.
     /// dropout_p in [0, 1): Philox-4x32-10 keyed by (seed, offset) decides each kept element; kept
-    ///   probabilities are scaled by 1 / (1 - dropout_p). Element (b, h, i, j) takes word
-    ///   2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {8 (j / 16) + j % 8, 8 (i / 16) + i % 8,
-    ///   b * nheads + h + offset_lo, offset_hi}) and is kept when that word is below floor((1 - dropout_p) * 2^32). dropout_mask: NULL, or uint8 (batch, nheads, seqlen_q, seqlen_k)
+    ///   probabilities are scaled by 1 / (1 - dropout_p). Element (b, h, i, j) takes 16-bit half j % 2
+    ///   (low, high) of word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {4 (j / 16) + (j % 8) / 2,
+    ///   8 (i / 16) + i % 8, b * nheads + h + offset_lo, offset_hi}) and is kept when that half is below
+    ///   floor((1 - dropout_p) * 2^16). dropout_mask: NULL, or uint8 (batch, nheads, seqlen_q, seqlen_k)
     ///   contiguous and zero-filled by the caller, written with 1 where query i sees key j and the element
     ///   is kept (tests only; not with cu_seqlens).
     /// </summary>

@@ -112,8 +112,9 @@ public static partial class Reference
     /// <summary>
     /// The attention kernels' dropout mask: uint8 (batch, nheads, Sq, Sk), 1 where query i sees key j (see
     /// <see cref="Masked"/>) and the kernels' Philox-4x32-10 stream keeps the element, 0 elsewhere (flashattn.h,
-    /// FlashAttn_flash_fwd: word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {8 (j / 16) + j % 8, 8 (i / 16) + i % 8,
-    /// b * nheads + h, 0}) below floor((1 - p) 2^32)), so a seed gives the same mask on every device. Computed with
+    /// FlashAttn_flash_fwd: 16-bit half j % 2 of word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {4 (j / 16) +
+    /// (j % 8) / 2, 8 (i / 16) + i % 8, b * nheads + h, 0}) below floor((1 - p) 2^16)), so a seed gives the same mask
+    /// on every device. Computed with
     /// tensor ops on <paramref name="device"/> (no host work or copy on a GPU). dropout_p 0 keeps every visible element.
     /// <paramref name="firstBatch"/> is the index of the first sequence (varlen sequences are masked one at a time).
     /// </summary>
@@ -130,7 +131,8 @@ public static partial class Reference
         return mask.MoveToOuterDisposeScope();
     }
 
-    // (batch * nheads) split so that each part's Philox state (int64 words, four per quad) stays near 2^22 elements.
+    // (batch * nheads) split so that each part's Philox state (int64 words, four per call of eight elements) stays near
+    // 2^21 words.
     private static IEnumerable<(long start, long count)> Chunks(long bh, long Sq, long Sk)
     {
         long per = Math.Max(1, (1L << 22) / Math.Max(1, (Sq + 15) / 16 * 16 * ((Sk + 15) / 16 * 16)));
@@ -142,17 +144,21 @@ public static partial class Reference
     {
         using var scope = NewDisposeScope();
         // the kernels compare against the float32 dropout_p they receive
-        long threshold = (long)Math.Min((1.0 - (float)dropout_p) * 4294967296.0, 4294967295.0);
-        // One call per quad {i, i + 8} x {j, j + 8} (i % 16 < 8, j % 16 < 8): counters c0 = 8 (j / 16) + j % 8 over
-        // the key quads, c1 = 8 (i / 16) + i % 8 over the query quads, c2 = the (batch, head) index.
+        long threshold = (long)Math.Min((1.0 - (float)dropout_p) * 65536.0, 65536.0);
+        // One call per {i, i + 8} x {j, j + 1, j + 8, j + 9} (i % 16 < 8; j even, j % 16 < 8): counters
+        // c0 = 4 (j / 16) + (j % 8) / 2 over the key groups, c1 = 8 (i / 16) + i % 8 over the query pairs, c2 = the
+        // (batch, head) index.
         long bi = (Sq + 15) / 16, bj = (Sk + 15) / 16;
-        var c0 = arange(8 * bj, dtype: ScalarType.Int64, device: device).view(1, 1, -1);
+        var c0 = arange(4 * bj, dtype: ScalarType.Int64, device: device).view(1, 1, -1);
         var c1 = arange(8 * bi, dtype: ScalarType.Int64, device: device).view(1, -1, 1);
         var c2 = arange(word2Base + start, word2Base + start + count, dtype: ScalarType.Int64, device: device).view(-1, 1, 1);
         var (w0, w1, w2, w3) = Philox((uint)seed, (uint)(seed >> 32), c0, c1, c2, zeros(1, 1, 1, dtype: ScalarType.Int64, device: device));
-        // (count, i / 16, i % 8, j / 16, j % 8, di, dj): word 2 di + dj decides (i + 8 di, j + 8 dj)
-        var keep = stack(new[] { w0, w1, w2, w3 }, -1).lt(threshold).view(count, bi, 8, bj, 8, 2, 2)
-            .permute(0, 1, 5, 2, 3, 6, 4).reshape(count, 16 * bi, 16 * bj);
+        // (count, i / 16, i % 8, j / 16, (j % 8) / 2, di, dj, j % 2): half j % 2 of word 2 di + dj decides
+        // (i + 8 di, j + 8 dj)
+        var words = stack(new[] { w0, w1, w2, w3 }, -1);
+        var halves = stack(new[] { words.bitwise_and(0xFFFF), words.bitwise_right_shift(16) }, -1);
+        var keep = halves.lt(threshold).view(count, bi, 8, bj, 4, 2, 2, 2)
+            .permute(0, 1, 5, 2, 3, 6, 4, 7).reshape(count, 16 * bi, 16 * bj);
         return keep[.., ..(int)Sq, ..(int)Sk].to(ScalarType.Byte).MoveToOuterDisposeScope();
     }
 

@@ -94,22 +94,22 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
   const Dropout drop(p.seed, p.offset, int64_t(b) * p.nheads + h, dropout_threshold(p.dropout_p));
   // Dropout decisions of the lane's elements (mt, nt, e) of m16 tile mt in the block of keys from n0: bit 4 nt + e
   // (query w0 + 16 mt + g + 8 (e / 2), key n0 + 8 nt + 2t + e % 2), of row half r alone when r >= 0. One Philox call
-  // per quad (Dropout::keep4), each quad's twice when taken a row half at a time.
+  // per eight elements (Dropout::keep8), each call's twice when taken a row half at a time.
   constexpr bool kDropoutBits = D <= 128;
   auto dropout_bits = [&](int n0, int mt, int r) {
     uint32_t bits = 0;
 #pragma unroll
-    for (int np = 0; np < NT / 2; ++np)
+    for (int np = 0; np < NT / 2; ++np) {
+      bool k8[2][2][2];
+      drop.keep8(m0 + w0 + mt * 16 + g, n0 + np * 16 + 2 * t, k8);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        bool k4[2][2];
-        drop.keep4(m0 + w0 + mt * 16 + g, n0 + np * 16 + 2 * t + c, k4);
+      for (int di = 0; di < 2; ++di)
 #pragma unroll
-        for (int di = 0; di < 2; ++di)
+        for (int dj = 0; dj < 2; ++dj)
 #pragma unroll
-          for (int dj = 0; dj < 2; ++dj)
-            if (r < 0 || r == di) bits |= uint32_t(k4[di][dj]) << (4 * (2 * np + dj) + 2 * di + c);
-      }
+          for (int c = 0; c < 2; ++c)
+            if (r < 0 || r == di) bits |= uint32_t(k8[di][dj][c]) << (4 * (2 * np + dj) + 2 * di + c);
+    }
     return bits;
   };
 
