@@ -10,8 +10,10 @@ namespace FlashAttn.Tests;
 /// a tiny ViT in training mode (dropout and drop-path on, so the random draws count too), fused and plain, in float32 and
 /// float64 on the CPU. The expected values were computed by this test on the model code before GPT and ViT were assembled
 /// from the public modules (commit 6ceb04d; the fused cases again at 5381581, the same model code once the fused norms'
-/// dropout drew its seed as attention's does, which moved their training-mode loss and gradients, not their logits): a
-/// change in the initialisation order, the random draws or the ops shows here.
+/// dropout drew its seed as attention's does, which moved their training-mode loss and gradients, not their logits; the
+/// fused cases' loss and gradient norm again when the attention dropout stream moved to 16-bit halves, ABI 11: their
+/// logits, without dropout, kept every bit): a change in the initialisation order, the random draws or the ops shows
+/// here.
 /// </summary>
 [TestFixture]
 public sealed class ModelNumericsTests
@@ -81,18 +83,18 @@ public sealed class ModelNumericsTests
         Assert.That(actual.Item3, Is.EqualTo(expected.Item3).Within(ulps * actual.Item4), "logits checksum");
     }
 
-    [TestCase(true, false, ScalarType.Float32, 5.540904998779297, 3.269344012473247, 7.070970924616286)]
+    [TestCase(true, false, ScalarType.Float32, 5.547887325286865, 3.292880920483691, 7.070970924616286)]
     [TestCase(false, false, ScalarType.Float32, 5.558669090270996, 3.3600413614984053, 7.070970915367851)]
-    [TestCase(true, true, ScalarType.Float32, 5.5124030113220215, 3.861327279807971, -51.64280372375978)]
+    [TestCase(true, true, ScalarType.Float32, 5.503134250640869, 3.8842546313613227, -51.64280372375978)]
     [TestCase(false, true, ScalarType.Float32, 5.511183261871338, 3.897450191719739, -51.64280267101145)]
-    [TestCase(true, true, ScalarType.Float64, 5.520864801211218, 4.171999850713143, -15.86733651193474)]
+    [TestCase(true, true, ScalarType.Float64, 5.532019362446289, 4.17310021789573, -15.86733651193474)]
     [TestCase(false, true, ScalarType.Float64, 5.512780665725983, 4.163265147979839, -15.867336511934734)]
     public void Gpt_GivesTheNumbersOfBefore(bool fused, bool rotary, ScalarType dtype, double loss, double gradNorm, double logits) =>
         AssertClose(Gpt(fused, rotary, dtype), (loss, gradNorm, logits), dtype);
 
-    [TestCase(true, ScalarType.Float32, 2.2312772274017334, 13.182598299789229, 1.0267033920138258)]
+    [TestCase(true, ScalarType.Float32, 2.2216851711273193, 13.502665338146375, 1.0267033920138258)]
     [TestCase(false, ScalarType.Float32, 2.232762575149536, 12.539725091742065, 1.026703154076903)]
-    [TestCase(true, ScalarType.Float64, 2.1882111329925578, 12.07271626916812, 0.4699571901429632)]
+    [TestCase(true, ScalarType.Float64, 2.1878215118061894, 12.0038002305052, 0.4699571901429632)]
     [TestCase(false, ScalarType.Float64, 2.145958780304229, 13.676366852470782, 0.46995719014296305)]
     public void Vit_GivesTheNumbersOfBefore(bool fused, ScalarType dtype, double loss, double gradNorm, double logits) =>
         AssertClose(Vit(fused, dtype), (loss, gradNorm, logits), dtype);
