@@ -1,5 +1,5 @@
 // Counter-based Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the generator
-// curand and PyTorch use for dropout, and every dropout stream of this library: the attention kernels' quad stream
+// curand and PyTorch use for dropout, and every dropout stream of this library: the attention kernels' stream of 16-bit halves
 // (flash/dropout.cuh) and the norms' elementwise stream (below). A pure function of (key, counter): the backward
 // regenerates the forward's decisions instead of saving a mask. The managed reference path reproduces it
 // (Reference.Philox) and must stay byte-identical.
