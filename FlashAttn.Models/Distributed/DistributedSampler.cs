@@ -3,7 +3,7 @@ using FlashAttn.Models.Data;
 namespace FlashAttn.Models.Distributed;
 
 /// <summary>
-/// One rank's share of the <see cref="LmBatchSampler"/> order (issue 10). Each epoch's permutation
+/// One rank's share of the <see cref="LmBatchSampler"/> order. Each epoch's permutation
 /// (a pure function of (seed, epoch), identical on every rank) is cut to a multiple of
 /// <c>worldSize</c> (the tail is dropped so every rank runs the same number of steps, which data
 /// parallel training requires) and rank r takes positions r, r + W, r + 2W, …

@@ -43,7 +43,7 @@ public sealed record LaunchOptions
 }
 
 /// <summary>
-/// Starts one worker process per GPU (issue 10): by default the current executable with the same
+/// Starts one worker process per GPU: by default the current executable with the same
 /// arguments; the environment carries RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
 /// MASTER_PORT (or FLASHATTN_RENDEZVOUS_FILE), FLASHATTN_DISTRIBUTED_WORKER=1 (so a worker does not
 /// launch again) and the three variables that keep NVLink multicast off; CUDA_VISIBLE_DEVICES is

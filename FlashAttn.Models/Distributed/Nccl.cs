@@ -37,7 +37,7 @@ internal enum NcclDataType
 internal enum NcclRedOp { Sum = 0, Prod = 1, Max = 2, Min = 3, Avg = 4 }
 
 /// <summary>
-/// The NCCL imports (issue 10). libnccl.so.2 is not shipped here: it comes with the GPU host's
+/// The NCCL imports. libnccl.so.2 is not shipped here: it comes with the GPU host's
 /// PyTorch (site-packages/nvidia/nccl/lib), found next to FLASHATTN_TORCH_LIB (torch/lib) as
 /// <c>../../nvidia/nccl/lib/libnccl.so.2</c>, or named by NCCL_LIBRARY (the file or its folder;
 /// when set, nothing else is tried), else left to the system loader (<c>libnccl.so.2</c>).

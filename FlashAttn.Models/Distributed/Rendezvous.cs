@@ -4,7 +4,7 @@ using System.Net.Sockets;
 namespace FlashAttn.Models.Distributed;
 
 /// <summary>
-/// Hands rank 0's NCCL unique id (128 bytes) to the other ranks (issue 10), either through a file
+/// Hands rank 0's NCCL unique id (128 bytes) to the other ranks, either through a file
 /// (rank 0 writes it to a temporary name and renames it into place, so a reader never sees a partial
 /// id; the others poll for it) or over TCP (rank 0 listens on MASTER_ADDR:MASTER_PORT and sends the
 /// id to each of the world_size − 1 ranks that connect; they retry until it is up). Both wait at

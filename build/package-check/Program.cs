@@ -1,4 +1,4 @@
-// The package check on a GPU host (issue 9): build/device-prepare.sh packs FlashAttn.TorchSharp and
+// The package check on a GPU host: build/device-prepare.sh packs FlashAttn.TorchSharp and
 // FlashAttn.Models, adds them to a fresh console project with `dotnet add package` (plain TorchSharp,
 // no TorchSharp-cuda: libtorch comes from the host's PyTorch through the documented loader) and
 // publishes this program; build/device-run.sh swaps the CUDA build of libflashattn into the package

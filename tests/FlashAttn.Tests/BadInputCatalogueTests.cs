@@ -8,7 +8,7 @@ using static TorchSharp.torch;
 namespace FlashAttn.Tests;
 
 /// <summary>
-/// The bad-input catalogue (issue 15): every public function and module of FlashAttn.TorchSharp and the models of
+/// The bad-input catalogue: every public function and module of FlashAttn.TorchSharp and the models of
 /// FlashAttn.Models, each with wrong dtypes, wrong ranks and shapes, a non-contiguous last dimension, empty tensors
 /// (batch 0, sequence 0), NaN and Inf values, out-of-range indices, labels, offsets and positions, and on the GPU
 /// arguments on two devices. A case expects an ArgumentException naming the argument or the documented behaviour (NaN

@@ -8,7 +8,7 @@ using static TorchSharp.torch;
 
 namespace FlashAttn.Tests;
 
-/// <summary>Data parallel training's CPU-testable parts (issue 10): the distributed sampler's
+/// <summary>Data parallel training's CPU-testable parts: the distributed sampler's
 /// partition, the gradient bucket plan, the launcher (with shell workers), the NCCL id rendezvous
 /// (file and loopback TCP) and the NCCL library lookup. Nothing here needs a GPU or libnccl.</summary>
 public class DistributedTests
