@@ -265,6 +265,15 @@ public sealed class DenseTests
         Expect("activation", "gelu_approx", () => new FusedMLP(16, activation: "gelu"));
     }
 
+    // An InvalidArgument status whose last error starts with the function's name and says `fragment`.
+    private static void ExpectInvalid(FlashAttnStatus status, string function, string fragment)
+    {
+        Assert.That(status, Is.EqualTo(FlashAttnStatus.InvalidArgument));
+        var message = System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())!;
+        Assert.That(message, Does.StartWith(function + ": "));
+        Assert.That(message, Does.Contain(fragment));
+    }
+
     [Test]
     public void NativeGemmValidatesItsArguments()
     {
@@ -275,13 +284,7 @@ public sealed class DenseTests
             long ldaux = 0, IntPtr? a = null) =>
             NativeMethods.FlashAttn_dense_gemm(a ?? p, p, p, dt, m, n, k, ta, tb, lda, ldb, ldo, ep, p, aux ?? IntPtr.Zero, ldaux, 0, p,
                                                1 << 20, IntPtr.Zero);
-        void Expect(FlashAttnStatus status, string fragment)
-        {
-            Assert.That(status, Is.EqualTo(FlashAttnStatus.InvalidArgument));
-            var message = System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())!;
-            Assert.That(message, Does.StartWith("FlashAttn_dense_gemm: "));
-            Assert.That(message, Does.Contain(fragment));
-        }
+        void Expect(FlashAttnStatus status, string fragment) => ExpectInvalid(status, "FlashAttn_dense_gemm", fragment);
         Expect(Call(dt: FlashAttnDType.Float32), "dtype (float32)");
         Expect(Call(k: 0), "k (0)");
         Expect(Call(lda: 7), "lda (7)");
@@ -310,13 +313,7 @@ public sealed class DenseTests
         FlashAttnStatus Call(FlashAttnDType dt = FlashAttnDType.Bfloat16, long rows = 100, long cols = 8, long rowStride = 8,
             IntPtr? dy = null, IntPtr? db = null, IntPtr? ws = null, long wsBytes = 1 << 20) =>
             NativeMethods.FlashAttn_dense_bias_grad(dy ?? p, db ?? p, dt, rows, cols, rowStride, ws ?? p, wsBytes, IntPtr.Zero);
-        void Expect(FlashAttnStatus status, string fragment)
-        {
-            Assert.That(status, Is.EqualTo(FlashAttnStatus.InvalidArgument));
-            var message = System.Runtime.InteropServices.Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error())!;
-            Assert.That(message, Does.StartWith("FlashAttn_dense_bias_grad: "));
-            Assert.That(message, Does.Contain(fragment));
-        }
+        void Expect(FlashAttnStatus status, string fragment) => ExpectInvalid(status, "FlashAttn_dense_bias_grad", fragment);
         Expect(Call(dt: FlashAttnDType.Int32), "dtype (int32)");
         Expect(Call(rows: -1), "rows (-1)");
         Expect(Call(cols: -2), "cols (-2)");

@@ -44,6 +44,30 @@ FlashAttnStatus check_gradient(const char* kFunction, const void* logits, const 
   return FLASHATTN_STATUS_OK;
 }
 
+// The caller's workspace: present, at least `need` bytes (what `size_query` reports), 4-byte aligned.
+FlashAttnStatus check_workspace(const char* kFunction, const void* workspace, int64_t workspace_bytes, int64_t need,
+                                const char* size_query) {
+  FA_CHECK(workspace != nullptr, "workspace must not be NULL (%lld bytes needed)", (long long)need);
+  FA_CHECK(workspace_bytes >= need, "workspace_bytes (%lld) must be >= %lld (%s)", (long long)workspace_bytes,
+           (long long)need, size_query);
+  FA_CHECK(is_aligned(workspace, 4), "workspace must be 4-byte aligned");
+  return FLASHATTN_STATUS_OK;
+}
+
+// The options check_options validated, as every kernel of the loss reads them.
+CrossEntropyParams options_params(FlashAttnDType dtype, int64_t rows, int64_t vocab, float label_smoothing,
+                                  float logit_scale, float lse_square_scale, int64_t ignore_index) {
+  CrossEntropyParams p{};
+  p.dtype = dtype;
+  p.rows = rows;
+  p.vocab = vocab;
+  p.label_smoothing = label_smoothing;
+  p.logit_scale = logit_scale;
+  p.lse_square_scale = lse_square_scale;
+  p.ignore_index = ignore_index;
+  return p;
+}
+
 }  // namespace
 
 FLASHATTN_API int64_t FlashAttn_cross_entropy_fwd_workspace_size(int64_t rows, int64_t vocab) {
@@ -64,26 +88,17 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd(
     FA_CHECK(loss != nullptr, "loss must not be NULL");
     FA_CHECK(lse != nullptr, "lse must not be NULL");
     FA_CHECK(row_stride >= vocab, "row_stride (%lld) must be >= vocab (%lld)", (long long)row_stride, (long long)vocab);
-    const int64_t need = cross_entropy_fwd_workspace_bytes(rows, vocab);
-    FA_CHECK(workspace != nullptr, "workspace must not be NULL (%lld bytes needed)", (long long)need);
-    FA_CHECK(workspace_bytes >= need,
-             "workspace_bytes (%lld) must be >= %lld (FlashAttn_cross_entropy_fwd_workspace_size)",
-             (long long)workspace_bytes, (long long)need);
-    FA_CHECK(is_aligned(workspace, 4), "workspace must be 4-byte aligned");
-    CrossEntropyParams p{};
+    s = check_workspace(kFunction, workspace, workspace_bytes, cross_entropy_fwd_workspace_bytes(rows, vocab),
+                        "FlashAttn_cross_entropy_fwd_workspace_size");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    CrossEntropyParams p =
+        options_params(dtype, rows, vocab, label_smoothing, logit_scale, lse_square_scale, ignore_index);
     p.logits = logits;
-    p.dtype = dtype;
     p.labels = labels;
     p.loss = loss;
     p.z_loss = z_loss;
     p.lse = lse;
-    p.rows = rows;
-    p.vocab = vocab;
     p.logits_row_stride = row_stride;
-    p.label_smoothing = label_smoothing;
-    p.logit_scale = logit_scale;
-    p.lse_square_scale = lse_square_scale;
-    p.ignore_index = ignore_index;
     p.workspace = static_cast<float*>(workspace);
     s = device_error_record(&p.error, kFunction);
     if (s != FLASHATTN_STATUS_OK) return s;
@@ -105,22 +120,16 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_bwd(
     s = check_gradient(kFunction, logits, dlogits, labels, dloss, vocab, logits_row_stride, dlogits_row_stride);
     if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(lse != nullptr, "lse must not be NULL");
-    CrossEntropyParams p{};
+    CrossEntropyParams p =
+        options_params(dtype, rows, vocab, label_smoothing, logit_scale, lse_square_scale, ignore_index);
     p.logits = logits;
     p.dlogits = dlogits;
-    p.dtype = dtype;
     p.labels = labels;
     p.lse = const_cast<float*>(lse);
     p.dloss = dloss;
     p.dloss_stride = dloss_stride;
-    p.rows = rows;
-    p.vocab = vocab;
     p.logits_row_stride = logits_row_stride;
     p.dlogits_row_stride = dlogits_row_stride;
-    p.label_smoothing = label_smoothing;
-    p.logit_scale = logit_scale;
-    p.lse_square_scale = lse_square_scale;
-    p.ignore_index = ignore_index;
     return run_cross_entropy_bwd(p, stream, kFunction);
   });
 }
@@ -144,30 +153,21 @@ FLASHATTN_API FlashAttnStatus FlashAttn_cross_entropy_fwd_bwd(
     if (s != FLASHATTN_STATUS_OK) return s;
     FA_CHECK(loss != nullptr, "loss must not be NULL");
     FA_CHECK(dloss_applied != nullptr, "dloss_applied must not be NULL");
-    const int64_t need = cross_entropy_fwd_bwd_workspace_bytes(rows, vocab);
-    FA_CHECK(workspace != nullptr, "workspace must not be NULL (%lld bytes needed)", (long long)need);
-    FA_CHECK(workspace_bytes >= need,
-             "workspace_bytes (%lld) must be >= %lld (FlashAttn_cross_entropy_fwd_bwd_workspace_size)",
-             (long long)workspace_bytes, (long long)need);
-    FA_CHECK(is_aligned(workspace, 4), "workspace must be 4-byte aligned");
-    CrossEntropyParams p{};
+    s = check_workspace(kFunction, workspace, workspace_bytes, cross_entropy_fwd_bwd_workspace_bytes(rows, vocab),
+                        "FlashAttn_cross_entropy_fwd_bwd_workspace_size");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    CrossEntropyParams p =
+        options_params(dtype, rows, vocab, label_smoothing, logit_scale, lse_square_scale, ignore_index);
     p.logits = logits;
     p.dlogits = dlogits;
-    p.dtype = dtype;
     p.labels = labels;
     p.loss = loss;
     p.z_loss = z_loss;
     p.dloss = dloss;
     p.dloss_stride = dloss_stride;
     p.dloss_applied = dloss_applied;
-    p.rows = rows;
-    p.vocab = vocab;
     p.logits_row_stride = logits_row_stride;
     p.dlogits_row_stride = dlogits_row_stride;
-    p.label_smoothing = label_smoothing;
-    p.logit_scale = logit_scale;
-    p.lse_square_scale = lse_square_scale;
-    p.ignore_index = ignore_index;
     p.workspace = static_cast<float*>(workspace);
     s = device_error_record(&p.error, kFunction);
     if (s != FLASHATTN_STATUS_OK) return s;
