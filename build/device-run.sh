@@ -194,6 +194,8 @@ if want attnpeer; then
   if [ -f .device/peers/pytorch_baselines.py ]; then
     python3 .device/peers/pytorch_baselines.py attn 2>&1 | grep cudnn >>"$OUT/attnpeer.tsv"
     peer_rc=$?
+    # the GPT-2 training shape, which the shared peer does not time
+    python3 build/attn_peer_gpt2.py >>"$OUT/attnpeer.tsv" 2>&1 || peer_rc="$peer_rc, GPT-2 row failed"
   fi
   summary+=("attnpeer: flash_selftest --bench-peer rc $rc, peer's cudnn rows rc $peer_rc")
 fi

@@ -55,7 +55,9 @@ def wall(path, skip=30):
     steps = last["step"] - first["step"]
     seconds = (last["elapsed_s"] - first["elapsed_s"]) / steps
     tokens = (last["tokens"] - first["tokens"]) / steps if "tokens" in last else None
-    return seconds, tokens, last.get("tok_per_s"), first["step"], last["step"]
+    # the .NET runtime's share of a step, where the trainer logs it (cumulative counters)
+    gc = {k: (last[k] - first[k]) / steps for k in ("gc_collections", "gc_pause_ms", "alloc_mb") if k in last and k in first}
+    return seconds, tokens, last.get("tok_per_s"), first["step"], last["step"], gc
 
 
 def main(argv):
@@ -73,7 +75,7 @@ def main(argv):
         per_step[name] = ((t1 - t0) / steps, (n1 - n0) / steps)
     kernel_s = sum(t for t, _ in per_step.values())
     launches = sum(n for _, n in per_step.values())
-    wall_s, tokens, tok_per_s, from_step, to_step = wall(metrics)
+    wall_s, tokens, tok_per_s, from_step, to_step, gc = wall(metrics)
 
     rows = [
         "# step\tvalue\tunit",
@@ -86,6 +88,10 @@ def main(argv):
         rows.append(f"tokens/s (tokens per step / wall time)\t{tokens / wall_s:.0f}\ttok/s")
     if tok_per_s:
         rows.append(f"tokens/s (trainer, last 20 steps)\t{tok_per_s:.0f}\ttok/s")
+    if gc:
+        rows.append(f".NET garbage collections per step (same steps)\t{gc['gc_collections']:.2f}\tcollections")
+        rows.append(f".NET collection pauses per step\t{gc['gc_pause_ms']:.3f}\tms")
+        rows.append(f"managed allocations per step\t{gc['alloc_mb']:.2f}\tMB")
     rows.append(f"# top {top} kernels by time per step\tms\tlaunches\tshare of kernel time")
     # kernels of the start-up or the evaluation alone (no launches per step) add only noise to the table
     ranked = sorted(((k, v) for k, v in per_step.items() if v[1] != 0), key=lambda kv: -kv[1][0])

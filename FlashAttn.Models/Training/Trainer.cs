@@ -237,6 +237,11 @@ public sealed class Trainer
                     [task.Unit == "tok" ? "tokens" : "images"] = run.UnitsSeen, ["elapsed_s"] = now,
                 };
                 if (run.Mfu is { } mfu) rec["mfu"] = mfu;
+                // the .NET runtime's share of a step (cumulative since start): a collection pauses every managed
+                // thread, the autograd thread too when it calls back into a custom function's backward
+                rec["gc_collections"] = GC.CollectionCount(0);
+                rec["gc_pause_ms"] = GC.GetTotalPauseDuration().TotalMilliseconds;
+                rec["alloc_mb"] = GC.GetTotalAllocatedBytes() / 1e6;
                 if (run.LossScale is { } scale) rec["loss_scale"] = scale;
                 if (run.Skipped) rec["skipped"] = 1;
                 foreach (var cb in callbacks) cb.OnLog(run, rec);
