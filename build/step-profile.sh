@@ -56,6 +56,23 @@ for steps in 2 4; do
     --target-processes all --log-file "$OUT/profile-ncu$steps.csv" ||
     { tail -20 "$OUT/profile-ncu$steps.log"; echo "step profile: ncu over max_steps=$steps failed"; exit 1; }
 done
+# PROFILE_WALL_ENVS='DOTNET_gcServer=1 | DOTNET_GCgen0size=0x4000000': the wall-time run again under each |-separated
+# environment setting (runtime knobs, no rebuild), one line each beside the first run's: wall time a step, tokens/s and
+# the .NET collections a step.
+if [ -n "${PROFILE_WALL_ENVS:-}" ]; then
+  python3 "$root/build/step_profile.py" --wall "$OUT/profile-metrics.jsonl" "(as set)"
+  IFS='|' read -ra wall_envs <<< "$PROFILE_WALL_ENVS"
+  n=0
+  for setting in "${wall_envs[@]}"; do
+    n=$((n + 1))
+    # shellcheck disable=SC2086 # the setting's words are separate variables
+    if train "wall$n" "$wall_steps" env $setting; then
+      python3 "$root/build/step_profile.py" --wall "$(ls "$runs/wall$n"/*/metrics.jsonl | head -1)" "$(echo $setting)"
+    else
+      echo "step profile: the wall-time run under '$setting' failed"
+    fi
+  done
+fi
 # PROFILE_HOST_STEPS=N: one more run of N steps under EventPipe's sample profiler (every managed thread's stack each
 # millisecond; native frames show as the managed method that called into them): $OUT/host.nettrace.xz, read here with
 # build/host_profile.py. A separate run, so that the wall time above is not measured under the profiler.

@@ -2,6 +2,7 @@
 """One training step's kernels from two ncu runs of `flashattn train` (build/step-profile.sh).
 
   step_profile.py SHORT.csv SHORT_STEPS LONG.csv LONG_STEPS METRICS.jsonl OUT.tsv [TOP]
+  step_profile.py --wall METRICS.jsonl LABEL     one line: wall time a step, tokens/s, .NET collections
 
 SHORT.csv / LONG.csv: `ncu --csv --metrics gpu__time_duration.sum` logs of trainer.max_steps=SHORT_STEPS and
 =LONG_STEPS; per kernel name, (LONG - SHORT) / (LONG_STEPS - SHORT_STEPS) is one step (start-up, the final evaluation
@@ -60,7 +61,21 @@ def wall(path, skip=30):
     return seconds, tokens, last.get("tok_per_s"), first["step"], last["step"], gc
 
 
+def wall_line(metrics, label):
+    """One line for a wall-time run alone (step-profile.sh's PROFILE_WALL_ENVS): wall per step, tokens/s, collections."""
+    wall_s, tokens, _, from_step, to_step, gc = wall(metrics)
+    line = f"wall\t{label}\tsteps {from_step}-{to_step}: {wall_s * 1e3:.2f} ms a step"
+    if tokens:
+        line += f", {tokens / wall_s:.0f} tok/s"
+    if gc:
+        line += (f", {gc['gc_collections']:.2f} .NET collections ({gc['gc_pause_ms']:.3f} ms of pauses) and "
+                 f"{gc['alloc_mb']:.2f} MB allocated a step")
+    print(line)
+
+
 def main(argv):
+    if len(argv) == 4 and argv[1] == "--wall":
+        return wall_line(argv[2], argv[3])
     if len(argv) not in (7, 8):
         sys.exit(__doc__)
     short_csv, short_steps, long_csv, long_steps, metrics, out = argv[1:7]
