@@ -22,6 +22,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cp_async.cuh"
@@ -501,6 +503,16 @@ FlashAttnStatus launch_fwd_bwd(const CrossEntropyParams& p, const DeviceInfo& d,
   return check_launch(function, "cross_entropy_fwd_bwd_kernel");
 }
 
+// Whether the fused forward + backward runs as one kernel: yes unless FLASHATTN_CE_FUSED=0 (read once per process),
+// which runs the forward's and the backward's kernels instead (the same results; one more read of the logits).
+bool fused_kernel_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FLASHATTN_CE_FUSED");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 }  // namespace
 
 FlashAttnStatus run_cross_entropy_fwd_bwd(const CrossEntropyParams& p, void* stream_ptr, const char* function) {
@@ -510,8 +522,9 @@ FlashAttnStatus run_cross_entropy_fwd_bwd(const CrossEntropyParams& p, void* str
   if (s != FLASHATTN_STATUS_OK) return s;
   return FLOAT_SWITCH(p.dtype, T, [&] {
     const int64_t smem = fused_smem_bytes<T>(p.vocab);
-    if (smem > d.smem_optin) {
-      // a row larger than shared memory: the forward's kernels (lse after their workspace), then the backward's
+    if (smem > d.smem_optin || !fused_kernel_enabled()) {
+      // a row larger than shared memory (or the fused kernel turned off): the forward's kernels (lse after their
+      // workspace), then the backward's
       CrossEntropyParams q = p;
       q.lse = p.workspace + cross_entropy_fwd_workspace_bytes(p.rows, p.vocab) / int64_t(sizeof(float));
       FlashAttnStatus st = run_cross_entropy_fwd(q, stream, function);
