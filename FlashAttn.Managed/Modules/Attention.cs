@@ -192,7 +192,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             using var isQ = index < num_heads * head_dim;
             _qRows = isQ.to(w.dtype).view(rows, 1).DetachFromDisposeScope(); // kept across the steps' dispose scopes
         }
-        var folded = RowScaleFunction.apply(w, layer.bias, _qRows, f);
+        var folded = RowScaleFunction.apply(BackwardGuard.Parameter(w), BackwardGuard.Parameter(layer.bias), _qRows, f);
         return Linear(x, folded[0], layer.bias is null ? null : folded[1]);
     }
 

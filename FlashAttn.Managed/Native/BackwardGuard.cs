@@ -19,12 +19,18 @@ namespace FlashAttn;
 /// rarely triggers: the norm backward benchmark filled the H100's 80 GB that way.
 /// Run disposes all of them when the backward returns, except the gradients it returns: TorchSharp copies their
 /// native handles after Run returns, so they are released at the same thread's next backward.</para>
+/// <para>Parameters' gradients: that kept reference is still there when libtorch hands a returned gradient to the
+/// parameter's AccumulateGrad, which runs before any other node (its sequence number is the largest), and a gradient
+/// referenced twice is copied into .grad instead of taken (a device-to-device copy and an allocation per parameter and
+/// step when the optimizer sets gradients to none). <see cref="Parameter"/> avoids it.</para>
 /// </summary>
 public static class BackwardGuard
 {
     private static string? s_lastError;
 
-    [ThreadStatic] private static List<Tensor>? t_returned;
+    // The gradients this thread's last backward returned, disposed at its next. One may be a parameter's .grad itself
+    // (taken through Parameter's view): they are only disposed, never read or written (the tests compare them with .grad).
+    [ThreadStatic] internal static List<Tensor>? t_returned;
     // the function whose backward runs on this thread, for Check's message
     [ThreadStatic] private static string? t_function;
 
@@ -72,6 +78,24 @@ public static class BackwardGuard
         }
         return grads;
     }
+
+    /// <summary>
+    /// A parameter (weight or bias) as a custom function's apply() argument: while gradients are recorded, a leaf that
+    /// requires grad goes in behind a view of itself, so that the gradient the backward returns for it becomes its .grad
+    /// without a copy; anything else goes in as it is.
+    /// <para>Why the view: TorchSharp's CSharpNode::apply copies the at::Tensor of each returned gradient out of its
+    /// managed wrapper, which keeps its reference until Run disposes it at the thread's next backward; the parameter's
+    /// AccumulateGrad runs before that, counts two references, and clones (libtorch's accumulateGrad steals a gradient
+    /// only when use_count() is 1). Behind the view, AccumulateGrad receives ViewBackward0's reshape of the gradient: a
+    /// new tensor over the same memory, referenced once, which it takes as .grad. No wrapper is disposed earlier than
+    /// before: the kept one only shares its memory with .grad.</para>
+    /// <para>Only for arguments whose backward computes the gradient into memory of its own (a weight's or a bias's
+    /// reduction): the reference count is how libtorch knows that no other tensor sees that memory, and the view hides
+    /// it, so a returned gradient sharing memory with another one or with the incoming gradient (the norm reference's
+    /// dx0 and dresidual are one tensor when nothing scales x0) would become .grad of two leaves at once.</para>
+    /// </summary>
+    internal static Tensor? Parameter(Tensor? t) =>
+        t is not null && t.requires_grad && t.is_leaf && is_grad_enabled() ? t.view(t.shape) : t;
 
     /// <summary>
     /// Inside a backward run by <see cref="Run"/>: a native call that returned <paramref name="status"/> other than Ok

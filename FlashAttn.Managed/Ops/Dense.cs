@@ -31,7 +31,7 @@ public static partial class flash_attn
             var y = DenseOps.Linear(DenseOps.Rows(x, k, kernel), DenseOps.Prep(weight, kernel), DenseOps.PrepOrNull(bias, kernel), kernel, backward: false);
             return y.view(DenseOps.OutputShape(x.shape, n));
         }
-        return FusedDenseFunction.apply(x, weight, bias);
+        return FusedDenseFunction.apply(x, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias));
     }
 
     /// <summary>
@@ -69,7 +69,8 @@ public static partial class flash_attn
             var y = DenseOps.Linear(hid, DenseOps.Prep(weight2, kernel), DenseOps.PrepOrNull(bias2, kernel), kernel, backward: false);
             return y.view(DenseOps.OutputShape(x.shape, n));
         }
-        return FusedMlpFunction.apply(x, weight1, bias1, weight2, bias2, new MlpOptions(act, save_pre_act ? checkpoint_lvl : 2));
+        return FusedMlpFunction.apply(x, BackwardGuard.Parameter(weight1), BackwardGuard.Parameter(bias1), BackwardGuard.Parameter(weight2),
+            BackwardGuard.Parameter(bias2), new MlpOptions(act, save_pre_act ? checkpoint_lvl : 2));
     }
 
     /// <summary>

@@ -109,7 +109,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             x0 = x0 * layerscale.to(x0.dtype);
         }
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
-        var outs = apply(x0, null, residual, weight, bias, null, null, rowscale, opts);
+        var outs = apply(x0, null, residual, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias), null, null, rowscale, opts);
         int k = 1;
         var res = prenorm ? outs[k++] : null;
         var mask = returnMask ? outs[k++] : null;
@@ -123,7 +123,8 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         DeviceErrors.Raise();
         Validate(x0, x1, residual, weight0, bias0, weight1, bias1, null, p, eps, "weight0", "bias0");
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
-        var outs = apply(x0, x1, residual, weight0, bias0, weight1, bias1, null, opts);
+        var outs = apply(x0, x1, residual, BackwardGuard.Parameter(weight0), BackwardGuard.Parameter(bias0), BackwardGuard.Parameter(weight1),
+            BackwardGuard.Parameter(bias1), null, opts);
         int k = 1;
         var out1 = weight1 is not null ? outs[k++] : null;
         var res = prenorm ? outs[k++] : null;
