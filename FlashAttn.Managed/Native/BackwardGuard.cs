@@ -94,8 +94,12 @@ public static class BackwardGuard
     /// it, so a returned gradient sharing memory with another one or with the incoming gradient (the norm reference's
     /// dx0 and dresidual are one tensor when nothing scales x0) would become .grad of two leaves at once.</para>
     /// </summary>
+    /// <para>FLASHATTN_GRAD_VIEW=0 (read once) passes parameters as they are: libtorch's copies back, for measuring
+    /// what the views cost and save in a training step.</para>
     internal static Tensor? Parameter(Tensor? t) =>
-        t is not null && t.requires_grad && t.is_leaf && is_grad_enabled() ? t.view(t.shape) : t;
+        s_viewParameters && t is not null && t.requires_grad && t.is_leaf && is_grad_enabled() ? t.view(t.shape) : t;
+
+    private static readonly bool s_viewParameters = Environment.GetEnvironmentVariable("FLASHATTN_GRAD_VIEW") != "0";
 
     /// <summary>
     /// Inside a backward run by <see cref="Run"/>: a native call that returned <paramref name="status"/> other than Ok
