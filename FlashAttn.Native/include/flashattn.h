@@ -14,7 +14,8 @@
  *    read by FlashAttn_last_error() names the function and the argument. Nothing throws across
  *    the ABI, nothing exits the process, nothing allocates device memory: outputs and workspaces
  *    come from the caller. The one allocation of the library is the device-error record (a few
- *    bytes of pinned host memory, see FlashAttn_core_device_error).
+ *    bytes of pinned host memory, see FlashAttn_core_device_error). One workspace has a state:
+ *    FlashAttn_dense_bias_grad's must be all zero at its first call, and every call leaves it so.
  *  - Kernels run on the CUDA stream passed as `stream` (NULL is the legacy default stream, the one
  *    TorchSharp uses). A CUDA error after a launch is recorded with the kernel's name.
  *  - A library built without CUDA keeps every entry point: validation runs as usual, then the
