@@ -65,18 +65,21 @@ internal static partial class NativeMethods
         IntPtr /* void* */ stream);
 
     /// <summary>
-    /// Bytes of device workspace FlashAttn_dense_bias_grad needs for these sizes (float32 partial column sums of the row
-    /// splits; 0 when the rows are few enough for one split).
+    /// Bytes of device workspace FlashAttn_dense_bias_grad needs for these sizes (an arrival counter per 64 columns and
+    /// float32 partial column sums of the row splits; 0 when the rows are few enough for one split).
     /// </summary>
     [LibraryImport(LibraryName, EntryPoint = "FlashAttn_dense_bias_grad_workspace_size")]
     internal static partial long FlashAttn_dense_bias_grad_workspace_size(long rows, long cols);
 
     /// <summary>
     /// A linear's bias gradient without a GEMM: db (cols,) = sum over rows of dy (rows, cols), rows row_stride elements
-    /// apart (row_stride &gt;= cols), float32 accumulation, db in dtype (float32, float16 or bfloat16, dy's). The result is
-    /// the same bits on every run with the same sizes on the same GPU (the splits' sums are added in a fixed order). rows
-    /// 0 writes zeros. Runs on the current device. workspace: FlashAttn_dense_bias_grad_workspace_size(rows, cols) bytes,
-    /// 4-byte aligned; contents ignored (NULL when that is 0).
+    /// apart (row_stride &gt;= cols), float32 accumulation, db in dtype (float32, float16 or bfloat16, dy's). One launch: the
+    /// last block to finish a column block adds the row splits' sums up, in a fixed order, so the result is the same bits
+    /// on every run with the same sizes on the same GPU. rows 0 writes zeros. Runs on the current device.
+    /// workspace: at least FlashAttn_dense_bias_grad_workspace_size(rows, cols) bytes, 4-byte aligned (NULL when that is
+    /// 0), and ALL ZERO at the first call (cudaMemset it once, when allocated): the call counts arrivals in it. Every call
+    /// leaves it all zero again, so one workspace, as large as the largest call's, serves every later call of any size;
+    /// calls that share it must not overlap in time (keep them on one stream).
     /// </summary>
     [LibraryImport(LibraryName, EntryPoint = "FlashAttn_dense_bias_grad")]
     internal static partial FlashAttnStatus FlashAttn_dense_bias_grad(

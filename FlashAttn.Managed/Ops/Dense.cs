@@ -120,6 +120,8 @@ internal enum BiasGradPath
 internal static class DenseOps
 {
     private static readonly ConcurrentDictionary<int, Lazy<Tensor>> s_workspace = new();
+    // Our bias gradient's workspace per CUDA device (BiasGradWorkspace); the lock also covers its replacement.
+    private static readonly Dictionary<int, Tensor> s_biasGradWorkspace = new();
 
     internal const string BiasGradVariable = "FLASHATTN_BIAS_GRAD";
 
@@ -163,6 +165,24 @@ internal static class DenseOps
         t.DetachFromDisposeScope();
         return t;
     })).Value;
+
+    /// <summary>The workspace of our bias gradient (<see cref="ColumnSums"/>) on CUDA device <paramref name="index"/>,
+    /// at least <paramref name="bytes"/> long. FlashAttn_dense_bias_grad asks for it zeroed at its first use (its arrival
+    /// counters) and leaves it zeroed after every call, so one serves every size: zeroed when allocated, replaced by a
+    /// larger zeroed one when a call needs more (the old one freed in the stream's order), never freed otherwise.
+    /// Every call uses it in the order of TorchSharp's (legacy default) stream.</summary>
+    internal static Tensor BiasGradWorkspace(int index, long bytes)
+    {
+        lock (s_biasGradWorkspace)
+        {
+            if (s_biasGradWorkspace.TryGetValue(index, out var ws) && ws.numel() >= bytes) return ws;
+            ws?.Dispose();
+            ws = zeros(bytes, dtype: ScalarType.Byte, device: new Device(DeviceType.CUDA, index));
+            ws.DetachFromDisposeScope();
+            s_biasGradWorkspace[index] = ws;
+            return ws;
+        }
+    }
 
     internal static bool NeedsGrad(params Tensor?[] ts) => is_grad_enabled() && ts.Any(t => t is not null && t.requires_grad);
 
@@ -298,8 +318,7 @@ internal static class DenseOps
     {
         long m = dy.size(0), n = dy.size(1);
         long wsBytes = NativeMethods.FlashAttn_dense_bias_grad_workspace_size(m, n);
-        // freed as soon as the launch is queued: the caching allocator hands it out again only in this stream's order
-        using var ws = wsBytes > 0 ? empty(wsBytes, dtype: ScalarType.Byte, device: dy.device) : null;
+        var ws = wsBytes > 0 ? BiasGradWorkspace(dy.device_index, wsBytes) : null;
         Finish(NativeMethods.FlashAttn_dense_bias_grad(Ptr(dy), Ptr(db), DType(dy.dtype), m, n, Ld(dy), PtrOrNull(ws), wsBytes,
             IntPtr.Zero), backward, db);
     }

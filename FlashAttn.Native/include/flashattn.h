@@ -14,7 +14,8 @@
  *    read by FlashAttn_last_error() names the function and the argument. Nothing throws across
  *    the ABI, nothing exits the process, nothing allocates device memory: outputs and workspaces
  *    come from the caller. The one allocation of the library is the device-error record (a few
- *    bytes of pinned host memory, see FlashAttn_core_device_error).
+ *    bytes of pinned host memory, see FlashAttn_core_device_error). One workspace has a state:
+ *    FlashAttn_dense_bias_grad's must be all zero at its first call, and every call leaves it so.
  *  - Kernels run on the CUDA stream passed as `stream` (NULL is the legacy default stream, the one
  *    TorchSharp uses). A CUDA error after a launch is recorded with the kernel's name.
  *  - A library built without CUDA keeps every entry point: validation runs as usual, then the
@@ -387,15 +388,18 @@ FLASHATTN_API FlashAttnStatus FlashAttn_dense_gemm(
     FlashAttnDenseEpilogue epilogue, void* bias, void* aux, int64_t ldaux,
     int32_t device, void* workspace, int64_t workspace_bytes, void* stream);
 
-// Bytes of device workspace FlashAttn_dense_bias_grad needs for these sizes (float32 partial column sums of the row
-// splits; 0 when the rows are few enough for one split).
+// Bytes of device workspace FlashAttn_dense_bias_grad needs for these sizes (an arrival counter per 64 columns and
+// float32 partial column sums of the row splits; 0 when the rows are few enough for one split).
 FLASHATTN_API int64_t FlashAttn_dense_bias_grad_workspace_size(int64_t rows, int64_t cols);
 
 // A linear's bias gradient without a GEMM: db (cols,) = sum over rows of dy (rows, cols), rows row_stride elements
-// apart (row_stride >= cols), float32 accumulation, db in dtype (float32, float16 or bfloat16, dy's). The result is
-// the same bits on every run with the same sizes on the same GPU (the splits' sums are added in a fixed order). rows
-// 0 writes zeros. Runs on the current device. workspace: FlashAttn_dense_bias_grad_workspace_size(rows, cols) bytes,
-// 4-byte aligned; contents ignored (NULL when that is 0).
+// apart (row_stride >= cols), float32 accumulation, db in dtype (float32, float16 or bfloat16, dy's). One launch: the
+// last block to finish a column block adds the row splits' sums up, in a fixed order, so the result is the same bits
+// on every run with the same sizes on the same GPU. rows 0 writes zeros. Runs on the current device.
+// workspace: at least FlashAttn_dense_bias_grad_workspace_size(rows, cols) bytes, 4-byte aligned (NULL when that is
+// 0), and ALL ZERO at the first call (cudaMemset it once, when allocated): the call counts arrivals in it. Every call
+// leaves it all zero again, so one workspace, as large as the largest call's, serves every later call of any size;
+// calls that share it must not overlap in time (keep them on one stream).
 FLASHATTN_API FlashAttnStatus FlashAttn_dense_bias_grad(
     const void* dy, void* db, FlashAttnDType dtype, int64_t rows, int64_t cols, int64_t row_stride,
     void* workspace, int64_t workspace_bytes, void* stream);

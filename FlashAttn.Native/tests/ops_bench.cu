@@ -379,6 +379,7 @@ void bench_bias_grad(int64_t n, int samples) {
   __nv_bfloat16* db = alloc<__nv_bfloat16>(size_t(n));
   const int64_t ws_bytes = FlashAttn_dense_bias_grad_workspace_size(rows, n);
   void* ws = alloc<char>(size_t(ws_bytes));
+  CK(cudaMemset(ws, 0, size_t(ws_bytes)));  // zero at the first call, as FlashAttn_dense_bias_grad asks; it stays so
   const int64_t lt_ws_bytes = FlashAttn_dense_workspace_size();
   void* lt_ws = alloc<char>(size_t(lt_ws_bytes));
   const auto B = FLASHATTN_DTYPE_BFLOAT16;

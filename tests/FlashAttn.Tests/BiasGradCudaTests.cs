@@ -6,10 +6,11 @@ namespace FlashAttn.Tests;
 
 /// <summary>
 /// Our bias-gradient kernel (FlashAttn_dense_bias_grad, through <see cref="DenseOps.ColumnSums"/>) against float64
-/// column sums: rows 1 (one split: db written directly), 97 and 1025 (a few row splits and the finalize kernel), 16384
-/// (GPT-2's 16 x 1024 tokens); widths 8, 40, 768, 2304, 3072 (16-byte vectors), 1000 (a multiple of 8 but not of
-/// 32 x 8: a partial column block) and 3 (the scalar path); rows farther apart than the width (the vector path with a
-/// stride) and at an odd offset (unaligned and an odd stride: the scalar path); bf16, fp16 and fp32.
+/// column sums: rows 1 and 97 (one split: db written directly), 1025 (five row splits of 256, the last one row long,
+/// added up by the last block of each column block) and 16384 (GPT-2's 16 x 1024 tokens); widths 8, 40, 768, 2304, 3072
+/// (16-byte vectors), 1000 (a multiple of 8 but not of 64: a partial column block) and 3 (the scalar path); rows
+/// farther apart than the width (the vector path with a stride) and at an odd offset (unaligned and an odd stride: the
+/// scalar path); bf16, fp16 and fp32.
 /// Tolerance: the flash-attn rule against the same sum computed in the low precision. For bf16/fp16 that is the float64
 /// sum rounded once to the dtype: torch's own 16-bit sum accumulates in float32 and rounds the output only, so a
 /// 16-bit reference with 16-bit accumulation would be a looser bar than any real one. For fp32 it is torch's float32
@@ -78,6 +79,26 @@ public sealed class BiasGradCudaTests
         DenseOps.ColumnSums(dy, second, backward: false);
         Assert.That(first.isnan().any().item<bool>(), Is.False, "NaN in the output");
         Assert.That(FusedAdamWTests.Same(first, second), "the second run's db equals the first's");
+    }
+
+    // The workspace is zeroed once and each call leaves it zero, so calls of any size share it. The arrival counters
+    // come first: a narrow call's many partial sums lie where a wider call's counters will be, so a call that left them
+    // there would make the next one count from garbage (db left NaN where no block saw itself last).
+    [Test]
+    public void SuccessiveSizesShareOneWorkspace()
+    {
+        var dev = Gpu.Require();
+        const ScalarType dt = ScalarType.BFloat16;
+        foreach (var (m, n) in new[] { (16384, 8), (16384, 3072), (1025, 40), (16384, 768), (16384, 1000) })
+        {
+            var dy = Dy(dt, m, n, "contiguous", dev);
+            var db = Poisoned(n, dt, dev);
+            DenseOps.ColumnSums(dy, db, backward: false);
+            var exact = dy.to(ScalarType.Float64).sum(0L);
+            Tolerance.AssertClose(db, exact.to(dt), exact, $"db m{m} n{n} after the earlier sizes");
+            var ws = DenseOps.BiasGradWorkspace(dev.index, 1);
+            Assert.That(ws.ne(0).any().item<bool>(), Is.False, $"the workspace is all zero after m{m} n{n}");
+        }
     }
 
     [Test]

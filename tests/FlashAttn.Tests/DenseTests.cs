@@ -310,7 +310,7 @@ public sealed class DenseTests
     {
         // Checked before any CUDA work, in both flavours of libflashattn.
         var p = (IntPtr)4096;
-        FlashAttnStatus Call(FlashAttnDType dt = FlashAttnDType.Bfloat16, long rows = 100, long cols = 8, long rowStride = 8,
+        FlashAttnStatus Call(FlashAttnDType dt = FlashAttnDType.Bfloat16, long rows = 300, long cols = 8, long rowStride = 8,
             IntPtr? dy = null, IntPtr? db = null, IntPtr? ws = null, long wsBytes = 1 << 20) =>
             NativeMethods.FlashAttn_dense_bias_grad(dy ?? p, db ?? p, dt, rows, cols, rowStride, ws ?? p, wsBytes, IntPtr.Zero);
         void Expect(FlashAttnStatus status, string fragment) => ExpectInvalid(status, "FlashAttn_dense_bias_grad", fragment);
@@ -322,20 +322,22 @@ public sealed class DenseTests
         Expect(Call(dy: IntPtr.Zero), "dy must not be NULL");
         Expect(Call(db: IntPtr.Zero), "db must not be NULL");
         Expect(Call(dy: (IntPtr)4097), "aligned");
-        Expect(Call(ws: IntPtr.Zero), "workspace must not be NULL (64 bytes needed)");
-        Expect(Call(wsBytes: 63), "workspace_bytes (63) must be >= 64 (FlashAttn_dense_bias_grad_workspace_size)");
+        Expect(Call(ws: IntPtr.Zero), "workspace must not be NULL (68 bytes needed)");
+        Expect(Call(wsBytes: 67), "workspace_bytes (67) must be >= 68 (FlashAttn_dense_bias_grad_workspace_size)");
         Expect(Call(ws: (IntPtr)4098), "workspace must be 4-byte aligned");
-        // float32 partials of at most ceil(rows / 64) splits (at most 1024), none for one split
-        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(64, 768), Is.EqualTo(0));
-        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(65, 768), Is.EqualTo(2 * 768 * 4));
-        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(16384, 3), Is.EqualTo(256 * 3 * 4));
-        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(1L << 30, 8), Is.EqualTo(1024 * 8 * 4));
-        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(100, 0), Is.EqualTo(0));
+        // a uint32 counter per 64 columns, then float32 partials of at most ceil(rows / 256) splits (at most 256); none
+        // for one split
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(256, 768), Is.EqualTo(0));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(257, 768), Is.EqualTo(12 * 4 + 2 * 768 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(16384, 3), Is.EqualTo(1 * 4 + 64 * 3 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(16384, 3072), Is.EqualTo(48 * 4 + 64 * 3072 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(1L << 30, 65), Is.EqualTo(2 * 4 + 256 * 65 * 4));
+        Assert.That(NativeMethods.FlashAttn_dense_bias_grad_workspace_size(1000, 0), Is.EqualTo(0));
         Assert.That(Call(cols: 0), Is.EqualTo(FlashAttnStatus.Ok), "an empty bias is a no-op");
         if (!Backend.NativeHasCuda)
         {
             Assert.That(Call(), Is.EqualTo(FlashAttnStatus.NoCuda));
-            Assert.That(Call(rows: 64, ws: IntPtr.Zero, wsBytes: 0), Is.EqualTo(FlashAttnStatus.NoCuda), "one split: no workspace");
+            Assert.That(Call(rows: 256, ws: IntPtr.Zero, wsBytes: 0), Is.EqualTo(FlashAttnStatus.NoCuda), "one split: no workspace");
             Assert.That(Call(rows: 0, dy: IntPtr.Zero, ws: IntPtr.Zero, wsBytes: 0), Is.EqualTo(FlashAttnStatus.NoCuda),
                 "no rows: zeros, dy unread");
         }

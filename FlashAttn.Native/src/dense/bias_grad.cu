@@ -1,9 +1,12 @@
 // The bias gradient of a linear: dy (M, N) -> db (N,) = sum over rows, float32 accumulation, db in dy's dtype.
-// Memory-bound: dy is read once (16-byte vectors along N, kVec columns a thread), db written once. The rows are split
-// over grid.y so that even N = 768 fills every SM; each split's column sums go to a float32 workspace
+// Memory-bound: dy is read once (16-byte vectors along N, kVec columns a thread), db written once, in one launch. A
+// block takes 64 columns of a split of the rows; the rows are split over grid.y so that even N = 768 fills every SM.
+// Each split's column sums go to a float32 workspace, and the last block of a column block to finish (an arrival
+// counter a column block) adds that column block's splits up and writes db:
 //   dy (M, N) -> partial (splits, N) float32 -> db (N,)
-// and a second kernel adds the splits up in a fixed order: the same bits on every run (no atomics). One split (few
-// rows) writes db directly.
+// It adds them in split order whichever block it is: the same bits on every run (no float atomics). It also zeroes
+// what it read and its counter, so the workspace is zero after every call (its owner zeroes it once, at allocation).
+// One split (few rows) writes db directly.
 
 #include <algorithm>
 #include <type_traits>
@@ -19,14 +22,11 @@ namespace flashattn {
 
 namespace {
 
-constexpr int kThreadsX = kBiasGradThreadsX;
-constexpr int kThreadsY = kBiasGradThreadsY;
+constexpr int kThreads = kBiasGradThreads;
+constexpr int kBlockCols = kBiasGradBlockCols;
 constexpr int kUnroll = kBiasGradUnroll;
-constexpr int kThreads = kThreadsX * kThreadsY;
-// Resident blocks of kThreads an SM takes (2048 threads): the grid aims at one full wave.
-constexpr int kBlocksPerSm = 2048 / kThreads;
-// The finalize kernel: 32 columns x 32 split-rows a block, each thread a few of the splits' loads in flight at once.
-constexpr int kFinalThreadsY = 32;
+// The last block's sum of the partials: kLanes threads a column, each a strided share of the splits.
+constexpr int kLanes = kThreads / kBlockCols;
 
 // kVec elements of dy as floats: one 16-byte load kept packed until used (ld.global.cg: dy is read once), or a
 // scalar.
@@ -50,22 +50,66 @@ struct RowLoad {
   }
 };
 
+// A block's threads: kX across its kBlockCols columns (kVec each), kY down the rows.
+template <int kVec>
+struct BlockShape {
+  static constexpr int kX = kBlockCols / kVec;
+  static constexpr int kY = kThreads / kX;
+  static_assert(kBiasGradMinRows % (kY * kUnroll) == 0, "a split is whole unrolled steps of every thread");
+};
+
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
-// Block (kThreadsX, kThreadsY) at (blockIdx.x, blockIdx.y): columns [blockIdx.x * kThreadsX * kVec, + kThreadsX * kVec)
-// of rows [blockIdx.y * rows_per_split, + rows_per_split). Thread (x, y) sums kVec columns over the rows y, y + 8, ...
-// of the split, kUnroll loads in flight; the block then adds its kThreadsY row-sums in order, one column a thread:
-// into partial[blockIdx.y] (float32), or db itself when kFinal (a single split).
+// Counts a block's arrival at its column block; the count before it. Acquire-release at device scope: the stores that
+// a __syncthreads ordered before it are seen by the block that reads the final count, and that block sees every
+// earlier-counted block's stores (as CUTLASS's split-K semaphore: one thread's release after the barrier).
+__device__ __forceinline__ uint32_t arrive(uint32_t* counter) {
+  uint32_t before;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+  return before;
+}
+
+// The last block of column block blockIdx.x to finish: partial (splits, N) -> db for its columns. Thread (c, lane) adds
+// the splits lane, lane + kLanes, ... of column c in order (through L2: other SMs wrote them), then kLanes sums are
+// added in order: the same order whichever block runs it. What it read, and the counter, go back to zero.
+template <typename T>
+__device__ void add_splits(const BiasGradParams& p, int64_t col0) {
+  __shared__ float lanes[kLanes][kBlockCols];
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int c = t % kBlockCols, lane = t / kBlockCols;
+  const int splits = int(gridDim.y);
+  float s = 0.f;
+  if (col0 + c < p.cols) {
+    float* partial = p.partial + col0 + c;
+#pragma unroll 8
+    for (int k = lane; k < splits; k += kLanes) s += __ldcg(partial + int64_t(k) * p.cols);
+#pragma unroll 8
+    for (int k = lane; k < splits; k += kLanes) partial[int64_t(k) * p.cols] = 0.f;
+  }
+  lanes[lane][c] = s;
+  __syncthreads();
+  if (t < kBlockCols && col0 + t < p.cols) {
+    float total = 0.f;
+#pragma unroll
+    for (int l = 0; l < kLanes; ++l) total += lanes[l][t];
+    static_cast<T*>(p.db)[col0 + t] = from_float<T>(total);
+  }
+  if (t == 0) p.counters[blockIdx.x] = 0;
+}
+
+// Block (kX, kY) at (blockIdx.x, blockIdx.y): columns [blockIdx.x * kBlockCols, + kBlockCols) of rows
+// [blockIdx.y * rows_per_split, + rows_per_split). Thread (x, y) sums kVec columns over the rows y, y + kY, ... of the
+// split, kUnroll loads in flight; the block then adds its kY row-sums in order, one column a thread: into db itself
+// when kFinal (a single split), else into partial[blockIdx.y], and the column block's last block adds the splits.
 template <typename T, int kVec, bool kFinal>
-__global__ void __launch_bounds__(kThreads) bias_grad_rows_kernel(const BiasGradParams p, int64_t rows_per_split) {
+__global__ void __launch_bounds__(kThreads) bias_grad_kernel(const BiasGradParams p, int64_t rows_per_split) {
   using Load = RowLoad<T, kVec>;
-  constexpr int kCols = kThreadsX * kVec;  // columns of a block
-  static_assert(kCols <= kThreads, "one column a thread in the block's sum");
-  // rows of row-sums, kVec + 1 floats a thread: the stores of a warp (one j, 32 threads) fall in 32 banks
-  __shared__ float sums[kThreadsY][kThreadsX * (kVec + 1)];
+  constexpr int kX = BlockShape<kVec>::kX, kY = BlockShape<kVec>::kY;
+  // rows of row-sums, kVec + 1 floats a thread: a warp's stores of one j fall in 32 banks
+  __shared__ float sums[kY][kX * (kVec + 1)];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col0 = int64_t(blockIdx.x) * kCols;
+  const int64_t col0 = int64_t(blockIdx.x) * kBlockCols;
   const int64_t col = col0 + int64_t(tx) * kVec;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_split;
   const int64_t row_end = min(row_begin + rows_per_split, p.rows);
@@ -77,51 +121,38 @@ __global__ void __launch_bounds__(kThreads) bias_grad_rows_kernel(const BiasGrad
   if (col < p.cols) {
     const T* base = dy + col;
     int64_t r = row_begin + ty;
-    for (; r + (kUnroll - 1) * kThreadsY < row_end; r += kUnroll * kThreadsY) {
+    for (; r + (kUnroll - 1) * kY < row_end; r += kUnroll * kY) {
       typename Load::Raw v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = Load::load(base + (r + u * kThreadsY) * p.row_stride);
+      for (int u = 0; u < kUnroll; ++u) v[u] = Load::load(base + (r + u * kY) * p.row_stride);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) Load::add(v[u], acc);
     }
-    for (; r < row_end; r += kThreadsY) Load::add(Load::load(base + r * p.row_stride), acc);
+    for (; r < row_end; r += kY) Load::add(Load::load(base + r * p.row_stride), acc);
   }
 #pragma unroll
   for (int j = 0; j < kVec; ++j) sums[ty][tx * (kVec + 1) + j] = acc[j];
   __syncthreads();
 
   // column c of the block, one a thread: (tx, j) = (c / kVec, c % kVec) of the row-sums
-  const int c = ty * kThreadsX + tx;
-  if (c < kCols && col0 + c < p.cols) {
+  const int c = ty * kX + tx;
+  if (c < kBlockCols && col0 + c < p.cols) {
     const int at = (c / kVec) * (kVec + 1) + c % kVec;
     float s = 0.f;
 #pragma unroll
-    for (int y = 0; y < kThreadsY; ++y) s += sums[y][at];
-    if constexpr (kFinal) static_cast<T*>(p.db)[col0 + c] = from_float<T>(s);
-    else p.workspace[int64_t(blockIdx.y) * p.cols + col0 + c] = s;
+    for (int y = 0; y < kY; ++y) s += sums[y][at];
+    if constexpr (kFinal) {
+      static_cast<T*>(p.db)[col0 + c] = from_float<T>(s);
+    } else {
+      p.partial[int64_t(blockIdx.y) * p.cols + col0 + c] = s;
+    }
   }
-}
-
-// partial (splits, N) float32 -> db (N,): block (kThreadsX, kFinalThreadsY), kThreadsX columns; thread (x, y) adds the
-// splits y, y + 32, ... of its column, then the block adds its kFinalThreadsY sums in order.
-template <typename T>
-__global__ void __launch_bounds__(kThreadsX * kFinalThreadsY) bias_grad_finalize_kernel(const BiasGradParams p,
-                                                                                        int splits) {
-  __shared__ float sums[kFinalThreadsY][kThreadsX + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col = int64_t(blockIdx.x) * kThreadsX + tx;
-  float s = 0.f;
-  if (col < p.cols) {
-#pragma unroll 4
-    for (int k = ty; k < splits; k += kFinalThreadsY) s += __ldcg(p.workspace + int64_t(k) * p.cols + col);
-  }
-  sums[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && col < p.cols) {
-    float t = 0.f;
-#pragma unroll
-    for (int y = 0; y < kFinalThreadsY; ++y) t += sums[y][tx];
-    static_cast<T*>(p.db)[col] = from_float<T>(t);
+  if constexpr (!kFinal) {
+    __shared__ bool last;
+    __syncthreads();  // the block's partial sums are stored before thread 0 counts its arrival
+    if (c == 0) last = arrive(p.counters + blockIdx.x) == gridDim.y - 1;
+    __syncthreads();
+    if (last) add_splits<T>(p, col0);
   }
 }
 
@@ -134,36 +165,39 @@ int vector_width(const BiasGradParams& p) {
   return p.cols % vec == 0 && p.row_stride % vec == 0 && is_aligned(p.dy, 16) ? vec : 1;
 }
 
+// As many splits as fill one wave of resident blocks, each at least kBiasGradMinRows rows; rows_per_split is then
+// rounded up to such steps and the splits recounted. One split (few rows, or column blocks enough for the wave) skips
+// the workspace.
 template <typename T, int kVec>
 FlashAttnStatus launch(const BiasGradParams& p, cudaStream_t stream, const char* function) {
-  DeviceInfo d;
-  FlashAttnStatus s = current_device_info(&d, function);
-  if (s != FLASHATTN_STATUS_OK) return s;
-  const int64_t col_blocks = (p.cols + kThreadsX * kVec - 1) / (kThreadsX * kVec);
-  // As many splits as fill one wave of resident blocks, each at least kBiasGradMinRows rows (a whole unrolled step of
-  // every thread); rows_per_split is then rounded up to such steps and the splits recounted.
-  const int64_t want = (int64_t(d.sms) * kBlocksPerSm + col_blocks - 1) / col_blocks;
-  int64_t splits = std::max<int64_t>(1, std::min(want, bias_grad_max_splits(p.rows)));
-  int64_t rows_per_split = (p.rows + splits - 1) / splits;
-  rows_per_split = std::max<int64_t>(1, (rows_per_split + kBiasGradMinRows - 1) / kBiasGradMinRows) * kBiasGradMinRows;
-  splits = std::max<int64_t>(1, (p.rows + rows_per_split - 1) / rows_per_split);
+  const int64_t col_blocks = bias_grad_col_blocks(p.cols);
   if (col_blocks > 0x7fffffff) {
     return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "cols (%lld) too large for one launch",
                 (long long)p.cols);
   }
-  const dim3 block(kThreadsX, kThreadsY);
-  if (splits == 1) {
-    bias_grad_rows_kernel<T, kVec, true><<<dim3(unsigned(col_blocks), 1), block, 0, stream>>>(p, rows_per_split);
-    return check_launch(function, "bias_grad_rows_kernel");
+  const auto split_kernel = bias_grad_kernel<T, kVec, false>;
+  int64_t splits = 1, rows_per_split = std::max<int64_t>(p.rows, 1);
+  if (bias_grad_max_splits(p.rows) > 1) {
+    DeviceInfo d;
+    int per_sm = 0;
+    FlashAttnStatus s = current_device_info(&d, function);
+    if (s == FLASHATTN_STATUS_OK) {
+      s = blocks_per_sm(reinterpret_cast<const void*>(split_kernel), d.device, kThreads, 0, &per_sm, function);
+    }
+    if (s != FLASHATTN_STATUS_OK) return s;
+    const int64_t want = (int64_t(d.sms) * std::max(per_sm, 1) + col_blocks - 1) / col_blocks;
+    splits = std::max<int64_t>(1, std::min(want, bias_grad_max_splits(p.rows)));
+    rows_per_split = (p.rows + splits - 1) / splits;
+    rows_per_split = (rows_per_split + kBiasGradMinRows - 1) / kBiasGradMinRows * kBiasGradMinRows;
+    splits = (p.rows + rows_per_split - 1) / rows_per_split;
   }
-  bias_grad_rows_kernel<T, kVec, false>
-      <<<dim3(unsigned(col_blocks), unsigned(splits)), block, 0, stream>>>(p, rows_per_split);
-  s = check_launch(function, "bias_grad_rows_kernel");
-  if (s != FLASHATTN_STATUS_OK) return s;
-  const int64_t final_blocks = (p.cols + kThreadsX - 1) / kThreadsX;
-  bias_grad_finalize_kernel<T>
-      <<<unsigned(final_blocks), dim3(kThreadsX, kFinalThreadsY), 0, stream>>>(p, int(splits));
-  return check_launch(function, "bias_grad_finalize_kernel");
+  const dim3 block(BlockShape<kVec>::kX, BlockShape<kVec>::kY);
+  if (splits == 1) {
+    bias_grad_kernel<T, kVec, true><<<unsigned(col_blocks), block, 0, stream>>>(p, rows_per_split);
+  } else {
+    split_kernel<<<dim3(unsigned(col_blocks), unsigned(splits)), block, 0, stream>>>(p, rows_per_split);
+  }
+  return check_launch(function, "bias_grad_kernel");
 }
 
 }  // namespace

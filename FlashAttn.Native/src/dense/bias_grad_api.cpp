@@ -41,7 +41,10 @@ FLASHATTN_API FlashAttnStatus FlashAttn_dense_bias_grad(const void* dy, void* db
     p.rows = rows;
     p.cols = cols;
     p.row_stride = row_stride;
-    p.workspace = need > 0 ? static_cast<float*>(workspace) : nullptr;
+    if (need > 0) {
+      p.counters = static_cast<uint32_t*>(workspace);
+      p.partial = reinterpret_cast<float*>(p.counters + bias_grad_col_blocks(cols));
+    }
     return run_bias_grad(p, stream, kFunction);
   });
 }
