@@ -1,3 +1,5 @@
+using System.Runtime.InteropServices;
+using FlashAttn.Interop;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -13,6 +15,8 @@ internal static class DropoutSeed
     internal static ulong Draw(Generator? generator = null)
     {
         using var scope = NewDisposeScope();
-        return (ulong)randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator).item<long>();
+        var seed = randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator);
+        // read in place: item() reads the shape into a pinned array that goes to the finalizer, at every dropout of a step
+        return (ulong)Marshal.ReadInt64(TensorArgs.Ptr(seed));
     }
 }
