@@ -69,6 +69,10 @@ internal static class TensorArgs
         return sizes;
     }
 
+    /// <summary>t.item&lt;T&gt;() of a one-element tensor of T's dtype, read in place on the CPU (item() reads the shape,
+    /// see <see cref="Sizes"/>).</summary>
+    internal static unsafe T Item<T>(Tensor t) where T : unmanaged => t.device_type == DeviceType.CPU ? *(T*)Ptr(t) : t.item<T>();
+
     /// <summary>Whether a and b have the same shape, compared without a finalizable object (see <see cref="Sizes"/>).</summary>
     internal static bool SameShape(Tensor a, Tensor b)
     {

@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using FlashAttn.Interop;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -15,8 +14,6 @@ internal static class DropoutSeed
     internal static ulong Draw(Generator? generator = null)
     {
         using var scope = NewDisposeScope();
-        var seed = randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator);
-        // read in place: item() reads the shape into a pinned array that goes to the finalizer, at every dropout of a step
-        return (ulong)Marshal.ReadInt64(TensorArgs.Ptr(seed));
+        return (ulong)TensorArgs.Item<long>(randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator));
     }
 }
