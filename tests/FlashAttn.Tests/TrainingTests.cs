@@ -236,7 +236,7 @@ public class TrainingTests
         trainer.Callbacks.Add(recorder);
         var r = trainer.Run();
         // mfu only where the device's peak is known (a GPU), loss_scale only in fp16
-        string keys = string.Join(",", new[] { "elapsed_s", "grad_norm", "loss", "lr", "tok_per_s", "tokens" }
+        string keys = string.Join(",", new[] { "alloc_mb", "elapsed_s", "gc_collections", "gc_pause_ms", "grad_norm", "loss", "lr", "tok_per_s", "tokens" }
             .Concat(r.Mfu is null ? [] : ["mfu"]).Order(StringComparer.Ordinal));
         Assert.That(recorder.Calls, Is.EqualTo(new[]
         {
