@@ -52,7 +52,8 @@ internal static class DeviceErrors
         if (condition.device_type != DeviceType.CUDA || !Backend.NativeHasCuda ||
             Backend.Capability(condition.device_index) < Backend.MinimumCapability)
         {
-            if (!condition.all().item<bool>()) throw new ArgumentException(message, argument);
+            using var all = condition.all();
+            if (!Item<bool>(all)) throw new ArgumentException(message, argument);
             return;
         }
         using var c = condition.contiguous();

@@ -164,6 +164,7 @@ public sealed class GPTModel : nn.Module<Tensor, Tensor>
     private readonly Embedding? _wpe;
     private readonly ModuleList<Block> _h;
     private readonly DropoutAddLayerNorm _lnF;
+    private string? _unknownIdMessage; // assert_async's message, formatted once
 
     public GPTModel(GPTConfig config, Device? device = null, ScalarType? dtype = null) : base(nameof(GPTModel))
     {
@@ -218,11 +219,16 @@ public sealed class GPTModel : nn.Module<Tensor, Tensor>
         if (input_ids.dim() != 2) throw new ArgumentException($"input_ids must be (batch, seqlen), got [{string.Join(", ", input_ids.shape)}]", nameof(input_ids));
         TensorArgs.Require(input_ids.dtype is ScalarType.Int64 or ScalarType.Int32, nameof(input_ids), $"input_ids must be int64 or int32, got {input_ids.dtype}");
         TensorArgs.RequireSameDevice(input_ids, _wte.weight!, nameof(input_ids), "the model's parameters");
-        long T = input_ids.shape[1], offset = cache?.length ?? 0;
+        long T = input_ids.size(1), offset = cache?.length ?? 0;
         if (_wpe is not null && offset + T > _c.n_positions)
             throw new ArgumentException($"sequence length {offset + T} exceeds n_positions ({_c.n_positions})", nameof(input_ids));
         var hidden = Embed(input_ids);
-        if (_wpe is not null) hidden = hidden + _wpe.forward(arange(offset, offset + T, dtype: ScalarType.Int64, device: input_ids.device));
+        if (_wpe is not null)
+        {
+            using var scalars = new ScalarScope();
+            var positions = arange(scalars.OfInt64(offset), scalars.OfInt64(offset + T), Scalars.One, ScalarType.Int64, input_ids.device);
+            hidden = hidden.add(_wpe.forward(positions), Scalars.One);
+        }
         Tensor? residual = null;
         foreach (var block in _h) (hidden, residual) = block.forward(hidden, residual, cache);
         cache?.advance(T);
@@ -238,9 +244,10 @@ public sealed class GPTModel : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var unknown = TensorArgs.IdsOutside(ids, _c.vocab_size);
-        flash_attn.assert_async(unknown.logical_not(), "input_ids", $"input_ids must be token ids in [0, vocab_size = {_c.vocab_size}): the rows of others are NaN");
+        flash_attn.assert_async(unknown.logical_not(), "input_ids", _unknownIdMessage ??=
+            $"input_ids must be token ids in [0, vocab_size = {_c.vocab_size}): the rows of others are NaN");
         if (ids.device_type == DeviceType.CPU) return _wte.forward(ids).MoveToOuterDisposeScope();
-        return _wte.forward(ids.masked_fill(unknown, 0)).masked_fill(unknown.unsqueeze(-1), double.NaN).MoveToOuterDisposeScope();
+        return _wte.forward(ids.masked_fill(unknown, Scalars.Zero)).masked_fill(unknown.unsqueeze(-1), Scalars.NaN).MoveToOuterDisposeScope();
     }
 }
 
@@ -304,7 +311,7 @@ public sealed partial class GPTLMHeadModel : nn.Module<Tensor, Tensor>
     /// </summary>
     public Tensor loss(Tensor input_ids, Tensor labels, Tensor? loss_grad = null)
     {
-        if (!labels.shape.SequenceEqual(input_ids.shape))
+        if (!TensorArgs.SameShape(labels, input_ids))
             throw new ArgumentException($"labels [{string.Join(", ", labels.shape)}] must have input_ids' shape [{string.Join(", ", input_ids.shape)}]", nameof(labels));
         TensorArgs.Require(labels.dtype == ScalarType.Int64, nameof(labels), $"labels must be int64, got {labels.dtype}");
         TensorArgs.RequireSameDevice(labels, input_ids, nameof(labels), nameof(input_ids));
@@ -315,7 +322,7 @@ public sealed partial class GPTLMHeadModel : nn.Module<Tensor, Tensor>
             TensorArgs.RequireSameDevice(loss_grad, input_ids, nameof(loss_grad), nameof(input_ids));
         }
         var logits = forward(input_ids);
-        return ModelLoss.Mean(logits.view(-1, logits.shape[^1]), labels.reshape(-1), config.fused_cross_entropy, loss_grad);
+        return ModelLoss.Mean(logits.view(-1, logits.size(-1)), labels.reshape(-1), config.fused_cross_entropy, loss_grad);
     }
 
     /// <summary>Parameters counted once (tied weights once); exclude_embeddings leaves out wte and wpe (with a tied head,

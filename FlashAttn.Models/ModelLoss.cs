@@ -13,7 +13,7 @@ internal static class ModelLoss
     /// the forward, into the logits' storage (the logits are the loss's alone), and the backward only checks it on the device.</summary>
     internal static Tensor Mean(Tensor logits, Tensor labels, bool fused, Tensor? lossGrad = null)
     {
-        var count = labels.ne(-100).sum().clamp_min(1);
+        var count = labels.ne(Scalars.IgnoreIndex).sum().clamp_min(Scalars.One);
         if (fused && lossGrad is not null)
         {
             // expected per row: lossGrad / count by the division the mean's backward does, so that the two are equal to the bit
@@ -37,10 +37,10 @@ internal static class ModelLoss
         // its row and an error raised by the next flash_attn call.
         TensorArgs.Require(labels.dtype == ScalarType.Int64, nameof(labels), $"labels must be int64, got {labels.dtype}");
         TensorArgs.RequireSameDevice(labels, logits, nameof(labels), "the logits");
-        var outside = TensorArgs.IdsOutside(labels, logits.shape[^1], ignore_index: -100);
+        var outside = TensorArgs.IdsOutside(labels, logits.size(-1), ignore_index: -100);
         flash_attn.assert_async(outside.logical_not(), nameof(labels), "labels must be in [0, vocabulary) or -100: the rows of others have a NaN loss");
         var x = logits.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? logits.to(ScalarType.Float32) : logits;
-        return F.cross_entropy(x, labels.masked_fill(outside, -100), ignore_index: -100, reduction: nn.Reduction.None)
-            .masked_fill(outside, double.NaN);
+        return F.cross_entropy(x, labels.masked_fill(outside, Scalars.IgnoreIndex), ignore_index: -100, reduction: nn.Reduction.None)
+            .masked_fill(outside, Scalars.NaN);
     }
 }

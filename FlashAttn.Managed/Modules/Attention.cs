@@ -322,8 +322,10 @@ internal sealed class RowScaleFunction : autograd.MultiTensorFunction<RowScaleFu
         var f = (double)vars[3]!;
         ctx.save_for_backward(new List<Tensor> { rows });
         ctx.save_data("f", f);
-        var folded = new List<Tensor> { w.addcmul(w, rows, f - 1) };
-        if (b is not null) folded.Add(b.addcmul(b, rows.view(-1), f - 1));
+        using var scalars = new ScalarScope();
+        var fm1 = scalars.Of(f - 1);
+        var folded = new List<Tensor> { w.addcmul(w, rows, fm1) };
+        if (b is not null) folded.Add(b.addcmul(b, rows.view(-1), fm1));
         return folded;
     }
 
@@ -331,7 +333,8 @@ internal sealed class RowScaleFunction : autograd.MultiTensorFunction<RowScaleFu
         BackwardGuard.Run(Name, 4, grads, () =>
         {
             var rows = ctx.get_saved_variables()[0];
-            double fm1 = (double)ctx.get_data("f") - 1;
+            using var scalars = new ScalarScope();
+            var fm1 = scalars.Of((double)ctx.get_data("f") - 1);
             var db = grads.Count > 1 && grads[1] is { } gb ? gb.addcmul(gb, rows.view(-1), fm1) : null;
             return new List<Tensor> { grads[0].addcmul(grads[0], rows, fm1), db!, null!, null! };
         });

@@ -57,7 +57,7 @@ public sealed class Block : nn.Module<Tensor, Tensor?, (Tensor hidden, Tensor re
         TensorArgs.RequireLastDim(hidden, _mixer.embed_dim, nameof(hidden), "width");
         if (residual is not null)
         {
-            TensorArgs.Require(residual.shape.SequenceEqual(hidden.shape), nameof(residual),
+            TensorArgs.Require(TensorArgs.SameShape(residual, hidden), nameof(residual),
                 $"residual must have hidden's shape {TensorArgs.Shape(hidden)}, got {TensorArgs.Shape(residual)}");
             TensorArgs.Require(residual.dtype == hidden.dtype || residual.dtype == ScalarType.Float32, nameof(residual),
                 $"residual must have hidden's dtype ({hidden.dtype}) or float32, got {residual.dtype}");

@@ -113,8 +113,11 @@ public sealed class DropoutAddLayerNorm : nn.Module<Tensor, Tensor?, (Tensor out
         (this.drop_path, this.fused_dropout_add_ln) = (drop_path, fused_dropout_add_ln);
         weight = new Parameter(ones(hidden_size, dtype: dtype, device: device));
         bias = new Parameter(zeros(hidden_size, dtype: dtype, device: device));
+        _normalizedShape = [hidden_size];
         RegisterComponents();
     }
+
+    private readonly long[] _normalizedShape; // layer_norm's, for the plain path
 
     public Parameter Weight => weight;
     public Parameter Bias => bias;
@@ -135,8 +138,8 @@ public sealed class DropoutAddLayerNorm : nn.Module<Tensor, Tensor?, (Tensor out
         NormFunction.Validate(x0, null, residual, weight, bias, null, null, rowscale, pDrop, eps, "weight", "bias");
         var dropped = pDrop > 0 ? F.dropout(x0, pDrop, training: true) : x0;
         if (rowscale is not null) dropped = dropped * rowscale.view(x0.shape[..^1].Append(1L).ToArray());
-        var res = residual is null ? dropped : dropped + residual;
-        var output = F.layer_norm(res.to(weight.dtype), new[] { hidden_size }, weight, bias, eps);
+        var res = residual is null ? dropped : dropped.add(residual, Scalars.One);
+        var output = F.layer_norm(res.to(weight.dtype), _normalizedShape, weight, bias, eps);
         if (residual_in_fp32 && res.dtype != ScalarType.Float64) res = res.to(ScalarType.Float32);
         return (output, prenorm ? res : null);
     }

@@ -13,9 +13,13 @@ internal sealed class ScalarScope : IDisposable
     private readonly List<Scalar> _scalars = new();
 
     /// <summary>A Scalar of <paramref name="value"/>, disposed with this scope.</summary>
-    internal Scalar Of(double value)
+    internal Scalar Of(double value) => Add(value.ToScalar());
+
+    /// <summary>An integer Scalar of <paramref name="value"/> (a count, an index), disposed with this scope.</summary>
+    internal Scalar OfInt64(long value) => Add(value.ToScalar());
+
+    private Scalar Add(Scalar s)
     {
-        var s = value.ToScalar();
         _scalars.Add(s);
         return s;
     }
@@ -25,4 +29,18 @@ internal sealed class ScalarScope : IDisposable
         foreach (var s in _scalars) s.Dispose();
         _scalars.Clear();
     }
+}
+
+/// <summary>
+/// The constant Scalars a training step passes at every call, made once: TorchSharp makes a Scalar, which goes to the
+/// finalizer, for each number argument and for the defaults it passes itself (<c>a + b</c> is <c>add(b, alpha: 1)</c>).
+/// </summary>
+internal static class Scalars
+{
+    /// <summary>1 (an integer, valid for every dtype): add's alpha, as <c>a.add(b, Scalars.One)</c> for <c>a + b</c>.</summary>
+    internal static readonly Scalar One = 1.ToScalar();
+    internal static readonly Scalar Zero = 0.ToScalar();
+    internal static readonly Scalar NaN = double.NaN.ToScalar();
+    /// <summary>-100: the ignored label of the models' losses.</summary>
+    internal static readonly Scalar IgnoreIndex = (-100).ToScalar();
 }

@@ -58,6 +58,31 @@ internal static class TensorArgs
 
     internal static string Shape(Tensor t) => $"[{string.Join(", ", t.shape)}]";
 
+    // TorchSharp reads shape, size() and stride() into a pinned array that goes to the finalizer even when disposed:
+    // a training step's hot paths read sizes one dimension at a time instead (Sizes, SameShape).
+
+    /// <summary>t.shape, one dimension at a time: no finalizable object.</summary>
+    internal static long[] Sizes(Tensor t)
+    {
+        var sizes = new long[t.dim()];
+        for (int i = 0; i < sizes.Length; i++) sizes[i] = t.size(i);
+        return sizes;
+    }
+
+    /// <summary>t.item&lt;T&gt;() of a one-element tensor of T's dtype, read in place on the CPU (item() reads the shape,
+    /// see <see cref="Sizes"/>).</summary>
+    internal static unsafe T Item<T>(Tensor t) where T : unmanaged => t.device_type == DeviceType.CPU ? *(T*)Ptr(t) : t.item<T>();
+
+    /// <summary>Whether a and b have the same shape, compared without a finalizable object (see <see cref="Sizes"/>).</summary>
+    internal static bool SameShape(Tensor a, Tensor b)
+    {
+        long n = a.dim();
+        if (n != b.dim()) return false;
+        for (int i = 0; i < n; i++)
+            if (a.size(i) != b.size(i)) return false;
+        return true;
+    }
+
     /// <summary>t (..., size): at least one dimension, the last of <paramref name="size"/> (what = how the message
     /// names it, e.g. "hidden_size").</summary>
     internal static void RequireLastDim(Tensor t, long size, string name, string what) =>
@@ -67,8 +92,9 @@ internal static class TensorArgs
     /// computed on ids' device (no host sync), for the loss and embedding paths that make those rows NaN.</summary>
     internal static Tensor IdsOutside(Tensor ids, long count, long? ignore_index = null)
     {
-        var outside = ids.lt(0).logical_or(ids.ge(count));
-        return ignore_index is long ignore ? ids.ne(ignore).logical_and(outside) : outside;
+        using var scalars = new ScalarScope();
+        var outside = ids.lt(Scalars.Zero).logical_or(ids.ge(scalars.OfInt64(count)));
+        return ignore_index is long ignore ? ids.ne(scalars.OfInt64(ignore)).logical_and(outside) : outside;
     }
 
     /// <summary>A module's input: floating, on the device of the module's <paramref name="parameter"/> and, when

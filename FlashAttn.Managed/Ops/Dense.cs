@@ -29,7 +29,7 @@ public static partial class flash_attn
             bool kernel = DenseOps.Eligible(x, x.size(-1), weight.size(0));
             long k = x.size(-1), n = weight.size(0);
             var y = DenseOps.Linear(DenseOps.Rows(x, k, kernel), DenseOps.Prep(weight, kernel), DenseOps.PrepOrNull(bias, kernel), kernel, backward: false);
-            return y.view(DenseOps.OutputShape(x.shape, n));
+            return y.view(DenseOps.OutputShape(Sizes(x), n));
         }
         return FusedDenseFunction.apply(x, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias));
     }
@@ -67,7 +67,7 @@ public static partial class flash_attn
             var x2 = DenseOps.Rows(x, k, kernel);
             var (hid, _) = DenseOps.LinearAct(x2, DenseOps.Prep(weight1, kernel), DenseOps.PrepOrNull(bias1, kernel), act, saveAux: false, kernel, backward: false);
             var y = DenseOps.Linear(hid, DenseOps.Prep(weight2, kernel), DenseOps.PrepOrNull(bias2, kernel), kernel, backward: false);
-            return y.view(DenseOps.OutputShape(x.shape, n));
+            return y.view(DenseOps.OutputShape(Sizes(x), n));
         }
         return FusedMlpFunction.apply(x, BackwardGuard.Parameter(weight1), BackwardGuard.Parameter(bias1), BackwardGuard.Parameter(weight2),
             BackwardGuard.Parameter(bias2), new MlpOptions(act, save_pre_act ? checkpoint_lvl : 2));
@@ -404,7 +404,7 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
         ctx.save_for_backward(new List<Tensor> { x2, wk });
         ctx.save_data("kernel", kernel);
         ctx.save_data("bias_grad", kernel ? DenseOps.BiasGrad : BiasGradPath.CublasLt);
-        var xShape = x.shape;
+        var xShape = Sizes(x);
         ctx.save_data("x_shape", xShape);
         ctx.save_data("needs", new[] { x.requires_grad, w.requires_grad, b is not null && b.requires_grad });
         return y.view(DenseOps.OutputShape(xShape, n));
@@ -471,7 +471,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
         ctx.save_data("kernel", kernel);
         ctx.save_data("bias_grad", kernel ? DenseOps.BiasGrad : BiasGradPath.CublasLt);
         ctx.save_data("options", o);
-        var xShape = x.shape;
+        var xShape = Sizes(x);
         ctx.save_data("x_shape", xShape);
         ctx.save_data("needs", new[] { x.requires_grad, w1.requires_grad, b1 is not null && b1.requires_grad,
                                        w2.requires_grad, b2 is not null && b2.requires_grad, b1 is not null });

@@ -1,3 +1,4 @@
+using FlashAttn.Interop;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -13,6 +14,6 @@ internal static class DropoutSeed
     internal static ulong Draw(Generator? generator = null)
     {
         using var scope = NewDisposeScope();
-        return (ulong)randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator).item<long>();
+        return (ulong)TensorArgs.Item<long>(randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator));
     }
 }

@@ -285,7 +285,8 @@ public static partial class flash_attn
     // 8 elements. Views that miss it (odd packing) are copied, as flash-attn's maybe_contiguous does.
     internal static Tensor KernelLayout(Tensor t)
     {
-        bool aligned = (long)Ptr(t) % 16 == 0 && t.stride().Take((int)t.dim() - 1).All(s => s % 8 == 0);
+        bool aligned = (long)Ptr(t) % 16 == 0;
+        for (int i = 0; aligned && i < t.dim() - 1; i++) aligned = t.stride(i) % 8 == 0; // stride(): see TensorArgs.Sizes
         return aligned ? t : t.contiguous();
     }
 
@@ -305,7 +306,7 @@ public static partial class flash_attn
             RequireSameDevice(t, q, name, n.Q);
         }
         long d = q.size(-1), h = q.size(-2), hk = k.size(-2);
-        Require(k.shape.SequenceEqual(v.shape), n.V, $"v must have k's shape {Shape(k)}, got {Shape(v)}");
+        Require(SameShape(v, k), n.V, $"v must have k's shape {Shape(k)}, got {Shape(v)}");
         Require(k.size(-1) == d, n.K, $"k's head dimension ({k.size(-1)}) must equal q's ({d})");
         Require(d >= 1 && d <= MaxHeadDim, n.Q, $"head dimension ({d}) must be between 1 and {MaxHeadDim}");
         Require(hk >= 1 && h % hk == 0, n.K, $"q's heads ({h}) must be a multiple of k/v's heads ({hk})");
@@ -405,9 +406,9 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
         var (output, lse) = (saved[^2], saved[^1]);
         var g = (Geometry)ctx.get_data("geometry");
         var opts = (AttentionOptions)ctx.get_data("options");
-        var dout = flash_attn.KernelLayout(grads[0].shape[^1] <= 1 || grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous());
+        var dout = flash_attn.KernelLayout(grads[0].size(-1) <= 1 || grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous());
         // packed: one contiguous gradient of qkv's shape, the kernels writing dq, dk, dv into its views
-        var dqkv = packed ? empty(saved[0].shape, saved[0].dtype, saved[0].device) : null;
+        var dqkv = packed ? empty(Sizes(saved[0]), saved[0].dtype, saved[0].device) : null;
         var (dq, dk, dv) = dqkv is not null ? Unpack(dqkv) : (empty_like(q), empty_like(k), empty_like(v));
         using (var scope = NewDisposeScope())
         {

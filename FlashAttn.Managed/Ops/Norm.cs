@@ -152,14 +152,14 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         if (x1 is not null)
         {
             Require(x1.dtype == x0.dtype, "x1", $"x1 must have {x0Name}'s dtype ({x0.dtype}), got {x1.dtype}");
-            Require(x1.shape.SequenceEqual(x0.shape), "x1", $"x1 must have {x0Name}'s shape {Shape(x0)}, got {Shape(x1)}");
+            Require(SameShape(x1, x0), "x1", $"x1 must have {x0Name}'s shape {Shape(x0)}, got {Shape(x1)}");
             RequireSameDevice(x1, x0, "x1", x0Name);
         }
         if (residual is not null)
         {
             Require(residual.dtype == x0.dtype || residual.dtype == ScalarType.Float32, "residual",
                     $"residual must be {x0Name}'s dtype ({x0.dtype}) or float32, got {residual.dtype}");
-            Require(residual.shape.SequenceEqual(x0.shape), "residual", $"residual must have {x0Name}'s shape {Shape(x0)}, got {Shape(residual)}");
+            Require(SameShape(residual, x0), "residual", $"residual must have {x0Name}'s shape {Shape(x0)}, got {Shape(residual)}");
             RequireSameDevice(residual, x0, "residual", x0Name);
         }
         void Param(Tensor? t, string name, Tensor? like, string likeName)
@@ -213,7 +213,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         // validated again here: apply() may be called directly, and backward must never throw
         Validate(x0, x1, residual, w0, b0, w1, b1, rowscale, o.DropoutP, o.Epsilon, "weight0", "bias0");
         long hidden = x0.size(-1), rows = x0.numel() / hidden;
-        var shape = x0.shape;
+        var shape = Sizes(x0);
         var s = new Saved
         {
             Options = o, Shape = shape, HasX1 = x1 is not null, HasResidual = residual is not null, HasBias0 = b0 is not null,

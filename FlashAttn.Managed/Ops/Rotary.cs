@@ -95,7 +95,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
                        cuSeqlens is null ? "(batch, seqlen, nheads, headdim)" : "(total_seqlen, nheads, headdim) when cu_seqlens is given");
         RequireContiguousLastDim(x, xName);
         RequireDim(cos, 2, cosName, "(seqlen_ro, rotary_dim / 2)");
-        Require(sin.shape.SequenceEqual(cos.shape), sinName, $"{sinName} must have {cosName}'s shape {Shape(cos)}, got {Shape(sin)}");
+        Require(SameShape(sin, cos), sinName, $"{sinName} must have {cosName}'s shape {Shape(cos)}, got {Shape(sin)}");
         foreach (var (t, name) in new[] { (cos, cosName), (sin, sinName) })
         {
             Require(t.dtype == x.dtype || t.dtype == ScalarType.Float32, name,

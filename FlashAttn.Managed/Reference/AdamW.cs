@@ -44,7 +44,7 @@ public static partial class Reference
         var norm = total.sqrt();
         gradNorm.copy_(norm);
         // finite as the kernel decides it: the float32 norm
-        var finite = gradNorm.isfinite().item<bool>();
+        var finite = TensorArgs.Item<bool>(gradNorm.isfinite());
         foundInf.fill_(S(finite ? 0 : 1));
         if (!finite) return false;
         for (int i = 0; i < tensors.Count; i++)

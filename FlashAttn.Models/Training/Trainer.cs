@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json.Nodes;
+using FlashAttn.Interop;
 using FlashAttn.Models.Distributed;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -113,7 +114,7 @@ public sealed class Trainer
 
     /// <summary>The task (model and data; with data parallelism rank 0's weights on every rank), the optimizer over its
     /// parameters, fp16's loss scaler; seeded.</summary>
-    TrainingRun Setup(Device device, IGradientReducer? reducer)
+    internal TrainingRun Setup(Device device, IGradientReducer? reducer)
     {
         var t = _c.Trainer;
         torch.manual_seed(_c.Seed).Dispose();
@@ -266,7 +267,7 @@ public sealed class Trainer
     /// reaches the optimizer through ParamGroups (written to its device table with fill_), the gradient norm, clipping and
     /// the non-finite skip happen on the device, fp16's loss scale lives there, and gradients are set to none.
     /// </summary>
-    static Tensor? TrainStep(TrainingRun run, long step, bool keepLoss)
+    internal static Tensor? TrainStep(TrainingRun run, long step, bool keepLoss)
     {
         using var scope = NewDisposeScope();
         var (opt, scaler, accum, seed) = (run.Optimizer, run.Scaler, run.Config.Accumulation, run.Config.Seed);
@@ -276,7 +277,9 @@ public sealed class Trainer
         torch.manual_seed(seed * 1_000_003 + step + 1).Dispose();
         if (run.Device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed * 1_000_003 + step + 1);
         // the gradient each micro-batch's loss receives, a device scalar the task may compute gradients for in its forward
-        var lossGrad = scaler is null ? full(Array.Empty<long>(), 1.0 / accum, ScalarType.Float32, run.Device) : scaler.Scale / accum;
+        using var scalars = new ScalarScope(); // number arguments, as Scalars freed here rather than by the finalizer
+        var lossGrad = scaler is null ? full(Array.Empty<long>(), scalars.Of(1.0 / accum), ScalarType.Float32, run.Device)
+                                      : scaler.Scale / scalars.OfInt64(accum);
         Tensor? lossSum = null;
         for (int a = 0; a < accum; a++)
         {
@@ -290,7 +293,7 @@ public sealed class Trainer
             if (keepLoss)
             {
                 var d = loss.detach().to(ScalarType.Float32);
-                lossSum = lossSum is null ? d : lossSum + d;
+                lossSum = lossSum is null ? d : lossSum.add(d, Scalars.One);
             }
             scope.DisposeEverythingBut(new[] { lossSum, lossGrad }.OfType<Tensor>()); // what lives across the micro-batches
         }
