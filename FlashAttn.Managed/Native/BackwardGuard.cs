@@ -72,11 +72,20 @@ public static class BackwardGuard
         var keep = t_returned ??= new List<Tensor>();
         foreach (var g in grads)
         {
-            if (g is null || keep.Any(k => ReferenceEquals(k, g))) continue;
+            if (g is null || Holds(keep, g)) continue;
             if (scope.Contains(g)) scope.Detach(g);
             keep.Add(g);
         }
         return grads;
+    }
+
+    /// <summary>Whether <paramref name="list"/> holds this very wrapper: a loop, where Any's lambda would allocate a closure
+    /// per call in every backward of a step.</summary>
+    internal static bool Holds(List<Tensor> list, Tensor t)
+    {
+        foreach (var k in list)
+            if (ReferenceEquals(k, t)) return true;
+        return false;
     }
 
     /// <summary>

@@ -58,8 +58,8 @@ internal static class TensorArgs
 
     internal static string Shape(Tensor t) => $"[{string.Join(", ", t.shape)}]";
 
-    // TorchSharp reads shape, size() and stride() into a pinned array that goes to the finalizer even when disposed:
-    // a training step's hot paths read sizes one dimension at a time instead (Sizes, SameShape).
+    // TorchSharp reads shape (size()), stride() and item()'s shape check through a pinned array that goes to the finalizer
+    // even when disposed: a training step's hot paths read one dimension at a time (size(i), stride(i)) instead.
 
     /// <summary>t.shape, one dimension at a time: no finalizable object.</summary>
     internal static long[] Sizes(Tensor t)

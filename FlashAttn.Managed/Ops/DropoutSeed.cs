@@ -13,7 +13,7 @@ internal static class DropoutSeed
 {
     internal static ulong Draw(Generator? generator = null)
     {
-        using var scope = NewDisposeScope();
-        return (ulong)TensorArgs.Item<long>(randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator));
+        using var seed = randint(0, long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: generator);
+        return (ulong)TensorArgs.Item<long>(seed);
     }
 }

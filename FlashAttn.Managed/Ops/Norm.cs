@@ -314,7 +314,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         var moved = new List<Tensor>();
         foreach (var t in tensors)
         {
-            if (t is null || moved.Any(m => ReferenceEquals(m, t))) continue;
+            if (t is null || BackwardGuard.Holds(moved, t)) continue;
             t.MoveToOuterDisposeScope();
             moved.Add(t);
         }
