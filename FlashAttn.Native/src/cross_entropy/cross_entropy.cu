@@ -503,12 +503,14 @@ FlashAttnStatus launch_fwd_bwd(const CrossEntropyParams& p, const DeviceInfo& d,
   return check_launch(function, "cross_entropy_fwd_bwd_kernel");
 }
 
-// Whether the fused forward + backward runs as one kernel: yes unless FLASHATTN_CE_FUSED=0 (read once per process),
-// which runs the forward's and the backward's kernels instead (the same results; one more read of the logits).
+// Whether the fused forward + backward runs as one kernel: only with FLASHATTN_CE_FUSED=1 (read once per process).
+// Otherwise the forward's and the backward's kernels run (the same results; one more read of the logits), which are
+// faster on the H200: at GPT-2's 16384 x 50257 bf16 the two take 1.21 ms (1.05x the floor of their three passes) and
+// the one kernel 1.92 ms (2.49x the floor of its two), its L2 92% busy while DRAM is 36% (ncu; benchmarks/RESULTS.md).
 bool fused_kernel_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("FLASHATTN_CE_FUSED");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return on;
 }

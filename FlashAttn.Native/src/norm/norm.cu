@@ -1503,12 +1503,17 @@ int env_variant() {
 //     0.557, 16384 rows32 1.175 (rows16l2 and rows32l2 1.178); RMSNorm 768 rows16 0.037 / 0.043, 2048 and 4096
 //     rows16 (rows16l2 within 1%), 8192 rows16 0.293 / rows32's 0.365, 16384 block 0.818 / rows64l2's 0.920.
 //     The l2 prefetch pays in LayerNorm's backward and not in RMSNorm's.
+//   LayerNorm backward with 16-bit x (ops_bench norm_bwd, bf16 residual, a later run): rowsca below every other
+//     variant at every size, 768 0.0551 / auto's 0.0603, 2048 0.119 / 0.132, 4096 0.224 / 0.264, 8192 0.442 / 0.542,
+//     16384 1.064 / 1.107 (where rowsca does not apply it falls back to rows32). Float32 x (a float32 residual stream,
+//     GPT training's) keeps the table above until measured.
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
 };
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{4096, kRows16L2}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRules16[] = {{kNormMaxHidden, kRowsCa}};
 constexpr SizeRule kBwdRmsRules[] = {{8192, kRows16}, {kNormMaxHidden, kBlock}};
 
 template <size_t N>
@@ -1546,7 +1551,9 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   if constexpr (kVec > 1) {
     s = current_device_info(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    variant = p.is_rms ? pick_variant(kBwdRmsRules, p.hidden) : pick_variant(kBwdRules, p.hidden);
+    variant = p.is_rms                                ? pick_variant(kBwdRmsRules, p.hidden)
+              : p.x_dtype == FLASHATTN_DTYPE_FLOAT32 ? pick_variant(kBwdRules, p.hidden)
+                                                     : pick_variant(kBwdRules16, p.hidden);
     if (variant == kRowsCa) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
