@@ -135,17 +135,17 @@ internal static class DenseOps
 
     /// <summary>
     /// The bias-gradient path of the fused dense backward: <see cref="BiasGradOverride"/>, else FLASHATTN_BIAS_GRAD
-    /// ("ours" or "cublaslt", the default). cuBLASLt's BGRADB runs its column sum as a separate kernel of its own after the
-    /// GEMM, at about 1.76x the time of a copy of dy's bytes (H200, GPT-2 124M: 1.145 ms a step); ours reads dy at 16
-    /// bytes a thread with every SM busy even at width 768. The default stays BGRADB until the H200 has measured both
-    /// (ops_bench's bias_grad and bias_grad_lt lines, and a step profile each way): the faster then becomes the default.
+    /// ("ours", the default, or "cublaslt"). cuBLASLt's BGRADB runs its column sum as a kernel of its own after the GEMM,
+    /// 3.0-4.8x the time of a copy of dy's bytes on the H200; ours reads dy at 16 bytes a thread with every SM busy even at
+    /// width 768 and adds the row splits in its last block: 1.06-1.10x (ops_bench), 0.867 ms a GPT-2 124M step against
+    /// BGRADB's 1.145 (benchmarks/RESULTS.md).
     /// </summary>
     internal static BiasGradPath BiasGrad => BiasGradOverride ?? s_biasGradEnvironment.Value;
 
     internal static BiasGradPath ParseBiasGrad(string? value) => value?.Trim().ToLowerInvariant() switch
     {
-        null or "" or "cublaslt" => BiasGradPath.CublasLt,
-        "ours" => BiasGradPath.Ours,
+        null or "" or "ours" => BiasGradPath.Ours,
+        "cublaslt" => BiasGradPath.CublasLt,
         _ => throw new InvalidOperationException($"{BiasGradVariable}={value}: expected ours or cublaslt"),
     };
 

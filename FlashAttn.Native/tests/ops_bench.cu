@@ -364,9 +364,9 @@ void bench_rotary(int64_t heads, int samples) {
 // The bias gradient of a linear, dy (16384, N) bf16 -> db (N,), in the weight-gradient step it belongs to:
 // dW (N, 768) = dy^T x with x (16384, 768) (GPT-2's qkv, out-projection and fc1 widths; fc2's x is 3072 wide). Lines:
 //   bias_grad            ours alone (FlashAttn_dense_bias_grad): dy read, db written; floor: a copy of those bytes
-//   bias_grad_lt         the GEMM with cuBLASLt's BGRADB epilogue (how Dense.Wgrad runs by default)
+//   bias_grad_lt         the GEMM with cuBLASLt's BGRADB epilogue (what FLASHATTN_BIAS_GRAD=cublaslt runs)
 //   bias_grad_gemm       the same GEMM without epilogue
-//   bias_grad_gemm_ours  the GEMM without epilogue and ours, each sampled alone (what FLASHATTN_BIAS_GRAD=ours runs)
+//   bias_grad_gemm_ours  the GEMM without epilogue and ours, each sampled alone (how Dense.Wgrad runs by default)
 // BGRADB is not a kernel that can be called alone (it is the epilogue of a GEMM, and cuBLASLt picks another GEMM
 // algorithm with it), so the fair comparison is bias_grad_lt against bias_grad_gemm_ours; bias_grad_lt minus
 // bias_grad_gemm is what BGRADB costs. The GEMM lines' bytes (and floors) are their operands': the ratio there says how
@@ -600,6 +600,9 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // ce_fused times the one-kernel forward + backward, an opt-in of the library (ce_fwdbwd times the default's kernels);
+  // the children inherit it
+  setenv("FLASHATTN_CE_FUSED", "1", 0);
   if (argc > 1 && std::strcmp(argv[1], "--serve") == 0) return serve();
   const bool here = argc > 1 && std::strcmp(argv[1], "--here") == 0;
   const int a = here ? 2 : 1;
