@@ -1,13 +1,16 @@
 """cuDNN's attention (PyTorch SDPA, CUDNN_ATTENTION backend) at GPT-2's training shape, B 16, S 1024, 12 heads of 64,
-causal, bf16: the row of issue 17's bar that the shared peer's `attn` part does not time. Timed as that peer times
-(CUDA events, median of 30 after 5 warm-up calls; the backward is autograd.grad over a kept graph, without the forward),
-so device-run.sh's attnpeer step prints it beside `flash_selftest --bench-peer`'s GPT-2 line. TSV: section, name, ms."""
+causal, bf16: the row of issue 17's bar that the shared peer's `attn` part does not time. Two timings (CUDA events,
+median of 30 after 5 warm-up calls; the backward is autograd.grad over a kept graph, without the forward): "call", one
+call after a synchronisation, as that peer and `flash_selftest --bench-peer` time (it includes the dispatch while the
+GPU waits: PyTorch's is tens of microseconds, a tenth of this shape's forward); "queued", 20 calls back to back
+divided by 20 (the dispatch hidden behind the queued kernels, as in training). device-run.sh's attnpeer step prints it
+beside `flash_selftest --bench-peer`'s GPT-2 line. TSV: section, name, ms."""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def bench(fn, reps=30, warm=5):
+def bench(fn, calls=1, reps=30, warm=5):
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
@@ -15,10 +18,11 @@ def bench(fn, reps=30, warm=5):
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(calls):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls)
     times.sort()
     return times[len(times) // 2]
 
@@ -28,7 +32,8 @@ q, k, v = [torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires
 do = torch.randn_like(q)
 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    bwd = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
-print(f"attn\tcudnn bf16 d64 causal GPT-2 B{b} S{s} H{h} fwd\t{fwd:.4f}\tms")
-print(f"attn\tcudnn bf16 d64 causal GPT-2 B{b} S{s} H{h} bwd\t{bwd:.4f}\tms")
+    for how, calls in (("call", 1), ("queued", 20)):
+        fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), calls)
+        bwd = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), calls)
+        print(f"attn\tcudnn bf16 d64 causal GPT-2 B{b} S{s} H{h} fwd ({how})\t{fwd:.4f}\tms")
+        print(f"attn\tcudnn bf16 d64 causal GPT-2 B{b} S{s} H{h} bwd ({how})\t{bwd:.4f}\tms")
