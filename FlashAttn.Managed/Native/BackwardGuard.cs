@@ -102,11 +102,11 @@ public static class BackwardGuard
     /// reduction): the reference count is how libtorch knows that no other tensor sees that memory, and the view hides
     /// it, so a returned gradient sharing memory with another one or with the incoming gradient (the norm reference's
     /// dx0 and dresidual are one tensor when nothing scales x0) would become .grad of two leaves at once.</para>
-    /// </summary>
     /// <para>FLASHATTN_GRAD_VIEW=0 (read once) passes parameters as they are: libtorch's copies back, for measuring
     /// what the views cost and save in a training step.</para>
+    /// </summary>
     internal static Tensor? Parameter(Tensor? t) =>
-        s_viewParameters && t is not null && t.requires_grad && t.is_leaf && is_grad_enabled() ? t.view(t.shape) : t;
+        s_viewParameters && t is not null && t.requires_grad && t.is_leaf && is_grad_enabled() ? t.view(TensorArgs.Sizes(t)) : t;
 
     private static readonly bool s_viewParameters = Environment.GetEnvironmentVariable("FLASHATTN_GRAD_VIEW") != "0";
 

@@ -39,9 +39,10 @@
 #endif
 #define FLASHATTN_API FLASHATTN_EXTERN_C __attribute__((visibility("default")))
 
-/* Bumped on every change of a signature or of an enum's values; the managed side refuses a
- * library whose FlashAttn_core_abi_version() differs from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 11
+/* Bumped on every change of a signature, of an enum's values or of what a call asks of its arguments (a
+ * workspace's contents, say); the managed side refuses a library whose FlashAttn_core_abi_version() differs
+ * from the one it was generated from. */
+#define FLASHATTN_ABI_VERSION 12
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,

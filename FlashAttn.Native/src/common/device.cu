@@ -46,8 +46,7 @@ FlashAttnStatus query(int device, DeviceInfo* info, const char* function) {
 struct SmemLimit {
   const void* kernel;
   int device;
-  size_t bytes;    // the kernel's MaxDynamicSharedMemorySize on the device
-  bool max_shared;  // its carveout preference set to the most shared memory
+  size_t bytes;  // the kernel's MaxDynamicSharedMemorySize on the device
 };
 struct Occupancy {
   const void* kernel;
@@ -83,13 +82,13 @@ FlashAttnStatus current_device_info(DeviceInfo* info, const char* function) {
 }
 
 FlashAttnStatus allow_dynamic_smem(const void* kernel, int device, size_t bytes, const char* name,
-                                   const char* function, bool max_shared) {
-  if (bytes == 0 && !max_shared) return FLASHATTN_STATUS_OK;
+                                   const char* function) {
+  if (bytes == 0) return FLASHATTN_STATUS_OK;
   std::lock_guard<std::mutex> lock(g_kernels);
   SmemLimit* limit = nullptr;
   for (SmemLimit& l : g_smem_limits)
     if (l.kernel == kernel && l.device == device) limit = &l;
-  if (limit != nullptr && limit->bytes >= bytes && (limit->max_shared || !max_shared)) return FLASHATTN_STATUS_OK;
+  if (limit != nullptr && limit->bytes >= bytes) return FLASHATTN_STATUS_OK;
   char what[160];
   if (limit == nullptr) {
     // The default limit is 48 KB less the kernel's static shared memory, not 48 KB: ask the kernel.
@@ -97,7 +96,7 @@ FlashAttnStatus allow_dynamic_smem(const void* kernel, int device, size_t bytes,
     std::snprintf(what, sizeof(what), "cudaFuncGetAttributes(%s)", name);
     FlashAttnStatus s = check_cuda(cudaFuncGetAttributes(&attr, kernel), function, what);
     if (s != FLASHATTN_STATUS_OK) return s;
-    g_smem_limits.push_back({kernel, device, size_t(attr.maxDynamicSharedSizeBytes), false});
+    g_smem_limits.push_back({kernel, device, size_t(attr.maxDynamicSharedSizeBytes)});
     limit = &g_smem_limits.back();
   }
   if (limit->bytes < bytes) {
@@ -106,14 +105,6 @@ FlashAttnStatus allow_dynamic_smem(const void* kernel, int device, size_t bytes,
         check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), function, what);
     if (s != FLASHATTN_STATUS_OK) return s;
     limit->bytes = bytes;
-  }
-  if (max_shared && !limit->max_shared) {
-    std::snprintf(what, sizeof(what), "cudaFuncSetAttribute(%s, PreferredSharedMemoryCarveout = MaxShared)", name);
-    FlashAttnStatus s = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                                        int(cudaSharedmemCarveoutMaxShared)),
-                                   function, what);
-    if (s != FLASHATTN_STATUS_OK) return s;
-    limit->max_shared = true;
   }
   return FLASHATTN_STATUS_OK;
 }

@@ -27,11 +27,9 @@ FlashAttnStatus current_device_info(DeviceInfo* info, const char* function);
 // Lets `kernel` launch on `device` (the current one) with `bytes` of dynamic shared memory. The kernel's limit (48 KB
 // less its static shared memory until raised) is read at its first call and raised (cudaFuncSetAttribute, a driver
 // call) at the first launch that needs more than the limit already set, not at every launch; it is only ever raised, so
-// every earlier launch still fits. `max_shared` also asks for the largest shared-memory carveout (once): for a kernel
-// whose blocks each hold a large row, the driver's own choice may leave room for fewer blocks than fit. `name` names
-// the kernel in an error.
+// every earlier launch still fits. `name` names the kernel in an error.
 FlashAttnStatus allow_dynamic_smem(const void* kernel, int device, size_t bytes, const char* name,
-                                   const char* function, bool max_shared = false);
+                                   const char* function);
 
 // Blocks of `kernel` resident at once on one multiprocessor of `device` (the current one) with `threads` a block and
 // `smem` bytes of dynamic shared memory (allowed first, see allow_dynamic_smem): asked of the driver once per kernel,

@@ -494,10 +494,8 @@ template <typename T, bool kSmooth>
 FlashAttnStatus launch_fwd_bwd(const CrossEntropyParams& p, const DeviceInfo& d, int64_t smem, cudaStream_t stream,
                                const char* function) {
   auto kernel = cross_entropy_fwd_bwd_kernel<T, kSmooth>;
-  // a block holds a whole row (100 KB at GPT-2's vocabulary): the largest carveout, or the driver may pick one that
-  // fits a single block a multiprocessor
   const FlashAttnStatus s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), d.device, size_t(smem),
-                                               "cross_entropy_fwd_bwd_kernel", function, /*max_shared=*/true);
+                                               "cross_entropy_fwd_bwd_kernel", function);
   if (s != FLASHATTN_STATUS_OK) return s;
   kernel<<<unsigned(p.rows), kFusedThreads, size_t(smem), stream>>>(p);
   return check_launch(function, "cross_entropy_fwd_bwd_kernel");
