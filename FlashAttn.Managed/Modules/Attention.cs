@@ -192,7 +192,7 @@ public sealed class MHA : nn.Module<Tensor, Tensor>
             using var isQ = index < num_heads * head_dim;
             _qRows = isQ.to(w.dtype).view(rows, 1).DetachFromDisposeScope(); // kept across the steps' dispose scopes
         }
-        var folded = RowScaleFunction.apply(BackwardGuard.Parameter(w), BackwardGuard.Parameter(layer.bias), _qRows, f);
+        var folded = OutputCache.Slim(RowScaleFunction.apply(BackwardGuard.Parameter(w), BackwardGuard.Parameter(layer.bias), _qRows, f));
         return Linear(x, folded[0], layer.bias is null ? null : folded[1]);
     }
 
@@ -316,6 +316,7 @@ internal sealed class RowScaleFunction : autograd.MultiTensorFunction<RowScaleFu
 
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var w = (Tensor)vars[0]!;
         var b = (Tensor?)vars[1];
         var rows = (Tensor)vars[2]!;

@@ -48,7 +48,7 @@ public static partial class flash_attn
         CrossEntropyFunction.Validate(logits, labels, opts, logitsName, labelsName);
         // the gradient in the forward only where a backward will want it
         if (opts.ExpectedGrad is not null && !(is_grad_enabled() && logits.requires_grad)) opts = opts with { ExpectedGrad = null };
-        var outs = CrossEntropyFunction.apply(logits, labels, opts);
+        var outs = OutputCache.Slim(CrossEntropyFunction.apply(logits, labels, opts));
         return (outs[0], outs[1]);
     }
 }
@@ -102,6 +102,7 @@ public sealed class CrossEntropyFunction : autograd.MultiTensorFunction<CrossEnt
 
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var (logits, labels) = ((Tensor)vars[0]!, (Tensor)vars[1]!);
         var o = (CrossEntropyOptions)vars[2]!;
         Validate(logits, labels, o);

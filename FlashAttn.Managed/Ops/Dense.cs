@@ -31,7 +31,7 @@ public static partial class flash_attn
             var y = DenseOps.Linear(DenseOps.Rows(x, k, kernel), DenseOps.Prep(weight, kernel), DenseOps.PrepOrNull(bias, kernel), kernel, backward: false);
             return y.view(DenseOps.OutputShape(Sizes(x), n));
         }
-        return FusedDenseFunction.apply(x, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias));
+        return OutputCache.Slim(FusedDenseFunction.apply(x, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias)));
     }
 
     /// <summary>
@@ -69,8 +69,8 @@ public static partial class flash_attn
             var y = DenseOps.Linear(hid, DenseOps.Prep(weight2, kernel), DenseOps.PrepOrNull(bias2, kernel), kernel, backward: false);
             return y.view(DenseOps.OutputShape(Sizes(x), n));
         }
-        return FusedMlpFunction.apply(x, BackwardGuard.Parameter(weight1), BackwardGuard.Parameter(bias1), BackwardGuard.Parameter(weight2),
-            BackwardGuard.Parameter(bias2), new MlpOptions(act, save_pre_act ? checkpoint_lvl : 2));
+        return OutputCache.Slim(FusedMlpFunction.apply(x, BackwardGuard.Parameter(weight1), BackwardGuard.Parameter(bias1), BackwardGuard.Parameter(weight2),
+            BackwardGuard.Parameter(bias2), new MlpOptions(act, save_pre_act ? checkpoint_lvl : 2)));
     }
 
     /// <summary>
@@ -390,6 +390,7 @@ public sealed class FusedDenseFunction : autograd.SingleTensorFunction<FusedDens
 
     public override Tensor forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var x = (Tensor)vars[0]!;
         var w = (Tensor)vars[1]!;
         var b = (Tensor?)vars[2];
@@ -439,6 +440,7 @@ public sealed class FusedMlpFunction : autograd.SingleTensorFunction<FusedMlpFun
 
     public override Tensor forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var x = (Tensor)vars[0]!;
         var (w1, b1, w2, b2) = ((Tensor)vars[1]!, (Tensor?)vars[2], (Tensor)vars[3]!, (Tensor?)vars[4]);
         var o = (MlpOptions)vars[5]!;

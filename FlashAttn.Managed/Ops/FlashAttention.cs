@@ -266,13 +266,13 @@ public static partial class flash_attn
         if (packed is not null)
         {
             var qkv = KernelLayout(pad != 0 ? nn.functional.pad(packed, p) : packed);
-            r = FlashAttnFunction.apply(qkv, null, null, cuQ, cuK, maxSq, maxSk, opts);
+            r = OutputCache.Slim(FlashAttnFunction.apply(qkv, null, null, cuQ, cuK, maxSq, maxSk, opts));
         }
         else
         {
             if (pad != 0) (q, k, v) = (nn.functional.pad(q, p), nn.functional.pad(k, p), nn.functional.pad(v, p));
             (q, k, v) = (KernelLayout(q), KernelLayout(k), KernelLayout(v));
-            r = FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts);
+            r = OutputCache.Slim(FlashAttnFunction.apply(q, k, v, cuQ, cuK, maxSq, maxSk, opts));
         }
         AttentionDispatch.Last = AttentionBackend.Flash;
         var output = pad != 0 ? r[0][TensorIndex.Ellipsis, TensorIndex.Slice(0, d)] : r[0];
@@ -358,6 +358,7 @@ public sealed class FlashAttnFunction : autograd.MultiTensorFunction<FlashAttnFu
 
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         // q, k, v, or a packed (batch, seqlen, 3, nheads, headdim) qkv with k and v null: the kernels read its views
         var qkv = vars[1] is null ? (Tensor)vars[0]! : null;
         var (q, k, v) = qkv is not null ? Unpack(qkv) : ((Tensor)vars[0]!, (Tensor)vars[1]!, (Tensor)vars[2]!);

@@ -109,7 +109,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             x0 = x0 * layerscale.to(x0.dtype);
         }
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
-        var outs = apply(x0, null, residual, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias), null, null, rowscale, opts);
+        var outs = OutputCache.Slim(apply(x0, null, residual, BackwardGuard.Parameter(weight), BackwardGuard.Parameter(bias), null, null, rowscale, opts));
         int k = 1;
         var res = prenorm ? outs[k++] : null;
         var mask = returnMask ? outs[k++] : null;
@@ -123,8 +123,8 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
         DeviceErrors.Raise();
         Validate(x0, x1, residual, weight0, bias0, weight1, bias1, null, p, eps, "weight0", "bias0");
         var opts = Options(x0, residual, p, eps, isRms, zeroCentered, prenorm, residualInFp32, returnMask, generator);
-        var outs = apply(x0, x1, residual, BackwardGuard.Parameter(weight0), BackwardGuard.Parameter(bias0), BackwardGuard.Parameter(weight1),
-            BackwardGuard.Parameter(bias1), null, opts);
+        var outs = OutputCache.Slim(apply(x0, x1, residual, BackwardGuard.Parameter(weight0), BackwardGuard.Parameter(bias0), BackwardGuard.Parameter(weight1),
+            BackwardGuard.Parameter(bias1), null, opts));
         int k = 1;
         var out1 = weight1 is not null ? outs[k++] : null;
         var res = prenorm ? outs[k++] : null;
@@ -205,6 +205,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
 
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var x0 = (Tensor)vars[0]!;
         var (x1, residual) = ((Tensor?)vars[1], (Tensor?)vars[2]);
         var (w0, b0, w1, b1) = ((Tensor)vars[3]!, (Tensor?)vars[4], (Tensor?)vars[5], (Tensor?)vars[6]);

@@ -28,7 +28,7 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         RotaryFunction.Validate(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen);
-        return RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen);
+        return OutputCache.Slim(RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen));
     }
 }
 
@@ -39,6 +39,7 @@ public sealed class RotaryFunction : autograd.SingleTensorFunction<RotaryFunctio
 
     public override Tensor forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var x = (Tensor)vars[0]!;
         var cos = (Tensor)vars[1]!;
         var sin = (Tensor)vars[2]!;
@@ -183,7 +184,7 @@ public static partial class flash_attn
     {
         DeviceErrors.Raise();
         RotaryQkvFunction.Validate(qkv, cos, sin, cos_k, sin_k, seqlen_offsets, seqlen_offset, num_heads_q);
-        return RotaryQkvFunction.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, seqlen_offset, num_heads_q);
+        return OutputCache.Slim(RotaryQkvFunction.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, seqlen_offset, num_heads_q));
     }
 }
 
@@ -194,6 +195,7 @@ public sealed class RotaryQkvFunction : autograd.SingleTensorFunction<RotaryQkvF
 
     public override Tensor forward(autograd.AutogradContext ctx, params object?[] vars)
     {
+        OutputCache.Track(ctx);
         var qkv = (Tensor)vars[0]!;
         var (cos, sin, cosK, sinK) = ((Tensor)vars[1]!, (Tensor)vars[2]!, (Tensor?)vars[3], (Tensor?)vars[4]);
         var interleaved = (bool)vars[5]!;

@@ -1505,16 +1505,20 @@ int env_variant() {
 //     The l2 prefetch pays in LayerNorm's backward and not in RMSNorm's.
 //   LayerNorm backward with 16-bit x (ops_bench norm_bwd, bf16 residual, a later run): rowsca below every other
 //     variant at every size, 768 0.0551 / auto's 0.0603, 2048 0.119 / 0.132, 4096 0.224 / 0.264, 8192 0.442 / 0.542,
-//     16384 1.064 / 1.107 (where rowsca does not apply it falls back to rows32). Float32 x (a float32 residual stream,
-//     GPT training's) keeps the table above until measured.
+//     16384 1.064 / 1.107 (where rowsca does not apply it falls back to rows32).
+//   Backward alone with float32 x (ops_bench norm_step_bwd: bf16 dy, a float32 residual stream as GPT training runs it)
+//     and RMSNorm (rms_bwd, bf16), a later run, the best against the table before: LayerNorm 768 block 0.0624 / rows16l2's
+//     0.0667, 2048 and 4096 rows16l2 within 2% of the best, 8192 rowsca 0.580 / rows32's 0.605, 16384 all rows variants
+//     within 0.2% (1.217); RMSNorm 768 rows32 0.0355 / rows16's 0.0368, 2048 rowsca 0.0745 / 0.0781, 4096 rowsca 0.139 /
+//     0.145, 8192 rowsca 0.279 / 0.291, 16384 rows16l2 0.544 / block's 0.824 (rows16 and rows32 0.571).
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
 };
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
-constexpr SizeRule kBwdRules[] = {{4096, kRows16L2}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRules[] = {{768, kBlock}, {4096, kRows16L2}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules16[] = {{kNormMaxHidden, kRowsCa}};
-constexpr SizeRule kBwdRmsRules[] = {{8192, kRows16}, {kNormMaxHidden, kBlock}};
+constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
 
 template <size_t N>
 int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {
