@@ -54,6 +54,13 @@ __device__ __forceinline__ void store_float(T* p, const float (&in)[N]) {
   *reinterpret_cast<Vec<T, N>*>(p) = r;
 }
 
+// One 16-byte global store whatever the compiler knows of the address: NVVM may split a vector assignment into 32- or
+// 16-bit stores where it cannot prove the alignment (the fused cross-entropy kernel's output loop), each of which
+// then writes a quarter or less of its sectors.
+__device__ __forceinline__ void store_global_16(void* p, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
 // The split form of load_float for kernels that keep several loads in flight: a vector is loaded as packed
 // 32-bit words (nothing waits on them; a Vec of 16-bit elements would be split into one register per element
 // as soon as it arrives) and converted later, one instruction per element.
