@@ -600,9 +600,6 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // ce_fused times the one-kernel forward + backward, an opt-in of the library (ce_fwdbwd times the default's kernels);
-  // the children inherit it
-  setenv("FLASHATTN_CE_FUSED", "1", 0);
   if (argc > 1 && std::strcmp(argv[1], "--serve") == 0) return serve();
   const bool here = argc > 1 && std::strcmp(argv[1], "--here") == 0;
   const int a = here ? 2 : 1;

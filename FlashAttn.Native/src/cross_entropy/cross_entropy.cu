@@ -14,10 +14,9 @@
 // copies the row into shared memory, takes the same online max / sum there, combines across its warps, then writes
 // the gradient for the dloss the caller expects from shared memory: the logits read once and dlogits written once,
 // 2 x 1.65 GB at GPT-2's B 16 x T 1024 x 50257 in bf16, where the two-kernel path moves 3 x 1.65 GB. The copy is
-// cp.async, the whole row in flight at once: staged through registers four vectors a thread at a time, the row took
-// three to four round trips and the kernel ran at 2.39x its copy floor on the H200 (1.85 ms at 50257, slower than
-// the two kernels' 1.21 ms). Two blocks of a 100 KB row fit an SM: one block's copy in flight while the other
-// writes. The backward then only compares the real dloss with the expected one (cross_entropy_rescale_kernel: a
+// cp.async, the whole row in flight at once. Two blocks of a 100 KB row fit an SM: one block's copy in flight while
+// the other writes. The gradient goes out in one 16-byte store a vector (store_global_16): written as four 32-bit
+// stores, as the compiler had chosen, the kernel was bound by L2 write traffic (1.92 ms against 0.87 ms now). The backward then only compares the real dloss with the expected one (cross_entropy_rescale_kernel: a
 // warp per row, one comparison; a second pass over dlogits only where they differ).
 
 #include <cmath>
@@ -505,14 +504,15 @@ FlashAttnStatus launch_fwd_bwd(const CrossEntropyParams& p, const DeviceInfo& d,
   return check_launch(function, "cross_entropy_fwd_bwd_kernel");
 }
 
-// Whether the fused forward + backward runs as one kernel: only with FLASHATTN_CE_FUSED=1 (read once per process).
-// Otherwise the forward's and the backward's kernels run (the same results; one more read of the logits), which are
-// faster on the H200: at GPT-2's 16384 x 50257 bf16 the two take 1.21 ms (1.05x the floor of their three passes) and
-// the one kernel 1.92 ms (2.49x the floor of its two), its L2 92% busy while DRAM is 36% (ncu; benchmarks/RESULTS.md).
+// Whether the fused forward + backward runs as one kernel: unless FLASHATTN_CE_FUSED=0 (read once per process), which
+// runs the forward's and the backward's kernels instead (the same results; one more read of the logits). On the H200 at
+// GPT-2's 16384 x 50257 bf16 (ops_bench): the one kernel 0.870 ms (1.13x the floor of its two passes), the two 1.206 ms
+// (1.04x the floor of their three). Before its gradient was one 16-byte store a vector, the one kernel took 1.92 ms
+// and the two were the default (benchmarks/RESULTS.md).
 bool fused_kernel_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("FLASHATTN_CE_FUSED");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return on;
 }
