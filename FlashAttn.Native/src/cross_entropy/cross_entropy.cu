@@ -526,9 +526,10 @@ FlashAttnStatus run_cross_entropy_fwd_bwd(const CrossEntropyParams& p, void* str
   if (s != FLASHATTN_STATUS_OK) return s;
   return FLOAT_SWITCH(p.dtype, T, [&] {
     const int64_t smem = fused_smem_bytes<T>(p.vocab);
-    if (smem > d.smem_optin || !fused_kernel_enabled()) {
-      // a row larger than shared memory (or the fused kernel turned off): the forward's kernels (lse after their
-      // workspace), then the backward's
+    if (2 * smem > d.smem_optin || !fused_kernel_enabled()) {
+      // a row of which two blocks do not fit a multiprocessor (one block would load, reduce and write its row with
+      // nothing of another under it; the one kernel was measured with two), or the fused kernel turned off: the
+      // forward's kernels (lse after their workspace), then the backward's
       CrossEntropyParams q = p;
       q.lse = p.workspace + cross_entropy_fwd_workspace_bytes(p.rows, p.vocab) / int64_t(sizeof(float));
       FlashAttnStatus st = run_cross_entropy_fwd(q, stream, function);
