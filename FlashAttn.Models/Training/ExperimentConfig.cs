@@ -92,6 +92,9 @@ public sealed class ExperimentConfig
         new("trainer.plot", ConfigType.Bool, "true", "write loss_lr.png at the end"),
         new("trainer.peak_tflops", ConfigType.Float, null, "peak TFLOP/s of one device for MFU (default: known GPUs by name; none on CPU)", Nullable: true),
         new("trainer.num_threads", ConfigType.Int, "0", "CPU threads for torch (0: all cores)"),
+        new("trainer.benchmark", ConfigType.Bool, "false", "on CUDA, time cuBLASLt's 8 best-ranked algorithms for each GEMM shape at its first " +
+            "use and keep the fastest, as cudnn.benchmark does for convolutions (GPT-2 124M on the H200: +1.0-1.1% tokens/s); the choice, and " +
+            "with it the GEMMs' rounding, may differ from run to run"),
     ];
 
     static readonly Dictionary<string, ConfigKey> s_byName = Schema.ToDictionary(k => k.Name);
@@ -244,7 +247,7 @@ public sealed class ExperimentConfig
                 CheckpointEveryNSteps: Int("trainer.checkpoint_every_n_steps"), SaveTopK: Int32("trainer.save_top_k"),
                 DefaultRootDir: Str("trainer.default_root_dir"), Overwrite: Bool("trainer.overwrite"), ProgressBar: Bool("trainer.progress_bar"),
                 TensorBoard: Bool("trainer.tensorboard"), Plot: Bool("trainer.plot"), PeakTflops: FloatOrNull("trainer.peak_tflops"),
-                NumThreads: Int32("trainer.num_threads")));
+                NumThreads: Int32("trainer.num_threads"), Benchmark: Bool("trainer.benchmark")));
     }
 
     /// <summary>The resolved configuration as YAML "key: value" lines (saved with every run as config.yaml and in every

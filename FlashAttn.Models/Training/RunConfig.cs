@@ -120,7 +120,8 @@ public sealed record TrainerSettings(
     bool TensorBoard,
     bool Plot,
     double? PeakTflops,
-    int NumThreads);
+    int NumThreads,
+    bool Benchmark);
 
 /// <summary>The names of the choice keys' values, each in one place: what the keys accept and what they bind to.</summary>
 public static class ConfigNames

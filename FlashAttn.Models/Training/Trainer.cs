@@ -75,6 +75,7 @@ public sealed class Trainer
                 $"each step uses {accum * t.Devices * _c.Data.BatchSize}");
         var device = _worker is { } w ? DataParallel.DeviceOf(w) : DevicePolicy.Resolve(t.Accelerator);
         if (device.type == DeviceType.CPU && t.NumThreads > 0) torch.set_num_threads(t.NumThreads);
+        using var timedGemms = device.type == DeviceType.CUDA && t.Benchmark ? new TimedGemms(BenchmarkCandidates) : null;
 
         var runDir = _c.RunDir;
         if (_c.Model.InitFrom is { } from)
@@ -110,6 +111,17 @@ public sealed class Trainer
         callbacks.Add(new CheckpointCallback());
         if (t.Plot) callbacks.Add(new PlotCallback());
         return Fit(run, [.. callbacks, .. Callbacks]);
+    }
+
+    /// <summary>trainer.benchmark: the GEMM algorithms cuBLASLt ranks first, timed on first use of each shape.</summary>
+    internal const int BenchmarkCandidates = 8;
+
+    // trainer.benchmark for the run: the library's setting (process-wide) as it was once the run ends
+    private sealed class TimedGemms : IDisposable
+    {
+        private readonly int _previous;
+        internal TimedGemms(int candidates) => _previous = flash_attn.set_dense_algo_candidates(candidates);
+        public void Dispose() => flash_attn.set_dense_algo_candidates(_previous);
     }
 
     /// <summary>The task (model and data; with data parallelism rank 0's weights on every rank), the optimizer over its

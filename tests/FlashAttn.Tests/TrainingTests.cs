@@ -184,6 +184,50 @@ public class TrainingTests
         Assert.That(log1.ToString(), Is.Empty);
     }
 
+    // what set_dense_algo_candidates held at each step (it returns the previous setting; set back at once)
+    private sealed class GemmCandidatesSeen : ITrainerCallback
+    {
+        public readonly List<int> Seen = new();
+        public void OnTrainBatchEnd(TrainingRun run)
+        {
+            int current = flash_attn.set_dense_algo_candidates(1);
+            flash_attn.set_dense_algo_candidates(current);
+            Seen.Add(current);
+        }
+    }
+
+    /// <summary>trainer.benchmark times the GEMMs' algorithms for the run on CUDA (the library's setting, process-wide,
+    /// as it was once the run ends); on the CPU, which has no cuBLASLt, it changes nothing.</summary>
+    [Test]
+    public void BenchmarkTimesTheGemmsOnlyOnCuda() => BenchmarkRun(["trainer.accelerator=cpu"], expected: 1);
+
+    [Test, Category(Gpu.Category)]
+    public void BenchmarkTimesTheGemmsForTheRunOnCuda()
+    {
+        Gpu.Require();
+        BenchmarkRun(["trainer.accelerator=cuda", "trainer.precision=bf16"], expected: Trainer.BenchmarkCandidates);
+    }
+
+    private static void BenchmarkRun(string[] device, int expected)
+    {
+        Assert.That(ExperimentConfig.Parse(SmallRun("bench-off")).Bind().Trainer.Benchmark, Is.False, "off by default");
+        int before = flash_attn.set_dense_algo_candidates(1);
+        try
+        {
+            var seen = new GemmCandidatesSeen();
+            var trainer = new Trainer(ExperimentConfig.Parse(SmallRun("bench", [.. device, "trainer.benchmark=true", "trainer.max_steps=2"])),
+                TextWriter.Null);
+            trainer.Callbacks.Add(seen);
+            trainer.Run();
+            Assert.That(seen.Seen, Is.EqualTo(new[] { expected, expected }), "the setting at each step");
+            Assert.That(flash_attn.set_dense_algo_candidates(1), Is.EqualTo(1), "the setting after the run");
+        }
+        finally
+        {
+            flash_attn.set_dense_algo_candidates(before);
+        }
+    }
+
     [Test, Category(Gpu.Category)]
     public void ANcclRankOfOneTrainsAsThePlainTrainer()
     {
