@@ -199,23 +199,24 @@ public class TrainingTests
     /// <summary>trainer.benchmark times the GEMMs' algorithms for the run on CUDA (the library's setting, process-wide,
     /// as it was once the run ends); on the CPU, which has no cuBLASLt, it changes nothing.</summary>
     [Test]
-    public void BenchmarkTimesTheGemmsOnlyOnCuda() => BenchmarkRun(["trainer.accelerator=cpu"], expected: 1);
+    public void BenchmarkTimesTheGemmsOnlyOnCuda() => BenchmarkRun("bench-cpu", ["trainer.accelerator=cpu"], expected: 1);
 
     [Test, Category(Gpu.Category)]
     public void BenchmarkTimesTheGemmsForTheRunOnCuda()
     {
         Gpu.Require();
-        BenchmarkRun(["trainer.accelerator=cuda", "trainer.precision=bf16"], expected: Trainer.BenchmarkCandidates);
+        BenchmarkRun("bench-cuda", ["trainer.accelerator=cuda", "trainer.precision=bf16"], expected: Trainer.BenchmarkCandidates);
     }
 
-    private static void BenchmarkRun(string[] device, int expected)
+    // each its own run folder: the two share the fixture's root, and a folder holds one run
+    private static void BenchmarkRun(string name, string[] device, int expected)
     {
         Assert.That(ExperimentConfig.Parse(SmallRun("bench-off")).Bind().Trainer.Benchmark, Is.False, "off by default");
         int before = flash_attn.set_dense_algo_candidates(1);
         try
         {
             var seen = new GemmCandidatesSeen();
-            var trainer = new Trainer(ExperimentConfig.Parse(SmallRun("bench", [.. device, "trainer.benchmark=true", "trainer.max_steps=2"])),
+            var trainer = new Trainer(ExperimentConfig.Parse(SmallRun(name, [.. device, "trainer.benchmark=true", "trainer.max_steps=2"])),
                 TextWriter.Null);
             trainer.Callbacks.Add(seen);
             trainer.Run();
