@@ -1429,11 +1429,13 @@ size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden
   return std::max(ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float));
 }
 
-RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin) {
+// wide: 32 columns a thread at every size (the variant rowsca32), which spreads a row's fixed instructions (the
+// scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more registers of partials.
+RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
   if (dtype_size(p.dtype) != 2 || vec == 1) return sh;
-  sh.elems = p.hidden <= int64_t(32) * kRowsMaxWarps * 16 ? 16 : 32;
+  sh.elems = !wide && p.hidden <= int64_t(32) * kRowsMaxWarps * 16 ? 16 : 32;
   if (sh.elems == 32 && parallel) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
   sh.layout = rowsca_layout(int(p.hidden), int(dtype_size(p.x_dtype)), 2, parallel, p.dresidual_out != nullptr);
@@ -1504,11 +1506,14 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
 // The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
 // (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
 // thread; the l2 variants add the L2 prefetch of the next row; rowsca streams the backward's rows through shared
-// memory (its forward is rows32's; where it does not apply, its backward is rows32's too) (NOTES.md).
+// memory (its forward is rows32's; where it does not apply, its backward is rows32's too), rowsca32 the same at 32
+// columns a thread at every size (NOTES.md).
 // (rows32 with the backward's registers capped for three blocks a multiprocessor was a variant, and lost: NOTES.md.)
-enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kNumVariants };
-constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32",  "rows16l2",
-                                                         "rows32l2", "rows64l2", "rowsca"};
+enum NormVariant : int {
+  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kNumVariants
+};
+constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32", "rows16l2", "rows32l2",
+                                                         "rows64l2", "rowsca", "rowsca32"};
 
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
@@ -1592,7 +1597,7 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     variant = p.is_rms                                ? pick_variant(kBwdRmsRules, p.hidden)
               : p.x_dtype == FLASHATTN_DTYPE_FLOAT32 ? pick_variant(kBwdRules, p.hidden)
                                                      : pick_variant(kBwdRules16, p.hidden);
-    if (variant == kRowsCa) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin);
+    if (variant == kRowsCa || variant == kRowsCa32) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
   if (rowsca.rpb > 0) {
