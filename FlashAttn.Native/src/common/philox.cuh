@@ -38,6 +38,36 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(uint64_t seed, uint64_t 
                        make_uint4(uint32_t(counter), uint32_t(counter >> 32), uint32_t(offset), uint32_t(offset >> 32)));
 }
 
+// The round keys of key `seed`, (key.x, key.y) of each of the ten rounds, for the kernels that take them as an argument:
+// in the constant bank they are an operand of the round's xor, where philox4x32_10 derives them again in every call.
+struct PhiloxKeys {
+  uint32_t k[10][2];
+};
+
+__host__ __device__ inline PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys r;
+  uint32_t kx = uint32_t(seed), ky = uint32_t(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    r.k[round][0] = kx;
+    r.k[round][1] = ky;
+    kx += 0x9E3779B9u;  // philox4x32_10's kW0, kW1
+    ky += 0xBB67AE85u;
+  }
+  return r;
+}
+
+// philox4x32_10(key, ctr) with the key's round keys given: the same words.
+__host__ __device__ __forceinline__ uint4 philox4x32_10(const PhiloxKeys& keys, uint4 ctr) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = philox_mulhi(kM0, ctr.x), lo0 = kM0 * ctr.x;
+    const uint32_t hi1 = philox_mulhi(kM1, ctr.z), lo1 = kM1 * ctr.z;
+    ctr = make_uint4(hi1 ^ ctr.y ^ keys.k[round][0], lo1, hi0 ^ ctr.w ^ keys.k[round][1], lo0);
+  }
+  return ctr;
+}
+
 // The largest 32-bit word that keeps an element: the rule "word < threshold" with threshold = round((1 - p) * 2^32)
 // in [256, 2^32] (p a float below 1) is "word <= threshold - 1", a 32-bit comparison.
 __host__ __device__ __forceinline__ uint32_t dropout_keep_max(uint64_t threshold) { return uint32_t(threshold - 1); }
@@ -64,6 +94,24 @@ __device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uin
       const uint32_t word = w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
       keep[j] = word <= keep_max;
     }
+  }
+}
+
+// dropout_keep<N> with the round keys of the seed given, for e % N == 0 and N a power of two of at least 4: the
+// counters of the N / 4 calls, e / 4 + j, differ from e / 4 in their low word alone (a multiple of N / 4: no carry).
+template <int N>
+__device__ __forceinline__ void dropout_keep(const PhiloxKeys& keys, uint64_t offset, uint32_t keep_max, uint64_t e,
+                                             bool (&keep)[N]) {
+  static_assert(N >= 4 && (N & (N - 1)) == 0, "whole Philox calls, one carry-free counter word");
+  const uint64_t c = e >> 2;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    const uint4 r =
+        philox4x32_10(keys, make_uint4(uint32_t(c) + j, uint32_t(c >> 32), uint32_t(offset), uint32_t(offset >> 32)));
+    keep[4 * j] = r.x <= keep_max;
+    keep[4 * j + 1] = r.y <= keep_max;
+    keep[4 * j + 2] = r.z <= keep_max;
+    keep[4 * j + 3] = r.w <= keep_max;
   }
 }
 

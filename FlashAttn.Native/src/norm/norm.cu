@@ -684,7 +684,8 @@ __device__ __forceinline__ void smem_add(float* acc, const float (&v)[N]) {
   *a = t;
 }
 
-// The backward's arithmetic of one vector, shared by the rows and rowsca kernels.
+// The backward's arithmetic of one vector: the rows kernel's (rowsca shares bwd_wdy and forms dx with fewer
+// instructions, above it).
 
 // xhat = (x - mean) * rstd.
 template <typename TX, int kVec>
@@ -975,11 +976,15 @@ __device__ __forceinline__ void cp_async_wait_ahead(int ahead) {
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
 //   x, dz0, dz1, dresidual_out (rows, H) -> dresidual, dx0, dx1 (rows, H); partials of dz * xhat, dz (as the rows
-//   kernel). stages: 2 to 4.
+//   kernel). keys: philox_keys(p.seed); stages: 2 to 4.
+// The row loop is bound by instruction issue (NOTES.md, "Fourth round"), hence: the Philox round keys are operands
+// from the constant bank (not derived again in every call), xhat is one FMA, and the second pass does not form xhat:
+// dx = rstd * (w dz - (xhat * c1 + c2)) = rstd * w dz - (a * x - b) with a = rstd^2 c1, b = a * mean - rstd * c2, two
+// FMAs an element.
 template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
 __global__ void __launch_bounds__(512)
-    norm_bwd_rowsca_kernel(const NormBwdParams p, int slot_dw0, int slot_db0, int slot_dw1, int slot_db1, int nslots,
-                           int stages) {
+    norm_bwd_rowsca_kernel(const NormBwdParams p, const PhiloxKeys keys, int slot_dw0, int slot_db0, int slot_dw1,
+                           int slot_db1, int nslots, int stages) {
   constexpr int kP = kParallel ? kIters : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   const int H = int(p.hidden);
@@ -994,28 +999,32 @@ __global__ void __launch_bounds__(512)
   unsigned char* const ring =
       smem + int(blockDim.y) * wpr * stages * 16 + int(threadIdx.y) * stages * l.stage_bytes;
 
-  // The inputs of `row` into stage `stage`, as one commit group (an empty one past the last row, so that the groups
-  // in flight are always the rows ahead).
-  auto issue = [&](int64_t row, int stage) {
-    if (row < p.rows) {
+  int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  int64_t next = row;  // the next row to issue
+  // The inputs of row `next` into stage `stage`, as one commit group (an empty one past the last row, so that the
+  // groups in flight are always the rows ahead); lanes 0-2 copy the row's rstd, mean, rowscale.
+  auto issue = [&](int stage) {
+    if (next < p.rows) {
       unsigned char* b = ring + stage * l.stage_bytes;
-      const TX* x = static_cast<const TX*>(p.x) + row * p.x_row_stride;
-      const T* g0 = static_cast<const T*>(p.dz0) + row * p.dz_row_stride;
-      const T* g1 = kParallel ? static_cast<const T*>(p.dz1) + row * p.dz_row_stride : nullptr;
-      const TX* dres = has_dres ? static_cast<const TX*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
+      const TX* x = static_cast<const TX*>(p.x) + next * p.x_row_stride + s.col0;
+      const int64_t og = next * p.dz_row_stride + s.col0;
+      const TX* dres = has_dres ? static_cast<const TX*>(p.dresidual_out) + next * p.dresidual_out_row_stride + s.col0
+                                : nullptr;
 #pragma unroll
       for (int it = 0; it < kIters; ++it) {
         if (it >= s.count) continue;
-        const int col = s.col0 + it * s.step;
-        cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b) + col, x + col);
-        cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz0) + col, g0 + col);
-        if constexpr (kParallel) cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz1) + col, g1 + col);
-        if (has_dres) cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b + l.dres) + col, dres + col);
+        const int col = s.col0 + it * s.step, d = it * s.step;
+        cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b) + col, x + d);
+        cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz0) + col, static_cast<const T*>(p.dz0) + og + d);
+        if constexpr (kParallel)
+          cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz1) + col, static_cast<const T*>(p.dz1) + og + d);
+        if (has_dres) cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b + l.dres) + col, dres + d);
       }
       const float* scalar = lane == 0 ? p.rstd : lane == 1 ? p.mean : lane == 2 ? p.rowscale : nullptr;
-      if (scalar != nullptr) cp_async_4(scalars + stage * 4 + lane, scalar + row);
+      if (scalar != nullptr) cp_async_4(scalars + stage * 4 + lane, scalar + next);
     }
     cp_async_commit();
+    next += row_step;
   };
 
   float pdw0[kIters][kVec], pdb0[kIters][kVec], pdw1[kP][kVec], pdb1[kP][kVec];  // the partials
@@ -1031,48 +1040,42 @@ __global__ void __launch_bounds__(512)
   // One row out of stage `stage`, weights of dtype TW.
   __shared__ float red[2][32][2];
   GroupSum<2> group_sum(red);
-  auto row_body = [&](int64_t row, int stage, auto wtag) {
+  auto row_body = [&](int stage, auto wtag) {
     using TW = typename decltype(wtag)::type;
-    const unsigned char* b = ring + stage * l.stage_bytes;
+    const unsigned char* buf = ring + stage * l.stage_bytes;
     const float v = scalars[stage * 4 + (lane < 3 ? lane : 0)];  // lane i's own copy (i < 3)
     const float rstd = __shfl_sync(0xffffffffu, v, 0);
     const float mean = p.mean != nullptr ? __shfl_sync(0xffffffffu, v, 1) : 0.f;
     const float rs = p.rowscale != nullptr ? __shfl_sync(0xffffffffu, v, 2) : 1.f;
-    // xhat and w * dz (summed over both norms) of vector it; with `accumulate`, the partials of dz * xhat and dz
-    auto values = [&](int it, float (&xhat)[kVec], float (&wdy)[kVec], bool accumulate) {
-      const int col = s.col0 + it * s.step;
-      float g[kVec];
-      bwd_xhat(load_packed<TX, kVec>(reinterpret_cast<const TX*>(b) + col), mean, rstd, xhat);
-      bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(b + l.dz0) + col), p.weight0, col, wadd,
-                           true, g, wdy);
-      if (accumulate) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) pdw0[it][j] += g[j] * xhat[j];
-        if (slot_db0 >= 0) {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) pdb0[it][j] += g[j];
-        }
-      }
-      if constexpr (kParallel) {
-        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(b + l.dz1) + col), p.weight1, col, wadd,
-                             false, g, wdy);
-        if (accumulate) {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) pdw1[it][j] += g[j] * xhat[j];
-          if (slot_db1 >= 0) {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) pdb1[it][j] += g[j];
-          }
-        }
-      }
-    };
+    const float shift = -mean * rstd;  // xhat = x * rstd + shift
 
     float sums[2] = {0.f, 0.f};
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
-      float xhat[kVec], wdy[kVec];
-      values(it, xhat, wdy, true);
+      const int col = s.col0 + it * s.step;
+      float xhat[kVec], g[kVec], wdy[kVec];
+      to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf) + col), xhat);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) xhat[j] = xhat[j] * rstd + shift;
+      bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz0) + col), p.weight0, col, wadd,
+                           true, g, wdy);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) pdw0[it][j] += g[j] * xhat[j];
+      if (slot_db0 >= 0) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) pdb0[it][j] += g[j];
+      }
+      if constexpr (kParallel) {
+        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz1) + col), p.weight1, col,
+                             wadd, false, g, wdy);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) pdw1[it][j] += g[j] * xhat[j];
+        if (slot_db1 >= 0) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) pdb1[it][j] += g[j];
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         sums[0] += wdy[j] * xhat[j];
@@ -1081,33 +1084,64 @@ __global__ void __launch_bounds__(512)
     }
     group_sum(sums);
     const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
+    const float a = rstd * rstd * c1, b = a * mean - rstd * c2;
+    const float scale0 = kDropout ? p.dropout_scale * rs : rs;  // dx0's factor of the kept elements
+    // the row's outputs and dropout counter at this thread's first column
+    [[maybe_unused]] const int64_t e = row * p.hidden + s.col0;
+    const int64_t odx = row * p.dx_row_stride + s.col0, ores = row * p.dresidual_row_stride + s.col0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
-      const int col = s.col0 + it * s.step;
-      float xhat[kVec], wdy[kVec], dx[kVec];
-      values(it, xhat, wdy, false);  // again from shared memory: fewer registers than holding them
-      bwd_dx(xhat, wdy, rstd, c1, c2, dx);
-      if (has_dres) {
-        float d[kVec];
-        to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(b + l.dres) + col), d);
+      const int col = s.col0 + it * s.step, d = it * s.step;
+      float x[kVec], g[kVec], wdy[kVec], dx[kVec];
+      to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf) + col), x);  // again from shared memory
+      bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz0) + col), p.weight0, col, wadd,
+                           true, g, wdy);
+      if constexpr (kParallel)
+        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz1) + col), p.weight1, col,
+                             wadd, false, g, wdy);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) dx[j] += d[j];
+      for (int j = 0; j < kVec; ++j) dx[j] = rstd * wdy[j] - (a * x[j] - b);
+      if (has_dres) {
+        float dr[kVec];
+        to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf + l.dres) + col), dr);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dx[j] += dr[j];
       }
-      bwd_store<T, kVec, kDropout>(p, dx, rs, keep_max, row, col);
+      if (p.dresidual != nullptr) {
+        if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32)
+          store_vec<float, kVec>(static_cast<float*>(p.dresidual) + ores + d, dx);
+        else store_vec<T, kVec>(static_cast<T*>(p.dresidual) + ores + d, dx);
+      }
+      // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
+      float o[kVec];
+      [[maybe_unused]] bool keep[kVec];
+      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(e + d), keep);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
+      store_vec<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
+      if (p.dx1 != nullptr) {
+        if constexpr (kDropout) {
+          dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(p.rows * p.hidden + e + d), keep);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
+          store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
+        } else {
+          store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, dx);
+        }
+      }
     }
   };
 
-  int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  for (int k = 0; k + 1 < stages; ++k) issue(row + k * row_step, k);
+  for (int k = 0; k + 1 < stages; ++k) issue(k);
   for (int stage = 0; row < p.rows; row += row_step) {
     // the row stages - 1 ahead, into the stage the previous row used (read by this thread alone, before the fence)
     compiler_fence();
-    issue(row + (stages - 1) * row_step, stage == 0 ? stages - 1 : stage - 1);
+    issue(stage == 0 ? stages - 1 : stage - 1);
     cp_async_wait_ahead(stages - 1);  // this row's group has landed
     compiler_fence();
-    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(row, stage, TypeTag<float>{});
-    else row_body(row, stage, TypeTag<T>{});
+    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(stage, TypeTag<float>{});
+    else row_body(stage, TypeTag<T>{});
     stage = stage + 1 == stages ? 0 : stage + 1;
   }
 
@@ -1395,11 +1429,13 @@ size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden
   return std::max(ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float));
 }
 
-RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin) {
+// wide: 32 columns a thread at every size (the variant rowsca32), which spreads a row's fixed instructions (the
+// scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more registers of partials.
+RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
   if (dtype_size(p.dtype) != 2 || vec == 1) return sh;
-  sh.elems = p.hidden <= int64_t(32) * kRowsMaxWarps * 16 ? 16 : 32;
+  sh.elems = !wide && p.hidden <= int64_t(32) * kRowsMaxWarps * 16 ? 16 : 32;
   if (sh.elems == 32 && parallel) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
   sh.layout = rowsca_layout(int(p.hidden), int(dtype_size(p.x_dtype)), 2, parallel, p.dresidual_out != nullptr);
@@ -1453,7 +1489,7 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
               }
               *lanes = blocks;
               kernel<<<unsigned(blocks), dim3(32 * sh.wpr, sh.rpb), rowsca_smem(sh, stages, sl.count, p.hidden), stream>>>(
-                  p, sl.slot[0], sl.slot[1], sl.slot[2], sl.slot[3], sl.count, stages);
+                  p, philox_keys(p.seed), sl.slot[0], sl.slot[1], sl.slot[2], sl.slot[3], sl.count, stages);
               return check_launch(function, "norm_bwd_rowsca_kernel");
             }
           });
@@ -1470,11 +1506,14 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
 // The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
 // (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
 // thread; the l2 variants add the L2 prefetch of the next row; rowsca streams the backward's rows through shared
-// memory (its forward is rows32's; where it does not apply, its backward is rows32's too) (NOTES.md).
+// memory (its forward is rows32's; where it does not apply, its backward is rows32's too), rowsca32 the same at 32
+// columns a thread at every size (NOTES.md).
 // (rows32 with the backward's registers capped for three blocks a multiprocessor was a variant, and lost: NOTES.md.)
-enum NormVariant : int { kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kNumVariants };
-constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32",  "rows16l2",
-                                                         "rows32l2", "rows64l2", "rowsca"};
+enum NormVariant : int {
+  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kNumVariants
+};
+constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32", "rows16l2", "rows32l2",
+                                                         "rows64l2", "rowsca", "rowsca32"};
 
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
@@ -1558,7 +1597,7 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     variant = p.is_rms                                ? pick_variant(kBwdRmsRules, p.hidden)
               : p.x_dtype == FLASHATTN_DTYPE_FLOAT32 ? pick_variant(kBwdRules, p.hidden)
                                                      : pick_variant(kBwdRules16, p.hidden);
-    if (variant == kRowsCa) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin);
+    if (variant == kRowsCa || variant == kRowsCa32) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
   if (rowsca.rpb > 0) {
