@@ -37,6 +37,12 @@ export FLASHATTN_NATIVE_PATH=/tmp/flashattn-lib/libflashattn.so
 FLASHATTN_TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export FLASHATTN_TORCH_LIB LD_LIBRARY_PATH=$FLASHATTN_TORCH_LIB:${LD_LIBRARY_PATH:-}
 export TESTINGPLATFORM_TELEMETRY_OPTOUT=1 DOTNET_CLI_TELEMETRY_OPTOUT=1
+# A .NET process that dies of a signal (a segmentation fault in native code: one `flashattn train` in run H35, not
+# reproduced since) leaves .NET's crash report, every thread's native and managed frames, as
+# /tmp/flashattn-crash/dump-<pid>.crashreport.json; the reports come back in $OUT, the (large) dumps stay here.
+crash=/tmp/flashattn-crash
+mkdir -p "$crash"
+export DOTNET_DbgEnableMiniDump=1 DOTNET_DbgMiniDumpType=1 DOTNET_EnableCrashReport=1 DOTNET_DbgMiniDumpName=$crash/dump-%p
 # Unpacked inside the checkout: the bindings tests find the header by walking up to global.json.
 app=$root/.device/app
 rm -rf "$app" && tar -C "$root/.device" -xJf .device/app.tar.xz
@@ -266,6 +272,7 @@ echo
 [ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
 for f in "$OUT"/train-*.log; do [ -f "$f" ] && { echo "== $f"; tail -6 "$f"; }; done
 [ -f "$OUT/profile.log" ] && head -40 "$OUT/profile.log"
+for f in "$crash"/*.crashreport.json; do [ -f "$f" ] && { cp "$f" "$OUT/"; echo "crash report: $OUT/$(basename "$f")"; }; done
 # last, so that a long table cannot push it out of the tail a caller sees
 echo "== failures"
 [ -f "$OUT/failures.txt" ] && cat "$OUT/failures.txt"

@@ -1429,13 +1429,14 @@ size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden
   return std::max(ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float));
 }
 
-// wide: 32 columns a thread at every size (the variant rowsca32), which spreads a row's fixed instructions (the
-// scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more registers of partials.
+// wide: 32 columns a thread at every size for one norm (the variant rowsca32), which spreads a row's fixed
+// instructions (the scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more
+// registers of partials; two norms keep 16 up to 8192.
 RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
   if (dtype_size(p.dtype) != 2 || vec == 1) return sh;
-  sh.elems = !wide && p.hidden <= int64_t(32) * kRowsMaxWarps * 16 ? 16 : 32;
+  sh.elems = (wide && !parallel) || p.hidden > int64_t(32) * kRowsMaxWarps * 16 ? 32 : 16;
   if (sh.elems == 32 && parallel) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
   sh.layout = rowsca_layout(int(p.hidden), int(dtype_size(p.x_dtype)), 2, parallel, p.dresidual_out != nullptr);
@@ -1544,7 +1545,10 @@ int env_variant() {
 //     The l2 prefetch pays in LayerNorm's backward and not in RMSNorm's.
 //   LayerNorm backward with 16-bit x (ops_bench norm_bwd, bf16 residual, a later run): rowsca below every other
 //     variant at every size, 768 0.0551 / auto's 0.0603, 2048 0.119 / 0.132, 4096 0.224 / 0.264, 8192 0.442 / 0.542,
-//     16384 1.064 / 1.107 (where rowsca does not apply it falls back to rows32).
+//     16384 1.064 / 1.107 (where rowsca does not apply it falls back to rows32). After rowsca's fewer instructions,
+//     rowsca32 against rowsca: 768 0.0556 / 0.0539, 2048 0.1128 / 0.1156, 4096 0.2090 / 0.2177, 8192 0.4076 / 0.4316,
+//     16384 0.996 / 1.005; RMSNorm's rowsca32 is slower than every rows variant from 2048 up (0.094 / rowsca's 0.074
+//     at 2048), so RMSNorm's table stays.
 //   Backward alone with float32 x (ops_bench norm_step_bwd: bf16 dy, a float32 residual stream as GPT training runs it)
 //     and RMSNorm (rms_bwd, bf16), a later run, the best against the table before: LayerNorm 768 block 0.0624 / rows16l2's
 //     0.0667, 2048 and 4096 rows16l2 within 2% of the best, 8192 rowsca 0.580 / rows32's 0.605, 16384 all rows variants
@@ -1556,7 +1560,7 @@ struct SizeRule {
 };
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{768, kBlock}, {4096, kRows16L2}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
-constexpr SizeRule kBwdRules16[] = {{kNormMaxHidden, kRowsCa}};
+constexpr SizeRule kBwdRules16[] = {{768, kRowsCa}, {kNormMaxHidden, kRowsCa32}};
 constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
 
 template <size_t N>
