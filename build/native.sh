@@ -7,6 +7,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir=${FLASHATTN_NATIVE_BUILD_DIR:-$root/native-build}
 out_dir=${FLASHATTN_NATIVE_OUT:-$root/artifacts/native}
+# a warm device machine's build folder outlives the tree it was built from (build/keep_mtimes.py)
+if command -v python3 >/dev/null; then python3 "$root/build/keep_mtimes.py" "$root" "$build_dir"; fi
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA="${FLASHATTN_CUDA:-AUTO}" "$@" >/dev/null
 cmake --build "$build_dir" -j"$(nproc)"
 mkdir -p "$out_dir"
