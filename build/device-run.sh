@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
 #   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [attnpeer] [bench]
-#   [bench-old] [memory] [peers] [sanitize] [losscurve]   (default: tests bench)
+#   [bench-old] [memory] [peermemory] [peers] [sanitize] [losscurve]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   bench-old (after `PREPARE_OLD=<commit> build/device-prepare.sh`) runs the same BENCH_FILTER through that commit's
 #   benchmarks on its own libflashattn: with bench, before and after in one call (bench-old.tsv beside bench.tsv, and
@@ -254,6 +254,13 @@ if want memory; then
   summary+=("memory: rc $?")
 fi
 
+# the peer's GPT-2 peak memory by memory's method (NVML, no caching allocator: build/peer_memory.py), PEERS' gpt parts
+if want peermemory && [ -f .device/peers/pytorch_baselines.py ]; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONUNBUFFERED=1 python3 build/peer_memory.py .device/peers/pytorch_baselines.py \
+    "${PEERS:-gpt}" 2>"$OUT/peer-memory.err" | grep "peak mem" >"$OUT/peer-memory.tsv"
+  summary+=("peermemory: rc ${PIPESTATUS[0]}")
+fi
+
 if want peers && [ -f .device/peers/pytorch_baselines.py ]; then
   PYTHONUNBUFFERED=1 python3 .device/peers/pytorch_baselines.py "${PEERS:-ops}" >"$OUT/peers.tsv" 2>"$OUT/peers.err"
   summary+=("peers: rc $?")
@@ -268,6 +275,7 @@ echo
   $4 == "ms" && ($2 in old) { printf "old-new\t%s\t%s -> %s ms\t%.3f\n", $2, old[$2], $3, $3 / old[$2] }' "$OUT/bench-old.tsv" "$OUT/bench.tsv"
 [ -f "$OUT/memory.tsv" ] && grep "^bench" "$OUT/memory.tsv"
 [ -f "$OUT/peers.tsv" ] && cat "$OUT/peers.tsv"
+[ -f "$OUT/peer-memory.tsv" ] && sed 's/^/NVML /' "$OUT/peer-memory.tsv"
 [ -f "$OUT/package.log" ] && grep -v "^nupkg entries" "$OUT/package.log"
 [ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
 for f in "$OUT"/train-*.log; do [ -f "$f" ] && { echo "== $f"; tail -6 "$f"; }; done
