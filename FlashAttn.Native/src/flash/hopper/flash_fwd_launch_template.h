@@ -10,6 +10,7 @@
 #include "common/device.h"
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
+#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
 namespace flashattn {
@@ -55,6 +56,7 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.heads_per_khead = int(p.nheads / p.nheads_k);
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
+  kp.half_diag = kp.causal && fwd_half_diag() ? 1 : 0;
   kp.dropout_p = p.dropout_p;
   kp.dropout_threshold = dropout_threshold(p.dropout_p);
   kp.seed = p.seed;
