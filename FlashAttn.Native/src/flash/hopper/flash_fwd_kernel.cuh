@@ -64,7 +64,10 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 // tile then starts at its first softmax.
 // kDropout: the dropout of the file comment (with kTileOverlap, a tile's first decisions are made at
 // its start, its first S already complete).
-template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
+// kHalfDiag (causal, 128-row tiles): a warpgroup that sees none of the second half of the diagonal key block's keys
+// runs that block's P V over the first half alone (hopper/NOTES.md, "Half diagonal blocks").
+template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false,
+          bool kHalfDiag = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     };
     // O += P V for key block kvi (64 x D per warpgroup), issued and committed; B = the V tile,
     // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
-    // halved (first_half or all_keys; half_diag): the block's first BN / 2 keys alone, where P is zero past
+    // halved (first_half or all_keys; kHalfDiag): the block's first BN / 2 keys alone, where P is zero past
     // them. (S over half the keys, into half of s, made ptxas serialise every wgmma for want of registers, C7511.)
     auto pv = [&](int kvi, auto halved) {
       constexpr int kSteps = decltype(halved)::value ? BN / 32 : BN / 16;
@@ -378,12 +381,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
 
       if (n_tiles > 0) {
-        // half_diag: this warpgroup's rows see none of the second half of the first (diagonal) block's keys,
+        // kHalfDiag: this warpgroup's rows see none of the second half of the first (diagonal) block's keys,
         // so that block's P V covers its first half alone (the mask zeroes P past it). Each path below holds
         // the product from its issue to its wait: a wgmma in flight across a merge of paths would make ptxas
-        // serialise every wgmma (C7515).
-        // (128-row tiles alone: the 192-row kernels' 128 registers spilled twice as much with the halved paths.)
-        const bool half0 = BM == 128 && p.half_diag && (n_tiles - 1) * BN + BN / 2 > wg_row0 + 63 + diag;
+        // serialise every wgmma (C7515). (128-row tiles alone: the 192-row kernels' 128 registers spilled
+        // twice as much with the halved paths.)
+        const bool half0 = kHalfDiag && BM == 128 && p.causal && (n_tiles - 1) * BN + BN / 2 > wg_row0 + 63 + diag;
         // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
         // it runs while that second product does.
         if (!s_ready) {

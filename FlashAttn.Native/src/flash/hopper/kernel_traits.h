@@ -70,8 +70,6 @@ struct FwdKernelParams {
   int seqlen_q, seqlen_k, nheads, heads_per_khead;
   float scale_log2;  // softmax_scale * log2(e) > 0
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
-  int half_diag;     // causal: S and P V of a key block over its first half of keys alone for a warpgroup whose
-                     // rows see none of the second half (the diagonal block of the upper warpgroups)
   int m_blocks;      // query blocks of a (batch, head)
   int total_tiles;   // m_blocks * nheads * batch: the persistent kernel's work tiles
   // Dropout (the kDropout kernel alone): the sm_80 kernels' stream (flash/dropout.cuh).
