@@ -95,6 +95,9 @@ if want variants; then
     FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
     grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
   done
+  # the dropout backward reading the forward's keep bits (NormFunction.KeepBits) in every norm test
+  FLASHATTN_NORM_KEEP_BITS=1 "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-keepbits.log" 2>&1 || rc=$?
+  grep -A4 "^failed " "$OUT/variant-norm-keepbits.log" | grep -v "^    at \|^--$" | sed "s/^/[norm keepbits] /" | head -20 >> "$OUT/failures.txt"
   # the cross-entropy tests with the training loss's forward + backward as two kernels, which the default's one leaves out
   FLASHATTN_CE_FUSED=0 "$app"/FlashAttn.Tests --filter "FullyQualifiedName~CrossEntropyCudaTests" >"$OUT/variant-ce-two.log" 2>&1 || rc=$?
   grep -A4 "^failed " "$OUT/variant-ce-two.log" | grep -v "^    at \|^--$" | sed "s/^/[ce two kernels] /" | head -20 >> "$OUT/failures.txt"
