@@ -200,8 +200,20 @@ if want attnpeer; then
   # directions) at the shapes of the PyTorch peer's attention part, and the peer itself (its cuDNN rows are the bar),
   # in the same call: attnpeer.tsv.
   # Each half's status: the group's own would be the peer's grep, hiding a failed --bench-peer.
+  # ATTNPEER_ENVS='FLASHATTN_HOPPER_FWD_HALF_DIAG=1 | ...': our side again under each |-separated setting, in the same
+  # call (attnpeer-<n>.tsv).
   /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer >"$OUT/attnpeer.tsv" 2>&1
   rc=$?
+  if [ -n "${ATTNPEER_ENVS:-}" ]; then
+    IFS='|' read -ra peer_envs <<< "$ATTNPEER_ENVS"
+    n=0
+    for setting in "${peer_envs[@]}"; do
+      n=$((n + 1))
+      # shellcheck disable=SC2086 # the setting's words are separate variables
+      env $setting /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer >"$OUT/attnpeer-$n.tsv" 2>&1
+      summary+=("flash_selftest --bench-peer under '$(echo $setting)': rc $? (attnpeer-$n.tsv)")
+    done
+  fi
   peer_rc=skipped
   if [ -f .device/peers/pytorch_baselines.py ]; then
     python3 .device/peers/pytorch_baselines.py attn 2>&1 | grep cudnn >>"$OUT/attnpeer.tsv"
@@ -217,9 +229,21 @@ if want ops; then
   # child process each, FLASHATTN_NORM_VARIANT, interleaved; every sample after an L2 flush: norm/NOTES.md,
   # "Measurement"); OPS_NCU='op size' adds an ncu report
   # (memory and occupancy sections) of that case's kernels under the variant of the environment (default: the
-  # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32.
-  /tmp/flashattn-native/FlashAttn.Native/ops_bench >"$OUT/ops.tsv" 2>"$OUT/ops.err"
+  # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32. OPS_ONLY='norm_fwdbwd' times that
+  # op alone; OPS_ENVS='FLASHATTN_NORM_KEEP_BITS=1 | ...' times it again under each |-separated setting (ops-<n>.tsv).
+  # shellcheck disable=SC2086 # OPS_ONLY is one word
+  /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-} >"$OUT/ops.tsv" 2>"$OUT/ops.err"
   summary+=("ops_bench: rc $?")
+  if [ -n "${OPS_ENVS:-}" ]; then
+    IFS='|' read -ra ops_envs <<< "$OPS_ENVS"
+    n=0
+    for setting in "${ops_envs[@]}"; do
+      n=$((n + 1))
+      # shellcheck disable=SC2086 # the setting's words are separate variables
+      env $setting /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-} >"$OUT/ops-$n.tsv" 2>>"$OUT/ops.err"
+      summary+=("ops_bench under '$(echo $setting)': rc $? (ops-$n.tsv)")
+    done
+  fi
   if [ -n "${OPS_NCU:-}" ]; then
     # shellcheck disable=SC2086
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
