@@ -70,8 +70,6 @@ __device__ __forceinline__ void load_keep_bits(const uint8_t* bits, int64_t e, b
   for (int j = 0; j < N; ++j) keep[j] = (b >> j) & 1u;
 }
 
-// The backward's decisions for N elements from e: the forward's keep bits when it wrote them, else regenerated from
-// the stream at element stream_e (e for x0, rows * hidden + e for x1).
 // The keep bits of a whole tensor from the stream (elements stream_base + e), for the forwards whose vectors are not 8
 // elements wide: 8 decisions (one byte) a thread and step.
 __global__ void keep_bits_kernel(uint8_t* bits, int64_t bytes, int64_t stream_base, uint64_t seed, uint64_t offset,
@@ -83,6 +81,8 @@ __global__ void keep_bits_kernel(uint8_t* bits, int64_t bytes, int64_t stream_ba
   }
 }
 
+// The backward's decisions for N elements from e: the forward's keep bits when it wrote them, else regenerated from
+// the stream at element stream_e (e for x0, rows * hidden + e for x1).
 template <int N>
 __device__ __forceinline__ void bwd_keep(const uint8_t* bits, uint64_t seed, uint64_t offset, uint32_t keep_max,
                                          int64_t e, int64_t stream_e, bool (&keep)[N]) {
