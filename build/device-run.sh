@@ -200,7 +200,7 @@ if want attnpeer; then
   # directions) at the shapes of the PyTorch peer's attention part, and the peer itself (its cuDNN rows are the bar),
   # in the same call: attnpeer.tsv.
   # Each half's status: the group's own would be the peer's grep, hiding a failed --bench-peer.
-  # ATTNPEER_ENVS='FLASHATTN_HOPPER_FWD_HALF_DIAG=1 | ...': our side again under each |-separated setting, in the same
+  # ATTNPEER_ENVS='FLASHATTN_HOPPER_FWD_VARIANT=persistent2 | ...': our side again under each |-separated setting, in the same
   # call (attnpeer-<n>.tsv).
   /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer >"$OUT/attnpeer.tsv" 2>&1
   rc=$?

@@ -18,8 +18,8 @@
 #  3b. the dropout cases again with FLASHATTN_HOPPER_DROPOUT=0 (step 3 ran them on the Hopper kernels: the
 #     "hdrop" cases on the Hopper forward and backward, the masked ones on the sm_80 forward, which writes the
 #     mask, and the Hopper backward), so that the sm_80 kernels' dropout, the fallback, stays checked; then the
-#     "hdrop" cases under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (its dropout kernel), every case under
-#     FLASHATTN_HOPPER_FWD_HALF_DIAG=1 (logs appended to selftest-variants.log);
+#     "hdrop" cases under FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (its dropout kernel; logs appended to
+#     selftest-variants.log);
 #  4. flash_selftest --bench: forward TFLOP/s of each Hopper forward variant and sm_80, backward
 #     TFLOP/s of each Hopper backward variant and sm_80 (each setting in a process of its own: the
 #     library reads those variables once);
@@ -158,18 +158,6 @@ if [ "$hung" = 0 ]; then
 $((SECONDS - start)) s): $(tail -1 "$log"); $(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward")
   { echo "== FLASHATTN_HOPPER_FWD_VARIANT=persistent2 (rc $rc)"; cat "$log"; } \
     >>"$OUT/selftest-variants.log"
-fi
-# 3c. The persistent forward's halved diagonal P V (causal cases; the others take the default kernel).
-if [ "$hung" = 0 ]; then
-  start=$SECONDS
-  log=$build/selftest-half-diag.log
-  env ${bwd_env[@]+"${bwd_env[@]}"} FLASHATTN_HOPPER_FWD_HALF_DIAG=1 timeout "$(cap 180)" "$bin/flash_selftest" \
-    >"$log" 2>&1
-  rc=$?
-  [ $rc -eq 124 ] && hung=1
-  summary+=("selftest, FLASHATTN_HOPPER_FWD_HALF_DIAG=1 (rc $rc, $((SECONDS - start)) s): $(tail -1 "$log"); \
-$(grep -c '^PASS.*\[hopper\]' "$log") passed on the hopper forward")
-  { echo "== FLASHATTN_HOPPER_FWD_HALF_DIAG=1 (rc $rc)"; cat "$log"; } >>"$OUT/selftest-variants.log"
 fi
 
 if [ "$hung" = 1 ]; then

@@ -24,17 +24,6 @@ inline bool dropout_enabled() {
   return on;
 }
 
-// Whether the persistent forward without dropout runs a causal diagonal key block's P V over its first half of keys
-// for a warpgroup whose rows see none of the second half (the kernel's kHalfDiag): FLASHATTN_HOPPER_FWD_HALF_DIAG=1
-// (read once per process); off by default until the H200 has measured it (hopper/NOTES.md, "Half diagonal blocks").
-inline bool fwd_half_diag() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLASHATTN_HOPPER_FWD_HALF_DIAG");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

@@ -27,7 +27,6 @@
 
 #include <climits>
 #include <cmath>
-#include <type_traits>
 
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
@@ -64,10 +63,7 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 // tile then starts at its first softmax.
 // kDropout: the dropout of the file comment (with kTileOverlap, a tile's first decisions are made at
 // its start, its first S already complete).
-// kHalfDiag (causal, 128-row tiles): a warpgroup that sees none of the second half of the diagonal key block's keys
-// runs that block's P V over the first half alone (hopper/NOTES.md, "Half diagonal blocks").
-template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false,
-          bool kHalfDiag = false>
+template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
@@ -231,10 +227,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     };
     // O += P V for key block kvi (64 x D per warpgroup), issued and committed; B = the V tile,
     // MN-major: 64-column head-dim chunks kChunkBytes apart (LBO), 8-key groups 1 KB apart (SBO).
-    // halved (first_half or all_keys; kHalfDiag): the block's first BN / 2 keys alone, where P is zero past
-    // them. (S over half the keys, into half of s, made ptxas serialise every wgmma for want of registers, C7511.)
-    auto pv = [&](int kvi, auto halved) {
-      constexpr int kSteps = decltype(halved)::value ? BN / 32 : BN / 16;
+    auto pv = [&](int kvi) {
       const int stage = kvi % kStages;
       mbar_wait(v_full(stage), (kvi / kStages) & 1);
       const uint64_t desc_v = sw128_desc(sV + stage * kTileBytes, kChunkBytes, 1024);
@@ -242,13 +235,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       reg_fence(o);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kSteps; ++kk)
+      for (int kk = 0; kk < BN / 16; ++kk)
         Wgmma<T, D>::rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
                         desc_v + ((kk * 16 * 128) >> 4));
       wgmma_commit();
     };
-    const std::true_type first_half{};
-    const std::false_type all_keys{};
     auto release_v = [&](int kvi) { release(v_empty(kvi % kStages)); };
     auto pack_p = [&] {
 #pragma unroll
@@ -381,12 +372,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
 
       if (n_tiles > 0) {
-        // kHalfDiag: this warpgroup's rows see none of the second half of the first (diagonal) block's keys,
-        // so that block's P V covers its first half alone (the mask zeroes P past it). Each path below holds
-        // the product from its issue to its wait: a wgmma in flight across a merge of paths would make ptxas
-        // serialise every wgmma (C7515). (128-row tiles alone: the 192-row kernels' 128 registers spilled
-        // twice as much with the halved paths.)
-        const bool half0 = kHalfDiag && BM == 128 && p.causal && (n_tiles - 1) * BN + BN / 2 > wg_row0 + 63 + diag;
         // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
         // it runs while that second product does.
         if (!s_ready) {
@@ -405,12 +390,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         softmax(0);
         drop_p();
         pack_p();
-        auto step = [&](int it, auto h) {  // h: block it - 1's P V halved or not
+        for (int it = 1; it < n_tiles; ++it) {
           wait_k(kv + it);
           take_turn();
           qk(kv + it, qb);
           rescale_o();  // by block it - 1's maxima, before its P V joins O
-          pv(kv + it - 1, h);
+          pv(kv + it - 1);
           pass_turn();
           dropout_bits(it);
           wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
@@ -423,10 +408,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           reg_fence(pk);
           release_v(kv + it - 1);
           pack_p();
-        };
-        for (int it = 1; it < n_tiles; ++it) {
-          if (it == 1 && half0) step(it, first_half);
-          else step(it, all_keys);
         }
         ++q_loads;
         kv += n_tiles;
@@ -444,37 +425,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // paths, its accumulators would take the compiler's copies, and ptxas would serialise every
         // wgmma (C7515).
         s_ready = next_blocks > 0;
-        // the last P V is the first block's when the tile has one
-        const bool half_last = half0 && n_tiles == 1;
         if (s_ready) {
           const int next_qb = q_loads % kQStages;
           mbar_wait(q_full(next_qb), (q_loads / kQStages) & 1);
           wait_k(kv);
           take_turn();
           rescale_o();
-          auto last_pv_next_s = [&](auto h) {
-            pv(kv - 1, h);
-            qk(kv, next_qb);
-            pass_turn();
-            wgmma_wait<1>();  // the P V; the next tile's S may still run, under the epilogue
-            reg_fence(o);
-            reg_fence(pk);
-            release_v(kv - 1);
-            store_out();
-            wgmma_wait<0>();
-          };
-          if (half_last) last_pv_next_s(first_half);
-          else last_pv_next_s(all_keys);
+          pv(kv - 1);
+          qk(kv, next_qb);
+          pass_turn();
+          wgmma_wait<1>();  // the P V; the next tile's S may still run, under the epilogue
+          reg_fence(o);
+          reg_fence(pk);
+          release_v(kv - 1);
+          store_out();
+          wgmma_wait<0>();
           reg_fence(s);
           continue;
         }
         rescale_o();
-        auto last_pv = [&](auto h) {
-          pv(kv - 1, h);  // takes no turn (above)
-          wgmma_wait<0>();
-        };
-        if (half_last) last_pv(first_half);
-        else last_pv(all_keys);
+        pv(kv - 1);  // takes no turn (above)
+        wgmma_wait<0>();
         reg_fence(o);
         reg_fence(pk);
         release_v(kv - 1);

@@ -10,7 +10,6 @@
 #include "common/device.h"
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
-#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
 namespace flashattn {
@@ -20,11 +19,10 @@ namespace hopper {
 // One kernel (traits Tr, ping-pong or not, persistent or not, its tiles overlapped or not, dropout or
 // not) launched over its grid: (query block, head, batch), or one CTA per SM at most
 // (flash_fwd_kernel.cuh: persistent_tile).
-template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false,
-          bool kHalfDiag = false>
+template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
 FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& maps, FwdKernelParams kp,
                                   int device, cudaStream_t stream, const char* function) {
-  auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong, kPersistent, kTileOverlap, kDropout, kHalfDiag>;
+  auto kernel = flash_fwd_hopper_kernel<Tr, kPingpong, kPersistent, kTileOverlap, kDropout>;
   const FlashAttnStatus s = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), device, size_t(Tr::kSmemBytes),
                                                "flash_fwd_hopper_kernel", function);
   if (s != FLASHATTN_STATUS_OK) return s;
@@ -72,11 +70,6 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
       if (p.dropout_p > 0.f)
         return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true, false, true>(p, maps, kp, device, stream,
                                                                                     function);
-      // FLASHATTN_HOPPER_FWD_HALF_DIAG=1: the causal diagonal blocks' halved P V (a kernel of its own, so that the
-      // default's code stays as measured until this one is)
-      if (kp.causal && fwd_half_diag())
-        return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true, false, false, true>(p, maps, kp, device, stream,
-                                                                                           function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent192:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, true>(p, maps, kp, device, stream, function);
