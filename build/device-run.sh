@@ -95,9 +95,6 @@ if want variants; then
     FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
     grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
   done
-  # the dropout backward reading the forward's keep bits (NormFunction.KeepBits) in every norm test
-  FLASHATTN_NORM_KEEP_BITS=1 "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-keepbits.log" 2>&1 || rc=$?
-  grep -A4 "^failed " "$OUT/variant-norm-keepbits.log" | grep -v "^    at \|^--$" | sed "s/^/[norm keepbits] /" | head -20 >> "$OUT/failures.txt"
   # the cross-entropy tests with the training loss's forward + backward as two kernels, which the default's one leaves out
   FLASHATTN_CE_FUSED=0 "$app"/FlashAttn.Tests --filter "FullyQualifiedName~CrossEntropyCudaTests" >"$OUT/variant-ce-two.log" 2>&1 || rc=$?
   grep -A4 "^failed " "$OUT/variant-ce-two.log" | grep -v "^    at \|^--$" | sed "s/^/[ce two kernels] /" | head -20 >> "$OUT/failures.txt"
@@ -230,7 +227,7 @@ if want ops; then
   # "Measurement"); OPS_NCU='op size' adds an ncu report
   # (memory and occupancy sections) of that case's kernels under the variant of the environment (default: the
   # launchers' table), e.g. OPS_NCU='norm_fwd 8192' FLASHATTN_NORM_VARIANT=rows32. OPS_ONLY='norm_fwdbwd' times that
-  # op alone; OPS_ENVS='FLASHATTN_NORM_KEEP_BITS=1 | ...' times it again under each |-separated setting (ops-<n>.tsv).
+  # op alone; OPS_ENVS='FLASHATTN_NORM_VARIANT=rowsca | ...' times it again under each |-separated setting (ops-<n>.tsv).
   # shellcheck disable=SC2086 # OPS_ONLY is one word
   /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-} >"$OUT/ops.tsv" 2>"$OUT/ops.err"
   summary+=("ops_bench: rc $?")

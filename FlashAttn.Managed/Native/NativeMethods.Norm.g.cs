@@ -38,9 +38,7 @@ internal static partial class NativeMethods
     /// hidden: 1 to 16384. dropout_p in [0, 1): element e = r * hidden + c of x0 (e + rows * hidden of
     ///   x1) is kept when word e % 4 of Philox-4x32-10(key seed, counter (e / 4, offset)) &lt; (1 - p) * 2^32;
     ///   kept values are scaled by 1 / (1 - p). dropout_mask0/1: NULL or uint8 (rows, hidden)
-    ///   contiguous, written with 1 where kept. keep_bits0/1: NULL or uint8 (rows * hidden / 8,), needs
-    ///   dropout_p &gt; 0 and hidden % 8 == 0: the same decisions packed, element e at bit e % 8 of byte e / 8
-    ///   (e = r * hidden + c of x0 and of x1), for FlashAttn_norm_bwd to read instead of regenerating them.
+    ///   contiguous, written with 1 where kept.
     /// </summary>
     [LibraryImport(LibraryName, EntryPoint = "FlashAttn_norm_fwd")]
     internal static partial FlashAttnStatus FlashAttn_norm_fwd(
@@ -63,8 +61,6 @@ internal static partial class NativeMethods
         IntPtr /* float* */ rstd,
         IntPtr /* uint8_t* */ dropout_mask0,
         IntPtr /* uint8_t* */ dropout_mask1,
-        IntPtr /* uint8_t* */ keep_bits0,
-        IntPtr /* uint8_t* */ keep_bits1,
         long rows,
         long hidden,
         long x0_row_stride,
@@ -82,8 +78,7 @@ internal static partial class NativeMethods
 
     /// <summary>
     /// Backward of FlashAttn_norm_fwd, one pass over the rows plus a small deterministic reduction of
-    /// the per-lane dweight/dbias partials. The dropout decisions come from keep_bits0/1 (NULL or the
-    /// forward's, same seed and offset), else they are regenerated from seed/offset.
+    /// the per-lane dweight/dbias partials. The dropout mask is regenerated from seed/offset.
     /// dz0, dz1 (NULL: none): (rows, hidden), dtype, sharing dz_row_stride.
     /// dresidual_out (NULL: none): gradient of residual_out, (rows, hidden) in x_dtype.
     /// x: the forward's residual_out (or x0 when nothing was added), (rows, hidden) in x_dtype (dtype or float32).
@@ -108,8 +103,6 @@ internal static partial class NativeMethods
         IntPtr /* const float* */ mean,
         IntPtr /* const float* */ rstd,
         IntPtr /* const float* */ rowscale,
-        IntPtr /* const uint8_t* */ keep_bits0,
-        IntPtr /* const uint8_t* */ keep_bits1,
         IntPtr /* void* */ dx0,
         IntPtr /* void* */ dx1,
         IntPtr /* void* */ dresidual,

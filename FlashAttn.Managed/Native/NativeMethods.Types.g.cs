@@ -13,7 +13,7 @@ internal static partial class NativeMethods
     /// FLASHATTN_ABI_VERSION of the header these bindings were generated from; must equal
     /// FlashAttn_core_abi_version() of the loaded library.
     /// </summary>
-    internal const int AbiVersion = 13;
+    internal const int AbiVersion = 14;
 }
 
 internal enum FlashAttnStatus : int

@@ -80,24 +80,18 @@ internal sealed record NormOptions(double DropoutP, double Epsilon, bool IsRms, 
 /// <summary>
 /// Autograd function of the fused norms: apply(x0, x1, residual, weight0, bias0, weight1, bias1, rowscale, options)
 /// returns [out0, out1 (with weight1), residual (prenorm), mask0, mask1 (return_dropout_mask; mask1 with x1)].
-/// The CUDA path regenerates the dropout mask from the seed in the backward, or, with <see cref="KeepBits"/>, reads the
-/// decisions the forward wrote as bits (one byte per 8 elements); the reference path saves the mask.
+/// The CUDA path regenerates the dropout mask from the seed in the backward; the reference path saves it.
 /// </summary>
 public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
 {
     public override string Name => "NormFunction";
-
-    /// <summary>The CUDA forward with dropout writes its keep decisions as bits for the backward to read instead of
-    /// regenerating them (hidden a multiple of 8): FLASHATTN_NORM_KEEP_BITS=1, off by default until measured on the
-    /// H200 (norm/NOTES.md). Tests set it directly.</summary>
-    internal static bool KeepBits { get; set; } = Environment.GetEnvironmentVariable("FLASHATTN_NORM_KEEP_BITS") == "1";
 
     private sealed class Saved
     {
         public bool Kernel, HasX1, HasResidual, HasBias0, HasBias1, HasWeight1;
         public long[] Shape = Array.Empty<long>();
         public ScalarType X0Dtype, ResidualDtype;
-        public int X = -1, W0 = -1, W1 = -1, Mean = -1, Rstd = -1, Rowscale = -1, Mask0 = -1, Mask1 = -1, Bits0 = -1, Bits1 = -1;
+        public int X = -1, W0 = -1, W1 = -1, Mean = -1, Rstd = -1, Rowscale = -1, Mask0 = -1, Mask1 = -1;
         public NormOptions Options = null!;
     }
 
@@ -258,14 +252,11 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             bool masks = o.ReturnMask && o.DropoutP > 0;
             var m0u = masks ? empty(shape, dtype: ScalarType.Byte, device: dev) : null;
             var m1u = masks && x1 is not null ? empty(shape, dtype: ScalarType.Byte, device: dev) : null;
-            bool bits = KeepBits && o.DropoutP > 0 && hidden % 8 == 0;
-            var bits0 = bits ? empty(rows * hidden / 8, dtype: ScalarType.Byte, device: dev) : null;
-            var bits1 = bits && x1 is not null ? empty(rows * hidden / 8, dtype: ScalarType.Byte, device: dev) : null;
             NativeMethods.Check(NativeMethods.FlashAttn_norm_fwd(
                 Ptr(x0r), PtrOrNull(x1r), PtrOrNull(rr), DType(x0.dtype), DType(residual?.dtype ?? x0.dtype),
                 Ptr(w0c), PtrOrNull(b0c), PtrOrNull(w1c), PtrOrNull(b1c), DType(w0.dtype), PtrOrNull(rs32),
                 Ptr(z0), PtrOrNull(z1), PtrOrNull(resOut), DType(o.ResidualOutDtype), PtrOrNull(mean), Ptr(rstd),
-                PtrOrNull(m0u), PtrOrNull(m1u), PtrOrNull(bits0), PtrOrNull(bits1), rows, hidden, RowStride(x0r), x1r is null ? hidden : RowStride(x1r), rr is null ? hidden : RowStride(rr),
+                PtrOrNull(m0u), PtrOrNull(m1u), rows, hidden, RowStride(x0r), x1r is null ? hidden : RowStride(x1r), rr is null ? hidden : RowStride(rr),
                 hidden, hidden, (float)o.Epsilon, (float)o.DropoutP, o.Seed, 0, o.IsRms ? 1 : 0, o.ZeroCentered ? 1 : 0, IntPtr.Zero));
             m0 = masks ? m0u!.to(ScalarType.Bool) : o.ReturnMask ? ones(shape, dtype: ScalarType.Bool, device: dev) : null;
             m1 = masks && x1 is not null ? m1u!.to(ScalarType.Bool)
@@ -274,8 +265,6 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
             s.Mean = Save(mean);
             s.Rstd = Save(rstd);
             s.Rowscale = Save(rs32);
-            s.Bits0 = Save(bits0);
-            s.Bits1 = Save(bits1);
             MoveOutOnce(saved.Concat(new[] { z0, z1, resOut, m0, m1 }));
         }
         else
@@ -366,8 +355,7 @@ public sealed class NormFunction : autograd.MultiTensorFunction<NormFunction>
                 var (w0c, w1c) = (w0.contiguous(), w1?.contiguous());
                 BackwardGuard.Check(NativeMethods.FlashAttn_norm_bwd(
                     Ptr(dz0), PtrOrNull(dz1), PtrOrNull(dres), Ptr(x), DType(x.dtype), Ptr(w0c), PtrOrNull(w1c), DType(w0.dtype),
-                    PtrOrNull(mean), Ptr(rstd), PtrOrNull(rs), PtrOrNull(Get(s.Bits0)), PtrOrNull(Get(s.Bits1)),
-                    Ptr(dx0), PtrOrNull(dx1), PtrOrNull(dresidual), DType(s.ResidualDtype),
+                    PtrOrNull(mean), Ptr(rstd), PtrOrNull(rs), Ptr(dx0), PtrOrNull(dx1), PtrOrNull(dresidual), DType(s.ResidualDtype),
                     Ptr(dw0), PtrOrNull(db0), PtrOrNull(dw1), PtrOrNull(db1), DType(s.X0Dtype), rows, hidden,
                     RowStride(dz0), dres is null ? hidden : RowStride(dres), RowStride(x), hidden, hidden,
                     (float)o.DropoutP, o.Seed, 0, o.IsRms ? 1 : 0, o.ZeroCentered ? 1 : 0, PtrOrNull(ws), wsBytes, IntPtr.Zero),

@@ -42,7 +42,7 @@
 /* Bumped on every change of a signature, of an enum's values or of what a call asks of its arguments (a
  * workspace's contents, say); the managed side refuses a library whose FlashAttn_core_abi_version() differs
  * from the one it was generated from. */
-#define FLASHATTN_ABI_VERSION 13
+#define FLASHATTN_ABI_VERSION 14
 
 typedef enum FlashAttnStatus {
   FLASHATTN_STATUS_OK = 0,
@@ -231,22 +231,19 @@ FLASHATTN_API int64_t FlashAttn_norm_bwd_workspace_size(
 // hidden: 1 to 16384. dropout_p in [0, 1): element e = r * hidden + c of x0 (e + rows * hidden of
 //   x1) is kept when word e % 4 of Philox-4x32-10(key seed, counter (e / 4, offset)) < (1 - p) * 2^32;
 //   kept values are scaled by 1 / (1 - p). dropout_mask0/1: NULL or uint8 (rows, hidden)
-//   contiguous, written with 1 where kept. keep_bits0/1: NULL or uint8 (rows * hidden / 8,), needs
-//   dropout_p > 0 and hidden % 8 == 0: the same decisions packed, element e at bit e % 8 of byte e / 8
-//   (e = r * hidden + c of x0 and of x1), for FlashAttn_norm_bwd to read instead of regenerating them.
+//   contiguous, written with 1 where kept.
 FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     const void* x0, const void* x1, const void* residual, FlashAttnDType dtype, FlashAttnDType residual_dtype,
     const void* weight0, const void* bias0, const void* weight1, const void* bias1, FlashAttnDType weight_dtype,
     const float* rowscale, void* z0, void* z1, void* residual_out, FlashAttnDType residual_out_dtype,
-    float* mean, float* rstd, uint8_t* dropout_mask0, uint8_t* dropout_mask1, uint8_t* keep_bits0, uint8_t* keep_bits1,
+    float* mean, float* rstd, uint8_t* dropout_mask0, uint8_t* dropout_mask1,
     int64_t rows, int64_t hidden, int64_t x0_row_stride, int64_t x1_row_stride, int64_t residual_row_stride,
     int64_t z_row_stride, int64_t residual_out_row_stride,
     float epsilon, float dropout_p, uint64_t seed, uint64_t offset,
     int32_t is_rms_norm, int32_t zero_centered_weight, void* stream);
 
 // Backward of FlashAttn_norm_fwd, one pass over the rows plus a small deterministic reduction of
-// the per-lane dweight/dbias partials. The dropout decisions come from keep_bits0/1 (NULL or the
-// forward's, same seed and offset), else they are regenerated from seed/offset.
+// the per-lane dweight/dbias partials. The dropout mask is regenerated from seed/offset.
 // dz0, dz1 (NULL: none): (rows, hidden), dtype, sharing dz_row_stride.
 // dresidual_out (NULL: none): gradient of residual_out, (rows, hidden) in x_dtype.
 // x: the forward's residual_out (or x0 when nothing was added), (rows, hidden) in x_dtype (dtype or float32).
@@ -260,7 +257,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
 FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
     const void* dz0, const void* dz1, const void* dresidual_out, const void* x, FlashAttnDType x_dtype,
     const void* weight0, const void* weight1, FlashAttnDType weight_dtype,
-    const float* mean, const float* rstd, const float* rowscale, const uint8_t* keep_bits0, const uint8_t* keep_bits1,
+    const float* mean, const float* rstd, const float* rowscale,
     void* dx0, void* dx1, void* dresidual, FlashAttnDType residual_dtype,
     void* dweight0, void* dbias0, void* dweight1, void* dbias1, FlashAttnDType dtype,
     int64_t rows, int64_t hidden, int64_t dz_row_stride, int64_t dresidual_out_row_stride,

@@ -264,25 +264,20 @@ void bench_norm(int64_t hidden, bool rms, bool backward, int samples, bool step 
     dres = rms ? nullptr : stream_tensor();
   }
   const float p = rms || step ? 0.f : 0.1f;
-  // FLASHATTN_NORM_KEEP_BITS=1 (the managed switch's name): the forward writes its keep bits and the backward reads
-  // them (one byte a vector of 8 elements each way, counted in the floors)
-  const char* kb = std::getenv("FLASHATTN_NORM_KEEP_BITS");
-  uint8_t* bits = p > 0.f && kb != nullptr && std::strcmp(kb, "1") == 0 ? alloc<uint8_t>(n / 8) : nullptr;
-  const size_t bits_bytes = bits != nullptr ? n / 8 : 0;
   std::vector<std::function<void()>> parts = {[&] {
     FA(FlashAttn_norm_fwd(x0, nullptr, res, B, RT, w, rms ? nullptr : b, nullptr, nullptr, WT, nullptr, z, nullptr,
-                          rout, RT, mean, rstd, nullptr, nullptr, bits, nullptr, rows, hidden, hidden, 0, hidden, hidden,
-                          hidden, 1e-5f, p, 1234, 0, rms ? 1 : 0, 0, nullptr));
+                          rout, RT, mean, rstd, nullptr, nullptr, rows, hidden, hidden, 0, hidden, hidden, hidden, 1e-5f,
+                          p, 1234, 0, rms ? 1 : 0, 0, nullptr));
   }};
-  std::vector<size_t> bytes = {fwd_bytes + bits_bytes};
+  std::vector<size_t> bytes = {fwd_bytes};
   if (backward) {
     parts.push_back([&] {
       FA(FlashAttn_norm_bwd(dz, nullptr, drout, rms ? static_cast<void*>(x0) : rout, rms ? B : RT, w, nullptr, WT, mean,
-                            rstd, nullptr, bits, nullptr, dx0, nullptr, dres, RT, dw, rms ? nullptr : db, nullptr, nullptr,
-                            B, rows, hidden, hidden, hidden, hidden, hidden, hidden, p, 1234, 0, rms ? 1 : 0, 0, ws,
-                            ws_bytes, nullptr));
+                            rstd, nullptr, dx0, nullptr, dres, RT, dw, rms ? nullptr : db, nullptr, nullptr, B, rows,
+                            hidden, hidden, hidden, hidden, hidden, hidden, p, 1234, 0, rms ? 1 : 0, 0, ws, ws_bytes,
+                            nullptr));
     });
-    bytes.push_back(bwd_bytes + bits_bytes);
+    bytes.push_back(bwd_bytes);
   }
   if (backward)
     sample(parts, bytes,

@@ -308,14 +308,13 @@ public sealed class NormTests
         Expect("layerscale", "hidden (16)", () => flash_attn.dropout_add_layer_norm(x0, null, w, null, 0, 1e-5, layerscale: ones(4)));
     }
 
-    private static FlashAttnStatus NormFwd(Tensor x, Tensor w, Tensor z, Tensor rstd, long hidden, float p = 0, long rowStride = -1,
-                                           Tensor? keepBits = null) =>
+    private static FlashAttnStatus NormFwd(Tensor x, Tensor w, Tensor z, Tensor rstd, long hidden, float p = 0, long rowStride = -1) =>
         NativeMethods.FlashAttn_norm_fwd(
             Interop.TensorArgs.Ptr(x), IntPtr.Zero, IntPtr.Zero, FlashAttnDType.Float32, FlashAttnDType.Float32,
             Interop.TensorArgs.Ptr(w), IntPtr.Zero, IntPtr.Zero, IntPtr.Zero, FlashAttnDType.Float32, IntPtr.Zero,
             Interop.TensorArgs.Ptr(z), IntPtr.Zero, IntPtr.Zero, FlashAttnDType.Float32, IntPtr.Zero, Interop.TensorArgs.Ptr(rstd),
-            IntPtr.Zero, IntPtr.Zero, keepBits is null ? IntPtr.Zero : Interop.TensorArgs.Ptr(keepBits), IntPtr.Zero, x.shape[0],
-            hidden, rowStride < 0 ? hidden : rowStride, hidden, hidden, hidden, hidden, 1e-5f, p, 1, 0, 1, 0, IntPtr.Zero);
+            IntPtr.Zero, IntPtr.Zero, x.shape[0], hidden, rowStride < 0 ? hidden : rowStride, hidden, hidden, hidden, hidden,
+            1e-5f, p, 1, 0, 1, 0, IntPtr.Zero);
 
     [Test]
     public void NativeValidationNamesFunctionAndArgument()
@@ -328,13 +327,6 @@ public sealed class NormTests
         Assert.That(Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error()), Does.Contain("dropout_p (1) must be in [0, 1)"));
         Assert.That(NormFwd(x, w, z, rstd, 16, rowStride: 8), Is.EqualTo(FlashAttnStatus.InvalidArgument));
         Assert.That(Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error()), Does.Contain("x0_row_stride (8)"));
-        var bits = empty(8, dtype: ScalarType.Byte);
-        Assert.That(NormFwd(x, w, z, rstd, 16, keepBits: bits), Is.EqualTo(FlashAttnStatus.InvalidArgument));
-        Assert.That(Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error()), Does.Contain("keep_bits0/1 need dropout_p > 0"));
-        var (x12, w12, z12) = (randn(4, 12), ones(12), empty(4, 12));
-        Assert.That(NormFwd(x12, w12, z12, rstd, 12, p: 0.1f, keepBits: bits), Is.EqualTo(FlashAttnStatus.InvalidArgument));
-        Assert.That(Marshal.PtrToStringUTF8(NativeMethods.FlashAttn_core_last_error()),
-                    Does.Contain("keep_bits0/1 need hidden (12) a multiple of 8"));
         Assert.That(NativeMethods.FlashAttn_norm_bwd_workspace_size(4, 16, 1, 0, 0), Is.GreaterThanOrEqualTo(2 * 4 * 16 * 4));
         if (!Backend.NativeHasCuda)
         {

@@ -53,43 +53,6 @@ __device__ __forceinline__ void store_mask(uint8_t* p, const bool (&keep)[N]) {
   *reinterpret_cast<Vec<uint8_t, N>*>(p) = r;
 }
 
-// Keep bits (the forward's decisions for the backward, NormFwdParams::keep_bits0/1): element e is bit e % 8 of byte
-// e / 8. A vector of 8 elements from e (e % 8 == 0) is one byte, written by the thread that made its decisions.
-__device__ __forceinline__ void store_keep_bits(uint8_t* bits, int64_t e, const bool (&keep)[8]) {
-  uint32_t b = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) b |= keep[j] ? 1u << j : 0u;
-  bits[e >> 3] = uint8_t(b);
-}
-
-// The decisions of N elements from e out of keep bits (N divides 8 and e % N == 0: they sit in one byte).
-template <int N>
-__device__ __forceinline__ void load_keep_bits(const uint8_t* bits, int64_t e, bool (&keep)[N]) {
-  const uint32_t b = uint32_t(bits[e >> 3]) >> (e & 7);
-#pragma unroll
-  for (int j = 0; j < N; ++j) keep[j] = (b >> j) & 1u;
-}
-
-// The keep bits of a whole tensor from the stream (elements stream_base + e), for the forwards whose vectors are not 8
-// elements wide: 8 decisions (one byte) a thread and step.
-__global__ void keep_bits_kernel(uint8_t* bits, int64_t bytes, int64_t stream_base, uint64_t seed, uint64_t offset,
-                                 uint32_t keep_max) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
-    bool keep[8];
-    dropout_keep<8>(seed, offset, keep_max, uint64_t(stream_base + 8 * i), keep);
-    store_keep_bits(bits, 8 * i, keep);
-  }
-}
-
-// The backward's decisions for N elements from e: the forward's keep bits when it wrote them, else regenerated from
-// the stream at element stream_e (e for x0, rows * hidden + e for x1).
-template <int N>
-__device__ __forceinline__ void bwd_keep(const uint8_t* bits, uint64_t seed, uint64_t offset, uint32_t keep_max,
-                                         int64_t e, int64_t stream_e, bool (&keep)[N]) {
-  if (bits != nullptr) load_keep_bits<N>(bits, e, keep);
-  else dropout_keep<N>(seed, offset, keep_max, uint64_t(stream_e), keep);
-}
-
 // Sums v over the blockDim.x threads of this thread's row (threadIdx.y); every thread of the block
 // must call it. The order of the additions is fixed: the result is deterministic.
 template <int N>
@@ -151,9 +114,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
 #pragma unroll
       for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
       if (p.mask0 != nullptr) store_mask<kVec>(p.mask0 + e, keep);
-      if constexpr (kVec == 8) {
-        if (p.keep_bits0 != nullptr) store_keep_bits(p.keep_bits0, e, keep);
-      }
     }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) x[it][j] = a[j] * rs;
@@ -165,9 +125,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
 #pragma unroll
         for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
         if (p.mask1 != nullptr) store_mask<kVec>(p.mask1 + e, keep);
-        if constexpr (kVec == 8) {
-          if (p.keep_bits1 != nullptr) store_keep_bits(p.keep_bits1, e, keep);
-        }
       }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) x[it][j] += a[j];
@@ -354,7 +311,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
       float o[kVec];
       if (dropout) {
         bool keep[kVec];
-        bwd_keep<kVec>(p.keep_bits0, p.seed, p.offset, keep_max, e, e, keep);
+        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
       } else {
@@ -365,7 +322,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
       if (p.dx1 != nullptr) {
         if (dropout) {
           bool keep[kVec];
-          bwd_keep<kVec>(p.keep_bits1, p.seed, p.offset, keep_max, e, p.rows * H + e, keep);
+          dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
         } else {
@@ -485,20 +442,16 @@ __device__ __forceinline__ RowSlots row_slots(int H) {
   return {col0, step, col0 < H ? min(kIters, (H - col0 + step - 1) / step) : 0};
 }
 
-// x[j] = keep ? x[j] * scale : 0 for the N elements from stream element stream_e (e % 4 == 0 when N % 4 == 0, so
-// each Philox call serves four elements); mask (nullptr: none) receives the keep bytes of these elements, bits (N 8;
-// nullptr: none) their keep bits at element e of the tensor.
+// x[j] = keep ? x[j] * scale : 0 for the N elements from element e (e % 4 == 0 when N % 4 == 0, so each
+// Philox call serves four elements); mask (nullptr: none) receives the keep bytes of these elements.
 template <int N>
 __device__ __forceinline__ void apply_dropout(float (&x)[N], uint64_t seed, uint64_t offset, uint32_t keep_max,
-                                              float scale, uint64_t stream_e, uint8_t* mask, uint8_t* bits, int64_t e) {
+                                              float scale, uint64_t e, uint8_t* mask) {
   bool keep[N];
-  dropout_keep<N>(seed, offset, keep_max, stream_e, keep);
+  dropout_keep<N>(seed, offset, keep_max, e, keep);
 #pragma unroll
   for (int j = 0; j < N; ++j) x[j] = keep[j] ? x[j] * scale : 0.f;
   if (mask != nullptr) store_mask<N>(mask, keep);
-  if constexpr (N == 8) {
-    if (bits != nullptr) store_keep_bits(bits, e, keep);
-  }
 }
 
 template <typename TO, int N>
@@ -585,7 +538,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
       if constexpr (kDropout) {
         const int64_t e = e0 + it * s.step;
         apply_dropout(x[it], p.seed, p.offset, keep_max, p.dropout_scale, uint64_t(e),
-                      p.mask0 != nullptr ? p.mask0 + e : nullptr, p.keep_bits0, e);
+                      p.mask0 != nullptr ? p.mask0 + e : nullptr);
       }
     }
     if (p.rowscale != nullptr) {
@@ -607,7 +560,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
         if constexpr (kDropout) {
           const int64_t e = e0 + it * s.step;
           apply_dropout(a, p.seed, p.offset, keep_max, p.dropout_scale, uint64_t(p.rows * H + e),
-                        p.mask1 != nullptr ? p.mask1 + e : nullptr, p.keep_bits1, e);
+                        p.mask1 != nullptr ? p.mask1 + e : nullptr);
         }
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[it][j] += a[j];
@@ -776,7 +729,7 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   float o[kVec];
   if constexpr (kDropout) {
     bool keep[kVec];
-    bwd_keep<kVec>(p.keep_bits0, p.seed, p.offset, keep_max, e, e, keep);
+    dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
   } else {
@@ -787,7 +740,7 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   if (p.dx1 != nullptr) {
     if constexpr (kDropout) {
       bool keep[kVec];
-      bwd_keep<kVec>(p.keep_bits1, p.seed, p.offset, keep_max, e, p.rows * p.hidden + e, keep);
+      dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * p.hidden + e), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
     } else {
@@ -1163,17 +1116,13 @@ __global__ void __launch_bounds__(512)
       // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
       float o[kVec];
       [[maybe_unused]] bool keep[kVec];
-      if constexpr (kDropout) {
-        if (p.keep_bits0 != nullptr) load_keep_bits<kVec>(p.keep_bits0, e + d, keep);
-        else dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(e + d), keep);
-      }
+      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(e + d), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
       store_vec<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
       if (p.dx1 != nullptr) {
         if constexpr (kDropout) {
-          if (p.keep_bits1 != nullptr) load_keep_bits<kVec>(p.keep_bits1, e + d, keep);
-          else dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(p.rows * p.hidden + e + d), keep);
+          dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(p.rows * p.hidden + e + d), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
           store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
@@ -1677,24 +1626,10 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
 FlashAttnStatus run_norm_fwd(const NormFwdParams& p, void* stream_ptr, const char* function) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int vec = fwd_vector_width(p);
-  const FlashAttnStatus s = FLOAT_SWITCH(p.dtype, T, [&] {
+  return FLOAT_SWITCH(p.dtype, T, [&] {
     constexpr int kWide = 16 / sizeof(T);
     return vec == 1 ? launch_fwd<T, 1>(p, stream, function) : launch_fwd<T, kWide>(p, stream, function);
   });
-  if (s != FLASHATTN_STATUS_OK || (vec != 1 && dtype_size(p.dtype) == 2)) return s;
-  // the kernels wrote no keep bits (their vectors are not 8 elements wide): made here from the stream
-  const int64_t bytes = p.rows * p.hidden / 8;
-  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
-  const unsigned blocks = unsigned(std::min<int64_t>((bytes + 255) / 256, 4096));
-  for (int i = 0; i < 2; ++i) {
-    uint8_t* bits = i == 0 ? p.keep_bits0 : p.keep_bits1;
-    if (bits == nullptr || bytes == 0) continue;
-    keep_bits_kernel<<<blocks, 256, 0, stream>>>(bits, bytes, i == 0 ? 0 : p.rows * p.hidden, p.seed, p.offset,
-                                                 keep_max);
-    const FlashAttnStatus st = check_launch(function, "keep_bits_kernel");
-    if (st != FLASHATTN_STATUS_OK) return st;
-  }
-  return FLASHATTN_STATUS_OK;
 }
 
 FlashAttnStatus run_norm_bwd(const NormBwdParams& p, void* stream_ptr, const char* function) {

@@ -28,8 +28,6 @@ struct NormFwdParams {
   float* rstd;
   uint8_t* mask0;
   uint8_t* mask1;
-  uint8_t* keep_bits0;   // or nullptr: x0's decisions for the backward, bit e % 8 of byte e / 8 (norm.cu)
-  uint8_t* keep_bits1;   // or nullptr: x1's
   FlashAttnDType dtype, residual_dtype, residual_out_dtype, weight_dtype;
   int64_t rows, hidden;
   int64_t x0_row_stride, x1_row_stride, residual_row_stride, z_row_stride, residual_out_row_stride;
@@ -51,8 +49,6 @@ struct NormBwdParams {
   const float* mean;          // nullptr for RMSNorm
   const float* rstd;
   const float* rowscale;      // or nullptr
-  const uint8_t* keep_bits0;  // or nullptr: the forward's decisions for x0 (else regenerated)
-  const uint8_t* keep_bits1;  // or nullptr: for x1
   void* dx0;
   void* dx1;                  // or nullptr
   void* dresidual;            // or nullptr

@@ -31,8 +31,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     const void* x0, const void* x1, const void* residual, FlashAttnDType dtype, FlashAttnDType residual_dtype,
     const void* weight0, const void* bias0, const void* weight1, const void* bias1, FlashAttnDType weight_dtype,
     const float* rowscale, void* z0, void* z1, void* residual_out, FlashAttnDType residual_out_dtype,
-    float* mean, float* rstd, uint8_t* dropout_mask0, uint8_t* dropout_mask1, uint8_t* keep_bits0, uint8_t* keep_bits1,
-    int64_t rows, int64_t hidden,
+    float* mean, float* rstd, uint8_t* dropout_mask0, uint8_t* dropout_mask1, int64_t rows, int64_t hidden,
     int64_t x0_row_stride, int64_t x1_row_stride, int64_t residual_row_stride, int64_t z_row_stride,
     int64_t residual_out_row_stride, float epsilon, float dropout_p, uint64_t seed, uint64_t offset,
     int32_t is_rms_norm, int32_t zero_centered_weight, void* stream) {
@@ -59,10 +58,6 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     FA_CHECK(dropout_mask1 == nullptr || x1 != nullptr, "dropout_mask1 needs x1");
     FA_CHECK(dropout_mask0 == nullptr || dropout_p > 0.f, "dropout_mask0 needs dropout_p > 0");
     FA_CHECK(dropout_mask1 == nullptr || dropout_p > 0.f, "dropout_mask1 needs dropout_p > 0");
-    FA_CHECK(keep_bits1 == nullptr || x1 != nullptr, "keep_bits1 needs x1");
-    FA_CHECK((keep_bits0 == nullptr && keep_bits1 == nullptr) || dropout_p > 0.f, "keep_bits0/1 need dropout_p > 0");
-    FA_CHECK((keep_bits0 == nullptr && keep_bits1 == nullptr) || hidden % 8 == 0,
-             "keep_bits0/1 need hidden (%lld) a multiple of 8", (long long)hidden);
     if (rows == 0) return FLASHATTN_STATUS_OK;
 
     FA_CHECK(x0 != nullptr, "x0 must not be NULL");
@@ -100,8 +95,6 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     p.rstd = rstd;
     p.mask0 = dropout_mask0;
     p.mask1 = dropout_mask1;
-    p.keep_bits0 = keep_bits0;
-    p.keep_bits1 = keep_bits1;
     p.dtype = dtype;
     p.residual_dtype = residual_dtype;
     p.residual_out_dtype = residual_out_dtype;
@@ -128,8 +121,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
 FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
     const void* dz0, const void* dz1, const void* dresidual_out, const void* x, FlashAttnDType x_dtype,
     const void* weight0, const void* weight1, FlashAttnDType weight_dtype, const float* mean, const float* rstd,
-    const float* rowscale, const uint8_t* keep_bits0, const uint8_t* keep_bits1, void* dx0, void* dx1, void* dresidual,
-    FlashAttnDType residual_dtype, void* dweight0,
+    const float* rowscale, void* dx0, void* dx1, void* dresidual, FlashAttnDType residual_dtype, void* dweight0,
     void* dbias0, void* dweight1, void* dbias1, FlashAttnDType dtype, int64_t rows, int64_t hidden,
     int64_t dz_row_stride, int64_t dresidual_out_row_stride, int64_t x_row_stride, int64_t dx_row_stride,
     int64_t dresidual_row_stride, float dropout_p, uint64_t seed, uint64_t offset, int32_t is_rms_norm,
@@ -153,10 +145,6 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
     FA_CHECK((dz1 != nullptr) == (weight1 != nullptr), "dz1 must be given exactly when weight1 is");
     FA_CHECK((dweight1 != nullptr) == (weight1 != nullptr), "dweight1 must be given exactly when weight1 is");
     FA_CHECK(dbias1 == nullptr || weight1 != nullptr, "dbias1 needs weight1");
-    FA_CHECK(keep_bits1 == nullptr || dx1 != nullptr, "keep_bits1 needs dx1");
-    FA_CHECK((keep_bits0 == nullptr && keep_bits1 == nullptr) || dropout_p > 0.f, "keep_bits0/1 need dropout_p > 0");
-    FA_CHECK((keep_bits0 == nullptr && keep_bits1 == nullptr) || hidden % 8 == 0,
-             "keep_bits0/1 need hidden (%lld) a multiple of 8", (long long)hidden);
     if (rows == 0) {
       // no rows: the parameter gradients are zero, but nothing may run without CUDA work; the
       // managed side zero-fills them itself.
@@ -199,8 +187,6 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
     p.mean = is_rms_norm ? nullptr : mean;
     p.rstd = rstd;
     p.rowscale = rowscale;
-    p.keep_bits0 = keep_bits0;
-    p.keep_bits1 = keep_bits1;
     p.dx0 = dx0;
     p.dx1 = dx1;
     p.dresidual = dresidual;
