@@ -64,6 +64,22 @@ old_native() {
   old_ready=1
 }
 
+# again_under <settings> <name> <stderr file, or - for the tsv> <command...>: the command again under each |-separated
+# environment setting (OPS_ENVS, ATTNPEER_ENVS: runtime switches, no rebuild), stdout to $OUT/<name>-<n>.tsv.
+again_under() {
+  local settings=$1 name=$2 err=$3 n=0 setting rc list
+  shift 3
+  [ -n "$settings" ] || return 0
+  IFS='|' read -ra list <<< "$settings"
+  for setting in "${list[@]}"; do
+    n=$((n + 1))
+    # shellcheck disable=SC2086 # the setting's words are separate variables
+    if [ "$err" = - ]; then env $setting "$@" >"$OUT/$name-$n.tsv" 2>&1; else env $setting "$@" >"$OUT/$name-$n.tsv" 2>>"$err"; fi
+    rc=$?
+    summary+=("$(basename "$1") under '$(echo $setting)': rc $rc ($name-$n.tsv)")
+  done
+}
+
 if want tests; then
   start=$SECONDS
   "$app"/FlashAttn.Tests ${TEST_FILTER:+--filter "$TEST_FILTER"} >"$OUT/tests.log" 2>&1
@@ -201,16 +217,7 @@ if want attnpeer; then
   # call (attnpeer-<n>.tsv).
   /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer >"$OUT/attnpeer.tsv" 2>&1
   rc=$?
-  if [ -n "${ATTNPEER_ENVS:-}" ]; then
-    IFS='|' read -ra peer_envs <<< "$ATTNPEER_ENVS"
-    n=0
-    for setting in "${peer_envs[@]}"; do
-      n=$((n + 1))
-      # shellcheck disable=SC2086 # the setting's words are separate variables
-      env $setting /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer >"$OUT/attnpeer-$n.tsv" 2>&1
-      summary+=("flash_selftest --bench-peer under '$(echo $setting)': rc $? (attnpeer-$n.tsv)")
-    done
-  fi
+  again_under "${ATTNPEER_ENVS:-}" attnpeer - /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer
   peer_rc=skipped
   if [ -f .device/peers/pytorch_baselines.py ]; then
     python3 .device/peers/pytorch_baselines.py attn 2>&1 | grep cudnn >>"$OUT/attnpeer.tsv"
@@ -231,16 +238,8 @@ if want ops; then
   # shellcheck disable=SC2086 # OPS_ONLY is one word
   /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-} >"$OUT/ops.tsv" 2>"$OUT/ops.err"
   summary+=("ops_bench: rc $?")
-  if [ -n "${OPS_ENVS:-}" ]; then
-    IFS='|' read -ra ops_envs <<< "$OPS_ENVS"
-    n=0
-    for setting in "${ops_envs[@]}"; do
-      n=$((n + 1))
-      # shellcheck disable=SC2086 # the setting's words are separate variables
-      env $setting /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-} >"$OUT/ops-$n.tsv" 2>>"$OUT/ops.err"
-      summary+=("ops_bench under '$(echo $setting)': rc $? (ops-$n.tsv)")
-    done
-  fi
+  # shellcheck disable=SC2086 # OPS_ONLY is one word
+  again_under "${OPS_ENVS:-}" ops "$OUT/ops.err" /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-}
   if [ -n "${OPS_NCU:-}" ]; then
     # shellcheck disable=SC2086
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
