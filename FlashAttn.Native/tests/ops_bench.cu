@@ -527,7 +527,7 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
   const std::vector<Family> families = {
       {"FLASHATTN_NORM_VARIANT",
        {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "norm_step_fwdbwd"},
-       {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2", "rowsca", "rowsca32"}},
+       {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2", "rowsca", "rowsca32", "rowscao3"}},
       {nullptr, {"ce", "rotary", "bias_grad"}, {"-"}},
   };
   int rc = 0;

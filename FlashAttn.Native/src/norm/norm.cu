@@ -981,8 +981,10 @@ __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory")
 // from the constant bank (not derived again in every call), xhat is one FMA, and the second pass does not form xhat:
 // dx = rstd * (w dz - (xhat * c1 + c2)) = rstd * w dz - (a * x - b) with a = rstd^2 c1, b = a * mean - rstd * c2, two
 // FMAs an element.
-template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
-__global__ void __launch_bounds__(512)
+// kMinBlocks 3 (the variant rowscao3): 256-thread blocks capped at 80 registers, three a multiprocessor, 24 warps
+// where 128 registers leave 16 (NOTES.md, "Fifth round").
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? kMinBlocks : 0)
     norm_bwd_rowsca_kernel(const NormBwdParams p, const PhiloxKeys keys, int slot_dw0, int slot_db0, int slot_dw1,
                            int slot_db1, int nslots, int stages) {
   constexpr int kP = kParallel ? kIters : 1;
@@ -1420,6 +1422,7 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
 // block's shared memory (float32 x past about 11000 columns).
 struct RowscaShape {
   int elems = 0, wpr = 0, rpb = 0;
+  bool o3 = false;  // the kernel for three 256-thread blocks a multiprocessor
   RowscaLayout layout{};
 };
 
@@ -1431,16 +1434,19 @@ size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden
 
 // wide: 32 columns a thread at every size for one norm (the variant rowsca32), which spreads a row's fixed
 // instructions (the scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more
-// registers of partials; two norms keep 16 up to 8192.
-RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide) {
+// registers of partials; two norms keep 16 up to 8192. o3: one norm, 16 columns, blocks of 256 threads at most (up
+// to 4096 columns) for three a multiprocessor (the variant rowscao3).
+RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide, bool o3) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
   if (dtype_size(p.dtype) != 2 || vec == 1) return sh;
   sh.elems = (wide && !parallel) || p.hidden > int64_t(32) * kRowsMaxWarps * 16 ? 32 : 16;
-  if (sh.elems == 32 && parallel) return RowscaShape{};
+  if ((sh.elems == 32 && parallel) || (o3 && (sh.elems == 32 || parallel))) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
   sh.layout = rowsca_layout(int(p.hidden), int(dtype_size(p.x_dtype)), 2, parallel, p.dresidual_out != nullptr);
   sh.rpb = rows_per_block(sh.wpr);
+  sh.o3 = o3;
+  if (o3 && 32 * sh.wpr * sh.rpb > 256) return RowscaShape{};
   while (sh.rpb > 0 && rowsca_smem(sh, 2, sl.count, p.hidden) > size_t(smem_optin)) sh.rpb /= 2;
   return sh;
 }
@@ -1448,6 +1454,15 @@ RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, in
 // Rows' inputs in flight a multiprocessor that rowsca aims for (the H200 moves about 32 KB a microsecond a
 // multiprocessor, at 1-2 us of loaded latency); past it, more row groups (warps) count for more than more stages.
 constexpr int64_t kRowscaInFlight = 96 * 1024;
+
+// The o3 kernels exist for one norm at 16 columns a thread alone (rowsca_shape): two norms' partials spill 540-900
+// bytes at 80 registers.
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
+auto pick_rowsca_kernel(bool o3) {
+  if constexpr (kIters * kVec == 16 && !kParallel)
+    if (o3) return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 3>;
+  return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 1>;
+}
 
 template <typename T, int kVec>
 FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh, const BwdSlots& sl, const DeviceInfo& d,
@@ -1465,7 +1480,7 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
               return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rowsca_kernel: two norms at %d columns a thread",
                           kIters * kVec);  // rowsca_shape
             } else {
-              const auto kernel = norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>;
+              const auto kernel = pick_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>(sh.o3);
               const int threads = 32 * sh.wpr * sh.rpb;
               const int64_t want = std::min((p.rows + sh.rpb - 1) / sh.rpb, p.lanes - 8);  // see norm_bwd_lanes
               // The stage count: the rows in flight a multiprocessor up to kRowscaInFlight, then the most row groups,
@@ -1508,13 +1523,14 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
 // (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
 // thread; the l2 variants add the L2 prefetch of the next row; rowsca streams the backward's rows through shared
 // memory (its forward is rows32's; where it does not apply, its backward is rows32's too), rowsca32 the same at 32
-// columns a thread at every size (NOTES.md).
+// columns a thread at every size, rowscao3 at 80 registers for three blocks a multiprocessor up to 4096 columns
+// (NOTES.md).
 // (rows32 with the backward's registers capped for three blocks a multiprocessor was a variant, and lost: NOTES.md.)
 enum NormVariant : int {
-  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kNumVariants
+  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kRowsCaO3, kNumVariants
 };
-constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16",   "rows32", "rows16l2", "rows32l2",
-                                                         "rows64l2", "rowsca", "rowsca32"};
+constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16", "rows32",   "rows16l2", "rows32l2",
+                                                         "rows64l2", "rowsca", "rowsca32", "rowscao3"};
 
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
@@ -1601,7 +1617,8 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     variant = p.is_rms                                ? pick_variant(kBwdRmsRules, p.hidden)
               : p.x_dtype == FLASHATTN_DTYPE_FLOAT32 ? pick_variant(kBwdRules, p.hidden)
                                                      : pick_variant(kBwdRules16, p.hidden);
-    if (variant == kRowsCa || variant == kRowsCa32) rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32);
+    if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3)
+      rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32, variant == kRowsCaO3);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
   if (rowsca.rpb > 0) {
