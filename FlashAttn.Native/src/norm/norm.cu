@@ -1439,9 +1439,9 @@ size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden
 RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide, bool o3) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
-  if (dtype_size(p.dtype) != 2 || vec == 1) return sh;
+  if (dtype_size(p.dtype) != 2 || vec == 1 || (o3 && parallel)) return sh;
   sh.elems = (wide && !parallel) || p.hidden > int64_t(32) * kRowsMaxWarps * 16 ? 32 : 16;
-  if ((sh.elems == 32 && parallel) || (o3 && (sh.elems == 32 || parallel))) return RowscaShape{};
+  if (sh.elems == 32 && (parallel || o3)) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
   sh.layout = rowsca_layout(int(p.hidden), int(dtype_size(p.x_dtype)), 2, parallel, p.dresidual_out != nullptr);
   sh.rpb = rows_per_block(sh.wpr);
