@@ -229,8 +229,8 @@ FLASHATTN_API int64_t FlashAttn_norm_bwd_workspace_size(
 //   (dtype or float32) for all four. rowscale: NULL or float32 (rows,), scales x0 only.
 // mean (NULL for RMSNorm), rstd: float32 (rows,), written for the backward.
 // hidden: 1 to 16384. dropout_p in [0, 1): element e = r * hidden + c of x0 (e + rows * hidden of
-//   x1) is kept when word e % 4 of Philox-4x32-10(key seed, counter (e / 4, offset)) < (1 - p) * 2^32;
-//   kept values are scaled by 1 / (1 - p). dropout_mask0/1: NULL or uint8 (rows, hidden)
+//   x1) is kept when 16-bit half e % 2 (low, high) of word (e / 2) % 4 of Philox-4x32-10(key seed,
+//   counter (e / 8, offset)) < floor((1 - p) * 2^16); kept values are scaled by 1 / (1 - p). dropout_mask0/1: NULL or uint8 (rows, hidden)
 //   contiguous, written with 1 where kept.
 FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     const void* x0, const void* x1, const void* residual, FlashAttnDType dtype, FlashAttnDType residual_dtype,

@@ -220,10 +220,16 @@ void sample(const std::vector<std::function<void()>>& parts, const std::vector<s
   free_all();
 }
 
-// dropout_add_layer_norm, prenorm, p = 0.1 (as the managed benchmark): x0 and residual in (bf16), z and the new
-// residual out; fp32 weight/bias; the mask is regenerated in the backward, never stored. The backward reads dz,
-// dresidual_out and x (the forward's residual_out) and writes dx0 and dresidual: 4 + 5 row tensors in all (RMSNorm
-// without dropout and residual: 2 + 3).
+// OPS_NORM_DROPOUT overrides the LayerNorm lines' p (0: the price of the dropout decisions, by difference).
+float norm_dropout_p() {
+  const char* v = std::getenv("OPS_NORM_DROPOUT");
+  return v != nullptr ? std::strtof(v, nullptr) : 0.1f;
+}
+
+// dropout_add_layer_norm, prenorm, p = 0.1 (as the managed benchmark; OPS_NORM_DROPOUT): x0 and residual in (bf16),
+// z and the new residual out; fp32 weight/bias; the mask is regenerated in the backward, never stored. The backward
+// reads dz, dresidual_out and x (the forward's residual_out) and writes dx0 and dresidual: 4 + 5 row tensors in all
+// (RMSNorm without dropout and residual: 2 + 3).
 // step: the GPT-2 training step's LayerNorm instead (norm_step_*): the residual stream in float32 (residual, residual
 // out, dresidual_out, x and dresidual: 4 bytes an element), bf16 weights, no dropout; 2 + 4 + 2 + 4 bytes an element
 // forward, 2 + 4 + 4 + 2 + 4 backward.
@@ -263,7 +269,7 @@ void bench_norm(int64_t hidden, bool rms, bool backward, int samples, bool step 
     dx0 = alloc<__nv_bfloat16>(n);
     dres = rms ? nullptr : stream_tensor();
   }
-  const float p = rms || step ? 0.f : 0.1f;
+  const float p = rms || step ? 0.f : norm_dropout_p();
   std::vector<std::function<void()>> parts = {[&] {
     FA(FlashAttn_norm_fwd(x0, nullptr, res, B, RT, w, rms ? nullptr : b, nullptr, nullptr, WT, nullptr, z, nullptr,
                           rout, RT, mean, rstd, nullptr, nullptr, rows, hidden, hidden, 0, hidden, hidden, hidden, 1e-5f,

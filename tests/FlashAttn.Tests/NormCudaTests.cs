@@ -109,6 +109,39 @@ public sealed class NormCudaTests
         if (!rms) Tolerance.AssertClose(b!.grad!, l[3].grad!, e[3].grad!, "dbias", factor: GradFactor);
     }
 
+    // hidden 104: vectors of 8 (one Philox call each); float32 at 52: vectors of 4 (half a call); 37: the scalar path
+    [TestCase(ScalarType.BFloat16, 104), TestCase(ScalarType.Float32, 52), TestCase(ScalarType.Float16, 37)]
+    public void DropoutMasksAreTheDocumentedStream(ScalarType dtype, int hidden)
+    {
+        var dev = Gpu.Require();
+        const long rows = 7;
+        const double p = 0.3;
+        var x0 = randn(rows, hidden, device: dev).to(dtype);
+        var x1 = randn(rows, hidden, device: dev).to(dtype);
+        var res = randn(rows, hidden, device: dev).to(dtype);
+        var w = ones(hidden, device: dev).to(dtype);
+        var f = flash_attn.dropout_add_layer_norm_parallel_residual(x0, x1, res, w, null, null, null, p, 1e-5, prenorm: true,
+                                                                   return_dropout_mask: true, generator: new Generator(2024));
+        ulong seed = DropoutSeed.Draw(new Generator(2024)); // the op's own draw from the same generator state
+        // flashattn.h, FlashAttn_norm_fwd: element e of x0 (e + rows * hidden of x1) is kept when 16-bit half e % 2 of word
+        // (e / 2) % 4 of Philox(seed, counter (e / 8, offset 0)) < floor((1 - p) 2^16)
+        uint threshold = (uint)Math.Min((1.0 - (float)p) * 65536.0, 65536.0);
+        int wrong = 0;
+        foreach (var (mask, first) in new[] { (f.dropout_mask0!, 0L), (f.dropout_mask1!, rows * hidden) })
+        {
+            var got = mask.to(ScalarType.Byte).cpu().data<byte>().ToArray();
+            for (long i = 0; i < rows * hidden; i++)
+            {
+                long e = first + i;
+                var words = PhiloxTests.Philox(unchecked((uint)seed), (uint)(seed >> 32), (uint)(e / 8), (uint)(e / 8 >> 32), 0, 0);
+                uint half = (words[e / 2 % 4] >> (int)(16 * (e % 2))) & 0xFFFF;
+                if (got[i] != (half < threshold ? 1 : 0)) wrong++;
+            }
+        }
+        Assert.That(wrong, Is.EqualTo(0), "mask elements that differ from the stream's definition");
+        NormTests.AssertKeepRate(f.dropout_mask0!, p);
+    }
+
     // 12288 columns: 32 columns a thread (the rows forward and the recomputing rows backward)
     [TestCase(ScalarType.BFloat16, 1000, 0.1, 2048), TestCase(ScalarType.Float16, 4096, 0.37, 2048),
      TestCase(ScalarType.Float32, 768, 0.5, 2048), TestCase(ScalarType.BFloat16, 12288, 0.2, 301)]

@@ -33,8 +33,9 @@ public sealed class PhiloxTests
         }
     }
 
-    // Scalar Philox-4x32-10 (the same published algorithm, written independently of Reference.Philox's tensor rounds).
-    private static uint[] Philox(uint k0, uint k1, uint c0, uint c1, uint c2, uint c3)
+    // Scalar Philox-4x32-10 (the same published algorithm, written independently of Reference.Philox's tensor rounds);
+    // NormCudaTests checks the norms' stream with it too.
+    internal static uint[] Philox(uint k0, uint k1, uint c0, uint c1, uint c2, uint c3)
     {
         for (int round = 0; round < 10; round++)
         {

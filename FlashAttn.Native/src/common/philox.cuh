@@ -68,50 +68,61 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(const PhiloxKeys& keys, 
   return ctr;
 }
 
-// The largest 32-bit word that keeps an element: the rule "word < threshold" with threshold = round((1 - p) * 2^32)
-// in [256, 2^32] (p a float below 1) is "word <= threshold - 1", a 32-bit comparison.
-__host__ __device__ __forceinline__ uint32_t dropout_keep_max(uint64_t threshold) { return uint32_t(threshold - 1); }
+// The norms' elementwise stream: element e is kept when 16-bit half e % 2 (low, high) of word (e / 2) % 4 of
+// philox(seed, offset, e / 8) is below threshold = floor((1 - p) * 2^16) (norm/norm.h's norm_keep_threshold; p thus
+// within 2^-16 of the one asked for, as the attention's halves): one generator call per 8 elements, half the calls of a
+// 32-bit word an element (norm/NOTES.md, "Sixth round").
 
-// The elementwise stream: keep[j] for elements e .. e + N - 1 is word e % 4 of philox(seed, offset, e / 4) <= keep_max.
-// N a multiple of 4 requires e % 4 == 0 (one generator call per 4 elements).
+__host__ __device__ __forceinline__ bool norm_kept(uint32_t word, uint64_t e, uint32_t threshold) {
+  return ((e & 1) != 0 ? word >> 16 : word & 0xffffu) < threshold;
+}
+
+// keep[j] for elements e .. e + N - 1. N a multiple of 8 requires e % 8 == 0 (N / 8 calls), N == 4 requires e % 4 == 0
+// (one call, two of its words); other N take a call per element.
 template <int N>
-__device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uint32_t keep_max, uint64_t e,
+__device__ __forceinline__ void dropout_keep(uint64_t seed, uint64_t offset, uint32_t threshold, uint64_t e,
                                              bool (&keep)[N]) {
-  if constexpr (N % 4 == 0) {
+  if constexpr (N % 8 == 0) {
 #pragma unroll
-    for (int j = 0; j < N; j += 4) {
-      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
-      keep[j] = r.x <= keep_max;
-      keep[j + 1] = r.y <= keep_max;
-      keep[j + 2] = r.z <= keep_max;
-      keep[j + 3] = r.w <= keep_max;
+    for (int j = 0; j < N; j += 8) {
+      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 3);
+      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) keep[j + k] = norm_kept(w[k / 2], k, threshold);
     }
+  } else if constexpr (N == 4) {
+    const uint4 r = philox4x32_10(seed, offset, e >> 3);
+    const bool upper = (e & 4) != 0;  // elements 4-7 of the call: words z, w
+    const uint32_t w0 = upper ? r.z : r.x, w1 = upper ? r.w : r.y;
+    keep[0] = norm_kept(w0, 0, threshold);
+    keep[1] = norm_kept(w0, 1, threshold);
+    keep[2] = norm_kept(w1, 0, threshold);
+    keep[3] = norm_kept(w1, 1, threshold);
   } else {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const uint4 r = philox4x32_10(seed, offset, (e + j) >> 2);
-      const int w = int((e + j) & 3);
-      const uint32_t word = w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
-      keep[j] = word <= keep_max;
+      const uint64_t ej = e + j;
+      const uint4 r = philox4x32_10(seed, offset, ej >> 3);
+      const int w = int((ej >> 1) & 3);
+      keep[j] = norm_kept(w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w, ej, threshold);
     }
   }
 }
 
-// dropout_keep<N> with the round keys of the seed given, for e % N == 0 and N a power of two of at least 4: the
-// counters of the N / 4 calls, e / 4 + j, differ from e / 4 in their low word alone (a multiple of N / 4: no carry).
+// dropout_keep<N> with the round keys of the seed given, for e % N == 0 and N a power of two of at least 8: the
+// counters of the N / 8 calls, e / 8 + j, differ from e / 8 in their low word alone (a multiple of N / 8: no carry).
 template <int N>
-__device__ __forceinline__ void dropout_keep(const PhiloxKeys& keys, uint64_t offset, uint32_t keep_max, uint64_t e,
+__device__ __forceinline__ void dropout_keep(const PhiloxKeys& keys, uint64_t offset, uint32_t threshold, uint64_t e,
                                              bool (&keep)[N]) {
-  static_assert(N >= 4 && (N & (N - 1)) == 0, "whole Philox calls, one carry-free counter word");
-  const uint64_t c = e >> 2;
+  static_assert(N >= 8 && (N & (N - 1)) == 0, "whole Philox calls, one carry-free counter word");
+  const uint64_t c = e >> 3;
 #pragma unroll
-  for (int j = 0; j < N / 4; ++j) {
+  for (int j = 0; j < N / 8; ++j) {
     const uint4 r =
         philox4x32_10(keys, make_uint4(uint32_t(c) + j, uint32_t(c >> 32), uint32_t(offset), uint32_t(offset >> 32)));
-    keep[4 * j] = r.x <= keep_max;
-    keep[4 * j + 1] = r.y <= keep_max;
-    keep[4 * j + 2] = r.z <= keep_max;
-    keep[4 * j + 3] = r.w <= keep_max;
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) keep[8 * j + k] = norm_kept(w[k / 2], k, threshold);
   }
 }
 

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
   const bool rout_f32 = p.residual_out_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool w_f32 = p.weight_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool dropout = p.dropout_p > 0.f;
-  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const uint32_t keep_threshold = p.keep_threshold;
   const float rs = active && p.rowscale != nullptr ? p.rowscale[row] : 1.f;
 
   float x[kIters][kVec];
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
     load_float<T, kVec>(static_cast<const T*>(p.x0) + row * p.x0_row_stride + col, a);
     if (dropout) {
       bool keep[kVec];
-      dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
+      dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(e), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
       if (p.mask0 != nullptr) store_mask<kVec>(p.mask0 + e, keep);
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
       load_float<T, kVec>(static_cast<const T*>(p.x1) + row * p.x1_row_stride + col, a);
       if (dropout) {
         bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e), keep);
+        dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(p.rows * H + e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
         if (p.mask1 != nullptr) store_mask<kVec>(p.mask1 + e, keep);
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
   const bool w_f32 = p.weight_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool res_f32 = p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool dropout = p.dropout_p > 0.f;
-  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const uint32_t keep_threshold = p.keep_threshold;
   const float wadd = p.zero_centered ? 1.f : 0.f;
 
   float dw0[kIters][kVec], db0[kIters][kVec];
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
       float o[kVec];
       if (dropout) {
         bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
+        dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
       } else {
@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
       if (p.dx1 != nullptr) {
         if (dropout) {
           bool keep[kVec];
-          dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * H + e), keep);
+          dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(p.rows * H + e), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
         } else {
@@ -445,10 +445,10 @@ __device__ __forceinline__ RowSlots row_slots(int H) {
 // x[j] = keep ? x[j] * scale : 0 for the N elements from element e (e % 4 == 0 when N % 4 == 0, so each
 // Philox call serves four elements); mask (nullptr: none) receives the keep bytes of these elements.
 template <int N>
-__device__ __forceinline__ void apply_dropout(float (&x)[N], uint64_t seed, uint64_t offset, uint32_t keep_max,
+__device__ __forceinline__ void apply_dropout(float (&x)[N], uint64_t seed, uint64_t offset, uint32_t keep_threshold,
                                               float scale, uint64_t e, uint8_t* mask) {
   bool keep[N];
-  dropout_keep<N>(seed, offset, keep_max, e, keep);
+  dropout_keep<N>(seed, offset, keep_threshold, e, keep);
 #pragma unroll
   for (int j = 0; j < N; ++j) x[j] = keep[j] ? x[j] * scale : 0.f;
   if (mask != nullptr) store_mask<N>(mask, keep);
@@ -495,7 +495,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
   const bool has_res = p.residual != nullptr;
-  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const uint32_t keep_threshold = p.keep_threshold;
 
   Packed<T, kVec> a0[kIters];
   Packed<TR, kVec> ar[kIters];
@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
       to_floats(a0[it], x[it]);
       if constexpr (kDropout) {
         const int64_t e = e0 + it * s.step;
-        apply_dropout(x[it], p.seed, p.offset, keep_max, p.dropout_scale, uint64_t(e),
+        apply_dropout(x[it], p.seed, p.offset, keep_threshold, p.dropout_scale, uint64_t(e),
                       p.mask0 != nullptr ? p.mask0 + e : nullptr);
       }
     }
@@ -559,7 +559,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
         to_floats(load_packed_stream<T, kVec>(x1 + it * s.step), a);
         if constexpr (kDropout) {
           const int64_t e = e0 + it * s.step;
-          apply_dropout(a, p.seed, p.offset, keep_max, p.dropout_scale, uint64_t(p.rows * H + e),
+          apply_dropout(a, p.seed, p.offset, keep_threshold, p.dropout_scale, uint64_t(p.rows * H + e),
                         p.mask1 != nullptr ? p.mask1 + e : nullptr);
         }
 #pragma unroll
@@ -717,7 +717,7 @@ __device__ __forceinline__ void bwd_dx(const float (&xhat)[kVec], const float (&
 // The outputs of the vector at (row, col) from dx (dresidual_out added): dresidual = dx, dx0 = dropout(dx) *
 // rowscale, dx1 = dropout(dx), the keep bits regenerated from the element's counter as the forward drew them.
 template <typename T, int kVec, bool kDropout>
-__device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&dx)[kVec], float rs, uint32_t keep_max,
+__device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&dx)[kVec], float rs, uint32_t keep_threshold,
                                           int64_t row, int col) {
   [[maybe_unused]] const int64_t e = row * p.hidden + col;  // element (dropout counter)
   if (p.dresidual != nullptr) {
@@ -729,7 +729,7 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   float o[kVec];
   if constexpr (kDropout) {
     bool keep[kVec];
-    dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(e), keep);
+    dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(e), keep);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
   } else {
@@ -740,7 +740,7 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   if (p.dx1 != nullptr) {
     if constexpr (kDropout) {
       bool keep[kVec];
-      dropout_keep<kVec>(p.seed, p.offset, keep_max, uint64_t(p.rows * p.hidden + e), keep);
+      dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(p.rows * p.hidden + e), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
     } else {
@@ -813,7 +813,7 @@ __global__ void __launch_bounds__(512)
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const uint32_t keep_threshold = p.keep_threshold;
   const float wadd = p.zero_centered ? 1.f : 0.f;
   float* my_acc = acc + int64_t(threadIdx.y) * nslots * H;  // this row group's partials
   zero_partials<kVec>(my_acc, s, nslots, H);
@@ -905,7 +905,7 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dx[j] += d[j];
       }
-      bwd_store<T, kVec, kDropout>(p, dx, rs, keep_max, row, s.col0 + it * s.step);
+      bwd_store<T, kVec, kDropout>(p, dx, rs, keep_threshold, row, s.col0 + it * s.step);
     }
   };
 
@@ -992,7 +992,7 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  const uint32_t keep_max = dropout_keep_max(p.keep_threshold);
+  const uint32_t keep_threshold = p.keep_threshold;
   const float wadd = p.zero_centered ? 1.f : 0.f;
   const int lane = threadIdx.x & 31, wpr = blockDim.x >> 5;
   const bool has_dres = p.dresidual_out != nullptr;
@@ -1118,13 +1118,13 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
       // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
       float o[kVec];
       [[maybe_unused]] bool keep[kVec];
-      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(e + d), keep);
+      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, keep_threshold, uint64_t(e + d), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
       store_vec<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
       if (p.dx1 != nullptr) {
         if constexpr (kDropout) {
-          dropout_keep<kVec>(keys, p.offset, keep_max, uint64_t(p.rows * p.hidden + e + d), keep);
+          dropout_keep<kVec>(keys, p.offset, keep_threshold, uint64_t(p.rows * p.hidden + e + d), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
           store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
@@ -1570,6 +1570,9 @@ int env_variant() {
 //     0.0667, 2048 and 4096 rows16l2 within 2% of the best, 8192 rowsca 0.580 / rows32's 0.605, 16384 all rows variants
 //     within 0.2% (1.217); RMSNorm 768 rows32 0.0355 / rows16's 0.0368, 2048 rowsca 0.0745 / 0.0781, 4096 rowsca 0.139 /
 //     0.145, 8192 rowsca 0.279 / 0.291, 16384 rows16l2 0.544 / block's 0.824 (rows16 and rows32 0.571).
+//   RMSNorm backward, rowscao3 (rowsca at three blocks a multiprocessor) against the table, a later run: 2048 0.0709 /
+//     rowsca's 0.0733, 4096 0.1289 / 0.1349, 768 0.0363 / rows32's 0.0357; LayerNorm with dropout 2048 0.1187 /
+//     rowsca32's 0.1108 (rowscao3's dropout kernels spill at 80 registers).
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
@@ -1577,7 +1580,7 @@ struct SizeRule {
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{768, kBlock}, {4096, kRows16L2}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules16[] = {{768, kRowsCa}, {kNormMaxHidden, kRowsCa32}};
-constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
+constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
 
 template <size_t N>
 int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {

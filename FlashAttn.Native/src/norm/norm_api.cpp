@@ -14,11 +14,6 @@ int norm_slots(bool has_bias0, bool has_weight1, bool has_bias1) {
   return 1 + (has_bias0 ? 1 : 0) + (has_weight1 ? 1 + (has_bias1 ? 1 : 0) : 0);
 }
 
-uint64_t keep_threshold(float p) {
-  // keep when a uniform 32-bit word < (1 - p) * 2^32
-  return uint64_t(std::llround((1.0 - double(p)) * 4294967296.0));
-}
-
 }  // namespace
 
 FLASHATTN_API int64_t FlashAttn_norm_bwd_workspace_size(int64_t rows, int64_t hidden, int32_t has_bias0,
@@ -109,7 +104,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     p.epsilon = epsilon;
     p.dropout_p = dropout_p;
     p.dropout_scale = dropout_p > 0.f ? float(1.0 / (1.0 - double(dropout_p))) : 1.f;
-    p.keep_threshold = keep_threshold(dropout_p);
+    p.keep_threshold = norm_keep_threshold(dropout_p);
     p.seed = seed;
     p.offset = offset;
     p.is_rms = is_rms_norm != 0;
@@ -207,7 +202,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
     p.dresidual_row_stride = dresidual != nullptr ? dresidual_row_stride : hidden;
     p.dropout_p = dropout_p;
     p.dropout_scale = dropout_p > 0.f ? float(1.0 / (1.0 - double(dropout_p))) : 1.f;
-    p.keep_threshold = keep_threshold(dropout_p);
+    p.keep_threshold = norm_keep_threshold(dropout_p);
     p.seed = seed;
     p.offset = offset;
     p.is_rms = is_rms_norm != 0;
