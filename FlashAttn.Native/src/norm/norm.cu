@@ -1570,9 +1570,15 @@ int env_variant() {
 //     0.0667, 2048 and 4096 rows16l2 within 2% of the best, 8192 rowsca 0.580 / rows32's 0.605, 16384 all rows variants
 //     within 0.2% (1.217); RMSNorm 768 rows32 0.0355 / rows16's 0.0368, 2048 rowsca 0.0745 / 0.0781, 4096 rowsca 0.139 /
 //     0.145, 8192 rowsca 0.279 / 0.291, 16384 rows16l2 0.544 / block's 0.824 (rows16 and rows32 0.571).
-//   RMSNorm backward, rowscao3 (rowsca at three blocks a multiprocessor) against the table, a later run: 2048 0.0709 /
-//     rowsca's 0.0733, 4096 0.1289 / 0.1349, 768 0.0363 / rows32's 0.0357; LayerNorm with dropout 2048 0.1187 /
-//     rowsca32's 0.1108 (rowscao3's dropout kernels spill at 80 registers).
+//   RMSNorm backward (no dropout), rowscao3 (rowsca at three blocks a multiprocessor) against the table, a later
+//     run: 2048 0.0709 / rowsca's 0.0733, 4096 0.1289 / 0.1349, 768 0.0363 / rows32's 0.0357; LayerNorm with dropout
+//     2048 0.1187 / rowsca32's 0.1108 (rowscao3's dropout kernels spill at 80 registers), so the tables with
+//     dropout (or two norms, which rowscao3 does not cover) keep rowsca.
+//   LayerNorm backward with 16-bit x without dropout (ops_bench with OPS_NORM_DROPOUT=0, a later run): rowsca at 32
+//     columns a thread at half the speed it has with dropout (rowsca32 2048 0.200 / 0.105 with dropout, 8192 0.756 /
+//     0.382; rowsca at 16384, which takes 32 columns there, 2.005 / 0.952; RMSNorm's rowsca32 alike); the best:
+//     768 rowscao3 0.0450 (rowsca 0.0453), 2048 rowscao3 0.0976 / rowsca's 0.1028, 4096 rowscao3 0.1821 / 0.1873,
+//     8192 rowsca 0.392 / rows32's 0.484, 16384 rows32 0.973 (rows16 alike).
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
@@ -1580,7 +1586,9 @@ struct SizeRule {
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{768, kBlock}, {4096, kRows16L2}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules16[] = {{768, kRowsCa}, {kNormMaxHidden, kRowsCa32}};
-constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
+constexpr SizeRule kBwdRules16Plain[] = {{4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
+constexpr SizeRule kBwdRmsRulesPlain[] = {{768, kRows32}, {4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
 
 template <size_t N>
 int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {
@@ -1617,9 +1625,12 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   if constexpr (kVec > 1) {
     s = current_device_info(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    variant = p.is_rms                                ? pick_variant(kBwdRmsRules, p.hidden)
-              : p.x_dtype == FLASHATTN_DTYPE_FLOAT32 ? pick_variant(kBwdRules, p.hidden)
-                                                     : pick_variant(kBwdRules16, p.hidden);
+    // One norm without dropout has tables of its own: rowscao3 spills nothing there, and rowsca at 32 columns a
+    // thread runs at half its speed with dropout (see the tables).
+    const bool plain = p.dropout_p == 0.f && p.weight1 == nullptr;
+    if (p.is_rms) variant = plain ? pick_variant(kBwdRmsRulesPlain, p.hidden) : pick_variant(kBwdRmsRules, p.hidden);
+    else if (p.x_dtype == FLASHATTN_DTYPE_FLOAT32) variant = pick_variant(kBwdRules, p.hidden);
+    else variant = plain ? pick_variant(kBwdRules16Plain, p.hidden) : pick_variant(kBwdRules16, p.hidden);
     if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3)
       rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32, variant == kRowsCaO3);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
