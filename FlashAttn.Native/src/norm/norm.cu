@@ -442,8 +442,8 @@ __device__ __forceinline__ RowSlots row_slots(int H) {
   return {col0, step, col0 < H ? min(kIters, (H - col0 + step - 1) / step) : 0};
 }
 
-// x[j] = keep ? x[j] * scale : 0 for the N elements from element e (e % 4 == 0 when N % 4 == 0, so each
-// Philox call serves four elements); mask (nullptr: none) receives the keep bytes of these elements.
+// x[j] = keep ? x[j] * scale : 0 for the N elements from element e (e % N == 0 for vectors of 4 or 8: a Philox call
+// serves eight elements, common/philox.cuh); mask (nullptr: none) receives the keep bytes of these elements.
 template <int N>
 __device__ __forceinline__ void apply_dropout(float (&x)[N], uint64_t seed, uint64_t offset, uint32_t keep_threshold,
                                               float scale, uint64_t e, uint8_t* mask) {
