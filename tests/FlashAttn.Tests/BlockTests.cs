@@ -225,7 +225,9 @@ public sealed class BlockTests
 
     // The same in float32 and bf16 by the flash-attn rule: against the unfolded computation in float64 (the exact module's
     // parameters hold the low-precision ones), the folded module's error at most twice that of the unfolded computation in
-    // the same low precision.
+    // the same low precision; three times for the gradients, which pass through two roundings the unfolded computation
+    // does not have (the folded q rows f W and f b in the forward, the factor f on their gradients in the backward), each
+    // as large as one of its own (Wqkv.bias reached 2.4x its reference's error in one of 40 repeated runs).
     [TestCase(ScalarType.Float32, false)]
     [TestCase(ScalarType.BFloat16, false)]
     [TestCase(ScalarType.BFloat16, true)]
@@ -254,7 +256,7 @@ public sealed class BlockTests
         var names = exact.named_parameters().Select(np => np.name).Prepend("x");
         foreach (var (name, (actual, (reference, exact64))) in names.Zip(Gradients(low, y, g, xl).Zip(
                      Gradients(low, yRef, g, xr).Zip(Gradients(exact, y64, g64, x64)))))
-            Tolerance.AssertClose(actual, reference, exact64, name);
+            Tolerance.AssertClose(actual, reference, exact64, name, factor: 3.0);
     }
 
     [Test]
