@@ -94,7 +94,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
   const bool rout_f32 = p.residual_out_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool w_f32 = p.weight_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool dropout = p.dropout_p > 0.f;
-  const uint32_t keep_threshold = p.keep_threshold;
   const float rs = active && p.rowscale != nullptr ? p.rowscale[row] : 1.f;
 
   float x[kIters][kVec];
@@ -110,7 +109,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
     load_float<T, kVec>(static_cast<const T*>(p.x0) + row * p.x0_row_stride + col, a);
     if (dropout) {
       bool keep[kVec];
-      dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(e), keep);
+      dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(e), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
       if (p.mask0 != nullptr) store_mask<kVec>(p.mask0 + e, keep);
@@ -121,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_block_kernel(const NormF
       load_float<T, kVec>(static_cast<const T*>(p.x1) + row * p.x1_row_stride + col, a);
       if (dropout) {
         bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(p.rows * H + e), keep);
+        dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(p.rows * H + e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) a[j] = keep[j] ? a[j] * p.dropout_scale : 0.f;
         if (p.mask1 != nullptr) store_mask<kVec>(p.mask1 + e, keep);
@@ -206,7 +205,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
   const bool w_f32 = p.weight_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool res_f32 = p.residual_dtype == FLASHATTN_DTYPE_FLOAT32;
   const bool dropout = p.dropout_p > 0.f;
-  const uint32_t keep_threshold = p.keep_threshold;
   const float wadd = p.zero_centered ? 1.f : 0.f;
 
   float dw0[kIters][kVec], db0[kIters][kVec];
@@ -311,7 +309,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
       float o[kVec];
       if (dropout) {
         bool keep[kVec];
-        dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(e), keep);
+        dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(e), keep);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
       } else {
@@ -322,7 +320,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
       if (p.dx1 != nullptr) {
         if (dropout) {
           bool keep[kVec];
-          dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(p.rows * H + e), keep);
+          dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(p.rows * H + e), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
         } else {
@@ -495,7 +493,6 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
   const bool has_res = p.residual != nullptr;
-  const uint32_t keep_threshold = p.keep_threshold;
 
   Packed<T, kVec> a0[kIters];
   Packed<TR, kVec> ar[kIters];
@@ -537,7 +534,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
       to_floats(a0[it], x[it]);
       if constexpr (kDropout) {
         const int64_t e = e0 + it * s.step;
-        apply_dropout(x[it], p.seed, p.offset, keep_threshold, p.dropout_scale, uint64_t(e),
+        apply_dropout(x[it], p.seed, p.offset, p.keep_threshold, p.dropout_scale, uint64_t(e),
                       p.mask0 != nullptr ? p.mask0 + e : nullptr);
       }
     }
@@ -559,7 +556,7 @@ __global__ void __launch_bounds__(512) norm_fwd_rows_kernel(const NormFwdParams 
         to_floats(load_packed_stream<T, kVec>(x1 + it * s.step), a);
         if constexpr (kDropout) {
           const int64_t e = e0 + it * s.step;
-          apply_dropout(a, p.seed, p.offset, keep_threshold, p.dropout_scale, uint64_t(p.rows * H + e),
+          apply_dropout(a, p.seed, p.offset, p.keep_threshold, p.dropout_scale, uint64_t(p.rows * H + e),
                         p.mask1 != nullptr ? p.mask1 + e : nullptr);
         }
 #pragma unroll
@@ -717,8 +714,8 @@ __device__ __forceinline__ void bwd_dx(const float (&xhat)[kVec], const float (&
 // The outputs of the vector at (row, col) from dx (dresidual_out added): dresidual = dx, dx0 = dropout(dx) *
 // rowscale, dx1 = dropout(dx), the keep bits regenerated from the element's counter as the forward drew them.
 template <typename T, int kVec, bool kDropout>
-__device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&dx)[kVec], float rs, uint32_t keep_threshold,
-                                          int64_t row, int col) {
+__device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&dx)[kVec], float rs, int64_t row,
+                                          int col) {
   [[maybe_unused]] const int64_t e = row * p.hidden + col;  // element (dropout counter)
   if (p.dresidual != nullptr) {
     const int64_t off = row * p.dresidual_row_stride + col;
@@ -729,7 +726,7 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   float o[kVec];
   if constexpr (kDropout) {
     bool keep[kVec];
-    dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(e), keep);
+    dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(e), keep);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * (p.dropout_scale * rs) : 0.f;
   } else {
@@ -740,7 +737,7 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   if (p.dx1 != nullptr) {
     if constexpr (kDropout) {
       bool keep[kVec];
-      dropout_keep<kVec>(p.seed, p.offset, keep_threshold, uint64_t(p.rows * p.hidden + e), keep);
+      dropout_keep<kVec>(p.seed, p.offset, p.keep_threshold, uint64_t(p.rows * p.hidden + e), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
     } else {
@@ -813,7 +810,6 @@ __global__ void __launch_bounds__(512)
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  const uint32_t keep_threshold = p.keep_threshold;
   const float wadd = p.zero_centered ? 1.f : 0.f;
   float* my_acc = acc + int64_t(threadIdx.y) * nslots * H;  // this row group's partials
   zero_partials<kVec>(my_acc, s, nslots, H);
@@ -905,7 +901,7 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dx[j] += d[j];
       }
-      bwd_store<T, kVec, kDropout>(p, dx, rs, keep_threshold, row, s.col0 + it * s.step);
+      bwd_store<T, kVec, kDropout>(p, dx, rs, row, s.col0 + it * s.step);
     }
   };
 
@@ -992,7 +988,6 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
   const int H = int(p.hidden);
   const RowSlots s = row_slots<kVec, kIters>(H);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  const uint32_t keep_threshold = p.keep_threshold;
   const float wadd = p.zero_centered ? 1.f : 0.f;
   const int lane = threadIdx.x & 31, wpr = blockDim.x >> 5;
   const bool has_dres = p.dresidual_out != nullptr;
@@ -1118,13 +1113,13 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
       // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
       float o[kVec];
       [[maybe_unused]] bool keep[kVec];
-      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, keep_threshold, uint64_t(e + d), keep);
+      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e + d), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
       store_vec<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
       if (p.dx1 != nullptr) {
         if constexpr (kDropout) {
-          dropout_keep<kVec>(keys, p.offset, keep_threshold, uint64_t(p.rows * p.hidden + e + d), keep);
+          dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(p.rows * p.hidden + e + d), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
           store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
