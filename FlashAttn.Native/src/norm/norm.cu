@@ -1,8 +1,7 @@
 // Fused dropout + residual add + LayerNorm / RMSNorm, forward and backward.
 // Memory-bound: the forward reads x0 (x1, residual) once and writes z (and the new residual) once,
 // the row held in registers; the backward reads x and dz once and writes dx once, accumulating
-// dweight/dbias partials per block (or lane), then a small deterministic kernel sums the partials (rowsca's
-// grid sums them itself behind a grid barrier, in the same order).
+// dweight/dbias partials per block (or lane), then a small deterministic kernel sums the partials.
 // Two kernel families, chosen per size by the tables in the launchers (NOTES.md: floors, predictions,
 // measurements):
 //  - rows: a group of wpr warps per row, each thread owning kIters 16-byte vectors of kVec columns; a
@@ -17,8 +16,6 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
-
-#include <cooperative_groups.h>
 
 #include "common/cp_async.cuh"
 #include "common/cuda_check.cuh"
@@ -356,45 +353,26 @@ struct FinalizeArgs {
   void* out[4];  // per workspace slot
 };
 
-// Sums the workspace lanes of items first .. first + cpp - 1 (item i: slot i / H, column i % H; `total` items) in a
-// fixed order: lane group g (0-31) adds lanes g, g + 32, ... in turn, then the 32 groups are added in order. Thread
-// (tid % cpp, tid / cpp) of the block's 32 * cpp threads takes (item, lane group); red: 32 x (cpp + 1) floats of
-// shared memory. Every thread of the block calls it. The loads bypass L1: the partials may have been written by
-// other blocks of the same grid (the folded finalize).
-// Item indices are 32-bit (at most 4 slots of kNormMaxHidden columns): a 64-bit division is a called subroutine.
+// Sums the lanes of each slot column by column in a fixed order: 32 columns x 32 lane groups.
 template <typename W>
-__device__ __forceinline__ void finalize_items(const float* ws, int64_t lanes, int H, int total,
-                                               const FinalizeArgs& args, int first, int cpp, float* red) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int c = tid % cpp, g = tid / cpp;
-  const int i = first + c;
-  const int slot = i < total ? i / H : 0;
-  const int col = i - slot * H;
+__global__ void __launch_bounds__(1024) norm_bwd_finalize_kernel(const float* ws, int64_t lanes, int64_t H,
+                                                                 FinalizeArgs args) {
+  __shared__ float red[32][33];
+  const int slot = blockIdx.y;
+  const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
   float s = 0.f;
-  if (i < total) {
+  if (col < H) {
     const float* base = ws + int64_t(slot) * lanes * H + col;
-#pragma unroll 4
-    for (int64_t l = g; l < lanes; l += 32) s += __ldcg(base + l * H);
+    for (int64_t l = threadIdx.y; l < lanes; l += 32) s += base[l * H];
   }
-  red[g * (cpp + 1) + c] = s;
+  red[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
-  if (g == 0 && i < total) {
+  if (threadIdx.y == 0 && col < H) {
     float t = 0.f;
 #pragma unroll 8
-    for (int k = 0; k < 32; ++k) t += red[k * (cpp + 1) + c];
-    // selected, not indexed: an indexed parameter array is copied to the stack first
-    void* out = slot == 0 ? args.out[0] : slot == 1 ? args.out[1] : slot == 2 ? args.out[2] : args.out[3];
-    static_cast<W*>(out)[col] = from_float<W>(t);
+    for (int i = 0; i < 32; ++i) t += red[i][threadIdx.x];
+    static_cast<W*>(args.out[slot])[col] = from_float<W>(t);
   }
-  __syncthreads();  // red is free for the next call
-}
-
-// The partials' sums, 32 items a block (blocks of 32 x 32 threads).
-template <typename W>
-__global__ void __launch_bounds__(1024) norm_bwd_finalize_kernel(const float* ws, int64_t lanes, int H, int total,
-                                                                 FinalizeArgs args) {
-  __shared__ float red[32 * 33];
-  finalize_items<W>(ws, lanes, H, total, args, int(blockIdx.x) * 32, 32, red);
 }
 
 // ----------------------------------------------------------------------------
@@ -1001,12 +979,10 @@ __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory")
 // FMAs an element.
 // kMinBlocks 3 (the variant rowscao3): 256-thread blocks capped at 80 registers, three a multiprocessor, 24 warps
 // where 128 registers leave 16 (NOTES.md, "Fifth round").
-// fold: launched cooperatively (one wave), the grid sums the partials itself once every block's are out, as
-// norm_bwd_finalize_kernel would, bit for bit, instead of that kernel after it (NOTES.md, "Seventh round").
 template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, int kMinBlocks = 1>
 __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? kMinBlocks : 0)
     norm_bwd_rowsca_kernel(const NormBwdParams p, const PhiloxKeys keys, int slot_dw0, int slot_db0, int slot_dw1,
-                           int slot_db1, int nslots, int stages, bool fold, const FinalizeArgs fin) {
+                           int slot_db1, int nslots, int stages) {
   constexpr int kP = kParallel ? kIters : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   const int H = int(p.hidden);
@@ -1185,15 +1161,6 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
     }
   }
   block_partials_out<kVec>(p, acc, s, nslots);
-  if (fold) {
-    cooperative_groups::this_grid().sync();  // every block's partials are out (and visible)
-    const int cpp = int(blockDim.x * blockDim.y) / 32, total = nslots * H;
-    for (int first = int(blockIdx.x) * cpp; first < total; first += int(gridDim.x) * cpp) {
-      if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32)
-        finalize_items<float>(p.workspace, gridDim.x, H, total, fin, first, cpp, acc);
-      else finalize_items<T>(p.workspace, gridDim.x, H, total, fin, first, cpp, acc);
-    }
-  }
 }
 
 // ----------------------------------------------------------------------------
@@ -1454,21 +1421,10 @@ struct RowscaShape {
   RowscaLayout layout{};
 };
 
-// Shared memory of a rowsca block (the layout above the kernel; the folded finalize's 32 x (threads / 32 + 1) floats).
+// Shared memory of a rowsca block (the layout above the kernel).
 size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden) {
   const size_t ring = size_t(sh.rpb) * (size_t(sh.wpr) * stages * 16 + size_t(stages) * size_t(sh.layout.stage_bytes));
-  return std::max({ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float),
-                   size_t(32) * size_t(sh.wpr * sh.rpb + 1) * sizeof(float)});
-}
-
-// Whether rowsca folds the finalize into its grid (FLASHATTN_NORM_FINALIZE=kernel: the separate kernel, as the other
-// families; read once per process).
-bool fold_finalize() {
-  static const bool v = [] {
-    const char* s = std::getenv("FLASHATTN_NORM_FINALIZE");
-    return s == nullptr || std::strcmp(s, "kernel") != 0;
-  }();
-  return v;
+  return std::max(ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float));
 }
 
 // wide: 32 columns a thread at every size for one norm (the variant rowsca32), which spreads a row's fixed
@@ -1503,10 +1459,9 @@ auto pick_rowsca_kernel(bool o3) {
   return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 1>;
 }
 
-// *folded: whether the kernel summed the partials itself (else the caller launches the finalize kernel).
 template <typename T, int kVec>
 FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh, const BwdSlots& sl, const DeviceInfo& d,
-                                  int64_t* lanes, bool* folded, cudaStream_t stream, const char* function) {
+                                  int64_t* lanes, cudaStream_t stream, const char* function) {
   if constexpr (sizeof(T) != 2) {
     return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rowsca_kernel: 16-bit data only");  // rowsca_shape
   } else {
@@ -1544,30 +1499,8 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
                 }
               }
               *lanes = blocks;
-              // The grid is one wave (persistent_blocks), so it can be launched cooperatively; where the device
-              // cannot take it whole at once (a share of it under MPS), the separate finalize follows instead.
-              cudaLaunchAttribute coop[1];
-              coop[0].id = cudaLaunchAttributeCooperative;
-              coop[0].val.cooperative = 1;
-              cudaLaunchConfig_t cfg{};
-              cfg.gridDim = dim3(unsigned(blocks));
-              cfg.blockDim = dim3(32 * sh.wpr, sh.rpb);
-              cfg.dynamicSmemBytes = rowsca_smem(sh, stages, sl.count, p.hidden);
-              cfg.stream = stream;
-              const PhiloxKeys keys = philox_keys(p.seed);
-              *folded = fold_finalize();
-              if (*folded) {
-                cfg.attrs = coop;
-                cfg.numAttrs = 1;
-                const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, p, keys, sl.slot[0], sl.slot[1], sl.slot[2],
-                                                         sl.slot[3], sl.count, stages, true, sl.args);
-                if (e != cudaErrorCooperativeLaunchTooLarge) return check_launch(function, "norm_bwd_rowsca_kernel");
-                (void)cudaGetLastError();
-                *folded = false;
-                cfg.numAttrs = 0;
-              }
-              cudaLaunchKernelEx(&cfg, kernel, p, keys, sl.slot[0], sl.slot[1], sl.slot[2], sl.slot[3], sl.count,
-                                 stages, false, sl.args);
+              kernel<<<unsigned(blocks), dim3(32 * sh.wpr, sh.rpb), rowsca_smem(sh, stages, sl.count, p.hidden), stream>>>(
+                  p, philox_keys(p.seed), sl.slot[0], sl.slot[1], sl.slot[2], sl.slot[3], sl.count, stages);
               return check_launch(function, "norm_bwd_rowsca_kernel");
             }
           });
@@ -1697,21 +1630,19 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
       rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32, variant == kRowsCaO3);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
-  bool folded = false;
   if (rowsca.rpb > 0) {
-    if constexpr (kVec > 1) s = launch_bwd_rowsca<T, kVec>(p, rowsca, sl, d, &lanes, &folded, stream, function);
+    if constexpr (kVec > 1) s = launch_bwd_rowsca<T, kVec>(p, rowsca, sl, d, &lanes, stream, function);
   } else if (elems == 0) {
     s = launch_bwd_block<T, kVec>(p, sl, &lanes, stream, function);
   } else if constexpr (kVec > 1) {
     s = launch_bwd_rows<T, kVec>(p, elems, variant_l2(variant), sl, d, &lanes, stream, function);
   }
-  if (s != FLASHATTN_STATUS_OK || folded) return s;
-  const int H = int(p.hidden), total = sl.count * H;  // hidden <= kNormMaxHidden
-  const unsigned grid = unsigned((total + 31) / 32);
+  if (s != FLASHATTN_STATUS_OK) return s;
+  const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
   if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) {
-    norm_bwd_finalize_kernel<float><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, H, total, sl.args);
+    norm_bwd_finalize_kernel<float><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, sl.args);
   } else {
-    norm_bwd_finalize_kernel<T><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, H, total, sl.args);
+    norm_bwd_finalize_kernel<T><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, sl.args);
   }
   return check_launch(function, "norm_bwd_finalize_kernel");
 }
