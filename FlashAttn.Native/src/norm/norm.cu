@@ -32,21 +32,6 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 
-// Programmatic dependent launch (sm_90 and later; no-ops below): a backward kernel lets the finalize kernel launch
-// once each of its blocks is past its rows, and the finalize waits at griddepcontrol.wait until the whole backward
-// has finished and its stores are visible, so its launch and block placement overlap the backward's tail.
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_prerequisites() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Tensors whose dtype is the op's T or float32, chosen at run time (uniform branch).
 template <typename T, int N>
 __device__ __forceinline__ void load_mixed(const void* base, bool f32, int64_t idx, float (&out)[N]) {
@@ -347,7 +332,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_block_kernel(const NormB
     }
   }
 
-  launch_dependents();
   // This lane's partials (zeros when it had no row).
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -369,34 +353,17 @@ struct FinalizeArgs {
   void* out[4];  // per workspace slot
 };
 
-// Lanes a thread of the finalize loads before its first add (up to 512 lanes in one round trip to L2).
-constexpr int kFinalizeBatch = 16;
-
-// Sums the lanes of each slot column by column in a fixed order: 32 columns x 32 lane groups, group g adding lanes g,
-// g + 32, ... in turn. batched: each group's loads go out kFinalizeBatch at a time before the adds (the same adds in
-// the same order); otherwise one loop (FLASHATTN_NORM_FINALIZE=loop, the A/B of NOTES.md's "Eighth round").
+// Sums the lanes of each slot column by column in a fixed order: 32 columns x 32 lane groups.
 template <typename W>
 __global__ void __launch_bounds__(1024) norm_bwd_finalize_kernel(const float* ws, int64_t lanes, int64_t H,
-                                                                 FinalizeArgs args, bool batched) {
+                                                                 FinalizeArgs args) {
   __shared__ float red[32][33];
   const int slot = blockIdx.y;
   const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  wait_for_prerequisites();
   float s = 0.f;
   if (col < H) {
     const float* base = ws + int64_t(slot) * lanes * H + col;
-    if (batched) {
-      for (int64_t l0 = threadIdx.y; l0 < lanes; l0 += 32 * kFinalizeBatch) {
-        float v[kFinalizeBatch];
-#pragma unroll
-        for (int k = 0; k < kFinalizeBatch; ++k) v[k] = l0 + 32 * k < lanes ? base[(l0 + 32 * k) * H] : 0.f;
-#pragma unroll
-        for (int k = 0; k < kFinalizeBatch; ++k)
-          if (l0 + 32 * k < lanes) s += v[k];
-      }
-    } else {
-      for (int64_t l = threadIdx.y; l < lanes; l += 32) s += base[l * H];
-    }
+    for (int64_t l = threadIdx.y; l < lanes; l += 32) s += base[l * H];
   }
   red[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
@@ -799,7 +766,6 @@ __device__ __forceinline__ void zero_partials(float* my_acc, const RowSlots& s, 
 template <int kVec>
 __device__ __forceinline__ void block_partials_out(const NormBwdParams& p, const float* acc, const RowSlots& s,
                                                    int nslots) {
-  launch_dependents();
   const int H = int(p.hidden);
   float* out = p.workspace + int64_t(blockIdx.x) * H;  // slot s at out + s * gridDim.x * H
   const int64_t slot_stride = int64_t(gridDim.x) * H;
@@ -1566,23 +1532,6 @@ int variant_elems(int v) {
 }
 bool variant_l2(int v) { return v == kRows16L2 || v == kRows32L2 || v == kRows64L2; }
 
-// The finalize kernel's launch and loads (FLASHATTN_NORM_FINALIZE=loop: one loop, launched in stream order; =batched:
-// batched loads, in stream order; default: batched loads behind a programmatic dependent launch). Read once.
-struct FinalizeMode {
-  bool batched = true, pdl = true;
-};
-
-FinalizeMode finalize_mode() {
-  static const FinalizeMode m = [] {
-    FinalizeMode r;
-    const char* s = std::getenv("FLASHATTN_NORM_FINALIZE");
-    if (s != nullptr && std::strcmp(s, "loop") == 0) r.batched = r.pdl = false;
-    if (s != nullptr && std::strcmp(s, "batched") == 0) r.pdl = false;
-    return r;
-  }();
-  return m;
-}
-
 int env_variant() {
   static const int v = [] {
     const char* s = std::getenv("FLASHATTN_NORM_VARIANT");
@@ -1689,25 +1638,12 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     s = launch_bwd_rows<T, kVec>(p, elems, variant_l2(variant), sl, d, &lanes, stream, function);
   }
   if (s != FLASHATTN_STATUS_OK) return s;
-  if constexpr (kVec == 1) {
-    s = current_device_info(&d, function);
-    if (s != FLASHATTN_STATUS_OK) return s;
+  const dim3 grid(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
+  if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) {
+    norm_bwd_finalize_kernel<float><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, sl.args);
+  } else {
+    norm_bwd_finalize_kernel<T><<<grid, dim3(32, 32), 0, stream>>>(p.workspace, lanes, p.hidden, sl.args);
   }
-  const FinalizeMode mode = finalize_mode();
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned((p.hidden + 31) / 32), unsigned(sl.count));
-  cfg.blockDim = dim3(32, 32);
-  cfg.stream = stream;
-  if (mode.pdl && d.capability >= 90) {
-    cfg.attrs = pdl;
-    cfg.numAttrs = 1;
-  }
-  if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32)
-    cudaLaunchKernelEx(&cfg, norm_bwd_finalize_kernel<float>, p.workspace, lanes, p.hidden, sl.args, mode.batched);
-  else cudaLaunchKernelEx(&cfg, norm_bwd_finalize_kernel<T>, p.workspace, lanes, p.hidden, sl.args, mode.batched);
   return check_launch(function, "norm_bwd_finalize_kernel");
 }
 
