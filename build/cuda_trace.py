@@ -14,7 +14,9 @@ the first --skip (20) left out: tier-0 JIT code and the caching allocator's firs
 - every synchronisation and the CUDA calls by time spent in them, per step: a cudaStreamSynchronize, a copy to pageable
   memory, a cudaMalloc or cudaFree, a cudaFuncSetAttribute or occupancy query repeated every step;
 - how far ahead of the GPU the host launches (a kernel's start minus its launch call's end);
-- each kernel's time in the run itself: ncu's figures (step_profile.py) time each kernel alone, its clocks unloaded.
+- each kernel's time in the run itself: ncu's figures (step_profile.py) time each kernel alone, its clocks unloaded;
+- every gap by the work on either side, and each kernel's (copy's, fill's) duration: median, min, max.
+With --marker flush_l2 it reads ops_bench's samples (device-run.sh's OPS_TRACE), each sample a "step".
 """
 import argparse
 import bisect
@@ -135,6 +137,17 @@ def main():
     print("  gaps by length (a step: count, ms): " +
           ", ".join(f"{labels[i]} {per(n):.1f}, {ms(per(t)):.3f}" for i, (n, t) in sorted(hist.items())))
 
+    # every gap by the work on either side: its length and the host's part (ops_bench's samples: the gap between two
+    # kernels of one call, with the second already launched, is the GPU's own launch latency between them)
+    every = collections.defaultdict(list)
+    for gap, host, _, prev_op, op, _ in gaps:
+        every[(short(prev_op[4], 50) if prev_op else "(start)", short(op[4], 50))].append((gap, host or 0))
+    print(f"\n-- every gap by the work on either side, the {a.top} largest by time (a step: count; median and max "
+          f"us; median us of it waiting for the host)")
+    for (before, after), g in sorted(every.items(), key=lambda kv: -sum(x for x, _ in kv[1]))[:a.top]:
+        print(f"{per(len(g)):6.2f}  {statistics.median(x for x, _ in g) / 1000:8.2f} {max(x for x, _ in g) / 1000:8.2f}  "
+              f"{statistics.median(h for _, h in g) / 1000:8.2f}  {before}  ->  {after}")
+
     # the steps with a read-back to the host (a synchronisation, a copy to host memory) against the others
     reads = [s for s, _, n in syncs if n != "cudaStreamWaitEvent"] + \
         [api[g[2]][0] for g in window if g[3] == "M" and g[4].startswith("DtoH") and g[2] in api]
@@ -209,6 +222,12 @@ def main():
           f"launches, copies {ms(per(kinds['M'])):.3f} ms, fills {ms(per(kinds['S'])):.3f} ms; the {a.top} largest kernels:")
     for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:a.top]:
         print(f"{ms(per(t)):8.3f} ms {per(n):6.1f}  {name}")
+    durations = collections.defaultdict(list)
+    for s, e, _, kind, name in window:
+        durations[short(name, 50) if kind == "K" else kind].append(e - s)
+    print(f"\n-- each kind of work's duration, us: median, min, max (M copies, S fills)")
+    for name, d in sorted(durations.items(), key=lambda kv: -sum(kv[1]))[:a.top]:
+        print(f"{statistics.median(d) / 1000:9.2f} {min(d) / 1000:9.2f} {max(d) / 1000:9.2f}  {len(d):6d}  {name}")
 
 
 if __name__ == "__main__":

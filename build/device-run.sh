@@ -247,6 +247,23 @@ if want ops; then
       --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench --here $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
     summary+=("ops ncu ($OPS_NCU): rc $?")
   fi
+  if [ -n "${OPS_TRACE:-}" ]; then
+    # OPS_TRACE='op size': that case's samples (the op's calls and its floor's copies, each after its L2 flush) under
+    # build/cuda_trace.cpp's CUPTI trace, read by build/cuda_trace.py with each flush as a step: every kernel's duration
+    # in the run and the gaps between them (a backward and its finalize: the GPU's launch latency between the two).
+    # shellcheck source=build/cuda-trace-lib.sh
+    source "$root/build/cuda-trace-lib.sh"
+    if trace_lib=$(cuda_trace_lib 2>"$OUT/ops-trace.txt"); then
+      rm -f /tmp/flashattn-ops-trace.tsv
+      # shellcheck disable=SC2086 # OPS_TRACE is two words
+      CUDA_INJECTION64_PATH=$trace_lib CUDA_TRACE_FILE=/tmp/flashattn-ops-trace.tsv \
+        /tmp/flashattn-native/FlashAttn.Native/ops_bench --here $OPS_TRACE >>"$OUT/ops-trace.txt" 2>&1
+      python3 "$root/build/cuda_trace.py" /tmp/flashattn-ops-trace.tsv --marker flush_l2 --skip 2 >>"$OUT/ops-trace.txt" 2>&1
+      summary+=("ops trace ($OPS_TRACE): rc $?")
+    else
+      summary+=("ops trace ($OPS_TRACE): the trace library did not build (ops-trace.txt)")
+    fi
+  fi
 fi
 
 if want bench; then

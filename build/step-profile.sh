@@ -90,18 +90,8 @@ fi
 # CUDA calls by time spent in them; how far ahead of the GPU the host launches; the kernels' time in the run itself. A
 # separate run, so that the wall time above is not measured under the trace, which adds about a microsecond of host time
 # to every CUDA call: its "waiting for the host" is an upper bound.
-cuda_trace_lib() {  # builds the trace library against the CUPTI PyTorch loads (one CUPTI in the process); prints its path
-  local cuda=${CUDA_HOME:-/usr/local/cuda} site inc lib
-  site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
-  for d in "$cuda"/extras/CUPTI/include "$cuda"/include "$site"/nvidia/*/include; do
-    [ -f "$d/cupti.h" ] && { inc=$d; break; }
-  done
-  lib=$(ls "$site"/nvidia/*/lib/libcupti.so* "$cuda"/extras/CUPTI/lib64/libcupti.so* "$cuda"/lib64/libcupti.so* 2>/dev/null | head -1)
-  [ -n "${inc:-}" ] && [ -n "$lib" ] || { echo "step profile: no CUPTI here (cupti.h: ${inc:-none}, libcupti: ${lib:-none})" >&2; return 1; }
-  g++ -std=c++17 -O2 -shared -fPIC "$root/build/cuda_trace.cpp" -I"$cuda/include" -I"$inc" "$lib" \
-    -Wl,-rpath,"$(dirname "$lib")" -o /tmp/libcuda_trace.so >&2 || return 1
-  echo /tmp/libcuda_trace.so
-}
+# shellcheck source=build/cuda-trace-lib.sh
+source "$root/build/cuda-trace-lib.sh"
 if [ -n "${PROFILE_TRACE_STEPS:-}" ]; then
   if trace_lib=$(cuda_trace_lib); then
     rm -f /tmp/flashattn-cuda-trace.tsv
