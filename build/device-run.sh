@@ -241,10 +241,12 @@ if want ops; then
   # shellcheck disable=SC2086 # OPS_ONLY is one word
   again_under "${OPS_ENVS:-}" ops "$OUT/ops.err" /tmp/flashattn-native/FlashAttn.Native/ops_bench ${OPS_ONLY:-}
   if [ -n "${OPS_NCU:-}" ]; then
+    # OPS_NCU_OPTS adds options (e.g. '--print-details all': the warp stall reasons behind WarpStateStats' summary)
     # shellcheck disable=SC2086
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats -k 'regex:norm|cross|rotary' \
-      --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench --here $OPS_NCU >"$OUT/ops-ncu.txt" 2>&1
+      ${OPS_NCU_OPTS:-} --launch-skip 6 --launch-count 4 /tmp/flashattn-native/FlashAttn.Native/ops_bench --here $OPS_NCU \
+      >"$OUT/ops-ncu.txt" 2>&1
     summary+=("ops ncu ($OPS_NCU): rc $?")
   fi
   if [ -n "${OPS_TRACE:-}" ]; then
