@@ -107,7 +107,9 @@ if want variants; then
   # one for every size; ops_bench times them).
   start=$SECONDS
   rc=0
-  for v in block rows16 rows32 rows16l2 rows32l2 rows64l2 rowsca rowsca32 rowscao3; do
+  variants=$(/tmp/flashattn-native/FlashAttn.Native/ops_bench --variants) || variants=""
+  [ -n "$variants" ] || { rc=1; echo "[norm variants] ops_bench --variants listed none" >> "$OUT/failures.txt"; }
+  for v in $variants; do
     FLASHATTN_NORM_VARIANT=$v "$app"/FlashAttn.Tests --filter "FullyQualifiedName~NormCudaTests" >"$OUT/variant-norm-$v.log" 2>&1 || rc=$?
     grep -A4 "^failed " "$OUT/variant-norm-$v.log" | grep -v "^    at \|^--$" | sed "s/^/[norm $v] /" | head -20 >> "$OUT/failures.txt"
   done

@@ -6,6 +6,7 @@
 //   ops_bench --here <op> [size]   in this process only, under the variant of the environment (for profilers:
 //                             FLASHATTN_NORM_VARIANT=rows16 ncu --clock-control none -k regex:norm
 //                             --launch-count 3 ops_bench --here norm_fwd 8192)
+//   ops_bench --variants      the norm variants' names (norm/norm_variants.h), one a line
 // The launchers read FLASHATTN_NORM_VARIANT once per process, so each variant lives in a child process of its own
 // (--serve: it runs the cases its parent sends on stdin); "auto" is the launchers' table. The parent interleaves the
 // variants: for each (op, size), kRounds rounds, each asking every variant for kSamples samples in turn (each round
@@ -30,6 +31,8 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#include "norm/norm_variants.h"
 
 #include <fcntl.h>
 #include <sys/wait.h>
@@ -530,10 +533,12 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
     std::vector<std::string> ops;
     std::vector<std::string> variants;
   };
+  std::vector<std::string> norm_variants = {"auto"};
+  for (const char* v : flashattn::kNormVariantNames) norm_variants.push_back(v);
   const std::vector<Family> families = {
       {"FLASHATTN_NORM_VARIANT",
        {"norm_fwd", "norm_fwdbwd", "rms_fwd", "rms_fwdbwd", "norm_step_fwdbwd"},
-       {"auto", "block", "rows16", "rows32", "rows16l2", "rows32l2", "rows64l2", "rowsca", "rowsca32", "rowscao3"}},
+       norm_variants},
       {nullptr, {"ce", "rotary", "bias_grad"}, {"-"}},
   };
   int rc = 0;
@@ -607,6 +612,10 @@ int run_variants(const char* self, const std::string& only, int64_t size) {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--serve") == 0) return serve();
+  if (argc > 1 && std::strcmp(argv[1], "--variants") == 0) {
+    for (const char* v : flashattn::kNormVariantNames) std::printf("%s\n", v);
+    return 0;
+  }
   const bool here = argc > 1 && std::strcmp(argv[1], "--here") == 0;
   const int a = here ? 2 : 1;
   const std::string only = argc > a ? argv[a] : "";

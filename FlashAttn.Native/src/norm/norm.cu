@@ -24,6 +24,7 @@
 #include "common/numeric.cuh"
 #include "common/static_switch.h"
 #include "norm/norm.h"
+#include "norm/norm_variants.h"
 #include "common/philox.cuh"
 
 namespace flashattn {
@@ -1514,19 +1515,8 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
 // ----------------------------------------------------------------------------
 // variants
 
-// The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT
-// (read once per process; ops_bench measures every variant that way). rowsN: the rows family at N columns a
-// thread; the l2 variants add the L2 prefetch of the next row; rowsca streams the backward's rows through shared
-// memory (its forward is rows32's; where it does not apply, its backward is rows32's too), rowsca32 the same at 32
-// columns a thread at every size, rowscao3 at 80 registers for three blocks a multiprocessor up to 4096 columns
-// (NOTES.md).
-// (rows32 with the backward's registers capped for three blocks a multiprocessor was a variant, and lost: NOTES.md.)
-enum NormVariant : int {
-  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kRowsCaO3, kNumVariants
-};
-constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16", "rows32",   "rows16l2", "rows32l2",
-                                                         "rows64l2", "rowsca", "rowsca32", "rowscao3"};
-
+// The kernel for each size: the tables below, or one variant for every size with FLASHATTN_NORM_VARIANT (read once per
+// process; the variants in norm_variants.h).
 int variant_elems(int v) {
   return v == kRows16 || v == kRows16L2 ? 16 : v == kRows64L2 ? 64 : 32;
 }
