@@ -330,7 +330,7 @@ bool run_case(const Case& c, bool verbose) {
   std::vector<double> lse_ref(size_t(B) * H * maxq, 0);
   const double rp = c.dropout > 0 ? 1.0 / (1.0 - c.dropout) : 1.0;
   const bool bf = c.bf16;
-  const uint32_t keep_threshold = flashattn::flash::dropout_threshold(c.dropout);
+  const uint32_t keep_threshold = flashattn::dropout_threshold16(c.dropout);
   std::atomic<int64_t> mask_mismatches{0};  // returned mask bytes != the stream's decision where visible, else 0
   parallel_for(B * H, [&](int bh) {
     const int b = bh / H, h = bh % H, hk = h / (H / Hk);

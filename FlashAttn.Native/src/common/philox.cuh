@@ -69,7 +69,7 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(const PhiloxKeys& keys, 
 }
 
 // The norms' elementwise stream: element e is kept when 16-bit half e % 2 (low, high) of word (e / 2) % 4 of
-// philox(seed, offset, e / 8) is below threshold = floor((1 - p) * 2^16) (norm/norm.h's norm_keep_threshold; p thus
+// philox(seed, offset, e / 8) is below threshold = floor((1 - p) * 2^16) (common/dropout_threshold.h; p thus
 // within 2^-16 of the one asked for, as the attention's halves): one generator call per 8 elements, half the calls of a
 // 32-bit word an element (norm/NOTES.md, "Sixth round").
 

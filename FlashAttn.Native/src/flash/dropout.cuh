@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/dropout_threshold.h"
 #include "common/philox.cuh"
 
 namespace flashattn {
@@ -11,8 +12,8 @@ namespace flash {
 
 // The dropout stream: element (i, j) of (b, h) (query i, key j, positions inside the sequence) takes
 // 16-bit half j % 2 (low, high) of word 2 ((i / 8) % 2) + (j / 8) % 2 of philox(seed, {4 (j / 16) + (j % 8) / 2,
-// 8 (i / 16) + i % 8, (b * H + h) + offset_lo, offset_hi}). Kept when the half is below keep_threshold =
-// floor((1 - p) * 2^16) (so p within 2^-16 of the one asked for). One call thus decides {i, i + 8} x
+// 8 (i / 16) + i % 8, (b * H + h) + offset_lo, offset_hi}). Kept when the half is below
+// dropout_threshold16(p) = floor((1 - p) * 2^16) (so p within 2^-16 of the one asked for). One call thus decides {i, i + 8} x
 // {j, j + 1, j + 8, j + 9} (j even): what one lane holds of the forward's S fragments (rows g, g + 8 of an m16
 // tile, columns 2t, 2t + 1 of two n8 tiles), a call per eight elements. The backward holds S^T (keys g, g + 8 as
 // rows, queries 2t, 2t + 1 as columns): of a call it takes {i, i + 8} x {j, j + 8} for its key's parity, a call
@@ -107,11 +108,6 @@ struct Dropout {
     }
   }
 };
-
-// The keep threshold of a 16-bit half: floor((1 - p) * 2^16), 2^16 (every half kept) at p = 0.
-__host__ __device__ __forceinline__ uint32_t dropout_threshold(float p) {
-  return uint32_t(fmin((1.0 - double(p)) * 65536.0, 65536.0));
-}
 
 }  // namespace flash
 }  // namespace flashattn

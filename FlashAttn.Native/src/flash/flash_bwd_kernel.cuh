@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const FlashB
 
   const ScoreMod mod(p, seq, b, h);
   const bool dropout = kFull && p.dropout_p > 0.f;
-  const Dropout drop(p.seed, p.offset, int64_t(b) * p.nheads + h, dropout_threshold(p.dropout_p));
+  const Dropout drop(p.seed, p.offset, int64_t(b) * p.nheads + h, dropout_threshold16(p.dropout_p));
   const float rp_dropout = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const float scale = p.softmax_scale;
 

@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm) flash_fwd_k
   const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
 
   const bool dropout = kFull && p.dropout_p > 0.f;
-  const Dropout drop(p.seed, p.offset, int64_t(b) * p.nheads + h, dropout_threshold(p.dropout_p));
+  const Dropout drop(p.seed, p.offset, int64_t(b) * p.nheads + h, dropout_threshold16(p.dropout_p));
   // Dropout decisions of the lane's elements (mt, nt, e) of m16 tile mt in the block of keys from n0: bit 4 nt + e
   // (query w0 + 16 mt + g + 8 (e / 2), key n0 + 8 nt + 2t + e % 2), of row half r alone when r >= 0. One Philox call
   // per eight elements (Dropout::keep8), each call's twice when taken a row half at a time.

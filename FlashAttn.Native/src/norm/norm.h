@@ -12,10 +12,6 @@ namespace flashattn {
 
 constexpr int64_t kNormMaxHidden = 16384;
 
-// The dropout threshold of the norms' stream (common/philox.cuh): an element is kept when its 16-bit half of a Philox
-// word is below floor((1 - p) * 2^16); 2^16 (every half kept) at p = 0.
-inline uint32_t norm_keep_threshold(float p) { return uint32_t(std::min((1.0 - double(p)) * 65536.0, 65536.0)); }
-
 struct NormFwdParams {
   const void* x0;
   const void* x1;        // or nullptr
@@ -38,7 +34,7 @@ struct NormFwdParams {
   float epsilon;
   float dropout_p;
   float dropout_scale;          // 1 / (1 - p)
-  uint32_t keep_threshold;      // norm_keep_threshold(dropout_p): keep when the 16-bit half < keep_threshold
+  uint32_t keep_threshold;      // dropout_threshold16(dropout_p): keep when the 16-bit half < keep_threshold
   uint64_t seed, offset;
   bool is_rms, zero_centered;
 };

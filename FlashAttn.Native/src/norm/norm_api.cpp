@@ -2,6 +2,7 @@
 #include <cmath>
 #include <climits>
 
+#include "common/dropout_threshold.h"
 #include "common/dtype.h"
 #include "common/error.h"
 #include "norm/norm.h"
@@ -104,7 +105,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_fwd(
     p.epsilon = epsilon;
     p.dropout_p = dropout_p;
     p.dropout_scale = dropout_p > 0.f ? float(1.0 / (1.0 - double(dropout_p))) : 1.f;
-    p.keep_threshold = norm_keep_threshold(dropout_p);
+    p.keep_threshold = dropout_threshold16(dropout_p);
     p.seed = seed;
     p.offset = offset;
     p.is_rms = is_rms_norm != 0;
@@ -202,7 +203,7 @@ FLASHATTN_API FlashAttnStatus FlashAttn_norm_bwd(
     p.dresidual_row_stride = dresidual != nullptr ? dresidual_row_stride : hidden;
     p.dropout_p = dropout_p;
     p.dropout_scale = dropout_p > 0.f ? float(1.0 / (1.0 - double(dropout_p))) : 1.f;
-    p.keep_threshold = norm_keep_threshold(dropout_p);
+    p.keep_threshold = dropout_threshold16(dropout_p);
     p.seed = seed;
     p.offset = offset;
     p.is_rms = is_rms_norm != 0;

@@ -66,7 +66,7 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   kp.n_blocks = int((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN);
   kp.total_tiles = kp.n_blocks * int(p.nheads) * int(p.batch);
   kp.dropout_p = p.dropout_p;
-  kp.dropout_threshold = dropout_threshold(p.dropout_p);
+  kp.dropout_threshold = dropout_threshold16(p.dropout_p);
   kp.seed = p.seed;
   kp.offset = p.offset;
   const int batch = int(p.batch);

@@ -56,7 +56,7 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.scale_log2 = p.softmax_scale * kLog2e;
   kp.causal = p.window_right == 0 ? 1 : 0;
   kp.dropout_p = p.dropout_p;
-  kp.dropout_threshold = dropout_threshold(p.dropout_p);
+  kp.dropout_threshold = dropout_threshold16(p.dropout_p);
   kp.seed = p.seed;
   kp.offset = p.offset;
   constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);

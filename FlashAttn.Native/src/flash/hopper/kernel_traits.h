@@ -74,7 +74,7 @@ struct FwdKernelParams {
   int total_tiles;   // m_blocks * nheads * batch: the persistent kernel's work tiles
   // Dropout (the kDropout kernel alone): the sm_80 kernels' stream (flash/dropout.cuh).
   float dropout_p;
-  uint32_t dropout_threshold;  // dropout_threshold(dropout_p)
+  uint32_t dropout_threshold;  // dropout_threshold16(dropout_p)
   uint64_t seed, offset;
 };
 
