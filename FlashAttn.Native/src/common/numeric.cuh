@@ -120,6 +120,34 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
   to_floats(load_packed<T, N>(p), out);
 }
 
+// The store side of load_floats: N floats rounded to T (to nearest, two at a time for the 16-bit types) into packed
+// 32-bit words, stored 16 bytes at a time as uint4, which NVVM keeps one vector store. A Vec of 16-bit elements is an
+// aggregate that NVVM may split into one store per element and not merge back: the rowsca backward without dropout
+// stored each of its bf16 vectors as eight 16-bit stores (norm/NOTES.md, "rowsca32's slow case"), each writing part
+// of a sector, at half the speed of the same kernel with dropout.
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
+  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors");
+  constexpr int kWords = N * int(sizeof(T)) / 4;
+  uint32_t w[kWords];
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      w[i] = __float_as_uint(in[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+      static_assert(std::is_same_v<T, __half>, "float, __half or __nv_bfloat16");
+      const __half2 h = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kWords / 4; ++i)
+    reinterpret_cast<uint4*>(p)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+}
+
 // Rounds N floats to T, two at a time for the 16-bit types (one packed conversion per pair).
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> from_floats(const float (&in)[N]) {

@@ -453,6 +453,8 @@ __device__ __forceinline__ void apply_dropout(float (&x)[N], uint64_t seed, uint
   if (mask != nullptr) store_mask<N>(mask, keep);
 }
 
+// One vector of N outputs, one 16-byte access (two for 32 bytes) in the rows kernels' SASS (rowsca stores with
+// store_floats, whose uint4 stores NVVM cannot split: it split this form in one rowsca kernel, numeric.cuh).
 template <typename TO, int N>
 __device__ __forceinline__ void store_vec(TO* p, const float (&v)[N]) {
   *reinterpret_cast<Vec<TO, N>*>(p) = from_floats<TO, N>(v);
@@ -720,7 +722,8 @@ __device__ __forceinline__ void bwd_store(const NormBwdParams& p, const float (&
   [[maybe_unused]] const int64_t e = row * p.hidden + col;  // element (dropout counter)
   if (p.dresidual != nullptr) {
     const int64_t off = row * p.dresidual_row_stride + col;
-    if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32) store_vec<float, kVec>(static_cast<float*>(p.dresidual) + off, dx);
+    if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32)
+      store_vec<float, kVec>(static_cast<float*>(p.dresidual) + off, dx);
     else store_vec<T, kVec>(static_cast<T*>(p.dresidual) + off, dx);
   }
   const int64_t dx_off = row * p.dx_row_stride + col;
@@ -1108,8 +1111,8 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
       }
       if (p.dresidual != nullptr) {
         if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32)
-          store_vec<float, kVec>(static_cast<float*>(p.dresidual) + ores + d, dx);
-        else store_vec<T, kVec>(static_cast<T*>(p.dresidual) + ores + d, dx);
+          store_floats<float, kVec>(static_cast<float*>(p.dresidual) + ores + d, dx);
+        else store_floats<T, kVec>(static_cast<T*>(p.dresidual) + ores + d, dx);
       }
       // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
       float o[kVec];
@@ -1117,15 +1120,15 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
       if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e + d), keep);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
-      store_vec<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
+      store_floats<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
       if (p.dx1 != nullptr) {
         if constexpr (kDropout) {
           dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(p.rows * p.hidden + e + d), keep);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
-          store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
+          store_floats<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
         } else {
-          store_vec<T, kVec>(static_cast<T*>(p.dx1) + odx + d, dx);
+          store_floats<T, kVec>(static_cast<T*>(p.dx1) + odx + d, dx);
         }
       }
     }
