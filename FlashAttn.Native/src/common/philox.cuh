@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/dropout_threshold.h"
+
 namespace flashattn {
 
 __host__ __device__ __forceinline__ uint32_t philox_mulhi(uint32_t a, uint32_t b) {
@@ -74,7 +76,7 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(const PhiloxKeys& keys, 
 // 32-bit word an element (norm/NOTES.md, "Sixth round").
 
 __host__ __device__ __forceinline__ bool norm_kept(uint32_t word, uint64_t e, uint32_t threshold) {
-  return ((e & 1) != 0 ? word >> 16 : word & 0xffffu) < threshold;
+  return half_kept(word, int(e & 1), threshold);
 }
 
 // keep[j] for elements e .. e + N - 1. N a multiple of 8 requires e % 8 == 0 (N / 8 calls), N == 4 requires e % 4 == 0

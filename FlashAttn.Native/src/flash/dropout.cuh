@@ -36,7 +36,7 @@ struct Dropout {
     return philox4x32_10(key, make_uint4(cj, ci, bh_lo, off_hi));
   }
   __host__ __device__ __forceinline__ bool kept(uint32_t word, int half) const {
-    return (half != 0 ? word >> 16 : word & 0xffffu) < threshold;
+    return half_kept(word, half, threshold);
   }
   // Decisions k[di][dj][c] for (i + 8 di, j + 8 dj + c); i % 16 < 8, j even and j % 16 < 8: one call.
   __host__ __device__ __forceinline__ void keep8(int i, int j, bool (&k)[2][2][2]) const {
