@@ -1567,6 +1567,12 @@ int env_variant() {
 //     0.382; rowsca at 16384, which takes 32 columns there, 2.005 / 0.952; RMSNorm's rowsca32 alike); the best:
 //     768 rowscao3 0.0450 (rowsca 0.0453), 2048 rowscao3 0.0976 / rowsca's 0.1028, 4096 rowscao3 0.1821 / 0.1873,
 //     8192 rowsca 0.392 / rows32's 0.484, 16384 rows32 0.973 (rows16 alike).
+//   The same after rowsca's stores became packed words (store_floats; a later run): rowsca32 without dropout 2048
+//     0.1064 / 0.197 before, 8192 0.3653 / 0.753, 16384 0.810 / 2.005. LayerNorm: rowscao3 stays the best to 4096
+//     (768 0.0449, rowsca alike; 2048 0.0983 / rowsca32's 0.1064; 4096 0.1842 / 0.1915), rowsca32 above it (8192
+//     0.3653 / rowsca's 0.3802, 16384 0.810 / rowsca's 0.819, rows32's 0.971). RMSNorm: rowsca32 the best to 8192
+//     (768 0.0320 / rows32's 0.0354, 2048 0.0679 / rowscao3's 0.0710, 4096 0.1264 / 0.1300, 8192 0.2474 / rows32l2's
+//     0.2608, rowsca's 0.2755), rows16l2 at 16384 (0.5451 / rowsca32's 0.578).
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
@@ -1574,9 +1580,10 @@ struct SizeRule {
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{768, kBlock}, {4096, kRows16L2}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules16[] = {{768, kRowsCa}, {kNormMaxHidden, kRowsCa32}};
-constexpr SizeRule kBwdRules16Plain[] = {{4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
+constexpr SizeRule kBwdRules16Plain[] = {{4096, kRowsCaO3}, {kNormMaxHidden, kRowsCa32}};
 constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
 constexpr SizeRule kBwdRmsRulesPlain[] = {{768, kRows32}, {4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
+constexpr SizeRule kBwdRmsRules16Plain[] = {{8192, kRowsCa32}, {kNormMaxHidden, kRows16L2}};
 
 template <size_t N>
 int pick_variant(const SizeRule (&rules)[N], int64_t hidden) {
@@ -1613,11 +1620,13 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
   if constexpr (kVec > 1) {
     s = current_device_info(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
-    // One norm without dropout has tables of its own: rowscao3 spills nothing there, and rowsca at 32 columns a
-    // thread ran there at half the speed it has with dropout (see the tables: its stores, split by NVVM, are whole
-    // since; the tables wait for that to be measured, NOTES.md).
+    // One norm without dropout has tables of its own: rowscao3 spills nothing there (its dropout kernels do). RMSNorm
+    // with float32 x keeps the table from before rowsca32's stores were fixed: ops_bench times RMSNorm with 16-bit x
+    // alone, and LayerNorm with float32 x (norm_step_bwd) has rowsca32 8% behind rowsca at 2048.
     const bool plain = p.dropout_p == 0.f && p.weight1 == nullptr;
-    if (p.is_rms) variant = plain ? pick_variant(kBwdRmsRulesPlain, p.hidden) : pick_variant(kBwdRmsRules, p.hidden);
+    const bool x16 = p.x_dtype != FLASHATTN_DTYPE_FLOAT32;
+    if (p.is_rms && plain && x16) variant = pick_variant(kBwdRmsRules16Plain, p.hidden);
+    else if (p.is_rms) variant = plain ? pick_variant(kBwdRmsRulesPlain, p.hidden) : pick_variant(kBwdRmsRules, p.hidden);
     else if (p.x_dtype == FLASHATTN_DTYPE_FLOAT32) variant = pick_variant(kBwdRules, p.hidden);
     else variant = plain ? pick_variant(kBwdRules16Plain, p.hidden) : pick_variant(kBwdRules16, p.hidden);
     if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3)
