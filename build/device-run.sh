@@ -159,7 +159,9 @@ if want train; then
   # OpenWebText on the device); TRAIN_ARGS adds or overrides keys (experiment=owt/gpt2m-flash picks another size: the
   # last value of a key wins). Several runs in one call: TRAIN_ARGS='set 1 | set 2' trains once per |-separated set, in
   # order, each logged to train-N.log and metrics-N.jsonl. Each run starts from an empty runs folder (a machine still
-  # warm from an earlier call holds that call's runs), as each call measures a fresh run.
+  # warm from an earlier call holds that call's runs), as each call measures a fresh run. Each run stops after
+  # TRAIN_MAX_STEPS steps (100 unless set; a trainer.max_steps in the set wins): the experiments' own 400,000 would
+  # run until the call's limit and return nothing (run H54).
   IFS='|' read -ra train_sets <<< "${TRAIN_ARGS:-}"
   [ ${#train_sets[@]} -gt 0 ] || train_sets=("")
   for i in "${!train_sets[@]}"; do
@@ -168,7 +170,7 @@ if want train; then
     # shellcheck disable=SC2086 # word splitting of the overrides is intended
     DATA_DIR=/tmp/flashattn-data "$app"/flashattn train experiment=owt/gpt2s-flash datamodule.dataset=kjv \
       datamodule.sources=embedded:kjv datamodule.val_ratio=0.01 trainer.default_root_dir=/tmp/flashattn-runs \
-      ${train_sets[$i]} >"$OUT/train$tag.log" 2>&1
+      trainer.max_steps="${TRAIN_MAX_STEPS:-100}" ${train_sets[$i]} >"$OUT/train$tag.log" 2>&1
     summary+=("train$tag: rc $? (${train_sets[$i]:-the experiment}): $(grep -h '^done:' "$OUT/train$tag.log" | cut -d';' -f1)")
     cp /tmp/flashattn-runs/*/metrics.jsonl "$OUT/metrics$tag.jsonl" 2>/dev/null
   done
