@@ -1621,14 +1621,19 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     s = current_device_info(&d, function);
     if (s != FLASHATTN_STATUS_OK) return s;
     // One norm without dropout has tables of its own: rowscao3 spills nothing there (its dropout kernels do). RMSNorm
-    // with float32 x keeps the table from before rowsca32's stores were fixed: ops_bench times RMSNorm with 16-bit x
-    // alone, and LayerNorm with float32 x (norm_step_bwd) has rowsca32 8% behind rowsca at 2048.
+    // with float32 x keeps the older one: ops_bench times RMSNorm with 16-bit x alone, and LayerNorm with float32 x
+    // (norm_step_bwd) has rowsca32 8% behind rowsca at 2048.
     const bool plain = p.dropout_p == 0.f && p.weight1 == nullptr;
     const bool x16 = p.x_dtype != FLASHATTN_DTYPE_FLOAT32;
-    if (p.is_rms && plain && x16) variant = pick_variant(kBwdRmsRules16Plain, p.hidden);
-    else if (p.is_rms) variant = plain ? pick_variant(kBwdRmsRulesPlain, p.hidden) : pick_variant(kBwdRmsRules, p.hidden);
-    else if (p.x_dtype == FLASHATTN_DTYPE_FLOAT32) variant = pick_variant(kBwdRules, p.hidden);
-    else variant = plain ? pick_variant(kBwdRules16Plain, p.hidden) : pick_variant(kBwdRules16, p.hidden);
+    if (p.is_rms) {
+      variant = !plain ? pick_variant(kBwdRmsRules, p.hidden)
+                : x16  ? pick_variant(kBwdRmsRules16Plain, p.hidden)
+                       : pick_variant(kBwdRmsRulesPlain, p.hidden);
+    } else if (!x16) {
+      variant = pick_variant(kBwdRules, p.hidden);
+    } else {
+      variant = plain ? pick_variant(kBwdRules16Plain, p.hidden) : pick_variant(kBwdRules16, p.hidden);
+    }
     if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3)
       rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32, variant == kRowsCaO3);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
