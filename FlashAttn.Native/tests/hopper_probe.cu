@@ -30,7 +30,6 @@
 #include "test_common.h"
 
 
-using namespace flashattn;  // the mbarriers (common/mbarrier.cuh)
 using namespace flashattn::flash::hopper;
 
 namespace {

@@ -21,7 +21,6 @@
 #include "common/cuda_check.cuh"
 #include "common/device.h"
 #include "common/dtype.h"
-#include "common/mbarrier.cuh"
 #include "common/numeric.cuh"
 #include "common/static_switch.h"
 #include "norm/norm.h"
@@ -429,10 +428,6 @@ class GroupSum {
   int half_ = 0;
   bool single_, writer_, reader_;
 };
-
-// GroupSum takes named barriers 1 to 8 (1 + row group); rowsca's bulk kernels free a stage on this one + row group
-// (at most 4 row groups where a row spans several warps, and no barrier where it does not).
-constexpr uint32_t kRowscaFreeBarrier = 9;
 
 // The vectors of a row that thread threadIdx.x owns: vector `it` starts at column col0 + it * step; those with
 // it < count lie inside the row (a prefix, since columns grow with it).
@@ -947,9 +942,7 @@ __global__ void __launch_bounds__(512)
 // of the thread's (at most kIters) vectors accumulate in registers, which the row's data no longer takes; at the
 // end they go through shared memory into the block's workspace row as the rows kernel's do.
 // Shared memory: [warp][stage][4] floats of scalars, then [row group][stage][stage_bytes] (rowsca_layout); at the
-// end [row group][slot][H] float partials over the same bytes. The bulk kernels (kBulk, sm_90: the variants rowscab
-// and rowsca32b) take a row's tensors by the bulk copy engine instead, one copy a tensor issued by the group's first
-// thread, completing on the stage's mbarrier: [row group][stage] of them past both (rowsca_bars).
+// end [row group][slot][H] float partials.
 struct RowscaLayout {
   int dz0, dz1, dres, stage_bytes;  // bytes from a stage's start: x at 0, then dz0, dz1 (kParallel), dresidual_out
 };
@@ -962,20 +955,6 @@ __host__ __device__ inline RowscaLayout rowsca_layout(int H, int x_bytes, int t_
   l.stage_bytes = l.dres + (dres ? H * x_bytes : 0);
   return l;
 }
-
-// Where a rowsca block's mbarriers start: past the ring and the partials, which share the bytes before.
-__host__ __device__ inline int rowsca_bars(int rpb, int wpr, int stages, int stage_bytes, int nslots, int H) {
-  const int ring = rpb * (wpr * stages * 16 + stages * stage_bytes), partials = rpb * nslots * H * 4;
-  return ring > partials ? ring : partials;  // both multiples of 8
-}
-
-// Whether this device pass has the bulk copy engine's instructions (sm_90, CUDA 12). In the passes without it the
-// bulk kernels trap: launch_bwd_rowsca runs them only where the loaded code is sm_90 or newer.
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900 || __CUDACC_VER_MAJOR__ < 12)
-constexpr bool kBulkCompiled = false;
-#else
-constexpr bool kBulkCompiled = true;
-#endif
 
 // Copies one vector of N elements (16 or 32 bytes) into shared memory.
 template <typename TE, int N>
@@ -1003,230 +982,189 @@ __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory")
 // dx = rstd * (w dz - (xhat * c1 + c2)) = rstd * w dz - (a * x - b) with a = rstd^2 c1, b = a * mean - rstd * c2, two
 // FMAs an element.
 // kMinBlocks 3 (the variant rowscao3): 256-thread blocks capped at 80 registers, three a multiprocessor, 24 warps
-// where 128 registers leave 16 (NOTES.md, "Fifth round"). kBulk: the rows' tensors by the bulk copy engine (NOTES.md,
-// "Tenth round"); one norm only.
-template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, int kMinBlocks = 1,
-          bool kBulk = false>
+// where 128 registers leave 16 (NOTES.md, "Fifth round").
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, int kMinBlocks = 1>
 __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? kMinBlocks : 0)
     norm_bwd_rowsca_kernel(const NormBwdParams p, const PhiloxKeys keys, int slot_dw0, int slot_db0, int slot_dw1,
                            int slot_db1, int nslots, int stages) {
-  static_assert(!(kBulk && kParallel), "the bulk kernels cover one norm");
-  if constexpr (kBulk && !kBulkCompiled) {
-    __trap();  // never launched (launch_bwd_rowsca)
-  } else {
-    constexpr int kP = kParallel ? kIters : 1;
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int H = int(p.hidden);
-    const RowSlots s = row_slots<kVec, kIters>(H);
-    const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-    const float wadd = p.zero_centered ? 1.f : 0.f;
-    const int lane = threadIdx.x & 31, wpr = blockDim.x >> 5;
-    const bool has_dres = p.dresidual_out != nullptr;
-    const RowscaLayout l = rowsca_layout(H, sizeof(TX), sizeof(T), kParallel, has_dres);
-    float* const scalars = reinterpret_cast<float*>(smem) + (threadIdx.y * wpr + (threadIdx.x >> 5)) * stages * 4;
-    unsigned char* const ring =
-        smem + int(blockDim.y) * wpr * stages * 16 + int(threadIdx.y) * stages * l.stage_bytes;
-    // kBulk: stage k's mbarrier at bars + 8 k, completed by the arrival of its row's bytes
-    const uint32_t bars =
-        kBulk ? smem_addr(smem + rowsca_bars(blockDim.y, wpr, stages, l.stage_bytes, nslots, H)) +
-                    threadIdx.y * stages * 8
-              : 0u;
-    if constexpr (kBulk) {
-      if (threadIdx.x == 0) {
-        for (int k = 0; k < stages; ++k) mbar_init(bars + 8 * k, 1);
-        fence_mbar_init();
-      }
-      __syncthreads();
-    }
+  constexpr int kP = kParallel ? kIters : 1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int H = int(p.hidden);
+  const RowSlots s = row_slots<kVec, kIters>(H);
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  const float wadd = p.zero_centered ? 1.f : 0.f;
+  const int lane = threadIdx.x & 31, wpr = blockDim.x >> 5;
+  const bool has_dres = p.dresidual_out != nullptr;
+  const RowscaLayout l = rowsca_layout(H, sizeof(TX), sizeof(T), kParallel, has_dres);
+  float* const scalars = reinterpret_cast<float*>(smem) + (threadIdx.y * wpr + (threadIdx.x >> 5)) * stages * 4;
+  unsigned char* const ring =
+      smem + int(blockDim.y) * wpr * stages * 16 + int(threadIdx.y) * stages * l.stage_bytes;
 
-    int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-    int64_t next = row;  // the next row to issue
-    // The inputs of row `next` into stage `stage`, as one commit group (an empty one past the last row, so that the
-    // groups in flight are always the rows ahead); lanes 0-2 copy the row's rstd, mean, rowscale. kBulk: the group's
-    // first thread copies each tensor's row whole, and the commit group holds the scalars alone.
-    auto issue = [&](int stage) {
-      if (next < p.rows) {
-        unsigned char* b = ring + stage * l.stage_bytes;
-        const TX* x = static_cast<const TX*>(p.x) + next * p.x_row_stride + s.col0;
-        const int64_t og = next * p.dz_row_stride + s.col0;
-        const TX* dres = has_dres ? static_cast<const TX*>(p.dresidual_out) + next * p.dresidual_out_row_stride + s.col0
-                                  : nullptr;
-        if constexpr (kBulk) {
-          if (threadIdx.x == 0) {  // col0 is 0: x, og and dres are the row's starts
-            const uint32_t bar = bars + 8 * stage, dst = smem_addr(b);
-            mbar_arrive_expect_tx(bar, uint32_t(l.stage_bytes));
-            bulk_load(dst, x, uint32_t(H * sizeof(TX)), bar);
-            bulk_load(dst + l.dz0, static_cast<const T*>(p.dz0) + og, uint32_t(H * sizeof(T)), bar);
-            if (has_dres) bulk_load(dst + l.dres, dres, uint32_t(H * sizeof(TX)), bar);
-          }
-        } else {
-#pragma unroll
-          for (int it = 0; it < kIters; ++it) {
-            if (it >= s.count) continue;
-            const int col = s.col0 + it * s.step, d = it * s.step;
-            cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b) + col, x + d);
-            cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz0) + col, static_cast<const T*>(p.dz0) + og + d);
-            if constexpr (kParallel)
-              cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz1) + col, static_cast<const T*>(p.dz1) + og + d);
-            if (has_dres) cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b + l.dres) + col, dres + d);
-          }
-        }
-        const float* scalar = lane == 0 ? p.rstd : lane == 1 ? p.mean : lane == 2 ? p.rowscale : nullptr;
-        if (scalar != nullptr) cp_async_4(scalars + stage * 4 + lane, scalar + next);
-      }
-      cp_async_commit();
-      next += row_step;
-    };
-
-    float pdw0[kIters][kVec], pdb0[kIters][kVec], pdw1[kP][kVec], pdb1[kP][kVec];  // the partials
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        pdw0[it][j] = pdb0[it][j] = 0.f;
-        if constexpr (kParallel) pdw1[it][j] = pdb1[it][j] = 0.f;
-      }
-    }
-
-    // One row out of stage `stage`, weights of dtype TW.
-    __shared__ float red[2][32][2];
-    GroupSum<2> group_sum(red);
-    auto row_body = [&](int stage, auto wtag) {
-      using TW = typename decltype(wtag)::type;
-      const unsigned char* buf = ring + stage * l.stage_bytes;
-      const float v = scalars[stage * 4 + (lane < 3 ? lane : 0)];  // lane i's own copy (i < 3)
-      const float rstd = __shfl_sync(0xffffffffu, v, 0);
-      const float mean = p.mean != nullptr ? __shfl_sync(0xffffffffu, v, 1) : 0.f;
-      const float rs = p.rowscale != nullptr ? __shfl_sync(0xffffffffu, v, 2) : 1.f;
-      const float shift = -mean * rstd;  // xhat = x * rstd + shift
-
-      float sums[2] = {0.f, 0.f};
-#pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        if (it >= s.count) continue;
-        const int col = s.col0 + it * s.step;
-        float xhat[kVec], g[kVec], wdy[kVec];
-        to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf) + col), xhat);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) xhat[j] = xhat[j] * rstd + shift;
-        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz0) + col), p.weight0, col, wadd,
-                             true, g, wdy);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) pdw0[it][j] += g[j] * xhat[j];
-        if (slot_db0 >= 0) {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) pdb0[it][j] += g[j];
-        }
-        if constexpr (kParallel) {
-          bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz1) + col), p.weight1, col,
-                               wadd, false, g, wdy);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) pdw1[it][j] += g[j] * xhat[j];
-          if (slot_db1 >= 0) {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) pdb1[it][j] += g[j];
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          sums[0] += wdy[j] * xhat[j];
-          sums[1] += wdy[j];
-        }
-      }
-      group_sum(sums);
-      const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
-      const float a = rstd * rstd * c1, b = a * mean - rstd * c2;
-      const float scale0 = kDropout ? p.dropout_scale * rs : rs;  // dx0's factor of the kept elements
-      // the row's outputs and dropout counter at this thread's first column
-      [[maybe_unused]] const int64_t e = row * p.hidden + s.col0;
-      const int64_t odx = row * p.dx_row_stride + s.col0, ores = row * p.dresidual_row_stride + s.col0;
+  int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  int64_t next = row;  // the next row to issue
+  // The inputs of row `next` into stage `stage`, as one commit group (an empty one past the last row, so that the
+  // groups in flight are always the rows ahead); lanes 0-2 copy the row's rstd, mean, rowscale.
+  auto issue = [&](int stage) {
+    if (next < p.rows) {
+      unsigned char* b = ring + stage * l.stage_bytes;
+      const TX* x = static_cast<const TX*>(p.x) + next * p.x_row_stride + s.col0;
+      const int64_t og = next * p.dz_row_stride + s.col0;
+      const TX* dres = has_dres ? static_cast<const TX*>(p.dresidual_out) + next * p.dresidual_out_row_stride + s.col0
+                                : nullptr;
 #pragma unroll
       for (int it = 0; it < kIters; ++it) {
         if (it >= s.count) continue;
         const int col = s.col0 + it * s.step, d = it * s.step;
-        float x[kVec], g[kVec], wdy[kVec], dx[kVec];
-        to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf) + col), x);  // again from shared memory
-        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz0) + col), p.weight0, col, wadd,
-                             true, g, wdy);
+        cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b) + col, x + d);
+        cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz0) + col, static_cast<const T*>(p.dz0) + og + d);
         if constexpr (kParallel)
-          bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz1) + col), p.weight1, col,
-                               wadd, false, g, wdy);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) dx[j] = rstd * wdy[j] - (a * x[j] - b);
-        if (has_dres) {
-          float dr[kVec];
-          to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf + l.dres) + col), dr);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) dx[j] += dr[j];
-        }
-        if (p.dresidual != nullptr) {
-          if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32)
-            store_floats<float, kVec>(static_cast<float*>(p.dresidual) + ores + d, dx);
-          else store_floats<T, kVec>(static_cast<T*>(p.dresidual) + ores + d, dx);
-        }
-        // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
-        float o[kVec];
-        [[maybe_unused]] bool keep[kVec];
-        if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e + d), keep);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
-        store_floats<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
-        if (p.dx1 != nullptr) {
-          if constexpr (kDropout) {
-            dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(p.rows * p.hidden + e + d), keep);
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
-            store_floats<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
-          } else {
-            store_floats<T, kVec>(static_cast<T*>(p.dx1) + odx + d, dx);
-          }
-        }
+          cp_async_vec<T, kVec>(reinterpret_cast<T*>(b + l.dz1) + col, static_cast<const T*>(p.dz1) + og + d);
+        if (has_dres) cp_async_vec<TX, kVec>(reinterpret_cast<TX*>(b + l.dres) + col, dres + d);
       }
-    };
-
-    for (int k = 0; k + 1 < stages; ++k) issue(k);
-    uint32_t phase = 0;  // of the stage's mbarrier (kBulk): flips each time the ring wraps
-    for (int stage = 0; row < p.rows; row += row_step) {
-      // the row stages - 1 ahead, into the stage the previous row used (read by this thread alone, before the fence;
-      // kBulk: by the whole group, so the issuing warp waits for the others first)
-      compiler_fence();
-      if constexpr (kBulk) {
-        if (wpr == 1) __syncwarp();
-        else if (threadIdx.x < 32) named_bar_sync(kRowscaFreeBarrier + threadIdx.y, blockDim.x);
-        else named_bar_arrive(kRowscaFreeBarrier + threadIdx.y, blockDim.x);
-      }
-      issue(stage == 0 ? stages - 1 : stage - 1);
-      cp_async_wait_ahead(stages - 1);  // this row's group has landed
-      if constexpr (kBulk) mbar_wait(bars + 8 * stage, phase);
-      compiler_fence();
-      if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(stage, TypeTag<float>{});
-      else row_body(stage, TypeTag<T>{});
-      if (++stage == stages) {
-        stage = 0;
-        phase ^= 1u;
-      }
+      const float* scalar = lane == 0 ? p.rstd : lane == 1 ? p.mean : lane == 2 ? p.rowscale : nullptr;
+      if (scalar != nullptr) cp_async_4(scalars + stage * 4 + lane, scalar + next);
     }
+    cp_async_commit();
+    next += row_step;
+  };
 
-    cp_async_wait<0>();
-    __syncthreads();  // every row group is done with the ring, which now takes the partials
-    float* const acc = reinterpret_cast<float*>(smem);
-    float* const my_acc = acc + int(threadIdx.y) * nslots * H;
+  float pdw0[kIters][kVec], pdb0[kIters][kVec], pdw1[kP][kVec], pdb1[kP][kVec];  // the partials
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      pdw0[it][j] = pdb0[it][j] = 0.f;
+      if constexpr (kParallel) pdw1[it][j] = pdb1[it][j] = 0.f;
+    }
+  }
+
+  // One row out of stage `stage`, weights of dtype TW.
+  __shared__ float red[2][32][2];
+  GroupSum<2> group_sum(red);
+  auto row_body = [&](int stage, auto wtag) {
+    using TW = typename decltype(wtag)::type;
+    const unsigned char* buf = ring + stage * l.stage_bytes;
+    const float v = scalars[stage * 4 + (lane < 3 ? lane : 0)];  // lane i's own copy (i < 3)
+    const float rstd = __shfl_sync(0xffffffffu, v, 0);
+    const float mean = p.mean != nullptr ? __shfl_sync(0xffffffffu, v, 1) : 0.f;
+    const float rs = p.rowscale != nullptr ? __shfl_sync(0xffffffffu, v, 2) : 1.f;
+    const float shift = -mean * rstd;  // xhat = x * rstd + shift
+
+    float sums[2] = {0.f, 0.f};
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       if (it >= s.count) continue;
       const int col = s.col0 + it * s.step;
-      auto put = [&](int slot, const float (&v)[kVec]) {
-        if (slot >= 0) store_vec<float, kVec>(my_acc + slot * H + col, v);
-      };
-      put(slot_dw0, pdw0[it]);
-      put(slot_db0, pdb0[it]);
+      float xhat[kVec], g[kVec], wdy[kVec];
+      to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf) + col), xhat);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) xhat[j] = xhat[j] * rstd + shift;
+      bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz0) + col), p.weight0, col, wadd,
+                           true, g, wdy);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) pdw0[it][j] += g[j] * xhat[j];
+      if (slot_db0 >= 0) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) pdb0[it][j] += g[j];
+      }
       if constexpr (kParallel) {
-        put(slot_dw1, pdw1[it]);
-        put(slot_db1, pdb1[it]);
+        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz1) + col), p.weight1, col,
+                             wadd, false, g, wdy);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) pdw1[it][j] += g[j] * xhat[j];
+        if (slot_db1 >= 0) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) pdb1[it][j] += g[j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        sums[0] += wdy[j] * xhat[j];
+        sums[1] += wdy[j];
       }
     }
-    block_partials_out<kVec>(p, acc, s, nslots);
+    group_sum(sums);
+    const float c1 = sums[0] / float(H), c2 = p.is_rms ? 0.f : sums[1] / float(H);
+    const float a = rstd * rstd * c1, b = a * mean - rstd * c2;
+    const float scale0 = kDropout ? p.dropout_scale * rs : rs;  // dx0's factor of the kept elements
+    // the row's outputs and dropout counter at this thread's first column
+    [[maybe_unused]] const int64_t e = row * p.hidden + s.col0;
+    const int64_t odx = row * p.dx_row_stride + s.col0, ores = row * p.dresidual_row_stride + s.col0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (it >= s.count) continue;
+      const int col = s.col0 + it * s.step, d = it * s.step;
+      float x[kVec], g[kVec], wdy[kVec], dx[kVec];
+      to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf) + col), x);  // again from shared memory
+      bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz0) + col), p.weight0, col, wadd,
+                           true, g, wdy);
+      if constexpr (kParallel)
+        bwd_wdy<T, TW, kVec>(load_packed<T, kVec>(reinterpret_cast<const T*>(buf + l.dz1) + col), p.weight1, col,
+                             wadd, false, g, wdy);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) dx[j] = rstd * wdy[j] - (a * x[j] - b);
+      if (has_dres) {
+        float dr[kVec];
+        to_floats(load_packed<TX, kVec>(reinterpret_cast<const TX*>(buf + l.dres) + col), dr);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dx[j] += dr[j];
+      }
+      if (p.dresidual != nullptr) {
+        if (p.residual_dtype == FLASHATTN_DTYPE_FLOAT32)
+          store_floats<float, kVec>(static_cast<float*>(p.dresidual) + ores + d, dx);
+        else store_floats<T, kVec>(static_cast<T*>(p.dresidual) + ores + d, dx);
+      }
+      // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
+      float o[kVec];
+      [[maybe_unused]] bool keep[kVec];
+      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e + d), keep);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
+      store_floats<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
+      if (p.dx1 != nullptr) {
+        if constexpr (kDropout) {
+          dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(p.rows * p.hidden + e + d), keep);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) o[j] = keep[j] ? dx[j] * p.dropout_scale : 0.f;
+          store_floats<T, kVec>(static_cast<T*>(p.dx1) + odx + d, o);
+        } else {
+          store_floats<T, kVec>(static_cast<T*>(p.dx1) + odx + d, dx);
+        }
+      }
+    }
+  };
+
+  for (int k = 0; k + 1 < stages; ++k) issue(k);
+  for (int stage = 0; row < p.rows; row += row_step) {
+    // the row stages - 1 ahead, into the stage the previous row used (read by this thread alone, before the fence)
+    compiler_fence();
+    issue(stage == 0 ? stages - 1 : stage - 1);
+    cp_async_wait_ahead(stages - 1);  // this row's group has landed
+    compiler_fence();
+    if (p.weight_dtype == FLASHATTN_DTYPE_FLOAT32) row_body(stage, TypeTag<float>{});
+    else row_body(stage, TypeTag<T>{});
+    stage = stage + 1 == stages ? 0 : stage + 1;
   }
+
+  cp_async_wait<0>();
+  __syncthreads();  // every row group is done with the ring, which now takes the partials
+  float* const acc = reinterpret_cast<float*>(smem);
+  float* const my_acc = acc + int(threadIdx.y) * nslots * H;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (it >= s.count) continue;
+    const int col = s.col0 + it * s.step;
+    auto put = [&](int slot, const float (&v)[kVec]) {
+      if (slot >= 0) store_vec<float, kVec>(my_acc + slot * H + col, v);
+    };
+    put(slot_dw0, pdw0[it]);
+    put(slot_db0, pdb0[it]);
+    if constexpr (kParallel) {
+      put(slot_dw1, pdw1[it]);
+      put(slot_db1, pdb1[it]);
+    }
+  }
+  block_partials_out<kVec>(p, acc, s, nslots);
 }
 
 // ----------------------------------------------------------------------------
@@ -1483,29 +1421,24 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
 // block's shared memory (float32 x past about 11000 columns).
 struct RowscaShape {
   int elems = 0, wpr = 0, rpb = 0;
-  bool o3 = false;    // the kernel for three 256-thread blocks a multiprocessor
-  bool bulk = false;  // the kernel whose rows come by the bulk copy engine
+  bool o3 = false;  // the kernel for three 256-thread blocks a multiprocessor
   RowscaLayout layout{};
 };
 
 // Shared memory of a rowsca block (the layout above the kernel).
 size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden) {
-  const size_t bars = sh.bulk ? size_t(sh.rpb) * stages * 8 : 0;
-  return size_t(rowsca_bars(sh.rpb, sh.wpr, stages, sh.layout.stage_bytes, nslots, int(hidden))) + bars;
+  const size_t ring = size_t(sh.rpb) * (size_t(sh.wpr) * stages * 16 + size_t(stages) * size_t(sh.layout.stage_bytes));
+  return std::max(ring, size_t(sh.rpb) * size_t(nslots) * size_t(hidden) * sizeof(float));
 }
 
 // wide: 32 columns a thread at every size for one norm (the variant rowsca32), which spreads a row's fixed
 // instructions (the scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more
 // registers of partials; two norms keep 16 up to 8192. o3: one norm, 16 columns, blocks of 256 threads at most (up
-// to 4096 columns) for three a multiprocessor (the variant rowscao3). bulk: the rows by the bulk copy engine where the
-// device has it (compute capability 9.0 or more) and one norm is asked for (the variants rowscab and rowsca32b; the
-// 16-byte vectors already give the copies' 16-byte aligned rows).
-RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, const DeviceInfo& d, int vec, bool wide, bool o3,
-                         bool bulk) {
+// to 4096 columns) for three a multiprocessor (the variant rowscao3).
+RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide, bool o3) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
   if (dtype_size(p.dtype) != 2 || vec == 1 || (o3 && parallel)) return sh;
-  sh.bulk = bulk && !parallel && d.capability >= 90;
   sh.elems = (wide && !parallel) || p.hidden > int64_t(32) * kRowsMaxWarps * 16 ? 32 : 16;
   if (sh.elems == 32 && (parallel || o3)) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
@@ -1513,7 +1446,7 @@ RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, const Devic
   sh.rpb = rows_per_block(sh.wpr);
   sh.o3 = o3;
   if (o3 && 32 * sh.wpr * sh.rpb > 256) return RowscaShape{};
-  while (sh.rpb > 0 && rowsca_smem(sh, 2, sl.count, p.hidden) > size_t(d.smem_optin)) sh.rpb /= 2;
+  while (sh.rpb > 0 && rowsca_smem(sh, 2, sl.count, p.hidden) > size_t(smem_optin)) sh.rpb /= 2;
   return sh;
 }
 
@@ -1522,22 +1455,11 @@ RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, const Devic
 constexpr int64_t kRowscaInFlight = 96 * 1024;
 
 // The o3 kernels exist for one norm at 16 columns a thread alone (rowsca_shape): two norms' partials spill 540-900
-// bytes at 80 registers. The bulk kernels for one norm: where the code the driver loaded for one is older than sm_90
-// (a build without an sm_90 target), it would trap, so the plain kernel runs instead.
+// bytes at 80 registers.
 template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
-auto pick_rowsca_kernel(bool o3, bool bulk) {
-  if constexpr (!kParallel) {
-    if (bulk) {
-      const auto kernel = norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, false, 1, true>;
-      static const bool sm90_code = [&] {
-        cudaFuncAttributes a{};
-        return cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(kernel)) == cudaSuccess && a.binaryVersion >= 90;
-      }();
-      if (sm90_code) return kernel;
-    }
-    if constexpr (kIters * kVec == 16)
-      if (o3) return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 3>;
-  }
+auto pick_rowsca_kernel(bool o3) {
+  if constexpr (kIters * kVec == 16 && !kParallel)
+    if (o3) return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 3>;
   return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 1>;
 }
 
@@ -1557,7 +1479,7 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
               return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rowsca_kernel: two norms at %d columns a thread",
                           kIters * kVec);  // rowsca_shape
             } else {
-              const auto kernel = pick_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>(sh.o3, sh.bulk);
+              const auto kernel = pick_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>(sh.o3);
               const int threads = 32 * sh.wpr * sh.rpb;
               const int64_t want = std::min((p.rows + sh.rpb - 1) / sh.rpb, p.lanes - 8);  // see norm_bwd_lanes
               // The stage count: the rows in flight a multiprocessor up to kRowscaInFlight, then the most row groups,
@@ -1712,10 +1634,8 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     } else {
       variant = plain ? pick_variant(kBwdRules16Plain, p.hidden) : pick_variant(kBwdRules16, p.hidden);
     }
-    if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3 || variant == kRowsCaB ||
-        variant == kRowsCa32B)
-      rowsca = rowsca_shape(p, sl, d, kVec, variant == kRowsCa32 || variant == kRowsCa32B, variant == kRowsCaO3,
-                            variant == kRowsCaB || variant == kRowsCa32B);
+    if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3)
+      rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32, variant == kRowsCaO3);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
   if (rowsca.rpb > 0) {

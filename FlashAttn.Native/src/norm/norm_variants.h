@@ -6,19 +6,16 @@
 // rowsN: the rows family at N columns a thread; the l2 variants add the L2 prefetch of the next row; rowsca streams
 // the backward's rows through shared memory (its forward is rows32's; where it does not apply, its backward is rows32's
 // too), rowsca32 the same at 32 columns a thread at every size, rowscao3 at 80 registers for three blocks a
-// multiprocessor up to 4096 columns, rowscab and rowsca32b rowsca and rowsca32 with the rows' tensors brought by the
-// bulk copy engine (sm_90, one norm; elsewhere they are rowsca and rowsca32) (NOTES.md). rows32 with the backward's
-// registers capped for three blocks a multiprocessor was a variant, and lost (NOTES.md).
+// multiprocessor up to 4096 columns (NOTES.md). rows32 with the backward's registers capped for three blocks a
+// multiprocessor was a variant, and lost (NOTES.md).
 
 namespace flashattn {
 
 enum NormVariant : int {
-  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kRowsCaO3,
-  kRowsCaB, kRowsCa32B, kNumVariants
+  kAuto = -1, kBlock = 0, kRows16, kRows32, kRows16L2, kRows32L2, kRows64L2, kRowsCa, kRowsCa32, kRowsCaO3, kNumVariants
 };
 
 constexpr const char* kNormVariantNames[kNumVariants] = {"block",    "rows16", "rows32",   "rows16l2", "rows32l2",
-                                                         "rows64l2", "rowsca", "rowsca32", "rowscao3",
-                                                         "rowscab",  "rowsca32b"};
+                                                         "rows64l2", "rowsca", "rowsca32", "rowscao3"};
 
 }  // namespace flashattn

@@ -1,10 +1,11 @@
-// Hopper (sm_90a) building blocks in inline PTX, each checked against the PTX ISA (8.x) (the mbarriers and
-// named barriers in common/mbarrier.cuh):
+// Hopper (sm_90a) building blocks in inline PTX, each checked against the PTX ISA (8.x):
+//  - mbarriers: init, arrive, arrive.expect_tx (the TMA's byte count), try_wait.parity;
 //  - TMA: cp.async.bulk.tensor.4d global -> shared, completing on an mbarrier, and the reduce-add
 //    shared -> global (cp.reduce.async.bulk.tensor) of the backward's dQ;
 //  - wgmma.mma_async m64nNk16 with f32 accumulators, A from shared memory (SS) or registers (RS),
 //    and its fence / commit_group / wait_group;
-//  - setmaxnreg (the producer warpgroup gives registers to the consumers).
+//  - setmaxnreg (the producer warpgroup gives registers to the consumers);
+//  - named barriers (the consumer warpgroups' ping-pong).
 // Only compiled for sm_90a (CMake builds src/flash/hopper/ for that architecture alone).
 //
 // Layouts (g = lane / 4, t = lane % 4, w = warp in the warpgroup), from the ISA's figures for
@@ -35,14 +36,49 @@
 
 #include <cstdint>
 
-#include "common/mbarrier.cuh"  // mbarriers and named barriers
-
 namespace flashattn {
 namespace flash {
 namespace hopper {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers (addresses are shared-window addresses) ----
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the inits visible to the other threads and to the TMA unit (before the __syncthreads that
+// publishes them).
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// The producer's arrive: completes the phase once `bytes` more have landed through complete_tx.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Whether the phase of parity `parity` has completed (acquire: the data it guards is then visible);
+// waits a hardware-chosen while first. A fresh barrier is in phase 0, so parity 1 counts as
+// completed at once: the producer's first pass over the empty barriers.
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
 }
 
 // ---- TMA ----
@@ -68,6 +104,16 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// ---- named barriers (bar.sync / bar.arrive with an id; id 0 is __syncthreads') ----
+// `threads` counts every thread that arrives or syncs on `id` in one phase, a multiple of 32; whole
+// warps execute these.
+__device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- wgmma ----
