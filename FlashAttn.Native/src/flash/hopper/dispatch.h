@@ -24,13 +24,6 @@ inline bool dropout_enabled() {
   return on;
 }
 
-// Whether the persistent forward prefetches its next tile's Q and first K and V blocks into L2 (NOTES.md, "The
-// next tile from L2"): yes unless FLASHATTN_HOPPER_FWD_PREFETCH=0 (read once per process; the A/B of the bench).
-inline bool fwd_prefetch_next() {
-  static const bool on = !env_off("FLASHATTN_HOPPER_FWD_PREFETCH");
-  return on;
-}
-
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

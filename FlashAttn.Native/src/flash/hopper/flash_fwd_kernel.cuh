@@ -151,25 +151,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < Tr::kChunks; ++c)
           tma_load_4d(sQ + qb * kQTileBytes + c * kQChunkBytes, &tm_q, q_full(qb), c * Tr::kBoxCols, m0, h, b);
-        if constexpr (kPersistent && kQStages == 1 && BM == 128) {
-          // The next tile's Q (read once: from HBM) and its first K and V blocks into L2 now, a tile ahead, so
-          // that their loads at the tile boundary, where the consumers wait for them, read L2. (Not with 192-row
-          // tiles: their consumers' 160 registers spilled more in the key-block loop with it.)
-          int nm, nh, nb;
-          const int next = tile + tile_step;
-          if (p.prefetch_next && next < tile_end) {
-            tile_coords(next, &nm, &nh, &nb);
-            const int nn = key_blocks(nm * BM);
-            if (nn > 0) {
-#pragma unroll
-              for (int c = 0; c < Tr::kChunks; ++c) {
-                tma_prefetch_l2_4d(&tm_q, c * Tr::kBoxCols, nm * BM, nh, nb);
-                tma_prefetch_l2_4d(&tm_k, c * Tr::kBoxCols, (nn - 1) * BN, nh / p.heads_per_khead, nb);
-                tma_prefetch_l2_4d(&tm_v, c * Tr::kBoxCols, (nn - 1) * BN, nh / p.heads_per_khead, nb);
-              }
-            }
-          }
-        }
         for (int it = 0; it < n_tiles; ++it, ++kv) {
           const int n0 = (n_tiles - 1 - it) * BN;
           const int s = kv % kStages;

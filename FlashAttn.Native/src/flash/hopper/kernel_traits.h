@@ -72,7 +72,6 @@ struct FwdKernelParams {
   int causal;        // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
   int m_blocks;      // query blocks of a (batch, head)
   int total_tiles;   // m_blocks * nheads * batch: the persistent kernel's work tiles
-  int prefetch_next;  // persistent: the next tile's Q and first K and V blocks into L2 a tile ahead
   // Dropout (the kDropout kernel alone): the sm_80 kernels' stream (flash/dropout.cuh).
   float dropout_p;
   uint32_t dropout_threshold;  // dropout_threshold16(dropout_p)

@@ -96,15 +96,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// The box of a 4-D tensor map at coordinates (c0 innermost) from global memory into L2 alone (no
-// shared memory, no barrier): a later tma_load_4d of the same box then reads L2.
-__device__ __forceinline__ void tma_prefetch_l2_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-               : "memory");
-}
-
 // ---- register reconfiguration (whole warpgroup, one branch per role) ----
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_dec() {
