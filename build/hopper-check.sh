@@ -198,6 +198,7 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
   if command -v compute-sanitizer >/dev/null; then
     for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=rows64:d64 sq130 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent2:d64 sq700 sk500 h12/4 causal pgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \

@@ -32,7 +32,8 @@ bool covers(const FlashFwdParams& p) {
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
-// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured). Otherwise the fastest measured on the H200
+// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles, two CTAs
+// a multiprocessor, at d64; persistent at d128; not a default until measured). Otherwise the fastest measured on the H200
 // (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
 // for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the persistent grid elsewhere
 // (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237); persistent192 is the slowest
@@ -48,6 +49,7 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
     if (std::strcmp(v, "persistent") == 0) return int(FwdVariant::kPersistent);
     if (std::strcmp(v, "persistent192") == 0) return int(FwdVariant::kPersistent192);
     if (std::strcmp(v, "persistent2") == 0) return int(FwdVariant::kPersistent2);
+    if (std::strcmp(v, "rows64") == 0) return int(FwdVariant::kRows64);
     return int(FwdVariant::kPingpong);
   }();
   if (p.dropout_p > 0.f)
