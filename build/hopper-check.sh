@@ -33,9 +33,10 @@
 #     and on the dropout kernels;
 #  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=rows64 (64-row tiles, two CTAs a
 #     multiprocessor: not yet on a GPU, so first; its d64 half), =persistent2 (a CTA's tiles overlapped; its
-#     grid, the persistent grid cases "pgrid" and the odd head count "b5"), =overlap (without the warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half),
-#     =pingpong (the warpgroups taking turns, no longer a default) and =persistent192 (its d64 half), as the
-#     time left allows (those passed before).
+#     grid, the persistent grid cases "pgrid" and the odd head count "b5"), =overlap (without the
+#     warpgroups' ping-pong), =rows192 (192-row tiles: its d64 half), =pingpong (the warpgroups taking
+#     turns, no longer a default) and =persistent192 (its d64 half), as the time left allows (those
+#     passed before).
 # Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -226,8 +227,8 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
 
   # 7. The forward variants' grids, as the time left allows (step 3 ran the default: persistent, persistent192 at d64
   # without a causal mask).
-  for run in "rows64:d64 &grid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" "overlap: grid" "rows192:d64 &grid" \
-    "pingpong: grid" "persistent192:d64 &grid"; do
+  for run in "rows64:d64 &grid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" "overlap: grid" \
+    "rows192:d64 &grid" "pingpong: grid" "persistent192:d64 &grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break
     variant=${run%%:*}
     start=$SECONDS

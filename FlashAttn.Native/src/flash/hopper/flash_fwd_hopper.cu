@@ -32,14 +32,15 @@ bool covers(const FlashFwdParams& p) {
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
-// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles, two CTAs
-// a multiprocessor, at d64; persistent at d128; not a default until measured). Otherwise the fastest measured on the H200
-// (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
-// for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the persistent grid elsewhere
-// (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237); persistent192 is the slowest
-// at d64 causal (272), its skipped diagonal tiles unbalancing the larger blocks. Dropout: persistent,
-// or persistent2 when forced, whatever else is forced (the variants compiled with dropout; 240
-// registers a consumer thread leave room for the decisions, persistent192's 160 do not).
+// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
+// two CTAs a multiprocessor, at d64; persistent at d128; not a default until measured). Otherwise the
+// fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row
+// tiles on the persistent grid for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the
+// persistent grid elsewhere (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237);
+// persistent192 is the slowest at d64 causal (272), its skipped diagonal tiles unbalancing the larger
+// blocks. Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants
+// compiled with dropout; 240 registers a consumer thread leave room for the decisions, persistent192's
+// 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");

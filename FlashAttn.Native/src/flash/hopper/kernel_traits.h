@@ -26,7 +26,8 @@ struct FwdTraits {
   // K and V rings would not fit in shared memory.
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = 128;
-  static_assert(kBlockM == 128 || ((kBlockM == 192 || kBlockM == 64) && kHeadDim == 64), "128 rows, or 64 or 192 at d64");
+  static_assert(kBlockM == 128 || ((kBlockM == 192 || kBlockM == 64) && kHeadDim == 64),
+                "128 rows, or 64 or 192 at d64");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
   static constexpr int kMinBlocks = kBlockM == 64 ? 2 : 1;           // CTAs a multiprocessor
