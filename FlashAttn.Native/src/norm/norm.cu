@@ -982,11 +982,15 @@ __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory")
 // dx = rstd * (w dz - (xhat * c1 + c2)) = rstd * w dz - (a * x - b) with a = rstd^2 c1, b = a * mean - rstd * c2, two
 // FMAs an element.
 // kMinBlocks 3 (the variant rowscao3): 256-thread blocks capped at 80 registers, three a multiprocessor, 24 warps
-// where 128 registers leave 16 (NOTES.md, "Fifth round").
-template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, int kMinBlocks = 1>
+// where 128 registers leave 16 (NOTES.md, "Fifth round"). kEarlyKeep (the variant rowsca32e): dx0's dropout decisions
+// made before the first pass, as one bit an element, so that their integer work runs beside the first pass's
+// shared-memory loads and floating point instead of in the second pass's chain (NOTES.md, "Eleventh round").
+template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel, int kMinBlocks = 1,
+          bool kEarlyKeep = false>
 __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? kMinBlocks : 0)
     norm_bwd_rowsca_kernel(const NormBwdParams p, const PhiloxKeys keys, int slot_dw0, int slot_db0, int slot_dw1,
                            int slot_db1, int nslots, int stages) {
+  static_assert(!kEarlyKeep || (kDropout && kIters * kVec <= 32), "one bit an element of a thread's row, in a word");
   constexpr int kP = kParallel ? kIters : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   const int H = int(p.hidden);
@@ -1049,6 +1053,19 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
     const float mean = p.mean != nullptr ? __shfl_sync(0xffffffffu, v, 1) : 0.f;
     const float rs = p.rowscale != nullptr ? __shfl_sync(0xffffffffu, v, 2) : 1.f;
     const float shift = -mean * rstd;  // xhat = x * rstd + shift
+    // kEarlyKeep: bit it * kVec + j keeps element j of the thread's vector it in dx0
+    [[maybe_unused]] uint32_t keep0 = 0;
+    if constexpr (kEarlyKeep) {
+      const int64_t e0 = row * p.hidden + s.col0;  // the dropout counter at this thread's first column
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        if (it >= s.count) continue;
+        bool keep[kVec];
+        dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e0 + it * s.step), keep);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) keep0 |= uint32_t(keep[j]) << (it * kVec + j);
+      }
+    }
 
     float sums[2] = {0.f, 0.f};
 #pragma unroll
@@ -1117,7 +1134,12 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 256 : 512, kMinBlocks > 1 ? k
       // dx0 = dropout(dx) * rowscale, dx1 = dropout(dx), the keep bits regenerated as the forward drew them
       float o[kVec];
       [[maybe_unused]] bool keep[kVec];
-      if constexpr (kDropout) dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e + d), keep);
+      if constexpr (kEarlyKeep) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) keep[j] = (keep0 >> (it * kVec + j)) & 1u;
+      } else if constexpr (kDropout) {
+        dropout_keep<kVec>(keys, p.offset, p.keep_threshold, uint64_t(e + d), keep);
+      }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) o[j] = !kDropout || keep[j] ? dx[j] * scale0 : 0.f;
       store_floats<T, kVec>(static_cast<T*>(p.dx0) + odx + d, o);
@@ -1421,7 +1443,8 @@ FlashAttnStatus launch_bwd_rows(const NormBwdParams& p, int elems, bool l2_prefe
 // block's shared memory (float32 x past about 11000 columns).
 struct RowscaShape {
   int elems = 0, wpr = 0, rpb = 0;
-  bool o3 = false;  // the kernel for three 256-thread blocks a multiprocessor
+  bool o3 = false;     // the kernel for three 256-thread blocks a multiprocessor
+  bool early = false;  // the kernel making dx0's dropout decisions before the first pass
   RowscaLayout layout{};
 };
 
@@ -1434,11 +1457,14 @@ size_t rowsca_smem(const RowscaShape& sh, int stages, int nslots, int64_t hidden
 // wide: 32 columns a thread at every size for one norm (the variant rowsca32), which spreads a row's fixed
 // instructions (the scalars, the group sum, the ring's bookkeeping) over twice the columns at the cost of 32 more
 // registers of partials; two norms keep 16 up to 8192. o3: one norm, 16 columns, blocks of 256 threads at most (up
-// to 4096 columns) for three a multiprocessor (the variant rowscao3).
-RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide, bool o3) {
+// to 4096 columns) for three a multiprocessor (the variant rowscao3). early: dx0's dropout decisions before the first
+// pass, for one norm with dropout (the variant rowsca32e, wide).
+RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, int smem_optin, bool wide, bool o3,
+                         bool early) {
   RowscaShape sh;
   const bool parallel = p.weight1 != nullptr;
   if (dtype_size(p.dtype) != 2 || vec == 1 || (o3 && parallel)) return sh;
+  sh.early = early && wide && !parallel && p.dropout_p > 0.f;
   sh.elems = (wide && !parallel) || p.hidden > int64_t(32) * kRowsMaxWarps * 16 ? 32 : 16;
   if (sh.elems == 32 && (parallel || o3)) return RowscaShape{};
   sh.wpr = warps_per_row(p.hidden / vec, sh.elems / vec);
@@ -1456,10 +1482,13 @@ constexpr int64_t kRowscaInFlight = 96 * 1024;
 
 // The o3 kernels exist for one norm at 16 columns a thread alone (rowsca_shape): two norms' partials spill 540-900
 // bytes at 80 registers.
+// The early kernels for one norm with dropout at 32 columns a thread alone (rowsca_shape).
 template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
-auto pick_rowsca_kernel(bool o3) {
+auto pick_rowsca_kernel(bool o3, bool early) {
   if constexpr (kIters * kVec == 16 && !kParallel)
     if (o3) return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 3>;
+  if constexpr (kIters * kVec == 32 && kDropout && !kParallel)
+    if (early) return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 1, true>;
   return norm_bwd_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel, 1>;
 }
 
@@ -1479,7 +1508,7 @@ FlashAttnStatus launch_bwd_rowsca(const NormBwdParams& p, const RowscaShape& sh,
               return fail(FLASHATTN_STATUS_INVALID_ARGUMENT, function, "norm_bwd_rowsca_kernel: two norms at %d columns a thread",
                           kIters * kVec);  // rowsca_shape
             } else {
-              const auto kernel = pick_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>(sh.o3);
+              const auto kernel = pick_rowsca_kernel<T, TX, kVec, kIters, kDropout, kParallel>(sh.o3, sh.early);
               const int threads = 32 * sh.wpr * sh.rpb;
               const int64_t want = std::min((p.rows + sh.rpb - 1) / sh.rpb, p.lanes - 8);  // see norm_bwd_lanes
               // The stage count: the rows in flight a multiprocessor up to kRowscaInFlight, then the most row groups,
@@ -1634,8 +1663,9 @@ FlashAttnStatus launch_bwd(const NormBwdParams& p, cudaStream_t stream, const ch
     } else {
       variant = plain ? pick_variant(kBwdRules16Plain, p.hidden) : pick_variant(kBwdRules16, p.hidden);
     }
-    if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3)
-      rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32, variant == kRowsCaO3);
+    if (variant == kRowsCa || variant == kRowsCa32 || variant == kRowsCaO3 || variant == kRowsCa32E)
+      rowsca = rowsca_shape(p, sl, kVec, d.smem_optin, variant == kRowsCa32 || variant == kRowsCa32E,
+                            variant == kRowsCaO3, variant == kRowsCa32E);
     if (variant != kBlock) elems = bwd_rows_elems(p, sl, kVec, variant_elems(variant), d.smem_optin);
   }
   if (rowsca.rpb > 0) {
