@@ -1481,8 +1481,7 @@ RowscaShape rowsca_shape(const NormBwdParams& p, const BwdSlots& sl, int vec, in
 constexpr int64_t kRowscaInFlight = 96 * 1024;
 
 // The o3 kernels exist for one norm at 16 columns a thread alone (rowsca_shape): two norms' partials spill 540-900
-// bytes at 80 registers.
-// The early kernels for one norm with dropout at 32 columns a thread alone (rowsca_shape).
+// bytes at 80 registers. The early kernels, for one norm with dropout at 32 columns a thread alone.
 template <typename T, typename TX, int kVec, int kIters, bool kDropout, bool kParallel>
 auto pick_rowsca_kernel(bool o3, bool early) {
   if constexpr (kIters * kVec == 16 && !kParallel)

@@ -7,8 +7,8 @@
 // the backward's rows through shared memory (its forward is rows32's; where it does not apply, its backward is rows32's
 // too), rowsca32 the same at 32 columns a thread at every size, rowscao3 at 80 registers for three blocks a
 // multiprocessor up to 4096 columns, rowsca32e rowsca32 with dx0's dropout decisions made before the first pass
-// (one norm with dropout; elsewhere it is rowsca32) (NOTES.md). rows32 with the backward's registers capped for three blocks a
-// multiprocessor was a variant, and lost (NOTES.md).
+// (one norm with dropout; elsewhere it is rowsca32) (NOTES.md). rows32 with the backward's registers capped for three
+// blocks a multiprocessor was a variant, and lost (NOTES.md).
 
 namespace flashattn {
 
