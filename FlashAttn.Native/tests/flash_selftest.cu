@@ -19,6 +19,8 @@
 //   flash_selftest --bench-peer  both directions, default variants, at the shapes of the PyTorch peer's
 //                             attention part (S 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process,
 //                             then a second pass of d128 causal at S 8192 and its B/H neighbours
+//   flash_selftest --bench-peer-fwd [D [causal]]  the forward alone at those shapes, in this process, under its
+//                             environment (an A/B of forward variants: one process each, alternated)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -904,6 +906,10 @@ int main(int argc, char** argv) {
     bench_here(kPeerConfigs, 0, -1, true);
     std::printf("# second pass: d128 causal at S 8192 and its neighbours\n");
     bench_here(kPeerRecheckConfigs, 0, -1, true);
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "--bench-peer-fwd") {
+    bench_here(kPeerConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, false);
     return 0;
   }
   if (argc > 1 && (std::string(argv[1]) == "--bench-here" || std::string(argv[1]) == "--bench-bwd")) {

@@ -1601,13 +1601,16 @@ int env_variant() {
 //     0.3653 / rowsca's 0.3802, 16384 0.810 / rowsca's 0.819, rows32's 0.971). RMSNorm: rowsca32 the best to 8192
 //     (768 0.0320 / rows32's 0.0354, 2048 0.0679 / rowscao3's 0.0710, 4096 0.1264 / 0.1300, 8192 0.2474 / rows32l2's
 //     0.2608, rowsca's 0.2755), rows16l2 at 16384 (0.5451 / rowsca32's 0.578).
+//   LayerNorm backward with dropout, rowsca32e (dx0's dropout decisions before the first pass) against rowsca32, a
+//     later run: 2048 0.1056 / 0.1049, 4096 0.2001 / 0.1974, 8192 0.3839 / 0.3742, 16384 0.8436 / 0.9434; so it takes
+//     the sizes above 8192 alone.
 struct SizeRule {
   int64_t max_hidden;
   NormVariant variant;
 };
 constexpr SizeRule kFwdRules[] = {{kNormMaxHidden, kRows32}};
 constexpr SizeRule kBwdRules[] = {{768, kBlock}, {4096, kRows16L2}, {8192, kRowsCa}, {kNormMaxHidden, kRows32}};
-constexpr SizeRule kBwdRules16[] = {{768, kRowsCa}, {kNormMaxHidden, kRowsCa32}};
+constexpr SizeRule kBwdRules16[] = {{768, kRowsCa}, {8192, kRowsCa32}, {kNormMaxHidden, kRowsCa32E}};
 constexpr SizeRule kBwdRules16Plain[] = {{4096, kRowsCaO3}, {kNormMaxHidden, kRowsCa32}};
 constexpr SizeRule kBwdRmsRules[] = {{768, kRows32}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};
 constexpr SizeRule kBwdRmsRulesPlain[] = {{768, kRows32}, {4096, kRowsCaO3}, {8192, kRowsCa}, {kNormMaxHidden, kRows16L2}};

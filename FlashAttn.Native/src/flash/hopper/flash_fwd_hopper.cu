@@ -28,17 +28,22 @@ bool covers(const FlashFwdParams& p) {
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
 
+// rows64's lower bound in queries and keys (fwd_variant's comment): its two CTAs a multiprocessor pay once a tile's
+// rows are long.
+constexpr int64_t kRows64MinSeqlen = 8192;
+
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
-// two CTAs a multiprocessor, at d64; persistent at d128; not a default until measured). Otherwise the
-// fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row
-// tiles on the persistent grid for d64 without a causal mask (511 TFLOP/s against pingpong's 438), the
-// persistent grid elsewhere (d64 causal 396 / 379, d128 664 / 642 and 598 / 560, GPT-2 265 / 237);
-// persistent192 is the slowest at d64 causal (272), its skipped diagonal tiles unbalancing the larger
-// blocks. Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants
+// two CTAs a multiprocessor, at d64; persistent at d128). Otherwise the fastest measured on the H200
+// (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
+// for d64 without a causal mask (511 TFLOP/s against pingpong's 438), rows64 for d64 causal from 8192
+// keys and queries (16k tokens: S 8192 469 / persistent's 451, S 16384 505 / 468; S 2048 and 4096 alike,
+// GPT-2 264 / 271), the persistent grid elsewhere (d64 causal 396 / 379, d128 664 / 642 and 598 / 560,
+// GPT-2 265 / 237); persistent192 is the slowest at d64 causal (272), its skipped diagonal tiles
+// unbalancing the larger blocks. Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants
 // compiled with dropout; 240 registers a consumer thread leave room for the decisions, persistent192's
 // 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
@@ -57,7 +62,10 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
     return forced == int(FwdVariant::kPersistent2) ? FwdVariant::kPersistent2 : FwdVariant::kPersistent;
   if (forced >= 0) return FwdVariant(forced);
   const bool causal = p.window_right == 0;
-  return p.headdim == 64 && !causal ? FwdVariant::kPersistent192 : FwdVariant::kPersistent;
+  if (p.headdim != 64) return FwdVariant::kPersistent;
+  if (!causal) return FwdVariant::kPersistent192;
+  const bool long_rows = p.seqlen_q >= kRows64MinSeqlen && p.seqlen_k >= kRows64MinSeqlen;
+  return long_rows ? FwdVariant::kRows64 : FwdVariant::kPersistent;
 }
 
 template <typename T>
