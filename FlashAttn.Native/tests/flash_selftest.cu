@@ -592,6 +592,18 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
+  // The default forward at long lengths (forward only), where fwd_variant leaves the persistent grid: rows64 (d64
+  // causal), overlap (d128, causal from S 8192); partial last tiles, seqlen_q != seqlen_k.
+  struct LongCase {
+    int d, causal, sq, sk, H, Hk;
+  };
+  for (const LongCase& l : {LongCase{64, 1, 8200, 8200, 1, 1}, LongCase{128, 0, 4100, 4200, 2, 1},
+                            LongCase{128, 1, 8192, 8250, 1, 1}}) {
+    Case c;
+    c.B = 1, c.D = l.d, c.causal = l.causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk, c.fwd_only = true;
+    c.name = name(c, " long");
+    v.push_back(c);
+  }
   // The persistent forwards' grid (forward only): several tiles a CTA with seqlen_q != seqlen_k both
   // ways, 4 x 12 heads, GQA 3:1, partial tiles at both ends. 700 x 500: 288 tiles of 128 rows (a
   // whole round of units of two on 132 CTAs, then a third tile on some: a Q buffer used twice); causal,

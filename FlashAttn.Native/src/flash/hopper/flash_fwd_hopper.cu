@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -28,9 +29,10 @@ bool covers(const FlashFwdParams& p) {
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
 
-// rows64's lower bound in queries and keys (fwd_variant's comment): its two CTAs a multiprocessor pay once a tile's
-// rows are long.
-constexpr int64_t kRows64MinSeqlen = 8192;
+// From these query and key lengths on, non-persistent grids beat the persistent one (fwd_variant's comment): causal
+// (rows64 at d64, overlap at d128), and without a causal mask at d128 (overlap).
+constexpr int64_t kLongCausal = 8192;
+constexpr int64_t kLongFull128 = 4096;
 
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
@@ -38,14 +40,16 @@ constexpr int64_t kRows64MinSeqlen = 8192;
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
 // two CTAs a multiprocessor, at d64; persistent at d128). Otherwise the fastest measured on the H200
-// (hopper/NOTES.md, bf16, B4 S4096 and GPT-2's B16 S1024 causal): 192-row tiles on the persistent grid
-// for d64 without a causal mask (511 TFLOP/s against pingpong's 438), rows64 for d64 causal from 8192
-// keys and queries (16k tokens: S 8192 469 / persistent's 451, S 16384 505 / 468; S 2048 and 4096 alike,
-// GPT-2 264 / 271), the persistent grid elsewhere (d64 causal 396 / 379, d128 664 / 642 and 598 / 560,
-// GPT-2 265 / 237); persistent192 is the slowest at d64 causal (272), its skipped diagonal tiles
-// unbalancing the larger blocks. Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants
-// compiled with dropout; 240 registers a consumer thread leave room for the decisions, persistent192's
-// 160 do not).
+// (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k tokens at S 2048-16384): 192-row
+// tiles on the persistent grid for d64 without a causal mask (511 TFLOP/s against pingpong's 438); long
+// rows on a non-persistent grid: rows64 for d64 causal from S 8192 (461 / persistent's 447 at 8192, 492
+// / 467 at 16384; alike at 2048 and 4096, GPT-2 259 / 269), overlap at d128 from S 4096 without a causal
+// mask (636 / 620 at 4096, 672 / 642 at 8192, 690 / 643 at 16384; alike at 2048) and from S 8192 with one
+// (620 / 609 at 8192, 681 / 639 at 16384; 463 / 491 at 2048); the persistent grid elsewhere (d64 causal
+// 396 / 379, GPT-2 265 / 237); persistent192 is the slowest at d64 causal (272), its skipped diagonal
+// tiles unbalancing the larger blocks. Dropout: persistent, or persistent2 when forced, whatever else is
+// forced (the variants compiled with dropout; 240 registers a consumer thread leave room for the
+// decisions, persistent192's 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
@@ -62,10 +66,11 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
     return forced == int(FwdVariant::kPersistent2) ? FwdVariant::kPersistent2 : FwdVariant::kPersistent;
   if (forced >= 0) return FwdVariant(forced);
   const bool causal = p.window_right == 0;
-  if (p.headdim != 64) return FwdVariant::kPersistent;
+  const int64_t rows = std::min(p.seqlen_q, p.seqlen_k);
+  if (p.headdim == 128)
+    return rows >= (causal ? kLongCausal : kLongFull128) ? FwdVariant::kOverlap : FwdVariant::kPersistent;
   if (!causal) return FwdVariant::kPersistent192;
-  const bool long_rows = p.seqlen_q >= kRows64MinSeqlen && p.seqlen_k >= kRows64MinSeqlen;
-  return long_rows ? FwdVariant::kRows64 : FwdVariant::kPersistent;
+  return rows >= kLongCausal ? FwdVariant::kRows64 : FwdVariant::kPersistent;
 }
 
 template <typename T>
