@@ -93,6 +93,7 @@ struct Case {
 struct PathCapture {
   FILE* file = nullptr;
   int saved = -1;
+  std::string kernel;  // the Hopper forward's kernel variant, after end()
   void begin() {
     std::fflush(stderr);
     file = std::tmpfile();
@@ -112,6 +113,9 @@ struct PathCapture {
       while (std::fgets(buf, sizeof buf, file)) text += buf;
       std::fclose(file);
     }
+    // The Hopper forward's line also names its kernel variant: "..., kernel <name>".
+    const size_t at = text.find(", kernel ");
+    if (at != std::string::npos) kernel = text.substr(at + 9, text.find('\n', at) - at - 9);
     return text.find("hopper path") != std::string::npos ? "hopper"
            : text.find("sm80 path") != std::string::npos ? "sm80"
                                                           : "?";
@@ -789,8 +793,9 @@ void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bo
     }
     const double tf = time_it(fwd);
     const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
+    const std::string fwd_kernel = capture.kernel.empty() ? path : path + " " + capture.kernel;
     std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s", B, H, S, D, causal,
-                path.c_str(), tf, flops / tf * 1e-9);
+                fwd_kernel.c_str(), tf, flops / tf * 1e-9);
     if (with_bwd) {
       setenv("FLASHATTN_LOG_PATH", "1", 1);
       PathCapture bwd_capture;

@@ -61,12 +61,12 @@ struct Bwd {
   }
 };
 
-void log_path(const char* function, const char* path) {
+void log_path(const char* function, const char* path, const char* kernel = nullptr) {
   static const bool on = [] {  // read once: getenv scans the whole environment, at every call of every layer
     const char* v = std::getenv("FLASHATTN_LOG_PATH");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  if (on) std::fprintf(stderr, "%s: %s\n", function, path);
+  if (on) std::fprintf(stderr, "%s: %s%s%s\n", function, path, kernel ? ", kernel " : "", kernel ? kernel : "");
 }
 
 }  // namespace
@@ -74,9 +74,10 @@ void log_path(const char* function, const char* path) {
 FlashAttnStatus run_flash_fwd(const FlashFwdParams& p, void* stream, const char* function) {
 #if FLASHATTN_HOPPER
   bool ran = false;
-  const FlashAttnStatus s = flash::hopper::run_fwd(p, static_cast<cudaStream_t>(stream), function, &ran);
+  const char* kernel = nullptr;
+  const FlashAttnStatus s = flash::hopper::run_fwd(p, static_cast<cudaStream_t>(stream), function, &ran, &kernel);
   if (s != FLASHATTN_STATUS_OK || ran) {
-    if (ran) log_path(function, "hopper path (sm_90a: TMA, wgmma)");
+    if (ran) log_path(function, "hopper path (sm_90a: TMA, wgmma)", kernel);
     return s;
   }
 #endif

@@ -29,6 +29,21 @@ bool covers(const FlashFwdParams& p) {
          p.seqlen_k > 0 && p.softmax_scale > 0.f && std::isfinite(p.softmax_scale);
 }
 
+// FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
+constexpr int kFwdVariants = 7;
+constexpr const char* kFwdVariantNames[kFwdVariants] = {"overlap",       "pingpong",    "rows192", "persistent",
+                                                        "persistent192", "persistent2", "rows64"};
+static_assert(int(FwdVariant::kRows64) + 1 == kFwdVariants, "a name for every variant");
+
+// The kernel a variant runs at a head dim (launch_mha_fwd_hopper), for FLASHATTN_LOG_PATH's line: at d128 rows192
+// is pingpong's kernel, persistent192 and rows64 persistent's.
+const char* fwd_kernel_name(FwdVariant variant, int64_t headdim) {
+  if (headdim == 128 && variant == FwdVariant::kRows192) return kFwdVariantNames[int(FwdVariant::kPingpong)];
+  if (headdim == 128 && (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64))
+    return kFwdVariantNames[int(FwdVariant::kPersistent)];
+  return kFwdVariantNames[int(variant)];
+}
+
 // From these query and key lengths on, non-persistent grids beat the persistent one (fwd_variant's comment): causal
 // (rows64 at d64, overlap at d128), and without a causal mask at d128 (overlap).
 constexpr int64_t kLongCausal = 8192;
@@ -54,12 +69,8 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
     if (v == nullptr) return -1;
-    if (std::strcmp(v, "overlap") == 0) return int(FwdVariant::kOverlap);
-    if (std::strcmp(v, "rows192") == 0) return int(FwdVariant::kRows192);
-    if (std::strcmp(v, "persistent") == 0) return int(FwdVariant::kPersistent);
-    if (std::strcmp(v, "persistent192") == 0) return int(FwdVariant::kPersistent192);
-    if (std::strcmp(v, "persistent2") == 0) return int(FwdVariant::kPersistent2);
-    if (std::strcmp(v, "rows64") == 0) return int(FwdVariant::kRows64);
+    for (int i = 0; i < kFwdVariants; ++i)
+      if (std::strcmp(v, kFwdVariantNames[i]) == 0) return i;
     return int(FwdVariant::kPingpong);
   }();
   if (p.dropout_p > 0.f)
@@ -82,7 +93,8 @@ FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, F
 
 }  // namespace
 
-FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran) {
+FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran,
+                        const char** kernel) {
   *ran = false;
   static const bool enabled = !env_off("FLASHATTN_HOPPER");  // read once per process
   if (!covers(p) || !enabled) return FLASHATTN_STATUS_OK;
@@ -105,6 +117,7 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
                   p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
+  *kernel = fwd_kernel_name(variant, p.headdim);
   return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, dev.device, stream, function)
                                               : by_headdim<__half>(p, maps, variant, dev.device, stream, function);
 }

@@ -20,8 +20,10 @@ namespace hopper {
 //    FLASHATTN_HOPPER_FWD_VARIANT=overlap likewise picks the kernel without the warpgroups' ping-pong);
 //  - the driver encodes the TMA tensor maps of q, k and v (16-byte aligned base and strides, which
 //    the ABI already requires).
-// *ran = false with FLASHATTN_STATUS_OK: the caller runs the sm_80 kernels.
-FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran);
+// *ran = false with FLASHATTN_STATUS_OK: the caller runs the sm_80 kernels. When it ran, *kernel names the kernel
+// variant (FLASHATTN_HOPPER_FWD_VARIANT's names), a static string.
+FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran,
+                        const char** kernel);
 
 }  // namespace hopper
 }  // namespace flash
