@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [attnpeer] [bench]
+#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [attnpeer] [attnncu] [bench]
 #   [bench-old] [memory] [peermemory] [peers] [sanitize] [losscurve]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   bench-old (after `PREPARE_OLD=<commit> build/device-prepare.sh`) runs the same BENCH_FILTER through that commit's
@@ -230,6 +230,25 @@ if want attnpeer; then
     python3 build/attn_peer_gpt2.py >>"$OUT/attnpeer.tsv" 2>&1 || peer_rc="$peer_rc, GPT-2 row failed"
   fi
   summary+=("attnpeer: flash_selftest --bench-peer rc $rc, peer's cudnn rows rc $peer_rc")
+fi
+
+if want attnncu; then
+  # ncu of the Hopper forward at one of --bench-peer-fwd's shapes (ATTN_NCU='D causal S', default '128 0 16384') under
+  # each |-separated setting of ATTNNCU_ENVS (default: the default variant), e.g.
+  # ATTNNCU_ENVS='FLASHATTN_HOPPER_FWD_VARIANT=persistent | FLASHATTN_HOPPER_FWD_VARIANT=overlap': attnncu.txt, the
+  # fourth launch's report (after the path call and two timed ones).
+  read -r ncu_d ncu_causal ncu_s <<< "${ATTN_NCU:-128 0 16384}"
+  IFS='|' read -ra ncu_settings <<< "${ATTNNCU_ENVS:- }"
+  for setting in "${ncu_settings[@]}"; do
+    echo "== ${setting// /}" >>"$OUT/attnncu.txt"
+    # shellcheck disable=SC2086 # the setting's words are separate variables
+    env $setting timeout 150 ncu --kernel-name regex:flash_fwd_hopper --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+      --section WarpStateStats --metrics lts__t_sector_hit_rate.pct \
+      /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer-fwd "$ncu_d" "$ncu_causal" "$ncu_s" \
+      >>"$OUT/attnncu.txt" 2>&1
+    summary+=("attnncu '${setting// /}' (d$ncu_d causal $ncu_causal S $ncu_s): rc $?")
+  done
 fi
 
 if want ops; then

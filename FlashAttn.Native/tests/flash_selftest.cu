@@ -19,8 +19,9 @@
 //   flash_selftest --bench-peer  both directions, default variants, at the shapes of the PyTorch peer's
 //                             attention part (S 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process,
 //                             then a second pass of d128 causal at S 8192 and its B/H neighbours
-//   flash_selftest --bench-peer-fwd [D [causal]]  the forward alone at those shapes, in this process, under its
-//                             environment (an A/B of forward variants: one process each, alternated)
+//   flash_selftest --bench-peer-fwd [D [causal [S]]]  the forward alone at those shapes, in this process, under
+//                             its environment (an A/B of forward variants: one process each, alternated; one
+//                             shape for ncu: device-run.sh attnncu)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -720,10 +721,11 @@ constexpr BenchConfig kPeerRecheckConfigs[] = {
     {2, 16, 8192, 128, 1}, {1, 32, 8192, 128, 1}, {2, 8, 8192, 128, 1}, {4, 16, 4096, 128, 1}, {1, 16, 16384, 128, 1}};
 
 template <size_t N>
-void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bool with_bwd) {
+void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bool with_bwd, int only_s = 0) {
   for (const BenchConfig& cfg : configs) {
     const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
-    if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal)) continue;
+    if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal) || (only_s > 0 && S != only_s))
+      continue;
     const size_t n = size_t(B) * S * H * D;
     void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
     float* lse;
@@ -926,7 +928,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "--bench-peer-fwd") {
-    bench_here(kPeerConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, false);
+    bench_here(kPeerConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, false,
+               argc > 4 ? std::atoi(argv[4]) : 0);
     return 0;
   }
   if (argc > 1 && (std::string(argv[1]) == "--bench-here" || std::string(argv[1]) == "--bench-bwd")) {
