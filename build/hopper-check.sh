@@ -10,8 +10,8 @@
 #  3. flash_selftest: first the backward's single-tile probe cases (bwd-probe: which of dV, dK, dQ
 #     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
 #     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
-#     ran on the sm_80 path), under the default forward variant at the cases' lengths, all below 4096
-#     (persistent; persistent192 at d64 without a causal mask: flash_fwd_hopper.cu, fwd_variant); a few with
+#     ran on the sm_80 path), under the default forward variant (persistent; persistent192 at d64 without
+#     a causal mask; the "long" cases' rows64 and overlap: flash_fwd_hopper.cu, fwd_variant); a few with
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;
@@ -225,7 +225,7 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
     summary+=("compute-sanitizer: not on PATH")
   fi
 
-  # 7. The forward variants' grids, as the time left allows (step 3 ran the default at short lengths: persistent,
+  # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths persistent,
   # persistent192 at d64 without a causal mask; rows64 and overlap are the defaults at long ones, so they come first).
   for run in "rows64:d64 &grid" "overlap: grid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
     "rows192:d64 &grid" "pingpong: grid" "persistent192:d64 &grid"; do
