@@ -30,10 +30,10 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 7;
-constexpr const char* kFwdVariantNames[kFwdVariants] = {"overlap",       "pingpong",    "rows192", "persistent",
-                                                        "persistent192", "persistent2", "rows64"};
-static_assert(int(FwdVariant::kRows64) + 1 == kFwdVariants, "a name for every variant");
+constexpr int kFwdVariants = 8;
+constexpr const char* kFwdVariantNames[kFwdVariants] = {
+    "overlap", "pingpong", "rows192", "persistent", "persistent192", "persistent2", "rows64", "persistent_overlap"};
+static_assert(int(FwdVariant::kPersistentOverlap) + 1 == kFwdVariants, "a name for every variant");
 
 // The kernel a variant runs at a head dim (launch_mha_fwd_hopper), for FLASHATTN_LOG_PATH's line: at d128 rows192
 // is pingpong's kernel, persistent192 and rows64 persistent's.
@@ -54,7 +54,8 @@ constexpr int64_t kLongFull128 = 4096;
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
-// two CTAs a multiprocessor, at d64; persistent at d128). Otherwise the fastest measured on the H200
+// two CTAs a multiprocessor, at d64; persistent at d128), "persistent_overlap" (overlap on the persistent
+// grid; not a default until measured). Otherwise the fastest measured on the H200
 // (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k tokens at S 2048-16384): 192-row
 // tiles on the persistent grid for d64 without a causal mask (511 TFLOP/s against pingpong's 438); long
 // rows on a non-persistent grid: rows64 for d64 causal from S 8192 (461 / persistent's 447 at 8192, 492

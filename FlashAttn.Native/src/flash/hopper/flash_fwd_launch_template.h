@@ -76,6 +76,8 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
         return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true, false, true>(p, maps, kp, device, stream,
                                                                                     function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
+    case FwdVariant::kPersistentOverlap:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, false, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent192:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent2:

@@ -98,7 +98,7 @@ struct FwdTensorMaps {
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kRows64, 64-row tiles of one consumer warpgroup, two CTAs a multiprocessor, at d64
-// (kPersistent at d128).
+// (kPersistent at d128); kPersistentOverlap, kOverlap on a persistent grid (no turns).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -106,7 +106,8 @@ enum class FwdVariant : int {
   kPersistent = 3,
   kPersistent192 = 4,
   kPersistent2 = 5,
-  kRows64 = 6
+  kRows64 = 6,
+  kPersistentOverlap = 7
 };
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
