@@ -5,9 +5,9 @@
 //                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
 //                             pingpong, overlap, rows192, persistent, persistent192, persistent2, rows64,
-//                             persistent_overlap;
-//                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192
-//                             and rows64 are persistent) and
+//                             persistent_overlap, persistent_n64;
+//                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192,
+//                             rows64 and persistent_n64 are persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
 //                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
 //                             persistent)
@@ -850,6 +850,7 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"persist2", "FLASHATTN_HOPPER_FWD_VARIANT=persistent2", true, false},
                               {"rows64", "FLASHATTN_HOPPER_FWD_VARIANT=rows64", true, false},
                               {"pers_ov", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap", true, false},
+                              {"pers_n64", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_n64", true, false},
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
                               {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},

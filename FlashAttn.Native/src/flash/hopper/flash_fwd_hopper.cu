@@ -30,16 +30,19 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 8;
-constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap", "pingpong", "rows192", "persistent", "persistent192", "persistent2", "rows64", "persistent_overlap"};
-static_assert(int(FwdVariant::kPersistentOverlap) + 1 == kFwdVariants, "a name for every variant");
+constexpr int kFwdVariants = 9;
+constexpr const char* kFwdVariantNames[kFwdVariants] = {"overlap",     "pingpong", "rows192",
+                                                        "persistent",  "persistent192",
+                                                        "persistent2", "rows64",
+                                                        "persistent_overlap", "persistent_n64"};
+static_assert(int(FwdVariant::kPersistentN64) + 1 == kFwdVariants, "a name for every variant");
 
 // The kernel a variant runs at a head dim (launch_mha_fwd_hopper), for FLASHATTN_LOG_PATH's line: at d128 rows192
-// is pingpong's kernel, persistent192 and rows64 persistent's.
+// is pingpong's kernel, persistent192, rows64 and persistent_n64 persistent's.
 const char* fwd_kernel_name(FwdVariant variant, int64_t headdim) {
   if (headdim == 128 && variant == FwdVariant::kRows192) return kFwdVariantNames[int(FwdVariant::kPingpong)];
-  if (headdim == 128 && (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64))
+  if (headdim == 128 && (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64 ||
+                         variant == FwdVariant::kPersistentN64))
     return kFwdVariantNames[int(FwdVariant::kPersistent)];
   return kFwdVariantNames[int(variant)];
 }
@@ -55,7 +58,8 @@ constexpr int64_t kLongFull128 = 4096;
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
 // two CTAs a multiprocessor, at d64; persistent at d128), "persistent_overlap" (overlap on the persistent
-// grid; not a default until measured). Otherwise the fastest measured on the H200
+// grid; not a default until measured), "persistent_n64" (persistent with keys in blocks of 64, at d64; persistent
+// at d128; not a default until measured). Otherwise the fastest measured on the H200
 // (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k tokens at S 2048-16384): 192-row
 // tiles on the persistent grid for d64 without a causal mask (511 TFLOP/s against pingpong's 438); long
 // rows on a non-persistent grid: rows64 for d64 causal from S 8192 (461 / persistent's 447 at 8192, 492
@@ -104,8 +108,7 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
   if (s != FLASHATTN_STATUS_OK || dev.capability != 90) return s;  // sm_90a code runs on 9.0 alone
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
-  // K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims;
-  // Q's is as high as the variant's query block.
+  // K and V tiles' box: 64 head-dim columns by the variant's key block; Q's as high as its query block.
   using Tr = FwdTraits<64, __half>;
   const FwdVariant variant = fwd_variant(p);
   FwdTensorMaps maps;
@@ -113,9 +116,9 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                   p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, fwd_block_m(int(p.headdim), variant)) &&
       encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
-                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
+                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, fwd_block_n(int(p.headdim), variant)) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
-                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
+                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, fwd_block_n(int(p.headdim), variant));
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
   *kernel = fwd_kernel_name(variant, p.headdim);

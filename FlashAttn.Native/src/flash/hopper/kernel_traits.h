@@ -11,7 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kBlockN_ = 128>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -23,28 +23,31 @@ struct FwdTraits {
   // long as the products). d128 at 192 rows would need 160 accumulator registers a thread. 64 rows
   // (d64): one consumer warpgroup, two CTAs a multiprocessor, whose tile boundaries (the pipeline's fill
   // and drain) fall at different times (NOTES.md, "Two CTAs a multiprocessor"); at d128 two such CTAs'
-  // K and V rings would not fit in shared memory.
+  // K and V rings would not fit in shared memory. Keys in blocks of 64 (d64, 128 rows): a tile's first S
+  // and last P V, which nothing of the same warpgroup runs under, take half as long (NOTES.md, "Key
+  // blocks of 64").
   static constexpr int kBlockM = kBlockM_;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = kBlockN_;
   static_assert(kBlockM == 128 || ((kBlockM == 192 || kBlockM == 64) && kHeadDim == 64),
                 "128 rows, or 64 or 192 at d64");
+  static_assert(kBlockN == 128 || (kBlockN == 64 && kHeadDim == 64 && kBlockM == 128), "keys by 128, or 64 at d64");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
   static constexpr int kMinBlocks = kBlockM == 64 ? 2 : 1;           // CTAs a multiprocessor
-  static constexpr int kStages = 2;                                  // K and V buffers each
+  static constexpr int kStages = 256 / kBlockN;                      // K and V buffers each: 32 KB
   // Q buffers: two let the producer load the next tile's Q while the consumers still read this
   // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
   static constexpr int kQStages = kQStages_;
   static_assert(kQStages == 1 || kQStages == 2, "one or two Q buffers");
-  // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
+  // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by kBlockN rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
   static constexpr int kBoxCols = 64;
-  static constexpr int kBoxRows = 128;
+  static constexpr int kBoxRows = kBlockN;
   static constexpr int kQBoxRows = kBlockM;
   static_assert(kBlockN == kBoxRows, "K and V tiles are one box high");
   static constexpr int kChunks = kHeadDim / kBoxCols;
-  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));    // 16 KB, a multiple of 1024
+  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));    // 16 or 8 KB, a multiple of 1024
   static constexpr int kTileBytes = kChunks * kChunkBytes;                     // one K or V tile
   static constexpr int kQChunkBytes = kQBoxRows * kBoxCols * int(sizeof(T));  // 16 or 24 KB
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
@@ -98,7 +101,8 @@ struct FwdTensorMaps {
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kRows64, 64-row tiles of one consumer warpgroup, two CTAs a multiprocessor, at d64
-// (kPersistent at d128); kPersistentOverlap, kOverlap on a persistent grid (no turns).
+// (kPersistent at d128); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentN64,
+// kPersistent with keys in blocks of 64, at d64 (kPersistent at d128).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -107,7 +111,8 @@ enum class FwdVariant : int {
   kPersistent192 = 4,
   kPersistent2 = 5,
   kRows64 = 6,
-  kPersistentOverlap = 7
+  kPersistentOverlap = 7,
+  kPersistentN64 = 8
 };
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
@@ -115,6 +120,11 @@ constexpr int fwd_block_m(int headdim, FwdVariant variant) {
   if (headdim != 64) return 128;
   if (variant == FwdVariant::kRows64) return 64;
   return variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ? 192 : 128;
+}
+
+// Keys of a K or V tile (their TMA box) for a head dim and variant.
+constexpr int fwd_block_n(int headdim, FwdVariant variant) {
+  return headdim == 64 && variant == FwdVariant::kPersistentN64 ? 64 : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
