@@ -236,7 +236,7 @@ if want attnncu; then
   # ncu of the Hopper forward at one of --bench-peer-fwd's shapes (ATTN_NCU='D causal S', default '128 0 16384') under
   # each |-separated setting of ATTNNCU_ENVS (default: the default variant), e.g.
   # ATTNNCU_ENVS='FLASHATTN_HOPPER_FWD_VARIANT=persistent | FLASHATTN_HOPPER_FWD_VARIANT=overlap': attnncu.txt, the
-  # fourth launch's report (after the path call and two timed ones).
+  # report of a timed launch past the first three (the path's child process makes one call).
   read -r ncu_d ncu_causal ncu_s <<< "${ATTN_NCU:-128 0 16384}"
   IFS='|' read -ra ncu_settings <<< "${ATTNNCU_ENVS:- }"
   for setting in "${ncu_settings[@]}"; do

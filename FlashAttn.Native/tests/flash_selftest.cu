@@ -13,8 +13,9 @@
 //                             persistent)
 //                             and sm_80's: B=4 H=16 S=4096 D=64/128 causal off/on, B=16 H=12 S=1024 D=64
 //                             causal. The library reads those variables once per process, so each
-//                             setting runs in a child process of its own (--bench-here: this process
-//                             only, under the environment's setting, e.g. for a profiler)
+//                             setting runs in a child process of its own (--bench-here: timed in this
+//                             process, under the environment's setting, e.g. for a profiler; every bench
+//                             reads the paths that ran from a child process's call: --path-of)
 //   flash_selftest --bench-bwd   the forward and backward figures in this process, under its environment
 //                             (with FLASHATTN_HOPPER=0: sm_80's backward)
 //   flash_selftest --bench-peer  both directions, default variants, at the shapes of the PyTorch peer's
@@ -721,6 +722,75 @@ constexpr BenchConfig kPeerConfigs[] = {
 constexpr BenchConfig kPeerRecheckConfigs[] = {
     {2, 16, 8192, 128, 1}, {1, 32, 8192, 128, 1}, {2, 8, 8192, 128, 1}, {4, 16, 4096, 128, 1}, {1, 16, 16384, 128, 1}};
 
+// This executable's path, for the child processes of --bench and of bench_here.
+std::string self_path() {
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return "";
+  self[n] = 0;
+  return self;
+}
+
+// The forward's and the backward's path at one bench shape, from a child process (--path-of): the library reads
+// FLASHATTN_LOG_PATH once per process, so logging the first call in the timing process would log every timed call
+// too (a write to stderr inside each "a call" timing). Out: "hopper overlap", "hopper", "sm80", or "?".
+std::pair<std::string, std::string> paths_in_child(int B, int H, int S, int D, int causal, bool with_bwd) {
+  std::pair<std::string, std::string> paths{"?", "?"};
+  const std::string cmd = "'" + self_path() + "' --path-of " + std::to_string(B) + " " + std::to_string(H) + " " +
+                          std::to_string(S) + " " + std::to_string(D) + " " + std::to_string(causal) +
+                          (with_bwd ? " bwd" : "");
+  FILE* child = popen(cmd.c_str(), "r");
+  if (child == nullptr) return paths;
+  char buf[256];
+  while (std::fgets(buf, sizeof buf, child) != nullptr) {
+    std::string line(buf);
+    while (!line.empty() && (line.back() == '\n' || line.back() == ' ')) line.pop_back();
+    if (line.rfind("fwd ", 0) == 0) paths.first = line.substr(4);
+    if (line.rfind("bwd ", 0) == 0) paths.second = line.substr(4);
+  }
+  pclose(child);
+  return paths;
+}
+
+// --path-of B H S D causal [bwd]: one forward (and backward) call at a bench shape on zeroed inputs, with
+// FLASHATTN_LOG_PATH=1; prints "fwd <path>[ <kernel>]" and "bwd <path>".
+int path_of(int B, int H, int S, int D, int causal, bool with_bwd) {
+  setenv("FLASHATTN_LOG_PATH", "1", 1);
+  const size_t n = size_t(B) * S * H * D;
+  void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
+  float* lse;
+  for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) {
+    CK(cudaMalloc(p, n * 2));
+    CK(cudaMemset(*p, 0, n * 2));
+  }
+  CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
+  const int64_t wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
+  CK(cudaMalloc(&ws, wsb));
+  const int64_t bs = int64_t(S) * H * D, rs = H * D;
+  const float scale = 1.f / std::sqrt(float(D));
+  PathCapture capture;
+  capture.begin();
+  FlashAttnStatus st =
+      FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs, rs, D, bs,
+                          rs, D, bs, rs, D, bs, rs, D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, nullptr,
+                          nullptr, 0, nullptr);
+  const std::string fwd_path = capture.end();
+  if (st != FLASHATTN_STATUS_OK) return 3;
+  std::printf("fwd %s%s%s\n", fwd_path.c_str(), capture.kernel.empty() ? "" : " ", capture.kernel.c_str());
+  if (with_bwd) {
+    PathCapture bwd_capture;
+    bwd_capture.begin();
+    st = FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H,
+                             H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs,
+                             D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb, nullptr);
+    const std::string bwd_path = bwd_capture.end();
+    if (st != FLASHATTN_STATUS_OK) return 3;
+    std::printf("bwd %s\n", bwd_path.c_str());
+  }
+  CK(cudaDeviceSynchronize());
+  return 0;
+}
+
 template <size_t N>
 void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bool with_bwd, int only_s = 0) {
   for (const BenchConfig& cfg : configs) {
@@ -782,37 +852,15 @@ void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bo
       std::sort(ms.begin(), ms.end());
       return double(ms[ms.size() / 2]);
     };
-    // The path the forward takes (read back once), then its median time.
-    setenv("FLASHATTN_LOG_PATH", "1", 1);
-    PathCapture capture;
-    capture.begin();
-    const FlashAttnStatus st = fwd();
-    const std::string path = capture.end();
-    unsetenv("FLASHATTN_LOG_PATH");
-    CK(cudaDeviceSynchronize());
-    if (st != FLASHATTN_STATUS_OK) {
-      std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
-      std::exit(3);
-    }
+    // The paths the forward and backward take (a child process's calls), then their median times.
+    const auto paths = paths_in_child(B, H, S, D, causal, with_bwd);
     const double tf = time_it(fwd);
     const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
-    const std::string fwd_kernel = capture.kernel.empty() ? path : path + " " + capture.kernel;
     std::printf("bench bf16 B=%d H=%d S=%d D=%d causal=%d: fwd [%s] %.3f ms %.1f TFLOP/s", B, H, S, D, causal,
-                fwd_kernel.c_str(), tf, flops / tf * 1e-9);
+                paths.first.c_str(), tf, flops / tf * 1e-9);
     if (with_bwd) {
-      setenv("FLASHATTN_LOG_PATH", "1", 1);
-      PathCapture bwd_capture;
-      bwd_capture.begin();
-      const FlashAttnStatus bst = bwd();
-      const std::string bwd_path = bwd_capture.end();
-      unsetenv("FLASHATTN_LOG_PATH");
-      CK(cudaDeviceSynchronize());
-      if (bst != FLASHATTN_STATUS_OK) {
-        std::printf("bench call failed: %s\n", FlashAttn_core_last_error());
-        std::exit(3);
-      }
       const double tb = time_it(bwd);
-      std::printf(" | bwd %.3f ms %.1f TFLOP/s [%s]", tb, 2.5 * flops / tb * 1e-9, bwd_path.c_str());
+      std::printf(" | bwd %.3f ms %.1f TFLOP/s [%s]", tb, 2.5 * flops / tb * 1e-9, paths.second.c_str());
     }
     if (tf < 0.3) {  // where a call's dispatch is a visible share of it: the queued figures too
       std::printf(" | queued: fwd %.3f ms", time_it(fwd, 20));
@@ -930,6 +978,9 @@ int main(int argc, char** argv) {
     bench_here(kPeerRecheckConfigs, 0, -1, true);
     return 0;
   }
+  if (argc > 6 && std::string(argv[1]) == "--path-of")
+    return path_of(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6]),
+                   argc > 7 && std::string(argv[7]) == "bwd");
   if (argc > 1 && std::string(argv[1]) == "--bench-peer-fwd") {
     bench_here(kPeerConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, false,
                argc > 4 ? std::atoi(argv[4]) : 0);
@@ -943,11 +994,9 @@ int main(int argc, char** argv) {
   }
   if (argc > 1 && std::string(argv[1]) == "--bench") {
     // --bench [D [causal]]: every configuration, or those of one head dim / causality.
-    char self[4096];
-    const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    if (n <= 0) return 4;
-    self[n] = 0;
-    return bench(self, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
+    const std::string self = self_path();
+    if (self.empty()) return 4;
+    return bench(self.c_str(), argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1);
   }
   setenv("FLASHATTN_LOG_PATH", "1", 1);  // each case reads back which forward and backward ran (PathCapture)
   std::string filter = argc > 1 ? argv[1] : "";
