@@ -722,6 +722,53 @@ constexpr BenchConfig kPeerConfigs[] = {
 constexpr BenchConfig kPeerRecheckConfigs[] = {
     {2, 16, 8192, 128, 1}, {1, 32, 8192, 128, 1}, {2, 8, 8192, 128, 1}, {4, 16, 4096, 128, 1}, {1, 16, 16384, 128, 1}};
 
+// One bench shape's buffers (bf16, BSHD, seqlen_q = seqlen_k) and its forward and backward calls at the defaults.
+// Inputs: four rotations of one normal draw (random), or zeros (--path-of, which only reads the paths).
+struct BenchCalls {
+  int B, H, S, D, causal;
+  size_t n;
+  void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
+  float* lse;
+  int64_t wsb;
+  BenchCalls(int B_, int H_, int S_, int D_, int causal_, bool random)
+      : B(B_), H(H_), S(S_), D(D_), causal(causal_), n(size_t(B_) * S_ * H_ * D_) {
+    for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) {
+      CK(cudaMalloc(p, n * 2));
+      CK(cudaMemset(*p, 0, n * 2));
+    }
+    CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
+    wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
+    CK(cudaMalloc(&ws, wsb));
+    if (!random) return;
+    std::vector<uint16_t> h(n);
+    Rng gen(1);
+    for (auto& x : h) x = to_bits(gen.normal(), true);
+    // distinct inputs from one draw: each tensor the draw rotated by a different amount
+    auto upload = [&](void* dst, size_t shift) {
+      CK(cudaMemcpy(dst, h.data() + shift, (n - shift) * 2, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(static_cast<uint16_t*>(dst) + (n - shift), h.data(), shift * 2, cudaMemcpyHostToDevice));
+    };
+    upload(q, 0), upload(k, n / 3), upload(v, 2 * (n / 3)), upload(dout, n / 2);
+  }
+  ~BenchCalls() {
+    for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, static_cast<void*>(lse)}) CK(cudaFree(p));
+  }
+  FlashAttnStatus fwd() const {
+    const int64_t bs = int64_t(S) * H * D, rs = H * D;
+    return FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs, rs,
+                               D, bs, rs, D, bs, rs, D, bs, rs, D, scale(), -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f,
+                               0, 0, nullptr, nullptr, 0, nullptr);
+  }
+  FlashAttnStatus bwd() const {
+    const int64_t bs = int64_t(S) * H * D, rs = H * D;
+    return FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S,
+                               H, H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D,
+                               bs, rs, D, scale(), -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
+                               nullptr);
+  }
+  float scale() const { return 1.f / std::sqrt(float(D)); }
+};
+
 // This executable's path, for the child processes of --bench and of bench_here.
 std::string self_path() {
   char self[4096];
@@ -756,33 +803,17 @@ std::pair<std::string, std::string> paths_in_child(int B, int H, int S, int D, i
 // FLASHATTN_LOG_PATH=1; prints "fwd <path>[ <kernel>]" and "bwd <path>".
 int path_of(int B, int H, int S, int D, int causal, bool with_bwd) {
   setenv("FLASHATTN_LOG_PATH", "1", 1);
-  const size_t n = size_t(B) * S * H * D;
-  void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
-  float* lse;
-  for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) {
-    CK(cudaMalloc(p, n * 2));
-    CK(cudaMemset(*p, 0, n * 2));
-  }
-  CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
-  const int64_t wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
-  CK(cudaMalloc(&ws, wsb));
-  const int64_t bs = int64_t(S) * H * D, rs = H * D;
-  const float scale = 1.f / std::sqrt(float(D));
+  const BenchCalls calls(B, H, S, D, causal, false);
   PathCapture capture;
   capture.begin();
-  FlashAttnStatus st =
-      FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs, rs, D, bs,
-                          rs, D, bs, rs, D, bs, rs, D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, nullptr,
-                          nullptr, 0, nullptr);
+  FlashAttnStatus st = calls.fwd();
   const std::string fwd_path = capture.end();
   if (st != FLASHATTN_STATUS_OK) return 3;
   std::printf("fwd %s%s%s\n", fwd_path.c_str(), capture.kernel.empty() ? "" : " ", capture.kernel.c_str());
   if (with_bwd) {
     PathCapture bwd_capture;
     bwd_capture.begin();
-    st = FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H,
-                             H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs,
-                             D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb, nullptr);
+    st = calls.bwd();
     const std::string bwd_path = bwd_capture.end();
     if (st != FLASHATTN_STATUS_OK) return 3;
     std::printf("bwd %s\n", bwd_path.c_str());
@@ -797,35 +828,9 @@ void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bo
     const int B = cfg.B, H = cfg.H, S = cfg.S, D = cfg.D, causal = cfg.causal;
     if ((only_d > 0 && D != only_d) || (only_causal >= 0 && causal != only_causal) || (only_s > 0 && S != only_s))
       continue;
-    const size_t n = size_t(B) * S * H * D;
-    void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *ws;
-    float* lse;
-    for (void** p : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) CK(cudaMalloc(p, n * 2));
-    CK(cudaMalloc(&lse, size_t(B) * H * S * 4));
-    const int64_t wsb = FlashAttn_flash_bwd_workspace_size(B, S, S, H, H, D, 0);
-    CK(cudaMalloc(&ws, wsb));
-    std::vector<uint16_t> h(n);
-    Rng gen(1);
-    for (auto& x : h) x = to_bits(gen.normal(), true);
-    // distinct inputs from one draw: each tensor the draw rotated by a different amount
-    auto upload = [&](void* dst, size_t shift) {
-      CK(cudaMemcpy(dst, h.data() + shift, (n - shift) * 2, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(static_cast<uint16_t*>(dst) + (n - shift), h.data(), shift * 2, cudaMemcpyHostToDevice));
-    };
-    upload(q, 0), upload(k, n / 3), upload(v, 2 * (n / 3)), upload(dout, n / 2);
-    const int64_t bs = int64_t(S) * H * D, rs = H * D;
-    const float scale = 1.f / std::sqrt(float(D));
-    auto fwd = [&] {
-      return FlashAttn_flash_fwd(q, k, v, o, lse, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B, S, S, H, H, D, bs,
-                                 rs, D, bs, rs, D, bs, rs, D, bs, rs, D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0,
-                                 0.f, 0, 0, nullptr, nullptr, 0, nullptr);
-    };
-    auto bwd = [&] {
-      return FlashAttn_flash_bwd(dout, q, k, v, o, lse, dq, dk, dv, FLASHATTN_DTYPE_BFLOAT16, nullptr, nullptr, B,
-                                 S, S, H, H, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs, rs, D, bs,
-                                 rs, D, bs, rs, D, scale, -1, causal ? 0 : -1, 0.f, nullptr, 0, 0.f, 0, 0, 0, ws, wsb,
-                                 nullptr);
-    };
+    const BenchCalls calls(B, H, S, D, causal, true);
+    auto fwd = [&] { return calls.fwd(); };
+    auto bwd = [&] { return calls.bwd(); };
     // Events around `calls` calls after a synchronisation, per call: one call includes its dispatch while the GPU
     // waits (microseconds; PyTorch's peer times the same way); 20 queued back to back hide it, as training does.
     auto time_it = [&](auto fn, int calls = 1) {
@@ -868,7 +873,6 @@ void bench_here(const BenchConfig (&configs)[N], int only_d, int only_causal, bo
     }
     std::printf("\n");
     std::fflush(stdout);
-    for (void* p : {q, k, v, o, dout, dq, dk, dv, ws, (void*)lse}) CK(cudaFree(p));
   }
 }
 

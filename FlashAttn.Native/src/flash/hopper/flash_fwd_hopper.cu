@@ -37,16 +37,6 @@ constexpr const char* kFwdVariantNames[kFwdVariants] = {"overlap",     "pingpong
                                                         "persistent_overlap", "persistent_n64"};
 static_assert(int(FwdVariant::kPersistentN64) + 1 == kFwdVariants, "a name for every variant");
 
-// The kernel a variant runs at a head dim (launch_mha_fwd_hopper), for FLASHATTN_LOG_PATH's line: at d128 rows192
-// is pingpong's kernel, persistent192, rows64 and persistent_n64 persistent's.
-const char* fwd_kernel_name(FwdVariant variant, int64_t headdim) {
-  if (headdim == 128 && variant == FwdVariant::kRows192) return kFwdVariantNames[int(FwdVariant::kPingpong)];
-  if (headdim == 128 && (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64 ||
-                         variant == FwdVariant::kPersistentN64))
-    return kFwdVariantNames[int(FwdVariant::kPersistent)];
-  return kFwdVariantNames[int(variant)];
-}
-
 // From these query and key lengths on, non-persistent grids beat the persistent one (fwd_variant's comment): causal
 // (rows64 at d64, overlap at d128), and without a causal mask at d128 (overlap).
 constexpr int64_t kLongCausal = 8192;
@@ -110,7 +100,7 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
   // K and V tiles' box: 64 head-dim columns by the variant's key block; Q's as high as its query block.
   using Tr = FwdTraits<64, __half>;
-  const FwdVariant variant = fwd_variant(p);
+  const FwdVariant variant = fwd_kernel_variant(int(p.headdim), fwd_variant(p));
   FwdTensorMaps maps;
   const bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
@@ -121,7 +111,7 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
                   p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, fwd_block_n(int(p.headdim), variant));
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
-  *kernel = fwd_kernel_name(variant, p.headdim);
+  *kernel = kFwdVariantNames[int(variant)];
   return p.dtype == FLASHATTN_DTYPE_BFLOAT16 ? by_headdim<__nv_bfloat16>(p, maps, variant, dev.device, stream, function)
                                               : by_headdim<__half>(p, maps, variant, dev.device, stream, function);
 }

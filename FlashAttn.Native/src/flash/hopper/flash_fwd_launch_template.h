@@ -66,7 +66,7 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
     case FwdVariant::kRows192:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, false>(p, maps, kp, device, stream, function);
     case FwdVariant::kRows64:
-      // One consumer warpgroup a CTA, two CTAs a multiprocessor: no turns (d64; fwd_variant gives d128 kPersistent).
+      // One consumer warpgroup a CTA, two CTAs a multiprocessor: no turns (d64; run_fwd gives d128 kPersistent).
       if constexpr (kHeadDim == 64)
         return launch_fwd_kernel<FwdTraits<kHeadDim, T, 64>, false, false>(p, maps, kp, device, stream, function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
@@ -77,7 +77,7 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
                                                                                     function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistentN64:
-      // Keys in blocks of 64 (d64; fwd_variant's name for it at d128 is kPersistent's kernel).
+      // Keys in blocks of 64 (d64; run_fwd gives d128 kPersistent).
       if constexpr (kHeadDim == 64)
         return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 64>, true, true>(p, maps, kp, device, stream, function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);

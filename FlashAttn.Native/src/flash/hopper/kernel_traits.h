@@ -115,6 +115,17 @@ enum class FwdVariant : int {
   kPersistentN64 = 8
 };
 
+// The variant whose kernel runs at a head dim: d128 has no 64- or 192-row tiles and no 64-key blocks, so rows192
+// runs pingpong's kernel there, and persistent192, rows64 and persistent_n64 persistent's. run_fwd resolves a
+// variant through it once; the launch and the path log then see the kernel that runs.
+constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
+  if (headdim == 64) return variant;
+  if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
+  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64 || variant == FwdVariant::kPersistentN64)
+    return FwdVariant::kPersistent;
+  return variant;
+}
+
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
   if (headdim != 64) return 128;
