@@ -2,7 +2,7 @@
 # On the GPU host, after build/device-run.sh built the native tree (/tmp/flashattn-native) in the same call:
 #   AB_VARIANTS='persistent overlap persistent_overlap' AB_PASSES=2 bash build/attn-ab.sh [D [causal [S]]]
 # The Hopper forward's variants timed against each other at flash_selftest --bench-peer-fwd's shapes (the PyTorch
-# peer's 16k tokens at S 2048-16384, GPT-2's B 16 S 1024), narrowed by D, causal and S as that command takes them.
+# peer's 16k tokens at S 512-16384, GPT-2's B 16 S 1024), narrowed by D, causal and S as that command takes them.
 # Each variant runs in a process of its own (the library reads FLASHATTN_HOPPER_FWD_VARIANT once), the variants
 # alternated pass after pass so that a drift of the clocks falls on all of them alike (one process after another of
 # the same variant read up to 3% apart in run H67). Every line goes to $OUT/attn-ab.txt; printed last, each shape's

@@ -33,9 +33,9 @@
 #     and on the dropout kernels;
 #  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=rows64 (64-row tiles, two CTAs a
 #     multiprocessor: the default for d64 causal from S 8192; its d64 half), =overlap (without the warpgroups'
-#     ping-pong: the default at d128 from S 4096, 8192 causal), =persistent_n64 (keys in blocks of 64, not yet on
-#     a GPU: its d64 grid and "pgrid"), =persistent_overlap (overlap on the persistent grid, not yet on a GPU:
-#     its grid and the persistent grid cases "pgrid"), =persistent2 (a CTA's tiles overlapped; its grid,
+#     ping-pong: the default at d128 causal from S 16384), =persistent_overlap (overlap on the persistent grid:
+#     the default at d128 elsewhere; its d64 half and the persistent grid cases "pgrid"), =persistent (the
+#     default at d64 causal below S 8192; its d128 half), =persistent2 (a CTA's tiles overlapped; its grid,
 #     "pgrid" and the odd head count "b5"), =rows192 (192-row tiles: its d64 half),
 #     =pingpong (the warpgroups taking turns, no longer a default) and =persistent192 (its d64 half), as the
 #     time left allows (those passed before).
@@ -204,7 +204,6 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
       "FLASHATTN_HOPPER_FWD_VARIANT=rows64:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap:d128 sq700 sk500 h12/4 causal pgrid:memcheck racecheck" \
-      "FLASHATTN_HOPPER_FWD_VARIANT=persistent_n64:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent2:d64 sq700 sk500 h12/4 causal pgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=atomic:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
@@ -230,9 +229,10 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
   fi
 
   # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths persistent,
-  # persistent192 at d64 without a causal mask; rows64 and overlap are the defaults at long ones, so they come first).
-  for run in "rows64:d64 &grid" "overlap: grid" "persistent_n64:d64 &grid" "persistent_n64:d64 &pgrid" \
-    "persistent_overlap: grid" "persistent_overlap:pgrid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
+  # persistent192 at d64 without a causal mask, persistent_overlap at d128; rows64 and overlap are the defaults at
+  # long ones, so they come first).
+  for run in "rows64:d64 &grid" "overlap: grid" "persistent_overlap:d64 &grid" "persistent_overlap:pgrid" \
+    "persistent:d128 &grid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
     "rows192:d64 &grid" "pingpong: grid" "persistent192:d64 &grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break
     variant=${run%%:*}

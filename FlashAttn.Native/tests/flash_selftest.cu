@@ -5,9 +5,9 @@
 //                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
 //                             pingpong, overlap, rows192, persistent, persistent192, persistent2, rows64,
-//                             persistent_overlap, persistent_n64;
-//                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192,
-//                             rows64 and persistent_n64 are persistent) and
+//                             persistent_overlap;
+//                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192
+//                             and rows64 are persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
 //                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
 //                             persistent)
@@ -599,13 +599,14 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
-  // The default forward at long lengths (forward only), where fwd_variant leaves the persistent grid: rows64 (d64
-  // causal), overlap (d128, causal from S 8192); partial last tiles, seqlen_q != seqlen_k.
+  // The default forward at long lengths (forward only), where fwd_variant's rules change with the length: rows64
+  // (d64 causal from S 8192), persistent_overlap (d128) and overlap (d128 causal from S 16384); partial last tiles,
+  // seqlen_q != seqlen_k.
   struct LongCase {
     int d, causal, sq, sk, H, Hk;
   };
   for (const LongCase& l : {LongCase{64, 1, 8200, 8200, 1, 1}, LongCase{128, 0, 4100, 4200, 2, 1},
-                            LongCase{128, 1, 8192, 8250, 1, 1}}) {
+                            LongCase{128, 1, 8192, 8250, 1, 1}, LongCase{128, 1, 16384, 16500, 1, 1}}) {
     Case c;
     c.B = 1, c.D = l.d, c.causal = l.causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk, c.fwd_only = true;
     c.name = name(c, " long");
@@ -708,12 +709,13 @@ struct BenchConfig {
 // hidden 1024 / 2048 at 16k tokens, causal or not; and the GPT-2 training shape
 constexpr BenchConfig kBenchConfigs[] = {{4, 16, 4096, 64, 0},  {4, 16, 4096, 64, 1}, {4, 16, 4096, 128, 0},
                                          {4, 16, 4096, 128, 1}, {16, 12, 1024, 64, 1}};
-// The rows of issue 17's bar, the shapes of ../shared/peers/pytorch_baselines.py attn (16k tokens, hidden
-// 2048: B = 16384 / S, H = 2048 / D) at S >= 2048, and GPT-2's training shape.
+// The shapes of ../shared/peers/pytorch_baselines.py attn (16k tokens, hidden 2048: B = 16384 / S, H = 2048 / D;
+// issue 17's bar is S >= 2048, S 512 the peer's short row), and GPT-2's training shape.
 constexpr BenchConfig kPeerConfigs[] = {
-    {8, 32, 2048, 64, 0},   {2, 32, 8192, 64, 0},   {1, 32, 16384, 64, 0},  {8, 32, 2048, 64, 1},
-    {2, 32, 8192, 64, 1},   {1, 32, 16384, 64, 1},  {8, 16, 2048, 128, 0},  {2, 16, 8192, 128, 0},
-    {1, 16, 16384, 128, 0}, {8, 16, 2048, 128, 1},  {2, 16, 8192, 128, 1},  {1, 16, 16384, 128, 1},
+    {32, 32, 512, 64, 0},   {8, 32, 2048, 64, 0},   {2, 32, 8192, 64, 0},  {1, 32, 16384, 64, 0},
+    {32, 32, 512, 64, 1},   {8, 32, 2048, 64, 1},   {2, 32, 8192, 64, 1},  {1, 32, 16384, 64, 1},
+    {32, 16, 512, 128, 0},  {8, 16, 2048, 128, 0},  {2, 16, 8192, 128, 0}, {1, 16, 16384, 128, 0},
+    {32, 16, 512, 128, 1},  {8, 16, 2048, 128, 1},  {2, 16, 8192, 128, 1}, {1, 16, 16384, 128, 1},
     {16, 12, 1024, 64, 1}};
 // --bench-peer's second pass: d128 causal at S 8192 again and beside it the same 2048 tiles of 64 query
 // blocks as B 1 H 32, half of them (B 2 H 8), and 32 blocks a head (B 4 H 16 S 4096), then S 16384 again.
@@ -902,7 +904,6 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"persist2", "FLASHATTN_HOPPER_FWD_VARIANT=persistent2", true, false},
                               {"rows64", "FLASHATTN_HOPPER_FWD_VARIANT=rows64", true, false},
                               {"pers_ov", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap", true, false},
-                              {"pers_n64", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_n64", true, false},
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
                               {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},

@@ -30,17 +30,15 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 9;
-constexpr const char* kFwdVariantNames[kFwdVariants] = {"overlap",     "pingpong", "rows192",
-                                                        "persistent",  "persistent192",
-                                                        "persistent2", "rows64",
-                                                        "persistent_overlap", "persistent_n64"};
-static_assert(int(FwdVariant::kPersistentN64) + 1 == kFwdVariants, "a name for every variant");
+constexpr int kFwdVariants = 8;
+constexpr const char* kFwdVariantNames[kFwdVariants] = {
+    "overlap", "pingpong", "rows192", "persistent", "persistent192", "persistent2", "rows64", "persistent_overlap"};
+static_assert(int(FwdVariant::kPersistentOverlap) + 1 == kFwdVariants, "a name for every variant");
 
-// From these query and key lengths on, non-persistent grids beat the persistent one (fwd_variant's comment): causal
-// (rows64 at d64, overlap at d128), and without a causal mask at d128 (overlap).
-constexpr int64_t kLongCausal = 8192;
-constexpr int64_t kLongFull128 = 4096;
+// From these query and key lengths on, a non-persistent grid beats the persistent one with a causal mask
+// (fwd_variant's comment): rows64 at d64, overlap at d128.
+constexpr int64_t kLongCausal64 = 8192;
+constexpr int64_t kLongCausal128 = 16384;
 
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
@@ -48,18 +46,17 @@ constexpr int64_t kLongFull128 = 4096;
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
 // two CTAs a multiprocessor, at d64; persistent at d128), "persistent_overlap" (overlap on the persistent
-// grid; not a default until measured), "persistent_n64" (persistent with keys in blocks of 64, at d64; persistent
-// at d128; not a default until measured). Otherwise the fastest measured on the H200
-// (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k tokens at S 2048-16384): 192-row
-// tiles on the persistent grid for d64 without a causal mask (511 TFLOP/s against pingpong's 438); long
-// rows on a non-persistent grid: rows64 for d64 causal from S 8192 (461 / persistent's 447 at 8192, 492
-// / 467 at 16384; alike at 2048 and 4096, GPT-2 259 / 269), overlap at d128 from S 4096 without a causal
-// mask (636 / 620 at 4096, 672 / 642 at 8192, 690 / 643 at 16384; alike at 2048) and from S 8192 with one
-// (620 / 609 at 8192, 681 / 639 at 16384; 463 / 491 at 2048); the persistent grid elsewhere (d64 causal
-// 396 / 379, GPT-2 265 / 237); persistent192 is the slowest at d64 causal (272), its skipped diagonal
-// tiles unbalancing the larger blocks. Dropout: persistent, or persistent2 when forced, whatever else is
-// forced (the variants compiled with dropout; 240 registers a consumer thread leave room for the
-// decisions, persistent192's 160 do not).
+// grid). Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024
+// causal and 16k tokens at S 2048-16384):
+// - d64 without a causal mask: 192-row tiles on the persistent grid (511 TFLOP/s against pingpong's 438);
+// - d64 causal: rows64 from S 8192 (461 / persistent's 447 at 8192, 492 / 467 at 16384; alike at 2048 and
+//   4096, GPT-2 259 / 269), persistent below (396 / pingpong's 379, GPT-2 265 / 237); persistent192 is the
+//   slowest there (272), its skipped diagonal tiles unbalancing the larger blocks;
+// - d128: persistent_overlap (against overlap and persistent: 619 / 586 / 600 at S 2048, 685 / 680 / 653
+//   at 8192, 694 / 696 / 660 at 16384; causal 496 / 463 / 499 at 2048, 633 / 626 / 622 at 8192), except
+//   overlap with a causal mask from S 16384 (691 / 670 / 644).
+// Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants compiled with
+// dropout; 240 registers a consumer thread leave room for the decisions, persistent192's 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_FWD_VARIANT");
@@ -74,9 +71,9 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
   const bool causal = p.window_right == 0;
   const int64_t rows = std::min(p.seqlen_q, p.seqlen_k);
   if (p.headdim == 128)
-    return rows >= (causal ? kLongCausal : kLongFull128) ? FwdVariant::kOverlap : FwdVariant::kPersistent;
+    return causal && rows >= kLongCausal128 ? FwdVariant::kOverlap : FwdVariant::kPersistentOverlap;
   if (!causal) return FwdVariant::kPersistent192;
-  return rows >= kLongCausal ? FwdVariant::kRows64 : FwdVariant::kPersistent;
+  return rows >= kLongCausal64 ? FwdVariant::kRows64 : FwdVariant::kPersistent;
 }
 
 template <typename T>
@@ -98,7 +95,8 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
   if (s != FLASHATTN_STATUS_OK || dev.capability != 90) return s;  // sm_90a code runs on 9.0 alone
   const EncodeTiled fn = encode_tiled();
   if (fn == nullptr) return FLASHATTN_STATUS_OK;
-  // K and V tiles' box: 64 head-dim columns by the variant's key block; Q's as high as its query block.
+  // K and V tiles have the same box (FwdTraits: 64 head-dim columns, 128 rows) at both head dims;
+  // Q's is as high as the variant's query block.
   using Tr = FwdTraits<64, __half>;
   const FwdVariant variant = fwd_kernel_variant(int(p.headdim), fwd_variant(p));
   FwdTensorMaps maps;
@@ -106,9 +104,9 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                   p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, fwd_block_m(int(p.headdim), variant)) &&
       encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
-                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, fwd_block_n(int(p.headdim), variant)) &&
+                  p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
-                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, fwd_block_n(int(p.headdim), variant));
+                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
   *kernel = kFwdVariantNames[int(variant)];

@@ -76,11 +76,6 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
         return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true, false, true>(p, maps, kp, device, stream,
                                                                                     function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
-    case FwdVariant::kPersistentN64:
-      // Keys in blocks of 64 (d64; run_fwd gives d128 kPersistent).
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 64>, true, true>(p, maps, kp, device, stream, function);
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistentOverlap:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, false, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent192:

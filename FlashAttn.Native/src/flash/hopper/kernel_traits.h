@@ -11,7 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kBlockN_ = 128>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -23,31 +23,28 @@ struct FwdTraits {
   // long as the products). d128 at 192 rows would need 160 accumulator registers a thread. 64 rows
   // (d64): one consumer warpgroup, two CTAs a multiprocessor, whose tile boundaries (the pipeline's fill
   // and drain) fall at different times (NOTES.md, "Two CTAs a multiprocessor"); at d128 two such CTAs'
-  // K and V rings would not fit in shared memory. Keys in blocks of 64 (d64, 128 rows): a tile's first S
-  // and last P V, which nothing of the same warpgroup runs under, take half as long (NOTES.md, "Key
-  // blocks of 64").
+  // K and V rings would not fit in shared memory.
   static constexpr int kBlockM = kBlockM_;
-  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kBlockN = 128;
   static_assert(kBlockM == 128 || ((kBlockM == 192 || kBlockM == 64) && kHeadDim == 64),
                 "128 rows, or 64 or 192 at d64");
-  static_assert(kBlockN == 128 || (kBlockN == 64 && kHeadDim == 64 && kBlockM == 128), "keys by 128, or 64 at d64");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
   static constexpr int kMinBlocks = kBlockM == 64 ? 2 : 1;           // CTAs a multiprocessor
-  static constexpr int kStages = 256 / kBlockN;                      // K and V buffers each: 32 KB
+  static constexpr int kStages = 2;                                  // K and V buffers each
   // Q buffers: two let the producer load the next tile's Q while the consumers still read this
   // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
   static constexpr int kQStages = kQStages_;
   static_assert(kQStages == 1 || kQStages == 2, "one or two Q buffers");
-  // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by kBlockN rows for K and V, by
+  // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
   static constexpr int kBoxCols = 64;
-  static constexpr int kBoxRows = kBlockN;
+  static constexpr int kBoxRows = 128;
   static constexpr int kQBoxRows = kBlockM;
   static_assert(kBlockN == kBoxRows, "K and V tiles are one box high");
   static constexpr int kChunks = kHeadDim / kBoxCols;
-  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));    // 16 or 8 KB, a multiple of 1024
+  static constexpr int kChunkBytes = kBoxRows * kBoxCols * int(sizeof(T));    // 16 KB, a multiple of 1024
   static constexpr int kTileBytes = kChunks * kChunkBytes;                     // one K or V tile
   static constexpr int kQChunkBytes = kQBoxRows * kBoxCols * int(sizeof(T));  // 16 or 24 KB
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
@@ -101,8 +98,7 @@ struct FwdTensorMaps {
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kRows64, 64-row tiles of one consumer warpgroup, two CTAs a multiprocessor, at d64
-// (kPersistent at d128); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentN64,
-// kPersistent with keys in blocks of 64, at d64 (kPersistent at d128).
+// (kPersistent at d128); kPersistentOverlap, kOverlap on a persistent grid (no turns).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -111,17 +107,16 @@ enum class FwdVariant : int {
   kPersistent192 = 4,
   kPersistent2 = 5,
   kRows64 = 6,
-  kPersistentOverlap = 7,
-  kPersistentN64 = 8
+  kPersistentOverlap = 7
 };
 
-// The variant whose kernel runs at a head dim: d128 has no 64- or 192-row tiles and no 64-key blocks, so rows192
-// runs pingpong's kernel there, and persistent192, rows64 and persistent_n64 persistent's. run_fwd resolves a
-// variant through it once; the launch and the path log then see the kernel that runs.
+// The variant whose kernel runs at a head dim: d128 has no 64- or 192-row tiles, so rows192 runs pingpong's kernel
+// there, and persistent192 and rows64 persistent's. run_fwd resolves a variant through it once; the launch and the
+// path log then see the kernel that runs.
 constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
-  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64 || variant == FwdVariant::kPersistentN64)
+  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64)
     return FwdVariant::kPersistent;
   return variant;
 }
@@ -131,11 +126,6 @@ constexpr int fwd_block_m(int headdim, FwdVariant variant) {
   if (headdim != 64) return 128;
   if (variant == FwdVariant::kRows64) return 64;
   return variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ? 192 : 128;
-}
-
-// Keys of a K or V tile (their TMA box) for a head dim and variant.
-constexpr int fwd_block_n(int headdim, FwdVariant variant) {
-  return headdim == 64 && variant == FwdVariant::kPersistentN64 ? 64 : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
