@@ -10,8 +10,9 @@
 #  3. flash_selftest: first the backward's single-tile probe cases (bwd-probe: which of dV, dK, dQ
 #     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
 #     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
-#     ran on the sm_80 path), under the default forward variant (persistent; persistent192 at d64 without
-#     a causal mask; the "long" cases' rows64 and overlap: flash_fwd_hopper.cu, fwd_variant); a few with
+#     ran on the sm_80 path), under the default forward variant (persistent at d64 causal, persistent192 at
+#     d64 without a causal mask, persistent_overlap at d128; the "long" cases' persistent192 and overlap with
+#     a causal mask: flash_fwd_hopper.cu, fwd_variant); a few with
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;
@@ -31,13 +32,13 @@
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant
 #     and on the dropout kernels;
-#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=rows64 (64-row tiles, two CTAs a
-#     multiprocessor: the default for d64 causal from S 8192; its d64 half), =overlap (without the warpgroups'
+#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=persistent192 (192-row tiles on the
+#     persistent grid: the default for d64 causal from S 8192; its d64 half), =overlap (without the warpgroups'
 #     ping-pong: the default at d128 causal from S 16384), =persistent_overlap (overlap on the persistent grid:
 #     the default at d128 elsewhere; its d64 half and the persistent grid cases "pgrid"), =persistent (the
 #     default at d64 causal below S 8192; its d128 half), =persistent2 (a CTA's tiles overlapped; its grid,
-#     "pgrid" and the odd head count "b5"), =rows192 (192-row tiles: its d64 half),
-#     =pingpong (the warpgroups taking turns, no longer a default) and =persistent192 (its d64 half), as the
+#     "pgrid" and the odd head count "b5"), =rows192 (192-row tiles: its d64 half) and
+#     =pingpong (the warpgroups taking turns, no longer a default), as the
 #     time left allows (those passed before).
 # Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
@@ -201,7 +202,7 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
   if command -v compute-sanitizer >/dev/null; then
     for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
-      "FLASHATTN_HOPPER_FWD_VARIANT=rows64:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=persistent192:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap:d128 sq700 sk500 h12/4 causal pgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent2:d64 sq700 sk500 h12/4 causal pgrid:memcheck racecheck synccheck" \
@@ -229,11 +230,11 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
   fi
 
   # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths persistent,
-  # persistent192 at d64 without a causal mask, persistent_overlap at d128; rows64 and overlap are the defaults at
-  # long ones, so they come first).
-  for run in "rows64:d64 &grid" "overlap: grid" "persistent_overlap:d64 &grid" "persistent_overlap:pgrid" \
+  # persistent192 at d64 without a causal mask, persistent_overlap at d128; persistent192 and overlap are the
+  # defaults with a causal mask at long ones, so they come first).
+  for run in "persistent192:d64 &grid" "overlap: grid" "persistent_overlap:d64 &grid" "persistent_overlap:pgrid" \
     "persistent:d128 &grid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
-    "rows192:d64 &grid" "pingpong: grid" "persistent192:d64 &grid"; do
+    "rows192:d64 &grid" "pingpong: grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break
     variant=${run%%:*}
     start=$SECONDS

@@ -4,10 +4,10 @@
 //                             names the forward and the backward path that ran, and a case the Hopper
 //                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
-//                             pingpong, overlap, rows192, persistent, persistent192, persistent2, rows64,
+//                             pingpong, overlap, rows192, persistent, persistent192, persistent2,
 //                             persistent_overlap;
 //                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192
-//                             and rows64 are persistent) and
+//                             is persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
 //                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
 //                             persistent)
@@ -599,9 +599,9 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
-  // The default forward at long lengths (forward only), where fwd_variant's rules change with the length: rows64
-  // (d64 causal from S 8192), persistent_overlap (d128) and overlap (d128 causal from S 16384); partial last tiles,
-  // seqlen_q != seqlen_k.
+  // The default forward at long lengths (forward only), where fwd_variant's rules change with the length:
+  // persistent192 (d64 causal from S 8192), persistent_overlap (d128) and overlap (d128 causal from S 16384);
+  // partial last tiles, seqlen_q != seqlen_k.
   struct LongCase {
     int d, causal, sq, sk, H, Hk;
   };
@@ -902,7 +902,6 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"persist", "FLASHATTN_HOPPER_FWD_VARIANT=persistent", true, false},
                               {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", true, false},
                               {"persist2", "FLASHATTN_HOPPER_FWD_VARIANT=persistent2", true, false},
-                              {"rows64", "FLASHATTN_HOPPER_FWD_VARIANT=rows64", true, false},
                               {"pers_ov", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap", true, false},
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},

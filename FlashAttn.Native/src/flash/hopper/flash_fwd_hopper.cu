@@ -30,13 +30,13 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 8;
+constexpr int kFwdVariants = 7;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap", "pingpong", "rows192", "persistent", "persistent192", "persistent2", "rows64", "persistent_overlap"};
+    "overlap", "pingpong", "rows192", "persistent", "persistent192", "persistent2", "persistent_overlap"};
 static_assert(int(FwdVariant::kPersistentOverlap) + 1 == kFwdVariants, "a name for every variant");
 
-// From these query and key lengths on, a non-persistent grid beats the persistent one with a causal mask
-// (fwd_variant's comment): rows64 at d64, overlap at d128.
+// From these query and key lengths on, the causal forward takes another kernel (fwd_variant's comment): 192-row
+// tiles at d64, the non-persistent grid at d128.
 constexpr int64_t kLongCausal64 = 8192;
 constexpr int64_t kLongCausal128 = 16384;
 
@@ -44,14 +44,12 @@ constexpr int64_t kLongCausal128 = 16384;
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
-// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "rows64" (64-row tiles,
-// two CTAs a multiprocessor, at d64; persistent at d128), "persistent_overlap" (overlap on the persistent
-// grid). Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024
-// causal and 16k tokens at S 2048-16384):
+// a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
+// (overlap on the persistent grid). Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4
+// S4096, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (511 TFLOP/s against pingpong's 438);
-// - d64 causal: rows64 from S 8192 (461 / persistent's 447 at 8192, 492 / 467 at 16384; alike at 2048 and
-//   4096, GPT-2 259 / 269), persistent below (396 / pingpong's 379, GPT-2 265 / 237); persistent192 is the
-//   slowest there (272), its skipped diagonal tiles unbalancing the larger blocks;
+// - d64 causal: persistent192 from S 8192 (495 / persistent's 447 at 8192, 523 / 466 at 16384), persistent
+//   below (alike at 2048 and 4096; GPT-2 0.090 / 0.107 ms queued);
 // - d128: persistent_overlap (against overlap and persistent: 619 / 586 / 600 at S 2048, 685 / 680 / 653
 //   at 8192, 694 / 696 / 660 at 16384; causal 496 / 463 / 499 at 2048, 633 / 626 / 622 at 8192), except
 //   overlap with a causal mask from S 16384 (691 / 670 / 644).
@@ -72,8 +70,7 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
   const int64_t rows = std::min(p.seqlen_q, p.seqlen_k);
   if (p.headdim == 128)
     return causal && rows >= kLongCausal128 ? FwdVariant::kOverlap : FwdVariant::kPersistentOverlap;
-  if (!causal) return FwdVariant::kPersistent192;
-  return rows >= kLongCausal64 ? FwdVariant::kRows64 : FwdVariant::kPersistent;
+  return !causal || rows >= kLongCausal64 ? FwdVariant::kPersistent192 : FwdVariant::kPersistent;
 }
 
 template <typename T>

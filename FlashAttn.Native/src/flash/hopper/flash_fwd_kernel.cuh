@@ -64,13 +64,12 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 // kDropout: the dropout of the file comment (with kTileOverlap, a tile's first decisions are made at
 // its start, its first S already complete).
 template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
-__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
+__global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
-  static_assert(!kPingpong || Tr::kConsumerWarpgroups > 1, "turns need two consumer warpgroups");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   constexpr int kQStages = Tr::kQStages;

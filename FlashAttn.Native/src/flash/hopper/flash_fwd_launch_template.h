@@ -65,11 +65,6 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, false, false>(p, maps, kp, device, stream, function);
     case FwdVariant::kRows192:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, kRows>, true, false>(p, maps, kp, device, stream, function);
-    case FwdVariant::kRows64:
-      // One consumer warpgroup a CTA, two CTAs a multiprocessor: no turns (d64; run_fwd gives d128 kPersistent).
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<kHeadDim, T, 64>, false, false>(p, maps, kp, device, stream, function);
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
     case FwdVariant::kPersistent:
       // Dropout has this variant and persistent2 alone (fwd_variant), the kernels with the decisions compiled in.
       if (p.dropout_p > 0.f)

@@ -20,17 +20,12 @@ struct FwdTraits {
   // One CTA: kBlockM query rows (one consumer warpgroup of 64 rows, the wgmma M, each) of one
   // (batch, head), keys in blocks of 128. 128 x 128 is FlashAttention-3's tile for d128; for d64 it
   // takes 192 x 128 (three consumer warpgroups: more products per softmax, where the softmax is as
-  // long as the products). d128 at 192 rows would need 160 accumulator registers a thread. 64 rows
-  // (d64): one consumer warpgroup, two CTAs a multiprocessor, whose tile boundaries (the pipeline's fill
-  // and drain) fall at different times (NOTES.md, "Two CTAs a multiprocessor"); at d128 two such CTAs'
-  // K and V rings would not fit in shared memory.
+  // long as the products). d128 at 192 rows would need 160 accumulator registers a thread.
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = 128;
-  static_assert(kBlockM == 128 || ((kBlockM == 192 || kBlockM == 64) && kHeadDim == 64),
-                "128 rows, or 64 or 192 at d64");
+  static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim == 64), "128 rows, or 192 at d64");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
-  static constexpr int kMinBlocks = kBlockM == 64 ? 2 : 1;           // CTAs a multiprocessor
   static constexpr int kStages = 2;                                  // K and V buffers each
   // Q buffers: two let the producer load the next tile's Q while the consumers still read this
   // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
@@ -58,15 +53,13 @@ struct FwdTraits {
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
-  // Registers: the entry cap is 65536 / (kThreads * kMinBlocks) (168 for 384 threads, rounded down
-  // to 8; 128 for 512, and for two CTAs of 256); the producer warpgroup drops to kProducerRegs and the
-  // consumers rise to kConsumerRegs (kProducerRegs * 128 + kConsumerRegs * 128 * warpgroups <= the
-  // CTA's share of 65536): FlashAttention-3's splits for two and three consumer warpgroups fed by TMA,
-  // and for one the rest of its CTA's half.
-  static constexpr int kProducerRegs = kConsumerWarpgroups == 3 ? 32 : 24;
-  static constexpr int kConsumerRegs = kConsumerWarpgroups == 1 ? 232 : kConsumerWarpgroups == 2 ? 240 : 160;
-  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumerWarpgroups <= 65536 / kMinBlocks,
-                "register file");
+  // Registers: the entry cap is 65536 / kThreads (168 for 384 threads, rounded down to 8; 128 for
+  // 512); the producer warpgroup drops to kProducerRegs and the consumers rise to kConsumerRegs
+  // (kProducerRegs * 128 + kConsumerRegs * 128 * warpgroups <= 65536): FlashAttention-3's splits
+  // for two and three consumer warpgroups fed by TMA.
+  static constexpr int kProducerRegs = kConsumerWarpgroups == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumerWarpgroups <= 65536, "register file");
 };
 
 // What the kernel reads besides the tensor maps (element strides, as FlashFwdParams).
@@ -97,8 +90,7 @@ struct FwdTensorMaps {
 // kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
-// its epilogue); kRows64, 64-row tiles of one consumer warpgroup, two CTAs a multiprocessor, at d64
-// (kPersistent at d128); kPersistentOverlap, kOverlap on a persistent grid (no turns).
+// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -106,26 +98,22 @@ enum class FwdVariant : int {
   kPersistent = 3,
   kPersistent192 = 4,
   kPersistent2 = 5,
-  kRows64 = 6,
-  kPersistentOverlap = 7
+  kPersistentOverlap = 6
 };
 
-// The variant whose kernel runs at a head dim: d128 has no 64- or 192-row tiles, so rows192 runs pingpong's kernel
-// there, and persistent192 and rows64 persistent's. run_fwd resolves a variant through it once; the launch and the
-// path log then see the kernel that runs.
+// The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
+// and persistent192 persistent's. run_fwd resolves a variant through it once; the launch and the path log then see
+// the kernel that runs.
 constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
-  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kRows64)
-    return FwdVariant::kPersistent;
+  if (variant == FwdVariant::kPersistent192) return FwdVariant::kPersistent;
   return variant;
 }
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
-  if (headdim != 64) return 128;
-  if (variant == FwdVariant::kRows64) return 64;
-  return variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ? 192 : 128;
+  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
