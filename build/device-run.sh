@@ -244,11 +244,22 @@ if want attnncu; then
     # shellcheck disable=SC2086 # the setting's words are separate variables
     env $setting timeout 150 ncu --kernel-name regex:flash_fwd_hopper --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
-      --section WarpStateStats --metrics lts__t_sector_hit_rate.pct \
+      --section WarpStateStats --section LaunchStats --metrics lts__t_sector_hit_rate.pct \
       /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer-fwd "$ncu_d" "$ncu_causal" "$ncu_s" \
       >>"$OUT/attnncu.txt" 2>&1
     summary+=("attnncu '${setting// /}' (d$ncu_d causal $ncu_causal S $ncu_s): rc $?")
   done
+  # ATTNNCU_CUDNN=1: the same sections of cuDNN's forward at GPT-2's shape (PyTorch SDPA, build/attn_peer_gpt2.py), a
+  # launch past the first three of its kind, beside ours at ATTN_NCU='64 1 1024'. The regex takes a kernel whose name
+  # says attention or forward-propagation; the report names the kernel that was caught.
+  if [ "${ATTNNCU_CUDNN:-0}" = 1 ]; then
+    echo "== cudnn (PyTorch SDPA) GPT-2 B16 S1024 H12 d64 causal" >>"$OUT/attnncu.txt"
+    timeout 200 ncu --kernel-name regex:'(?i)(sdpa|fprop|fmha|flash|attention)' --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+      --section WarpStateStats --section LaunchStats --metrics lts__t_sector_hit_rate.pct \
+      python3 build/attn_peer_gpt2.py --fwd-calls 6 >>"$OUT/attnncu.txt" 2>&1
+    summary+=("attnncu cudnn (GPT-2's shape): rc $?")
+  fi
 fi
 
 if want ops; then
