@@ -19,7 +19,7 @@
 //   flash_selftest --bench-bwd   the forward and backward figures in this process, under its environment
 //                             (with FLASHATTN_HOPPER=0: sm_80's backward)
 //   flash_selftest --bench-peer  both directions, default variants, at the shapes of the PyTorch peer's
-//                             attention part (S 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process,
+//                             attention part (S 512 / 2048 / 8192 / 16384, hidden 2048) and GPT-2's, in this process,
 //                             then a second pass of d128 causal at S 8192 and its B/H neighbours
 //   flash_selftest --bench-peer-fwd [D [causal [S]]]  the forward alone at those shapes, in this process, under
 //                             its environment (an A/B of forward variants: one process each, alternated; one
