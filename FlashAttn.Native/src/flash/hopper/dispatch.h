@@ -24,18 +24,6 @@ inline bool dropout_enabled() {
   return on;
 }
 
-// Whether the Hopper forward is launched with cudaLaunchAttributeProgrammaticStreamSerialization: FLASHATTN_PDL=1
-// (read once per process; off by default until measured, hopper/NOTES.md "GPT-2's forward against cuDNN's kernel").
-// Its CTAs may then start under the previous kernel's last CTAs and set up there; they wait for that kernel's
-// completion before they touch global memory.
-inline bool pdl_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLASHATTN_PDL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

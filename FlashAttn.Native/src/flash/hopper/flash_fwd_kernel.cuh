@@ -124,10 +124,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_mbar_init();
   }
   __syncthreads();
-  // Launched behind the previous kernel (FLASHATTN_PDL), the setup above ran under its last CTAs; global memory only
-  // after it completed. The next kernel may then be scheduled as this grid's CTAs finish.
-  griddep_wait();
-  griddep_launch_dependents();
 
   // Both sides count the key blocks (kv) and the tiles with at least one (q_loads) over the CTA's
   // tiles: the ring's stage and phase, and Q's buffer and phase, continue from one tile to the next.

@@ -10,7 +10,6 @@
 #include "common/device.h"
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
-#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
 namespace flashattn {
@@ -37,19 +36,8 @@ FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& 
     // Every SM: a CTA runs whole units of causal work m_blocks + 1 whatever the grid (persistent_unit).
     grid = dim3(unsigned(std::min(dev.sms, kp.total_tiles)));
   }
-  // With FLASHATTN_PDL=1, behind the stream's previous kernel as a programmatic dependent (the kernel waits for it).
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(Tr::kThreads);
-  config.dynamicSmemBytes = size_t(Tr::kSmemBytes);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
-  return check_cuda(cudaLaunchKernelEx(&config, kernel, maps.q, maps.k, maps.v, kp), function,
-                    "launching flash_fwd_hopper_kernel");
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
+  return check_launch(function, "flash_fwd_hopper_kernel");
 }
 
 template <typename T, int kHeadDim>

@@ -81,17 +81,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   }
 }
 
-// ---- programmatic dependent launch ----
-// Returns once the grids this one depends on programmatically (it was launched with
-// cudaLaunchAttributeProgrammaticStreamSerialization behind them) have completed and their memory is visible; at once
-// when there are none.
-__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-// Lets the stream's next kernel, if launched with that attribute, be scheduled once every CTA of this grid has
-// executed this or exited (it still waits for this grid's completion at its griddep_wait); nothing otherwise.
-__device__ __forceinline__ void griddep_launch_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
-
 // ---- TMA ----
 __device__ __forceinline__ void tma_prefetch(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
