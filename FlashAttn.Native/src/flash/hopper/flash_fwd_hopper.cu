@@ -30,11 +30,10 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 11;
+constexpr int kFwdVariants = 7;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",       "pingpong",      "rows192",           "persistent",    "persistent192", "persistent2",
-    "persistent_overlap", "persistent_q2", "persistent_s3", "persistent_tmaout", "persistent_all"};
-static_assert(int(FwdVariant::kPersistentAll) + 1 == kFwdVariants, "a name for every variant");
+    "overlap", "pingpong", "rows192", "persistent", "persistent192", "persistent2", "persistent_overlap"};
+static_assert(int(FwdVariant::kPersistentOverlap) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the causal forward takes another kernel (fwd_variant's comment): 192-row
 // tiles at d64, the non-persistent grid at d128.
@@ -46,8 +45,7 @@ constexpr int64_t kLongCausal128 = 16384;
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
-// (overlap on the persistent grid), "persistent_q2", "persistent_s3", "persistent_tmaout", "persistent_all" (persistent
-// with two Q buffers, three K and V buffers, the output through a TMA store, or all three: kernel_traits.h). Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4
+// (overlap on the persistent grid). Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4
 // S4096, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (511 TFLOP/s against pingpong's 438);
 // - d64 causal: persistent192 from S 8192 (495 / persistent's 447 at 8192, 523 / 466 at 16384), persistent
@@ -98,17 +96,14 @@ FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char
   // Q's is as high as the variant's query block.
   using Tr = FwdTraits<64, __half>;
   const FwdVariant variant = fwd_kernel_variant(int(p.headdim), fwd_variant(p));
-  FwdTensorMaps maps{};
+  FwdTensorMaps maps;
   const bool encoded =
       encode_bshd(fn, &maps.q, p.dtype, p.q, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                   p.q_head_stride, p.q_batch_stride, Tr::kBoxCols, fwd_block_m(int(p.headdim), variant)) &&
       encode_bshd(fn, &maps.k, p.dtype, p.k, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
                   p.k_head_stride, p.k_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
       encode_bshd(fn, &maps.v, p.dtype, p.v, p.headdim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
-                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows) &&
-      (!fwd_tma_out(variant) ||
-       encode_bshd(fn, &maps.o, p.dtype, p.out, p.headdim, p.seqlen_q, p.nheads, p.batch, p.out_row_stride,
-                   p.out_head_stride, p.out_batch_stride, Tr::kBoxCols, Tr::kOutBoxRows));
+                  p.v_head_stride, p.v_batch_stride, Tr::kBoxCols, Tr::kBoxRows);
   if (!encoded) return FLASHATTN_STATUS_OK;
   *ran = true;
   *kernel = kFwdVariantNames[int(variant)];

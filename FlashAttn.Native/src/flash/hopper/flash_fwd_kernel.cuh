@@ -66,8 +66,7 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 template <typename Tr, bool kPingpong, bool kPersistent, bool kTileOverlap = false, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                            const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_o,
-                            const FwdKernelParams p) {
+                            const __grid_constant__ CUtensorMap tm_v, const FwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
@@ -130,7 +129,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // tiles: the ring's stage and phase, and Q's buffer and phase, continue from one tile to the next.
   const int warpgroup = threadIdx.x / 128;
   constexpr uint32_t kTurnBarrier = 1;  // named barriers 1 .. kWarpgroups (0 is __syncthreads')
-  constexpr uint32_t kOutBarrier = kTurnBarrier + kWarpgroups;  // Tr::kTmaOut: one per consumer warpgroup
   if (warpgroup == 0) {
     // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
@@ -176,9 +174,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     constexpr int NS = BN / 2;  // S accumulators per thread: row g (i / 2 even) and g + 8, 8 (i / 4) + 2 t + i % 2
     constexpr int NO = D / 2;   // O accumulators per thread, same layout over the head dim
     const int cw = warpgroup - 1;
-    // Tr::kTmaOut: this warpgroup's output staging (64 rows), shared and generic addresses.
-    [[maybe_unused]] const uint32_t sO = base + Tr::kOffO + cw * Tr::kChunks * Tr::kOutChunkBytes;
-    [[maybe_unused]] unsigned char* const o_stage = smem_raw + (sO - smem_u32(smem_raw));
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const float sl = p.scale_log2;
 
@@ -330,18 +325,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // out = O / l (times 1 / (1 - p) with dropout); LSE = max * scale + log(l). A row that saw no key
       // gets out = 0 and LSE = +inf (flash-attn's convention, as the sm_80 kernel). Touches o, never s
       // (kTileOverlap: the next tile's first S may be in flight).
-      // Tr::kTmaOut: O to this warpgroup's staging as the TMA box reads it (64 rows of 128 bytes a box, the
-      // 128-byte swizzle): pair j of row r (row 16 warp + g + 8 r, columns 8 j + 2 t, + 1) is in box j / 8,
-      // 16-byte unit (j % 8) ^ g of the row, so a warp's 4-byte stores cover the 32 banks once. The last
-      // tile's store has read the staging (bulk_wait_read, then the barrier) before it is written again.
       auto store_out = [&] {
         int m_block, h, b;
         tile_coords(tile, &m_block, &h, &b);
         T* out = static_cast<T*>(p.out) + int64_t(b) * p.out_batch_stride + int64_t(h) * p.out_head_stride;
-        if constexpr (Tr::kTmaOut) {
-          if (tid == 0) bulk_wait_read<0>();
-          named_bar_sync(kOutBarrier + cw, 128);
-        }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           float l = row_sum[r];
@@ -352,35 +339,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           if constexpr (kDropout) inv = empty ? 0.f : (1.f / (1.f - p.dropout_p)) / l;
           else inv = empty ? 0.f : 1.f / l;
           const int row = row0 + 8 * r;
-          if constexpr (Tr::kTmaOut) {
-            const int sr = 16 * warp + g + 8 * r;
+          if (row < p.seqlen_q) {
+            T* orow = out + int64_t(row) * p.out_row_stride;
 #pragma unroll
             for (int j = 0; j < D / 8; ++j)
-              *reinterpret_cast<uint32_t*>(o_stage + (j / 8) * Tr::kOutChunkBytes + sr * 128 + (((j % 8) ^ g) * 16) +
-                                           4 * t) = pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-          }
-          if (row < p.seqlen_q) {
-            if constexpr (!Tr::kTmaOut) {
-              T* orow = out + int64_t(row) * p.out_row_stride;
-#pragma unroll
-              for (int j = 0; j < D / 8; ++j)
-                *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-                    pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-            }
+              *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+                  pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
             if (t == 0) {
               p.softmax_lse[(int64_t(b) * p.nheads + h) * p.seqlen_q + row] =
                   empty ? INFINITY : row_max[r] * sl * kLn2 + logf(l);
             }
-          }
-        }
-        if constexpr (Tr::kTmaOut) {
-          fence_proxy_async_smem();  // the stores above, before the TMA (async proxy) reads them
-          named_bar_sync(kOutBarrier + cw, 128);
-          if (tid == 0) {
-#pragma unroll
-            for (int c = 0; c < Tr::kChunks; ++c)
-              tma_store_4d(&tm_o, sO + (c * Tr::kOutChunkBytes), c * Tr::kBoxCols, wg_row0, h, b);
-            bulk_commit();
           }
         }
       };
@@ -484,9 +452,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
 
       store_out();
-    }
-    if constexpr (Tr::kTmaOut) {
-      if (tid == 0) bulk_wait<0>();  // the staging is read before the CTA's shared memory goes
     }
   }
 #endif

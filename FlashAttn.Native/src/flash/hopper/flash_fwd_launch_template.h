@@ -36,7 +36,7 @@ FlashAttnStatus launch_fwd_kernel(const FlashFwdParams& p, const FwdTensorMaps& 
     // Every SM: a CTA runs whole units of causal work m_blocks + 1 whatever the grid (persistent_unit).
     grid = dim3(unsigned(std::min(dev.sms, kp.total_tiles)));
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, maps.o, kp);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, kp);
   return check_launch(function, "flash_fwd_hopper_kernel");
 }
 
@@ -81,17 +81,6 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
                                                                                            function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2>, true, true, true>(p, maps, kp, device, stream,
                                                                                    function);
-    case FwdVariant::kPersistentQ2:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2>, true, true>(p, maps, kp, device, stream, function);
-    case FwdVariant::kPersistentS3:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 3>, true, true>(p, maps, kp, device, stream, function);
-    case FwdVariant::kPersistentTmaOut:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 2, true>, true, true>(p, maps, kp, device, stream,
-                                                                                  function);
-    case FwdVariant::kPersistentAll:
-      // d128: two Q buffers, a third K and V buffer and the staging would need 256 KB.
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2, kHeadDim == 64 ? 3 : 2, true>, true, true>(
-          p, maps, kp, device, stream, function);
     default:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
   }

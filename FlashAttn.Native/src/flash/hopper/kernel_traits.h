@@ -11,7 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kStages_ = 2, bool kTmaOut_ = false>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -26,16 +26,11 @@ struct FwdTraits {
   static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim == 64), "128 rows, or 192 at d64");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces
-  static constexpr int kStages = kStages_;  // K and V buffers each
-  static_assert(kStages >= 2 && kStages <= 4, "a ring of 2 to 4 K and V buffers");
+  static constexpr int kStages = 2;                                  // K and V buffers each
   // Q buffers: two let the producer load the next tile's Q while the consumers still read this
   // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
   static constexpr int kQStages = kQStages_;
   static_assert(kQStages == 1 || kQStages == 2, "one or two Q buffers");
-  // The output through shared memory and a TMA store (each consumer warpgroup's 64 rows in boxes of 64 x 64, the
-  // tensor map's 128-byte swizzle), rather than 4-byte stores from the accumulators' registers.
-  static constexpr bool kTmaOut = kTmaOut_;
-  static constexpr int kOutBoxRows = 64;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -48,19 +43,16 @@ struct FwdTraits {
   static constexpr int kTileBytes = kChunks * kChunkBytes;                     // one K or V tile
   static constexpr int kQChunkBytes = kQBoxRows * kBoxCols * int(sizeof(T));  // 16 or 24 KB
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
-  static constexpr int kOutChunkBytes = kOutBoxRows * kBoxCols * int(sizeof(T));  // 8 KB
-  // Shared memory, from a 1024-byte aligned base: Q[q stages], K[stages], V[stages], O (kTmaOut: kBlockM rows),
-  // then the mbarriers (Q full[q stages]; K full[stages], K empty[stages]; V full[stages], V empty[stages];
+  // Shared memory, from a 1024-byte aligned base: Q[q stages], K[stages], V[stages], then the
+  // mbarriers (Q full[q stages]; K full[stages], K empty[stages]; V full[stages], V empty[stages];
   // Q empty[q stages]). d128 with two Q buffers: 192 KB.
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + kQStages * kQTileBytes;
   static constexpr int kOffV = kOffK + kStages * kTileBytes;
-  static constexpr int kOffO = kOffV + kStages * kTileBytes;
-  static constexpr int kOffBar = kOffO + (kTmaOut ? kBlockM * kHeadDim * int(sizeof(T)) : 0);
+  static constexpr int kOffBar = kOffV + kStages * kTileBytes;
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
-  static_assert(kSmemBytes <= 227 * 1024, "an SM's shared memory for one CTA");
   // Registers: the entry cap is 65536 / kThreads (168 for 384 threads, rounded down to 8; 128 for
   // 512); the producer warpgroup drops to kProducerRegs and the consumers rise to kConsumerRegs
   // (kProducerRegs * 128 + kConsumerRegs * 128 * warpgroups <= 65536): FlashAttention-3's splits
@@ -86,10 +78,9 @@ struct FwdKernelParams {
   uint64_t seed, offset;
 };
 
-// Tensor maps of q, k, v (and out, for the kTmaOut kernels) viewed as 4-D (head dim, rows, heads, batch), box
-// kBoxCols x kBoxRows (out's kBoxCols x kOutBoxRows).
+// Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
 struct FwdTensorMaps {
-  CUtensorMap q, k, v, o;
+  CUtensorMap q, k, v;
 };
 
 // The forward's kernel variants (flash_fwd_kernel.cuh), picked by FLASHATTN_HOPPER_FWD_VARIANT
@@ -99,10 +90,7 @@ struct FwdTensorMaps {
 // kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
-// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns). Measured against kPersistent
-// (hopper/NOTES.md, "GPT-2's forward: buffers and the output's store"): kPersistentQ2, two Q buffers (the next
-// tile's Q loaded a tile ahead); kPersistentS3, a ring of three K and V buffers; kPersistentTmaOut, the output
-// through shared memory and a TMA store; kPersistentAll, the three (at d128 without the third buffer: 227 KB).
+// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -110,11 +98,7 @@ enum class FwdVariant : int {
   kPersistent = 3,
   kPersistent192 = 4,
   kPersistent2 = 5,
-  kPersistentOverlap = 6,
-  kPersistentQ2 = 7,
-  kPersistentS3 = 8,
-  kPersistentTmaOut = 9,
-  kPersistentAll = 10
+  kPersistentOverlap = 6
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -130,11 +114,6 @@ constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
   return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
-}
-
-// Whether a variant's kernel writes the output through a TMA store (then run_fwd encodes out's tensor map).
-constexpr bool fwd_tma_out(FwdVariant variant) {
-  return variant == FwdVariant::kPersistentTmaOut || variant == FwdVariant::kPersistentAll;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device

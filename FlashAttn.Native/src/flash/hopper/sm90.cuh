@@ -217,15 +217,6 @@ __device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, uint32
       "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
-// One box of a 4-D tensor map written from shared memory at src (cp.async.bulk.tensor, a bulk group as
-// tma_reduce_add_4d's); rows outside the tensor are not written. src is read asynchronously: fence the
-// generic proxy's writes to it first (fence_proxy_async_smem), and bulk_wait_read before writing it again.
-__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-               : "memory");
-}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // All but the newest kPending bulk groups of this thread have read their shared-memory source.
 template <int kPending>
