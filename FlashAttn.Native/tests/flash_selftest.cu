@@ -24,6 +24,8 @@
 //   flash_selftest --bench-peer-fwd [D [causal [S]]]  the forward alone at those shapes, in this process, under
 //                             its environment (an A/B of forward variants: one process each, alternated; one
 //                             shape for ncu: device-run.sh attnncu)
+//   flash_selftest --bench-peer-bwd [D [causal [S]]]  the same with the backward (an A/B of backward variants,
+//                             FLASHATTN_HOPPER_BWD_VARIANT)
 // Acceptance rule (flash-attn's): the kernel's max error against the float64 reference (on the same
 // rounded inputs) must be <= 2x the error of a reference computed at the kernel's precision
 // (probabilities, intermediate products and outputs rounded to bf16/fp16), plus 1e-4 + 1e-3 max|ref|.
@@ -985,9 +987,9 @@ int main(int argc, char** argv) {
   if (argc > 6 && std::string(argv[1]) == "--path-of")
     return path_of(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6]),
                    argc > 7 && std::string(argv[7]) == "bwd");
-  if (argc > 1 && std::string(argv[1]) == "--bench-peer-fwd") {
-    bench_here(kPeerConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1, false,
-               argc > 4 ? std::atoi(argv[4]) : 0);
+  if (argc > 1 && (std::string(argv[1]) == "--bench-peer-fwd" || std::string(argv[1]) == "--bench-peer-bwd")) {
+    bench_here(kPeerConfigs, argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::atoi(argv[3]) : -1,
+               std::string(argv[1]) == "--bench-peer-bwd", argc > 4 ? std::atoi(argv[4]) : 0);
     return 0;
   }
   if (argc > 1 && (std::string(argv[1]) == "--bench-here" || std::string(argv[1]) == "--bench-bwd")) {
