@@ -10,6 +10,7 @@
 #include "common/device.h"
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
+#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
 namespace flashattn {
@@ -59,6 +60,7 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.dropout_threshold = dropout_threshold16(p.dropout_p);
   kp.seed = p.seed;
   kp.offset = p.offset;
+  kp.producer_sleep = producer_sleep() ? 1 : 0;
   constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);
   switch (variant) {
     case FwdVariant::kOverlap:

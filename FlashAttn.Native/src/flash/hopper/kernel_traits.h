@@ -76,6 +76,7 @@ struct FwdKernelParams {
   float dropout_p;
   uint32_t dropout_threshold;  // dropout_threshold16(dropout_p)
   uint64_t seed, offset;
+  int producer_sleep;  // the producer waits for free buffers asleep (mbar_wait_sleep), not retrying: dispatch.h
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
@@ -211,6 +212,7 @@ struct BwdKernelParams {
   float dropout_p;
   uint32_t dropout_threshold;
   uint64_t seed, offset;
+  int producer_sleep;  // as FwdKernelParams'
 };
 
 // Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps; and,
