@@ -316,8 +316,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < NS / 4; ++j) {
-            const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], sl, -m_scaled));
-            const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled));
+            const float x0 = fmaf(s[4 * j + 2 * r], sl, -m_scaled), x1 = fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled);
+            const bool emu = Tr::kExpEmu > 0 && j % (Tr::kExpEmu > 0 ? Tr::kExpEmu : 1) == Tr::kExpEmu - 1;
+            const float p0 = emu ? soft_exp2(x0) : fast_exp2(x0);
+            const float p1 = emu ? soft_exp2(x1) : fast_exp2(x1);
             s[4 * j + 2 * r] = p0;
             s[4 * j + 2 * r + 1] = p1;
             sum += p0 + p1;

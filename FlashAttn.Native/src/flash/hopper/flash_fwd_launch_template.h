@@ -83,9 +83,24 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
                                                                                            function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2>, true, true, true>(p, maps, kp, device, stream,
                                                                                    function);
+    // d64 alone (fwd_kernel_variant sends d128 to persistent's kernel).
+    case FwdVariant::kPersistentEmu8:
+      if constexpr (kHeadDim == 64)
+        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 8>, true, true>(p, maps, kp, device, stream, function);
+      break;
+    case FwdVariant::kPersistentEmu4:
+      if constexpr (kHeadDim == 64)
+        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 4>, true, true>(p, maps, kp, device, stream, function);
+      break;
+    case FwdVariant::kPersistent192Emu8:
+      if constexpr (kHeadDim == 64)
+        return launch_fwd_kernel<FwdTraits<64, T, 192, 1, 8>, true, true>(p, maps, kp, device, stream, function);
+      break;
     default:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
+      break;
   }
+  // kPingpong (and, unreachable, the d64 variants at d128).
+  return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
 }
 
 }  // namespace hopper

@@ -11,7 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kExpEmu_ = 0>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -31,6 +31,11 @@ struct FwdTraits {
   // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
   static constexpr int kQStages = kQStages_;
   static_assert(kQStages == 1 || kQStages == 2, "one or two Q buffers");
+  // kExpEmu > 0: of the softmax's exponentials, the pair of columns 8 j + 2 t, + 1 with j % kExpEmu == kExpEmu - 1
+  // (1 / kExpEmu of them) by soft_exp2 on the FMA pipe, the rest by the multi-function unit.
+  static constexpr int kExpEmu = kExpEmu_;
+  static_assert(kExpEmu == 0 || (kBlockN / 8) % (kExpEmu > 0 ? kExpEmu : 1) == 0,
+                "a whole number of emulated pairs a row");
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -91,7 +96,9 @@ struct FwdTensorMaps {
 // kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
-// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns).
+// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentEmu8, kPersistentEmu4 and
+// kPersistent192Emu8, kPersistent and kPersistent192 with 1 / 8 or 1 / 4 of the softmax's exponentials on the FMA
+// pipe (FwdTraits::kExpEmu; d64 alone, being measured: hopper/NOTES.md "The exponentials").
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -99,7 +106,10 @@ enum class FwdVariant : int {
   kPersistent = 3,
   kPersistent192 = 4,
   kPersistent2 = 5,
-  kPersistentOverlap = 6
+  kPersistentOverlap = 6,
+  kPersistentEmu8 = 7,
+  kPersistentEmu4 = 8,
+  kPersistent192Emu8 = 9
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -108,13 +118,18 @@ enum class FwdVariant : int {
 constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
-  if (variant == FwdVariant::kPersistent192) return FwdVariant::kPersistent;
+  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kPersistentEmu8 ||
+      variant == FwdVariant::kPersistentEmu4 || variant == FwdVariant::kPersistent192Emu8)
+    return FwdVariant::kPersistent;
   return variant;
 }
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
-  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
+  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ||
+                           variant == FwdVariant::kPersistent192Emu8)
+             ? 192
+             : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
