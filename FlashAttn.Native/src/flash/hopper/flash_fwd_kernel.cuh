@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
+  static_assert(!Tr::kExpTurn || (kPingpong && !kTileOverlap), "turns around the exponentials: ping-pong, one tile");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   constexpr int kQStages = Tr::kQStages;
@@ -198,11 +199,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     auto pass_turn = [&] {
       if constexpr (kPingpong) named_bar_arrive(kTurnBarrier + (cw + 1) % kWarpgroups, 256);
     };
+    // Tr::kExpTurn (cuDNN's order): the turns go around each softmax's exponentials instead of around the products,
+    // so that no two warpgroups' exponentials share the multi-function unit of a sub-partition (each holds one warp
+    // of every consumer warpgroup), and the products are issued as soon as their operands are ready. One turn per
+    // softmax, n_tiles a tile in every warpgroup: the turns stay paired.
+    auto take_exp_turn = [&] {
+      if constexpr (Tr::kExpTurn) take_turn();
+    };
+    auto pass_exp_turn = [&] {
+      if constexpr (Tr::kExpTurn) pass_turn();
+    };
+    auto take_product_turn = [&] {
+      if constexpr (!Tr::kExpTurn) take_turn();
+    };
+    auto pass_product_turn = [&] {
+      if constexpr (!Tr::kExpTurn) pass_turn();
+    };
     // Warpgroup 0 has the first turn: its arrive here and its first take_turn complete barrier 1.
     // Each warpgroup then takes and passes one turn per S it issues (a P V issued alone, a tile's
-    // last without the next tile's first S behind it, takes none), the same count in every
-    // warpgroup, so the turns stay paired across tiles; the last warpgroup's last pass is left
-    // pending on barrier 1 when the CTA ends, as in FlashAttention-3.
+    // last without the next tile's first S behind it, takes none), or with Tr::kExpTurn one per
+    // softmax, the same count in every warpgroup, so the turns stay paired across tiles; the last
+    // warpgroup's last pass is left pending on barrier 1 when the CTA ends, as in FlashAttention-3.
     if (kPingpong && cw == 0) named_bar_arrive(kTurnBarrier, 256);
     auto release = [&](uint32_t bar) {
       if (lane == 0) mbar_arrive(bar);  // one arrive per warp, after its wait_group
@@ -300,19 +317,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             if (dj >= k_end || dj - di > d_hi) s[i] = -INFINITY;
           }
         }
-        // Per row (g and g + 8 of the warp's 16); a row's four threads are a quad.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        // Per row (g and g + 8 of the warp's 16); a row's four threads are a quad. The new maximum (and alpha),
+        // returned times sl (0 for a row with nothing visible yet: subtracting 0 then keeps exp2 at 0, not NaN).
+        auto new_max = [&](int r) {
           float mx = -INFINITY;
 #pragma unroll
           for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(row_max[r], mx);
-          // A row with nothing visible yet keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
           const float m_scaled = m_new == -INFINITY ? 0.f : m_new * sl;
           alpha[r] = fast_exp2(row_max[r] * sl - m_scaled);
           row_max[r] = m_new;
+          return m_scaled;
+        };
+        auto exponentials = [&](int r, float m_scaled) {
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < NS / 4; ++j) {
@@ -325,6 +344,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             sum += p0 + p1;
           }
           row_sum[r] = row_sum[r] * alpha[r] + sum;
+        };
+        if constexpr (Tr::kExpTurn) {
+          // Both rows' maxima, then the exponentials in this warpgroup's turn (take_exp_turn).
+          float m_scaled[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) m_scaled[r] = new_max(r);
+          take_exp_turn();
+#pragma unroll
+          for (int r = 0; r < 2; ++r) exponentials(r, m_scaled[r]);
+          pass_exp_turn();
+        } else {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) exponentials(r, new_max(r));
         }
       };
 
@@ -383,9 +415,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (!s_ready) {
           mbar_wait(q_full(qb), (q_loads / kQStages) & 1);
           wait_k(kv);
-          take_turn();
+          take_product_turn();
           qk(kv, qb);
-          pass_turn();
+          pass_product_turn();
           dropout_bits(0);
           wgmma_wait<0>();
           reg_fence(s);
@@ -398,11 +430,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         pack_p();
         for (int it = 1; it < n_tiles; ++it) {
           wait_k(kv + it);
-          take_turn();
+          take_product_turn();
           qk(kv + it, qb);
           rescale_o();  // by block it - 1's maxima, before its P V joins O
           pv(kv + it - 1);
-          pass_turn();
+          pass_product_turn();
           dropout_bits(it);
           wgmma_wait<1>();  // S of block it (groups complete in order); P V may still run
           reg_fence(s);
@@ -435,11 +467,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int next_qb = q_loads % kQStages;
           mbar_wait(q_full(next_qb), (q_loads / kQStages) & 1);
           wait_k(kv);
-          take_turn();
+          take_product_turn();
           rescale_o();
           pv(kv - 1);
           qk(kv, next_qb);
-          pass_turn();
+          pass_product_turn();
           wgmma_wait<1>();  // the P V; the next tile's S may still run, under the epilogue
           reg_fence(o);
           reg_fence(pk);

@@ -11,7 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kExpEmu_ = 0>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kExpEmu_ = 0, bool kExpTurn_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -36,6 +36,9 @@ struct FwdTraits {
   static constexpr int kExpEmu = kExpEmu_;
   static_assert(kExpEmu == 0 || (kBlockN / 8) % (kExpEmu > 0 ? kExpEmu : 1) == 0,
                 "a whole number of emulated pairs a row");
+  // kExpTurn: the ping-pong's turns around each softmax's exponentials rather than around the products (cuDNN's
+  // order; flash_fwd_kernel.cuh, take_exp_turn).
+  static constexpr bool kExpTurn = kExpTurn_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -98,7 +101,8 @@ struct FwdTensorMaps {
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentEmu8, kPersistentEmu4 and
 // kPersistent192Emu8, kPersistent and kPersistent192 with 1 / 8 or 1 / 4 of the softmax's exponentials on the FMA
-// pipe (FwdTraits::kExpEmu; d64 alone, being measured: hopper/NOTES.md "The exponentials").
+// pipe (FwdTraits::kExpEmu; d64 alone, being measured: hopper/NOTES.md "The exponentials"); kPersistentExpTurn,
+// kPersistent with the turns around the exponentials (FwdTraits::kExpTurn), and kPersistentExpTurnEmu8 (d64) both.
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -109,7 +113,9 @@ enum class FwdVariant : int {
   kPersistentOverlap = 6,
   kPersistentEmu8 = 7,
   kPersistentEmu4 = 8,
-  kPersistent192Emu8 = 9
+  kPersistent192Emu8 = 9,
+  kPersistentExpTurn = 10,
+  kPersistentExpTurnEmu8 = 11
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -121,6 +127,7 @@ constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kPersistentEmu8 ||
       variant == FwdVariant::kPersistentEmu4 || variant == FwdVariant::kPersistent192Emu8)
     return FwdVariant::kPersistent;
+  if (variant == FwdVariant::kPersistentExpTurnEmu8) return FwdVariant::kPersistentExpTurn;
   return variant;
 }
 
