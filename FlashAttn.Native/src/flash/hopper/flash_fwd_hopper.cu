@@ -30,12 +30,13 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 12;
+constexpr int kFwdVariants = 13;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",         "pingpong",          "rows192",         "persistent",
-    "persistent192",   "persistent2",       "persistent_overlap", "persistent_emu8",
-    "persistent_emu4", "persistent192_emu8", "persistent_expturn", "persistent_expturn_emu8"};
-static_assert(int(FwdVariant::kPersistentExpTurnEmu8) + 1 == kFwdVariants, "a name for every variant");
+    "overlap",         "pingpong",           "rows192",            "persistent",
+    "persistent192",   "persistent2",        "persistent_overlap", "persistent_emu8",
+    "persistent_emu4", "persistent192_emu8", "persistent_expturn", "persistent_expturn_emu8",
+    "persistent192_expturn"};
+static_assert(int(FwdVariant::kPersistent192ExpTurn) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the causal forward takes another kernel (fwd_variant's comment): 192-row
 // tiles at d64, the non-persistent grid at d128.
@@ -49,8 +50,9 @@ constexpr int64_t kLongCausal128 = 16384;
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
 // (overlap on the persistent grid), "persistent_emu8", "persistent_emu4", "persistent192_emu8" (part of the softmax's
 // exponentials on the FMA pipe, d64: kernel_traits.h), "persistent_expturn" (the turns around the exponentials),
-// "persistent_expturn_emu8" (both, d64). Otherwise the fastest measured on the H200 (hopper/NOTES.md,
-// bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
+// "persistent_expturn_emu8" (both, d64), "persistent192_expturn" (the turns around the exponentials, 192-row tiles).
+// Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k
+// tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (511 TFLOP/s against pingpong's 438);
 // - d64 causal: persistent192 from S 8192 (495 / persistent's 447 at 8192, 523 / 466 at 16384), persistent
 //   below (alike at 2048 and 4096; GPT-2 0.090 / 0.107 ms queued);

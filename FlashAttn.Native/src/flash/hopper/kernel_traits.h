@@ -102,7 +102,8 @@ struct FwdTensorMaps {
 // its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentEmu8, kPersistentEmu4 and
 // kPersistent192Emu8, kPersistent and kPersistent192 with 1 / 8 or 1 / 4 of the softmax's exponentials on the FMA
 // pipe (FwdTraits::kExpEmu; d64 alone, being measured: hopper/NOTES.md "The exponentials"); kPersistentExpTurn,
-// kPersistent with the turns around the exponentials (FwdTraits::kExpTurn), and kPersistentExpTurnEmu8 (d64) both.
+// kPersistent with the turns around the exponentials (FwdTraits::kExpTurn), and kPersistentExpTurnEmu8 (d64) both;
+// kPersistent192ExpTurn, kPersistent192 with those turns (three warpgroups taking them round robin).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -115,7 +116,8 @@ enum class FwdVariant : int {
   kPersistentEmu4 = 8,
   kPersistent192Emu8 = 9,
   kPersistentExpTurn = 10,
-  kPersistentExpTurnEmu8 = 11
+  kPersistentExpTurnEmu8 = 11,
+  kPersistent192ExpTurn = 12
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -127,14 +129,15 @@ constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kPersistentEmu8 ||
       variant == FwdVariant::kPersistentEmu4 || variant == FwdVariant::kPersistent192Emu8)
     return FwdVariant::kPersistent;
-  if (variant == FwdVariant::kPersistentExpTurnEmu8) return FwdVariant::kPersistentExpTurn;
+  if (variant == FwdVariant::kPersistentExpTurnEmu8 || variant == FwdVariant::kPersistent192ExpTurn)
+    return FwdVariant::kPersistentExpTurn;
   return variant;
 }
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
   return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ||
-                           variant == FwdVariant::kPersistent192Emu8)
+                           variant == FwdVariant::kPersistent192Emu8 || variant == FwdVariant::kPersistent192ExpTurn)
              ? 192
              : 128;
 }
