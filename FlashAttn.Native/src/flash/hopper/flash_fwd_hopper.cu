@@ -30,13 +30,13 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 13;
+constexpr int kFwdVariants = 15;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
     "overlap",         "pingpong",           "rows192",            "persistent",
     "persistent192",   "persistent2",        "persistent_overlap", "persistent_emu8",
     "persistent_emu4", "persistent192_emu8", "persistent_expturn", "persistent_expturn_emu8",
-    "persistent192_expturn"};
-static_assert(int(FwdVariant::kPersistent192ExpTurn) + 1 == kFwdVariants, "a name for every variant");
+    "persistent192_expturn", "persistent_treemax", "persistent_tuned"};
+static_assert(int(FwdVariant::kPersistentTuned) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the causal forward takes another kernel (fwd_variant's comment): 192-row
 // tiles at d64, the non-persistent grid at d128.
@@ -50,7 +50,8 @@ constexpr int64_t kLongCausal128 = 16384;
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
 // (overlap on the persistent grid), "persistent_emu8", "persistent_emu4", "persistent192_emu8" (part of the softmax's
 // exponentials on the FMA pipe, d64: kernel_traits.h), "persistent_expturn" (the turns around the exponentials),
-// "persistent_expturn_emu8" (both, d64), "persistent192_expturn" (the turns around the exponentials, 192-row tiles).
+// "persistent_expturn_emu8" (both, d64), "persistent192_expturn" (the turns around the exponentials, 192-row tiles),
+// "persistent_treemax" (the rows' maxima as a tree), "persistent_tuned" (expturn, emu8 and treemax, d64).
 // Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k
 // tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (511 TFLOP/s against pingpong's 438);

@@ -321,8 +321,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // returned times sl (0 for a row with nothing visible yet: subtracting 0 then keeps exp2 at 0, not NaN).
         auto new_max = [&](int r) {
           float mx = -INFINITY;
+          if constexpr (Tr::kTreeMax) {
+            float m4[4];
 #pragma unroll
-          for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            for (int j = 0; j < NS / 4; ++j) {
+              const float pair = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+              m4[j % 4] = j < 4 ? pair : fmaxf(m4[j % 4], pair);
+            }
+            mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+          } else {
+#pragma unroll
+            for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+          }
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(row_max[r], mx);

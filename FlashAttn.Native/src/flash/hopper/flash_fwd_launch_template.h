@@ -103,6 +103,14 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
       if constexpr (kHeadDim == 64)
         return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 8, true>, true, true>(p, maps, kp, device, stream, function);
       break;
+    case FwdVariant::kPersistentTreeMax:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 0, false, true>, true, true>(p, maps, kp, device, stream,
+                                                                                         function);
+    case FwdVariant::kPersistentTuned:
+      if constexpr (kHeadDim == 64)
+        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 8, true, true>, true, true>(p, maps, kp, device, stream,
+                                                                                    function);
+      break;
     case FwdVariant::kPersistent192ExpTurn:
       if constexpr (kHeadDim == 64)
         return launch_fwd_kernel<FwdTraits<64, T, 192, 1, 0, true>, true, true>(p, maps, kp, device, stream, function);

@@ -11,7 +11,8 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kExpEmu_ = 0, bool kExpTurn_ = false>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kExpEmu_ = 0, bool kExpTurn_ = false,
+          bool kTreeMax_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -39,6 +40,8 @@ struct FwdTraits {
   // kExpTurn: the ping-pong's turns around each softmax's exponentials rather than around the products (cuDNN's
   // order; flash_fwd_kernel.cuh, take_exp_turn).
   static constexpr bool kExpTurn = kExpTurn_;
+  // kTreeMax: a row's maximum over four running maxima (a dependency chain of 4 + 2 instead of 16 a row).
+  static constexpr bool kTreeMax = kTreeMax_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -103,7 +106,9 @@ struct FwdTensorMaps {
 // kPersistent192Emu8, kPersistent and kPersistent192 with 1 / 8 or 1 / 4 of the softmax's exponentials on the FMA
 // pipe (FwdTraits::kExpEmu; d64 alone, being measured: hopper/NOTES.md "The exponentials"); kPersistentExpTurn,
 // kPersistent with the turns around the exponentials (FwdTraits::kExpTurn), and kPersistentExpTurnEmu8 (d64) both;
-// kPersistent192ExpTurn, kPersistent192 with those turns (three warpgroups taking them round robin).
+// kPersistent192ExpTurn, kPersistent192 with those turns (three warpgroups taking them round robin);
+// kPersistentTreeMax, kPersistent with the rows' maxima as a tree (FwdTraits::kTreeMax); kPersistentTuned (d64), the
+// turns around the exponentials, an eighth emulated and the tree.
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -117,7 +122,9 @@ enum class FwdVariant : int {
   kPersistent192Emu8 = 9,
   kPersistentExpTurn = 10,
   kPersistentExpTurnEmu8 = 11,
-  kPersistent192ExpTurn = 12
+  kPersistent192ExpTurn = 12,
+  kPersistentTreeMax = 13,
+  kPersistentTuned = 14
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -131,6 +138,7 @@ constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
     return FwdVariant::kPersistent;
   if (variant == FwdVariant::kPersistentExpTurnEmu8 || variant == FwdVariant::kPersistent192ExpTurn)
     return FwdVariant::kPersistentExpTurn;
+  if (variant == FwdVariant::kPersistentTuned) return FwdVariant::kPersistentTreeMax;
   return variant;
 }
 
