@@ -130,10 +130,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     // Past the last query block; the producers walk the query blocks by m0 (registers are scarce here).
     const int m_end = (p.seqlen_q + BM - 1) / BM * BM;
-    auto producer_wait = [&](uint32_t bar, uint32_t parity) {
-      if (p.producer_sleep) mbar_wait_sleep(bar, parity);
-      else mbar_wait(bar, parity);
-    };
     if (warp == 0 && lane == 0) {
       tma_prefetch(&tm_q);
       tma_prefetch(&tm_k);
@@ -146,7 +142,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (m_begin >= m_end) continue;
         for (int m0 = m_begin; m0 < m_end; m0 += BM, ++it_all) {
           const int s = it_all % kStages;
-          producer_wait(empty(s), ((it_all / kStages) & 1) ^ 1);  // the consumers released the stage's last block
+          // The consumers released the stage's last block.
+          producer_wait(empty(s), ((it_all / kStages) & 1) ^ 1, p.producer_sleep);
           mbar_arrive_expect_tx(full(s), 2 * kQTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c) {
@@ -157,7 +154,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           // end, so under a persistent grid the first block's Q and dO load while the consumers
           // finish the last tile, and only K and V wait for it.
           if (m0 == m_begin) {
-            producer_wait(kv_empty, (kv_tiles & 1) ^ 1);  // the consumers are done with the last tile's K and V
+            // The consumers are done with the last tile's K and V.
+            producer_wait(kv_empty, (kv_tiles & 1) ^ 1, p.producer_sleep);
             ++kv_tiles;
             const int hk = h / p.heads_per_khead;
             mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKvTileBytes);
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const float* dsum = p.dsum + (int64_t(b) * p.seqlen_q + m_begin) * p.nheads + h;
         for (int rows = p.seqlen_q - m_begin; rows > 0; rows -= BM, lse += BM, dsum += BM * p.nheads, ++it_all) {
           const int s = it_all % kStages;
-          producer_wait(empty(s), ((it_all / kStages) & 1) ^ 1);
+          producer_wait(empty(s), ((it_all / kStages) & 1) ^ 1, p.producer_sleep);
 #pragma unroll 1  // the producer's 24 registers hold one row's loads at a time
           for (int r = lane; r < BM; r += 32) {
             // Rows past the end: LSE +inf makes P = 0, hence dS = 0 too.

@@ -137,10 +137,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch(&tm_q);
       tma_prefetch(&tm_k);
       tma_prefetch(&tm_v);
-      auto producer_wait = [&](uint32_t bar, uint32_t parity) {
-        if (p.producer_sleep) mbar_wait_sleep(bar, parity);
-        else mbar_wait(bar, parity);
-      };
       int kv = 0, q_loads = 0;
       for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
         int m_block, h, b;
@@ -150,7 +146,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int hk = h / p.heads_per_khead;
         const int qb = q_loads % kQStages;
         // The consumers are done with the Q this buffer held (with two buffers: the tile before last's).
-        producer_wait(q_empty(qb), ((q_loads / kQStages) & 1) ^ 1);
+        producer_wait(q_empty(qb), ((q_loads / kQStages) & 1) ^ 1, p.producer_sleep);
         ++q_loads;
         mbar_arrive_expect_tx(q_full(qb), Tr::kQTileBytes);
 #pragma unroll
@@ -160,12 +156,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int n0 = (n_tiles - 1 - it) * BN;
           const int s = kv % kStages;
           const uint32_t phase = (kv / kStages) & 1;
-          producer_wait(k_empty(s), phase ^ 1);  // the consumers released this buffer's previous tile
+          // The consumers released this buffer's previous tile.
+          producer_wait(k_empty(s), phase ^ 1, p.producer_sleep);
           mbar_arrive_expect_tx(k_full(s), kTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c)
             tma_load_4d(sK + s * kTileBytes + c * kChunkBytes, &tm_k, k_full(s), c * Tr::kBoxCols, n0, hk, b);
-          producer_wait(v_empty(s), phase ^ 1);
+          producer_wait(v_empty(s), phase ^ 1, p.producer_sleep);
           mbar_arrive_expect_tx(v_full(s), kTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c)
@@ -346,9 +343,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
           for (int j = 0; j < NS / 4; ++j) {
             const float x0 = fmaf(s[4 * j + 2 * r], sl, -m_scaled), x1 = fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled);
-            const bool emu = Tr::kExpEmu > 0 && j % (Tr::kExpEmu > 0 ? Tr::kExpEmu : 1) == Tr::kExpEmu - 1;
-            const float p0 = emu ? soft_exp2(x0) : fast_exp2(x0);
-            const float p1 = emu ? soft_exp2(x1) : fast_exp2(x1);
+            const float p0 = Tr::exp_emulated(j) ? soft_exp2(x0) : fast_exp2(x0);
+            const float p1 = Tr::exp_emulated(j) ? soft_exp2(x1) : fast_exp2(x1);
             s[4 * j + 2 * r] = p0;
             s[4 * j + 2 * r + 1] = p1;
             sum += p0 + p1;

@@ -37,6 +37,8 @@ struct FwdTraits {
   static constexpr int kExpEmu = kExpEmu_;
   static_assert(kExpEmu == 0 || (kBlockN / 8) % (kExpEmu > 0 ? kExpEmu : 1) == 0,
                 "a whole number of emulated pairs a row");
+  // Whether the pair of columns 8 j + 2 t, + 1 is emulated.
+  static constexpr bool exp_emulated(int j) { return kExpEmu > 0 && j % (kExpEmu > 0 ? kExpEmu : 1) == kExpEmu - 1; }
   // kExpTurn: the ping-pong's turns around each softmax's exponentials rather than around the products (cuDNN's
   // order; flash_fwd_kernel.cuh, take_exp_turn).
   static constexpr bool kExpTurn = kExpTurn_;
@@ -87,7 +89,7 @@ struct FwdKernelParams {
   float dropout_p;
   uint32_t dropout_threshold;  // dropout_threshold16(dropout_p)
   uint64_t seed, offset;
-  int producer_sleep;  // the producer waits for free buffers asleep (mbar_wait_sleep), not retrying: dispatch.h
+  int producer_sleep;  // the producer waits for free buffers asleep (sm90.cuh producer_wait), not retrying: dispatch.h
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
