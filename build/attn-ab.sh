@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU host, after build/device-run.sh built the native tree (/tmp/flashattn-native) in the same call:
-#   AB_VARIANTS='persistent overlap persistent_overlap' AB_PASSES=2 bash build/attn-ab.sh [D [causal [S]]]
+#   AB_VARIANTS='persistent persistent_expturn persistent192' AB_PASSES=2 bash build/attn-ab.sh [D [causal [S]]]
 # The Hopper forward's variants timed against each other at flash_selftest --bench-peer-fwd's shapes (the PyTorch
 # peer's 16k tokens at S 512-16384, GPT-2's B 16 S 1024), narrowed by D, causal and S as that command takes them.
 # A variant may carry settings after commas, and "default" forces none: AB_VARIANTS='default
-# default,FLASHATTN_HOPPER_PRODUCER_SLEEP=1'. AB_BWD=1 times the backward too (--bench-peer-bwd), its TFLOP/s
+# default,FLASHATTN_HOPPER_BWD_VARIANT=dqfirst'. AB_BWD=1 times the backward too (--bench-peer-bwd), its TFLOP/s
 # printed beside the forward's (FLASHATTN_HOPPER_BWD_VARIANT=dqfirst, say, as such a setting).
 # Each variant runs in a process of its own (the library reads FLASHATTN_HOPPER_FWD_VARIANT once), the variants
 # alternated pass after pass so that a drift of the clocks falls on all of them alike (one process after another of

@@ -10,9 +10,9 @@
 #  3. flash_selftest: first the backward's single-tile probe cases (bwd-probe: which of dV, dK, dQ
 #     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
 #     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
-#     ran on the sm_80 path), under the default forward variant (persistent at d64 causal, persistent192 at
-#     d64 without a causal mask, persistent_overlap at d128; the "long" cases' persistent192 and overlap with
-#     a causal mask: flash_fwd_hopper.cu, fwd_variant); a few with
+#     ran on the sm_80 path), under the default forward variant (persistent_expturn at d64 causal and at d128,
+#     persistent192 at d64 without a causal mask; the "long" case's persistent192 with a causal mask:
+#     flash_fwd_hopper.cu, fwd_variant); a few with
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
 #     forward's results still come back;
@@ -33,13 +33,12 @@
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant
 #     and on the dropout kernels;
 #  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=persistent192 (192-row tiles on the
-#     persistent grid: the default for d64 causal from S 8192; its d64 half), =overlap (without the warpgroups'
-#     ping-pong: the default at d128 causal from S 16384), =persistent_overlap (overlap on the persistent grid:
-#     the default at d128 elsewhere; its d64 half and the persistent grid cases "pgrid"), =persistent (the
-#     default at d64 causal below S 8192; its d128 half), =persistent2 (a CTA's tiles overlapped; its grid,
-#     "pgrid" and the odd head count "b5"), =rows192 (192-row tiles: its d64 half) and
-#     =pingpong (the warpgroups taking turns, no longer a default), as the
-#     time left allows (those passed before).
+#     persistent grid: the default for d64 causal from S 8192; its d64 half), =persistent (the turns around the
+#     products: the dropout kernel's order; its grid and the persistent grid cases "pgrid"), =overlap and
+#     =persistent_overlap (without the warpgroups' ping-pong), =persistent2 (a CTA's tiles overlapped; its grid,
+#     "pgrid" and the odd head count "b5"), =rows192 (192-row tiles: its d64 half) and =pingpong (the
+#     warpgroups taking turns on a grid of one CTA a tile), none of them a default, as the time left allows
+#     (those passed before).
 # Logs go to $OUT (8 files: the device tool returns 8 at most); a short summary is printed last.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -193,7 +192,8 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
 
   # 6. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA, partial tiles): the forward's
   # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
-  # CTAs, so some CTAs run two, and the query blocks that see no key run none), persistent2 (d64, 288
+  # CTAs, so some CTAs run two, and the query blocks that see no key run none), the default persistent_expturn
+  # (its turns around the exponentials: the same cases, and d128's 288-tile grid), persistent2 (d64, 288
   # tiles: 2-3 a CTA, with and without keys, two tiles with keys in a row, a Q buffer reused), and the backward (d64
   # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps);
   # the default backward (persistent) again on 256 tiles (several a CTA; d128: 3 query blocks a tile,
@@ -204,7 +204,8 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent192:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
-      "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap:d128 sq700 sk500 h12/4 causal pgrid:memcheck racecheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=persistent_expturn:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=persistent_expturn:d128 sq700 sk500 h12/4 causal pgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent2:d64 sq700 sk500 h12/4 causal pgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=persistent:bf16 d128 sq130 sk2048 h8/2 causal bgrid:memcheck racecheck" \
       "FLASHATTN_HOPPER_BWD_VARIANT=atomic:bf16&sq384 sk200 h4/2 causal bgrid:memcheck racecheck" \
@@ -229,11 +230,11 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
     summary+=("compute-sanitizer: not on PATH")
   fi
 
-  # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths persistent,
-  # persistent192 at d64 without a causal mask, persistent_overlap at d128; persistent192 and overlap are the
-  # defaults with a causal mask at long ones, so they come first).
-  for run in "persistent192:d64 &grid" "overlap: grid" "persistent_overlap:d64 &grid" "persistent_overlap:pgrid" \
-    "persistent:d128 &grid" "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
+  # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths
+  # persistent_expturn, persistent192 at d64 without a causal mask; persistent192 is the default with a causal mask
+  # at long ones, so it comes first).
+  for run in "persistent192:d64 &grid" "persistent: grid" "persistent:pgrid" "overlap: grid" "persistent_overlap: grid" \
+    "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
     "rows192:d64 &grid" "pingpong: grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break
     variant=${run%%:*}

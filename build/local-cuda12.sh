@@ -15,7 +15,7 @@ echo "deb http://deb.debian.org/debian trixie main contrib non-free" > "$work/so
 o=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$work/lists"
    -o "Dir::Cache=$work/cache")
 apt-get "${o[@]}" update -qq
-(cd "$work/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev libnvvm4 libcudart12)
+(cd "$work/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev libnvvm4 libcudart12 libcu++-dev)
 mkdir -p "$R"
 for f in "$work"/debs/*.deb; do dpkg -x "$f" "$R"; done
 # Debian's profile points at /usr; point it at the unpacked tree instead. The package's nvcc.profile is a link to

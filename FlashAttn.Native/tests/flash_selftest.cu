@@ -5,7 +5,7 @@
 //                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
 //                             pingpong, overlap, rows192, persistent, persistent192, persistent2,
-//                             persistent_overlap;
+//                             persistent_overlap, persistent_expturn;
 //                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192
 //                             is persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
@@ -601,16 +601,17 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
-  // The default forward at long lengths (forward only), where fwd_variant's rules change with the length:
-  // persistent192 (d64 causal from S 8192), persistent_overlap (d128) and overlap (d128 causal from S 16384);
-  // partial last tiles, seqlen_q != seqlen_k.
+  // The default kernels at long lengths, where the rules change with the length: the forward's persistent192 (d64
+  // causal from S 8192) and persistent_expturn (d128), forward only, and the backward's dqfirst (d128 causal from
+  // S 8192, bwd_variant); partial last tiles, seqlen_q != seqlen_k.
   struct LongCase {
     int d, causal, sq, sk, H, Hk;
+    bool bwd;
   };
-  for (const LongCase& l : {LongCase{64, 1, 8200, 8200, 1, 1}, LongCase{128, 0, 4100, 4200, 2, 1},
-                            LongCase{128, 1, 8192, 8250, 1, 1}, LongCase{128, 1, 16384, 16500, 1, 1}}) {
+  for (const LongCase& l : {LongCase{64, 1, 8200, 8200, 1, 1, false}, LongCase{128, 0, 4100, 4200, 2, 1, false},
+                            LongCase{128, 1, 8192, 8250, 1, 1, true}, LongCase{128, 1, 16384, 16500, 1, 1, false}}) {
     Case c;
-    c.B = 1, c.D = l.d, c.causal = l.causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk, c.fwd_only = true;
+    c.B = 1, c.D = l.d, c.causal = l.causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk, c.fwd_only = !l.bwd;
     c.name = name(c, " long");
     v.push_back(c);
   }
@@ -905,6 +906,7 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"pers192", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192", true, false},
                               {"persist2", "FLASHATTN_HOPPER_FWD_VARIANT=persistent2", true, false},
                               {"pers_ov", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap", true, false},
+                              {"pers_xt", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_expturn", true, false},
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
                               {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},

@@ -22,24 +22,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^x for x <= 0 or -inf on the FMA and integer pipes, not the multi-function unit (whose 16 lanes a SM are what a
-// d64 attention softmax waits on; FlashAttention-4's trick): x = n + f with n = round(x) (the 1.5 * 2^23 shift) and
-// f in [-1/2, 1/2], 2^f by a degree-4 polynomial (relative error below 3e-6, fitted to 2^f in float32), 2^n added to
-// the exponent bits. x is clamped to -126 first: -inf and anything below give a term under 2^-125 rather than 0, a
-// difference no sum of at least 1 (a softmax row's, its maximum's term being 1) can show. 9 instructions.
-__device__ __forceinline__ float soft_exp2(float x) {
-  constexpr float kShift = 12582912.f;  // 1.5 * 2^23: x + kShift rounds x to an integer, kept in the low bits
-  x = fmaxf(x, -126.f);
-  const float t = __fadd_rn(x, kShift);
-  const float f = __fsub_rn(x, __fsub_rn(t, kShift));
-  float p = __fmaf_rn(0.009570102207362652f, f, 0.05591786280274391f);
-  p = __fmaf_rn(p, f, 0.240247443318367f);
-  p = __fmaf_rn(p, f, 0.6931217908859253f);
-  p = __fmaf_rn(p, f, 0.9999992847442627f);
-  // t's bits are 0x4B400000 + n; shifted left by 23 only n << 23 is left (mod 2^32).
-  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
-}
-
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -24,17 +24,6 @@ inline bool dropout_enabled() {
   return on;
 }
 
-// Whether the Hopper kernels' producers wait for free buffers asleep (try_wait with a suspend-time hint) rather than
-// retrying: FLASHATTN_HOPPER_PRODUCER_SLEEP=1 (read once per process; off until measured, hopper/NOTES.md "The
-// producer's retries").
-inline bool producer_sleep() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLASHATTN_HOPPER_PRODUCER_SLEEP");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
 }  // namespace hopper
 }  // namespace flash
 }  // namespace flashattn

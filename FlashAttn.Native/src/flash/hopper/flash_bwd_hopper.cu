@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -27,23 +28,32 @@ bool covers(const FlashBwdParams& p) {
          std::isfinite(p.softmax_scale) && (p.nheads == p.nheads_k || p.dk_accum != nullptr);
 }
 
+// From these query and key lengths on, the d128 causal backward takes dqfirst (bwd_variant's comment).
+constexpr int64_t kLongCausal128 = 8192;
+
 // The kernel variant: FLASHATTN_HOPPER_BWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "atomic" (dQ by float
 // atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "dqfirst" (dqtma with dQ's
 // product before dV's and dK's), "persistent" (dqfirst on a persistent grid): each adds one change to
 // the one before, so that the bench measures each change alone. Otherwise persistent, the fastest at
-// every bench shape on the H200 (benchmarks/RESULTS.md). Dropout: persistent always, whatever is
-// forced (the only variant compiled with dropout).
+// the bench's shapes on the H200 (benchmarks/RESULTS.md), except d128 causal from S 8192: dqfirst (medians of
+// 3 and 10 processes: 539 / 529 TFLOP/s at 8192, 551 / 536 at 16384, where either kernel runs in two modes, process
+// by process; without the mask 538 / 534, alike). Dropout: persistent always, whatever is forced (the only variant
+// compiled with dropout).
 BwdVariant bwd_variant(const FlashBwdParams& p) {
   if (p.dropout_p > 0.f) return BwdVariant::kPersistent;
-  static const BwdVariant variant = [] {
+  static const int forced = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_BWD_VARIANT");
-    if (v != nullptr && std::strcmp(v, "dqtma") == 0) return BwdVariant::kDqTma;
-    if (v != nullptr && std::strcmp(v, "dqfirst") == 0) return BwdVariant::kDqFirst;
-    if (v != nullptr && std::strcmp(v, "atomic") == 0) return BwdVariant::kAtomic;
-    return BwdVariant::kPersistent;
+    if (v != nullptr && std::strcmp(v, "dqtma") == 0) return int(BwdVariant::kDqTma);
+    if (v != nullptr && std::strcmp(v, "dqfirst") == 0) return int(BwdVariant::kDqFirst);
+    if (v != nullptr && std::strcmp(v, "atomic") == 0) return int(BwdVariant::kAtomic);
+    if (v != nullptr && std::strcmp(v, "persistent") == 0) return int(BwdVariant::kPersistent);
+    return -1;
   }();
-  return variant;
+  if (forced >= 0) return BwdVariant(forced);
+  const bool causal = p.window_right == 0;
+  const bool long_causal128 = p.headdim == 128 && causal && std::min(p.seqlen_q, p.seqlen_k) >= kLongCausal128;
+  return long_causal128 ? BwdVariant::kDqFirst : BwdVariant::kPersistent;
 }
 
 template <typename T>

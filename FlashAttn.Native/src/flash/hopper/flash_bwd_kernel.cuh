@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int m0 = m_begin; m0 < m_end; m0 += BM, ++it_all) {
           const int s = it_all % kStages;
           // The consumers released the stage's last block.
-          producer_wait(empty(s), ((it_all / kStages) & 1) ^ 1, p.producer_sleep);
+          mbar_wait(empty(s), ((it_all / kStages) & 1) ^ 1);
           mbar_arrive_expect_tx(full(s), 2 * kQTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c) {
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           // finish the last tile, and only K and V wait for it.
           if (m0 == m_begin) {
             // The consumers are done with the last tile's K and V.
-            producer_wait(kv_empty, (kv_tiles & 1) ^ 1, p.producer_sleep);
+            mbar_wait(kv_empty, (kv_tiles & 1) ^ 1);
             ++kv_tiles;
             const int hk = h / p.heads_per_khead;
             mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKvTileBytes);
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const float* dsum = p.dsum + (int64_t(b) * p.seqlen_q + m_begin) * p.nheads + h;
         for (int rows = p.seqlen_q - m_begin; rows > 0; rows -= BM, lse += BM, dsum += BM * p.nheads, ++it_all) {
           const int s = it_all % kStages;
-          producer_wait(empty(s), ((it_all / kStages) & 1) ^ 1, p.producer_sleep);
+          mbar_wait(empty(s), ((it_all / kStages) & 1) ^ 1);
 #pragma unroll 1  // the producer's 24 registers hold one row's loads at a time
           for (int r = lane; r < BM; r += 32) {
             // Rows past the end: LSE +inf makes P = 0, hence dS = 0 too.

@@ -7,7 +7,6 @@
 
 #include "common/cuda_check.cuh"
 #include "common/device.h"
-#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_bwd_kernel.cuh"
 
 namespace flashattn {
@@ -70,7 +69,6 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
   kp.dropout_threshold = dropout_threshold16(p.dropout_p);
   kp.seed = p.seed;
   kp.offset = p.offset;
-  kp.producer_sleep = producer_sleep() ? 1 : 0;
   const int batch = int(p.batch);
   switch (variant) {
     case BwdVariant::kDqTma:

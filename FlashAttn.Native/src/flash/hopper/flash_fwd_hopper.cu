@@ -30,36 +30,29 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 15;
+constexpr int kFwdVariants = 8;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",         "pingpong",           "rows192",            "persistent",
-    "persistent192",   "persistent2",        "persistent_overlap", "persistent_emu8",
-    "persistent_emu4", "persistent192_emu8", "persistent_expturn", "persistent_expturn_emu8",
-    "persistent192_expturn", "persistent_treemax", "persistent_tuned"};
-static_assert(int(FwdVariant::kPersistentTuned) + 1 == kFwdVariants, "a name for every variant");
+    "overlap",       "pingpong",    "rows192",            "persistent",
+    "persistent192", "persistent2", "persistent_overlap", "persistent_expturn"};
+static_assert(int(FwdVariant::kPersistentExpTurn) + 1 == kFwdVariants, "a name for every variant");
 
-// From these query and key lengths on, the causal forward takes another kernel (fwd_variant's comment): 192-row
-// tiles at d64, the non-persistent grid at d128.
+// From these query and key lengths on, the d64 causal forward takes 192-row tiles (fwd_variant's comment).
 constexpr int64_t kLongCausal64 = 8192;
-constexpr int64_t kLongCausal128 = 16384;
 
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
 // build/hopper-check.sh run each setting in a process of its own) forces one: "pingpong" (the
 // warpgroups take turns), "overlap" (without the ping-pong), "rows192" (192-row tiles at d64),
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
-// (overlap on the persistent grid), "persistent_emu8", "persistent_emu4", "persistent192_emu8" (part of the softmax's
-// exponentials on the FMA pipe, d64: kernel_traits.h), "persistent_expturn" (the turns around the exponentials),
-// "persistent_expturn_emu8" (both, d64), "persistent192_expturn" (the turns around the exponentials, 192-row tiles),
-// "persistent_treemax" (the rows' maxima as a tree), "persistent_tuned" (expturn, emu8 and treemax, d64).
-// Otherwise the fastest measured on the H200 (hopper/NOTES.md, bf16, B4 S4096, GPT-2's B16 S1024 causal and 16k
-// tokens at S 512-16384):
-// - d64 without a causal mask: 192-row tiles on the persistent grid (511 TFLOP/s against pingpong's 438);
-// - d64 causal: persistent192 from S 8192 (495 / persistent's 447 at 8192, 523 / 466 at 16384), persistent
-//   below (alike at 2048 and 4096; GPT-2 0.090 / 0.107 ms queued);
-// - d128: persistent_overlap (against overlap and persistent: 619 / 586 / 600 at S 2048, 685 / 680 / 653
-//   at 8192, 694 / 696 / 660 at 16384; causal 496 / 463 / 499 at 2048, 633 / 626 / 622 at 8192), except
-//   overlap with a causal mask from S 16384 (691 / 670 / 644).
+// (overlap on the persistent grid), "persistent_expturn" (persistent with the turns around the softmax's
+// exponentials). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "Turns around the exponentials":
+// bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
+// - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
+//   persistent_expturn's 458 / 504);
+// - d64 causal: persistent192 from S 8192 (507 / persistent_expturn's 472 at 8192, 530 / 490 at 16384),
+//   persistent_expturn below (383 / persistent's 362 at 2048; GPT-2 0.090 ms queued either way);
+// - d128: persistent_expturn (643 / persistent_overlap's 630 at S 2048, 709 / 690 at 16384; causal 535 / 515 at
+//   2048, 699 / overlap's 692 at 16384; alike at 512).
 // Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants compiled with
 // dropout; 240 registers a consumer thread leave room for the decisions, persistent192's 160 do not).
 FwdVariant fwd_variant(const FlashFwdParams& p) {
@@ -75,9 +68,9 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
   if (forced >= 0) return FwdVariant(forced);
   const bool causal = p.window_right == 0;
   const int64_t rows = std::min(p.seqlen_q, p.seqlen_k);
-  if (p.headdim == 128)
-    return causal && rows >= kLongCausal128 ? FwdVariant::kOverlap : FwdVariant::kPersistentOverlap;
-  return !causal || rows >= kLongCausal64 ? FwdVariant::kPersistent192 : FwdVariant::kPersistent;
+  if (p.headdim == 128) return FwdVariant::kPersistentExpTurn;
+  if (!causal || rows >= kLongCausal64) return FwdVariant::kPersistent192;
+  return FwdVariant::kPersistentExpTurn;
 }
 
 template <typename T>

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int hk = h / p.heads_per_khead;
         const int qb = q_loads % kQStages;
         // The consumers are done with the Q this buffer held (with two buffers: the tile before last's).
-        producer_wait(q_empty(qb), ((q_loads / kQStages) & 1) ^ 1, p.producer_sleep);
+        mbar_wait(q_empty(qb), ((q_loads / kQStages) & 1) ^ 1);
         ++q_loads;
         mbar_arrive_expect_tx(q_full(qb), Tr::kQTileBytes);
 #pragma unroll
@@ -157,12 +157,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int s = kv % kStages;
           const uint32_t phase = (kv / kStages) & 1;
           // The consumers released this buffer's previous tile.
-          producer_wait(k_empty(s), phase ^ 1, p.producer_sleep);
+          mbar_wait(k_empty(s), phase ^ 1);
           mbar_arrive_expect_tx(k_full(s), kTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c)
             tma_load_4d(sK + s * kTileBytes + c * kChunkBytes, &tm_k, k_full(s), c * Tr::kBoxCols, n0, hk, b);
-          producer_wait(v_empty(s), phase ^ 1, p.producer_sleep);
+          mbar_wait(v_empty(s), phase ^ 1);
           mbar_arrive_expect_tx(v_full(s), kTileBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c)
@@ -318,18 +318,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // returned times sl (0 for a row with nothing visible yet: subtracting 0 then keeps exp2 at 0, not NaN).
         auto new_max = [&](int r) {
           float mx = -INFINITY;
-          if constexpr (Tr::kTreeMax) {
-            float m4[4];
 #pragma unroll
-            for (int j = 0; j < NS / 4; ++j) {
-              const float pair = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
-              m4[j % 4] = j < 4 ? pair : fmaxf(m4[j % 4], pair);
-            }
-            mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
-          } else {
-#pragma unroll
-            for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-          }
+          for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(row_max[r], mx);
@@ -343,8 +333,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
           for (int j = 0; j < NS / 4; ++j) {
             const float x0 = fmaf(s[4 * j + 2 * r], sl, -m_scaled), x1 = fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled);
-            const float p0 = Tr::exp_emulated(j) ? soft_exp2(x0) : fast_exp2(x0);
-            const float p1 = Tr::exp_emulated(j) ? soft_exp2(x1) : fast_exp2(x1);
+            const float p0 = fast_exp2(x0), p1 = fast_exp2(x1);
             s[4 * j + 2 * r] = p0;
             s[4 * j + 2 * r + 1] = p1;
             sum += p0 + p1;

@@ -10,7 +10,6 @@
 #include "common/device.h"
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
-#include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_kernel.cuh"
 
 namespace flashattn {
@@ -60,7 +59,6 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.dropout_threshold = dropout_threshold16(p.dropout_p);
   kp.seed = p.seed;
   kp.offset = p.offset;
-  kp.producer_sleep = producer_sleep() ? 1 : 0;
   constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);
   switch (variant) {
     case FwdVariant::kOverlap:
@@ -83,43 +81,12 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
                                                                                            function);
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 2>, true, true, true>(p, maps, kp, device, stream,
                                                                                    function);
-    // d64 alone (fwd_kernel_variant sends d128 to persistent's kernel).
-    case FwdVariant::kPersistentEmu8:
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 8>, true, true>(p, maps, kp, device, stream, function);
-      break;
-    case FwdVariant::kPersistentEmu4:
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 4>, true, true>(p, maps, kp, device, stream, function);
-      break;
-    case FwdVariant::kPersistent192Emu8:
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 192, 1, 8>, true, true>(p, maps, kp, device, stream, function);
-      break;
     case FwdVariant::kPersistentExpTurn:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 0, true>, true, true>(p, maps, kp, device, stream,
-                                                                                  function);
-    case FwdVariant::kPersistentExpTurnEmu8:
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 8, true>, true, true>(p, maps, kp, device, stream, function);
-      break;
-    case FwdVariant::kPersistentTreeMax:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, 0, false, true>, true, true>(p, maps, kp, device, stream,
-                                                                                         function);
-    case FwdVariant::kPersistentTuned:
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 128, 1, 8, true, true>, true, true>(p, maps, kp, device, stream,
-                                                                                    function);
-      break;
-    case FwdVariant::kPersistent192ExpTurn:
-      if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 192, 1, 0, true>, true, true>(p, maps, kp, device, stream, function);
-      break;
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true>, true, true>(p, maps, kp, device, stream,
+                                                                               function);
     default:
-      break;
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
   }
-  // kPingpong (and, unreachable, the d64 variants at d128).
-  return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
 }
 
 }  // namespace hopper

@@ -11,8 +11,7 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, int kExpEmu_ = 0, bool kExpTurn_ = false,
-          bool kTreeMax_ = false>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -32,18 +31,9 @@ struct FwdTraits {
   // one's (kTileOverlap, whose next tile's first S is issued before this tile's epilogue).
   static constexpr int kQStages = kQStages_;
   static_assert(kQStages == 1 || kQStages == 2, "one or two Q buffers");
-  // kExpEmu > 0: of the softmax's exponentials, the pair of columns 8 j + 2 t, + 1 with j % kExpEmu == kExpEmu - 1
-  // (1 / kExpEmu of them) by soft_exp2 on the FMA pipe, the rest by the multi-function unit.
-  static constexpr int kExpEmu = kExpEmu_;
-  static_assert(kExpEmu == 0 || (kBlockN / 8) % (kExpEmu > 0 ? kExpEmu : 1) == 0,
-                "a whole number of emulated pairs a row");
-  // Whether the pair of columns 8 j + 2 t, + 1 is emulated.
-  static constexpr bool exp_emulated(int j) { return kExpEmu > 0 && j % (kExpEmu > 0 ? kExpEmu : 1) == kExpEmu - 1; }
   // kExpTurn: the ping-pong's turns around each softmax's exponentials rather than around the products (cuDNN's
   // order; flash_fwd_kernel.cuh, take_exp_turn).
   static constexpr bool kExpTurn = kExpTurn_;
-  // kTreeMax: a row's maximum over four running maxima (a dependency chain of 4 + 2 instead of 16 a row).
-  static constexpr bool kTreeMax = kTreeMax_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -89,7 +79,6 @@ struct FwdKernelParams {
   float dropout_p;
   uint32_t dropout_threshold;  // dropout_threshold16(dropout_p)
   uint64_t seed, offset;
-  int producer_sleep;  // the producer waits for free buffers asleep (sm90.cuh producer_wait), not retrying: dispatch.h
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
@@ -104,13 +93,9 @@ struct FwdTensorMaps {
 // kPingpong at d128; kPersistent, kPingpong on a persistent grid (one CTA per SM looping over tiles);
 // kPersistent192, kRows192 on a persistent grid; kPersistent2, kPersistent with the tiles of a CTA
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
-// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentEmu8, kPersistentEmu4 and
-// kPersistent192Emu8, kPersistent and kPersistent192 with 1 / 8 or 1 / 4 of the softmax's exponentials on the FMA
-// pipe (FwdTraits::kExpEmu; d64 alone, being measured: hopper/NOTES.md "The exponentials"); kPersistentExpTurn,
-// kPersistent with the turns around the exponentials (FwdTraits::kExpTurn), and kPersistentExpTurnEmu8 (d64) both;
-// kPersistent192ExpTurn, kPersistent192 with those turns (three warpgroups taking them round robin);
-// kPersistentTreeMax, kPersistent with the rows' maxima as a tree (FwdTraits::kTreeMax); kPersistentTuned (d64), the
-// turns around the exponentials, an eighth emulated and the tree.
+// its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentExpTurn,
+// kPersistent with the turns around the softmax's exponentials rather than around the products
+// (FwdTraits::kExpTurn).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -119,14 +104,7 @@ enum class FwdVariant : int {
   kPersistent192 = 4,
   kPersistent2 = 5,
   kPersistentOverlap = 6,
-  kPersistentEmu8 = 7,
-  kPersistentEmu4 = 8,
-  kPersistent192Emu8 = 9,
-  kPersistentExpTurn = 10,
-  kPersistentExpTurnEmu8 = 11,
-  kPersistent192ExpTurn = 12,
-  kPersistentTreeMax = 13,
-  kPersistentTuned = 14
+  kPersistentExpTurn = 7
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -135,21 +113,13 @@ enum class FwdVariant : int {
 constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
-  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kPersistentEmu8 ||
-      variant == FwdVariant::kPersistentEmu4 || variant == FwdVariant::kPersistent192Emu8)
-    return FwdVariant::kPersistent;
-  if (variant == FwdVariant::kPersistentExpTurnEmu8 || variant == FwdVariant::kPersistent192ExpTurn)
-    return FwdVariant::kPersistentExpTurn;
-  if (variant == FwdVariant::kPersistentTuned) return FwdVariant::kPersistentTreeMax;
+  if (variant == FwdVariant::kPersistent192) return FwdVariant::kPersistent;
   return variant;
 }
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
-  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ||
-                           variant == FwdVariant::kPersistent192Emu8 || variant == FwdVariant::kPersistent192ExpTurn)
-             ? 192
-             : 128;
+  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
@@ -247,7 +217,6 @@ struct BwdKernelParams {
   float dropout_p;
   uint32_t dropout_threshold;
   uint64_t seed, offset;
-  int producer_sleep;  // as FwdKernelParams'
 };
 
 // Tensor maps of q, dout (box 64 x kBlockM) and k, v (box 64 x kBlockN), 4-D as FwdTensorMaps; and,

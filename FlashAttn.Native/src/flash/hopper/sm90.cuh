@@ -80,27 +80,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   while (!mbar_try_wait(bar, parity)) {
   }
 }
-// mbar_wait for the producer waiting for a free buffer. With `sleep` (FLASHATTN_HOPPER_PRODUCER_SLEEP, being
-// measured) try_wait's suspend-time hint lets it sleep until the phase completes (up to 10 ms a try; SASS
-// NANOSLEEP.SYNCS) rather than retry, each retry an issue slot taken from the consumer warps of its SM sub-partition.
-__device__ __forceinline__ void producer_wait(uint32_t bar, uint32_t parity, bool sleep) {
-  if (!sleep) {
-    mbar_wait(bar, parity);
-    return;
-  }
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity), "r"(10000000u)
-        : "memory");
-  } while (done == 0);
-}
 
 // ---- TMA ----
 __device__ __forceinline__ void tma_prefetch(const CUtensorMap* map) {
