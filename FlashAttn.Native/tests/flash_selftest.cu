@@ -343,22 +343,33 @@ bool run_case(const Case& c, bool verbose) {
   const bool bf = c.bf16;
   const uint32_t keep_threshold = flashattn::dropout_threshold16(c.dropout);
   std::atomic<int64_t> mask_mismatches{0};  // returned mask bytes != the stream's decision where visible, else 0
+  // Few (batch, head)s (the long cases: one, at S 8192 and more): each one's rows are spread over the threads instead.
+  const bool rows_parallel = B * H < 8;
+  auto for_rows = [&](int n, const std::function<void(int)>& fn) {
+    if (rows_parallel)
+      parallel_for(n, fn);
+    else
+      for (int i = 0; i < n; ++i) fn(i);
+  };
   parallel_for(B * H, [&](int bh) {
     const int b = bh / H, h = bh % H, hk = h / (H / Hk);
     const int sq = c.varlen ? lq[b] : c.sq, sk = c.varlen ? lk[b] : c.sk, diag = sk - sq;
     const int wr = c.causal ? 0 : c.wr, wl = c.wl;
-    auto Q = [&](int i, int d) { return q[((cuq[b] + int64_t(i)) * H + h) * D + d]; };
-    auto K = [&](int j, int d) { return k[((cuk[b] + int64_t(j)) * Hk + hk) * D + d]; };
-    auto V = [&](int j, int d) { return v[((cuk[b] + int64_t(j)) * Hk + hk) * D + d]; };
-    auto DO = [&](int i, int d) { return dO[((cuq[b] + int64_t(i)) * H + h) * D + d]; };
+    // Rows of q, dO (query i) and of k, v (key j) of this (batch, head), D contiguous elements each.
+    auto Qrow = [&](int i) { return &q[((cuq[b] + int64_t(i)) * H + h) * D]; };
+    auto DOrow = [&](int i) { return &dO[((cuq[b] + int64_t(i)) * H + h) * D]; };
+    auto Krow = [&](int j) { return &k[((cuk[b] + int64_t(j)) * Hk + hk) * D]; };
+    auto Vrow = [&](int j) { return &v[((cuk[b] + int64_t(j)) * Hk + hk) * D]; };
     std::vector<double> P(size_t(sq) * sk), Z(size_t(sq) * sk, 1.0), TH(size_t(sq) * sk, 0.0);
     const flashattn::flash::Dropout drop(seed, offset, bh, keep_threshold);  // positions inside the sequence (varlen too)
-    int64_t mismatches = 0;
-    for (int i = 0; i < sq; ++i) {
+    for_rows(sq, [&](int i) {
+      const double* qi = Qrow(i);
       double mx = -INFINITY;
+      int64_t mismatches = 0;
       for (int j = 0; j < sk; ++j) {
+        const double* kj = Krow(j);
         double s = 0;
-        for (int d = 0; d < D; ++d) s += Q(i, d) * K(j, d);
+        for (int d = 0; d < D; ++d) s += qi[d] * kj[d];
         double x = s * scale;
         if (c.softcap > 0) {
           TH[size_t(i) * sk + j] = std::tanh(x / c.softcap);
@@ -374,6 +385,7 @@ bool run_case(const Case& c, bool verbose) {
           if (dmask) mismatches += mask[((size_t(b) * H + h) * c.sq + i) * c.sk + j] != uint8_t(keep && vis);
         }
       }
+      mask_mismatches += mismatches;
       double l = 0;
       for (int j = 0; j < sk; ++j) {
         double& pv = P[size_t(i) * sk + j];
@@ -388,7 +400,7 @@ bool run_case(const Case& c, bool verbose) {
       std::vector<double> a(D, 0.0), al(D, 0.0);
       for (int j = 0; j < sk; ++j) {
         const double pd = P[size_t(i) * sk + j] * Z[size_t(i) * sk + j] * rp, pl = rnd(pd, bf);
-        const double* vrow = &v[((cuk[b] + int64_t(j)) * Hk + hk) * D];
+        const double* vrow = Vrow(j);
         for (int d = 0; d < D; ++d) {
           a[d] += pd * vrow[d];
           al[d] += pl * vrow[d];
@@ -399,56 +411,67 @@ bool run_case(const Case& c, bool verbose) {
         o_ref[idx] = a[d];
         o_low[idx] = rnd(al[d], bf);
       }
-    }
-    mask_mismatches += mismatches;
+    });
     if (c.fwd_only) return;
-    // Backward.
+    // Backward: dS and dQ by query rows, then dK and dV by blocks of kKeys keys (each query row's dS read once per
+    // block, not once per key: the column walk of a long case's 0.5 GB matrices).
     std::vector<double> dS(size_t(sq) * sk), dSl(size_t(sq) * sk);
-    for (int i = 0; i < sq; ++i) {
+    for_rows(sq, [&](int i) {
       const size_t orow = ((cuq[b] + size_t(i)) * H + h) * D;
+      const double* doi = DOrow(i);
       double Dsum = 0, Dsl = 0;
       for (int d = 0; d < D; ++d) {
-        Dsum += DO(i, d) * o_ref[orow + d];
-        Dsl += DO(i, d) * o_low[orow + d];
+        Dsum += doi[d] * o_ref[orow + d];
+        Dsl += doi[d] * o_low[orow + d];
       }
+      std::vector<double> a(D, 0.0), al(D, 0.0);
       for (int j = 0; j < sk; ++j) {
+        const double* vj = Vrow(j);
         double dp = 0;
-        for (int d = 0; d < D; ++d) dp += DO(i, d) * V(j, d);
+        for (int d = 0; d < D; ++d) dp += doi[d] * vj[d];
         const size_t e = size_t(i) * sk + j;
         const double z = Z[e] * rp, pr = P[e], th = TH[e];
         const double cap = c.softcap > 0 ? 1 - th * th : 1.0;
         dS[e] = pr * (dp * z - Dsum) * cap;
         dSl[e] = rnd(rnd(pr, bf) * (rnd(dp, bf) * z - Dsl) * cap, bf);
-      }
-    }
-    for (int i = 0; i < sq; ++i)
-      for (int d = 0; d < D; ++d) {
-        double a = 0, al = 0;
-        for (int j = 0; j < sk; ++j) {
-          a += dS[size_t(i) * sk + j] * K(j, d);
-          al += dSl[size_t(i) * sk + j] * K(j, d);
+        const double* kj = Krow(j);
+        for (int d = 0; d < D; ++d) {
+          a[d] += dS[e] * kj[d];
+          al[d] += dSl[e] * kj[d];
         }
-        const size_t idx = ((cuq[b] + size_t(i)) * H + h) * D + d;
-        dq_ref[idx] = a * scale;
-        dq_low[idx] = rnd(al * scale, bf);
       }
-    for (int j = 0; j < sk; ++j)
       for (int d = 0; d < D; ++d) {
-        double ak = 0, akl = 0, av = 0, avl = 0;
-        for (int i = 0; i < sq; ++i) {
-          const size_t e = size_t(i) * sk + j;
-          ak += dS[e] * Q(i, d);
-          akl += dSl[e] * Q(i, d);
-          const double pd = P[e] * Z[e] * rp;
-          av += pd * DO(i, d);
-          avl += rnd(pd, bf) * DO(i, d);
-        }
-        const size_t idx = ((cuk[b] + size_t(j)) * H + h) * D + d;
-        dkh_ref[idx] = ak * scale;
-        dkh_low[idx] = akl * scale;
-        dvh_ref[idx] = av;
-        dvh_low[idx] = avl;
+        dq_ref[orow + d] = a[d] * scale;
+        dq_low[orow + d] = rnd(al[d] * scale, bf);
       }
+    });
+    constexpr int kKeys = 8;
+    for_rows((sk + kKeys - 1) / kKeys, [&](int jb) {
+      const int j0 = jb * kKeys, nj = std::min(kKeys, sk - j0);
+      std::vector<double> ak(kKeys * D, 0.0), akl(kKeys * D, 0.0), av(kKeys * D, 0.0), avl(kKeys * D, 0.0);
+      for (int i = 0; i < sq; ++i) {
+        const double *qi = Qrow(i), *doi = DOrow(i);
+        for (int jj = 0; jj < nj; ++jj) {
+          const size_t e = size_t(i) * sk + j0 + jj;
+          const double ds = dS[e], dsl = dSl[e], pd = P[e] * Z[e] * rp, pdl = rnd(pd, bf);
+          double *k_acc = &ak[jj * D], *kl_acc = &akl[jj * D], *v_acc = &av[jj * D], *vl_acc = &avl[jj * D];
+          for (int d = 0; d < D; ++d) {
+            k_acc[d] += ds * qi[d];
+            kl_acc[d] += dsl * qi[d];
+            v_acc[d] += pd * doi[d];
+            vl_acc[d] += pdl * doi[d];
+          }
+        }
+      }
+      for (int jj = 0; jj < nj; ++jj)
+        for (int d = 0; d < D; ++d) {
+          const size_t idx = ((cuk[b] + size_t(j0 + jj)) * H + h) * D + d;
+          dkh_ref[idx] = ak[jj * D + d] * scale;
+          dkh_low[idx] = akl[jj * D + d] * scale;
+          dvh_ref[idx] = av[jj * D + d];
+          dvh_low[idx] = avl[jj * D + d];
+        }
+    });
   });
 
   Err eo, eq, ek, ev;
