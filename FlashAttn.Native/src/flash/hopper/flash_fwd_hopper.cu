@@ -45,7 +45,7 @@ constexpr int64_t kLongCausal64 = 8192;
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
 // (overlap on the persistent grid), "persistent_expturn" (persistent with the turns around the softmax's
-// exponentials). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "Turns around the exponentials":
+// exponentials). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured":
 // bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
 //   persistent_expturn's 458 / 504);
