@@ -84,6 +84,9 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
     case FwdVariant::kPersistentExpTurn:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true>, true, true>(p, maps, kp, device, stream,
                                                                                function);
+    case FwdVariant::kPersistentNarrow:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, true>, true, true>(p, maps, kp, device, stream,
+                                                                                     function);
     default:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
   }

@@ -11,7 +11,8 @@ namespace flashattn {
 namespace flash {
 namespace hopper {
 
-template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false>
+template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false,
+          bool kNarrowFirst_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -34,6 +35,9 @@ struct FwdTraits {
   // kExpTurn: the ping-pong's turns around each softmax's exponentials rather than around the products (cuDNN's
   // order; flash_fwd_kernel.cuh, take_exp_turn).
   static constexpr bool kExpTurn = kExpTurn_;
+  // kNarrowFirst: a warpgroup whose rows see only the first 64 keys of a tile's first key block (the causal diagonal's,
+  // whose softmax nothing overlaps: the tile's first) takes that block's maxima and exponentials over those 64 alone.
+  static constexpr bool kNarrowFirst = kNarrowFirst_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -95,7 +99,8 @@ struct FwdTensorMaps {
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentExpTurn,
 // kPersistent with the turns around the softmax's exponentials rather than around the products
-// (FwdTraits::kExpTurn).
+// (FwdTraits::kExpTurn); kPersistentNarrow, kPersistentExpTurn with the narrow first block (FwdTraits::kNarrowFirst;
+// being measured: hopper/NOTES.md, "The narrow first block").
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -104,7 +109,8 @@ enum class FwdVariant : int {
   kPersistent192 = 4,
   kPersistent2 = 5,
   kPersistentOverlap = 6,
-  kPersistentExpTurn = 7
+  kPersistentExpTurn = 7,
+  kPersistentNarrow = 8
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
