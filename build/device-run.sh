@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (the device tool, after build/device-prepare.sh here):
-#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [attnpeer] [attnncu] [bench]
+#   bash build/device-run.sh [tests] [onestage] [variants] [package] [train] [profile] [ops] [attnpeer] [attnncu]
+#   [attnsrc] [bench]
 #   [bench-old] [memory] [peermemory] [peers] [sanitize] [losscurve]   (default: tests bench)
 #   BENCH_FILTER='*Rotary*' and TEST_FILTER='FullyQualifiedName~Rotary' narrow the runs;
 #   bench-old (after `PREPARE_OLD=<commit> build/device-prepare.sh`) runs the same BENCH_FILTER through that commit's
@@ -260,6 +261,28 @@ if want attnncu; then
       python3 build/attn_peer_gpt2.py --fwd-calls 6 >>"$OUT/attnncu.txt" 2>&1
     summary+=("attnncu cudnn (GPT-2's shape): rc $?")
   fi
+fi
+
+if want attnsrc; then
+  # ncu's source view of the Hopper forward at ATTN_NCU's shape (default GPT-2's, '64 1 1024'), under each
+  # |-separated setting of ATTNNCU_ENVS: `--set full --import-source yes` of a launch past the first three, its
+  # source page by SASS row (attnsrc-<n>.csv), and build/ncu_regions.py's split of the warps' stall samples into
+  # the tile's start, its key loop and its end (attnsrc.txt). The build keeps -lineinfo.
+  read -r src_d src_causal src_s <<< "${ATTN_NCU:-64 1 1024}"
+  IFS='|' read -ra src_settings <<< "${ATTNNCU_ENVS:- }"
+  n=0
+  for setting in "${src_settings[@]}"; do
+    n=$((n + 1))
+    echo "== ${setting// /} (d$src_d causal $src_causal S $src_s)" >>"$OUT/attnsrc.txt"
+    # shellcheck disable=SC2086 # the setting's words are separate variables
+    env $setting timeout 200 ncu --set full --import-source yes --kernel-name regex:flash_fwd_hopper --launch-skip 3 \
+      --launch-count 1 -f -o "/tmp/attnsrc-$n" /tmp/flashattn-native/FlashAttn.Native/flash_selftest --bench-peer-fwd \
+      "$src_d" "$src_causal" "$src_s" >"$OUT/attnsrc-$n.log" 2>&1
+    rc=$?
+    ncu -i "/tmp/attnsrc-$n.ncu-rep" --page source --csv --print-source sass >"$OUT/attnsrc-$n.csv" 2>>"$OUT/attnsrc-$n.log"
+    python3 build/ncu_regions.py "$OUT/attnsrc-$n.csv" >>"$OUT/attnsrc.txt" 2>&1
+    summary+=("attnsrc '${setting// /}' (d$src_d causal $src_causal S $src_s): ncu rc $rc, regions rc $?")
+  done
 fi
 
 if want ops; then
