@@ -32,8 +32,8 @@ bool covers(const FlashFwdParams& p) {
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
 constexpr int kFwdVariants = 9;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",       "pingpong",    "rows192",            "persistent",        "persistent192",
-    "persistent2",   "persistent_overlap", "persistent_expturn", "persistent_narrow"};
+    "overlap",     "pingpong",           "rows192",            "persistent",       "persistent192",
+    "persistent2", "persistent_overlap", "persistent_expturn", "persistent_narrow"};
 static_assert(int(FwdVariant::kPersistentNarrow) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the d64 causal forward takes 192-row tiles (fwd_variant's comment).
