@@ -19,6 +19,10 @@ Schedulers (G = the grid, 132 SMs on the H200):
           light block i of the second), consecutive; CTA c runs units c, c + G, ... (both tiles of
           each), the last partial round of 2G tiles giving whole units to as many CTAs as it can;
           G = SMs. units_tile below is persistent_unit line for line.
+  snake   a candidate, not in the kernels: every tile sorted heaviest first (block rank r of every head
+          before rank r + 1), dealt to the CTAs round by round, the direction alternating (CTA c takes
+          position c of even rounds and G - 1 - c of odd ones), so that a CTA's heavy tile of one round
+          meets a light one in the next; a round spans every head (a round of units spans a few: L2).
   grid    the non-persistent launch (one CTA a tile, heaviest first in launch order, each to the
           first SM free): list scheduling, for reference.
 
@@ -77,6 +81,16 @@ def units_tile(t, G, total, m, heavy_first_is_high):
     return blk, hb
 
 
+def snake_tile(t, G, heads, m, heavy_first_is_high):
+    """Candidate mapping: tile t of CTA t mod G -> (block, head index hb), heaviest first, rounds alternating."""
+    k, c = divmod(t, G)
+    pos = k * G + (c if k % 2 == 0 else G - 1 - c)
+    if pos >= m * heads:  # the last round is partial: its CTAs counted from the round's own start
+        pos = k * G + c
+    rank, hb = divmod(pos, heads)
+    return (m - 1 - rank if heavy_first_is_high else rank), hb
+
+
 def persistent(total, G, tile_fn, work, alpha):
     per_cta = []
     seen = set()
@@ -116,8 +130,9 @@ def report(name, per_cta):
 
 def simulate(label, B, H, S, D, causal, sms, alpha, direction):
     if direction in ("fwd", "fwd192"):
-        # the default variant: persistent192 at d64 without a causal mask; "fwd192" asks for it at d64 causal
-        rows = 192 if (D == 64 and (not causal or direction == "fwd192")) else 128
+        # the default variant: persistent192 at d64 without a causal mask and causal from S 8192; "fwd192" asks for it
+        # at d64 causal below
+        rows = 192 if (D == 64 and (not causal or S >= 8192 or direction == "fwd192")) else 128
         m, work = fwd_work(S, D, causal, rows)
         high = True
     else:
@@ -129,11 +144,12 @@ def simulate(label, B, H, S, D, causal, sms, alpha, direction):
     G_new = min(sms, total)
     old = persistent(total, G_old, lambda t: pairs_tile(t, m, high), work, alpha)
     new = persistent(total, G_new, lambda t: units_tile(t, G_new, total, m, high), work, alpha)
+    snake = persistent(total, G_new, lambda t: snake_tile(t, G_new, B * H, m, high), work, alpha)
     grid_order = [(m - 1 - j if high else j) for _ in range(B * H) for j in range(m)]
     grid = list_schedule(grid_order, sms, work, alpha)
     print("%s %s: B %d H %d S %d d%d %s, %d blocks a head, %d tiles" % (
         label, direction, B, H, S, D, "causal" if causal else "full", m, total))
-    for name, r in (("pairs", old), ("units", new), ("grid", grid)):
+    for name, r in (("pairs", old), ("units", new), ("snake", snake), ("grid", grid)):
         print("  " + report(name, r))
     ratio = max(w for w, _ in old) / max(w for w, _ in new)
     print("  pairs/units makespan %.3f" % ratio)

@@ -42,10 +42,14 @@ namespace hopper {
 // Query block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
 // units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its last query
 // block (the last rows see the most keys).
-__device__ __forceinline__ void persistent_tile(int t, int grid, int total, int m_blocks, int nheads, int* m_block,
-                                                int* h, int* b) {
-  int rank, light, hb;
-  persistent_unit(t, grid, total, m_blocks, &rank, &light, &hb);
+// snake: persistent_snake's order instead (FwdTraits::kSnake; the rank counted from the heavy end).
+__device__ __forceinline__ void persistent_tile(int t, int grid, int total, int m_blocks, int nheads, bool snake,
+                                                int* m_block, int* h, int* b) {
+  int rank, light = 0, hb;
+  if (snake)
+    persistent_snake(t, grid, total, total / m_blocks, &rank, &hb);
+  else
+    persistent_unit(t, grid, total, m_blocks, &rank, &light, &hb);
   *m_block = light ? rank : m_blocks - 1 - rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int tile_step = kPersistent ? int(gridDim.x) : 1;
   auto tile_coords = [&](int tile, int* m_block, int* h, int* b) {
     if constexpr (kPersistent) {
-      persistent_tile(tile, tile_step, p.total_tiles, p.m_blocks, p.nheads, m_block, h, b);
+      persistent_tile(tile, tile_step, p.total_tiles, p.m_blocks, p.nheads, Tr::kSnake, m_block, h, b);
     } else {
       *m_block = int(gridDim.x) - 1 - int(blockIdx.x), *h = blockIdx.y, *b = blockIdx.z;
     }

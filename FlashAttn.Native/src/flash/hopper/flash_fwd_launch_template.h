@@ -84,6 +84,14 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
     case FwdVariant::kPersistentExpTurn:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true>, true, true>(p, maps, kp, device, stream,
                                                                                function);
+    case FwdVariant::kPersistent192Snake:
+      if constexpr (kHeadDim == 64)
+        return launch_fwd_kernel<FwdTraits<64, T, 192, 1, false, false, true>, true, true>(p, maps, kp, device, stream,
+                                                                                         function);
+      [[fallthrough]];  // d128 has no 192-row tiles (fwd_kernel_variant)
+    case FwdVariant::kPersistentSnake:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, false, true>, true, true>(p, maps, kp, device,
+                                                                                            stream, function);
     case FwdVariant::kPersistentNarrow:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, true>, true, true>(p, maps, kp, device, stream,
                                                                                      function);

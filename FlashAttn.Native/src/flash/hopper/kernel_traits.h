@@ -12,7 +12,7 @@ namespace flash {
 namespace hopper {
 
 template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false,
-          bool kNarrowFirst_ = false>
+          bool kNarrowFirst_ = false, bool kSnake_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -38,6 +38,9 @@ struct FwdTraits {
   // kNarrowFirst: a warpgroup whose rows see only the first 64 keys of a tile's first key block (the causal diagonal's,
   // whose softmax nothing overlaps: the tile's first) takes that block's maxima and exponentials over those 64 alone.
   static constexpr bool kNarrowFirst = kNarrowFirst_;
+  // kSnake: the persistent grid's tiles in the snake order (persistent_snake) instead of units (for causal masks: without
+  // one every order is balanced, and units keep a round's K and V in L2).
+  static constexpr bool kSnake = kSnake_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -100,7 +103,9 @@ struct FwdTensorMaps {
 // its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentExpTurn,
 // kPersistent with the turns around the softmax's exponentials rather than around the products
 // (FwdTraits::kExpTurn); kPersistentNarrow, kPersistentExpTurn with the narrow first block (FwdTraits::kNarrowFirst;
-// being measured: hopper/NOTES.md, "The narrow first block").
+// being measured: hopper/NOTES.md, "The narrow first block"); kPersistentSnake and kPersistent192Snake,
+// kPersistentExpTurn and kPersistent192 with the snake order (FwdTraits::kSnake; being measured:
+// hopper/NOTES.md, "The snake order").
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -110,7 +115,9 @@ enum class FwdVariant : int {
   kPersistent2 = 5,
   kPersistentOverlap = 6,
   kPersistentExpTurn = 7,
-  kPersistentNarrow = 8
+  kPersistentNarrow = 8,
+  kPersistentSnake = 9,
+  kPersistent192Snake = 10
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -120,12 +127,16 @@ constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
   if (variant == FwdVariant::kPersistent192) return FwdVariant::kPersistent;
+  if (variant == FwdVariant::kPersistent192Snake) return FwdVariant::kPersistentSnake;
   return variant;
 }
 
 // Query rows of a CTA (the Q tile's TMA box) for a head dim and variant.
 constexpr int fwd_block_m(int headdim, FwdVariant variant) {
-  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192) ? 192 : 128;
+  return headdim == 64 && (variant == FwdVariant::kRows192 || variant == FwdVariant::kPersistent192 ||
+                           variant == FwdVariant::kPersistent192Snake)
+             ? 192
+             : 128;
 }
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
@@ -262,6 +273,20 @@ __host__ __device__ __forceinline__ void persistent_unit(int t, int grid, int to
   *rank = r >> 1;
   *light = r & 1;
   *hb = 2 * pair + ((pair + 1) * 2 * m > total ? 0 : r & 1);
+}
+
+// The snake order, a candidate for causal masks (FwdTraits::kSnake): tile t of CTA c = t mod grid -> block rank from
+// the heavy end and hb = batch * nheads + head, over `heads` (batch, head)s. Every tile sorted heaviest first (rank r
+// of every head before rank r + 1), dealt round by round, the direction alternating (position c of even rounds,
+// grid - 1 - c of odd ones), so that a CTA's heavy tile of one round meets a light one in the next: within 1% of a
+// balanced grid at the peer's long causal rows, where whole units leave 3-5% (tests/persistent_schedule_sim.py,
+// "snake"). A round spans every head, where a round of units spans a few (L2).
+__host__ __device__ __forceinline__ void persistent_snake(int t, int grid, int total, int heads, int* rank, int* hb) {
+  const int k = t / grid, c = t - k * grid;
+  int pos = k * grid + ((k & 1) ? grid - 1 - c : c);
+  if (pos >= total) pos = k * grid + c;  // a partial odd round: its CTAs take positions from the round's start
+  *rank = pos / heads;
+  *hb = pos - *rank * heads;
 }
 
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
