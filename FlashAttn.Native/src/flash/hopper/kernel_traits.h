@@ -247,8 +247,9 @@ struct BwdTensorMaps {
 // (flash_bwd_hopper.cu): kAtomic, dQ added into dq_accum with per-thread float atomics; kDqTma,
 // dQ staged in shared memory and added by one TMA reduce-add per warpgroup and block; kDqFirst,
 // kDqTma with dQ's product issued before dV's and dK's; kPersistent, kDqFirst on a persistent grid
-// (one CTA per SM looping over key blocks, causal's longest first).
-enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3 };
+// (one CTA per SM looping over key blocks, causal's longest first); kPersistentSnake, kPersistent with the tiles in
+// the snake order (persistent_snake; being measured: hopper/NOTES.md, "The snake order").
+enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3, kPersistentSnake = 4 };
 
 // ---- persistent grids (both directions) ----
 // Work unit of tile t of a persistent CTA: `grid` CTAs, CTA c running t = c, c + grid, c + 2 grid...
