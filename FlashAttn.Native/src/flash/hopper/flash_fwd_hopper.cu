@@ -30,12 +30,12 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 11;
+constexpr int kFwdVariants = 12;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",          "pingpong",           "rows192",            "persistent",
-    "persistent192",    "persistent2",        "persistent_overlap", "persistent_expturn",
-    "persistent_narrow", "persistent_snake",  "persistent192_snake"};
-static_assert(int(FwdVariant::kPersistent192Snake) + 1 == kFwdVariants, "a name for every variant");
+    "overlap",           "pingpong",         "rows192",             "persistent",
+    "persistent192",     "persistent2",      "persistent_overlap",  "persistent_expturn",
+    "persistent_narrow", "persistent_snake", "persistent192_snake", "persistent_narrow_snake"};
+static_assert(int(FwdVariant::kPersistentNarrowSnake) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the d64 causal forward takes 192-row tiles (fwd_variant's comment).
 constexpr int64_t kLongCausal64 = 8192;
@@ -48,7 +48,7 @@ constexpr int64_t kLongCausal64 = 8192;
 // (overlap on the persistent grid), "persistent_expturn" (persistent with the turns around the softmax's
 // exponentials), "persistent_narrow" (persistent_expturn with the narrow first block: kernel_traits.h; being
 // measured), "persistent_snake" and "persistent192_snake" (persistent_expturn and persistent192 with the snake order:
-// kernel_traits.h persistent_snake; being measured). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured":
+// kernel_traits.h persistent_snake; being measured), "persistent_narrow_snake" (both changes). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured":
 // bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
 //   persistent_expturn's 458 / 504);

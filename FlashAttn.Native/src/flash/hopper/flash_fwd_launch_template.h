@@ -92,6 +92,9 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
     case FwdVariant::kPersistentSnake:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, false, true>, true, true>(p, maps, kp, device,
                                                                                             stream, function);
+    case FwdVariant::kPersistentNarrowSnake:
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, true, true>, true, true>(p, maps, kp, device,
+                                                                                           stream, function);
     case FwdVariant::kPersistentNarrow:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, true>, true, true>(p, maps, kp, device, stream,
                                                                                      function);

@@ -105,7 +105,7 @@ struct FwdTensorMaps {
 // (FwdTraits::kExpTurn); kPersistentNarrow, kPersistentExpTurn with the narrow first block (FwdTraits::kNarrowFirst;
 // being measured: hopper/NOTES.md, "The narrow first block"); kPersistentSnake and kPersistent192Snake,
 // kPersistentExpTurn and kPersistent192 with the snake order (FwdTraits::kSnake; being measured:
-// hopper/NOTES.md, "The snake order").
+// hopper/NOTES.md, "The snake order"); kPersistentNarrowSnake, kPersistentNarrow with it.
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -117,7 +117,8 @@ enum class FwdVariant : int {
   kPersistentExpTurn = 7,
   kPersistentNarrow = 8,
   kPersistentSnake = 9,
-  kPersistent192Snake = 10
+  kPersistent192Snake = 10,
+  kPersistentNarrowSnake = 11
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
