@@ -57,14 +57,11 @@ namespace hopper {
 // Key block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
 // units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its first key block
 // (it sees the most queries). Units go in order, so a round adds into the dQ rows of few heads. snake:
-// persistent_snake's order instead (the rank counted from the heavy end).
+// persistent_snake's order instead (persistent_order).
 __device__ __forceinline__ void persistent_bwd_tile(int t, int grid, int total, int n_blocks, int nheads, bool snake,
                                                     int* n_block, int* h, int* b) {
-  int rank, light = 0, hb;
-  if (snake)
-    persistent_snake(t, grid, total, total / n_blocks, &rank, &hb);
-  else
-    persistent_unit(t, grid, total, n_blocks, &rank, &light, &hb);
+  int rank, light, hb;
+  persistent_order(t, grid, total, n_blocks, snake, &rank, &light, &hb);
   *n_block = light ? n_blocks - 1 - rank : rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;

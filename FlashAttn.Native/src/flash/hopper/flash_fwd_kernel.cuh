@@ -42,14 +42,11 @@ namespace hopper {
 // Query block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
 // units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its last query
 // block (the last rows see the most keys).
-// snake: persistent_snake's order instead (FwdTraits::kSnake; the rank counted from the heavy end).
+// snake: persistent_snake's order instead (FwdTraits::kSnake; persistent_order).
 __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int m_blocks, int nheads, bool snake,
                                                 int* m_block, int* h, int* b) {
-  int rank, light = 0, hb;
-  if (snake)
-    persistent_snake(t, grid, total, total / m_blocks, &rank, &hb);
-  else
-    persistent_unit(t, grid, total, m_blocks, &rank, &light, &hb);
+  int rank, light, hb;
+  persistent_order(t, grid, total, m_blocks, snake, &rank, &light, &hb);
   *m_block = light ? rank : m_blocks - 1 - rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;

@@ -291,6 +291,18 @@ __host__ __device__ __forceinline__ void persistent_snake(int t, int grid, int t
   *hb = pos - *rank * heads;
 }
 
+// Tile t of a persistent CTA in units (persistent_unit) or, with snake, in persistent_snake's order: the block's
+// rank from the heavy end of its (batch, head), whether it is counted from the light end instead (units' second
+// tiles), and hb = batch * nheads + head; the kernels' tile functions turn the rank into their block.
+__host__ __device__ __forceinline__ void persistent_order(int t, int grid, int total, int m, bool snake, int* rank,
+                                                          int* light, int* hb) {
+  *light = 0;
+  if (snake)
+    persistent_snake(t, grid, total, total / m, rank, hb);
+  else
+    persistent_unit(t, grid, total, m, rank, light, hb);
+}
+
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
 // runs the preprocessing before it and the conversions after); sms: the device's multiprocessors
 // (the persistent grid's size).
