@@ -283,6 +283,20 @@ if want attnsrc; then
     python3 build/ncu_regions.py "$OUT/attnsrc-$n.csv" >>"$OUT/attnsrc.txt" 2>&1
     summary+=("attnsrc '${setting// /}' (d$src_d causal $src_causal S $src_s): ncu rc $rc, regions rc $?")
   done
+  # ATTNSRC_CUDNN=1: the same of cuDNN's forward at GPT-2's shape (PyTorch SDPA, build/attn_peer_gpt2.py; the kernel
+  # regex as attnncu's), attnsrc-cudnn.csv and its split below ours in attnsrc.txt: which of a tile's parts cuDNN's
+  # warps wait in, beside ours at ATTN_NCU='64 1 1024'.
+  if [ "${ATTNSRC_CUDNN:-0}" = 1 ]; then
+    echo "== cudnn (PyTorch SDPA) GPT-2 B16 S1024 H12 d64 causal" >>"$OUT/attnsrc.txt"
+    timeout 200 ncu --set full --import-source yes --kernel-name regex:'(?i)(sdpa|fprop|fmha|flash|attention)' \
+      --launch-skip 3 --launch-count 1 -f -o /tmp/attnsrc-cudnn python3 build/attn_peer_gpt2.py --fwd-calls 6 \
+      >"$OUT/attnsrc-cudnn.log" 2>&1
+    rc=$?
+    ncu -i /tmp/attnsrc-cudnn.ncu-rep --page source --csv --print-source sass >"$OUT/attnsrc-cudnn.csv" \
+      2>>"$OUT/attnsrc-cudnn.log"
+    python3 build/ncu_regions.py "$OUT/attnsrc-cudnn.csv" >>"$OUT/attnsrc.txt" 2>&1
+    summary+=("attnsrc cudnn (GPT-2's shape): ncu rc $rc, regions rc $?")
+  fi
 fi
 
 if want ops; then

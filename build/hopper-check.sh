@@ -11,7 +11,7 @@
 #     is off names the stage, see hopper/NOTES.md); then every case against the float64 reference,
 #     each naming the forward and the backward that ran (a case the Hopper kernels cover fails if it
 #     ran on the sm_80 path), under the default forward variant (persistent_expturn at d64 causal and at d128,
-#     persistent192 at d64 without a causal mask; the "long" case's persistent192 with a causal mask:
+#     persistent192 at d64 without a causal mask; the "long" case's persistent192_snake with a causal mask:
 #     flash_fwd_hopper.cu, fwd_variant); a few with
 #     FLASHATTN_HOPPER=0, which must run (and pass) on the sm_80 path. If the backward's probe hangs
 #     or crashes, the rest runs with FLASHATTN_HOPPER_BWD=0 (the Hopper forward alone) so that the
@@ -32,8 +32,9 @@
 #  6. compute-sanitizer memcheck, racecheck and synccheck on small Hopper cases (forward variants, the
 #     default backward), and memcheck and racecheck on one or two cases of each other backward variant
 #     and on the dropout kernels;
-#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=persistent192 (192-row tiles on the
-#     persistent grid: the default for d64 causal from S 8192; its d64 half), =persistent (the turns around the
+#  7. last, the forward's grid again under FLASHATTN_HOPPER_FWD_VARIANT=persistent192_snake (192-row tiles on the
+#     persistent grid in the snake order: the default for d64 causal from S 8192; its d64 half), =persistent192 (in
+#     units: the grid's causal cases), =persistent (the turns around the
 #     products: the dropout kernel's order; its grid and the persistent grid cases "pgrid"), =overlap and
 #     =persistent_overlap (without the warpgroups' ping-pong), =persistent2 (a CTA's tiles overlapped; its grid,
 #     "pgrid" and the odd head count "b5"), =rows192 (192-row tiles: its d64 half) and =pingpong (the
@@ -192,7 +193,8 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
 
   # 6. Sanitizers on small Hopper cases (bf16 and fp16, causal, GQA, partial tiles): the forward's
   # three-warpgroup kernel (rows192, d64), the persistent one (both head dims; 144 tiles on at most 132
-  # CTAs, so some CTAs run two, and the query blocks that see no key run none), the default persistent_expturn
+  # CTAs, so some CTAs run two, and the query blocks that see no key run none; persistent192_snake, its d64 192-row
+  # kernel in the snake order, on the same d64 case), the default persistent_expturn
   # (its turns around the exponentials: the same cases, and d128's 288-tile grid), persistent2 (d64, 288
   # tiles: 2-3 a CTA, with and without keys, two tiles with keys in a row, a Q buffer reused), and the backward (d64
   # and d128, GQA 4:2, 2 key blocks of 3 (d64) or 6 (d128) query blocks: the two-stage ring wraps);
@@ -203,6 +205,7 @@ $(grep -c '^PASS.* bwd:hopper' "$log") on the hopper backward")
     for run in "FLASHATTN_HOPPER_FWD_VARIANT=pingpong:sq384 sk200 h4/2 causal bgrid:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=rows192:d64 sq97 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent192:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck synccheck" \
+      "FLASHATTN_HOPPER_FWD_VARIANT=persistent192_snake:d64 sq1025 sk97 h8/2 causal grid:memcheck racecheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent_expturn:sq1025 sk97 h8/2 causal:memcheck racecheck synccheck" \
       "FLASHATTN_HOPPER_FWD_VARIANT=persistent_expturn:d128 sq700 sk500 h12/4 causal pgrid:memcheck racecheck" \
@@ -231,9 +234,9 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
   fi
 
   # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths
-  # persistent_expturn, persistent192 at d64 without a causal mask; persistent192 is the default with a causal mask
-  # at long ones, so it comes first).
-  for run in "persistent192:d64 &grid" "persistent: grid" "persistent:pgrid" "overlap: grid" "persistent_overlap: grid" \
+  # persistent_expturn, persistent192 at d64 without a causal mask; persistent192_snake is the default with a causal
+  # mask at long ones, so it comes first).
+  for run in "persistent192_snake:d64 &grid" "persistent192:d64 &grid" "persistent: grid" "persistent:pgrid" "overlap: grid" "persistent_overlap: grid" \
     "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
     "rows192:d64 &grid" "pingpong: grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break

@@ -5,9 +5,9 @@
 //                             kernels cover fails if it ran elsewhere on an sm_90 device
 //   flash_selftest --bench    fwd TFLOP/s of each Hopper kernel variant (FLASHATTN_HOPPER_FWD_VARIANT
 //                             pingpong, overlap, rows192, persistent, persistent192, persistent2,
-//                             persistent_overlap, persistent_expturn;
+//                             persistent_overlap, persistent_expturn, persistent192_snake;
 //                             at d128 rows192 is pingpong again, a measure of the noise, and persistent192
-//                             is persistent) and
+//                             and persistent192_snake are persistent) and
 //                             on the sm_80 path (FLASHATTN_HOPPER=0), and bwd TFLOP/s of each Hopper
 //                             backward variant (FLASHATTN_HOPPER_BWD_VARIANT atomic, dqtma, dqfirst,
 //                             persistent)
@@ -624,8 +624,8 @@ std::vector<Case> cases() {
           c.name = name(c, " grid");
           v.push_back(c);
         }
-  // The default kernels at long lengths, where the rules change with the length: the forward's persistent192 (d64
-  // causal from S 8192) and persistent_expturn (d128), forward only, and the backward's dqfirst (d128 causal from
+  // The default kernels at long lengths, where the rules change with the length: the forward's persistent192_snake
+  // (d64 causal from S 8192) and persistent_expturn (d128), forward only, and the backward's dqfirst (d128 causal from
   // S 8192, bwd_variant); partial last tiles, seqlen_q != seqlen_k.
   struct LongCase {
     int d, causal, sq, sk, H, Hk;
@@ -930,6 +930,7 @@ int bench(const char* self, int only_d, int only_causal) {
                               {"persist2", "FLASHATTN_HOPPER_FWD_VARIANT=persistent2", true, false},
                               {"pers_ov", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_overlap", true, false},
                               {"pers_xt", "FLASHATTN_HOPPER_FWD_VARIANT=persistent_expturn", true, false},
+                              {"p192snk", "FLASHATTN_HOPPER_FWD_VARIANT=persistent192_snake", true, false},
                               {"sm80", "FLASHATTN_HOPPER=0", true, true},
                               {"b:atomic", "FLASHATTN_HOPPER_BWD_VARIANT=atomic", false, true},
                               {"b:dqtma", "FLASHATTN_HOPPER_BWD_VARIANT=dqtma", false, true},

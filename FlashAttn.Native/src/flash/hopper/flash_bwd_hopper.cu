@@ -35,8 +35,7 @@ constexpr int64_t kLongCausal128 = 8192;
 // build/hopper-check.sh run each setting in a process of its own) forces one: "atomic" (dQ by float
 // atomics), "dqtma" (dQ through shared memory and a TMA reduce-add), "dqfirst" (dqtma with dQ's
 // product before dV's and dK's), "persistent" (dqfirst on a persistent grid): each adds one change to
-// the one before, so that the bench measures each change alone; "persistent_snake" (persistent with the snake order,
-// kernel_traits.h persistent_snake; being measured). Otherwise persistent, the fastest at
+// the one before, so that the bench measures each change alone. Otherwise persistent, the fastest at
 // the bench's shapes on the H200 (benchmarks/RESULTS.md), except d128 causal from S 8192: dqfirst (medians of
 // 3 and 10 processes: 539 / 529 TFLOP/s at 8192, 551 / 536 at 16384, where either kernel runs in two modes, process
 // by process; without the mask 538 / 534, alike). Dropout: persistent always, whatever is forced (the only variant
@@ -49,7 +48,6 @@ BwdVariant bwd_variant(const FlashBwdParams& p) {
     if (v != nullptr && std::strcmp(v, "dqfirst") == 0) return int(BwdVariant::kDqFirst);
     if (v != nullptr && std::strcmp(v, "atomic") == 0) return int(BwdVariant::kAtomic);
     if (v != nullptr && std::strcmp(v, "persistent") == 0) return int(BwdVariant::kPersistent);
-    if (v != nullptr && std::strcmp(v, "persistent_snake") == 0) return int(BwdVariant::kPersistentSnake);
     return -1;
   }();
   if (forced >= 0) return BwdVariant(forced);

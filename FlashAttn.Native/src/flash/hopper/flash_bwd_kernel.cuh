@@ -56,18 +56,17 @@ namespace hopper {
 
 // Key block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
 // units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its first key block
-// (it sees the most queries). Units go in order, so a round adds into the dQ rows of few heads. snake:
-// persistent_snake's order instead (persistent_order).
-__device__ __forceinline__ void persistent_bwd_tile(int t, int grid, int total, int n_blocks, int nheads, bool snake,
-                                                    int* n_block, int* h, int* b) {
+// (it sees the most queries). Units go in order, so a round adds into the dQ rows of few heads.
+__device__ __forceinline__ void persistent_bwd_tile(int t, int grid, int total, int n_blocks, int nheads, int* n_block,
+                                                    int* h, int* b) {
   int rank, light, hb;
-  persistent_order(t, grid, total, n_blocks, snake, &rank, &light, &hb);
+  persistent_unit(t, grid, total, n_blocks, &rank, &light, &hb);
   *n_block = light ? n_blocks - 1 - rank : rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;
 }
 
-template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst, bool kDropout, bool kSnake = false>
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst, bool kDropout>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_hopper_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
@@ -96,7 +95,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int tile_step = kPersistent ? int(gridDim.x) : 1;
   auto tile_coords = [&](int tile, int* n_block, int* h, int* b) {
     if constexpr (kPersistent) {
-      persistent_bwd_tile(tile, tile_step, p.total_tiles, p.n_blocks, p.nheads, kSnake, n_block, h, b);
+      persistent_bwd_tile(tile, tile_step, p.total_tiles, p.n_blocks, p.nheads, n_block, h, b);
     } else {
       *n_block = int(blockIdx.x), *h = int(blockIdx.y), *b = int(blockIdx.z);
     }

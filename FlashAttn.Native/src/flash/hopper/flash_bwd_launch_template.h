@@ -14,12 +14,12 @@ namespace flash {
 namespace hopper {
 
 // One kernel (traits Tr, dQ through the TMA or not, persistent or not, dQ's product first or not,
-// dropout or not, the snake order or units) over its grid: (key block, head, batch), or at most one CTA per SM
+// dropout or not) over its grid: (key block, head, batch), or at most one CTA per SM
 // (flash_bwd_kernel.cuh: persistent_bwd_tile).
-template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst, bool kDropout = false, bool kSnake = false>
+template <typename Tr, bool kDqTma, bool kPersistent, bool kDqFirst, bool kDropout = false>
 FlashAttnStatus launch_bwd_kernel(const BwdTensorMaps& maps, const BwdKernelParams& kp, int batch, int sms,
                                   cudaStream_t stream, const char* function) {
-  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst, kDropout, kSnake>;
+  auto kernel = flash_bwd_hopper_kernel<Tr, kDqTma, kPersistent, kDqFirst, kDropout>;
   constexpr int kSmem = kDqTma ? Tr::kSmemBytesDqTma : Tr::kSmemBytes;
   int device = 0;
   FlashAttnStatus s = check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
@@ -75,8 +75,6 @@ FlashAttnStatus launch_mha_bwd_hopper(const FlashBwdParams& p, const BwdTensorMa
       return launch_bwd_kernel<Tr, true, false, false>(maps, kp, batch, sms, stream, function);
     case BwdVariant::kDqFirst:
       return launch_bwd_kernel<Tr, true, false, true>(maps, kp, batch, sms, stream, function);
-    case BwdVariant::kPersistentSnake:
-      return launch_bwd_kernel<Tr, true, true, true, false, true>(maps, kp, batch, sms, stream, function);
     case BwdVariant::kPersistent:
       // Dropout has this variant alone (bwd_variant), the one kernel with the decisions compiled in.
       if (p.dropout_p > 0.f) return launch_bwd_kernel<Tr, true, true, true, true>(maps, kp, batch, sms, stream, function);

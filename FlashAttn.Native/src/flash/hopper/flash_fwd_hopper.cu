@@ -30,14 +30,14 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 12;
+constexpr int kFwdVariants = 9;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",           "pingpong",         "rows192",             "persistent",
-    "persistent192",     "persistent2",      "persistent_overlap",  "persistent_expturn",
-    "persistent_narrow", "persistent_snake", "persistent192_snake", "persistent_narrow_snake"};
-static_assert(int(FwdVariant::kPersistentNarrowSnake) + 1 == kFwdVariants, "a name for every variant");
+    "overlap",     "pingpong",           "rows192",            "persistent",         "persistent192",
+    "persistent2", "persistent_overlap", "persistent_expturn", "persistent192_snake"};
+static_assert(int(FwdVariant::kPersistent192Snake) + 1 == kFwdVariants, "a name for every variant");
 
-// From these query and key lengths on, the d64 causal forward takes 192-row tiles (fwd_variant's comment).
+// From these query and key lengths on, the d64 causal forward takes 192-row tiles in the snake order (fwd_variant's
+// comment).
 constexpr int64_t kLongCausal64 = 8192;
 
 // The kernel variant: FLASHATTN_HOPPER_FWD_VARIANT (read once per process; the bench and
@@ -46,14 +46,14 @@ constexpr int64_t kLongCausal64 = 8192;
 // "persistent" (a persistent grid), "persistent192" (both), "persistent2" (the persistent grid with
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
 // (overlap on the persistent grid), "persistent_expturn" (persistent with the turns around the softmax's
-// exponentials), "persistent_narrow" (persistent_expturn with the narrow first block: kernel_traits.h; being
-// measured), "persistent_snake" and "persistent192_snake" (persistent_expturn and persistent192 with the snake order:
-// kernel_traits.h persistent_snake; being measured), "persistent_narrow_snake" (both changes). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured":
-// bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
+// exponentials), "persistent192_snake" (persistent192 with the tiles in the snake order: kernel_traits.h
+// persistent_snake). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured"
+// and "The snake order": bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
 //   persistent_expturn's 458 / 504);
-// - d64 causal: persistent192 from S 8192 (507 / persistent_expturn's 472 at 8192, 530 / 490 at 16384),
-//   persistent_expturn below (383 / persistent's 362 at 2048; GPT-2 0.090 ms queued either way);
+// - d64 causal: persistent192_snake from S 8192 (518 / persistent192's 502 / persistent_expturn's 471 at 8192,
+//   549 / 528 / 490 at 16384), persistent_expturn below (383 / persistent's 362 at 2048; GPT-2 0.090 ms queued
+//   either way);
 // - d128: persistent_expturn (643 / persistent_overlap's 630 at S 2048, 709 / 690 at 16384; causal 535 / 515 at
 //   2048, 699 / overlap's 692 at 16384; alike at 512).
 // Dropout: persistent, or persistent2 when forced, whatever else is forced (the variants compiled with
@@ -72,8 +72,8 @@ FwdVariant fwd_variant(const FlashFwdParams& p) {
   const bool causal = p.window_right == 0;
   const int64_t rows = std::min(p.seqlen_q, p.seqlen_k);
   if (p.headdim == 128) return FwdVariant::kPersistentExpTurn;
-  if (!causal || rows >= kLongCausal64) return FwdVariant::kPersistent192;
-  return FwdVariant::kPersistentExpTurn;
+  if (!causal) return FwdVariant::kPersistent192;
+  return rows >= kLongCausal64 ? FwdVariant::kPersistent192Snake : FwdVariant::kPersistentExpTurn;
 }
 
 template <typename T>

@@ -27,7 +27,6 @@
 
 #include <climits>
 #include <cmath>
-#include <type_traits>
 
 #include "flash/dropout.cuh"
 #include "flash/flash_common.cuh"
@@ -42,11 +41,14 @@ namespace hopper {
 // Query block, head and batch of work tile `t` of a persistent CTA (`grid` CTAs, `total` tiles):
 // units of persistent_unit (kernel_traits.h), the heavy end of a (batch, head) its last query
 // block (the last rows see the most keys).
-// snake: persistent_snake's order instead (FwdTraits::kSnake; persistent_order).
+// snake: persistent_snake's order instead (FwdTraits::kSnake; the rank counted from the heavy end).
 __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int m_blocks, int nheads, bool snake,
                                                 int* m_block, int* h, int* b) {
-  int rank, light, hb;
-  persistent_order(t, grid, total, m_blocks, snake, &rank, &light, &hb);
+  int rank, light = 0, hb;
+  if (snake)
+    persistent_snake(t, grid, total, total / m_blocks, &rank, &hb);
+  else
+    persistent_unit(t, grid, total, m_blocks, &rank, &light, &hb);
   *m_block = light ? rank : m_blocks - 1 - rank;
   *b = hb / nheads;
   *h = hb - *b * nheads;
@@ -73,7 +75,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
   static_assert(!Tr::kExpTurn || (kPingpong && !kTileOverlap), "turns around the exponentials: ping-pong, one tile");
-  static_assert(!Tr::kNarrowFirst || (!kTileOverlap && !kDropout), "the narrow first block: one tile, no dropout");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   constexpr int kQStages = Tr::kQStages;
@@ -303,10 +304,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
       // s (raw scores of key block it) -> exp2(s * sl - new max * sl) in place; row_max, row_sum and
       // alpha updated (O itself is rescaled by the caller, when no wgmma is writing it).
-      // kCols: the columns computed, NS, or NS / 2 for a narrow first block (Tr::kNarrowFirst: the rest is hidden from
-      // every row of the warpgroup, set to 0 here, P's zeros).
-      auto softmax_cols = [&](int it, auto cols) {
-        constexpr int kCols = decltype(cols)::value;
+      auto softmax = [&](int it) {
         const int n0 = (n_tiles - 1 - it) * BN;
         // Mask only where some element of this warpgroup's 64 x 128 block can be hidden: keys past
         // the end, and with causal keys j > i + diag.
@@ -315,7 +313,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int k_end = p.seqlen_k - (n0 + 2 * t);                       // key j < seqlen_k
           const int d_hi = p.causal ? row0 + diag - (n0 + 2 * t) : INT_MAX;  // j - i <= diag
 #pragma unroll
-          for (int i = 0; i < kCols; ++i) {
+          for (int i = 0; i < NS; ++i) {
             const int dj = 8 * (i / 4) + i % 2, di = 8 * ((i / 2) % 2);
             if (dj >= k_end || dj - di > d_hi) s[i] = -INFINITY;
           }
@@ -325,7 +323,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         auto new_max = [&](int r) {
           float mx = -INFINITY;
 #pragma unroll
-          for (int j = 0; j < kCols / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+          for (int j = 0; j < NS / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(row_max[r], mx);
@@ -337,7 +335,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         auto exponentials = [&](int r, float m_scaled) {
           float sum = 0.f;
 #pragma unroll
-          for (int j = 0; j < kCols / 4; ++j) {
+          for (int j = 0; j < NS / 4; ++j) {
             const float x0 = fmaf(s[4 * j + 2 * r], sl, -m_scaled), x1 = fmaf(s[4 * j + 2 * r + 1], sl, -m_scaled);
             const float p0 = fast_exp2(x0), p1 = fast_exp2(x1);
             s[4 * j + 2 * r] = p0;
@@ -359,10 +357,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
           for (int r = 0; r < 2; ++r) exponentials(r, new_max(r));
         }
-#pragma unroll
-        for (int i = kCols; i < NS; ++i) s[i] = 0.f;
       };
-      auto softmax = [&](int it) { softmax_cols(it, std::integral_constant<int, NS>{}); };
 
       // out = O / l (times 1 / (1 - p) with dropout); LSE = max * scale + log(l). A row that saw no key
       // gets out = 0 and LSE = +inf (flash-attn's convention, as the sm_80 kernel). Touches o, never s
@@ -416,13 +411,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if (n_tiles > 0) {
         // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
         // it runs while that second product does.
-        // Tr::kNarrowFirst: whether no row of this warpgroup sees past the first 64 keys of the first key block (the
-        // last: keys [0, seen_end) are visible to some row, an upper bound from the warpgroup's last row).
-        bool narrow = false;
-        if constexpr (Tr::kNarrowFirst) {
-          const int seen_end = p.causal ? min(p.seqlen_k, wg_row0 + 64 + diag) : p.seqlen_k;
-          narrow = seen_end - (n_tiles - 1) * BN <= BN / 2;
-        }
         if (!s_ready) {
           mbar_wait(q_full(qb), (q_loads / kQStages) & 1);
           wait_k(kv);
@@ -436,10 +424,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           dropout_bits(0);  // its S, issued in the tile before, is complete
         }
         release_k(0);
-        if (narrow)
-          softmax_cols(0, std::integral_constant<int, NS / 2>{});
-        else
-          softmax(0);
+        softmax(0);
         drop_p();
         pack_p();
         for (int it = 1; it < n_tiles; ++it) {

@@ -85,19 +85,12 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true>, true, true>(p, maps, kp, device, stream,
                                                                                function);
     case FwdVariant::kPersistent192Snake:
+      // d128 runs persistent's kernel (fwd_kernel_variant): no snake-order kernel is compiled for it.
       if constexpr (kHeadDim == 64)
-        return launch_fwd_kernel<FwdTraits<64, T, 192, 1, false, false, true>, true, true>(p, maps, kp, device, stream,
-                                                                                         function);
-      [[fallthrough]];  // d128 has no 192-row tiles (fwd_kernel_variant)
-    case FwdVariant::kPersistentSnake:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, false, true>, true, true>(p, maps, kp, device,
-                                                                                            stream, function);
-    case FwdVariant::kPersistentNarrowSnake:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, true, true>, true, true>(p, maps, kp, device,
-                                                                                           stream, function);
-    case FwdVariant::kPersistentNarrow:
-      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, true>, true, true>(p, maps, kp, device, stream,
-                                                                                     function);
+        return launch_fwd_kernel<FwdTraits<64, T, 192, 1, false, true>, true, true>(p, maps, kp, device, stream,
+                                                                                  function);
+      else
+        return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, true>(p, maps, kp, device, stream, function);
     default:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
   }

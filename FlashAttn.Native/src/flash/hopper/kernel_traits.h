@@ -12,7 +12,7 @@ namespace flash {
 namespace hopper {
 
 template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false,
-          bool kNarrowFirst_ = false, bool kSnake_ = false>
+          bool kSnake_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -35,11 +35,8 @@ struct FwdTraits {
   // kExpTurn: the ping-pong's turns around each softmax's exponentials rather than around the products (cuDNN's
   // order; flash_fwd_kernel.cuh, take_exp_turn).
   static constexpr bool kExpTurn = kExpTurn_;
-  // kNarrowFirst: a warpgroup whose rows see only the first 64 keys of a tile's first key block (the causal diagonal's,
-  // whose softmax nothing overlaps: the tile's first) takes that block's maxima and exponentials over those 64 alone.
-  static constexpr bool kNarrowFirst = kNarrowFirst_;
-  // kSnake: the persistent grid's tiles in the snake order (persistent_snake) instead of units (for causal masks: without
-  // one every order is balanced, and units keep a round's K and V in L2).
+  // kSnake: the persistent grid's tiles in the snake order (persistent_snake) instead of units (for long causal rows:
+  // without a mask every order is balanced, and units keep a round's K and V in L2).
   static constexpr bool kSnake = kSnake_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
@@ -102,10 +99,7 @@ struct FwdTensorMaps {
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentExpTurn,
 // kPersistent with the turns around the softmax's exponentials rather than around the products
-// (FwdTraits::kExpTurn); kPersistentNarrow, kPersistentExpTurn with the narrow first block (FwdTraits::kNarrowFirst;
-// being measured: hopper/NOTES.md, "The narrow first block"); kPersistentSnake and kPersistent192Snake,
-// kPersistentExpTurn and kPersistent192 with the snake order (FwdTraits::kSnake; being measured:
-// hopper/NOTES.md, "The snake order"); kPersistentNarrowSnake, kPersistentNarrow with it.
+// (FwdTraits::kExpTurn); kPersistent192Snake, kPersistent192 with the tiles in the snake order (FwdTraits::kSnake).
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -115,20 +109,17 @@ enum class FwdVariant : int {
   kPersistent2 = 5,
   kPersistentOverlap = 6,
   kPersistentExpTurn = 7,
-  kPersistentNarrow = 8,
-  kPersistentSnake = 9,
-  kPersistent192Snake = 10,
-  kPersistentNarrowSnake = 11
+  kPersistent192Snake = 8
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
-// and persistent192 persistent's. run_fwd resolves a variant through it once; the launch and the path log then see
-// the kernel that runs.
+// and persistent192 and persistent192_snake persistent's (the snake order on 128-row tiles lost at d128: hopper/NOTES.md,
+// "The snake order"). run_fwd resolves a variant through it once; the launch and the path log then see the kernel
+// that runs.
 constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
-  if (variant == FwdVariant::kPersistent192) return FwdVariant::kPersistent;
-  if (variant == FwdVariant::kPersistent192Snake) return FwdVariant::kPersistentSnake;
+  if (variant == FwdVariant::kPersistent192 || variant == FwdVariant::kPersistent192Snake) return FwdVariant::kPersistent;
   return variant;
 }
 
@@ -248,9 +239,8 @@ struct BwdTensorMaps {
 // (flash_bwd_hopper.cu): kAtomic, dQ added into dq_accum with per-thread float atomics; kDqTma,
 // dQ staged in shared memory and added by one TMA reduce-add per warpgroup and block; kDqFirst,
 // kDqTma with dQ's product issued before dV's and dK's; kPersistent, kDqFirst on a persistent grid
-// (one CTA per SM looping over key blocks, causal's longest first); kPersistentSnake, kPersistent with the tiles in
-// the snake order (persistent_snake; being measured: hopper/NOTES.md, "The snake order").
-enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3, kPersistentSnake = 4 };
+// (one CTA per SM looping over key blocks, causal's longest first).
+enum class BwdVariant : int { kAtomic = 0, kDqTma = 1, kDqFirst = 2, kPersistent = 3 };
 
 // ---- persistent grids (both directions) ----
 // Work unit of tile t of a persistent CTA: `grid` CTAs, CTA c running t = c, c + grid, c + 2 grid...
@@ -277,30 +267,19 @@ __host__ __device__ __forceinline__ void persistent_unit(int t, int grid, int to
   *hb = 2 * pair + ((pair + 1) * 2 * m > total ? 0 : r & 1);
 }
 
-// The snake order, a candidate for causal masks (FwdTraits::kSnake): tile t of CTA c = t mod grid -> block rank from
+// The snake order, for long causal rows (FwdTraits::kSnake): tile t of CTA c = t mod grid -> block rank from
 // the heavy end and hb = batch * nheads + head, over `heads` (batch, head)s. Every tile sorted heaviest first (rank r
 // of every head before rank r + 1), dealt round by round, the direction alternating (position c of even rounds,
 // grid - 1 - c of odd ones), so that a CTA's heavy tile of one round meets a light one in the next: within 1% of a
 // balanced grid at the peer's long causal rows, where whole units leave 3-5% (tests/persistent_schedule_sim.py,
-// "snake"). A round spans every head, where a round of units spans a few (L2).
+// "snake"). A round spans every head, where a round of units spans a few: L2 misses that cost more than the balance
+// buys at short rows and at d128 (hopper/NOTES.md, "The snake order").
 __host__ __device__ __forceinline__ void persistent_snake(int t, int grid, int total, int heads, int* rank, int* hb) {
   const int k = t / grid, c = t - k * grid;
   int pos = k * grid + ((k & 1) ? grid - 1 - c : c);
   if (pos >= total) pos = k * grid + c;  // a partial odd round: its CTAs take positions from the round's start
   *rank = pos / heads;
   *hb = pos - *rank * heads;
-}
-
-// Tile t of a persistent CTA in units (persistent_unit) or, with snake, in persistent_snake's order: the block's
-// rank from the heavy end of its (batch, head), whether it is counted from the light end instead (units' second
-// tiles), and hb = batch * nheads + head; the kernels' tile functions turn the rank into their block.
-__host__ __device__ __forceinline__ void persistent_order(int t, int grid, int total, int m, bool snake, int* rank,
-                                                          int* light, int* hb) {
-  *light = 0;
-  if (snake)
-    persistent_snake(t, grid, total, total / m, rank, hb);
-  else
-    persistent_unit(t, grid, total, m, rank, light, hb);
 }
 
 // Defined by hopper/instantiations/flash_bwd_hopper_hdim{D}_{dtype}.cu: the kernel alone (run_bwd
