@@ -30,11 +30,12 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 9;
+constexpr int kFwdVariants = 10;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
-    "overlap",     "pingpong",           "rows192",            "persistent",         "persistent192",
-    "persistent2", "persistent_overlap", "persistent_expturn", "persistent192_snake"};
-static_assert(int(FwdVariant::kPersistent192Snake) + 1 == kFwdVariants, "a name for every variant");
+    "overlap",            "pingpong",           "rows192",             "persistent",        "persistent192",
+    "persistent2",        "persistent_overlap", "persistent_expturn",  "persistent192_snake",
+    "persistent_serial"};
+static_assert(int(FwdVariant::kPersistentSerial) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the d64 causal forward takes 192-row tiles in the snake order (fwd_variant's
 // comment).
@@ -47,7 +48,8 @@ constexpr int64_t kLongCausal64 = 8192;
 // a CTA's tiles overlapped: hopper/NOTES.md, v6; not a default until measured), "persistent_overlap"
 // (overlap on the persistent grid), "persistent_expturn" (persistent with the turns around the softmax's
 // exponentials), "persistent192_snake" (persistent192 with the tiles in the snake order: kernel_traits.h
-// persistent_snake). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured"
+// persistent_snake), "persistent_serial" (persistent_expturn with each product waited for where it is issued, as
+// cuDNN's loop: FwdTraits::kSerial; being measured). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured"
 // and "The snake order": bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
 //   persistent_expturn's 458 / 504);

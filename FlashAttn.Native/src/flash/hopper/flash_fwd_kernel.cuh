@@ -75,6 +75,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
   static_assert(!Tr::kExpTurn || (kPingpong && !kTileOverlap), "turns around the exponentials: ping-pong, one tile");
+  static_assert(!Tr::kSerial || (Tr::kExpTurn && !kDropout), "the serial loop: turns around the exponentials, no dropout");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   constexpr int kQStages = Tr::kQStages;
@@ -408,7 +409,28 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       };
 
-      if (n_tiles > 0) {
+      if (Tr::kSerial && n_tiles > 0) {
+        // Tr::kSerial: S, its softmax, then P V, each product waited for right after it is issued; the tensor cores
+        // run the other warpgroup's products under this one's softmax (the turns around the exponentials).
+        mbar_wait(q_full(qb), (q_loads / kQStages) & 1);
+        for (int it = 0; it < n_tiles; ++it) {
+          wait_k(kv + it);
+          qk(kv + it, qb);
+          wgmma_wait<0>();
+          reg_fence(s);
+          release_k(it);
+          softmax(it);
+          rescale_o();  // by this block's maxima: no product is writing O
+          pack_p();
+          pv(kv + it);
+          wgmma_wait<0>();
+          reg_fence(o);
+          reg_fence(pk);
+          release_v(kv + it);
+        }
+        ++q_loads;
+        kv += n_tiles;
+      } else if (n_tiles > 0) {
         // S of block it is issued with O += P V of block it - 1 behind it, and the softmax of block
         // it runs while that second product does.
         if (!s_ready) {

@@ -12,7 +12,7 @@ namespace flash {
 namespace hopper {
 
 template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false,
-          bool kSnake_ = false>
+          bool kSnake_ = false, bool kSerial_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -38,6 +38,10 @@ struct FwdTraits {
   // kSnake: the persistent grid's tiles in the snake order (persistent_snake) instead of units (for long causal rows:
   // without a mask every order is balanced, and units keep a round's K and V in L2).
   static constexpr bool kSnake = kSnake_;
+  // kSerial (with kExpTurn; cuDNN's loop, hopper/NOTES.md "A tile's start and end"): a warpgroup waits for each of its
+  // products right after issuing it (S, softmax, P V, in that order, every key block alike, none peeled off at the
+  // tile's start), and only the other warpgroups' products run under its softmax.
+  static constexpr bool kSerial = kSerial_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -99,7 +103,9 @@ struct FwdTensorMaps {
 // overlapped (two Q buffers; the next tile's first S issued with this tile's last P V and run under
 // its epilogue); kPersistentOverlap, kOverlap on a persistent grid (no turns); kPersistentExpTurn,
 // kPersistent with the turns around the softmax's exponentials rather than around the products
-// (FwdTraits::kExpTurn); kPersistent192Snake, kPersistent192 with the tiles in the snake order (FwdTraits::kSnake).
+// (FwdTraits::kExpTurn); kPersistent192Snake, kPersistent192 with the tiles in the snake order (FwdTraits::kSnake);
+// kPersistentSerial, kPersistentExpTurn with each product waited for where it is issued (FwdTraits::kSerial; being
+// measured: hopper/NOTES.md, "A tile's start and end").
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -109,7 +115,8 @@ enum class FwdVariant : int {
   kPersistent2 = 5,
   kPersistentOverlap = 6,
   kPersistentExpTurn = 7,
-  kPersistent192Snake = 8
+  kPersistent192Snake = 8,
+  kPersistentSerial = 9
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
