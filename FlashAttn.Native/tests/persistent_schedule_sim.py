@@ -26,6 +26,9 @@ Schedulers (G = the grid, 132 SMs on the H200):
           meets a light one in the next; a round spans every head (a round of units spans a few: L2).
   grid    the non-persistent launch (one CTA a tile, heaviest first in launch order, each to the
           first SM free): list scheduling, for reference.
+  dynamic persistent_dynamic's order (flash_fwd_kernel.cuh dynamic_tile, forward only; a global counter hands
+          each CTA its next tile when it is free): list scheduling over every tile heaviest first (rank r of
+          every head before rank r + 1; FLASHATTN_HOPPER_TILE_GROUP unset).
 
 Then the same for the forward's 192-row tiles (persistent192) under a causal mask ("fwd192").
 
@@ -125,7 +128,7 @@ def report(name, per_cta):
     ws = [w for w, _ in per_cta]
     ns = [n for _, n in per_cta]
     mean = sum(ws) / len(ws)
-    return "%-6s G %3d  tiles %2d-%2d  work %7.1f / %7.1f / %7.1f  max/mean %.3f" % (
+    return "%-7s G %3d  tiles %2d-%2d  work %7.1f / %7.1f / %7.1f  max/mean %.3f" % (
         name, len(per_cta), min(ns), max(ns), min(ws), mean, max(ws), max(ws) / mean)
 
 
@@ -148,9 +151,11 @@ def simulate(label, B, H, S, D, causal, sms, alpha, direction):
     snake = persistent(total, G_new, lambda t: snake_tile(t, G_new, B * H, m, high), work, alpha)
     grid_order = [(m - 1 - j if high else j) for _ in range(B * H) for j in range(m)]
     grid = list_schedule(grid_order, sms, work, alpha)
+    dyn_order = [(m - 1 - r if high else r) for r in range(m) for _ in range(B * H)]
+    dynamic = list_schedule(dyn_order, min(sms, total), work, alpha)
     print("%s %s: B %d H %d S %d d%d %s, %d blocks a head, %d tiles" % (
         label, direction, B, H, S, D, "causal" if causal else "full", m, total))
-    for name, r in (("pairs", old), ("units", new), ("snake", snake), ("grid", grid)):
+    for name, r in (("pairs", old), ("units", new), ("snake", snake), ("grid", grid), ("dynamic", dynamic)):
         print("  " + report(name, r))
     ratio = max(w for w, _ in old) / max(w for w, _ in new)
     print("  pairs/units makespan %.3f" % ratio)

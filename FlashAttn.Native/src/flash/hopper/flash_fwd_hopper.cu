@@ -1,13 +1,15 @@
 // run_fwd: which cases take the Hopper forward, their TMA tensor maps, and runtime dtype / head dim
-// -> the compiled instantiation. Host code only (the kernels are in instantiations/).
+// -> the compiled instantiation. Host code (the kernels are in instantiations/) and the dynamic tiles' counters.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
+#include "common/cuda_check.cuh"
 #include "common/device.h"
 #include "flash/hopper/dispatch.h"
 #include "flash/hopper/flash_fwd_hopper.h"
@@ -30,12 +32,12 @@ bool covers(const FlashFwdParams& p) {
 }
 
 // FLASHATTN_HOPPER_FWD_VARIANT's names, by FwdVariant.
-constexpr int kFwdVariants = 10;
+constexpr int kFwdVariants = 12;
 constexpr const char* kFwdVariantNames[kFwdVariants] = {
     "overlap",            "pingpong",           "rows192",             "persistent",        "persistent192",
     "persistent2",        "persistent_overlap", "persistent_expturn",  "persistent192_snake",
-    "persistent_serial"};
-static_assert(int(FwdVariant::kPersistentSerial) + 1 == kFwdVariants, "a name for every variant");
+    "persistent_serial",  "persistent_dynamic", "persistent_serial_dynamic"};
+static_assert(int(FwdVariant::kPersistentSerialDynamic) + 1 == kFwdVariants, "a name for every variant");
 
 // From these query and key lengths on, the d64 causal forward takes 192-row tiles in the snake order (fwd_variant's
 // comment).
@@ -49,7 +51,8 @@ constexpr int64_t kLongCausal64 = 8192;
 // (overlap on the persistent grid), "persistent_expturn" (persistent with the turns around the softmax's
 // exponentials), "persistent192_snake" (persistent192 with the tiles in the snake order: kernel_traits.h
 // persistent_snake), "persistent_serial" (persistent_expturn with each product waited for where it is issued, as
-// cuDNN's loop: FwdTraits::kSerial; being measured). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured"
+// cuDNN's loop: FwdTraits::kSerial; being measured), "persistent_dynamic" and "persistent_serial_dynamic"
+// (persistent_expturn and persistent_serial with dynamic tiles: FwdTraits::kDynamic; being measured). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured"
 // and "The snake order": bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
 //   persistent_expturn's 458 / 504);
@@ -86,6 +89,46 @@ FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, F
 }
 
 }  // namespace
+
+// Zero until a launch uses them: epoch 0, which fwd_tile_slots never gives, so every word starts stale.
+__device__ unsigned long long g_fwd_tile_slots[kFwdTileSlots];
+
+FlashAttnStatus fwd_tile_slots(int device, cudaStream_t stream, unsigned long long** slots, uint32_t* epoch,
+                               int* group_heads, const char* function) {
+  constexpr int kDevices = 256;
+  static std::atomic<unsigned long long*> address[kDevices] = {};
+  static std::atomic<uint32_t> last_epoch[kDevices] = {};
+  // Epoch 1's word, written before the device's first launch: every later launch finds its word put in place by the
+  // launch before it (the kernel's first CTA writes the next epoch's), so no launch starts on a stale word unless
+  // launches on several streams overtake each other.
+  static const unsigned long long kFirstWord = 1ull << 32;
+  static const int group = [] {
+    const char* v = std::getenv("FLASHATTN_HOPPER_TILE_GROUP");
+    return v == nullptr ? 0 : std::max(0, std::atoi(v));
+  }();
+  if (device < 0 || device >= kDevices) return check_cuda(cudaErrorInvalidDevice, function, "fwd_tile_slots");
+  unsigned long long* a = address[device].load(std::memory_order_acquire);
+  if (a == nullptr) {
+    void* symbol = nullptr;
+    const FlashAttnStatus s = check_cuda(cudaGetSymbolAddress(&symbol, g_fwd_tile_slots), function,
+                                         "cudaGetSymbolAddress(g_fwd_tile_slots)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+    a = static_cast<unsigned long long*>(symbol);
+    address[device].store(a, std::memory_order_release);
+  }
+  uint32_t e = ++last_epoch[device];
+  if (e == 0) e = ++last_epoch[device];  // after 2^32 launches
+  if (e == 1) {
+    const FlashAttnStatus s = check_cuda(cudaMemcpyAsync(a + 1, &kFirstWord, sizeof(kFirstWord),
+                                                         cudaMemcpyHostToDevice, stream),
+                                         function, "cudaMemcpyAsync(g_fwd_tile_slots)");
+    if (s != FLASHATTN_STATUS_OK) return s;
+  }
+  *slots = a;
+  *epoch = e;
+  *group_heads = group;
+  return FLASHATTN_STATUS_OK;
+}
 
 FlashAttnStatus run_fwd(const FlashFwdParams& p, cudaStream_t stream, const char* function, bool* ran,
                         const char** kernel) {

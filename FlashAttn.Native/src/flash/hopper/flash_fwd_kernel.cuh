@@ -54,6 +54,31 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
   *h = hb - *b * nheads;
 }
 
+// Tr::kDynamic: the index of a CTA's next tile from its launch's counter word (kernel_traits.h, fwd_tile_slots): the
+// count under this launch's epoch; a word still under an older epoch (a launch on another stream overtook the one
+// that was to put it in place) takes this epoch by compare-and-swap, the winner taking index 0. A word reset under a
+// running launch hands indices out again from 0: tiles computed twice, none skipped (a CTA ends only on an index past
+// the last, and every index below it was handed out before).
+__device__ __forceinline__ uint32_t fwd_tile_index(unsigned long long* word, uint32_t epoch) {
+  for (;;) {
+    const unsigned long long old = atomicAdd(word, 1ull);
+    if (uint32_t(old >> 32) == epoch) return uint32_t(old);
+    const unsigned long long seen = old + 1ull;
+    if (atomicCAS(word, seen, (static_cast<unsigned long long>(epoch) << 32) | 1ull) == seen) return 0;
+  }
+}
+
+// Tr::kDynamic's order: tile t -> block rank from the heavy end and hb = batch * nheads + head. The (batch, head)s go
+// in groups of `group` (every one when 0; the last group smaller), each group's tiles heaviest first (rank r of each
+// of its heads before rank r + 1), so that the counter hands out the heavy tiles of a group before its light ones.
+__device__ __forceinline__ void dynamic_tile(int t, int m_blocks, int heads, int group, int* rank, int* hb) {
+  const int g = group > 0 && group < heads ? group : heads;
+  const int gi = t / (g * m_blocks), r = t - gi * g * m_blocks;
+  const int gh = min(g, heads - gi * g);
+  *rank = r / gh;
+  *hb = gi * g + (r - *rank * gh);
+}
+
 // kPersistent: a grid of at most one CTA per SM, each looping over tiles blockIdx.x, + gridDim.x, ...
 // (persistent_tile): the producer loads the next tile's Q and first K and V blocks while the
 // consumers finish the last one and store its output. Otherwise one tile per CTA, the heaviest
@@ -76,6 +101,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
   static_assert(!Tr::kExpTurn || (kPingpong && !kTileOverlap), "turns around the exponentials: ping-pong, one tile");
   static_assert(!Tr::kSerial || (Tr::kExpTurn && !kDropout), "the serial loop: turns around the exponentials, no dropout");
+  static_assert(!Tr::kDynamic || (kPersistent && !kTileOverlap && !Tr::kSnake), "dynamic tiles: persistent, one tile");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   constexpr int kQStages = Tr::kQStages;
@@ -93,13 +119,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto v_empty = [&](int s) { return bars + 8u * (kQStages + 3 * kStages + s); };
   // Every consumer warp is done with Q buffer i's tile.
   auto q_empty = [&](int i) { return bars + 8u * (kQStages + 4 * kStages + i); };
+  // Tr::kDynamic: tile index slot i written by the producer (full), read by every consumer warp (empty).
+  auto tile_full = [&](int i) { return bars + 8u * (2 * kQStages + 4 * kStages + i); };
+  auto tile_empty = [&](int i) { return bars + 8u * (2 * kQStages + 4 * kStages + 2 + i); };
+  volatile int* const tile_slot = reinterpret_cast<int*>(smem_raw + (base - smem_u32(smem_raw)) + Tr::kOffTiles);
 
   // Work tiles of this CTA: tile_begin, + tile_step, ... below tile_end.
   const int tile_begin = kPersistent ? int(blockIdx.x) : 0;
   const int tile_end = kPersistent ? p.total_tiles : 1;
   const int tile_step = kPersistent ? int(gridDim.x) : 1;
   auto tile_coords = [&](int tile, int* m_block, int* h, int* b) {
-    if constexpr (kPersistent) {
+    if constexpr (Tr::kDynamic) {
+      int rank, hb;
+      dynamic_tile(tile, p.m_blocks, p.total_tiles / p.m_blocks, p.group_heads, &rank, &hb);
+      *m_block = p.m_blocks - 1 - rank;
+      *b = hb / p.nheads;
+      *h = hb - *b * p.nheads;
+    } else if constexpr (kPersistent) {
       persistent_tile(tile, tile_step, p.total_tiles, p.m_blocks, p.nheads, Tr::kSnake, m_block, h, b);
     } else {
       *m_block = int(gridDim.x) - 1 - int(blockIdx.x), *h = blockIdx.y, *b = blockIdx.z;
@@ -127,6 +163,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_init(k_empty(s), 4 * kWarpgroups);  // one arrive per consumer warp
       mbar_init(v_empty(s), 4 * kWarpgroups);
     }
+    if constexpr (Tr::kDynamic) {
+      for (int i = 0; i < 2; ++i) {
+        mbar_init(tile_full(i), 1);
+        mbar_init(tile_empty(i), 4 * kWarpgroups);
+      }
+    }
     fence_mbar_init();
   }
   __syncthreads();
@@ -143,7 +185,42 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch(&tm_k);
       tma_prefetch(&tm_v);
       int kv = 0, q_loads = 0;
-      for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
+      // Tr::kDynamic: the tiles handed to the consumers (slot handed % 2), and the index taken for the tile after the
+      // one being loaded (fetched a tile ahead, so that the atomic's round trip runs under the loads).
+      int handed = 0, fetched = 0;
+      unsigned long long* const word = Tr::kDynamic ? p.tile_slots + p.epoch % kFwdTileSlots : nullptr;
+      auto hand = [&](int tile) {
+        const int slot = handed % 2;
+        mbar_wait(tile_empty(slot), ((handed / 2) & 1) ^ 1);
+        tile_slot[slot] = tile;
+        mbar_arrive(tile_full(slot));  // release: the consumers' wait on it sees the index
+        ++handed;
+      };
+      auto fetch = [&] { return int(min(gridDim.x + fwd_tile_index(word, p.epoch), uint32_t(INT_MAX))); };
+      auto first_tile = [&] {
+        if constexpr (Tr::kDynamic) {
+          // The next launch's word, in place before it starts (the same stream runs it after this one).
+          if (blockIdx.x == 0)
+            atomicExch(p.tile_slots + (p.epoch + 1u) % kFwdTileSlots,
+                       static_cast<unsigned long long>(p.epoch + 1u) << 32);
+          hand(int(blockIdx.x));
+          if (int(blockIdx.x) < tile_end) fetched = fetch();
+          return int(blockIdx.x);
+        } else {
+          return tile_begin;
+        }
+      };
+      auto next_tile = [&](int tile) {
+        if constexpr (Tr::kDynamic) {
+          const int next = fetched;
+          hand(next);
+          if (next < tile_end) fetched = fetch();
+          return next;
+        } else {
+          return tile + tile_step;
+        }
+      };
+      for (int tile = first_tile(); tile < tile_end; tile = next_tile(tile)) {
         int m_block, h, b;
         tile_coords(tile, &m_block, &h, &b);
         const int m0 = m_block * BM, n_tiles = key_blocks(m0);
@@ -280,7 +357,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // always holds defined values.
 #pragma unroll
     for (int i = 0; i < NS; ++i) s[i] = 0.f;
-    for (int tile = tile_begin; tile < tile_end; tile += tile_step) {
+    // Tr::kDynamic: each tile's index from the producer's slot (taken tiles % 2), one arrive per warp once read.
+    int taken = 0;
+    auto take = [&] {
+      const int slot = taken % 2;
+      mbar_wait(tile_full(slot), (taken / 2) & 1);
+      const int tile = tile_slot[slot];
+      __syncwarp();
+      if (lane == 0) mbar_arrive(tile_empty(slot));
+      ++taken;
+      return tile;
+    };
+    auto first_tile = [&] {
+      if constexpr (Tr::kDynamic) return take();
+      else return tile_begin;
+    };
+    auto next_tile = [&](int tile) {
+      if constexpr (Tr::kDynamic) return take();
+      else return tile + tile_step;
+    };
+    for (int tile = first_tile(); tile < tile_end; tile = next_tile(tile)) {
       int m0, bh;  // bh: the dropout stream's (batch, head), b * nheads + h
       {
         int m_block, h, b;  // h and b again for the epilogue: not held in registers through the loop

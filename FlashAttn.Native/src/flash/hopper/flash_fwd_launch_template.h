@@ -59,6 +59,9 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
   kp.dropout_threshold = dropout_threshold16(p.dropout_p);
   kp.seed = p.seed;
   kp.offset = p.offset;
+  kp.tile_slots = nullptr;
+  kp.epoch = 0;
+  kp.group_heads = 0;
   constexpr int kRows = fwd_block_m(kHeadDim, FwdVariant::kRows192);
   switch (variant) {
     case FwdVariant::kOverlap:
@@ -94,6 +97,16 @@ FlashAttnStatus launch_mha_fwd_hopper(const FlashFwdParams& p, const FwdTensorMa
     case FwdVariant::kPersistentSerial:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, false, true>, true, true>(p, maps, kp, device,
                                                                                             stream, function);
+    case FwdVariant::kPersistentDynamic:
+    case FwdVariant::kPersistentSerialDynamic: {
+      const FlashAttnStatus s = fwd_tile_slots(device, stream, &kp.tile_slots, &kp.epoch, &kp.group_heads, function);
+      if (s != FLASHATTN_STATUS_OK) return s;
+      if (variant == FwdVariant::kPersistentDynamic)
+        return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, false, false, true>, true, true>(
+            p, maps, kp, device, stream, function);
+      return launch_fwd_kernel<FwdTraits<kHeadDim, T, 128, 1, true, false, true, true>, true, true>(
+          p, maps, kp, device, stream, function);
+    }
     default:
       return launch_fwd_kernel<FwdTraits<kHeadDim, T>, true, false>(p, maps, kp, device, stream, function);
   }

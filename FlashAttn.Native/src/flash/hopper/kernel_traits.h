@@ -12,7 +12,7 @@ namespace flash {
 namespace hopper {
 
 template <int kHeadDim_, typename T_, int kBlockM_ = 128, int kQStages_ = 1, bool kExpTurn_ = false,
-          bool kSnake_ = false, bool kSerial_ = false>
+          bool kSnake_ = false, bool kSerial_ = false, bool kDynamic_ = false>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -42,6 +42,10 @@ struct FwdTraits {
   // products right after issuing it (S, softmax, P V, in that order, every key block alike, none peeled off at the
   // tile's start), and only the other warpgroups' products run under its softmax.
   static constexpr bool kSerial = kSerial_;
+  // kDynamic (persistent grids; cuDNN's scheduler, hopper/NOTES.md "Dynamic tiles"): a CTA's first tile is its
+  // blockIdx.x, every later one the next index of a global counter (fwd_tile_index), the tiles heaviest first; the
+  // producer takes the indices and hands them to the consumers through a two-slot ring in shared memory.
+  static constexpr bool kDynamic = kDynamic_;
   // The TMA boxes: 64 head-dim elements (one 128-byte swizzle row) by 128 rows for K and V, by
   // kBlockM rows for Q (a box has at most 256 rows); a tile is kChunks such boxes side by side
   // along the head dim.
@@ -56,14 +60,16 @@ struct FwdTraits {
   static constexpr int kQTileBytes = kChunks * kQChunkBytes;
   // Shared memory, from a 1024-byte aligned base: Q[q stages], K[stages], V[stages], then the
   // mbarriers (Q full[q stages]; K full[stages], K empty[stages]; V full[stages], V empty[stages];
-  // Q empty[q stages]). d128 with two Q buffers: 192 KB.
+  // Q empty[q stages]; with kDynamic tile full[2], tile empty[2]), then kDynamic's two tile indices. d128 with two Q
+  // buffers: 192 KB.
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + kQStages * kQTileBytes;
   static constexpr int kOffV = kOffK + kStages * kTileBytes;
   static constexpr int kOffBar = kOffV + kStages * kTileBytes;
-  static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
+  static constexpr int kBarriers = 2 * kQStages + 4 * kStages + (kDynamic ? 4 : 0);
+  static constexpr int kOffTiles = kOffBar + 8 * kBarriers;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
-  static constexpr int kSmemBytes = kOffBar + 8 * kBarriers + 1024;
+  static constexpr int kSmemBytes = kOffTiles + (kDynamic ? 8 : 0) + 1024;
   // Registers: the entry cap is 65536 / kThreads (168 for 384 threads, rounded down to 8; 128 for
   // 512); the producer warpgroup drops to kProducerRegs and the consumers rise to kConsumerRegs
   // (kProducerRegs * 128 + kConsumerRegs * 128 * warpgroups <= 65536): FlashAttention-3's splits
@@ -87,6 +93,10 @@ struct FwdKernelParams {
   float dropout_p;
   uint32_t dropout_threshold;  // dropout_threshold16(dropout_p)
   uint64_t seed, offset;
+  // kDynamic alone: the counters (fwd_tile_slots), this launch's epoch, and the heads a group of the tile order spans.
+  unsigned long long* tile_slots;
+  uint32_t epoch;
+  int group_heads;
 };
 
 // Tensor maps of q, k, v viewed as 4-D (head dim, rows, heads, batch), box kBoxCols x kBoxRows.
@@ -105,7 +115,9 @@ struct FwdTensorMaps {
 // kPersistent with the turns around the softmax's exponentials rather than around the products
 // (FwdTraits::kExpTurn); kPersistent192Snake, kPersistent192 with the tiles in the snake order (FwdTraits::kSnake);
 // kPersistentSerial, kPersistentExpTurn with each product waited for where it is issued (FwdTraits::kSerial; being
-// measured: hopper/NOTES.md, "A tile's start and end").
+// measured: hopper/NOTES.md, "A tile's start and end"); kPersistentDynamic and kPersistentSerialDynamic,
+// kPersistentExpTurn and kPersistentSerial with dynamic tiles (FwdTraits::kDynamic; being measured: hopper/NOTES.md,
+// "Dynamic tiles").
 enum class FwdVariant : int {
   kOverlap = 0,
   kPingpong = 1,
@@ -116,7 +128,9 @@ enum class FwdVariant : int {
   kPersistentOverlap = 6,
   kPersistentExpTurn = 7,
   kPersistent192Snake = 8,
-  kPersistentSerial = 9
+  kPersistentSerial = 9,
+  kPersistentDynamic = 10,
+  kPersistentSerialDynamic = 11
 };
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
@@ -137,6 +151,14 @@ constexpr int fwd_block_m(int headdim, FwdVariant variant) {
              ? 192
              : 128;
 }
+
+// kDynamic's tile counters: kFwdTileSlots 64-bit words of device memory (flash_fwd_hopper.cu), a launch's word its
+// epoch mod kFwdTileSlots; each holds an epoch (high half) and a count (low half). fwd_tile_slots gives the device's
+// words and a fresh epoch of the device (never 0, the words' epoch before any launch; the first launch's word written
+// on the stream), and FLASHATTN_HOPPER_TILE_GROUP the heads a group of the tile order spans (0 or unset: every head).
+constexpr int kFwdTileSlots = 64;
+FlashAttnStatus fwd_tile_slots(int device, cudaStream_t stream, unsigned long long** slots, uint32_t* epoch,
+                               int* group_heads, const char* function);
 
 // Defined by hopper/instantiations/flash_fwd_hopper_hdim{D}_{dtype}.cu; device: the current device
 // (the launch raises the kernel's shared-memory limit once per device).
