@@ -93,15 +93,14 @@ FlashAttnStatus by_headdim(const FlashFwdParams& p, const FwdTensorMaps& maps, F
 // Zero until a launch uses them: epoch 0, which fwd_tile_slots never gives, so every word starts stale.
 __device__ unsigned long long g_fwd_tile_slots[kFwdTileSlots];
 
+// Epoch 1's word, before the device's first dynamic launch (a kernel, not a copy: it can be captured in a graph).
+__global__ void fwd_tile_slots_init(unsigned long long* word) { *word = 1ull << 32; }
+
 FlashAttnStatus fwd_tile_slots(int device, cudaStream_t stream, unsigned long long** slots, uint32_t* epoch,
                                int* group_heads, const char* function) {
   constexpr int kDevices = 256;
   static std::atomic<unsigned long long*> address[kDevices] = {};
   static std::atomic<uint32_t> last_epoch[kDevices] = {};
-  // Epoch 1's word, written before the device's first launch: every later launch finds its word put in place by the
-  // launch before it (the kernel's first CTA writes the next epoch's), so no launch starts on a stale word unless
-  // launches on several streams overtake each other.
-  static const unsigned long long kFirstWord = 1ull << 32;
   static const int group = [] {
     const char* v = std::getenv("FLASHATTN_HOPPER_TILE_GROUP");
     return v == nullptr ? 0 : std::max(0, std::atoi(v));
@@ -118,10 +117,11 @@ FlashAttnStatus fwd_tile_slots(int device, cudaStream_t stream, unsigned long lo
   }
   uint32_t e = ++last_epoch[device];
   if (e == 0) e = ++last_epoch[device];  // after 2^32 launches
+  // Every later launch finds its word put in place by the launch before it (the kernel's first CTA writes the next
+  // epoch's), so no launch starts on a stale word unless launches on several streams overtake each other.
   if (e == 1) {
-    const FlashAttnStatus s = check_cuda(cudaMemcpyAsync(a + 1, &kFirstWord, sizeof(kFirstWord),
-                                                         cudaMemcpyHostToDevice, stream),
-                                         function, "cudaMemcpyAsync(g_fwd_tile_slots)");
+    fwd_tile_slots_init<<<1, 1, 0, stream>>>(a + 1);
+    const FlashAttnStatus s = check_launch(function, "fwd_tile_slots_init");
     if (s != FLASHATTN_STATUS_OK) return s;
   }
   *slots = a;

@@ -58,7 +58,9 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 // count under this launch's epoch; a word still under an older epoch (a launch on another stream overtook the one
 // that was to put it in place) takes this epoch by compare-and-swap, the winner taking index 0. A word reset under a
 // running launch hands indices out again from 0: tiles computed twice, none skipped (a CTA ends only on an index past
-// the last, and every index below it was handed out before).
+// the last, and every index below it was handed out before). A launch's fetches number its tiles (each CTA's later
+// tiles and one index past the last), so the fetch given the count total - 1 is its last: it puts the word back to
+// count 0 under the same epoch, for a CUDA graph's next replay of this launch.
 __device__ __forceinline__ uint32_t fwd_tile_index(unsigned long long* word, uint32_t epoch) {
   for (;;) {
     const unsigned long long old = atomicAdd(word, 1ull);
@@ -196,7 +198,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         mbar_arrive(tile_full(slot));  // release: the consumers' wait on it sees the index
         ++handed;
       };
-      auto fetch = [&] { return int(min(gridDim.x + fwd_tile_index(word, p.epoch), uint32_t(INT_MAX))); };
+      auto fetch = [&] {
+        const uint32_t i = fwd_tile_index(word, p.epoch);
+        if (i == uint32_t(p.total_tiles) - 1u) atomicExch(word, static_cast<unsigned long long>(p.epoch) << 32);
+        return int(min(gridDim.x + i, uint32_t(INT_MAX)));
+      };
       auto first_tile = [&] {
         if constexpr (Tr::kDynamic) {
           // The next launch's word, in place before it starts (the same stream runs it after this one).
