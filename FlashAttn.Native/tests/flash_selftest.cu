@@ -91,7 +91,18 @@ struct Case {
   bool deterministic = false;
   int pad = 0;  // extra elements after each row of every tensor (strided layouts; must stay untouched)
   bool fwd_only = false;  // forward and its reference only (the large Hopper grid)
+  // The checked forward on a stream of its own, launched while an earlier forward of the same inputs waits behind a
+  // spinning kernel on another stream: it starts first, before the launch that was to prepare the Hopper dynamic
+  // tiles' counter for it has run (flash_fwd_kernel.cuh, fwd_tile_index: a stale word); both outputs must match.
+  bool overtaken = false;
 };
+
+// Holds a stream for `cycles` clock cycles (the overtaken cases).
+__global__ void spin_kernel(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+}
 
 // The path the library reports (FLASHATTN_LOG_PATH=1, one stderr line per call), read back by sending
 // stderr to a temporary file around one call.
@@ -269,16 +280,52 @@ bool run_case(const Case& c, bool verbose) {
   const int64_t sq_arg = c.varlen ? maxq : c.sq, sk_arg = c.varlen ? maxk : c.sk;
   const int64_t qbs = int64_t(c.sq) * qrs, kbs = int64_t(c.sk) * krs;
   const uint64_t seed = 0x1234abcdULL + c.D, offset = 77;
+  // c.overtaken: the first forward (held back on `held`) writes these; the checked one runs on `stream`.
+  cudaStream_t held = nullptr, stream = nullptr;
+  void* dout_held = nullptr;
+  float* dlse_held = nullptr;
+  if (c.overtaken) {
+    CK(cudaStreamCreateWithFlags(&held, cudaStreamNonBlocking));
+    CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    dout_held = dalloc(qbytes);
+    dlse_held = static_cast<float*>(dalloc(size_t(B) * H * maxq * 4));
+    CK(cudaMemset(dout_held, 0xff, qbytes));
+    CK(cudaMemset(dlse_held, 0xff, size_t(B) * H * maxq * 4));
+    spin_kernel<<<1, 1, 0, held>>>(20000000);  // about 10 ms
+    CK(cudaGetLastError());
+    const FlashAttnStatus sh = FlashAttn_flash_fwd(
+        dq_, dk_, dv_, dout_held, dlse_held, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk, D, qbs, qrs, D, kbs, krs, D,
+        kbs, krs, D, qbs, qrs, D, scale, c.wl, c.causal ? 0 : c.wr, c.softcap, c.alibi ? dslopes : nullptr,
+        c.alibi ? H : 0, c.dropout, seed, offset, nullptr, nullptr, 0, held);
+    if (sh != FLASHATTN_STATUS_OK) {
+      std::printf("FAIL %s held fwd status %d: %s\n", c.name.c_str(), int(sh), FlashAttn_core_last_error());
+      return false;
+    }
+  }
   PathCapture capture;
   capture.begin();
   FlashAttnStatus st = FlashAttn_flash_fwd(
       dq_, dk_, dv_, dout_, dlse, dt, dcuq, dcuk, B, sq_arg, sk_arg, H, Hk, D, qbs, qrs, D, kbs, krs, D, kbs,
       krs, D, qbs, qrs, D, scale, c.wl, c.causal ? 0 : c.wr, c.softcap, c.alibi ? dslopes : nullptr,
-      c.alibi ? H : 0, c.dropout, seed, offset, dmask, nullptr, 0, nullptr);
+      c.alibi ? H : 0, c.dropout, seed, offset, dmask, nullptr, 0, stream);
   const std::string path = capture.end();
   if (st != FLASHATTN_STATUS_OK) {
     std::printf("FAIL %s fwd status %d: %s\n", c.name.c_str(), int(st), FlashAttn_core_last_error());
     return false;
+  }
+  bool overtaken_ok = true;  // both forwards' outputs and LSE alike, bit for bit
+  if (c.overtaken) {
+    CK(cudaDeviceSynchronize());
+    std::vector<uint8_t> a(qbytes), b(qbytes), la(size_t(B) * H * maxq * 4), lb(la.size());
+    CK(cudaMemcpy(a.data(), dout_, qbytes, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(b.data(), dout_held, qbytes, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(la.data(), dlse, la.size(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(lb.data(), dlse_held, lb.size(), cudaMemcpyDeviceToHost));
+    overtaken_ok = a == b && la == lb;
+    CK(cudaStreamDestroy(held));
+    CK(cudaStreamDestroy(stream));
+    CK(cudaFree(dout_held));
+    CK(cudaFree(dlse_held));
   }
   const bool path_ok = path == (hopper_expected(c) ? "hopper" : "sm80");
   const int64_t ws_bytes = FlashAttn_flash_bwd_workspace_size(B, sq_arg, sk_arg, H, Hk, D, c.varlen);
@@ -510,16 +557,17 @@ bool run_case(const Case& c, bool verbose) {
   lse_ok = lse_ok && lse_err <= 1e-3;
   const bool mask_ok = mask_mismatches == 0;
   const bool ok = eo.ok() && eq.ok() && ek.ok() && ev.ok() && lse_ok && pad_ok && deterministic_ok && mask_ok &&
-                  path_ok && bwd_path_ok;
+                  path_ok && bwd_path_ok && overtaken_ok;
   // Each error pair: the kernel's max error against float64, then the low-precision reference's; the
   // bound is 2x the second + 1e-4 + 1e-3 max|ref| (a failing output is marked with (!)).
   auto mark = [](const Err& e) { return e.ok() ? "" : "(!)"; };
   std::printf("%s %-46s [%s] bwd:%s out %.2e %.2e%s | lse %.1e%s | dq %.2e %.2e%s | dk %.2e %.2e%s | dv %.2e "
-              "%.2e%s%s%s%s%s%s\n",
+              "%.2e%s%s%s%s%s%s%s\n",
               ok ? "PASS" : "FAIL", c.name.c_str(), path.c_str(), bwd_path.c_str(), eo.err, eo.ref_err, mark(eo),
               lse_err, lse_ok ? "" : "(!)", eq.err, eq.ref_err, mark(eq), ek.err, ek.ref_err, mark(ek), ev.err,
               ev.ref_err, mark(ev), pad_ok ? "" : " | wrote into row padding",
               deterministic_ok ? "" : " | not deterministic",
+              overtaken_ok ? "" : " | the overtaken forward's output differs from the held one's",
               mask_ok ? "" : " | dropout mask differs from the stream (flash/dropout.cuh)",
               path_ok ? "" : (hopper_expected(c) ? " | expected the hopper path" : " | expected the sm80 path"),
               bwd_path_ok           ? ""
@@ -636,6 +684,15 @@ std::vector<Case> cases() {
     Case c;
     c.B = 1, c.D = l.d, c.causal = l.causal, c.sq = l.sq, c.sk = l.sk, c.H = l.H, c.Hk = l.Hk, c.fwd_only = !l.bwd;
     c.name = name(c, " long");
+    v.push_back(c);
+  }
+  // Two forwards of the same inputs on two streams, the second launched first (Case::overtaken): GQA, causal, several
+  // tiles a CTA at both head dims.
+  for (int d : {64, 128}) {
+    Case c;
+    c.B = 2, c.D = d, c.causal = true, c.sq = 1025, c.sk = 1100, c.H = 8, c.Hk = 2, c.fwd_only = true;
+    c.overtaken = true;
+    c.name = name(c, " overtaken");
     v.push_back(c);
   }
   // The persistent forwards' grid (forward only): several tiles a CTA with seqlen_q != seqlen_k both
