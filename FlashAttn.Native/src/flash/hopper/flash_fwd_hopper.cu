@@ -52,8 +52,9 @@ constexpr int64_t kLongCausal64 = 8192;
 // exponentials), "persistent192_snake" (persistent192 with the tiles in the snake order: kernel_traits.h
 // persistent_snake), "persistent_serial" (persistent_expturn with each product waited for where it is issued, as
 // cuDNN's loop: FwdTraits::kSerial; being measured), "persistent_dynamic" and "persistent_serial_dynamic"
-// (persistent_expturn and persistent_serial with dynamic tiles: FwdTraits::kDynamic; being measured). Otherwise the fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured"
-// and "The snake order": bf16, GPT-2's B16 S1024 causal and 16k tokens at S 512-16384):
+// (persistent_expturn and persistent_serial with dynamic tiles: FwdTraits::kDynamic; being measured). Otherwise the
+// fastest measured on the H200 (hopper/NOTES.md, "The four experiments measured" and "The snake order": bf16, GPT-2's
+// B16 S1024 causal and 16k tokens at S 512-16384):
 // - d64 without a causal mask: 192-row tiles on the persistent grid (497 / 567 TFLOP/s at S 2048 / 8192 against
 //   persistent_expturn's 458 / 504);
 // - d64 causal: persistent192_snake from S 8192 (518 / persistent192's 502 / persistent_expturn's 471 at 8192,

@@ -55,18 +55,24 @@ __device__ __forceinline__ void persistent_tile(int t, int grid, int total, int 
 }
 
 // Tr::kDynamic: the index of a CTA's next tile from its launch's counter word (kernel_traits.h, fwd_tile_slots): the
-// count under this launch's epoch; a word still under an older epoch (a launch on another stream overtook the one
-// that was to put it in place) takes this epoch by compare-and-swap, the winner taking index 0. A word reset under a
-// running launch hands indices out again from 0: tiles computed twice, none skipped (a CTA ends only on an index past
-// the last, and every index below it was handed out before). A launch's fetches number its tiles (each CTA's later
-// tiles and one index past the last), so the fetch given the count total - 1 is its last: it puts the word back to
-// count 0 under the same epoch, for a CUDA graph's next replay of this launch.
+// count under this launch's epoch. A word still under an older epoch (a launch on another stream overtook the one
+// that was to put it in place) is given this epoch and count 0 by compare-and-swap against the value last seen, then
+// counted: the CTAs that find it stale stop adding until it is in place, so that each round of swaps has a winner.
+// A word reset under a running launch hands indices out again from 0: tiles computed twice, none skipped (a CTA ends
+// only on an index past the last, and every index below it was handed out before). A launch's fetches number its
+// tiles (each CTA's later tiles and one index past the last), so the fetch given the count total - 1 is its last: it
+// puts the word back to count 0 under the same epoch, for a CUDA graph's next replay of this launch.
 __device__ __forceinline__ uint32_t fwd_tile_index(unsigned long long* word, uint32_t epoch) {
+  const unsigned long long fresh = static_cast<unsigned long long>(epoch) << 32;
   for (;;) {
     const unsigned long long old = atomicAdd(word, 1ull);
     if (uint32_t(old >> 32) == epoch) return uint32_t(old);
-    const unsigned long long seen = old + 1ull;
-    if (atomicCAS(word, seen, (static_cast<unsigned long long>(epoch) << 32) | 1ull) == seen) return 0;
+    unsigned long long seen = old + 1ull;
+    while (uint32_t(seen >> 32) != epoch) {
+      const unsigned long long was = atomicCAS(word, seen, fresh);
+      if (was == seen) break;
+      seen = was;
+    }
   }
 }
 
@@ -102,7 +108,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   static_assert(!kTileOverlap || (kPersistent && kPingpong && Tr::kQStages == 2),
                 "the tile overlap is a persistent ping-pong kernel's, with two Q buffers");
   static_assert(!Tr::kExpTurn || (kPingpong && !kTileOverlap), "turns around the exponentials: ping-pong, one tile");
-  static_assert(!Tr::kSerial || (Tr::kExpTurn && !kDropout), "the serial loop: turns around the exponentials, no dropout");
+  static_assert(!Tr::kSerial || (Tr::kExpTurn && !kDropout),
+                "the serial loop: turns around the exponentials, no dropout");
   static_assert(!Tr::kDynamic || (kPersistent && !kTileOverlap && !Tr::kSnake), "dynamic tiles: persistent, one tile");
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
