@@ -236,7 +236,8 @@ $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)")
   # 7. The forward variants' grids, as the time left allows (step 3 ran the default: at the grids' lengths
   # persistent_expturn, persistent192 at d64 without a causal mask; persistent192_snake is the default with a causal
   # mask at long ones, so it comes first).
-  for run in "persistent192_snake:d64 &grid" "persistent192:d64 &grid" "persistent: grid" "persistent:pgrid" "overlap: grid" "persistent_overlap: grid" \
+  for run in "persistent192_snake:d64 &grid" "persistent192:d64 &grid" "persistent: grid" "persistent:pgrid" \
+    "overlap: grid" "persistent_overlap: grid" \
     "persistent2: grid" "persistent2:pgrid" "persistent2:b5" \
     "rows192:d64 &grid" "pingpong: grid"; do
     [ "$hung" = 1 ] || [ $((budget - SECONDS)) -lt 20 ] && break

@@ -20,8 +20,9 @@ Schedulers (G = the grid, 132 SMs on the H200):
           each), the last partial round of 2G tiles giving whole units to as many CTAs as it can;
           G = SMs. units_tile below is persistent_unit line for line.
   snake   persistent192_snake's order (kernel_traits.h persistent_snake; the d64 causal forward's from S 8192,
-          where it measured 3-4% above units; it lost at short rows and at d128): every tile sorted heaviest first (block rank r of every head
-          before rank r + 1), dealt to the CTAs round by round, the direction alternating (CTA c takes
+          where it measured 3-4% above units; it lost at short rows and at d128): every tile sorted heaviest
+          first (block rank r of every head before rank r + 1), dealt to the CTAs round by round, the
+          direction alternating (CTA c takes
           position c of even rounds and G - 1 - c of odd ones), so that a CTA's heavy tile of one round
           meets a light one in the next; a round spans every head (a round of units spans a few: L2).
   grid    the non-persistent launch (one CTA a tile, heaviest first in launch order, each to the

@@ -135,8 +135,8 @@ enum class FwdVariant : int {
 
 // The variant whose kernel runs at a head dim: d128 has no 192-row tiles, so rows192 runs pingpong's kernel there,
 // and persistent192 and persistent192_snake persistent's (the snake order on 128-row tiles lost at d128:
-// hopper/NOTES.md, "The snake order"). run_fwd resolves a variant through it once; the launch and the path log then see the kernel
-// that runs.
+// hopper/NOTES.md, "The snake order"). run_fwd resolves a variant through it once; the launch and the path log
+// then see the kernel that runs.
 constexpr FwdVariant fwd_kernel_variant(int headdim, FwdVariant variant) {
   if (headdim == 64) return variant;
   if (variant == FwdVariant::kRows192) return FwdVariant::kPingpong;
